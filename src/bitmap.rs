@@ -1,0 +1,277 @@
+//! The sharded roaring bitmap every tag (and the set of live customers) is kept in.
+//!
+//! Customer ids are split into shards of 2^20 ids. Each shard is its own
+//! `RoaringBitmap` behind an `Arc`, so a snapshot is a cheap shallow copy and a
+//! write copies only the shards it touches (at most 128 KiB each), never a
+//! whole tag. Queries run shard by shard, which bounds the size of every
+//! intermediate result. This module owns the in-memory representation only; it
+//! knows nothing of files, snapshots or queries.
+
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+
+/// log2 of the number of ids in a shard.
+pub const SHARD_BITS: u32 = 20;
+/// Ids in a shard.
+pub const SHARD_SIZE: u32 = 1 << SHARD_BITS;
+
+/// Shard number of a customer id.
+#[inline]
+pub fn shard_of(id: u32) -> usize {
+    (id >> SHARD_BITS) as usize
+}
+
+/// First id of a shard.
+#[inline]
+pub fn shard_start(shard: usize) -> u32 {
+    (shard as u32) << SHARD_BITS
+}
+
+/// A set of customer ids, stored as one roaring bitmap per shard.
+#[derive(Clone, Default, Debug)]
+pub struct ShardedBitmap {
+    shards: Vec<Option<Arc<RoaringBitmap>>>,
+    len: u64,
+}
+
+impl PartialEq for ShardedBitmap {
+    fn eq(&self, other: &Self) -> bool {
+        if self.len != other.len {
+            return false;
+        }
+        let n = self.shards.len().max(other.shards.len());
+        (0..n).all(|i| match (self.shard(i), other.shard(i)) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => true,
+            (Some(a), None) | (None, Some(a)) => a.is_empty(),
+        })
+    }
+}
+
+impl ShardedBitmap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of ids in the set.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// One past the highest shard number that may hold ids.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The bitmap of one shard, if it has any ids.
+    #[inline]
+    pub fn shard(&self, i: usize) -> Option<&RoaringBitmap> {
+        self.shards.get(i).and_then(|s| s.as_deref())
+    }
+
+    /// Non-empty shards with their numbers, in order.
+    pub fn shards(&self) -> impl Iterator<Item = (usize, &RoaringBitmap)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_deref().map(|b| (i, b)))
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.shard(shard_of(id)).is_some_and(|b| b.contains(id))
+    }
+
+    fn shard_mut(&mut self, i: usize) -> &mut RoaringBitmap {
+        if self.shards.len() <= i {
+            self.shards.resize(i + 1, None);
+        }
+        Arc::make_mut(self.shards[i].get_or_insert_with(Default::default))
+    }
+
+    /// Drops empty shards at the end (and empties), keeping the vector short.
+    fn tidy(&mut self, i: usize) {
+        if self.shards[i].as_ref().is_some_and(|b| b.is_empty()) {
+            self.shards[i] = None;
+        }
+        while self.shards.last().is_some_and(|s| s.is_none()) {
+            self.shards.pop();
+        }
+    }
+
+    pub fn insert(&mut self, id: u32) -> bool {
+        let added = self.shard_mut(shard_of(id)).insert(id);
+        self.len += added as u64;
+        added
+    }
+
+    pub fn remove(&mut self, id: u32) -> bool {
+        let i = shard_of(id);
+        if !self.shard(i).is_some_and(|b| b.contains(id)) {
+            return false;
+        }
+        self.shard_mut(i).remove(id);
+        self.len -= 1;
+        self.tidy(i);
+        true
+    }
+
+    /// Adds every id of `other`; returns how many were new.
+    pub fn union_with(&mut self, other: &RoaringBitmap) -> u64 {
+        let mut added = 0;
+        for (i, part) in split_by_shard(other) {
+            let shard = self.shard_mut(i);
+            let before = shard.len();
+            *shard |= part;
+            added += shard.len() - before;
+        }
+        self.len += added;
+        added
+    }
+
+    /// Removes every id of `other`; returns how many were present.
+    pub fn difference_with(&mut self, other: &RoaringBitmap) -> u64 {
+        let mut removed = 0;
+        for (i, part) in split_by_shard(other) {
+            if self.shard(i).is_none_or(|b| b.is_disjoint(&part)) {
+                continue;
+            }
+            let shard = self.shard_mut(i);
+            let before = shard.len();
+            *shard -= part;
+            removed += before - shard.len();
+            self.tidy(i);
+        }
+        self.len -= removed;
+        removed
+    }
+
+    /// True when the set shares an id with `other`.
+    pub fn intersects(&self, other: &RoaringBitmap) -> bool {
+        split_by_shard(other)
+            .iter()
+            .any(|(i, part)| self.shard(*i).is_some_and(|b| !b.is_disjoint(part)))
+    }
+
+    /// Number of ids in both sets.
+    pub fn intersection_len(&self, other: &ShardedBitmap) -> u64 {
+        self.shards()
+            .filter_map(|(i, a)| other.shard(i).map(|b| a.intersection_len(b)))
+            .sum()
+    }
+
+    /// Builds a sharded bitmap from a flat one.
+    pub fn from_roaring(bitmap: &RoaringBitmap) -> Self {
+        let mut out = Self::new();
+        for (i, part) in split_by_shard(bitmap) {
+            out.set_shard(i, part);
+        }
+        out
+    }
+
+    /// Sets one shard wholesale (used when loading from disk).
+    pub fn set_shard(&mut self, i: usize, bitmap: RoaringBitmap) {
+        if self.shards.len() <= i {
+            self.shards.resize(i + 1, None);
+        }
+        if let Some(old) = &self.shards[i] {
+            self.len -= old.len();
+        }
+        self.len += bitmap.len();
+        self.shards[i] = if bitmap.is_empty() {
+            None
+        } else {
+            Some(Arc::new(bitmap))
+        };
+        self.tidy(i);
+    }
+
+    /// All ids as one flat bitmap.
+    pub fn to_roaring(&self) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        for (_, b) in self.shards() {
+            out |= b;
+        }
+        out
+    }
+
+    /// Every id in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.shards().flat_map(|(_, b)| b.iter())
+    }
+
+    /// Bytes of the portable serialization of all shards: an estimate of memory use.
+    pub fn serialized_size(&self) -> usize {
+        self.shards().map(|(_, b)| b.serialized_size()).sum()
+    }
+}
+
+/// Splits a flat bitmap into per-shard bitmaps, in shard order.
+pub fn split_by_shard(bitmap: &RoaringBitmap) -> Vec<(usize, RoaringBitmap)> {
+    let (Some(min), Some(max)) = (bitmap.min(), bitmap.max()) else {
+        return Vec::new();
+    };
+    if shard_of(min) == shard_of(max) {
+        return vec![(shard_of(min), bitmap.clone())];
+    }
+    let mut out = Vec::new();
+    for i in shard_of(min)..=shard_of(max) {
+        let lo = shard_start(i);
+        let hi = lo.saturating_add(SHARD_SIZE - 1);
+        if bitmap.range_cardinality(lo..=hi) == 0 {
+            continue;
+        }
+        let part = RoaringBitmap::from_sorted_iter(bitmap.range(lo..=hi))
+            .expect("a roaring range iterates in ascending order");
+        out.push((i, part));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_remove_across_shards() {
+        let mut b = ShardedBitmap::new();
+        assert!(b.insert(5));
+        assert!(!b.insert(5));
+        assert!(b.insert(SHARD_SIZE * 3 + 7));
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.shard_count(), 4);
+        assert!(b.remove(SHARD_SIZE * 3 + 7));
+        assert_eq!(b.shard_count(), 1);
+        assert!(!b.remove(99));
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![5]);
+    }
+
+    #[test]
+    fn bulk_ops_match_flat() {
+        let flat: RoaringBitmap = (0..5_000_000u32).step_by(7).collect();
+        let mut b = ShardedBitmap::from_roaring(&flat);
+        assert_eq!(b.len(), flat.len());
+        assert_eq!(b.to_roaring(), flat);
+        let rm: RoaringBitmap = (0..5_000_000u32).step_by(3).collect();
+        let removed = b.difference_with(&rm);
+        assert_eq!(removed, (&flat & &rm).len());
+        let added = b.union_with(&rm);
+        assert_eq!(added, rm.len());
+        assert_eq!(b.to_roaring(), &flat | &rm);
+        assert_eq!(b.len(), (&flat | &rm).len());
+    }
+
+    #[test]
+    fn snapshot_copies_are_independent() {
+        let mut a = ShardedBitmap::new();
+        a.insert(1);
+        let snap = a.clone();
+        a.insert(2);
+        assert!(!snap.contains(2));
+        assert!(a.contains(2));
+    }
+}

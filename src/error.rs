@@ -1,0 +1,77 @@
+//! Typed errors of the library. The server maps each kind to a gRPC status
+//! (see `server::status`); nothing here knows about gRPC.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong in a query's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryErrorKind {
+    /// The text does not parse.
+    Syntax,
+    /// The text names a tag that does not exist.
+    UnknownTag,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt data in {path} at offset {offset}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("tag not found: {0:?}")]
+    TagNotFound(String),
+    #[error("tag already exists: {0:?}")]
+    TagExists(String),
+    #[error("customer not found: {0:?}")]
+    CustomerNotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{message} at position {position}")]
+    Query {
+        kind: QueryErrorKind,
+        /// 0-based character (not byte) offset into the query text.
+        position: usize,
+        message: String,
+    },
+    #[error("data directory {0} is in use by another tagstore process")]
+    Locked(PathBuf),
+    #[error("storage stopped after a fatal error and accepts no more writes: {0}")]
+    Failed(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn corrupt(path: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}

@@ -1,0 +1,35 @@
+//! tagstore: a database server for customer tags.
+//!
+//! One roaring bitmap per tag over dense `u32` customer ids, kept durable by a
+//! write-ahead log and immutable, memory-mapped segment files, and queried with
+//! boolean expressions over gRPC.
+//!
+//! The crate is layered; data flows one way:
+//!
+//! - [`server`]: gRPC in and out (proto types, status codes, limits). Turns
+//!   requests into domain operations and results back into proto.
+//! - [`storage`]: the engine. Logs each operation in the WAL, applies it to the
+//!   in-memory state, publishes an immutable [`storage::Snapshot`], and turns
+//!   snapshots into segment files at checkpoints. Knows nothing of gRPC.
+//! - [`query`]: the query language (parser) and its evaluation over one
+//!   snapshot. Reads, never writes.
+//! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
+
+pub mod bitmap;
+pub mod config;
+pub mod error;
+pub mod names;
+pub mod query;
+pub mod server;
+pub mod storage;
+
+pub use error::{Error, Result};
+
+/// Generated protobuf and gRPC types of the `tagstore.v1` package.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tagstore.v1");
+
+    /// Encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tagstore_descriptor");
+}

@@ -1,0 +1,104 @@
+//! Rules for tag names and customer keys, shared by the engine (which refuses
+//! bad ones) and the query language (which decides when a name needs quotes).
+
+use crate::error::{Error, Result};
+
+/// Longest tag name, in bytes of UTF-8.
+pub const MAX_TAG_NAME_BYTES: usize = 200;
+/// Longest customer key, in bytes of UTF-8.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// Words of the query language; a tag with one of these names must be quoted.
+pub const KEYWORDS: &[&str] = &["AND", "OR", "NOT", "ALL"];
+
+/// A tag name is 1 to 200 bytes of UTF-8 with no control characters and no
+/// white space at either end.
+pub fn check_tag_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid("tag name is empty"));
+    }
+    if name.len() > MAX_TAG_NAME_BYTES {
+        return Err(Error::invalid(format!(
+            "tag name is {} bytes long; the limit is {MAX_TAG_NAME_BYTES}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid(format!("tag name {name:?} contains a control character")));
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return Err(Error::invalid(format!(
+            "tag name {name:?} starts or ends with white space"
+        )));
+    }
+    Ok(())
+}
+
+/// A customer key is 1 to 256 bytes of UTF-8 with no control characters.
+pub fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("customer key is empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::invalid(format!(
+            "customer key {:?}... is {} bytes long; the limit is {MAX_KEY_BYTES}",
+            key.chars().take(32).collect::<String>(),
+            key.len()
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Error::invalid(format!("customer key {key:?} contains a control character")));
+    }
+    Ok(())
+}
+
+/// Characters allowed in a bare (unquoted) tag name in a query.
+pub fn is_bare_char(c: char) -> bool {
+    c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')
+}
+
+/// True when `name` can be written in a query without double quotes.
+pub fn is_bare_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().all(is_bare_char)
+        && !KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(name))
+}
+
+/// `name` as it must be written in a query: bare when it can be, else quoted.
+pub fn quote_tag_name(name: &str) -> String {
+    if is_bare_name(name) {
+        return name.to_string();
+    }
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_tag_name("高价值用户").is_ok());
+        assert!(check_tag_name("").is_err());
+        assert!(check_tag_name(" x").is_err());
+        assert!(check_tag_name("a\nb").is_err());
+        assert!(check_tag_name(&"x".repeat(201)).is_err());
+        assert!(is_bare_name("高价值用户"));
+        assert!(is_bare_name("channel:jd"));
+        assert!(!is_bare_name("and"));
+        assert!(!is_bare_name("a b"));
+        assert_eq!(quote_tag_name("a \"b\""), "\"a \\\"b\\\"\"");
+        assert!(check_key("phone:13800001111").is_ok());
+        assert!(check_key("").is_err());
+        assert!(check_key("a\u{0}").is_err());
+    }
+}

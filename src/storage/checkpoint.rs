@@ -1,0 +1,247 @@
+//! Checkpoints: turning a published snapshot into a segment file and a new
+//! manifest. Runs on its own thread from an immutable snapshot, so writers
+//! keep going meanwhile. Only tags changed since the last checkpoint are
+//! written; an unchanged tag stays in the segment it is in, unless that
+//! segment is mostly garbage or there are too many segments, in which case
+//! its live contents move into the new segment (compaction).
+//!
+//! The job writes files and returns what the writer must install; it never
+//! touches the writer's state or deletes anything itself.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::storage::dictionary::{DictLayer, Dictionary, encode_section};
+use crate::storage::manifest::{Manifest, ManifestTag};
+use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
+use crate::storage::snapshot::Snapshot;
+
+/// Compaction settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CompactionPolicy {
+    /// Most segment files kept before the smallest are merged.
+    pub max_segments: usize,
+    /// Most dictionary sections kept before they are merged into one.
+    pub max_dict_layers: usize,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        Self {
+            max_segments: 8,
+            max_dict_layers: 8,
+        }
+    }
+}
+
+/// Everything a checkpoint needs, captured by the writer at one lsn.
+pub struct CheckpointJob {
+    pub dir: PathBuf,
+    pub snap: Arc<Snapshot>,
+    pub dirty_tags: HashSet<u32>,
+    pub dirty_live: bool,
+    pub prev: Manifest,
+    pub segments: HashMap<u64, Arc<Segment>>,
+    pub dict: Arc<Dictionary>,
+    pub policy: CompactionPolicy,
+    pub now_ms: i64,
+}
+
+/// What a finished checkpoint hands back to the writer.
+pub struct CheckpointDone {
+    pub manifest: Manifest,
+    pub new_segment: Option<Arc<Segment>>,
+    pub dict_layers: Vec<Arc<DictLayer>>,
+    /// Recent dictionary keys below this id are now in a section.
+    pub dict_upto: u32,
+    pub info: CheckpointInfo,
+}
+
+/// Figures of one checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    pub lsn: u64,
+    pub tags_written: u64,
+    pub segment_bytes: u64,
+    pub duration_ms: u64,
+}
+
+impl CheckpointJob {
+    /// Segments to empty into the new one: mostly-garbage ones first, then the
+    /// smallest while there are too many.
+    fn victims(&self) -> HashSet<u64> {
+        let prev_tags: HashMap<u32, &ManifestTag> = self.prev.tags.iter().map(|t| (t.id, t)).collect();
+        let mut referenced: HashMap<u64, u64> = HashMap::new();
+        for tag in self.snap.tags.values() {
+            if self.dirty_tags.contains(&tag.id) {
+                continue;
+            }
+            if let Some(mt) = prev_tags.get(&tag.id)
+                && let Some(seg) = self.segments.get(&mt.segment)
+            {
+                *referenced.entry(mt.segment).or_default() += seg.bytes_of(BlobKind::TagShard, tag.id);
+            }
+        }
+        if !self.dirty_live && let Some(seg) = self.segments.get(&self.prev.live_segment) {
+            *referenced.entry(seg.no).or_default() += seg.bytes_of(BlobKind::LiveShard, 0);
+        }
+        for no in &self.prev.dict_segments {
+            if let Some(seg) = self.segments.get(no) {
+                *referenced.entry(*no).or_default() += seg.bytes_of(BlobKind::Dictionary, 0);
+            }
+        }
+        let mut victims = HashSet::new();
+        let mut keep: Vec<(u64, u64)> = Vec::new();
+        for (&no, &bytes) in &referenced {
+            let size = self.segments.get(&no).map_or(0, |s| s.size());
+            if bytes * 2 < size {
+                victims.insert(no);
+            } else {
+                keep.push((bytes, no));
+            }
+        }
+        keep.sort_unstable();
+        let mut i = 0;
+        while keep.len() - i + 1 > self.policy.max_segments.max(2) {
+            victims.insert(keep[i].1);
+            i += 1;
+        }
+        victims
+    }
+
+    /// Writes the segment (if there is anything to write) and the manifest.
+    pub fn run(self) -> Result<CheckpointDone> {
+        let started = Instant::now();
+        let snap = &self.snap;
+        let live = snap.live()?;
+        let victims = self.victims();
+        let prev_tags: HashMap<u32, &ManifestTag> = self.prev.tags.iter().map(|t| (t.id, t)).collect();
+        let seg_no = self.prev.next_segment_no.max(1);
+        let mut writer: Option<SegmentWriter> = None;
+        let open = |w: &mut Option<SegmentWriter>| -> Result<()> {
+            if w.is_none() {
+                *w = Some(SegmentWriter::create(&self.dir, seg_no)?);
+            }
+            Ok(())
+        };
+
+        let mut tags = Vec::with_capacity(snap.tags.len());
+        let mut tags_written = 0;
+        for tag in snap.tags.values() {
+            let prev = prev_tags.get(&tag.id);
+            let keep = !self.dirty_tags.contains(&tag.id)
+                && prev.is_some_and(|p| p.segment == 0 || !victims.contains(&p.segment));
+            let segment = match prev {
+                Some(p) if keep => p.segment,
+                _ => {
+                    let bm = tag.bitmap.get()?;
+                    if bm.is_empty() {
+                        0
+                    } else {
+                        open(&mut writer)?;
+                        if let Some(w) = writer.as_mut() {
+                            w.add_bitmap(BlobKind::TagShard, tag.id, bm)?;
+                        }
+                        tags_written += 1;
+                        seg_no
+                    }
+                }
+            };
+            tags.push(ManifestTag {
+                id: tag.id,
+                segment,
+                count: tag.meta.count,
+                created_ms: tag.meta.created_ms,
+                updated_ms: tag.meta.updated_ms,
+                name: tag.meta.name.to_string(),
+                description: tag.meta.description.clone(),
+                category: tag.meta.category.clone(),
+            });
+        }
+
+        let live_segment = if self.dirty_live || victims.contains(&self.prev.live_segment) {
+            if live.is_empty() {
+                0
+            } else {
+                open(&mut writer)?;
+                if let Some(w) = writer.as_mut() {
+                    w.add_bitmap(BlobKind::LiveShard, 0, live)?;
+                }
+                seg_no
+            }
+        } else {
+            self.prev.live_segment
+        };
+
+        let layers = self.dict.layers();
+        let recent = self.dict.recent_entries(snap.next_customer_id, live);
+        let merge = layers.len() + (!recent.is_empty()) as usize > self.policy.max_dict_layers.max(1)
+            || layers.iter().any(|l| victims.contains(&l.segment_no()));
+        let mut dict_segments = self.prev.dict_segments.clone();
+        let mut new_dict = false;
+        if merge {
+            let old = layers.iter().flat_map(|l| l.iter()).filter(|(id, _)| live.contains(*id));
+            let section = encode_section(old.chain(recent.iter().map(|(id, k)| (*id, &**k))));
+            open(&mut writer)?;
+            if let Some(w) = writer.as_mut() {
+                w.add_blob(BlobKind::Dictionary, 0, 0, &section)?;
+            }
+            dict_segments = vec![seg_no];
+            new_dict = true;
+        } else if !recent.is_empty() {
+            let section = encode_section(recent.iter().map(|(id, k)| (*id, &**k)));
+            open(&mut writer)?;
+            if let Some(w) = writer.as_mut() {
+                w.add_blob(BlobKind::Dictionary, 0, 0, &section)?;
+            }
+            dict_segments.push(seg_no);
+            new_dict = true;
+        }
+
+        let mut segment_bytes = 0;
+        let new_segment = match writer {
+            Some(w) => {
+                segment_bytes = w.finish()?;
+                Some(Segment::open(&self.dir, seg_no)?)
+            }
+            None => None,
+        };
+        let manifest = Manifest {
+            generation: self.prev.generation + 1,
+            checkpoint_lsn: snap.lsn,
+            checkpoint_at_ms: self.now_ms,
+            next_customer_id: snap.next_customer_id,
+            next_tag_id: snap.next_tag_id,
+            next_segment_no: if new_segment.is_some() { seg_no + 1 } else { seg_no },
+            live_segment,
+            dict_segments,
+            tags,
+        };
+        manifest.write(&self.dir)?;
+
+        let dict_layers = if merge {
+            vec![Arc::new(DictLayer::open(new_segment.clone().expect("a merge writes a segment"))?)]
+        } else if new_dict {
+            let mut l = layers;
+            l.push(Arc::new(DictLayer::open(new_segment.clone().expect("a new section writes a segment"))?));
+            l
+        } else {
+            layers
+        };
+        Ok(CheckpointDone {
+            info: CheckpointInfo {
+                lsn: snap.lsn,
+                tags_written,
+                segment_bytes,
+                duration_ms: started.elapsed().as_millis() as u64,
+            },
+            manifest,
+            new_segment,
+            dict_layers,
+            dict_upto: snap.next_customer_id,
+        })
+    }
+}

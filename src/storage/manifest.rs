@@ -1,0 +1,225 @@
+//! The manifest: the one file that says which segment holds the current
+//! version of every tag, the live set and the dictionary sections, and which
+//! log sequence number the segments cover. It is replaced atomically (write a
+//! temporary file, fsync, rename over `MANIFEST`, fsync the directory), so a
+//! crash leaves either the old manifest or the new one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
+use crate::storage::fsync_dir;
+
+pub const MANIFEST_FILE: &str = "MANIFEST";
+pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
+pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// A tag as the manifest records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestTag {
+    pub id: u32,
+    /// Segment holding the bitmap; 0 when the tag is empty.
+    pub segment: u64,
+    pub count: u64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub name: String,
+    pub description: String,
+    pub category: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Manifest {
+    /// Incremented by every checkpoint.
+    pub generation: u64,
+    /// Every record up to and including this lsn is reflected in the segments.
+    pub checkpoint_lsn: u64,
+    pub checkpoint_at_ms: i64,
+    pub next_customer_id: u32,
+    pub next_tag_id: u32,
+    /// The next segment file number to use.
+    pub next_segment_no: u64,
+    /// Segment holding the live-customer bitmap; 0 when there are no customers.
+    pub live_segment: u64,
+    /// Segments holding dictionary sections, oldest first.
+    pub dict_segments: Vec<u64>,
+    pub tags: Vec<ManifestTag>,
+}
+
+impl Manifest {
+    /// Every segment the manifest refers to.
+    pub fn segments(&self) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .tags
+            .iter()
+            .map(|t| t.segment)
+            .chain(self.dict_segments.iter().copied())
+            .chain(std::iter::once(self.live_segment))
+            .filter(|&s| s != 0)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn encode_body(&self) -> Vec<u8> {
+        let mut e = Enc::new();
+        e.u64(self.generation)
+            .u64(self.checkpoint_lsn)
+            .i64(self.checkpoint_at_ms)
+            .u32(self.next_customer_id)
+            .u32(self.next_tag_id)
+            .u64(self.next_segment_no)
+            .u64(self.live_segment)
+            .u32(self.dict_segments.len() as u32);
+        for s in &self.dict_segments {
+            e.u64(*s);
+        }
+        e.u32(self.tags.len() as u32);
+        for t in &self.tags {
+            e.u32(t.id)
+                .u64(t.segment)
+                .u64(t.count)
+                .i64(t.created_ms)
+                .i64(t.updated_ms)
+                .str(&t.name)
+                .str(&t.description)
+                .str(&t.category);
+        }
+        e.buf
+    }
+
+    fn decode_body(body: &[u8]) -> std::result::Result<Self, crate::storage::codec::DecodeError> {
+        let mut d = Dec::new(body);
+        let mut m = Manifest {
+            generation: d.u64()?,
+            checkpoint_lsn: d.u64()?,
+            checkpoint_at_ms: d.i64()?,
+            next_customer_id: d.u32()?,
+            next_tag_id: d.u32()?,
+            next_segment_no: d.u64()?,
+            live_segment: d.u64()?,
+            ..Default::default()
+        };
+        let n = d.u32()? as usize;
+        for _ in 0..n {
+            m.dict_segments.push(d.u64()?);
+        }
+        let n = d.u32()? as usize;
+        for _ in 0..n {
+            m.tags.push(ManifestTag {
+                id: d.u32()?,
+                segment: d.u64()?,
+                count: d.u64()?,
+                created_ms: d.i64()?,
+                updated_ms: d.i64()?,
+                name: d.str()?.to_string(),
+                description: d.str()?.to_string(),
+                category: d.str()?.to_string(),
+            });
+        }
+        d.finish()?;
+        Ok(m)
+    }
+
+    /// Reads `MANIFEST` from `dir`; `None` when the store has never checkpointed.
+    pub fn read(dir: &Path) -> Result<Option<Manifest>> {
+        let path = dir.join(MANIFEST_FILE);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let corrupt = |off: usize, why: String| Error::corrupt(&path, off as u64, why);
+        if data.len() < 24 || &data[..8] != MANIFEST_MAGIC {
+            return Err(corrupt(0, "bad magic or file too short: not a tagstore manifest".into()));
+        }
+        let version = le_u32(&data, 8).unwrap_or(0);
+        if version != MANIFEST_VERSION {
+            return Err(corrupt(8, format!("unsupported manifest version {version}")));
+        }
+        let len = le_u64(&data, 12).unwrap_or(u64::MAX) as usize;
+        if data.len() != 20usize.saturating_add(len).saturating_add(4) {
+            return Err(corrupt(12, format!("body length {len} does not match the file size {}", data.len())));
+        }
+        let body = &data[20..20 + len];
+        let crc = le_u32(&data, 20 + len).unwrap_or(0);
+        if crc32fast::hash(body) != crc {
+            return Err(corrupt(20, "manifest checksum mismatch".into()));
+        }
+        Manifest::decode_body(body)
+            .map(Some)
+            .map_err(|e| corrupt(20 + e.offset, e.reason))
+    }
+
+    /// Replaces `MANIFEST` in `dir` atomically and durably.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let body = self.encode_body();
+        let mut data = Vec::with_capacity(body.len() + 24);
+        data.extend_from_slice(MANIFEST_MAGIC);
+        data.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
+        data.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        data.extend_from_slice(&body);
+        data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        let tmp = dir.join(MANIFEST_TMP);
+        let mut f: File = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&data).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        let path = dir.join(MANIFEST_FILE);
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        fsync_dir(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            generation: 3,
+            checkpoint_lsn: 99,
+            checkpoint_at_ms: 1_700_000_000_000,
+            next_customer_id: 10,
+            next_tag_id: 4,
+            next_segment_no: 5,
+            live_segment: 4,
+            dict_segments: vec![2, 4],
+            tags: vec![ManifestTag {
+                id: 1,
+                segment: 2,
+                count: 7,
+                created_ms: 1,
+                updated_ms: 2,
+                name: "高价值用户".into(),
+                description: "high value".into(),
+                category: "价值".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), None);
+        let m = sample();
+        m.write(dir.path()).unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), Some(m.clone()));
+        assert_eq!(m.segments(), vec![2, 4]);
+        let path = dir.path().join(MANIFEST_FILE);
+        let mut data = fs::read(&path).unwrap();
+        data[30] ^= 4;
+        fs::write(&path, &data).unwrap();
+        let err = Manifest::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("MANIFEST") && err.contains("checksum"), "{err}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The storage engine: durable per-tag bitmaps over dense customer ids.
+//!
+//! A write becomes a logged [`record::Batch`] (WAL, fsynced before it is
+//! acknowledged), is applied to the writer's state, and is published as an
+//! immutable [`Snapshot`] that readers use without locks held for long.
+//! Checkpoints turn a snapshot into an immutable segment file and a new
+//! manifest, then drop the log they cover. On start the engine maps the
+//! segments (bitmaps decode lazily) and replays the log after the checkpoint.
+//!
+//! This module knows nothing of gRPC or of the query language.
+//!
+//! Files (all in the data directory; `storage-format.md` has every byte):
+//! `LOCK`, `MANIFEST`, `seg-*.seg`, `wal-*.log`.
+
+pub mod checkpoint;
+pub mod codec;
+pub mod dictionary;
+pub mod manifest;
+pub mod record;
+pub mod segment;
+pub mod snapshot;
+pub mod state;
+pub mod wal;
+pub mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+pub use checkpoint::{CheckpointInfo, CompactionPolicy};
+use dictionary::{DictLayer, Dictionary};
+use manifest::Manifest;
+use record::{Batch, KIND_BATCH};
+use segment::{BlobKind, Segment};
+pub use snapshot::{Snapshot, Tag, TagMeta};
+use snapshot::LazyBitmap;
+use state::State;
+use wal::WalWriter;
+pub use writer::{Mutation, WriteOp, WriteResult};
+use writer::{Cmd, Writer};
+
+/// When the log is synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync before every acknowledgement (concurrent writers share one). The default.
+    Always,
+    /// Never fsync: an acknowledged write can be lost if the machine (not just
+    /// the process) crashes. For bulk loads that can be redone.
+    Never,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    pub sync: SyncMode,
+    /// A checkpoint starts by itself once the log holds this many bytes.
+    pub checkpoint_wal_bytes: u64,
+    pub compaction: CompactionPolicy,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            sync: SyncMode::Always,
+            checkpoint_wal_bytes: 64 << 20,
+            compaction: CompactionPolicy::default(),
+        }
+    }
+}
+
+/// Figures the writer keeps up to date for `Stats`.
+#[derive(Debug, Clone, Default)]
+pub struct EngineInfo {
+    pub wal_bytes: u64,
+    pub last_checkpoint_lsn: u64,
+    pub last_checkpoint_at_ms: i64,
+    pub segment_files: u64,
+}
+
+/// What recovery found when the engine opened.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub checkpoint_lsn: u64,
+    pub last_lsn: u64,
+    pub records_replayed: u64,
+    pub wal_bytes_read: u64,
+    pub torn_tail: Option<String>,
+    pub orphans_removed: Vec<PathBuf>,
+    pub duration: Duration,
+}
+
+/// State shared between the engine handle, the writer thread and readers.
+pub(crate) struct Shared {
+    pub config: EngineConfig,
+    published: RwLock<Arc<Snapshot>>,
+    pub info: Mutex<EngineInfo>,
+    pub failed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.published.read().clone()
+    }
+
+    pub fn publish(&self, snap: Arc<Snapshot>) {
+        *self.published.write() = snap;
+    }
+}
+
+/// Syncs a directory, so that file creations, renames and deletions in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// The storage engine. Reads go through [`Engine::snapshot`]; writes through
+/// [`Engine::write`], which returns once the write is durable.
+pub struct Engine {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Cmd>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    recovery: RecoveryReport,
+    _lock: File,
+}
+
+pub const LOCK_FILE: &str = "LOCK";
+
+impl Engine {
+    /// Opens (or creates) the store in `config.data_dir` and recovers it.
+    pub fn open(config: EngineConfig) -> Result<Engine> {
+        let started = Instant::now();
+        let dir = config.data_dir.clone();
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(Error::Locked(dir)),
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        }
+        let mut report = RecoveryReport::default();
+        let _ = fs::remove_file(dir.join(manifest::MANIFEST_TMP));
+
+        let mut manifest = Manifest::read(&dir)?.unwrap_or_default();
+        manifest.next_segment_no = manifest.next_segment_no.max(1);
+        report.checkpoint_lsn = manifest.checkpoint_lsn;
+        let mut segments = HashMap::new();
+        for no in manifest.segments() {
+            segments.insert(no, Segment::open(&dir, no)?);
+        }
+        for no in segment::list(&dir)? {
+            if !segments.contains_key(&no) {
+                // Written by a checkpoint that did not finish: nothing refers to it.
+                let path = dir.join(segment::file_name(no));
+                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                tracing::warn!(path = %path.display(), "removed a segment file no manifest refers to");
+                report.orphans_removed.push(path);
+            }
+        }
+        let manifest_path = dir.join(manifest::MANIFEST_FILE);
+        let seg = |no: u64| -> Result<Arc<Segment>> {
+            segments
+                .get(&no)
+                .cloned()
+                .ok_or_else(|| Error::corrupt(&manifest_path, 0, format!("refers to segment {no}, which is not open")))
+        };
+        let mut layers = Vec::new();
+        for &no in &manifest.dict_segments {
+            layers.push(Arc::new(DictLayer::open(seg(no)?)?));
+        }
+        let dict = Arc::new(Dictionary::new(layers, manifest.next_customer_id));
+        let mut tags = BTreeMap::new();
+        for t in &manifest.tags {
+            let bitmap = if t.segment == 0 {
+                LazyBitmap::empty()
+            } else {
+                let s = seg(t.segment)?;
+                if !s.contains(BlobKind::TagShard, t.id) {
+                    return Err(Error::corrupt(&s.path, 0, format!("segment holds no bitmap for tag {:?} (id {}) named by the manifest", t.name, t.id)));
+                }
+                LazyBitmap::on_disk(s, BlobKind::TagShard, t.id)
+            };
+            let name: Arc<str> = Arc::from(t.name.as_str());
+            let meta = TagMeta {
+                name: name.clone(),
+                description: t.description.clone(),
+                category: t.category.clone(),
+                created_ms: t.created_ms,
+                updated_ms: t.updated_ms,
+                count: t.count,
+            };
+            tags.insert(name, Arc::new(Tag { id: t.id, meta, bitmap }));
+        }
+        let live = if manifest.live_segment == 0 {
+            LazyBitmap::empty()
+        } else {
+            LazyBitmap::on_disk(seg(manifest.live_segment)?, BlobKind::LiveShard, 0)
+        };
+        let snap = Snapshot {
+            lsn: manifest.checkpoint_lsn,
+            tags,
+            live,
+            next_customer_id: manifest.next_customer_id,
+            next_tag_id: manifest.next_tag_id,
+            dict,
+        };
+        let mut state = State::new(snap);
+
+        let files = wal::list(&dir)?;
+        let outcome = wal::replay(&files, manifest.checkpoint_lsn, |lsn, kind, payload| {
+            if kind != KIND_BATCH {
+                return Err(Error::corrupt("write-ahead log", 0, format!("unknown record kind {kind}")));
+            }
+            let batch = Batch::decode(payload).map_err(|e| {
+                Error::corrupt("write-ahead log", 0, format!("undecodable batch at payload offset {}: {}", e.offset, e.reason))
+            })?;
+            state.apply(lsn, &batch).map(|_| ())
+        })?;
+        if let Some(t) = &outcome.truncated {
+            tracing::warn!("recovery cut a torn log tail: {t}");
+        }
+        let last_lsn = outcome.last_lsn.unwrap_or(0).max(manifest.checkpoint_lsn);
+        state.snap.lsn = last_lsn;
+        report.last_lsn = last_lsn;
+        report.records_replayed = outcome.applied;
+        report.wal_bytes_read = outcome.bytes;
+        report.torn_tail = outcome.truncated;
+
+        let wal = WalWriter::create(&dir, last_lsn + 1)?;
+        let old_wal_bytes: u64 = wal::list(&dir)?
+            .iter()
+            .filter(|f| f.first_lsn != wal.first_lsn())
+            .filter_map(|f| fs::metadata(&f.path).ok())
+            .map(|m| m.len())
+            .sum();
+        let info = EngineInfo {
+            wal_bytes: old_wal_bytes + wal.bytes(),
+            last_checkpoint_lsn: manifest.checkpoint_lsn,
+            last_checkpoint_at_ms: manifest.checkpoint_at_ms,
+            segment_files: segments.len() as u64,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            published: RwLock::new(Arc::new(state.snap.clone())),
+            info: Mutex::new(info),
+            failed: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer::new(shared.clone(), state, wal, old_wal_bytes, manifest, segments, rx, tx.clone());
+        let handle = std::thread::Builder::new()
+            .name("tagstore-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::io(&dir, e))?;
+        report.duration = started.elapsed();
+        Ok(Engine {
+            shared,
+            tx,
+            writer: Mutex::new(Some(handle)),
+            recovery: report,
+            _lock: lock,
+        })
+    }
+
+    /// The newest published state.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    pub fn info(&self) -> EngineInfo {
+        self.shared.info.lock().clone()
+    }
+
+    /// Why the engine stopped accepting writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().clone()
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<()> {
+        self.tx.send(cmd).map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Applies a write; returns once it is durable (per the sync mode) and visible.
+    pub async fn write(&self, op: WriteOp) -> Result<WriteResult> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Write(op, tx))?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// [`Engine::write`] for callers outside an async runtime.
+    pub fn write_blocking(&self, op: WriteOp) -> Result<WriteResult> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Write(op, tx))?;
+        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Writes a checkpoint covering every write acknowledged before the call.
+    pub async fn checkpoint(&self) -> Result<CheckpointInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Checkpoint(tx))?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// [`Engine::checkpoint`] for callers outside an async runtime.
+    pub fn checkpoint_blocking(&self) -> Result<CheckpointInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Checkpoint(tx))?;
+        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Finishes queued writes, writes a final checkpoint and stops the writer.
+    /// Blocks; later writes fail with `ShuttingDown`.
+    pub fn shutdown(&self) -> Result<()> {
+        let Some(handle) = self.writer.lock().take() else {
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::channel();
+        let res = match self.send(Cmd::Shutdown(tx)) {
+            Ok(()) => rx.recv().unwrap_or(Err(Error::ShuttingDown)),
+            Err(e) => Err(e),
+        };
+        let _ = handle.join();
+        res
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "shutdown after drop failed; the log keeps every write");
+        }
+    }
+}

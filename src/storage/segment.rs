@@ -1,0 +1,365 @@
+//! Immutable segment files: writing them once at a checkpoint, then reading
+//! them through a memory map. A segment holds many tags (tags are the columns:
+//! each tag's bitmap is a run of per-shard blobs), and may hold the live
+//! customer set and a customer dictionary section. Every blob carries a crc32
+//! in the segment's directory; a blob is checked when it is read, so a damaged
+//! byte is reported (file and offset) instead of served.
+//!
+//! This module knows blobs and their directory; which segment holds the
+//! current version of a tag is the manifest's business.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use roaring::RoaringBitmap;
+
+use crate::bitmap::{ShardedBitmap, shard_of};
+use crate::error::{Error, Result};
+use crate::storage::codec::{le_u32, le_u64};
+
+pub const SEG_MAGIC: &[u8; 8] = b"TAGSSEG\0";
+pub const SEG_END_MAGIC: &[u8; 8] = b"TAGSEND\0";
+pub const SEG_VERSION: u32 = 1;
+pub const SEG_HEADER_LEN: usize = 16;
+pub const SEG_TRAILER_LEN: usize = 32;
+pub const ENTRY_LEN: usize = 32;
+
+/// What a blob holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum BlobKind {
+    /// One shard of a tag's bitmap; `owner` is the tag id.
+    TagShard = 1,
+    /// One shard of the live-customer bitmap; `owner` is 0.
+    LiveShard = 2,
+    /// A customer dictionary section; `owner` and `shard` are 0.
+    Dictionary = 3,
+}
+
+impl BlobKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::TagShard),
+            2 => Some(Self::LiveShard),
+            3 => Some(Self::Dictionary),
+            _ => None,
+        }
+    }
+}
+
+/// One row of a segment's directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub kind: BlobKind,
+    pub owner: u32,
+    pub shard: u32,
+    pub crc: u32,
+    pub offset: u64,
+    pub len: u64,
+}
+
+pub fn file_name(no: u64) -> String {
+    format!("seg-{no:016x}.seg")
+}
+
+pub fn parse_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("seg-")?.strip_suffix(".seg")?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+}
+
+/// An open, memory-mapped segment file.
+pub struct Segment {
+    pub no: u64,
+    pub path: PathBuf,
+    map: Mmap,
+    entries: Vec<Entry>,
+    index: HashMap<(BlobKind, u32), Range<usize>>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment").field("path", &self.path).finish()
+    }
+}
+
+impl Segment {
+    /// Maps a segment and checks its header, trailer and directory (not the
+    /// blobs: those are checked when read).
+    pub fn open(dir: &Path, no: u64) -> Result<Arc<Segment>> {
+        let path = dir.join(file_name(no));
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: segment files are immutable once written (they are never
+        // opened for writing again), so the mapped bytes do not change under us.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let corrupt = |off: usize, why: String| Error::corrupt(&path, off as u64, why);
+        let n = map.len();
+        if n < SEG_HEADER_LEN + SEG_TRAILER_LEN {
+            return Err(corrupt(0, format!("file of {n} bytes is too short for a segment")));
+        }
+        if &map[..8] != SEG_MAGIC {
+            return Err(corrupt(0, "bad magic: not a tagstore segment".into()));
+        }
+        let version = le_u32(&map, 8).unwrap_or(0);
+        if version != SEG_VERSION {
+            return Err(corrupt(8, format!("unsupported segment version {version}")));
+        }
+        let t = n - SEG_TRAILER_LEN;
+        if &map[t + 24..t + 32] != SEG_END_MAGIC {
+            return Err(corrupt(t + 24, "bad trailer magic (file cut short?)".into()));
+        }
+        let dir_off = le_u64(&map, t).unwrap_or(u64::MAX) as usize;
+        let count = le_u64(&map, t + 8).unwrap_or(u64::MAX) as usize;
+        let dir_crc = le_u32(&map, t + 16).unwrap_or(0);
+        let dir_len = count.checked_mul(ENTRY_LEN).unwrap_or(usize::MAX);
+        if dir_off < SEG_HEADER_LEN || dir_off.checked_add(dir_len) != Some(t) {
+            return Err(corrupt(t, format!("directory of {count} entries at {dir_off} does not fit the file")));
+        }
+        let dir_bytes = &map[dir_off..t];
+        if crc32fast::hash(dir_bytes) != dir_crc {
+            return Err(corrupt(dir_off, "directory checksum mismatch".into()));
+        }
+        let mut entries = Vec::with_capacity(count);
+        for i in 0..count {
+            let at = i * ENTRY_LEN;
+            let e = &dir_bytes[at..at + ENTRY_LEN];
+            let kind = BlobKind::from_u8(e[0])
+                .ok_or_else(|| corrupt(dir_off + at, format!("unknown blob kind {}", e[0])))?;
+            let entry = Entry {
+                kind,
+                owner: le_u32(e, 4).unwrap_or(0),
+                shard: le_u32(e, 8).unwrap_or(0),
+                crc: le_u32(e, 12).unwrap_or(0),
+                offset: le_u64(e, 16).unwrap_or(0),
+                len: le_u64(e, 24).unwrap_or(0),
+            };
+            let end = entry.offset.checked_add(entry.len);
+            if (entry.offset as usize) < SEG_HEADER_LEN || end.is_none_or(|end| end as usize > dir_off) {
+                return Err(corrupt(dir_off + at, "blob lies outside the data area".into()));
+            }
+            entries.push(entry);
+        }
+        entries.sort_by_key(|e| (e.kind, e.owner, e.shard));
+        let mut index: HashMap<(BlobKind, u32), Range<usize>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            index
+                .entry((e.kind, e.owner))
+                .and_modify(|r| r.end = i + 1)
+                .or_insert(i..i + 1);
+        }
+        Ok(Arc::new(Segment {
+            no,
+            path,
+            map,
+            entries,
+            index,
+        }))
+    }
+
+    /// File size in bytes.
+    pub fn size(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub fn entries_of(&self, kind: BlobKind, owner: u32) -> &[Entry] {
+        match self.index.get(&(kind, owner)) {
+            Some(r) => &self.entries[r.clone()],
+            None => &[],
+        }
+    }
+
+    pub fn contains(&self, kind: BlobKind, owner: u32) -> bool {
+        self.index.contains_key(&(kind, owner))
+    }
+
+    /// Bytes held by the blobs of one owner.
+    pub fn bytes_of(&self, kind: BlobKind, owner: u32) -> u64 {
+        self.entries_of(kind, owner).iter().map(|e| e.len).sum()
+    }
+
+    /// A blob's bytes, unchecked (for callers that checked the crc once already).
+    pub fn raw(&self, e: &Entry) -> &[u8] {
+        &self.map[e.offset as usize..(e.offset + e.len) as usize]
+    }
+
+    /// A blob's bytes, after checking its crc.
+    pub fn blob(&self, e: &Entry) -> Result<&[u8]> {
+        let bytes = &self.map[e.offset as usize..(e.offset + e.len) as usize];
+        if crc32fast::hash(bytes) != e.crc {
+            return Err(Error::corrupt(&self.path, e.offset, format!("checksum mismatch in a {:?} blob (owner {}, shard {})", e.kind, e.owner, e.shard)));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes the bitmap stored for `owner` (empty if there is none).
+    pub fn load_bitmap(&self, kind: BlobKind, owner: u32) -> Result<ShardedBitmap> {
+        let mut out = ShardedBitmap::new();
+        for e in self.entries_of(kind, owner) {
+            let bytes = self.blob(e)?;
+            let bm = RoaringBitmap::deserialize_from(bytes).map_err(|err| {
+                Error::corrupt(&self.path, e.offset, format!("invalid roaring bitmap: {err}"))
+            })?;
+            let shard = e.shard as usize;
+            if bm.min().is_some_and(|v| shard_of(v) != shard) || bm.max().is_some_and(|v| shard_of(v) != shard) {
+                return Err(Error::corrupt(&self.path, e.offset, format!("bitmap holds ids outside its shard {shard}")));
+            }
+            out.set_shard(shard, bm);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes a new segment file. Nothing refers to it until a manifest does, so a
+/// crash while writing leaves an orphan that the next start removes.
+pub struct SegmentWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    entries: Vec<Entry>,
+    scratch: Vec<u8>,
+}
+
+impl SegmentWriter {
+    pub fn create(dir: &Path, no: u64) -> Result<Self> {
+        let path = dir.join(file_name(no));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut w = Self {
+            path,
+            out: BufWriter::with_capacity(1 << 20, file),
+            offset: 0,
+            entries: Vec::new(),
+            scratch: Vec::new(),
+        };
+        let mut header = Vec::with_capacity(SEG_HEADER_LEN);
+        header.extend_from_slice(SEG_MAGIC);
+        header.extend_from_slice(&SEG_VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        w.write(&header)?;
+        Ok(w)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write(&mut self, b: &[u8]) -> Result<()> {
+        self.out.write_all(b).map_err(|e| Error::io(&self.path, e))?;
+        self.offset += b.len() as u64;
+        Ok(())
+    }
+
+    /// Appends one blob and records it in the directory.
+    pub fn add_blob(&mut self, kind: BlobKind, owner: u32, shard: u32, bytes: &[u8]) -> Result<()> {
+        let entry = Entry {
+            kind,
+            owner,
+            shard,
+            crc: crc32fast::hash(bytes),
+            offset: self.offset,
+            len: bytes.len() as u64,
+        };
+        self.write(bytes)?;
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// Appends every shard of a bitmap, in the portable Roaring serialization.
+    pub fn add_bitmap(&mut self, kind: BlobKind, owner: u32, bitmap: &ShardedBitmap) -> Result<()> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for (i, shard) in bitmap.shards() {
+            scratch.clear();
+            shard
+                .serialize_into(&mut scratch)
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.add_blob(kind, owner, i as u32, &scratch)?;
+        }
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    /// Writes the directory and trailer and makes the file durable. Returns its size.
+    pub fn finish(mut self) -> Result<u64> {
+        let dir_off = self.offset;
+        let mut dir = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
+        for e in &self.entries {
+            dir.push(e.kind as u8);
+            dir.extend_from_slice(&[0; 3]);
+            dir.extend_from_slice(&e.owner.to_le_bytes());
+            dir.extend_from_slice(&e.shard.to_le_bytes());
+            dir.extend_from_slice(&e.crc.to_le_bytes());
+            dir.extend_from_slice(&e.offset.to_le_bytes());
+            dir.extend_from_slice(&e.len.to_le_bytes());
+        }
+        let mut trailer = Vec::with_capacity(SEG_TRAILER_LEN);
+        trailer.extend_from_slice(&dir_off.to_le_bytes());
+        trailer.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        trailer.extend_from_slice(&crc32fast::hash(&dir).to_le_bytes());
+        trailer.extend_from_slice(&0u32.to_le_bytes());
+        trailer.extend_from_slice(SEG_END_MAGIC);
+        self.write(&dir)?;
+        self.write(&trailer)?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        Ok(self.offset)
+    }
+}
+
+/// Segment numbers of every segment file in `dir`.
+pub fn list(dir: &Path) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if let Some(no) = entry.file_name().to_str().and_then(parse_file_name) {
+            out.push(no);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_and_detect_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bm = ShardedBitmap::new();
+        for id in (0..3_000_000u32).step_by(11) {
+            bm.insert(id);
+        }
+        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        w.add_bitmap(BlobKind::TagShard, 7, &bm).unwrap();
+        w.add_blob(BlobKind::Dictionary, 0, 0, b"hello").unwrap();
+        w.finish().unwrap();
+        let seg = Segment::open(dir.path(), 1).unwrap();
+        assert_eq!(seg.load_bitmap(BlobKind::TagShard, 7).unwrap(), bm);
+        assert!(seg.load_bitmap(BlobKind::TagShard, 8).unwrap().is_empty());
+        let e = seg.entries_of(BlobKind::Dictionary, 0)[0];
+        assert_eq!(seg.blob(&e).unwrap(), b"hello");
+
+        // Flip one bit inside the first blob.
+        let path = dir.path().join(file_name(1));
+        let mut data = fs::read(&path).unwrap();
+        data[SEG_HEADER_LEN + 40] ^= 1;
+        fs::write(&path, &data).unwrap();
+        let seg = Segment::open(dir.path(), 1).unwrap();
+        let err = seg.load_bitmap(BlobKind::TagShard, 7).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch") && err.contains("offset 16"), "{err}");
+
+        // A cut-short file fails at open.
+        fs::write(&path, &data[..data.len() - 5]).unwrap();
+        assert!(Segment::open(dir.path(), 1).is_err());
+    }
+}

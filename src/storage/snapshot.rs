@@ -1,0 +1,150 @@
+//! Immutable snapshots: what a reader sees. A snapshot is one consistent
+//! state (every write up to `lsn`, none after); the writer builds the next one
+//! and publishes it, readers never wait for writers. Tag bitmaps that are
+//! still on disk are decoded from the segment map on first use.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use crate::bitmap::ShardedBitmap;
+use crate::error::Result;
+use crate::storage::dictionary::Dictionary;
+use crate::storage::segment::{BlobKind, Segment};
+
+/// A bitmap that is either in memory or still in a segment file.
+#[derive(Clone)]
+pub struct LazyBitmap {
+    inner: Arc<LazyInner>,
+}
+
+struct LazyInner {
+    cell: OnceLock<ShardedBitmap>,
+    source: Option<(Arc<Segment>, BlobKind, u32)>,
+}
+
+impl LazyBitmap {
+    pub fn loaded(bitmap: ShardedBitmap) -> Self {
+        Self {
+            inner: Arc::new(LazyInner {
+                cell: OnceLock::from(bitmap),
+                source: None,
+            }),
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self::loaded(ShardedBitmap::new())
+    }
+
+    pub fn on_disk(segment: Arc<Segment>, kind: BlobKind, owner: u32) -> Self {
+        Self {
+            inner: Arc::new(LazyInner {
+                cell: OnceLock::new(),
+                source: Some((segment, kind, owner)),
+            }),
+        }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.inner.cell.get().is_some()
+    }
+
+    /// The segment the bitmap comes from, if it has not been changed in memory.
+    pub fn segment(&self) -> Option<&Arc<Segment>> {
+        self.inner.source.as_ref().map(|(s, _, _)| s)
+    }
+
+    /// The bitmap, decoding it from its segment the first time. A damaged
+    /// blob is an error every time it is asked for, never an empty set.
+    pub fn get(&self) -> Result<&ShardedBitmap> {
+        if let Some(b) = self.inner.cell.get() {
+            return Ok(b);
+        }
+        let b = match &self.inner.source {
+            Some((seg, kind, owner)) => seg.load_bitmap(*kind, *owner)?,
+            None => ShardedBitmap::new(),
+        };
+        Ok(self.inner.cell.get_or_init(|| b))
+    }
+
+    /// A mutable bitmap for the writer: copies the shard table (not the
+    /// shards) unless nobody else holds this one.
+    pub fn make_mut(&mut self) -> Result<&mut ShardedBitmap> {
+        let unique_and_loaded =
+            Arc::get_mut(&mut self.inner).is_some_and(|i| i.cell.get().is_some() && i.source.is_none());
+        if !unique_and_loaded {
+            let copy = self.get()?.clone();
+            *self = Self::loaded(copy);
+        }
+        let inner = Arc::get_mut(&mut self.inner).expect("just made unique");
+        Ok(inner.cell.get_mut().expect("just loaded"))
+    }
+}
+
+/// A tag's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagMeta {
+    pub name: Arc<str>,
+    pub description: String,
+    pub category: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub count: u64,
+}
+
+/// A tag: stable id, metadata, members.
+#[derive(Clone)]
+pub struct Tag {
+    pub id: u32,
+    pub meta: TagMeta,
+    pub bitmap: LazyBitmap,
+}
+
+/// One consistent state of the store.
+#[derive(Clone)]
+pub struct Snapshot {
+    /// Every write with an lsn up to this one is visible, none after.
+    pub lsn: u64,
+    /// Tags by name.
+    pub tags: BTreeMap<Arc<str>, Arc<Tag>>,
+    /// Every live customer (the query language's `ALL`).
+    pub live: LazyBitmap,
+    pub next_customer_id: u32,
+    pub next_tag_id: u32,
+    /// Shared with the writer; look-ups are checked against `live`.
+    pub dict: Arc<Dictionary>,
+}
+
+impl Snapshot {
+    pub fn tag(&self, name: &str) -> Option<&Arc<Tag>> {
+        self.tags.get(name)
+    }
+
+    pub fn live(&self) -> Result<&ShardedBitmap> {
+        self.live.get()
+    }
+
+    /// The id of a live customer.
+    pub fn customer_id(&self, key: &str) -> Result<Option<u32>> {
+        let Some(id) = self.dict.lookup(key) else {
+            return Ok(None);
+        };
+        Ok(self.live()?.contains(id).then_some(id))
+    }
+
+    /// The number of live customers.
+    pub fn customer_count(&self) -> Result<u64> {
+        Ok(self.live()?.len())
+    }
+
+    /// Names of the tags `id` carries, ordered by name.
+    pub fn tags_of(&self, id: u32) -> Result<Vec<Arc<str>>> {
+        let mut out = Vec::new();
+        for (name, tag) in &self.tags {
+            if tag.meta.count > 0 && tag.bitmap.get()?.contains(id) {
+                out.push(name.clone());
+            }
+        }
+        Ok(out)
+    }
+}

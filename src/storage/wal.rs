@@ -1,0 +1,358 @@
+//! The write-ahead log: framing, appending, syncing, listing and replaying
+//! log files. It owns the bytes of `wal-*.log` files and nothing else; what a
+//! record means is `record.rs`'s business, when to sync is the writer's.
+//!
+//! Format (see `storage-format.md`): a 24-byte header, then records framed as
+//! `len u32 | crc32 u32 | lsn u64 | kind u8 | payload`, where `len` counts the
+//! bytes from `lsn` to the end of the payload and the crc covers those bytes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::storage::codec::{le_u32, le_u64};
+use crate::storage::fsync_dir;
+
+pub const WAL_MAGIC: &[u8; 8] = b"TAGSWAL\0";
+pub const WAL_VERSION: u32 = 1;
+pub const WAL_HEADER_LEN: usize = 24;
+/// Bytes before a record's `lsn` field: `len` and `crc`.
+pub const FRAME_PREFIX: usize = 8;
+/// Smallest valid `len`: an lsn and a kind byte.
+const MIN_RECORD_LEN: usize = 9;
+/// Largest valid `len`.
+pub const MAX_RECORD_LEN: usize = 1 << 30;
+
+pub fn file_name(first_lsn: u64) -> String {
+    format!("wal-{first_lsn:016x}.log")
+}
+
+fn parse_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("wal-")?.strip_suffix(".log")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Appends one framed record to `out`.
+pub fn frame(out: &mut Vec<u8>, lsn: u64, kind: u8, payload: &[u8]) {
+    let len = 8 + 1 + payload.len();
+    let start = out.len();
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + FRAME_PREFIX..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The log file being appended to.
+pub struct WalWriter {
+    path: PathBuf,
+    file: File,
+    first_lsn: u64,
+    bytes: u64,
+}
+
+impl WalWriter {
+    /// Creates a new log file whose first record will have `first_lsn`. An
+    /// existing file of that name holds no records (replay read them all), so
+    /// it is replaced.
+    pub fn create(dir: &Path, first_lsn: u64) -> Result<Self> {
+        let path = dir.join(file_name(first_lsn));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut header = Vec::with_capacity(WAL_HEADER_LEN);
+        header.extend_from_slice(WAL_MAGIC);
+        header.extend_from_slice(&WAL_VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&first_lsn.to_le_bytes());
+        file.write_all(&header).map_err(|e| Error::io(&path, e))?;
+        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        fsync_dir(dir)?;
+        Ok(Self {
+            path,
+            file,
+            first_lsn,
+            bytes: WAL_HEADER_LEN as u64,
+        })
+    }
+
+    /// Writes framed records (not yet durable: call [`WalWriter::sync`]).
+    pub fn append(&mut self, framed: &[u8]) -> Result<()> {
+        self.file
+            .write_all(framed)
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.bytes += framed.len() as u64;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn first_lsn(&self) -> u64 {
+        self.first_lsn
+    }
+}
+
+/// A log file found in the data directory.
+#[derive(Debug, Clone)]
+pub struct WalFile {
+    pub path: PathBuf,
+    pub first_lsn: u64,
+}
+
+/// Log files in `dir`, ordered by their first lsn.
+pub fn list(dir: &Path) -> Result<Vec<WalFile>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        if let Some(first_lsn) = name.to_str().and_then(parse_file_name) {
+            out.push(WalFile {
+                path: entry.path(),
+                first_lsn,
+            });
+        }
+    }
+    out.sort_by_key(|f| f.first_lsn);
+    Ok(out)
+}
+
+/// What replay found.
+#[derive(Debug, Default)]
+pub struct ReplayOutcome {
+    /// Lsn of the last valid record in the log (applied or skipped).
+    pub last_lsn: Option<u64>,
+    /// Records applied (those after the checkpoint).
+    pub applied: u64,
+    /// Bytes of log read.
+    pub bytes: u64,
+    /// A description of the torn tail that was cut off, if there was one.
+    pub truncated: Option<String>,
+}
+
+/// Replays every record with an lsn above `after_lsn`, in order, through
+/// `apply`. A torn tail (the last record of the newest file cut short or
+/// failing its checksum where it ends the file) is truncated away and
+/// reported. Any other damage is a hard error naming file and offset.
+pub fn replay(
+    files: &[WalFile],
+    after_lsn: u64,
+    mut apply: impl FnMut(u64, u8, &[u8]) -> Result<()>,
+) -> Result<ReplayOutcome> {
+    let mut out = ReplayOutcome::default();
+    let mut expected: Option<u64> = None;
+    for (n, wf) in files.iter().enumerate() {
+        let is_last = n + 1 == files.len();
+        let data = fs::read(&wf.path).map_err(|e| Error::io(&wf.path, e))?;
+        out.bytes += data.len() as u64;
+        let corrupt = |offset: usize, reason: String| Error::corrupt(&wf.path, offset as u64, reason);
+        if data.len() < WAL_HEADER_LEN {
+            if is_last {
+                out.truncated = Some(format!(
+                    "{}: header cut short at {} bytes; file removed",
+                    wf.path.display(),
+                    data.len()
+                ));
+                fs::remove_file(&wf.path).map_err(|e| Error::io(&wf.path, e))?;
+                continue;
+            }
+            return Err(corrupt(0, "log file shorter than its header".into()));
+        }
+        if &data[..8] != WAL_MAGIC {
+            return Err(corrupt(0, "bad magic: not a tagstore log file".into()));
+        }
+        let version = le_u32(&data, 8).unwrap_or(0);
+        if version != WAL_VERSION {
+            return Err(corrupt(8, format!("unsupported log version {version}")));
+        }
+        let first_lsn = le_u64(&data, 16).unwrap_or(0);
+        if first_lsn != wf.first_lsn {
+            return Err(corrupt(16, format!("header says first lsn {first_lsn}, file name says {}", wf.first_lsn)));
+        }
+        if let Some(exp) = expected
+            && first_lsn != exp
+        {
+            return Err(corrupt(16, format!("log gap: expected lsn {exp}, file starts at {first_lsn}")));
+        }
+        let mut next = first_lsn;
+        let mut pos = WAL_HEADER_LEN;
+        while pos < data.len() {
+            let remaining = data.len() - pos;
+            let torn = |why: &str| -> Option<String> {
+                is_last.then(|| format!("{}: torn record at offset {pos} ({why}); {remaining} bytes cut off", wf.path.display()))
+            };
+            let len = le_u32(&data, pos).map(|l| l as usize);
+            let problem = match len {
+                None => Some("length field cut short".to_string()),
+                Some(l) if l < MIN_RECORD_LEN || l > MAX_RECORD_LEN => {
+                    if data[pos..].iter().all(|&b| b == 0) {
+                        Some("zero-filled tail".to_string())
+                    } else {
+                        return Err(corrupt(pos, format!("invalid record length {l}")));
+                    }
+                }
+                Some(l) if FRAME_PREFIX + l > remaining => Some(format!("record of {l} bytes, {} present", remaining.saturating_sub(FRAME_PREFIX))),
+                Some(_) => None,
+            };
+            if let Some(why) = problem {
+                match torn(&why) {
+                    Some(msg) => {
+                        truncate(&wf.path, pos)?;
+                        out.truncated = Some(msg);
+                        break;
+                    }
+                    None => return Err(corrupt(pos, format!("damaged record in a log file that is not the newest: {why}"))),
+                }
+            }
+            let len = len.unwrap_or(0);
+            let body = &data[pos + FRAME_PREFIX..pos + FRAME_PREFIX + len];
+            let crc = le_u32(&data, pos + 4).unwrap_or(0);
+            if crc32fast::hash(body) != crc {
+                let ends_file = pos + FRAME_PREFIX + len == data.len();
+                if ends_file && let Some(msg) = torn("checksum mismatch in the final record") {
+                    truncate(&wf.path, pos)?;
+                    out.truncated = Some(msg);
+                    break;
+                }
+                return Err(corrupt(pos, "record checksum mismatch".into()));
+            }
+            let lsn = le_u64(body, 0).unwrap_or(0);
+            if lsn != next {
+                return Err(corrupt(pos, format!("log gap: expected lsn {next}, found {lsn}")));
+            }
+            if lsn > after_lsn {
+                if out.applied == 0 && lsn != after_lsn + 1 {
+                    return Err(corrupt(pos, format!("log gap: the checkpoint covers up to lsn {after_lsn}, but the next record is {lsn}")));
+                }
+                apply(lsn, body[8], &body[9..]).map_err(|e| match e {
+                    Error::Corrupt { reason, .. } => corrupt(pos, format!("record lsn {lsn}: {reason}")),
+                    other => other,
+                })?;
+                out.applied += 1;
+            }
+            out.last_lsn = Some(lsn);
+            next = lsn + 1;
+            pos += FRAME_PREFIX + len;
+        }
+        expected = Some(next);
+    }
+    if let Some(last) = out.last_lsn
+        && last < after_lsn
+    {
+        // The checkpoint covers more than the log holds: fine (the log was
+        // trimmed), but then no later record may exist either.
+        out.last_lsn = Some(after_lsn);
+    }
+    Ok(out)
+}
+
+fn truncate(path: &Path, len: usize) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.set_len(len as u64).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_log(dir: &Path, first: u64, n: u64) -> PathBuf {
+        let mut w = WalWriter::create(dir, first).unwrap();
+        let mut buf = Vec::new();
+        for lsn in first..first + n {
+            frame(&mut buf, lsn, 1, format!("record {lsn}").as_bytes());
+        }
+        w.append(&buf).unwrap();
+        w.sync().unwrap();
+        dir.join(file_name(first))
+    }
+
+    fn collect(dir: &Path, after: u64) -> Result<(Vec<u64>, ReplayOutcome)> {
+        let mut seen = Vec::new();
+        let files = list(dir)?;
+        let out = replay(&files, after, |lsn, kind, payload| {
+            assert_eq!(kind, 1);
+            assert_eq!(payload, format!("record {lsn}").as_bytes());
+            seen.push(lsn);
+            Ok(())
+        })?;
+        Ok((seen, out))
+    }
+
+    #[test]
+    fn replays_in_order_and_skips_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        write_log(dir.path(), 1, 5);
+        write_log(dir.path(), 6, 3);
+        let (seen, out) = collect(dir.path(), 3).unwrap();
+        assert_eq!(seen, vec![4, 5, 6, 7, 8]);
+        assert_eq!(out.last_lsn, Some(8));
+        assert!(out.truncated.is_none());
+    }
+
+    #[test]
+    fn torn_tail_is_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1, 4);
+        let len = fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 3).unwrap();
+        let (seen, out) = collect(dir.path(), 0).unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        assert!(out.truncated.unwrap().contains("torn record"));
+        // The cut is durable: a second replay finds a clean log.
+        let (seen, out) = collect(dir.path(), 0).unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        assert!(out.truncated.is_none());
+    }
+
+    #[test]
+    fn flipped_bit_before_the_tail_is_a_hard_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1, 4);
+        let mut data = fs::read(&path).unwrap();
+        data[WAL_HEADER_LEN + FRAME_PREFIX + 10] ^= 0x10;
+        fs::write(&path, &data).unwrap();
+        let err = collect(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(err.contains(&format!("offset {WAL_HEADER_LEN}")), "{err}");
+        assert!(err.contains("wal-0000000000000001.log"), "{err}");
+    }
+
+    #[test]
+    fn damage_in_an_older_file_is_a_hard_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = write_log(dir.path(), 1, 2);
+        write_log(dir.path(), 3, 2);
+        let len = fs::metadata(&old).unwrap().len();
+        OpenOptions::new().write(true).open(&old).unwrap().set_len(len - 2).unwrap();
+        assert!(collect(dir.path(), 0).is_err());
+    }
+
+    #[test]
+    fn gap_between_files_is_a_hard_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write_log(dir.path(), 1, 2);
+        write_log(dir.path(), 5, 2);
+        let err = collect(dir.path(), 0).unwrap_err().to_string();
+        assert!(err.contains("log gap"), "{err}");
+    }
+}

@@ -1,0 +1,695 @@
+//! The single writer thread. It owns the mutable state, the open log file and
+//! the checkpoint schedule. Requests queue on a channel; the writer takes all
+//! that are waiting (group commit), plans and applies each one, appends their
+//! records to the log, syncs once, publishes one new snapshot, then answers
+//! every request of the group. A request that fails validation changes nothing.
+//!
+//! A failed log write or sync leaves memory ahead of the disk, so the writer
+//! then refuses every further write until the process restarts and recovers
+//! from the log (the last acknowledged state).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use roaring::RoaringBitmap;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::names::{check_key, check_tag_name};
+use crate::storage::checkpoint::{CheckpointDone, CheckpointInfo, CheckpointJob};
+use crate::storage::manifest::Manifest;
+use crate::storage::record::{Batch, Change, ChangeOp, KIND_BATCH, NewTag};
+use crate::storage::segment::{BlobKind, Segment};
+use crate::storage::snapshot::{LazyBitmap, TagMeta};
+use crate::storage::state::State;
+use crate::storage::wal::{self, WalWriter};
+use crate::storage::{Shared, SyncMode, fsync_dir};
+
+/// Longest tag description, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+/// Longest tag category, in bytes.
+pub const MAX_CATEGORY_BYTES: usize = 200;
+/// Most requests committed together under one sync.
+const MAX_GROUP: usize = 256;
+
+/// One tag's changes in an [`WriteOp::Update`].
+#[derive(Debug, Clone, Default)]
+pub struct Mutation {
+    pub tag: String,
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+}
+
+/// A write, in domain terms.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    CreateTag {
+        name: String,
+        description: String,
+        category: String,
+        if_not_exists: bool,
+    },
+    DropTag {
+        name: String,
+    },
+    Update {
+        mutations: Vec<Mutation>,
+        create_missing_tags: bool,
+    },
+    Replace {
+        tag: String,
+        customers: Vec<String>,
+        create_missing_tag: bool,
+    },
+    DeleteCustomers {
+        customers: Vec<String>,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Default)]
+pub struct WriteResult {
+    /// The lsn the write was logged at (or the current one, when nothing changed).
+    pub lsn: u64,
+    pub added: u64,
+    pub removed: u64,
+    pub new_customers: u64,
+    pub deleted: u64,
+    /// Members of the tag after a replace, or when it was dropped.
+    pub member_count: u64,
+    /// The tag after a create.
+    pub tag: Option<TagMeta>,
+    /// False when a create found the tag already there.
+    pub created: bool,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+pub(crate) enum Cmd {
+    Write(WriteOp, Reply<WriteResult>),
+    Checkpoint(Reply<CheckpointInfo>),
+    CheckpointDone(Box<Result<CheckpointDone>>),
+    Shutdown(std::sync::mpsc::Sender<Result<()>>),
+}
+
+enum Planned {
+    Write(Batch, Target),
+    Done(WriteResult),
+}
+
+/// What to report back after a planned write is applied.
+enum Target {
+    Plain,
+    Created(String),
+    Replaced(u32),
+}
+
+struct Running {
+    waiters: Vec<Reply<CheckpointInfo>>,
+    /// First lsn of the log file opened when the checkpoint began: every log
+    /// file before it is covered once the checkpoint is done.
+    rotated_first: u64,
+    dirty_tags: std::collections::HashSet<u32>,
+    dirty_live: bool,
+}
+
+pub(crate) struct Writer {
+    pub shared: Arc<Shared>,
+    pub state: State,
+    pub wal: WalWriter,
+    /// Bytes in log files older than the one being appended to.
+    pub old_wal_bytes: u64,
+    pub manifest: Manifest,
+    pub segments: HashMap<u64, Arc<Segment>>,
+    pub rx: Receiver<Cmd>,
+    pub tx: Sender<Cmd>,
+    pub dir: PathBuf,
+    running: Option<Running>,
+    queued: Vec<Reply<CheckpointInfo>>,
+    failed: Option<String>,
+    buf: Vec<u8>,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        state: State,
+        wal: WalWriter,
+        old_wal_bytes: u64,
+        manifest: Manifest,
+        segments: HashMap<u64, Arc<Segment>>,
+        rx: Receiver<Cmd>,
+        tx: Sender<Cmd>,
+    ) -> Self {
+        let dir = shared.config.data_dir.clone();
+        Self {
+            shared,
+            state,
+            wal,
+            old_wal_bytes,
+            manifest,
+            segments,
+            rx,
+            tx,
+            dir,
+            running: None,
+            queued: Vec::new(),
+            failed: None,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            let Ok(first) = self.rx.recv() else { return };
+            let mut writes = Vec::new();
+            let mut checkpoints = Vec::new();
+            let mut shutdown = None;
+            let mut next = Some(first);
+            while let Some(cmd) = next {
+                match cmd {
+                    Cmd::Write(op, reply) => writes.push((op, reply)),
+                    Cmd::Checkpoint(reply) => checkpoints.push(reply),
+                    Cmd::CheckpointDone(res) => self.complete_checkpoint(*res),
+                    Cmd::Shutdown(reply) => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                }
+                next = if writes.len() < MAX_GROUP { self.rx.try_recv().ok() } else { None };
+            }
+            if !writes.is_empty() {
+                self.commit_group(writes);
+            }
+            if !checkpoints.is_empty() {
+                self.request_checkpoint(checkpoints);
+            }
+            self.maybe_auto_checkpoint();
+            if let Some(reply) = shutdown {
+                let res = self.finish();
+                let _ = reply.send(res);
+                return;
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &Error) {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "storage failed; refusing further writes");
+        *self.shared.failed.lock() = Some(msg.clone());
+        self.failed = Some(msg);
+    }
+
+    fn commit_group(&mut self, writes: Vec<(WriteOp, Reply<WriteResult>)>) {
+        if let Some(msg) = &self.failed {
+            for (_, reply) in writes {
+                let _ = reply.send(Err(Error::Failed(msg.clone())));
+            }
+            return;
+        }
+        self.buf.clear();
+        let mut replies = Vec::with_capacity(writes.len());
+        for (op, reply) in writes {
+            let planned = match self.plan(op) {
+                Ok(p) => p,
+                Err(e) => {
+                    replies.push((reply, Err(e)));
+                    continue;
+                }
+            };
+            let (batch, target) = match planned {
+                Planned::Done(r) => {
+                    replies.push((reply, Ok(r)));
+                    continue;
+                }
+                Planned::Write(b, t) => (b, t),
+            };
+            let lsn = self.state.snap.lsn + 1;
+            wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+            match self.state.apply(lsn, &batch) {
+                Ok(stats) => {
+                    let mut r = WriteResult {
+                        lsn,
+                        added: stats.added,
+                        removed: stats.removed,
+                        new_customers: stats.new_customers,
+                        deleted: stats.deleted,
+                        member_count: stats.dropped_members,
+                        ..Default::default()
+                    };
+                    match target {
+                        Target::Plain => {}
+                        Target::Created(name) => {
+                            r.tag = self.state.snap.tag(&name).map(|t| t.meta.clone());
+                            r.created = true;
+                        }
+                        Target::Replaced(id) => {
+                            r.member_count = self.state.tag_by_id(id).map_or(0, |t| t.meta.count);
+                        }
+                    }
+                    replies.push((reply, Ok(r)));
+                }
+                Err(e) => {
+                    self.fail(&e);
+                    replies.push((reply, Err(e)));
+                    break;
+                }
+            }
+        }
+        if self.failed.is_none() && !self.buf.is_empty() {
+            let res = self.wal.append(&self.buf).and_then(|_| match self.shared.config.sync {
+                SyncMode::Always => self.wal.sync(),
+                SyncMode::Never => Ok(()),
+            });
+            if let Err(e) = res {
+                self.fail(&e);
+            }
+        }
+        if let Some(msg) = &self.failed {
+            for (reply, _) in replies {
+                let _ = reply.send(Err(Error::Failed(msg.clone())));
+            }
+            return;
+        }
+        self.shared.publish(Arc::new(self.state.snap.clone()));
+        self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        for (reply, res) in replies {
+            let _ = reply.send(res);
+        }
+    }
+
+    /// Validates a write against the current state and turns it into a batch
+    /// with every id assigned. Loads every bitmap the batch will touch, so
+    /// that applying it cannot fail halfway.
+    fn plan(&self, op: WriteOp) -> Result<Planned> {
+        let snap = &self.state.snap;
+        let at_ms = now_ms();
+        let mut batch = Batch {
+            at_ms,
+            ..Default::default()
+        };
+        match op {
+            WriteOp::CreateTag {
+                name,
+                description,
+                category,
+                if_not_exists,
+            } => {
+                check_tag_name(&name)?;
+                if description.len() > MAX_DESCRIPTION_BYTES {
+                    return Err(Error::invalid(format!("description is longer than {MAX_DESCRIPTION_BYTES} bytes")));
+                }
+                if category.len() > MAX_CATEGORY_BYTES || category.chars().any(char::is_control) {
+                    return Err(Error::invalid(format!(
+                        "category must be at most {MAX_CATEGORY_BYTES} bytes without control characters"
+                    )));
+                }
+                if let Some(t) = snap.tag(&name) {
+                    if if_not_exists {
+                        return Ok(Planned::Done(WriteResult {
+                            lsn: snap.lsn,
+                            tag: Some(t.meta.clone()),
+                            created: false,
+                            ..Default::default()
+                        }));
+                    }
+                    return Err(Error::TagExists(name));
+                }
+                batch.new_tags.push(NewTag {
+                    id: snap.next_tag_id,
+                    name: name.clone(),
+                    description,
+                    category,
+                });
+                Ok(Planned::Write(batch, Target::Created(name)))
+            }
+            WriteOp::DropTag { name } => {
+                let tag = snap.tag(&name).ok_or(Error::TagNotFound(name))?;
+                batch.drop_tags.push(tag.id);
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::Update {
+                mutations,
+                create_missing_tags,
+            } => {
+                if mutations.is_empty() {
+                    return Err(Error::invalid("empty update: no mutations"));
+                }
+                if mutations.iter().all(|m| m.add.is_empty() && m.remove.is_empty()) {
+                    return Err(Error::invalid("empty update: the mutations name no customers"));
+                }
+                let mut ids = IdAssigner::new(self)?;
+                let mut new_tags: HashMap<String, u32> = HashMap::new();
+                for m in &mutations {
+                    let tag_id = self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
+                    let mut add = RoaringBitmap::new();
+                    for key in &m.add {
+                        add.insert(ids.get_or_create(key)?);
+                    }
+                    let mut remove = RoaringBitmap::new();
+                    for key in &m.remove {
+                        if let Some(id) = ids.get(key)? {
+                            remove.insert(id);
+                        }
+                    }
+                    if !add.is_empty() {
+                        batch.changes.push(Change { tag: tag_id, op: ChangeOp::Add, ids: add });
+                    }
+                    if !remove.is_empty() {
+                        batch.changes.push(Change { tag: tag_id, op: ChangeOp::Remove, ids: remove });
+                    }
+                }
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::Replace {
+                tag,
+                customers,
+                create_missing_tag,
+            } => {
+                let mut ids = IdAssigner::new(self)?;
+                let tag_id = self.resolve_tag(&tag, create_missing_tag, &mut HashMap::new(), &mut batch)?;
+                let mut members = RoaringBitmap::new();
+                for key in &customers {
+                    members.insert(ids.get_or_create(key)?);
+                }
+                batch.changes.push(Change { tag: tag_id, op: ChangeOp::Replace, ids: members });
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Replaced(tag_id)))
+            }
+            WriteOp::DeleteCustomers { customers } => {
+                if customers.is_empty() {
+                    return Err(Error::invalid("empty delete: no customers named"));
+                }
+                let ids = IdAssigner::new(self)?;
+                for key in &customers {
+                    if let Some(id) = ids.get(key)? {
+                        batch.deletes.insert(id);
+                    }
+                }
+                if batch.deletes.is_empty() {
+                    return Ok(Planned::Done(WriteResult { lsn: snap.lsn, ..Default::default() }));
+                }
+                for tag in snap.tags.values() {
+                    tag.bitmap.get()?;
+                }
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+        }
+    }
+
+    /// The id of an existing tag (loading its bitmap), or of one this batch creates.
+    fn resolve_tag(
+        &self,
+        name: &str,
+        create: bool,
+        new_tags: &mut HashMap<String, u32>,
+        batch: &mut Batch,
+    ) -> Result<u32> {
+        check_tag_name(name)?;
+        if let Some(t) = self.state.snap.tag(name) {
+            t.bitmap.get()?;
+            return Ok(t.id);
+        }
+        if let Some(&id) = new_tags.get(name) {
+            return Ok(id);
+        }
+        if !create {
+            return Err(Error::TagNotFound(name.to_string()));
+        }
+        let id = self.state.snap.next_tag_id + new_tags.len() as u32;
+        new_tags.insert(name.to_string(), id);
+        batch.new_tags.push(NewTag {
+            id,
+            name: name.to_string(),
+            description: String::new(),
+            category: String::new(),
+        });
+        Ok(id)
+    }
+
+    fn maybe_auto_checkpoint(&mut self) {
+        let wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        if self.failed.is_none() && self.running.is_none() && wal_bytes >= self.shared.config.checkpoint_wal_bytes {
+            tracing::info!(wal_bytes, "log passed its size limit; checkpointing");
+            self.request_checkpoint(Vec::new());
+        }
+    }
+
+    fn request_checkpoint(&mut self, waiters: Vec<Reply<CheckpointInfo>>) {
+        if self.running.is_some() {
+            // The running one may have begun before these were asked for.
+            self.queued.extend(waiters);
+            return;
+        }
+        if let Some(msg) = &self.failed {
+            for w in waiters {
+                let _ = w.send(Err(Error::Failed(msg.clone())));
+            }
+            return;
+        }
+        let lsn = self.state.snap.lsn;
+        if lsn == self.manifest.checkpoint_lsn && self.state.dirty_tags.is_empty() && !self.state.dirty_live {
+            for w in waiters {
+                let _ = w.send(Ok(CheckpointInfo { lsn, ..Default::default() }));
+            }
+            return;
+        }
+        if self.wal.first_lsn() <= lsn {
+            match WalWriter::create(&self.dir, lsn + 1) {
+                Ok(new) => {
+                    let old = std::mem::replace(&mut self.wal, new);
+                    self.old_wal_bytes += old.bytes();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not start a new log file for a checkpoint");
+                    let msg = e.to_string();
+                    for w in waiters {
+                        let _ = w.send(Err(Error::Checkpoint(msg.clone())));
+                    }
+                    return;
+                }
+            }
+        }
+        let dirty_tags = std::mem::take(&mut self.state.dirty_tags);
+        let dirty_live = std::mem::take(&mut self.state.dirty_live);
+        let job = CheckpointJob {
+            dir: self.dir.clone(),
+            snap: self.shared.snapshot(),
+            dirty_tags: dirty_tags.clone(),
+            dirty_live,
+            prev: self.manifest.clone(),
+            segments: self.segments.clone(),
+            dict: self.state.snap.dict.clone(),
+            policy: self.shared.config.compaction,
+            now_ms: now_ms(),
+        };
+        debug_assert_eq!(job.snap.lsn, lsn);
+        self.running = Some(Running {
+            waiters,
+            rotated_first: self.wal.first_lsn(),
+            dirty_tags,
+            dirty_live,
+        });
+        let tx = self.tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tagstore-checkpoint".into())
+            .spawn(move || {
+                let res = job.run();
+                let _ = tx.send(Cmd::CheckpointDone(Box::new(res)));
+            });
+        if let Err(e) = spawned {
+            let res = Err(Error::Checkpoint(format!("could not start the checkpoint thread: {e}")));
+            self.complete_checkpoint(res);
+        }
+    }
+
+    fn complete_checkpoint(&mut self, res: Result<CheckpointDone>) {
+        let Some(running) = self.running.take() else { return };
+        match res {
+            Ok(done) => {
+                let info = done.info;
+                self.install(done, running.rotated_first);
+                tracing::info!(lsn = info.lsn, tags = info.tags_written, bytes = info.segment_bytes, ms = info.duration_ms, "checkpoint done");
+                for w in running.waiters {
+                    let _ = w.send(Ok(info));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "checkpoint failed; the log keeps every write");
+                self.state.dirty_tags.extend(running.dirty_tags);
+                self.state.dirty_live |= running.dirty_live;
+                // The failed job may have left a partial file under this number.
+                let no = self.manifest.next_segment_no.max(1);
+                let _ = std::fs::remove_file(self.dir.join(crate::storage::segment::file_name(no)));
+                self.manifest.next_segment_no = no + 1;
+                let msg = e.to_string();
+                for w in running.waiters {
+                    let _ = w.send(Err(Error::Checkpoint(msg.clone())));
+                }
+            }
+        }
+        if !self.queued.is_empty() {
+            let waiters = std::mem::take(&mut self.queued);
+            self.request_checkpoint(waiters);
+        }
+    }
+
+    /// Makes a finished checkpoint current: point not-yet-loaded bitmaps at
+    /// their new homes, swap the dictionary sections, and delete the log files
+    /// and segments nothing needs any more.
+    fn install(&mut self, done: CheckpointDone, rotated_first: u64) {
+        if let Some(seg) = &done.new_segment {
+            self.segments.insert(seg.no, seg.clone());
+        }
+        let homes: HashMap<u32, u64> = done.manifest.tags.iter().map(|t| (t.id, t.segment)).collect();
+        for tag in self.state.snap.tags.values_mut() {
+            if tag.bitmap.is_loaded() {
+                continue;
+            }
+            let moved = tag.bitmap.segment().map(|s| s.no) != homes.get(&tag.id).copied();
+            if moved && let Some(seg) = homes.get(&tag.id).and_then(|no| self.segments.get(no)) {
+                let id = tag.id;
+                Arc::make_mut(tag).bitmap = LazyBitmap::on_disk(seg.clone(), BlobKind::TagShard, id);
+            }
+        }
+        if !self.state.snap.live.is_loaded()
+            && let Some(seg) = self.segments.get(&done.manifest.live_segment)
+            && self.state.snap.live.segment().map(|s| s.no) != Some(seg.no)
+        {
+            self.state.snap.live = LazyBitmap::on_disk(seg.clone(), BlobKind::LiveShard, 0);
+        }
+        self.state.snap.dict.install(done.dict_layers, done.dict_upto);
+        self.manifest = done.manifest;
+
+        // Log files wholly covered by the checkpoint.
+        match wal::list(&self.dir) {
+            Ok(files) => {
+                for f in files.iter().filter(|f| f.first_lsn < rotated_first) {
+                    if let Err(e) = std::fs::remove_file(&f.path) {
+                        tracing::warn!(path = %f.path.display(), error = %e, "could not delete a covered log file");
+                    }
+                }
+                self.old_wal_bytes = files
+                    .iter()
+                    .filter(|f| f.first_lsn >= rotated_first && f.first_lsn != self.wal.first_lsn())
+                    .filter_map(|f| std::fs::metadata(&f.path).ok())
+                    .map(|m| m.len())
+                    .sum();
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list log files"),
+        }
+        // Segments no longer referenced (readers holding old snapshots keep
+        // their maps; the files' space is freed when the last map goes).
+        let live: std::collections::HashSet<u64> = self.manifest.segments().into_iter().collect();
+        let dead: Vec<u64> = self.segments.keys().copied().filter(|no| !live.contains(no)).collect();
+        for no in dead {
+            if let Some(seg) = self.segments.remove(&no)
+                && let Err(e) = std::fs::remove_file(&seg.path)
+            {
+                tracing::warn!(path = %seg.path.display(), error = %e, "could not delete an unused segment");
+            }
+        }
+        if let Err(e) = fsync_dir(&self.dir) {
+            tracing::warn!(error = %e, "could not sync the data directory");
+        }
+        let mut info = self.shared.info.lock();
+        info.last_checkpoint_lsn = self.manifest.checkpoint_lsn;
+        info.last_checkpoint_at_ms = self.manifest.checkpoint_at_ms;
+        info.segment_files = self.segments.len() as u64;
+        info.wal_bytes = self.old_wal_bytes + self.wal.bytes();
+    }
+
+    /// Clean shutdown: wait for a running checkpoint, then write a final one.
+    fn finish(&mut self) -> Result<()> {
+        let started = Instant::now();
+        self.wait_for_checkpoint();
+        if self.failed.is_some() {
+            return Ok(());
+        }
+        let (tx, mut rx) = oneshot::channel();
+        self.request_checkpoint(vec![tx]);
+        self.wait_for_checkpoint();
+        let res = rx.try_recv().map_err(|_| Error::Checkpoint("the final checkpoint did not report".into()))?;
+        res?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "final checkpoint written");
+        Ok(())
+    }
+
+    fn wait_for_checkpoint(&mut self) {
+        while self.running.is_some() {
+            match self.rx.recv() {
+                Ok(Cmd::CheckpointDone(res)) => self.complete_checkpoint(*res),
+                Ok(Cmd::Write(_, reply)) => {
+                    let _ = reply.send(Err(Error::ShuttingDown));
+                }
+                Ok(Cmd::Checkpoint(reply)) => self.queued.push(reply),
+                Ok(Cmd::Shutdown(reply)) => {
+                    let _ = reply.send(Ok(()));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Looks up customer keys for one request, giving new ids to new keys.
+struct IdAssigner<'a, 'k> {
+    writer: &'a Writer,
+    live: &'a crate::bitmap::ShardedBitmap,
+    fresh: HashMap<&'k str, u32>,
+    new_keys: Vec<(u32, String)>,
+    next: u32,
+}
+
+impl<'a, 'k> IdAssigner<'a, 'k> {
+    fn new(writer: &'a Writer) -> Result<Self> {
+        Ok(Self {
+            writer,
+            live: writer.state.snap.live()?,
+            fresh: HashMap::new(),
+            new_keys: Vec::new(),
+            next: writer.state.snap.next_customer_id,
+        })
+    }
+
+    /// The id of a live customer, if the key names one.
+    fn get(&self, key: &str) -> Result<Option<u32>> {
+        check_key(key)?;
+        if let Some(&id) = self.fresh.get(key) {
+            return Ok(Some(id));
+        }
+        Ok(self
+            .writer
+            .state
+            .snap
+            .dict
+            .lookup(key)
+            .filter(|&id| self.live.contains(id)))
+    }
+
+    fn get_or_create(&mut self, key: &'k str) -> Result<u32> {
+        if let Some(id) = self.get(key)? {
+            return Ok(id);
+        }
+        let id = self.next;
+        self.next = self
+            .next
+            .checked_add(1)
+            .ok_or_else(|| Error::invalid("the store has used every customer id (2^32)"))?;
+        self.fresh.insert(key, id);
+        self.new_keys.push((id, key.to_string()));
+        Ok(id)
+    }
+}
