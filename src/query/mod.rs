@@ -1,1 +1,11 @@
-//! query
+//! The query language and its evaluation. Reads a [`crate::storage::Snapshot`]
+//! and writes nothing.
+//!
+//! `parser` turns text into an expression (with error positions), `eval`
+//! compiles it against a snapshot and counts or lists its members.
+
+pub mod eval;
+pub mod parser;
+
+pub use eval::{Plan, Query};
+pub use parser::{Expr, parse};

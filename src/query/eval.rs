@@ -1,0 +1,295 @@
+//! Evaluation of a parsed query over one snapshot.
+//!
+//! The expression is compiled into a [`Plan`] that borrows the snapshot's
+//! bitmaps, then run shard by shard (2^20 ids at a time), so no intermediate
+//! result is larger than one shard. The plan is cost-aware:
+//! - `a AND b AND c` intersects from the smallest operand up and stops at the
+//!   first empty shard;
+//! - `a AND NOT b` is one difference; `NOT x` alone is `ALL AND NOT x`, and
+//!   `ALL` is dropped from any AND that has another positive operand, so
+//!   `NOT` never materialises the complement when it can be avoided;
+//! - counts fuse the last operation (`intersection_len`, `difference_len`,
+//!   `union_len`) instead of building the final bitmap.
+
+use std::borrow::Cow;
+
+use roaring::RoaringBitmap;
+
+use crate::bitmap::{ShardedBitmap, shard_of, shard_start};
+use crate::error::{Error, QueryErrorKind, Result};
+use crate::query::parser::{Expr, parse};
+use crate::storage::Snapshot;
+
+/// A compiled query, borrowing the bitmaps of one snapshot.
+#[derive(Debug)]
+pub enum Plan<'s> {
+    Empty,
+    Leaf(&'s ShardedBitmap),
+    /// Intersection of `pos` (ascending estimated size) minus every `neg`.
+    And { pos: Vec<Plan<'s>>, neg: Vec<Plan<'s>> },
+    Or(Vec<Plan<'s>>),
+}
+
+impl<'s> Plan<'s> {
+    fn estimate(&self) -> u64 {
+        match self {
+            Plan::Empty => 0,
+            Plan::Leaf(b) => b.len(),
+            Plan::And { pos, .. } => pos.iter().map(Plan::estimate).min().unwrap_or(0),
+            Plan::Or(items) => items.iter().map(Plan::estimate).fold(0, u64::saturating_add),
+        }
+    }
+
+    fn shard_count(&self) -> usize {
+        match self {
+            Plan::Empty => 0,
+            Plan::Leaf(b) => b.shard_count(),
+            Plan::And { pos, .. } => pos.iter().map(Plan::shard_count).min().unwrap_or(0),
+            Plan::Or(items) => items.iter().map(Plan::shard_count).max().unwrap_or(0),
+        }
+    }
+
+    fn is_leaf(&self, b: &ShardedBitmap) -> bool {
+        matches!(self, Plan::Leaf(x) if std::ptr::eq(*x, b))
+    }
+
+    /// The members of shard `i`; `None` when there are none.
+    pub fn eval(&self, i: usize) -> Option<Cow<'s, RoaringBitmap>> {
+        match self {
+            Plan::Empty => None,
+            Plan::Leaf(b) => b.shard(i).map(Cow::Borrowed),
+            Plan::And { pos, neg } => eval_and(pos, neg, i),
+            Plan::Or(items) => {
+                let mut acc: Option<Cow<'s, RoaringBitmap>> = None;
+                for item in items {
+                    if let Some(s) = item.eval(i) {
+                        acc = Some(match acc {
+                            None => s,
+                            Some(Cow::Borrowed(a)) => Cow::Owned(a | &*s),
+                            Some(Cow::Owned(mut a)) => {
+                                a |= &*s;
+                                Cow::Owned(a)
+                            }
+                        });
+                    }
+                }
+                acc
+            }
+        }
+    }
+
+    /// The number of members in shard `i`, fusing the last operation.
+    pub fn count(&self, i: usize) -> u64 {
+        match self {
+            Plan::Empty => 0,
+            Plan::Leaf(b) => b.shard(i).map_or(0, RoaringBitmap::len),
+            Plan::And { pos, neg } => match neg.split_last() {
+                None => match pos.split_last() {
+                    Some((only, [])) => only.count(i),
+                    Some((last, init)) => {
+                        let Some(acc) = eval_and(init, &[], i) else { return 0 };
+                        last.eval(i).map_or(0, |l| acc.intersection_len(&l))
+                    }
+                    None => 0,
+                },
+                Some((last, init)) => {
+                    let Some(acc) = eval_and(pos, init, i) else { return 0 };
+                    match last.eval(i) {
+                        Some(l) => acc.difference_len(&l),
+                        None => acc.len(),
+                    }
+                }
+            },
+            Plan::Or(items) if items.len() == 2 => match (items[0].eval(i), items[1].eval(i)) {
+                (Some(a), Some(b)) => a.union_len(&b),
+                (Some(a), None) | (None, Some(a)) => a.len(),
+                (None, None) => 0,
+            },
+            Plan::Or(_) => self.eval(i).map_or(0, |b| b.len()),
+        }
+    }
+}
+
+fn eval_and<'s>(pos: &[Plan<'s>], neg: &[Plan<'s>], i: usize) -> Option<Cow<'s, RoaringBitmap>> {
+    let (first, rest) = pos.split_first()?;
+    let mut acc = first.eval(i)?;
+    for p in rest {
+        let s = p.eval(i)?;
+        acc = Cow::Owned(match acc {
+            Cow::Borrowed(a) => a & &*s,
+            Cow::Owned(mut a) => {
+                a &= &*s;
+                a
+            }
+        });
+        if acc.is_empty() {
+            return None;
+        }
+    }
+    for n in neg {
+        if let Some(s) = n.eval(i) {
+            acc = Cow::Owned(match acc {
+                Cow::Borrowed(a) => a - &*s,
+                Cow::Owned(mut a) => {
+                    a -= &*s;
+                    a
+                }
+            });
+            if acc.is_empty() {
+                return None;
+            }
+        }
+    }
+    Some(acc)
+}
+
+struct Compiler<'s> {
+    snap: &'s Snapshot,
+    live: &'s ShardedBitmap,
+}
+
+impl<'s> Compiler<'s> {
+    fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
+        if b.is_empty() { Plan::Empty } else { Plan::Leaf(b) }
+    }
+
+    fn compile(&self, e: &Expr) -> Result<Plan<'s>> {
+        Ok(match e {
+            Expr::Tag { name, pos } => {
+                let tag = self.snap.tag(name).ok_or_else(|| Error::Query {
+                    kind: QueryErrorKind::UnknownTag,
+                    position: *pos,
+                    message: format!("unknown tag {name:?}"),
+                })?;
+                self.leaf(tag.bitmap.get()?)
+            }
+            Expr::All => self.leaf(self.live),
+            Expr::Not(inner) => match &**inner {
+                Expr::Not(x) => self.compile(x)?,
+                other => self.and_of(Vec::new(), vec![self.compile(other)?]),
+            },
+            Expr::And(items) => {
+                let (mut pos, mut neg) = (Vec::new(), Vec::new());
+                for item in items {
+                    match item {
+                        Expr::Not(x) if !matches!(**x, Expr::Not(_)) => neg.push(self.compile(x)?),
+                        other => match self.compile(other)? {
+                            Plan::And { pos: p, neg: n } => {
+                                pos.extend(p);
+                                neg.extend(n);
+                            }
+                            plan => pos.push(plan),
+                        },
+                    }
+                }
+                self.and_of(pos, neg)
+            }
+            Expr::Or(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match self.compile(item)? {
+                        Plan::Or(inner) => out.extend(inner),
+                        Plan::Empty => {}
+                        plan => out.push(plan),
+                    }
+                }
+                if out.iter().any(|p| p.is_leaf(self.live)) {
+                    return Ok(self.leaf(self.live));
+                }
+                match out.len() {
+                    0 => Plan::Empty,
+                    1 => out.remove(0),
+                    _ => Plan::Or(out),
+                }
+            }
+        })
+    }
+
+    fn and_of(&self, mut pos: Vec<Plan<'s>>, mut neg: Vec<Plan<'s>>) -> Plan<'s> {
+        if pos.iter().any(|p| matches!(p, Plan::Empty)) {
+            return Plan::Empty;
+        }
+        neg.retain(|n| !matches!(n, Plan::Empty));
+        if neg.iter().any(|n| n.is_leaf(self.live)) {
+            return Plan::Empty;
+        }
+        if pos.len() > 1 {
+            // Every tag member is live, so ALL adds nothing beside another operand.
+            pos.retain(|p| !p.is_leaf(self.live));
+        }
+        if pos.is_empty() {
+            if self.live.is_empty() {
+                return Plan::Empty;
+            }
+            pos.push(Plan::Leaf(self.live));
+        }
+        pos.sort_by_key(Plan::estimate);
+        if pos.len() == 1 && neg.is_empty() {
+            return pos.remove(0);
+        }
+        Plan::And { pos, neg }
+    }
+}
+
+/// A query compiled against one snapshot.
+pub struct Query<'s> {
+    plan: Plan<'s>,
+    shards: usize,
+}
+
+impl<'s> Query<'s> {
+    /// Parses and compiles `text`. Unknown tags are errors with their position.
+    pub fn compile(text: &str, snap: &'s Snapshot) -> Result<Self> {
+        let expr = parse(text)?;
+        Self::from_expr(&expr, snap)
+    }
+
+    pub fn from_expr(expr: &Expr, snap: &'s Snapshot) -> Result<Self> {
+        let c = Compiler { snap, live: snap.live()? };
+        let plan = c.compile(expr)?;
+        let shards = plan.shard_count();
+        Ok(Self { plan, shards })
+    }
+
+    pub fn plan(&self) -> &Plan<'s> {
+        &self.plan
+    }
+
+    /// Number of members.
+    pub fn count(&self) -> u64 {
+        (0..self.shards).map(|i| self.plan.count(i)).sum()
+    }
+
+    /// Up to `limit` member ids greater than `after`, ascending, and whether
+    /// more follow.
+    pub fn page(&self, after: Option<u32>, limit: usize) -> (Vec<u32>, bool) {
+        let from = match after {
+            None => 0,
+            Some(u32::MAX) => return (Vec::new(), false),
+            Some(a) => a + 1,
+        };
+        let mut out = Vec::with_capacity(limit.min(1 << 16));
+        for i in shard_of(from)..self.shards {
+            let Some(members) = self.plan.eval(i) else { continue };
+            let lo = from.max(shard_start(i));
+            for id in members.range(lo..) {
+                if out.len() == limit {
+                    return (out, true);
+                }
+                out.push(id);
+            }
+        }
+        (out, false)
+    }
+
+    /// Calls `f` with each non-empty shard's members, in id order, until it returns false.
+    pub fn for_each_shard(&self, mut f: impl FnMut(&RoaringBitmap) -> bool) {
+        for i in 0..self.shards {
+            if let Some(members) = self.plan.eval(i)
+                && !f(&members)
+            {
+                return;
+            }
+        }
+    }
+}

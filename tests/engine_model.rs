@@ -1,0 +1,289 @@
+//! Randomized test of the engine and the query evaluator against a simple
+//! model (a map of tag name to a set of keys, and the set of live keys):
+//! thousands of random updates, replaces, deletes, drops, checkpoints and
+//! restarts (clean and abrupt), checking counts, member lists, profiles and
+//! random boolean queries after every phase.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tagstore::names::quote_tag_name;
+use tagstore::query::Query;
+use tagstore::storage::{Engine, EngineConfig, Mutation, WriteOp};
+
+#[derive(Default, Clone)]
+struct Model {
+    tags: BTreeMap<String, BTreeSet<String>>,
+    live: BTreeSet<String>,
+}
+
+const TAG_NAMES: &[&str] = &["高价值用户", "常购护肤品", "尝试新品", "潜在流失", "a", "b", "with space", "社交活跃", "and"];
+
+fn key(rng: &mut StdRng) -> String {
+    // A small key space so that keys collide, are deleted and come back.
+    match rng.random_range(0..3) {
+        0 => format!("phone:1380000{:04}", rng.random_range(0..400)),
+        1 => format!("wechat:o{}", rng.random_range(0..300)),
+        _ => format!("jd:pin_{}", rng.random_range(0..300)),
+    }
+}
+
+fn keys(rng: &mut StdRng, max: usize) -> Vec<String> {
+    let n = rng.random_range(0..=max);
+    (0..n).map(|_| key(rng)).collect()
+}
+
+fn open(dir: &std::path::Path, wal_bytes: u64) -> Engine {
+    let mut cfg = EngineConfig::new(dir);
+    cfg.checkpoint_wal_bytes = wal_bytes;
+    cfg.compaction.max_segments = 3;
+    cfg.compaction.max_dict_layers = 3;
+    Engine::open(cfg).expect("open engine")
+}
+
+fn random_op(rng: &mut StdRng, model: &mut Model) -> WriteOp {
+    let existing: Vec<String> = model.tags.keys().cloned().collect();
+    let pick_tag = |rng: &mut StdRng| TAG_NAMES[rng.random_range(0..TAG_NAMES.len())].to_string();
+    match rng.random_range(0..100) {
+        0..=4 => WriteOp::CreateTag {
+            name: pick_tag(rng),
+            description: "d".into(),
+            category: "c".into(),
+            if_not_exists: rng.random_bool(0.5),
+        },
+        5..=7 if !existing.is_empty() => WriteOp::DropTag {
+            name: existing[rng.random_range(0..existing.len())].clone(),
+        },
+        8..=14 => WriteOp::Replace {
+            tag: pick_tag(rng),
+            customers: keys(rng, 60),
+            create_missing_tag: rng.random_bool(0.7),
+        },
+        15..=22 => WriteOp::DeleteCustomers { customers: keys(rng, 8) },
+        _ => {
+            let n = rng.random_range(0..4);
+            let mutations = (0..n)
+                .map(|_| Mutation {
+                    tag: pick_tag(rng),
+                    add: keys(rng, 30),
+                    remove: keys(rng, 10),
+                })
+                .collect();
+            WriteOp::Update {
+                mutations,
+                create_missing_tags: rng.random_bool(0.8),
+            }
+        }
+    }
+}
+
+/// Applies `op` to the model, if the engine accepted it.
+fn apply_model(model: &mut Model, op: &WriteOp, accepted: bool) {
+    if !accepted {
+        return;
+    }
+    match op {
+        WriteOp::CreateTag { name, .. } => {
+            model.tags.entry(name.clone()).or_default();
+        }
+        WriteOp::DropTag { name } => {
+            model.tags.remove(name);
+        }
+        WriteOp::Update { mutations, .. } => {
+            for m in mutations {
+                let set = model.tags.entry(m.tag.clone()).or_default();
+                for k in &m.add {
+                    set.insert(k.clone());
+                    model.live.insert(k.clone());
+                }
+                for k in &m.remove {
+                    set.remove(k);
+                }
+            }
+        }
+        WriteOp::Replace { tag, customers, .. } => {
+            let set: BTreeSet<String> = customers.iter().cloned().collect();
+            model.live.extend(set.iter().cloned());
+            model.tags.insert(tag.clone(), set);
+        }
+        WriteOp::DeleteCustomers { customers } => {
+            for k in customers {
+                model.live.remove(k);
+                for set in model.tags.values_mut() {
+                    set.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// Whether the engine should accept `op` given the model.
+fn should_accept(model: &Model, op: &WriteOp) -> bool {
+    match op {
+        WriteOp::CreateTag { name, if_not_exists, .. } => *if_not_exists || !model.tags.contains_key(name),
+        WriteOp::DropTag { name } => model.tags.contains_key(name),
+        WriteOp::Update { mutations, create_missing_tags } => {
+            !mutations.is_empty()
+                && mutations.iter().any(|m| !m.add.is_empty() || !m.remove.is_empty())
+                && (*create_missing_tags || mutations.iter().all(|m| model.tags.contains_key(&m.tag)))
+        }
+        WriteOp::Replace { tag, create_missing_tag, .. } => *create_missing_tag || model.tags.contains_key(tag),
+        WriteOp::DeleteCustomers { customers } => !customers.is_empty(),
+    }
+}
+
+#[derive(Debug)]
+enum Q {
+    Tag(String),
+    All,
+    Not(Box<Q>),
+    And(Box<Q>, Box<Q>),
+    Or(Box<Q>, Box<Q>),
+}
+
+fn random_query(rng: &mut StdRng, tags: &[String], depth: u32) -> Q {
+    if depth == 0 || rng.random_bool(0.3) {
+        if tags.is_empty() || rng.random_bool(0.1) {
+            return Q::All;
+        }
+        return Q::Tag(tags[rng.random_range(0..tags.len())].clone());
+    }
+    match rng.random_range(0..3) {
+        0 => Q::Not(Box::new(random_query(rng, tags, depth - 1))),
+        1 => Q::And(Box::new(random_query(rng, tags, depth - 1)), Box::new(random_query(rng, tags, depth - 1))),
+        _ => Q::Or(Box::new(random_query(rng, tags, depth - 1)), Box::new(random_query(rng, tags, depth - 1))),
+    }
+}
+
+fn render(q: &Q) -> String {
+    match q {
+        Q::Tag(t) => quote_tag_name(t),
+        Q::All => "all".into(),
+        Q::Not(x) => format!("NOT ({})", render(x)),
+        Q::And(a, b) => format!("({}) AND ({})", render(a), render(b)),
+        Q::Or(a, b) => format!("({}) or ({})", render(a), render(b)),
+    }
+}
+
+fn eval_model(model: &Model, q: &Q) -> BTreeSet<String> {
+    match q {
+        Q::Tag(t) => model.tags[t].clone(),
+        Q::All => model.live.clone(),
+        Q::Not(x) => model.live.difference(&eval_model(model, x)).cloned().collect(),
+        Q::And(a, b) => eval_model(model, a).intersection(&eval_model(model, b)).cloned().collect(),
+        Q::Or(a, b) => eval_model(model, a).union(&eval_model(model, b)).cloned().collect(),
+    }
+}
+
+fn members(engine: &Engine, text: &str) -> BTreeSet<String> {
+    let snap = engine.snapshot();
+    let q = Query::compile(text, &snap).unwrap_or_else(|e| panic!("{text}: {e}"));
+    // Page through with a small page size to exercise cursors.
+    let mut out = BTreeSet::new();
+    let mut after = None;
+    loop {
+        let (ids, more) = q.page(after, 7);
+        let mut keys = Vec::new();
+        snap.dict.keys_of(&ids, &mut keys);
+        assert_eq!(keys.len(), ids.len(), "every member id has a key");
+        out.extend(keys);
+        after = ids.last().copied();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(q.count(), out.len() as u64, "count agrees with members for {text}");
+    out
+}
+
+fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
+    let snap = engine.snapshot();
+    let names: Vec<String> = snap.tags.keys().map(|k| k.to_string()).collect();
+    let model_names: Vec<String> = model.tags.keys().cloned().collect();
+    assert_eq!(names, model_names, "tag names");
+    for (name, set) in &model.tags {
+        assert_eq!(snap.tag(name).unwrap().meta.count, set.len() as u64, "count of {name}");
+        assert_eq!(&members(engine, &quote_tag_name(name)), set, "members of {name}");
+    }
+    assert_eq!(members(engine, "ALL"), model.live, "ALL");
+    assert_eq!(snap.customer_count().unwrap(), model.live.len() as u64);
+    for _ in 0..40 {
+        let q = random_query(rng, &model_names, 4);
+        let text = render(&q);
+        assert_eq!(members(engine, &text), eval_model(model, &q), "query {text}");
+    }
+    // Profiles: a sample of keys, live or not.
+    for _ in 0..30 {
+        let k = key(rng);
+        match snap.customer_id(&k).unwrap() {
+            Some(id) => {
+                assert!(model.live.contains(&k), "{k} should not be live");
+                let tags: Vec<String> = snap.tags_of(id).unwrap().iter().map(|t| t.to_string()).collect();
+                let expect: Vec<String> = model.tags.iter().filter(|(_, s)| s.contains(&k)).map(|(n, _)| n.clone()).collect();
+                assert_eq!(tags, expect, "profile of {k}");
+            }
+            None => assert!(!model.live.contains(&k), "{k} should be live"),
+        }
+    }
+}
+
+#[test]
+fn random_operations_match_the_model_across_restarts() {
+    let seed: u64 = std::env::var("TAGSTORE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261128);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Model::default();
+    // A tiny checkpoint threshold makes automatic checkpoints and compaction happen often.
+    let mut engine = open(dir.path(), 16 << 10);
+    for phase in 0..12 {
+        for _ in 0..250 {
+            let op = random_op(&mut rng, &mut model);
+            let expect = should_accept(&model, &op);
+            let res = engine.write_blocking(op.clone());
+            assert_eq!(res.is_ok(), expect, "phase {phase}: {op:?} gave {res:?}");
+            apply_model(&mut model, &op, res.is_ok());
+        }
+        check(&engine, &model, &mut rng);
+        match phase % 3 {
+            0 => {
+                engine.checkpoint_blocking().unwrap();
+            }
+            1 => {
+                // Clean restart: shutdown writes a final checkpoint.
+                drop(engine);
+                engine = open(dir.path(), 16 << 10);
+                assert_eq!(engine.recovery().records_replayed, 0);
+            }
+            _ => {
+                // Abrupt restart: leak the engine's writer without a final
+                // checkpoint by opening a copy of the directory as it is now.
+                let copy = tempfile::tempdir().unwrap();
+                for entry in std::fs::read_dir(dir.path()).unwrap() {
+                    let entry = entry.unwrap();
+                    if entry.file_name() != "LOCK" {
+                        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+                    }
+                }
+                let other = open(copy.path(), 16 << 10);
+                check(&other, &model, &mut rng);
+                drop(other);
+            }
+        }
+        check(&engine, &model, &mut rng);
+    }
+    let files: HashSet<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let segments = files.iter().filter(|f| f.ends_with(".seg")).count();
+    assert!(segments <= 4, "compaction keeps segment files few: {files:?}");
+}
+
+#[test]
+fn second_engine_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = open(dir.path(), 1 << 20);
+    let err = Engine::open(EngineConfig::new(dir.path())).err().expect("must be refused");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
