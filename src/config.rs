@@ -1,1 +1,138 @@
-//! config
+//! Server configuration: defaults, an optional TOML file, and command-line
+//! flags, in rising order of precedence. Owns no behaviour, only settings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::storage::{CompactionPolicy, EngineConfig, SyncMode};
+
+/// Where the server listens unless told otherwise (loopback only).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// Where the server keeps its data unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "tagstore-data";
+
+/// Request limits the server enforces before work reaches the engine.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most customer keys (adds plus removes) in one `Update` or `DeleteCustomers`.
+    pub max_keys_per_request: usize,
+    /// Most members in one `ReplaceMembers` stream.
+    pub max_replace_members: usize,
+    /// Most queries in one `Count`.
+    pub max_count_queries: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_keys_per_request: 1_000_000,
+            max_replace_members: 200_000_000,
+            max_count_queries: 1_000,
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The TOML config file, every key optional. Example:
+///
+/// ```toml
+/// listen = "127.0.0.1:7420"
+/// data_dir = "/var/lib/tagstore"
+/// sync = "always"            # or "never"
+/// checkpoint_wal_mb = 64
+/// max_segments = 8
+///
+/// [limits]
+/// max_keys_per_request = 1000000
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub sync: Option<SyncMode>,
+    pub checkpoint_wal_mb: Option<u64>,
+    pub max_segments: Option<usize>,
+    pub limits: Option<Limits>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub engine: EngineConfig,
+    pub limits: Limits,
+}
+
+/// Settings given on the command line (each overrides the file).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub sync: Option<SyncMode>,
+    pub checkpoint_wal_mb: Option<u64>,
+}
+
+impl ServerConfig {
+    pub fn resolve(file: FileConfig, over: Overrides) -> Result<Self> {
+        let listen_text = over.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|e| Error::Config(format!("listen address {listen_text:?}: {e}")))?;
+        let data_dir = over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut engine = EngineConfig::new(data_dir);
+        engine.sync = over.sync.or(file.sync).unwrap_or(SyncMode::Always);
+        let mb = over.checkpoint_wal_mb.or(file.checkpoint_wal_mb).unwrap_or(64);
+        if mb == 0 {
+            return Err(Error::Config("checkpoint_wal_mb must be at least 1".into()));
+        }
+        engine.checkpoint_wal_bytes = mb << 20;
+        engine.compaction = CompactionPolicy {
+            max_segments: file.max_segments.unwrap_or(8).max(2),
+            ..CompactionPolicy::default()
+        };
+        Ok(Self {
+            listen,
+            engine,
+            limits: file.limits.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:9000\"\nsync = \"never\"\ncheckpoint_wal_mb = 8\n[limits]\nmax_count_queries = 5\n").unwrap();
+        let cfg = ServerConfig::resolve(
+            file,
+            Overrides {
+                listen: Some("127.0.0.1:9001".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9001);
+        assert_eq!(cfg.engine.sync, SyncMode::Never);
+        assert_eq!(cfg.engine.checkpoint_wal_bytes, 8 << 20);
+        assert_eq!(cfg.limits.max_count_queries, 5);
+        assert_eq!(cfg.limits.max_keys_per_request, 1_000_000);
+        assert_eq!(cfg.engine.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+    }
+}

@@ -1,1 +1,125 @@
-fn main(){}
+//! The `tagstore` server binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tagstore::config::{FileConfig, Overrides, ServerConfig};
+use tagstore::storage::SyncMode;
+
+#[derive(Parser)]
+#[command(name = "tagstore", version, about = "A database server for customer tags")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Sync {
+    /// fsync the log before acknowledging every write (default).
+    Always,
+    /// Never fsync (bulk loads that can be redone).
+    Never,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Address to listen on [default: 127.0.0.1:7420].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory [default: ./tagstore-data].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// A TOML config file; flags given here override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// When to fsync the write-ahead log.
+        #[arg(long, value_enum)]
+        sync: Option<Sync>,
+        /// Checkpoint once the log holds this many MiB [default: 64].
+        #[arg(long)]
+        checkpoint_wal_mb: Option<u64>,
+    },
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let Command::Serve {
+        listen,
+        data_dir,
+        config,
+        sync,
+        checkpoint_wal_mb,
+    } = cli.command;
+    let file = match config.as_deref().map(FileConfig::load).transpose() {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("tagstore: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let over = Overrides {
+        listen,
+        data_dir,
+        sync: sync.map(|s| match s {
+            Sync::Always => SyncMode::Always,
+            Sync::Never => SyncMode::Never,
+        }),
+        checkpoint_wal_mb,
+    };
+    let cfg = match ServerConfig::resolve(file, over) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tagstore: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tagstore: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = runtime.block_on(tagstore::server::serve(cfg, shutdown_signal(), |addr| {
+        // A line for scripts and tests that start the server on port 0.
+        println!("tagstore listening on {addr}");
+    }));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tagstore: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,83 @@
-//! server
+//! The gRPC server: owns the network side (listening, the `tagstore.v1`
+//! service, health and reflection, graceful shutdown). Requests become domain
+//! operations here; the storage engine never sees a proto type.
+
+pub mod service;
+pub mod status;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ServerConfig;
+use crate::error::{Error, Result};
+use crate::proto::tag_store_server::TagStoreServer;
+use crate::storage::Engine;
+pub use service::Service;
+
+/// Opens the engine, serves until `shutdown` resolves, then finishes the
+/// requests in flight and writes a final checkpoint. `on_listening` is called
+/// with the bound address (useful with port 0).
+pub async fn serve(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let engine_config = config.engine.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))
+        .await
+        .map_err(|e| Error::Config(format!("engine start-up task failed: {e}")))??;
+    let engine = Arc::new(engine);
+    let rec = engine.recovery();
+    let snap = engine.snapshot();
+    tracing::info!(
+        data_dir = %config.engine.data_dir.display(),
+        tags = snap.tags.len(),
+        checkpoint_lsn = rec.checkpoint_lsn,
+        last_lsn = rec.last_lsn,
+        replayed = rec.records_replayed,
+        ms = rec.duration.as_millis() as u64,
+        "storage recovered"
+    );
+    if let Some(t) = &rec.torn_tail {
+        tracing::warn!("{t}");
+    }
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::io(format!("listen address {}", config.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::io(format!("listen address {}", config.listen), e))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TagStoreServer<Service>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Config(format!("reflection service: {e}")))?;
+    let limit = config.limits.max_message_bytes;
+    let service = TagStoreServer::new(Service::new(engine.clone(), config.limits))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    on_listening(addr);
+    tracing::info!(%addr, "serving tagstore.v1.TagStore");
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    health.set_not_serving::<TagStoreServer<Service>>().await;
+    tracing::info!("stopped accepting requests; writing the final checkpoint");
+    let closing = engine.clone();
+    let closed = tokio::task::spawn_blocking(move || closing.shutdown())
+        .await
+        .map_err(|e| Error::Config(format!("shutdown task failed: {e}")))?;
+    served.map_err(|e| Error::io(format!("gRPC server on {addr}"), std::io::Error::other(e)))?;
+    closed
+}

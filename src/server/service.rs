@@ -1,0 +1,419 @@
+//! The `tagstore.v1.TagStore` service: proto in, domain calls, proto out.
+//! Checks request limits here; everything else is the engine's or the query
+//! engine's job. CPU-heavy reads run on the blocking pool so that one large
+//! query does not stall the connections served by the async workers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::Limits;
+use crate::error::Error;
+use crate::names::check_key;
+use crate::proto;
+use crate::proto::tag_store_server::TagStore;
+use crate::query::Query;
+use crate::server::status::{query_status, to_status};
+use crate::storage::{Engine, Mutation, Snapshot, TagMeta, WriteOp};
+
+/// Page size of `Members` when the request gives none.
+pub const DEFAULT_PAGE: u32 = 1_000;
+/// Largest page of `Members` and batch of `Export`.
+pub const MAX_PAGE: u32 = 100_000;
+/// Batch size of `Export` when the request gives none.
+pub const DEFAULT_EXPORT_BATCH: u32 = 10_000;
+
+pub struct Service {
+    engine: Arc<Engine>,
+    limits: Limits,
+    started: Instant,
+}
+
+impl Service {
+    pub fn new(engine: Arc<Engine>, limits: Limits) -> Self {
+        Self {
+            engine,
+            limits,
+            started: Instant::now(),
+        }
+    }
+}
+
+fn tag_info(m: &TagMeta) -> proto::TagInfo {
+    proto::TagInfo {
+        name: m.name.to_string(),
+        description: m.description.clone(),
+        category: m.category.clone(),
+        created_at_ms: m.created_ms,
+        updated_at_ms: m.updated_ms,
+        member_count: m.count,
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    to_status(Error::invalid(msg))
+}
+
+/// A cursor names the last id returned: `v1.` then the id in hex.
+fn encode_cursor(id: u32) -> String {
+    format!("v1.{id:x}")
+}
+
+fn decode_cursor(c: &str) -> Result<Option<u32>, Status> {
+    if c.is_empty() {
+        return Ok(None);
+    }
+    c.strip_prefix("v1.")
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .map(Some)
+        .ok_or_else(|| invalid(format!("bad cursor {c:?}: pass back a next_cursor exactly as received")))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+}
+
+fn page_size(requested: u32, default: u32, what: &str) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(default as usize),
+        n if n > MAX_PAGE => Err(invalid(format!("{what} {n} is over the limit of {MAX_PAGE}"))),
+        n => Ok(n as usize),
+    }
+}
+
+#[tonic::async_trait]
+impl TagStore for Service {
+    async fn create_tag(&self, req: Request<proto::CreateTagRequest>) -> Result<Response<proto::CreateTagResponse>, Status> {
+        let r = req.into_inner();
+        let res = self
+            .engine
+            .write(WriteOp::CreateTag {
+                name: r.name,
+                description: r.description,
+                category: r.category,
+                if_not_exists: r.if_not_exists,
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::CreateTagResponse {
+            tag: res.tag.as_ref().map(tag_info),
+            created: res.created,
+        }))
+    }
+
+    async fn drop_tag(&self, req: Request<proto::DropTagRequest>) -> Result<Response<proto::DropTagResponse>, Status> {
+        let name = req.into_inner().name;
+        let res = self.engine.write(WriteOp::DropTag { name }).await.map_err(to_status)?;
+        Ok(Response::new(proto::DropTagResponse {
+            member_count: res.member_count,
+        }))
+    }
+
+    async fn list_tags(&self, req: Request<proto::ListTagsRequest>) -> Result<Response<proto::ListTagsResponse>, Status> {
+        let category = req.into_inner().category;
+        let snap = self.engine.snapshot();
+        let tags = snap
+            .tags
+            .values()
+            .filter(|t| category.is_empty() || t.meta.category == category)
+            .map(|t| tag_info(&t.meta))
+            .collect();
+        Ok(Response::new(proto::ListTagsResponse { tags }))
+    }
+
+    async fn describe_tag(&self, req: Request<proto::DescribeTagRequest>) -> Result<Response<proto::DescribeTagResponse>, Status> {
+        let name = req.into_inner().name;
+        let snap = self.engine.snapshot();
+        let tag = snap.tag(&name).ok_or_else(|| to_status(Error::TagNotFound(name.clone())))?;
+        Ok(Response::new(proto::DescribeTagResponse {
+            tag: Some(tag_info(&tag.meta)),
+        }))
+    }
+
+    async fn update(&self, req: Request<proto::UpdateRequest>) -> Result<Response<proto::UpdateResponse>, Status> {
+        let r = req.into_inner();
+        let keys: usize = r.mutations.iter().map(|m| m.add.len() + m.remove.len()).sum();
+        if keys > self.limits.max_keys_per_request {
+            return Err(invalid(format!(
+                "update names {keys} customer keys; the limit is {} per request (split the batch)",
+                self.limits.max_keys_per_request
+            )));
+        }
+        let mutations = r
+            .mutations
+            .into_iter()
+            .map(|m| Mutation {
+                tag: m.tag,
+                add: m.add,
+                remove: m.remove,
+            })
+            .collect();
+        let res = self
+            .engine
+            .write(WriteOp::Update {
+                mutations,
+                create_missing_tags: r.create_missing_tags,
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::UpdateResponse {
+            added: res.added,
+            removed: res.removed,
+            new_customers: res.new_customers,
+            lsn: res.lsn,
+        }))
+    }
+
+    async fn replace_members(
+        &self,
+        req: Request<Streaming<proto::ReplaceMembersRequest>>,
+    ) -> Result<Response<proto::ReplaceMembersResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| invalid("empty stream: the first message must name the tag"))?;
+        if first.tag.is_empty() {
+            return Err(invalid("the first message must name the tag"));
+        }
+        let (tag, create_missing_tag) = (first.tag, first.create_missing_tag);
+        let mut customers = first.customers;
+        while let Some(msg) = stream.message().await? {
+            customers.extend(msg.customers);
+            if customers.len() > self.limits.max_replace_members {
+                return Err(invalid(format!(
+                    "replace stream passed the limit of {} members",
+                    self.limits.max_replace_members
+                )));
+            }
+        }
+        let res = self
+            .engine
+            .write(WriteOp::Replace {
+                tag,
+                customers,
+                create_missing_tag,
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::ReplaceMembersResponse {
+            member_count: res.member_count,
+            added: res.added,
+            removed: res.removed,
+            new_customers: res.new_customers,
+            lsn: res.lsn,
+        }))
+    }
+
+    async fn delete_customers(
+        &self,
+        req: Request<proto::DeleteCustomersRequest>,
+    ) -> Result<Response<proto::DeleteCustomersResponse>, Status> {
+        let customers = req.into_inner().customers;
+        if customers.len() > self.limits.max_keys_per_request {
+            return Err(invalid(format!(
+                "delete names {} customers; the limit is {} per request",
+                customers.len(),
+                self.limits.max_keys_per_request
+            )));
+        }
+        let res = self
+            .engine
+            .write(WriteOp::DeleteCustomers { customers })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::DeleteCustomersResponse {
+            deleted: res.deleted,
+            lsn: res.lsn,
+        }))
+    }
+
+    async fn count(&self, req: Request<proto::CountRequest>) -> Result<Response<proto::CountResponse>, Status> {
+        let queries = req.into_inner().queries;
+        if queries.is_empty() {
+            return Err(invalid("no queries to count"));
+        }
+        if queries.len() > self.limits.max_count_queries {
+            return Err(invalid(format!(
+                "{} queries in one call; the limit is {}",
+                queries.len(),
+                self.limits.max_count_queries
+            )));
+        }
+        let snap = self.engine.snapshot();
+        let many = queries.len() > 1;
+        let counts = blocking(move || {
+            queries
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    Query::compile(q, &snap)
+                        .map(|q| q.count())
+                        .map_err(|e| query_status(e, many.then_some(i)))
+                })
+                .collect::<Result<Vec<u64>, Status>>()
+        })
+        .await?;
+        Ok(Response::new(proto::CountResponse { counts }))
+    }
+
+    async fn members(&self, req: Request<proto::MembersRequest>) -> Result<Response<proto::MembersResponse>, Status> {
+        let r = req.into_inner();
+        let limit = page_size(r.limit, DEFAULT_PAGE, "limit")?;
+        let after = decode_cursor(&r.cursor)?;
+        let snap = self.engine.snapshot();
+        let (customers, next) = blocking(move || {
+            let q = Query::compile(&r.query, &snap).map_err(to_status)?;
+            let (ids, more) = q.page(after, limit);
+            let mut keys = Vec::with_capacity(ids.len());
+            snap.dict.keys_of(&ids, &mut keys);
+            let next = if more { ids.last().map(|&id| encode_cursor(id)) } else { None };
+            Ok((keys, next))
+        })
+        .await?;
+        Ok(Response::new(proto::MembersResponse {
+            customers,
+            next_cursor: next.unwrap_or_default(),
+        }))
+    }
+
+    type ExportStream = ReceiverStream<Result<proto::ExportResponse, Status>>;
+
+    async fn export(&self, req: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        let r = req.into_inner();
+        let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
+        let snap: Arc<Snapshot> = self.engine.snapshot();
+        // Compile first, so that a bad query is the call's status, not a stream item.
+        let query = r.query;
+        let (snap, query, total) = blocking(move || {
+            let total = Query::compile(&query, &snap).map_err(to_status)?.count();
+            Ok((snap, query, total))
+        })
+        .await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let q = match Query::compile(&query, &snap) {
+                Ok(q) => q,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(to_status(e)));
+                    return;
+                }
+            };
+            let mut ids: Vec<u32> = Vec::with_capacity(batch);
+            let send = |ids: &mut Vec<u32>| -> bool {
+                let mut customers = Vec::with_capacity(ids.len());
+                snap.dict.keys_of(ids, &mut customers);
+                ids.clear();
+                tx.blocking_send(Ok(proto::ExportResponse { customers, total })).is_ok()
+            };
+            let mut open = true;
+            q.for_each_shard(|members| {
+                for id in members {
+                    ids.push(id);
+                    if ids.len() == batch && !send(&mut ids) {
+                        open = false;
+                        return false;
+                    }
+                }
+                true
+            });
+            if open && (!ids.is_empty() || total == 0) {
+                send(&mut ids);
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn profile(&self, req: Request<proto::ProfileRequest>) -> Result<Response<proto::ProfileResponse>, Status> {
+        let customer = req.into_inner().customer;
+        check_key(&customer).map_err(to_status)?;
+        let snap = self.engine.snapshot();
+        let resp = blocking(move || {
+            let id = snap
+                .customer_id(&customer)
+                .map_err(to_status)?
+                .ok_or_else(|| to_status(Error::CustomerNotFound(customer.clone())))?;
+            let tags = snap.tags_of(id).map_err(to_status)?;
+            Ok(proto::ProfileResponse {
+                customer,
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                internal_id: id,
+            })
+        })
+        .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn stats(&self, _req: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
+        let snap = self.engine.snapshot();
+        let info = self.engine.info();
+        let dir = self.engine.config().data_dir.clone();
+        let uptime = self.started.elapsed().as_secs();
+        let resp = blocking(move || {
+            let disk_bytes = std::fs::read_dir(&dir)
+                .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+                .unwrap_or(0);
+            let bitmap_bytes = snap
+                .tags
+                .values()
+                .filter(|t| t.bitmap.is_loaded())
+                .filter_map(|t| t.bitmap.get().ok())
+                .map(|b| b.serialized_size() as u64)
+                .sum();
+            Ok(proto::StatsResponse {
+                customers: snap.customer_count().map_err(to_status)?,
+                tags: snap.tags.len() as u64,
+                memory_bytes: resident_bytes().unwrap_or(0),
+                disk_bytes,
+                wal_bytes: info.wal_bytes,
+                last_checkpoint_at_ms: info.last_checkpoint_at_ms,
+                last_checkpoint_lsn: info.last_checkpoint_lsn,
+                lsn: snap.lsn,
+                segment_files: info.segment_files,
+                bitmap_bytes,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                data_dir: dir.display().to_string(),
+                uptime_seconds: uptime,
+            })
+        })
+        .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn checkpoint(&self, _req: Request<proto::CheckpointRequest>) -> Result<Response<proto::CheckpointResponse>, Status> {
+        let info = self.engine.checkpoint().await.map_err(to_status)?;
+        Ok(Response::new(proto::CheckpointResponse {
+            lsn: info.lsn,
+            tags_written: info.tags_written,
+            segment_bytes: info.segment_bytes,
+            duration_ms: info.duration_ms,
+        }))
+    }
+}
+
+/// Resident set size of this process, from `/proc/self/status` (Linux).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(0)).unwrap(), Some(0));
+        assert_eq!(decode_cursor(&encode_cursor(u32::MAX)).unwrap(), Some(u32::MAX));
+        assert_eq!(decode_cursor("").unwrap(), None);
+        assert!(decode_cursor("v2.1").is_err());
+        assert!(decode_cursor("v1.zz").is_err());
+    }
+}
