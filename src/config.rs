@@ -88,14 +88,23 @@ pub struct Overrides {
 
 impl ServerConfig {
     pub fn resolve(file: FileConfig, over: Overrides) -> Result<Self> {
-        let listen_text = over.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen_text = over
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen: SocketAddr = listen_text
             .parse()
             .map_err(|e| Error::Config(format!("listen address {listen_text:?}: {e}")))?;
-        let data_dir = over.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir = over
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let mut engine = EngineConfig::new(data_dir);
         engine.sync = over.sync.or(file.sync).unwrap_or(SyncMode::Always);
-        let mb = over.checkpoint_wal_mb.or(file.checkpoint_wal_mb).unwrap_or(64);
+        let mb = over
+            .checkpoint_wal_mb
+            .or(file.checkpoint_wal_mb)
+            .unwrap_or(64);
         if mb == 0 {
             return Err(Error::Config("checkpoint_wal_mb must be at least 1".into()));
         }

@@ -31,5 +31,6 @@ pub mod proto {
     tonic::include_proto!("tagstore.v1");
 
     /// Encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tagstore_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tagstore_descriptor");
 }

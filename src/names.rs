@@ -24,7 +24,9 @@ pub fn check_tag_name(name: &str) -> Result<()> {
         )));
     }
     if name.chars().any(char::is_control) {
-        return Err(Error::invalid(format!("tag name {name:?} contains a control character")));
+        return Err(Error::invalid(format!(
+            "tag name {name:?} contains a control character"
+        )));
     }
     if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
         return Err(Error::invalid(format!(
@@ -47,7 +49,9 @@ pub fn check_key(key: &str) -> Result<()> {
         )));
     }
     if key.chars().any(char::is_control) {
-        return Err(Error::invalid(format!("customer key {key:?} contains a control character")));
+        return Err(Error::invalid(format!(
+            "customer key {key:?} contains a control character"
+        )));
     }
     Ok(())
 }

@@ -18,7 +18,17 @@ struct Model {
     live: BTreeSet<String>,
 }
 
-const TAG_NAMES: &[&str] = &["高价值用户", "常购护肤品", "尝试新品", "潜在流失", "a", "b", "with space", "社交活跃", "and"];
+const TAG_NAMES: &[&str] = &[
+    "高价值用户",
+    "常购护肤品",
+    "尝试新品",
+    "潜在流失",
+    "a",
+    "b",
+    "with space",
+    "社交活跃",
+    "and",
+];
 
 fn key(rng: &mut StdRng) -> String {
     // A small key space so that keys collide, are deleted and come back.
@@ -60,7 +70,9 @@ fn random_op(rng: &mut StdRng, model: &mut Model) -> WriteOp {
             customers: keys(rng, 60),
             create_missing_tag: rng.random_bool(0.7),
         },
-        15..=22 => WriteOp::DeleteCustomers { customers: keys(rng, 8) },
+        15..=22 => WriteOp::DeleteCustomers {
+            customers: keys(rng, 8),
+        },
         _ => {
             let n = rng.random_range(0..4);
             let mutations = (0..n)
@@ -121,14 +133,28 @@ fn apply_model(model: &mut Model, op: &WriteOp, accepted: bool) {
 /// Whether the engine should accept `op` given the model.
 fn should_accept(model: &Model, op: &WriteOp) -> bool {
     match op {
-        WriteOp::CreateTag { name, if_not_exists, .. } => *if_not_exists || !model.tags.contains_key(name),
+        WriteOp::CreateTag {
+            name,
+            if_not_exists,
+            ..
+        } => *if_not_exists || !model.tags.contains_key(name),
         WriteOp::DropTag { name } => model.tags.contains_key(name),
-        WriteOp::Update { mutations, create_missing_tags } => {
+        WriteOp::Update {
+            mutations,
+            create_missing_tags,
+        } => {
             !mutations.is_empty()
-                && mutations.iter().any(|m| !m.add.is_empty() || !m.remove.is_empty())
-                && (*create_missing_tags || mutations.iter().all(|m| model.tags.contains_key(&m.tag)))
+                && mutations
+                    .iter()
+                    .any(|m| !m.add.is_empty() || !m.remove.is_empty())
+                && (*create_missing_tags
+                    || mutations.iter().all(|m| model.tags.contains_key(&m.tag)))
         }
-        WriteOp::Replace { tag, create_missing_tag, .. } => *create_missing_tag || model.tags.contains_key(tag),
+        WriteOp::Replace {
+            tag,
+            create_missing_tag,
+            ..
+        } => *create_missing_tag || model.tags.contains_key(tag),
         WriteOp::DeleteCustomers { customers } => !customers.is_empty(),
     }
 }
@@ -151,8 +177,14 @@ fn random_query(rng: &mut StdRng, tags: &[String], depth: u32) -> Q {
     }
     match rng.random_range(0..3) {
         0 => Q::Not(Box::new(random_query(rng, tags, depth - 1))),
-        1 => Q::And(Box::new(random_query(rng, tags, depth - 1)), Box::new(random_query(rng, tags, depth - 1))),
-        _ => Q::Or(Box::new(random_query(rng, tags, depth - 1)), Box::new(random_query(rng, tags, depth - 1))),
+        1 => Q::And(
+            Box::new(random_query(rng, tags, depth - 1)),
+            Box::new(random_query(rng, tags, depth - 1)),
+        ),
+        _ => Q::Or(
+            Box::new(random_query(rng, tags, depth - 1)),
+            Box::new(random_query(rng, tags, depth - 1)),
+        ),
     }
 }
 
@@ -170,9 +202,19 @@ fn eval_model(model: &Model, q: &Q) -> BTreeSet<String> {
     match q {
         Q::Tag(t) => model.tags[t].clone(),
         Q::All => model.live.clone(),
-        Q::Not(x) => model.live.difference(&eval_model(model, x)).cloned().collect(),
-        Q::And(a, b) => eval_model(model, a).intersection(&eval_model(model, b)).cloned().collect(),
-        Q::Or(a, b) => eval_model(model, a).union(&eval_model(model, b)).cloned().collect(),
+        Q::Not(x) => model
+            .live
+            .difference(&eval_model(model, x))
+            .cloned()
+            .collect(),
+        Q::And(a, b) => eval_model(model, a)
+            .intersection(&eval_model(model, b))
+            .cloned()
+            .collect(),
+        Q::Or(a, b) => eval_model(model, a)
+            .union(&eval_model(model, b))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -193,7 +235,11 @@ fn members(engine: &Engine, text: &str) -> BTreeSet<String> {
             break;
         }
     }
-    assert_eq!(q.count(), out.len() as u64, "count agrees with members for {text}");
+    assert_eq!(
+        q.count(),
+        out.len() as u64,
+        "count agrees with members for {text}"
+    );
     out
 }
 
@@ -203,15 +249,27 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
     let model_names: Vec<String> = model.tags.keys().cloned().collect();
     assert_eq!(names, model_names, "tag names");
     for (name, set) in &model.tags {
-        assert_eq!(snap.tag(name).unwrap().meta.count, set.len() as u64, "count of {name}");
-        assert_eq!(&members(engine, &quote_tag_name(name)), set, "members of {name}");
+        assert_eq!(
+            snap.tag(name).unwrap().meta.count,
+            set.len() as u64,
+            "count of {name}"
+        );
+        assert_eq!(
+            &members(engine, &quote_tag_name(name)),
+            set,
+            "members of {name}"
+        );
     }
     assert_eq!(members(engine, "ALL"), model.live, "ALL");
     assert_eq!(snap.customer_count().unwrap(), model.live.len() as u64);
     for _ in 0..40 {
         let q = random_query(rng, &model_names, 4);
         let text = render(&q);
-        assert_eq!(members(engine, &text), eval_model(model, &q), "query {text}");
+        assert_eq!(
+            members(engine, &text),
+            eval_model(model, &q),
+            "query {text}"
+        );
     }
     // Profiles: a sample of keys, live or not.
     for _ in 0..30 {
@@ -219,8 +277,18 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
         match snap.customer_id(&k).unwrap() {
             Some(id) => {
                 assert!(model.live.contains(&k), "{k} should not be live");
-                let tags: Vec<String> = snap.tags_of(id).unwrap().iter().map(|t| t.to_string()).collect();
-                let expect: Vec<String> = model.tags.iter().filter(|(_, s)| s.contains(&k)).map(|(n, _)| n.clone()).collect();
+                let tags: Vec<String> = snap
+                    .tags_of(id)
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+                let expect: Vec<String> = model
+                    .tags
+                    .iter()
+                    .filter(|(_, s)| s.contains(&k))
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 assert_eq!(tags, expect, "profile of {k}");
             }
             None => assert!(!model.live.contains(&k), "{k} should be live"),
@@ -230,7 +298,10 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
 
 #[test]
 fn random_operations_match_the_model_across_restarts() {
-    let seed: u64 = std::env::var("TAGSTORE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261128);
+    let seed: u64 = std::env::var("TAGSTORE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261128);
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model::default();
@@ -277,13 +348,18 @@ fn random_operations_match_the_model_across_restarts() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     let segments = files.iter().filter(|f| f.ends_with(".seg")).count();
-    assert!(segments <= 4, "compaction keeps segment files few: {files:?}");
+    assert!(
+        segments <= 4,
+        "compaction keeps segment files few: {files:?}"
+    );
 }
 
 #[test]
 fn second_engine_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _a = open(dir.path(), 1 << 20);
-    let err = Engine::open(EngineConfig::new(dir.path())).err().expect("must be refused");
+    let err = Engine::open(EngineConfig::new(dir.path()))
+        .err()
+        .expect("must be refused");
     assert!(err.to_string().contains("in use"), "{err}");
 }

@@ -22,11 +22,13 @@ fn mutation(tag: &str, add: &[&str], remove: &[&str]) -> Mutation {
 }
 
 async fn count(c: &mut common::Client, q: &str) -> u64 {
-    c.count(CountRequest { queries: vec![q.into()] })
-        .await
-        .unwrap_or_else(|e| panic!("count {q}: {e}"))
-        .into_inner()
-        .counts[0]
+    c.count(CountRequest {
+        queries: vec![q.into()],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("count {q}: {e}"))
+    .into_inner()
+    .counts[0]
 }
 
 async fn all_members(c: &mut common::Client, q: &str, page: u32) -> Vec<String> {
@@ -55,7 +57,11 @@ async fn all_members(c: &mut common::Client, q: &str, page: u32) -> Vec<String> 
 async fn every_call_and_its_errors() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("tagstore.toml");
-    std::fs::write(&cfg, "[limits]\nmax_keys_per_request = 50\nmax_count_queries = 4\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_keys_per_request = 50\nmax_count_queries = 4\n",
+    )
+    .unwrap();
     let data = dir.path().join("data");
     let mut server = TestServer::start(&data, &["--config", cfg.to_str().unwrap()]);
     let mut c = server.client().await;
@@ -82,7 +88,10 @@ async fn every_call_and_its_errors() {
     };
     assert_eq!(code(c.create_tag(dup.clone()).await), Code::AlreadyExists);
     let again = c
-        .create_tag(CreateTagRequest { if_not_exists: true, ..dup })
+        .create_tag(CreateTagRequest {
+            if_not_exists: true,
+            ..dup
+        })
         .await
         .unwrap()
         .into_inner();
@@ -90,29 +99,71 @@ async fn every_call_and_its_errors() {
     assert_eq!(again.tag.unwrap().description, "high value");
     for bad in ["", " padded", "new\nline"] {
         let e = c
-            .create_tag(CreateTagRequest { name: bad.into(), ..Default::default() })
+            .create_tag(CreateTagRequest {
+                name: bad.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
         assert!(e.message().contains("tag name"), "{}", e.message());
     }
     for name in ["常购护肤品", "尝试新品", "潜在流失", "with space"] {
-        c.create_tag(CreateTagRequest { name: name.into(), ..Default::default() }).await.unwrap();
+        c.create_tag(CreateTagRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
-    let d = c.describe_tag(DescribeTagRequest { name: "高价值用户".into() }).await.unwrap().into_inner();
+    let d = c
+        .describe_tag(DescribeTagRequest {
+            name: "高价值用户".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(d.tag.unwrap().category, "价值");
-    assert_eq!(code(c.describe_tag(DescribeTagRequest { name: "nope".into() }).await), Code::NotFound);
-    let list = c.list_tags(ListTagsRequest::default()).await.unwrap().into_inner().tags;
+    assert_eq!(
+        code(
+            c.describe_tag(DescribeTagRequest {
+                name: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    let list = c
+        .list_tags(ListTagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tags;
     assert_eq!(list.len(), 5);
-    let by_cat = c.list_tags(ListTagsRequest { category: "价值".into() }).await.unwrap().into_inner().tags;
+    let by_cat = c
+        .list_tags(ListTagsRequest {
+            category: "价值".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tags;
     assert_eq!(by_cat.len(), 1);
 
     // Update.
     let r = c
         .update(UpdateRequest {
             mutations: vec![
-                mutation("高价值用户", &["phone:13800001111", "wechat:oX9a", "jd:pin_7781", "u4"], &[]),
-                mutation("常购护肤品", &["phone:13800001111", "jd:pin_7781", "u5"], &[]),
+                mutation(
+                    "高价值用户",
+                    &["phone:13800001111", "wechat:oX9a", "jd:pin_7781", "u4"],
+                    &[],
+                ),
+                mutation(
+                    "常购护肤品",
+                    &["phone:13800001111", "jd:pin_7781", "u5"],
+                    &[],
+                ),
                 mutation("尝试新品", &["wechat:oX9a", "u5"], &[]),
                 mutation("潜在流失", &["jd:pin_7781"], &["never-seen"]),
                 mutation("with space", &["u6"], &[]),
@@ -132,24 +183,43 @@ async fn every_call_and_its_errors() {
     // Atomic per request: an unknown tag fails the whole request.
     let e = c
         .update(UpdateRequest {
-            mutations: vec![mutation("高价值用户", &["u7"], &[]), mutation("missing", &["u8"], &[])],
+            mutations: vec![
+                mutation("高价值用户", &["u7"], &[]),
+                mutation("missing", &["u8"], &[]),
+            ],
             create_missing_tags: false,
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("missing"), "{}", e.message());
-    assert_eq!(count(&mut c, "ALL").await, 6, "nothing of the failed request applied");
+    assert_eq!(
+        count(&mut c, "ALL").await,
+        6,
+        "nothing of the failed request applied"
+    );
     assert_eq!(count(&mut c, "高价值用户").await, 4);
 
     // Bad batches.
-    assert_eq!(code(c.update(UpdateRequest::default()).await), Code::InvalidArgument);
     assert_eq!(
-        code(c.update(UpdateRequest { mutations: vec![mutation("高价值用户", &[], &[])], create_missing_tags: false }).await),
+        code(c.update(UpdateRequest::default()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.update(UpdateRequest {
+                mutations: vec![mutation("高价值用户", &[], &[])],
+                create_missing_tags: false
+            })
+            .await
+        ),
         Code::InvalidArgument
     );
     let e = c
-        .update(UpdateRequest { mutations: vec![mutation("高价值用户", &["ok", ""], &[])], create_missing_tags: false })
+        .update(UpdateRequest {
+            mutations: vec![mutation("高价值用户", &["ok", ""], &[])],
+            create_missing_tags: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -157,7 +227,11 @@ async fn every_call_and_its_errors() {
     let many: Vec<String> = (0..51).map(|i| format!("k{i}")).collect();
     let e = c
         .update(UpdateRequest {
-            mutations: vec![Mutation { tag: "高价值用户".into(), add: many, remove: vec![] }],
+            mutations: vec![Mutation {
+                tag: "高价值用户".into(),
+                add: many,
+                remove: vec![],
+            }],
             create_missing_tags: false,
         })
         .await
@@ -166,9 +240,12 @@ async fn every_call_and_its_errors() {
     assert!(e.message().contains("limit"), "{}", e.message());
 
     // create_missing_tags.
-    c.update(UpdateRequest { mutations: vec![mutation("社交活跃", &["u4", "u9"], &[])], create_missing_tags: true })
-        .await
-        .unwrap();
+    c.update(UpdateRequest {
+        mutations: vec![mutation("社交活跃", &["u4", "u9"], &[])],
+        create_missing_tags: true,
+    })
+    .await
+    .unwrap();
     assert_eq!(count(&mut c, "社交活跃").await, 2);
 
     // Count: many queries in one call, and the language.
@@ -186,15 +263,36 @@ async fn every_call_and_its_errors() {
         .into_inner();
     // 高价值 = {13800001111, oX9a, pin_7781, u4}; (护肤 ∪ 新品) = {13800001111, pin_7781, u5, oX9a}; 流失 = {pin_7781}
     assert_eq!(r.counts, vec![2, 2, 3, 3]);
-    assert_eq!(code(c.count(CountRequest { queries: vec![] }).await), Code::InvalidArgument);
-    assert_eq!(code(c.count(CountRequest { queries: vec!["ALL".into(); 5] }).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.count(CountRequest { queries: vec![] }).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.count(CountRequest {
+                queries: vec!["ALL".into(); 5]
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
 
     // Query errors carry the position.
-    let e = c.count(CountRequest { queries: s(&["高价值用户 AND (常购护肤品"]) }).await.unwrap_err();
+    let e = c
+        .count(CountRequest {
+            queries: s(&["高价值用户 AND (常购护肤品"]),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(e.metadata().get("tagstore-error-position").unwrap(), "16");
     assert!(e.message().contains("position 16"), "{}", e.message());
-    let e = c.count(CountRequest { queries: s(&["ALL", "高价值用户 AND 不存在"]) }).await.unwrap_err();
+    let e = c
+        .count(CountRequest {
+            queries: s(&["ALL", "高价值用户 AND 不存在"]),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert_eq!(e.metadata().get("tagstore-error-position").unwrap(), "10");
     assert_eq!(e.metadata().get("tagstore-error-query").unwrap(), "1");
@@ -203,30 +301,94 @@ async fn every_call_and_its_errors() {
     // Members: pages, cursors that survive writes, bad cursors.
     let everyone = all_members(&mut c, "ALL", 2).await;
     assert_eq!(everyone.len(), 7);
-    assert_eq!(everyone.iter().collect::<BTreeSet<_>>().len(), 7, "no duplicates across pages");
-    let first = c.members(MembersRequest { query: "ALL".into(), limit: 3, cursor: String::new() }).await.unwrap().into_inner();
+    assert_eq!(
+        everyone.iter().collect::<BTreeSet<_>>().len(),
+        7,
+        "no duplicates across pages"
+    );
+    let first = c
+        .members(MembersRequest {
+            query: "ALL".into(),
+            limit: 3,
+            cursor: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(first.customers, everyone[..3]);
     // A write between pages: remove a member already returned, add a new customer.
-    c.delete_customers(DeleteCustomersRequest { customers: s(&[&everyone[0]]) }).await.unwrap();
-    c.update(UpdateRequest { mutations: vec![mutation("社交活跃", &["late-comer"], &[])], create_missing_tags: false })
-        .await
-        .unwrap();
+    c.delete_customers(DeleteCustomersRequest {
+        customers: s(&[&everyone[0]]),
+    })
+    .await
+    .unwrap();
+    c.update(UpdateRequest {
+        mutations: vec![mutation("社交活跃", &["late-comer"], &[])],
+        create_missing_tags: false,
+    })
+    .await
+    .unwrap();
     let mut rest = Vec::new();
     let mut cursor = first.next_cursor;
     while !cursor.is_empty() {
-        let r = c.members(MembersRequest { query: "ALL".into(), limit: 3, cursor }).await.unwrap().into_inner();
+        let r = c
+            .members(MembersRequest {
+                query: "ALL".into(),
+                limit: 3,
+                cursor,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         rest.extend(r.customers);
         cursor = r.next_cursor;
     }
     let mut expect: Vec<String> = everyone[3..].to_vec();
     expect.push("late-comer".into());
     assert_eq!(rest, expect, "the cursor continued where it was");
-    assert_eq!(code(c.members(MembersRequest { query: "ALL".into(), limit: 0, cursor: "garbage".into() }).await), Code::InvalidArgument);
-    assert_eq!(code(c.members(MembersRequest { query: "ALL".into(), limit: 100_001, cursor: String::new() }).await), Code::InvalidArgument);
-    assert_eq!(code(c.members(MembersRequest { query: "(".into(), limit: 0, cursor: String::new() }).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.members(MembersRequest {
+                query: "ALL".into(),
+                limit: 0,
+                cursor: "garbage".into()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.members(MembersRequest {
+                query: "ALL".into(),
+                limit: 100_001,
+                cursor: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.members(MembersRequest {
+                query: "(".into(),
+                limit: 0,
+                cursor: String::new()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
 
     // Export streams every member with the total.
-    let mut stream = c.export(ExportRequest { query: "ALL".into(), batch_size: 2 }).await.unwrap().into_inner();
+    let mut stream = c
+        .export(ExportRequest {
+            query: "ALL".into(),
+            batch_size: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut exported = Vec::new();
     let mut batches = 0;
     while let Some(batch) = stream.message().await.unwrap() {
@@ -237,51 +399,186 @@ async fn every_call_and_its_errors() {
     }
     assert_eq!(batches, 4);
     assert_eq!(exported, all_members(&mut c, "ALL", 1000).await);
-    assert_eq!(code(c.export(ExportRequest { query: "nope".into(), batch_size: 0 }).await), Code::NotFound);
+    assert_eq!(
+        code(
+            c.export(ExportRequest {
+                query: "nope".into(),
+                batch_size: 0
+            })
+            .await
+        ),
+        Code::NotFound
+    );
 
     // Profile.
-    let p = c.profile(ProfileRequest { customer: "jd:pin_7781".into() }).await.unwrap().into_inner();
+    let p = c
+        .profile(ProfileRequest {
+            customer: "jd:pin_7781".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(p.tags, s(&["常购护肤品", "潜在流失", "高价值用户"]));
-    assert_eq!(code(c.profile(ProfileRequest { customer: "nobody".into() }).await), Code::NotFound);
-    assert_eq!(code(c.profile(ProfileRequest { customer: "".into() }).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.profile(ProfileRequest {
+                customer: "nobody".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.profile(ProfileRequest {
+                customer: "".into()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
 
     // ReplaceMembers: a client stream.
     let msgs = vec![
-        ReplaceMembersRequest { tag: "尝试新品".into(), create_missing_tag: false, customers: s(&["u5", "n1"]) },
-        ReplaceMembersRequest { tag: String::new(), create_missing_tag: false, customers: s(&["n2"]) },
+        ReplaceMembersRequest {
+            tag: "尝试新品".into(),
+            create_missing_tag: false,
+            customers: s(&["u5", "n1"]),
+        },
+        ReplaceMembersRequest {
+            tag: String::new(),
+            create_missing_tag: false,
+            customers: s(&["n2"]),
+        },
     ];
-    let r = c.replace_members(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+    let r = c
+        .replace_members(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.member_count, 3);
     assert_eq!(r.new_customers, 2);
     assert_eq!(r.removed, 1, "wechat:oX9a left the tag");
     assert_eq!(all_members(&mut c, "尝试新品", 10).await.len(), 3);
-    let bad = vec![ReplaceMembersRequest { tag: String::new(), create_missing_tag: false, customers: s(&["x"]) }];
-    assert_eq!(code(c.replace_members(tokio_stream::iter(bad)).await), Code::InvalidArgument);
-    let unknown = vec![ReplaceMembersRequest { tag: "nope".into(), create_missing_tag: false, customers: s(&["x"]) }];
-    assert_eq!(code(c.replace_members(tokio_stream::iter(unknown)).await), Code::NotFound);
-    let created = vec![ReplaceMembersRequest { tag: "新标签".into(), create_missing_tag: true, customers: s(&["u5"]) }];
-    assert_eq!(c.replace_members(tokio_stream::iter(created)).await.unwrap().into_inner().member_count, 1);
+    let bad = vec![ReplaceMembersRequest {
+        tag: String::new(),
+        create_missing_tag: false,
+        customers: s(&["x"]),
+    }];
+    assert_eq!(
+        code(c.replace_members(tokio_stream::iter(bad)).await),
+        Code::InvalidArgument
+    );
+    let unknown = vec![ReplaceMembersRequest {
+        tag: "nope".into(),
+        create_missing_tag: false,
+        customers: s(&["x"]),
+    }];
+    assert_eq!(
+        code(c.replace_members(tokio_stream::iter(unknown)).await),
+        Code::NotFound
+    );
+    let created = vec![ReplaceMembersRequest {
+        tag: "新标签".into(),
+        create_missing_tag: true,
+        customers: s(&["u5"]),
+    }];
+    assert_eq!(
+        c.replace_members(tokio_stream::iter(created))
+            .await
+            .unwrap()
+            .into_inner()
+            .member_count,
+        1
+    );
 
     // DeleteCustomers erases from every tag; the key can come back with a new id.
-    let before = c.profile(ProfileRequest { customer: "u5".into() }).await.unwrap().into_inner();
-    let r = c.delete_customers(DeleteCustomersRequest { customers: s(&["u5", "never-seen"]) }).await.unwrap().into_inner();
+    let before = c
+        .profile(ProfileRequest {
+            customer: "u5".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = c
+        .delete_customers(DeleteCustomersRequest {
+            customers: s(&["u5", "never-seen"]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.deleted, 1);
-    assert_eq!(code(c.profile(ProfileRequest { customer: "u5".into() }).await), Code::NotFound);
-    assert_eq!(count(&mut c, "常购护肤品 OR 尝试新品 OR 新标签").await, 3, "pin_7781, n1, n2");
-    c.update(UpdateRequest { mutations: vec![mutation("新标签", &["u5"], &[])], create_missing_tags: false }).await.unwrap();
-    let after = c.profile(ProfileRequest { customer: "u5".into() }).await.unwrap().into_inner();
+    assert_eq!(
+        code(
+            c.profile(ProfileRequest {
+                customer: "u5".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        count(&mut c, "常购护肤品 OR 尝试新品 OR 新标签").await,
+        3,
+        "pin_7781, n1, n2"
+    );
+    c.update(UpdateRequest {
+        mutations: vec![mutation("新标签", &["u5"], &[])],
+        create_missing_tags: false,
+    })
+    .await
+    .unwrap();
+    let after = c
+        .profile(ProfileRequest {
+            customer: "u5".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(after.tags, s(&["新标签"]));
     assert_ne!(after.internal_id, before.internal_id, "ids are not reused");
-    assert_eq!(code(c.delete_customers(DeleteCustomersRequest { customers: vec![] }).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.delete_customers(DeleteCustomersRequest { customers: vec![] })
+                .await
+        ),
+        Code::InvalidArgument
+    );
 
     // DropTag.
-    let r = c.drop_tag(DropTagRequest { name: "潜在流失".into() }).await.unwrap().into_inner();
+    let r = c
+        .drop_tag(DropTagRequest {
+            name: "潜在流失".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.member_count, 1);
-    assert_eq!(code(c.drop_tag(DropTagRequest { name: "潜在流失".into() }).await), Code::NotFound);
-    assert_eq!(code(c.count(CountRequest { queries: s(&["潜在流失"]) }).await), Code::NotFound);
+    assert_eq!(
+        code(
+            c.drop_tag(DropTagRequest {
+                name: "潜在流失".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.count(CountRequest {
+                queries: s(&["潜在流失"])
+            })
+            .await
+        ),
+        Code::NotFound
+    );
 
     // Checkpoint and Stats.
-    let cp = c.checkpoint(CheckpointRequest {}).await.unwrap().into_inner();
+    let cp = c
+        .checkpoint(CheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(cp.lsn > 0);
     assert!(cp.segment_bytes > 0);
     let st = c.stats(StatsRequest {}).await.unwrap().into_inner();
@@ -291,33 +588,69 @@ async fn every_call_and_its_errors() {
     assert!(st.memory_bytes > 0 && st.disk_bytes > 0 && st.segment_files == 1);
 
     // Health and reflection.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let h = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "tagstore.v1.TagStore".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tagstore.v1.TagStore".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    assert_eq!(
+        h.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut refl =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let req = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
     };
-    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let listed = format!("{:?}", resp.message().await.unwrap().unwrap());
     assert!(listed.contains("tagstore.v1.TagStore"), "{listed}");
 
     // A graceful stop exits 0, and everything is there after a restart.
     let expected_all = all_members(&mut c, "ALL", 1000).await;
-    let expected_tags = c.list_tags(ListTagsRequest::default()).await.unwrap().into_inner().tags;
+    let expected_tags = c
+        .list_tags(ListTagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tags;
     drop(c);
     assert!(server.stop().success(), "{}", server.stderr());
     let server = TestServer::start(&data, &[]);
     let mut c = server.client().await;
     assert_eq!(all_members(&mut c, "ALL", 1000).await, expected_all);
-    assert_eq!(c.list_tags(ListTagsRequest::default()).await.unwrap().into_inner().tags, expected_tags);
-    let p = c.profile(ProfileRequest { customer: "jd:pin_7781".into() }).await.unwrap().into_inner();
+    assert_eq!(
+        c.list_tags(ListTagsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .tags,
+        expected_tags
+    );
+    let p = c
+        .profile(ProfileRequest {
+            customer: "jd:pin_7781".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(p.tags, s(&["常购护肤品", "高价值用户"]));
 }
 
@@ -325,6 +658,8 @@ async fn every_call_and_its_errors() {
 async fn a_second_server_on_the_same_directory_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let _first = TestServer::start(dir.path(), &[]);
-    let err = TestServer::try_start(dir.path(), &[]).err().expect("second server must not start");
+    let err = TestServer::try_start(dir.path(), &[])
+        .err()
+        .expect("second server must not start");
     assert!(err.contains("in use by another tagstore process"), "{err}");
 }

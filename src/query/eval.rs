@@ -26,7 +26,10 @@ pub enum Plan<'s> {
     Empty,
     Leaf(&'s ShardedBitmap),
     /// Intersection of `pos` (ascending estimated size) minus every `neg`.
-    And { pos: Vec<Plan<'s>>, neg: Vec<Plan<'s>> },
+    And {
+        pos: Vec<Plan<'s>>,
+        neg: Vec<Plan<'s>>,
+    },
     Or(Vec<Plan<'s>>),
 }
 
@@ -36,7 +39,10 @@ impl<'s> Plan<'s> {
             Plan::Empty => 0,
             Plan::Leaf(b) => b.len(),
             Plan::And { pos, .. } => pos.iter().map(Plan::estimate).min().unwrap_or(0),
-            Plan::Or(items) => items.iter().map(Plan::estimate).fold(0, u64::saturating_add),
+            Plan::Or(items) => items
+                .iter()
+                .map(Plan::estimate)
+                .fold(0, u64::saturating_add),
         }
     }
 
@@ -87,13 +93,17 @@ impl<'s> Plan<'s> {
                 None => match pos.split_last() {
                     Some((only, [])) => only.count(i),
                     Some((last, init)) => {
-                        let Some(acc) = eval_and(init, &[], i) else { return 0 };
+                        let Some(acc) = eval_and(init, &[], i) else {
+                            return 0;
+                        };
                         last.eval(i).map_or(0, |l| acc.intersection_len(&l))
                     }
                     None => 0,
                 },
                 Some((last, init)) => {
-                    let Some(acc) = eval_and(pos, init, i) else { return 0 };
+                    let Some(acc) = eval_and(pos, init, i) else {
+                        return 0;
+                    };
                     match last.eval(i) {
                         Some(l) => acc.difference_len(&l),
                         None => acc.len(),
@@ -150,7 +160,11 @@ struct Compiler<'s> {
 
 impl<'s> Compiler<'s> {
     fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
-        if b.is_empty() { Plan::Empty } else { Plan::Leaf(b) }
+        if b.is_empty() {
+            Plan::Empty
+        } else {
+            Plan::Leaf(b)
+        }
     }
 
     fn compile(&self, e: &Expr) -> Result<Plan<'s>> {
@@ -245,7 +259,10 @@ impl<'s> Query<'s> {
     }
 
     pub fn from_expr(expr: &Expr, snap: &'s Snapshot) -> Result<Self> {
-        let c = Compiler { snap, live: snap.live()? };
+        let c = Compiler {
+            snap,
+            live: snap.live()?,
+        };
         let plan = c.compile(expr)?;
         let shards = plan.shard_count();
         Ok(Self { plan, shards })
@@ -270,7 +287,9 @@ impl<'s> Query<'s> {
         };
         let mut out = Vec::with_capacity(limit.min(1 << 16));
         for i in shard_of(from)..self.shards {
-            let Some(members) = self.plan.eval(i) else { continue };
+            let Some(members) = self.plan.eval(i) else {
+                continue;
+            };
             let lo = from.max(shard_start(i));
             for id in members.range(lo..) {
                 if out.len() == limit {

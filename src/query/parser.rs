@@ -23,7 +23,10 @@ pub const MAX_DEPTH: usize = 256;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     /// A tag, by name, with the character position where it was written.
-    Tag { name: String, pos: usize },
+    Tag {
+        name: String,
+        pos: usize,
+    },
     /// Every live customer.
     All,
     Not(Box<Expr>),
@@ -101,7 +104,12 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>> {
                                 name.push(e);
                                 i += 2;
                             }
-                            _ => return Err(syntax(i, "bad escape: only \\\" and \\\\ are allowed in a quoted name")),
+                            _ => {
+                                return Err(syntax(
+                                    i,
+                                    "bad escape: only \\\" and \\\\ are allowed in a quoted name",
+                                ));
+                            }
                         },
                         Some(&ch) => {
                             name.push(ch);
@@ -163,7 +171,11 @@ impl Parser {
             self.bump();
             items.push(self.and()?);
         }
-        Ok(if items.len() == 1 { items.remove(0) } else { Expr::Or(items) })
+        Ok(if items.len() == 1 {
+            items.remove(0)
+        } else {
+            Expr::Or(items)
+        })
     }
 
     fn and(&mut self) -> Result<Expr> {
@@ -172,13 +184,20 @@ impl Parser {
             self.bump();
             items.push(self.unary()?);
         }
-        Ok(if items.len() == 1 { items.remove(0) } else { Expr::And(items) })
+        Ok(if items.len() == 1 {
+            items.remove(0)
+        } else {
+            Expr::And(items)
+        })
     }
 
     fn enter(&mut self, pos: usize) -> Result<()> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(syntax(pos, format!("query nests deeper than {MAX_DEPTH} levels")));
+            return Err(syntax(
+                pos,
+                format!("query nests deeper than {MAX_DEPTH} levels"),
+            ));
         }
         Ok(())
     }
@@ -203,14 +222,26 @@ impl Parser {
                 self.depth -= 1;
                 let (close, at) = self.bump();
                 if close != Tok::RParen {
-                    return Err(syntax(at, format!("expected ')' to close the '(' at {pos}, found {}", close.describe())));
+                    return Err(syntax(
+                        at,
+                        format!(
+                            "expected ')' to close the '(' at {pos}, found {}",
+                            close.describe()
+                        ),
+                    ));
                 }
                 Ok(inner)
             }
             Tok::All => Ok(Expr::All),
             Tok::Name(name) => Ok(Expr::Tag { name, pos }),
             Tok::End if pos == 0 => Err(syntax(0, "empty query")),
-            other => Err(syntax(pos, format!("expected a tag name, ALL, NOT or '(', found {}", other.describe()))),
+            other => Err(syntax(
+                pos,
+                format!(
+                    "expected a tag name, ALL, NOT or '(', found {}",
+                    other.describe()
+                ),
+            )),
         }
     }
 }
@@ -218,7 +249,10 @@ impl Parser {
 /// Parses a query.
 pub fn parse(text: &str) -> Result<Expr> {
     if text.len() > MAX_QUERY_BYTES {
-        return Err(syntax(0, format!("query is longer than {MAX_QUERY_BYTES} bytes")));
+        return Err(syntax(
+            0,
+            format!("query is longer than {MAX_QUERY_BYTES} bytes"),
+        ));
     }
     let mut p = Parser {
         toks: tokenize(text)?,
@@ -230,7 +264,10 @@ pub fn parse(text: &str) -> Result<Expr> {
     if tok != Tok::End {
         let hint = match tok {
             Tok::RParen => "unmatched ')'".to_string(),
-            other => format!("expected AND, OR or end of query, found {}", other.describe()),
+            other => format!(
+                "expected AND, OR or end of query, found {}",
+                other.describe()
+            ),
         };
         return Err(syntax(pos, hint));
     }
@@ -242,12 +279,17 @@ mod tests {
     use super::*;
 
     fn tag(name: &str, pos: usize) -> Expr {
-        Expr::Tag { name: name.into(), pos }
+        Expr::Tag {
+            name: name.into(),
+            pos,
+        }
     }
 
     fn err_at(text: &str) -> (usize, String) {
         match parse(text) {
-            Err(Error::Query { position, message, .. }) => (position, message),
+            Err(Error::Query {
+                position, message, ..
+            }) => (position, message),
             other => panic!("expected a query error for {text:?}, got {other:?}"),
         }
     }
@@ -256,13 +298,19 @@ mod tests {
     fn precedence_not_and_or() {
         assert_eq!(
             parse("a OR b and not c").unwrap(),
-            Expr::Or(vec![tag("a", 0), Expr::And(vec![tag("b", 5), Expr::Not(Box::new(tag("c", 15)))])])
+            Expr::Or(vec![
+                tag("a", 0),
+                Expr::And(vec![tag("b", 5), Expr::Not(Box::new(tag("c", 15)))])
+            ])
         );
         assert_eq!(
             parse("(a OR b) AND c").unwrap(),
             Expr::And(vec![Expr::Or(vec![tag("a", 1), tag("b", 6)]), tag("c", 13)])
         );
-        assert_eq!(parse("NOT NOT all").unwrap(), Expr::Not(Box::new(Expr::Not(Box::new(Expr::All)))));
+        assert_eq!(
+            parse("NOT NOT all").unwrap(),
+            Expr::Not(Box::new(Expr::Not(Box::new(Expr::All))))
+        );
     }
 
     #[test]
@@ -277,7 +325,10 @@ mod tests {
         );
         assert_eq!(parse(r#""a \"b\" \\ c""#).unwrap(), tag(r#"a "b" \ c"#, 0));
         assert_eq!(parse(r#""and""#).unwrap(), tag("and", 0));
-        assert_eq!(parse("channel:jd.pin-1_x").unwrap(), tag("channel:jd.pin-1_x", 0));
+        assert_eq!(
+            parse("channel:jd.pin-1_x").unwrap(),
+            tag("channel:jd.pin-1_x", 0)
+        );
     }
 
     #[test]

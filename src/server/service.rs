@@ -69,10 +69,16 @@ fn decode_cursor(c: &str) -> Result<Option<u32>, Status> {
     c.strip_prefix("v1.")
         .and_then(|hex| u32::from_str_radix(hex, 16).ok())
         .map(Some)
-        .ok_or_else(|| invalid(format!("bad cursor {c:?}: pass back a next_cursor exactly as received")))
+        .ok_or_else(|| {
+            invalid(format!(
+                "bad cursor {c:?}: pass back a next_cursor exactly as received"
+            ))
+        })
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("query task failed: {e}")))?
@@ -81,14 +87,19 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 fn page_size(requested: u32, default: u32, what: &str) -> Result<usize, Status> {
     match requested {
         0 => Ok(default as usize),
-        n if n > MAX_PAGE => Err(invalid(format!("{what} {n} is over the limit of {MAX_PAGE}"))),
+        n if n > MAX_PAGE => Err(invalid(format!(
+            "{what} {n} is over the limit of {MAX_PAGE}"
+        ))),
         n => Ok(n as usize),
     }
 }
 
 #[tonic::async_trait]
 impl TagStore for Service {
-    async fn create_tag(&self, req: Request<proto::CreateTagRequest>) -> Result<Response<proto::CreateTagResponse>, Status> {
+    async fn create_tag(
+        &self,
+        req: Request<proto::CreateTagRequest>,
+    ) -> Result<Response<proto::CreateTagResponse>, Status> {
         let r = req.into_inner();
         let res = self
             .engine
@@ -106,15 +117,25 @@ impl TagStore for Service {
         }))
     }
 
-    async fn drop_tag(&self, req: Request<proto::DropTagRequest>) -> Result<Response<proto::DropTagResponse>, Status> {
+    async fn drop_tag(
+        &self,
+        req: Request<proto::DropTagRequest>,
+    ) -> Result<Response<proto::DropTagResponse>, Status> {
         let name = req.into_inner().name;
-        let res = self.engine.write(WriteOp::DropTag { name }).await.map_err(to_status)?;
+        let res = self
+            .engine
+            .write(WriteOp::DropTag { name })
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(proto::DropTagResponse {
             member_count: res.member_count,
         }))
     }
 
-    async fn list_tags(&self, req: Request<proto::ListTagsRequest>) -> Result<Response<proto::ListTagsResponse>, Status> {
+    async fn list_tags(
+        &self,
+        req: Request<proto::ListTagsRequest>,
+    ) -> Result<Response<proto::ListTagsResponse>, Status> {
         let category = req.into_inner().category;
         let snap = self.engine.snapshot();
         let tags = snap
@@ -126,18 +147,30 @@ impl TagStore for Service {
         Ok(Response::new(proto::ListTagsResponse { tags }))
     }
 
-    async fn describe_tag(&self, req: Request<proto::DescribeTagRequest>) -> Result<Response<proto::DescribeTagResponse>, Status> {
+    async fn describe_tag(
+        &self,
+        req: Request<proto::DescribeTagRequest>,
+    ) -> Result<Response<proto::DescribeTagResponse>, Status> {
         let name = req.into_inner().name;
         let snap = self.engine.snapshot();
-        let tag = snap.tag(&name).ok_or_else(|| to_status(Error::TagNotFound(name.clone())))?;
+        let tag = snap
+            .tag(&name)
+            .ok_or_else(|| to_status(Error::TagNotFound(name.clone())))?;
         Ok(Response::new(proto::DescribeTagResponse {
             tag: Some(tag_info(&tag.meta)),
         }))
     }
 
-    async fn update(&self, req: Request<proto::UpdateRequest>) -> Result<Response<proto::UpdateResponse>, Status> {
+    async fn update(
+        &self,
+        req: Request<proto::UpdateRequest>,
+    ) -> Result<Response<proto::UpdateResponse>, Status> {
         let r = req.into_inner();
-        let keys: usize = r.mutations.iter().map(|m| m.add.len() + m.remove.len()).sum();
+        let keys: usize = r
+            .mutations
+            .iter()
+            .map(|m| m.add.len() + m.remove.len())
+            .sum();
         if keys > self.limits.max_keys_per_request {
             return Err(invalid(format!(
                 "update names {keys} customer keys; the limit is {} per request (split the batch)",
@@ -233,7 +266,10 @@ impl TagStore for Service {
         }))
     }
 
-    async fn count(&self, req: Request<proto::CountRequest>) -> Result<Response<proto::CountResponse>, Status> {
+    async fn count(
+        &self,
+        req: Request<proto::CountRequest>,
+    ) -> Result<Response<proto::CountResponse>, Status> {
         let queries = req.into_inner().queries;
         if queries.is_empty() {
             return Err(invalid("no queries to count"));
@@ -262,7 +298,10 @@ impl TagStore for Service {
         Ok(Response::new(proto::CountResponse { counts }))
     }
 
-    async fn members(&self, req: Request<proto::MembersRequest>) -> Result<Response<proto::MembersResponse>, Status> {
+    async fn members(
+        &self,
+        req: Request<proto::MembersRequest>,
+    ) -> Result<Response<proto::MembersResponse>, Status> {
         let r = req.into_inner();
         let limit = page_size(r.limit, DEFAULT_PAGE, "limit")?;
         let after = decode_cursor(&r.cursor)?;
@@ -272,7 +311,11 @@ impl TagStore for Service {
             let (ids, more) = q.page(after, limit);
             let mut keys = Vec::with_capacity(ids.len());
             snap.dict.keys_of(&ids, &mut keys);
-            let next = if more { ids.last().map(|&id| encode_cursor(id)) } else { None };
+            let next = if more {
+                ids.last().map(|&id| encode_cursor(id))
+            } else {
+                None
+            };
             Ok((keys, next))
         })
         .await?;
@@ -284,7 +327,10 @@ impl TagStore for Service {
 
     type ExportStream = ReceiverStream<Result<proto::ExportResponse, Status>>;
 
-    async fn export(&self, req: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+    async fn export(
+        &self,
+        req: Request<proto::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
         let r = req.into_inner();
         let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
         let snap: Arc<Snapshot> = self.engine.snapshot();
@@ -309,7 +355,8 @@ impl TagStore for Service {
                 let mut customers = Vec::with_capacity(ids.len());
                 snap.dict.keys_of(ids, &mut customers);
                 ids.clear();
-                tx.blocking_send(Ok(proto::ExportResponse { customers, total })).is_ok()
+                tx.blocking_send(Ok(proto::ExportResponse { customers, total }))
+                    .is_ok()
             };
             let mut open = true;
             q.for_each_shard(|members| {
@@ -329,7 +376,10 @@ impl TagStore for Service {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn profile(&self, req: Request<proto::ProfileRequest>) -> Result<Response<proto::ProfileResponse>, Status> {
+    async fn profile(
+        &self,
+        req: Request<proto::ProfileRequest>,
+    ) -> Result<Response<proto::ProfileResponse>, Status> {
         let customer = req.into_inner().customer;
         check_key(&customer).map_err(to_status)?;
         let snap = self.engine.snapshot();
@@ -349,14 +399,21 @@ impl TagStore for Service {
         Ok(Response::new(resp))
     }
 
-    async fn stats(&self, _req: Request<proto::StatsRequest>) -> Result<Response<proto::StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        _req: Request<proto::StatsRequest>,
+    ) -> Result<Response<proto::StatsResponse>, Status> {
         let snap = self.engine.snapshot();
         let info = self.engine.info();
         let dir = self.engine.config().data_dir.clone();
         let uptime = self.started.elapsed().as_secs();
         let resp = blocking(move || {
             let disk_bytes = std::fs::read_dir(&dir)
-                .map(|rd| rd.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok()?.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
                 .unwrap_or(0);
             let bitmap_bytes = snap
                 .tags
@@ -385,7 +442,10 @@ impl TagStore for Service {
         Ok(Response::new(resp))
     }
 
-    async fn checkpoint(&self, _req: Request<proto::CheckpointRequest>) -> Result<Response<proto::CheckpointResponse>, Status> {
+    async fn checkpoint(
+        &self,
+        _req: Request<proto::CheckpointRequest>,
+    ) -> Result<Response<proto::CheckpointResponse>, Status> {
         let info = self.engine.checkpoint().await.map_err(to_status)?;
         Ok(Response::new(proto::CheckpointResponse {
             lsn: info.lsn,
@@ -411,7 +471,10 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         assert_eq!(decode_cursor(&encode_cursor(0)).unwrap(), Some(0));
-        assert_eq!(decode_cursor(&encode_cursor(u32::MAX)).unwrap(), Some(u32::MAX));
+        assert_eq!(
+            decode_cursor(&encode_cursor(u32::MAX)).unwrap(),
+            Some(u32::MAX)
+        );
         assert_eq!(decode_cursor("").unwrap(), None);
         assert!(decode_cursor("v2.1").is_err());
         assert!(decode_cursor("v1.zz").is_err());

@@ -31,9 +31,18 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
     };
     let mut meta = MetadataMap::new();
     if let Error::Query { position, .. } = &e {
-        meta.insert(POSITION_KEY, position.to_string().parse().expect("digits are valid metadata"));
+        meta.insert(
+            POSITION_KEY,
+            position
+                .to_string()
+                .parse()
+                .expect("digits are valid metadata"),
+        );
         if let Some(i) = index {
-            meta.insert(QUERY_INDEX_KEY, i.to_string().parse().expect("digits are valid metadata"));
+            meta.insert(
+                QUERY_INDEX_KEY,
+                i.to_string().parse().expect("digits are valid metadata"),
+            );
         }
     }
     let msg = match index {

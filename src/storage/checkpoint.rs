@@ -73,7 +73,8 @@ impl CheckpointJob {
     /// Segments to empty into the new one: mostly-garbage ones first, then the
     /// smallest while there are too many.
     fn victims(&self) -> HashSet<u64> {
-        let prev_tags: HashMap<u32, &ManifestTag> = self.prev.tags.iter().map(|t| (t.id, t)).collect();
+        let prev_tags: HashMap<u32, &ManifestTag> =
+            self.prev.tags.iter().map(|t| (t.id, t)).collect();
         let mut referenced: HashMap<u64, u64> = HashMap::new();
         for tag in self.snap.tags.values() {
             if self.dirty_tags.contains(&tag.id) {
@@ -82,10 +83,13 @@ impl CheckpointJob {
             if let Some(mt) = prev_tags.get(&tag.id)
                 && let Some(seg) = self.segments.get(&mt.segment)
             {
-                *referenced.entry(mt.segment).or_default() += seg.bytes_of(BlobKind::TagShard, tag.id);
+                *referenced.entry(mt.segment).or_default() +=
+                    seg.bytes_of(BlobKind::TagShard, tag.id);
             }
         }
-        if !self.dirty_live && let Some(seg) = self.segments.get(&self.prev.live_segment) {
+        if !self.dirty_live
+            && let Some(seg) = self.segments.get(&self.prev.live_segment)
+        {
             *referenced.entry(seg.no).or_default() += seg.bytes_of(BlobKind::LiveShard, 0);
         }
         for no in &self.prev.dict_segments {
@@ -118,7 +122,8 @@ impl CheckpointJob {
         let snap = &self.snap;
         let live = snap.live()?;
         let victims = self.victims();
-        let prev_tags: HashMap<u32, &ManifestTag> = self.prev.tags.iter().map(|t| (t.id, t)).collect();
+        let prev_tags: HashMap<u32, &ManifestTag> =
+            self.prev.tags.iter().map(|t| (t.id, t)).collect();
         let seg_no = self.prev.next_segment_no.max(1);
         let mut writer: Option<SegmentWriter> = None;
         let open = |w: &mut Option<SegmentWriter>| -> Result<()> {
@@ -178,12 +183,16 @@ impl CheckpointJob {
 
         let layers = self.dict.layers();
         let recent = self.dict.recent_entries(snap.next_customer_id, live);
-        let merge = layers.len() + (!recent.is_empty()) as usize > self.policy.max_dict_layers.max(1)
+        let merge = layers.len() + (!recent.is_empty()) as usize
+            > self.policy.max_dict_layers.max(1)
             || layers.iter().any(|l| victims.contains(&l.segment_no()));
         let mut dict_segments = self.prev.dict_segments.clone();
         let mut new_dict = false;
         if merge {
-            let old = layers.iter().flat_map(|l| l.iter()).filter(|(id, _)| live.contains(*id));
+            let old = layers
+                .iter()
+                .flat_map(|l| l.iter())
+                .filter(|(id, _)| live.contains(*id));
             let section = encode_section(old.chain(recent.iter().map(|(id, k)| (*id, &**k))));
             open(&mut writer)?;
             if let Some(w) = writer.as_mut() {
@@ -215,7 +224,11 @@ impl CheckpointJob {
             checkpoint_at_ms: self.now_ms,
             next_customer_id: snap.next_customer_id,
             next_tag_id: snap.next_tag_id,
-            next_segment_no: if new_segment.is_some() { seg_no + 1 } else { seg_no },
+            next_segment_no: if new_segment.is_some() {
+                seg_no + 1
+            } else {
+                seg_no
+            },
             live_segment,
             dict_segments,
             tags,
@@ -223,10 +236,14 @@ impl CheckpointJob {
         manifest.write(&self.dir)?;
 
         let dict_layers = if merge {
-            vec![Arc::new(DictLayer::open(new_segment.clone().expect("a merge writes a segment"))?)]
+            vec![Arc::new(DictLayer::open(
+                new_segment.clone().expect("a merge writes a segment"),
+            )?)]
         } else if new_dict {
             let mut l = layers;
-            l.push(Arc::new(DictLayer::open(new_segment.clone().expect("a new section writes a segment"))?));
+            l.push(Arc::new(DictLayer::open(
+                new_segment.clone().expect("a new section writes a segment"),
+            )?));
             l
         } else {
             layers

@@ -44,7 +44,8 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
         }
         slots[s] = i as u32 + 1;
     }
-    let mut out = Vec::with_capacity(SECTION_HEADER_LEN + count * 12 + 8 + slot_count * 4 + keys.len());
+    let mut out =
+        Vec::with_capacity(SECTION_HEADER_LEN + count * 12 + 8 + slot_count * 4 + keys.len());
     out.extend_from_slice(&(count as u32).to_le_bytes());
     out.extend_from_slice(&(slot_count as u32).to_le_bytes());
     out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
@@ -81,9 +82,21 @@ impl DictLayer {
         let entry = *seg
             .entries_of(BlobKind::Dictionary, 0)
             .first()
-            .ok_or_else(|| Error::corrupt(&seg.path, 0, "the manifest names this segment for a dictionary section it does not have"))?;
+            .ok_or_else(|| {
+                Error::corrupt(
+                    &seg.path,
+                    0,
+                    "the manifest names this segment for a dictionary section it does not have",
+                )
+            })?;
         let b = seg.blob(&entry)?;
-        let corrupt = |why: &str| Error::corrupt(&seg.path, entry.offset, format!("dictionary section: {why}"));
+        let corrupt = |why: &str| {
+            Error::corrupt(
+                &seg.path,
+                entry.offset,
+                format!("dictionary section: {why}"),
+            )
+        };
         let count = le_u32(b, 0).ok_or_else(|| corrupt("short header"))? as usize;
         let slot_count = le_u32(b, 4).ok_or_else(|| corrupt("short header"))? as usize;
         let key_bytes = le_u64(b, 8).ok_or_else(|| corrupt("short header"))? as usize;
@@ -97,8 +110,16 @@ impl DictLayer {
         if keys_at.checked_add(key_bytes) != Some(b.len()) {
             return Err(corrupt("sizes do not add up to the blob length"));
         }
-        let min_id = if count > 0 { le_u32(b, ids_at).unwrap_or(0) } else { 0 };
-        let max_id = if count > 0 { le_u32(b, ids_at + (count - 1) * 4).unwrap_or(0) } else { 0 };
+        let min_id = if count > 0 {
+            le_u32(b, ids_at).unwrap_or(0)
+        } else {
+            0
+        };
+        let max_id = if count > 0 {
+            le_u32(b, ids_at + (count - 1) * 4).unwrap_or(0)
+        } else {
+            0
+        };
         Ok(Self {
             seg,
             entry,
@@ -243,7 +264,10 @@ impl Dictionary {
     /// Appends the keys of `ids` to `out` (skipping ids without a key), under one lock.
     pub fn keys_of(&self, ids: &[u32], out: &mut Vec<String>) {
         let inner = self.inner.read();
-        out.extend(ids.iter().filter_map(|&id| Self::key_in(&inner, id).map(str::to_string)));
+        out.extend(
+            ids.iter()
+                .filter_map(|&id| Self::key_in(&inner, id).map(str::to_string)),
+        );
     }
 
     /// Records that `key` has `id` (idempotent).
@@ -329,7 +353,11 @@ mod tests {
     fn section_lookups_both_ways() {
         let dir = tempfile::tempdir().unwrap();
         let keys: Vec<String> = (0..5000).map(|i| format!("phone:1380000{i:04}")).collect();
-        let section = encode_section(keys.iter().enumerate().map(|(i, k)| (i as u32 * 3, k.as_str())));
+        let section = encode_section(
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| (i as u32 * 3, k.as_str())),
+        );
         let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
         w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
         w.finish().unwrap();

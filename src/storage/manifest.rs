@@ -135,15 +135,27 @@ impl Manifest {
         };
         let corrupt = |off: usize, why: String| Error::corrupt(&path, off as u64, why);
         if data.len() < 24 || &data[..8] != MANIFEST_MAGIC {
-            return Err(corrupt(0, "bad magic or file too short: not a tagstore manifest".into()));
+            return Err(corrupt(
+                0,
+                "bad magic or file too short: not a tagstore manifest".into(),
+            ));
         }
         let version = le_u32(&data, 8).unwrap_or(0);
         if version != MANIFEST_VERSION {
-            return Err(corrupt(8, format!("unsupported manifest version {version}")));
+            return Err(corrupt(
+                8,
+                format!("unsupported manifest version {version}"),
+            ));
         }
         let len = le_u64(&data, 12).unwrap_or(u64::MAX) as usize;
         if data.len() != 20usize.saturating_add(len).saturating_add(4) {
-            return Err(corrupt(12, format!("body length {len} does not match the file size {}", data.len())));
+            return Err(corrupt(
+                12,
+                format!(
+                    "body length {len} does not match the file size {}",
+                    data.len()
+                ),
+            ));
         }
         let body = &data[20..20 + len];
         let crc = le_u32(&data, 20 + len).unwrap_or(0);
@@ -220,6 +232,9 @@ mod tests {
         data[30] ^= 4;
         fs::write(&path, &data).unwrap();
         let err = Manifest::read(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("MANIFEST") && err.contains("checksum"), "{err}");
+        assert!(
+            err.contains("MANIFEST") && err.contains("checksum"),
+            "{err}"
+        );
     }
 }

@@ -39,12 +39,12 @@ use dictionary::{DictLayer, Dictionary};
 use manifest::Manifest;
 use record::{Batch, KIND_BATCH};
 use segment::{BlobKind, Segment};
-pub use snapshot::{Snapshot, Tag, TagMeta};
 use snapshot::LazyBitmap;
+pub use snapshot::{Snapshot, Tag, TagMeta};
 use state::State;
 use wal::WalWriter;
-pub use writer::{Mutation, WriteOp, WriteResult};
 use writer::{Cmd, Writer};
+pub use writer::{Mutation, WriteOp, WriteResult};
 
 /// When the log is synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -175,10 +175,13 @@ impl Engine {
         }
         let manifest_path = dir.join(manifest::MANIFEST_FILE);
         let seg = |no: u64| -> Result<Arc<Segment>> {
-            segments
-                .get(&no)
-                .cloned()
-                .ok_or_else(|| Error::corrupt(&manifest_path, 0, format!("refers to segment {no}, which is not open")))
+            segments.get(&no).cloned().ok_or_else(|| {
+                Error::corrupt(
+                    &manifest_path,
+                    0,
+                    format!("refers to segment {no}, which is not open"),
+                )
+            })
         };
         let mut layers = Vec::new();
         for &no in &manifest.dict_segments {
@@ -192,7 +195,14 @@ impl Engine {
             } else {
                 let s = seg(t.segment)?;
                 if !s.contains(BlobKind::TagShard, t.id) {
-                    return Err(Error::corrupt(&s.path, 0, format!("segment holds no bitmap for tag {:?} (id {}) named by the manifest", t.name, t.id)));
+                    return Err(Error::corrupt(
+                        &s.path,
+                        0,
+                        format!(
+                            "segment holds no bitmap for tag {:?} (id {}) named by the manifest",
+                            t.name, t.id
+                        ),
+                    ));
                 }
                 LazyBitmap::on_disk(s, BlobKind::TagShard, t.id)
             };
@@ -205,7 +215,14 @@ impl Engine {
                 updated_ms: t.updated_ms,
                 count: t.count,
             };
-            tags.insert(name, Arc::new(Tag { id: t.id, meta, bitmap }));
+            tags.insert(
+                name,
+                Arc::new(Tag {
+                    id: t.id,
+                    meta,
+                    bitmap,
+                }),
+            );
         }
         let live = if manifest.live_segment == 0 {
             LazyBitmap::empty()
@@ -225,10 +242,21 @@ impl Engine {
         let files = wal::list(&dir)?;
         let outcome = wal::replay(&files, manifest.checkpoint_lsn, |lsn, kind, payload| {
             if kind != KIND_BATCH {
-                return Err(Error::corrupt("write-ahead log", 0, format!("unknown record kind {kind}")));
+                return Err(Error::corrupt(
+                    "write-ahead log",
+                    0,
+                    format!("unknown record kind {kind}"),
+                ));
             }
             let batch = Batch::decode(payload).map_err(|e| {
-                Error::corrupt("write-ahead log", 0, format!("undecodable batch at payload offset {}: {}", e.offset, e.reason))
+                Error::corrupt(
+                    "write-ahead log",
+                    0,
+                    format!(
+                        "undecodable batch at payload offset {}: {}",
+                        e.offset, e.reason
+                    ),
+                )
             })?;
             state.apply(lsn, &batch).map(|_| ())
         })?;
@@ -262,7 +290,16 @@ impl Engine {
             failed: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(shared.clone(), state, wal, old_wal_bytes, manifest, segments, rx, tx.clone());
+        let writer = Writer::new(
+            shared.clone(),
+            state,
+            wal,
+            old_wal_bytes,
+            manifest,
+            segments,
+            rx,
+            tx.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("tagstore-writer".into())
             .spawn(move || writer.run())

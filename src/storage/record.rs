@@ -8,7 +8,7 @@
 
 use roaring::RoaringBitmap;
 
-use crate::storage::codec::{DecResult, Dec, Enc};
+use crate::storage::codec::{Dec, DecResult, Enc};
 
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
@@ -71,7 +71,10 @@ impl Batch {
         e.u8(BATCH_VERSION).i64(self.at_ms);
         e.u32(self.new_tags.len() as u32);
         for t in &self.new_tags {
-            e.u32(t.id).str(&t.name).str(&t.description).str(&t.category);
+            e.u32(t.id)
+                .str(&t.name)
+                .str(&t.description)
+                .str(&t.category);
         }
         e.u32(self.new_keys.len() as u32);
         for (id, key) in &self.new_keys {

@@ -99,7 +99,10 @@ impl Segment {
         let corrupt = |off: usize, why: String| Error::corrupt(&path, off as u64, why);
         let n = map.len();
         if n < SEG_HEADER_LEN + SEG_TRAILER_LEN {
-            return Err(corrupt(0, format!("file of {n} bytes is too short for a segment")));
+            return Err(corrupt(
+                0,
+                format!("file of {n} bytes is too short for a segment"),
+            ));
         }
         if &map[..8] != SEG_MAGIC {
             return Err(corrupt(0, "bad magic: not a tagstore segment".into()));
@@ -110,14 +113,20 @@ impl Segment {
         }
         let t = n - SEG_TRAILER_LEN;
         if &map[t + 24..t + 32] != SEG_END_MAGIC {
-            return Err(corrupt(t + 24, "bad trailer magic (file cut short?)".into()));
+            return Err(corrupt(
+                t + 24,
+                "bad trailer magic (file cut short?)".into(),
+            ));
         }
         let dir_off = le_u64(&map, t).unwrap_or(u64::MAX) as usize;
         let count = le_u64(&map, t + 8).unwrap_or(u64::MAX) as usize;
         let dir_crc = le_u32(&map, t + 16).unwrap_or(0);
-        let dir_len = count.checked_mul(ENTRY_LEN).unwrap_or(usize::MAX);
+        let dir_len = count.saturating_mul(ENTRY_LEN);
         if dir_off < SEG_HEADER_LEN || dir_off.checked_add(dir_len) != Some(t) {
-            return Err(corrupt(t, format!("directory of {count} entries at {dir_off} does not fit the file")));
+            return Err(corrupt(
+                t,
+                format!("directory of {count} entries at {dir_off} does not fit the file"),
+            ));
         }
         let dir_bytes = &map[dir_off..t];
         if crc32fast::hash(dir_bytes) != dir_crc {
@@ -138,8 +147,13 @@ impl Segment {
                 len: le_u64(e, 24).unwrap_or(0),
             };
             let end = entry.offset.checked_add(entry.len);
-            if (entry.offset as usize) < SEG_HEADER_LEN || end.is_none_or(|end| end as usize > dir_off) {
-                return Err(corrupt(dir_off + at, "blob lies outside the data area".into()));
+            if (entry.offset as usize) < SEG_HEADER_LEN
+                || end.is_none_or(|end| end as usize > dir_off)
+            {
+                return Err(corrupt(
+                    dir_off + at,
+                    "blob lies outside the data area".into(),
+                ));
             }
             entries.push(entry);
         }
@@ -190,7 +204,14 @@ impl Segment {
     pub fn blob(&self, e: &Entry) -> Result<&[u8]> {
         let bytes = &self.map[e.offset as usize..(e.offset + e.len) as usize];
         if crc32fast::hash(bytes) != e.crc {
-            return Err(Error::corrupt(&self.path, e.offset, format!("checksum mismatch in a {:?} blob (owner {}, shard {})", e.kind, e.owner, e.shard)));
+            return Err(Error::corrupt(
+                &self.path,
+                e.offset,
+                format!(
+                    "checksum mismatch in a {:?} blob (owner {}, shard {})",
+                    e.kind, e.owner, e.shard
+                ),
+            ));
         }
         Ok(bytes)
     }
@@ -201,11 +222,21 @@ impl Segment {
         for e in self.entries_of(kind, owner) {
             let bytes = self.blob(e)?;
             let bm = RoaringBitmap::deserialize_from(bytes).map_err(|err| {
-                Error::corrupt(&self.path, e.offset, format!("invalid roaring bitmap: {err}"))
+                Error::corrupt(
+                    &self.path,
+                    e.offset,
+                    format!("invalid roaring bitmap: {err}"),
+                )
             })?;
             let shard = e.shard as usize;
-            if bm.min().is_some_and(|v| shard_of(v) != shard) || bm.max().is_some_and(|v| shard_of(v) != shard) {
-                return Err(Error::corrupt(&self.path, e.offset, format!("bitmap holds ids outside its shard {shard}")));
+            if bm.min().is_some_and(|v| shard_of(v) != shard)
+                || bm.max().is_some_and(|v| shard_of(v) != shard)
+            {
+                return Err(Error::corrupt(
+                    &self.path,
+                    e.offset,
+                    format!("bitmap holds ids outside its shard {shard}"),
+                ));
             }
             out.set_shard(shard, bm);
         }
@@ -251,7 +282,9 @@ impl SegmentWriter {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.out.write_all(b).map_err(|e| Error::io(&self.path, e))?;
+        self.out
+            .write_all(b)
+            .map_err(|e| Error::io(&self.path, e))?;
         self.offset += b.len() as u64;
         Ok(())
     }
@@ -355,8 +388,14 @@ mod tests {
         data[SEG_HEADER_LEN + 40] ^= 1;
         fs::write(&path, &data).unwrap();
         let seg = Segment::open(dir.path(), 1).unwrap();
-        let err = seg.load_bitmap(BlobKind::TagShard, 7).unwrap_err().to_string();
-        assert!(err.contains("checksum mismatch") && err.contains("offset 16"), "{err}");
+        let err = seg
+            .load_bitmap(BlobKind::TagShard, 7)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checksum mismatch") && err.contains("offset 16"),
+            "{err}"
+        );
 
         // A cut-short file fails at open.
         fs::write(&path, &data[..data.len() - 5]).unwrap();

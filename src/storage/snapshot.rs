@@ -70,8 +70,8 @@ impl LazyBitmap {
     /// A mutable bitmap for the writer: copies the shard table (not the
     /// shards) unless nobody else holds this one.
     pub fn make_mut(&mut self) -> Result<&mut ShardedBitmap> {
-        let unique_and_loaded =
-            Arc::get_mut(&mut self.inner).is_some_and(|i| i.cell.get().is_some() && i.source.is_none());
+        let unique_and_loaded = Arc::get_mut(&mut self.inner)
+            .is_some_and(|i| i.cell.get().is_some() && i.source.is_none());
         if !unique_and_loaded {
             let copy = self.get()?.clone();
             *self = Self::loaded(copy);

@@ -32,12 +32,20 @@ pub struct State {
 }
 
 fn unknown_tag(id: u32) -> Error {
-    Error::corrupt("write-ahead log", 0, format!("record refers to tag id {id}, which does not exist"))
+    Error::corrupt(
+        "write-ahead log",
+        0,
+        format!("record refers to tag id {id}, which does not exist"),
+    )
 }
 
 impl State {
     pub fn new(snap: Snapshot) -> Self {
-        let tag_names = snap.tags.values().map(|t| (t.id, t.meta.name.clone())).collect();
+        let tag_names = snap
+            .tags
+            .values()
+            .map(|t| (t.id, t.meta.name.clone()))
+            .collect();
         Self {
             snap,
             tag_names,
@@ -52,7 +60,11 @@ impl State {
 
     fn tag_mut(&mut self, id: u32) -> Result<&mut Tag> {
         let name = self.tag_names.get(&id).ok_or_else(|| unknown_tag(id))?;
-        let tag = self.snap.tags.get_mut(name).ok_or_else(|| unknown_tag(id))?;
+        let tag = self
+            .snap
+            .tags
+            .get_mut(name)
+            .ok_or_else(|| unknown_tag(id))?;
         Ok(Arc::make_mut(tag))
     }
 

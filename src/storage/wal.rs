@@ -160,7 +160,8 @@ pub fn replay(
         let is_last = n + 1 == files.len();
         let data = fs::read(&wf.path).map_err(|e| Error::io(&wf.path, e))?;
         out.bytes += data.len() as u64;
-        let corrupt = |offset: usize, reason: String| Error::corrupt(&wf.path, offset as u64, reason);
+        let corrupt =
+            |offset: usize, reason: String| Error::corrupt(&wf.path, offset as u64, reason);
         if data.len() < WAL_HEADER_LEN {
             if is_last {
                 out.truncated = Some(format!(
@@ -182,31 +183,48 @@ pub fn replay(
         }
         let first_lsn = le_u64(&data, 16).unwrap_or(0);
         if first_lsn != wf.first_lsn {
-            return Err(corrupt(16, format!("header says first lsn {first_lsn}, file name says {}", wf.first_lsn)));
+            return Err(corrupt(
+                16,
+                format!(
+                    "header says first lsn {first_lsn}, file name says {}",
+                    wf.first_lsn
+                ),
+            ));
         }
         if let Some(exp) = expected
             && first_lsn != exp
         {
-            return Err(corrupt(16, format!("log gap: expected lsn {exp}, file starts at {first_lsn}")));
+            return Err(corrupt(
+                16,
+                format!("log gap: expected lsn {exp}, file starts at {first_lsn}"),
+            ));
         }
         let mut next = first_lsn;
         let mut pos = WAL_HEADER_LEN;
         while pos < data.len() {
             let remaining = data.len() - pos;
             let torn = |why: &str| -> Option<String> {
-                is_last.then(|| format!("{}: torn record at offset {pos} ({why}); {remaining} bytes cut off", wf.path.display()))
+                is_last.then(|| {
+                    format!(
+                        "{}: torn record at offset {pos} ({why}); {remaining} bytes cut off",
+                        wf.path.display()
+                    )
+                })
             };
             let len = le_u32(&data, pos).map(|l| l as usize);
             let problem = match len {
                 None => Some("length field cut short".to_string()),
-                Some(l) if l < MIN_RECORD_LEN || l > MAX_RECORD_LEN => {
+                Some(l) if !(MIN_RECORD_LEN..=MAX_RECORD_LEN).contains(&l) => {
                     if data[pos..].iter().all(|&b| b == 0) {
                         Some("zero-filled tail".to_string())
                     } else {
                         return Err(corrupt(pos, format!("invalid record length {l}")));
                     }
                 }
-                Some(l) if FRAME_PREFIX + l > remaining => Some(format!("record of {l} bytes, {} present", remaining.saturating_sub(FRAME_PREFIX))),
+                Some(l) if FRAME_PREFIX + l > remaining => Some(format!(
+                    "record of {l} bytes, {} present",
+                    remaining.saturating_sub(FRAME_PREFIX)
+                )),
                 Some(_) => None,
             };
             if let Some(why) = problem {
@@ -216,7 +234,12 @@ pub fn replay(
                         out.truncated = Some(msg);
                         break;
                     }
-                    None => return Err(corrupt(pos, format!("damaged record in a log file that is not the newest: {why}"))),
+                    None => {
+                        return Err(corrupt(
+                            pos,
+                            format!("damaged record in a log file that is not the newest: {why}"),
+                        ));
+                    }
                 }
             }
             let len = len.unwrap_or(0);
@@ -233,14 +256,24 @@ pub fn replay(
             }
             let lsn = le_u64(body, 0).unwrap_or(0);
             if lsn != next {
-                return Err(corrupt(pos, format!("log gap: expected lsn {next}, found {lsn}")));
+                return Err(corrupt(
+                    pos,
+                    format!("log gap: expected lsn {next}, found {lsn}"),
+                ));
             }
             if lsn > after_lsn {
                 if out.applied == 0 && lsn != after_lsn + 1 {
-                    return Err(corrupt(pos, format!("log gap: the checkpoint covers up to lsn {after_lsn}, but the next record is {lsn}")));
+                    return Err(corrupt(
+                        pos,
+                        format!(
+                            "log gap: the checkpoint covers up to lsn {after_lsn}, but the next record is {lsn}"
+                        ),
+                    ));
                 }
                 apply(lsn, body[8], &body[9..]).map_err(|e| match e {
-                    Error::Corrupt { reason, .. } => corrupt(pos, format!("record lsn {lsn}: {reason}")),
+                    Error::Corrupt { reason, .. } => {
+                        corrupt(pos, format!("record lsn {lsn}: {reason}"))
+                    }
                     other => other,
                 })?;
                 out.applied += 1;
@@ -343,7 +376,12 @@ mod tests {
         let old = write_log(dir.path(), 1, 2);
         write_log(dir.path(), 3, 2);
         let len = fs::metadata(&old).unwrap().len();
-        OpenOptions::new().write(true).open(&old).unwrap().set_len(len - 2).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
         assert!(collect(dir.path(), 0).is_err());
     }
 

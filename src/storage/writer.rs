@@ -187,7 +187,11 @@ impl Writer {
                         break;
                     }
                 }
-                next = if writes.len() < MAX_GROUP { self.rx.try_recv().ok() } else { None };
+                next = if writes.len() < MAX_GROUP {
+                    self.rx.try_recv().ok()
+                } else {
+                    None
+                };
             }
             if !writes.is_empty() {
                 self.commit_group(writes);
@@ -268,10 +272,13 @@ impl Writer {
             }
         }
         if self.failed.is_none() && !self.buf.is_empty() {
-            let res = self.wal.append(&self.buf).and_then(|_| match self.shared.config.sync {
-                SyncMode::Always => self.wal.sync(),
-                SyncMode::Never => Ok(()),
-            });
+            let res = self
+                .wal
+                .append(&self.buf)
+                .and_then(|_| match self.shared.config.sync {
+                    SyncMode::Always => self.wal.sync(),
+                    SyncMode::Never => Ok(()),
+                });
             if let Err(e) = res {
                 self.fail(&e);
             }
@@ -308,7 +315,9 @@ impl Writer {
             } => {
                 check_tag_name(&name)?;
                 if description.len() > MAX_DESCRIPTION_BYTES {
-                    return Err(Error::invalid(format!("description is longer than {MAX_DESCRIPTION_BYTES} bytes")));
+                    return Err(Error::invalid(format!(
+                        "description is longer than {MAX_DESCRIPTION_BYTES} bytes"
+                    )));
                 }
                 if category.len() > MAX_CATEGORY_BYTES || category.chars().any(char::is_control) {
                     return Err(Error::invalid(format!(
@@ -346,13 +355,19 @@ impl Writer {
                 if mutations.is_empty() {
                     return Err(Error::invalid("empty update: no mutations"));
                 }
-                if mutations.iter().all(|m| m.add.is_empty() && m.remove.is_empty()) {
-                    return Err(Error::invalid("empty update: the mutations name no customers"));
+                if mutations
+                    .iter()
+                    .all(|m| m.add.is_empty() && m.remove.is_empty())
+                {
+                    return Err(Error::invalid(
+                        "empty update: the mutations name no customers",
+                    ));
                 }
                 let mut ids = IdAssigner::new(self)?;
                 let mut new_tags: HashMap<String, u32> = HashMap::new();
                 for m in &mutations {
-                    let tag_id = self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
+                    let tag_id =
+                        self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
                     let mut add = RoaringBitmap::new();
                     for key in &m.add {
                         add.insert(ids.get_or_create(key)?);
@@ -364,10 +379,18 @@ impl Writer {
                         }
                     }
                     if !add.is_empty() {
-                        batch.changes.push(Change { tag: tag_id, op: ChangeOp::Add, ids: add });
+                        batch.changes.push(Change {
+                            tag: tag_id,
+                            op: ChangeOp::Add,
+                            ids: add,
+                        });
                     }
                     if !remove.is_empty() {
-                        batch.changes.push(Change { tag: tag_id, op: ChangeOp::Remove, ids: remove });
+                        batch.changes.push(Change {
+                            tag: tag_id,
+                            op: ChangeOp::Remove,
+                            ids: remove,
+                        });
                     }
                 }
                 batch.new_keys = ids.new_keys;
@@ -379,12 +402,17 @@ impl Writer {
                 create_missing_tag,
             } => {
                 let mut ids = IdAssigner::new(self)?;
-                let tag_id = self.resolve_tag(&tag, create_missing_tag, &mut HashMap::new(), &mut batch)?;
+                let tag_id =
+                    self.resolve_tag(&tag, create_missing_tag, &mut HashMap::new(), &mut batch)?;
                 let mut members = RoaringBitmap::new();
                 for key in &customers {
                     members.insert(ids.get_or_create(key)?);
                 }
-                batch.changes.push(Change { tag: tag_id, op: ChangeOp::Replace, ids: members });
+                batch.changes.push(Change {
+                    tag: tag_id,
+                    op: ChangeOp::Replace,
+                    ids: members,
+                });
                 batch.new_keys = ids.new_keys;
                 Ok(Planned::Write(batch, Target::Replaced(tag_id)))
             }
@@ -399,7 +427,10 @@ impl Writer {
                     }
                 }
                 if batch.deletes.is_empty() {
-                    return Ok(Planned::Done(WriteResult { lsn: snap.lsn, ..Default::default() }));
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    }));
                 }
                 for tag in snap.tags.values() {
                     tag.bitmap.get()?;
@@ -441,7 +472,10 @@ impl Writer {
 
     fn maybe_auto_checkpoint(&mut self) {
         let wal_bytes = self.old_wal_bytes + self.wal.bytes();
-        if self.failed.is_none() && self.running.is_none() && wal_bytes >= self.shared.config.checkpoint_wal_bytes {
+        if self.failed.is_none()
+            && self.running.is_none()
+            && wal_bytes >= self.shared.config.checkpoint_wal_bytes
+        {
             tracing::info!(wal_bytes, "log passed its size limit; checkpointing");
             self.request_checkpoint(Vec::new());
         }
@@ -460,9 +494,15 @@ impl Writer {
             return;
         }
         let lsn = self.state.snap.lsn;
-        if lsn == self.manifest.checkpoint_lsn && self.state.dirty_tags.is_empty() && !self.state.dirty_live {
+        if lsn == self.manifest.checkpoint_lsn
+            && self.state.dirty_tags.is_empty()
+            && !self.state.dirty_live
+        {
             for w in waiters {
-                let _ = w.send(Ok(CheckpointInfo { lsn, ..Default::default() }));
+                let _ = w.send(Ok(CheckpointInfo {
+                    lsn,
+                    ..Default::default()
+                }));
             }
             return;
         }
@@ -510,18 +550,28 @@ impl Writer {
                 let _ = tx.send(Cmd::CheckpointDone(Box::new(res)));
             });
         if let Err(e) = spawned {
-            let res = Err(Error::Checkpoint(format!("could not start the checkpoint thread: {e}")));
+            let res = Err(Error::Checkpoint(format!(
+                "could not start the checkpoint thread: {e}"
+            )));
             self.complete_checkpoint(res);
         }
     }
 
     fn complete_checkpoint(&mut self, res: Result<CheckpointDone>) {
-        let Some(running) = self.running.take() else { return };
+        let Some(running) = self.running.take() else {
+            return;
+        };
         match res {
             Ok(done) => {
                 let info = done.info;
                 self.install(done, running.rotated_first);
-                tracing::info!(lsn = info.lsn, tags = info.tags_written, bytes = info.segment_bytes, ms = info.duration_ms, "checkpoint done");
+                tracing::info!(
+                    lsn = info.lsn,
+                    tags = info.tags_written,
+                    bytes = info.segment_bytes,
+                    ms = info.duration_ms,
+                    "checkpoint done"
+                );
                 for w in running.waiters {
                     let _ = w.send(Ok(info));
                 }
@@ -553,7 +603,12 @@ impl Writer {
         if let Some(seg) = &done.new_segment {
             self.segments.insert(seg.no, seg.clone());
         }
-        let homes: HashMap<u32, u64> = done.manifest.tags.iter().map(|t| (t.id, t.segment)).collect();
+        let homes: HashMap<u32, u64> = done
+            .manifest
+            .tags
+            .iter()
+            .map(|t| (t.id, t.segment))
+            .collect();
         for tag in self.state.snap.tags.values_mut() {
             if tag.bitmap.is_loaded() {
                 continue;
@@ -561,7 +616,8 @@ impl Writer {
             let moved = tag.bitmap.segment().map(|s| s.no) != homes.get(&tag.id).copied();
             if moved && let Some(seg) = homes.get(&tag.id).and_then(|no| self.segments.get(no)) {
                 let id = tag.id;
-                Arc::make_mut(tag).bitmap = LazyBitmap::on_disk(seg.clone(), BlobKind::TagShard, id);
+                Arc::make_mut(tag).bitmap =
+                    LazyBitmap::on_disk(seg.clone(), BlobKind::TagShard, id);
             }
         }
         if !self.state.snap.live.is_loaded()
@@ -570,7 +626,10 @@ impl Writer {
         {
             self.state.snap.live = LazyBitmap::on_disk(seg.clone(), BlobKind::LiveShard, 0);
         }
-        self.state.snap.dict.install(done.dict_layers, done.dict_upto);
+        self.state
+            .snap
+            .dict
+            .install(done.dict_layers, done.dict_upto);
         self.manifest = done.manifest;
 
         // Log files wholly covered by the checkpoint.
@@ -593,7 +652,12 @@ impl Writer {
         // Segments no longer referenced (readers holding old snapshots keep
         // their maps; the files' space is freed when the last map goes).
         let live: std::collections::HashSet<u64> = self.manifest.segments().into_iter().collect();
-        let dead: Vec<u64> = self.segments.keys().copied().filter(|no| !live.contains(no)).collect();
+        let dead: Vec<u64> = self
+            .segments
+            .keys()
+            .copied()
+            .filter(|no| !live.contains(no))
+            .collect();
         for no in dead {
             if let Some(seg) = self.segments.remove(&no)
                 && let Err(e) = std::fs::remove_file(&seg.path)
@@ -621,9 +685,14 @@ impl Writer {
         let (tx, mut rx) = oneshot::channel();
         self.request_checkpoint(vec![tx]);
         self.wait_for_checkpoint();
-        let res = rx.try_recv().map_err(|_| Error::Checkpoint("the final checkpoint did not report".into()))?;
+        let res = rx
+            .try_recv()
+            .map_err(|_| Error::Checkpoint("the final checkpoint did not report".into()))?;
         res?;
-        tracing::info!(ms = started.elapsed().as_millis() as u64, "final checkpoint written");
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            "final checkpoint written"
+        );
         Ok(())
     }
 

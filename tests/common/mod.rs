@@ -50,7 +50,9 @@ impl TestServer {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         let out = child.stdout.take().expect("stdout");
@@ -74,7 +76,10 @@ impl TestServer {
                 let _ = child.kill();
                 let status = child.wait().ok();
                 std::thread::sleep(Duration::from_millis(100));
-                Err(format!("exit {status:?}; stderr:\n{}", stderr.lock().unwrap()))
+                Err(format!(
+                    "exit {status:?}; stderr:\n{}",
+                    stderr.lock().unwrap()
+                ))
             }
         }
     }

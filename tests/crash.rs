@@ -1,0 +1,210 @@
+//! Crash test: several clients write while the server is killed with SIGKILL
+//! at random moments. After each restart every acknowledged write must be
+//! there, and no request may be half-applied: each request adds one new key
+//! to three tags (and removes an older key from one), so a key is in all
+//! three tags or in none.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Client, TestServer};
+use rand::{Rng, SeedableRng};
+use tagstore::proto::*;
+
+const TAGS: [&str; 3] = ["crash_a", "崩溃_b", "crash c"];
+
+async fn export(c: &mut Client, tag: &str) -> BTreeSet<String> {
+    let query = tagstore::names::quote_tag_name(tag);
+    let mut s = c
+        .export(ExportRequest {
+            query,
+            batch_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = BTreeSet::new();
+    while let Some(b) = s.message().await.unwrap() {
+        out.extend(b.customers);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = std::env::var("TAGSTORE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Acknowledged adds, and keys whose removal from TAGS[0] was acknowledged.
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let removed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // Keys whose removal was in flight (sent, never acknowledged) at a kill:
+    // either outcome is correct for them.
+    let uncertain: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut total_acked;
+    for round in 0..4 {
+        // A small checkpoint threshold so that checkpoints run while we write and kill.
+        let mut server = TestServer::start(dir.path(), &["--checkpoint-wal-mb", "1"]);
+        let mut c = server.client().await;
+
+        // Every acknowledged write from earlier rounds is present, and every
+        // request is all-or-nothing.
+        let sets: Vec<BTreeSet<String>> = {
+            let mut v = Vec::new();
+            for t in TAGS {
+                v.push(if round == 0 {
+                    BTreeSet::new()
+                } else {
+                    export(&mut c, t).await
+                });
+            }
+            v
+        };
+        {
+            let acked = acked.lock().unwrap();
+            let removed = removed.lock().unwrap();
+            let uncertain = uncertain.lock().unwrap();
+            for k in acked.iter() {
+                assert!(
+                    sets[1].contains(k) && sets[2].contains(k),
+                    "round {round}: acknowledged {k} lost"
+                );
+                if !uncertain.contains(k) {
+                    assert_eq!(
+                        sets[0].contains(k),
+                        !removed.contains(k),
+                        "round {round}: {k} in {}",
+                        TAGS[0]
+                    );
+                }
+            }
+            for k in sets[1].union(&sets[2]) {
+                assert!(
+                    sets[1].contains(k) && sets[2].contains(k),
+                    "round {round}: {k} half-applied"
+                );
+            }
+            total_acked = acked.len();
+        }
+
+        let mut tasks = Vec::new();
+        for client in 0..4 {
+            let mut c = server.client().await;
+            let acked = acked.clone();
+            let removed = removed.clone();
+            let uncertain = uncertain.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut prev: Option<String> = None;
+                loop {
+                    let key = format!("r{round}-c{client}-{n}");
+                    let mut mutations: Vec<Mutation> = TAGS
+                        .iter()
+                        .map(|t| Mutation {
+                            tag: t.to_string(),
+                            add: vec![key.clone()],
+                            remove: vec![],
+                        })
+                        .collect();
+                    if let Some(p) = &prev {
+                        mutations[0].remove.push(p.clone());
+                    }
+                    // Pad some requests so the log grows and checkpoints happen.
+                    if n.is_multiple_of(5) {
+                        mutations.push(Mutation {
+                            tag: "filler".into(),
+                            add: (0..200)
+                                .map(|i| format!("f{round}-{client}-{n}-{i}"))
+                                .collect(),
+                            remove: vec![],
+                        });
+                    }
+                    let req = UpdateRequest {
+                        mutations,
+                        create_missing_tags: true,
+                    };
+                    match c.update(req).await {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert(key.clone());
+                            if let Some(p) = prev.take() {
+                                removed.lock().unwrap().insert(p);
+                            }
+                            prev = Some(key);
+                        }
+                        Err(_) => {
+                            if let Some(p) = prev {
+                                uncertain.lock().unwrap().insert(p);
+                            }
+                            return n;
+                        }
+                    }
+                    n += 1;
+                }
+            }));
+        }
+        let wait = rng.random_range(300..1500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        server.kill();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let now = acked.lock().unwrap().len();
+        let log = server.stderr();
+        eprintln!(
+            "round {round}: killed after {wait} ms; {} writes acknowledged so far; {} checkpoints, {} torn tails seen",
+            now,
+            log.matches("checkpoint done").count(),
+            log.matches("torn").count()
+        );
+        assert!(
+            now > total_acked,
+            "round {round}: some writes were acknowledged"
+        );
+    }
+    // Final check after the last kill.
+    let server = TestServer::start(dir.path(), &[]);
+    let mut c = server.client().await;
+    let sets: Vec<BTreeSet<String>> = {
+        let mut v = Vec::new();
+        for t in TAGS {
+            v.push(export(&mut c, t).await);
+        }
+        v
+    };
+    let acked = acked.lock().unwrap();
+    let removed = removed.lock().unwrap();
+    let uncertain = uncertain.lock().unwrap();
+    for k in acked.iter() {
+        assert!(
+            sets[1].contains(k) && sets[2].contains(k),
+            "acknowledged {k} lost"
+        );
+        if !uncertain.contains(k) {
+            assert_eq!(
+                sets[0].contains(k),
+                !removed.contains(k),
+                "{k} in {}",
+                TAGS[0]
+            );
+        }
+    }
+    for k in sets[1].union(&sets[2]) {
+        assert!(
+            sets[1].contains(k) && sets[2].contains(k),
+            "{k} half-applied"
+        );
+    }
+    // Everything present was at least attempted; at most one unacknowledged
+    // request per client per round can have landed.
+    let unacked = sets[1].iter().filter(|k| !acked.contains(*k)).count();
+    assert!(
+        unacked <= 4 * 4,
+        "{unacked} writes present that were never sent"
+    );
+}
