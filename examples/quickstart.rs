@@ -4,14 +4,23 @@
 //! `cargo run --example quickstart [-- http://127.0.0.1:7420]`
 
 use tagstore::proto::tag_store_client::TagStoreClient;
-use tagstore::proto::{CountRequest, CreateTagRequest, MembersRequest, Mutation, ProfileRequest, UpdateRequest};
+use tagstore::proto::{
+    CountRequest, CreateTagRequest, MembersRequest, Mutation, ProfileRequest, UpdateRequest,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "http://127.0.0.1:7420".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "http://127.0.0.1:7420".into());
     let mut client = TagStoreClient::connect(addr).await?;
 
-    for (name, category) in [("高价值用户", "价值"), ("常购护肤品", "偏好"), ("尝试新品", "偏好"), ("潜在流失", "生命周期")] {
+    for (name, category) in [
+        ("高价值用户", "价值"),
+        ("常购护肤品", "偏好"),
+        ("尝试新品", "偏好"),
+        ("潜在流失", "生命周期"),
+    ] {
         client
             .create_tag(CreateTagRequest {
                 name: name.into(),
@@ -30,7 +39,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let r = client
         .update(UpdateRequest {
             mutations: vec![
-                m("高价值用户", &["phone:13800001111", "wechat:oX9a01", "jd:pin_7781"]),
+                m(
+                    "高价值用户",
+                    &["phone:13800001111", "wechat:oX9a01", "jd:pin_7781"],
+                ),
                 m("常购护肤品", &["phone:13800001111", "jd:pin_7781"]),
                 m("尝试新品", &["wechat:oX9a01"]),
                 m("潜在流失", &["jd:pin_7781"]),
@@ -39,7 +51,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?
         .into_inner();
-    println!("update: {} added, {} new customers, lsn {}", r.added, r.new_customers, r.lsn);
+    println!(
+        "update: {} added, {} new customers, lsn {}",
+        r.added, r.new_customers, r.lsn
+    );
 
     let query = "高价值用户 AND (常购护肤品 OR 尝试新品) AND NOT 潜在流失";
     let counts = client
@@ -70,7 +85,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("profile of jd:pin_7781: {:?}", profile.tags);
 
     // A query error names the position.
-    if let Err(status) = client.count(CountRequest { queries: vec!["高价值用户 AND (".into()] }).await {
+    if let Err(status) = client
+        .count(CountRequest {
+            queries: vec!["高价值用户 AND (".into()],
+        })
+        .await
+    {
         println!("error: {:?} {}", status.code(), status.message());
     }
     Ok(())

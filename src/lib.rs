@@ -18,6 +18,7 @@
 pub mod bitmap;
 pub mod config;
 pub mod error;
+pub mod harness;
 pub mod names;
 pub mod query;
 pub mod server;

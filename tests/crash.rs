@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Client, TestServer};
+use common::Client;
 use rand::{Rng, SeedableRng};
 use tagstore::proto::*;
 
@@ -50,8 +50,8 @@ async fn acknowledged_writes_survive_kill_9() {
     let mut total_acked;
     for round in 0..4 {
         // A small checkpoint threshold so that checkpoints run while we write and kill.
-        let mut server = TestServer::start(dir.path(), &["--checkpoint-wal-mb", "1"]);
-        let mut c = server.client().await;
+        let mut server = common::start(dir.path(), &["--checkpoint-wal-mb", "1"]);
+        let mut c = common::client(&server).await;
 
         // Every acknowledged write from earlier rounds is present, and every
         // request is all-or-nothing.
@@ -95,7 +95,7 @@ async fn acknowledged_writes_survive_kill_9() {
 
         let mut tasks = Vec::new();
         for client in 0..4 {
-            let mut c = server.client().await;
+            let mut c = common::client(&server).await;
             let acked = acked.clone();
             let removed = removed.clone();
             let uncertain = uncertain.clone();
@@ -168,8 +168,8 @@ async fn acknowledged_writes_survive_kill_9() {
         );
     }
     // Final check after the last kill.
-    let server = TestServer::start(dir.path(), &[]);
-    let mut c = server.client().await;
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
     let sets: Vec<BTreeSet<String>> = {
         let mut v = Vec::new();
         for t in TAGS {

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{TestServer, code};
+use common::code;
 use tagstore::proto::*;
 use tonic::Code;
 
@@ -63,8 +63,8 @@ async fn every_call_and_its_errors() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let mut server = TestServer::start(&data, &["--config", cfg.to_str().unwrap()]);
-    let mut c = server.client().await;
+    let mut server = common::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
 
     // CreateTag / DescribeTag / ListTags.
     let r = c
@@ -632,9 +632,9 @@ async fn every_call_and_its_errors() {
         .into_inner()
         .tags;
     drop(c);
-    assert!(server.stop().success(), "{}", server.stderr());
-    let server = TestServer::start(&data, &[]);
-    let mut c = server.client().await;
+    assert!(server.stop().unwrap().success(), "{}", server.stderr());
+    let server = common::start(&data, &[]);
+    let mut c = common::client(&server).await;
     assert_eq!(all_members(&mut c, "ALL", 1000).await, expected_all);
     assert_eq!(
         c.list_tags(ListTagsRequest::default())
@@ -657,8 +657,8 @@ async fn every_call_and_its_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_directory_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let _first = TestServer::start(dir.path(), &[]);
-    let err = TestServer::try_start(dir.path(), &[])
+    let _first = common::start(dir.path(), &[]);
+    let err = common::try_start(dir.path(), &[])
         .err()
         .expect("second server must not start");
     assert!(err.contains("in use by another tagstore process"), "{err}");

@@ -184,7 +184,7 @@ fn server_refuses_to_start_on_a_damaged_store_and_says_why() {
     add(&engine, "t", &["a"]);
     drop(engine);
     flip(&dir.path().join("MANIFEST"), 40);
-    let err = common::TestServer::try_start(dir.path(), &[])
+    let err = common::try_start(dir.path(), &[])
         .err()
         .expect("must not start");
     assert!(

@@ -1,0 +1,154 @@
+//! Running a `tagstore` server as a child process, for the integration tests
+//! and the benchmark harness. The server itself never uses this module; it
+//! talks to the child only through its command line, stdout line
+//! `tagstore listening on ADDR`, signals, and gRPC.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::proto::tag_store_client::TagStoreClient;
+use tonic::transport::Channel;
+
+pub type Client = TagStoreClient<Channel>;
+
+/// A server process on a free loopback port.
+pub struct ServerProcess {
+    child: Option<Child>,
+    /// `host:port` it listens on.
+    pub addr: String,
+    pub data_dir: PathBuf,
+    /// Time from spawning to the "listening" line.
+    pub startup: Duration,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Starts `binary serve --listen 127.0.0.1:0 --data-dir DIR extra...` and
+    /// waits (up to `timeout`) until it listens. On failure, returns what the
+    /// process printed on stderr.
+    pub fn start(
+        binary: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let started = Instant::now();
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(mut pipe) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut s) = sink.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = line.strip_prefix("tagstore listening on ") {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+            });
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(addr) => Ok(Self {
+                child: Some(child),
+                addr,
+                data_dir: data_dir.to_path_buf(),
+                startup: started.elapsed(),
+                stderr,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                std::thread::sleep(Duration::from_millis(100));
+                let log = stderr.lock().map(|s| s.clone()).unwrap_or_default();
+                Err(format!(
+                    "server did not start (exit {status:?}); stderr:\n{log}"
+                ))
+            }
+        }
+    }
+
+    /// A gRPC client with large message limits.
+    pub async fn client(&self) -> Result<Client, tonic::transport::Error> {
+        Ok(TagStoreClient::connect(format!("http://{}", self.addr))
+            .await?
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Resident memory of the process, from /proc (Linux).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    }
+
+    /// SIGKILL: the process gets no chance to flush or checkpoint.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn stop(&mut self) -> std::io::Result<ExitStatus> {
+        let mut c = self
+            .child
+            .take()
+            .ok_or_else(|| std::io::Error::other("server already stopped"))?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other("kill -TERM failed"));
+        }
+        c.wait()
+    }
+
+    /// Everything the process printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
