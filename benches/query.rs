@@ -1,0 +1,119 @@
+//! Query evaluation on in-memory bitmaps at 10 million customers: the fused
+//! count against building the result and counting it, and 3–5 operand
+//! expressions at dense and sparse densities. Run: `cargo bench --bench query`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tagstore::bitmap::ShardedBitmap;
+use tagstore::query::Query;
+use tagstore::storage::dictionary::Dictionary;
+use tagstore::storage::snapshot::LazyBitmap;
+use tagstore::storage::{Snapshot, Tag, TagMeta};
+
+const CUSTOMERS: u32 = 10_000_000;
+
+fn random_bitmap(density: f64, seed: u64) -> ShardedBitmap {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut flat = roaring::RoaringBitmap::new();
+    let ln_q = (1.0 - density).ln();
+    let mut id = -1f64;
+    loop {
+        let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+        id += 1.0 + (u.ln() / ln_q).floor();
+        if id >= CUSTOMERS as f64 {
+            break;
+        }
+        flat.insert(id as u32);
+    }
+    ShardedBitmap::from_roaring(&flat)
+}
+
+fn snapshot(tags: &[(&str, f64)]) -> Snapshot {
+    let mut map = BTreeMap::new();
+    for (i, (name, density)) in tags.iter().enumerate() {
+        let bm = random_bitmap(*density, i as u64 + 1);
+        let meta = TagMeta {
+            name: Arc::from(*name),
+            description: String::new(),
+            category: String::new(),
+            created_ms: 0,
+            updated_ms: 0,
+            count: bm.len(),
+        };
+        map.insert(
+            Arc::from(*name),
+            Arc::new(Tag {
+                id: i as u32,
+                meta,
+                bitmap: LazyBitmap::loaded(bm),
+            }),
+        );
+    }
+    let mut live = ShardedBitmap::new();
+    for (_, b) in random_bitmap(0.999_999, 99).shards() {
+        live.union_with(b);
+    }
+    Snapshot {
+        lsn: 0,
+        tags: map,
+        live: LazyBitmap::loaded(live),
+        next_customer_id: CUSTOMERS,
+        next_tag_id: tags.len() as u32,
+        dict: Arc::new(Dictionary::new(Vec::new(), CUSTOMERS)),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let snap = snapshot(&[
+        ("d1", 0.5),
+        ("d2", 0.5),
+        ("d3", 0.5),
+        ("d4", 0.4),
+        ("d5", 0.3),
+        ("s1", 0.001),
+        ("s2", 0.001),
+        ("s3", 0.01),
+    ]);
+    let mut g = c.benchmark_group("count_10M");
+    g.sample_size(20);
+    let a = snap.tag("d1").unwrap().bitmap.get().unwrap().to_roaring();
+    let b = snap.tag("d2").unwrap().bitmap.get().unwrap().to_roaring();
+    g.bench_function("flat roaring: (a & b).len, 50%", |bench| {
+        bench.iter(|| (&a & &b).len())
+    });
+    g.bench_function("flat roaring: a.intersection_len(b), 50%", |bench| {
+        bench.iter(|| a.intersection_len(&b))
+    });
+    for q in [
+        "d1 AND d2",
+        "s1 AND s2",
+        "d1 AND NOT d2",
+        "NOT d1",
+        "d1 OR d2",
+        "d1 AND d2 AND d3",
+        "d1 AND (d2 OR d3) AND NOT d4",
+        "d1 AND d2 AND d3 AND d4 AND d5",
+        "s1 AND d1 AND d2 AND NOT s3",
+    ] {
+        let query = Query::compile(q, &snap).unwrap();
+        g.bench_with_input(BenchmarkId::new("tagstore", q), &query, |bench, query| {
+            bench.iter(|| query.count())
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("parse");
+    let text =
+        "高价值用户 AND (常购护肤品 OR 尝试新品) AND NOT 潜在流失 OR \"with space\" AND channel:jd";
+    g.bench_function("parse 6-tag query", |bench| {
+        bench.iter(|| tagstore::query::parse(text).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
