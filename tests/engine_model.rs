@@ -227,7 +227,7 @@ fn members(engine: &Engine, text: &str) -> BTreeSet<String> {
     loop {
         let (ids, more) = q.page(after, 7);
         let mut keys = Vec::new();
-        snap.dict.keys_of(&ids, &mut keys);
+        snap.dict.keys_of(&ids, &mut keys).unwrap();
         assert_eq!(keys.len(), ids.len(), "every member id has a key");
         out.extend(keys);
         after = ids.last().copied();

@@ -310,7 +310,7 @@ impl TagStore for Service {
             let q = Query::compile(&r.query, &snap).map_err(to_status)?;
             let (ids, more) = q.page(after, limit);
             let mut keys = Vec::with_capacity(ids.len());
-            snap.dict.keys_of(&ids, &mut keys);
+            snap.dict.keys_of(&ids, &mut keys).map_err(to_status)?;
             let next = if more {
                 ids.last().map(|&id| encode_cursor(id))
             } else {
@@ -353,10 +353,14 @@ impl TagStore for Service {
             let mut ids: Vec<u32> = Vec::with_capacity(batch);
             let send = |ids: &mut Vec<u32>| -> bool {
                 let mut customers = Vec::with_capacity(ids.len());
-                snap.dict.keys_of(ids, &mut customers);
+                let msg = match snap.dict.keys_of(ids, &mut customers) {
+                    Ok(()) => Ok(proto::ExportResponse { customers, total }),
+                    Err(e) => Err(to_status(e)),
+                };
                 ids.clear();
-                tx.blocking_send(Ok(proto::ExportResponse { customers, total }))
-                    .is_ok()
+                // After an error the stream ends with it.
+                let failed = msg.is_err();
+                tx.blocking_send(msg).is_ok() && !failed
             };
             let mut open = true;
             q.for_each_shard(|members| {

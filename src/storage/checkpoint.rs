@@ -189,11 +189,19 @@ impl CheckpointJob {
         let mut dict_segments = self.prev.dict_segments.clone();
         let mut new_dict = false;
         if merge {
-            let old = layers
-                .iter()
-                .flat_map(|l| l.iter())
-                .filter(|(id, _)| live.contains(*id));
-            let section = encode_section(old.chain(recent.iter().map(|(id, k)| (*id, &**k))));
+            let mut old: Vec<(u32, &str)> = Vec::new();
+            for layer in &layers {
+                for entry in layer.iter() {
+                    let (id, key) = entry?;
+                    if live.contains(id) {
+                        old.push((id, key));
+                    }
+                }
+            }
+            let section = encode_section(
+                old.into_iter()
+                    .chain(recent.iter().map(|(id, k)| (*id, &**k))),
+            );
             open(&mut writer)?;
             if let Some(w) = writer.as_mut() {
                 w.add_blob(BlobKind::Dictionary, 0, 0, &section)?;

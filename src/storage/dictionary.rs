@@ -10,6 +10,7 @@
 //! and callers check the live set of their snapshot. Ids are never reused.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashMap;
 use parking_lot::RwLock;
@@ -19,7 +20,10 @@ use crate::error::{Error, Result};
 use crate::storage::codec::{fnv1a64, le_u32, le_u64};
 use crate::storage::segment::{BlobKind, Entry, Segment};
 
-const SECTION_HEADER_LEN: usize = 16;
+/// Bytes of the section header.
+const SECTION_HEADER_LEN: usize = 32;
+/// log2 of the page size that per-page checksums cover.
+const PAGE_SHIFT: u32 = 16;
 
 /// Encodes a dictionary section from `(id, key)` pairs in ascending id order.
 pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<u8> {
@@ -44,40 +48,60 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
         }
         slots[s] = i as u32 + 1;
     }
-    let mut out =
-        Vec::with_capacity(SECTION_HEADER_LEN + count * 12 + 8 + slot_count * 4 + keys.len());
+    let mut body = Vec::with_capacity(count * 12 + 8 + slot_count * 4 + keys.len());
+    for id in &ids {
+        body.extend_from_slice(&id.to_le_bytes());
+    }
+    for o in &offsets {
+        body.extend_from_slice(&o.to_le_bytes());
+    }
+    for s in &slots {
+        body.extend_from_slice(&s.to_le_bytes());
+    }
+    body.extend_from_slice(&keys);
+    let page_crcs: Vec<u8> = body
+        .chunks(1 << PAGE_SHIFT)
+        .flat_map(|page| crc32fast::hash(page).to_le_bytes())
+        .collect();
+    let page_count = page_crcs.len() / 4;
+    let mut out = Vec::with_capacity(SECTION_HEADER_LEN + page_crcs.len() + body.len());
     out.extend_from_slice(&(count as u32).to_le_bytes());
     out.extend_from_slice(&(slot_count as u32).to_le_bytes());
     out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
-    for id in &ids {
-        out.extend_from_slice(&id.to_le_bytes());
-    }
-    for o in &offsets {
-        out.extend_from_slice(&o.to_le_bytes());
-    }
-    for s in &slots {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out.extend_from_slice(&keys);
+    out.extend_from_slice(&PAGE_SHIFT.to_le_bytes());
+    out.extend_from_slice(&(page_count as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&page_crcs).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&page_crcs);
+    out.extend_from_slice(&body);
     out
 }
 
-/// One dictionary section, read in place from a mapped segment.
+/// One dictionary section, read in place from a mapped segment. Opening it
+/// reads only the header and the page checksum table; each 64 KiB page of
+/// the body is checked the first time a look-up touches it, so start-up
+/// does not grow with the dictionary.
 pub struct DictLayer {
     seg: Arc<Segment>,
     entry: Entry,
     count: usize,
     slot_count: usize,
+    page_shift: u32,
+    /// Offset of the body within the blob.
+    body_at: usize,
+    crcs_at: usize,
     ids_at: usize,
     offsets_at: usize,
     slots_at: usize,
     keys_at: usize,
     min_id: u32,
     max_id: u32,
+    verified: Vec<AtomicU64>,
 }
 
 impl DictLayer {
-    /// Opens the dictionary section of a segment, checking its crc and layout.
+    /// Opens the dictionary section of a segment, checking its header and
+    /// its page checksum table.
     pub fn open(seg: Arc<Segment>) -> Result<Self> {
         let entry = *seg
             .entries_of(BlobKind::Dictionary, 0)
@@ -89,7 +113,7 @@ impl DictLayer {
                     "the manifest names this segment for a dictionary section it does not have",
                 )
             })?;
-        let b = seg.blob(&entry)?;
+        let b = seg.raw(&entry);
         let corrupt = |why: &str| {
             Error::corrupt(
                 &seg.path,
@@ -97,41 +121,60 @@ impl DictLayer {
                 format!("dictionary section: {why}"),
             )
         };
-        let count = le_u32(b, 0).ok_or_else(|| corrupt("short header"))? as usize;
-        let slot_count = le_u32(b, 4).ok_or_else(|| corrupt("short header"))? as usize;
-        let key_bytes = le_u64(b, 8).ok_or_else(|| corrupt("short header"))? as usize;
+        let short = || corrupt("short header");
+        let count = le_u32(b, 0).ok_or_else(short)? as usize;
+        let slot_count = le_u32(b, 4).ok_or_else(short)? as usize;
+        let key_bytes = le_u64(b, 8).ok_or_else(short)? as usize;
+        let page_shift = le_u32(b, 16).ok_or_else(short)?;
+        let page_count = le_u32(b, 20).ok_or_else(short)? as usize;
+        let table_crc = le_u32(b, 24).ok_or_else(short)?;
+        if !(12..=30).contains(&page_shift) {
+            return Err(corrupt("bad page size"));
+        }
+        let crcs_at = SECTION_HEADER_LEN;
+        let body_at = crcs_at + page_count * 4;
+        let table = b
+            .get(crcs_at..body_at)
+            .ok_or_else(|| corrupt("page checksum table runs past the blob"))?;
+        if crc32fast::hash(table) != table_crc {
+            return Err(corrupt("page checksum table checksum mismatch"));
+        }
         if !slot_count.is_power_of_two() || slot_count < count {
             return Err(corrupt("bad hash table size"));
         }
-        let ids_at = SECTION_HEADER_LEN;
+        let ids_at = 0;
         let offsets_at = ids_at + count * 4;
         let slots_at = offsets_at + (count + 1) * 8;
         let keys_at = slots_at + slot_count * 4;
-        if keys_at.checked_add(key_bytes) != Some(b.len()) {
+        let body_len = keys_at.checked_add(key_bytes);
+        if body_len.and_then(|l| l.checked_add(body_at)) != Some(b.len())
+            || page_count != body_len.unwrap_or(0).div_ceil(1 << page_shift)
+        {
             return Err(corrupt("sizes do not add up to the blob length"));
         }
-        let min_id = if count > 0 {
-            le_u32(b, ids_at).unwrap_or(0)
-        } else {
-            0
-        };
-        let max_id = if count > 0 {
-            le_u32(b, ids_at + (count - 1) * 4).unwrap_or(0)
-        } else {
-            0
-        };
-        Ok(Self {
-            seg,
+        let mut layer = Self {
+            seg: seg.clone(),
             entry,
             count,
             slot_count,
+            page_shift,
+            body_at,
+            crcs_at,
             ids_at,
             offsets_at,
             slots_at,
             keys_at,
-            min_id,
-            max_id,
-        })
+            min_id: 0,
+            max_id: 0,
+            verified: (0..page_count.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        };
+        if count > 0 {
+            layer.min_id = layer.u32_at(ids_at)?;
+            layer.max_id = layer.u32_at(ids_at + (count - 1) * 4)?;
+        }
+        Ok(layer)
     }
 
     pub fn segment_no(&self) -> u64 {
@@ -146,47 +189,102 @@ impl DictLayer {
         self.count == 0
     }
 
-    fn bytes(&self) -> &[u8] {
-        self.seg.raw(&self.entry)
+    fn body(&self) -> &[u8] {
+        &self.seg.raw(&self.entry)[self.body_at..]
     }
 
-    fn id_at(&self, i: usize) -> Option<u32> {
-        le_u32(self.bytes(), self.ids_at + i * 4)
-    }
-
-    fn key_at(&self, i: usize) -> Option<&str> {
-        let b = self.bytes();
-        let lo = le_u64(b, self.offsets_at + i * 8)? as usize;
-        let hi = le_u64(b, self.offsets_at + (i + 1) * 8)? as usize;
-        let keys = b.get(self.keys_at..)?;
-        std::str::from_utf8(keys.get(lo..hi)?).ok()
-    }
-
-    /// The id of `key` in this section.
-    pub fn find(&self, key: &str) -> Option<u32> {
-        if self.count == 0 {
-            return None;
+    /// Checks the pages covering body bytes `lo..hi` (once each).
+    fn check(&self, lo: usize, hi: usize) -> Result<&[u8]> {
+        let body = self.body();
+        let bytes = body
+            .get(lo..hi)
+            .ok_or_else(|| self.corrupt(lo, "offset out of bounds"))?;
+        if lo == hi {
+            return Ok(bytes);
         }
-        let b = self.bytes();
-        let mask = self.slot_count - 1;
-        let mut s = fnv1a64(key.as_bytes()) as usize & mask;
-        for _ in 0..self.slot_count {
-            let slot = le_u32(b, self.slots_at + s * 4)? as usize;
-            if slot == 0 {
-                return None;
+        for p in lo >> self.page_shift..=(hi - 1) >> self.page_shift {
+            let (word, bit) = (p / 64, 1u64 << (p % 64));
+            if self.verified[word].load(Ordering::Relaxed) & bit != 0 {
+                continue;
             }
-            if self.key_at(slot - 1) == Some(key) {
-                return self.id_at(slot - 1);
+            let start = p << self.page_shift;
+            let page = &body[start..body.len().min(start + (1 << self.page_shift))];
+            let expect = le_u32(self.seg.raw(&self.entry), self.crcs_at + p * 4).unwrap_or(0);
+            if crc32fast::hash(page) != expect {
+                return Err(self.corrupt(start, "page checksum mismatch"));
+            }
+            self.verified[word].fetch_or(bit, Ordering::Relaxed);
+        }
+        Ok(bytes)
+    }
+
+    fn corrupt(&self, body_offset: usize, why: &str) -> Error {
+        Error::corrupt(
+            &self.seg.path,
+            self.entry.offset + (self.body_at + body_offset) as u64,
+            format!("dictionary section: {why}"),
+        )
+    }
+
+    fn u32_at(&self, at: usize) -> Result<u32> {
+        let b = self.check(at, at + 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64_at(&self, at: usize) -> Result<u64> {
+        let b = self.check(at, at + 8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn id_at(&self, i: usize) -> Result<u32> {
+        self.u32_at(self.ids_at + i * 4)
+    }
+
+    fn key_at(&self, i: usize) -> Result<&str> {
+        let lo = self.u64_at(self.offsets_at + i * 8)? as usize;
+        let hi = self.u64_at(self.offsets_at + (i + 1) * 8)? as usize;
+        if lo > hi {
+            return Err(self.corrupt(self.offsets_at + i * 8, "key offsets out of order"));
+        }
+        let at = self.keys_at.saturating_add(lo);
+        let bytes = self.check(at, self.keys_at.saturating_add(hi))?;
+        std::str::from_utf8(bytes).map_err(|_| self.corrupt(at, "key is not UTF-8"))
+    }
+
+    /// The id of `key` in this section (`hash` is its FNV-1a hash).
+    fn find_hashed(&self, key: &str, hash: u64) -> Result<Option<u32>> {
+        if self.count == 0 {
+            return Ok(None);
+        }
+        let mask = self.slot_count - 1;
+        let mut s = hash as usize & mask;
+        for _ in 0..self.slot_count {
+            let slot = self.u32_at(self.slots_at + s * 4)? as usize;
+            if slot == 0 {
+                return Ok(None);
+            }
+            if slot > self.count {
+                return Err(self.corrupt(self.slots_at + s * 4, "hash slot out of range"));
+            }
+            if self.key_at(slot - 1)? == key {
+                return self.id_at(slot - 1).map(Some);
             }
             s = (s + 1) & mask;
         }
-        None
+        Ok(None)
+    }
+
+    /// The id of `key` in this section.
+    pub fn find(&self, key: &str) -> Result<Option<u32>> {
+        self.find_hashed(key, fnv1a64(key.as_bytes()))
     }
 
     /// The key of `id` in this section.
-    pub fn key_of(&self, id: u32) -> Option<&str> {
+    pub fn key_of(&self, id: u32) -> Result<Option<&str>> {
         if self.count == 0 || id < self.min_id || id > self.max_id {
-            return None;
+            return Ok(None);
         }
         let (mut lo, mut hi) = (0usize, self.count);
         while lo < hi {
@@ -194,15 +292,15 @@ impl DictLayer {
             match self.id_at(mid)?.cmp(&id) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return self.key_at(mid),
+                std::cmp::Ordering::Equal => return self.key_at(mid).map(Some),
             }
         }
-        None
+        Ok(None)
     }
 
     /// Every `(id, key)` in ascending id order.
-    pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
-        (0..self.count).filter_map(|i| Some((self.id_at(i)?, self.key_at(i)?)))
+    pub fn iter(&self) -> impl Iterator<Item = Result<(u32, &str)>> + '_ {
+        (0..self.count).map(|i| Ok((self.id_at(i)?, self.key_at(i)?)))
     }
 }
 
@@ -237,37 +335,50 @@ impl Dictionary {
 
     /// The id last given to `key`. It may belong to a deleted customer: check
     /// the live set.
-    pub fn lookup(&self, key: &str) -> Option<u32> {
+    pub fn lookup(&self, key: &str) -> Result<Option<u32>> {
         let inner = self.inner.read();
         if let Some(&id) = inner.recent_ids.get(key) {
-            return Some(id);
+            return Ok(Some(id));
         }
-        inner.layers.iter().rev().find_map(|l| l.find(key))
+        let hash = fnv1a64(key.as_bytes());
+        for layer in inner.layers.iter().rev() {
+            if let Some(id) = layer.find_hashed(key, hash)? {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
     }
 
     /// The key of `id`, if it was ever assigned (and not yet erased).
-    pub fn key_of(&self, id: u32) -> Option<String> {
+    pub fn key_of(&self, id: u32) -> Result<Option<String>> {
         let inner = self.inner.read();
-        Self::key_in(&inner, id).map(str::to_string)
+        Ok(Self::key_in(&inner, id)?.map(str::to_string))
     }
 
-    fn key_in(inner: &Inner, id: u32) -> Option<&str> {
+    fn key_in(inner: &Inner, id: u32) -> Result<Option<&str>> {
         if id >= inner.recent_base {
-            return inner
+            return Ok(inner
                 .recent_keys
-                .get((id - inner.recent_base) as usize)?
-                .as_deref();
+                .get((id - inner.recent_base) as usize)
+                .and_then(|k| k.as_deref()));
         }
-        inner.layers.iter().rev().find_map(|l| l.key_of(id))
+        for layer in inner.layers.iter().rev() {
+            if let Some(key) = layer.key_of(id)? {
+                return Ok(Some(key));
+            }
+        }
+        Ok(None)
     }
 
     /// Appends the keys of `ids` to `out` (skipping ids without a key), under one lock.
-    pub fn keys_of(&self, ids: &[u32], out: &mut Vec<String>) {
+    pub fn keys_of(&self, ids: &[u32], out: &mut Vec<String>) -> Result<()> {
         let inner = self.inner.read();
-        out.extend(
-            ids.iter()
-                .filter_map(|&id| Self::key_in(&inner, id).map(str::to_string)),
-        );
+        for &id in ids {
+            if let Some(key) = Self::key_in(&inner, id)? {
+                out.push(key.to_string());
+            }
+        }
+        Ok(())
     }
 
     /// Records that `key` has `id` (idempotent).
@@ -363,21 +474,59 @@ mod tests {
         w.finish().unwrap();
         let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
         for (i, k) in keys.iter().enumerate() {
-            assert_eq!(layer.find(k), Some(i as u32 * 3));
-            assert_eq!(layer.key_of(i as u32 * 3), Some(k.as_str()));
+            assert_eq!(layer.find(k).unwrap(), Some(i as u32 * 3));
+            assert_eq!(layer.key_of(i as u32 * 3).unwrap(), Some(k.as_str()));
         }
-        assert_eq!(layer.find("wechat:nobody"), None);
-        assert_eq!(layer.key_of(1), None);
-        assert_eq!(layer.iter().count(), 5000);
+        assert_eq!(layer.find("wechat:nobody").unwrap(), None);
+        assert_eq!(layer.key_of(1).unwrap(), None);
+        assert_eq!(layer.iter().filter(|r| r.is_ok()).count(), 5000);
 
         let dict = Dictionary::new(vec![Arc::new(layer)], 20_000);
         dict.insert(20_000, "jd:pin_1");
-        assert_eq!(dict.lookup("jd:pin_1"), Some(20_000));
-        assert_eq!(dict.lookup(&keys[7]), Some(21));
-        assert_eq!(dict.key_of(21).as_deref(), Some(keys[7].as_str()));
+        assert_eq!(dict.lookup("jd:pin_1").unwrap(), Some(20_000));
+        assert_eq!(dict.lookup(&keys[7]).unwrap(), Some(21));
+        assert_eq!(dict.key_of(21).unwrap().as_deref(), Some(keys[7].as_str()));
         dict.forget([20_000].into_iter());
-        assert_eq!(dict.lookup("jd:pin_1"), None);
+        assert_eq!(dict.lookup("jd:pin_1").unwrap(), None);
         // The id still names its key for readers of older snapshots.
-        assert_eq!(dict.key_of(20_000).as_deref(), Some("jd:pin_1"));
+        assert_eq!(dict.key_of(20_000).unwrap().as_deref(), Some("jd:pin_1"));
+    }
+
+    #[test]
+    fn a_damaged_page_fails_the_lookups_that_touch_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<String> = (0..40_000).map(|i| format!("wechat:o{i:08}")).collect();
+        let section = encode_section(keys.iter().enumerate().map(|(i, k)| (i as u32, k.as_str())));
+        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
+        w.finish().unwrap();
+        let path = dir.path().join(crate::storage::segment::file_name(1));
+        let mut data = std::fs::read(&path).unwrap();
+        // Flip a byte in the last page of the body (the keys of the last entries).
+        let at = data.len() - 32 - ENTRY_LEN_FOR_TEST - 10;
+        data[at] ^= 0x01;
+        std::fs::write(&path, &data).unwrap();
+        let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+        assert_eq!(
+            layer.find(&keys[0]).unwrap(),
+            Some(0),
+            "untouched pages still serve"
+        );
+        let err = layer.key_of(39_999).unwrap_err().to_string();
+        assert!(err.contains("page checksum mismatch"), "{err}");
+    }
+
+    const ENTRY_LEN_FOR_TEST: usize = crate::storage::segment::ENTRY_LEN;
+
+    #[test]
+    fn empty_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let section = encode_section(std::iter::empty());
+        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
+        w.finish().unwrap();
+        let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+        assert!(layer.is_empty());
+        assert_eq!(layer.find("x").unwrap(), None);
     }
 }

@@ -126,7 +126,7 @@ impl Snapshot {
 
     /// The id of a live customer.
     pub fn customer_id(&self, key: &str) -> Result<Option<u32>> {
-        let Some(id) = self.dict.lookup(key) else {
+        let Some(id) = self.dict.lookup(key)? else {
             return Ok(None);
         };
         Ok(self.live()?.contains(id).then_some(id))

@@ -744,7 +744,7 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
             .state
             .snap
             .dict
-            .lookup(key)
+            .lookup(key)?
             .filter(|&id| self.live.contains(id)))
     }
 
