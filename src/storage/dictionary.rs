@@ -25,6 +25,16 @@ const SECTION_HEADER_LEN: usize = 32;
 /// log2 of the page size that per-page checksums cover.
 const PAGE_SHIFT: u32 = 16;
 
+/// Hash table size for `count` keys: a power of two, load factor at most 0.8.
+fn slots_for(count: usize) -> usize {
+    (count + count / 4 + 1).next_power_of_two().max(2)
+}
+
+/// A hash table entry: the high 32 bits of the key's hash, then index + 1.
+fn slot_entry(hash: u64, index: usize) -> u64 {
+    (hash & 0xffff_ffff_0000_0000) | (index as u64 + 1)
+}
+
 /// Encodes a dictionary section from `(id, key)` pairs in ascending id order.
 pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<u8> {
     let mut ids: Vec<u32> = Vec::new();
@@ -37,18 +47,19 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
         offsets.push(keys.len() as u64);
     }
     let count = ids.len();
-    let slot_count = (count * 2).next_power_of_two().max(2);
+    let slot_count = slots_for(count);
     let mask = slot_count - 1;
-    let mut slots = vec![0u32; slot_count];
+    let mut slots = vec![0u64; slot_count];
     for i in 0..count {
         let key = &keys[offsets[i] as usize..offsets[i + 1] as usize];
-        let mut s = fnv1a64(key) as usize & mask;
+        let hash = fnv1a64(key);
+        let mut s = hash as usize & mask;
         while slots[s] != 0 {
             s = (s + 1) & mask;
         }
-        slots[s] = i as u32 + 1;
+        slots[s] = slot_entry(hash, i);
     }
-    let mut body = Vec::with_capacity(count * 12 + 8 + slot_count * 4 + keys.len());
+    let mut body = Vec::with_capacity(count * 12 + 8 + slot_count * 8 + keys.len());
     for id in &ids {
         body.extend_from_slice(&id.to_le_bytes());
     }
@@ -139,13 +150,13 @@ impl DictLayer {
         if crc32fast::hash(table) != table_crc {
             return Err(corrupt("page checksum table checksum mismatch"));
         }
-        if !slot_count.is_power_of_two() || slot_count < count {
+        if !slot_count.is_power_of_two() || slot_count <= count {
             return Err(corrupt("bad hash table size"));
         }
         let ids_at = 0;
         let offsets_at = ids_at + count * 4;
         let slots_at = offsets_at + (count + 1) * 8;
-        let keys_at = slots_at + slot_count * 4;
+        let keys_at = slots_at + slot_count * 8;
         let body_len = keys_at.checked_add(key_bytes);
         if body_len.and_then(|l| l.checked_add(body_at)) != Some(b.len())
             || page_count != body_len.unwrap_or(0).div_ceil(1 << page_shift)
@@ -242,15 +253,22 @@ impl DictLayer {
         self.u32_at(self.ids_at + i * 4)
     }
 
-    fn key_at(&self, i: usize) -> Result<&str> {
+    fn key_bytes_at(&self, i: usize) -> Result<&[u8]> {
         let lo = self.u64_at(self.offsets_at + i * 8)? as usize;
         let hi = self.u64_at(self.offsets_at + (i + 1) * 8)? as usize;
         if lo > hi {
             return Err(self.corrupt(self.offsets_at + i * 8, "key offsets out of order"));
         }
-        let at = self.keys_at.saturating_add(lo);
-        let bytes = self.check(at, self.keys_at.saturating_add(hi))?;
-        std::str::from_utf8(bytes).map_err(|_| self.corrupt(at, "key is not UTF-8"))
+        self.check(
+            self.keys_at.saturating_add(lo),
+            self.keys_at.saturating_add(hi),
+        )
+    }
+
+    fn key_at(&self, i: usize) -> Result<&str> {
+        let bytes = self.key_bytes_at(i)?;
+        std::str::from_utf8(bytes)
+            .map_err(|_| self.corrupt(self.offsets_at + i * 8, "key is not UTF-8"))
     }
 
     /// The id of `key` in this section (`hash` is its FNV-1a hash).
@@ -259,17 +277,21 @@ impl DictLayer {
             return Ok(None);
         }
         let mask = self.slot_count - 1;
+        let tag = hash >> 32;
         let mut s = hash as usize & mask;
         for _ in 0..self.slot_count {
-            let slot = self.u32_at(self.slots_at + s * 4)? as usize;
-            if slot == 0 {
+            let entry = self.u64_at(self.slots_at + s * 8)?;
+            if entry == 0 {
                 return Ok(None);
             }
-            if slot > self.count {
-                return Err(self.corrupt(self.slots_at + s * 4, "hash slot out of range"));
-            }
-            if self.key_at(slot - 1)? == key {
-                return self.id_at(slot - 1).map(Some);
+            if entry >> 32 == tag {
+                let index = (entry & 0xffff_ffff) as usize;
+                if index == 0 || index > self.count {
+                    return Err(self.corrupt(self.slots_at + s * 8, "hash slot out of range"));
+                }
+                if self.key_bytes_at(index - 1)? == key.as_bytes() {
+                    return self.id_at(index - 1).map(Some);
+                }
             }
             s = (s + 1) & mask;
         }

@@ -103,7 +103,8 @@ impl DataSet {
         if spec.density >= 1.0 {
             return (lo..hi).collect();
         }
-        let mut rng = StdRng::seed_from_u64(self.seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            StdRng::seed_from_u64(self.seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let ln_q = (1.0 - spec.density).ln();
         let mut out = Vec::with_capacity(spec.expected_members() as usize + 16);
         let mut id = lo as f64 - 1.0;
