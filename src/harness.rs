@@ -26,8 +26,9 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `binary serve --listen 127.0.0.1:0 --data-dir DIR extra...` and
-    /// waits (up to `timeout`) until it listens. On failure, returns what the
+    /// Starts `binary serve --listen 127.0.0.1:0 --data-dir DIR extra...` (no
+    /// `--listen` of its own when `extra` has one) and waits (up to `timeout`)
+    /// until it listens. On failure, returns what the
     /// process printed on stderr.
     pub fn start(
         binary: &Path,
@@ -36,10 +37,12 @@ impl ServerProcess {
         timeout: Duration,
     ) -> Result<Self, String> {
         let started = Instant::now();
-        let mut child = Command::new(binary)
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
+        let mut cmd = Command::new(binary);
+        cmd.arg("serve");
+        if !extra.contains(&"--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

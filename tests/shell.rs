@@ -1,0 +1,321 @@
+//! `tagstore-shell` against a real server: every command non-interactively
+//! (`-c`, `-f`, `--json`, exit codes), and an interactive session in a
+//! pseudo-terminal (completion, Ctrl-C at the prompt and during a command,
+//! multi-line input).
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn shell(addr: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tagstore-shell"))
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .env("TAGSTORE_HISTORY", "/dev/null")
+        .output()
+        .expect("run tagstore-shell")
+}
+
+/// Runs `-c command`, expecting success; returns stdout.
+fn ok(addr: &str, command: &str) -> String {
+    let out = shell(addr, &["-c", command]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{command}: exit {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// Runs `-c command`, expecting failure; returns stderr.
+fn fails(addr: &str, command: &str) -> String {
+    let out = shell(addr, &["-c", command]);
+    assert_eq!(out.status.code(), Some(1), "{command} should fail: {out:?}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_non_interactively() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+
+    assert_eq!(
+        ok(
+            a,
+            "create tag 高价值用户 category 价值 description \"spent over ¥5,000\""
+        )
+        .trim(),
+        "created tag 高价值用户"
+    );
+    assert_eq!(
+        ok(a, "create tag \"with space\"").trim(),
+        "created tag \"with space\""
+    );
+    assert!(fails(a, "create tag 高价值用户").contains("already exists"));
+    assert_eq!(
+        ok(
+            a,
+            "add 高价值用户 phone:13800001111 wechat:oX9a jd:pin_7781"
+        )
+        .trim(),
+        "added 3 (3 new customers)"
+    );
+    assert_eq!(
+        ok(a, "add \"with space\" jd:pin_7781").trim(),
+        "added 1 (0 new customers)"
+    );
+    assert_eq!(ok(a, "remove \"with space\" nobody").trim(), "removed 0");
+
+    let count = ok(a, "count 高价值用户 AND NOT \"with space\"");
+    assert!(count.starts_with("2  ("), "{count}");
+    assert!(count.trim_end().ends_with("ms)"), "{count}");
+
+    // A query error: one line, then the query with a caret under the position.
+    let err = fails(a, "count 高价值用户 AND (");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("position 11"),
+        "{err}"
+    );
+    assert_eq!(lines[1], "  高价值用户 AND (");
+    assert_eq!(lines[2], format!("  {}^", " ".repeat(16)), "{err}");
+    assert!(fails(a, "count nope").contains("unknown tag"));
+
+    let tags = ok(a, "tags");
+    assert!(
+        tags.contains("高价值用户  价值") && tags.contains("(2 tags)"),
+        "{tags}"
+    );
+    let tag = ok(a, "tag 高价值用户");
+    assert!(
+        tag.contains("spent over ¥5,000") && tag.contains("members"),
+        "{tag}"
+    );
+
+    let page = ok(a, "find ALL limit 2");
+    assert!(
+        page.contains("phone:13800001111") && page.contains("wechat:oX9a"),
+        "{page}"
+    );
+    assert!(page.contains("`more` for the next page"), "{page}");
+    // `more` continues the last find within one session (-f runs one session).
+    let script = dir.path().join("pages.tsq");
+    std::fs::write(&script, "-- two pages\nfind ALL limit 2\nmore\n").unwrap();
+    let out = shell(a, &["-f", script.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("jd:pin_7781") && text.contains("(1 shown;"),
+        "{text}"
+    );
+    assert!(fails(a, "more").contains("run `find` first"));
+
+    let profile = ok(a, "profile jd:pin_7781");
+    assert!(
+        profile.contains("2 tags")
+            && profile.contains("with space")
+            && profile.contains("高价值用户"),
+        "{profile}"
+    );
+    assert!(fails(a, "profile nobody").contains("not found"));
+
+    // Import: keys one per line, a CSV column, rejected lines with reasons.
+    let file = dir.path().join("keys.csv");
+    std::fs::write(
+        &file,
+        "customer,name\nphone:1,A\n\"phone:2\",B\nbad\u{1}key,C\n\njd:pin_7781,D\n",
+    )
+    .unwrap();
+    let imported = ok(
+        a,
+        &format!("import 高价值用户 from {} column 1", file.display()),
+    );
+    assert!(
+        imported.contains("read 6 lines, sent 3 keys: 2 added"),
+        "{imported}"
+    );
+    assert!(
+        imported.contains("1 rejected")
+            && imported.contains("line 4: ")
+            && imported.contains("control character"),
+        "{imported}"
+    );
+    let created = ok(a, &format!("import 新标签 from {} create", file.display()));
+    assert!(created.contains("added to 新标签"), "{created}");
+
+    // Export writes a CSV file with every member.
+    let csv = dir.path().join("out.csv");
+    let exported = ok(a, &format!("export 高价值用户 to {}", csv.display()));
+    assert!(exported.starts_with("exported 5 customers"), "{exported}");
+    let body = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(body.lines().count(), 6);
+    assert_eq!(body.lines().next(), Some("customer"));
+
+    // Confirmation: refused without a terminal unless --yes.
+    assert!(fails(a, "drop tag \"with space\"").contains("add --yes"));
+    assert!(
+        ok(a, "drop tag \"with space\" --yes").contains("dropped tag \"with space\" (1 members)")
+    );
+    let out = shell(a, &["--yes", "-c", "delete customers phone:1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("deleted 1 customers"),
+        "{out:?}"
+    );
+
+    let stats = ok(a, "stats");
+    assert!(
+        stats.contains("customers") && stats.contains("data directory"),
+        "{stats}"
+    );
+    assert!(ok(a, "checkpoint").starts_with("checkpoint at lsn"));
+    assert!(ok(a, "help").contains("export <query> to <file.csv>"));
+    assert!(ok(a, "help import").contains("example:"));
+    assert!(ok(a, "\\timing on").contains("Timing is on."));
+    assert!(fails(a, "frobnicate").contains("unknown command"));
+
+    // JSON output for scripts.
+    // Five customers were created; phone:1 was deleted.
+    let text = ok(a, "count ALL");
+    assert!(text.starts_with("4  ("), "{text}");
+    let out = shell(a, &["--json", "-c", "count ALL"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["count"], 4);
+    let out = shell(a, &["--json", "-c", "tags"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tags"].as_array().unwrap().len(), 2);
+
+    // A script stops at the first failure with exit status 1, naming the line.
+    std::fs::write(
+        &script,
+        "count ALL\ncount (\n  高价值用户 OR\n  新标签)\ncount nope\ncount ALL\n",
+    )
+    .unwrap();
+    let out = shell(a, &["-f", script.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "multi-line command ran: {stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(stopped at line 5)"));
+
+    // Piped input works like a script.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tagstore-shell"))
+        .args(["--addr", a])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"count ALL\nquit\ncount ALL\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "quit stops the input"
+    );
+}
+
+#[test]
+fn a_dropped_connection_is_one_line_and_the_next_command_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let addr = server.addr.clone();
+    ok(&addr, "create tag t");
+    ok(&addr, "add t k1 k2");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstore-shell"));
+    cmd.args(["--addr", &addr])
+        .env("TAGSTORE_HISTORY", "/dev/null")
+        .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(cmd, Some(15_000)).expect("spawn in a pty");
+    let prompt = format!("tagstore {addr}> ");
+    p.exp_string(&prompt).unwrap();
+    server.kill();
+    p.send_line("count ALL").unwrap();
+    p.exp_string("cannot reach the server").unwrap();
+    p.exp_string(&prompt).unwrap();
+    // The server comes back on the same address: the next command just works.
+    let _server = common::start(dir.path(), &["--listen", &addr]);
+    p.send_line("count ALL").unwrap();
+    p.exp_string("2  (").unwrap();
+    p.exp_string(&prompt).unwrap();
+    p.send_control('d').unwrap();
+    p.exp_eof().unwrap();
+}
+
+#[test]
+fn interactive_session_in_a_pseudo_terminal() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.clone();
+    ok(&a, "create tag 高价值用户");
+    ok(&a, "create tag 常购护肤品");
+    ok(&a, "add 高价值用户 k1 k2 k3");
+    ok(&a, "add 常购护肤品 k2");
+    drop(rt);
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstore-shell"));
+    cmd.args(["--addr", &a])
+        .env("TAGSTORE_HISTORY", dir.path().join("history"))
+        .env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_command(cmd, Some(15_000)).expect("spawn in a pty");
+    let prompt = format!("tagstore {a}> ");
+    p.exp_string(&prompt).unwrap();
+
+    // Completion of a command, then of a Chinese tag name.
+    p.send("cou\t").unwrap();
+    p.send("高\t").unwrap();
+    p.send(" AND 常\t").unwrap();
+    p.send_line("").unwrap();
+    p.exp_string("1  (").unwrap();
+    p.exp_string(&prompt).unwrap();
+
+    // Ctrl-C at the prompt keeps the session.
+    p.send("count garbage").unwrap();
+    p.send_control('c').unwrap();
+    p.exp_string("^C").unwrap();
+    p.exp_string(&prompt).unwrap();
+
+    // Ctrl-C during a command that waits (an import reading a FIFO nobody writes).
+    let fifo = dir.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    p.send_line(&format!("import 高价值用户 from {}", fifo.display()))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    p.send_control('c').unwrap();
+    p.exp_string("cancelled").unwrap();
+    p.exp_string(&prompt).unwrap();
+
+    // Multi-line input: an open parenthesis continues the command.
+    p.send_line("count (高价值用户 OR").unwrap();
+    p.send_line("常购护肤品)").unwrap();
+    p.exp_string("3  (").unwrap();
+    p.exp_string(&prompt).unwrap();
+
+    // An error is one line and the session goes on.
+    p.send_line("count nope").unwrap();
+    p.exp_string("unknown tag").unwrap();
+    p.exp_string(&prompt).unwrap();
+    p.send_line("quit").unwrap();
+    p.exp_eof().unwrap();
+    let history = std::fs::read_to_string(dir.path().join("history")).unwrap();
+    assert!(history.contains("count nope"), "history is kept: {history}");
+}

@@ -1,0 +1,617 @@
+//! The shell's command language: parsing a line into a [`Command`], and the
+//! help texts. Knows nothing of the server.
+
+/// One shell command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Count(String),
+    Find {
+        query: String,
+        limit: u32,
+    },
+    More,
+    Export {
+        query: String,
+        path: String,
+    },
+    Profile(String),
+    Tags,
+    Tag(String),
+    CreateTag {
+        name: String,
+        category: String,
+        description: String,
+    },
+    DropTag {
+        name: String,
+        yes: bool,
+    },
+    Add {
+        tag: String,
+        keys: Vec<String>,
+    },
+    Remove {
+        tag: String,
+        keys: Vec<String>,
+    },
+    Import {
+        tag: String,
+        path: String,
+        column: usize,
+        create: bool,
+    },
+    DeleteCustomers {
+        keys: Vec<String>,
+        yes: bool,
+    },
+    Stats,
+    Checkpoint,
+    Help(Option<String>),
+    Timing(Option<bool>),
+    Quit,
+}
+
+/// A command's name, usage and description, for `help`.
+pub struct Doc {
+    pub name: &'static str,
+    pub usage: &'static str,
+    pub summary: &'static str,
+    pub example: &'static str,
+}
+
+pub const DOCS: &[Doc] = &[
+    Doc {
+        name: "count",
+        usage: "count <query>",
+        summary: "how many customers match a query",
+        example: "count 高价值用户 AND NOT 潜在流失",
+    },
+    Doc {
+        name: "find",
+        usage: "find <query> [limit N]",
+        summary: "a page of matching customers (default 20; `more` for the next)",
+        example: "find 常购护肤品 OR 尝试新品 limit 50",
+    },
+    Doc {
+        name: "more",
+        usage: "more",
+        summary: "the next page of the last `find`",
+        example: "more",
+    },
+    Doc {
+        name: "export",
+        usage: "export <query> to <file.csv>",
+        summary: "every matching customer to a CSV file, with a progress bar",
+        example: "export 高价值用户 AND 社交活跃 to audience.csv",
+    },
+    Doc {
+        name: "profile",
+        usage: "profile <customer key>",
+        summary: "one customer's tags",
+        example: "profile phone:13800001111",
+    },
+    Doc {
+        name: "tags",
+        usage: "tags",
+        summary: "every tag with its category and member count",
+        example: "tags",
+    },
+    Doc {
+        name: "tag",
+        usage: "tag <name>",
+        summary: "one tag's metadata",
+        example: "tag 高价值用户",
+    },
+    Doc {
+        name: "create",
+        usage: "create tag <name> [category <c>] [description <d>]",
+        summary: "create a tag (quote names and words with spaces)",
+        example: "create tag 高价值用户 category 价值 description \"spent over ¥5,000\"",
+    },
+    Doc {
+        name: "drop",
+        usage: "drop tag <name> [--yes]",
+        summary: "drop a tag and its members (asks first)",
+        example: "drop tag 潜在流失",
+    },
+    Doc {
+        name: "add",
+        usage: "add <tag> <key>...",
+        summary: "add customers to a tag (unknown keys become customers)",
+        example: "add 高价值用户 phone:13800001111 jd:pin_7781",
+    },
+    Doc {
+        name: "remove",
+        usage: "remove <tag> <key>...",
+        summary: "remove customers from a tag",
+        example: "remove 高价值用户 jd:pin_7781",
+    },
+    Doc {
+        name: "import",
+        usage: "import <tag> from <file> [column N] [create]",
+        summary: "add every key in a file (one per line, or CSV column N) to a tag",
+        example: "import 高价值用户 from vip.csv column 2",
+    },
+    Doc {
+        name: "delete",
+        usage: "delete customers <key>... [--yes]",
+        summary: "erase customers from every tag and forget their keys (asks first)",
+        example: "delete customers phone:13800001111",
+    },
+    Doc {
+        name: "stats",
+        usage: "stats",
+        summary: "server figures: customers, tags, memory, disk, log, last checkpoint",
+        example: "stats",
+    },
+    Doc {
+        name: "checkpoint",
+        usage: "checkpoint",
+        summary: "write a checkpoint now",
+        example: "checkpoint",
+    },
+    Doc {
+        name: "help",
+        usage: "help [command]",
+        summary: "this list, or one command in detail",
+        example: "help find",
+    },
+    Doc {
+        name: "\\timing",
+        usage: "\\timing [on|off]",
+        summary: "show how long each command takes",
+        example: "\\timing on",
+    },
+    Doc {
+        name: "quit",
+        usage: "quit",
+        summary: "leave the shell (also `exit`, `\\q`, Ctrl-D)",
+        example: "quit",
+    },
+];
+
+/// Names the completer offers at the start of a line.
+pub const COMMAND_WORDS: &[&str] = &[
+    "count",
+    "find",
+    "more",
+    "export",
+    "profile",
+    "tags",
+    "tag",
+    "create tag",
+    "drop tag",
+    "add",
+    "remove",
+    "import",
+    "delete customers",
+    "stats",
+    "checkpoint",
+    "help",
+    "\\timing",
+    "quit",
+];
+
+/// Commands whose arguments are (or contain) a query or tag names.
+pub fn takes_tags(first_word: &str) -> bool {
+    matches!(
+        first_word.to_ascii_lowercase().as_str(),
+        "count" | "find" | "export" | "tag" | "drop" | "add" | "remove" | "import"
+    )
+}
+
+/// Splits arguments on white space; double quotes group, with `\"` and `\\`.
+pub fn split_args(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&c) = chars.peek() else {
+            return Ok(out);
+        };
+        let mut word = String::new();
+        if c == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated quote".into()),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(e @ ('"' | '\\')) => word.push(e),
+                        _ => {
+                            return Err(
+                                "bad escape: only \\\" and \\\\ are allowed in quotes".into()
+                            );
+                        }
+                    },
+                    Some(ch) => word.push(ch),
+                }
+            }
+        } else {
+            while let Some(&ch) = chars.peek() {
+                if ch.is_whitespace() {
+                    break;
+                }
+                word.push(ch);
+                chars.next();
+            }
+        }
+        out.push(word);
+    }
+}
+
+fn first_word(line: &str) -> (&str, &str) {
+    let line = line.trim();
+    match line.find(char::is_whitespace) {
+        Some(i) => (&line[..i], line[i..].trim()),
+        None => (line, ""),
+    }
+}
+
+fn need(rest: &str, what: &str, usage: &str) -> Result<(), String> {
+    if rest.is_empty() {
+        Err(format!("{what} is missing; usage: {usage}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Splits `text` at the last case-insensitive ` word ` (surrounded by white space).
+fn rsplit_word<'a>(text: &'a str, word: &str) -> Option<(&'a str, &'a str)> {
+    let lower = text.to_lowercase();
+    let pat = format!(" {word} ");
+    // Lowercasing keeps byte offsets for ASCII words; find on the original when it does not.
+    if lower.len() != text.len() {
+        let i = text.rfind(&pat)?;
+        return Some((text[..i].trim(), text[i + pat.len()..].trim()));
+    }
+    let i = lower.rfind(&pat)?;
+    Some((text[..i].trim(), text[i + pat.len()..].trim()))
+}
+
+/// Parses one line (already joined if it spanned several). `Ok(None)` for a blank line or a comment.
+pub fn parse(line: &str) -> Result<Option<Command>, String> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with("--") || line.starts_with('#') {
+        return Ok(None);
+    }
+    let (word, rest) = first_word(line);
+    let cmd = match word.to_ascii_lowercase().as_str() {
+        "count" => {
+            need(rest, "a query", "count <query>")?;
+            Command::Count(rest.into())
+        }
+        "find" => {
+            need(rest, "a query", "find <query> [limit N]")?;
+            let (query, limit) = match rsplit_word(&format!("{rest} "), "limit") {
+                Some((q, n))
+                    if !q.is_empty() && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() =>
+                {
+                    let limit: u32 = n.parse().map_err(|_| format!("bad limit {n:?}"))?;
+                    if limit == 0 || limit > 100_000 {
+                        return Err("limit must be 1 to 100000".into());
+                    }
+                    (q.to_string(), limit)
+                }
+                _ => (rest.to_string(), 20),
+            };
+            Command::Find { query, limit }
+        }
+        "more" | "next" => Command::More,
+        "export" => {
+            let (query, path) =
+                rsplit_word(rest, "to").ok_or("usage: export <query> to <file.csv>")?;
+            need(query, "a query", "export <query> to <file.csv>")?;
+            let path = split_args(path)?
+                .into_iter()
+                .next()
+                .ok_or("a file name is missing")?;
+            Command::Export {
+                query: query.into(),
+                path,
+            }
+        }
+        "profile" => {
+            let args = split_args(rest)?;
+            match args.as_slice() {
+                [key] => Command::Profile(key.clone()),
+                _ => return Err("usage: profile <customer key>".into()),
+            }
+        }
+        "tags" => Command::Tags,
+        "tag" => {
+            let args = split_args(rest)?;
+            match args.as_slice() {
+                [name] => Command::Tag(name.clone()),
+                _ => return Err("usage: tag <name> (quote names with spaces)".into()),
+            }
+        }
+        "create" => {
+            let args = split_args(rest)?;
+            let usage = "usage: create tag <name> [category <c>] [description <d>]";
+            let [kw, name, opts @ ..] = args.as_slice() else {
+                return Err(usage.into());
+            };
+            if !kw.eq_ignore_ascii_case("tag") {
+                return Err(usage.into());
+            }
+            let (mut category, mut description) = (String::new(), String::new());
+            let mut it = opts.iter();
+            while let Some(k) = it.next() {
+                let v = it.next().ok_or(usage)?;
+                match k.to_ascii_lowercase().as_str() {
+                    "category" => category = v.clone(),
+                    "description" => description = v.clone(),
+                    _ => return Err(format!("unknown option {k:?}; {usage}")),
+                }
+            }
+            Command::CreateTag {
+                name: name.clone(),
+                category,
+                description,
+            }
+        }
+        "drop" => {
+            let mut args = split_args(rest)?;
+            let yes = take_flag(&mut args, "--yes");
+            match args.as_slice() {
+                [kw, name] if kw.eq_ignore_ascii_case("tag") => Command::DropTag {
+                    name: name.clone(),
+                    yes,
+                },
+                _ => return Err("usage: drop tag <name> [--yes]".into()),
+            }
+        }
+        "add" | "remove" => {
+            let args = split_args(rest)?;
+            let [tag, keys @ ..] = args.as_slice() else {
+                return Err(format!("usage: {word} <tag> <key>..."));
+            };
+            if keys.is_empty() {
+                return Err(format!(
+                    "no customer keys given; usage: {word} <tag> <key>..."
+                ));
+            }
+            let (tag, keys) = (tag.clone(), keys.to_vec());
+            if word.eq_ignore_ascii_case("add") {
+                Command::Add { tag, keys }
+            } else {
+                Command::Remove { tag, keys }
+            }
+        }
+        "import" => {
+            let mut args = split_args(rest)?;
+            let usage = "usage: import <tag> from <file> [column N] [create]";
+            let create = take_flag(&mut args, "create");
+            let mut column = 1;
+            if let Some(i) = args.iter().position(|a| a.eq_ignore_ascii_case("column")) {
+                let n = args.get(i + 1).ok_or(usage)?;
+                column = n
+                    .parse()
+                    .ok()
+                    .filter(|&c: &usize| c >= 1)
+                    .ok_or_else(|| format!("bad column {n:?}: columns count from 1"))?;
+                args.drain(i..i + 2);
+            }
+            match args.as_slice() {
+                [tag, kw, path] if kw.eq_ignore_ascii_case("from") => Command::Import {
+                    tag: tag.clone(),
+                    path: path.clone(),
+                    column,
+                    create,
+                },
+                _ => return Err(usage.into()),
+            }
+        }
+        "delete" => {
+            let mut args = split_args(rest)?;
+            let yes = take_flag(&mut args, "--yes");
+            match args.split_first() {
+                Some((kw, keys)) if kw.eq_ignore_ascii_case("customers") && !keys.is_empty() => {
+                    Command::DeleteCustomers {
+                        keys: keys.to_vec(),
+                        yes,
+                    }
+                }
+                _ => return Err("usage: delete customers <key>... [--yes]".into()),
+            }
+        }
+        "stats" => Command::Stats,
+        "checkpoint" => Command::Checkpoint,
+        "help" | "\\?" | "?" => Command::Help((!rest.is_empty()).then(|| rest.to_string())),
+        "\\timing" => match rest.to_ascii_lowercase().as_str() {
+            "" => Command::Timing(None),
+            "on" => Command::Timing(Some(true)),
+            "off" => Command::Timing(Some(false)),
+            _ => return Err("usage: \\timing [on|off]".into()),
+        },
+        "quit" | "exit" | "\\q" => Command::Quit,
+        other => {
+            return Err(format!(
+                "unknown command {other:?}; type `help` for the list"
+            ));
+        }
+    };
+    Ok(Some(cmd))
+}
+
+fn take_flag(args: &mut Vec<String>, flag: &str) -> bool {
+    match args.iter().position(|a| a.eq_ignore_ascii_case(flag)) {
+        Some(i) => {
+            args.remove(i);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The help text: every command, or one in detail.
+pub fn help(topic: Option<&str>) -> Result<String, String> {
+    match topic {
+        None => {
+            let width = DOCS
+                .iter()
+                .map(|d| d.usage.chars().count())
+                .max()
+                .unwrap_or(0);
+            let mut out = String::from(
+                "Commands (a query uses AND, OR, NOT, parentheses and ALL; quote tag names with spaces):\n",
+            );
+            for d in DOCS {
+                out.push_str(&format!("  {:width$}  {}\n", d.usage, d.summary));
+            }
+            out.push_str("A line that leaves a parenthesis or quote open, or ends with \\, continues on the next.");
+            Ok(out)
+        }
+        Some(t) => {
+            let t = t.trim().to_ascii_lowercase();
+            let d = DOCS
+                .iter()
+                .find(|d| d.name == t || d.usage.starts_with(&t))
+                .ok_or_else(|| format!("no command {t:?}; type `help` for the list"))?;
+            Ok(format!(
+                "{}\n  {}\n  example: {}",
+                d.usage, d.summary, d.example
+            ))
+        }
+    }
+}
+
+/// True when a line leaves a parenthesis or a double quote open, or ends with `\`.
+pub fn is_incomplete(text: &str) -> bool {
+    if text.trim_end().ends_with('\\') {
+        return true;
+    }
+    let (mut depth, mut in_quote, mut escaped) = (0i64, false, false);
+    for c in text.chars() {
+        if in_quote {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_quote = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                '"' => in_quote = true,
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+        }
+    }
+    in_quote || depth > 0
+}
+
+/// Joins continuation lines: a trailing `\` is dropped, lines are joined by a space.
+pub fn join_lines(text: &str) -> String {
+    text.lines()
+        .map(|l| l.trim_end().strip_suffix('\\').unwrap_or(l).trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Command {
+        parse(s).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(
+            p("count 高价值用户 AND NOT 潜在流失"),
+            Command::Count("高价值用户 AND NOT 潜在流失".into())
+        );
+        assert_eq!(
+            p("find a OR b limit 5"),
+            Command::Find {
+                query: "a OR b".into(),
+                limit: 5
+            }
+        );
+        assert_eq!(
+            p("find a OR b"),
+            Command::Find {
+                query: "a OR b".into(),
+                limit: 20
+            }
+        );
+        assert_eq!(
+            p("export a AND \"b c\" to out.csv"),
+            Command::Export {
+                query: "a AND \"b c\"".into(),
+                path: "out.csv".into()
+            }
+        );
+        assert_eq!(p("profile phone:1"), Command::Profile("phone:1".into()));
+        assert_eq!(
+            p("create tag \"a b\" category 价值 description \"x y\""),
+            Command::CreateTag {
+                name: "a b".into(),
+                category: "价值".into(),
+                description: "x y".into()
+            }
+        );
+        assert_eq!(
+            p("drop tag x --yes"),
+            Command::DropTag {
+                name: "x".into(),
+                yes: true
+            }
+        );
+        assert_eq!(
+            p("add t k1 k2"),
+            Command::Add {
+                tag: "t".into(),
+                keys: vec!["k1".into(), "k2".into()]
+            }
+        );
+        assert_eq!(
+            p("import t from f.csv column 2 create"),
+            Command::Import {
+                tag: "t".into(),
+                path: "f.csv".into(),
+                column: 2,
+                create: true
+            }
+        );
+        assert_eq!(
+            p("delete customers a b"),
+            Command::DeleteCustomers {
+                keys: vec!["a".into(), "b".into()],
+                yes: false
+            }
+        );
+        assert_eq!(p("\\timing on"), Command::Timing(Some(true)));
+        assert_eq!(p("HELP find"), Command::Help(Some("find".into())));
+        assert_eq!(parse("  -- a comment").unwrap(), None);
+        assert!(parse("frobnicate").is_err());
+        assert!(parse("find x limit 0").is_err());
+        assert!(parse("add t").is_err());
+        assert!(parse("create tag").is_err());
+        assert!(parse("profile \"unterminated").is_err());
+    }
+
+    #[test]
+    fn continuation() {
+        assert!(is_incomplete("count a AND (b OR"));
+        assert!(is_incomplete("count \"open"));
+        assert!(is_incomplete("count a \\"));
+        assert!(!is_incomplete("count a AND (b OR c)"));
+        assert!(!is_incomplete("count \"(\""));
+        assert_eq!(join_lines("count a AND (b OR\nc)"), "count a AND (b OR c)");
+        assert_eq!(join_lines("count a \\\nAND b"), "count a AND b");
+    }
+
+    #[test]
+    fn help_texts() {
+        assert!(help(None).unwrap().contains("export <query> to <file.csv>"));
+        assert!(help(Some("find")).unwrap().contains("example"));
+        assert!(help(Some("nope")).is_err());
+    }
+}
