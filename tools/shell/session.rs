@@ -812,10 +812,10 @@ mod tests {
 
     #[test]
     fn caret_under_the_position() {
-        let mut status = Status::invalid_argument("expected ... at position 6");
+        let mut status = Status::invalid_argument("expected ... at position 8");
         status
             .metadata_mut()
-            .insert("tagstore-error-position", "6".parse().unwrap());
+            .insert("tagstore-error-position", "8".parse().unwrap());
         let text = describe(
             &Failure::Server {
                 status,
