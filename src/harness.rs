@@ -134,12 +134,10 @@ impl ServerProcess {
             .child
             .take()
             .ok_or_else(|| std::io::Error::other("server already stopped"))?;
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status()?;
-        if !status.success() {
-            return Err(std::io::Error::other("kill -TERM failed"));
+        let pid = libc::pid_t::try_from(c.id()).map_err(std::io::Error::other)?;
+        // SAFETY: kill(2) on the pid of a child that has not been reaped yet.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
         c.wait()
     }
