@@ -1,37 +1,50 @@
-//! `tagstore-bench`: the capacity harness. Starts a real `tagstore` server
-//! on a temporary (or given) data directory, loads a seeded data set through
-//! gRPC, and measures. It talks to the server only through the proto.
+//! `tagstore-bench`: the capacity harness. It starts a real `tagstore`
+//! server and, when `redis-server` is installed, a Redis of its own, loads
+//! the same seeded data into both, and times the same work on each: tagstore
+//! through its gRPC proto, Redis with the commands a Redis user would write.
+//! Every row of the report has both figures and their ratio.
 //!
-//! Scenarios: `load` (bulk load), `update` (durable batched updates at several
-//! concurrencies), `restart` (graceful stop, start to first answer, and
-//! recovery after kill -9), `all` (every one, in that order).
+//! Scenarios: `load`, `update`, `query`, `mixed`, `restart`, `sweep`, and
+//! `all` (every one, in that order).
 
 mod data;
+mod ops;
+mod redis;
+mod report;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use data::{DataSet, customer_key};
-use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
+use ops::{BoxError, Measured, Op, Q, redis_key, redis_loop, tagstore_loop};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+use redis::{Conn, RedisServer};
+use report::{Better, Report};
+use serde_json::json;
+use tagstore::bitmap::ShardedBitmap;
 use tagstore::harness::ServerProcess;
 use tagstore::proto::*;
+use tagstore::query::Query;
+use tagstore::storage::dictionary::Dictionary;
+use tagstore::storage::snapshot::LazyBitmap;
+use tagstore::storage::{Snapshot, Tag, TagMeta};
 
 #[derive(Parser)]
 #[command(
     name = "tagstore-bench",
     version,
-    about = "Capacity harness for tagstore"
+    about = "Capacity harness for tagstore, side by side with Redis bitmaps"
 )]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
     /// Customers in the data set.
-    #[arg(long, global = true, default_value_t = 1_000_000)]
+    #[arg(long, global = true, default_value_t = 10_000_000)]
     customers: u32,
     /// Tags in the data set.
     #[arg(long, global = true, default_value_t = 200)]
@@ -44,56 +57,63 @@ struct Cli {
     /// Memberships per request in the bulk load.
     #[arg(long, global = true, default_value_t = 10_000)]
     batch: usize,
-    /// Memberships per request in the update scenario (comma-separated).
-    #[arg(long, global = true, value_delimiter = ',', default_values_t = vec![10_000usize])]
+    /// Memberships per request in the update scenario.
+    #[arg(long, global = true, value_delimiter = ',', default_values_t = vec![1usize, 1000])]
     update_batches: Vec<usize>,
-    /// Concurrent clients in the update scenario (comma-separated).
-    #[arg(long, global = true, value_delimiter = ',', default_values_t = vec![1usize, 8])]
+    /// Concurrent clients in the update scenario.
+    #[arg(long, global = true, value_delimiter = ',', default_values_t = vec![1usize, 8, 50])]
     update_clients: Vec<usize>,
-    /// Seconds each update configuration runs.
-    #[arg(long, global = true, default_value_t = 10)]
-    seconds: u64,
-    /// Keep the data here (default: a temporary directory, removed at the end).
+    /// Concurrent clients in the query and mixed scenarios.
+    #[arg(long, global = true, default_value_t = 8)]
+    query_clients: usize,
+    /// Seconds each timed configuration runs.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    seconds: f64,
+    /// Customers in the density sweep (default: --customers).
+    #[arg(long, global = true)]
+    sweep_customers: Option<u32>,
+    /// Densities of the sweep.
+    #[arg(long, global = true, value_delimiter = ',', default_values_t = vec![0.0001, 0.001, 0.01, 0.1, 0.5])]
+    sweep_densities: Vec<f64>,
+    /// Keep tagstore's data here (default: a temporary directory).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// Skip the load when the data directory already holds a store.
+    /// Skip tagstore's load when the data directory already holds a store.
     #[arg(long, global = true)]
     reuse: bool,
+    /// Run tagstore alone, even when redis-server is installed.
+    #[arg(long, global = true)]
+    no_redis: bool,
     /// The server binary (default: `tagstore` beside this one).
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
-    /// Write every figure here as JSON.
-    #[arg(long, global = true)]
-    json: Option<PathBuf>,
+    /// Where the JSON report and the SVG plots go.
+    #[arg(long, global = true, default_value = "bench-results")]
+    out: PathBuf,
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Scenario {
-    /// Bulk load through gRPC.
+    /// Bulk load through gRPC (Redis: pipelined SETBIT).
     Load,
-    /// Load, then durable batched updates.
+    /// Durable batched updates at several concurrencies.
     Update,
-    /// Load, then stop/start and kill -9/recover timings.
+    /// Counts of 2–5 tag expressions, member pages, profiles.
+    Query,
+    /// Query latency with and without a concurrent write load.
+    Mixed,
+    /// Stop and start: time to the first answer; recovery after kill -9.
     Restart,
+    /// count(A AND B) across densities, to find where roaring stops winning.
+    Sweep,
     /// Every scenario.
     All,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-struct Bench {
-    cli: Cli,
-    bin: PathBuf,
-    dir: PathBuf,
-    data: DataSet,
-    report: serde_json::Map<String, Value>,
-    rows: Vec<(String, String)>,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
     pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {percent:>3}% {per_sec} eta {eta}")
+        ProgressStyle::with_template("{msg:>14} [{bar:40}] {percent:>3}% {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -101,318 +121,685 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-fn fmt_rate(n: f64) -> String {
-    if n >= 1e6 {
-        format!("{:.2} M/s", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} k/s", n / 1e3)
-    } else {
-        format!("{n:.1} /s")
+struct Bench {
+    cli: Cli,
+    bin: PathBuf,
+    dir: PathBuf,
+    work: PathBuf,
+    data: Arc<DataSet>,
+    redis_bin: Option<PathBuf>,
+    redis: Option<RedisServer>,
+    report: Report,
+    /// The query scenario's dense two-tag count, reused by `mixed`.
+    dense_pair: Q,
+}
+
+/// Tags by role: dense (≥ 30% of all customers), sparse (nearest 0.1%), and tiny (≤ 1,000 members).
+struct Picks {
+    dense: Vec<usize>,
+    sparse: Vec<usize>,
+    tiny: Vec<usize>,
+}
+
+fn picks(data: &DataSet) -> Picks {
+    let mut by_density: Vec<usize> = (1..data.tags.len()).collect();
+    let overall = |t: usize| data.tags[t].expected_members() as f64 / data.customers as f64;
+    by_density.sort_by(|a, b| overall(*b).total_cmp(&overall(*a)));
+    let dense: Vec<usize> = by_density.iter().copied().take(5).collect();
+    let mut sparse = by_density.clone();
+    sparse.sort_by(|a, b| {
+        (overall(*a).ln() - 0.001f64.ln())
+            .abs()
+            .total_cmp(&(overall(*b).ln() - 0.001f64.ln()).abs())
+    });
+    sparse.truncate(3);
+    let mut tiny = by_density.clone();
+    tiny.sort_by_key(|t| data.tags[*t].expected_members());
+    tiny.truncate(2);
+    Picks {
+        dense,
+        sparse,
+        tiny,
     }
 }
 
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+/// The same bitmaps as the server holds, in this process: the "in-process ceiling".
+fn in_process_snapshot(data: &DataSet, tags: &[usize]) -> Snapshot {
+    let mut map = std::collections::BTreeMap::new();
+    for &t in tags {
+        let members = data.members(t);
+        let flat = roaring::RoaringBitmap::from_sorted_iter(members).expect("members are sorted");
+        let bm = ShardedBitmap::from_roaring(&flat);
+        let name: Arc<str> = Arc::from(data.tags[t].name.as_str());
+        let meta = TagMeta {
+            name: name.clone(),
+            description: String::new(),
+            category: String::new(),
+            created_ms: 0,
+            updated_ms: 0,
+            count: bm.len(),
+        };
+        map.insert(
+            name,
+            Arc::new(Tag {
+                id: t as u32,
+                meta,
+                bitmap: LazyBitmap::loaded(bm),
+            }),
+        );
+    }
+    let mut all = roaring::RoaringBitmap::new();
+    all.insert_range(0..data.customers);
+    Snapshot {
+        lsn: 0,
+        tags: map,
+        live: LazyBitmap::loaded(ShardedBitmap::from_roaring(&all)),
+        next_customer_id: data.customers,
+        next_tag_id: data.tags.len() as u32,
+        dict: Arc::new(Dictionary::new(Vec::new(), data.customers)),
+    }
+}
+
+/// Median time of evaluating `text` in-process, in milliseconds.
+fn in_process_ms(snap: &Snapshot, text: &str, budget: Duration) -> Result<f64, BoxError> {
+    let q = Query::compile(text, snap)?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 5 || (started.elapsed() < budget && times.len() < 10_000) {
+        let t0 = Instant::now();
+        std::hint::black_box(q.count());
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 impl Bench {
-    fn row(&mut self, k: &str, v: String) {
-        println!("  {k:<48} {v}");
-        self.rows.push((k.into(), v));
-    }
-
-    fn start(&self, extra: &[&str]) -> Result<ServerProcess, BoxError> {
+    fn start(&self, dir: &Path, extra: &[&str]) -> Result<ServerProcess, BoxError> {
         Ok(ServerProcess::start(
             &self.bin,
-            &self.dir,
+            dir,
             extra,
-            Duration::from_secs(600),
+            Duration::from_secs(3600),
         )?)
     }
 
-    async fn load(&mut self) -> Result<(), BoxError> {
+    fn redis_port(&self) -> Option<u16> {
+        self.redis.as_ref().map(|r| r.port)
+    }
+
+    /// Loads the data set into tagstore (unless reused) and into Redis.
+    async fn load(&mut self, timed: bool) -> Result<(), BoxError> {
+        let data = self.data.clone();
         println!(
             "load: {} customers, {} tags, ~{} memberships",
-            self.data.customers,
-            self.data.tags.len(),
-            self.data.total_memberships()
+            data.customers,
+            data.tags.len(),
+            data.total_memberships()
         );
-        let server = self.start(&[])?;
-        let mut c = server.client().await?;
-        for t in &self.data.tags {
-            c.create_tag(CreateTagRequest {
-                name: t.name.clone(),
-                if_not_exists: true,
-                ..Default::default()
-            })
-            .await?;
-        }
-        // Phase 1: the tag every customer carries, in id order, creates the customers.
-        let started = Instant::now();
-        let pb = bar(self.data.customers as u64, "customers");
-        let members = self.data.members(0);
-        for chunk in members.chunks(self.cli.batch) {
-            let add = chunk.iter().map(|&id| customer_key(id)).collect();
-            c.update(UpdateRequest {
-                mutations: vec![Mutation {
-                    tag: self.data.tags[0].name.clone(),
-                    add,
-                    remove: vec![],
-                }],
-                create_missing_tags: false,
-            })
-            .await?;
-            pb.inc(chunk.len() as u64);
-        }
-        pb.finish_and_clear();
-        let phase1 = started.elapsed();
-        let customers_per_s = self.data.customers as f64 / phase1.as_secs_f64();
-
-        // Phase 2: every other tag, from concurrent clients.
-        let started = Instant::now();
-        let (tx, rx) = async_channel::bounded::<UpdateRequest>(self.cli.concurrency * 4);
-        let total: u64 = (1..self.data.tags.len())
-            .map(|t| self.data.tags[t].expected_members())
-            .sum();
-        let pb = bar(total, "memberships");
-        let mut workers = Vec::new();
-        for _ in 0..self.cli.concurrency {
-            let rx = rx.clone();
+        let mut tagstore_rate = None;
+        let mut tagstore_rss = None;
+        let mut tagstore_disk = None;
+        if !(self.cli.reuse && self.dir.join("MANIFEST").exists()) {
+            let server = self.start(&self.dir.clone(), &[])?;
             let mut c = server.client().await?;
-            let pb = pb.clone();
-            workers.push(tokio::spawn(async move {
-                let mut n = 0u64;
-                while let Ok(req) = rx.recv().await {
-                    let k = req.mutations[0].add.len() as u64;
-                    c.update(req).await?;
-                    pb.inc(k);
-                    n += k;
-                }
-                Ok::<u64, tonic::Status>(n)
-            }));
-        }
-        let data = self.data.clone();
-        let batch = self.cli.batch;
-        let producer = tokio::task::spawn_blocking(move || {
-            for t in 1..data.tags.len() {
-                for chunk in data.members(t).chunks(batch) {
-                    let add = chunk.iter().map(|&id| customer_key(id)).collect();
-                    let req = UpdateRequest {
-                        mutations: vec![Mutation {
-                            tag: data.tags[t].name.clone(),
-                            add,
-                            remove: vec![],
-                        }],
-                        create_missing_tags: false,
-                    };
-                    if tx.send_blocking(req).is_err() {
-                        return;
+            for t in &data.tags {
+                c.create_tag(CreateTagRequest {
+                    name: t.name.clone(),
+                    if_not_exists: true,
+                    ..Default::default()
+                })
+                .await?;
+            }
+            let started = Instant::now();
+            let pb = bar(data.total_memberships(), "tagstore load");
+            // Tag 0 (every customer) first and in order: it creates the customers.
+            for chunk in data.members(0).chunks(self.cli.batch) {
+                let add = chunk.iter().map(|&id| customer_key(id)).collect();
+                c.update(UpdateRequest {
+                    mutations: vec![Mutation {
+                        tag: data.tags[0].name.clone(),
+                        add,
+                        remove: vec![],
+                    }],
+                    create_missing_tags: false,
+                })
+                .await?;
+                pb.inc(chunk.len() as u64);
+            }
+            let customers_secs = started.elapsed().as_secs_f64();
+            let (tx, rx) = async_channel::bounded::<UpdateRequest>(self.cli.concurrency * 4);
+            let mut workers = Vec::new();
+            for _ in 0..self.cli.concurrency {
+                let (rx, pb) = (rx.clone(), pb.clone());
+                let mut c = server.client().await?;
+                workers.push(tokio::spawn(async move {
+                    while let Ok(req) = rx.recv().await {
+                        let n = req.mutations[0].add.len() as u64;
+                        c.update(req).await?;
+                        pb.inc(n);
+                    }
+                    Ok::<(), tonic::Status>(())
+                }));
+            }
+            let (d, batch) = (data.clone(), self.cli.batch);
+            let producer = tokio::task::spawn_blocking(move || {
+                for t in 1..d.tags.len() {
+                    for chunk in d.members(t).chunks(batch) {
+                        let add = chunk.iter().map(|&id| customer_key(id)).collect();
+                        let req = UpdateRequest {
+                            mutations: vec![Mutation {
+                                tag: d.tags[t].name.clone(),
+                                add,
+                                remove: vec![],
+                            }],
+                            create_missing_tags: false,
+                        };
+                        if tx.send_blocking(req).is_err() {
+                            return;
+                        }
                     }
                 }
+            });
+            producer.await?;
+            for w in workers {
+                w.await??;
             }
-        });
-        producer.await?;
-        let mut assigned = 0;
-        for w in workers {
-            assigned += w.await??;
+            pb.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            c.checkpoint(CheckpointRequest {}).await?;
+            let st = c.stats(StatsRequest {}).await?.into_inner();
+            tagstore_rate = Some(data.total_memberships() as f64 / secs);
+            tagstore_rss = server.rss_bytes().map(|b| b as f64);
+            tagstore_disk = Some(st.disk_bytes as f64);
+            self.report.extra.insert("tagstore_load".into(), json!({ "customers_seconds": customers_secs, "seconds": secs, "customers": st.customers }));
+            drop(c);
+            let mut server = server;
+            server.stop()?;
         }
-        pb.finish_and_clear();
-        let phase2 = started.elapsed();
-        let started = Instant::now();
-        let cp = c.checkpoint(CheckpointRequest {}).await?.into_inner();
-        let checkpoint = started.elapsed();
-        let st = c.stats(StatsRequest {}).await?.into_inner();
-        let rss = server.rss_bytes().unwrap_or(0);
 
-        self.row(
-            "load: customers created",
-            format!(
-                "{} in {:.1} s ({})",
-                st.customers,
-                phase1.as_secs_f64(),
-                fmt_rate(customers_per_s)
-            ),
-        );
-        let per_s = assigned as f64 / phase2.as_secs_f64();
-        self.row(
-            &format!(
-                "load: tag assignments (batch {}, {} clients)",
-                self.cli.batch, self.cli.concurrency
-            ),
-            format!(
-                "{assigned} in {:.1} s ({})",
-                phase2.as_secs_f64(),
-                fmt_rate(per_s)
-            ),
-        );
-        self.row(
-            "load: final checkpoint",
-            format!("{} ms, {}", checkpoint.as_millis(), mib(cp.segment_bytes)),
-        );
-        self.row("load: disk", mib(st.disk_bytes));
-        self.row("load: server RSS", mib(rss));
-        self.report.insert(
-            "load".into(),
-            json!({
-                "customers": st.customers, "customers_seconds": phase1.as_secs_f64(), "customers_per_s": customers_per_s,
-                "assignments": assigned, "assignments_seconds": phase2.as_secs_f64(), "assignments_per_s": per_s,
-                "batch": self.cli.batch, "clients": self.cli.concurrency,
-                "checkpoint_ms": checkpoint.as_millis() as u64, "segment_bytes": cp.segment_bytes,
-                "disk_bytes": st.disk_bytes, "rss_bytes": rss,
-            }),
-        );
-        drop(c);
-        let mut server = server;
-        server.stop()?;
+        let mut redis_rate = None;
+        if let Some(bin) = self.redis_bin.clone() {
+            let dir = self.work.join("redis");
+            let _ = std::fs::remove_dir_all(&dir);
+            let server = RedisServer::start(&bin, &dir, "everysec", true)?;
+            let started = Instant::now();
+            let pb = bar(data.total_memberships(), "redis load");
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut threads = Vec::new();
+            for _ in 0..self.cli.concurrency {
+                let (data, next, pb, port, batch) = (
+                    data.clone(),
+                    next.clone(),
+                    pb.clone(),
+                    server.port,
+                    self.cli.batch,
+                );
+                threads.push(std::thread::spawn(move || -> Result<(), String> {
+                    let mut c = Conn::connect(port)?;
+                    loop {
+                        let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if t >= data.tags.len() {
+                            return Ok(());
+                        }
+                        let key = redis_key(t);
+                        // Full length up front, so NOT covers every customer.
+                        c.cmd(&[
+                            b"SETBIT",
+                            key.as_bytes(),
+                            (data.customers - 1).to_string().as_bytes(),
+                            b"0",
+                        ])?;
+                        for chunk in data.members(t).chunks(batch) {
+                            for id in chunk {
+                                c.send(&[
+                                    b"SETBIT",
+                                    key.as_bytes(),
+                                    id.to_string().as_bytes(),
+                                    b"1",
+                                ])?;
+                            }
+                            c.flush()?;
+                            pb.inc(chunk.len() as u64);
+                        }
+                    }
+                }));
+            }
+            for t in threads {
+                t.join().map_err(|_| "redis load thread panicked")??;
+            }
+            pb.finish_and_clear();
+            redis_rate = Some(data.total_memberships() as f64 / started.elapsed().as_secs_f64());
+            self.redis = Some(server);
+        }
+        if timed {
+            let batch = self.cli.batch;
+            let clients = self.cli.concurrency;
+            self.report.add(
+                "load",
+                &format!(
+                    "memberships/s, batch {batch}, {clients} clients (redis: pipelined SETBIT)"
+                ),
+                "/s",
+                Better::Higher,
+                tagstore_rate,
+                redis_rate,
+            );
+            let redis_rss = match &self.redis {
+                Some(r) => Some(r.rss()? as f64),
+                None => None,
+            };
+            self.report.add(
+                "load",
+                "server memory (RSS) after load",
+                "bytes",
+                Better::Lower,
+                tagstore_rss,
+                redis_rss,
+            );
+            self.report.add(
+                "load",
+                "disk after load (redis: none with AOF off)",
+                "bytes",
+                Better::Lower,
+                tagstore_disk,
+                None,
+            );
+            // Memory of one tag: tagstore's roaring bitmap against Redis's string.
+            let p = picks(&data);
+            for (label, t) in [("dense", p.dense[0]), ("~0.1%", p.sparse[0])] {
+                let members = data.members(t);
+                let density = members.len() as f64 / data.customers as f64 * 100.0;
+                let flat =
+                    roaring::RoaringBitmap::from_sorted_iter(members).map_err(|e| e.to_string())?;
+                let ours = ShardedBitmap::from_roaring(&flat).serialized_size() as f64;
+                let theirs = match &self.redis {
+                    Some(r) => Some(
+                        r.conn()?
+                            .cmd(&[b"MEMORY", b"USAGE", redis_key(t).as_bytes()])?
+                            .int()? as f64,
+                    ),
+                    None => None,
+                };
+                self.report.add(
+                    "load",
+                    &format!("memory of one {label} tag ({density:.3}% of customers)"),
+                    "bytes",
+                    Better::Lower,
+                    Some(ours),
+                    theirs,
+                );
+            }
+        }
         Ok(())
     }
 
     async fn update(&mut self) -> Result<(), BoxError> {
-        let server = self.start(&[])?;
-        let tags: Vec<String> = self
-            .data
-            .tags
-            .iter()
-            .skip(1)
-            .map(|t| t.name.clone())
-            .collect();
-        let mut results = Vec::new();
+        let server = self.start(&self.dir.clone(), &[])?;
+        if let Some(r) = &self.redis {
+            r.conn()?
+                .cmd(&[b"CONFIG", b"SET", b"appendfsync", b"always"])?;
+        }
+        let mut figures = Vec::new();
         for &batch in &self.cli.update_batches.clone() {
             for &clients in &self.cli.update_clients.clone() {
-                let deadline = Instant::now() + Duration::from_secs(self.cli.seconds);
-                let mut tasks = Vec::new();
-                for w in 0..clients {
-                    let mut c = server.client().await?;
-                    let tags = tags.clone();
-                    let customers = self.data.customers;
-                    let seed = self.cli.seed ^ (w as u64 + 1) ^ ((batch as u64) << 20);
-                    tasks.push(tokio::spawn(async move {
-                        let mut rng = StdRng::seed_from_u64(seed);
-                        let mut hist = Histogram::<u64>::new(3).expect("histogram");
-                        let mut memberships = 0u64;
-                        while Instant::now() < deadline {
-                            let tag = tags[rng.random_range(0..tags.len())].clone();
-                            let keys: Vec<String> = (0..batch)
-                                .map(|_| customer_key(rng.random_range(0..customers)))
-                                .collect();
-                            let (add, remove) = if rng.random_bool(0.5) {
-                                (keys, vec![])
-                            } else {
-                                (vec![], keys)
-                            };
-                            let req = UpdateRequest {
-                                mutations: vec![Mutation { tag, add, remove }],
-                                create_missing_tags: false,
-                            };
-                            let t0 = Instant::now();
-                            c.update(req).await?;
-                            hist.record(t0.elapsed().as_micros() as u64).ok();
-                            memberships += batch as u64;
-                        }
-                        Ok::<_, tonic::Status>((hist, memberships))
-                    }));
-                }
-                let started = Instant::now();
-                let mut hist = Histogram::<u64>::new(3)?;
-                let mut memberships = 0;
-                for t in tasks {
-                    let (h, m) = t.await??;
-                    hist.add(&h)?;
-                    memberships += m;
-                }
-                let secs = started.elapsed().as_secs_f64();
-                let reqs = hist.len();
-                let line = format!(
-                    "{} ({} req/s); p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms",
-                    fmt_rate(memberships as f64 / secs),
-                    (reqs as f64 / secs).round(),
-                    hist.value_at_quantile(0.5) as f64 / 1e3,
-                    hist.value_at_quantile(0.99) as f64 / 1e3,
-                    hist.value_at_quantile(0.999) as f64 / 1e3
+                let op = Op::Update { batch };
+                let ours = tagstore_loop(
+                    &server.addr,
+                    &self.data,
+                    &op,
+                    clients,
+                    self.cli.seconds,
+                    self.cli.seed,
+                )
+                .await?;
+                let theirs = match self.redis_port() {
+                    Some(port) => Some(redis_loop(
+                        port,
+                        &self.data,
+                        &op,
+                        clients,
+                        self.cli.seconds,
+                        self.cli.seed,
+                    )?),
+                    None => None,
+                };
+                let label = format!(
+                    "batch {batch}, {clients} clients (durable: fsync / appendfsync always)"
                 );
-                self.row(
-                    &format!("update: batch {batch}, {clients} clients, durable"),
-                    line,
+                self.rows_for(
+                    "update",
+                    &label,
+                    &ours,
+                    theirs.as_ref(),
+                    batch as f64,
+                    "memberships/s",
                 );
-                results.push(json!({
-                    "batch": batch, "clients": clients, "seconds": secs, "requests": reqs,
-                    "memberships_per_s": memberships as f64 / secs, "requests_per_s": reqs as f64 / secs,
-                    "p50_us": hist.value_at_quantile(0.5), "p99_us": hist.value_at_quantile(0.99), "p999_us": hist.value_at_quantile(0.999),
-                }));
+                figures.push(json!({ "batch": batch, "clients": clients, "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json) }));
             }
         }
-        self.report.insert("update".into(), Value::Array(results));
+        // The relaxed comparison: Redis fsyncs once a second.
+        if let Some(r) = &self.redis {
+            r.conn()?
+                .cmd(&[b"CONFIG", b"SET", b"appendfsync", b"everysec"])?;
+            let op = Op::Update { batch: 1000 };
+            let ours = tagstore_loop(
+                &server.addr,
+                &self.data,
+                &op,
+                8,
+                self.cli.seconds,
+                self.cli.seed,
+            )
+            .await?;
+            let theirs = redis_loop(r.port, &self.data, &op, 8, self.cli.seconds, self.cli.seed)?;
+            self.report.add(
+                "update",
+                "batch 1000, 8 clients: memberships/s (redis appendfsync everysec)",
+                "/s",
+                Better::Higher,
+                Some(ours.rate() * 1000.0),
+                Some(theirs.rate() * 1000.0),
+            );
+        }
+        self.report.extra.insert("update".into(), json!(figures));
         let mut server = server;
         server.stop()?;
         Ok(())
     }
 
-    /// Time from spawning the server to the first answered count.
-    async fn first_answer(&self) -> Result<(ServerProcess, Duration, Duration, u64), BoxError> {
-        let t0 = Instant::now();
-        let server = self.start(&[])?;
-        let listening = t0.elapsed();
-        let mut c = server.client().await?;
-        let q = format!(
-            "{} AND NOT {}",
-            tagstore::names::quote_tag_name(&self.data.tags[0].name),
-            tagstore::names::quote_tag_name(&self.data.tags[1.min(self.data.tags.len() - 1)].name)
+    fn rows_for(
+        &mut self,
+        scenario: &str,
+        label: &str,
+        ours: &Measured,
+        theirs: Option<&Measured>,
+        per_request: f64,
+        what: &str,
+    ) {
+        let rate_label = if what.is_empty() {
+            format!("{label}: requests/s")
+        } else {
+            format!("{label}: {what}")
+        };
+        self.report.add(
+            scenario,
+            &rate_label,
+            "/s",
+            Better::Higher,
+            Some(ours.rate() * per_request),
+            theirs.map(|m| m.rate() * per_request),
         );
-        let n = c
-            .count(CountRequest { queries: vec![q] })
-            .await?
-            .into_inner()
-            .counts[0];
-        Ok((server, listening, t0.elapsed(), n))
+        self.report.add(
+            scenario,
+            &format!("{label}: p50"),
+            "ms",
+            Better::Lower,
+            Some(ours.ms(0.5)),
+            theirs.map(|m| m.ms(0.5)),
+        );
+        self.report.add(
+            scenario,
+            &format!("{label}: p99"),
+            "ms",
+            Better::Lower,
+            Some(ours.ms(0.99)),
+            theirs.map(|m| m.ms(0.99)),
+        );
+    }
+
+    async fn query(&mut self) -> Result<(), BoxError> {
+        let data = self.data.clone();
+        let p = picks(&data);
+        let d = |i: usize| Q::Tag(p.dense[i % p.dense.len()]);
+        let s = |i: usize| Q::Tag(p.sparse[i % p.sparse.len()]);
+        let exprs: Vec<(&str, Q)> = vec![
+            ("2 dense AND", Q::And(vec![d(0), d(1)])),
+            ("2 dense OR", Q::Or(vec![d(0), d(1)])),
+            ("2 dense AND NOT", Q::AndNot(Box::new(d(0)), Box::new(d(1)))),
+            ("3 dense AND", Q::And(vec![d(0), d(1), d(2)])),
+            (
+                "4 mixed: a AND (b OR c) AND NOT d",
+                Q::AndNot(
+                    Box::new(Q::And(vec![d(0), Q::Or(vec![d(1), s(0)])])),
+                    Box::new(s(1)),
+                ),
+            ),
+            ("5 dense AND", Q::And(vec![d(0), d(1), d(2), d(3), d(4)])),
+            ("2 sparse AND", Q::And(vec![s(0), s(1)])),
+            ("3 sparse/dense AND", Q::And(vec![s(0), d(0), d(1)])),
+            (
+                "small: 2 tags of <= 1,000 members",
+                Q::And(vec![Q::Tag(p.tiny[0]), Q::Tag(p.tiny[p.tiny.len() - 1])]),
+            ),
+        ];
+        self.dense_pair = exprs[0].1.clone();
+        let mut needed = Vec::new();
+        for (_, q) in &exprs {
+            q.tags(&mut needed);
+        }
+        needed.sort_unstable();
+        needed.dedup();
+        let snap = in_process_snapshot(&data, &needed);
+        let server = self.start(&self.dir.clone(), &[])?;
+        let clients = self.cli.query_clients;
+        let mut figures = Vec::new();
+        for (label, q) in &exprs {
+            let text = q.text(&data);
+            let op = Op::Count(q.clone());
+            let ours = tagstore_loop(
+                &server.addr,
+                &data,
+                &op,
+                clients,
+                self.cli.seconds,
+                self.cli.seed,
+            )
+            .await?;
+            let theirs = match self.redis_port() {
+                Some(port) => Some(redis_loop(
+                    port,
+                    &data,
+                    &op,
+                    clients,
+                    self.cli.seconds,
+                    self.cli.seed,
+                )?),
+                None => None,
+            };
+            let ceiling = in_process_ms(
+                &snap,
+                &text,
+                Duration::from_secs_f64(self.cli.seconds.min(2.0)),
+            )?;
+            let full = format!("count {label}, {clients} clients");
+            self.rows_for("query", &full, &ours, theirs.as_ref(), 1.0, "");
+            self.report.add(
+                "query",
+                &format!("count {label}: in-process ceiling, 1 thread"),
+                "ms",
+                Better::Lower,
+                Some(ceiling),
+                None,
+            );
+            figures.push(json!({
+                "label": label, "query": text, "clients": clients, "tagstore": measured_json(&ours),
+                "redis": theirs.as_ref().map(measured_json), "in_process_ms": ceiling,
+            }));
+        }
+        // One customer's tags: Profile, against GETBIT on every tag key.
+        let ours = tagstore_loop(
+            &server.addr,
+            &data,
+            &Op::Profile,
+            clients,
+            self.cli.seconds,
+            self.cli.seed,
+        )
+        .await?;
+        let theirs = match self.redis_port() {
+            Some(port) => Some(redis_loop(
+                port,
+                &data,
+                &Op::Profile,
+                clients,
+                self.cli.seconds,
+                self.cli.seed,
+            )?),
+            None => None,
+        };
+        self.rows_for(
+            "query",
+            &format!("profile (redis: GETBIT x {} tags)", data.tags.len()),
+            &ours,
+            theirs.as_ref(),
+            1.0,
+            "",
+        );
+        figures.push(json!({ "label": "profile", "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json) }));
+        // A page of members: tagstore only (Redis has no way to list a bitmap's members a page at a time).
+        let page = Op::Page(exprs[0].1.clone(), 100);
+        let ours = tagstore_loop(
+            &server.addr,
+            &data,
+            &page,
+            clients,
+            self.cli.seconds,
+            self.cli.seed,
+        )
+        .await?;
+        self.rows_for(
+            "query",
+            "members page of 100 (2 dense AND)",
+            &ours,
+            None,
+            1.0,
+            "",
+        );
+        figures.push(json!({ "label": "members page of 100", "tagstore": measured_json(&ours) }));
+        self.report.extra.insert("query".into(), json!(figures));
+        let mut server = server;
+        server.stop()?;
+        Ok(())
+    }
+
+    async fn mixed(&mut self) -> Result<(), BoxError> {
+        let data = self.data.clone();
+        let server = self.start(&self.dir.clone(), &[])?;
+        let q = Op::Count(self.dense_pair.clone());
+        let clients = self.cli.query_clients;
+        let secs = self.cli.seconds;
+        let quiet = tagstore_loop(&server.addr, &data, &q, clients, secs, 1).await?;
+        let writer = {
+            let (addr, data) = (server.addr.clone(), data.clone());
+            tokio::spawn(async move {
+                tagstore_loop(&addr, &data, &Op::Update { batch: 1000 }, 1, secs, 2)
+                    .await
+                    .map(|m| m.rate() * 1000.0)
+            })
+        };
+        let busy = tagstore_loop(&server.addr, &data, &q, clients, secs, 3).await?;
+        let ours_writes = writer.await??;
+        let (mut rq, mut rb, mut rw) = (None, None, None);
+        if let Some(port) = self.redis_port() {
+            rq = Some(redis_loop(port, &data, &q, clients, secs, 1)?);
+            let d2 = data.clone();
+            let w = std::thread::spawn(move || {
+                redis_loop(port, &d2, &Op::Update { batch: 1000 }, 1, secs, 2)
+                    .map(|m| m.rate() * 1000.0)
+                    .map_err(|e| e.to_string())
+            });
+            rb = Some(redis_loop(port, &data, &q, clients, secs, 3)?);
+            rw = Some(w.join().map_err(|_| "redis writer panicked")??);
+        }
+        self.report.add(
+            "mixed",
+            "2 dense AND: p99 without writes",
+            "ms",
+            Better::Lower,
+            Some(quiet.ms(0.99)),
+            rq.as_ref().map(|m| m.ms(0.99)),
+        );
+        self.report.add(
+            "mixed",
+            "2 dense AND: p99 while 1 client writes batches of 1000",
+            "ms",
+            Better::Lower,
+            Some(busy.ms(0.99)),
+            rb.as_ref().map(|m| m.ms(0.99)),
+        );
+        self.report.add(
+            "mixed",
+            "2 dense AND: queries/s while writing",
+            "/s",
+            Better::Higher,
+            Some(busy.rate()),
+            rb.as_ref().map(Measured::rate),
+        );
+        self.report.add(
+            "mixed",
+            "memberships/s written meanwhile",
+            "/s",
+            Better::Higher,
+            Some(ours_writes),
+            rw,
+        );
+        let mut server = server;
+        server.stop()?;
+        Ok(())
     }
 
     async fn restart(&mut self) -> Result<(), BoxError> {
-        // Clean stop and start.
-        let server = self.start(&[])?;
-        let mut c = server.client().await?;
-        let before = c
-            .count(CountRequest {
-                queries: vec!["ALL".into()],
-            })
-            .await?
-            .into_inner()
-            .counts[0];
-        drop(c);
+        let data = self.data.clone();
+        let probe = format!(
+            "{} AND {}",
+            self.dense_pair.text(&data),
+            tagstore::names::quote_tag_name(&data.tags[0].name)
+        );
+        let server = self.start(&self.dir.clone(), &[])?;
         let mut server = server;
         let t0 = Instant::now();
         server.stop()?;
         let stop = t0.elapsed();
-        let (server, listening, answer, _) = self.first_answer().await?;
-        let rss = server.rss_bytes().unwrap_or(0);
-        self.row(
-            "restart: graceful stop (final checkpoint)",
-            format!("{} ms", stop.as_millis()),
+        let (server, ours) = self.first_answer(&probe).await?;
+        let mut theirs = None;
+        let mut redis_stop = None;
+        if let (Some(mut r), Some(bin)) = (self.redis.take(), self.redis_bin.clone()) {
+            let t0 = Instant::now();
+            r.stop(true);
+            redis_stop = Some(t0.elapsed().as_secs_f64() * 1e3);
+            let t0 = Instant::now();
+            let started = RedisServer::start(&bin, &r.dir, "everysec", false)?;
+            let mut c = started.conn()?;
+            let idx = redis::queue_count(&mut c, &self.dense_pair.redis(), "tmp:probe")?;
+            redis::count_from(&c.flush()?, idx)?;
+            theirs = Some(t0.elapsed().as_secs_f64() * 1e3);
+            self.redis = Some(started);
+        }
+        self.report.add(
+            "restart",
+            "graceful stop (tagstore: final checkpoint; redis: SAVE)",
+            "ms",
+            Better::Lower,
+            Some(stop.as_secs_f64() * 1e3),
+            redis_stop,
         );
-        self.row(
-            "restart: start to listening",
-            format!("{} ms", listening.as_millis()),
+        self.report.add(
+            "restart",
+            "process start to first answered count",
+            "ms",
+            Better::Lower,
+            Some(ours.as_secs_f64() * 1e3),
+            theirs,
         );
-        self.row(
-            "restart: start to first answered count",
-            format!("{} ms (RSS then {})", answer.as_millis(), mib(rss)),
-        );
-
-        // Writes after the checkpoint, then kill -9: start-up replays the log.
+        // Recovery: writes after the checkpoint, then kill -9.
         let mut c = server.client().await?;
         let mut rng = StdRng::seed_from_u64(self.cli.seed);
-        let tags: Vec<String> = self
-            .data
-            .tags
-            .iter()
-            .skip(1)
-            .map(|t| t.name.clone())
-            .collect();
-        let mut logged = 0u64;
         for _ in 0..200 {
             let keys: Vec<String> = (0..1000)
-                .map(|_| customer_key(rng.random_range(0..self.data.customers)))
+                .map(|_| customer_key(rng.random_range(0..data.customers)))
                 .collect();
-            let tag = tags[rng.random_range(0..tags.len())].clone();
+            let tag = data.tags[rng.random_range(1..data.tags.len())].name.clone();
             c.update(UpdateRequest {
                 mutations: vec![Mutation {
                     tag,
@@ -422,52 +809,243 @@ impl Bench {
                 create_missing_tags: false,
             })
             .await?;
-            logged += 1000;
         }
         let wal = c.stats(StatsRequest {}).await?.into_inner().wal_bytes;
         drop(c);
         let mut server = server;
         server.kill();
-        let (server, listening2, answer2, _) = self.first_answer().await?;
-        let mut c = server.client().await?;
-        let after = c
-            .count(CountRequest {
-                queries: vec!["ALL".into()],
-            })
-            .await?
-            .into_inner()
-            .counts[0];
-        if after != before {
-            return Err(format!("customers changed across restarts: {before} then {after}").into());
-        }
-        self.row(
+        let (mut server, crashed) = self.first_answer(&probe).await?;
+        self.report.add(
+            "restart",
             &format!(
-                "restart: after kill -9 ({logged} memberships, {} of log)",
-                mib(wal)
+                "after kill -9 with {} KiB of log to replay: start to first answer",
+                wal / 1024
             ),
-            format!(
-                "listening {} ms, first answer {} ms",
-                listening2.as_millis(),
-                answer2.as_millis()
-            ),
+            "ms",
+            Better::Lower,
+            Some(crashed.as_secs_f64() * 1e3),
+            None,
         );
-        self.report.insert(
-            "restart".into(),
-            json!({
-                "stop_ms": stop.as_millis() as u64, "listening_ms": listening.as_millis() as u64,
-                "first_answer_ms": answer.as_millis() as u64, "rss_after_first_answer": rss,
-                "crash_wal_bytes": wal, "crash_listening_ms": listening2.as_millis() as u64,
-                "crash_first_answer_ms": answer2.as_millis() as u64,
-            }),
+        server.stop()?;
+        Ok(())
+    }
+
+    /// Time from process start to the first answered count.
+    async fn first_answer(&self, probe: &str) -> Result<(ServerProcess, Duration), BoxError> {
+        let t0 = Instant::now();
+        let server = self.start(&self.dir, &[])?;
+        let mut c = server.client().await?;
+        c.count(CountRequest {
+            queries: vec![probe.to_string()],
+        })
+        .await?;
+        Ok((server, t0.elapsed()))
+    }
+
+    async fn sweep(&mut self) -> Result<(), BoxError> {
+        let customers = self.cli.sweep_customers.unwrap_or(self.cli.customers);
+        let densities = self.cli.sweep_densities.clone();
+        let seed = self.cli.seed ^ 0x5eed;
+        println!("sweep: count(A AND B) at densities {densities:?} over {customers} customers");
+        // Two tags per density, over all customers.
+        let mut spec = DataSet {
+            customers,
+            seed,
+            tags: Vec::new(),
+        };
+        spec.tags.push(data::TagSpec {
+            name: "sweep_all".into(),
+            density: 1.0,
+            range: (0, customers),
+        });
+        for d in &densities {
+            for side in ["a", "b"] {
+                spec.tags.push(data::TagSpec {
+                    name: format!("sweep_{side}_{d}"),
+                    density: *d,
+                    range: (0, customers),
+                });
+            }
+        }
+        let spec = Arc::new(spec);
+        let dir = self.work.join("sweep-tagstore");
+        let _ = std::fs::remove_dir_all(&dir);
+        let server = self.start(&dir, &[])?;
+        let mut c = server.client().await?;
+        let pb = bar(spec.total_memberships(), "sweep load");
+        for (t, tag) in spec.tags.iter().enumerate() {
+            c.create_tag(CreateTagRequest {
+                name: tag.name.clone(),
+                ..Default::default()
+            })
+            .await?;
+            let members = spec.members(t);
+            let mut reqs = Vec::new();
+            for chunk in members.chunks(self.cli.batch) {
+                let add = chunk.iter().map(|&id| customer_key(id)).collect();
+                reqs.push(UpdateRequest {
+                    mutations: vec![Mutation {
+                        tag: tag.name.clone(),
+                        add,
+                        remove: vec![],
+                    }],
+                    create_missing_tags: false,
+                });
+            }
+            for req in reqs {
+                let n = req.mutations[0].add.len() as u64;
+                c.update(req).await?;
+                pb.inc(n);
+            }
+        }
+        pb.finish_and_clear();
+        c.checkpoint(CheckpointRequest {}).await?;
+        let redis = match &self.redis_bin {
+            Some(bin) => {
+                let rdir = self.work.join("sweep-redis");
+                let _ = std::fs::remove_dir_all(&rdir);
+                let r = RedisServer::start(bin, &rdir, "everysec", false)?;
+                let mut rc = r.conn()?;
+                for t in 1..spec.tags.len() {
+                    rc.cmd(&[
+                        b"SET",
+                        redis_key(t).as_bytes(),
+                        &redis::bitmap_bytes(&spec.members(t), customers),
+                    ])?;
+                }
+                Some(r)
+            }
+            None => None,
+        };
+        let tag_ids: Vec<usize> = (1..spec.tags.len()).collect();
+        let snap = in_process_snapshot(&spec, &tag_ids);
+        let mut series_t = Vec::new();
+        let mut series_r = Vec::new();
+        let mut series_c = Vec::new();
+        let mut figures = Vec::new();
+        let secs = self.cli.seconds.min(3.0);
+        for (i, d) in densities.iter().enumerate() {
+            let (a, b) = (1 + 2 * i, 2 + 2 * i);
+            let q = Q::And(vec![Q::Tag(a), Q::Tag(b)]);
+            let op = Op::Count(q.clone());
+            let ours = tagstore_loop(&server.addr, &spec, &op, 1, secs, seed).await?;
+            let theirs = match &redis {
+                Some(r) => Some(redis_loop(r.port, &spec, &op, 1, secs, seed)?),
+                None => None,
+            };
+            let ceiling = in_process_ms(&snap, &q.text(&spec), Duration::from_secs_f64(secs))?;
+            let pct = d * 100.0;
+            self.report.add(
+                "sweep",
+                &format!("count(A AND B) at {pct}%: p50, 1 client"),
+                "ms",
+                Better::Lower,
+                Some(ours.ms(0.5)),
+                theirs.as_ref().map(|m| m.ms(0.5)),
+            );
+            self.report.add(
+                "sweep",
+                &format!("count(A AND B) at {pct}%: in-process ceiling"),
+                "ms",
+                Better::Lower,
+                Some(ceiling),
+                None,
+            );
+            let flat = roaring::RoaringBitmap::from_sorted_iter(spec.members(a))
+                .map_err(|e| e.to_string())?;
+            let ours_mem = ShardedBitmap::from_roaring(&flat).serialized_size() as f64;
+            let theirs_mem = match &redis {
+                Some(r) => Some(
+                    r.conn()?
+                        .cmd(&[b"MEMORY", b"USAGE", redis_key(a).as_bytes()])?
+                        .int()? as f64,
+                ),
+                None => None,
+            };
+            self.report.add(
+                "sweep",
+                &format!("memory of one tag at {pct}%"),
+                "bytes",
+                Better::Lower,
+                Some(ours_mem),
+                theirs_mem,
+            );
+            series_t.push((*d, ours.ms(0.5)));
+            series_c.push((*d, ceiling));
+            if let Some(m) = &theirs {
+                series_r.push((*d, m.ms(0.5)));
+            }
+            figures.push(json!({ "density": d, "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json), "in_process_ms": ceiling, "tagstore_tag_bytes": ours_mem, "redis_tag_bytes": theirs_mem }));
+        }
+        self.report.extra.insert(
+            "sweep".into(),
+            json!({ "customers": customers, "points": figures }),
         );
+        let mut series = vec![
+            ("tagstore (gRPC)", "#1f77b4", series_t),
+            ("in-process ceiling", "#2ca02c", series_c),
+        ];
+        if !series_r.is_empty() {
+            series.push(("redis BITOP+BITCOUNT", "#d62728", series_r));
+        }
+        let svg = report::log_log_svg(
+            &format!("count(A AND B), {customers} customers"),
+            "density of A and of B",
+            "p50 latency, ms",
+            &series,
+        );
+        std::fs::write(self.cli.out.join("sweep.svg"), svg)?;
         drop(c);
         let mut server = server;
         server.stop()?;
         Ok(())
     }
+
+    /// Latency percentiles of the query scenario, as bars.
+    fn latency_plot(&self) -> Result<(), BoxError> {
+        let Some(serde_json::Value::Array(items)) = self.report.extra.get("query") else {
+            return Ok(());
+        };
+        let mut groups = Vec::new();
+        let mut series: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for it in items {
+            let label = it["label"].as_str().unwrap_or("?").to_string();
+            groups.push(label);
+            for (sys, key) in [
+                ("tagstore p50", ("tagstore", "p50_ms")),
+                ("tagstore p99", ("tagstore", "p99_ms")),
+                ("redis p50", ("redis", "p50_ms")),
+                ("redis p99", ("redis", "p99_ms")),
+            ] {
+                series
+                    .entry(sys)
+                    .or_default()
+                    .push(it[key.0][key.1].as_f64().unwrap_or(0.0));
+            }
+        }
+        let colors = [
+            ("redis p50", "#f4a6a6"),
+            ("redis p99", "#d62728"),
+            ("tagstore p50", "#9ecae9"),
+            ("tagstore p99", "#1f77b4"),
+        ];
+        let s: Vec<(&str, &str, Vec<f64>)> = colors
+            .iter()
+            .map(|(name, color)| (*name, *color, series.get(name).cloned().unwrap_or_default()))
+            .collect();
+        std::fs::write(
+            self.cli.out.join("latency.svg"),
+            report::bars_svg("query latency", "ms", &groups, &s),
+        )?;
+        Ok(())
+    }
 }
 
-fn machine() -> Value {
+fn measured_json(m: &Measured) -> serde_json::Value {
+    json!({ "requests": m.requests, "seconds": m.seconds, "per_s": m.rate(), "p50_ms": m.ms(0.5), "p99_ms": m.ms(0.99), "p999_ms": m.ms(0.999) })
+}
+
+fn machine() -> serde_json::Value {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -486,59 +1064,89 @@ fn default_server_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("tagstore"))
 }
 
-fn has_store(dir: &Path) -> bool {
-    dir.join("MANIFEST").exists()
-}
-
 async fn run(cli: Cli) -> Result<(), BoxError> {
-    let temp = match &cli.data_dir {
-        Some(_) => None,
-        None => Some(tempfile::tempdir()?),
+    std::fs::create_dir_all(&cli.out)?;
+    let work = tempfile::tempdir()?;
+    let dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| work.path().join("tagstore"));
+    let data = Arc::new(DataSet::realistic(cli.customers, cli.tags.max(6), cli.seed));
+    let redis_bin = if cli.no_redis {
+        None
+    } else {
+        RedisServer::find()
     };
-    let dir = cli.data_dir.clone().unwrap_or_else(|| {
-        temp.as_ref()
-            .map(|t| t.path().to_path_buf())
-            .unwrap_or_default()
-    });
-    let data = DataSet::realistic(cli.customers, cli.tags.max(2), cli.seed);
-    let bin = cli.server_bin.clone().unwrap_or_else(default_server_bin);
+    if redis_bin.is_none() && !cli.no_redis {
+        println!(
+            "redis-server is not installed, so tagstore runs alone (Debian/Ubuntu: apt-get install redis-server)"
+        );
+    }
+    let dense_pair = Q::Tag(1);
     let mut b = Bench {
-        bin,
+        bin: cli.server_bin.clone().unwrap_or_else(default_server_bin),
         dir,
+        work: work.path().to_path_buf(),
         data,
-        report: Default::default(),
-        rows: Vec::new(),
+        redis_bin,
+        redis: None,
+        report: Report::default(),
+        dense_pair,
         cli,
     };
-    b.report.insert("machine".into(), machine());
+    let redis_version = b
+        .redis_bin
+        .as_ref()
+        .and_then(|bin| {
+            std::process::Command::new(bin)
+                .arg("--version")
+                .output()
+                .ok()
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    b.report.extra.insert("machine".into(), machine());
     b.report
-        .insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-    b.report.insert(
-        "data_set".into(),
-        json!({ "customers": b.data.customers, "tags": b.data.tags.len(), "seed": b.data.seed, "memberships": b.data.total_memberships() }),
-    );
+        .extra
+        .insert("tagstore_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    b.report
+        .extra
+        .insert("redis_version".into(), json!(redis_version));
+    b.report.extra.insert("data_set".into(), json!({ "customers": b.data.customers, "tags": b.data.tags.len(), "seed": b.data.seed, "memberships": b.data.total_memberships() }));
     println!(
-        "tagstore-bench: server {}, data in {}",
+        "tagstore-bench: server {}, redis {}",
         b.bin.display(),
-        b.dir.display()
+        redis_version.as_deref().unwrap_or("none")
     );
-    let scenario = b.cli.scenario;
-    if !(b.cli.reuse && has_store(&b.dir)) {
-        b.load().await?;
+    println!("{}", Report::header());
+    let s = b.cli.scenario;
+    let wants = |x: Scenario| s == x || s == Scenario::All;
+    if s != Scenario::Sweep {
+        b.load(wants(Scenario::Load)).await?;
     }
-    if matches!(scenario, Scenario::Update | Scenario::All) {
+    if wants(Scenario::Update) {
         b.update().await?;
     }
-    if matches!(scenario, Scenario::Restart | Scenario::All) {
+    if wants(Scenario::Query) || wants(Scenario::Mixed) {
+        b.query().await?;
+    }
+    if wants(Scenario::Mixed) {
+        b.mixed().await?;
+    }
+    if wants(Scenario::Restart) {
         b.restart().await?;
     }
-    if let Some(path) = &b.cli.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&Value::Object(b.report.clone()))?,
-        )?;
-        println!("figures written to {}", path.display());
+    if wants(Scenario::Sweep) {
+        b.sweep().await?;
     }
+    b.latency_plot()?;
+    let path = b.cli.out.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&b.report.json())?)?;
+    println!(
+        "\n{}\n\nfigures in {}, plots in {}",
+        b.report.table(),
+        path.display(),
+        b.cli.out.display()
+    );
     Ok(())
 }
 

@@ -85,7 +85,7 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
         format!("http://{addr}")
     };
     Endpoint::from_shared(uri)
-        .map(|e| e.connect_timeout(Duration::from_secs(5)))
+        .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
         .map_err(|e| format!("bad server address {addr:?}: {e}"))
 }
 

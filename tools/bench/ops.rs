@@ -1,0 +1,303 @@
+//! The operations the scenarios time, each as tagstore does it (over gRPC)
+//! and as a Redis user would do it, and the closed-loop driver that runs one
+//! of them from many clients for a while and records latencies.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tagstore::harness::Client;
+use tagstore::names::quote_tag_name;
+use tagstore::proto::*;
+
+use crate::data::{DataSet, customer_key};
+use crate::redis::{self, Conn, Expr};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boolean expression over tags of the data set (by index).
+#[derive(Debug, Clone)]
+pub enum Q {
+    Tag(usize),
+    And(Vec<Q>),
+    Or(Vec<Q>),
+    AndNot(Box<Q>, Box<Q>),
+}
+
+impl Q {
+    /// The query language text.
+    pub fn text(&self, data: &DataSet) -> String {
+        match self {
+            Q::Tag(t) => quote_tag_name(&data.tags[*t].name),
+            Q::And(items) => items
+                .iter()
+                .map(|i| i.paren(data))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            Q::Or(items) => items
+                .iter()
+                .map(|i| i.paren(data))
+                .collect::<Vec<_>>()
+                .join(" OR "),
+            Q::AndNot(a, b) => format!("{} AND NOT {}", a.paren(data), b.paren(data)),
+        }
+    }
+
+    fn paren(&self, data: &DataSet) -> String {
+        match self {
+            Q::Tag(_) => self.text(data),
+            _ => format!("({})", self.text(data)),
+        }
+    }
+
+    /// The Redis form, over keys `t:<index>`.
+    pub fn redis(&self) -> Expr {
+        match self {
+            Q::Tag(t) => Expr::Tag(redis_key(*t)),
+            Q::And(items) => Expr::And(items.iter().map(Q::redis).collect()),
+            Q::Or(items) => Expr::Or(items.iter().map(Q::redis).collect()),
+            Q::AndNot(a, b) => Expr::AndNot(Box::new(a.redis()), Box::new(b.redis())),
+        }
+    }
+
+    pub fn tags(&self, out: &mut Vec<usize>) {
+        match self {
+            Q::Tag(t) => out.push(*t),
+            Q::And(items) | Q::Or(items) => items.iter().for_each(|i| i.tags(out)),
+            Q::AndNot(a, b) => {
+                a.tags(out);
+                b.tags(out);
+            }
+        }
+    }
+}
+
+pub fn redis_key(t: usize) -> String {
+    format!("t:{t}")
+}
+
+/// One timed operation.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Count(Q),
+    /// A first page of members.
+    Page(Q, u32),
+    /// One random customer's tags.
+    Profile,
+    /// Random adds or removes of `batch` memberships on one random tag.
+    Update {
+        batch: usize,
+    },
+}
+
+/// Latencies and throughput of one closed-loop run.
+pub struct Measured {
+    pub requests: u64,
+    pub seconds: f64,
+    pub hist: Histogram<u64>,
+}
+
+impl Measured {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+    /// A latency quantile in milliseconds.
+    pub fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1e3
+    }
+}
+
+fn pick_tag(rng: &mut StdRng, data: &DataSet) -> usize {
+    rng.random_range(1..data.tags.len())
+}
+
+async fn tagstore_op(
+    c: &mut Client,
+    op: &Op,
+    rng: &mut StdRng,
+    data: &DataSet,
+    text: &str,
+) -> Result<(), tonic::Status> {
+    match op {
+        Op::Count(_) => {
+            c.count(CountRequest {
+                queries: vec![text.to_string()],
+            })
+            .await?;
+        }
+        Op::Page(_, limit) => {
+            c.members(MembersRequest {
+                query: text.to_string(),
+                limit: *limit,
+                cursor: String::new(),
+            })
+            .await?;
+        }
+        Op::Profile => {
+            let customer = customer_key(rng.random_range(0..data.customers));
+            c.profile(ProfileRequest { customer }).await?;
+        }
+        Op::Update { batch } => {
+            let tag = data.tags[pick_tag(rng, data)].name.clone();
+            let keys: Vec<String> = (0..*batch)
+                .map(|_| customer_key(rng.random_range(0..data.customers)))
+                .collect();
+            let (add, remove) = if rng.random_bool(0.5) {
+                (keys, vec![])
+            } else {
+                (vec![], keys)
+            };
+            c.update(UpdateRequest {
+                mutations: vec![Mutation { tag, add, remove }],
+                create_missing_tags: false,
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn redis_op(
+    c: &mut Conn,
+    op: &Op,
+    rng: &mut StdRng,
+    data: &DataSet,
+    tmp: &str,
+) -> redis::Result<()> {
+    match op {
+        Op::Count(q) => {
+            let idx = redis::queue_count(c, &q.redis(), tmp)?;
+            let replies = c.flush()?;
+            redis::count_from(&replies, idx)?;
+        }
+        Op::Page(..) => return Err("redis has no member pages".into()),
+        Op::Profile => {
+            // GETBIT on every tag, pipelined: what a Redis user would do.
+            let id = rng.random_range(0..data.customers).to_string();
+            for t in 0..data.tags.len() {
+                c.send(&[b"GETBIT", redis_key(t).as_bytes(), id.as_bytes()])?;
+            }
+            c.flush()?;
+        }
+        Op::Update { batch } => {
+            let key = redis_key(pick_tag(rng, data));
+            let bit: &[u8] = if rng.random_bool(0.5) { b"1" } else { b"0" };
+            if *batch == 1 {
+                let id = rng.random_range(0..data.customers).to_string();
+                c.cmd(&[b"SETBIT", key.as_bytes(), id.as_bytes(), bit])?;
+            } else {
+                c.send(&[b"MULTI"])?;
+                for _ in 0..*batch {
+                    let id = rng.random_range(0..data.customers).to_string();
+                    c.send(&[b"SETBIT", key.as_bytes(), id.as_bytes(), bit])?;
+                }
+                c.send(&[b"EXEC"])?;
+                for r in c.flush()? {
+                    if let redis::Reply::Error(e) = r {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `op` on tagstore from `clients` connections for `secs` seconds.
+pub async fn tagstore_loop(
+    addr: &str,
+    data: &Arc<DataSet>,
+    op: &Op,
+    clients: usize,
+    secs: f64,
+    seed: u64,
+) -> Result<Measured, BoxError> {
+    let text = match op {
+        Op::Count(q) | Op::Page(q, _) => q.text(data),
+        _ => String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let endpoint = format!("http://{addr}");
+        let (data, op, text) = (data.clone(), op.clone(), text.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = TagStoreClientExt::connect(endpoint).await?;
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w as u64 * 7919));
+            let mut hist = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                tagstore_op(&mut c, &op, &mut rng, &data, &text).await?;
+                hist.record(t0.elapsed().as_micros().max(1) as u64).ok();
+            }
+            Ok::<_, BoxError>(hist)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(&t.await??)?;
+    }
+    Ok(Measured {
+        requests: hist.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        hist,
+    })
+}
+
+/// Runs `op` on Redis from `clients` connections (threads) for `secs` seconds.
+pub fn redis_loop(
+    port: u16,
+    data: &Arc<DataSet>,
+    op: &Op,
+    clients: usize,
+    secs: f64,
+    seed: u64,
+) -> Result<Measured, BoxError> {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for w in 0..clients {
+        let (data, op) = (data.clone(), op.clone());
+        threads.push(std::thread::spawn(
+            move || -> Result<Histogram<u64>, String> {
+                let mut c = Conn::connect(port)?;
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w as u64 * 7919));
+                let mut hist = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+                let tmp = format!("tmp:{w}");
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    redis_op(&mut c, &op, &mut rng, &data, &tmp)?;
+                    hist.record(t0.elapsed().as_micros().max(1) as u64).ok();
+                }
+                Ok(hist)
+            },
+        ));
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in threads {
+        let h = t.join().map_err(|_| "a redis client thread panicked")??;
+        hist.add(&h)?;
+    }
+    Ok(Measured {
+        requests: hist.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        hist,
+    })
+}
+
+/// A connected client with large message limits.
+pub struct TagStoreClientExt;
+
+impl TagStoreClientExt {
+    pub async fn connect(endpoint: String) -> Result<Client, BoxError> {
+        Ok(
+            tagstore::proto::tag_store_client::TagStoreClient::connect(endpoint)
+                .await?
+                .max_decoding_message_size(256 << 20)
+                .max_encoding_message_size(256 << 20),
+        )
+    }
+}
