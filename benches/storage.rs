@@ -1,0 +1,131 @@
+//! Storage micro-benchmarks: log append with and without fsync, segment
+//! write and lazy load, and dictionary look-ups both ways.
+//! Run: `cargo bench --bench storage`.
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tagstore::bitmap::ShardedBitmap;
+use tagstore::storage::dictionary::{DictLayer, encode_section};
+use tagstore::storage::record::{Batch, Change, ChangeOp};
+use tagstore::storage::segment::{BlobKind, Segment, SegmentWriter};
+use tagstore::storage::wal::{WalWriter, frame};
+
+fn batch_record(n: u32) -> Vec<u8> {
+    let b = Batch {
+        at_ms: 1,
+        changes: vec![Change {
+            tag: 1,
+            op: ChangeOp::Add,
+            ids: (0..n).map(|i| i * 7).collect(),
+        }],
+        ..Default::default()
+    };
+    b.encode()
+}
+
+fn wal(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wal_append");
+    for (name, sync) in [
+        ("1k-member record, no fsync", false),
+        ("1k-member record, fdatasync", true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = WalWriter::create(dir.path(), 1).unwrap();
+        let payload = batch_record(1000);
+        let mut lsn = 1;
+        let mut buf = Vec::new();
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                buf.clear();
+                frame(&mut buf, lsn, 1, &payload);
+                lsn += 1;
+                w.append(&buf).unwrap();
+                if sync {
+                    w.sync().unwrap();
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+fn segments(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut dense = ShardedBitmap::new();
+    let mut sparse = ShardedBitmap::new();
+    for id in 0..10_000_000u32 {
+        if rng.random_bool(0.5) {
+            dense.insert(id);
+        }
+        if rng.random_bool(0.001) {
+            sparse.insert(id);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = c.benchmark_group("segment_10M");
+    g.sample_size(10);
+    let mut no = 0u64;
+    g.bench_function("write a 50% and a 0.1% tag, fsync", |b| {
+        b.iter_batched(
+            || {
+                no += 1;
+                no
+            },
+            |no| {
+                let mut w = SegmentWriter::create(dir.path(), no).unwrap();
+                w.add_bitmap(BlobKind::TagShard, 1, &dense).unwrap();
+                w.add_bitmap(BlobKind::TagShard, 2, &sparse).unwrap();
+                w.finish().unwrap();
+                std::fs::remove_file(dir.path().join(tagstore::storage::segment::file_name(no)))
+                    .unwrap();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let mut w = SegmentWriter::create(dir.path(), 1_000_000).unwrap();
+    w.add_bitmap(BlobKind::TagShard, 1, &dense).unwrap();
+    w.add_bitmap(BlobKind::TagShard, 2, &sparse).unwrap();
+    w.finish().unwrap();
+    g.bench_function("open (map, check directory)", |b| {
+        b.iter(|| Segment::open(dir.path(), 1_000_000).unwrap())
+    });
+    let seg = Segment::open(dir.path(), 1_000_000).unwrap();
+    g.bench_function("lazy load of a 50% tag (crc + decode)", |b| {
+        b.iter(|| seg.load_bitmap(BlobKind::TagShard, 1).unwrap())
+    });
+    g.bench_function("lazy load of a 0.1% tag (crc + decode)", |b| {
+        b.iter(|| seg.load_bitmap(BlobKind::TagShard, 2).unwrap())
+    });
+    g.finish();
+}
+
+fn dictionary(c: &mut Criterion) {
+    let n = 2_000_000u32;
+    let keys: Vec<String> = (0..n).map(|i| format!("phone:1{i:010}")).collect();
+    let section = encode_section(keys.iter().enumerate().map(|(i, k)| (i as u32, k.as_str())));
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+    w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
+    w.finish().unwrap();
+    let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut g = c.benchmark_group("dictionary_2M");
+    g.bench_function("key -> id, random hit", |b| {
+        b.iter(|| {
+            let k = &keys[rng.random_range(0..n as usize)];
+            layer.find(k).unwrap()
+        })
+    });
+    g.bench_function("key -> id, miss", |b| {
+        b.iter(|| layer.find("wechat:nobody-at-all").unwrap())
+    });
+    g.bench_function("id -> key, random", |b| {
+        b.iter(|| layer.key_of(rng.random_range(0..n)).unwrap().map(str::len))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, wal, segments, dictionary);
+criterion_main!(benches);

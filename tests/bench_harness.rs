@@ -1,0 +1,76 @@
+//! The capacity harness must not rot: a tiny configuration of every scenario,
+//! against Redis too when `redis-server` is installed.
+
+use std::process::Command;
+
+#[test]
+fn every_scenario_runs_at_a_tiny_scale() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_tagstore-bench"))
+        .args([
+            "all",
+            "--customers",
+            "20000",
+            "--tags",
+            "12",
+            "--seconds",
+            "0.2",
+        ])
+        .args([
+            "--update-clients",
+            "1,2",
+            "--query-clients",
+            "2",
+            "--sweep-densities",
+            "0.001,0.5",
+        ])
+        .arg("--server-bin")
+        .arg(env!("CARGO_BIN_EXE_tagstore"))
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("run tagstore-bench");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        run.status
+    );
+    for scenario in ["load", "update", "query", "mixed", "restart", "sweep"] {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(scenario)),
+            "no {scenario} rows:\n{stdout}"
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench.json")).unwrap())
+            .unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert!(rows.len() > 40, "{} rows", rows.len());
+    assert!(
+        rows.iter()
+            .all(|r| r["tagstore"].is_number() || r["tagstore"].is_null())
+    );
+    let with_redis = rows.iter().filter(|r| r["redis"].is_number()).count();
+    let redis_installed = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()))
+        .unwrap_or(false);
+    if redis_installed {
+        assert!(with_redis > 20, "redis figures missing: {with_redis}");
+        assert!(report["redis_version"].is_string());
+    } else {
+        assert_eq!(with_redis, 0);
+        assert!(stdout.contains("apt-get install redis-server"));
+    }
+    assert!(
+        std::fs::read_to_string(out.path().join("sweep.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
+    assert!(
+        std::fs::read_to_string(out.path().join("latency.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
+}
