@@ -2,17 +2,12 @@
 //! count against building the result and counting it, and 3–5 operand
 //! expressions at dense and sparse densities. Run: `cargo bench --bench query`.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tagstore::bitmap::ShardedBitmap;
 use tagstore::query::Query;
-use tagstore::storage::dictionary::Dictionary;
-use tagstore::storage::snapshot::LazyBitmap;
-use tagstore::storage::{Snapshot, Tag, TagMeta};
+use tagstore::storage::Snapshot;
 
 const CUSTOMERS: u32 = 10_000_000;
 
@@ -33,38 +28,14 @@ fn random_bitmap(density: f64, seed: u64) -> ShardedBitmap {
 }
 
 fn snapshot(tags: &[(&str, f64)]) -> Snapshot {
-    let mut map = BTreeMap::new();
-    for (i, (name, density)) in tags.iter().enumerate() {
-        let bm = random_bitmap(*density, i as u64 + 1);
-        let meta = TagMeta {
-            name: Arc::from(*name),
-            description: String::new(),
-            category: String::new(),
-            created_ms: 0,
-            updated_ms: 0,
-            count: bm.len(),
-        };
-        map.insert(
-            Arc::from(*name),
-            Arc::new(Tag {
-                id: i as u32,
-                meta,
-                bitmap: LazyBitmap::loaded(bm),
-            }),
-        );
-    }
-    let mut live = ShardedBitmap::new();
-    for (_, b) in random_bitmap(0.999_999, 99).shards() {
-        live.union_with(b);
-    }
-    Snapshot {
-        lsn: 0,
-        tags: map,
-        live: LazyBitmap::loaded(live),
-        next_customer_id: CUSTOMERS,
-        next_tag_id: tags.len() as u32,
-        dict: Arc::new(Dictionary::new(Vec::new(), CUSTOMERS)),
-    }
+    let tags = tags
+        .iter()
+        .enumerate()
+        .map(|(i, (name, density))| (name.to_string(), random_bitmap(*density, i as u64 + 1)))
+        .collect();
+    let mut all = roaring::RoaringBitmap::new();
+    all.insert_range(0..CUSTOMERS);
+    Snapshot::in_memory(tags, ShardedBitmap::from_roaring(&all))
 }
 
 fn bench(c: &mut Criterion) {

@@ -199,6 +199,11 @@ impl ShardedBitmap {
         out
     }
 
+    /// The highest id in the set.
+    pub fn max(&self) -> Option<u32> {
+        self.shards().last().and_then(|(_, b)| b.max())
+    }
+
     /// Every id in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.shards().flat_map(|(_, b)| b.iter())
@@ -248,6 +253,8 @@ mod tests {
         assert_eq!(b.shard_count(), 1);
         assert!(!b.remove(99));
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(b.max(), Some(5));
+        assert_eq!(ShardedBitmap::new().max(), None);
     }
 
     #[test]

@@ -116,6 +116,42 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot held only in memory, not backed by any file: for measuring
+    /// query evaluation on given bitmaps (benchmarks, the harness's
+    /// in-process ceiling). Tags get ids in the order given.
+    pub fn in_memory(tags: Vec<(String, ShardedBitmap)>, live: ShardedBitmap) -> Snapshot {
+        let next_customer_id = live.max().map_or(0, |id| id + 1);
+        let mut map = BTreeMap::new();
+        for (i, (name, bitmap)) in tags.into_iter().enumerate() {
+            let name: Arc<str> = Arc::from(name.as_str());
+            let meta = TagMeta {
+                name: name.clone(),
+                description: String::new(),
+                category: String::new(),
+                created_ms: 0,
+                updated_ms: 0,
+                count: bitmap.len(),
+            };
+            map.insert(
+                name,
+                Arc::new(Tag {
+                    id: i as u32,
+                    meta,
+                    bitmap: LazyBitmap::loaded(bitmap),
+                }),
+            );
+        }
+        let next_tag_id = map.len() as u32;
+        Snapshot {
+            lsn: 0,
+            tags: map,
+            live: LazyBitmap::loaded(live),
+            next_customer_id,
+            next_tag_id,
+            dict: Arc::new(Dictionary::new(Vec::new(), next_customer_id)),
+        }
+    }
+
     pub fn tag(&self, name: &str) -> Option<&Arc<Tag>> {
         self.tags.get(name)
     }

@@ -30,9 +30,7 @@ use tagstore::bitmap::ShardedBitmap;
 use tagstore::harness::ServerProcess;
 use tagstore::proto::*;
 use tagstore::query::Query;
-use tagstore::storage::dictionary::Dictionary;
-use tagstore::storage::snapshot::LazyBitmap;
-use tagstore::storage::{Snapshot, Tag, TagMeta};
+use tagstore::storage::Snapshot;
 
 #[derive(Parser)]
 #[command(
@@ -165,39 +163,20 @@ fn picks(data: &DataSet) -> Picks {
 
 /// The same bitmaps as the server holds, in this process: the "in-process ceiling".
 fn in_process_snapshot(data: &DataSet, tags: &[usize]) -> Snapshot {
-    let mut map = std::collections::BTreeMap::new();
-    for &t in tags {
-        let members = data.members(t);
-        let flat = roaring::RoaringBitmap::from_sorted_iter(members).expect("members are sorted");
-        let bm = ShardedBitmap::from_roaring(&flat);
-        let name: Arc<str> = Arc::from(data.tags[t].name.as_str());
-        let meta = TagMeta {
-            name: name.clone(),
-            description: String::new(),
-            category: String::new(),
-            created_ms: 0,
-            updated_ms: 0,
-            count: bm.len(),
-        };
-        map.insert(
-            name,
-            Arc::new(Tag {
-                id: t as u32,
-                meta,
-                bitmap: LazyBitmap::loaded(bm),
-            }),
-        );
-    }
+    let bitmaps = tags
+        .iter()
+        .map(|&t| {
+            let flat = roaring::RoaringBitmap::from_sorted_iter(data.members(t))
+                .expect("members are sorted");
+            (
+                data.tags[t].name.clone(),
+                ShardedBitmap::from_roaring(&flat),
+            )
+        })
+        .collect();
     let mut all = roaring::RoaringBitmap::new();
     all.insert_range(0..data.customers);
-    Snapshot {
-        lsn: 0,
-        tags: map,
-        live: LazyBitmap::loaded(ShardedBitmap::from_roaring(&all)),
-        next_customer_id: data.customers,
-        next_tag_id: data.tags.len() as u32,
-        dict: Arc::new(Dictionary::new(Vec::new(), data.customers)),
-    }
+    Snapshot::in_memory(bitmaps, ShardedBitmap::from_roaring(&all))
 }
 
 /// Median time of evaluating `text` in-process, in milliseconds.
