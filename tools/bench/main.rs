@@ -247,43 +247,15 @@ impl Bench {
                 pb.inc(chunk.len() as u64);
             }
             let customers_secs = started.elapsed().as_secs_f64();
-            let (tx, rx) = async_channel::bounded::<UpdateRequest>(self.cli.concurrency * 4);
-            let mut workers = Vec::new();
-            for _ in 0..self.cli.concurrency {
-                let (rx, pb) = (rx.clone(), pb.clone());
-                let mut c = server.client().await?;
-                workers.push(tokio::spawn(async move {
-                    while let Ok(req) = rx.recv().await {
-                        let n = req.mutations[0].add.len() as u64;
-                        c.update(req).await?;
-                        pb.inc(n);
-                    }
-                    Ok::<(), tonic::Status>(())
-                }));
-            }
-            let (d, batch) = (data.clone(), self.cli.batch);
-            let producer = tokio::task::spawn_blocking(move || {
-                for t in 1..d.tags.len() {
-                    for chunk in d.members(t).chunks(batch) {
-                        let add = chunk.iter().map(|&id| customer_key(id)).collect();
-                        let req = UpdateRequest {
-                            mutations: vec![Mutation {
-                                tag: d.tags[t].name.clone(),
-                                add,
-                                remove: vec![],
-                            }],
-                            create_missing_tags: false,
-                        };
-                        if tx.send_blocking(req).is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-            producer.await?;
-            for w in workers {
-                w.await??;
-            }
+            load_tags(
+                &server,
+                &data,
+                1..data.tags.len(),
+                self.cli.concurrency,
+                self.cli.batch,
+                &pb,
+            )
+            .await?;
             pb.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             c.checkpoint(CheckpointRequest {}).await?;
@@ -852,31 +824,24 @@ impl Bench {
         let server = self.start(&dir, &[])?;
         let mut c = server.client().await?;
         let pb = bar(spec.total_memberships(), "sweep load");
-        for (t, tag) in spec.tags.iter().enumerate() {
+        for tag in &spec.tags {
             c.create_tag(CreateTagRequest {
                 name: tag.name.clone(),
                 ..Default::default()
             })
             .await?;
-            let members = spec.members(t);
-            let mut reqs = Vec::new();
-            for chunk in members.chunks(self.cli.batch) {
-                let add = chunk.iter().map(|&id| customer_key(id)).collect();
-                reqs.push(UpdateRequest {
-                    mutations: vec![Mutation {
-                        tag: tag.name.clone(),
-                        add,
-                        remove: vec![],
-                    }],
-                    create_missing_tags: false,
-                });
-            }
-            for req in reqs {
-                let n = req.mutations[0].add.len() as u64;
-                c.update(req).await?;
-                pb.inc(n);
-            }
         }
+        // The tag every customer carries first, in order: it creates the customers.
+        load_tags(&server, &spec, 0..1, 1, self.cli.batch, &pb).await?;
+        load_tags(
+            &server,
+            &spec,
+            1..spec.tags.len(),
+            self.cli.concurrency,
+            self.cli.batch,
+            &pb,
+        )
+        .await?;
         pb.finish_and_clear();
         c.checkpoint(CheckpointRequest {}).await?;
         let redis = match &self.redis_bin {
@@ -1018,6 +983,57 @@ impl Bench {
         )?;
         Ok(())
     }
+}
+
+/// Loads the members of `tags` through `Update` requests of `batch` keys from
+/// `clients` concurrent connections. Requests are made as they are sent, so
+/// memory stays small whatever the data set.
+async fn load_tags(
+    server: &ServerProcess,
+    data: &Arc<DataSet>,
+    tags: std::ops::Range<usize>,
+    clients: usize,
+    batch: usize,
+    pb: &ProgressBar,
+) -> Result<(), BoxError> {
+    let (tx, rx) = async_channel::bounded::<UpdateRequest>(clients * 4);
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        let (rx, pb) = (rx.clone(), pb.clone());
+        let mut c = server.client().await?;
+        workers.push(tokio::spawn(async move {
+            while let Ok(req) = rx.recv().await {
+                let n = req.mutations[0].add.len() as u64;
+                c.update(req).await?;
+                pb.inc(n);
+            }
+            Ok::<(), tonic::Status>(())
+        }));
+    }
+    let d = data.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        for t in tags {
+            for chunk in d.members(t).chunks(batch) {
+                let add = chunk.iter().map(|&id| customer_key(id)).collect();
+                let req = UpdateRequest {
+                    mutations: vec![Mutation {
+                        tag: d.tags[t].name.clone(),
+                        add,
+                        remove: vec![],
+                    }],
+                    create_missing_tags: false,
+                };
+                if tx.send_blocking(req).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    producer.await?;
+    for w in workers {
+        w.await??;
+    }
+    Ok(())
 }
 
 fn measured_json(m: &Measured) -> serde_json::Value {
