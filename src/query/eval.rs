@@ -379,13 +379,26 @@ mod tests {
         all.insert_range(0..n);
         let snap = Snapshot::in_memory(tags, ShardedBitmap::from_roaring(&all));
         let f = |name: &str| &flats[names.iter().position(|x| *x == name).unwrap()];
-        let and = |xs: &[&str]| xs.iter().skip(1).fold(f(xs[0]).clone(), |acc, x| acc & f(x));
+        let and = |xs: &[&str]| {
+            xs.iter()
+                .skip(1)
+                .fold(f(xs[0]).clone(), |acc, x| acc & f(x))
+        };
         for (q, expect) in [
             ("a AND b AND c AND d", and(&["a", "b", "c", "d"]).len()),
-            ("a AND b AND c AND d AND e", and(&["a", "b", "c", "d", "e"]).len()),
+            (
+                "a AND b AND c AND d AND e",
+                and(&["a", "b", "c", "d", "e"]).len(),
+            ),
             ("s AND a AND b AND c", and(&["s", "a", "b", "c"]).len()),
-            ("m AND a AND b AND c AND d", and(&["m", "a", "b", "c", "d"]).len()),
-            ("a AND b AND c AND d AND NOT e", (and(&["a", "b", "c", "d"]) - f("e")).len()),
+            (
+                "m AND a AND b AND c AND d",
+                and(&["m", "a", "b", "c", "d"]).len(),
+            ),
+            (
+                "a AND b AND c AND d AND NOT e",
+                (and(&["a", "b", "c", "d"]) - f("e")).len(),
+            ),
         ] {
             let query = Query::compile(q, &snap).unwrap();
             assert_eq!(query.count(), expect, "{q}");

@@ -59,32 +59,41 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
         }
         slots[s] = slot_entry(hash, i);
     }
-    let mut body = Vec::with_capacity(count * 12 + 8 + slot_count * 8 + keys.len());
+    // The body goes straight into the output, after room for the header and
+    // the page checksums (filled in last): one copy of the section in memory.
+    let body_len = count * 4 + (count + 1) * 8 + slot_count * 8 + keys.len();
+    let page_count = body_len.div_ceil(1 << PAGE_SHIFT);
+    let body_at = SECTION_HEADER_LEN + page_count * 4;
+    let mut out = Vec::with_capacity(body_at + body_len);
+    out.resize(body_at, 0);
     for id in &ids {
-        body.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
     }
+    drop(ids);
     for o in &offsets {
-        body.extend_from_slice(&o.to_le_bytes());
+        out.extend_from_slice(&o.to_le_bytes());
     }
+    drop(offsets);
     for s in &slots {
-        body.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&s.to_le_bytes());
     }
-    body.extend_from_slice(&keys);
-    let page_crcs: Vec<u8> = body
+    drop(slots);
+    out.extend_from_slice(&keys);
+    debug_assert_eq!(out.len(), body_at + body_len);
+    let page_crcs: Vec<u8> = out[body_at..]
         .chunks(1 << PAGE_SHIFT)
         .flat_map(|page| crc32fast::hash(page).to_le_bytes())
         .collect();
-    let page_count = page_crcs.len() / 4;
-    let mut out = Vec::with_capacity(SECTION_HEADER_LEN + page_crcs.len() + body.len());
-    out.extend_from_slice(&(count as u32).to_le_bytes());
-    out.extend_from_slice(&(slot_count as u32).to_le_bytes());
-    out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
-    out.extend_from_slice(&PAGE_SHIFT.to_le_bytes());
-    out.extend_from_slice(&(page_count as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&page_crcs).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&page_crcs);
-    out.extend_from_slice(&body);
+    let mut header = Vec::with_capacity(SECTION_HEADER_LEN);
+    header.extend_from_slice(&(count as u32).to_le_bytes());
+    header.extend_from_slice(&(slot_count as u32).to_le_bytes());
+    header.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    header.extend_from_slice(&PAGE_SHIFT.to_le_bytes());
+    header.extend_from_slice(&(page_count as u32).to_le_bytes());
+    header.extend_from_slice(&crc32fast::hash(&page_crcs).to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    out[..SECTION_HEADER_LEN].copy_from_slice(&header);
+    out[SECTION_HEADER_LEN..body_at].copy_from_slice(&page_crcs);
     out
 }
 
