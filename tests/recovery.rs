@@ -51,6 +51,21 @@ fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     v
 }
 
+/// Where a log file's records end: frames are `u32 len, u32 crc, len bytes`
+/// after a 24-byte header, then preallocated zeros.
+fn records_end(path: &Path) -> u64 {
+    let data = fs::read(path).unwrap();
+    let mut pos = 24;
+    while pos + 4 <= data.len() {
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        pos += 8 + len;
+    }
+    pos as u64
+}
+
 fn flip(path: &Path, offset: usize) {
     let mut data = fs::read(path).unwrap();
     data[offset] ^= 0x20;
@@ -71,7 +86,8 @@ fn torn_log_tail_is_cut_and_reported() {
     let copy = crash_copy(dir.path());
     drop(engine);
     let wal = files_with(copy.path(), ".log").pop().unwrap();
-    let len = fs::metadata(&wal).unwrap().len();
+    // Cut into the last record (the file continues with preallocated zeros).
+    let len = records_end(&wal);
     fs::OpenOptions::new()
         .write(true)
         .open(&wal)

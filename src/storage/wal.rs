@@ -49,12 +49,20 @@ pub fn frame(out: &mut Vec<u8>, lsn: u64, kind: u8, payload: &[u8]) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Log files grow in steps of this many bytes, allocated ahead of the
+/// records, so that a sync after an append does not also have to commit a
+/// new file size (it roughly halves the cost of fdatasync here).
+pub const PREALLOCATE: u64 = 4 << 20;
+
 /// The log file being appended to.
 pub struct WalWriter {
     path: PathBuf,
     file: File,
     first_lsn: u64,
+    /// Logical end: the header and the records written so far.
     bytes: u64,
+    /// Bytes allocated on disk (zeros past `bytes`).
+    allocated: u64,
 }
 
 impl WalWriter {
@@ -75,23 +83,56 @@ impl WalWriter {
         header.extend_from_slice(&0u32.to_le_bytes());
         header.extend_from_slice(&first_lsn.to_le_bytes());
         file.write_all(&header).map_err(|e| Error::io(&path, e))?;
-        file.sync_all().map_err(|e| Error::io(&path, e))?;
-        fsync_dir(dir)?;
-        Ok(Self {
+        let mut w = Self {
             path,
             file,
             first_lsn,
             bytes: WAL_HEADER_LEN as u64,
-        })
+            allocated: WAL_HEADER_LEN as u64,
+        };
+        w.allocate(PREALLOCATE);
+        w.file.sync_all().map_err(|e| Error::io(&w.path, e))?;
+        fsync_dir(dir)?;
+        Ok(w)
+    }
+
+    /// Allocates the file up to `len` bytes (zeros). Best effort: a file
+    /// system without fallocate simply grows the file with each append.
+    fn allocate(&mut self, len: u64) {
+        use std::os::fd::AsRawFd;
+        if len <= self.allocated {
+            return;
+        }
+        let Ok(off_len) = libc::off_t::try_from(len) else {
+            return;
+        };
+        // SAFETY: posix_fallocate on an open file descriptor we own.
+        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
+        if rc == 0 {
+            self.allocated = len;
+        }
     }
 
     /// Writes framed records (not yet durable: call [`WalWriter::sync`]).
     pub fn append(&mut self, framed: &[u8]) -> Result<()> {
+        let end = self.bytes + framed.len() as u64;
+        if end > self.allocated {
+            self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE);
+        }
         self.file
             .write_all(framed)
             .map_err(|e| Error::io(&self.path, e))?;
-        self.bytes += framed.len() as u64;
+        self.bytes = end;
         Ok(())
+    }
+
+    /// Cuts the unused preallocated space and syncs: the file is then
+    /// exactly its records. Done when the writer moves to a new file.
+    pub fn seal(self) -> Result<()> {
+        self.file
+            .set_len(self.bytes)
+            .and_then(|_| self.file.sync_all())
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// Makes everything appended so far durable.
@@ -211,15 +252,18 @@ pub fn replay(
                     )
                 })
             };
+            if data[pos..].iter().all(|&b| b == 0) {
+                // Preallocated space: the end of this file's records.
+                if is_last {
+                    truncate(&wf.path, pos)?;
+                }
+                break;
+            }
             let len = le_u32(&data, pos).map(|l| l as usize);
             let problem = match len {
                 None => Some("length field cut short".to_string()),
                 Some(l) if !(MIN_RECORD_LEN..=MAX_RECORD_LEN).contains(&l) => {
-                    if data[pos..].iter().all(|&b| b == 0) {
-                        Some("zero-filled tail".to_string())
-                    } else {
-                        return Err(corrupt(pos, format!("invalid record length {l}")));
-                    }
+                    return Err(corrupt(pos, format!("invalid record length {l}")));
                 }
                 Some(l) if FRAME_PREFIX + l > remaining => Some(format!(
                     "record of {l} bytes, {} present",
@@ -246,7 +290,8 @@ pub fn replay(
             let body = &data[pos + FRAME_PREFIX..pos + FRAME_PREFIX + len];
             let crc = le_u32(&data, pos + 4).unwrap_or(0);
             if crc32fast::hash(body) != crc {
-                let ends_file = pos + FRAME_PREFIX + len == data.len();
+                // The final record: only zeros (preallocated space) or nothing follows it.
+                let ends_file = data[pos + FRAME_PREFIX + len..].iter().all(|&b| b == 0);
                 if ends_file && let Some(msg) = torn("checksum mismatch in the final record") {
                     truncate(&wf.path, pos)?;
                     out.truncated = Some(msg);
@@ -307,6 +352,8 @@ fn truncate(path: &Path, len: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Writes `n` records and leaves the file as a crash would: with its
+    /// preallocated zeros after the records.
     fn write_log(dir: &Path, first: u64, n: u64) -> PathBuf {
         let mut w = WalWriter::create(dir, first).unwrap();
         let mut buf = Vec::new();
@@ -316,6 +363,70 @@ mod tests {
         w.append(&buf).unwrap();
         w.sync().unwrap();
         dir.join(file_name(first))
+    }
+
+    /// Where the records of a file end (before any preallocated zeros).
+    fn logical_end(path: &Path) -> u64 {
+        let data = fs::read(path).unwrap();
+        let mut pos = WAL_HEADER_LEN;
+        while let Some(len) = le_u32(&data, pos).filter(|&l| l != 0) {
+            pos += FRAME_PREFIX + len as usize;
+        }
+        pos as u64
+    }
+
+    #[test]
+    fn preallocated_space_is_not_damage_and_sealing_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1, 3);
+        assert!(
+            fs::metadata(&path).unwrap().len() >= PREALLOCATE,
+            "space is allocated ahead"
+        );
+        let (seen, out) = collect(dir.path(), 0).unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        assert!(
+            out.truncated.is_none(),
+            "zeros after the records are not a torn tail"
+        );
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            logical_end(&path),
+            "recovery trims them"
+        );
+
+        let mut w = WalWriter::create(dir.path(), 4).unwrap();
+        let mut buf = Vec::new();
+        frame(&mut buf, 4, 1, b"record 4");
+        w.append(&buf).unwrap();
+        let end = w.bytes();
+        w.seal().unwrap();
+        assert_eq!(
+            fs::metadata(dir.path().join(file_name(4))).unwrap().len(),
+            end
+        );
+        let (seen, _) = collect(dir.path(), 0).unwrap();
+        assert_eq!(seen, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_torn_record_followed_by_preallocated_zeros_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1, 4);
+        // Zero the second half of the last record, as a crash between page writes would.
+        let end = logical_end(&path) as usize;
+        let mut data = fs::read(&path).unwrap();
+        for b in &mut data[end - 6..end] {
+            *b = 0;
+        }
+        fs::write(&path, &data).unwrap();
+        let (seen, out) = collect(dir.path(), 0).unwrap();
+        assert_eq!(seen, vec![1, 2, 3]);
+        assert!(
+            out.truncated
+                .unwrap()
+                .contains("checksum mismatch in the final record")
+        );
     }
 
     fn collect(dir: &Path, after: u64) -> Result<(Vec<u64>, ReplayOutcome)> {
@@ -345,7 +456,7 @@ mod tests {
     fn torn_tail_is_truncated() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_log(dir.path(), 1, 4);
-        let len = fs::metadata(&path).unwrap().len();
+        let len = logical_end(&path);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 3).unwrap();
         let (seen, out) = collect(dir.path(), 0).unwrap();
@@ -375,7 +486,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = write_log(dir.path(), 1, 2);
         write_log(dir.path(), 3, 2);
-        let len = fs::metadata(&old).unwrap().len();
+        let len = logical_end(&old);
         OpenOptions::new()
             .write(true)
             .open(&old)

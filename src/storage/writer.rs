@@ -511,6 +511,10 @@ impl Writer {
                 Ok(new) => {
                     let old = std::mem::replace(&mut self.wal, new);
                     self.old_wal_bytes += old.bytes();
+                    if let Err(e) = old.seal() {
+                        // Harmless: replay reads preallocated zeros as the end of a file.
+                        tracing::warn!(error = %e, "could not trim a finished log file");
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "could not start a new log file for a checkpoint");
