@@ -624,6 +624,20 @@ async fn every_call_and_its_errors() {
     assert!(listed.contains("tagstore.v1.TagStore"), "{listed}");
 
     // A graceful stop exits 0, and everything is there after a restart.
+    let probes = s(&[
+        "高价值用户 AND NOT 常购护肤品",
+        "常购护肤品 OR 新标签",
+        "NOT 社交活跃",
+        "ALL",
+    ]);
+    let expected_counts = c
+        .count(CountRequest {
+            queries: probes.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts;
     let expected_all = all_members(&mut c, "ALL", 1000).await;
     let expected_tags = c
         .list_tags(ListTagsRequest::default())
@@ -635,6 +649,18 @@ async fn every_call_and_its_errors() {
     assert!(server.stop().unwrap().success(), "{}", server.stderr());
     let server = common::start(&data, &[]);
     let mut c = common::client(&server).await;
+    // First counts after a restart read bitmaps still on disk (the blocking path), then in memory.
+    for _ in 0..2 {
+        let counts = c
+            .count(CountRequest {
+                queries: probes.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .counts;
+        assert_eq!(counts, expected_counts);
+    }
     assert_eq!(all_members(&mut c, "ALL", 1000).await, expected_all);
     assert_eq!(
         c.list_tags(ListTagsRequest::default())

@@ -48,6 +48,20 @@ impl<'s> Plan<'s> {
         }
     }
 
+    /// An upper bound of the ids evaluation touches: the sum of the leaves' sizes.
+    fn work(&self) -> u64 {
+        match self {
+            Plan::Empty => 0,
+            Plan::Leaf(b) => b.len(),
+            Plan::And { pos, neg } => pos
+                .iter()
+                .chain(neg)
+                .map(Plan::work)
+                .fold(0, u64::saturating_add),
+            Plan::Or(items) => items.iter().map(Plan::work).fold(0, u64::saturating_add),
+        }
+    }
+
     fn shard_count(&self) -> usize {
         match self {
             Plan::Empty => 0,
@@ -309,6 +323,11 @@ impl<'s> Query<'s> {
 
     pub fn plan(&self) -> &Plan<'s> {
         &self.plan
+    }
+
+    /// An upper bound of the ids evaluating the query touches.
+    pub fn work(&self) -> u64 {
+        self.plan.work()
     }
 
     /// Number of members.

@@ -34,6 +34,18 @@ pub enum Expr {
     Or(Vec<Expr>),
 }
 
+impl Expr {
+    /// Every tag name the expression mentions.
+    pub fn tag_names<'a>(&'a self, out: &mut Vec<&'a str>) {
+        match self {
+            Expr::Tag { name, .. } => out.push(name),
+            Expr::All => {}
+            Expr::Not(x) => x.tag_names(out),
+            Expr::And(items) | Expr::Or(items) => items.iter().for_each(|i| i.tag_names(out)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
     LParen,
