@@ -350,7 +350,7 @@ impl Bench {
             );
             self.report.add(
                 "load",
-                "disk after load (redis: none with AOF off)",
+                "disk after load (redis: not measured)",
                 "bytes",
                 Better::Lower,
                 tagstore_disk,
