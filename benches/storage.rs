@@ -93,10 +93,10 @@ fn segments(c: &mut Criterion) {
     });
     let seg = Segment::open(dir.path(), 1_000_000).unwrap();
     g.bench_function("lazy load of a 50% tag (crc + decode)", |b| {
-        b.iter(|| seg.load_bitmap(BlobKind::TagShard, 1).unwrap())
+        b.iter(|| seg.load_bitmap(BlobKind::TagShard, 1, 0).unwrap())
     });
     g.bench_function("lazy load of a 0.1% tag (crc + decode)", |b| {
-        b.iter(|| seg.load_bitmap(BlobKind::TagShard, 2).unwrap())
+        b.iter(|| seg.load_bitmap(BlobKind::TagShard, 2, 0).unwrap())
     });
     g.finish();
 }

@@ -10,8 +10,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum QueryErrorKind {
     /// The text does not parse.
     Syntax,
-    /// The text names a tag that does not exist.
+    /// The text names a tag or field that does not exist.
     UnknownTag,
+    /// The text uses a field or value in a way its kind does not allow
+    /// (comparing an enumerated field with `>=`, an unknown value, …).
+    Type,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,10 @@ pub enum Error {
     TagNotFound(String),
     #[error("tag already exists: {0:?}")]
     TagExists(String),
+    #[error("field not found: {0:?}")]
+    FieldNotFound(String),
+    #[error("a field named {0:?} already exists")]
+    FieldExists(String),
     #[error("customer not found: {0:?}")]
     CustomerNotFound(String),
     #[error("{0}")]

@@ -16,6 +16,7 @@
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
 
 pub mod bitmap;
+pub mod columns;
 pub mod config;
 pub mod error;
 pub mod harness;

@@ -127,6 +127,7 @@ fn apply_model(model: &mut Model, op: &WriteOp, accepted: bool) {
                 }
             }
         }
+        other => unreachable!("not generated here (fields: tests/columns_model.rs): {other:?}"),
     }
 }
 
@@ -156,6 +157,7 @@ fn should_accept(model: &Model, op: &WriteOp) -> bool {
             ..
         } => *create_missing_tag || model.tags.contains_key(tag),
         WriteOp::DeleteCustomers { customers } => !customers.is_empty(),
+        other => unreachable!("not generated here: {other:?}"),
     }
 }
 

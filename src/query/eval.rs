@@ -18,7 +18,8 @@ use std::borrow::Cow;
 use roaring::RoaringBitmap;
 
 use crate::bitmap::{SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
-use crate::error::{Error, QueryErrorKind, Result};
+use crate::columns::bsi;
+use crate::error::Result;
 use crate::query::parser::{Expr, parse};
 use crate::storage::Snapshot;
 
@@ -33,12 +34,85 @@ pub enum Plan<'s> {
         neg: Vec<Plan<'s>>,
     },
     Or(Vec<Plan<'s>>),
+    /// Customers whose integer value (offset binary) lies in `lo..=hi`,
+    /// evaluated with the bit-sliced walk shard by shard.
+    IntRange {
+        slices: Box<IntSlices<'s>>,
+        lo: u64,
+        hi: u64,
+    },
+    /// Live customers whose number of days with a behaviour, over the given
+    /// day buckets, lies in `lo..=hi` (bit-sliced addition, then the walk).
+    DayCount {
+        days: Vec<&'s ShardedBitmap>,
+        lo: u64,
+        hi: u64,
+        live: &'s ShardedBitmap,
+    },
+}
+
+/// The bitmaps of an integer field.
+#[derive(Debug)]
+pub struct IntSlices<'s> {
+    pub exists: &'s ShardedBitmap,
+    pub bits: [Option<&'s ShardedBitmap>; bsi::BITS],
+}
+
+impl<'s> IntSlices<'s> {
+    fn shard_slices(&self, i: usize) -> [Option<&'s RoaringBitmap>; bsi::BITS] {
+        std::array::from_fn(|k| self.bits[k].and_then(|b| b.shard(i)))
+    }
+}
+
+fn owned<'s>(b: RoaringBitmap) -> Option<Cow<'s, RoaringBitmap>> {
+    (!b.is_empty()).then_some(Cow::Owned(b))
 }
 
 impl<'s> Plan<'s> {
+    fn is_pred(&self) -> bool {
+        matches!(self, Plan::IntRange { .. } | Plan::DayCount { .. })
+    }
+
+    /// The members of shard `i` that are also in `within` (for predicates,
+    /// which then only examine `within`).
+    fn eval_within(&self, i: usize, within: &RoaringBitmap) -> Option<Cow<'s, RoaringBitmap>> {
+        match self {
+            Plan::IntRange { slices, lo, hi } => {
+                let exists = slices.exists.shard(i)?;
+                let refs = slices.shard_slices(i);
+                owned(bsi::range(within & exists, &refs, *lo, *hi))
+            }
+            Plan::DayCount { days, lo, hi, .. } => {
+                let mut counts = Vec::new();
+                for d in days {
+                    if let Some(s) = d.shard(i) {
+                        bsi::add_counts(&mut counts, &(within & s));
+                    }
+                }
+                let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
+                owned(bsi::range(within.clone(), &refs, *lo, *hi))
+            }
+            other => {
+                let s = other.eval(i)?;
+                owned(within & &*s)
+            }
+        }
+    }
+
     fn estimate(&self) -> u64 {
         match self {
             Plan::Empty => 0,
+            Plan::IntRange { slices, .. } => slices.exists.len(),
+            Plan::DayCount { days, lo, live, .. } => {
+                if *lo == 0 {
+                    live.len()
+                } else {
+                    days.iter()
+                        .map(|d| d.len())
+                        .fold(0, u64::saturating_add)
+                        .min(live.len())
+                }
+            }
             Plan::Leaf(b) => b.len(),
             Plan::And { pos, .. } => pos.iter().map(Plan::estimate).min().unwrap_or(0),
             Plan::Or(items) => items
@@ -52,6 +126,16 @@ impl<'s> Plan<'s> {
     fn work(&self) -> u64 {
         match self {
             Plan::Empty => 0,
+            Plan::IntRange { slices, .. } => slices
+                .bits
+                .iter()
+                .flatten()
+                .map(|b| b.len())
+                .fold(slices.exists.len(), u64::saturating_add),
+            Plan::DayCount { days, live, .. } => days
+                .iter()
+                .map(|d| d.len())
+                .fold(live.len(), u64::saturating_add),
             Plan::Leaf(b) => b.len(),
             Plan::And { pos, neg } => pos
                 .iter()
@@ -65,6 +149,14 @@ impl<'s> Plan<'s> {
     fn shard_count(&self) -> usize {
         match self {
             Plan::Empty => 0,
+            Plan::IntRange { slices, .. } => slices.exists.shard_count(),
+            Plan::DayCount { days, lo, live, .. } => {
+                if *lo == 0 {
+                    live.shard_count()
+                } else {
+                    days.iter().map(|d| d.shard_count()).max().unwrap_or(0)
+                }
+            }
             Plan::Leaf(b) => b.shard_count(),
             Plan::And { pos, .. } => pos.iter().map(Plan::shard_count).min().unwrap_or(0),
             Plan::Or(items) => items.iter().map(Plan::shard_count).max().unwrap_or(0),
@@ -85,6 +177,24 @@ impl<'s> Plan<'s> {
     pub fn eval(&self, i: usize) -> Option<Cow<'s, RoaringBitmap>> {
         match self {
             Plan::Empty => None,
+            Plan::IntRange { slices, .. } => {
+                let exists = slices.exists.shard(i)?.clone();
+                self.eval_within(i, &exists)
+            }
+            Plan::DayCount { days, lo, live, .. } => {
+                let within = if *lo == 0 {
+                    live.shard(i)?.clone()
+                } else {
+                    let mut any = RoaringBitmap::new();
+                    for d in days {
+                        if let Some(s) = d.shard(i) {
+                            any |= s;
+                        }
+                    }
+                    any
+                };
+                self.eval_within(i, &within)
+            }
             Plan::Leaf(b) => b.shard(i).map(Cow::Borrowed),
             Plan::And { pos, neg } => eval_and(pos, neg, i),
             Plan::Or(items) => {
@@ -110,6 +220,7 @@ impl<'s> Plan<'s> {
     pub fn count(&self, i: usize) -> u64 {
         match self {
             Plan::Empty => 0,
+            Plan::IntRange { .. } | Plan::DayCount { .. } => self.eval(i).map_or(0, |b| b.len()),
             Plan::Leaf(b) => b.shard(i).map_or(0, RoaringBitmap::len),
             Plan::And { pos, neg } => match neg.split_last() {
                 None if pos.len() >= 4 && pos.iter().all(|p| p.dense_in(i)) => {
@@ -129,6 +240,9 @@ impl<'s> Plan<'s> {
                         let Some(acc) = eval_and(init, &[], i) else {
                             return 0;
                         };
+                        if last.is_pred() {
+                            return last.eval_within(i, &acc).map_or(0, |b| b.len());
+                        }
                         last.eval(i).map_or(0, |l| acc.intersection_len(&l))
                     }
                     None => 0,
@@ -177,6 +291,11 @@ fn eval_and<'s>(pos: &[Plan<'s>], neg: &[Plan<'s>], i: usize) -> Option<Cow<'s, 
     let (first, rest) = pos.split_first()?;
     let mut acc = first.eval(i)?;
     for p in rest {
+        if p.is_pred() {
+            // A predicate only needs to examine the candidates left.
+            acc = p.eval_within(i, &acc)?;
+            continue;
+        }
         let s = p.eval(i)?;
         acc = Cow::Owned(match acc {
             Cow::Borrowed(a) => a & &*s,
@@ -206,13 +325,15 @@ fn eval_and<'s>(pos: &[Plan<'s>], neg: &[Plan<'s>], i: usize) -> Option<Cow<'s, 
     Some(acc)
 }
 
-struct Compiler<'s> {
-    snap: &'s Snapshot,
-    live: &'s ShardedBitmap,
+pub(crate) struct Compiler<'s> {
+    pub snap: &'s Snapshot,
+    pub live: &'s ShardedBitmap,
+    /// The time "today" and WITHIN windows are taken at, Unix milliseconds.
+    pub now_ms: i64,
 }
 
 impl<'s> Compiler<'s> {
-    fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
+    pub fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
         if b.is_empty() {
             Plan::Empty
         } else {
@@ -222,14 +343,11 @@ impl<'s> Compiler<'s> {
 
     fn compile(&self, e: &Expr) -> Result<Plan<'s>> {
         Ok(match e {
-            Expr::Tag { name, pos } => {
-                let tag = self.snap.tag(name).ok_or_else(|| Error::Query {
-                    kind: QueryErrorKind::UnknownTag,
-                    position: *pos,
-                    message: format!("unknown tag {name:?}"),
-                })?;
-                self.leaf(tag.bitmap.get()?)
-            }
+            Expr::Tag { name, pos } => match self.snap.tag(name) {
+                Some(tag) => self.leaf(tag.bitmap.get()?),
+                None => self.bare_field(name, *pos)?,
+            },
+            Expr::Pred { field, pos, pred } => self.predicate(field, *pos, pred)?,
             Expr::All => self.leaf(self.live),
             Expr::Not(inner) => match &**inner {
                 Expr::Not(x) => self.compile(x)?,
@@ -272,7 +390,7 @@ impl<'s> Compiler<'s> {
         })
     }
 
-    fn and_of(&self, mut pos: Vec<Plan<'s>>, mut neg: Vec<Plan<'s>>) -> Plan<'s> {
+    pub fn and_of(&self, mut pos: Vec<Plan<'s>>, mut neg: Vec<Plan<'s>>) -> Plan<'s> {
         if pos.iter().any(|p| matches!(p, Plan::Empty)) {
             return Plan::Empty;
         }
@@ -298,9 +416,16 @@ impl<'s> Compiler<'s> {
     }
 }
 
+/// The current time, Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A query compiled against one snapshot.
 pub struct Query<'s> {
-    plan: Plan<'s>,
+    pub(crate) plan: Plan<'s>,
     shards: usize,
 }
 
@@ -312,9 +437,19 @@ impl<'s> Query<'s> {
     }
 
     pub fn from_expr(expr: &Expr, snap: &'s Snapshot) -> Result<Self> {
+        Self::from_expr_at(expr, snap, now_ms())
+    }
+
+    /// Parses and compiles `text` with "today" taken at `now_ms` (Unix ms).
+    pub fn compile_at(text: &str, snap: &'s Snapshot, now_ms: i64) -> Result<Self> {
+        Self::from_expr_at(&parse(text)?, snap, now_ms)
+    }
+
+    pub fn from_expr_at(expr: &Expr, snap: &'s Snapshot, now_ms: i64) -> Result<Self> {
         let c = Compiler {
             snap,
             live: snap.live()?,
+            now_ms,
         };
         let plan = c.compile(expr)?;
         let shards = plan.shard_count();
@@ -357,6 +492,16 @@ impl<'s> Query<'s> {
             }
         }
         (out, false)
+    }
+
+    /// How many shards evaluation visits.
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+
+    /// The members in shard `i`.
+    pub fn shard(&self, i: usize) -> Option<Cow<'s, RoaringBitmap>> {
+        self.plan.eval(i)
     }
 
     /// Calls `f` with each non-empty shard's members, in id order, until it returns false.

@@ -4,7 +4,9 @@
 //! `parser` turns text into an expression (with error positions), `eval`
 //! compiles it against a snapshot and counts or lists its members.
 
+pub mod analytics;
 pub mod eval;
+mod fields;
 pub mod parser;
 
 pub use eval::{Plan, Query};

@@ -6,10 +6,21 @@
 //! or      := and ( OR and )*
 //! and     := unary ( AND unary )*
 //! unary   := NOT unary | primary
-//! primary := '(' or ')' | ALL | name
+//! primary := '(' or ')' | ALL | count | name [ predicate ]
+//! predicate := cmp literal                      -- integer and enumerated fields
+//!            | BETWEEN literal AND literal      -- integers, or dates of a behaviour
+//!            | IS [ NOT ] NULL
+//!            | [ NOT ] IN '(' literal ( ',' literal )* ')'
+//!            | WITHIN days                      -- behaviour fields: `7d`
+//! count   := COUNT '(' name ( WITHIN days | BETWEEN literal AND literal ) ')' cmp literal
+//! cmp     := '=' | '!=' | '<>' | '<' | '<=' | '>' | '>='
+//! literal := bare | '"' … '"' | "'" … "'"
 //! name    := bare | '"' ( any char except '"' and '\' | '\"' | '\\' )* '"'
 //! ```
-//! Keywords are case-insensitive. Positions are 0-based character offsets.
+//! Keywords are case-insensitive. BETWEEN, IS, NULL, IN, WITHIN and COUNT are
+//! keywords only where a predicate can stand (after a name, or COUNT before
+//! '('), so tags may still be called `count` or `in`. Positions are 0-based
+//! character offsets.
 
 use crate::error::{Error, QueryErrorKind, Result};
 use crate::names::{KEYWORDS, is_bare_char};
@@ -32,6 +43,69 @@ pub enum Expr {
     Not(Box<Expr>),
     And(Vec<Expr>),
     Or(Vec<Expr>),
+    /// A predicate over a field, with the position of the field's name.
+    Pred {
+        field: String,
+        pos: usize,
+        pred: Pred,
+    },
+}
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A literal as written: its text, whether it was quoted, and its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lit {
+    pub text: String,
+    pub quoted: bool,
+    pub pos: usize,
+}
+
+/// The days a behaviour predicate looks at.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Window {
+    /// The last `days` local days, today included.
+    Within { days: u32, pos: usize },
+    /// Local dates `lo ..= hi`.
+    Between { lo: Lit, hi: Lit },
+}
+
+/// What a predicate asks of a field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pred {
+    Cmp {
+        op: CmpOp,
+        /// Where the operator was written.
+        op_pos: usize,
+        value: Lit,
+    },
+    Between {
+        lo: Lit,
+        hi: Lit,
+    },
+    IsNull {
+        negated: bool,
+    },
+    In {
+        values: Vec<Lit>,
+        negated: bool,
+    },
+    Window(Window),
+    /// `COUNT(field window) op value`: distinct days with the behaviour.
+    Count {
+        window: Window,
+        op: CmpOp,
+        value: Lit,
+    },
 }
 
 impl Expr {
@@ -39,6 +113,7 @@ impl Expr {
     pub fn tag_names<'a>(&'a self, out: &mut Vec<&'a str>) {
         match self {
             Expr::Tag { name, .. } => out.push(name),
+            Expr::Pred { field, .. } => out.push(field),
             Expr::All => {}
             Expr::Not(x) => x.tag_names(out),
             Expr::And(items) | Expr::Or(items) => items.iter().for_each(|i| i.tag_names(out)),
@@ -55,6 +130,12 @@ enum Tok {
     Not,
     All,
     Name(String),
+    /// A double-quoted name.
+    Quoted(String),
+    /// A single-quoted literal.
+    Str(String),
+    Op(CmpOp),
+    Comma,
     End,
 }
 
@@ -67,7 +148,10 @@ impl Tok {
             Tok::Or => "OR".into(),
             Tok::Not => "NOT".into(),
             Tok::All => "ALL".into(),
-            Tok::Name(n) => format!("tag name {n:?}"),
+            Tok::Name(n) | Tok::Quoted(n) => format!("name {n:?}"),
+            Tok::Str(s) => format!("'{s}'"),
+            Tok::Op(op) => format!("{op:?} operator"),
+            Tok::Comma => "','".into(),
             Tok::End => "end of query".into(),
         }
     }
@@ -132,7 +216,48 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>> {
                 if name.is_empty() {
                     return Err(syntax(start, "empty quoted tag name"));
                 }
-                out.push((Tok::Name(name), start));
+                out.push((Tok::Quoted(name), start));
+            }
+            '\'' => {
+                i += 1;
+                let mut text = String::new();
+                loop {
+                    match chars.get(i) {
+                        None => return Err(syntax(start, "unterminated quoted literal")),
+                        Some('\'') if chars.get(i + 1) == Some(&'\'') => {
+                            text.push('\'');
+                            i += 2;
+                        }
+                        Some('\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(&ch) => {
+                            text.push(ch);
+                            i += 1;
+                        }
+                    }
+                }
+                out.push((Tok::Str(text), start));
+            }
+            ',' => {
+                out.push((Tok::Comma, start));
+                i += 1;
+            }
+            '=' | '!' | '<' | '>' => {
+                let next = chars.get(i + 1).copied();
+                let (op, len) = match (c, next) {
+                    ('=', _) => (CmpOp::Eq, 1),
+                    ('!', Some('=')) => (CmpOp::Ne, 2),
+                    ('<', Some('>')) => (CmpOp::Ne, 2),
+                    ('<', Some('=')) => (CmpOp::Le, 2),
+                    ('<', _) => (CmpOp::Lt, 1),
+                    ('>', Some('=')) => (CmpOp::Ge, 2),
+                    ('>', _) => (CmpOp::Gt, 1),
+                    _ => return Err(syntax(start, "unexpected '!' (did you mean '!='?)")),
+                };
+                out.push((Tok::Op(op), start));
+                i += len;
             }
             c if is_bare_char(c) => {
                 while i < chars.len() && is_bare_char(chars[i]) {
@@ -245,15 +370,243 @@ impl Parser {
                 Ok(inner)
             }
             Tok::All => Ok(Expr::All),
-            Tok::Name(name) => Ok(Expr::Tag { name, pos }),
+            Tok::Name(name)
+                if name.eq_ignore_ascii_case("COUNT") && self.peek().0 == Tok::LParen =>
+            {
+                self.count(pos)
+            }
+            Tok::Name(name) | Tok::Quoted(name) => self.after_name(name, pos),
             Tok::End if pos == 0 => Err(syntax(0, "empty query")),
             other => Err(syntax(
                 pos,
                 format!(
-                    "expected a tag name, ALL, NOT or '(', found {}",
+                    "expected a tag or field name, ALL, NOT or '(', found {}",
                     other.describe()
                 ),
             )),
+        }
+    }
+}
+
+fn is_word(t: &Tok, word: &str) -> bool {
+    matches!(t, Tok::Name(n) if n.eq_ignore_ascii_case(word))
+}
+
+impl Parser {
+    fn expect_word(&mut self, word: &str) -> Result<()> {
+        let (tok, at) = self.bump();
+        if is_word(&tok, word) {
+            Ok(())
+        } else {
+            Err(syntax(
+                at,
+                format!("expected {word}, found {}", tok.describe()),
+            ))
+        }
+    }
+
+    fn literal(&mut self) -> Result<Lit> {
+        let (tok, pos) = self.bump();
+        match tok {
+            Tok::Name(text) => Ok(Lit {
+                text,
+                quoted: false,
+                pos,
+            }),
+            Tok::Quoted(text) | Tok::Str(text) => Ok(Lit {
+                text,
+                quoted: true,
+                pos,
+            }),
+            other => Err(syntax(
+                pos,
+                format!("expected a value, found {}", other.describe()),
+            )),
+        }
+    }
+
+    fn days(&mut self) -> Result<Window> {
+        let (tok, pos) = self.bump();
+        let days = match &tok {
+            Tok::Name(w) => w
+                .strip_suffix(['d', 'D'])
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| *n >= 1),
+            _ => None,
+        };
+        match days {
+            Some(days) => Ok(Window::Within { days, pos }),
+            None => Err(syntax(
+                pos,
+                format!(
+                    "expected a number of days such as 7d, found {}",
+                    tok.describe()
+                ),
+            )),
+        }
+    }
+
+    fn window(&mut self) -> Result<Window> {
+        let (tok, at) = self.peek().clone();
+        if is_word(&tok, "WITHIN") {
+            self.bump();
+            self.days()
+        } else if is_word(&tok, "BETWEEN") {
+            self.bump();
+            let lo = self.literal()?;
+            let (and, at) = self.bump();
+            if and != Tok::And {
+                return Err(syntax(
+                    at,
+                    format!("expected AND, found {}", and.describe()),
+                ));
+            }
+            let hi = self.literal()?;
+            Ok(Window::Between { lo, hi })
+        } else {
+            Err(syntax(
+                at,
+                format!("expected WITHIN or BETWEEN, found {}", tok.describe()),
+            ))
+        }
+    }
+
+    fn cmp(&mut self) -> Result<CmpOp> {
+        match self.bump() {
+            (Tok::Op(op), _) => Ok(op),
+            (other, at) => Err(syntax(
+                at,
+                format!(
+                    "expected a comparison (=, !=, <, <=, >, >=), found {}",
+                    other.describe()
+                ),
+            )),
+        }
+    }
+
+    /// `COUNT ( name window ) cmp literal`; the COUNT word is consumed.
+    fn count(&mut self, pos: usize) -> Result<Expr> {
+        self.bump();
+        let (tok, at) = self.bump();
+        let field = match tok {
+            Tok::Name(n) | Tok::Quoted(n) => n,
+            other => {
+                return Err(syntax(
+                    at,
+                    format!("expected a behaviour field, found {}", other.describe()),
+                ));
+            }
+        };
+        let window = self.window()?;
+        let (close, cat) = self.bump();
+        if close != Tok::RParen {
+            return Err(syntax(
+                cat,
+                format!("expected ')' to close COUNT(, found {}", close.describe()),
+            ));
+        }
+        let op = self.cmp()?;
+        let value = self.literal()?;
+        let _ = pos;
+        Ok(Expr::Pred {
+            field,
+            pos: at,
+            pred: Pred::Count { window, op, value },
+        })
+    }
+
+    /// A name, and the predicate that may follow it.
+    fn after_name(&mut self, name: String, pos: usize) -> Result<Expr> {
+        let (next, at) = self.peek().clone();
+        let pred = match &next {
+            Tok::Op(_) => {
+                let op = self.cmp()?;
+                Pred::Cmp {
+                    op,
+                    op_pos: at,
+                    value: self.literal()?,
+                }
+            }
+            t if is_word(t, "BETWEEN") => {
+                self.bump();
+                let lo = self.literal()?;
+                let (and, aat) = self.bump();
+                if and != Tok::And {
+                    return Err(syntax(
+                        aat,
+                        format!("expected AND, found {}", and.describe()),
+                    ));
+                }
+                Pred::Between {
+                    lo,
+                    hi: self.literal()?,
+                }
+            }
+            t if is_word(t, "WITHIN") => {
+                self.bump();
+                Pred::Window(self.days()?)
+            }
+            t if is_word(t, "IS") => {
+                self.bump();
+                let negated = self.peek().0 == Tok::Not;
+                if negated {
+                    self.bump();
+                }
+                self.expect_word("NULL")?;
+                Pred::IsNull { negated }
+            }
+            t if is_word(t, "IN") => {
+                self.bump();
+                Pred::In {
+                    values: self.list()?,
+                    negated: false,
+                }
+            }
+            Tok::Not
+                if self
+                    .toks
+                    .get(self.at + 1)
+                    .is_some_and(|t| is_word(&t.0, "IN")) =>
+            {
+                self.bump();
+                self.bump();
+                Pred::In {
+                    values: self.list()?,
+                    negated: true,
+                }
+            }
+            _ => return Ok(Expr::Tag { name, pos }),
+        };
+        Ok(Expr::Pred {
+            field: name,
+            pos,
+            pred,
+        })
+    }
+
+    fn list(&mut self) -> Result<Vec<Lit>> {
+        let (open, at) = self.bump();
+        if open != Tok::LParen {
+            return Err(syntax(
+                at,
+                format!("expected '(' after IN, found {}", open.describe()),
+            ));
+        }
+        let mut out = vec![self.literal()?];
+        loop {
+            match self.bump() {
+                (Tok::Comma, _) => out.push(self.literal()?),
+                (Tok::RParen, _) => return Ok(out),
+                (other, at) => {
+                    return Err(syntax(
+                        at,
+                        format!(
+                            "expected ',' or ')' in the IN list, found {}",
+                            other.describe()
+                        ),
+                    ));
+                }
+            }
         }
     }
 }
@@ -341,6 +694,91 @@ mod tests {
             parse("channel:jd.pin-1_x").unwrap(),
             tag("channel:jd.pin-1_x", 0)
         );
+    }
+
+    fn lit(text: &str, quoted: bool, pos: usize) -> Lit {
+        Lit {
+            text: text.into(),
+            quoted,
+            pos,
+        }
+    }
+
+    #[test]
+    fn field_predicates() {
+        assert_eq!(
+            parse("total_spend >= 500000 AND age BETWEEN 25 AND 34").unwrap(),
+            Expr::And(vec![
+                Expr::Pred {
+                    field: "total_spend".into(),
+                    pos: 0,
+                    pred: Pred::Cmp {
+                        op: CmpOp::Ge,
+                        op_pos: 12,
+                        value: lit("500000", false, 15)
+                    }
+                },
+                Expr::Pred {
+                    field: "age".into(),
+                    pos: 26,
+                    pred: Pred::Between {
+                        lo: lit("25", false, 38),
+                        hi: lit("34", false, 45)
+                    }
+                },
+            ])
+        );
+        assert_eq!(
+            parse("lifecycle IN (new, 'active') OR x IS NOT NULL").unwrap(),
+            Expr::Or(vec![
+                Expr::Pred {
+                    field: "lifecycle".into(),
+                    pos: 0,
+                    pred: Pred::In {
+                        values: vec![lit("new", false, 14), lit("active", true, 19)],
+                        negated: false
+                    }
+                },
+                Expr::Pred {
+                    field: "x".into(),
+                    pos: 32,
+                    pred: Pred::IsNull { negated: true }
+                },
+            ])
+        );
+        assert_eq!(
+            parse("COUNT(bought WITHIN 90d) >= 3").unwrap(),
+            Expr::Pred {
+                field: "bought".into(),
+                pos: 6,
+                pred: Pred::Count {
+                    window: Window::Within { days: 90, pos: 20 },
+                    op: CmpOp::Ge,
+                    value: lit("3", false, 28)
+                }
+            }
+        );
+        assert!(matches!(
+            parse("v BETWEEN '2026-09-01' AND '2026-11-30'").unwrap(),
+            Expr::Pred {
+                pred: Pred::Between { .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse("lifecycle NOT IN (churned) AND NOT age<>-5").unwrap(),
+            Expr::And(_)
+        ));
+        // Predicate words are still fine as tag names elsewhere.
+        assert_eq!(
+            parse("count AND in").unwrap(),
+            Expr::And(vec![tag("count", 0), tag("in", 10)])
+        );
+        assert_eq!(err_at("age >").0, 5);
+        assert_eq!(err_at("seen WITHIN 7").0, 12);
+        assert_eq!(err_at("x IS NUL").0, 5);
+        assert_eq!(err_at("x IN (a b)").0, 8);
+        assert_eq!(err_at("a ! b").0, 2);
     }
 
     #[test]

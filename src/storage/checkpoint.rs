@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::storage::dictionary::{DictLayer, Dictionary, encode_section};
-use crate::storage::manifest::{Manifest, ManifestTag};
+use crate::storage::manifest::{Manifest, ManifestField, ManifestTag};
 use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
 use crate::storage::snapshot::Snapshot;
 
@@ -43,6 +43,7 @@ pub struct CheckpointJob {
     pub snap: Arc<Snapshot>,
     pub dirty_tags: HashSet<u32>,
     pub dirty_live: bool,
+    pub dirty_slots: HashSet<(u32, u32)>,
     pub prev: Manifest,
     pub segments: HashMap<u64, Arc<Segment>>,
     pub dict: Arc<Dictionary>,
@@ -64,6 +65,7 @@ pub struct CheckpointDone {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CheckpointInfo {
     pub lsn: u64,
+    /// Tag bitmaps and field slots written.
     pub tags_written: u64,
     pub segment_bytes: u64,
     pub duration_ms: u64,
@@ -85,6 +87,19 @@ impl CheckpointJob {
             {
                 *referenced.entry(mt.segment).or_default() +=
                     seg.bytes_of(BlobKind::TagShard, tag.id);
+            }
+        }
+        let prev_slots = self.prev_slots();
+        for field in self.snap.fields.values() {
+            for &slot in field.slots.keys() {
+                if self.dirty_slots.contains(&(field.id, slot)) {
+                    continue;
+                }
+                if let Some(&no) = prev_slots.get(&(field.id, slot))
+                    && let Some(seg) = self.segments.get(&no)
+                {
+                    *referenced.entry(no).or_default() += seg.slot_bytes(field.id, slot);
+                }
             }
         }
         if !self.dirty_live
@@ -114,6 +129,15 @@ impl CheckpointJob {
             i += 1;
         }
         victims
+    }
+
+    /// The segment of every field slot in the previous manifest.
+    fn prev_slots(&self) -> HashMap<(u32, u32), u64> {
+        self.prev
+            .fields
+            .iter()
+            .flat_map(|f| f.slots.iter().map(move |&(slot, seg)| ((f.id, slot), seg)))
+            .collect()
     }
 
     /// Writes the segment (if there is anything to write) and the manifest.
@@ -164,6 +188,43 @@ impl CheckpointJob {
                 name: tag.meta.name.to_string(),
                 description: tag.meta.description.clone(),
                 category: tag.meta.category.clone(),
+            });
+        }
+
+        let prev_slots = self.prev_slots();
+        let mut fields = Vec::with_capacity(snap.fields.len());
+        for field in snap.fields.values() {
+            let mut slots = Vec::with_capacity(field.slots.len());
+            for (&slot, bitmap) in &field.slots {
+                let prev = prev_slots.get(&(field.id, slot)).copied();
+                let keep = !self.dirty_slots.contains(&(field.id, slot))
+                    && prev.is_some_and(|p| !victims.contains(&p));
+                let segment = match prev {
+                    Some(p) if keep => p,
+                    _ => {
+                        let bm = bitmap.get()?;
+                        if bm.is_empty() {
+                            continue;
+                        }
+                        open(&mut writer)?;
+                        if let Some(w) = writer.as_mut() {
+                            w.add_slot(field.id, slot, bm)?;
+                        }
+                        tags_written += 1;
+                        seg_no
+                    }
+                };
+                slots.push((slot, segment));
+            }
+            fields.push(ManifestField {
+                id: field.id,
+                name: field.meta.name.to_string(),
+                description: field.meta.description.clone(),
+                category: field.meta.category.clone(),
+                kind: field.meta.kind.clone(),
+                created_ms: field.meta.created_ms,
+                updated_ms: field.meta.updated_ms,
+                slots,
             });
         }
 
@@ -240,6 +301,7 @@ impl CheckpointJob {
             live_segment,
             dict_segments,
             tags,
+            fields,
         };
         manifest.write(&self.dir)?;
 

@@ -8,6 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
+use crate::columns::FieldKind;
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
 use crate::storage::fsync_dir;
@@ -15,7 +16,22 @@ use crate::storage::fsync_dir;
 pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version written; version 1 (no fields) is still read.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// A field as the manifest records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestField {
+    pub id: u32,
+    pub name: String,
+    pub description: String,
+    pub category: String,
+    pub kind: FieldKind,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Each non-empty slot and the segment holding it.
+    pub slots: Vec<(u32, u64)>,
+}
 
 /// A tag as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +63,7 @@ pub struct Manifest {
     /// Segments holding dictionary sections, oldest first.
     pub dict_segments: Vec<u64>,
     pub tags: Vec<ManifestTag>,
+    pub fields: Vec<ManifestField>,
 }
 
 impl Manifest {
@@ -57,6 +74,11 @@ impl Manifest {
             .iter()
             .map(|t| t.segment)
             .chain(self.dict_segments.iter().copied())
+            .chain(
+                self.fields
+                    .iter()
+                    .flat_map(|f| f.slots.iter().map(|(_, seg)| *seg)),
+            )
             .chain(std::iter::once(self.live_segment))
             .filter(|&s| s != 0)
             .collect();
@@ -89,10 +111,27 @@ impl Manifest {
                 .str(&t.description)
                 .str(&t.category);
         }
+        e.u32(self.fields.len() as u32);
+        for f in &self.fields {
+            e.u32(f.id)
+                .str(&f.name)
+                .str(&f.description)
+                .str(&f.category);
+            f.kind.encode(&mut e);
+            e.i64(f.created_ms)
+                .i64(f.updated_ms)
+                .u32(f.slots.len() as u32);
+            for (slot, seg) in &f.slots {
+                e.u32(*slot).u64(*seg);
+            }
+        }
         e.buf
     }
 
-    fn decode_body(body: &[u8]) -> std::result::Result<Self, crate::storage::codec::DecodeError> {
+    fn decode_body(
+        body: &[u8],
+        version: u32,
+    ) -> std::result::Result<Self, crate::storage::codec::DecodeError> {
         let mut d = Dec::new(body);
         let mut m = Manifest {
             generation: d.u64()?,
@@ -121,6 +160,25 @@ impl Manifest {
                 category: d.str()?.to_string(),
             });
         }
+        if version >= 2 {
+            let n = d.u32()? as usize;
+            for _ in 0..n {
+                let mut f = ManifestField {
+                    id: d.u32()?,
+                    name: d.str()?.to_string(),
+                    description: d.str()?.to_string(),
+                    category: d.str()?.to_string(),
+                    kind: FieldKind::decode(&mut d)?,
+                    created_ms: d.i64()?,
+                    updated_ms: d.i64()?,
+                    slots: Vec::new(),
+                };
+                for _ in 0..d.u32()? {
+                    f.slots.push((d.u32()?, d.u64()?));
+                }
+                m.fields.push(f);
+            }
+        }
         d.finish()?;
         Ok(m)
     }
@@ -141,7 +199,7 @@ impl Manifest {
             ));
         }
         let version = le_u32(&data, 8).unwrap_or(0);
-        if version != MANIFEST_VERSION {
+        if version != 1 && version != MANIFEST_VERSION {
             return Err(corrupt(
                 8,
                 format!("unsupported manifest version {version}"),
@@ -162,7 +220,7 @@ impl Manifest {
         if crc32fast::hash(body) != crc {
             return Err(corrupt(20, "manifest checksum mismatch".into()));
         }
-        Manifest::decode_body(body)
+        Manifest::decode_body(body, version)
             .map(Some)
             .map_err(|e| corrupt(20 + e.offset, e.reason))
     }
@@ -216,6 +274,16 @@ mod tests {
                 description: "high value".into(),
                 category: "价值".into(),
             }],
+            fields: vec![ManifestField {
+                id: 3,
+                name: "total_spend".into(),
+                description: String::new(),
+                category: "money".into(),
+                kind: FieldKind::Int,
+                created_ms: 5,
+                updated_ms: 6,
+                slots: vec![(0, 4), (1, 6)],
+            }],
         }
     }
 
@@ -226,7 +294,7 @@ mod tests {
         let m = sample();
         m.write(dir.path()).unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), Some(m.clone()));
-        assert_eq!(m.segments(), vec![2, 4]);
+        assert_eq!(m.segments(), vec![2, 4, 6]);
         let path = dir.path().join(MANIFEST_FILE);
         let mut data = fs::read(&path).unwrap();
         data[30] ^= 4;

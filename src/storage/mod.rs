@@ -40,11 +40,11 @@ use manifest::Manifest;
 use record::{Batch, KIND_BATCH};
 use segment::{BlobKind, Segment};
 use snapshot::LazyBitmap;
-pub use snapshot::{Snapshot, Tag, TagMeta};
+pub use snapshot::{Field, FieldMeta, Snapshot, Tag, TagMeta};
 use state::State;
 use wal::WalWriter;
 use writer::{Cmd, Writer};
-pub use writer::{Mutation, WriteOp, WriteResult};
+pub use writer::{EventTime, Mutation, ValueWrite, WriteOp, WriteResult};
 
 /// When the log is synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -224,6 +224,44 @@ impl Engine {
                 }),
             );
         }
+        let mut fields = BTreeMap::new();
+        for f in &manifest.fields {
+            let mut slots = BTreeMap::new();
+            for &(slot, no) in &f.slots {
+                let s = seg(no)?;
+                if s.slot_entries(f.id, slot).is_empty() {
+                    return Err(Error::corrupt(
+                        &s.path,
+                        0,
+                        format!(
+                            "segment holds no slot {slot} of field {:?} (id {}) named by the manifest",
+                            f.name, f.id
+                        ),
+                    ));
+                }
+                slots.insert(
+                    slot,
+                    LazyBitmap::on_disk_slot(s, BlobKind::FieldSlot, f.id, slot),
+                );
+            }
+            let name: Arc<str> = Arc::from(f.name.as_str());
+            let meta = FieldMeta {
+                name: name.clone(),
+                description: f.description.clone(),
+                category: f.category.clone(),
+                kind: f.kind.clone(),
+                created_ms: f.created_ms,
+                updated_ms: f.updated_ms,
+            };
+            fields.insert(
+                name,
+                Arc::new(Field {
+                    id: f.id,
+                    meta,
+                    slots,
+                }),
+            );
+        }
         let live = if manifest.live_segment == 0 {
             LazyBitmap::empty()
         } else {
@@ -232,6 +270,7 @@ impl Engine {
         let snap = Snapshot {
             lsn: manifest.checkpoint_lsn,
             tags,
+            fields,
             live,
             next_customer_id: manifest.next_customer_id,
             next_tag_id: manifest.next_tag_id,

@@ -2,18 +2,153 @@
 //! holding everything the request changed with ids already assigned, so that
 //! replay is deterministic and applying a record twice changes nothing more.
 //!
-//! Later column kinds (integer fields, enumerations, time buckets, identity
-//! merges) add record kinds or batch fields under a new version byte; a
-//! reader refuses versions it does not know instead of guessing.
+//! Version 2 added fields (integer, enumerated and behaviour columns) after
+//! the version 1 layout; a reader takes both and refuses versions it does not
+//! know instead of guessing.
 
 use roaring::RoaringBitmap;
 
+use crate::columns::FieldKind;
 use crate::storage::codec::{Dec, DecResult, Enc};
 
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
-/// Version byte at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 1;
+/// Version byte written at the start of a batch payload.
+pub const BATCH_VERSION: u8 = 2;
+
+/// A field created by a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewField {
+    pub id: u32,
+    pub name: String,
+    pub description: String,
+    pub category: String,
+    pub kind: FieldKind,
+}
+
+/// A change to one field's bitmaps.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldChange {
+    /// Integer values: each customer in `set` gets its value, each in
+    /// `clear` loses its value. A customer is in at most one of them.
+    Int {
+        field: u32,
+        set: Vec<(u32, i64)>,
+        clear: RoaringBitmap,
+    },
+    /// Enumerated values: the customers of each `(slot, ids)` take that value
+    /// (and leave any other); the customers in `clear` lose their value.
+    Enum {
+        field: u32,
+        set: Vec<(u32, RoaringBitmap)>,
+        clear: RoaringBitmap,
+    },
+    /// Behaviour events: the customers of each `(slot, ids)` get the bucket.
+    Events {
+        field: u32,
+        add: Vec<(u32, RoaringBitmap)>,
+    },
+    /// Buckets past retention, dropped.
+    DropSlots { field: u32, slots: Vec<u32> },
+    /// Day buckets of a month merged into its month bucket.
+    Rollup { field: u32, month: u32 },
+}
+
+impl FieldChange {
+    pub fn field(&self) -> u32 {
+        match self {
+            FieldChange::Int { field, .. }
+            | FieldChange::Enum { field, .. }
+            | FieldChange::Events { field, .. }
+            | FieldChange::DropSlots { field, .. }
+            | FieldChange::Rollup { field, .. } => *field,
+        }
+    }
+
+    fn encode(&self, e: &mut Enc) {
+        match self {
+            FieldChange::Int { field, set, clear } => {
+                e.u8(1).u32(*field).u32(set.len() as u32);
+                for (id, v) in set {
+                    e.u32(*id).i64(*v);
+                }
+                e.bitmap(clear);
+            }
+            FieldChange::Enum { field, set, clear } => {
+                e.u8(2).u32(*field).u32(set.len() as u32);
+                for (slot, ids) in set {
+                    e.u32(*slot).bitmap(ids);
+                }
+                e.bitmap(clear);
+            }
+            FieldChange::Events { field, add } => {
+                e.u8(3).u32(*field).u32(add.len() as u32);
+                for (slot, ids) in add {
+                    e.u32(*slot).bitmap(ids);
+                }
+            }
+            FieldChange::DropSlots { field, slots } => {
+                e.u8(4).u32(*field).u32(slots.len() as u32);
+                for s in slots {
+                    e.u32(*s);
+                }
+            }
+            FieldChange::Rollup { field, month } => {
+                e.u8(5).u32(*field).u32(*month);
+            }
+        }
+    }
+
+    fn decode(d: &mut Dec) -> DecResult<Self> {
+        Ok(match d.u8()? {
+            1 => {
+                let field = d.u32()?;
+                let mut set = Vec::new();
+                for _ in 0..d.u32()? {
+                    set.push((d.u32()?, d.i64()?));
+                }
+                FieldChange::Int {
+                    field,
+                    set,
+                    clear: d.bitmap()?,
+                }
+            }
+            2 => {
+                let field = d.u32()?;
+                let mut set = Vec::new();
+                for _ in 0..d.u32()? {
+                    set.push((d.u32()?, d.bitmap()?));
+                }
+                FieldChange::Enum {
+                    field,
+                    set,
+                    clear: d.bitmap()?,
+                }
+            }
+            3 => {
+                let field = d.u32()?;
+                let mut add = Vec::new();
+                for _ in 0..d.u32()? {
+                    add.push((d.u32()?, d.bitmap()?));
+                }
+                FieldChange::Events { field, add }
+            }
+            4 => {
+                let field = d.u32()?;
+                let mut slots = Vec::new();
+                for _ in 0..d.u32()? {
+                    slots.push(d.u32()?);
+                }
+                FieldChange::DropSlots { field, slots }
+            }
+            5 => FieldChange::Rollup {
+                field: d.u32()?,
+                month: d.u32()?,
+            },
+            other => return d.err(format!("unknown field change {other}")),
+        })
+    }
+}
 
 /// A tag created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,7 +177,8 @@ pub struct Change {
 }
 
 /// Everything one request changed. Applied in this order: new tags, new
-/// customers, changes (in order), customer deletions, dropped tags.
+/// fields, new customers, tag changes (in order), field changes (in order),
+/// customer deletions, dropped tags, dropped fields.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
     /// Wall-clock time of the request, Unix milliseconds (becomes `updated_at`).
@@ -54,6 +190,9 @@ pub struct Batch {
     /// Customers erased: removed from every tag and from the live set.
     pub deletes: RoaringBitmap,
     pub drop_tags: Vec<u32>,
+    pub new_fields: Vec<NewField>,
+    pub field_changes: Vec<FieldChange>,
+    pub drop_fields: Vec<u32>,
 }
 
 impl Batch {
@@ -64,6 +203,9 @@ impl Batch {
             && self.changes.is_empty()
             && self.deletes.is_empty()
             && self.drop_tags.is_empty()
+            && self.new_fields.is_empty()
+            && self.field_changes.is_empty()
+            && self.drop_fields.is_empty()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -89,13 +231,29 @@ impl Batch {
         for t in &self.drop_tags {
             e.u32(*t);
         }
+        e.u32(self.new_fields.len() as u32);
+        for f in &self.new_fields {
+            e.u32(f.id)
+                .str(&f.name)
+                .str(&f.description)
+                .str(&f.category);
+            f.kind.encode(&mut e);
+        }
+        e.u32(self.field_changes.len() as u32);
+        for c in &self.field_changes {
+            c.encode(&mut e);
+        }
+        e.u32(self.drop_fields.len() as u32);
+        for f in &self.drop_fields {
+            e.u32(*f);
+        }
         e.buf
     }
 
     pub fn decode(payload: &[u8]) -> DecResult<Self> {
         let mut d = Dec::new(payload);
         let version = d.u8()?;
-        if version != BATCH_VERSION {
+        if version != 1 && version != 2 {
             return d.err(format!("unsupported batch version {version}"));
         }
         let mut b = Batch {
@@ -131,6 +289,23 @@ impl Batch {
         for _ in 0..d.u32()? {
             b.drop_tags.push(d.u32()?);
         }
+        if version >= 2 {
+            for _ in 0..d.u32()? {
+                b.new_fields.push(NewField {
+                    id: d.u32()?,
+                    name: d.str()?.to_string(),
+                    description: d.str()?.to_string(),
+                    category: d.str()?.to_string(),
+                    kind: FieldKind::decode(&mut d)?,
+                });
+            }
+            for _ in 0..d.u32()? {
+                b.field_changes.push(FieldChange::decode(&mut d)?);
+            }
+            for _ in 0..d.u32()? {
+                b.drop_fields.push(d.u32()?);
+            }
+        }
         d.finish()?;
         Ok(b)
     }
@@ -158,6 +333,40 @@ mod tests {
             }],
             deletes: [4u32].into_iter().collect(),
             drop_tags: vec![2],
+            new_fields: vec![NewField {
+                id: 5,
+                name: "lifecycle".into(),
+                description: String::new(),
+                category: "stage".into(),
+                kind: FieldKind::Enum {
+                    values: vec!["new".into(), "active".into()],
+                },
+            }],
+            field_changes: vec![
+                FieldChange::Int {
+                    field: 6,
+                    set: vec![(10, i64::MIN), (11, -3)],
+                    clear: [12u32].into_iter().collect(),
+                },
+                FieldChange::Enum {
+                    field: 5,
+                    set: vec![(1, [10u32].into_iter().collect())],
+                    clear: RoaringBitmap::new(),
+                },
+                FieldChange::Events {
+                    field: 7,
+                    add: vec![(20_420, [11u32].into_iter().collect())],
+                },
+                FieldChange::DropSlots {
+                    field: 7,
+                    slots: vec![19_000],
+                },
+                FieldChange::Rollup {
+                    field: 7,
+                    month: 600,
+                },
+            ],
+            drop_fields: vec![8],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

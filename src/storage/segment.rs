@@ -39,6 +39,20 @@ pub enum BlobKind {
     LiveShard = 2,
     /// A customer dictionary section; `owner` and `shard` are 0.
     Dictionary = 3,
+    /// One shard of one bitmap ("slot") of a field; `owner` is the field id
+    /// and `shard` packs the slot (high 20 bits) with the shard (low 12).
+    FieldSlot = 4,
+}
+
+/// Bits of a packed `shard` word that hold the shard number (ids are u32 and
+/// shards hold 2^20 ids, so 4096 shards).
+pub const SHARD_BITS: u32 = 12;
+/// Largest slot number a [`BlobKind::FieldSlot`] entry can carry.
+pub const MAX_SLOT: u32 = (1 << (32 - SHARD_BITS)) - 1;
+
+/// The `shard` word of a field-slot blob.
+pub fn pack_slot(slot: u32, shard: u32) -> u32 {
+    slot << SHARD_BITS | shard
 }
 
 impl BlobKind {
@@ -47,6 +61,7 @@ impl BlobKind {
             1 => Some(Self::TagShard),
             2 => Some(Self::LiveShard),
             3 => Some(Self::Dictionary),
+            4 => Some(Self::FieldSlot),
             _ => None,
         }
     }
@@ -216,10 +231,28 @@ impl Segment {
         Ok(bytes)
     }
 
-    /// Decodes the bitmap stored for `owner` (empty if there is none).
-    pub fn load_bitmap(&self, kind: BlobKind, owner: u32) -> Result<ShardedBitmap> {
+    /// The entries of one slot of a field.
+    pub fn slot_entries(&self, field: u32, slot: u32) -> &[Entry] {
+        let all = self.entries_of(BlobKind::FieldSlot, field);
+        let lo = all.partition_point(|e| e.shard >> SHARD_BITS < slot);
+        let hi = all.partition_point(|e| e.shard >> SHARD_BITS <= slot);
+        &all[lo..hi]
+    }
+
+    /// Bytes held by one slot of a field.
+    pub fn slot_bytes(&self, field: u32, slot: u32) -> u64 {
+        self.slot_entries(field, slot).iter().map(|e| e.len).sum()
+    }
+
+    /// Decodes the bitmap stored for `owner` (empty if there is none); for
+    /// [`BlobKind::FieldSlot`], `owner` is the field and `slot` picks the bitmap.
+    pub fn load_bitmap(&self, kind: BlobKind, owner: u32, slot: u32) -> Result<ShardedBitmap> {
+        let entries = match kind {
+            BlobKind::FieldSlot => self.slot_entries(owner, slot),
+            _ => self.entries_of(kind, owner),
+        };
         let mut out = ShardedBitmap::new();
-        for e in self.entries_of(kind, owner) {
+        for e in entries {
             let bytes = self.blob(e)?;
             let bm = RoaringBitmap::deserialize_from(bytes).map_err(|err| {
                 Error::corrupt(
@@ -228,7 +261,10 @@ impl Segment {
                     format!("invalid roaring bitmap: {err}"),
                 )
             })?;
-            let shard = e.shard as usize;
+            let shard = match kind {
+                BlobKind::FieldSlot => (e.shard & ((1 << SHARD_BITS) - 1)) as usize,
+                _ => e.shard as usize,
+            };
             if bm.min().is_some_and(|v| shard_of(v) != shard)
                 || bm.max().is_some_and(|v| shard_of(v) != shard)
             {
@@ -306,13 +342,33 @@ impl SegmentWriter {
 
     /// Appends every shard of a bitmap, in the portable Roaring serialization.
     pub fn add_bitmap(&mut self, kind: BlobKind, owner: u32, bitmap: &ShardedBitmap) -> Result<()> {
+        self.add_shards(kind, owner, 0, bitmap)
+    }
+
+    /// Appends every shard of one slot of a field.
+    pub fn add_slot(&mut self, field: u32, slot: u32, bitmap: &ShardedBitmap) -> Result<()> {
+        if slot > MAX_SLOT {
+            return Err(Error::Checkpoint(format!(
+                "slot {slot} of field {field} is beyond the largest storable slot {MAX_SLOT}"
+            )));
+        }
+        self.add_shards(BlobKind::FieldSlot, field, slot << SHARD_BITS, bitmap)
+    }
+
+    fn add_shards(
+        &mut self,
+        kind: BlobKind,
+        owner: u32,
+        high: u32,
+        bitmap: &ShardedBitmap,
+    ) -> Result<()> {
         let mut scratch = std::mem::take(&mut self.scratch);
         for (i, shard) in bitmap.shards() {
             scratch.clear();
             shard
                 .serialize_into(&mut scratch)
                 .map_err(|e| Error::io(&self.path, e))?;
-            self.add_blob(kind, owner, i as u32, &scratch)?;
+            self.add_blob(kind, owner, high | i as u32, &scratch)?;
         }
         self.scratch = scratch;
         Ok(())
@@ -375,10 +431,25 @@ mod tests {
         let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
         w.add_bitmap(BlobKind::TagShard, 7, &bm).unwrap();
         w.add_blob(BlobKind::Dictionary, 0, 0, b"hello").unwrap();
+        w.add_slot(9, 3, &bm).unwrap();
+        let mut other = ShardedBitmap::new();
+        other.insert(5_000_000);
+        w.add_slot(9, 64, &other).unwrap();
         w.finish().unwrap();
         let seg = Segment::open(dir.path(), 1).unwrap();
-        assert_eq!(seg.load_bitmap(BlobKind::TagShard, 7).unwrap(), bm);
-        assert!(seg.load_bitmap(BlobKind::TagShard, 8).unwrap().is_empty());
+        assert_eq!(seg.load_bitmap(BlobKind::FieldSlot, 9, 3).unwrap(), bm);
+        assert_eq!(seg.load_bitmap(BlobKind::FieldSlot, 9, 64).unwrap(), other);
+        assert!(
+            seg.load_bitmap(BlobKind::FieldSlot, 9, 4)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(seg.load_bitmap(BlobKind::TagShard, 7, 0).unwrap(), bm);
+        assert!(
+            seg.load_bitmap(BlobKind::TagShard, 8, 0)
+                .unwrap()
+                .is_empty()
+        );
         let e = seg.entries_of(BlobKind::Dictionary, 0)[0];
         assert_eq!(seg.blob(&e).unwrap(), b"hello");
 
@@ -389,7 +460,7 @@ mod tests {
         fs::write(&path, &data).unwrap();
         let seg = Segment::open(dir.path(), 1).unwrap();
         let err = seg
-            .load_bitmap(BlobKind::TagShard, 7)
+            .load_bitmap(BlobKind::TagShard, 7, 0)
             .unwrap_err()
             .to_string();
         assert!(

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use crate::bitmap::ShardedBitmap;
+use crate::columns::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::error::Result;
 use crate::storage::dictionary::Dictionary;
 use crate::storage::segment::{BlobKind, Segment};
@@ -19,7 +20,8 @@ pub struct LazyBitmap {
 
 struct LazyInner {
     cell: OnceLock<ShardedBitmap>,
-    source: Option<(Arc<Segment>, BlobKind, u32)>,
+    /// Segment, blob kind, owner, and slot (for field slots; else 0).
+    source: Option<(Arc<Segment>, BlobKind, u32, u32)>,
 }
 
 impl LazyBitmap {
@@ -37,10 +39,15 @@ impl LazyBitmap {
     }
 
     pub fn on_disk(segment: Arc<Segment>, kind: BlobKind, owner: u32) -> Self {
+        Self::on_disk_slot(segment, kind, owner, 0)
+    }
+
+    /// One slot of a field, still in its segment.
+    pub fn on_disk_slot(segment: Arc<Segment>, kind: BlobKind, owner: u32, slot: u32) -> Self {
         Self {
             inner: Arc::new(LazyInner {
                 cell: OnceLock::new(),
-                source: Some((segment, kind, owner)),
+                source: Some((segment, kind, owner, slot)),
             }),
         }
     }
@@ -51,7 +58,7 @@ impl LazyBitmap {
 
     /// The segment the bitmap comes from, if it has not been changed in memory.
     pub fn segment(&self) -> Option<&Arc<Segment>> {
-        self.inner.source.as_ref().map(|(s, _, _)| s)
+        self.inner.source.as_ref().map(|(s, _, _, _)| s)
     }
 
     /// The bitmap, decoding it from its segment the first time. A damaged
@@ -61,7 +68,7 @@ impl LazyBitmap {
             return Ok(b);
         }
         let b = match &self.inner.source {
-            Some((seg, kind, owner)) => seg.load_bitmap(*kind, *owner)?,
+            Some((seg, kind, owner, slot)) => seg.load_bitmap(*kind, *owner, *slot)?,
             None => ShardedBitmap::new(),
         };
         Ok(self.inner.cell.get_or_init(|| b))
@@ -100,6 +107,61 @@ pub struct Tag {
     pub bitmap: LazyBitmap,
 }
 
+/// A field's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMeta {
+    pub name: Arc<str>,
+    pub description: String,
+    pub category: String,
+    pub kind: FieldKind,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// A field (integer, enumerated or behaviour column): stable id, metadata,
+/// and its non-empty bitmaps by slot (see [`crate::columns`] for what a slot
+/// means for each kind).
+#[derive(Clone)]
+pub struct Field {
+    pub id: u32,
+    pub meta: FieldMeta,
+    pub slots: BTreeMap<u32, LazyBitmap>,
+}
+
+impl Field {
+    /// The bitmap of a slot, if it has members.
+    pub fn slot(&self, slot: u32) -> Result<Option<&ShardedBitmap>> {
+        match self.slots.get(&slot) {
+            Some(b) => Ok(Some(b.get()?).filter(|b| !b.is_empty())),
+            None => Ok(None),
+        }
+    }
+
+    /// The value of an integer field for one customer.
+    pub fn int_value(&self, id: u32) -> Result<Option<i64>> {
+        if !self.slot(INT_EXISTS)?.is_some_and(|e| e.contains(id)) {
+            return Ok(None);
+        }
+        let mut u = 0u64;
+        for k in 0..bsi::BITS {
+            if self.slot(int_slot(k))?.is_some_and(|b| b.contains(id)) {
+                u |= 1 << k;
+            }
+        }
+        Ok(Some(bsi::decode(u)))
+    }
+
+    /// The index of an enumerated field's value for one customer.
+    pub fn enum_value(&self, id: u32) -> Result<Option<u32>> {
+        for (&slot, b) in &self.slots {
+            if b.get()?.contains(id) {
+                return Ok(Some(slot));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// One consistent state of the store.
 #[derive(Clone)]
 pub struct Snapshot {
@@ -107,6 +169,8 @@ pub struct Snapshot {
     pub lsn: u64,
     /// Tags by name.
     pub tags: BTreeMap<Arc<str>, Arc<Tag>>,
+    /// Fields by name (tags and fields share one namespace).
+    pub fields: BTreeMap<Arc<str>, Arc<Field>>,
     /// Every live customer (the query language's `ALL`).
     pub live: LazyBitmap,
     pub next_customer_id: u32,
@@ -145,6 +209,7 @@ impl Snapshot {
         Snapshot {
             lsn: 0,
             tags: map,
+            fields: BTreeMap::new(),
             live: LazyBitmap::loaded(live),
             next_customer_id,
             next_tag_id,
@@ -154,6 +219,10 @@ impl Snapshot {
 
     pub fn tag(&self, name: &str) -> Option<&Arc<Tag>> {
         self.tags.get(name)
+    }
+
+    pub fn field(&self, name: &str) -> Option<&Arc<Field>> {
+        self.fields.get(name)
     }
 
     pub fn live(&self) -> Result<&ShardedBitmap> {

@@ -2,13 +2,17 @@
 //! [`State::apply`], used both for new writes and for replaying the log, so
 //! the two can never disagree.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use roaring::RoaringBitmap;
+
 use crate::bitmap::ShardedBitmap;
+use crate::columns::time::{self, Bucket};
+use crate::columns::{INT_EXISTS, bsi, int_slot};
 use crate::error::{Error, Result};
-use crate::storage::record::{Batch, ChangeOp};
-use crate::storage::snapshot::{LazyBitmap, Snapshot, Tag, TagMeta};
+use crate::storage::record::{Batch, ChangeOp, FieldChange};
+use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, Snapshot, Tag, TagMeta};
 
 /// What applying a batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +22,12 @@ pub struct ApplyStats {
     pub new_customers: u64,
     pub deleted: u64,
     pub dropped_members: u64,
+    /// Integer and enumerated values set.
+    pub values_set: u64,
+    /// Integer and enumerated values cleared (customers that had one).
+    pub values_cleared: u64,
+    /// Behaviour buckets newly gained by customers.
+    pub events_added: u64,
 }
 
 /// The writer's copy of the store: the next snapshot, plus what changed since
@@ -29,6 +39,25 @@ pub struct State {
     pub dirty_tags: HashSet<u32>,
     /// Whether the live set changed since the last checkpoint began.
     pub dirty_live: bool,
+    pub field_names: HashMap<u32, Arc<str>>,
+    /// Field slots changed since the last checkpoint began.
+    pub dirty_slots: HashSet<(u32, u32)>,
+}
+
+fn unknown_field(id: u32) -> Error {
+    Error::corrupt(
+        "write-ahead log",
+        0,
+        format!("record refers to field id {id}, which does not exist"),
+    )
+}
+
+/// A mutable slot bitmap, created empty when missing.
+fn slot_mut(slots: &mut BTreeMap<u32, LazyBitmap>, slot: u32) -> Result<&mut ShardedBitmap> {
+    slots
+        .entry(slot)
+        .or_insert_with(LazyBitmap::empty)
+        .make_mut()
 }
 
 fn unknown_tag(id: u32) -> Error {
@@ -46,12 +75,131 @@ impl State {
             .values()
             .map(|t| (t.id, t.meta.name.clone()))
             .collect();
+        let field_names = snap
+            .fields
+            .values()
+            .map(|f| (f.id, f.meta.name.clone()))
+            .collect();
         Self {
             snap,
             tag_names,
             dirty_tags: HashSet::new(),
             dirty_live: false,
+            field_names,
+            dirty_slots: HashSet::new(),
         }
+    }
+
+    pub fn field_by_id(&self, id: u32) -> Option<&Arc<Field>> {
+        self.snap.fields.get(self.field_names.get(&id)?)
+    }
+
+    /// Applies one change to a field's slots; returns the stats it adds.
+    fn apply_field(&mut self, c: &FieldChange, at_ms: i64) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let field_id = c.field();
+        let name = self
+            .field_names
+            .get(&field_id)
+            .ok_or_else(|| unknown_field(field_id))?;
+        let field = Arc::make_mut(
+            self.snap
+                .fields
+                .get_mut(name)
+                .ok_or_else(|| unknown_field(field_id))?,
+        );
+        field.meta.updated_ms = at_ms;
+        let mut touched: Vec<u32> = Vec::new();
+        let slots = &mut field.slots;
+        match c {
+            FieldChange::Int { set, clear, .. } => {
+                let set_ids: RoaringBitmap = set.iter().map(|(id, _)| *id).collect();
+                let mut ones = vec![RoaringBitmap::new(); bsi::BITS];
+                for &(id, v) in set {
+                    let u = bsi::encode(v);
+                    for (k, bits) in ones.iter_mut().enumerate() {
+                        if u >> k & 1 == 1 {
+                            bits.insert(id);
+                        }
+                    }
+                }
+                let all = &set_ids | clear;
+                let exists = slot_mut(slots, INT_EXISTS)?;
+                stats.values_cleared += exists.difference_with(clear);
+                exists.union_with(&set_ids);
+                stats.values_set += set_ids.len();
+                touched.push(INT_EXISTS);
+                for (k, bits) in ones.iter().enumerate() {
+                    let slot = int_slot(k);
+                    if bits.is_empty() && !slots.contains_key(&slot) {
+                        continue;
+                    }
+                    let b = slot_mut(slots, slot)?;
+                    b.difference_with(&(&all - bits));
+                    b.union_with(bits);
+                    touched.push(slot);
+                }
+            }
+            FieldChange::Enum { set, clear, .. } => {
+                let mut moving = RoaringBitmap::new();
+                for (_, ids) in set {
+                    moving |= ids;
+                }
+                let leaving = clear | &moving;
+                let existing: Vec<u32> = slots.keys().copied().collect();
+                for slot in existing {
+                    let b = slots.get(&slot).map(LazyBitmap::get).transpose()?;
+                    if b.is_some_and(|b| b.intersects(&leaving)) {
+                        let b = slot_mut(slots, slot)?;
+                        stats.values_cleared += b.difference_with(clear);
+                        b.difference_with(&moving);
+                        touched.push(slot);
+                    }
+                }
+                for (slot, ids) in set {
+                    slot_mut(slots, *slot)?.union_with(ids);
+                    stats.values_set += ids.len();
+                    touched.push(*slot);
+                }
+            }
+            FieldChange::Events { add, .. } => {
+                for (slot, ids) in add {
+                    stats.events_added += slot_mut(slots, *slot)?.union_with(ids);
+                    touched.push(*slot);
+                }
+            }
+            FieldChange::DropSlots { slots: drop, .. } => {
+                for slot in drop {
+                    slots.remove(slot);
+                    touched.push(*slot);
+                }
+            }
+            FieldChange::Rollup { month, .. } => {
+                let first = time::month_first_day(*month) as u32;
+                let last = time::month_last_day(*month) as u32;
+                let days: Vec<u32> = slots.range(first..=last).map(|(s, _)| *s).collect();
+                let mut merged = RoaringBitmap::new();
+                for d in &days {
+                    if let Some(b) = slots.remove(d) {
+                        merged |= b.get()?.to_roaring();
+                    }
+                    touched.push(*d);
+                }
+                let month_slot = Bucket::Month(*month).slot();
+                slot_mut(slots, month_slot)?.union_with(&merged);
+                touched.push(month_slot);
+            }
+        }
+        for slot in touched {
+            if slots
+                .get(&slot)
+                .is_some_and(|b| b.is_loaded() && b.get().is_ok_and(|b| b.is_empty()))
+            {
+                slots.remove(&slot);
+            }
+            self.dirty_slots.insert((field_id, slot));
+        }
+        Ok(stats)
     }
 
     pub fn tag_by_id(&self, id: u32) -> Option<&Arc<Tag>> {
@@ -94,6 +242,27 @@ impl State {
             self.snap.next_tag_id = self.snap.next_tag_id.max(t.id + 1);
             self.dirty_tags.insert(t.id);
         }
+        for f in &b.new_fields {
+            if self.field_names.contains_key(&f.id) {
+                continue;
+            }
+            let name: Arc<str> = Arc::from(f.name.as_str());
+            let field = Field {
+                id: f.id,
+                meta: FieldMeta {
+                    name: name.clone(),
+                    description: f.description.clone(),
+                    category: f.category.clone(),
+                    kind: f.kind.clone(),
+                    created_ms: b.at_ms,
+                    updated_ms: b.at_ms,
+                },
+                slots: BTreeMap::new(),
+            };
+            self.snap.fields.insert(name.clone(), Arc::new(field));
+            self.field_names.insert(f.id, name);
+            self.snap.next_tag_id = self.snap.next_tag_id.max(f.id + 1);
+        }
         if !b.new_keys.is_empty() {
             let live = self.snap.live.make_mut()?;
             for (id, key) in &b.new_keys {
@@ -121,7 +290,47 @@ impl State {
             tag.meta.updated_ms = b.at_ms;
             self.dirty_tags.insert(c.tag);
         }
+        for c in &b.field_changes {
+            let st = self.apply_field(c, b.at_ms)?;
+            stats.values_set += st.values_set;
+            stats.values_cleared += st.values_cleared;
+            stats.events_added += st.events_added;
+        }
         if !b.deletes.is_empty() {
+            let fields: Vec<u32> = self.field_names.keys().copied().collect();
+            for fid in fields {
+                let Some(f) = self.field_by_id(fid) else {
+                    continue;
+                };
+                let mut touched = Vec::new();
+                for (slot, bm) in &f.slots {
+                    if bm.get()?.intersects(&b.deletes) {
+                        touched.push(*slot);
+                    }
+                }
+                if touched.is_empty() {
+                    continue;
+                }
+                let name = self
+                    .field_names
+                    .get(&fid)
+                    .ok_or_else(|| unknown_field(fid))?;
+                let field = Arc::make_mut(
+                    self.snap
+                        .fields
+                        .get_mut(name)
+                        .ok_or_else(|| unknown_field(fid))?,
+                );
+                field.meta.updated_ms = b.at_ms;
+                for slot in touched {
+                    let bm = slot_mut(&mut field.slots, slot)?;
+                    bm.difference_with(&b.deletes);
+                    if bm.is_empty() {
+                        field.slots.remove(&slot);
+                    }
+                    self.dirty_slots.insert((fid, slot));
+                }
+            }
             let ids: Vec<u32> = self.tag_names.keys().copied().collect();
             for id in ids {
                 let touched = match self.tag_by_id(id) {
@@ -147,6 +356,12 @@ impl State {
                     stats.dropped_members += t.meta.count;
                 }
                 self.dirty_tags.remove(id);
+            }
+        }
+        for id in &b.drop_fields {
+            if let Some(name) = self.field_names.remove(id) {
+                self.snap.fields.remove(&name);
+                self.dirty_slots.retain(|(f, _)| f != id);
             }
         }
         self.snap.lsn = lsn;

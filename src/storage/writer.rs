@@ -8,7 +8,7 @@
 //! then refuses every further write until the process restarts and recovers
 //! from the log (the last acknowledged state).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
@@ -17,13 +17,15 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use roaring::RoaringBitmap;
 use tokio::sync::oneshot;
 
+use crate::columns::FieldKind;
+use crate::columns::time::{self, Bucket};
 use crate::error::{Error, Result};
 use crate::names::{check_key, check_tag_name};
 use crate::storage::checkpoint::{CheckpointDone, CheckpointInfo, CheckpointJob};
 use crate::storage::manifest::Manifest;
-use crate::storage::record::{Batch, Change, ChangeOp, KIND_BATCH, NewTag};
+use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, KIND_BATCH, NewField, NewTag};
 use crate::storage::segment::{BlobKind, Segment};
-use crate::storage::snapshot::{LazyBitmap, TagMeta};
+use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, TagMeta};
 use crate::storage::state::State;
 use crate::storage::wal::{self, WalWriter};
 use crate::storage::{Shared, SyncMode, fsync_dir};
@@ -67,6 +69,53 @@ pub enum WriteOp {
     DeleteCustomers {
         customers: Vec<String>,
     },
+    CreateField {
+        name: String,
+        description: String,
+        category: String,
+        kind: FieldKind,
+        if_not_exists: bool,
+    },
+    DropField {
+        name: String,
+    },
+    /// Field values and events, applied together or not at all.
+    SetValues {
+        writes: Vec<ValueWrite>,
+    },
+}
+
+/// When a behaviour happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventTime {
+    /// An instant, Unix milliseconds; its local day comes from the field's time zone.
+    Ms(i64),
+    /// A local day number (days since 1970-01-01).
+    Day(i32),
+}
+
+/// One value written by [`WriteOp::SetValues`].
+#[derive(Debug, Clone)]
+pub enum ValueWrite {
+    /// Sets (or with `None`, clears) a customer's value of an integer field.
+    Int {
+        field: String,
+        customer: String,
+        value: Option<i64>,
+    },
+    /// Sets (or with `None`, clears) a customer's value of an enumerated
+    /// field; setting one value leaves any other.
+    Enum {
+        field: String,
+        customer: String,
+        value: Option<String>,
+    },
+    /// Records a behaviour of a customer at a time.
+    Event {
+        field: String,
+        customer: String,
+        at: EventTime,
+    },
 }
 
 /// What a write did.
@@ -82,8 +131,17 @@ pub struct WriteResult {
     pub member_count: u64,
     /// The tag after a create.
     pub tag: Option<TagMeta>,
-    /// False when a create found the tag already there.
+    /// False when a create found the tag or field already there.
     pub created: bool,
+    /// The field after a field create.
+    pub field: Option<FieldMeta>,
+    pub values_set: u64,
+    pub values_cleared: u64,
+    /// Behaviour buckets newly gained (an event on a day the customer
+    /// already has counts once).
+    pub events_added: u64,
+    /// Events older than their field's retention, not stored.
+    pub events_expired: u64,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -105,6 +163,8 @@ enum Target {
     Plain,
     Created(String),
     Replaced(u32),
+    FieldCreated(String),
+    Values { expired: u64 },
 }
 
 struct Running {
@@ -114,6 +174,7 @@ struct Running {
     rotated_first: u64,
     dirty_tags: std::collections::HashSet<u32>,
     dirty_live: bool,
+    dirty_slots: std::collections::HashSet<(u32, u32)>,
 }
 
 pub(crate) struct Writer {
@@ -261,6 +322,16 @@ impl Writer {
                         Target::Replaced(id) => {
                             r.member_count = self.state.tag_by_id(id).map_or(0, |t| t.meta.count);
                         }
+                        Target::FieldCreated(name) => {
+                            r.field = self.state.snap.field(&name).map(|f| f.meta.clone());
+                            r.created = true;
+                        }
+                        Target::Values { expired } => {
+                            r.values_set = stats.values_set;
+                            r.values_cleared = stats.values_cleared;
+                            r.events_added = stats.events_added;
+                            r.events_expired = expired;
+                        }
                     }
                     replies.push((reply, Ok(r)));
                 }
@@ -296,6 +367,31 @@ impl Writer {
         }
     }
 
+    /// Logs, applies and publishes a batch the writer made itself (retention
+    /// and roll-ups), exactly as a client's write would be.
+    fn commit_internal(&mut self, batch: &Batch) -> Result<()> {
+        if let Some(msg) = &self.failed {
+            return Err(Error::Failed(msg.clone()));
+        }
+        let lsn = self.state.snap.lsn + 1;
+        self.buf.clear();
+        wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+        let res = self.state.apply(lsn, batch).and_then(|_| {
+            self.wal.append(&self.buf)?;
+            match self.shared.config.sync {
+                SyncMode::Always => self.wal.sync(),
+                SyncMode::Never => Ok(()),
+            }
+        });
+        if let Err(e) = res {
+            self.fail(&e);
+            return Err(e);
+        }
+        self.shared.publish(Arc::new(self.state.snap.clone()));
+        self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        Ok(())
+    }
+
     /// Validates a write against the current state and turns it into a batch
     /// with every id assigned. Loads every bitmap the batch will touch, so
     /// that applying it cannot fail halfway.
@@ -314,16 +410,7 @@ impl Writer {
                 if_not_exists,
             } => {
                 check_tag_name(&name)?;
-                if description.len() > MAX_DESCRIPTION_BYTES {
-                    return Err(Error::invalid(format!(
-                        "description is longer than {MAX_DESCRIPTION_BYTES} bytes"
-                    )));
-                }
-                if category.len() > MAX_CATEGORY_BYTES || category.chars().any(char::is_control) {
-                    return Err(Error::invalid(format!(
-                        "category must be at most {MAX_CATEGORY_BYTES} bytes without control characters"
-                    )));
-                }
+                check_meta(&description, &category)?;
                 if let Some(t) = snap.tag(&name) {
                     if if_not_exists {
                         return Ok(Planned::Done(WriteResult {
@@ -334,6 +421,9 @@ impl Writer {
                         }));
                     }
                     return Err(Error::TagExists(name));
+                }
+                if snap.field(&name).is_some() {
+                    return Err(Error::FieldExists(name));
                 }
                 batch.new_tags.push(NewTag {
                     id: snap.next_tag_id,
@@ -435,7 +525,59 @@ impl Writer {
                 for tag in snap.tags.values() {
                     tag.bitmap.get()?;
                 }
+                for field in snap.fields.values() {
+                    for slot in field.slots.values() {
+                        slot.get()?;
+                    }
+                }
                 Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::CreateField {
+                name,
+                description,
+                category,
+                kind,
+                if_not_exists,
+            } => {
+                check_tag_name(&name)?;
+                check_meta(&description, &category)?;
+                kind.validate()?;
+                if let Some(f) = snap.field(&name) {
+                    if if_not_exists && f.meta.kind == kind {
+                        return Ok(Planned::Done(WriteResult {
+                            lsn: snap.lsn,
+                            field: Some(f.meta.clone()),
+                            created: false,
+                            ..Default::default()
+                        }));
+                    }
+                    return Err(Error::FieldExists(name));
+                }
+                if snap.tag(&name).is_some() {
+                    return Err(Error::TagExists(name));
+                }
+                batch.new_fields.push(NewField {
+                    id: snap.next_tag_id,
+                    name: name.clone(),
+                    description,
+                    category,
+                    kind,
+                });
+                Ok(Planned::Write(batch, Target::FieldCreated(name)))
+            }
+            WriteOp::DropField { name } => {
+                let field = snap.field(&name).ok_or(Error::FieldNotFound(name))?;
+                batch.drop_fields.push(field.id);
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::SetValues { writes } => {
+                if writes.is_empty() {
+                    return Err(Error::invalid("empty write: no values or events"));
+                }
+                let mut ids = IdAssigner::new(self)?;
+                let expired = plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?;
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Values { expired }))
             }
         }
     }
@@ -455,6 +597,11 @@ impl Writer {
         }
         if let Some(&id) = new_tags.get(name) {
             return Ok(id);
+        }
+        if self.state.snap.field(name).is_some() {
+            return Err(Error::invalid(format!(
+                "{name:?} is a field, not a tag: set its values with SetValues"
+            )));
         }
         if !create {
             return Err(Error::TagNotFound(name.to_string()));
@@ -493,9 +640,25 @@ impl Writer {
             }
             return;
         }
+        match maintenance(&self.state.snap, now_ms()) {
+            Ok(batch) if batch.is_empty() => {}
+            Ok(batch) => {
+                if let Err(e) = self.commit_internal(&batch) {
+                    tracing::error!(error = %e, "could not log the retention and roll-up changes");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention and roll-up skipped"),
+        }
+        if let Some(msg) = &self.failed {
+            for w in waiters {
+                let _ = w.send(Err(Error::Failed(msg.clone())));
+            }
+            return;
+        }
         let lsn = self.state.snap.lsn;
         if lsn == self.manifest.checkpoint_lsn
             && self.state.dirty_tags.is_empty()
+            && self.state.dirty_slots.is_empty()
             && !self.state.dirty_live
         {
             for w in waiters {
@@ -528,11 +691,13 @@ impl Writer {
         }
         let dirty_tags = std::mem::take(&mut self.state.dirty_tags);
         let dirty_live = std::mem::take(&mut self.state.dirty_live);
+        let dirty_slots = std::mem::take(&mut self.state.dirty_slots);
         let job = CheckpointJob {
             dir: self.dir.clone(),
             snap: self.shared.snapshot(),
             dirty_tags: dirty_tags.clone(),
             dirty_live,
+            dirty_slots: dirty_slots.clone(),
             prev: self.manifest.clone(),
             segments: self.segments.clone(),
             dict: self.state.snap.dict.clone(),
@@ -545,6 +710,7 @@ impl Writer {
             rotated_first: self.wal.first_lsn(),
             dirty_tags,
             dirty_live,
+            dirty_slots,
         });
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
@@ -584,6 +750,7 @@ impl Writer {
                 tracing::error!(error = %e, "checkpoint failed; the log keeps every write");
                 self.state.dirty_tags.extend(running.dirty_tags);
                 self.state.dirty_live |= running.dirty_live;
+                self.state.dirty_slots.extend(running.dirty_slots);
                 // The failed job may have left a partial file under this number.
                 let no = self.manifest.next_segment_no.max(1);
                 let _ = std::fs::remove_file(self.dir.join(crate::storage::segment::file_name(no)));
@@ -622,6 +789,34 @@ impl Writer {
                 let id = tag.id;
                 Arc::make_mut(tag).bitmap =
                     LazyBitmap::on_disk(seg.clone(), BlobKind::TagShard, id);
+            }
+        }
+        let slot_homes: HashMap<(u32, u32), u64> = done
+            .manifest
+            .fields
+            .iter()
+            .flat_map(|f| f.slots.iter().map(move |&(slot, seg)| ((f.id, slot), seg)))
+            .collect();
+        for field in self.state.snap.fields.values_mut() {
+            let id = field.id;
+            let moved: Vec<(u32, Arc<Segment>)> = field
+                .slots
+                .iter()
+                .filter(|(_, b)| !b.is_loaded())
+                .filter_map(|(&slot, b)| {
+                    let home = slot_homes.get(&(id, slot))?;
+                    (b.segment().map(|s| s.no) != Some(*home))
+                        .then(|| self.segments.get(home).map(|s| (slot, s.clone())))?
+                })
+                .collect();
+            if !moved.is_empty() {
+                let f = Arc::make_mut(field);
+                for (slot, seg) in moved {
+                    f.slots.insert(
+                        slot,
+                        LazyBitmap::on_disk_slot(seg, BlobKind::FieldSlot, id, slot),
+                    );
+                }
             }
         }
         if !self.state.snap.live.is_loaded()
@@ -715,6 +910,251 @@ impl Writer {
             }
         }
     }
+}
+
+fn check_meta(description: &str, category: &str) -> Result<()> {
+    if description.len() > MAX_DESCRIPTION_BYTES {
+        return Err(Error::invalid(format!(
+            "description is longer than {MAX_DESCRIPTION_BYTES} bytes"
+        )));
+    }
+    if category.len() > MAX_CATEGORY_BYTES || category.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "category must be at most {MAX_CATEGORY_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// What one request writes to one field, before it becomes a [`FieldChange`].
+enum Pending {
+    Int(BTreeMap<u32, Option<i64>>),
+    Enum(BTreeMap<u32, Option<u32>>),
+    Events(BTreeMap<u32, RoaringBitmap>),
+}
+
+/// Turns value writes into field changes (last write wins per customer and
+/// field); returns how many events were past retention. Loads every slot
+/// the changes will touch, so applying them cannot fail halfway.
+fn plan_values<'k>(
+    snap: &crate::storage::Snapshot,
+    writes: &'k [ValueWrite],
+    ids: &mut IdAssigner<'_, 'k>,
+    now_ms: i64,
+    batch: &mut Batch,
+) -> Result<u64> {
+    let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
+    let mut todays: HashMap<u32, (jiff::tz::TimeZone, i32)> = HashMap::new();
+    let mut expired = 0;
+    for w in writes {
+        let (name, customer) = match w {
+            ValueWrite::Int {
+                field, customer, ..
+            }
+            | ValueWrite::Enum {
+                field, customer, ..
+            }
+            | ValueWrite::Event {
+                field, customer, ..
+            } => (field, customer),
+        };
+        let field = snap
+            .field(name)
+            .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
+        let wrong = |want: &str| {
+            Error::invalid(format!(
+                "field {name:?} is {} ({} expected for this write)",
+                field.meta.kind.name(),
+                want
+            ))
+        };
+        match (w, &field.meta.kind) {
+            (ValueWrite::Int { value, .. }, FieldKind::Int) => {
+                let id = match value {
+                    Some(_) => Some(ids.get_or_create(customer)?),
+                    None => ids.get(customer)?,
+                };
+                if let Some(id) = id {
+                    let Pending::Int(m) = pending
+                        .entry(field.id)
+                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                    else {
+                        return Err(wrong("integer"));
+                    };
+                    m.insert(id, *value);
+                }
+            }
+            (ValueWrite::Enum { value, .. }, FieldKind::Enum { values }) => {
+                let slot = match value {
+                    Some(v) => Some(values.iter().position(|x| x == v).ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{v:?} is not a value of {name:?} (its values: {})",
+                            values.join(", ")
+                        ))
+                    })? as u32),
+                    None => None,
+                };
+                let id = match slot {
+                    Some(_) => Some(ids.get_or_create(customer)?),
+                    None => ids.get(customer)?,
+                };
+                if let Some(id) = id {
+                    let Pending::Enum(m) = pending
+                        .entry(field.id)
+                        .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+                    else {
+                        return Err(wrong("enumerated"));
+                    };
+                    m.insert(id, slot);
+                }
+            }
+            (ValueWrite::Event { at, .. }, FieldKind::Events(spec)) => {
+                let (tz, today) = match todays.entry(field.id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let tz = time::zone(&spec.time_zone)?;
+                        let today = time::day_of(now_ms, &tz)?;
+                        e.insert((tz, today))
+                    }
+                };
+                let (tz, today) = (&*tz, &*today);
+                let day = match *at {
+                    EventTime::Ms(ms) => time::day_of(ms, tz)?,
+                    EventTime::Day(d) => d,
+                };
+                if !(0..=time::MAX_DAY).contains(&day) {
+                    return Err(Error::invalid(format!(
+                        "event day {} is outside 1970-01-01 ..= {}",
+                        time::format_day(day),
+                        time::format_day(time::MAX_DAY)
+                    )));
+                }
+                let Some(bucket) = spec.bucket_for(day, *today) else {
+                    expired += 1;
+                    continue;
+                };
+                let id = ids.get_or_create(customer)?;
+                let Pending::Events(m) = pending
+                    .entry(field.id)
+                    .or_insert_with(|| Pending::Events(BTreeMap::new()))
+                else {
+                    return Err(wrong("behaviour"));
+                };
+                m.entry(bucket.slot()).or_default().insert(id);
+            }
+            (ValueWrite::Int { .. }, _) => return Err(wrong("integer")),
+            (ValueWrite::Enum { .. }, _) => return Err(wrong("enumerated")),
+            (ValueWrite::Event { .. }, _) => return Err(wrong("behaviour")),
+        }
+    }
+    let by_id: HashMap<u32, &Arc<Field>> = snap.fields.values().map(|f| (f.id, f)).collect();
+    for (field_id, p) in pending {
+        let field = by_id
+            .get(&field_id)
+            .ok_or_else(|| Error::FieldNotFound(field_id.to_string()))?;
+        let change = match p {
+            Pending::Int(m) => {
+                for slot in field.slots.values() {
+                    slot.get()?;
+                }
+                let mut set = Vec::new();
+                let mut clear = RoaringBitmap::new();
+                for (id, v) in m {
+                    match v {
+                        Some(v) => set.push((id, v)),
+                        None => {
+                            clear.insert(id);
+                        }
+                    }
+                }
+                FieldChange::Int {
+                    field: field_id,
+                    set,
+                    clear,
+                }
+            }
+            Pending::Enum(m) => {
+                for slot in field.slots.values() {
+                    slot.get()?;
+                }
+                let mut set: BTreeMap<u32, RoaringBitmap> = BTreeMap::new();
+                let mut clear = RoaringBitmap::new();
+                for (id, v) in m {
+                    match v {
+                        Some(slot) => {
+                            set.entry(slot).or_default().insert(id);
+                        }
+                        None => {
+                            clear.insert(id);
+                        }
+                    }
+                }
+                FieldChange::Enum {
+                    field: field_id,
+                    set: set.into_iter().collect(),
+                    clear,
+                }
+            }
+            Pending::Events(m) => {
+                for slot in m.keys() {
+                    if let Some(b) = field.slots.get(slot) {
+                        b.get()?;
+                    }
+                }
+                FieldChange::Events {
+                    field: field_id,
+                    add: m.into_iter().collect(),
+                }
+            }
+        };
+        batch.field_changes.push(change);
+    }
+    Ok(expired)
+}
+
+/// The retention and roll-up changes due today for every behaviour field,
+/// as one batch (empty when nothing is due). Loads the day buckets a
+/// roll-up merges.
+fn maintenance(snap: &crate::storage::Snapshot, now_ms: i64) -> Result<Batch> {
+    let mut batch = Batch {
+        at_ms: now_ms,
+        ..Default::default()
+    };
+    for field in snap.fields.values() {
+        let FieldKind::Events(spec) = &field.meta.kind else {
+            continue;
+        };
+        let tz = time::zone(&spec.time_zone)?;
+        let today = time::day_of(now_ms, &tz)?;
+        let keep_from = spec.retention_start(today);
+        let mut drop = Vec::new();
+        let mut months = std::collections::BTreeSet::new();
+        for (&slot, bitmap) in &field.slots {
+            let bucket = Bucket::of_slot(slot);
+            if bucket.last_day() < keep_from {
+                drop.push(slot);
+            } else if let Bucket::Day(d) = bucket {
+                let m = time::month_of(d);
+                if spec.month_rolled(m, today) {
+                    bitmap.get()?;
+                    months.insert(m);
+                }
+            }
+        }
+        if !drop.is_empty() {
+            batch.field_changes.push(FieldChange::DropSlots {
+                field: field.id,
+                slots: drop,
+            });
+        }
+        for month in months {
+            batch.field_changes.push(FieldChange::Rollup {
+                field: field.id,
+                month,
+            });
+        }
+    }
+    Ok(batch)
 }
 
 /// Looks up customer keys for one request, giving new ids to new keys.
