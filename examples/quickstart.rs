@@ -79,6 +79,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let profile = client
         .profile(ProfileRequest {
             customer: "jd:pin_7781".into(),
+            recent_days: 0,
         })
         .await?
         .into_inner();

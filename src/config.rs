@@ -47,6 +47,7 @@ impl Default for Limits {
 /// sync = "always"            # or "never"
 /// checkpoint_wal_mb = 64
 /// max_segments = 8
+/// time_zone = "Asia/Shanghai"  # for behaviour fields created without one
 ///
 /// [limits]
 /// max_keys_per_request = 1000000
@@ -59,6 +60,8 @@ pub struct FileConfig {
     pub sync: Option<SyncMode>,
     pub checkpoint_wal_mb: Option<u64>,
     pub max_segments: Option<usize>,
+    /// IANA time zone of behaviour fields created without one (default Asia/Shanghai).
+    pub time_zone: Option<String>,
     pub limits: Option<Limits>,
 }
 
@@ -75,6 +78,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub engine: EngineConfig,
     pub limits: Limits,
+    pub default_time_zone: String,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -113,10 +117,16 @@ impl ServerConfig {
             max_segments: file.max_segments.unwrap_or(8).max(2),
             ..CompactionPolicy::default()
         };
+        let default_time_zone = file
+            .time_zone
+            .unwrap_or_else(|| crate::columns::DEFAULT_TIME_ZONE.to_string());
+        crate::columns::time::zone(&default_time_zone)
+            .map_err(|e| Error::Config(format!("time_zone: {e}")))?;
         Ok(Self {
             listen,
             engine,
             limits: file.limits.unwrap_or_default(),
+            default_time_zone,
         })
     }
 }

@@ -414,6 +414,7 @@ async fn every_call_and_its_errors() {
     let p = c
         .profile(ProfileRequest {
             customer: "jd:pin_7781".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -422,7 +423,8 @@ async fn every_call_and_its_errors() {
     assert_eq!(
         code(
             c.profile(ProfileRequest {
-                customer: "nobody".into()
+                customer: "nobody".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -431,7 +433,8 @@ async fn every_call_and_its_errors() {
     assert_eq!(
         code(
             c.profile(ProfileRequest {
-                customer: "".into()
+                customer: "".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -496,6 +499,7 @@ async fn every_call_and_its_errors() {
     let before = c
         .profile(ProfileRequest {
             customer: "u5".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -511,7 +515,8 @@ async fn every_call_and_its_errors() {
     assert_eq!(
         code(
             c.profile(ProfileRequest {
-                customer: "u5".into()
+                customer: "u5".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -531,6 +536,7 @@ async fn every_call_and_its_errors() {
     let after = c
         .profile(ProfileRequest {
             customer: "u5".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -673,6 +679,7 @@ async fn every_call_and_its_errors() {
     let p = c
         .profile(ProfileRequest {
             customer: "jd:pin_7781".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

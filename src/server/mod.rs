@@ -2,6 +2,7 @@
 //! service, health and reflection, graceful shutdown). Requests become domain
 //! operations here; the storage engine never sees a proto type.
 
+mod fields;
 pub mod service;
 pub mod status;
 
@@ -60,9 +61,13 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| Error::Config(format!("reflection service: {e}")))?;
     let limit = config.limits.max_message_bytes;
-    let service = TagStoreServer::new(Service::new(engine.clone(), config.limits))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let service = TagStoreServer::new(Service::new(
+        engine.clone(),
+        config.limits,
+        config.default_time_zone.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     on_listening(addr);
     tracing::info!(%addr, "serving tagstore.v1.TagStore");

@@ -12,10 +12,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::Error;
-use crate::names::check_key;
 use crate::proto;
 use crate::proto::tag_store_server::TagStore;
 use crate::query::Query;
+use crate::server::fields;
 use crate::server::status::{query_status, to_status};
 use crate::storage::{Engine, Mutation, Snapshot, TagMeta, WriteOp};
 
@@ -30,14 +30,17 @@ pub struct Service {
     engine: Arc<Engine>,
     limits: Limits,
     started: Instant,
+    /// Time zone of behaviour fields created without one.
+    default_time_zone: String,
 }
 
 impl Service {
-    pub fn new(engine: Arc<Engine>, limits: Limits) -> Self {
+    pub fn new(engine: Arc<Engine>, limits: Limits, default_time_zone: String) -> Self {
         Self {
             engine,
             limits,
             started: Instant::now(),
+            default_time_zone,
         }
     }
 }
@@ -387,8 +390,9 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ProfileRequest>,
     ) -> Result<Response<proto::ProfileResponse>, Status> {
-        let customer = req.into_inner().customer;
-        check_key(&customer).map_err(to_status)?;
+        let r = req.into_inner();
+        let (customer, recent_days) = (r.customer, r.recent_days);
+        fields::check_customer(&customer)?;
         let snap = self.engine.snapshot();
         let resp = blocking(move || {
             let id = snap
@@ -396,14 +400,91 @@ impl TagStore for Service {
                 .map_err(to_status)?
                 .ok_or_else(|| to_status(Error::CustomerNotFound(customer.clone())))?;
             let tags = snap.tags_of(id).map_err(to_status)?;
+            let values = fields::profile_values(&snap, id, recent_days)?;
             Ok(proto::ProfileResponse {
                 customer,
                 tags: tags.iter().map(|t| t.to_string()).collect(),
                 internal_id: id,
+                values,
             })
         })
         .await?;
         Ok(Response::new(resp))
+    }
+
+    async fn create_field(
+        &self,
+        req: Request<proto::CreateFieldRequest>,
+    ) -> Result<Response<proto::CreateFieldResponse>, Status> {
+        fields::create_field(&self.engine, req.into_inner(), &self.default_time_zone)
+            .await
+            .map(Response::new)
+    }
+
+    async fn drop_field(
+        &self,
+        req: Request<proto::DropFieldRequest>,
+    ) -> Result<Response<proto::DropFieldResponse>, Status> {
+        fields::drop_field(&self.engine, req.into_inner().name).await?;
+        Ok(Response::new(proto::DropFieldResponse {}))
+    }
+
+    async fn list_fields(
+        &self,
+        _req: Request<proto::ListFieldsRequest>,
+    ) -> Result<Response<proto::ListFieldsResponse>, Status> {
+        fields::list_fields(&self.engine).await.map(Response::new)
+    }
+
+    async fn set_values(
+        &self,
+        req: Request<proto::SetValuesRequest>,
+    ) -> Result<Response<proto::SetValuesResponse>, Status> {
+        let r = req.into_inner();
+        if r.writes.len() > self.limits.max_keys_per_request {
+            return Err(invalid(format!(
+                "{} writes in one request; the limit is {} (split the batch)",
+                r.writes.len(),
+                self.limits.max_keys_per_request
+            )));
+        }
+        fields::set_values(&self.engine, r).await.map(Response::new)
+    }
+
+    async fn aggregate(
+        &self,
+        req: Request<proto::AggregateRequest>,
+    ) -> Result<Response<proto::AggregateResponse>, Status> {
+        fields::aggregate(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn breakdown(
+        &self,
+        req: Request<proto::BreakdownRequest>,
+    ) -> Result<Response<proto::BreakdownResponse>, Status> {
+        fields::breakdown(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn top_tags(
+        &self,
+        req: Request<proto::TopTagsRequest>,
+    ) -> Result<Response<proto::TopTagsResponse>, Status> {
+        fields::top_tags(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn overlap(
+        &self,
+        req: Request<proto::OverlapRequest>,
+    ) -> Result<Response<proto::OverlapResponse>, Status> {
+        fields::overlap(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn stats(
@@ -484,9 +565,10 @@ fn count_inline(
         let mut names = Vec::new();
         expr.tag_names(&mut names);
         // Unknown tags are reported by compile; unloaded ones must not be decoded here.
+        // Field predicates run the bit-sliced walk: not for the async thread.
         if names
             .iter()
-            .any(|n| snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded()))
+            .any(|n| snap.field(n).is_some() || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded()))
         {
             return Ok(None);
         }

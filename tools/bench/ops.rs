@@ -137,7 +137,11 @@ async fn tagstore_op(
         }
         Op::Profile => {
             let customer = customer_key(rng.random_range(0..data.customers));
-            c.profile(ProfileRequest { customer }).await?;
+            c.profile(ProfileRequest {
+                customer,
+                recent_days: 0,
+            })
+            .await?;
         }
         Op::Update { batch } => {
             let tag = data.tags[pick_tag(rng, data)].name.clone();

@@ -168,7 +168,10 @@ impl Session {
             Command::Profile(key) => {
                 let p = self
                     .client
-                    .profile(ProfileRequest { customer: key })
+                    .profile(ProfileRequest {
+                        customer: key,
+                        recent_days: 0,
+                    })
                     .await?
                     .into_inner();
                 let text = if p.tags.is_empty() {

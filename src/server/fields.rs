@@ -1,0 +1,436 @@
+//! The field and analytics calls of `tagstore.v1.TagStore`: proto in,
+//! domain calls, proto out. Kept apart from `service.rs` only for size; the
+//! trait implementation there delegates here.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tonic::Status;
+
+use crate::columns::time;
+use crate::columns::{
+    DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, EventsSpec, FieldKind, INT_EXISTS,
+};
+use crate::error::Error;
+use crate::names::check_key;
+use crate::proto;
+use crate::query::analytics::{self, MAX_OVERLAP_QUERIES};
+use crate::query::{Query, parse};
+use crate::server::status::{query_status, to_status};
+use crate::storage::{Engine, EventTime, Field, FieldMeta, Snapshot, ValueWrite, WriteOp};
+
+/// Most value writes in one `SetValues`.
+pub const MAX_VALUE_WRITES: usize = 1_000_000;
+/// Most days back a profile lists behaviour dates for.
+pub const MAX_RECENT_DAYS: u32 = 400;
+
+fn invalid(msg: impl Into<String>) -> Status {
+    to_status(Error::invalid(msg))
+}
+
+fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
+    let m: &FieldMeta = &f.meta;
+    let mut info = proto::FieldInfo {
+        name: m.name.to_string(),
+        description: m.description.clone(),
+        category: m.category.clone(),
+        created_at_ms: m.created_ms,
+        updated_at_ms: m.updated_ms,
+        ..Default::default()
+    };
+    match &m.kind {
+        FieldKind::Int => {
+            info.kind = proto::FieldKind::Integer as i32;
+            info.customers_with_value = f.slot(INT_EXISTS)?.map_or(0, |b| b.len());
+        }
+        FieldKind::Enum { values } => {
+            info.kind = proto::FieldKind::Enum as i32;
+            info.values = values.clone();
+            let mut n = 0;
+            for b in f.slots.values() {
+                n += b.get()?.len();
+            }
+            info.customers_with_value = n;
+        }
+        FieldKind::Events(s) => {
+            info.kind = proto::FieldKind::Behaviour as i32;
+            info.time_zone = s.time_zone.clone();
+            info.retention_days = s.retention_days;
+            info.daily_days = s.daily_days;
+        }
+    }
+    Ok(info)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+}
+
+fn kind_of(r: &proto::CreateFieldRequest, default_tz: &str) -> Result<FieldKind, Status> {
+    let kind = proto::FieldKind::try_from(r.kind).unwrap_or(proto::FieldKind::Unspecified);
+    let only_behaviour = !r.time_zone.is_empty() || r.retention_days != 0 || r.daily_days != 0;
+    match kind {
+        proto::FieldKind::Unspecified => Err(invalid(
+            "kind is required: FIELD_KIND_INTEGER, FIELD_KIND_ENUM or FIELD_KIND_BEHAVIOUR",
+        )),
+        proto::FieldKind::Integer | proto::FieldKind::Enum if only_behaviour => Err(invalid(
+            "time_zone, retention_days and daily_days apply to behaviour fields only",
+        )),
+        proto::FieldKind::Integer if !r.values.is_empty() => {
+            Err(invalid("values apply to enumerated fields only"))
+        }
+        proto::FieldKind::Integer => Ok(FieldKind::Int),
+        proto::FieldKind::Enum => Ok(FieldKind::Enum {
+            values: r.values.clone(),
+        }),
+        proto::FieldKind::Behaviour if !r.values.is_empty() => {
+            Err(invalid("values apply to enumerated fields only"))
+        }
+        proto::FieldKind::Behaviour => {
+            let retention_days = match r.retention_days {
+                0 => DEFAULT_RETENTION_DAYS,
+                n => n,
+            };
+            Ok(FieldKind::Events(EventsSpec {
+                time_zone: if r.time_zone.is_empty() {
+                    default_tz.to_string()
+                } else {
+                    r.time_zone.clone()
+                },
+                retention_days,
+                daily_days: match r.daily_days {
+                    0 => DEFAULT_DAILY_DAYS.min(retention_days),
+                    n => n,
+                },
+            }))
+        }
+    }
+}
+
+pub(super) async fn create_field(
+    engine: &Engine,
+    r: proto::CreateFieldRequest,
+    default_tz: &str,
+) -> Result<proto::CreateFieldResponse, Status> {
+    let kind = kind_of(&r, default_tz)?;
+    let res = engine
+        .write(WriteOp::CreateField {
+            name: r.name.clone(),
+            description: r.description,
+            category: r.category,
+            kind,
+            if_not_exists: r.if_not_exists,
+        })
+        .await
+        .map_err(to_status)?;
+    let snap = engine.snapshot();
+    let field = match snap.field(&r.name) {
+        Some(f) => Some(field_info(f).map_err(to_status)?),
+        None => None,
+    };
+    Ok(proto::CreateFieldResponse {
+        field,
+        created: res.created,
+    })
+}
+
+pub(super) async fn drop_field(engine: &Engine, name: String) -> Result<(), Status> {
+    engine
+        .write(WriteOp::DropField { name })
+        .await
+        .map_err(to_status)?;
+    Ok(())
+}
+
+pub(super) async fn list_fields(engine: &Engine) -> Result<proto::ListFieldsResponse, Status> {
+    let snap = engine.snapshot();
+    blocking(move || {
+        let fields = snap
+            .fields
+            .values()
+            .map(|f| field_info(f))
+            .collect::<Result<Vec<_>, Error>>()
+            .map_err(to_status)?;
+        Ok(proto::ListFieldsResponse { fields })
+    })
+    .await
+}
+
+pub(super) async fn set_values(
+    engine: &Engine,
+    r: proto::SetValuesRequest,
+) -> Result<proto::SetValuesResponse, Status> {
+    if r.writes.len() > MAX_VALUE_WRITES {
+        return Err(invalid(format!(
+            "{} writes in one request; the limit is {MAX_VALUE_WRITES} (split the batch)",
+            r.writes.len()
+        )));
+    }
+    let mut writes = Vec::with_capacity(r.writes.len());
+    for (i, w) in r.writes.into_iter().enumerate() {
+        use proto::value_write::Value;
+        let (field, customer) = (w.field, w.customer);
+        writes.push(match w.value {
+            None => {
+                return Err(invalid(format!(
+                    "write {i} ({field:?} of {customer:?}) has no value: set int_value, enum_value, clear, event_at_ms or event_date"
+                )));
+            }
+            Some(Value::IntValue(v)) => ValueWrite::Int {
+                field,
+                customer,
+                value: Some(v),
+            },
+            Some(Value::EnumValue(v)) => ValueWrite::Enum {
+                field,
+                customer,
+                value: Some(v),
+            },
+            Some(Value::Clear(_)) => {
+                // The engine knows the field's kind; an enumerated clear and
+                // an integer clear differ only there.
+                let snap = engine.snapshot();
+                match snap.field(&field).map(|f| &f.meta.kind) {
+                    Some(FieldKind::Enum { .. }) => ValueWrite::Enum {
+                        field,
+                        customer,
+                        value: None,
+                    },
+                    Some(FieldKind::Events(_)) => {
+                        return Err(invalid(format!(
+                            "write {i}: {field:?} is a behaviour field; events cannot be cleared (delete the customer, or let them expire)"
+                        )));
+                    }
+                    _ => ValueWrite::Int {
+                        field,
+                        customer,
+                        value: None,
+                    },
+                }
+            }
+            Some(Value::EventAtMs(ms)) => ValueWrite::Event {
+                field,
+                customer,
+                at: EventTime::Ms(ms),
+            },
+            Some(Value::EventDate(d)) => {
+                let day = time::parse_date(&d).ok_or_else(|| {
+                    invalid(format!("write {i}: event_date {d:?} is not a date YYYY-MM-DD"))
+                })?;
+                ValueWrite::Event {
+                    field,
+                    customer,
+                    at: EventTime::Day(day),
+                }
+            }
+        });
+    }
+    let res = engine
+        .write(WriteOp::SetValues { writes })
+        .await
+        .map_err(to_status)?;
+    Ok(proto::SetValuesResponse {
+        values_set: res.values_set,
+        values_cleared: res.values_cleared,
+        events_added: res.events_added,
+        events_expired: res.events_expired,
+        new_customers: res.new_customers,
+        lsn: res.lsn,
+    })
+}
+
+fn field_named<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s Field, Status> {
+    snap.field(name)
+        .map(|f| &**f)
+        .ok_or_else(|| to_status(Error::FieldNotFound(name.to_string())))
+}
+
+pub(super) async fn aggregate(
+    engine: &Engine,
+    r: proto::AggregateRequest,
+) -> Result<proto::AggregateResponse, Status> {
+    let snap = engine.snapshot();
+    blocking(move || {
+        let field = field_named(&snap, &r.field)?;
+        let q = Query::compile(&r.query, &snap).map_err(to_status)?;
+        let a = analytics::aggregate(&q, field, &r.histogram_edges).map_err(to_status)?;
+        let sum = i64::try_from(a.sum);
+        Ok(proto::AggregateResponse {
+            members: a.members,
+            with_value: a.with_value,
+            sum: sum.unwrap_or(if a.sum < 0 { i64::MIN } else { i64::MAX }),
+            sum_overflows: sum.is_err(),
+            sum_decimal: a.sum.to_string(),
+            min: a.min,
+            max: a.max,
+            mean: a.mean(),
+            histogram: a.histogram,
+        })
+    })
+    .await
+}
+
+pub(super) async fn breakdown(
+    engine: &Engine,
+    r: proto::BreakdownRequest,
+) -> Result<proto::BreakdownResponse, Status> {
+    use proto::breakdown_request::By;
+    let snap = engine.snapshot();
+    blocking(move || {
+        let q = Query::compile(&r.query, &snap).map_err(to_status)?;
+        let (rows, total, no_value) = match &r.by {
+            Some(By::Field(name)) => {
+                let field = field_named(&snap, name)?;
+                let (rows, none, total) =
+                    analytics::breakdown_by_field(&q, field).map_err(to_status)?;
+                (rows, total, none)
+            }
+            Some(By::Category(c)) => {
+                let (rows, total) =
+                    analytics::breakdown_by_category(&q, &snap, c).map_err(to_status)?;
+                (rows, total, 0)
+            }
+            None => return Err(invalid("name a field or a category to break down by")),
+        };
+        Ok(proto::BreakdownResponse {
+            rows: rows
+                .into_iter()
+                .map(|s| proto::BreakdownRow {
+                    label: s.label,
+                    count: s.count,
+                })
+                .collect(),
+            total,
+            no_value,
+        })
+    })
+    .await
+}
+
+pub(super) async fn top_tags(
+    engine: &Engine,
+    r: proto::TopTagsRequest,
+) -> Result<proto::TopTagsResponse, Status> {
+    let k = match r.k {
+        0 => 10,
+        n if n > 1000 => return Err(invalid(format!("k {n} is over the limit of 1000"))),
+        n => n as usize,
+    };
+    let snap = engine.snapshot();
+    blocking(move || {
+        let expr = parse(&r.query).map_err(to_status)?;
+        let q = Query::from_expr(&expr, &snap).map_err(to_status)?;
+        let mut named = Vec::new();
+        expr.tag_names(&mut named);
+        let exclude: HashSet<&str> = if r.include_query_tags {
+            HashSet::new()
+        } else {
+            named.into_iter().collect()
+        };
+        let category = (!r.category.is_empty()).then_some(r.category.as_str());
+        let (rows, audience, customers) =
+            analytics::top_tags(&q, &snap, k, category, &exclude, r.min_count)
+                .map_err(to_status)?;
+        Ok(proto::TopTagsResponse {
+            tags: rows
+                .into_iter()
+                .map(|l| proto::TagLift {
+                    tag: l.tag,
+                    in_audience: l.in_audience,
+                    overall: l.overall,
+                    lift: l.lift,
+                })
+                .collect(),
+            audience,
+            customers,
+        })
+    })
+    .await
+}
+
+pub(super) async fn overlap(
+    engine: &Engine,
+    r: proto::OverlapRequest,
+) -> Result<proto::OverlapResponse, Status> {
+    let n = r.queries.len();
+    if n == 0 || n > MAX_OVERLAP_QUERIES {
+        return Err(invalid(format!(
+            "overlap takes 1 to {MAX_OVERLAP_QUERIES} queries, got {n}"
+        )));
+    }
+    let snap: Arc<Snapshot> = engine.snapshot();
+    blocking(move || {
+        let queries = r
+            .queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| Query::compile(q, &snap).map_err(|e| query_status(e, Some(i))))
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok(proto::OverlapResponse {
+            size: n as u32,
+            counts: analytics::overlap(&queries),
+        })
+    })
+    .await
+}
+
+/// The field values of one customer, for `Profile`.
+pub(super) fn profile_values(
+    snap: &Snapshot,
+    id: u32,
+    recent_days: u32,
+) -> Result<Vec<proto::FieldValue>, Status> {
+    use proto::field_value::Value;
+    let recent = match recent_days {
+        0 => 30,
+        n if n > MAX_RECENT_DAYS => {
+            return Err(invalid(format!(
+                "recent_days {n} is over the limit of {MAX_RECENT_DAYS}"
+            )));
+        }
+        n => n,
+    };
+    let mut out = Vec::new();
+    for f in snap.fields.values() {
+        let value = match &f.meta.kind {
+            FieldKind::Int => f.int_value(id).map_err(to_status)?.map(Value::IntValue),
+            FieldKind::Enum { values } => f
+                .enum_value(id)
+                .map_err(to_status)?
+                .and_then(|s| values.get(s as usize))
+                .map(|v| Value::EnumValue(v.clone())),
+            FieldKind::Events(spec) => {
+                let tz = time::zone(&spec.time_zone).map_err(to_status)?;
+                let today = time::day_of(crate::query::eval::now_ms(), &tz).map_err(to_status)?;
+                let from = (today - recent as i32 + 1).max(spec.retention_start(today));
+                let mut dates = Vec::new();
+                for (&slot, b) in f
+                    .slots
+                    .range(from.max(0) as u32..=today.max(0) as u32)
+                    .rev()
+                {
+                    if b.get().map_err(to_status)?.contains(id) {
+                        dates.push(time::format_day(slot as i32));
+                    }
+                }
+                (!dates.is_empty()).then_some(Value::Recent(proto::RecentDays { dates }))
+            }
+        };
+        if let Some(value) = value {
+            out.push(proto::FieldValue {
+                field: f.meta.name.to_string(),
+                value: Some(value),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a customer key given to `Profile`.
+pub(super) fn check_customer(key: &str) -> Result<(), Status> {
+    check_key(key).map_err(to_status)
+}

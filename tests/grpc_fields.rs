@@ -1,0 +1,594 @@
+//! The field and analytics calls against the real server binary over gRPC:
+//! CreateField / ListFields / DropField / SetValues, field predicates in
+//! Count with their status codes and error positions, Aggregate,
+//! Breakdown, TopTags, Overlap, profile values, persistence across a
+//! restart, and enumerated exclusivity under concurrent writers.
+
+mod common;
+
+use common::code;
+use tagstore::proto::value_write::Value;
+use tagstore::proto::*;
+use tonic::Code;
+
+const DAY_MS: i64 = 86_400_000;
+const SHANGHAI_MS: i64 = 8 * 3_600_000;
+
+fn int(field: &str, customer: &str, v: i64) -> ValueWrite {
+    ValueWrite {
+        field: field.into(),
+        customer: customer.into(),
+        value: Some(Value::IntValue(v)),
+    }
+}
+
+fn en(field: &str, customer: &str, v: &str) -> ValueWrite {
+    ValueWrite {
+        field: field.into(),
+        customer: customer.into(),
+        value: Some(Value::EnumValue(v.into())),
+    }
+}
+
+fn event(field: &str, customer: &str, at_ms: i64) -> ValueWrite {
+    ValueWrite {
+        field: field.into(),
+        customer: customer.into(),
+        value: Some(Value::EventAtMs(at_ms)),
+    }
+}
+
+async fn count(c: &mut common::Client, q: &str) -> u64 {
+    c.count(CountRequest {
+        queries: vec![q.into()],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("count {q}: {e}"))
+    .into_inner()
+    .counts[0]
+}
+
+async fn create(c: &mut common::Client, name: &str, kind: FieldKind, values: &[&str]) {
+    c.create_field(CreateFieldRequest {
+        name: name.into(),
+        kind: kind as i32,
+        values: values.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create {name}: {e}"));
+}
+
+fn now_ms() -> i64 {
+    tagstore::query::eval::now_ms()
+}
+
+/// Start of today in Shanghai, Unix ms.
+fn shanghai_midnight_today() -> i64 {
+    let now = now_ms();
+    (now + SHANGHAI_MS).div_euclid(DAY_MS) * DAY_MS - SHANGHAI_MS
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+
+    create(&mut c, "total_spend", FieldKind::Integer, &[]).await;
+    create(&mut c, "age", FieldKind::Integer, &[]).await;
+    create(
+        &mut c,
+        "lifecycle",
+        FieldKind::Enum,
+        &["prospect", "new", "active", "loyal", "churned"],
+    )
+    .await;
+    let r = c
+        .create_field(CreateFieldRequest {
+            name: "bought_skincare".into(),
+            kind: FieldKind::Behaviour as i32,
+            retention_days: 365,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info = r.field.unwrap();
+    assert!(r.created);
+    assert_eq!(
+        (
+            info.time_zone.as_str(),
+            info.retention_days,
+            info.daily_days
+        ),
+        ("Asia/Shanghai", 365, 365)
+    );
+    // Errors of CreateField.
+    let dup = c
+        .create_field(CreateFieldRequest {
+            name: "age".into(),
+            kind: FieldKind::Integer as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(dup), Code::AlreadyExists);
+    let same = c
+        .create_field(CreateFieldRequest {
+            name: "age".into(),
+            kind: FieldKind::Integer as i32,
+            if_not_exists: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!same.created);
+    for bad in [
+        CreateFieldRequest {
+            name: "x".into(),
+            ..Default::default()
+        },
+        CreateFieldRequest {
+            name: "x".into(),
+            kind: FieldKind::Enum as i32,
+            ..Default::default()
+        },
+        CreateFieldRequest {
+            name: "x".into(),
+            kind: FieldKind::Behaviour as i32,
+            time_zone: "Nowhere/City".into(),
+            ..Default::default()
+        },
+        CreateFieldRequest {
+            name: "x".into(),
+            kind: FieldKind::Integer as i32,
+            retention_days: 5,
+            ..Default::default()
+        },
+    ] {
+        assert_eq!(code(c.create_field(bad).await), Code::InvalidArgument);
+    }
+    // A tag and a field cannot share a name.
+    c.create_tag(CreateTagRequest {
+        name: "高价值用户".into(),
+        category: "价值".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code(
+            c.create_field(CreateFieldRequest {
+                name: "高价值用户".into(),
+                kind: FieldKind::Integer as i32,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::AlreadyExists
+    );
+
+    let midnight = shanghai_midnight_today();
+    let writes = vec![
+        int("total_spend", "u1", 600_000),
+        int("total_spend", "u2", 500_000),
+        int("total_spend", "u3", -20),
+        int("total_spend", "u4", i64::MAX),
+        int("age", "u1", 30),
+        int("age", "u2", 25),
+        int("age", "u3", 40),
+        en("lifecycle", "u1", "active"),
+        en("lifecycle", "u2", "new"),
+        en("lifecycle", "u3", "churned"),
+        en("lifecycle", "u2", "active"),          // last write wins
+        event("bought_skincare", "u1", midnight), // today
+        event("bought_skincare", "u2", midnight - 1), // yesterday, 23:59:59.999
+        event("bought_skincare", "u3", midnight - 7 * DAY_MS),
+        event("bought_skincare", "u1", midnight - DAY_MS),
+        event("bought_skincare", "u1", midnight - 2 * DAY_MS + 5),
+        event("bought_skincare", "u1", midnight - 2 * DAY_MS + 9), // same day again
+    ];
+    let r = c
+        .set_values(SetValuesRequest { writes })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.new_customers, 4);
+    assert_eq!(r.values_set, 10);
+    assert_eq!(r.events_added, 5);
+    c.update(UpdateRequest {
+        mutations: vec![Mutation {
+            tag: "高价值用户".into(),
+            add: vec!["u1".into(), "u4".into()],
+            remove: vec![],
+        }],
+        create_missing_tags: false,
+    })
+    .await
+    .unwrap();
+
+    for (q, n) in [
+        ("total_spend >= 500000", 3),
+        ("total_spend > 500000", 2),
+        ("total_spend < 0", 1),
+        ("total_spend = 9223372036854775807", 1),
+        ("total_spend IS NULL", 0),
+        ("age IS NULL", 1),
+        ("age BETWEEN 25 AND 34", 2),
+        ("age != 30", 2),
+        ("NOT age = 30", 3),
+        ("age IN (25, 40, 99)", 2),
+        ("lifecycle = active", 2),
+        ("lifecycle IN (new, churned)", 1),
+        ("lifecycle != churned", 2),
+        ("lifecycle IS NULL", 1),
+        ("bought_skincare WITHIN 1d", 1),
+        ("bought_skincare WITHIN 2d", 2),
+        ("bought_skincare WITHIN 7d", 2),
+        ("bought_skincare WITHIN 8d", 3),
+        ("COUNT(bought_skincare WITHIN 7d) >= 3", 1),
+        ("COUNT(bought_skincare WITHIN 7d) = 0", 2),
+        (
+            "高价值用户 AND total_spend >= 500000 AND lifecycle = active",
+            1,
+        ),
+        ("bought_skincare AND NOT 高价值用户", 2),
+    ] {
+        assert_eq!(count(&mut c, q).await, n, "{q}");
+    }
+
+    // Bad queries: INVALID_ARGUMENT with the position; unknown names NOT_FOUND.
+    for (q, want, pos) in [
+        ("lifecycle >= new", Code::InvalidArgument, "10"),
+        ("lifecycle = vip", Code::InvalidArgument, "12"),
+        ("age > 'x'", Code::InvalidArgument, "6"),
+        ("高价值用户 AND spend > 1", Code::NotFound, "10"),
+        ("高价值用户 >= 1", Code::InvalidArgument, "0"),
+    ] {
+        let err = c
+            .count(CountRequest {
+                queries: vec![q.into()],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), want, "{q}: {}", err.message());
+        assert_eq!(
+            err.metadata()
+                .get("tagstore-error-position")
+                .and_then(|v| v.to_str().ok()),
+            Some(pos),
+            "{q}: {}",
+            err.message()
+        );
+    }
+
+    // SetValues errors: unknown field, wrong kind, undeclared value, no value.
+    for (w, want) in [
+        (int("nope", "u1", 1), Code::NotFound),
+        (int("lifecycle", "u1", 1), Code::InvalidArgument),
+        (en("lifecycle", "u1", "vip"), Code::InvalidArgument),
+        (
+            ValueWrite {
+                field: "age".into(),
+                customer: "u1".into(),
+                value: None,
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let r = c.set_values(SetValuesRequest { writes: vec![w] }).await;
+        assert_eq!(code(r), want);
+    }
+
+    // Analytics.
+    let a = c
+        .aggregate(AggregateRequest {
+            query: "ALL".into(),
+            field: "age".into(),
+            histogram_edges: vec![26, 35],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((a.members, a.with_value, a.sum), (4, 3, 95));
+    assert_eq!((a.min, a.max), (Some(25), Some(40)));
+    assert_eq!(a.histogram, vec![1, 1, 1]);
+    let a = c
+        .aggregate(AggregateRequest {
+            query: "total_spend > 0".into(),
+            field: "total_spend".into(),
+            histogram_edges: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.sum_overflows);
+    assert_eq!(
+        a.sum_decimal,
+        (600_000i128 + 500_000 + i128::from(i64::MAX)).to_string()
+    );
+    assert_eq!(
+        code(
+            c.aggregate(AggregateRequest {
+                query: "ALL".into(),
+                field: "lifecycle".into(),
+                histogram_edges: vec![],
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    let b = c
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: Some(breakdown_request::By::Field("lifecycle".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rows: Vec<(String, u64)> = b.rows.into_iter().map(|r| (r.label, r.count)).collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("prospect".to_string(), 0),
+            ("new".into(), 0),
+            ("active".into(), 2),
+            ("loyal".into(), 0),
+            ("churned".into(), 1)
+        ]
+    );
+    assert_eq!((b.total, b.no_value), (4, 1));
+    let b = c
+        .breakdown(BreakdownRequest {
+            query: "total_spend > 0".into(),
+            by: Some(breakdown_request::By::Category("价值".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.rows.len(), 1);
+    assert_eq!((b.rows[0].count, b.total), (2, 3));
+    c.update(UpdateRequest {
+        mutations: vec![Mutation {
+            tag: "common".into(),
+            add: vec!["u1".into(), "u2".into(), "u3".into(), "u4".into()],
+            remove: vec![],
+        }],
+        create_missing_tags: true,
+    })
+    .await
+    .unwrap();
+    let t = c
+        .top_tags(TopTagsRequest {
+            query: "lifecycle = active".into(),
+            k: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((t.audience, t.customers), (2, 4));
+    // Both lifts are 1.0; ties go to the tag with more audience members.
+    assert_eq!(t.tags[0].tag, "common");
+    assert_eq!(t.tags[1].tag, "高价值用户");
+    assert_eq!((t.tags[1].in_audience, t.tags[1].overall), (1, 2));
+    assert!((t.tags[0].lift - 1.0).abs() < 1e-9 && (t.tags[1].lift - 1.0).abs() < 1e-9);
+    let t = c
+        .top_tags(TopTagsRequest {
+            query: "高价值用户".into(),
+            k: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        t.tags.iter().all(|l| l.tag != "高价值用户"),
+        "query tags left out"
+    );
+    let o = c
+        .overlap(OverlapRequest {
+            queries: vec![
+                "lifecycle = active".into(),
+                "高价值用户".into(),
+                "age >= 30".into(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(o.size, 3);
+    assert_eq!(o.counts, vec![2, 1, 1, 1, 2, 1, 1, 1, 2]);
+    let too_many = c
+        .overlap(OverlapRequest {
+            queries: vec!["ALL".into(); 21],
+        })
+        .await;
+    assert_eq!(code(too_many), Code::InvalidArgument);
+
+    // Profile values.
+    let p = c
+        .profile(ProfileRequest {
+            customer: "u1".into(),
+            recent_days: 7,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let values: Vec<(String, Option<field_value::Value>)> =
+        p.values.into_iter().map(|v| (v.field, v.value)).collect();
+    let day =
+        |ms: i64| tagstore::columns::time::format_day((ms + SHANGHAI_MS).div_euclid(DAY_MS) as i32);
+    assert_eq!(
+        values,
+        vec![
+            ("age".to_string(), Some(field_value::Value::IntValue(30))),
+            (
+                "bought_skincare".into(),
+                Some(field_value::Value::Recent(RecentDays {
+                    dates: vec![
+                        day(midnight),
+                        day(midnight - DAY_MS),
+                        day(midnight - 2 * DAY_MS)
+                    ]
+                }))
+            ),
+            (
+                "lifecycle".into(),
+                Some(field_value::Value::EnumValue("active".into()))
+            ),
+            (
+                "total_spend".into(),
+                Some(field_value::Value::IntValue(600_000))
+            ),
+        ]
+    );
+
+    // Clearing values.
+    c.set_values(SetValuesRequest {
+        writes: vec![
+            ValueWrite {
+                field: "lifecycle".into(),
+                customer: "u1".into(),
+                value: Some(Value::Clear(true)),
+            },
+            ValueWrite {
+                field: "age".into(),
+                customer: "u1".into(),
+                value: Some(Value::Clear(true)),
+            },
+        ],
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&mut c, "lifecycle = active").await, 1);
+    assert_eq!(count(&mut c, "age IS NULL").await, 2);
+
+    // Everything survives a restart (clean: the final checkpoint writes the fields).
+    drop(c);
+    let mut server = server;
+    server.stop().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let fields = c
+        .list_fields(ListFieldsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .fields;
+    let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["age", "bought_skincare", "lifecycle", "total_spend"]
+    );
+    assert_eq!(fields[0].customers_with_value, 2);
+    assert_eq!(count(&mut c, "total_spend >= 500000").await, 3);
+    assert_eq!(
+        count(&mut c, "COUNT(bought_skincare WITHIN 7d) >= 3").await,
+        1
+    );
+    assert_eq!(count(&mut c, "lifecycle = active").await, 1);
+    c.drop_field(DropFieldRequest { name: "age".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.drop_field(DropFieldRequest { name: "age".into() }).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.count(CountRequest {
+                queries: vec!["age > 1".into()]
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+}
+
+/// Many clients set the same customers' lifecycle at once: afterwards every
+/// customer has at most one value, and the values account for every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enumerated_values_stay_exclusive_under_concurrent_writers() {
+    const VALUES: &[&str] = &["prospect", "new", "active", "loyal", "churned"];
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &["--checkpoint-wal-mb", "1"]);
+    let mut c = common::client(&server).await;
+    create(&mut c, "lifecycle", FieldKind::Enum, VALUES).await;
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let mut c = common::client(&server).await;
+        tasks.push(tokio::spawn(async move {
+            let mut x = w * 7919 + 1;
+            for _ in 0..60 {
+                let mut writes = Vec::new();
+                for _ in 0..50 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let customer = format!("c{}", (x >> 33) % 300);
+                    let v = VALUES[((x >> 20) % VALUES.len() as u64) as usize];
+                    writes.push(if (x >> 40) % 10 == 0 {
+                        ValueWrite {
+                            field: "lifecycle".into(),
+                            customer,
+                            value: Some(Value::Clear(true)),
+                        }
+                    } else {
+                        en("lifecycle", &customer, v)
+                    });
+                }
+                c.set_values(SetValuesRequest { writes }).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let queries: Vec<String> = VALUES.iter().map(|v| format!("lifecycle = {v}")).collect();
+    let o = c
+        .overlap(OverlapRequest {
+            queries: queries.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let n = VALUES.len();
+    for (i, a) in VALUES.iter().enumerate() {
+        for (j, b) in VALUES.iter().enumerate() {
+            if i != j {
+                assert_eq!(o.counts[i * n + j], 0, "{a} and {b}");
+            }
+        }
+    }
+    let with = count(&mut c, "lifecycle IS NOT NULL").await;
+    let sum: u64 = (0..n).map(|i| o.counts[i * n + i]).sum();
+    assert_eq!(sum, with);
+    assert!(with > 0);
+    // Each customer's profile shows the one value its bitmaps say.
+    for k in 0..300 {
+        let key = format!("c{k}");
+        let Ok(p) = c
+            .profile(ProfileRequest {
+                customer: key.clone(),
+                recent_days: 0,
+            })
+            .await
+        else {
+            continue;
+        };
+        let stage = p
+            .into_inner()
+            .values
+            .into_iter()
+            .find(|v| v.field == "lifecycle");
+        if let Some(FieldValue {
+            value: Some(field_value::Value::EnumValue(v)),
+            ..
+        }) = stage
+        {
+            assert!(VALUES.contains(&v.as_str()));
+        }
+    }
+}
