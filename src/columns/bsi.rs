@@ -44,6 +44,11 @@ fn beyond(slices: &Slices, c: u64) -> bool {
     slices.len() < 64 && c >> slices.len() != 0
 }
 
+/// Bits of `c` below bit `k`.
+fn low_bits(c: u64, k: usize) -> u64 {
+    if k >= 64 { c } else { c & ((1u64 << k) - 1) }
+}
+
 /// Members of `within` whose value is ≤ `c`.
 pub fn le(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
     if beyond(slices, c) {
@@ -53,6 +58,10 @@ pub fn le(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
     let mut lt = RoaringBitmap::new();
     for k in (0..slices.len()).rev() {
         if eq.is_empty() {
+            break;
+        }
+        // The rest of `c` is all ones: every candidate left is ≤ c.
+        if low_bits(!c, k + 1) == 0 {
             break;
         }
         match (bit(c, k), slices[k]) {
@@ -83,6 +92,10 @@ pub fn ge(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
         if eq.is_empty() {
             break;
         }
+        // The rest of `c` is all zeros: every candidate left is ≥ c.
+        if low_bits(c, k + 1) == 0 {
+            break;
+        }
         match (bit(c, k), slices[k]) {
             (false, Some(s)) => {
                 gt |= &eq & s;
@@ -97,10 +110,33 @@ pub fn ge(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
     gt
 }
 
+/// Members of `within` whose value is exactly `c`: one operation per slice.
+pub fn eq(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
+    if beyond(slices, c) {
+        return RoaringBitmap::new();
+    }
+    let mut eq = within;
+    for k in (0..slices.len()).rev() {
+        if eq.is_empty() {
+            break;
+        }
+        match (bit(c, k), slices[k]) {
+            (true, Some(s)) => eq &= s,
+            (true, None) => return RoaringBitmap::new(),
+            (false, Some(s)) => eq -= s,
+            (false, None) => {}
+        }
+    }
+    eq
+}
+
 /// Members of `within` whose value lies in `lo..=hi`.
 pub fn range(within: RoaringBitmap, slices: &Slices, lo: u64, hi: u64) -> RoaringBitmap {
     if lo > hi {
         return RoaringBitmap::new();
+    }
+    if lo == hi {
+        return eq(within, slices, lo);
     }
     let above = if lo == 0 {
         within
@@ -182,6 +218,142 @@ pub fn add_counts(counts: &mut Vec<RoaringBitmap>, day: &RoaringBitmap) {
     }
 }
 
+/// Bit-sliced day counters over one shard of ids, held as plain words while
+/// they are built: adding a day is a word-parallel ripple-carry addition (64
+/// customers per operation, skipping words the day does not touch), which
+/// beats roaring's container-by-container XOR/AND for counters that change
+/// on every day. [`DenseCounter::finish`] turns the slices back into roaring
+/// bitmaps for the comparison walk.
+pub struct DenseCounter {
+    base: u32,
+    words: usize,
+    slices: Vec<Vec<u64>>,
+    carry: Vec<u64>,
+    mask: Option<Vec<u64>>,
+}
+
+impl DenseCounter {
+    /// Counters for ids `base .. base + span` (`span` a multiple of 64);
+    /// with `mask`, only ids in it are counted.
+    pub fn new(base: u32, span: u32, mask: Option<&RoaringBitmap>) -> Self {
+        let words = span.div_ceil(64) as usize;
+        let mask = mask.map(|m| {
+            let mut w = vec![0u64; words];
+            for id in m {
+                let off = (id - base) as usize;
+                w[off >> 6] |= 1 << (off & 63);
+            }
+            w
+        });
+        Self {
+            base,
+            words,
+            slices: Vec::new(),
+            carry: vec![0; words],
+            mask,
+        }
+    }
+
+    /// Adds one to the counter of every id of `day` (all within the span).
+    pub fn add(&mut self, day: &RoaringBitmap) {
+        let (lo, hi) = match (day.min(), day.max()) {
+            (Some(a), Some(b)) => (
+                ((a - self.base) >> 6) as usize,
+                ((b - self.base) >> 6) as usize + 1,
+            ),
+            _ => return,
+        };
+        let hi = hi.min(self.words);
+        let (base, carry) = (self.base, &mut self.carry);
+        // Internal iteration (fold) runs container by container, far faster
+        // than calling next() per member.
+        day.iter().for_each(|id| {
+            let off = (id - base) as usize;
+            carry[off >> 6] |= 1 << (off & 63);
+        });
+        if day.len() < ((hi - lo) / 8) as u64 {
+            // A sparse day: ripple only the words its members touch.
+            let (base, mask) = (self.base, self.mask.as_deref());
+            let (carry, slices, words) = (&mut self.carry, &mut self.slices, self.words);
+            day.iter().for_each(|id| {
+                let w = ((id - base) >> 6) as usize;
+                let mut c = std::mem::take(&mut carry[w]);
+                if let Some(m) = mask {
+                    c &= m[w];
+                }
+                let mut j = 0;
+                while c != 0 {
+                    if j == slices.len() {
+                        slices.push(vec![0; words]);
+                    }
+                    let s = &mut slices[j][w];
+                    let next = *s & c;
+                    *s ^= c;
+                    c = next;
+                    j += 1;
+                }
+            });
+            return;
+        }
+        let carry = &mut self.carry[lo..hi];
+        if let Some(m) = &self.mask {
+            for (c, m) in carry.iter_mut().zip(&m[lo..hi]) {
+                *c &= m;
+            }
+        }
+        // Slice by slice over the touched words: plain loops the compiler
+        // vectorises; stop once no carry is left.
+        let mut j = 0;
+        loop {
+            if j == self.slices.len() {
+                self.slices.push(vec![0; self.words]);
+            }
+            let slice = &mut self.slices[j][lo..hi];
+            let mut left = 0u64;
+            for (s, c) in slice.iter_mut().zip(carry.iter_mut()) {
+                let next = *s & *c;
+                *s ^= *c;
+                *c = next;
+                left |= next;
+            }
+            if left == 0 {
+                break;
+            }
+            j += 1;
+        }
+    }
+
+    fn to_roaring(&self, words: &[u64], bytes: &mut Vec<u8>) -> RoaringBitmap {
+        bytes.clear();
+        for w in words {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        RoaringBitmap::from_lsb0_bytes(self.base, bytes)
+    }
+
+    /// The counter slices as roaring bitmaps (slice `k` = bit `k`).
+    pub fn finish(self) -> Vec<RoaringBitmap> {
+        let mut bytes = Vec::with_capacity(self.words * 8);
+        self.slices
+            .iter()
+            .map(|words| self.to_roaring(words, &mut bytes))
+            .collect()
+    }
+
+    /// [`DenseCounter::finish`], plus the ids whose counter is not zero.
+    pub fn finish_with_any(self) -> (Vec<RoaringBitmap>, RoaringBitmap) {
+        let mut any = vec![0u64; self.words];
+        for slice in &self.slices {
+            for (a, s) in any.iter_mut().zip(slice) {
+                *a |= s;
+            }
+        }
+        let mut bytes = Vec::with_capacity(self.words * 8);
+        let any = self.to_roaring(&any, &mut bytes);
+        (self.finish(), any)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +402,9 @@ mod tests {
                 values.iter().filter(|x| x.1 >= c).map(|x| x.0).collect();
             assert_eq!(le(exists.clone(), &refs, encode(c)), expect_le, "<= {c}");
             assert_eq!(ge(exists.clone(), &refs, encode(c)), expect_ge, ">= {c}");
+            let expect_eq: RoaringBitmap =
+                values.iter().filter(|x| x.1 == c).map(|x| x.0).collect();
+            assert_eq!(eq(exists.clone(), &refs, encode(c)), expect_eq, "= {c}");
             let hi = c.saturating_add(500);
             let expect: RoaringBitmap = values
                 .iter()
@@ -257,6 +432,39 @@ mod tests {
         for d in &days {
             add_counts(&mut counts, d);
         }
+        let mut dense = DenseCounter::new(0, 512, None);
+        for d in &days {
+            dense.add(d);
+        }
+        let (dense, any) = dense.finish_with_any();
+        assert_eq!(dense, counts, "dense and roaring counters agree");
+        let union = days.iter().fold(RoaringBitmap::new(), |a, d| a | d);
+        assert_eq!(any, union);
+        // Sparse days (a few members over a wide span) take the per-word path.
+        let mut wide = DenseCounter::new(0, 1 << 16, None);
+        let sparse: Vec<RoaringBitmap> = (0..20u32)
+            .map(|d| {
+                (0..5u32)
+                    .map(|i| (i * 7919 + d * 13) % 60_000)
+                    .chain([0, 65_535])
+                    .collect()
+            })
+            .collect();
+        let mut expect = Vec::new();
+        for d in &sparse {
+            wide.add(d);
+            add_counts(&mut expect, d);
+        }
+        assert_eq!(wide.finish(), expect);
+        let odd: RoaringBitmap = (0..500u32).filter(|i| i % 2 == 1).collect();
+        let mut masked = DenseCounter::new(0, 512, Some(&odd));
+        for d in &days {
+            masked.add(d);
+        }
+        let expect: Vec<RoaringBitmap> = counts.iter().map(|c| c & &odd).collect();
+        let got = masked.finish();
+        assert_eq!(got[..], expect[..got.len()]);
+        assert!(expect[got.len()..].iter().all(RoaringBitmap::is_empty));
         let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
         let all: RoaringBitmap = (0..500u32).collect();
         for n in [0u64, 1, 3, 13, 14, 30, 45, 46, 1000] {
@@ -268,6 +476,10 @@ mod tests {
                 .filter(|id| days.iter().filter(|d| d.contains(*id)).count() as u64 <= n)
                 .collect();
             assert_eq!(le(all.clone(), &refs, n), expect_le, "<= {n}");
+            let expect_eq: RoaringBitmap = (0..500u32)
+                .filter(|id| days.iter().filter(|d| d.contains(*id)).count() as u64 == n)
+                .collect();
+            assert_eq!(eq(all.clone(), &refs, n), expect_eq, "= {n}");
         }
     }
 }

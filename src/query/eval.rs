@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use roaring::RoaringBitmap;
 
 use crate::bitmap::{SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
-use crate::columns::bsi;
+use crate::columns::bsi::{self, DenseCounter};
 use crate::error::Result;
 use crate::query::parser::{Expr, parse};
 use crate::storage::Snapshot;
@@ -83,12 +83,21 @@ impl<'s> Plan<'s> {
                 owned(bsi::range(within & exists, &refs, *lo, *hi))
             }
             Plan::DayCount { days, lo, hi, .. } => {
-                let mut counts = Vec::new();
+                // Few candidates: intersect each day first and count only
+                // those; many: count whole days through a word mask.
+                let sparse = within.len() < u64::from(SHARD_SIZE / 1024);
+                let mask = (!sparse).then_some(within);
+                let mut counter = DenseCounter::new(shard_start(i), SHARD_SIZE, mask);
                 for d in days {
                     if let Some(s) = d.shard(i) {
-                        bsi::add_counts(&mut counts, &(within & s));
+                        if sparse {
+                            counter.add(&(within & s));
+                        } else {
+                            counter.add(s);
+                        }
                     }
                 }
+                let counts = counter.finish();
                 let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
                 owned(bsi::range(within.clone(), &refs, *lo, *hi))
             }
@@ -177,23 +186,26 @@ impl<'s> Plan<'s> {
     pub fn eval(&self, i: usize) -> Option<Cow<'s, RoaringBitmap>> {
         match self {
             Plan::Empty => None,
-            Plan::IntRange { slices, .. } => {
+            Plan::IntRange { slices, lo, hi } => {
                 let exists = slices.exists.shard(i)?.clone();
-                self.eval_within(i, &exists)
+                owned(bsi::range(exists, &slices.shard_slices(i), *lo, *hi))
             }
-            Plan::DayCount { days, lo, live, .. } => {
-                let within = if *lo == 0 {
-                    live.shard(i)?.clone()
-                } else {
-                    let mut any = RoaringBitmap::new();
-                    for d in days {
-                        if let Some(s) = d.shard(i) {
-                            any |= s;
-                        }
+            Plan::DayCount { days, lo, hi, live } => {
+                // Every day bucket is a subset of both candidate sets below,
+                // so the counters need no filtering.
+                let mut counter = DenseCounter::new(shard_start(i), SHARD_SIZE, None);
+                for d in days {
+                    if let Some(s) = d.shard(i) {
+                        counter.add(s);
                     }
-                    any
+                }
+                let (counts, within) = if *lo == 0 {
+                    (counter.finish(), live.shard(i)?.clone())
+                } else {
+                    counter.finish_with_any()
                 };
-                self.eval_within(i, &within)
+                let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
+                owned(bsi::range(within, &refs, *lo, *hi))
             }
             Plan::Leaf(b) => b.shard(i).map(Cow::Borrowed),
             Plan::And { pos, neg } => eval_and(pos, neg, i),
