@@ -8,6 +8,8 @@
 //! The model computes local days on its own (Shanghai is UTC+8 all year),
 //! so a mistake in the engine's calendar code shows up as a mismatch.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand::rngs::StdRng;
@@ -522,12 +524,7 @@ fn random_field_writes_match_the_model_across_restarts() {
             }
             _ => {
                 let copy = tempfile::tempdir().unwrap();
-                for entry in std::fs::read_dir(dir.path()).unwrap() {
-                    let entry = entry.unwrap();
-                    if entry.file_name() != "LOCK" {
-                        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
-                    }
-                }
+                common::copy_data_dir(dir.path(), copy.path());
                 let other = open(copy.path());
                 check(&other, &model, &mut rng);
                 drop(other);

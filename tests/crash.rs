@@ -17,20 +17,7 @@ use tagstore::proto::*;
 const TAGS: [&str; 3] = ["crash_a", "崩溃_b", "crash c"];
 
 async fn export(c: &mut Client, tag: &str) -> BTreeSet<String> {
-    let query = tagstore::names::quote_tag_name(tag);
-    let mut s = c
-        .export(ExportRequest {
-            query,
-            batch_size: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = BTreeSet::new();
-    while let Some(b) = s.message().await.unwrap() {
-        out.extend(b.customers);
-    }
-    out
+    members_of(c, &tagstore::names::quote_tag_name(tag)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,14 +280,7 @@ async fn acknowledged_field_writes_survive_kill_9() {
                 ("act", FieldKind::Behaviour, vec![]),
                 ("pad", FieldKind::Integer, vec![]),
             ] {
-                c.create_field(CreateFieldRequest {
-                    name: name.into(),
-                    kind: kind as i32,
-                    values: values.iter().map(|v| v.to_string()).collect(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                common::create_field(&mut c, name, kind, &values).await;
             }
         } else {
             let e = expected.lock().unwrap().clone();

@@ -4,6 +4,8 @@
 //! restarts (clean and abrupt), checking counts, member lists, profiles and
 //! random boolean queries after every phase.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use rand::rngs::StdRng;
@@ -332,12 +334,7 @@ fn random_operations_match_the_model_across_restarts() {
                 // Abrupt restart: leak the engine's writer without a final
                 // checkpoint by opening a copy of the directory as it is now.
                 let copy = tempfile::tempdir().unwrap();
-                for entry in std::fs::read_dir(dir.path()).unwrap() {
-                    let entry = entry.unwrap();
-                    if entry.file_name() != "LOCK" {
-                        std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
-                    }
-                }
+                common::copy_data_dir(dir.path(), copy.path());
                 let other = open(copy.path(), 16 << 10);
                 check(&other, &model, &mut rng);
                 drop(other);

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::code;
+use common::{code, count};
 use tagstore::proto::*;
 use tonic::Code;
 
@@ -19,16 +19,6 @@ fn mutation(tag: &str, add: &[&str], remove: &[&str]) -> Mutation {
         add: s(add),
         remove: s(remove),
     }
-}
-
-async fn count(c: &mut common::Client, q: &str) -> u64 {
-    c.count(CountRequest {
-        queries: vec![q.into()],
-    })
-    .await
-    .unwrap_or_else(|e| panic!("count {q}: {e}"))
-    .into_inner()
-    .counts[0]
 }
 
 async fn all_members(c: &mut common::Client, q: &str, page: u32) -> Vec<String> {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::code;
+use common::{code, count, create_field as create};
 use tagstore::proto::value_write::Value;
 use tagstore::proto::*;
 use tonic::Code;
@@ -36,27 +36,6 @@ fn event(field: &str, customer: &str, at_ms: i64) -> ValueWrite {
         customer: customer.into(),
         value: Some(Value::EventAtMs(at_ms)),
     }
-}
-
-async fn count(c: &mut common::Client, q: &str) -> u64 {
-    c.count(CountRequest {
-        queries: vec![q.into()],
-    })
-    .await
-    .unwrap_or_else(|e| panic!("count {q}: {e}"))
-    .into_inner()
-    .counts[0]
-}
-
-async fn create(c: &mut common::Client, name: &str, kind: FieldKind, values: &[&str]) {
-    c.create_field(CreateFieldRequest {
-        name: name.into(),
-        kind: kind as i32,
-        values: values.iter().map(|v| v.to_string()).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("create {name}: {e}"));
 }
 
 fn now_ms() -> i64 {

@@ -373,7 +373,7 @@ impl Parser {
             Tok::Name(name)
                 if name.eq_ignore_ascii_case("COUNT") && self.peek().0 == Tok::LParen =>
             {
-                self.count(pos)
+                self.count()
             }
             Tok::Name(name) | Tok::Quoted(name) => self.after_name(name, pos),
             Tok::End if pos == 0 => Err(syntax(0, "empty query")),
@@ -425,6 +425,19 @@ impl Parser {
         }
     }
 
+    /// `literal AND literal`, after BETWEEN.
+    fn bounds(&mut self) -> Result<(Lit, Lit)> {
+        let lo = self.literal()?;
+        let (and, at) = self.bump();
+        if and != Tok::And {
+            return Err(syntax(
+                at,
+                format!("expected AND, found {}", and.describe()),
+            ));
+        }
+        Ok((lo, self.literal()?))
+    }
+
     fn days(&mut self) -> Result<Window> {
         let (tok, pos) = self.bump();
         let days = match &tok {
@@ -453,15 +466,7 @@ impl Parser {
             self.days()
         } else if is_word(&tok, "BETWEEN") {
             self.bump();
-            let lo = self.literal()?;
-            let (and, at) = self.bump();
-            if and != Tok::And {
-                return Err(syntax(
-                    at,
-                    format!("expected AND, found {}", and.describe()),
-                ));
-            }
-            let hi = self.literal()?;
+            let (lo, hi) = self.bounds()?;
             Ok(Window::Between { lo, hi })
         } else {
             Err(syntax(
@@ -485,7 +490,7 @@ impl Parser {
     }
 
     /// `COUNT ( name window ) cmp literal`; the COUNT word is consumed.
-    fn count(&mut self, pos: usize) -> Result<Expr> {
+    fn count(&mut self) -> Result<Expr> {
         self.bump();
         let (tok, at) = self.bump();
         let field = match tok {
@@ -507,7 +512,6 @@ impl Parser {
         }
         let op = self.cmp()?;
         let value = self.literal()?;
-        let _ = pos;
         Ok(Expr::Pred {
             field,
             pos: at,
@@ -529,18 +533,8 @@ impl Parser {
             }
             t if is_word(t, "BETWEEN") => {
                 self.bump();
-                let lo = self.literal()?;
-                let (and, aat) = self.bump();
-                if and != Tok::And {
-                    return Err(syntax(
-                        aat,
-                        format!("expected AND, found {}", and.describe()),
-                    ));
-                }
-                Pred::Between {
-                    lo,
-                    hi: self.literal()?,
-                }
+                let (lo, hi) = self.bounds()?;
+                Pred::Between { lo, hi }
             }
             t if is_word(t, "WITHIN") => {
                 self.bump();

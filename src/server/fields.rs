@@ -16,6 +16,7 @@ use crate::names::check_key;
 use crate::proto;
 use crate::query::analytics::{self, MAX_OVERLAP_QUERIES};
 use crate::query::{Query, parse};
+use crate::server::service::blocking;
 use crate::server::status::{query_status, to_status};
 use crate::storage::{Engine, EventTime, Field, FieldMeta, Snapshot, ValueWrite, WriteOp};
 
@@ -60,14 +61,6 @@ fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
         }
     }
     Ok(info)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
 }
 
 fn kind_of(r: &proto::CreateFieldRequest, default_tz: &str) -> Result<FieldKind, Status> {

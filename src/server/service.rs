@@ -79,7 +79,7 @@ fn decode_cursor(c: &str) -> Result<Option<u32>, Status> {
         })
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)

@@ -34,3 +34,42 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
         Err(s) => s.code(),
     }
 }
+
+/// The count of one query; panics on an error.
+pub async fn count(c: &mut Client, q: &str) -> u64 {
+    c.count(tagstore::proto::CountRequest {
+        queries: vec![q.into()],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("count {q}: {e}"))
+    .into_inner()
+    .counts[0]
+}
+
+/// Creates a field; panics on an error.
+pub async fn create_field(
+    c: &mut Client,
+    name: &str,
+    kind: tagstore::proto::FieldKind,
+    values: &[&str],
+) {
+    c.create_field(tagstore::proto::CreateFieldRequest {
+        name: name.into(),
+        kind: kind as i32,
+        values: values.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create {name}: {e}"));
+}
+
+/// Copies a data directory (all but its `LOCK`), as it is at this moment:
+/// opening the copy is a restart without a clean shutdown.
+pub fn copy_data_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "LOCK" {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
