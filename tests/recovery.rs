@@ -237,3 +237,45 @@ fn missing_log_after_the_checkpoint_is_an_error_not_a_silent_gap() {
         .to_string();
     assert!(err.contains("log gap"), "{err}");
 }
+
+#[test]
+fn flipped_bit_in_a_field_slot_fails_the_queries_that_read_it() {
+    use tagstore::columns::FieldKind;
+    use tagstore::storage::ValueWrite;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).unwrap();
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "spend".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: FieldKind::Int,
+            if_not_exists: false,
+        })
+        .unwrap();
+    let writes = (0..2000)
+        .map(|i| ValueWrite::Int {
+            field: "spend".into(),
+            customer: format!("k{i}"),
+            value: Some(i * 3),
+        })
+        .collect();
+    engine
+        .write_blocking(WriteOp::SetValues { writes })
+        .unwrap();
+    drop(engine);
+    // No tags: the first blob after the header is the field's first slot.
+    let seg = files_with(dir.path(), ".seg").pop().unwrap();
+    flip(&seg, 16 + 30);
+    let engine = open(dir.path()).unwrap();
+    assert_eq!(
+        count(&engine, "ALL").unwrap(),
+        2000,
+        "other data still serves"
+    );
+    let err = count(&engine, "spend >= 0").unwrap_err().to_string();
+    assert!(
+        err.contains("checksum mismatch") && err.contains("FieldSlot") && err.contains("offset 16"),
+        "{err}"
+    );
+}
