@@ -319,3 +319,63 @@ fn interactive_session_in_a_pseudo_terminal() {
     let history = std::fs::read_to_string(dir.path().join("history")).unwrap();
     assert!(history.contains("count nope"), "history is kept: {history}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn field_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+    assert_eq!(
+        ok(a, "create field total_spend integer").trim(),
+        "created integer field total_spend"
+    );
+    assert_eq!(
+        ok(a, "create field lifecycle enum new,active,churned").trim(),
+        "created enumerated field lifecycle"
+    );
+    assert_eq!(
+        ok(a, "create field bought behaviour retention 90 daily 30").trim(),
+        "created behaviour field bought"
+    );
+    assert!(fails(a, "create field x enum").contains("enum needs its values"));
+    let fields = ok(a, "fields");
+    assert!(
+        fields.contains("lifecycle    enumerated") && fields.contains("Asia/Shanghai, kept 90 days (30 by day)"),
+        "{fields}"
+    );
+    assert_eq!(ok(a, "set total_spend u1 600000").trim(), "1 set, 0 cleared, 0 new behaviour days, 1 new customers");
+    ok(a, "set total_spend u2 100");
+    ok(a, "set lifecycle u1 active");
+    ok(a, "set lifecycle u2 new");
+    assert!(fails(a, "set total_spend u1 lots").contains("not an integer"));
+    assert!(fails(a, "set lifecycle u1 vip").contains("not a value"));
+    assert!(ok(a, "event bought u1").contains("1 new behaviour days"));
+    ok(a, "create tag 高价值用户");
+    ok(a, "add 高价值用户 u1");
+    assert!(fails(a, "add lifecycle u1").contains("lifecycle"));
+    assert!(ok(a, "count total_spend >= 500000 AND lifecycle = active AND bought WITHIN 7d").starts_with("1  ("));
+    // A query error in a field predicate shows the caret under the operator.
+    let err = fails(a, "count lifecycle >= new");
+    assert!(err.contains("position 10"), "{err}");
+    let agg = ok(a, "aggregate total_spend edges 1000 over ALL");
+    assert!(
+        agg.contains("600100") && agg.contains("< 1000") && agg.contains(">= 1000"),
+        "{agg}"
+    );
+    let b = ok(a, "breakdown lifecycle over ALL");
+    assert!(b.contains("active") && b.contains("50.0%") && b.contains("(audience 2)"), "{b}");
+    let top = ok(a, "top 3 lifecycle = active");
+    assert!(top.contains("高价值用户") && top.contains("2.00×"), "{top}");
+    let o = ok(a, "overlap lifecycle = active ; total_spend > 0");
+    assert!(o.contains("#1 lifecycle = active") && o.contains("#2 total_spend > 0"), "{o}");
+    let err = fails(a, "overlap ALL ; nope");
+    assert!(err.contains("unknown tag"), "{err}");
+    let p = ok(a, "profile u1");
+    assert!(p.contains("total_spend") && p.contains("600000") && p.contains("active"), "{p}");
+    let out = shell(a, &["--json", "-c", "aggregate total_spend over ALL"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sum"], "600100");
+    assert_eq!(ok(a, "clear lifecycle u1").trim(), "0 set, 1 cleared, 0 new behaviour days");
+    assert_eq!(ok(a, "drop field lifecycle --yes").trim(), "dropped field lifecycle");
+    assert!(fails(a, "count lifecycle = new").contains("unknown tag or field"));
+}

@@ -44,11 +44,72 @@ pub enum Command {
         keys: Vec<String>,
         yes: bool,
     },
+    Fields,
+    CreateField {
+        name: String,
+        kind: FieldKindArg,
+        category: String,
+        description: String,
+    },
+    DropField {
+        name: String,
+        yes: bool,
+    },
+    /// `set <field> <key> <value>`: the session picks integer or enumerated
+    /// from the field's kind.
+    SetValue {
+        field: String,
+        key: String,
+        value: String,
+    },
+    ClearValue {
+        field: String,
+        key: String,
+    },
+    /// A behaviour event now, or on a local date.
+    Event {
+        field: String,
+        key: String,
+        date: Option<String>,
+    },
+    Aggregate {
+        field: String,
+        edges: Vec<i64>,
+        query: String,
+    },
+    Breakdown {
+        by: BreakdownBy,
+        query: String,
+    },
+    Top {
+        k: u32,
+        query: String,
+    },
+    Overlap(Vec<String>),
     Stats,
     Checkpoint,
     Help(Option<String>),
     Timing(Option<bool>),
     Quit,
+}
+
+/// The kind given to `create field`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldKindArg {
+    Integer,
+    Enum(Vec<String>),
+    Behaviour {
+        retention_days: u32,
+        daily_days: u32,
+        time_zone: String,
+    },
+}
+
+/// What a breakdown counts by.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BreakdownBy {
+    Field(String),
+    Category(String),
 }
 
 /// A command's name, usage and description, for `help`.
@@ -109,9 +170,15 @@ pub const DOCS: &[Doc] = &[
         example: "create tag 高价值用户 category 价值 description \"spent over ¥5,000\"",
     },
     Doc {
+        name: "create field",
+        usage: "create field <name> integer | enum <v1,v2,...> | behaviour [retention N] [daily N] [zone Z]",
+        summary: "create an integer, enumerated or behaviour field (retention and daily in days)",
+        example: "create field lifecycle enum prospect,new,active,loyal,churned",
+    },
+    Doc {
         name: "drop",
-        usage: "drop tag <name> [--yes]",
-        summary: "drop a tag and its members (asks first)",
+        usage: "drop tag|field <name> [--yes]",
+        summary: "drop a tag or a field and its data (asks first)",
         example: "drop tag 潜在流失",
     },
     Doc {
@@ -137,6 +204,54 @@ pub const DOCS: &[Doc] = &[
         usage: "delete customers <key>... [--yes]",
         summary: "erase customers from every tag and forget their keys (asks first)",
         example: "delete customers phone:13800001111",
+    },
+    Doc {
+        name: "fields",
+        usage: "fields",
+        summary: "every field (integer, enumerated, behaviour) with its definition",
+        example: "fields",
+    },
+    Doc {
+        name: "set",
+        usage: "set <field> <key> <value>",
+        summary: "set a customer's integer or enumerated value",
+        example: "set total_spend jd:pin_7781 620000",
+    },
+    Doc {
+        name: "clear",
+        usage: "clear <field> <key>",
+        summary: "remove a customer's integer or enumerated value",
+        example: "clear lifecycle jd:pin_7781",
+    },
+    Doc {
+        name: "event",
+        usage: "event <field> <key> [YYYY-MM-DD]",
+        summary: "record a behaviour now, or on a local date",
+        example: "event bought_skincare jd:pin_7781 2026-11-20",
+    },
+    Doc {
+        name: "aggregate",
+        usage: "aggregate <field> [edges a,b,...] over <query>",
+        summary: "sum, min, max, mean (and a histogram) of an integer field over an audience",
+        example: "aggregate total_spend edges 100000,500000 over 高价值用户",
+    },
+    Doc {
+        name: "breakdown",
+        usage: "breakdown <field> over <query> | breakdown category <c> over <query>",
+        summary: "an audience counted per enumerated value, or per tag of a category",
+        example: "breakdown lifecycle over bought_skincare WITHIN 30d",
+    },
+    Doc {
+        name: "top",
+        usage: "top [N] <query>",
+        summary: "the N tags (default 10) most over-represented in an audience",
+        example: "top 5 COUNT(bought_skincare WITHIN 90d) >= 3",
+    },
+    Doc {
+        name: "overlap",
+        usage: "overlap <query> ; <query> ; ...",
+        summary: "pairwise overlaps of up to 20 audiences, as a matrix",
+        example: "overlap 高价值用户 ; 社交活跃 ; lifecycle = active",
     },
     Doc {
         name: "stats",
@@ -180,11 +295,21 @@ pub const COMMAND_WORDS: &[&str] = &[
     "tags",
     "tag",
     "create tag",
+    "create field",
     "drop tag",
+    "drop field",
     "add",
     "remove",
     "import",
     "delete customers",
+    "fields",
+    "set",
+    "clear",
+    "event",
+    "aggregate",
+    "breakdown",
+    "top",
+    "overlap",
     "stats",
     "checkpoint",
     "help",
@@ -196,7 +321,18 @@ pub const COMMAND_WORDS: &[&str] = &[
 pub fn takes_tags(first_word: &str) -> bool {
     matches!(
         first_word.to_ascii_lowercase().as_str(),
-        "count" | "find" | "export" | "tag" | "drop" | "add" | "remove" | "import"
+        "count"
+            | "find"
+            | "export"
+            | "tag"
+            | "drop"
+            | "add"
+            | "remove"
+            | "import"
+            | "aggregate"
+            | "breakdown"
+            | "top"
+            | "overlap"
     )
 }
 
@@ -334,6 +470,9 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             let [kw, name, opts @ ..] = args.as_slice() else {
                 return Err(usage.into());
             };
+            if kw.eq_ignore_ascii_case("field") {
+                return parse_create_field(name, opts).map(Some);
+            }
             if !kw.eq_ignore_ascii_case("tag") {
                 return Err(usage.into());
             }
@@ -361,7 +500,11 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                     name: name.clone(),
                     yes,
                 },
-                _ => return Err("usage: drop tag <name> [--yes]".into()),
+                [kw, name] if kw.eq_ignore_ascii_case("field") => Command::DropField {
+                    name: name.clone(),
+                    yes,
+                },
+                _ => return Err("usage: drop tag|field <name> [--yes]".into()),
             }
         }
         "add" | "remove" => {
@@ -418,6 +561,99 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                 _ => return Err("usage: delete customers <key>... [--yes]".into()),
             }
         }
+        "fields" => Command::Fields,
+        "set" => match split_args(rest)?.as_slice() {
+            [field, key, value] => Command::SetValue {
+                field: field.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            },
+            _ => return Err("usage: set <field> <key> <value>".into()),
+        },
+        "clear" => match split_args(rest)?.as_slice() {
+            [field, key] => Command::ClearValue {
+                field: field.clone(),
+                key: key.clone(),
+            },
+            _ => return Err("usage: clear <field> <key>".into()),
+        },
+        "event" => match split_args(rest)?.as_slice() {
+            [field, key] => Command::Event {
+                field: field.clone(),
+                key: key.clone(),
+                date: None,
+            },
+            [field, key, date] => Command::Event {
+                field: field.clone(),
+                key: key.clone(),
+                date: Some(date.clone()),
+            },
+            _ => return Err("usage: event <field> <key> [YYYY-MM-DD]".into()),
+        },
+        "aggregate" => {
+            let usage = "usage: aggregate <field> [edges a,b,...] over <query>";
+            let (head, query) = split_over(rest).ok_or(usage)?;
+            let head = split_args(head)?;
+            let (field, edges) = match head.as_slice() {
+                [field] => (field.clone(), Vec::new()),
+                [field, kw, list] if kw.eq_ignore_ascii_case("edges") => {
+                    let edges = list
+                        .split(',')
+                        .map(|e| {
+                            e.trim()
+                                .parse::<i64>()
+                                .map_err(|_| format!("bad edge {e:?}: edges are integers"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (field.clone(), edges)
+                }
+                _ => return Err(usage.into()),
+            };
+            Command::Aggregate {
+                field,
+                edges,
+                query: query.into(),
+            }
+        }
+        "breakdown" => {
+            let usage = "usage: breakdown <field> over <query> | breakdown category <c> over <query>";
+            let (head, query) = split_over(rest).ok_or(usage)?;
+            let by = match split_args(head)?.as_slice() {
+                [field] => BreakdownBy::Field(field.clone()),
+                [kw, c] if kw.eq_ignore_ascii_case("category") => BreakdownBy::Category(c.clone()),
+                _ => return Err(usage.into()),
+            };
+            Command::Breakdown {
+                by,
+                query: query.into(),
+            }
+        }
+        "top" => {
+            need(rest, "a query", "top [N] <query>")?;
+            let (n, q) = first_word(rest);
+            match n.parse::<u32>() {
+                Ok(k) if !q.is_empty() => {
+                    if k == 0 || k > 1000 {
+                        return Err("N must be 1 to 1000".into());
+                    }
+                    Command::Top {
+                        k,
+                        query: q.into(),
+                    }
+                }
+                _ => Command::Top {
+                    k: 10,
+                    query: rest.into(),
+                },
+            }
+        }
+        "overlap" => {
+            let queries = split_queries(rest);
+            if queries.is_empty() || queries.len() > 20 {
+                return Err("usage: overlap <query> ; <query> ; ... (1 to 20 queries)".into());
+            }
+            Command::Overlap(queries)
+        }
         "stats" => Command::Stats,
         "checkpoint" => Command::Checkpoint,
         "help" | "\\?" | "?" => Command::Help((!rest.is_empty()).then(|| rest.to_string())),
@@ -435,6 +671,93 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         }
     };
     Ok(Some(cmd))
+}
+
+fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
+    let usage = "usage: create field <name> integer | enum <v1,v2,...> | behaviour [retention N] [daily N] [zone Z] [category <c>] [description <d>]";
+    let (kind_word, rest) = opts.split_first().ok_or(usage)?;
+    let mut rest = rest.iter();
+    let mut kind = match kind_word.to_ascii_lowercase().as_str() {
+        "integer" | "int" => FieldKindArg::Integer,
+        "enum" | "enumerated" => {
+            let list = rest.next().ok_or("enum needs its values: enum a,b,c")?;
+            FieldKindArg::Enum(
+                list.split(',')
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .collect(),
+            )
+        }
+        "behaviour" | "behavior" => FieldKindArg::Behaviour {
+            retention_days: 0,
+            daily_days: 0,
+            time_zone: String::new(),
+        },
+        _ => return Err(usage.into()),
+    };
+    let (mut category, mut description) = (String::new(), String::new());
+    while let Some(k) = rest.next() {
+        let v = rest.next().ok_or(usage)?;
+        let days = || {
+            v.parse::<u32>()
+                .map_err(|_| format!("bad number of days {v:?}"))
+        };
+        match (k.to_ascii_lowercase().as_str(), &mut kind) {
+            ("category", _) => category = v.clone(),
+            ("description", _) => description = v.clone(),
+            ("retention", FieldKindArg::Behaviour { retention_days, .. }) => {
+                *retention_days = days()?
+            }
+            ("daily", FieldKindArg::Behaviour { daily_days, .. }) => *daily_days = days()?,
+            ("zone", FieldKindArg::Behaviour { time_zone, .. }) => *time_zone = v.clone(),
+            _ => return Err(format!("unknown option {k:?}; {usage}")),
+        }
+    }
+    Ok(Command::CreateField {
+        name: name.to_string(),
+        kind,
+        category,
+        description,
+    })
+}
+
+/// Splits `head over query` at the first ` over ` (case-insensitive).
+fn split_over(text: &str) -> Option<(&str, &str)> {
+    let lower = text.to_ascii_lowercase();
+    let i = lower.find(" over ")?;
+    let (head, query) = (text[..i].trim(), text[i + 6..].trim());
+    (!head.is_empty() && !query.is_empty()).then_some((head, query))
+}
+
+/// Splits at `;` outside quotes; drops empty parts.
+fn split_queries(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in text.chars() {
+        match (quote, c) {
+            (Some('"'), '\\') if !escaped => {
+                escaped = true;
+                cur.push(c);
+                continue;
+            }
+            (Some(q), c) if c == q && !escaped => quote = None,
+            (None, '"' | '\'') => quote = Some(c),
+            (None, ';') => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        escaped = false;
+        cur.push(c);
+    }
+    out.push(cur);
+    out.into_iter()
+        .map(|q| q.trim().to_string())
+        .filter(|q| !q.is_empty())
+        .collect()
 }
 
 fn take_flag(args: &mut Vec<String>, flag: &str) -> bool {
@@ -595,6 +918,96 @@ mod tests {
         assert!(parse("add t").is_err());
         assert!(parse("create tag").is_err());
         assert!(parse("profile \"unterminated").is_err());
+    }
+
+    #[test]
+    fn parses_field_commands() {
+        assert_eq!(p("fields"), Command::Fields);
+        assert_eq!(
+            p("create field lifecycle enum new,active category 阶段"),
+            Command::CreateField {
+                name: "lifecycle".into(),
+                kind: FieldKindArg::Enum(vec!["new".into(), "active".into()]),
+                category: "阶段".into(),
+                description: String::new()
+            }
+        );
+        assert_eq!(
+            p("create field seen behaviour retention 90 daily 30 zone UTC"),
+            Command::CreateField {
+                name: "seen".into(),
+                kind: FieldKindArg::Behaviour {
+                    retention_days: 90,
+                    daily_days: 30,
+                    time_zone: "UTC".into()
+                },
+                category: String::new(),
+                description: String::new()
+            }
+        );
+        assert!(parse("create field x integer retention 5").is_err());
+        assert_eq!(
+            p("drop field x --yes"),
+            Command::DropField {
+                name: "x".into(),
+                yes: true
+            }
+        );
+        assert_eq!(
+            p("set total_spend jd:1 -5"),
+            Command::SetValue {
+                field: "total_spend".into(),
+                key: "jd:1".into(),
+                value: "-5".into()
+            }
+        );
+        assert_eq!(
+            p("event bought jd:1 2026-11-20"),
+            Command::Event {
+                field: "bought".into(),
+                key: "jd:1".into(),
+                date: Some("2026-11-20".into())
+            }
+        );
+        assert_eq!(
+            p("aggregate spend edges 0,100, 500 over a OR b"),
+            Command::Aggregate {
+                field: "spend".into(),
+                edges: vec![0, 100, 500],
+                query: "a OR b".into()
+            }
+        );
+        assert!(parse("aggregate spend edges x over a").is_err());
+        assert_eq!(
+            p("breakdown category 价值 over lifecycle = active"),
+            Command::Breakdown {
+                by: BreakdownBy::Category("价值".into()),
+                query: "lifecycle = active".into()
+            }
+        );
+        assert_eq!(
+            p("top 5 a AND b"),
+            Command::Top {
+                k: 5,
+                query: "a AND b".into()
+            }
+        );
+        assert_eq!(
+            p("top 高价值用户"),
+            Command::Top {
+                k: 10,
+                query: "高价值用户".into()
+            }
+        );
+        assert_eq!(
+            p("overlap a ; \"x;y\" AND b; lifecycle IN ('a;b') ;"),
+            Command::Overlap(vec![
+                "a".into(),
+                "\"x;y\" AND b".into(),
+                "lifecycle IN ('a;b')".into()
+            ])
+        );
+        assert!(parse("overlap ;").is_err());
     }
 
     #[test]

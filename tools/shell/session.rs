@@ -15,6 +15,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::commands::{self, Command};
+
+mod fields;
 use crate::table::{self, Align, thousands};
 
 /// Keys sent per `Update` by `import`.
@@ -174,7 +176,7 @@ impl Session {
                     })
                     .await?
                     .into_inner();
-                let text = if p.tags.is_empty() {
+                let mut text = if p.tags.is_empty() {
                     format!(
                         "{} (internal id {}) carries no tags",
                         p.customer, p.internal_id
@@ -189,9 +191,32 @@ impl Session {
                         table::render(&["tag"], &[Align::Left], &rows)
                     )
                 };
+                let values: Vec<(String, String)> = p
+                    .values
+                    .iter()
+                    .map(|v| {
+                        let shown = match &v.value {
+                            Some(field_value::Value::IntValue(i)) => i.to_string(),
+                            Some(field_value::Value::EnumValue(e)) => e.clone(),
+                            Some(field_value::Value::Recent(r)) => r.dates.join(" "),
+                            None => String::new(),
+                        };
+                        (v.field.clone(), shown)
+                    })
+                    .collect();
+                if !values.is_empty() {
+                    let rows: Vec<Vec<String>> =
+                        values.iter().map(|(f, v)| vec![f.clone(), v.clone()]).collect();
+                    text.push_str(&format!(
+                        "\n{}",
+                        table::render(&["field", "value (behaviours: days in the last 30)"], &[Align::Left, Align::Left], &rows)
+                    ));
+                }
+                let value_json: serde_json::Map<String, serde_json::Value> =
+                    values.into_iter().map(|(f, v)| (f, json!(v))).collect();
                 self.out(
                     text,
-                    json!({ "customer": p.customer, "internal_id": p.internal_id, "tags": p.tags }),
+                    json!({ "customer": p.customer, "internal_id": p.internal_id, "tags": p.tags, "values": value_json }),
                 );
             }
             Command::Tags => {
@@ -374,6 +399,16 @@ impl Session {
                     json!({ "deleted": r.deleted, "lsn": r.lsn }),
                 );
             }
+            cmd @ (Command::Fields
+            | Command::CreateField { .. }
+            | Command::DropField { .. }
+            | Command::SetValue { .. }
+            | Command::ClearValue { .. }
+            | Command::Event { .. }
+            | Command::Aggregate { .. }
+            | Command::Breakdown { .. }
+            | Command::Top { .. }
+            | Command::Overlap(_)) => self.exec_field(cmd).await?,
             Command::Stats => {
                 let s = self.client.stats(StatsRequest {}).await?.into_inner();
                 let rows = vec![
