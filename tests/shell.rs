@@ -340,10 +340,14 @@ async fn field_commands() {
     assert!(fails(a, "create field x enum").contains("enum needs its values"));
     let fields = ok(a, "fields");
     assert!(
-        fields.contains("lifecycle    enumerated") && fields.contains("Asia/Shanghai, kept 90 days (30 by day)"),
+        fields.contains("lifecycle    enumerated")
+            && fields.contains("Asia/Shanghai, kept 90 days (30 by day)"),
         "{fields}"
     );
-    assert_eq!(ok(a, "set total_spend u1 600000").trim(), "1 set, 0 cleared, 0 new behaviour days, 1 new customers");
+    assert_eq!(
+        ok(a, "set total_spend u1 600000").trim(),
+        "1 set, 0 cleared, 0 new behaviour days, 1 new customers"
+    );
     ok(a, "set total_spend u2 100");
     ok(a, "set lifecycle u1 active");
     ok(a, "set lifecycle u2 new");
@@ -353,7 +357,13 @@ async fn field_commands() {
     ok(a, "create tag 高价值用户");
     ok(a, "add 高价值用户 u1");
     assert!(fails(a, "add lifecycle u1").contains("lifecycle"));
-    assert!(ok(a, "count total_spend >= 500000 AND lifecycle = active AND bought WITHIN 7d").starts_with("1  ("));
+    assert!(
+        ok(
+            a,
+            "count total_spend >= 500000 AND lifecycle = active AND bought WITHIN 7d"
+        )
+        .starts_with("1  (")
+    );
     // A query error in a field predicate shows the caret under the operator.
     let err = fails(a, "count lifecycle >= new");
     assert!(err.contains("position 10"), "{err}");
@@ -363,19 +373,34 @@ async fn field_commands() {
         "{agg}"
     );
     let b = ok(a, "breakdown lifecycle over ALL");
-    assert!(b.contains("active") && b.contains("50.0%") && b.contains("(audience 2)"), "{b}");
+    assert!(
+        b.contains("active") && b.contains("50.0%") && b.contains("(audience 2)"),
+        "{b}"
+    );
     let top = ok(a, "top 3 lifecycle = active");
     assert!(top.contains("高价值用户") && top.contains("2.00×"), "{top}");
     let o = ok(a, "overlap lifecycle = active ; total_spend > 0");
-    assert!(o.contains("#1 lifecycle = active") && o.contains("#2 total_spend > 0"), "{o}");
+    assert!(
+        o.contains("#1 lifecycle = active") && o.contains("#2 total_spend > 0"),
+        "{o}"
+    );
     let err = fails(a, "overlap ALL ; nope");
     assert!(err.contains("unknown tag"), "{err}");
     let p = ok(a, "profile u1");
-    assert!(p.contains("total_spend") && p.contains("600000") && p.contains("active"), "{p}");
+    assert!(
+        p.contains("total_spend") && p.contains("600000") && p.contains("active"),
+        "{p}"
+    );
     let out = shell(a, &["--json", "-c", "aggregate total_spend over ALL"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["sum"], "600100");
-    assert_eq!(ok(a, "clear lifecycle u1").trim(), "0 set, 1 cleared, 0 new behaviour days");
-    assert_eq!(ok(a, "drop field lifecycle --yes").trim(), "dropped field lifecycle");
+    assert_eq!(
+        ok(a, "clear lifecycle u1").trim(),
+        "0 set, 1 cleared, 0 new behaviour days"
+    );
+    assert_eq!(
+        ok(a, "drop field lifecycle --yes").trim(),
+        "dropped field lifecycle"
+    );
     assert!(fails(a, "count lifecycle = new").contains("unknown tag or field"));
 }

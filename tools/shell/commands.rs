@@ -596,8 +596,9 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             let head = split_args(head)?;
             let (field, edges) = match head.as_slice() {
                 [field] => (field.clone(), Vec::new()),
-                [field, kw, list] if kw.eq_ignore_ascii_case("edges") => {
+                [field, kw, list @ ..] if kw.eq_ignore_ascii_case("edges") && !list.is_empty() => {
                     let edges = list
+                        .concat()
                         .split(',')
                         .map(|e| {
                             e.trim()
@@ -616,7 +617,8 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             }
         }
         "breakdown" => {
-            let usage = "usage: breakdown <field> over <query> | breakdown category <c> over <query>";
+            let usage =
+                "usage: breakdown <field> over <query> | breakdown category <c> over <query>";
             let (head, query) = split_over(rest).ok_or(usage)?;
             let by = match split_args(head)?.as_slice() {
                 [field] => BreakdownBy::Field(field.clone()),
@@ -636,10 +638,7 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
                     if k == 0 || k > 1000 {
                         return Err("N must be 1 to 1000".into());
                     }
-                    Command::Top {
-                        k,
-                        query: q.into(),
-                    }
+                    Command::Top { k, query: q.into() }
                 }
                 _ => Command::Top {
                     k: 10,

@@ -205,11 +205,17 @@ impl Session {
                     })
                     .collect();
                 if !values.is_empty() {
-                    let rows: Vec<Vec<String>> =
-                        values.iter().map(|(f, v)| vec![f.clone(), v.clone()]).collect();
+                    let rows: Vec<Vec<String>> = values
+                        .iter()
+                        .map(|(f, v)| vec![f.clone(), v.clone()])
+                        .collect();
                     text.push_str(&format!(
                         "\n{}",
-                        table::render(&["field", "value (behaviours: days in the last 30)"], &[Align::Left, Align::Left], &rows)
+                        table::render(
+                            &["field", "value (behaviours: days in the last 30)"],
+                            &[Align::Left, Align::Left],
+                            &rows
+                        )
                     ));
                 }
                 let value_json: serde_json::Map<String, serde_json::Value> =

@@ -39,7 +39,12 @@ impl Session {
             .set_values(SetValuesRequest { writes })
             .await?
             .into_inner();
-        let text = match (r.values_set, r.values_cleared, r.events_added, r.events_expired) {
+        let text = match (
+            r.values_set,
+            r.values_cleared,
+            r.events_added,
+            r.events_expired,
+        ) {
             (_, _, 0, 1) => "the event is older than the field's retention: not stored".to_string(),
             (0, 0, 0, 0) => "nothing changed".to_string(),
             (s, c, e, _) => format!(
@@ -85,12 +90,7 @@ impl Session {
                             Ok(FieldKind::Behaviour) => String::new(),
                             _ => thousands(f.customers_with_value),
                         };
-                        vec![
-                            f.name.clone(),
-                            kind_name(f.kind).into(),
-                            with,
-                            detail,
-                        ]
+                        vec![f.name.clone(), kind_name(f.kind).into(), with, detail]
                     })
                     .collect();
                 let value: Vec<_> = fields
@@ -162,7 +162,9 @@ impl Session {
             Command::SetValue { field, key, value } => {
                 let v = match self.field_kind(&field).await? {
                     FieldKind::Integer => Value::IntValue(value.parse().map_err(|_| {
-                        Failure::Local(format!("{field:?} is an integer field; {value:?} is not an integer"))
+                        Failure::Local(format!(
+                            "{field:?} is an integer field; {value:?} is not an integer"
+                        ))
                     })?),
                     FieldKind::Enum => Value::EnumValue(value),
                     _ => {
@@ -271,7 +273,11 @@ impl Session {
                     .map(|r| vec![r.label.clone(), thousands(r.count), share(r.count)])
                     .collect();
                 if b.no_value > 0 {
-                    rows.push(vec!["(no value)".into(), thousands(b.no_value), share(b.no_value)]);
+                    rows.push(vec![
+                        "(no value)".into(),
+                        thousands(b.no_value),
+                        share(b.no_value),
+                    ]);
                 }
                 let value: Vec<_> = b
                     .rows
