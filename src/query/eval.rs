@@ -230,6 +230,35 @@ impl<'s> Plan<'s> {
 
     /// The number of members in shard `i`, fusing the last operation.
     pub fn count(&self, i: usize) -> u64 {
+        // Two stored bitmaps: one fused CRoaring count (vectorised containers).
+        match self {
+            Plan::And { pos, neg } => match (pos.as_slice(), neg.as_slice()) {
+                ([Plan::Leaf(a), Plan::Leaf(b)], []) => {
+                    return match (a.fast_shard(i), b.fast_shard(i)) {
+                        (Some(x), Some(y)) => x.and_cardinality(y),
+                        _ => 0,
+                    };
+                }
+                ([Plan::Leaf(a)], [Plan::Leaf(b)]) => {
+                    return match (a.fast_shard(i), b.fast_shard(i)) {
+                        (Some(x), Some(y)) => x.andnot_cardinality(y),
+                        (Some(x), None) => x.cardinality(),
+                        _ => 0,
+                    };
+                }
+                _ => {}
+            },
+            Plan::Or(items) => {
+                if let [Plan::Leaf(a), Plan::Leaf(b)] = items.as_slice() {
+                    return match (a.fast_shard(i), b.fast_shard(i)) {
+                        (Some(x), Some(y)) => x.or_cardinality(y),
+                        (Some(x), None) | (None, Some(x)) => x.cardinality(),
+                        (None, None) => 0,
+                    };
+                }
+            }
+            _ => {}
+        }
         match self {
             Plan::Empty => 0,
             Plan::IntRange { .. } | Plan::DayCount { .. } => self.eval(i).map_or(0, |b| b.len()),
@@ -561,6 +590,11 @@ mod tests {
                 .fold(f(xs[0]).clone(), |acc, x| acc & f(x))
         };
         for (q, expect) in [
+            ("a AND b", and(&["a", "b"]).len()),
+            ("s AND m", and(&["s", "m"]).len()),
+            ("a AND NOT s", (f("a") - f("s")).len()),
+            ("s AND NOT a", (f("s") - f("a")).len()),
+            ("a OR s", (f("a") | f("s")).len()),
             ("a AND b AND c AND d", and(&["a", "b", "c", "d"]).len()),
             (
                 "a AND b AND c AND d AND e",
