@@ -385,6 +385,19 @@ async fn fields_over_grpc() {
         })
         .await;
     assert_eq!(code(too_many), Code::InvalidArgument);
+    let bad = c
+        .overlap(OverlapRequest {
+            queries: vec!["ALL".into(), "lifecycle >= new".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad.metadata()
+            .get("tagstore-error-query")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
 
     // Profile values.
     let p = c
