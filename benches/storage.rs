@@ -2,11 +2,13 @@
 //! write and lazy load, and dictionary look-ups both ways.
 //! Run: `cargo bench --bench storage`.
 
+use std::sync::Arc;
+
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tagstore::bitmap::ShardedBitmap;
-use tagstore::storage::dictionary::{DictLayer, encode_section};
+use tagstore::storage::dictionary::{DictLayer, Dictionary, encode_section};
 use tagstore::storage::record::{Batch, Change, ChangeOp};
 use tagstore::storage::segment::{BlobKind, Segment, SegmentWriter};
 use tagstore::storage::wal::{WalWriter, frame};
@@ -123,6 +125,33 @@ fn dictionary(c: &mut Criterion) {
     });
     g.bench_function("id -> key, random", |b| {
         b.iter(|| layer.key_of(rng.random_range(0..n)).unwrap().map(str::len))
+    });
+    // A request's worth of keys (fresh ones each time, so that they are not
+    // in the cache): one look-up after another, or overlapped.
+    let dict = Dictionary::new(vec![Arc::new(layer)], n);
+    let mut batch = || -> Vec<&str> {
+        (0..1000)
+            .map(|_| keys[rng.random_range(0..n as usize)].as_str())
+            .collect()
+    };
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("1000 random keys -> ids, one by one", |b| {
+        b.iter_batched(
+            &mut batch,
+            |ks| {
+                ks.iter()
+                    .map(|k| dict.lookup(k).unwrap())
+                    .collect::<Vec<_>>()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("1000 random keys -> ids, lookup_many", |b| {
+        b.iter_batched(
+            &mut batch,
+            |ks| dict.lookup_many(&ks).unwrap(),
+            BatchSize::SmallInput,
+        )
     });
     g.finish();
 }

@@ -187,6 +187,12 @@ impl ShardedBitmap {
         let mut added = 0;
         for (i, part) in split_by_shard(other) {
             let shard = self.shard_mut(i);
+            if few(&part, shard) {
+                // A handful of ids: inserting each in place beats a union,
+                // which rebuilds every array container it touches.
+                added += part.iter().map(|id| shard.insert(id) as u64).sum::<u64>();
+                continue;
+            }
             let before = shard.len();
             *shard |= part;
             added += shard.len() - before;
@@ -199,13 +205,24 @@ impl ShardedBitmap {
     pub fn difference_with(&mut self, other: &RoaringBitmap) -> u64 {
         let mut removed = 0;
         for (i, part) in split_by_shard(other) {
-            if self.shard(i).is_none_or(|b| b.is_disjoint(&part)) {
+            let Some(current) = self.shard(i) else {
                 continue;
+            };
+            if few(&part, current) {
+                if !part.iter().any(|id| current.contains(id)) {
+                    continue;
+                }
+                let shard = self.shard_mut(i);
+                removed += part.iter().map(|id| shard.remove(id) as u64).sum::<u64>();
+            } else {
+                if current.is_disjoint(&part) {
+                    continue;
+                }
+                let shard = self.shard_mut(i);
+                let before = shard.len();
+                *shard -= part;
+                removed += before - shard.len();
             }
-            let shard = self.shard_mut(i);
-            let before = shard.len();
-            *shard -= part;
-            removed += before - shard.len();
             self.tidy(i);
         }
         self.len -= removed;
@@ -286,6 +303,12 @@ impl ShardedBitmap {
     pub fn serialized_size(&self) -> usize {
         self.shards().map(|(_, b)| b.serialized_size()).sum()
     }
+}
+
+/// True when `part` is small enough next to `shard` that changing ids one by
+/// one is cheaper than a set operation over whole containers.
+fn few(part: &RoaringBitmap, shard: &RoaringBitmap) -> bool {
+    part.len() <= 64 || part.len().saturating_mul(32) <= shard.len()
 }
 
 /// Splits a flat bitmap into per-shard bitmaps, in shard order.

@@ -22,6 +22,8 @@ use crate::storage::segment::{BlobKind, Entry, Segment};
 
 /// Bytes of the section header.
 const SECTION_HEADER_LEN: usize = 32;
+/// Keys whose look-ups [`Dictionary::lookup_many`] overlaps.
+const LOOKUP_GROUP: usize = 32;
 /// log2 of the page size that per-page checksums cover.
 const PAGE_SHIFT: u32 = 16;
 
@@ -95,6 +97,23 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
     out[..SECTION_HEADER_LEN].copy_from_slice(&header);
     out[SECTION_HEADER_LEN..body_at].copy_from_slice(&page_crcs);
     out
+}
+
+/// Asks the CPU to start loading the cache line holding `bytes[at]`; a hint
+/// only (nothing happens past the end, or off x86-64).
+#[inline(always)]
+fn prefetch(bytes: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < bytes.len() {
+        // SAFETY: `at` is within `bytes`; a prefetch reads nothing the
+        // program can see and cannot fault.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(at) as *const i8);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (bytes, at);
 }
 
 /// One dictionary section, read in place from a mapped segment. Opening it
@@ -307,6 +326,87 @@ impl DictLayer {
         Ok(None)
     }
 
+    /// Starts loading the hash slots where `group`'s keys begin their probe
+    /// (see [`DictLayer::find_group`]).
+    fn prefetch_slots(&self, hashes: &[u64], group: &[usize]) {
+        if self.count == 0 {
+            return;
+        }
+        let body = self.body();
+        let mask = self.slot_count - 1;
+        for &k in group {
+            prefetch(body, self.slots_at + (hashes[k] as usize & mask) * 8);
+        }
+    }
+
+    /// Looks up a small group of keys at once: `group` holds indexes into
+    /// `keys` and `hashes` (FNV-1a); those found get their id in `out`, the
+    /// others go to `left`. The group's hash slots are read first (after
+    /// [`DictLayer::prefetch_slots`]), then its key offsets and ids are
+    /// prefetched, then its key bytes, so the cache misses of the group
+    /// overlap instead of running one after another (a look-up is four
+    /// dependent misses into a table far larger than the cache).
+    fn find_group(
+        &self,
+        keys: &[&str],
+        hashes: &[u64],
+        group: &[usize],
+        out: &mut [Option<u32>],
+        left: &mut Vec<usize>,
+    ) -> Result<()> {
+        if self.count == 0 {
+            left.extend_from_slice(group);
+            return Ok(());
+        }
+        let body = self.body();
+        let mask = self.slot_count - 1;
+        // The first slot whose hash tag matches: index + 1, or 0 for none.
+        let mut found = [0usize; LOOKUP_GROUP];
+        for (j, &k) in group.iter().enumerate() {
+            let tag = hashes[k] >> 32;
+            let mut s = hashes[k] as usize & mask;
+            for _ in 0..self.slot_count {
+                let entry = self.u64_at(self.slots_at + s * 8)?;
+                if entry == 0 {
+                    break;
+                }
+                if entry >> 32 == tag {
+                    let index = (entry & 0xffff_ffff) as usize;
+                    if index == 0 || index > self.count {
+                        return Err(self.corrupt(self.slots_at + s * 8, "hash slot out of range"));
+                    }
+                    found[j] = index;
+                    prefetch(body, self.offsets_at + (index - 1) * 8);
+                    prefetch(body, self.ids_at + (index - 1) * 4);
+                    break;
+                }
+                s = (s + 1) & mask;
+            }
+        }
+        for &index in found.iter().take(group.len()) {
+            if index > 0 {
+                let lo = self.u64_at(self.offsets_at + (index - 1) * 8)? as usize;
+                prefetch(body, self.keys_at.saturating_add(lo));
+            }
+        }
+        for (j, &k) in group.iter().enumerate() {
+            let id = match found[j] {
+                0 => None,
+                index if self.key_bytes_at(index - 1)? == keys[k].as_bytes() => {
+                    Some(self.id_at(index - 1)?)
+                }
+                // Another key with the same 32-bit hash tag came first: the
+                // full probe sorts it out.
+                _ => self.find_hashed(keys[k], hashes[k])?,
+            };
+            match id {
+                Some(id) => out[k] = Some(id),
+                None => left.push(k),
+            }
+        }
+        Ok(())
+    }
+
     /// The id of `key` in this section.
     pub fn find(&self, key: &str) -> Result<Option<u32>> {
         self.find_hashed(key, fnv1a64(key.as_bytes()))
@@ -378,6 +478,45 @@ impl Dictionary {
             }
         }
         Ok(None)
+    }
+
+    /// [`Dictionary::lookup`] of many keys under one lock, the look-ups of
+    /// each section overlapped (see [`DictLayer::find_group`]): the same
+    /// answers, several times faster for large batches.
+    pub fn lookup_many(&self, keys: &[&str]) -> Result<Vec<Option<u32>>> {
+        let inner = self.inner.read();
+        let mut out = vec![None; keys.len()];
+        let mut pending = Vec::new();
+        for (k, key) in keys.iter().enumerate() {
+            match inner.recent_ids.get(*key) {
+                Some(&id) => out[k] = Some(id),
+                None => pending.push(k),
+            }
+        }
+        if pending.is_empty() || inner.layers.is_empty() {
+            return Ok(out);
+        }
+        let hashes: Vec<u64> = keys.iter().map(|k| fnv1a64(k.as_bytes())).collect();
+        let (mut group, mut left) = (Vec::new(), Vec::new());
+        for chunk in pending.chunks(LOOKUP_GROUP) {
+            // Every section's first slot for the group is requested at once:
+            // a key found in the oldest section does not wait for the misses
+            // in the newer ones one by one.
+            for layer in inner.layers.iter().rev() {
+                layer.prefetch_slots(&hashes, chunk);
+            }
+            group.clear();
+            group.extend_from_slice(chunk);
+            for layer in inner.layers.iter().rev() {
+                if group.is_empty() {
+                    break;
+                }
+                left.clear();
+                layer.find_group(keys, &hashes, &group, &mut out, &mut left)?;
+                std::mem::swap(&mut group, &mut left);
+            }
+        }
+        Ok(out)
     }
 
     /// The key of `id`, if it was ever assigned (and not yet erased).
@@ -521,6 +660,45 @@ mod tests {
         assert_eq!(dict.lookup("jd:pin_1").unwrap(), None);
         // The id still names its key for readers of older snapshots.
         assert_eq!(dict.key_of(20_000).unwrap().as_deref(), Some("jd:pin_1"));
+    }
+
+    #[test]
+    fn lookup_many_agrees_with_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three sections; "k:00017" is in the first and again (re-created with
+        // a new id) in the third, where the newer id must win.
+        let ranges = [(0u32, 4000u32), (4000, 9000), (9000, 9500)];
+        let mut layers = Vec::new();
+        for (no, &(lo, hi)) in ranges.iter().enumerate() {
+            let mut entries: Vec<(u32, String)> =
+                (lo..hi).map(|i| (i, format!("k:{i:05}"))).collect();
+            if no == 2 {
+                entries.push((9500, "k:00017".to_string()));
+            }
+            let section = encode_section(entries.iter().map(|(i, k)| (*i, k.as_str())));
+            let mut w = SegmentWriter::create(dir.path(), no as u64 + 1).unwrap();
+            w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
+            w.finish().unwrap();
+            layers.push(Arc::new(
+                DictLayer::open(Segment::open(dir.path(), no as u64 + 1).unwrap()).unwrap(),
+            ));
+        }
+        let dict = Dictionary::new(layers, 9501);
+        dict.insert(9501, "recent:a");
+        let mut keys: Vec<String> = (0..12_000).rev().map(|i| format!("k:{i:05}")).collect();
+        keys.extend([
+            "recent:a".to_string(),
+            "missing".to_string(),
+            "k:00017".to_string(),
+        ]);
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let many = dict.lookup_many(&refs).unwrap();
+        for (key, got) in keys.iter().zip(&many) {
+            assert_eq!(*got, dict.lookup(key).unwrap(), "{key}");
+        }
+        assert_eq!(many.iter().flatten().count(), 9500 + 2);
+        assert_eq!(dict.lookup("k:00017").unwrap(), Some(9500));
+        assert_eq!(dict.lookup_many(&[]).unwrap(), vec![]);
     }
 
     #[test]

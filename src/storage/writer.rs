@@ -458,16 +458,12 @@ impl Writer {
                 for m in &mutations {
                     let tag_id =
                         self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
-                    let mut add = RoaringBitmap::new();
-                    for key in &m.add {
-                        add.insert(ids.get_or_create(key)?);
-                    }
-                    let mut remove = RoaringBitmap::new();
-                    for key in &m.remove {
-                        if let Some(id) = ids.get(key)? {
-                            remove.insert(id);
-                        }
-                    }
+                    let mut add = ids.get_or_create_many(&m.add)?;
+                    // Sorted, the bitmap is built by appending.
+                    add.sort_unstable();
+                    let add: RoaringBitmap = add.into_iter().collect();
+                    let remove: RoaringBitmap =
+                        ids.get_many(&m.remove)?.into_iter().flatten().collect();
                     if !add.is_empty() {
                         batch.changes.push(Change {
                             tag: tag_id,
@@ -494,10 +490,8 @@ impl Writer {
                 let mut ids = IdAssigner::new(self)?;
                 let tag_id =
                     self.resolve_tag(&tag, create_missing_tag, &mut HashMap::new(), &mut batch)?;
-                let mut members = RoaringBitmap::new();
-                for key in &customers {
-                    members.insert(ids.get_or_create(key)?);
-                }
+                let members: RoaringBitmap =
+                    ids.get_or_create_many(&customers)?.into_iter().collect();
                 batch.changes.push(Change {
                     tag: tag_id,
                     op: ChangeOp::Replace,
@@ -511,11 +505,9 @@ impl Writer {
                     return Err(Error::invalid("empty delete: no customers named"));
                 }
                 let ids = IdAssigner::new(self)?;
-                for key in &customers {
-                    if let Some(id) = ids.get(key)? {
-                        batch.deletes.insert(id);
-                    }
-                }
+                batch
+                    .deletes
+                    .extend(ids.get_many(&customers)?.into_iter().flatten());
                 if batch.deletes.is_empty() {
                     return Ok(Planned::Done(WriteResult {
                         lsn: snap.lsn,
@@ -1192,10 +1184,50 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
             .filter(|&id| self.live.contains(id)))
     }
 
+    /// [`IdAssigner::get`] of many keys, with the dictionary look-ups
+    /// overlapped: the ids of live customers, in order.
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<u32>>> {
+        let mut refs = Vec::with_capacity(keys.len());
+        for key in keys {
+            check_key(key)?;
+            refs.push(key.as_str());
+        }
+        let mut ids = self.writer.state.snap.dict.lookup_many(&refs)?;
+        for (id, key) in ids.iter_mut().zip(keys) {
+            if let Some(&fresh) = self.fresh.get(key.as_str()) {
+                *id = Some(fresh);
+            } else if id.is_some_and(|id| !self.live.contains(id)) {
+                *id = None;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The ids of `keys`, new ids for keys no live customer has.
+    fn get_or_create_many(&mut self, keys: &'k [String]) -> Result<Vec<u32>> {
+        let found = self.get_many(keys)?;
+        keys.iter()
+            .zip(found)
+            .map(|(key, id)| match id {
+                Some(id) => Ok(id),
+                // A key named twice in one request is new only the first time.
+                None => match self.fresh.get(key.as_str()) {
+                    Some(&id) => Ok(id),
+                    None => self.create(key),
+                },
+            })
+            .collect()
+    }
+
     fn get_or_create(&mut self, key: &'k str) -> Result<u32> {
         if let Some(id) = self.get(key)? {
             return Ok(id);
         }
+        self.create(key)
+    }
+
+    /// A new id for `key`, which no live customer has.
+    fn create(&mut self, key: &'k str) -> Result<u32> {
         let id = self.next;
         self.next = self
             .next
