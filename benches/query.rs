@@ -1,6 +1,7 @@
 //! Query evaluation on in-memory bitmaps at 10 million customers: the fused
 //! count against building the result and counting it, and 3–5 operand
-//! expressions at dense and sparse densities. Run: `cargo bench --bench query`.
+//! expressions at dense and sparse densities, each with CRoaring (what the
+//! server runs) and with roaring-rs only. Run: `cargo bench --bench query`.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::rngs::StdRng;
@@ -74,6 +75,11 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("tagstore", q), &query, |bench, query| {
             bench.iter(|| query.count())
         });
+        g.bench_with_input(
+            BenchmarkId::new("tagstore, roaring-rs only", q),
+            &query,
+            |bench, query| bench.iter(|| query.count_roaring()),
+        );
     }
     g.finish();
 
