@@ -13,6 +13,10 @@ use tagstore::storage::Snapshot;
 const CUSTOMERS: u32 = 10_000_000;
 
 fn random_bitmap(density: f64, seed: u64) -> ShardedBitmap {
+    random_bitmap_of(CUSTOMERS, density, seed)
+}
+
+fn random_bitmap_of(customers: u32, density: f64, seed: u64) -> ShardedBitmap {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut flat = roaring::RoaringBitmap::new();
     let ln_q = (1.0 - density).ln();
@@ -20,7 +24,7 @@ fn random_bitmap(density: f64, seed: u64) -> ShardedBitmap {
     loop {
         let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
         id += 1.0 + (u.ln() / ln_q).floor();
-        if id >= CUSTOMERS as f64 {
+        if id >= customers as f64 {
             break;
         }
         flat.insert(id as u32);
@@ -81,6 +85,31 @@ fn bench(c: &mut Criterion) {
             |bench, query| bench.iter(|| query.count_roaring()),
         );
     }
+    g.finish();
+
+    // Two 0.1% tags over 100M customers: the sharded count beside one flat
+    // bitmap per tag, in both libraries (what sharding costs a sparse count).
+    let mut g = c.benchmark_group("count_100M_sparse");
+    g.sample_size(20);
+    let s1 = random_bitmap_of(100_000_000, 0.001, 11);
+    let s2 = random_bitmap_of(100_000_000, 0.001, 12);
+    let (f1, f2) = (s1.to_roaring(), s2.to_roaring());
+    let c1 = croaring::Bitmap::of(&f1.iter().collect::<Vec<_>>());
+    let c2 = croaring::Bitmap::of(&f2.iter().collect::<Vec<_>>());
+    let mut all = roaring::RoaringBitmap::new();
+    all.insert_range(0..100_000_000);
+    let snap = Snapshot::in_memory(
+        vec![("s1".into(), s1), ("s2".into(), s2)],
+        ShardedBitmap::from_roaring(&all),
+    );
+    let query = Query::compile("s1 AND s2", &snap).unwrap();
+    g.bench_function("flat roaring-rs intersection_len", |bench| {
+        bench.iter(|| f1.intersection_len(&f2))
+    });
+    g.bench_function("flat croaring and_cardinality", |bench| {
+        bench.iter(|| c1.and_cardinality(&c2))
+    });
+    g.bench_function("tagstore s1 AND s2", |bench| bench.iter(|| query.count()));
     g.finish();
 
     let mut g = c.benchmark_group("parse");

@@ -619,6 +619,14 @@ impl<'s> Query<'s> {
         (0..self.shards).map(|i| self.plan.count(i)).sum()
     }
 
+    /// The members in shards `shards` (ids `shard_start(first)..`): split
+    /// ranges of shards can be counted on several threads and summed.
+    pub fn count_shards(&self, shards: std::ops::Range<usize>) -> u64 {
+        (shards.start..shards.end.min(self.shards))
+            .map(|i| self.plan.count(i))
+            .sum()
+    }
+
     /// [`Query::count`] evaluated with roaring-rs only, never CRoaring: the
     /// same answer, for benchmarks and tests that compare the two.
     pub fn count_roaring(&self) -> u64 {
@@ -735,6 +743,11 @@ mod tests {
             let query = Query::compile(q, &snap).unwrap();
             assert_eq!(query.count(), expect, "{q}");
             assert_eq!(query.count_roaring(), expect, "{q} without CRoaring");
+            assert_eq!(
+                query.count_shards(0..1) + query.count_shards(1..usize::MAX),
+                expect,
+                "{q} in two ranges"
+            );
             let mut listed = 0;
             query.for_each_shard(|b| {
                 listed += b.len();

@@ -289,14 +289,20 @@ impl TagStore for Service {
         if let Some(counts) = count_inline(&queries, &snap, many)? {
             return Ok(Response::new(proto::CountResponse { counts }));
         }
+        let pool = tokio::runtime::Handle::current();
+        let now = crate::query::eval::now_ms();
         let counts = blocking(move || {
             queries
                 .iter()
                 .enumerate()
                 .map(|(i, q)| {
-                    Query::compile(q, &snap)
-                        .map(|q| q.count())
-                        .map_err(|e| query_status(e, many.then_some(i)))
+                    let query = Query::compile_at(q, &snap, now)
+                        .map_err(|e| query_status(e, many.then_some(i)))?;
+                    Ok(if many {
+                        query.count()
+                    } else {
+                        count_split(&query, &snap, q, now, &pool)
+                    })
                 })
                 .collect::<Result<Vec<u64>, Status>>()
         })
@@ -546,8 +552,41 @@ impl TagStore for Service {
 
 /// Queries whose bitmaps are all in memory and touch at most this many ids
 /// are counted on the async thread: handing them to the blocking pool costs
-/// two thread wake-ups, far more than the work itself.
-const INLINE_WORK: u64 = 200_000;
+/// two thread wake-ups, far more than the work itself. Larger ones go to the
+/// blocking pool, where a single query is split in two (`count_split`).
+const INLINE_WORK: u64 = 100_000;
+
+/// Counts one query whose plan touches more than [`INLINE_WORK`] ids over two
+/// threads: the upper half of its shards on another blocking-pool thread
+/// (compiled again there, at the same instant), the lower half here. On an
+/// idle server this halves the latency of a large count; on a busy one both
+/// cores are taken anyway and it costs one hand-off.
+fn count_split(
+    query: &Query,
+    snap: &Arc<Snapshot>,
+    text: &str,
+    now: i64,
+    pool: &tokio::runtime::Handle,
+) -> u64 {
+    let shards = query.shard_count();
+    if query.work() <= INLINE_WORK || shards < 2 {
+        return query.count();
+    }
+    let mid = shards / 2;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let (snap, text) = (snap.clone(), text.to_string());
+    pool.spawn_blocking(move || {
+        let upper = Query::compile_at(&text, &snap, now).map(|q| q.count_shards(mid..shards));
+        let _ = tx.send(upper);
+    });
+    let lower = query.count_shards(0..mid);
+    match rx.recv() {
+        Ok(Ok(upper)) => lower + upper,
+        // The same text compiled a moment ago on the same snapshot; should it
+        // fail, count the upper half here rather than fail the call.
+        _ => lower + query.count_shards(mid..shards),
+    }
+}
 
 /// Counts `queries` right here when that is cheap and cannot block on disk;
 /// `Ok(None)` when they belong on the blocking pool.
@@ -609,5 +648,32 @@ mod tests {
         assert_eq!(decode_cursor("").unwrap(), None);
         assert!(decode_cursor("v2.1").is_err());
         assert!(decode_cursor("v1.zz").is_err());
+    }
+
+    /// A count big enough to be split over two threads gives the same answer
+    /// as counting it in one go.
+    #[test]
+    fn a_split_count_adds_up() {
+        use crate::bitmap::{SHARD_SIZE, ShardedBitmap};
+        use roaring::RoaringBitmap;
+        let n = 3 * SHARD_SIZE;
+        let every = |k: u32| -> RoaringBitmap { (0..n).step_by(k as usize).collect() };
+        let (a, b) = (every(3), every(5));
+        let expect = (&a & &b).len();
+        let snap = Arc::new(Snapshot::in_memory(
+            vec![
+                ("a".into(), ShardedBitmap::from_roaring(&a)),
+                ("b".into(), ShardedBitmap::from_roaring(&b)),
+            ],
+            ShardedBitmap::from_roaring(&every(1)),
+        ));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let now = crate::query::eval::now_ms();
+        let query = Query::compile_at("a AND b", &snap, now).unwrap();
+        assert!(query.work() > INLINE_WORK && query.shard_count() == 3);
+        assert_eq!(
+            count_split(&query, &snap, "a AND b", now, rt.handle()),
+            expect
+        );
     }
 }
