@@ -386,31 +386,32 @@ fn fast_and<'s>(
 ) -> Option<Cow<'s, croaring::Bitmap>> {
     let (first, rest) = pos.split_first()?;
     let mut acc = first.fast_eval(i)?;
-    for p in rest {
-        let s = p.fast_eval(i)?;
-        acc = Cow::Owned(match acc {
-            Cow::Borrowed(a) => a.and(&s),
-            Cow::Owned(mut a) => {
+    let steps = rest
+        .iter()
+        .map(|p| (p, false))
+        .chain(neg.iter().map(|n| (n, true)));
+    for (p, not) in steps {
+        let Some(s) = p.fast_eval(i) else {
+            // An empty operand empties an AND and leaves an AND NOT alone.
+            if not {
+                continue;
+            }
+            return None;
+        };
+        acc = Cow::Owned(match (acc, not) {
+            (Cow::Borrowed(a), false) => a.and(&s),
+            (Cow::Borrowed(a), true) => a.andnot(&s),
+            (Cow::Owned(mut a), false) => {
                 a.and_inplace(&s);
+                a
+            }
+            (Cow::Owned(mut a), true) => {
+                a.andnot_inplace(&s);
                 a
             }
         });
         if acc.is_empty() {
             return None;
-        }
-    }
-    for n in neg {
-        if let Some(s) = n.fast_eval(i) {
-            acc = Cow::Owned(match acc {
-                Cow::Borrowed(a) => a.andnot(&s),
-                Cow::Owned(mut a) => {
-                    a.andnot_inplace(&s);
-                    a
-                }
-            });
-            if acc.is_empty() {
-                return None;
-            }
         }
     }
     Some(acc)
