@@ -134,8 +134,23 @@ impl<'s> Plan<'s> {
         }
     }
 
-    /// An upper bound of the ids evaluation touches: the sum of the leaves' sizes.
+    /// An estimate of the ids evaluation touches: the sum of the leaves'
+    /// sizes, except that an intersection of stored bitmaps costs about its
+    /// smallest operand per operand (CRoaring probes the smaller container
+    /// into the larger one, or gallops through it).
     fn work(&self) -> u64 {
+        if let Plan::And { pos, neg } = self
+            && self.stored_only()
+        {
+            let smallest = pos.iter().map(Plan::work).min().unwrap_or(0);
+            let driven = smallest.saturating_mul((pos.len() + neg.len()) as u64);
+            let total = pos
+                .iter()
+                .chain(neg)
+                .map(Plan::work)
+                .fold(0, u64::saturating_add);
+            return driven.min(total);
+        }
         match self {
             Plan::Empty => 0,
             Plan::IntRange { slices, .. } => slices
