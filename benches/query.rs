@@ -1,7 +1,7 @@
-//! Query evaluation on in-memory bitmaps at 10 million customers: the fused
-//! count against building the result and counting it, and 3–5 operand
-//! expressions at dense and sparse densities, each with CRoaring (what the
-//! server runs) and with roaring-rs only. Run: `cargo bench --bench query`.
+//! Query evaluation on in-memory bitmaps at 10 million customers: flat
+//! roaring-rs and CRoaring bitmaps (building the result and counting it, and
+//! the fused count) beside tagstore's sharded counts of 2–5 operand
+//! expressions at dense and sparse densities. Run: `cargo bench --bench query`.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::rngs::StdRng;
@@ -13,10 +13,11 @@ use tagstore::storage::Snapshot;
 const CUSTOMERS: u32 = 10_000_000;
 
 fn random_bitmap(density: f64, seed: u64) -> ShardedBitmap {
-    random_bitmap_of(CUSTOMERS, density, seed)
+    ShardedBitmap::from_roaring(&random_flat(CUSTOMERS, density, seed))
 }
 
-fn random_bitmap_of(customers: u32, density: f64, seed: u64) -> ShardedBitmap {
+/// Each id in `0..customers` with probability `density`, from `seed`.
+fn random_flat(customers: u32, density: f64, seed: u64) -> roaring::RoaringBitmap {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut flat = roaring::RoaringBitmap::new();
     let ln_q = (1.0 - density).ln();
@@ -29,7 +30,11 @@ fn random_bitmap_of(customers: u32, density: f64, seed: u64) -> ShardedBitmap {
         }
         flat.insert(id as u32);
     }
-    ShardedBitmap::from_roaring(&flat)
+    flat
+}
+
+fn to_croaring(flat: &roaring::RoaringBitmap) -> croaring::Bitmap {
+    croaring::Bitmap::of(&flat.iter().collect::<Vec<_>>())
 }
 
 fn snapshot(tags: &[(&str, f64)]) -> Snapshot {
@@ -56,13 +61,20 @@ fn bench(c: &mut Criterion) {
     ]);
     let mut g = c.benchmark_group("count_10M");
     g.sample_size(20);
-    let a = snap.tag("d1").unwrap().bitmap.get().unwrap().to_roaring();
-    let b = snap.tag("d2").unwrap().bitmap.get().unwrap().to_roaring();
-    g.bench_function("flat roaring: (a & b).len, 50%", |bench| {
+    // The same seeds as d1 and d2 above.
+    let (a, b) = (
+        random_flat(CUSTOMERS, 0.5, 1),
+        random_flat(CUSTOMERS, 0.5, 2),
+    );
+    let (ca, cb) = (to_croaring(&a), to_croaring(&b));
+    g.bench_function("flat roaring-rs: (a & b).len, 50%", |bench| {
         bench.iter(|| (&a & &b).len())
     });
-    g.bench_function("flat roaring: a.intersection_len(b), 50%", |bench| {
+    g.bench_function("flat roaring-rs: a.intersection_len(b), 50%", |bench| {
         bench.iter(|| a.intersection_len(&b))
+    });
+    g.bench_function("flat croaring: a.and_cardinality(b), 50%", |bench| {
+        bench.iter(|| ca.and_cardinality(&cb))
     });
     for q in [
         "d1 AND d2",
@@ -79,11 +91,6 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("tagstore", q), &query, |bench, query| {
             bench.iter(|| query.count())
         });
-        g.bench_with_input(
-            BenchmarkId::new("tagstore, roaring-rs only", q),
-            &query,
-            |bench, query| bench.iter(|| query.count_roaring()),
-        );
     }
     g.finish();
 
@@ -91,11 +98,13 @@ fn bench(c: &mut Criterion) {
     // bitmap per tag, in both libraries (what sharding costs a sparse count).
     let mut g = c.benchmark_group("count_100M_sparse");
     g.sample_size(20);
-    let s1 = random_bitmap_of(100_000_000, 0.001, 11);
-    let s2 = random_bitmap_of(100_000_000, 0.001, 12);
-    let (f1, f2) = (s1.to_roaring(), s2.to_roaring());
-    let c1 = croaring::Bitmap::of(&f1.iter().collect::<Vec<_>>());
-    let c2 = croaring::Bitmap::of(&f2.iter().collect::<Vec<_>>());
+    let f1 = random_flat(100_000_000, 0.001, 11);
+    let f2 = random_flat(100_000_000, 0.001, 12);
+    let (c1, c2) = (to_croaring(&f1), to_croaring(&f2));
+    let (s1, s2) = (
+        ShardedBitmap::from_roaring(&f1),
+        ShardedBitmap::from_roaring(&f2),
+    );
     let mut all = roaring::RoaringBitmap::new();
     all.insert_range(0..100_000_000);
     let snap = Snapshot::in_memory(

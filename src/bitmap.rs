@@ -1,62 +1,24 @@
 //! The sharded roaring bitmap every tag (and the set of live customers) is kept in.
 //!
 //! Customer ids are split into shards of 2^20 ids. Each shard is its own
-//! `RoaringBitmap` behind an `Arc`, so a snapshot is a cheap shallow copy and a
-//! write copies only the shards it touches (at most 128 KiB each), never a
-//! whole tag. Queries run shard by shard, which bounds the size of every
-//! intermediate result. This module owns the in-memory representation only; it
-//! knows nothing of files, snapshots or queries.
+//! CRoaring bitmap (the C library, through the `croaring` crate) behind an
+//! `Arc`, so a snapshot is a cheap shallow copy and a write copies only the
+//! shards it touches (at most 128 KiB each), never a whole tag. Queries run
+//! shard by shard, which bounds the size of every intermediate result.
 //!
-//! A shard also keeps, built on first use by a count and dropped when the
-//! shard changes, a copy in CRoaring (the C library, through the `croaring`
-//! crate): its container intersections are vectorised, 12–15× faster than
-//! roaring-rs on sparse shards and 2× on dense ones (measured here), so the
-//! fused counts of two operands use it. The copy costs about the shard's size
-//! again in memory, for shards that are counted; nothing of it is on disk.
+//! CRoaring is the only in-memory representation: its container operations
+//! are vectorised, 12–15× faster than roaring-rs on sparse shards and 2× on
+//! dense ones (measured here), and keeping a second copy for counting would
+//! double the memory of every tag that is queried. roaring-rs remains the
+//! format of id sets inside log records (`storage::record`); this module
+//! converts them at the edge. Both libraries read and write the same portable
+//! serialization. This module owns the in-memory representation only; it
+//! knows nothing of files, snapshots or queries.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
+pub use croaring::Bitmap;
 use roaring::RoaringBitmap;
-
-/// One shard: the roaring-rs bitmap every operation uses, and the CRoaring
-/// copy fused counts use, built when first asked for.
-#[derive(Debug, Default)]
-struct Shard {
-    bits: RoaringBitmap,
-    fast: OnceLock<croaring::Bitmap>,
-}
-
-impl Clone for Shard {
-    fn clone(&self) -> Self {
-        // A copy is about to be changed: its CRoaring copy would be stale.
-        Shard {
-            bits: self.bits.clone(),
-            fast: OnceLock::new(),
-        }
-    }
-}
-
-impl Shard {
-    fn new(bits: RoaringBitmap) -> Self {
-        Shard {
-            bits,
-            fast: OnceLock::new(),
-        }
-    }
-
-    /// The CRoaring copy, converted through the portable serialization both
-    /// libraries share.
-    fn fast(&self) -> &croaring::Bitmap {
-        self.fast.get_or_init(|| {
-            let mut buf = Vec::with_capacity(self.bits.serialized_size());
-            self.bits
-                .serialize_into(&mut buf)
-                .expect("serializing into memory cannot fail");
-            croaring::Bitmap::try_deserialize::<croaring::Portable>(&buf)
-                .expect("CRoaring reads the portable format roaring-rs writes")
-        })
-    }
-}
 
 /// log2 of the number of ids in a shard.
 pub const SHARD_BITS: u32 = 20;
@@ -75,10 +37,10 @@ pub fn shard_start(shard: usize) -> u32 {
     (shard as u32) << SHARD_BITS
 }
 
-/// A set of customer ids, stored as one roaring bitmap per shard.
+/// A set of customer ids, stored as one CRoaring bitmap per shard.
 #[derive(Clone, Default, Debug)]
 pub struct ShardedBitmap {
-    shards: Vec<Option<Arc<Shard>>>,
+    shards: Vec<Option<Arc<Bitmap>>>,
     len: u64,
 }
 
@@ -117,47 +79,33 @@ impl ShardedBitmap {
 
     /// The bitmap of one shard, if it has any ids.
     #[inline]
-    pub fn shard(&self, i: usize) -> Option<&RoaringBitmap> {
-        self.shards
-            .get(i)
-            .and_then(|s| s.as_deref())
-            .map(|s| &s.bits)
-    }
-
-    /// The CRoaring copy of one shard (built on first use), for fused counts.
-    #[inline]
-    pub fn fast_shard(&self, i: usize) -> Option<&croaring::Bitmap> {
-        self.shards
-            .get(i)
-            .and_then(|s| s.as_deref())
-            .map(Shard::fast)
+    pub fn shard(&self, i: usize) -> Option<&Bitmap> {
+        self.shards.get(i).and_then(|s| s.as_deref())
     }
 
     /// Non-empty shards with their numbers, in order.
-    pub fn shards(&self) -> impl Iterator<Item = (usize, &RoaringBitmap)> {
+    pub fn shards(&self) -> impl Iterator<Item = (usize, &Bitmap)> {
         self.shards
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.as_deref().map(|b| (i, &b.bits)))
+            .filter_map(|(i, s)| s.as_deref().map(|b| (i, b)))
     }
 
     pub fn contains(&self, id: u32) -> bool {
         self.shard(shard_of(id)).is_some_and(|b| b.contains(id))
     }
 
-    fn shard_mut(&mut self, i: usize) -> &mut RoaringBitmap {
+    /// Shard `i`, unshared (copied if a snapshot still holds it), to change.
+    fn shard_mut(&mut self, i: usize) -> &mut Bitmap {
         if self.shards.len() <= i {
             self.shards.resize(i + 1, None);
         }
-        let shard = Arc::make_mut(self.shards[i].get_or_insert_with(Default::default));
-        // Unshared and about to change: drop a copy made before.
-        shard.fast.take();
-        &mut shard.bits
+        Arc::make_mut(self.shards[i].get_or_insert_with(Default::default))
     }
 
     /// Drops empty shards at the end (and empties), keeping the vector short.
     fn tidy(&mut self, i: usize) {
-        if self.shards[i].as_ref().is_some_and(|b| b.bits.is_empty()) {
+        if self.shards[i].as_ref().is_some_and(|b| b.is_empty()) {
             self.shards[i] = None;
         }
         while self.shards.last().is_some_and(|s| s.is_none()) {
@@ -166,7 +114,7 @@ impl ShardedBitmap {
     }
 
     pub fn insert(&mut self, id: u32) -> bool {
-        let added = self.shard_mut(shard_of(id)).insert(id);
+        let added = self.shard_mut(shard_of(id)).add_checked(id);
         self.len += added as u64;
         added
     }
@@ -185,17 +133,33 @@ impl ShardedBitmap {
     /// Adds every id of `other`; returns how many were new.
     pub fn union_with(&mut self, other: &RoaringBitmap) -> u64 {
         let mut added = 0;
-        for (i, part) in split_by_shard(other) {
+        let mut ids = Vec::new();
+        for (i, lo, hi) in shard_spans(other) {
+            ids.clear();
+            ids.extend(other.range(lo..=hi));
             let shard = self.shard_mut(i);
-            if few(&part, shard) {
-                // A handful of ids: inserting each in place beats a union,
+            let before = shard.cardinality();
+            if few(ids.len(), shard) {
+                // A handful of ids: adding each in place beats a union,
                 // which rebuilds every array container it touches.
-                added += part.iter().map(|id| shard.insert(id) as u64).sum::<u64>();
-                continue;
+                shard.add_many(&ids);
+            } else {
+                shard.or_inplace(&Bitmap::of(&ids));
             }
-            let before = shard.len();
-            *shard |= part;
-            added += shard.len() - before;
+            added += shard.cardinality() - before;
+        }
+        self.len += added;
+        added
+    }
+
+    /// Adds every id of another sharded bitmap; returns how many were new.
+    pub fn union_sharded(&mut self, other: &ShardedBitmap) -> u64 {
+        let mut added = 0;
+        for (i, part) in other.shards() {
+            let shard = self.shard_mut(i);
+            let before = shard.cardinality();
+            shard.or_inplace(part);
+            added += shard.cardinality() - before;
         }
         self.len += added;
         added
@@ -204,25 +168,28 @@ impl ShardedBitmap {
     /// Removes every id of `other`; returns how many were present.
     pub fn difference_with(&mut self, other: &RoaringBitmap) -> u64 {
         let mut removed = 0;
-        for (i, part) in split_by_shard(other) {
+        let mut ids = Vec::new();
+        for (i, lo, hi) in shard_spans(other) {
             let Some(current) = self.shard(i) else {
                 continue;
             };
-            if few(&part, current) {
-                if !part.iter().any(|id| current.contains(id)) {
+            ids.clear();
+            ids.extend(other.range(lo..=hi));
+            let before = current.cardinality();
+            if few(ids.len(), current) {
+                // Only copy a shard a snapshot shares when something changes.
+                if !ids.iter().any(|&id| current.contains(id)) {
                     continue;
                 }
-                let shard = self.shard_mut(i);
-                removed += part.iter().map(|id| shard.remove(id) as u64).sum::<u64>();
+                self.shard_mut(i).remove_many(&ids);
             } else {
-                if current.is_disjoint(&part) {
+                let part = Bitmap::of(&ids);
+                if !current.intersect(&part) {
                     continue;
                 }
-                let shard = self.shard_mut(i);
-                let before = shard.len();
-                *shard -= part;
-                removed += before - shard.len();
+                self.shard_mut(i).andnot_inplace(&part);
             }
+            removed += before - self.shard(i).map_or(0, Bitmap::cardinality);
             self.tidy(i);
         }
         self.len -= removed;
@@ -231,56 +198,57 @@ impl ShardedBitmap {
 
     /// True when the set shares an id with `other`.
     pub fn intersects(&self, other: &RoaringBitmap) -> bool {
-        split_by_shard(other)
-            .iter()
-            .any(|(i, part)| self.shard(*i).is_some_and(|b| !b.is_disjoint(part)))
+        shard_spans(other).into_iter().any(|(i, lo, hi)| {
+            self.shard(i)
+                .is_some_and(|b| other.range(lo..=hi).any(|id| b.contains(id)))
+        })
     }
 
     /// Number of ids in both sets.
     pub fn intersection_len(&self, other: &ShardedBitmap) -> u64 {
         self.shards()
-            .filter_map(|(i, a)| other.shard(i).map(|b| a.intersection_len(b)))
+            .filter_map(|(i, a)| other.shard(i).map(|b| a.and_cardinality(b)))
             .sum()
     }
 
-    /// Builds a sharded bitmap from a flat one.
+    /// Builds a sharded bitmap from a flat roaring-rs one.
     pub fn from_roaring(bitmap: &RoaringBitmap) -> Self {
         let mut out = Self::new();
-        for (i, part) in split_by_shard(bitmap) {
-            out.set_shard(i, part);
+        let mut ids = Vec::new();
+        for (i, lo, hi) in shard_spans(bitmap) {
+            ids.clear();
+            ids.extend(bitmap.range(lo..=hi));
+            out.set_shard(i, Bitmap::of(&ids));
         }
         out
     }
 
     /// Sets one shard wholesale (used when loading from disk).
-    pub fn set_shard(&mut self, i: usize, bitmap: RoaringBitmap) {
+    pub fn set_shard(&mut self, i: usize, bitmap: Bitmap) {
         if self.shards.len() <= i {
             self.shards.resize(i + 1, None);
         }
         if let Some(old) = &self.shards[i] {
-            self.len -= old.bits.len();
+            self.len -= old.cardinality();
         }
-        self.len += bitmap.len();
+        self.len += bitmap.cardinality();
         self.shards[i] = if bitmap.is_empty() {
             None
         } else {
-            Some(Arc::new(Shard::new(bitmap)))
+            Some(Arc::new(bitmap))
         };
         self.tidy(i);
     }
 
     /// All ids as one flat bitmap.
-    pub fn to_roaring(&self) -> RoaringBitmap {
-        let mut out = RoaringBitmap::new();
-        for (_, b) in self.shards() {
-            out |= b;
-        }
-        out
+    pub fn to_flat(&self) -> Bitmap {
+        let parts: Vec<&Bitmap> = self.shards().map(|(_, b)| b).collect();
+        Bitmap::fast_or(&parts)
     }
 
     /// The highest id in the set.
     pub fn max(&self) -> Option<u32> {
-        self.shards().last().and_then(|(_, b)| b.max())
+        self.shards().last().and_then(|(_, b)| b.maximum())
     }
 
     /// Every id in ascending order.
@@ -288,49 +256,96 @@ impl ShardedBitmap {
         self.shards().flat_map(|(_, b)| b.iter())
     }
 
-    /// Bytes of the CRoaring copies built so far (held besides the bitmaps
-    /// once a shard has been counted), in their portable serialized size.
-    pub fn fast_copies_size(&self) -> usize {
-        self.shards
-            .iter()
-            .flatten()
-            .filter_map(|s| s.fast.get())
-            .map(|f| f.get_serialized_size_in_bytes::<croaring::Portable>())
+    /// Bytes of the portable serialization of all shards: an estimate of
+    /// memory use (CRoaring holds the same containers in memory).
+    pub fn serialized_size(&self) -> usize {
+        self.shards()
+            .map(|(_, b)| b.get_serialized_size_in_bytes::<croaring::Portable>())
             .sum()
     }
+}
 
-    /// Bytes of the portable serialization of all shards: an estimate of memory use.
-    pub fn serialized_size(&self) -> usize {
-        self.shards().map(|(_, b)| b.serialized_size()).sum()
+/// The bitmap whose bit `k` of `words[w]` stands for id `base + 64 w + k`
+/// (`base` a multiple of 65,536): the word-parallel counters of
+/// `columns::bsi` end here. It writes the portable serialization directly
+/// (a bitmap container per 65,536 ids holding more than 4,096, sorted
+/// 16-bit values otherwise) and lets CRoaring read it, which is a copy
+/// rather than an insertion per id. `bytes` is scratch space.
+pub fn from_words(base: u32, words: &[u64], bytes: &mut Vec<u8>) -> Bitmap {
+    const WORDS: usize = 1024;
+    debug_assert_eq!(base % (1 << 16), 0, "containers start at multiples of 2^16");
+    let key0 = base >> 16;
+    let chunks: Vec<(u32, &[u64], u64)> = words
+        .chunks(WORDS)
+        .enumerate()
+        .map(|(c, w)| {
+            (
+                key0 + c as u32,
+                w,
+                w.iter().map(|x| u64::from(x.count_ones())).sum(),
+            )
+        })
+        .filter(|&(_, _, card)| card > 0)
+        .collect();
+    bytes.clear();
+    // Cookie without run containers, then the count, the keys with their
+    // cardinalities less one, and the byte offset of every container.
+    bytes.extend_from_slice(&12346u32.to_le_bytes());
+    bytes.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    for &(key, _, card) in &chunks {
+        bytes.extend_from_slice(&(key as u16).to_le_bytes());
+        bytes.extend_from_slice(&((card - 1) as u16).to_le_bytes());
     }
+    let mut offset = bytes.len() + 4 * chunks.len();
+    for &(_, _, card) in &chunks {
+        bytes.extend_from_slice(&(offset as u32).to_le_bytes());
+        offset += if card > 4096 {
+            WORDS * 8
+        } else {
+            card as usize * 2
+        };
+    }
+    for &(_, w, card) in &chunks {
+        if card > 4096 {
+            for x in w.iter().copied().chain(std::iter::repeat(0)).take(WORDS) {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+        } else {
+            for (j, &x) in w.iter().enumerate() {
+                let mut x = x;
+                while x != 0 {
+                    let v = (j * 64) as u16 + x.trailing_zeros() as u16;
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                    x &= x - 1;
+                }
+            }
+        }
+    }
+    Bitmap::try_deserialize::<croaring::Portable>(bytes)
+        .expect("the portable serialization written above is valid")
 }
 
-/// True when `part` is small enough next to `shard` that changing ids one by
-/// one is cheaper than a set operation over whole containers.
-fn few(part: &RoaringBitmap, shard: &RoaringBitmap) -> bool {
-    part.len() <= 64 || part.len().saturating_mul(32) <= shard.len()
+/// True when `n` ids are few enough next to `shard` that changing them one
+/// by one is cheaper than a set operation over whole containers.
+fn few(n: usize, shard: &Bitmap) -> bool {
+    n <= 64 || (n as u64).saturating_mul(32) <= shard.cardinality()
 }
 
-/// Splits a flat bitmap into per-shard bitmaps, in shard order.
-pub fn split_by_shard(bitmap: &RoaringBitmap) -> Vec<(usize, RoaringBitmap)> {
+/// The shards `bitmap` has ids in, each with its first and last possible id,
+/// in shard order.
+fn shard_spans(bitmap: &RoaringBitmap) -> Vec<(usize, u32, u32)> {
     let (Some(min), Some(max)) = (bitmap.min(), bitmap.max()) else {
         return Vec::new();
     };
-    if shard_of(min) == shard_of(max) {
-        return vec![(shard_of(min), bitmap.clone())];
-    }
-    let mut out = Vec::new();
-    for i in shard_of(min)..=shard_of(max) {
-        let lo = shard_start(i);
-        let hi = lo.saturating_add(SHARD_SIZE - 1);
-        if bitmap.range_cardinality(lo..=hi) == 0 {
-            continue;
-        }
-        let part = RoaringBitmap::from_sorted_iter(bitmap.range(lo..=hi))
-            .expect("a roaring range iterates in ascending order");
-        out.push((i, part));
-    }
-    out
+    (shard_of(min)..=shard_of(max))
+        .map(|i| {
+            let lo = shard_start(i);
+            (i, lo, lo.saturating_add(SHARD_SIZE - 1))
+        })
+        .filter(|&(_, lo, hi)| {
+            shard_of(min) == shard_of(max) || bitmap.range_cardinality(lo..=hi) > 0
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -353,45 +368,70 @@ mod tests {
         assert_eq!(ShardedBitmap::new().max(), None);
     }
 
-    #[test]
-    fn bulk_ops_match_flat() {
-        let flat: RoaringBitmap = (0..5_000_000u32).step_by(7).collect();
-        let mut b = ShardedBitmap::from_roaring(&flat);
-        assert_eq!(b.len(), flat.len());
-        assert_eq!(b.to_roaring(), flat);
-        let rm: RoaringBitmap = (0..5_000_000u32).step_by(3).collect();
-        let removed = b.difference_with(&rm);
-        assert_eq!(removed, (&flat & &rm).len());
-        let added = b.union_with(&rm);
-        assert_eq!(added, rm.len());
-        assert_eq!(b.to_roaring(), &flat | &rm);
-        assert_eq!(b.len(), (&flat | &rm).len());
+    fn flat(b: &ShardedBitmap) -> RoaringBitmap {
+        b.iter().collect()
     }
 
     #[test]
-    fn fast_copies_agree_and_follow_changes() {
-        let a_flat: RoaringBitmap = (0..3_000_000u32).step_by(3).collect();
-        let b_flat: RoaringBitmap = (0..3_000_000u32).step_by(5).collect();
-        let a = ShardedBitmap::from_roaring(&a_flat);
-        let mut b = ShardedBitmap::from_roaring(&b_flat);
-        let fast = |x: &ShardedBitmap, y: &ShardedBitmap| -> u64 {
-            (0..3)
-                .map(|i| match (x.fast_shard(i), y.fast_shard(i)) {
-                    (Some(p), Some(q)) => p.and_cardinality(q),
-                    _ => 0,
-                })
-                .sum()
-        };
-        assert_eq!(fast(&a, &b), (&a_flat & &b_flat).len());
-        // A snapshot keeps its copy; the changed bitmap gets a fresh one.
+    fn bulk_ops_match_flat() {
+        let base: RoaringBitmap = (0..5_000_000u32).step_by(7).collect();
+        let mut b = ShardedBitmap::from_roaring(&base);
+        assert_eq!(b.len(), base.len());
+        assert_eq!(flat(&b), base);
+        assert_eq!(b.to_flat().cardinality(), base.len());
+        let rm: RoaringBitmap = (0..5_000_000u32).step_by(3).collect();
+        let removed = b.difference_with(&rm);
+        assert_eq!(removed, (&base & &rm).len());
+        assert_eq!(flat(&b), &base - &rm);
+        let added = b.union_with(&rm);
+        assert_eq!(added, rm.len());
+        assert_eq!(flat(&b), &base | &rm);
+        assert_eq!(b.len(), (&base | &rm).len());
+        assert!(b.intersects(&rm));
+        assert!(!b.intersects(&RoaringBitmap::from([1u32, 2, 4])));
+    }
+
+    #[test]
+    fn few_ids_change_in_place_and_count_right() {
+        let base: RoaringBitmap = (0..3_000_000u32).step_by(2).collect();
+        let mut b = ShardedBitmap::from_roaring(&base);
+        // Spread over three shards, half already present.
+        let some: RoaringBitmap = [0u32, 1, SHARD_SIZE + 2, SHARD_SIZE + 3, 2_999_999].into();
+        assert_eq!(b.union_with(&some), 3);
+        assert_eq!(b.len(), base.len() + 3);
+        assert_eq!(b.difference_with(&some), 5);
+        assert_eq!(flat(&b), &base - &some);
+        // Removing what is absent changes nothing and copies nothing.
         let snap = b.clone();
-        b.insert(1);
-        assert_eq!(fast(&a, &snap), (&a_flat & &b_flat).len());
-        assert_eq!(fast(&a, &b), (&a_flat & &b_flat).len());
-        b.insert(3);
-        assert_eq!(fast(&a, &b), (&a_flat & &b_flat).len() + 1);
-        b.remove(3);
-        assert_eq!(fast(&a, &b), (&a_flat & &b_flat).len());
+        assert_eq!(b.difference_with(&[1u32, 3].into()), 0);
+        assert!(std::ptr::eq(
+            b.shard(0).expect("shard 0"),
+            snap.shard(0).expect("shard 0")
+        ));
+    }
+
+    #[test]
+    fn from_words_matches_the_bits() {
+        let mut bytes = Vec::new();
+        // A dense chunk, a sparse chunk, an empty chunk, and a partial tail.
+        let mut words = vec![0u64; 3 * 1024 + 8];
+        words[..1024].fill(0x5555_5555_5555_5555);
+        words[1024 + 3] = 1 << 63 | 1;
+        words[3 * 1024 + 7] = 1 << 5;
+        let base = 5 << 16;
+        let got = from_words(base, &words, &mut bytes);
+        let expect: Bitmap = words
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &x)| {
+                (0..64)
+                    .filter(move |k| x >> k & 1 == 1)
+                    .map(move |k| base + (w * 64 + k) as u32)
+            })
+            .collect();
+        assert_eq!(got, expect);
+        assert_eq!(got.cardinality(), 32_768 + 3);
+        assert!(from_words(0, &[0; 16], &mut bytes).is_empty());
     }
 
     #[test]
@@ -402,5 +442,8 @@ mod tests {
         a.insert(2);
         assert!(!snap.contains(2));
         assert!(a.contains(2));
+        let other = ShardedBitmap::from_roaring(&[1u32, 2, 3].into());
+        assert_eq!(a.intersection_len(&other), 2);
+        assert_eq!(snap.intersection_len(&other), 1);
     }
 }

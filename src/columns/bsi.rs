@@ -15,7 +15,7 @@
 //! This module is pure arithmetic on bitmaps; it knows nothing of fields,
 //! snapshots or storage.
 
-use roaring::RoaringBitmap;
+use crate::bitmap::Bitmap;
 
 /// Bit slices of one field.
 pub const BITS: usize = 64;
@@ -32,7 +32,7 @@ pub fn decode(u: u64) -> i64 {
 
 /// One shard's slices: `slices[k]` holds the customers with bit `k` set
 /// (`None` when nobody has it).
-pub type Slices<'a> = [Option<&'a RoaringBitmap>];
+pub type Slices<'a> = [Option<&'a Bitmap>];
 
 fn bit(c: u64, k: usize) -> bool {
     k < 64 && c >> k & 1 == 1
@@ -50,12 +50,12 @@ fn low_bits(c: u64, k: usize) -> u64 {
 }
 
 /// Members of `within` whose value is ≤ `c`.
-pub fn le(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
+pub fn le(within: Bitmap, slices: &Slices, c: u64) -> Bitmap {
     if beyond(slices, c) {
         return within;
     }
     let mut eq = within;
-    let mut lt = RoaringBitmap::new();
+    let mut lt = Bitmap::new();
     for k in (0..slices.len()).rev() {
         if eq.is_empty() {
             break;
@@ -71,7 +71,7 @@ pub fn le(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
             }
             (true, None) => {
                 lt |= eq;
-                eq = RoaringBitmap::new();
+                eq = Bitmap::new();
             }
             (false, Some(s)) => eq -= s,
             (false, None) => {}
@@ -82,12 +82,12 @@ pub fn le(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
 }
 
 /// Members of `within` whose value is ≥ `c`.
-pub fn ge(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
+pub fn ge(within: Bitmap, slices: &Slices, c: u64) -> Bitmap {
     if beyond(slices, c) {
-        return RoaringBitmap::new();
+        return Bitmap::new();
     }
     let mut eq = within;
-    let mut gt = RoaringBitmap::new();
+    let mut gt = Bitmap::new();
     for k in (0..slices.len()).rev() {
         if eq.is_empty() {
             break;
@@ -103,7 +103,7 @@ pub fn ge(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
             }
             (false, None) => {}
             (true, Some(s)) => eq &= s,
-            (true, None) => eq = RoaringBitmap::new(),
+            (true, None) => eq = Bitmap::new(),
         }
     }
     gt |= eq;
@@ -111,9 +111,9 @@ pub fn ge(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
 }
 
 /// Members of `within` whose value is exactly `c`: one operation per slice.
-pub fn eq(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
+pub fn eq(within: Bitmap, slices: &Slices, c: u64) -> Bitmap {
     if beyond(slices, c) {
-        return RoaringBitmap::new();
+        return Bitmap::new();
     }
     let mut eq = within;
     for k in (0..slices.len()).rev() {
@@ -122,7 +122,7 @@ pub fn eq(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
         }
         match (bit(c, k), slices[k]) {
             (true, Some(s)) => eq &= s,
-            (true, None) => return RoaringBitmap::new(),
+            (true, None) => return Bitmap::new(),
             (false, Some(s)) => eq -= s,
             (false, None) => {}
         }
@@ -131,9 +131,9 @@ pub fn eq(within: RoaringBitmap, slices: &Slices, c: u64) -> RoaringBitmap {
 }
 
 /// Members of `within` whose value lies in `lo..=hi`.
-pub fn range(within: RoaringBitmap, slices: &Slices, lo: u64, hi: u64) -> RoaringBitmap {
+pub fn range(within: Bitmap, slices: &Slices, lo: u64, hi: u64) -> Bitmap {
     if lo > hi {
-        return RoaringBitmap::new();
+        return Bitmap::new();
     }
     if lo == hi {
         return eq(within, slices, lo);
@@ -151,7 +151,7 @@ pub fn range(within: RoaringBitmap, slices: &Slices, lo: u64, hi: u64) -> Roarin
 }
 
 /// The smallest value among `within` (all of which must have a value).
-pub fn min(within: &RoaringBitmap, slices: &Slices) -> Option<u64> {
+pub fn min(within: &Bitmap, slices: &Slices) -> Option<u64> {
     if within.is_empty() {
         return None;
     }
@@ -174,7 +174,7 @@ pub fn min(within: &RoaringBitmap, slices: &Slices) -> Option<u64> {
 }
 
 /// The largest value among `within` (all of which must have a value).
-pub fn max(within: &RoaringBitmap, slices: &Slices) -> Option<u64> {
+pub fn max(within: &Bitmap, slices: &Slices) -> Option<u64> {
     if within.is_empty() {
         return None;
     }
@@ -193,17 +193,17 @@ pub fn max(within: &RoaringBitmap, slices: &Slices) -> Option<u64> {
 }
 
 /// The sum of the offset-binary forms of `within`'s values.
-pub fn sum_encoded(within: &RoaringBitmap, slices: &Slices) -> u128 {
+pub fn sum_encoded(within: &Bitmap, slices: &Slices) -> u128 {
     slices
         .iter()
         .enumerate()
-        .filter_map(|(k, s)| s.map(|s| (u128::from(within.intersection_len(s))) << k))
+        .filter_map(|(k, s)| s.map(|s| (u128::from(within.and_cardinality(s))) << k))
         .sum()
 }
 
 /// Adds one to the counter of every member of `day`: bit-sliced addition of
 /// a one-bit number to the counters in `counts` (slice `k` = bit `k`).
-pub fn add_counts(counts: &mut Vec<RoaringBitmap>, day: &RoaringBitmap) {
+pub fn add_counts(counts: &mut Vec<Bitmap>, day: &Bitmap) {
     let mut carry = day.clone();
     for slice in counts.iter_mut() {
         if carry.is_empty() {
@@ -235,11 +235,11 @@ pub struct DenseCounter {
 impl DenseCounter {
     /// Counters for ids `base .. base + span` (`span` a multiple of 64);
     /// with `mask`, only ids in it are counted.
-    pub fn new(base: u32, span: u32, mask: Option<&RoaringBitmap>) -> Self {
+    pub fn new(base: u32, span: u32, mask: Option<&Bitmap>) -> Self {
         let words = span.div_ceil(64) as usize;
         let mask = mask.map(|m| {
             let mut w = vec![0u64; words];
-            for id in m {
+            for id in m.iter() {
                 let off = (id - base) as usize;
                 w[off >> 6] |= 1 << (off & 63);
             }
@@ -255,8 +255,8 @@ impl DenseCounter {
     }
 
     /// Adds one to the counter of every id of `day` (all within the span).
-    pub fn add(&mut self, day: &RoaringBitmap) {
-        let (lo, hi) = match (day.min(), day.max()) {
+    pub fn add(&mut self, day: &Bitmap) {
+        let (lo, hi) = match (day.minimum(), day.maximum()) {
             (Some(a), Some(b)) => (
                 ((a - self.base) >> 6) as usize,
                 ((b - self.base) >> 6) as usize + 1,
@@ -271,7 +271,7 @@ impl DenseCounter {
             let off = (id - base) as usize;
             carry[off >> 6] |= 1 << (off & 63);
         });
-        if day.len() < ((hi - lo) / 8) as u64 {
+        if day.cardinality() < ((hi - lo) / 8) as u64 {
             // A sparse day: ripple only the words its members touch.
             let (base, mask) = (self.base, self.mask.as_deref());
             let (carry, slices, words) = (&mut self.carry, &mut self.slices, self.words);
@@ -323,25 +323,21 @@ impl DenseCounter {
         }
     }
 
-    fn to_roaring(&self, words: &[u64], bytes: &mut Vec<u8>) -> RoaringBitmap {
-        bytes.clear();
-        for w in words {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        RoaringBitmap::from_lsb0_bytes(self.base, bytes)
+    fn to_bitmap(&self, words: &[u64], bytes: &mut Vec<u8>) -> Bitmap {
+        crate::bitmap::from_words(self.base, words, bytes)
     }
 
     /// The counter slices as roaring bitmaps (slice `k` = bit `k`).
-    pub fn finish(self) -> Vec<RoaringBitmap> {
+    pub fn finish(self) -> Vec<Bitmap> {
         let mut bytes = Vec::with_capacity(self.words * 8);
         self.slices
             .iter()
-            .map(|words| self.to_roaring(words, &mut bytes))
+            .map(|words| self.to_bitmap(words, &mut bytes))
             .collect()
     }
 
     /// [`DenseCounter::finish`], plus the ids whose counter is not zero.
-    pub fn finish_with_any(self) -> (Vec<RoaringBitmap>, RoaringBitmap) {
+    pub fn finish_with_any(self) -> (Vec<Bitmap>, Bitmap) {
         let mut any = vec![0u64; self.words];
         for slice in &self.slices {
             for (a, s) in any.iter_mut().zip(slice) {
@@ -349,7 +345,7 @@ impl DenseCounter {
             }
         }
         let mut bytes = Vec::with_capacity(self.words * 8);
-        let any = self.to_roaring(&any, &mut bytes);
+        let any = self.to_bitmap(&any, &mut bytes);
         (self.finish(), any)
     }
 }
@@ -360,15 +356,15 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn slices_of(values: &[(u32, i64)]) -> (RoaringBitmap, Vec<RoaringBitmap>) {
-        let mut exists = RoaringBitmap::new();
-        let mut bits = vec![RoaringBitmap::new(); BITS];
+    fn slices_of(values: &[(u32, i64)]) -> (Bitmap, Vec<Bitmap>) {
+        let mut exists = Bitmap::new();
+        let mut bits = vec![Bitmap::new(); BITS];
         for &(id, v) in values {
-            exists.insert(id);
+            exists.add(id);
             let u = encode(v);
             for (k, b) in bits.iter_mut().enumerate() {
                 if u >> k & 1 == 1 {
-                    b.insert(id);
+                    b.add(id);
                 }
             }
         }
@@ -390,23 +386,20 @@ mod tests {
             })
             .collect();
         let (exists, bits) = slices_of(&values);
-        let refs: Vec<Option<&RoaringBitmap>> =
+        let refs: Vec<Option<&Bitmap>> =
             bits.iter().map(|b| (!b.is_empty()).then_some(b)).collect();
         let mut probes: Vec<i64> = special.to_vec();
         probes.extend((0..40).map(|_| values[rng.random_range(0..values.len())].1));
         probes.extend((0..20).map(|_| rng.random_range(-1000..1000)));
         for &c in &probes {
-            let expect_le: RoaringBitmap =
-                values.iter().filter(|x| x.1 <= c).map(|x| x.0).collect();
-            let expect_ge: RoaringBitmap =
-                values.iter().filter(|x| x.1 >= c).map(|x| x.0).collect();
+            let expect_le: Bitmap = values.iter().filter(|x| x.1 <= c).map(|x| x.0).collect();
+            let expect_ge: Bitmap = values.iter().filter(|x| x.1 >= c).map(|x| x.0).collect();
             assert_eq!(le(exists.clone(), &refs, encode(c)), expect_le, "<= {c}");
             assert_eq!(ge(exists.clone(), &refs, encode(c)), expect_ge, ">= {c}");
-            let expect_eq: RoaringBitmap =
-                values.iter().filter(|x| x.1 == c).map(|x| x.0).collect();
+            let expect_eq: Bitmap = values.iter().filter(|x| x.1 == c).map(|x| x.0).collect();
             assert_eq!(eq(exists.clone(), &refs, encode(c)), expect_eq, "= {c}");
             let hi = c.saturating_add(500);
-            let expect: RoaringBitmap = values
+            let expect: Bitmap = values
                 .iter()
                 .filter(|x| x.1 >= c && x.1 <= hi)
                 .map(|x| x.0)
@@ -418,14 +411,14 @@ mod tests {
         assert_eq!(min(&exists, &refs).map(decode), Some(lo));
         assert_eq!(max(&exists, &refs).map(decode), Some(hi));
         let sum: i128 = values.iter().map(|x| i128::from(x.1)).sum();
-        let n = i128::from(exists.len() as u32);
+        let n = i128::from(exists.cardinality() as u32);
         assert_eq!(sum_encoded(&exists, &refs) as i128 - (n << 63), sum);
     }
 
     #[test]
     fn day_counters_add_up() {
         let mut rng = StdRng::seed_from_u64(6);
-        let days: Vec<RoaringBitmap> = (0..45)
+        let days: Vec<Bitmap> = (0..45)
             .map(|_| (0..500u32).filter(|_| rng.random_bool(0.3)).collect())
             .collect();
         let mut counts = Vec::new();
@@ -438,11 +431,11 @@ mod tests {
         }
         let (dense, any) = dense.finish_with_any();
         assert_eq!(dense, counts, "dense and roaring counters agree");
-        let union = days.iter().fold(RoaringBitmap::new(), |a, d| a | d);
+        let union = days.iter().fold(Bitmap::new(), |a, d| a | d);
         assert_eq!(any, union);
         // Sparse days (a few members over a wide span) take the per-word path.
         let mut wide = DenseCounter::new(0, 1 << 16, None);
-        let sparse: Vec<RoaringBitmap> = (0..20u32)
+        let sparse: Vec<Bitmap> = (0..20u32)
             .map(|d| {
                 (0..5u32)
                     .map(|i| (i * 7919 + d * 13) % 60_000)
@@ -456,27 +449,27 @@ mod tests {
             add_counts(&mut expect, d);
         }
         assert_eq!(wide.finish(), expect);
-        let odd: RoaringBitmap = (0..500u32).filter(|i| i % 2 == 1).collect();
+        let odd: Bitmap = (0..500u32).filter(|i| i % 2 == 1).collect();
         let mut masked = DenseCounter::new(0, 512, Some(&odd));
         for d in &days {
             masked.add(d);
         }
-        let expect: Vec<RoaringBitmap> = counts.iter().map(|c| c & &odd).collect();
+        let expect: Vec<Bitmap> = counts.iter().map(|c| c & &odd).collect();
         let got = masked.finish();
         assert_eq!(got[..], expect[..got.len()]);
-        assert!(expect[got.len()..].iter().all(RoaringBitmap::is_empty));
-        let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
-        let all: RoaringBitmap = (0..500u32).collect();
+        assert!(expect[got.len()..].iter().all(Bitmap::is_empty));
+        let refs: Vec<Option<&Bitmap>> = counts.iter().map(Some).collect();
+        let all: Bitmap = (0..500u32).collect();
         for n in [0u64, 1, 3, 13, 14, 30, 45, 46, 1000] {
-            let expect: RoaringBitmap = (0..500u32)
+            let expect: Bitmap = (0..500u32)
                 .filter(|id| days.iter().filter(|d| d.contains(*id)).count() as u64 >= n)
                 .collect();
             assert_eq!(ge(all.clone(), &refs, n), expect, ">= {n}");
-            let expect_le: RoaringBitmap = (0..500u32)
+            let expect_le: Bitmap = (0..500u32)
                 .filter(|id| days.iter().filter(|d| d.contains(*id)).count() as u64 <= n)
                 .collect();
             assert_eq!(le(all.clone(), &refs, n), expect_le, "<= {n}");
-            let expect_eq: RoaringBitmap = (0..500u32)
+            let expect_eq: Bitmap = (0..500u32)
                 .filter(|id| days.iter().filter(|d| d.contains(*id)).count() as u64 == n)
                 .collect();
             assert_eq!(eq(all.clone(), &refs, n), expect_eq, "= {n}");

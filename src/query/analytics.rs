@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use roaring::RoaringBitmap;
+use crate::bitmap::Bitmap;
 
 use crate::columns::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::error::{Error, Result};
@@ -82,7 +82,7 @@ pub fn aggregate(q: &Query, field: &Field, edges: &[i64]) -> Result<Aggregate> {
     let (mut lo, mut hi): (Option<u64>, Option<u64>) = (None, None);
     for i in 0..q.shard_count() {
         let Some(members) = q.shard(i) else { continue };
-        out.members += members.len();
+        out.members += members.cardinality();
         let Some(ex) = exists.and_then(|e| e.shard(i)) else {
             continue;
         };
@@ -90,8 +90,8 @@ pub fn aggregate(q: &Query, field: &Field, edges: &[i64]) -> Result<Aggregate> {
         if within.is_empty() {
             continue;
         }
-        out.with_value += within.len();
-        let refs: [Option<&RoaringBitmap>; bsi::BITS] =
+        out.with_value += within.cardinality();
+        let refs: [Option<&Bitmap>; bsi::BITS] =
             std::array::from_fn(|k| bits[k].and_then(|b| b.shard(i)));
         sum_encoded += bsi::sum_encoded(&within, &refs);
         if let Some(m) = bsi::min(&within, &refs) {
@@ -106,13 +106,13 @@ pub fn aggregate(q: &Query, field: &Field, edges: &[i64]) -> Result<Aggregate> {
             let below = if e == i64::MIN {
                 0
             } else {
-                bsi::le(within.clone(), &refs, bsi::encode(e - 1)).len()
+                bsi::le(within.clone(), &refs, bsi::encode(e - 1)).cardinality()
             };
             out.histogram[j] += below - prev;
             prev = below;
         }
         if !edges.is_empty() {
-            out.histogram[edges.len()] += within.len() - prev;
+            out.histogram[edges.len()] += within.cardinality() - prev;
         }
     }
     out.sum = sum_encoded as i128 - (i128::from(out.with_value as i64) << 63);
@@ -127,10 +127,10 @@ fn counts_against(q: &Query, targets: &[&crate::bitmap::ShardedBitmap]) -> (u64,
     let mut counts = vec![0u64; targets.len()];
     for i in 0..q.shard_count() {
         let Some(members) = q.shard(i) else { continue };
-        total += members.len();
+        total += members.cardinality();
         for (c, t) in counts.iter_mut().zip(targets) {
             if let Some(s) = t.shard(i) {
-                *c += members.intersection_len(s);
+                *c += members.and_cardinality(s);
             }
         }
     }
@@ -272,13 +272,13 @@ pub fn overlap(queries: &[Query]) -> Vec<u64> {
     let mut m = vec![0u64; n * n];
     let shards = queries.iter().map(Query::shard_count).max().unwrap_or(0);
     for i in 0..shards {
-        let members: Vec<Option<Cow<RoaringBitmap>>> = queries.iter().map(|q| q.shard(i)).collect();
+        let members: Vec<Option<Cow<Bitmap>>> = queries.iter().map(|q| q.shard(i)).collect();
         for a in 0..n {
             let Some(x) = &members[a] else { continue };
-            m[a * n + a] += x.len();
+            m[a * n + a] += x.cardinality();
             for b in a + 1..n {
                 if let Some(y) = &members[b] {
-                    let c = x.intersection_len(y);
+                    let c = x.and_cardinality(y);
                     m[a * n + b] += c;
                     m[b * n + a] += c;
                 }

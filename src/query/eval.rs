@@ -8,19 +8,20 @@
 //! - `a AND NOT b` is one difference; `NOT x` alone is `ALL AND NOT x`, and
 //!   `ALL` is dropped from any AND that has another positive operand, so
 //!   `NOT` never materialises the complement when it can be avoided;
-//! - counts fuse the last operation (`intersection_len`, `difference_len`,
-//!   `union_len`) instead of building the final bitmap;
-//! - a plan made only of stored bitmaps (tags, `ALL`) runs on each shard's
-//!   CRoaring copy, whose vectorised containers are several times faster
-//!   than roaring-rs's (most for sparse tags); plans with field predicates
-//!   run in roaring-rs, where four or more dense operands are split into two
-//!   halves that stay dense, then counted with one fused intersection.
+//! - counts fuse the last operation (`and_cardinality`, `andnot_cardinality`,
+//!   `or_cardinality`) instead of building the final bitmap;
+//! - four or more dense operands are split into two halves that stay dense,
+//!   then counted with one fused intersection;
+//! - a field predicate after the first operand of an AND examines only the
+//!   candidates left.
+//!
+//! Everything runs on the shards' CRoaring bitmaps, whose vectorised
+//! containers are several times faster than roaring-rs's (most for sparse
+//! tags). The engine reads the snapshot and writes nothing.
 
 use std::borrow::Cow;
 
-use roaring::RoaringBitmap;
-
-use crate::bitmap::{SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
+use crate::bitmap::{Bitmap, SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
 use crate::columns::bsi::{self, DenseCounter};
 use crate::error::Result;
 use crate::query::parser::{Expr, parse};
@@ -62,12 +63,12 @@ pub struct IntSlices<'s> {
 }
 
 impl<'s> IntSlices<'s> {
-    fn shard_slices(&self, i: usize) -> [Option<&'s RoaringBitmap>; bsi::BITS] {
+    fn shard_slices(&self, i: usize) -> [Option<&'s Bitmap>; bsi::BITS] {
         std::array::from_fn(|k| self.bits[k].and_then(|b| b.shard(i)))
     }
 }
 
-fn owned<'s>(b: RoaringBitmap) -> Option<Cow<'s, RoaringBitmap>> {
+fn owned<'s>(b: Bitmap) -> Option<Cow<'s, Bitmap>> {
     (!b.is_empty()).then_some(Cow::Owned(b))
 }
 
@@ -78,7 +79,7 @@ impl<'s> Plan<'s> {
 
     /// The members of shard `i` that are also in `within` (for predicates,
     /// which then only examine `within`).
-    fn eval_within(&self, i: usize, within: &RoaringBitmap) -> Option<Cow<'s, RoaringBitmap>> {
+    fn eval_within(&self, i: usize, within: &Bitmap) -> Option<Cow<'s, Bitmap>> {
         match self {
             Plan::IntRange { slices, lo, hi } => {
                 let exists = slices.exists.shard(i)?;
@@ -88,7 +89,7 @@ impl<'s> Plan<'s> {
             Plan::DayCount { days, lo, hi, .. } => {
                 // Few candidates: intersect each day first and count only
                 // those; many: count whole days through a word mask.
-                let sparse = within.len() < u64::from(SHARD_SIZE / 1024);
+                let sparse = within.cardinality() < u64::from(SHARD_SIZE / 1024);
                 let mask = (!sparse).then_some(within);
                 let mut counter = DenseCounter::new(shard_start(i), SHARD_SIZE, mask);
                 for d in days {
@@ -101,7 +102,7 @@ impl<'s> Plan<'s> {
                     }
                 }
                 let counts = counter.finish();
-                let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
+                let refs: Vec<Option<&Bitmap>> = counts.iter().map(Some).collect();
                 owned(bsi::range(within.clone(), &refs, *lo, *hi))
             }
             other => {
@@ -193,7 +194,7 @@ impl<'s> Plan<'s> {
     /// True for a tag with at least 1/16 of shard `i`'s ids: its containers
     /// are mostly bitmaps there.
     fn dense_in(&self, i: usize) -> bool {
-        matches!(self, Plan::Leaf(b) if b.shard(i).is_some_and(|s| s.len() >= u64::from(SHARD_SIZE / 16)))
+        matches!(self, Plan::Leaf(b) if b.shard(i).is_some_and(|s| s.cardinality() >= u64::from(SHARD_SIZE / 16)))
     }
 
     fn is_leaf(&self, b: &ShardedBitmap) -> bool {
@@ -201,7 +202,7 @@ impl<'s> Plan<'s> {
     }
 
     /// The members of shard `i`; `None` when there are none.
-    pub fn eval(&self, i: usize) -> Option<Cow<'s, RoaringBitmap>> {
+    pub fn eval(&self, i: usize) -> Option<Cow<'s, Bitmap>> {
         match self {
             Plan::Empty => None,
             Plan::IntRange { slices, lo, hi } => {
@@ -222,32 +223,29 @@ impl<'s> Plan<'s> {
                 } else {
                     counter.finish_with_any()
                 };
-                let refs: Vec<Option<&RoaringBitmap>> = counts.iter().map(Some).collect();
+                let refs: Vec<Option<&Bitmap>> = counts.iter().map(Some).collect();
                 owned(bsi::range(within, &refs, *lo, *hi))
             }
             Plan::Leaf(b) => b.shard(i).map(Cow::Borrowed),
-            Plan::And { pos, neg } => eval_and(pos, neg, i),
+            Plan::And { pos, neg } => and_of(
+                &pos.iter().collect::<Vec<_>>(),
+                &neg.iter().collect::<Vec<_>>(),
+                i,
+            ),
             Plan::Or(items) => {
-                let mut acc: Option<Cow<'s, RoaringBitmap>> = None;
-                for item in items {
-                    if let Some(s) = item.eval(i) {
-                        acc = Some(match acc {
-                            None => s,
-                            Some(Cow::Borrowed(a)) => Cow::Owned(a | &*s),
-                            Some(Cow::Owned(mut a)) => {
-                                a |= &*s;
-                                Cow::Owned(a)
-                            }
-                        });
-                    }
+                let mut parts: Vec<Cow<'s, Bitmap>> =
+                    items.iter().filter_map(|p| p.eval(i)).collect();
+                if parts.len() <= 1 {
+                    return parts.pop();
                 }
-                acc
+                let refs: Vec<&Bitmap> = parts.iter().map(|c| &**c).collect();
+                Some(Cow::Owned(Bitmap::fast_or(&refs)))
             }
         }
     }
 
     /// True when the plan reads stored bitmaps only (tags and `ALL`, no
-    /// field predicates), so that it can run on their CRoaring copies.
+    /// field predicates): its cost follows the sizes of those bitmaps.
     pub fn stored_only(&self) -> bool {
         match self {
             Plan::Empty | Plan::Leaf(_) => true,
@@ -257,43 +255,21 @@ impl<'s> Plan<'s> {
         }
     }
 
-    /// The members of shard `i` in CRoaring (`None` when there are none),
-    /// for a [`Plan::stored_only`] plan: CRoaring's vectorised containers
-    /// intersect several times faster than roaring-rs's, sparse ones most.
-    fn fast_eval(&self, i: usize) -> Option<Cow<'s, croaring::Bitmap>> {
-        match self {
-            Plan::Leaf(b) => b.fast_shard(i).map(Cow::Borrowed),
-            Plan::And { pos, neg } => fast_and(
-                &pos.iter().collect::<Vec<_>>(),
-                &neg.iter().collect::<Vec<_>>(),
-                i,
-            ),
-            Plan::Or(items) => {
-                let mut parts: Vec<Cow<'s, croaring::Bitmap>> =
-                    items.iter().filter_map(|p| p.fast_eval(i)).collect();
-                if parts.len() <= 1 {
-                    return parts.pop();
-                }
-                let refs: Vec<&croaring::Bitmap> = parts.iter().map(|c| &**c).collect();
-                Some(Cow::Owned(croaring::Bitmap::fast_or(&refs)))
-            }
-            Plan::Empty | Plan::IntRange { .. } | Plan::DayCount { .. } => None,
-        }
-    }
-
-    /// [`Plan::count`] of a [`Plan::stored_only`] plan, in CRoaring, the
-    /// last operation fused into a count.
-    fn fast_count(&self, i: usize) -> u64 {
+    /// The number of members in shard `i`, the last operation fused into a
+    /// count (`and_cardinality`, `andnot_cardinality`, `or_cardinality`)
+    /// instead of building the final bitmap.
+    pub fn count(&self, i: usize) -> u64 {
         match self {
             Plan::And { pos, neg } => match neg.split_last() {
                 None if pos.len() >= 4 && pos.iter().all(|p| p.dense_in(i)) => {
-                    // Balanced, as in `count_roaring`: a chain would shrink
+                    // Balanced: both halves stay dense bitmaps and the last
+                    // step is a popcount of their AND. A chain would shrink
                     // the result below 4,096 per container, where CRoaring
                     // turns it into sorted arrays (a scalar bit extraction,
                     // then probes one value at a time): 4× slower at 5 operands.
                     let left: Vec<&Plan<'s>> = pos.iter().step_by(2).collect();
                     let right: Vec<&Plan<'s>> = pos.iter().skip(1).step_by(2).collect();
-                    match (fast_and(&left, &[], i), fast_and(&right, &[], i)) {
+                    match (and_of(&left, &[], i), and_of(&right, &[], i)) {
                         (Some(l), Some(r)) => l.and_cardinality(&r),
                         _ => 0,
                     }
@@ -301,112 +277,57 @@ impl<'s> Plan<'s> {
                 None => match pos.split_last() {
                     Some((last, init)) if !init.is_empty() => {
                         let init: Vec<&Plan<'s>> = init.iter().collect();
-                        match (fast_and(&init, &[], i), last.fast_eval(i)) {
-                            (Some(acc), Some(l)) => acc.and_cardinality(&l),
-                            _ => 0,
+                        let Some(acc) = and_of(&init, &[], i) else {
+                            return 0;
+                        };
+                        if last.is_pred() {
+                            // A predicate only needs to examine the candidates left.
+                            return last.eval_within(i, &acc).map_or(0, |b| b.cardinality());
                         }
+                        last.eval(i).map_or(0, |l| acc.and_cardinality(&l))
                     }
-                    _ => self.fast_eval(i).map_or(0, |b| b.cardinality()),
+                    _ => self.eval(i).map_or(0, |b| b.cardinality()),
                 },
                 Some((last, init)) => match (
-                    fast_and(
+                    and_of(
                         &pos.iter().collect::<Vec<_>>(),
                         &init.iter().collect::<Vec<_>>(),
                         i,
                     ),
-                    last.fast_eval(i),
+                    last.eval(i),
                 ) {
                     (Some(acc), Some(l)) => acc.andnot_cardinality(&l),
                     (Some(acc), None) => acc.cardinality(),
                     (None, _) => 0,
                 },
             },
-            Plan::Or(items) if items.len() == 2 => {
-                match (items[0].fast_eval(i), items[1].fast_eval(i)) {
-                    (Some(a), Some(b)) => a.or_cardinality(&b),
-                    (Some(a), None) | (None, Some(a)) => a.cardinality(),
-                    (None, None) => 0,
-                }
-            }
-            Plan::Leaf(b) => b.shard(i).map_or(0, RoaringBitmap::len),
-            _ => self.fast_eval(i).map_or(0, |b| b.cardinality()),
-        }
-    }
-
-    /// The number of members in shard `i`, fusing the last operation.
-    pub fn count(&self, i: usize) -> u64 {
-        if self.stored_only() {
-            return self.fast_count(i);
-        }
-        self.count_roaring(i)
-    }
-
-    /// [`Plan::count`] without CRoaring: roaring-rs throughout.
-    pub fn count_roaring(&self, i: usize) -> u64 {
-        match self {
-            Plan::Empty => 0,
-            Plan::IntRange { .. } | Plan::DayCount { .. } => self.eval(i).map_or(0, |b| b.len()),
-            Plan::Leaf(b) => b.shard(i).map_or(0, RoaringBitmap::len),
-            Plan::And { pos, neg } => match neg.split_last() {
-                None if pos.len() >= 4 && pos.iter().all(|p| p.dense_in(i)) => {
-                    // Balanced: both halves stay dense bitmaps, and the last
-                    // step is a popcount of their AND. A chain would turn the
-                    // shrinking result into sorted arrays, probed one value at a time.
-                    let left: Vec<&Plan<'s>> = pos.iter().step_by(2).collect();
-                    let right: Vec<&Plan<'s>> = pos.iter().skip(1).step_by(2).collect();
-                    match (and_refs(&left, i), and_refs(&right, i)) {
-                        (Some(l), Some(r)) => l.intersection_len(&r),
-                        _ => 0,
-                    }
-                }
-                None => match pos.split_last() {
-                    Some((only, [])) => only.count_roaring(i),
-                    Some((last, init)) => {
-                        let Some(acc) = eval_and(init, &[], i) else {
-                            return 0;
-                        };
-                        if last.is_pred() {
-                            return last.eval_within(i, &acc).map_or(0, |b| b.len());
-                        }
-                        last.eval(i).map_or(0, |l| acc.intersection_len(&l))
-                    }
-                    None => 0,
-                },
-                Some((last, init)) => {
-                    let Some(acc) = eval_and(pos, init, i) else {
-                        return 0;
-                    };
-                    match last.eval(i) {
-                        Some(l) => acc.difference_len(&l),
-                        None => acc.len(),
-                    }
-                }
-            },
             Plan::Or(items) if items.len() == 2 => match (items[0].eval(i), items[1].eval(i)) {
-                (Some(a), Some(b)) => a.union_len(&b),
-                (Some(a), None) | (None, Some(a)) => a.len(),
+                (Some(a), Some(b)) => a.or_cardinality(&b),
+                (Some(a), None) | (None, Some(a)) => a.cardinality(),
                 (None, None) => 0,
             },
-            Plan::Or(_) => self.eval(i).map_or(0, |b| b.len()),
+            Plan::Leaf(b) => b.shard(i).map_or(0, Bitmap::cardinality),
+            _ => self.eval(i).map_or(0, |b| b.cardinality()),
         }
     }
 }
 
-/// The intersection of `pos` minus every `neg` in shard `i`, in CRoaring,
-/// smallest operand first, stopping at the first empty result.
-fn fast_and<'s>(
-    pos: &[&Plan<'s>],
-    neg: &[&Plan<'s>],
-    i: usize,
-) -> Option<Cow<'s, croaring::Bitmap>> {
+/// The intersection of `pos` minus every `neg` in shard `i`, smallest
+/// operand first, stopping at the first empty result. A predicate after the
+/// first operand examines only the candidates left.
+fn and_of<'s>(pos: &[&Plan<'s>], neg: &[&Plan<'s>], i: usize) -> Option<Cow<'s, Bitmap>> {
     let (first, rest) = pos.split_first()?;
-    let mut acc = first.fast_eval(i)?;
+    let mut acc = first.eval(i)?;
     let steps = rest
         .iter()
         .map(|p| (p, false))
         .chain(neg.iter().map(|n| (n, true)));
     for (p, not) in steps {
-        let Some(s) = p.fast_eval(i) else {
+        if !not && p.is_pred() {
+            acc = p.eval_within(i, &acc)?;
+            continue;
+        }
+        let Some(s) = p.eval(i) else {
             // An empty operand empties an AND and leaves an AND NOT alone.
             if not {
                 continue;
@@ -427,64 +348,6 @@ fn fast_and<'s>(
         });
         if acc.is_empty() {
             return None;
-        }
-    }
-    Some(acc)
-}
-
-/// The intersection of `items` in shard `i`.
-fn and_refs<'s>(items: &[&Plan<'s>], i: usize) -> Option<Cow<'s, RoaringBitmap>> {
-    let (first, rest) = items.split_first()?;
-    let mut acc = first.eval(i)?;
-    for p in rest {
-        let s = p.eval(i)?;
-        acc = Cow::Owned(match acc {
-            Cow::Borrowed(a) => a & &*s,
-            Cow::Owned(mut a) => {
-                a &= &*s;
-                a
-            }
-        });
-        if acc.is_empty() {
-            return None;
-        }
-    }
-    Some(acc)
-}
-
-fn eval_and<'s>(pos: &[Plan<'s>], neg: &[Plan<'s>], i: usize) -> Option<Cow<'s, RoaringBitmap>> {
-    let (first, rest) = pos.split_first()?;
-    let mut acc = first.eval(i)?;
-    for p in rest {
-        if p.is_pred() {
-            // A predicate only needs to examine the candidates left.
-            acc = p.eval_within(i, &acc)?;
-            continue;
-        }
-        let s = p.eval(i)?;
-        acc = Cow::Owned(match acc {
-            Cow::Borrowed(a) => a & &*s,
-            Cow::Owned(mut a) => {
-                a &= &*s;
-                a
-            }
-        });
-        if acc.is_empty() {
-            return None;
-        }
-    }
-    for n in neg {
-        if let Some(s) = n.eval(i) {
-            acc = Cow::Owned(match acc {
-                Cow::Borrowed(a) => a - &*s,
-                Cow::Owned(mut a) => {
-                    a -= &*s;
-                    a
-                }
-            });
-            if acc.is_empty() {
-                return None;
-            }
         }
     }
     Some(acc)
@@ -643,12 +506,6 @@ impl<'s> Query<'s> {
             .sum()
     }
 
-    /// [`Query::count`] evaluated with roaring-rs only, never CRoaring: the
-    /// same answer, for benchmarks and tests that compare the two.
-    pub fn count_roaring(&self) -> u64 {
-        (0..self.shards).map(|i| self.plan.count_roaring(i)).sum()
-    }
-
     /// Up to `limit` member ids greater than `after`, ascending, and whether
     /// more follow.
     pub fn page(&self, after: Option<u32>, limit: usize) -> (Vec<u32>, bool) {
@@ -663,7 +520,9 @@ impl<'s> Query<'s> {
                 continue;
             };
             let lo = from.max(shard_start(i));
-            for id in members.range(lo..) {
+            let mut it = members.iter();
+            it.reset_at_or_after(lo);
+            for id in it {
                 if out.len() == limit {
                     return (out, true);
                 }
@@ -679,12 +538,12 @@ impl<'s> Query<'s> {
     }
 
     /// The members in shard `i`.
-    pub fn shard(&self, i: usize) -> Option<Cow<'s, RoaringBitmap>> {
+    pub fn shard(&self, i: usize) -> Option<Cow<'s, Bitmap>> {
         self.plan.eval(i)
     }
 
     /// Calls `f` with each non-empty shard's members, in id order, until it returns false.
-    pub fn for_each_shard(&self, mut f: impl FnMut(&RoaringBitmap) -> bool) {
+    pub fn for_each_shard(&self, mut f: impl FnMut(&Bitmap) -> bool) {
         for i in 0..self.shards {
             if let Some(members) = self.plan.eval(i)
                 && !f(&members)
@@ -700,6 +559,7 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+    use roaring::RoaringBitmap;
 
     /// Counts over dense and sparse tags (taking the balanced and the chained
     /// paths) agree with flat roaring arithmetic.
@@ -758,7 +618,6 @@ mod tests {
         ] {
             let query = Query::compile(q, &snap).unwrap();
             assert_eq!(query.count(), expect, "{q}");
-            assert_eq!(query.count_roaring(), expect, "{q} without CRoaring");
             assert_eq!(
                 query.count_shards(0..1) + query.count_shards(1..usize::MAX),
                 expect,
@@ -766,7 +625,7 @@ mod tests {
             );
             let mut listed = 0;
             query.for_each_shard(|b| {
-                listed += b.len();
+                listed += b.cardinality();
                 true
             });
             assert_eq!(listed, expect, "{q} listed");

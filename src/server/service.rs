@@ -376,7 +376,7 @@ impl TagStore for Service {
             };
             let mut open = true;
             q.for_each_shard(|members| {
-                for id in members {
+                for id in members.iter() {
                     ids.push(id);
                     if ids.len() == batch && !send(&mut ids) {
                         open = false;

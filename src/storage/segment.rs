@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use roaring::RoaringBitmap;
 
-use crate::bitmap::{ShardedBitmap, shard_of};
+use crate::bitmap::{Bitmap, ShardedBitmap, shard_of};
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
 
@@ -254,19 +253,17 @@ impl Segment {
         let mut out = ShardedBitmap::new();
         for e in entries {
             let bytes = self.blob(e)?;
-            let bm = RoaringBitmap::deserialize_from(bytes).map_err(|err| {
-                Error::corrupt(
-                    &self.path,
-                    e.offset,
-                    format!("invalid roaring bitmap: {err}"),
-                )
+            // CRoaring's checked reader: it rejects truncated input and
+            // validates every container before the bitmap is used.
+            let bm = Bitmap::try_deserialize::<croaring::Portable>(bytes).ok_or_else(|| {
+                Error::corrupt(&self.path, e.offset, "invalid roaring bitmap".to_string())
             })?;
             let shard = match kind {
                 BlobKind::FieldSlot => (e.shard & ((1 << SHARD_BITS) - 1)) as usize,
                 _ => e.shard as usize,
             };
-            if bm.min().is_some_and(|v| shard_of(v) != shard)
-                || bm.max().is_some_and(|v| shard_of(v) != shard)
+            if bm.minimum().is_some_and(|v| shard_of(v) != shard)
+                || bm.maximum().is_some_and(|v| shard_of(v) != shard)
             {
                 return Err(Error::corrupt(
                     &self.path,
@@ -365,9 +362,7 @@ impl SegmentWriter {
         let mut scratch = std::mem::take(&mut self.scratch);
         for (i, shard) in bitmap.shards() {
             scratch.clear();
-            shard
-                .serialize_into(&mut scratch)
-                .map_err(|e| Error::io(&self.path, e))?;
+            let _written = shard.serialize_into_vec::<croaring::Portable>(&mut scratch);
             self.add_blob(kind, owner, high | i as u32, &scratch)?;
         }
         self.scratch = scratch;

@@ -178,15 +178,18 @@ impl State {
                 let first = time::month_first_day(*month) as u32;
                 let last = time::month_last_day(*month) as u32;
                 let days: Vec<u32> = slots.range(first..=last).map(|(s, _)| *s).collect();
-                let mut merged = RoaringBitmap::new();
+                let mut merged = Vec::with_capacity(days.len());
                 for d in &days {
                     if let Some(b) = slots.remove(d) {
-                        merged |= b.get()?.to_roaring();
+                        merged.push(b);
                     }
                     touched.push(*d);
                 }
                 let month_slot = Bucket::Month(*month).slot();
-                slot_mut(slots, month_slot)?.union_with(&merged);
+                let month_bits = slot_mut(slots, month_slot)?;
+                for b in &merged {
+                    month_bits.union_sharded(b.get()?);
+                }
                 touched.push(month_slot);
             }
         }

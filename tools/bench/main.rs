@@ -899,11 +899,6 @@ impl Bench {
                 .map_err(|e| e.to_string())?;
             let sharded = ShardedBitmap::from_roaring(&flat);
             let ours_mem = sharded.serialized_size() as f64;
-            // A counted tag also holds a CRoaring copy of its shards.
-            for i in 0..sharded.shard_count() {
-                sharded.fast_shard(i);
-            }
-            let counted_mem = ours_mem + sharded.fast_copies_size() as f64;
             let theirs_mem = match &redis {
                 Some(r) => Some(
                     r.conn()?
@@ -920,20 +915,12 @@ impl Bench {
                 Some(ours_mem),
                 theirs_mem,
             );
-            self.report.add(
-                "sweep",
-                &format!("memory of one tag at {pct}% once counted (with its CRoaring copy)"),
-                "bytes",
-                Better::Lower,
-                Some(counted_mem),
-                theirs_mem,
-            );
             series_t.push((*d, ours.ms(0.5)));
             series_c.push((*d, ceiling));
             if let Some(m) = &theirs {
                 series_r.push((*d, m.ms(0.5)));
             }
-            figures.push(json!({ "density": d, "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json), "in_process_ms": ceiling, "tagstore_tag_bytes": ours_mem, "tagstore_counted_tag_bytes": counted_mem, "redis_tag_bytes": theirs_mem }));
+            figures.push(json!({ "density": d, "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json), "in_process_ms": ceiling, "tagstore_tag_bytes": ours_mem, "redis_tag_bytes": theirs_mem }));
         }
         self.report.extra.insert(
             "sweep".into(),
