@@ -225,6 +225,20 @@ async fn every_command_non_interactively() {
         1,
         "quit stops the input"
     );
+
+    // Output into a pipe nobody reads (`tagstore-shell ... | head -0`) ends
+    // the shell quietly, not with a panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tagstore-shell"))
+        .args(["--addr", a, "-c", "tags"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

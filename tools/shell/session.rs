@@ -117,9 +117,9 @@ impl Session {
 
     fn out(&self, text: String, value: serde_json::Value) {
         if self.json {
-            println!("{value}");
+            print_line(&value);
         } else if !text.is_empty() {
-            println!("{text}");
+            print_line(&text);
         }
     }
 
@@ -130,7 +130,10 @@ impl Session {
             self.timing && !matches!(cmd, Command::Timing(_) | Command::Help(_) | Command::Quit);
         let keep_going = self.exec(cmd).await?;
         if show_time && !self.json {
-            println!("Time: {:.3} ms", started.elapsed().as_secs_f64() * 1e3);
+            print_line(&format!(
+                "Time: {:.3} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            ));
         }
         Ok(keep_going)
     }
@@ -829,6 +832,21 @@ pub fn describe(f: &Failure, addr: &str) -> String {
             }
             out
         }
+    }
+}
+
+/// Prints one line of output. When whoever reads it has gone (the shell's
+/// output piped into `head`, say), the shell ends quietly, as other Unix
+/// tools do, instead of panicking inside `println!`.
+fn print_line(line: &dyn std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("tagstore-shell: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
