@@ -573,9 +573,34 @@ impl Bench {
                 Some(ceiling),
                 None,
             );
+            // The target for 3–5 operands is latency against the one-thread
+            // ceiling; with several clients on two cores the p50 also holds
+            // the queueing, so one client measures what the server adds.
+            let mut operands = Vec::new();
+            q.tags(&mut operands);
+            let single = if operands.len() >= 3 && clients != 1 {
+                let one =
+                    tagstore_loop(&server.addr, &data, &op, 1, self.cli.seconds, self.cli.seed)
+                        .await?;
+                self.report.add(
+                    "query",
+                    &format!(
+                        "count {label}, 1 client: p50 ({:.2}x the ceiling)",
+                        one.ms(0.5) / ceiling
+                    ),
+                    "ms",
+                    Better::Lower,
+                    Some(one.ms(0.5)),
+                    None,
+                );
+                Some(measured_json(&one))
+            } else {
+                None
+            };
             figures.push(json!({
                 "label": label, "query": text, "clients": clients, "tagstore": measured_json(&ours),
                 "redis": theirs.as_ref().map(measured_json), "in_process_ms": ceiling,
+                "tagstore_1_client": single,
             }));
         }
         // One customer's tags: Profile, against GETBIT on every tag key.
