@@ -415,6 +415,7 @@ pub fn list(dir: &Path) -> Result<Vec<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bitmap::SHARD_SIZE;
 
     #[test]
     fn write_read_and_detect_damage() {
@@ -466,5 +467,38 @@ mod tests {
         // A cut-short file fails at open.
         fs::write(&path, &data[..data.len() - 5]).unwrap();
         assert!(Segment::open(dir.path(), 1).is_err());
+    }
+
+    /// Blobs whose checksum is right but whose bitmap is not: cut short,
+    /// with a container whose values are out of order, or with an id from
+    /// another shard. Each is a corruption error, never a partial set.
+    #[test]
+    fn checksummed_but_invalid_bitmaps_are_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = Bitmap::of(&[1, 2, 3]).serialize::<croaring::Portable>();
+        let mut unordered = good.clone();
+        // The values follow the 16-byte header (cookie, count, key and
+        // cardinality, offset): swap the first two.
+        unordered[16..20].copy_from_slice(&[2, 0, 1, 0]);
+        let elsewhere = Bitmap::of(&[SHARD_SIZE + 1]).serialize::<croaring::Portable>();
+        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        w.add_blob(BlobKind::TagShard, 1, 0, &good[..good.len() - 1])
+            .unwrap();
+        w.add_blob(BlobKind::TagShard, 2, 0, &unordered).unwrap();
+        w.add_blob(BlobKind::TagShard, 3, 0, &elsewhere).unwrap();
+        w.add_blob(BlobKind::TagShard, 4, 0, &good).unwrap();
+        w.finish().unwrap();
+        let seg = Segment::open(dir.path(), 1).unwrap();
+        for (tag, why) in [
+            (1, "invalid roaring bitmap"),
+            (2, "invalid roaring bitmap"),
+            (3, "outside its shard"),
+        ] {
+            let err = seg.load_bitmap(BlobKind::TagShard, tag, 0).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "tag {tag}: {err}");
+            assert!(err.to_string().contains(why), "tag {tag}: {err}");
+        }
+        let ok = seg.load_bitmap(BlobKind::TagShard, 4, 0).unwrap();
+        assert_eq!(ok.iter().collect::<Vec<_>>(), vec![1, 2, 3]);
     }
 }
