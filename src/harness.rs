@@ -115,8 +115,19 @@ impl ServerProcess {
 
     /// Resident memory of the process, from /proc (Linux).
     pub fn rss_bytes(&self) -> Option<u64> {
+        self.status_bytes("VmRSS:")
+    }
+
+    /// The part of [`ServerProcess::rss_bytes`] that is pages of mapped
+    /// files (segments): page cache the kernel can reclaim and read again.
+    pub fn rss_file_bytes(&self) -> Option<u64> {
+        self.status_bytes("RssFile:")
+    }
+
+    /// A `kB` figure of /proc/PID/status, in bytes.
+    fn status_bytes(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
     }
 
