@@ -15,7 +15,7 @@
 //! This module is pure arithmetic on bitmaps; it knows nothing of fields,
 //! snapshots or storage.
 
-use crate::bitmap::Bitmap;
+use crate::bitmap::{Bitmap, for_each_id};
 
 /// Bit slices of one field.
 pub const BITS: usize = 64;
@@ -239,10 +239,10 @@ impl DenseCounter {
         let words = span.div_ceil(64) as usize;
         let mask = mask.map(|m| {
             let mut w = vec![0u64; words];
-            for id in m.iter() {
+            for_each_id(m, |id| {
                 let off = (id - base) as usize;
                 w[off >> 6] |= 1 << (off & 63);
-            }
+            });
             w
         });
         Self {
@@ -265,9 +265,7 @@ impl DenseCounter {
         };
         let hi = hi.min(self.words);
         let (base, carry) = (self.base, &mut self.carry);
-        // Internal iteration (fold) runs container by container, far faster
-        // than calling next() per member.
-        day.iter().for_each(|id| {
+        for_each_id(day, |id| {
             let off = (id - base) as usize;
             carry[off >> 6] |= 1 << (off & 63);
         });
@@ -275,7 +273,7 @@ impl DenseCounter {
             // A sparse day: ripple only the words its members touch.
             let (base, mask) = (self.base, self.mask.as_deref());
             let (carry, slices, words) = (&mut self.carry, &mut self.slices, self.words);
-            day.iter().for_each(|id| {
+            for_each_id(day, |id| {
                 let w = ((id - base) >> 6) as usize;
                 let mut c = std::mem::take(&mut carry[w]);
                 if let Some(m) = mask {
