@@ -58,6 +58,8 @@ fn bench(c: &mut Criterion) {
         ("s1", 0.001),
         ("s2", 0.001),
         ("s3", 0.01),
+        ("d6", 0.45),
+        ("d7", 0.35),
     ]);
     let mut g = c.benchmark_group("count_10M");
     g.sample_size(20);
@@ -85,6 +87,9 @@ fn bench(c: &mut Criterion) {
         "d1 AND d2 AND d3",
         "d1 AND (d2 OR d3) AND NOT d4",
         "d1 AND d2 AND d3 AND d4 AND d5",
+        // 50/45/40/35/30%: split alternately, one half falls under 4,096
+        // ids per container and turns into arrays.
+        "d1 AND d6 AND d4 AND d7 AND d5",
         "s1 AND d1 AND d2 AND NOT s3",
     ] {
         let query = Query::compile(q, &snap).unwrap();

@@ -262,13 +262,12 @@ impl<'s> Plan<'s> {
         match self {
             Plan::And { pos, neg } => match neg.split_last() {
                 None if pos.len() >= 4 && pos.iter().all(|p| p.dense_in(i)) => {
-                    // Balanced: both halves stay dense bitmaps and the last
-                    // step is a popcount of their AND. A chain would shrink
+                    // Two halves, each kept as dense as it can be, and the
+                    // last step a popcount of their AND. A chain would shrink
                     // the result below 4,096 per container, where CRoaring
                     // turns it into sorted arrays (a scalar bit extraction,
-                    // then probes one value at a time): 4× slower at 5 operands.
-                    let left: Vec<&Plan<'s>> = pos.iter().step_by(2).collect();
-                    let right: Vec<&Plan<'s>> = pos.iter().skip(1).step_by(2).collect();
+                    // then probes one value at a time): 4–7× slower at 5 operands.
+                    let (left, right) = dense_halves(pos, i);
                     match (and_of(&left, &[], i), and_of(&right, &[], i)) {
                         (Some(l), Some(r)) => l.and_cardinality(&r),
                         _ => 0,
@@ -310,6 +309,57 @@ impl<'s> Plan<'s> {
             _ => self.eval(i).map_or(0, |b| b.cardinality()),
         }
     }
+}
+
+/// Splits the dense operands of an intersection into two groups whose
+/// expected densities in shard `i` (the product of their members' densities,
+/// as if independent) have the largest minimum, so that both halves stay
+/// above CRoaring's 4,096 ids per container, where its results turn into
+/// sorted arrays, for as long as any split allows. 50/45/40/35/30% tags split
+/// alternately give 6.0% and 15.8%, one side under the line (6.25%); the best
+/// split gives 7.9% and 12%. Up to 8 operands are tried exhaustively
+/// (128 splits, about a microsecond); beyond that they alternate.
+fn dense_halves<'p, 's>(pos: &'p [Plan<'s>], i: usize) -> (Vec<&'p Plan<'s>>, Vec<&'p Plan<'s>>) {
+    let n = pos.len();
+    let alternate = || {
+        (
+            pos.iter().step_by(2).collect(),
+            pos.iter().skip(1).step_by(2).collect(),
+        )
+    };
+    if n > 8 {
+        return alternate();
+    }
+    let density: Vec<f64> = pos
+        .iter()
+        .map(|p| match p {
+            Plan::Leaf(b) => b.shard(i).map_or(0.0, |s| s.cardinality() as f64) / SHARD_SIZE as f64,
+            _ => 0.0,
+        })
+        .collect();
+    // Operand 0 always on the left; each mask picks the rest of the left.
+    let best = (0u32..1 << (n - 1))
+        .map(|m| (m << 1) | 1)
+        .filter(|&m| m != (1 << n) - 1)
+        .max_by(|&a, &b| {
+            let score = |m: u32| {
+                let (mut l, mut r) = (1.0, 1.0);
+                for (k, d) in density.iter().enumerate() {
+                    if m >> k & 1 == 1 { l *= d } else { r *= d }
+                }
+                f64::min(l, r)
+            };
+            score(a).total_cmp(&score(b))
+        });
+    let Some(m) = best else {
+        return alternate();
+    };
+    let (left, right): (Vec<_>, Vec<_>) =
+        pos.iter().enumerate().partition(|(k, _)| m >> k & 1 == 1);
+    (
+        left.into_iter().map(|(_, p)| p).collect(),
+        right.into_iter().map(|(_, p)| p).collect(),
+    )
 }
 
 /// The intersection of `pos` minus every `neg` in shard `i`, smallest
@@ -558,6 +608,30 @@ impl<'s> Query<'s> {
 mod tests {
     use super::*;
     use rand::rngs::StdRng;
+
+    /// The split keeps both halves as dense as any split can.
+    #[test]
+    fn dense_halves_keep_both_sides_above_the_array_line() {
+        let n = SHARD_SIZE;
+        let tags: Vec<(String, ShardedBitmap)> = [50u32, 45, 40, 35, 30]
+            .iter()
+            .map(|pct| {
+                let keep = |id: &u32| (id.wrapping_mul(2_654_435_761) % 100) < *pct;
+                let b: RoaringBitmap = (0..n).filter(keep).collect();
+                (format!("t{pct}"), ShardedBitmap::from_roaring(&b))
+            })
+            .collect();
+        let plans: Vec<Plan> = tags.iter().map(|(_, b)| Plan::Leaf(b)).collect();
+        let (l, r) = dense_halves(&plans, 0);
+        assert_eq!(l.len() + r.len(), 5);
+        let product = |side: &[&Plan]| -> f64 {
+            side.iter()
+                .map(|p| p.estimate() as f64 / f64::from(n))
+                .product()
+        };
+        let worst = product(&l).min(product(&r));
+        assert!(worst > 0.07, "the weaker half is {worst}");
+    }
     use rand::{Rng, SeedableRng};
     use roaring::RoaringBitmap;
 
