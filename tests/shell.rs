@@ -393,6 +393,37 @@ async fn field_commands() {
     );
     let top = ok(a, "top 3 lifecycle = active");
     assert!(top.contains("高价值用户") && top.contains("2.00×"), "{top}");
+    // TopTags' options: a category, a minimum count, the query's own tags.
+    ok(a, "create tag 常购 category 价值");
+    ok(a, "add 常购 u1");
+    let top = ok(a, "top 3 category 价值 over lifecycle = active");
+    assert!(top.contains("常购") && !top.contains("高价值用户"), "{top}");
+    let top = ok(a, "top min 2 over lifecycle = active");
+    assert!(
+        !top.contains("常购") && !top.contains("高价值用户"),
+        "{top}"
+    );
+    let top = ok(a, "top 高价值用户");
+    assert!(top.contains("常购") && !top.contains("高价值用户"), "{top}");
+    let top = ok(a, "top with query tags over 高价值用户");
+    assert!(top.contains("高价值用户"), "{top}");
+    // Profile's window of behaviour dates.
+    let days_now = jiff::Timestamp::now().as_second() / 86_400;
+    let earlier = jiff::civil::date(1970, 1, 1)
+        .checked_add(jiff::Span::new().days(days_now - 20))
+        .unwrap()
+        .to_string();
+    ok(a, &format!("event bought u2 {earlier}"));
+    let p = ok(a, "profile u2");
+    assert!(
+        p.contains(&earlier) && p.contains("days in the last 30"),
+        "{p}"
+    );
+    let p = ok(a, "profile u2 days 10");
+    assert!(
+        !p.contains(&earlier) && p.contains("days in the last 10"),
+        "{p}"
+    );
     let o = ok(a, "overlap lifecycle = active ; total_spend > 0");
     assert!(
         o.contains("#1 lifecycle = active") && o.contains("#2 total_spend > 0"),

@@ -14,7 +14,11 @@ pub enum Command {
         query: String,
         path: String,
     },
-    Profile(String),
+    Profile {
+        key: String,
+        /// Days back behaviour dates are listed (0: the server's default, 30).
+        days: u32,
+    },
     Tags,
     Tag(String),
     CreateTag {
@@ -84,6 +88,12 @@ pub enum Command {
     Top {
         k: u32,
         query: String,
+        /// Only tags of this category (empty: all).
+        category: String,
+        /// Leave out tags with fewer audience members (0: the server's 1).
+        min_count: u64,
+        /// Keep the tags the query names.
+        include_query_tags: bool,
     },
     Overlap(Vec<String>),
     Stats,
@@ -147,8 +157,8 @@ pub const DOCS: &[Doc] = &[
     },
     Doc {
         name: "profile",
-        usage: "profile <customer key>",
-        summary: "one customer's tags",
+        usage: "profile <customer key> [days N]",
+        summary: "one customer's tags and field values (behaviour dates of the last N days, default 30)",
         example: "profile phone:13800001111",
     },
     Doc {
@@ -243,7 +253,7 @@ pub const DOCS: &[Doc] = &[
     },
     Doc {
         name: "top",
-        usage: "top [N] <query>",
+        usage: "top [N] <query> | top [N] [category <c>] [min <n>] [with query tags] over <query>",
         summary: "the N tags (default 10) most over-represented in an audience",
         example: "top 5 COUNT(bought_skincare WITHIN 90d) >= 3",
     },
@@ -450,10 +460,21 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             }
         }
         "profile" => {
+            let usage = "usage: profile <customer key> [days N] (N: 1 to 400)";
             let args = split_args(rest)?;
             match args.as_slice() {
-                [key] => Command::Profile(key.clone()),
-                _ => return Err("usage: profile <customer key>".into()),
+                [key] => Command::Profile {
+                    key: key.clone(),
+                    days: 0,
+                },
+                [key, kw, n] if kw.eq_ignore_ascii_case("days") => match n.parse::<u32>() {
+                    Ok(days @ 1..=400) => Command::Profile {
+                        key: key.clone(),
+                        days,
+                    },
+                    _ => return Err(usage.into()),
+                },
+                _ => return Err(usage.into()),
             }
         }
         "tags" => Command::Tags,
@@ -631,20 +652,8 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             }
         }
         "top" => {
-            need(rest, "a query", "top [N] <query>")?;
-            let (n, q) = first_word(rest);
-            match n.parse::<u32>() {
-                Ok(k) if !q.is_empty() => {
-                    if k == 0 || k > 1000 {
-                        return Err("N must be 1 to 1000".into());
-                    }
-                    Command::Top { k, query: q.into() }
-                }
-                _ => Command::Top {
-                    k: 10,
-                    query: rest.into(),
-                },
-            }
+            need(rest, "a query", TOP_USAGE)?;
+            parse_top(rest)?
         }
         "overlap" => {
             let queries = split_queries(rest);
@@ -721,6 +730,67 @@ fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
 }
 
 /// Splits `head over query` at the first ` over ` (case-insensitive).
+const TOP_USAGE: &str =
+    "top [N] <query> | top [N] [category <c>] [min <n>] [with query tags] over <query>";
+
+/// `top`: N alone may precede the query; the options need `over` before it.
+fn parse_top(rest: &str) -> Result<Command, String> {
+    let parse_k = |n: &str| match n.parse::<u32>() {
+        Ok(k @ 1..=1000) => Ok(k),
+        _ => Err("N must be 1 to 1000".to_string()),
+    };
+    let (mut k, mut category, mut min_count, mut include_query_tags) =
+        (10, String::new(), 0, false);
+    let query = match split_over(rest) {
+        Some((head, query)) => {
+            let args = split_args(head)?;
+            let mut words = args.iter().map(String::as_str).peekable();
+            if let Some(n) = words.next_if(|w| w.bytes().all(|b| b.is_ascii_digit())) {
+                k = parse_k(n)?;
+            }
+            while let Some(w) = words.next() {
+                match w.to_ascii_lowercase().as_str() {
+                    "category" => category = words.next().ok_or("category needs a name")?.into(),
+                    "min" => {
+                        min_count = words
+                            .next()
+                            .and_then(|n| n.parse().ok())
+                            .filter(|n| *n >= 1)
+                            .ok_or("min needs a count of at least 1")?;
+                    }
+                    "with" => {
+                        let next: Vec<String> = words
+                            .by_ref()
+                            .take(2)
+                            .map(str::to_ascii_lowercase)
+                            .collect();
+                        if next != ["query", "tags"] {
+                            return Err(format!("usage: {TOP_USAGE}"));
+                        }
+                        include_query_tags = true;
+                    }
+                    _ => return Err(format!("unknown option {w:?}; usage: {TOP_USAGE}")),
+                }
+            }
+            query
+        }
+        None => match first_word(rest) {
+            (n, q) if !q.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                k = parse_k(n)?;
+                q
+            }
+            _ => rest,
+        },
+    };
+    Ok(Command::Top {
+        k,
+        query: query.into(),
+        category,
+        min_count,
+        include_query_tags,
+    })
+}
+
 fn split_over(text: &str) -> Option<(&str, &str)> {
     let lower = text.to_ascii_lowercase();
     let i = lower.find(" over ")?;
@@ -870,7 +940,22 @@ mod tests {
                 path: "out.csv".into()
             }
         );
-        assert_eq!(p("profile phone:1"), Command::Profile("phone:1".into()));
+        assert_eq!(
+            p("profile phone:1"),
+            Command::Profile {
+                key: "phone:1".into(),
+                days: 0
+            }
+        );
+        assert_eq!(
+            p("profile phone:1 days 90"),
+            Command::Profile {
+                key: "phone:1".into(),
+                days: 90
+            }
+        );
+        assert!(parse("profile phone:1 days 0").is_err());
+        assert!(parse("profile phone:1 weeks 2").is_err());
         assert_eq!(
             p("create tag \"a b\" category 价值 description \"x y\""),
             Command::CreateTag {
@@ -984,20 +1069,28 @@ mod tests {
                 query: "lifecycle = active".into()
             }
         );
+        let top =
+            |k: u32, query: &str, category: &str, min_count: u64, include: bool| Command::Top {
+                k,
+                query: query.into(),
+                category: category.into(),
+                min_count,
+                include_query_tags: include,
+            };
+        assert_eq!(p("top 5 a AND b"), top(5, "a AND b", "", 0, false));
+        assert_eq!(p("top 高价值用户"), top(10, "高价值用户", "", 0, false));
         assert_eq!(
-            p("top 5 a AND b"),
-            Command::Top {
-                k: 5,
-                query: "a AND b".into()
-            }
+            p("top 3 category 价值 min 20 with query tags over a AND b"),
+            top(3, "a AND b", "价值", 20, true)
         );
         assert_eq!(
-            p("top 高价值用户"),
-            Command::Top {
-                k: 10,
-                query: "高价值用户".into()
-            }
+            p("top category \"with space\" over a"),
+            top(10, "a", "with space", 0, false)
         );
+        assert!(parse("top 0 a").is_err());
+        assert!(parse("top min 0 over a").is_err());
+        assert!(parse("top sideways over a").is_err());
+        assert!(parse("top with tags over a").is_err());
         assert_eq!(
             p("overlap a ; \"x;y\" AND b; lifecycle IN ('a;b') ;"),
             Command::Overlap(vec![

@@ -170,12 +170,12 @@ impl Session {
                 self.page(query, limit, cursor).await?;
             }
             Command::Export { query, path } => self.export(query, path).await?,
-            Command::Profile(key) => {
+            Command::Profile { key, days } => {
                 let p = self
                     .client
                     .profile(ProfileRequest {
                         customer: key,
-                        recent_days: 0,
+                        recent_days: days,
                     })
                     .await?
                     .into_inner();
@@ -212,13 +212,13 @@ impl Session {
                         .iter()
                         .map(|(f, v)| vec![f.clone(), v.clone()])
                         .collect();
+                    let header = format!(
+                        "value (behaviours: days in the last {})",
+                        if days == 0 { 30 } else { days }
+                    );
                     text.push_str(&format!(
                         "\n{}",
-                        table::render(
-                            &["field", "value (behaviours: days in the last 30)"],
-                            &[Align::Left, Align::Left],
-                            &rows
-                        )
+                        table::render(&["field", &header], &[Align::Left, Align::Left], &rows)
                     ));
                 }
                 let value_json: serde_json::Map<String, serde_json::Value> =

@@ -297,13 +297,21 @@ impl Session {
                     json!({ "rows": value, "total": b.total, "no_value": b.no_value }),
                 );
             }
-            Command::Top { k, query } => {
+            Command::Top {
+                k,
+                query,
+                category,
+                min_count,
+                include_query_tags,
+            } => {
                 let t = self
                     .client
                     .top_tags(TopTagsRequest {
                         query: query.clone(),
                         k,
-                        ..Default::default()
+                        category,
+                        min_count,
+                        include_query_tags,
                     })
                     .await
                     .map_err(with_query(&query))?
