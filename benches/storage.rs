@@ -1,5 +1,6 @@
 //! Storage micro-benchmarks: log append with and without fsync, segment
-//! write and lazy load, and dictionary look-ups both ways.
+//! write and lazy load, dictionary look-ups both ways, and one write through
+//! the engine (without fsync) as the number of tags grows.
 //! Run: `cargo bench --bench storage`.
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tagstore::storage::dictionary::{DictLayer, Dictionary, encode_section};
 use tagstore::storage::record::{Batch, Change, ChangeOp};
 use tagstore::storage::segment::{BlobKind, Segment, SegmentWriter};
 use tagstore::storage::wal::{WalWriter, frame};
+use tagstore::storage::{Engine, EngineConfig, Mutation, SyncMode, WriteOp};
 
 fn batch_record(n: u32) -> Vec<u8> {
     let b = Batch {
@@ -156,5 +158,56 @@ fn dictionary(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, wal, segments, dictionary);
+/// One membership written through the engine (plan, log append, apply,
+/// publish; no fsync), in stores of 20 to 20,000 tags: the cost must not
+/// grow with the number of tags.
+fn engine_write(c: &mut Criterion) {
+    let mut g = c.benchmark_group("engine_single_write");
+    for tags in [20usize, 2_000, 20_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.sync = SyncMode::Never;
+        let engine = Engine::open(config).unwrap();
+        let names: Vec<String> = (0..tags).map(|t| format!("tag{t}")).collect();
+        for chunk in names.chunks(500) {
+            let mutations = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, tag)| Mutation {
+                    tag: tag.clone(),
+                    add: (0..20)
+                        .map(|k| format!("c{}", (i * 20 + k) % 50_000))
+                        .collect(),
+                    remove: vec![],
+                })
+                .collect();
+            engine
+                .write_blocking(WriteOp::Update {
+                    mutations,
+                    create_missing_tags: true,
+                })
+                .unwrap();
+        }
+        let mut i = 0usize;
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("{tags} tags"), |b| {
+            b.iter(|| {
+                i += 1;
+                let op = WriteOp::Update {
+                    mutations: vec![Mutation {
+                        tag: names[i % tags].clone(),
+                        add: vec![format!("c{}", i % 50_000)],
+                        remove: vec![],
+                    }],
+                    create_missing_tags: false,
+                };
+                engine.write_blocking(op).unwrap()
+            })
+        });
+        engine.shutdown().unwrap();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, wal, segments, dictionary, engine_write);
 criterion_main!(benches);

@@ -40,7 +40,7 @@ use manifest::Manifest;
 use record::{Batch, KIND_BATCH};
 use segment::{BlobKind, Segment};
 use snapshot::LazyBitmap;
-pub use snapshot::{Field, FieldMeta, Snapshot, Tag, TagMeta};
+pub use snapshot::{Field, FieldMap, FieldMeta, Snapshot, Tag, TagMap, TagMeta};
 use state::State;
 use wal::WalWriter;
 use writer::{Cmd, Writer};
@@ -188,7 +188,7 @@ impl Engine {
             layers.push(Arc::new(DictLayer::open(seg(no)?)?));
         }
         let dict = Arc::new(Dictionary::new(layers, manifest.next_customer_id));
-        let mut tags = BTreeMap::new();
+        let mut tags = TagMap::new();
         for t in &manifest.tags {
             let bitmap = if t.segment == 0 {
                 LazyBitmap::empty()
@@ -224,7 +224,7 @@ impl Engine {
                 }),
             );
         }
-        let mut fields = BTreeMap::new();
+        let mut fields = FieldMap::new();
         for f in &manifest.fields {
             let mut slots = BTreeMap::new();
             for &(slot, no) in &f.slots {

@@ -162,15 +162,23 @@ impl Field {
     }
 }
 
-/// One consistent state of the store.
+/// Tags by name: a persistent map, so that cloning it to publish a snapshot
+/// costs the same for 20 tags as for 20,000, and changing one tag copies
+/// only the path to it, not the map.
+pub type TagMap = imbl::OrdMap<Arc<str>, Arc<Tag>>;
+/// Fields by name, persistent for the same reason as [`TagMap`].
+pub type FieldMap = imbl::OrdMap<Arc<str>, Arc<Field>>;
+
+/// One consistent state of the store. Cloning one is cheap whatever the
+/// number of tags: the writer clones its working copy for every publish.
 #[derive(Clone)]
 pub struct Snapshot {
     /// Every write with an lsn up to this one is visible, none after.
     pub lsn: u64,
     /// Tags by name.
-    pub tags: BTreeMap<Arc<str>, Arc<Tag>>,
+    pub tags: TagMap,
     /// Fields by name (tags and fields share one namespace).
-    pub fields: BTreeMap<Arc<str>, Arc<Field>>,
+    pub fields: FieldMap,
     /// Every live customer (the query language's `ALL`).
     pub live: LazyBitmap,
     pub next_customer_id: u32,
@@ -185,7 +193,7 @@ impl Snapshot {
     /// in-process ceiling). Tags get ids in the order given.
     pub fn in_memory(tags: Vec<(String, ShardedBitmap)>, live: ShardedBitmap) -> Snapshot {
         let next_customer_id = live.max().map_or(0, |id| id + 1);
-        let mut map = BTreeMap::new();
+        let mut map = TagMap::new();
         for (i, (name, bitmap)) in tags.into_iter().enumerate() {
             let name: Arc<str> = Arc::from(name.as_str());
             let meta = TagMeta {
@@ -209,7 +217,7 @@ impl Snapshot {
         Snapshot {
             lsn: 0,
             tags: map,
-            fields: BTreeMap::new(),
+            fields: FieldMap::new(),
             live: LazyBitmap::loaded(live),
             next_customer_id,
             next_tag_id,

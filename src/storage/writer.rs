@@ -772,15 +772,24 @@ impl Writer {
             .iter()
             .map(|t| (t.id, t.segment))
             .collect();
-        for tag in self.state.snap.tags.values_mut() {
-            if tag.bitmap.is_loaded() {
-                continue;
-            }
-            let moved = tag.bitmap.segment().map(|s| s.no) != homes.get(&tag.id).copied();
-            if moved && let Some(seg) = homes.get(&tag.id).and_then(|no| self.segments.get(no)) {
-                let id = tag.id;
-                Arc::make_mut(tag).bitmap =
-                    LazyBitmap::on_disk(seg.clone(), BlobKind::TagShard, id);
+        // Tags still on disk whose bitmap the checkpoint moved to another
+        // segment (a merge) now read it from there.
+        let moved_tags: Vec<(Arc<str>, u32, Arc<Segment>)> = self
+            .state
+            .snap
+            .tags
+            .values()
+            .filter(|t| !t.bitmap.is_loaded())
+            .filter_map(|t| {
+                let home = homes.get(&t.id)?;
+                (t.bitmap.segment().map(|s| s.no) != Some(*home))
+                    .then(|| self.segments.get(home))?
+                    .map(|seg| (t.meta.name.clone(), t.id, seg.clone()))
+            })
+            .collect();
+        for (name, id, seg) in moved_tags {
+            if let Some(tag) = self.state.snap.tags.get_mut(&name) {
+                Arc::make_mut(tag).bitmap = LazyBitmap::on_disk(seg, BlobKind::TagShard, id);
             }
         }
         let slot_homes: HashMap<(u32, u32), u64> = done
@@ -789,19 +798,29 @@ impl Writer {
             .iter()
             .flat_map(|f| f.slots.iter().map(move |&(slot, seg)| ((f.id, slot), seg)))
             .collect();
-        for field in self.state.snap.fields.values_mut() {
-            let id = field.id;
-            let moved: Vec<(u32, Arc<Segment>)> = field
-                .slots
-                .iter()
-                .filter(|(_, b)| !b.is_loaded())
-                .filter_map(|(&slot, b)| {
-                    let home = slot_homes.get(&(id, slot))?;
-                    (b.segment().map(|s| s.no) != Some(*home))
-                        .then(|| self.segments.get(home).map(|s| (slot, s.clone())))?
-                })
-                .collect();
-            if !moved.is_empty() {
+        type MovedSlots = Vec<(u32, Arc<Segment>)>;
+        let moved_slots: Vec<(Arc<str>, u32, MovedSlots)> = self
+            .state
+            .snap
+            .fields
+            .values()
+            .filter_map(|field| {
+                let id = field.id;
+                let moved: Vec<(u32, Arc<Segment>)> = field
+                    .slots
+                    .iter()
+                    .filter(|(_, b)| !b.is_loaded())
+                    .filter_map(|(&slot, b)| {
+                        let home = slot_homes.get(&(id, slot))?;
+                        (b.segment().map(|s| s.no) != Some(*home))
+                            .then(|| self.segments.get(home).map(|s| (slot, s.clone())))?
+                    })
+                    .collect();
+                (!moved.is_empty()).then(|| (field.meta.name.clone(), id, moved))
+            })
+            .collect();
+        for (name, id, moved) in moved_slots {
+            if let Some(field) = self.state.snap.fields.get_mut(&name) {
                 let f = Arc::make_mut(field);
                 for (slot, seg) in moved {
                     f.slots.insert(
