@@ -4,7 +4,6 @@
 //! straightforward implementation would run over the same data.
 //! Run: `cargo bench --bench columns`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -17,7 +16,7 @@ use tagstore::columns::{EventsSpec, FieldKind, INT_EXISTS, bsi, int_slot};
 use tagstore::query::Query;
 use tagstore::query::analytics;
 use tagstore::storage::snapshot::LazyBitmap;
-use tagstore::storage::{Field, FieldMeta, Snapshot};
+use tagstore::storage::{Field, FieldMeta, SlotMap, Snapshot};
 
 const CUSTOMERS: u32 = 10_000_000;
 const DAYS: i32 = 90;
@@ -37,7 +36,7 @@ fn field(id: u32, name: &str, kind: FieldKind, slots: Vec<(u32, RoaringBitmap)>)
             .into_iter()
             .filter(|(_, b)| !b.is_empty())
             .map(|(s, b)| (s, LazyBitmap::loaded(ShardedBitmap::from_roaring(&b))))
-            .collect::<BTreeMap<_, _>>(),
+            .collect::<SlotMap>(),
     })
 }
 

@@ -23,7 +23,7 @@ pub mod state;
 pub mod wal;
 pub mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use manifest::Manifest;
 use record::{Batch, KIND_BATCH};
 use segment::{BlobKind, Segment};
 use snapshot::LazyBitmap;
-pub use snapshot::{Field, FieldMap, FieldMeta, Snapshot, Tag, TagMap, TagMeta};
+pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 use state::State;
 use wal::WalWriter;
 use writer::{Cmd, Writer};
@@ -226,7 +226,7 @@ impl Engine {
         }
         let mut fields = FieldMap::new();
         for f in &manifest.fields {
-            let mut slots = BTreeMap::new();
+            let mut slots = SlotMap::new();
             for &(slot, no) in &f.slots {
                 let s = seg(no)?;
                 if s.slot_entries(f.id, slot).is_empty() {

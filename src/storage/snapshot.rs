@@ -3,7 +3,6 @@
 //! and publishes it, readers never wait for writers. Tag bitmaps that are
 //! still on disk are decoded from the segment map on first use.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use crate::bitmap::ShardedBitmap;
@@ -125,7 +124,7 @@ pub struct FieldMeta {
 pub struct Field {
     pub id: u32,
     pub meta: FieldMeta,
-    pub slots: BTreeMap<u32, LazyBitmap>,
+    pub slots: SlotMap,
 }
 
 impl Field {
@@ -161,6 +160,10 @@ impl Field {
         Ok(None)
     }
 }
+
+/// A field's slot bitmaps by slot number: persistent, so that a write to one
+/// day of a behaviour field does not copy the other days' entries.
+pub type SlotMap = imbl::OrdMap<u32, LazyBitmap>;
 
 /// Tags by name: a persistent map, so that cloning it to publish a snapshot
 /// costs the same for 20 tags as for 20,000, and changing one tag copies

@@ -2,7 +2,7 @@
 //! [`State::apply`], used both for new writes and for replaying the log, so
 //! the two can never disagree.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -12,7 +12,7 @@ use crate::columns::time::{self, Bucket};
 use crate::columns::{INT_EXISTS, bsi, int_slot};
 use crate::error::{Error, Result};
 use crate::storage::record::{Batch, ChangeOp, FieldChange};
-use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, Snapshot, Tag, TagMeta};
+use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, Tag, TagMeta};
 
 /// What applying a batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ fn unknown_field(id: u32) -> Error {
 }
 
 /// A mutable slot bitmap, created empty when missing.
-fn slot_mut(slots: &mut BTreeMap<u32, LazyBitmap>, slot: u32) -> Result<&mut ShardedBitmap> {
+fn slot_mut(slots: &mut SlotMap, slot: u32) -> Result<&mut ShardedBitmap> {
     slots
         .entry(slot)
         .or_insert_with(LazyBitmap::empty)
@@ -260,7 +260,7 @@ impl State {
                     created_ms: b.at_ms,
                     updated_ms: b.at_ms,
                 },
-                slots: BTreeMap::new(),
+                slots: SlotMap::new(),
             };
             self.snap.fields.insert(name.clone(), Arc::new(field));
             self.field_names.insert(f.id, name);
