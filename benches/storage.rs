@@ -179,6 +179,7 @@ fn engine_write(c: &mut Criterion) {
                         .map(|k| format!("c{}", (i * 20 + k) % 50_000))
                         .collect(),
                     remove: vec![],
+                    ..Default::default()
                 })
                 .collect();
             engine
@@ -198,6 +199,7 @@ fn engine_write(c: &mut Criterion) {
                         tag: names[i % tags].clone(),
                         add: vec![format!("c{}", i % 50_000)],
                         remove: vec![],
+                        ..Default::default()
                     }],
                     create_missing_tags: false,
                 };

@@ -35,6 +35,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tag: tag.into(),
         add: add.iter().map(|s| s.to_string()).collect(),
         remove: vec![],
+        ..Default::default()
     };
     let r = client
         .update(UpdateRequest {

@@ -41,6 +41,8 @@ pub enum Error {
     FieldExists(String),
     #[error("customer not found: {0:?}")]
     CustomerNotFound(String),
+    #[error("customer id {0} names no live customer (ids come from ResolveCustomers or Profile)")]
+    CustomerIdNotFound(u32),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{message} at position {position}")]

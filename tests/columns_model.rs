@@ -145,6 +145,7 @@ fn step(rng: &mut StdRng, engine: &Engine, model: &mut Model) {
                     tag: "seen".into(),
                     add: ks.clone(),
                     remove: Vec::new(),
+                    ..Default::default()
                 }],
                 create_missing_tags: true,
             })

@@ -97,6 +97,7 @@ async fn acknowledged_writes_survive_kill_9() {
                             tag: t.to_string(),
                             add: vec![key.clone()],
                             remove: vec![],
+                            ..Default::default()
                         })
                         .collect();
                     if let Some(p) = &prev {
@@ -110,6 +111,7 @@ async fn acknowledged_writes_survive_kill_9() {
                                 .map(|i| format!("f{round}-{client}-{n}-{i}"))
                                 .collect(),
                             remove: vec![],
+                            ..Default::default()
                         });
                     }
                     let req = UpdateRequest {

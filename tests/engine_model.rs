@@ -1,7 +1,8 @@
 //! Randomized test of the engine and the query evaluator against a simple
 //! model (a map of tag name to a set of keys, and the set of live keys):
-//! thousands of random updates, replaces, deletes, drops, checkpoints and
-//! restarts (clean and abrupt), checking counts, member lists, profiles and
+//! thousands of random updates (by key and by internal id), replaces,
+//! customer creations, deletes, drops, checkpoints and restarts (clean and
+//! abrupt), checking counts, member lists, profiles and
 //! random boolean queries after every phase.
 
 mod common;
@@ -46,6 +47,54 @@ fn keys(rng: &mut StdRng, max: usize) -> Vec<String> {
     (0..n).map(|_| key(rng)).collect()
 }
 
+/// The form of `op` sent to the engine: some keys of live customers in an
+/// update go by internal id instead (the model applies `op` itself, by key).
+/// Now and then an id that names no customer is added, and the engine must
+/// refuse the whole request; the result says whether that was done.
+fn by_ids(engine: &Engine, rng: &mut StdRng, op: &WriteOp) -> (WriteOp, bool) {
+    let WriteOp::Update {
+        mutations,
+        create_missing_tags,
+    } = op
+    else {
+        return (op.clone(), false);
+    };
+    let snap = engine.snapshot();
+    let mut poisoned = false;
+    let mutations = mutations
+        .iter()
+        .map(|m| {
+            let mut out = Mutation {
+                tag: m.tag.clone(),
+                ..Default::default()
+            };
+            for (keys, ids, into) in [
+                (&m.add, &mut out.add_ids, &mut out.add),
+                (&m.remove, &mut out.remove_ids, &mut out.remove),
+            ] {
+                for k in keys {
+                    match snap.customer_id(k).unwrap() {
+                        Some(id) if rng.random_bool(0.5) => ids.push(id),
+                        _ => into.push(k.clone()),
+                    }
+                }
+            }
+            if rng.random_bool(0.02) {
+                out.add_ids.push(u32::MAX - 7);
+                poisoned = true;
+            }
+            out
+        })
+        .collect();
+    (
+        WriteOp::Update {
+            mutations,
+            create_missing_tags: *create_missing_tags,
+        },
+        poisoned,
+    )
+}
+
 fn open(dir: &std::path::Path, wal_bytes: u64) -> Engine {
     let mut cfg = EngineConfig::new(dir);
     cfg.checkpoint_wal_bytes = wal_bytes;
@@ -75,6 +124,9 @@ fn random_op(rng: &mut StdRng, model: &mut Model) -> WriteOp {
         15..=22 => WriteOp::DeleteCustomers {
             customers: keys(rng, 8),
         },
+        23..=25 => WriteOp::CreateCustomers {
+            customers: keys(rng, 5),
+        },
         _ => {
             let n = rng.random_range(0..4);
             let mutations = (0..n)
@@ -82,6 +134,7 @@ fn random_op(rng: &mut StdRng, model: &mut Model) -> WriteOp {
                     tag: pick_tag(rng),
                     add: keys(rng, 30),
                     remove: keys(rng, 10),
+                    ..Default::default()
                 })
                 .collect();
             WriteOp::Update {
@@ -121,6 +174,9 @@ fn apply_model(model: &mut Model, op: &WriteOp, accepted: bool) {
             model.live.extend(set.iter().cloned());
             model.tags.insert(tag.clone(), set);
         }
+        WriteOp::CreateCustomers { customers } => {
+            model.live.extend(customers.iter().cloned());
+        }
         WriteOp::DeleteCustomers { customers } => {
             for k in customers {
                 model.live.remove(k);
@@ -158,7 +214,9 @@ fn should_accept(model: &Model, op: &WriteOp) -> bool {
             create_missing_tag,
             ..
         } => *create_missing_tag || model.tags.contains_key(tag),
-        WriteOp::DeleteCustomers { customers } => !customers.is_empty(),
+        WriteOp::DeleteCustomers { customers } | WriteOp::CreateCustomers { customers } => {
+            !customers.is_empty()
+        }
         other => unreachable!("not generated here: {other:?}"),
     }
 }
@@ -314,9 +372,10 @@ fn random_operations_match_the_model_across_restarts() {
     for phase in 0..12 {
         for _ in 0..250 {
             let op = random_op(&mut rng, &mut model);
-            let expect = should_accept(&model, &op);
-            let res = engine.write_blocking(op.clone());
-            assert_eq!(res.is_ok(), expect, "phase {phase}: {op:?} gave {res:?}");
+            let (sent, poisoned) = by_ids(&engine, &mut rng, &op);
+            let expect = should_accept(&model, &op) && !poisoned;
+            let res = engine.write_blocking(sent.clone());
+            assert_eq!(res.is_ok(), expect, "phase {phase}: {sent:?} gave {res:?}");
             apply_model(&mut model, &op, res.is_ok());
         }
         check(&engine, &model, &mut rng);

@@ -18,6 +18,7 @@ fn mutation(tag: &str, add: &[&str], remove: &[&str]) -> Mutation {
         tag: tag.into(),
         add: s(add),
         remove: s(remove),
+        ..Default::default()
     }
 }
 
@@ -221,6 +222,7 @@ async fn every_call_and_its_errors() {
                 tag: "高价值用户".into(),
                 add: many,
                 remove: vec![],
+                ..Default::default()
             }],
             create_missing_tags: false,
         })
@@ -685,4 +687,199 @@ async fn a_second_server_on_the_same_directory_refuses_to_start() {
         .err()
         .expect("second server must not start");
     assert!(err.contains("in use by another tagstore process"), "{err}");
+}
+
+async fn resolve(c: &mut common::Client, keys: &[&str], create_missing: bool) -> Vec<i64> {
+    c.resolve_customers(ResolveCustomersRequest {
+        customers: s(keys),
+        create_missing,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .ids
+}
+
+fn by_id(tag: &str, add_ids: &[u32], remove_ids: &[u32]) -> Mutation {
+    Mutation {
+        tag: tag.into(),
+        add_ids: add_ids.to_vec(),
+        remove_ids: remove_ids.to_vec(),
+        ..Default::default()
+    }
+}
+
+async fn update(
+    c: &mut common::Client,
+    mutations: Vec<Mutation>,
+) -> Result<UpdateResponse, tonic::Status> {
+    c.update(UpdateRequest {
+        mutations,
+        create_missing_tags: false,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_by_internal_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tagstore.toml");
+    std::fs::write(&cfg, "[limits]\nmax_keys_per_request = 10\n").unwrap();
+    let data = dir.path().join("data");
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut server = common::start(&data, &args);
+    let mut c = common::client(&server).await;
+    for name in ["vip", "churn"] {
+        c.create_tag(CreateTagRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    // Resolving without create_missing creates nothing.
+    assert_eq!(resolve(&mut c, &["a", "b"], false).await, vec![-1, -1]);
+    assert_eq!(count(&mut c, "ALL").await, 0);
+    // With it, the missing ones are created, once; a repeated key gets one id.
+    let r = c
+        .resolve_customers(ResolveCustomersRequest {
+            customers: s(&["a", "b", "a"]),
+            create_missing: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.new_customers, 2);
+    assert!(r.lsn > 0);
+    let (a, b) = (r.ids[0], r.ids[1]);
+    assert_eq!(r.ids[2], a);
+    assert_ne!(a, b);
+    assert_eq!(count(&mut c, "ALL").await, 2);
+    assert_eq!(
+        resolve(&mut c, &["b", "a", "zz"], false).await,
+        vec![b, a, -1]
+    );
+    let r = c
+        .resolve_customers(ResolveCustomersRequest {
+            customers: s(&["a"]),
+            create_missing: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.ids, r.new_customers), (vec![a], 0));
+    let (a, b) = (a as u32, b as u32);
+
+    // Writes by id, and by key and id in one mutation.
+    let r = update(&mut c, vec![by_id("vip", &[a, b], &[])])
+        .await
+        .unwrap();
+    assert_eq!((r.added, r.new_customers), (2, 0));
+    let mut m = by_id("churn", &[b], &[]);
+    m.add = s(&["c"]);
+    let r = update(&mut c, vec![m, by_id("vip", &[], &[b])])
+        .await
+        .unwrap();
+    assert_eq!((r.added, r.removed, r.new_customers), (2, 1, 1));
+    assert_eq!(count(&mut c, "vip").await, 1);
+    assert_eq!(count(&mut c, "churn").await, 2);
+    // The key and the id name the same customer.
+    let p = c
+        .profile(ProfileRequest {
+            customer: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((p.internal_id, p.tags), (a, s(&["vip"])));
+    // Added and removed in one mutation: removed.
+    update(&mut c, vec![by_id("churn", &[a], &[a])])
+        .await
+        .unwrap();
+    assert_eq!(count(&mut c, "churn AND vip").await, 0);
+
+    // An id that names no customer fails the whole request with NOT_FOUND;
+    // removing one is a no-op.
+    let e = update(
+        &mut c,
+        vec![
+            by_id("vip", &[b], &[]),
+            by_id("churn", &[a, 4_000_000], &[]),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("4000000"), "{}", e.message());
+    assert_eq!(
+        count(&mut c, "vip").await,
+        1,
+        "nothing of the failed request applied"
+    );
+    let r = update(&mut c, vec![by_id("vip", &[], &[4_000_000, b])])
+        .await
+        .unwrap();
+    assert_eq!(r.removed, 0);
+    // A deleted customer's id is dead for good, even when the key comes back.
+    c.delete_customers(DeleteCustomersRequest {
+        customers: s(&["a"]),
+    })
+    .await
+    .unwrap();
+    let e = update(&mut c, vec![by_id("vip", &[a], &[])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let again = resolve(&mut c, &["a"], true).await[0];
+    assert_ne!(again, a as i64);
+
+    // Limits and bad input.
+    let e = update(&mut c, vec![by_id("vip", &[b; 11], &[])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("limit"), "{}", e.message());
+    let keys: Vec<String> = (0..11).map(|i| format!("k{i}")).collect();
+    let e = c
+        .resolve_customers(ResolveCustomersRequest {
+            customers: keys,
+            create_missing: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.resolve_customers(ResolveCustomersRequest::default())
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    for create_missing in [false, true] {
+        let e = c
+            .resolve_customers(ResolveCustomersRequest {
+                customers: s(&["ok", ""]),
+                create_missing,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("customer key"), "{}", e.message());
+    }
+    assert_eq!(
+        code(update(&mut c, vec![by_id("missing", &[b], &[])]).await),
+        Code::NotFound
+    );
+
+    // Ids and the customers created by a resolve survive a restart.
+    let before = resolve(&mut c, &["a", "b", "c"], false).await;
+    server.kill();
+    let server = common::start(&data, &args);
+    let mut c = common::client(&server).await;
+    assert_eq!(resolve(&mut c, &["a", "b", "c"], false).await, before);
+    assert_eq!(count(&mut c, "ALL").await, 3);
+    assert_eq!(count(&mut c, "churn").await, 2);
 }

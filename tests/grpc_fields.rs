@@ -181,6 +181,7 @@ async fn fields_over_grpc() {
             tag: "高价值用户".into(),
             add: vec!["u1".into(), "u4".into()],
             remove: vec![],
+            ..Default::default()
         }],
         create_missing_tags: false,
     })
@@ -333,6 +334,7 @@ async fn fields_over_grpc() {
             tag: "common".into(),
             add: vec!["u1".into(), "u2".into(), "u3".into(), "u4".into()],
             remove: vec![],
+            ..Default::default()
         }],
         create_missing_tags: true,
     })

@@ -18,6 +18,7 @@ fn add(engine: &Engine, tag: &str, keys: &[&str]) {
                 tag: tag.into(),
                 add: keys.iter().map(|k| k.to_string()).collect(),
                 remove: vec![],
+                ..Default::default()
             }],
             create_missing_tags: true,
         })

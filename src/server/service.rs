@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::Error;
+use crate::names::check_key;
 use crate::proto;
 use crate::proto::tag_store_server::TagStore;
 use crate::query::Query;
@@ -172,7 +173,7 @@ impl TagStore for Service {
         let keys: usize = r
             .mutations
             .iter()
-            .map(|m| m.add.len() + m.remove.len())
+            .map(|m| m.add.len() + m.remove.len() + m.add_ids.len() + m.remove_ids.len())
             .sum();
         if keys > self.limits.max_keys_per_request {
             return Err(invalid(format!(
@@ -187,6 +188,8 @@ impl TagStore for Service {
                 tag: m.tag,
                 add: m.add,
                 remove: m.remove,
+                add_ids: m.add_ids,
+                remove_ids: m.remove_ids,
             })
             .collect();
         let res = self
@@ -266,6 +269,59 @@ impl TagStore for Service {
         Ok(Response::new(proto::DeleteCustomersResponse {
             deleted: res.deleted,
             lsn: res.lsn,
+        }))
+    }
+
+    async fn resolve_customers(
+        &self,
+        req: Request<proto::ResolveCustomersRequest>,
+    ) -> Result<Response<proto::ResolveCustomersResponse>, Status> {
+        let r = req.into_inner();
+        if r.customers.is_empty() {
+            return Err(invalid("no customers named"));
+        }
+        if r.customers.len() > self.limits.max_keys_per_request {
+            return Err(invalid(format!(
+                "resolve names {} customers; the limit is {} per request",
+                r.customers.len(),
+                self.limits.max_keys_per_request
+            )));
+        }
+        if r.create_missing {
+            let res = self
+                .engine
+                .write(WriteOp::CreateCustomers {
+                    customers: r.customers,
+                })
+                .await
+                .map_err(to_status)?;
+            return Ok(Response::new(proto::ResolveCustomersResponse {
+                ids: res.ids.into_iter().map(i64::from).collect(),
+                new_customers: res.new_customers,
+                lsn: res.lsn,
+            }));
+        }
+        let snap = self.engine.snapshot();
+        let keys = r.customers;
+        let ids = blocking(move || {
+            let mut refs = Vec::with_capacity(keys.len());
+            for key in &keys {
+                check_key(key).map_err(to_status)?;
+                refs.push(key.as_str());
+            }
+            snap.customer_ids(&refs)
+                .map(|ids| (ids, snap.lsn))
+                .map_err(to_status)
+        })
+        .await?;
+        Ok(Response::new(proto::ResolveCustomersResponse {
+            ids: ids
+                .0
+                .into_iter()
+                .map(|id| id.map_or(-1, i64::from))
+                .collect(),
+            new_customers: 0,
+            lsn: ids.1,
         }))
     }
 

@@ -19,9 +19,10 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
     let code = match &e {
         Error::Io { .. } | Error::Checkpoint(_) => Code::Internal,
         Error::Corrupt { .. } => Code::DataLoss,
-        Error::TagNotFound(_) | Error::FieldNotFound(_) | Error::CustomerNotFound(_) => {
-            Code::NotFound
-        }
+        Error::TagNotFound(_)
+        | Error::FieldNotFound(_)
+        | Error::CustomerNotFound(_)
+        | Error::CustomerIdNotFound(_) => Code::NotFound,
         Error::TagExists(_) | Error::FieldExists(_) => Code::AlreadyExists,
         Error::InvalidArgument(_) | Error::Config(_) => Code::InvalidArgument,
         Error::Query { kind, .. } => match kind {

@@ -248,6 +248,19 @@ impl Snapshot {
         Ok(self.live()?.contains(id).then_some(id))
     }
 
+    /// The ids of many live customers at once (`None` for keys no live
+    /// customer has), with the dictionary look-ups overlapped.
+    pub fn customer_ids(&self, keys: &[&str]) -> Result<Vec<Option<u32>>> {
+        let live = self.live()?;
+        let mut ids = self.dict.lookup_many(keys)?;
+        for id in &mut ids {
+            if id.is_some_and(|id| !live.contains(id)) {
+                *id = None;
+            }
+        }
+        Ok(ids)
+    }
+
     /// The number of live customers.
     pub fn customer_count(&self) -> Result<u64> {
         Ok(self.live()?.len())

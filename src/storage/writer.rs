@@ -37,12 +37,26 @@ pub const MAX_CATEGORY_BYTES: usize = 200;
 /// Most requests committed together under one sync.
 const MAX_GROUP: usize = 256;
 
-/// One tag's changes in an [`WriteOp::Update`].
+/// One tag's changes in an [`WriteOp::Update`], by customer key and by
+/// internal id.
 #[derive(Debug, Clone, Default)]
 pub struct Mutation {
     pub tag: String,
     pub add: Vec<String>,
     pub remove: Vec<String>,
+    /// Ids of live customers ([`Error::CustomerIdNotFound`] otherwise).
+    pub add_ids: Vec<u32>,
+    /// Ids that name no live customer are skipped.
+    pub remove_ids: Vec<u32>,
+}
+
+impl Mutation {
+    fn is_empty(&self) -> bool {
+        self.add.is_empty()
+            && self.remove.is_empty()
+            && self.add_ids.is_empty()
+            && self.remove_ids.is_empty()
+    }
 }
 
 /// A write, in domain terms.
@@ -67,6 +81,11 @@ pub enum WriteOp {
         create_missing_tag: bool,
     },
     DeleteCustomers {
+        customers: Vec<String>,
+    },
+    /// The ids of `customers`, creating the customers no live one has
+    /// (their ids in [`WriteResult::ids`], in order).
+    CreateCustomers {
         customers: Vec<String>,
     },
     CreateField {
@@ -142,6 +161,8 @@ pub struct WriteResult {
     pub events_added: u64,
     /// Events older than their field's retention, not stored.
     pub events_expired: u64,
+    /// Customer ids, one per key ([`WriteOp::CreateCustomers`]).
+    pub ids: Vec<u32>,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -165,6 +186,7 @@ enum Target {
     Replaced(u32),
     FieldCreated(String),
     Values { expired: u64 },
+    Ids(Vec<u32>),
 }
 
 struct Running {
@@ -332,6 +354,7 @@ impl Writer {
                             r.events_added = stats.events_added;
                             r.events_expired = expired;
                         }
+                        Target::Ids(ids) => r.ids = ids,
                     }
                     replies.push((reply, Ok(r)));
                 }
@@ -445,10 +468,7 @@ impl Writer {
                 if mutations.is_empty() {
                     return Err(Error::invalid("empty update: no mutations"));
                 }
-                if mutations
-                    .iter()
-                    .all(|m| m.add.is_empty() && m.remove.is_empty())
-                {
+                if mutations.iter().all(Mutation::is_empty) {
                     return Err(Error::invalid(
                         "empty update: the mutations name no customers",
                     ));
@@ -459,11 +479,18 @@ impl Writer {
                     let tag_id =
                         self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
                     let mut add = ids.get_or_create_many(&m.add)?;
+                    if let Some(&dead) = m.add_ids.iter().find(|&&id| !ids.live.contains(id)) {
+                        return Err(Error::CustomerIdNotFound(dead));
+                    }
+                    add.extend_from_slice(&m.add_ids);
                     // Sorted, the bitmap is built by appending.
                     add.sort_unstable();
                     let add: RoaringBitmap = add.into_iter().collect();
-                    let remove: RoaringBitmap =
+                    let mut remove: Vec<u32> =
                         ids.get_many(&m.remove)?.into_iter().flatten().collect();
+                    remove.extend(m.remove_ids.iter().filter(|&&id| ids.live.contains(id)));
+                    remove.sort_unstable();
+                    let remove: RoaringBitmap = remove.into_iter().collect();
                     if !add.is_empty() {
                         batch.changes.push(Change {
                             tag: tag_id,
@@ -523,6 +550,22 @@ impl Writer {
                     }
                 }
                 Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::CreateCustomers { customers } => {
+                if customers.is_empty() {
+                    return Err(Error::invalid("no customers named"));
+                }
+                let mut ids = IdAssigner::new(self)?;
+                let found = ids.get_or_create_many(&customers)?;
+                if ids.new_keys.is_empty() {
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ids: found,
+                        ..Default::default()
+                    }));
+                }
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Ids(found)))
             }
             WriteOp::CreateField {
                 name,
