@@ -449,3 +449,38 @@ async fn field_commands() {
     );
     assert!(fails(a, "count lifecycle = new").contains("unknown tag or field"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_and_writes_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+    ok(a, "create tag vip");
+
+    let out = ok(a, "resolve phone:1 wechat:2");
+    assert!(out.contains("phone:1") && out.contains(" -"), "{out}");
+    let out = ok(a, "resolve phone:1 wechat:2 --create");
+    assert!(out.contains("2 new customers"), "{out}");
+    let out = shell(a, &["--json", "-c", "resolve wechat:2 nobody"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = v["ids"][0]["id"].as_u64().expect("wechat:2 has an id");
+    assert!(v["ids"][1]["id"].is_null(), "{v}");
+
+    assert_eq!(
+        ok(a, &format!("add vip --ids {id}")).trim(),
+        "added 1 (0 new customers)"
+    );
+    let profile = ok(a, "profile wechat:2");
+    assert!(
+        profile.contains(&format!("internal id {id}")) && profile.contains("vip"),
+        "{profile}"
+    );
+    assert!(fails(a, "add vip --ids 99999").contains("99999"));
+    assert!(fails(a, "add vip --ids x").contains("bad id"));
+    assert_eq!(
+        ok(a, &format!("remove vip --ids {id} 99999")).trim(),
+        "removed 1"
+    );
+    assert!(ok(a, "help resolve").contains("--create"));
+}

@@ -32,11 +32,15 @@ pub enum Command {
     },
     Add {
         tag: String,
-        keys: Vec<String>,
+        who: Who,
     },
     Remove {
         tag: String,
+        who: Who,
+    },
+    Resolve {
         keys: Vec<String>,
+        create: bool,
     },
     Import {
         tag: String,
@@ -123,6 +127,22 @@ pub enum BreakdownBy {
 }
 
 /// A command's name, usage and description, for `help`.
+/// Customers named by key, or by internal id (after `--ids`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Who {
+    Keys(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+impl Who {
+    pub fn len(&self) -> usize {
+        match self {
+            Who::Keys(k) => k.len(),
+            Who::Ids(i) => i.len(),
+        }
+    }
+}
+
 pub struct Doc {
     pub name: &'static str,
     pub usage: &'static str,
@@ -193,15 +213,21 @@ pub const DOCS: &[Doc] = &[
     },
     Doc {
         name: "add",
-        usage: "add <tag> <key>...",
-        summary: "add customers to a tag (unknown keys become customers)",
+        usage: "add <tag> <key>... | add <tag> --ids <id>...",
+        summary: "add customers to a tag, by key (unknown keys become customers) or by internal id",
         example: "add 高价值用户 phone:13800001111 jd:pin_7781",
     },
     Doc {
         name: "remove",
-        usage: "remove <tag> <key>...",
-        summary: "remove customers from a tag",
+        usage: "remove <tag> <key>... | remove <tag> --ids <id>...",
+        summary: "remove customers from a tag, by key or by internal id",
         example: "remove 高价值用户 jd:pin_7781",
+    },
+    Doc {
+        name: "resolve",
+        usage: "resolve <key>... [--create]",
+        summary: "internal ids of customers; --create makes the missing ones",
+        example: "resolve phone:13800001111 jd:pin_7781",
     },
     Doc {
         name: "import",
@@ -530,20 +556,42 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         }
         "add" | "remove" => {
             let args = split_args(rest)?;
-            let [tag, keys @ ..] = args.as_slice() else {
-                return Err(format!("usage: {word} <tag> <key>..."));
+            let usage = format!("usage: {word} <tag> <key>... or {word} <tag> --ids <id>...");
+            let [tag, names @ ..] = args.as_slice() else {
+                return Err(usage);
             };
-            if keys.is_empty() {
-                return Err(format!(
-                    "no customer keys given; usage: {word} <tag> <key>..."
-                ));
-            }
-            let (tag, keys) = (tag.clone(), keys.to_vec());
+            let who = match names {
+                [] => return Err(format!("no customers given; {usage}")),
+                [flag, ids @ ..] if flag.eq_ignore_ascii_case("--ids") => {
+                    if ids.is_empty() {
+                        return Err(format!("no ids given; {usage}"));
+                    }
+                    Who::Ids(
+                        ids.iter()
+                            .map(|i| {
+                                i.parse().map_err(|_| {
+                                    format!("bad id {i:?}: an internal id is a whole number from 0 to 4294967295")
+                                })
+                            })
+                            .collect::<Result<_, _>>()?,
+                    )
+                }
+                keys => Who::Keys(keys.to_vec()),
+            };
+            let tag = tag.clone();
             if word.eq_ignore_ascii_case("add") {
-                Command::Add { tag, keys }
+                Command::Add { tag, who }
             } else {
-                Command::Remove { tag, keys }
+                Command::Remove { tag, who }
             }
+        }
+        "resolve" => {
+            let mut args = split_args(rest)?;
+            let create = take_flag(&mut args, "--create");
+            if args.is_empty() {
+                return Err("usage: resolve <key>... [--create]".into());
+            }
+            Command::Resolve { keys: args, create }
         }
         "import" => {
             let mut args = split_args(rest)?;
@@ -975,9 +1023,28 @@ mod tests {
             p("add t k1 k2"),
             Command::Add {
                 tag: "t".into(),
-                keys: vec!["k1".into(), "k2".into()]
+                who: Who::Keys(vec!["k1".into(), "k2".into()])
             }
         );
+        assert_eq!(
+            p("remove t --ids 7 0 4294967295"),
+            Command::Remove {
+                tag: "t".into(),
+                who: Who::Ids(vec![7, 0, u32::MAX])
+            }
+        );
+        assert!(parse("add t --ids").is_err());
+        assert!(parse("add t --ids 1 x").is_err());
+        assert!(parse("add t --ids -1").is_err());
+        assert!(parse("add t").is_err());
+        assert_eq!(
+            p("resolve a b --create"),
+            Command::Resolve {
+                keys: vec!["a".into(), "b".into()],
+                create: true
+            }
+        );
+        assert!(parse("resolve --create").is_err());
         assert_eq!(
             p("import t from f.csv column 2 create"),
             Command::Import {

@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::commands::{self, Command};
+use crate::commands::{self, Command, Who};
 
 mod fields;
 use crate::table::{self, Align, thousands};
@@ -338,15 +338,18 @@ impl Session {
                     json!({ "dropped": name, "member_count": r.member_count }),
                 );
             }
-            Command::Add { tag, keys } | Command::Remove { tag, keys } if keys.is_empty() => {
-                return Err(Failure::Local(format!("no keys given for {tag}")));
+            Command::Add { tag, who } | Command::Remove { tag, who } if who.len() == 0 => {
+                return Err(Failure::Local(format!("no customers given for {tag}")));
             }
-            Command::Add { tag, keys } => {
-                let m = Mutation {
+            Command::Add { tag, who } => {
+                let mut m = Mutation {
                     tag,
-                    add: keys,
-                    remove: vec![],
+                    ..Default::default()
                 };
+                match who {
+                    Who::Keys(keys) => m.add = keys,
+                    Who::Ids(ids) => m.add_ids = ids,
+                }
                 let r = self
                     .client
                     .update(UpdateRequest {
@@ -364,12 +367,15 @@ impl Session {
                     json!({ "added": r.added, "new_customers": r.new_customers, "lsn": r.lsn }),
                 );
             }
-            Command::Remove { tag, keys } => {
-                let m = Mutation {
+            Command::Remove { tag, who } => {
+                let mut m = Mutation {
                     tag,
-                    add: vec![],
-                    remove: keys,
+                    ..Default::default()
                 };
+                match who {
+                    Who::Keys(keys) => m.remove = keys,
+                    Who::Ids(ids) => m.remove_ids = ids,
+                }
                 let r = self
                     .client
                     .update(UpdateRequest {
@@ -381,6 +387,45 @@ impl Session {
                 self.out(
                     format!("removed {}", thousands(r.removed)),
                     json!({ "removed": r.removed, "lsn": r.lsn }),
+                );
+            }
+            Command::Resolve { keys, create } => {
+                let r = self
+                    .client
+                    .resolve_customers(ResolveCustomersRequest {
+                        customers: keys.clone(),
+                        create_missing: create,
+                    })
+                    .await?
+                    .into_inner();
+                let shown = |id: i64| {
+                    if id < 0 {
+                        "-".to_string()
+                    } else {
+                        id.to_string()
+                    }
+                };
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .zip(&r.ids)
+                    .map(|(k, &id)| vec![k.clone(), shown(id)])
+                    .collect();
+                let mut text = table::render(
+                    &["customer", "internal id"],
+                    &[Align::Left, Align::Right],
+                    &rows,
+                );
+                if create {
+                    text.push_str(&format!("\n{} new customers", thousands(r.new_customers)));
+                }
+                let ids: Vec<serde_json::Value> = keys
+                    .iter()
+                    .zip(&r.ids)
+                    .map(|(k, &id)| json!({ "customer": k, "id": (id >= 0).then_some(id) }))
+                    .collect();
+                self.out(
+                    text,
+                    json!({ "ids": ids, "new_customers": r.new_customers, "lsn": r.lsn }),
                 );
             }
             Command::Import {
@@ -636,6 +681,7 @@ impl Session {
                     tag: tag.clone(),
                     add: std::mem::take(&mut batch),
                     remove: vec![],
+                    ..Default::default()
                 };
                 let r = self
                     .client
