@@ -90,6 +90,13 @@ pub enum Op {
     Update {
         batch: usize,
     },
+    /// [`Op::Update`] with customers named by internal id (`ids[i]` is the
+    /// id of customer `i`, from `ResolveCustomers`): the same work Redis is
+    /// given, which takes the bit offset directly. Redis runs it as `Update`.
+    UpdateByIds {
+        batch: usize,
+        ids: Arc<Vec<u32>>,
+    },
 }
 
 /// Latencies and throughput of one closed-loop run.
@@ -154,7 +161,33 @@ async fn tagstore_op(
                 (vec![], keys)
             };
             c.update(UpdateRequest {
-                mutations: vec![Mutation { tag, add, remove }],
+                mutations: vec![Mutation {
+                    tag,
+                    add,
+                    remove,
+                    ..Default::default()
+                }],
+                create_missing_tags: false,
+            })
+            .await?;
+        }
+        Op::UpdateByIds { batch, ids } => {
+            let tag = data.tags[pick_tag(rng, data)].name.clone();
+            let picked: Vec<u32> = (0..*batch)
+                .map(|_| ids[rng.random_range(0..data.customers) as usize])
+                .collect();
+            let (add_ids, remove_ids) = if rng.random_bool(0.5) {
+                (picked, vec![])
+            } else {
+                (vec![], picked)
+            };
+            c.update(UpdateRequest {
+                mutations: vec![Mutation {
+                    tag,
+                    add_ids,
+                    remove_ids,
+                    ..Default::default()
+                }],
                 create_missing_tags: false,
             })
             .await?;
@@ -185,7 +218,7 @@ fn redis_op(
             }
             c.flush()?;
         }
-        Op::Update { batch } => {
+        Op::Update { batch } | Op::UpdateByIds { batch, .. } => {
             let key = redis_key(pick_tag(rng, data));
             let bit: &[u8] = if rng.random_bool(0.5) { b"1" } else { b"0" };
             if *batch == 1 {
@@ -316,6 +349,36 @@ pub fn redis_loop(
         seconds: started.elapsed().as_secs_f64(),
         hist,
     })
+}
+
+/// The internal id of every customer of the data set, in order, from
+/// `ResolveCustomers` (the data set must be loaded).
+pub async fn resolve_ids(addr: &str, data: &DataSet) -> Result<Vec<u32>, BoxError> {
+    const CHUNK: u32 = 10_000;
+    let mut c = TagStoreClientExt::connect(format!("http://{addr}")).await?;
+    let mut ids = Vec::with_capacity(data.customers as usize);
+    for first in (0..data.customers).step_by(CHUNK as usize) {
+        let customers = (first..data.customers.min(first + CHUNK))
+            .map(customer_key)
+            .collect();
+        let r = c
+            .resolve_customers(ResolveCustomersRequest {
+                customers,
+                create_missing: false,
+            })
+            .await?
+            .into_inner();
+        for (i, id) in r.ids.into_iter().enumerate() {
+            let id = u32::try_from(id).map_err(|_| {
+                format!(
+                    "customer {} is not in the store: load the data set first",
+                    customer_key(first + i as u32)
+                )
+            })?;
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }
 
 /// A connected client with large message limits.
