@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tagstore::config::{FileConfig, Overrides, ServerConfig};
 use tagstore::storage::SyncMode;
 
+/// mimalloc for Rust and, through its `override` feature, for the C code
+/// (CRoaring's containers) as well.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tagstore",

@@ -1212,40 +1212,24 @@ fn maintenance(snap: &crate::storage::Snapshot, now_ms: i64) -> Result<Batch> {
     Ok(batch)
 }
 
-/// Looks up customer keys for one request, giving new ids to new keys.
-/// Hands free heap pages back to the kernel, on a thread of its own. glibc
-/// keeps what a write burst freed (the dictionary's recent keys, copied
-/// shards, request buffers) in its arenas, between live allocations it
-/// cannot move: after a bulk load of 3M customers that was 60% of the
-/// process's memory. Called after each checkpoint, when the recent keys have
-/// just been dropped. The walk took 30–90 ms there, so it does not run on
-/// the writer thread, and never twice at once.
+/// Hands the heap pages a write burst freed (the dictionary's recent keys,
+/// copied shards, request buffers) back to the kernel. The allocator is
+/// mimalloc, for Rust and C code alike (its `override` feature: linking this
+/// crate makes it the process's `malloc`), and each thread's heap keeps
+/// freed pages for reuse; most of a burst's memory belongs to the writer
+/// thread's heap, so this runs there, after each checkpoint, when the recent
+/// keys have just been dropped. After a bulk load of 3M customers it took
+/// 5–9 ms and left the heap at 55 MiB instead of 143.
 fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        static RUNNING: AtomicBool = AtomicBool::new(false);
-        if RUNNING.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("malloc-trim".into())
-            .spawn(|| {
-                let started = Instant::now();
-                // SAFETY: malloc_trim takes no pointers; it only releases free pages.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-                let ms = started.elapsed().as_millis() as u64;
-                tracing::debug!(ms, "free heap pages released");
-                RUNNING.store(false, Ordering::Release);
-            });
-        if spawned.is_err() {
-            RUNNING.store(false, Ordering::Release);
-        }
-    }
+    let started = Instant::now();
+    // SAFETY: mi_collect takes no pointers; it only releases free memory of
+    // the calling thread's heap.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    let us = started.elapsed().as_micros() as u64;
+    tracing::debug!(us, "free heap pages released");
 }
 
+/// Looks up customer keys for one request, giving new ids to new keys.
 struct IdAssigner<'a, 'k> {
     writer: &'a Writer,
     live: &'a crate::bitmap::ShardedBitmap,
