@@ -337,6 +337,7 @@ pub const COMMAND_WORDS: &[&str] = &[
     "add",
     "remove",
     "import",
+    "resolve",
     "delete customers",
     "fields",
     "set",
@@ -1178,6 +1179,19 @@ mod tests {
         assert!(!is_incomplete("count \"(\""));
         assert_eq!(join_lines("count a AND (b OR\nc)"), "count a AND (b OR c)");
         assert_eq!(join_lines("count a \\\nAND b"), "count a AND b");
+    }
+
+    #[test]
+    fn every_documented_command_completes() {
+        for d in DOCS {
+            assert!(
+                COMMAND_WORDS
+                    .iter()
+                    .any(|w| *w == d.name || w.starts_with(&format!("{} ", d.name))),
+                "{} is documented but not offered by tab completion",
+                d.name
+            );
+        }
     }
 
     #[test]
