@@ -421,3 +421,80 @@ fn second_engine_on_the_same_directory_is_refused() {
         .expect("must be refused");
     assert!(err.to_string().contains("in use"), "{err}");
 }
+
+/// A write that changes nothing (every customer already in, or already out)
+/// is answered without a log record and keeps the lsn; one customer that
+/// would change makes the whole write logged. The state survives a crash
+/// either way.
+#[test]
+fn writes_that_change_nothing_are_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), 1 << 30);
+    let update = |tag: &str, add: &[&str], remove: &[&str], create: bool| {
+        engine.write_blocking(WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: tag.into(),
+                add: add.iter().map(|k| k.to_string()).collect(),
+                remove: remove.iter().map(|k| k.to_string()).collect(),
+                ..Default::default()
+            }],
+            create_missing_tags: create,
+        })
+    };
+    update("t", &["a", "b"], &[], true).unwrap();
+    update("u", &["c"], &[], true).unwrap();
+    let lsn = engine.snapshot().lsn;
+    let bytes = engine.info().wal_bytes;
+
+    // Already members; not members (one of them no customer at all).
+    for (add, remove) in [(&["a", "b"][..], &[][..]), (&[], &["c", "nobody"])] {
+        let r = update("t", add, remove, false).unwrap();
+        assert_eq!((r.lsn, r.added, r.removed, r.new_customers), (lsn, 0, 0, 0));
+    }
+    // By id, too.
+    let a = engine.snapshot().customer_id("a").unwrap().unwrap();
+    let r = engine
+        .write_blocking(WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: "t".into(),
+                add_ids: vec![a],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .unwrap();
+    assert_eq!((r.lsn, r.added), (lsn, 0));
+    assert_eq!(engine.info().wal_bytes, bytes, "nothing was logged");
+
+    // A new customer, a new tag, or one real change: logged.
+    let r = update("t", &["a", "d"], &[], false).unwrap();
+    assert_eq!((r.lsn, r.added, r.new_customers), (lsn + 1, 1, 1));
+    let r = update("v", &["a"], &[], true).unwrap();
+    assert_eq!((r.lsn, r.added), (lsn + 2, 1));
+    // The same customer added and removed: the add changes nothing, the
+    // remove does.
+    let r = update("t", &["b"], &["b"], false).unwrap();
+    assert_eq!((r.lsn, r.removed), (lsn + 3, 1));
+    let r = update("t", &["nobody"], &[], false).unwrap();
+    assert_eq!((r.lsn, r.added, r.new_customers), (lsn + 4, 1, 1));
+    // An unknown tag is still an error.
+    assert!(update("nope", &["a"], &[], false).is_err());
+
+    // A crash (no checkpoint): the acknowledged state comes back.
+    let copy = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "LOCK" {
+            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+        }
+    }
+    drop(engine);
+    let engine = open(copy.path(), 1 << 30);
+    assert_eq!(engine.snapshot().lsn, lsn + 4);
+    assert_eq!(
+        members(&engine, "t"),
+        ["a", "d", "nobody"].map(String::from).into()
+    );
+    assert_eq!(members(&engine, "u"), ["c"].map(String::from).into());
+    assert_eq!(members(&engine, "v"), ["a"].map(String::from).into());
+}

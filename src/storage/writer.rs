@@ -507,6 +507,16 @@ impl Writer {
                     }
                 }
                 batch.new_keys = ids.new_keys;
+                if self.changes_nothing(&batch)? {
+                    // Every customer already has what was asked: nothing to
+                    // log or wait for. What the caller sees was made durable
+                    // by the writes before it (each group is synced before
+                    // the next begins, and its replies wait for that sync).
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    }));
+                }
                 Ok(Planned::Write(batch, Target::Plain))
             }
             WriteOp::Replace {
@@ -618,6 +628,40 @@ impl Writer {
     }
 
     /// The id of an existing tag (loading its bitmap), or of one this batch creates.
+    /// True when applying the membership changes of `batch` would leave the
+    /// state as it is: no new customer or tag, every id added already a
+    /// member and every id removed already not one. Each change is checked
+    /// against the state before the batch; if none changes that state, none
+    /// changes the state the earlier ones leave. It stops at the first id
+    /// that would change something.
+    fn changes_nothing(&self, batch: &Batch) -> Result<bool> {
+        let only_changes = batch.new_tags.is_empty()
+            && batch.new_keys.is_empty()
+            && batch.deletes.is_empty()
+            && batch.drop_tags.is_empty()
+            && batch.new_fields.is_empty()
+            && batch.field_changes.is_empty()
+            && batch.drop_fields.is_empty();
+        if !only_changes {
+            return Ok(false);
+        }
+        for change in &batch.changes {
+            let Some(tag) = self.state.tag_by_id(change.tag) else {
+                return Ok(false);
+            };
+            let members = tag.bitmap.get()?;
+            let unchanged = match change.op {
+                ChangeOp::Add => change.ids.iter().all(|id| members.contains(id)),
+                ChangeOp::Remove => !change.ids.iter().any(|id| members.contains(id)),
+                _ => false,
+            };
+            if !unchanged {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn resolve_tag(
         &self,
         name: &str,
