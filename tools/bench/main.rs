@@ -76,7 +76,12 @@ struct Cli {
     /// Keep tagstore's data here (default: a temporary directory).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
-    /// Skip tagstore's load when the data directory already holds a store.
+    /// Keep the density sweep's tagstore data here (default: a temporary
+    /// directory). With --reuse, a store already there is not loaded again:
+    /// it must come from the same --sweep-customers, --sweep-densities and --seed.
+    #[arg(long, global = true)]
+    sweep_data_dir: Option<PathBuf>,
+    /// Skip tagstore's load when the data directory (or the sweep's) already holds a store.
     #[arg(long, global = true)]
     reuse: bool,
     /// Run tagstore alone, even when redis-server is installed.
@@ -410,6 +415,7 @@ impl Bench {
         // ways: by key (it resolves each one) and by internal id (the same
         // work Redis is given). The Redis figure is shared by both rows.
         let ids = Arc::new(ops::resolve_ids(&server.addr, &self.data).await?);
+        self.write_floor(&server).await?;
         for &batch in &self.cli.update_batches.clone() {
             for &clients in &self.cli.update_clients.clone() {
                 let op = Op::Update { batch };
@@ -495,6 +501,73 @@ impl Bench {
         self.report.extra.insert("update".into(), json!(figures));
         let mut server = server;
         server.stop()?;
+        Ok(())
+    }
+
+    /// What any durable write of one membership costs on this machine,
+    /// whatever the server: one fdatasync of a small append to a file on the
+    /// data directory's file system (preallocated, as tagstore's log is),
+    /// and one gRPC round trip of the lightest request (a count of the two
+    /// tiniest tags, answered on the network thread).
+    async fn write_floor(&mut self, server: &ServerProcess) -> Result<(), BoxError> {
+        use std::io::Write;
+        let parent = self
+            .dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut probe = tempfile::NamedTempFile::new_in(parent)?;
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: posix_fallocate on a file descriptor the probe owns.
+            let rc = unsafe { libc::posix_fallocate(probe.as_file().as_raw_fd(), 0, 4 << 20) };
+            if rc != 0 {
+                probe.as_file().set_len(4 << 20)?;
+            }
+        }
+        probe.as_file().sync_all()?;
+        let record = [0x5au8; 64];
+        let mut times = Vec::with_capacity(2000);
+        let started = Instant::now();
+        while times.len() < 2000 && started.elapsed() < Duration::from_secs_f64(self.cli.seconds) {
+            let t0 = Instant::now();
+            probe.write_all(&record)?;
+            probe.as_file().sync_data()?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let fsync_ms = times[times.len() / 2];
+        let p = picks(&self.data);
+        let tiny = Op::Count(Q::And(p.tiny.iter().map(|&t| Q::Tag(t)).collect()));
+        let rtt = tagstore_loop(
+            &server.addr,
+            &self.data,
+            &tiny,
+            1,
+            self.cli.seconds.min(2.0),
+            self.cli.seed,
+        )
+        .await?;
+        self.report.add(
+            "update",
+            "floor: fdatasync of a 64-byte append, p50 (no server)",
+            "ms",
+            Better::Lower,
+            Some(fsync_ms),
+            None,
+        );
+        self.report.add(
+            "update",
+            "floor: gRPC round trip of the lightest count, 1 client, p50",
+            "ms",
+            Better::Lower,
+            Some(rtt.ms(0.5)),
+            None,
+        );
+        self.report.extra.insert(
+            "write_floor".into(),
+            json!({ "fdatasync_p50_ms": fsync_ms, "grpc_round_trip": measured_json(&rtt) }),
+        );
         Ok(())
     }
 
@@ -884,31 +957,19 @@ impl Bench {
             }
         }
         let spec = Arc::new(spec);
-        let dir = self.work.join("sweep-tagstore");
-        let _ = std::fs::remove_dir_all(&dir);
-        let server = self.start(&dir, &[])?;
-        let mut c = server.client().await?;
-        let pb = bar(spec.total_memberships(), "sweep load");
-        for tag in &spec.tags {
-            c.create_tag(CreateTagRequest {
-                name: tag.name.clone(),
-                ..Default::default()
-            })
-            .await?;
+        let dir = self
+            .cli
+            .sweep_data_dir
+            .clone()
+            .unwrap_or_else(|| self.work.join("sweep-tagstore"));
+        let reuse = self.cli.reuse && dir.join("MANIFEST").exists();
+        if !reuse {
+            let _ = std::fs::remove_dir_all(&dir);
         }
-        // The tag every customer carries first, in order: it creates the customers.
-        load_tags(&server, &spec, 0..1, 1, self.cli.batch, &pb).await?;
-        load_tags(
-            &server,
-            &spec,
-            1..spec.tags.len(),
-            self.cli.concurrency,
-            self.cli.batch,
-            &pb,
-        )
-        .await?;
-        pb.finish_and_clear();
-        c.checkpoint(CheckpointRequest {}).await?;
+        let server = self.start(&dir, &[])?;
+        if !reuse {
+            sweep_load(&server, &spec, self.cli.concurrency, self.cli.batch).await?;
+        }
         let redis = match &self.redis_bin {
             Some(bin) => {
                 let rdir = self.work.join("sweep-redis");
@@ -1005,7 +1066,6 @@ impl Bench {
             &series,
         );
         std::fs::write(self.cli.out.join("sweep.svg"), svg)?;
-        drop(c);
         let mut server = server;
         server.stop()?;
         Ok(())
@@ -1054,6 +1114,30 @@ impl Bench {
 /// Loads the members of `tags` through `Update` requests of `batch` keys from
 /// `clients` concurrent connections. Requests are made as they are sent, so
 /// memory stays small whatever the data set.
+/// Loads the sweep's data set into a fresh tagstore and checkpoints it.
+async fn sweep_load(
+    server: &ServerProcess,
+    spec: &Arc<DataSet>,
+    clients: usize,
+    batch: usize,
+) -> Result<(), BoxError> {
+    let mut c = server.client().await?;
+    let pb = bar(spec.total_memberships(), "sweep load");
+    for tag in &spec.tags {
+        c.create_tag(CreateTagRequest {
+            name: tag.name.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    // The tag every customer carries first, in order: it creates the customers.
+    load_tags(server, spec, 0..1, 1, batch, &pb).await?;
+    load_tags(server, spec, 1..spec.tags.len(), clients, batch, &pb).await?;
+    pb.finish_and_clear();
+    c.checkpoint(CheckpointRequest {}).await?;
+    Ok(())
+}
+
 async fn load_tags(
     server: &ServerProcess,
     data: &Arc<DataSet>,
