@@ -342,11 +342,18 @@ impl TagStore for Service {
         }
         let snap = self.engine.snapshot();
         let many = queries.len() > 1;
-        if let Some(counts) = count_inline(&queries, &snap, many)? {
-            return Ok(Response::new(proto::CountResponse { counts }));
+        let now = crate::query::eval::now_ms();
+        match count_inline(&queries, &snap, many)? {
+            Counting::Done(counts) => return Ok(Response::new(proto::CountResponse { counts })),
+            Counting::Halves => {
+                let count = count_halves(snap, &queries[0], now).await?;
+                return Ok(Response::new(proto::CountResponse {
+                    counts: vec![count],
+                }));
+            }
+            Counting::Blocking => {}
         }
         let pool = tokio::runtime::Handle::current();
-        let now = crate::query::eval::now_ms();
         let counts = blocking(move || {
             queries
                 .iter()
@@ -608,9 +615,15 @@ impl TagStore for Service {
 
 /// Queries whose bitmaps are all in memory and touch at most this many ids
 /// are counted on the async thread: handing them to the blocking pool costs
-/// two thread wake-ups, far more than the work itself. Larger ones go to the
-/// blocking pool, where a single query is split in two (`count_split`).
+/// two thread wake-ups, far more than the work itself. A larger single query
+/// is counted in two halves on two threads (`count_halves`, `count_split`).
 const INLINE_WORK: u64 = 100_000;
+
+/// A single in-memory query up to this many ids is counted in two halves,
+/// one of them on the async thread (`count_halves`): that half takes the
+/// async thread for at most a few hundred microseconds. Larger ones go to the
+/// blocking pool whole, and are split there (`count_split`).
+const HALVES_MAX_WORK: u64 = 32_000_000;
 
 /// Counts one query whose plan touches more than [`INLINE_WORK`] ids over two
 /// threads: the upper half of its shards on another blocking-pool thread
@@ -644,15 +657,45 @@ fn count_split(
     }
 }
 
-/// Counts `queries` right here when that is cheap and cannot block on disk;
-/// `Ok(None)` when they belong on the blocking pool.
-fn count_inline(
-    queries: &[String],
-    snap: &Snapshot,
-    many: bool,
-) -> Result<Option<Vec<u64>>, Status> {
+/// Where [`TagStore::count`] counts its queries.
+enum Counting {
+    /// Counted already, on the async thread.
+    Done(Vec<u64>),
+    /// One query, all in memory, too large to count in one go on the async
+    /// thread: [`count_halves`].
+    Halves,
+    /// On the blocking pool: bitmaps to load from disk, field predicates, or
+    /// several queries that add up to too much work.
+    Blocking,
+}
+
+/// Counts a single in-memory query over two threads: the upper half of its
+/// shards on a blocking-pool thread (compiled again there, on the same
+/// snapshot), the lower half on this async thread meanwhile. One hand-off
+/// instead of two, and the answer in about half the time on an idle server.
+async fn count_halves(snap: Arc<Snapshot>, text: &str, now: i64) -> Result<u64, Status> {
+    let (lower, upper) = {
+        let query = Query::compile_at(text, &snap, now).map_err(|e| query_status(e, None))?;
+        let shards = query.shard_count();
+        let mid = shards / 2;
+        let (snap, text) = (snap.clone(), text.to_string());
+        let upper = tokio::task::spawn_blocking(move || {
+            Query::compile_at(&text, &snap, now).map(|q| q.count_shards(mid..shards))
+        });
+        (query.count_shards(0..mid), upper)
+    };
+    match upper.await {
+        Ok(Ok(upper)) => Ok(lower + upper),
+        Ok(Err(e)) => Err(query_status(e, None)),
+        Err(e) => Err(Status::internal(format!("query task failed: {e}"))),
+    }
+}
+
+/// Decides where `queries` are counted, and counts them right here when that
+/// is cheap and cannot block on disk.
+fn count_inline(queries: &[String], snap: &Snapshot, many: bool) -> Result<Counting, Status> {
     if !snap.live.is_loaded() {
-        return Ok(None);
+        return Ok(Counting::Blocking);
     }
     let mut exprs = Vec::with_capacity(queries.len());
     for (i, q) in queries.iter().enumerate() {
@@ -665,7 +708,7 @@ fn count_inline(
             .iter()
             .any(|n| snap.field(n).is_some() || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded()))
         {
-            return Ok(None);
+            return Ok(Counting::Blocking);
         }
         exprs.push(expr);
     }
@@ -675,11 +718,17 @@ fn count_inline(
         let q = Query::from_expr(e, snap).map_err(|e| query_status(e, many.then_some(i)))?;
         work = work.saturating_add(q.work());
         if work > INLINE_WORK {
-            return Ok(None);
+            return Ok(
+                if many || q.shard_count() < 2 || q.work() > HALVES_MAX_WORK {
+                    Counting::Blocking
+                } else {
+                    Counting::Halves
+                },
+            );
         }
         compiled.push(q);
     }
-    Ok(Some(compiled.iter().map(Query::count).collect()))
+    Ok(Counting::Done(compiled.iter().map(Query::count).collect()))
 }
 
 /// Resident set size of this process, from `/proc/self/status` (Linux).
@@ -731,5 +780,22 @@ mod tests {
             count_split(&query, &snap, "a AND b", now, rt.handle()),
             expect
         );
+        // The same query as the service sees it: counted in halves, one of
+        // them on the async thread.
+        let text = ["a AND b".to_string()];
+        assert!(matches!(
+            count_inline(&text, &snap, false),
+            Ok(Counting::Halves)
+        ));
+        let halves = rt.block_on(count_halves(snap.clone(), "a AND b", now));
+        assert_eq!(halves.unwrap(), expect);
+        // Two such queries in one call go to the blocking pool whole.
+        let two = ["a AND b".to_string(), "a OR b".to_string()];
+        assert!(matches!(
+            count_inline(&two, &snap, true),
+            Ok(Counting::Blocking)
+        ));
+        let unknown = rt.block_on(count_halves(snap, "a AND nope", now));
+        assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
     }
 }
