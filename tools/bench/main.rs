@@ -416,6 +416,7 @@ impl Bench {
         // work Redis is given). The Redis figure is shared by both rows.
         let ids = Arc::new(ops::resolve_ids(&server.addr, &self.data).await?);
         self.write_floor(&server).await?;
+        self.new_memberships(&server, &ids).await?;
         for &batch in &self.cli.update_batches.clone() {
             for &clients in &self.cli.update_clients.clone() {
                 let op = Op::Update { batch };
@@ -568,6 +569,67 @@ impl Bench {
             "write_floor".into(),
             json!({ "fdatasync_p50_ms": fsync_ms, "grpc_round_trip": measured_json(&rtt) }),
         );
+        Ok(())
+    }
+
+    /// Single durable writes that each add a new membership (to a tag that
+    /// starts empty), from 1 and 8 clients: the like-for-like cost of a write
+    /// that must reach the disk on both sides.
+    async fn new_memberships(
+        &mut self,
+        server: &ServerProcess,
+        ids: &Arc<Vec<u32>>,
+    ) -> Result<(), BoxError> {
+        let mut c = server.client().await?;
+        let _ = c
+            .drop_tag(DropTagRequest {
+                name: ops::FRESH_TAG.into(),
+            })
+            .await;
+        c.create_tag(CreateTagRequest {
+            name: ops::FRESH_TAG.into(),
+            ..Default::default()
+        })
+        .await?;
+        if let Some(r) = &self.redis {
+            r.conn()?.cmd(&[b"DEL", ops::FRESH_KEY.as_bytes()])?;
+        }
+        let op = Op::AddNew { ids: ids.clone() };
+        let mut figures = Vec::new();
+        for clients in [1, 8] {
+            let ours = tagstore_loop(
+                &server.addr,
+                &self.data,
+                &op,
+                clients,
+                self.cli.seconds,
+                self.cli.seed,
+            )
+            .await?;
+            let theirs = match self.redis_port() {
+                Some(port) => Some(redis_loop(
+                    port,
+                    &self.data,
+                    &op,
+                    clients,
+                    self.cli.seconds,
+                    self.cli.seed,
+                )?),
+                None => None,
+            };
+            self.rows_for(
+                "update",
+                &format!("batch 1, {clients} clients, each a new membership (durable)"),
+                &ours,
+                theirs.as_ref(),
+                1.0,
+                "memberships/s",
+            );
+            figures.push(json!({ "clients": clients, "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json) }));
+        }
+        self.report
+            .extra
+            .insert("update_new_memberships".into(), json!(figures));
         Ok(())
     }
 

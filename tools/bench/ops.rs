@@ -97,7 +97,21 @@ pub enum Op {
         batch: usize,
         ids: Arc<Vec<u32>>,
     },
+    /// One random customer, by internal id, added to [`FRESH_TAG`] (Redis:
+    /// `SETBIT` to 1 in [`FRESH_KEY`]). The tag starts empty, so nearly
+    /// every write changes something and must reach the disk: neither
+    /// system can answer it without logging and syncing. Random adds and
+    /// removes on loaded tags leave half the memberships as they were, and
+    /// both systems skip those.
+    AddNew {
+        ids: Arc<Vec<u32>>,
+    },
 }
+
+/// The tag [`Op::AddNew`] fills; the harness drops and recreates it first.
+pub const FRESH_TAG: &str = "bench_fresh";
+/// The Redis key [`Op::AddNew`] fills; deleted first.
+pub const FRESH_KEY: &str = "bench_fresh";
 
 /// Latencies and throughput of one closed-loop run.
 pub struct Measured {
@@ -192,6 +206,18 @@ async fn tagstore_op(
             })
             .await?;
         }
+        Op::AddNew { ids } => {
+            let id = ids[rng.random_range(0..data.customers) as usize];
+            c.update(UpdateRequest {
+                mutations: vec![Mutation {
+                    tag: FRESH_TAG.into(),
+                    add_ids: vec![id],
+                    ..Default::default()
+                }],
+                create_missing_tags: false,
+            })
+            .await?;
+        }
     }
     Ok(())
 }
@@ -217,6 +243,10 @@ fn redis_op(
                 c.send(&[b"GETBIT", redis_key(t).as_bytes(), id.as_bytes()])?;
             }
             c.flush()?;
+        }
+        Op::AddNew { .. } => {
+            let id = rng.random_range(0..data.customers).to_string();
+            c.cmd(&[b"SETBIT", FRESH_KEY.as_bytes(), id.as_bytes(), b"1"])?;
         }
         Op::Update { batch } | Op::UpdateByIds { batch, .. } => {
             let key = redis_key(pick_tag(rng, data));
