@@ -1,6 +1,7 @@
 //! Randomized test of the engine and the query evaluator against a simple
 //! model (a map of tag name to a set of keys, and the set of live keys):
-//! thousands of random updates (by key and by internal id), replaces,
+//! thousands of random updates (by key, by internal id, and by keys resolved
+//! beforehand in a snapshot a few writes old), replaces,
 //! customer creations, deletes, drops, checkpoints and restarts (clean and
 //! abrupt), checking counts, member lists, profiles and
 //! random boolean queries after every phase.
@@ -369,10 +370,33 @@ fn random_operations_match_the_model_across_restarts() {
     let mut model = Model::default();
     // A tiny checkpoint threshold makes automatic checkpoints and compaction happen often.
     let mut engine = open(dir.path(), 16 << 10);
+    let mut stale = engine.snapshot();
     for phase in 0..12 {
-        for _ in 0..250 {
+        for i in 0..250 {
             let op = random_op(&mut rng, &mut model);
-            let (sent, poisoned) = by_ids(&engine, &mut rng, &op);
+            let (mut sent, poisoned) = by_ids(&engine, &mut rng, &op);
+            // Keys resolved before the writer, as the server does for large
+            // updates: in a snapshot up to 25 writes old, so that some of
+            // those customers were deleted (or deleted and created again)
+            // since.
+            if i % 25 == 0 {
+                stale = engine.snapshot();
+            }
+            if let WriteOp::Update { mutations, .. } = &mut sent {
+                for m in mutations.iter_mut() {
+                    match rng.random_range(0..3) {
+                        0 => m.resolve_in(&stale).unwrap(),
+                        1 => {
+                            let mut half = m.split_off_half();
+                            let found = half.look_up(&stale).unwrap();
+                            half.take_resolved(found);
+                            m.resolve_in(&stale).unwrap();
+                            m.append(half);
+                        }
+                        _ => {}
+                    }
+                }
+            }
             let expect = should_accept(&model, &op) && !poisoned;
             let res = engine.write_blocking(sent.clone());
             assert_eq!(res.is_ok(), expect, "phase {phase}: {sent:?} gave {res:?}");

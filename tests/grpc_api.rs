@@ -883,3 +883,72 @@ async fn writes_by_internal_id() {
     assert_eq!(count(&mut c, "ALL").await, 3);
     assert_eq!(count(&mut c, "churn").await, 2);
 }
+
+/// An update large enough that the server looks its keys up before the
+/// writer (in two halves): new and known customers, a key named twice, keys
+/// to remove that are and are not members, a deleted customer named again,
+/// and a bad key, which still fails the whole request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_updates_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = common::start(&data, &[]);
+    let mut c = common::client(&server).await;
+    for name in ["t", "u"] {
+        c.create_tag(CreateTagRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let keys = |r: std::ops::Range<u32>| -> Vec<String> { r.map(|i| format!("k{i}")).collect() };
+    let add = |tag: &str, add: Vec<String>, remove: Vec<String>| Mutation {
+        tag: tag.into(),
+        add,
+        remove,
+        ..Default::default()
+    };
+    // 0..600 are new.
+    let r = update(&mut c, vec![add("t", keys(0..600), vec![])])
+        .await
+        .unwrap();
+    assert_eq!((r.added, r.new_customers), (600, 600));
+    c.delete_customers(DeleteCustomersRequest {
+        customers: keys(0..10),
+    })
+    .await
+    .unwrap();
+    // 300..900 (300 known, 300 new, one named twice), and 0..10 again: deleted,
+    // so new customers now; remove 2000..2200 from u (no customers at all)
+    // and 100..400 from t.
+    let mut named = keys(300..900);
+    named.push("k301".into());
+    named.extend(keys(0..10));
+    let r = update(
+        &mut c,
+        vec![
+            add("u", named.clone(), keys(2000..2200)),
+            add("t", vec![], keys(100..400)),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.added, r.removed, r.new_customers), (610, 300, 310));
+    assert_eq!(count(&mut c, "u").await, 610);
+    assert_eq!(count(&mut c, "t").await, 600 - 10 - 300);
+    assert_eq!(count(&mut c, "ALL").await, 900);
+    // The same again changes nothing.
+    let again = update(&mut c, vec![add("u", named, vec![])]).await.unwrap();
+    assert_eq!((again.added, again.new_customers, again.lsn), (0, 0, r.lsn));
+    // One bad key among 600 fails it all.
+    let mut bad = keys(1000..1600);
+    bad.push(String::new());
+    let err = update(&mut c, vec![add("t", bad, vec![])])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(count(&mut c, "ALL").await, 900);
+    drop(c);
+    server.kill();
+}

@@ -44,7 +44,7 @@ pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, T
 use state::State;
 use wal::WalWriter;
 use writer::{Cmd, Writer};
-pub use writer::{EventTime, Mutation, ValueWrite, WriteOp, WriteResult};
+pub use writer::{EventTime, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult};
 
 /// When the log is synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

@@ -25,7 +25,7 @@ use crate::storage::checkpoint::{CheckpointDone, CheckpointInfo, CheckpointJob};
 use crate::storage::manifest::Manifest;
 use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, KIND_BATCH, NewField, NewTag};
 use crate::storage::segment::{BlobKind, Segment};
-use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, TagMeta};
+use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, Snapshot, TagMeta};
 use crate::storage::state::State;
 use crate::storage::wal::{self, WalWriter};
 use crate::storage::{Shared, SyncMode, fsync_dir};
@@ -36,6 +36,9 @@ pub const MAX_DESCRIPTION_BYTES: usize = 4096;
 pub const MAX_CATEGORY_BYTES: usize = 200;
 /// Most requests committed together under one sync.
 const MAX_GROUP: usize = 256;
+
+/// Keys looked up at once by [`Mutation::resolve_in`].
+const RESOLVE_GROUP: usize = 256;
 
 /// One tag's changes in an [`WriteOp::Update`], by customer key and by
 /// internal id.
@@ -48,6 +51,13 @@ pub struct Mutation {
     pub add_ids: Vec<u32>,
     /// Ids that name no live customer are skipped.
     pub remove_ids: Vec<u32>,
+    /// Keys of `add` already looked up in a recent snapshot, each with the id
+    /// it had there ([`Mutation::resolve_in`]). They mean exactly what they
+    /// would in `add`: the writer takes the id while that customer is live,
+    /// and looks the key up again (or creates it) otherwise.
+    pub add_resolved: Vec<(u32, String)>,
+    /// Keys of `remove` looked up the same way.
+    pub remove_resolved: Vec<(u32, String)>,
 }
 
 impl Mutation {
@@ -56,7 +66,94 @@ impl Mutation {
             && self.remove.is_empty()
             && self.add_ids.is_empty()
             && self.remove_ids.is_empty()
+            && self.add_resolved.is_empty()
+            && self.remove_resolved.is_empty()
     }
+
+    /// Moves the second half of the keys of `add` and of `remove` into a new
+    /// mutation of the same tag, to be resolved elsewhere and then
+    /// [`Mutation::append`]ed back: a mutation is a set of changes, so the
+    /// order of its customers does not matter.
+    pub fn split_off_half(&mut self) -> Mutation {
+        Mutation {
+            tag: self.tag.clone(),
+            add: self.add.split_off(self.add.len() / 2),
+            remove: self.remove.split_off(self.remove.len() / 2),
+            ..Default::default()
+        }
+    }
+
+    /// Adds the customers of `other` (a mutation of the same tag).
+    pub fn append(&mut self, mut other: Mutation) {
+        self.add.append(&mut other.add);
+        self.remove.append(&mut other.remove);
+        self.add_ids.append(&mut other.add_ids);
+        self.remove_ids.append(&mut other.remove_ids);
+        self.add_resolved.append(&mut other.add_resolved);
+        self.remove_resolved.append(&mut other.remove_resolved);
+    }
+
+    /// Looks the keys of `add` and `remove` up in `snap`, a snapshot the
+    /// caller holds, and moves those of live customers to `add_resolved`
+    /// and `remove_resolved`: the look-ups then run on the caller's thread,
+    /// not on the single writer thread. Safe against any write in between,
+    /// because a key keeps its id for its customer's whole life: if the id is
+    /// still live when the write is applied, it is still that key's.
+    pub fn resolve_in(&mut self, snap: &Snapshot) -> Result<()> {
+        let found = self.look_up(snap)?;
+        self.take_resolved(found);
+        Ok(())
+    }
+
+    /// The first half of [`Mutation::resolve_in`], which only reads: the
+    /// ids `snap` has for the keys of `add` and of `remove` (`None` for keys
+    /// of no live customer). It may run on another thread than
+    /// [`Mutation::take_resolved`], and allocates little there.
+    pub fn look_up(&self, snap: &Snapshot) -> Result<KeyIds> {
+        fn ids(keys: &[String], snap: &Snapshot) -> Result<Vec<Option<u32>>> {
+            // In groups, so that the dictionary's lock (which the writer takes
+            // to add new keys) is held briefly each time.
+            let mut ids = Vec::with_capacity(keys.len());
+            for group in keys.chunks(RESOLVE_GROUP) {
+                let refs: Vec<&str> = group.iter().map(String::as_str).collect();
+                ids.extend(snap.customer_ids(&refs)?);
+            }
+            Ok(ids)
+        }
+        Ok(KeyIds {
+            add: ids(&self.add, snap)?,
+            remove: ids(&self.remove, snap)?,
+        })
+    }
+
+    /// The second half of [`Mutation::resolve_in`]: moves the keys `found`
+    /// names (from [`Mutation::look_up`] of this same mutation) to
+    /// `add_resolved` and `remove_resolved`.
+    pub fn take_resolved(&mut self, found: KeyIds) {
+        fn split(keys: &mut Vec<String>, out: &mut Vec<(u32, String)>, ids: Vec<Option<u32>>) {
+            if ids.len() != keys.len() {
+                return;
+            }
+            let mut rest = Vec::new();
+            for (key, id) in std::mem::take(keys).into_iter().zip(ids) {
+                match id {
+                    Some(id) => out.push((id, key)),
+                    None => rest.push(key),
+                }
+            }
+            *keys = rest;
+        }
+        split(&mut self.add, &mut self.add_resolved, found.add);
+        split(&mut self.remove, &mut self.remove_resolved, found.remove);
+    }
+}
+
+/// What [`Mutation::look_up`] found: an id (or none) per key of `add` and
+/// of `remove`, in order.
+#[derive(Debug, Default)]
+pub struct KeyIds {
+    pub add: Vec<Option<u32>>,
+    pub remove: Vec<Option<u32>>,
 }
 
 /// A write, in domain terms.
@@ -479,6 +576,14 @@ impl Writer {
                     let tag_id =
                         self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
                     let mut add = ids.get_or_create_many(&m.add)?;
+                    for (id, key) in &m.add_resolved {
+                        let still_live = ids.live.contains(*id);
+                        add.push(if still_live {
+                            *id
+                        } else {
+                            ids.get_or_create(key)?
+                        });
+                    }
                     if let Some(&dead) = m.add_ids.iter().find(|&&id| !ids.live.contains(id)) {
                         return Err(Error::CustomerIdNotFound(dead));
                     }
@@ -489,6 +594,13 @@ impl Writer {
                     let mut remove: Vec<u32> =
                         ids.get_many(&m.remove)?.into_iter().flatten().collect();
                     remove.extend(m.remove_ids.iter().filter(|&&id| ids.live.contains(id)));
+                    for (id, key) in &m.remove_resolved {
+                        if ids.live.contains(*id) {
+                            remove.push(*id);
+                        } else if let Some(id) = ids.get(key)? {
+                            remove.push(id);
+                        }
+                    }
                     remove.sort_unstable();
                     let remove: RoaringBitmap = remove.into_iter().collect();
                     if !add.is_empty() {
