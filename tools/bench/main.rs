@@ -424,15 +424,7 @@ impl Bench {
                     batch,
                     ids: ids.clone(),
                 };
-                let ours = tagstore_loop(
-                    &server.addr,
-                    &self.data,
-                    &op,
-                    clients,
-                    self.cli.seconds,
-                    self.cli.seed,
-                )
-                .await?;
+                let (ours, theirs) = self.on_both(&server.addr, &op, clients).await?;
                 let ours_by_id = tagstore_loop(
                     &server.addr,
                     &self.data,
@@ -442,17 +434,6 @@ impl Bench {
                     self.cli.seed,
                 )
                 .await?;
-                let theirs = match self.redis_port() {
-                    Some(port) => Some(redis_loop(
-                        port,
-                        &self.data,
-                        &op,
-                        clients,
-                        self.cli.seconds,
-                        self.cli.seed,
-                    )?),
-                    None => None,
-                };
                 let label = format!(
                     "batch {batch}, {clients} clients (durable: fsync / appendfsync always)"
                 );
@@ -597,26 +578,7 @@ impl Bench {
         let op = Op::AddNew { ids: ids.clone() };
         let mut figures = Vec::new();
         for clients in [1, 8] {
-            let ours = tagstore_loop(
-                &server.addr,
-                &self.data,
-                &op,
-                clients,
-                self.cli.seconds,
-                self.cli.seed,
-            )
-            .await?;
-            let theirs = match self.redis_port() {
-                Some(port) => Some(redis_loop(
-                    port,
-                    &self.data,
-                    &op,
-                    clients,
-                    self.cli.seconds,
-                    self.cli.seed,
-                )?),
-                None => None,
-            };
+            let (ours, theirs) = self.on_both(&server.addr, &op, clients).await?;
             self.rows_for(
                 "update",
                 &format!("batch 1, {clients} clients, each a new membership (durable)"),
@@ -631,6 +593,23 @@ impl Bench {
             .extra
             .insert("update_new_memberships".into(), json!(figures));
         Ok(())
+    }
+
+    /// `op` from `clients` connections for `--seconds`, on tagstore and (when
+    /// it runs) on Redis, on this run's data set.
+    async fn on_both(
+        &self,
+        addr: &str,
+        op: &Op,
+        clients: usize,
+    ) -> Result<(Measured, Option<Measured>), BoxError> {
+        let (secs, seed) = (self.cli.seconds, self.cli.seed);
+        let ours = tagstore_loop(addr, &self.data, op, clients, secs, seed).await?;
+        let theirs = match self.redis_port() {
+            Some(port) => Some(redis_loop(port, &self.data, op, clients, secs, seed)?),
+            None => None,
+        };
+        Ok((ours, theirs))
     }
 
     fn rows_for(
@@ -712,26 +691,7 @@ impl Bench {
         for (label, q) in &exprs {
             let text = q.text(&data);
             let op = Op::Count(q.clone());
-            let ours = tagstore_loop(
-                &server.addr,
-                &data,
-                &op,
-                clients,
-                self.cli.seconds,
-                self.cli.seed,
-            )
-            .await?;
-            let theirs = match self.redis_port() {
-                Some(port) => Some(redis_loop(
-                    port,
-                    &data,
-                    &op,
-                    clients,
-                    self.cli.seconds,
-                    self.cli.seed,
-                )?),
-                None => None,
-            };
+            let (ours, theirs) = self.on_both(&server.addr, &op, clients).await?;
             let ceiling = in_process_ms(
                 &snap,
                 &text,
@@ -778,26 +738,7 @@ impl Bench {
             }));
         }
         // One customer's tags: Profile, against GETBIT on every tag key.
-        let ours = tagstore_loop(
-            &server.addr,
-            &data,
-            &Op::Profile,
-            clients,
-            self.cli.seconds,
-            self.cli.seed,
-        )
-        .await?;
-        let theirs = match self.redis_port() {
-            Some(port) => Some(redis_loop(
-                port,
-                &data,
-                &Op::Profile,
-                clients,
-                self.cli.seconds,
-                self.cli.seed,
-            )?),
-            None => None,
-        };
+        let (ours, theirs) = self.on_both(&server.addr, &Op::Profile, clients).await?;
         self.rows_for(
             "query",
             &format!("profile (redis: GETBIT x {} tags)", data.tags.len()),
