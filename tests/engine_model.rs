@@ -522,3 +522,75 @@ fn writes_that_change_nothing_are_not_logged() {
     assert_eq!(members(&engine, "u"), ["c"].map(String::from).into());
     assert_eq!(members(&engine, "v"), ["a"].map(String::from).into());
 }
+
+/// Checkpoints that each add the same number of customers keep the
+/// dictionary sections to about log2(checkpoints), merging the newest ones as
+/// they add up; through those merges (and a restart) every live key keeps its
+/// id, deleted keys stay deleted, and a deleted key created again gets a new id.
+#[test]
+fn dictionary_sections_stay_few_through_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = EngineConfig::new(dir.path());
+    cfg.checkpoint_wal_bytes = 1 << 30;
+    let engine = Engine::open(cfg.clone()).unwrap();
+    let mut ids: BTreeMap<String, u32> = BTreeMap::new();
+    let mut dead: BTreeSet<String> = BTreeSet::new();
+    let mut seen: BTreeSet<u32> = BTreeSet::new();
+    let rounds = 24;
+    for round in 0..rounds {
+        let keys: Vec<String> = (0..40).map(|i| format!("r{round}-{i}")).collect();
+        let r = engine
+            .write_blocking(WriteOp::CreateCustomers {
+                customers: keys.clone(),
+            })
+            .unwrap();
+        for (k, id) in keys.iter().zip(&r.ids) {
+            assert!(seen.insert(*id), "id {id} given twice");
+            ids.insert(k.clone(), *id);
+        }
+        if round > 0 {
+            // Delete a customer of the previous round, and bring back one
+            // deleted two rounds ago (a new id for the same key).
+            let gone = format!("r{}-{}", round - 1, round % 40);
+            engine
+                .write_blocking(WriteOp::DeleteCustomers {
+                    customers: vec![gone.clone()],
+                })
+                .unwrap();
+            ids.remove(&gone);
+            dead.insert(gone);
+            if round > 2 {
+                let back = format!("r{}-{}", round - 3, (round - 2) % 40);
+                let r = engine
+                    .write_blocking(WriteOp::CreateCustomers {
+                        customers: vec![back.clone()],
+                    })
+                    .unwrap();
+                assert!(seen.insert(r.ids[0]), "a key created again gets a new id");
+                dead.remove(&back);
+                ids.insert(back, r.ids[0]);
+            }
+        }
+        engine.checkpoint_blocking().unwrap();
+        let sections = engine.info().dictionary_sections;
+        let bound = ((round + 1) as f64).log2().floor() as u64 + 1;
+        assert!(
+            sections <= bound,
+            "round {round}: {sections} sections, more than {bound}"
+        );
+    }
+    let check = |engine: &Engine| {
+        let snap = engine.snapshot();
+        for (k, id) in &ids {
+            assert_eq!(snap.customer_id(k).unwrap(), Some(*id), "{k}");
+        }
+        for k in &dead {
+            assert_eq!(snap.customer_id(k).unwrap(), None, "{k} was deleted");
+        }
+    };
+    check(&engine);
+    drop(engine);
+    let engine = Engine::open(cfg).unwrap();
+    assert!(engine.info().dictionary_sections <= 5);
+    check(&engine);
+}

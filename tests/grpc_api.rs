@@ -584,6 +584,7 @@ async fn every_call_and_its_errors() {
     assert_eq!(st.tags, 6);
     assert_eq!(st.last_checkpoint_lsn, cp.lsn);
     assert!(st.memory_bytes > 0 && st.disk_bytes > 0 && st.segment_files == 1);
+    assert_eq!(st.dictionary_sections, 1);
 
     // Health and reflection.
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))

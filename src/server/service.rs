@@ -613,6 +613,7 @@ impl TagStore for Service {
                 last_checkpoint_lsn: info.last_checkpoint_lsn,
                 lsn: snap.lsn,
                 segment_files: info.segment_files,
+                dictionary_sections: info.dictionary_sections,
                 bitmap_bytes,
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 data_dir: dir.display().to_string(),

@@ -24,8 +24,51 @@ use crate::storage::snapshot::Snapshot;
 pub struct CompactionPolicy {
     /// Most segment files kept before the smallest are merged.
     pub max_segments: usize,
-    /// Most dictionary sections kept before they are merged into one.
+    /// Most dictionary sections kept before they are all merged into one
+    /// (see [`dict_merge_from`] for the merges that keep them fewer).
     pub max_dict_layers: usize,
+}
+
+/// Which dictionary sections a checkpoint rewrites, given the key counts of
+/// the current sections (oldest first), the live keys added since the last
+/// checkpoint, and the oldest section held by a compaction victim. `Some(i)`:
+/// sections `i..` and the new keys become one section; `None`: the new keys,
+/// if any, get a section of their own.
+///
+/// A key look-up probes every section, newest first, and each probe of a
+/// large section is a cache miss, so sections are kept few by size tiers: a
+/// section is merged with everything newer once the newer keys together are
+/// at least as many as its own. Sizes then at least double from each section
+/// to the one before it (at most log2(keys / keys per checkpoint) + 1
+/// sections), and each key is rewritten about once per tier it climbs. A bulk
+/// load of 10M customers, ~2.5M per checkpoint, ends in one section after
+/// writing 2× its keys; 100M ends in two after 3.3× (merging all sections
+/// whenever there would be more than 8 gave four and eight, after 1× and 3×).
+pub(crate) fn dict_merge_from(
+    sizes: &[usize],
+    recent: usize,
+    first_victim: Option<usize>,
+    max_sections: usize,
+) -> Option<usize> {
+    let mut from = None;
+    if recent > 0 {
+        let mut newer = recent;
+        for i in (0..sizes.len()).rev() {
+            if sizes[i] <= newer {
+                from = Some(i);
+            }
+            newer += sizes[i];
+        }
+    }
+    if let Some(v) = first_victim {
+        from = Some(from.map_or(v, |f: usize| f.min(v)));
+    }
+    let new_section = from.is_some() || recent > 0;
+    let kept = from.unwrap_or(sizes.len()) + new_section as usize;
+    if kept > max_sections.max(1) {
+        from = Some(0);
+    }
+    from
 }
 
 impl Default for CompactionPolicy {
@@ -244,14 +287,23 @@ impl CheckpointJob {
 
         let layers = self.dict.layers();
         let recent = self.dict.recent_entries(snap.next_customer_id, live);
-        let merge = layers.len() + (!recent.is_empty()) as usize
-            > self.policy.max_dict_layers.max(1)
-            || layers.iter().any(|l| victims.contains(&l.segment_no()));
-        let mut dict_segments = self.prev.dict_segments.clone();
+        let sizes: Vec<usize> = layers.iter().map(|l| l.len()).collect();
+        let first_victim = layers
+            .iter()
+            .position(|l| victims.contains(&l.segment_no()));
+        let merge_from = dict_merge_from(
+            &sizes,
+            recent.len(),
+            first_victim,
+            self.policy.max_dict_layers,
+        );
+        let mut dict_segments: Vec<u64> = layers.iter().map(|l| l.segment_no()).collect();
         let mut new_dict = false;
-        if merge {
+        if let Some(from) = merge_from {
+            // The merged sections keep only live customers: that is when a
+            // deleted customer's key leaves the disk.
             let mut old: Vec<(u32, &str)> = Vec::new();
-            for layer in &layers {
+            for layer in &layers[from..] {
                 for entry in layer.iter() {
                     let (id, key) = entry?;
                     if live.contains(id) {
@@ -267,7 +319,8 @@ impl CheckpointJob {
             if let Some(w) = writer.as_mut() {
                 w.add_blob(BlobKind::Dictionary, 0, 0, &section)?;
             }
-            dict_segments = vec![seg_no];
+            dict_segments.truncate(from);
+            dict_segments.push(seg_no);
             new_dict = true;
         } else if !recent.is_empty() {
             let section = encode_section(recent.iter().map(|(id, k)| (*id, &**k)));
@@ -305,19 +358,15 @@ impl CheckpointJob {
         };
         manifest.write(&self.dir)?;
 
-        let dict_layers = if merge {
-            vec![Arc::new(DictLayer::open(
-                new_segment.clone().expect("a merge writes a segment"),
-            )?)]
-        } else if new_dict {
-            let mut l = layers;
-            l.push(Arc::new(DictLayer::open(
-                new_segment.clone().expect("a new section writes a segment"),
+        let mut dict_layers = layers;
+        if new_dict {
+            dict_layers.truncate(merge_from.unwrap_or(dict_layers.len()));
+            dict_layers.push(Arc::new(DictLayer::open(
+                new_segment
+                    .clone()
+                    .expect("a new dictionary section writes a segment"),
             )?));
-            l
-        } else {
-            layers
-        };
+        }
         Ok(CheckpointDone {
             info: CheckpointInfo {
                 lsn: snap.lsn,
@@ -330,5 +379,80 @@ impl CheckpointJob {
             dict_layers,
             dict_upto: snap.next_customer_id,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dict_merge_from;
+
+    /// Runs `checkpoints` checkpoints of `per` new keys each through the
+    /// policy; returns the section sizes and the keys written in all.
+    fn load(checkpoints: usize, per: usize, max: usize) -> (Vec<usize>, usize) {
+        let (mut sizes, mut written) = (Vec::new(), 0);
+        for _ in 0..checkpoints {
+            match dict_merge_from(&sizes, per, None, max) {
+                Some(from) => {
+                    let merged = sizes.drain(from..).sum::<usize>() + per;
+                    written += merged;
+                    sizes.push(merged);
+                }
+                None => {
+                    written += per;
+                    sizes.push(per);
+                }
+            }
+        }
+        (sizes, written)
+    }
+
+    #[test]
+    fn sections_double_in_size_from_newest_to_oldest() {
+        let (sizes, written) = load(4, 2_500_000, 8);
+        assert_eq!(sizes, vec![10_000_000]);
+        assert_eq!(written, 20_000_000);
+        let (sizes, written) = load(40, 2_500_000, 8);
+        assert_eq!(sizes, vec![80_000_000, 20_000_000]);
+        assert_eq!(written, 330_000_000);
+        for n in 1..200 {
+            let (sizes, _) = load(n, 1000, 64);
+            for w in sizes.windows(2) {
+                assert!(w[0] > w[1], "{n}: {sizes:?}");
+            }
+            let sum: usize = sizes.iter().sum();
+            for (i, s) in sizes.iter().enumerate() {
+                assert!(*s > sizes[i + 1..].iter().sum::<usize>(), "{n}: {sizes:?}");
+            }
+            assert_eq!(sum, n * 1000);
+            assert!(
+                sizes.len() <= (n as f64).log2() as usize + 1,
+                "{n}: {sizes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_new_keys_no_merge_unless_a_victim_or_too_many() {
+        assert_eq!(dict_merge_from(&[8, 4, 2], 0, None, 8), None);
+        assert_eq!(dict_merge_from(&[], 0, None, 8), None);
+        // A section in a compaction victim is rewritten, with all newer ones.
+        assert_eq!(dict_merge_from(&[8, 4, 2], 0, Some(1), 8), Some(1));
+        assert_eq!(dict_merge_from(&[8, 4, 2], 1, Some(1), 8), Some(1));
+        assert_eq!(dict_merge_from(&[8, 4, 2], 1, Some(2), 8), Some(2));
+        assert_eq!(dict_merge_from(&[8, 4, 2], 2, Some(2), 8), Some(0));
+        // The cap merges everything.
+        assert_eq!(dict_merge_from(&[64, 32, 16, 8], 1, None, 4), Some(0));
+        assert_eq!(dict_merge_from(&[64, 32, 16, 8], 1, None, 5), None);
+        assert_eq!(dict_merge_from(&[64, 32, 16, 8], 0, None, 4), None);
+    }
+
+    #[test]
+    fn new_keys_merge_the_tiers_they_reach() {
+        assert_eq!(dict_merge_from(&[100], 10, None, 8), None);
+        assert_eq!(dict_merge_from(&[100], 100, None, 8), Some(0));
+        assert_eq!(dict_merge_from(&[100, 40], 40, None, 8), Some(1));
+        assert_eq!(dict_merge_from(&[100, 40], 60, None, 8), Some(0));
+        assert_eq!(dict_merge_from(&[100, 40, 10], 5, None, 8), None);
+        assert_eq!(dict_merge_from(&[100, 40, 10], 30, None, 8), Some(1));
     }
 }

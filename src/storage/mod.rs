@@ -85,6 +85,8 @@ pub struct EngineInfo {
     pub last_checkpoint_lsn: u64,
     pub last_checkpoint_at_ms: i64,
     pub segment_files: u64,
+    /// Dictionary sections that key look-ups probe.
+    pub dictionary_sections: u64,
 }
 
 /// What recovery found when the engine opened.
@@ -321,6 +323,7 @@ impl Engine {
             last_checkpoint_lsn: manifest.checkpoint_lsn,
             last_checkpoint_at_ms: manifest.checkpoint_at_ms,
             segment_files: segments.len() as u64,
+            dictionary_sections: manifest.dict_segments.len() as u64,
         };
         let shared = Arc::new(Shared {
             config,

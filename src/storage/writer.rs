@@ -1082,6 +1082,7 @@ impl Writer {
         info.last_checkpoint_lsn = self.manifest.checkpoint_lsn;
         info.last_checkpoint_at_ms = self.manifest.checkpoint_at_ms;
         info.segment_files = self.segments.len() as u64;
+        info.dictionary_sections = self.manifest.dict_segments.len() as u64;
         info.wal_bytes = self.old_wal_bytes + self.wal.bytes();
     }
 

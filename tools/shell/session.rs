@@ -473,6 +473,10 @@ impl Session {
                     vec!["disk".into(), table::bytes(s.disk_bytes)],
                     vec!["log since checkpoint".into(), table::bytes(s.wal_bytes)],
                     vec!["segment files".into(), s.segment_files.to_string()],
+                    vec![
+                        "dictionary sections".into(),
+                        s.dictionary_sections.to_string(),
+                    ],
                     vec!["lsn".into(), s.lsn.to_string()],
                     vec![
                         "last checkpoint".into(),
@@ -488,7 +492,7 @@ impl Session {
                 ];
                 let value = json!({
                     "customers": s.customers, "tags": s.tags, "memory_bytes": s.memory_bytes, "bitmap_bytes": s.bitmap_bytes,
-                    "disk_bytes": s.disk_bytes, "wal_bytes": s.wal_bytes, "segment_files": s.segment_files, "lsn": s.lsn,
+                    "disk_bytes": s.disk_bytes, "wal_bytes": s.wal_bytes, "segment_files": s.segment_files, "dictionary_sections": s.dictionary_sections, "lsn": s.lsn,
                     "last_checkpoint_lsn": s.last_checkpoint_lsn, "last_checkpoint_at_ms": s.last_checkpoint_at_ms,
                     "uptime_seconds": s.uptime_seconds, "version": s.version, "data_dir": s.data_dir,
                 });
