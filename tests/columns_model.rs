@@ -490,7 +490,7 @@ fn random_field_writes_match_the_model_across_restarts() {
         check(&engine, &model, &mut rng);
         match phase % 3 {
             0 => {
-                engine.checkpoint_blocking().unwrap();
+                engine.checkpoint_blocking(Default::default()).unwrap();
                 // The checkpoint rolled old days into months and dropped expired ones.
                 let snap = engine.snapshot();
                 let slots: Vec<u32> = snap

@@ -573,7 +573,7 @@ async fn every_call_and_its_errors() {
 
     // Checkpoint and Stats.
     let cp = c
-        .checkpoint(CheckpointRequest {})
+        .checkpoint(CheckpointRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -215,7 +215,7 @@ fn missing_log_after_the_checkpoint_is_an_error_not_a_silent_gap() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path()).unwrap();
     add(&engine, "t", &["a"]);
-    engine.checkpoint_blocking().unwrap();
+    engine.checkpoint_blocking(Default::default()).unwrap();
     add(&engine, "t", &["b"]);
     add(&engine, "t", &["c"]);
     let copy = crash_copy(dir.path());

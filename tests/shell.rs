@@ -188,6 +188,21 @@ async fn every_command_non_interactively() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tags"].as_array().unwrap().len(), 2);
 
+    // A checkpoint after new customers adds a dictionary section; one that
+    // merges the dictionary leaves one.
+    let sections = || {
+        let out = shell(a, &["--json", "-c", "stats"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["dictionary_sections"].as_u64().unwrap()
+    };
+    ok(a, "resolve phone:100 phone:101 --create");
+    ok(a, "checkpoint");
+    assert!(sections() >= 2);
+    assert!(ok(a, "checkpoint --merge-dictionary").starts_with("checkpoint at lsn"));
+    assert_eq!(sections(), 1);
+    assert!(fails(a, "checkpoint --merge").contains("usage: checkpoint [--merge-dictionary]"));
+    ok(a, "delete customers phone:100 phone:101 --yes");
+
     // A script stops at the first failure with exit status 1, naming the line.
     std::fs::write(
         &script,

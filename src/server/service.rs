@@ -18,7 +18,7 @@ use crate::proto::tag_store_server::TagStore;
 use crate::query::Query;
 use crate::server::fields;
 use crate::server::status::{query_status, to_status};
-use crate::storage::{Engine, Mutation, Snapshot, TagMeta, WriteOp};
+use crate::storage::{CheckpointOptions, Engine, Mutation, Snapshot, TagMeta, WriteOp};
 
 /// Page size of `Members` when the request gives none.
 pub const DEFAULT_PAGE: u32 = 1_000;
@@ -626,9 +626,12 @@ impl TagStore for Service {
 
     async fn checkpoint(
         &self,
-        _req: Request<proto::CheckpointRequest>,
+        req: Request<proto::CheckpointRequest>,
     ) -> Result<Response<proto::CheckpointResponse>, Status> {
-        let info = self.engine.checkpoint().await.map_err(to_status)?;
+        let options = CheckpointOptions {
+            merge_dictionary: req.get_ref().merge_dictionary,
+        };
+        let info = self.engine.checkpoint(options).await.map_err(to_status)?;
         Ok(Response::new(proto::CheckpointResponse {
             lsn: info.lsn,
             tags_written: info.tags_written,

@@ -80,6 +80,15 @@ impl Default for CompactionPolicy {
     }
 }
 
+/// What a caller of a checkpoint may ask for beyond the usual.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    /// Merge every dictionary section into one (and drop deleted customers'
+    /// keys), as after a bulk load: each section is a cache miss in every key
+    /// look-up. Costs a rewrite of the whole dictionary.
+    pub merge_dictionary: bool,
+}
+
 /// Everything a checkpoint needs, captured by the writer at one lsn.
 pub struct CheckpointJob {
     pub dir: PathBuf,

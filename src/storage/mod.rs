@@ -34,7 +34,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-pub use checkpoint::{CheckpointInfo, CompactionPolicy};
+pub use checkpoint::{CheckpointInfo, CheckpointOptions, CompactionPolicy};
 use dictionary::{DictLayer, Dictionary};
 use manifest::Manifest;
 use record::{Batch, KIND_BATCH};
@@ -397,16 +397,16 @@ impl Engine {
     }
 
     /// Writes a checkpoint covering every write acknowledged before the call.
-    pub async fn checkpoint(&self) -> Result<CheckpointInfo> {
+    pub async fn checkpoint(&self, options: CheckpointOptions) -> Result<CheckpointInfo> {
         let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Checkpoint(tx))?;
+        self.send(Cmd::Checkpoint(options, tx))?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
     /// [`Engine::checkpoint`] for callers outside an async runtime.
-    pub fn checkpoint_blocking(&self) -> Result<CheckpointInfo> {
+    pub fn checkpoint_blocking(&self, options: CheckpointOptions) -> Result<CheckpointInfo> {
         let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Checkpoint(tx))?;
+        self.send(Cmd::Checkpoint(options, tx))?;
         rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
     }
 

@@ -21,7 +21,9 @@ use crate::columns::FieldKind;
 use crate::columns::time::{self, Bucket};
 use crate::error::{Error, Result};
 use crate::names::{check_key, check_tag_name};
-use crate::storage::checkpoint::{CheckpointDone, CheckpointInfo, CheckpointJob};
+use crate::storage::checkpoint::{
+    CheckpointDone, CheckpointInfo, CheckpointJob, CheckpointOptions, CompactionPolicy,
+};
 use crate::storage::manifest::Manifest;
 use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, KIND_BATCH, NewField, NewTag};
 use crate::storage::segment::{BlobKind, Segment};
@@ -266,7 +268,7 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
 
 pub(crate) enum Cmd {
     Write(WriteOp, Reply<WriteResult>),
-    Checkpoint(Reply<CheckpointInfo>),
+    Checkpoint(CheckpointOptions, Reply<CheckpointInfo>),
     CheckpointDone(Box<Result<CheckpointDone>>),
     Shutdown(std::sync::mpsc::Sender<Result<()>>),
 }
@@ -309,6 +311,9 @@ pub(crate) struct Writer {
     pub dir: PathBuf,
     running: Option<Running>,
     queued: Vec<Reply<CheckpointInfo>>,
+    /// A caller asked for the dictionary to be merged: the next checkpoint
+    /// to start does it.
+    merge_dictionary: bool,
     failed: Option<String>,
     buf: Vec<u8>,
 }
@@ -345,6 +350,7 @@ impl Writer {
             dir,
             running: None,
             queued: Vec::new(),
+            merge_dictionary: false,
             failed: None,
             buf: Vec::new(),
         }
@@ -360,7 +366,10 @@ impl Writer {
             while let Some(cmd) = next {
                 match cmd {
                     Cmd::Write(op, reply) => writes.push((op, reply)),
-                    Cmd::Checkpoint(reply) => checkpoints.push(reply),
+                    Cmd::Checkpoint(options, reply) => {
+                        self.merge_dictionary |= options.merge_dictionary;
+                        checkpoints.push(reply)
+                    }
                     Cmd::CheckpointDone(res) => self.complete_checkpoint(*res),
                     Cmd::Shutdown(reply) => {
                         shutdown = Some(reply);
@@ -847,11 +856,15 @@ impl Writer {
             return;
         }
         let lsn = self.state.snap.lsn;
+        let merge_dictionary = self.merge_dictionary && self.manifest.dict_segments.len() > 1;
         if lsn == self.manifest.checkpoint_lsn
+            && !merge_dictionary
             && self.state.dirty_tags.is_empty()
             && self.state.dirty_slots.is_empty()
             && !self.state.dirty_live
         {
+            // Nothing to write, and at most one dictionary section.
+            self.merge_dictionary = false;
             for w in waiters {
                 let _ = w.send(Ok(CheckpointInfo {
                     lsn,
@@ -892,10 +905,19 @@ impl Writer {
             prev: self.manifest.clone(),
             segments: self.segments.clone(),
             dict: self.state.snap.dict.clone(),
-            policy: self.shared.config.compaction,
+            policy: if self.merge_dictionary {
+                // One section at most: everything is merged.
+                CompactionPolicy {
+                    max_dict_layers: 1,
+                    ..self.shared.config.compaction
+                }
+            } else {
+                self.shared.config.compaction
+            },
             now_ms: now_ms(),
         };
         debug_assert_eq!(job.snap.lsn, lsn);
+        self.merge_dictionary = false;
         self.running = Some(Running {
             waiters,
             rotated_first: self.wal.first_lsn(),
@@ -1114,7 +1136,10 @@ impl Writer {
                 Ok(Cmd::Write(_, reply)) => {
                     let _ = reply.send(Err(Error::ShuttingDown));
                 }
-                Ok(Cmd::Checkpoint(reply)) => self.queued.push(reply),
+                Ok(Cmd::Checkpoint(options, reply)) => {
+                    self.merge_dictionary |= options.merge_dictionary;
+                    self.queued.push(reply)
+                }
                 Ok(Cmd::Shutdown(reply)) => {
                     let _ = reply.send(Ok(()));
                 }

@@ -101,7 +101,8 @@ pub enum Command {
     },
     Overlap(Vec<String>),
     Stats,
-    Checkpoint,
+    /// `true`: also merge the dictionary sections into one.
+    Checkpoint(bool),
     Help(Option<String>),
     Timing(Option<bool>),
     Quit,
@@ -297,9 +298,9 @@ pub const DOCS: &[Doc] = &[
     },
     Doc {
         name: "checkpoint",
-        usage: "checkpoint",
-        summary: "write a checkpoint now",
-        example: "checkpoint",
+        usage: "checkpoint [--merge-dictionary]",
+        summary: "write a checkpoint now; --merge-dictionary also merges the customer dictionary into one section (after a bulk load)",
+        example: "checkpoint --merge-dictionary",
     },
     Doc {
         name: "help",
@@ -712,7 +713,14 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
             Command::Overlap(queries)
         }
         "stats" => Command::Stats,
-        "checkpoint" => Command::Checkpoint,
+        "checkpoint" => {
+            let mut args = split_args(rest)?;
+            let merge = take_flag(&mut args, "--merge-dictionary");
+            if !args.is_empty() {
+                return Err("usage: checkpoint [--merge-dictionary]".into());
+            }
+            Command::Checkpoint(merge)
+        }
         "help" | "\\?" | "?" => Command::Help((!rest.is_empty()).then(|| rest.to_string())),
         "\\timing" => match rest.to_ascii_lowercase().as_str() {
             "" => Command::Timing(None),
@@ -1013,6 +1021,12 @@ mod tests {
                 description: "x y".into()
             }
         );
+        assert_eq!(p("checkpoint"), Command::Checkpoint(false));
+        assert_eq!(
+            p("checkpoint --merge-dictionary"),
+            Command::Checkpoint(true)
+        );
+        assert!(parse("checkpoint now").is_err());
         assert_eq!(
             p("drop tag x --yes"),
             Command::DropTag {

@@ -501,10 +501,10 @@ impl Session {
                     value,
                 );
             }
-            Command::Checkpoint => {
+            Command::Checkpoint(merge_dictionary) => {
                 let c = self
                     .client
-                    .checkpoint(CheckpointRequest {})
+                    .checkpoint(CheckpointRequest { merge_dictionary })
                     .await?
                     .into_inner();
                 self.out(
