@@ -41,6 +41,9 @@ const MAX_GROUP: usize = 256;
 
 /// Keys looked up at once by [`Mutation::resolve_in`].
 const RESOLVE_GROUP: usize = 256;
+/// Ids of each change that [`Writer::changes_nothing`] looks at before all of
+/// them.
+const SAMPLE_IDS: usize = 8;
 
 /// One tag's changes in an [`WriteOp::Update`], by customer key and by
 /// internal id.
@@ -60,6 +63,11 @@ pub struct Mutation {
     pub add_resolved: Vec<(u32, String)>,
     /// Keys of `remove` looked up the same way.
     pub remove_resolved: Vec<(u32, String)>,
+    /// The lsn of the snapshot in which every id of `add_resolved` and
+    /// `remove_resolved` named a live customer, if known. When no customer
+    /// has been deleted since, the writer takes the ids without checking
+    /// them again.
+    pub resolved_at: Option<u64>,
 }
 
 impl Mutation {
@@ -85,8 +93,20 @@ impl Mutation {
         }
     }
 
+    fn has_resolved(&self) -> bool {
+        !self.add_resolved.is_empty() || !self.remove_resolved.is_empty()
+    }
+
     /// Adds the customers of `other` (a mutation of the same tag).
     pub fn append(&mut self, mut other: Mutation) {
+        self.resolved_at = match (self.has_resolved(), other.has_resolved()) {
+            (_, false) => self.resolved_at,
+            (false, true) => other.resolved_at,
+            (true, true) => self
+                .resolved_at
+                .zip(other.resolved_at)
+                .map(|(a, b)| a.min(b)),
+        };
         self.add.append(&mut other.add);
         self.remove.append(&mut other.remove);
         self.add_ids.append(&mut other.add_ids);
@@ -125,6 +145,7 @@ impl Mutation {
         Ok(KeyIds {
             add: ids(&self.add, snap)?,
             remove: ids(&self.remove, snap)?,
+            lsn: snap.lsn,
         })
     }
 
@@ -145,6 +166,11 @@ impl Mutation {
             }
             *keys = rest;
         }
+        self.resolved_at = if self.has_resolved() {
+            self.resolved_at.map(|at| at.min(found.lsn))
+        } else {
+            Some(found.lsn)
+        };
         split(&mut self.add, &mut self.add_resolved, found.add);
         split(&mut self.remove, &mut self.remove_resolved, found.remove);
     }
@@ -156,6 +182,8 @@ impl Mutation {
 pub struct KeyIds {
     pub add: Vec<Option<u32>>,
     pub remove: Vec<Option<u32>>,
+    /// The lsn of the snapshot they were found in.
+    pub lsn: u64,
 }
 
 /// A write, in domain terms.
@@ -316,6 +344,9 @@ pub(crate) struct Writer {
     merge_dictionary: bool,
     failed: Option<String>,
     buf: Vec<u8>,
+    /// The lsn of the newest write that deleted customers (the lsn at start
+    /// before any): ids found live in a snapshot at least this new are live.
+    last_delete_lsn: u64,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -338,6 +369,7 @@ impl Writer {
         tx: Sender<Cmd>,
     ) -> Self {
         let dir = shared.config.data_dir.clone();
+        let state_lsn = state.snap.lsn;
         Self {
             shared,
             state,
@@ -353,6 +385,7 @@ impl Writer {
             merge_dictionary: false,
             failed: None,
             buf: Vec::new(),
+            last_delete_lsn: state_lsn,
         }
     }
 
@@ -430,6 +463,9 @@ impl Writer {
             };
             let lsn = self.state.snap.lsn + 1;
             wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+            if !batch.deletes.is_empty() {
+                self.last_delete_lsn = lsn;
+            }
             match self.state.apply(lsn, &batch) {
                 Ok(stats) => {
                     let mut r = WriteResult {
@@ -505,6 +541,9 @@ impl Writer {
         let lsn = self.state.snap.lsn + 1;
         self.buf.clear();
         wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+        if !batch.deletes.is_empty() {
+            self.last_delete_lsn = lsn;
+        }
         let res = self.state.apply(lsn, batch).and_then(|_| {
             self.wal.append(&self.buf)?;
             match self.shared.config.sync {
@@ -585,8 +624,11 @@ impl Writer {
                     let tag_id =
                         self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
                     let mut add = ids.get_or_create_many(&m.add)?;
+                    // Found live in a snapshot no older than the last
+                    // deletion: still live.
+                    let trusted = m.resolved_at.is_some_and(|at| at >= self.last_delete_lsn);
                     for (id, key) in &m.add_resolved {
-                        let still_live = ids.live.contains(*id);
+                        let still_live = trusted || ids.live.contains(*id);
                         add.push(if still_live {
                             *id
                         } else {
@@ -604,7 +646,7 @@ impl Writer {
                         ids.get_many(&m.remove)?.into_iter().flatten().collect();
                     remove.extend(m.remove_ids.iter().filter(|&&id| ids.live.contains(id)));
                     for (id, key) in &m.remove_resolved {
-                        if ids.live.contains(*id) {
+                        if trusted || ids.live.contains(*id) {
                             remove.push(*id);
                         } else if let Some(id) = ids.get(key)? {
                             remove.push(id);
@@ -766,18 +808,23 @@ impl Writer {
         if !only_changes {
             return Ok(false);
         }
-        for change in &batch.changes {
-            let Some(tag) = self.state.tag_by_id(change.tag) else {
-                return Ok(false);
-            };
-            let members = tag.bitmap.get()?;
-            let unchanged = match change.op {
-                ChangeOp::Add => change.ids.iter().all(|id| members.contains(id)),
-                ChangeOp::Remove => !change.ids.iter().any(|id| members.contains(id)),
-                _ => false,
-            };
-            if !unchanged {
-                return Ok(false);
+        // A few ids of every change first: a batch that changes something
+        // usually shows it there, without a look-up of every id.
+        for sample in [Some(SAMPLE_IDS), None] {
+            for change in &batch.changes {
+                let Some(tag) = self.state.tag_by_id(change.tag) else {
+                    return Ok(false);
+                };
+                let members = tag.bitmap.get()?;
+                let mut ids = change.ids.iter().take(sample.unwrap_or(usize::MAX));
+                let unchanged = match change.op {
+                    ChangeOp::Add => ids.all(|id| members.contains(id)),
+                    ChangeOp::Remove => !ids.any(|id| members.contains(id)),
+                    _ => false,
+                };
+                if !unchanged {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)
