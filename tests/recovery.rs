@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use tagstore::query::Query;
-use tagstore::storage::{Engine, EngineConfig, Mutation, WriteOp};
+use tagstore::storage::{CheckpointOptions, Engine, EngineConfig, Mutation, WriteOp};
 
 fn add(engine: &Engine, tag: &str, keys: &[&str]) {
     engine
@@ -279,4 +279,56 @@ fn flipped_bit_in_a_field_slot_fails_the_queries_that_read_it() {
         err.contains("checksum mismatch") && err.contains("FieldSlot") && err.contains("offset 16"),
         "{err}"
     );
+}
+
+/// A flipped bit inside a dictionary section fails a checkpoint that merges
+/// it (with the file named), and nothing else: the old sections stay in use,
+/// writes go on, and the next clean checkpoint works.
+#[test]
+fn flipped_bit_in_a_dictionary_section_fails_its_merge_not_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).unwrap();
+    let create = |keys: Vec<String>| {
+        engine
+            .write_blocking(WriteOp::CreateCustomers { customers: keys })
+            .unwrap();
+    };
+    create((0..8000).map(|i| format!("customer-{i}")).collect());
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    create(vec!["late".into()]);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    assert_eq!(engine.info().dictionary_sections, 2);
+    drop(engine);
+    // The larger segment is mostly the first dictionary section (8,000
+    // keys, ~300 KB, against a few bytes of live set), and its key bytes
+    // come last: 20 KB before the end is a key, in a page that opening the
+    // section does not read (it reads the first). The merge reads every key.
+    let seg = files_with(dir.path(), ".seg")
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let len = fs::metadata(&seg).unwrap().len() as usize;
+    flip(&seg, len - 20_000);
+
+    let engine = open(dir.path()).unwrap(); // sections are checked page by page, lazily
+    let merge = CheckpointOptions {
+        merge_dictionary: true,
+    };
+    let err = engine
+        .checkpoint_blocking(merge)
+        .expect_err("the merge reads the damaged page")
+        .to_string();
+    assert!(
+        err.contains("checksum mismatch") && err.contains(".seg"),
+        "{err}"
+    );
+    assert_eq!(engine.info().dictionary_sections, 2);
+    assert_eq!(engine.snapshot().customer_id("late").unwrap(), Some(8000));
+    add(&engine, "t", &["late", "new"]);
+    assert_eq!(count(&engine, "t").unwrap(), 2);
+    // The next checkpoint merges the two small sections (one key each),
+    // without reading the damaged one.
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    assert_eq!(engine.info().dictionary_sections, 2);
+    assert_eq!(engine.snapshot().customer_id("new").unwrap(), Some(8001));
 }
