@@ -293,7 +293,7 @@ pub const DOCS: &[Doc] = &[
     Doc {
         name: "stats",
         usage: "stats",
-        summary: "server figures: customers, tags, memory, disk, log, last checkpoint",
+        summary: "server figures: customers, tags, memory, disk, log, last checkpoint, dictionary sections",
         example: "stats",
     },
     Doc {
