@@ -95,6 +95,20 @@ impl ShardedBitmap {
         self.shard(shard_of(id)).is_some_and(|b| b.contains(id))
     }
 
+    /// For many membership tests in a row: [`Members::contains`] answers
+    /// without a look-up while the set is every id from 0 up to its largest
+    /// (the live customers of a store that has deleted none).
+    pub fn members(&self) -> Members<'_> {
+        let all_below = match self.max() {
+            Some(max) if self.len == u64::from(max) + 1 => max.saturating_add(1),
+            _ => 0,
+        };
+        Members {
+            set: self,
+            all_below,
+        }
+    }
+
     /// Shard `i`, unshared (copied if a snapshot still holds it), to change.
     fn shard_mut(&mut self, i: usize) -> &mut Bitmap {
         if self.shards.len() <= i {
@@ -347,6 +361,21 @@ fn few(n: usize, shard: &Bitmap) -> bool {
     n <= 64 || (n as u64).saturating_mul(32) <= shard.cardinality()
 }
 
+/// Membership tests on a [`ShardedBitmap`] ([`ShardedBitmap::members`]).
+#[derive(Clone, Copy)]
+pub struct Members<'a> {
+    set: &'a ShardedBitmap,
+    /// Every id below this is in the set (0 when that is not known).
+    all_below: u32,
+}
+
+impl Members<'_> {
+    #[inline]
+    pub fn contains(&self, id: u32) -> bool {
+        id < self.all_below || self.set.contains(id)
+    }
+}
+
 /// The shards `bitmap` has ids in, each with its first and last possible id,
 /// in shard order.
 fn shard_spans(bitmap: &RoaringBitmap) -> Vec<(usize, u32, u32)> {
@@ -405,6 +434,26 @@ mod tests {
         assert_eq!(b.len(), (&base | &rm).len());
         assert!(b.intersects(&rm));
         assert!(!b.intersects(&RoaringBitmap::from([1u32, 2, 4])));
+    }
+
+    #[test]
+    fn members_skip_look_ups_only_while_the_set_is_a_full_prefix() {
+        let mut b = ShardedBitmap::from_roaring(&(0..3 * SHARD_SIZE + 5).collect());
+        let m = b.members();
+        assert_eq!(m.all_below, 3 * SHARD_SIZE + 5);
+        assert!(m.contains(0) && m.contains(3 * SHARD_SIZE + 4));
+        assert!(!m.contains(3 * SHARD_SIZE + 5));
+        // One id gone: every answer is looked up again.
+        assert!(b.remove(SHARD_SIZE + 7));
+        let m = b.members();
+        assert_eq!(m.all_below, 0);
+        assert!(!m.contains(SHARD_SIZE + 7));
+        assert!(m.contains(SHARD_SIZE + 6) && m.contains(SHARD_SIZE + 8));
+        // As many ids as a prefix, but not starting at 0.
+        let shifted = ShardedBitmap::from_roaring(&(1..=10u32).collect());
+        assert_eq!(shifted.members().all_below, 0);
+        assert!(!shifted.members().contains(0));
+        assert_eq!(ShardedBitmap::new().members().all_below, 0);
     }
 
     #[test]

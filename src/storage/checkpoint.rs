@@ -295,7 +295,9 @@ impl CheckpointJob {
         };
 
         let layers = self.dict.layers();
-        let recent = self.dict.recent_entries(snap.next_customer_id, live);
+        let recent = self
+            .dict
+            .recent_entries(snap.next_customer_id, live.members());
         let sizes: Vec<usize> = layers.iter().map(|l| l.len()).collect();
         let first_victim = layers
             .iter()
@@ -315,11 +317,12 @@ impl CheckpointJob {
             // first (24 bytes a key: ~2 GB at 80M keys); a damaged page
             // stops the stream, and the checkpoint fails with its error.
             let mut damaged = None;
+            let members = live.members();
             let old = layers[from..]
                 .iter()
                 .flat_map(|layer| layer.iter())
                 .map_while(|entry| entry.map_err(|e| damaged = Some(e)).ok())
-                .filter(|(id, _)| live.contains(*id));
+                .filter(|(id, _)| members.contains(*id));
             let section = encode_section(old.chain(recent.iter().map(|(id, k)| (*id, &**k))));
             if let Some(e) = damaged {
                 return Err(e);

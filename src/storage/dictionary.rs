@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hashbrown::HashMap;
 use parking_lot::RwLock;
 
-use crate::bitmap::ShardedBitmap;
+use crate::bitmap::Members;
 use crate::error::{Error, Result};
 use crate::storage::codec::{fnv1a64, le_u32, le_u64};
 use crate::storage::segment::{BlobKind, Entry, Segment};
@@ -592,7 +592,7 @@ impl Dictionary {
     }
 
     /// Copies the recent `(id, key)` pairs with ids below `upto` that are live.
-    pub(crate) fn recent_entries(&self, upto: u32, live: &ShardedBitmap) -> Vec<(u32, Box<str>)> {
+    pub(crate) fn recent_entries(&self, upto: u32, live: Members<'_>) -> Vec<(u32, Box<str>)> {
         let inner = self.inner.read();
         let base = inner.recent_base;
         inner

@@ -251,7 +251,7 @@ impl Snapshot {
     /// The ids of many live customers at once (`None` for keys no live
     /// customer has), with the dictionary look-ups overlapped.
     pub fn customer_ids(&self, keys: &[&str]) -> Result<Vec<Option<u32>>> {
-        let live = self.live()?;
+        let live = self.live()?.members();
         let mut ids = self.dict.lookup_many(keys)?;
         for id in &mut ids {
             if id.is_some_and(|id| !live.contains(id)) {

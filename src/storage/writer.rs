@@ -1461,7 +1461,7 @@ fn release_free_memory() {
 /// Looks up customer keys for one request, giving new ids to new keys.
 struct IdAssigner<'a, 'k> {
     writer: &'a Writer,
-    live: &'a crate::bitmap::ShardedBitmap,
+    live: crate::bitmap::Members<'a>,
     fresh: HashMap<&'k str, u32>,
     new_keys: Vec<(u32, String)>,
     next: u32,
@@ -1471,7 +1471,7 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
     fn new(writer: &'a Writer) -> Result<Self> {
         Ok(Self {
             writer,
-            live: writer.state.snap.live()?,
+            live: writer.state.snap.live()?.members(),
             fresh: HashMap::new(),
             new_keys: Vec::new(),
             next: writer.state.snap.next_customer_id,
