@@ -135,6 +135,8 @@ struct Bench {
     report: Report,
     /// The query scenario's dense two-tag count, reused by `mixed`.
     dense_pair: Q,
+    /// Seeds of the timed write runs ([`Bench::write_seed`]).
+    write_seeds: u64,
 }
 
 /// Tags by role: dense (≥ 30% of all customers), sparse (nearest 0.1%), and tiny (≤ 1,000 members).
@@ -210,6 +212,21 @@ impl Bench {
 
     fn redis_port(&self) -> Option<u16> {
         self.redis.as_ref().map(|r| r.port)
+    }
+
+    /// A seed for the next timed run of writes, different from every other
+    /// run's: a run that repeated the writes of an earlier one would find
+    /// them done, and neither system logs or syncs a write that changes
+    /// nothing. `nonce` is the store's lsn when the scenario starts, so that
+    /// a store kept with `--reuse` (which has seen the last run's writes)
+    /// gets new ones too; Redis is loaded afresh each time. Both systems get
+    /// the same seed for the same row, and so the same writes.
+    fn write_seed(&mut self, nonce: u64) -> u64 {
+        self.write_seeds += 1;
+        self.cli
+            .seed
+            .wrapping_add(nonce.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .wrapping_add(self.write_seeds.wrapping_mul(0xbf58_476d_1ce4_e5b9))
     }
 
     /// Loads the data set into tagstore (unless reused) and into Redis.
@@ -431,8 +448,15 @@ impl Bench {
         // ways: by key (it resolves each one) and by internal id (the same
         // work Redis is given). The Redis figure is shared by both rows.
         let ids = Arc::new(ops::resolve_ids(&server.addr, &self.data).await?);
+        let nonce = server
+            .client()
+            .await?
+            .stats(StatsRequest {})
+            .await?
+            .into_inner()
+            .lsn;
         self.write_floor(&server).await?;
-        self.new_memberships(&server, &ids).await?;
+        self.new_memberships(&server, &ids, nonce).await?;
         for &batch in &self.cli.update_batches.clone() {
             for &clients in &self.cli.update_clients.clone() {
                 let op = Op::Update { batch };
@@ -440,14 +464,18 @@ impl Bench {
                     batch,
                     ids: ids.clone(),
                 };
-                let (ours, theirs) = self.on_both(&server.addr, &op, clients).await?;
+                // By key and by id each get writes of their own: by id
+                // repeating the writes just made by key would find them done.
+                let seed = self.write_seed(nonce);
+                let (ours, theirs) = self.on_both(&server.addr, &op, clients, seed).await?;
+                let seed = self.write_seed(nonce);
                 let ours_by_id = tagstore_loop(
                     &server.addr,
                     &self.data,
                     &by_id,
                     clients,
                     self.cli.seconds,
-                    self.cli.seed,
+                    seed,
                 )
                 .await?;
                 let label = format!(
@@ -477,16 +505,10 @@ impl Bench {
             r.conn()?
                 .cmd(&[b"CONFIG", b"SET", b"appendfsync", b"everysec"])?;
             let op = Op::Update { batch: 1000 };
-            let ours = tagstore_loop(
-                &server.addr,
-                &self.data,
-                &op,
-                8,
-                self.cli.seconds,
-                self.cli.seed,
-            )
-            .await?;
-            let theirs = redis_loop(r.port, &self.data, &op, 8, self.cli.seconds, self.cli.seed)?;
+            let (port, secs) = (r.port, self.cli.seconds);
+            let seed = self.write_seed(nonce);
+            let ours = tagstore_loop(&server.addr, &self.data, &op, 8, secs, seed).await?;
+            let theirs = redis_loop(port, &self.data, &op, 8, secs, seed)?;
             self.report.add(
                 "update",
                 "batch 1000, 8 clients: memberships/s (redis appendfsync everysec)",
@@ -576,6 +598,7 @@ impl Bench {
         &mut self,
         server: &ServerProcess,
         ids: &Arc<Vec<u32>>,
+        nonce: u64,
     ) -> Result<(), BoxError> {
         let mut c = server.client().await?;
         let _ = c
@@ -594,7 +617,8 @@ impl Bench {
         let op = Op::AddNew { ids: ids.clone() };
         let mut figures = Vec::new();
         for clients in [1, 8] {
-            let (ours, theirs) = self.on_both(&server.addr, &op, clients).await?;
+            let seed = self.write_seed(nonce);
+            let (ours, theirs) = self.on_both(&server.addr, &op, clients, seed).await?;
             self.rows_for(
                 "update",
                 &format!("batch 1, {clients} clients, each a new membership (durable)"),
@@ -618,8 +642,9 @@ impl Bench {
         addr: &str,
         op: &Op,
         clients: usize,
+        seed: u64,
     ) -> Result<(Measured, Option<Measured>), BoxError> {
-        let (secs, seed) = (self.cli.seconds, self.cli.seed);
+        let secs = self.cli.seconds;
         let ours = tagstore_loop(addr, &self.data, op, clients, secs, seed).await?;
         let theirs = match self.redis_port() {
             Some(port) => Some(redis_loop(port, &self.data, op, clients, secs, seed)?),
@@ -707,7 +732,9 @@ impl Bench {
         for (label, q) in &exprs {
             let text = q.text(&data);
             let op = Op::Count(q.clone());
-            let (ours, theirs) = self.on_both(&server.addr, &op, clients).await?;
+            let (ours, theirs) = self
+                .on_both(&server.addr, &op, clients, self.cli.seed)
+                .await?;
             let ceiling = in_process_ms(
                 &snap,
                 &text,
@@ -754,7 +781,9 @@ impl Bench {
             }));
         }
         // One customer's tags: Profile, against GETBIT on every tag key.
-        let (ours, theirs) = self.on_both(&server.addr, &Op::Profile, clients).await?;
+        let (ours, theirs) = self
+            .on_both(&server.addr, &Op::Profile, clients, self.cli.seed)
+            .await?;
         self.rows_for(
             "query",
             &format!("profile (redis: GETBIT x {} tags)", data.tags.len()),
@@ -797,12 +826,27 @@ impl Bench {
         let clients = self.cli.query_clients;
         let secs = self.cli.seconds;
         let quiet = tagstore_loop(&server.addr, &data, &q, clients, secs, 1).await?;
+        let nonce = server
+            .client()
+            .await?
+            .stats(StatsRequest {})
+            .await?
+            .into_inner()
+            .lsn;
+        let write_seed = self.write_seed(nonce);
         let writer = {
             let (addr, data) = (server.addr.clone(), data.clone());
             tokio::spawn(async move {
-                tagstore_loop(&addr, &data, &Op::Update { batch: 1000 }, 1, secs, 2)
-                    .await
-                    .map(|m| m.rate() * 1000.0)
+                tagstore_loop(
+                    &addr,
+                    &data,
+                    &Op::Update { batch: 1000 },
+                    1,
+                    secs,
+                    write_seed,
+                )
+                .await
+                .map(|m| m.rate() * 1000.0)
             })
         };
         let busy = tagstore_loop(&server.addr, &data, &q, clients, secs, 3).await?;
@@ -812,7 +856,7 @@ impl Bench {
             rq = Some(redis_loop(port, &data, &q, clients, secs, 1)?);
             let d2 = data.clone();
             let w = std::thread::spawn(move || {
-                redis_loop(port, &d2, &Op::Update { batch: 1000 }, 1, secs, 2)
+                redis_loop(port, &d2, &Op::Update { batch: 1000 }, 1, secs, write_seed)
                     .map(|m| m.rate() * 1000.0)
                     .map_err(|e| e.to_string())
             });
@@ -1262,6 +1306,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         redis: None,
         report: Report::default(),
         dense_pair,
+        write_seeds: 0,
         cli,
     };
     let redis_version = b
