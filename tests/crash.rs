@@ -103,11 +103,12 @@ async fn acknowledged_writes_survive_kill_9() {
                     if let Some(p) = &prev {
                         mutations[0].remove.push(p.clone());
                     }
-                    // Pad some requests so the log grows and checkpoints happen.
+                    // Pad some requests so the log grows and checkpoints happen
+                    // (300 memberships: synced while applied, SYNC_WHILE_APPLYING).
                     if n.is_multiple_of(5) {
                         mutations.push(Mutation {
                             tag: "filler".into(),
-                            add: (0..200)
+                            add: (0..300)
                                 .map(|i| format!("f{round}-{client}-{n}-{i}"))
                                 .collect(),
                             remove: vec![],
@@ -320,7 +321,8 @@ async fn acknowledged_field_writes_survive_kill_9() {
                             )),
                         },
                     ];
-                    // Pad some requests so the log grows and checkpoints happen.
+                    // Pad some requests so the log grows and checkpoints happen
+                    // (300 memberships: synced while applied, SYNC_WHILE_APPLYING).
                     if n % 5 == 0 {
                         writes.extend((0..200).map(|i| ValueWrite {
                             field: "pad".into(),

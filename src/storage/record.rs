@@ -208,6 +208,12 @@ impl Batch {
             && self.drop_fields.is_empty()
     }
 
+    /// Memberships the batch names in its changes: a measure of the work
+    /// of applying it.
+    pub fn membership_changes(&self) -> u64 {
+        self.changes.iter().map(|c| c.ids.len()).sum()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Enc::new();
         e.u8(BATCH_VERSION).i64(self.at_ms);

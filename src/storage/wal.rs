@@ -9,6 +9,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
@@ -57,7 +59,8 @@ pub const PREALLOCATE: u64 = 4 << 20;
 /// The log file being appended to.
 pub struct WalWriter {
     path: PathBuf,
-    file: File,
+    /// Shared with [`Syncer`] while it syncs the file.
+    file: Arc<File>,
     first_lsn: u64,
     /// Logical end: the header and the records written so far.
     bytes: u64,
@@ -85,7 +88,7 @@ impl WalWriter {
         file.write_all(&header).map_err(|e| Error::io(&path, e))?;
         let mut w = Self {
             path,
-            file,
+            file: Arc::new(file),
             first_lsn,
             bytes: WAL_HEADER_LEN as u64,
             allocated: WAL_HEADER_LEN as u64,
@@ -119,7 +122,7 @@ impl WalWriter {
         if end > self.allocated {
             self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE);
         }
-        self.file
+        (&*self.file)
             .write_all(framed)
             .map_err(|e| Error::io(&self.path, e))?;
         self.bytes = end;
@@ -140,12 +143,72 @@ impl WalWriter {
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))
     }
 
+    /// Starts [`WalWriter::sync`] on `syncer`'s thread: everything appended
+    /// so far is durable once [`PendingSync::wait`] returns `Ok`. Append
+    /// nothing more before that.
+    pub fn start_sync(&self, syncer: &Syncer) -> PendingSync {
+        let (done, rx) = mpsc::sync_channel(1);
+        let sent = syncer.tx.send(SyncJob {
+            file: self.file.clone(),
+            done,
+        });
+        PendingSync {
+            rx: sent.is_ok().then_some(rx),
+            path: self.path.clone(),
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
     pub fn first_lsn(&self) -> u64 {
         self.first_lsn
+    }
+}
+
+/// A thread that runs `fdatasync` of the log for the writer, so that the
+/// writer can apply a large write to memory while the disk works instead of
+/// one after the other. The thread ends when the `Syncer` is dropped.
+pub struct Syncer {
+    tx: mpsc::Sender<SyncJob>,
+}
+
+struct SyncJob {
+    file: Arc<File>,
+    done: mpsc::SyncSender<std::io::Result<()>>,
+}
+
+impl Syncer {
+    pub fn start() -> Result<Syncer> {
+        let (tx, rx) = mpsc::channel::<SyncJob>();
+        std::thread::Builder::new()
+            .name("tagstore-sync".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let _ = job.done.send(job.file.sync_data());
+                }
+            })
+            .map_err(|e| Error::io(Path::new("tagstore-sync thread"), e))?;
+        Ok(Syncer { tx })
+    }
+}
+
+/// A sync started by [`WalWriter::start_sync`].
+#[must_use = "the log is durable only once wait returns Ok"]
+pub struct PendingSync {
+    rx: Option<mpsc::Receiver<std::io::Result<()>>>,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// Waits for the sync; its error, or one saying the thread is gone.
+    pub fn wait(self) -> Result<()> {
+        let res = match self.rx.map(|rx| rx.recv()) {
+            Some(Ok(res)) => res,
+            _ => Err(std::io::Error::other("the log's sync thread has stopped")),
+        };
+        res.map_err(|e| Error::io(&self.path, e))
     }
 }
 
