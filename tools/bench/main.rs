@@ -448,13 +448,7 @@ impl Bench {
         // ways: by key (it resolves each one) and by internal id (the same
         // work Redis is given). The Redis figure is shared by both rows.
         let ids = Arc::new(ops::resolve_ids(&server.addr, &self.data).await?);
-        let nonce = server
-            .client()
-            .await?
-            .stats(StatsRequest {})
-            .await?
-            .into_inner()
-            .lsn;
+        let nonce = store_lsn(&server).await?;
         self.write_floor(&server).await?;
         self.new_memberships(&server, &ids, nonce).await?;
         for &batch in &self.cli.update_batches.clone() {
@@ -826,13 +820,7 @@ impl Bench {
         let clients = self.cli.query_clients;
         let secs = self.cli.seconds;
         let quiet = tagstore_loop(&server.addr, &data, &q, clients, secs, 1).await?;
-        let nonce = server
-            .client()
-            .await?
-            .stats(StatsRequest {})
-            .await?
-            .into_inner()
-            .lsn;
+        let nonce = store_lsn(&server).await?;
         let write_seed = self.write_seed(nonce);
         let writer = {
             let (addr, data) = (server.addr.clone(), data.clone());
@@ -1269,6 +1257,12 @@ fn machine() -> serde_json::Value {
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({ "cores": cores, "memory": mem, "kernel": kernel.trim() })
+}
+
+/// The store's lsn: the nonce of [`Bench::write_seed`].
+async fn store_lsn(server: &ServerProcess) -> Result<u64, BoxError> {
+    let mut c = server.client().await?;
+    Ok(c.stats(StatsRequest {}).await?.into_inner().lsn)
 }
 
 fn default_server_bin() -> PathBuf {
