@@ -228,11 +228,13 @@ impl DictLayer {
         self.count == 0
     }
 
+    #[inline]
     fn body(&self) -> &[u8] {
         &self.seg.raw(&self.entry)[self.body_at..]
     }
 
     /// Checks the pages covering body bytes `lo..hi` (once each).
+    #[inline]
     fn check(&self, lo: usize, hi: usize) -> Result<&[u8]> {
         let body = self.body();
         let bytes = body
@@ -241,7 +243,22 @@ impl DictLayer {
         if lo == hi {
             return Ok(bytes);
         }
-        for p in lo >> self.page_shift..=(hi - 1) >> self.page_shift {
+        let (first, last) = (lo >> self.page_shift, (hi - 1) >> self.page_shift);
+        if first == last
+            && self.verified[first / 64].load(Ordering::Relaxed) & (1u64 << (first % 64)) != 0
+        {
+            return Ok(bytes);
+        }
+        self.check_pages(first, last)?;
+        Ok(bytes)
+    }
+
+    /// Verifies pages `first..=last` of the body against their checksums,
+    /// those not verified before.
+    #[cold]
+    fn check_pages(&self, first: usize, last: usize) -> Result<()> {
+        let body = self.body();
+        for p in first..=last {
             let (word, bit) = (p / 64, 1u64 << (p % 64));
             if self.verified[word].load(Ordering::Relaxed) & bit != 0 {
                 continue;
@@ -254,7 +271,7 @@ impl DictLayer {
             }
             self.verified[word].fetch_or(bit, Ordering::Relaxed);
         }
-        Ok(bytes)
+        Ok(())
     }
 
     fn corrupt(&self, body_offset: usize, why: &str) -> Error {
@@ -265,11 +282,13 @@ impl DictLayer {
         )
     }
 
+    #[inline]
     fn u32_at(&self, at: usize) -> Result<u32> {
         let b = self.check(at, at + 4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    #[inline]
     fn u64_at(&self, at: usize) -> Result<u64> {
         let b = self.check(at, at + 8)?;
         let mut a = [0u8; 8];
@@ -277,10 +296,12 @@ impl DictLayer {
         Ok(u64::from_le_bytes(a))
     }
 
+    #[inline]
     fn id_at(&self, i: usize) -> Result<u32> {
         self.u32_at(self.ids_at + i * 4)
     }
 
+    #[inline]
     fn key_bytes_at(&self, i: usize) -> Result<&[u8]> {
         let lo = self.u64_at(self.offsets_at + i * 8)? as usize;
         let hi = self.u64_at(self.offsets_at + (i + 1) * 8)? as usize;
