@@ -20,12 +20,47 @@
 //! tags). The engine reads the snapshot and writes nothing.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bitmap::{Bitmap, SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
 use crate::columns::bsi::{self, DenseCounter};
 use crate::error::Result;
 use crate::query::parser::{Expr, parse};
 use crate::storage::Snapshot;
+
+/// Shards of one count shared out between threads ([`Query::count_claimed`]):
+/// the next shard to take, how many are counted, and their total.
+#[derive(Debug)]
+pub struct ShardClaims {
+    shards: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    sum: AtomicU64,
+}
+
+impl ShardClaims {
+    /// Claims over shards `0..shards` (a query's [`Query::shard_count`]).
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// True once no shard is left to claim: a thread that has not started
+    /// need not compile the query.
+    pub fn all_claimed(&self) -> bool {
+        self.next.load(Ordering::Relaxed) >= self.shards
+    }
+
+    /// The count, once every shard has been counted; `None` while a shard
+    /// is still being counted on some thread.
+    pub fn total(&self) -> Option<u64> {
+        (self.done.load(Ordering::Acquire) >= self.shards).then(|| self.sum.load(Ordering::Relaxed))
+    }
+}
 
 /// A compiled query, borrowing the bitmaps of one snapshot.
 #[derive(Debug)]
@@ -548,12 +583,26 @@ impl<'s> Query<'s> {
         (0..self.shards).map(|i| self.plan.count(i)).sum()
     }
 
-    /// The members in shards `shards` (ids `shard_start(first)..`): split
-    /// ranges of shards can be counted on several threads and summed.
-    pub fn count_shards(&self, shards: std::ops::Range<usize>) -> u64 {
-        (shards.start..shards.end.min(self.shards))
-            .map(|i| self.plan.count(i))
-            .sum()
+    /// Counts the shards it claims from `claims` one at a time, until none
+    /// is left, adding each to the shared total. Several threads may count
+    /// the same query this way, each with its own compiled copy: whichever
+    /// is free takes the next shard, so a thread that starts late (a woken
+    /// pool thread) simply takes fewer, instead of the whole count waiting
+    /// for its fixed half.
+    pub fn count_claimed(&self, claims: &ShardClaims) {
+        loop {
+            let i = claims.next.fetch_add(1, Ordering::Relaxed);
+            if i >= claims.shards {
+                return;
+            }
+            let n = if i < self.shards {
+                self.plan.count(i)
+            } else {
+                0
+            };
+            claims.sum.fetch_add(n, Ordering::Relaxed);
+            claims.done.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Up to `limit` member ids greater than `after`, ascending, and whether
@@ -692,11 +741,18 @@ mod tests {
         ] {
             let query = Query::compile(q, &snap).unwrap();
             assert_eq!(query.count(), expect, "{q}");
-            assert_eq!(
-                query.count_shards(0..1) + query.count_shards(1..usize::MAX),
-                expect,
-                "{q} in two ranges"
-            );
+            // Shared out between this thread and another, shard by shard.
+            let claims = ShardClaims::new(query.shard_count());
+            assert_eq!(claims.total(), None, "{q}: nothing counted yet");
+            std::thread::scope(|s| {
+                s.spawn(|| Query::compile(q, &snap).unwrap().count_claimed(&claims));
+                query.count_claimed(&claims);
+            });
+            assert!(claims.all_claimed());
+            assert_eq!(claims.total(), Some(expect), "{q} on two threads");
+            // A thread that comes late finds nothing left and changes nothing.
+            query.count_claimed(&claims);
+            assert_eq!(claims.total(), Some(expect), "{q} after a late thread");
             let mut listed = 0;
             query.for_each_shard(|b| {
                 listed += b.cardinality();

@@ -16,6 +16,7 @@ use crate::names::check_key;
 use crate::proto;
 use crate::proto::tag_store_server::TagStore;
 use crate::query::Query;
+use crate::query::eval::ShardClaims;
 use crate::server::fields;
 use crate::server::status::{query_status, to_status};
 use crate::storage::{CheckpointOptions, Engine, Mutation, Snapshot, TagMeta, WriteOp};
@@ -682,20 +683,23 @@ const RESOLVE_BEFORE_WRITER: usize = 256;
 /// Queries whose bitmaps are all in memory and touch at most this many ids
 /// are counted on the async thread: handing them to the blocking pool costs
 /// two thread wake-ups, far more than the work itself. A larger single query
-/// is counted in two halves on two threads (`count_halves`, `count_split`).
+/// is counted on two threads that share out its shards (`count_halves`,
+/// `count_split`).
 const INLINE_WORK: u64 = 100_000;
 
-/// A single in-memory query up to this many ids is counted in two halves,
-/// one of them on the async thread (`count_halves`): that half takes the
-/// async thread for at most a few hundred microseconds. Larger ones go to the
-/// blocking pool whole, and are split there (`count_split`).
+/// A single in-memory query up to this many ids is counted on the async
+/// thread and a pool thread together (`count_halves`): the async thread's
+/// share is about half, all of it when the pool thread is slow to start, so
+/// at most a few hundred microseconds to a millisecond. Larger ones go to the
+/// blocking pool whole, and are shared out there (`count_split`).
 const HALVES_MAX_WORK: u64 = 32_000_000;
 
 /// Counts one query whose plan touches more than [`INLINE_WORK`] ids over two
-/// threads: the upper half of its shards on another blocking-pool thread
-/// (compiled again there, at the same instant), the lower half here. On an
-/// idle server this halves the latency of a large count; on a busy one both
-/// cores are taken anyway and it costs one hand-off.
+/// threads: this one and a blocking-pool thread (which compiles the same text
+/// again, at the same instant), each taking the next uncounted shard until
+/// none is left ([`ShardClaims`]). On an idle server this halves the latency
+/// of a large count; a pool thread that wakes late takes fewer shards rather
+/// than delaying the answer, and on a busy one this thread counts them all.
 fn count_split(
     query: &Query,
     snap: &Arc<Snapshot>,
@@ -707,19 +711,37 @@ fn count_split(
     if query.work() <= INLINE_WORK || shards < 2 {
         return query.count();
     }
-    let mid = shards / 2;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let (snap, text) = (snap.clone(), text.to_string());
-    pool.spawn_blocking(move || {
-        let upper = Query::compile_at(&text, &snap, now).map(|q| q.count_shards(mid..shards));
-        let _ = tx.send(upper);
-    });
-    let lower = query.count_shards(0..mid);
-    match rx.recv() {
-        Ok(Ok(upper)) => lower + upper,
-        // The same text compiled a moment ago on the same snapshot; should it
-        // fail, count the upper half here rather than fail the call.
-        _ => lower + query.count_shards(mid..shards),
+    let claims = Arc::new(ShardClaims::new(shards));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    {
+        let (snap, text, claims) = (snap.clone(), text.to_string(), claims.clone());
+        pool.spawn_blocking(move || {
+            help_count(&snap, &text, now, &claims);
+            let _ = tx.send(());
+        });
+    }
+    query.count_claimed(&claims);
+    if let Some(total) = claims.total() {
+        return total;
+    }
+    // The helper is still counting a shard it took; wait for it to finish
+    // (or to have dropped its sender, should it have failed).
+    let _ = rx.recv();
+    // A helper that died halfway through a shard leaves that shard uncounted:
+    // count the whole query here instead.
+    claims.total().unwrap_or_else(|| query.count())
+}
+
+/// The second thread's part of a split count: nothing if the first thread
+/// has already taken every shard, otherwise the shards it can take.
+fn help_count(snap: &Snapshot, text: &str, now: i64, claims: &ShardClaims) {
+    if claims.all_claimed() {
+        return;
+    }
+    // The same text compiled a moment ago on the same snapshot; should it
+    // fail, this thread takes no shard and the first counts them all.
+    if let Ok(q) = Query::compile_at(text, snap, now) {
+        q.count_claimed(claims);
     }
 }
 
@@ -735,25 +757,30 @@ enum Counting {
     Blocking,
 }
 
-/// Counts a single in-memory query over two threads: the upper half of its
-/// shards on a blocking-pool thread (compiled again there, on the same
-/// snapshot), the lower half on this async thread meanwhile. One hand-off
-/// instead of two, and the answer in about half the time on an idle server.
+/// Counts a single in-memory query over two threads: this async thread and a
+/// blocking-pool thread share out its shards ([`ShardClaims`]), as in
+/// [`count_split`]. One hand-off instead of two, and the answer in about half
+/// the time on an idle server; the async thread waits for the pool thread
+/// only while that is counting a shard it took.
 async fn count_halves(snap: Arc<Snapshot>, text: &str, now: i64) -> Result<u64, Status> {
-    let (lower, upper) = {
+    let (claims, helper) = {
         let query = Query::compile_at(text, &snap, now).map_err(|e| query_status(e, None))?;
-        let shards = query.shard_count();
-        let mid = shards / 2;
-        let (snap, text) = (snap.clone(), text.to_string());
-        let upper = tokio::task::spawn_blocking(move || {
-            Query::compile_at(&text, &snap, now).map(|q| q.count_shards(mid..shards))
-        });
-        (query.count_shards(0..mid), upper)
+        let claims = Arc::new(ShardClaims::new(query.shard_count()));
+        let helper = {
+            let (snap, text, claims) = (snap.clone(), text.to_string(), claims.clone());
+            tokio::task::spawn_blocking(move || help_count(&snap, &text, now, &claims))
+        };
+        query.count_claimed(&claims);
+        (claims, helper)
     };
-    match upper.await {
-        Ok(Ok(upper)) => Ok(lower + upper),
-        Ok(Err(e)) => Err(query_status(e, None)),
-        Err(e) => Err(Status::internal(format!("query task failed: {e}"))),
+    if let Some(total) = claims.total() {
+        return Ok(total);
+    }
+    let joined = helper.await;
+    match (claims.total(), joined) {
+        (Some(total), _) => Ok(total),
+        (None, Err(e)) => Err(Status::internal(format!("query task failed: {e}"))),
+        (None, Ok(())) => Err(Status::internal("a shard of the count was left uncounted")),
     }
 }
 
