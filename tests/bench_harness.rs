@@ -52,6 +52,21 @@ fn every_scenario_runs_at_a_tiny_scale() {
         rows.iter()
             .all(|r| r["tagstore"].is_number() || r["tagstore"].is_null())
     );
+    // Counts of 3 or more operands were also timed from one client, taking
+    // turns with the same count in-process.
+    let turns = report["query"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            let one = &f["tagstore_1_client"];
+            one["in_process_beside_ms"]
+                .as_f64()
+                .is_some_and(|ms| ms > 0.0)
+                && one["client"]["requests"].as_u64().is_some_and(|n| n > 0)
+        })
+        .count();
+    assert!(turns >= 4, "{turns} counts timed in turns");
     let with_redis = rows.iter().filter(|r| r["redis"].is_number()).count();
     let redis_installed = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()))

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use data::{DataSet, customer_key};
 use indicatif::{ProgressBar, ProgressStyle};
-use ops::{BoxError, Measured, Op, Q, redis_key, redis_loop, tagstore_loop};
+use ops::{BoxError, Measured, Op, Q, redis_key, redis_loop, tagstore_alternating, tagstore_loop};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::{Conn, RedisServer};
@@ -741,7 +741,7 @@ impl Bench {
         }
         needed.sort_unstable();
         needed.dedup();
-        let snap = in_process_snapshot(&data, &needed);
+        let snap = Arc::new(in_process_snapshot(&data, &needed));
         let server = self.start(&self.dir.clone(), &[])?;
         let changed = tags_changed(&server, &snap).await?;
         if !changed.is_empty() {
@@ -782,14 +782,44 @@ impl Bench {
             // the queueing, so one client measures what the server adds.
             let mut operands = Vec::new();
             q.tags(&mut operands);
+            // The client and the in-process count take turns, so that the
+            // ratio compares the same spells of load from the rest of the host.
             let single = if operands.len() >= 3 && clients != 1 {
-                let one =
-                    tagstore_loop(&server.addr, &data, &op, 1, self.cli.seconds, self.cli.seed)
-                        .await?;
+                let local = {
+                    let (snap, text) = (snap.clone(), text.clone());
+                    move || match Query::compile(&text, &snap) {
+                        Ok(q) => {
+                            let t0 = Instant::now();
+                            std::hint::black_box(q.count());
+                            t0.elapsed()
+                        }
+                        // Compiled above already; cannot fail here.
+                        Err(_) => Duration::ZERO,
+                    }
+                };
+                let (one, here) = tagstore_alternating(
+                    &server.addr,
+                    &data,
+                    &op,
+                    self.cli.seconds,
+                    self.cli.seed,
+                    local,
+                )
+                .await?;
+                let beside = here.ms(0.5);
+                self.report.add(
+                    "query",
+                    &format!("count {label}: in-process, 1 thread, taking turns with 1 client"),
+                    "ms",
+                    Better::Lower,
+                    Some(beside),
+                    None,
+                );
                 self.report.add(
                     "query",
                     &format!(
-                        "count {label}, 1 client: p50 ({:.2}x the ceiling)",
+                        "count {label}, 1 client: p50 ({:.2}x the in-process count beside it, {:.2}x the ceiling)",
+                        one.ms(0.5) / beside,
                         one.ms(0.5) / ceiling
                     ),
                     "ms",
@@ -797,7 +827,7 @@ impl Bench {
                     Some(one.ms(0.5)),
                     None,
                 );
-                Some(measured_json(&one))
+                Some(json!({ "client": measured_json(&one), "in_process_beside_ms": beside }))
             } else {
                 None
             };

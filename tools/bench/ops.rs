@@ -287,37 +287,23 @@ pub async fn tagstore_loop(
     };
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
-    // Each client is an OS thread with its own single-threaded runtime, as
-    // each Redis client is a plain thread: the connection's I/O and the
-    // caller then share one thread, with no cross-thread wake-up per call
-    // (a multi-threaded client runtime added ~90 µs to every call here).
+    // One OS thread per client (`client_thread`).
     let mut threads = Vec::new();
     for w in 0..clients {
         let endpoint = format!("http://{addr}");
         let (data, op, text) = (data.clone(), op.clone(), text.clone());
-        threads.push(std::thread::spawn(
-            move || -> Result<Histogram<u64>, String> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
+        threads.push(client_thread(endpoint, move |mut c| async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w as u64 * 7919));
+            let mut hist = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                tagstore_op(&mut c, &op, &mut rng, &data, &text)
+                    .await
                     .map_err(|e| e.to_string())?;
-                rt.block_on(async move {
-                    let mut c = TagStoreClientExt::connect(endpoint)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w as u64 * 7919));
-                    let mut hist = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-                    while Instant::now() < deadline {
-                        let t0 = Instant::now();
-                        tagstore_op(&mut c, &op, &mut rng, &data, &text)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        hist.record(t0.elapsed().as_micros().max(1) as u64).ok();
-                    }
-                    Ok(hist)
-                })
-            },
-        ));
+                hist.record(t0.elapsed().as_micros().max(1) as u64).ok();
+            }
+            Ok(hist)
+        }));
     }
     let hists = tokio::task::spawn_blocking(move || {
         threads
@@ -337,6 +323,105 @@ pub async fn tagstore_loop(
         requests: hist.len(),
         seconds: started.elapsed().as_secs_f64(),
         hist,
+    })
+}
+
+/// Runs `op` from one client for `secs` seconds, alternating with `local`
+/// (the same work done in this process, which returns the time its work
+/// took) in blocks of [`ALTERNATION`]; returns the client's latencies and
+/// `local`'s. A ratio between the two then
+/// compares moments of the same load on this shared machine, rather than
+/// one block of seconds against another.
+pub async fn tagstore_alternating(
+    addr: &str,
+    data: &Arc<DataSet>,
+    op: &Op,
+    secs: f64,
+    seed: u64,
+    mut local: impl FnMut() -> Duration + Send + 'static,
+) -> Result<(Measured, Measured), BoxError> {
+    let text = match op {
+        Op::Count(q) | Op::Page(q, _) => q.text(data),
+        _ => String::new(),
+    };
+    let endpoint = format!("http://{addr}");
+    let (data, op) = (data.clone(), op.clone());
+    let thread = client_thread(endpoint, move |mut c| async move {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut hists = [
+            Histogram::<u64>::new(3).map_err(|e| e.to_string())?,
+            Histogram::<u64>::new(3).map_err(|e| e.to_string())?,
+        ];
+        let mut spent = [Duration::ZERO; 2];
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < deadline {
+            for (side, hist) in hists.iter_mut().enumerate() {
+                let block = Instant::now();
+                while block.elapsed() < ALTERNATION {
+                    let took = if side == 0 {
+                        let t0 = Instant::now();
+                        tagstore_op(&mut c, &op, &mut rng, &data, &text)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        t0.elapsed()
+                    } else {
+                        local()
+                    };
+                    hist.record(took.as_micros().max(1) as u64).ok();
+                }
+                spent[side] += block.elapsed();
+            }
+        }
+        let [ours, here] = hists;
+        Ok([
+            Measured {
+                requests: ours.len(),
+                seconds: spent[0].as_secs_f64(),
+                hist: ours,
+            },
+            Measured {
+                requests: here.len(),
+                seconds: spent[1].as_secs_f64(),
+                hist: here,
+            },
+        ])
+    });
+    let [ours, here] = tokio::task::spawn_blocking(move || {
+        thread
+            .join()
+            .map_err(|_| "the alternating client thread panicked".to_string())?
+    })
+    .await??;
+    Ok((ours, here))
+}
+
+/// How long each side of [`tagstore_alternating`] runs before the other
+/// takes its turn: long enough that each side works on warm caches, short
+/// enough that both see the same spells of load from the rest of the host.
+const ALTERNATION: Duration = Duration::from_millis(100);
+
+/// Starts an OS thread with its own single-threaded runtime, connects one
+/// client there, and runs `work` with it. Each client is a plain thread, as
+/// each Redis client is: the connection's I/O and the caller share one
+/// thread, with no cross-thread wake-up per call (a multi-threaded client
+/// runtime added ~90 µs to every call here).
+fn client_thread<T, F, Fut>(endpoint: String, work: F) -> std::thread::JoinHandle<Result<T, String>>
+where
+    T: Send + 'static,
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let c = TagStoreClientExt::connect(endpoint)
+                .await
+                .map_err(|e| e.to_string())?;
+            work(c).await
+        })
     })
 }
 
