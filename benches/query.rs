@@ -86,6 +86,9 @@ fn bench(c: &mut Criterion) {
         "d1 OR d2",
         "d1 AND d2 AND d3",
         "d1 AND (d2 OR d3) AND NOT d4",
+        // A union of a dense tag and a sparse one, intersected.
+        "d1 AND (d2 OR s1) AND NOT s2",
+        "d1 AND (d2 OR s1)",
         "d1 AND d2 AND d3 AND d4 AND d5",
         // 50/45/40/35/30%: split alternately, one half falls under 4,096
         // ids per container and turns into arrays.

@@ -12,6 +12,9 @@
 //!   `or_cardinality`) instead of building the final bitmap;
 //! - four or more dense operands are split into two halves that stay dense,
 //!   then counted with one fused intersection;
+//! - `x AND (big OR small)`, where one branch of the union dwarfs the others,
+//!   is `(x AND big) OR (x AND small)`: the union, a copy of `big`, is never
+//!   built;
 //! - a field predicate after the first operand of an AND examines only the
 //!   candidates left.
 //!
@@ -308,15 +311,23 @@ impl<'s> Plan<'s> {
                         _ => 0,
                     }
                 }
-                None => match pos.split_last() {
+                None => match last_for_count(pos) {
                     Some((last, init)) if !init.is_empty() => {
-                        let init: Vec<&Plan<'s>> = init.iter().collect();
                         let Some(acc) = and_of(&init, &[], i) else {
                             return 0;
                         };
                         if last.is_pred() {
                             // A predicate only needs to examine the candidates left.
                             return last.eval_within(i, &acc).map_or(0, |b| b.cardinality());
+                        }
+                        if let Some((big, others)) = lopsided(last) {
+                            // |acc AND (big OR others)| = |acc AND big| plus
+                            // the few of acc AND others that are not in big.
+                            let few = union_within(&acc, &others, i);
+                            return match big.eval(i) {
+                                Some(b) => acc.and_cardinality(&b) + few.andnot_cardinality(&b),
+                                None => few.cardinality(),
+                            };
                         }
                         last.eval(i).map_or(0, |l| acc.and_cardinality(&l))
                     }
@@ -401,15 +412,42 @@ fn dense_halves<'p, 's>(pos: &'p [Plan<'s>], i: usize) -> (Vec<&'p Plan<'s>>, Ve
 /// operand first, stopping at the first empty result. A predicate after the
 /// first operand examines only the candidates left.
 fn and_of<'s>(pos: &[&Plan<'s>], neg: &[&Plan<'s>], i: usize) -> Option<Cow<'s, Bitmap>> {
-    let (first, rest) = pos.split_first()?;
+    // Start from the smallest operand that is not a lopsided union: those
+    // are cheaper to intersect into a result than to build (`lopsided`).
+    let start = pos.iter().position(|p| lopsided(p).is_none()).unwrap_or(0);
+    let first = pos.get(start)?;
+    let rest = pos
+        .iter()
+        .enumerate()
+        .filter(|&(k, _)| k != start)
+        .map(|(_, p)| p);
     let mut acc = first.eval(i)?;
     let steps = rest
-        .iter()
         .map(|p| (p, false))
         .chain(neg.iter().map(|n| (n, true)));
     for (p, not) in steps {
         if !not && p.is_pred() {
             acc = p.eval_within(i, &acc)?;
+            continue;
+        }
+        if !not && let Some((big, others)) = lopsided(p) {
+            // acc AND (big OR others) = (acc AND big) OR (acc AND others).
+            let few = union_within(&acc, &others, i);
+            let mut out = match big.eval(i) {
+                Some(b) => match acc {
+                    Cow::Owned(mut a) => {
+                        a.and_inplace(&b);
+                        a
+                    }
+                    Cow::Borrowed(a) => a.and(&b),
+                },
+                None => Bitmap::new(),
+            };
+            out.or_inplace(&few);
+            if out.is_empty() {
+                return None;
+            }
+            acc = Cow::Owned(out);
             continue;
         }
         let Some(s) = p.eval(i) else {
@@ -436,6 +474,73 @@ fn and_of<'s>(pos: &[&Plan<'s>], neg: &[&Plan<'s>], i: usize) -> Option<Cow<'s, 
         }
     }
     Some(acc)
+}
+
+/// How many times larger than all its other branches together the largest
+/// branch of a union must be for an intersection with it to be distributed
+/// over the branches ([`lopsided`]).
+const LOPSIDED: u64 = 16;
+
+/// For a union whose largest branch is [`LOPSIDED`] times all the others
+/// together (a dense tag OR a few sparse ones), that branch and the others.
+/// `x AND (big OR small)` is then `(x AND big) OR (x AND small)`: one
+/// intersection the size of `x AND big`, plus a few ids, instead of first
+/// building the union, which copies the whole of `big`.
+fn lopsided<'p, 's>(p: &'p Plan<'s>) -> Option<(&'p Plan<'s>, Vec<&'p Plan<'s>>)> {
+    let Plan::Or(items) = p else {
+        return None;
+    };
+    let (k, big) = items
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, item)| item.estimate())?;
+    if big.is_pred() {
+        return None;
+    }
+    let others: Vec<&Plan<'s>> = items
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != k)
+        .map(|(_, item)| item)
+        .collect();
+    let rest = others
+        .iter()
+        .map(|item| item.estimate())
+        .fold(0, u64::saturating_add);
+    (rest.saturating_mul(LOPSIDED) <= big.estimate()).then_some((big, others))
+}
+
+/// The operand of an intersection to fuse into its count, and the others: a
+/// lopsided union if there is one (so that it is never built), otherwise the
+/// largest operand (the last, as the compiler sorts them).
+fn last_for_count<'p, 's>(pos: &'p [Plan<'s>]) -> Option<(&'p Plan<'s>, Vec<&'p Plan<'s>>)> {
+    let k = pos
+        .iter()
+        .position(|p| lopsided(p).is_some())
+        .unwrap_or(pos.len().checked_sub(1)?);
+    let others = pos
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != k)
+        .map(|(_, p)| p)
+        .collect();
+    Some((&pos[k], others))
+}
+
+/// The union of `within AND p` over `plans`, in shard `i`.
+fn union_within(within: &Bitmap, plans: &[&Plan<'_>], i: usize) -> Bitmap {
+    let mut out = Bitmap::new();
+    for p in plans {
+        let part = if p.is_pred() {
+            p.eval_within(i, within)
+        } else {
+            p.eval(i).map(|s| Cow::Owned(within.and(&s)))
+        };
+        if let Some(part) = part {
+            out.or_inplace(&part);
+        }
+    }
+    out
 }
 
 pub(crate) struct Compiler<'s> {
@@ -710,6 +815,12 @@ mod tests {
                 .skip(1)
                 .fold(f(xs[0]).clone(), |acc, x| acc & f(x))
         };
+        // Which unions count as lopsided: a 60% tag OR a 0.2% one is; OR a
+        // 5% one (more than 1/16 of 60%) is not.
+        let plan_of = |q: &str| Query::compile(q, &snap).unwrap();
+        assert!(lopsided(plan_of("a OR s").plan()).is_some());
+        assert!(lopsided(plan_of("a OR m").plan()).is_none());
+        assert!(lopsided(plan_of("a AND s").plan()).is_none());
         for (q, expect) in [
             ("a AND b", and(&["a", "b"]).len()),
             ("s AND m", and(&["s", "m"]).len()),
@@ -724,6 +835,21 @@ mod tests {
                 ((f("m") & (f("a") | f("s"))) - (f("b") | f("c"))).len(),
             ),
             ("s AND m AND NOT a", (and(&["s", "m"]) - f("a")).len()),
+            // Intersections with a union whose one branch dwarfs the others.
+            ("m AND (a OR s)", (f("m") & (f("a") | f("s"))).len()),
+            ("(b OR s) AND a", ((f("b") | f("s")) & f("a")).len()),
+            (
+                "(a OR s) AND b AND NOT c",
+                (((f("a") | f("s")) & f("b")) - f("c")).len(),
+            ),
+            (
+                "(b OR s) AND (a OR s) AND NOT m",
+                (((f("b") | f("s")) & (f("a") | f("s"))) - f("m")).len(),
+            ),
+            (
+                "s AND (a OR m OR b)",
+                (f("s") & (f("a") | f("m") | f("b"))).len(),
+            ),
             ("a AND b AND c AND d", and(&["a", "b", "c", "d"]).len()),
             (
                 "a AND b AND c AND d AND e",
