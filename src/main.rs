@@ -76,12 +76,36 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Standard error for the log, where a failed write is dropped: a full or
+/// closed log volume must never take the server down (the `eprintln!` that
+/// the logging library falls back on panics when stderr cannot be written).
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Prints a line on standard error or, if that fails, nowhere.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogSink)
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let Command::Serve {
@@ -94,7 +118,7 @@ fn main() -> ExitCode {
     let file = match config.as_deref().map(FileConfig::load).transpose() {
         Ok(f) => f.unwrap_or_default(),
         Err(e) => {
-            eprintln!("tagstore: {e}");
+            say(format_args!("tagstore: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -110,7 +134,7 @@ fn main() -> ExitCode {
     let cfg = match ServerConfig::resolve(file, over) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tagstore: {e}");
+            say(format_args!("tagstore: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -120,18 +144,23 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tagstore: cannot start the async runtime: {e}");
+            say(format_args!(
+                "tagstore: cannot start the async runtime: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
     let res = runtime.block_on(tagstore::server::serve(cfg, shutdown_signal(), |addr| {
-        // A line for scripts and tests that start the server on port 0.
-        println!("tagstore listening on {addr}");
+        // A line for scripts and tests that start the server on port 0. A
+        // closed or full stdout must not stop the server.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "tagstore listening on {addr}").and_then(|_| out.flush());
     }));
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tagstore: {e}");
+            say(format_args!("tagstore: {e}"));
             ExitCode::FAILURE
         }
     }
