@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::names::shown;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong in a query's text.
@@ -31,15 +33,33 @@ pub enum Error {
         offset: u64,
         reason: String,
     },
-    #[error("tag not found: {0:?}")]
+    /// A log record's content does not decode; the log replay names the
+    /// file and offset (see `wal::replay`).
+    #[error("{0}")]
+    BadRecord(String),
+    /// Start-up cannot establish what the store is (a missing manifest,
+    /// files that contradict each other); the message says what and how to
+    /// recover.
+    #[error("{0}")]
+    Recovery(String),
+    /// A snapshot holds a customer id its dictionary cannot name: a bug,
+    /// reported rather than answered with a row left out.
+    #[error("customer id {0} has no key in the dictionary of its snapshot")]
+    MissingKey(u32),
+    /// The disk holding the data directory is full; the write was refused
+    /// before it was applied, and the store takes writes again once space
+    /// is freed.
+    #[error("disk full: {0}; the write was not applied")]
+    DiskFull(String),
+    #[error("tag not found: {:?}", shown(.0))]
     TagNotFound(String),
-    #[error("tag already exists: {0:?}")]
+    #[error("tag already exists: {:?}", shown(.0))]
     TagExists(String),
-    #[error("field not found: {0:?}")]
+    #[error("field not found: {:?}", shown(.0))]
     FieldNotFound(String),
-    #[error("a field named {0:?} already exists")]
+    #[error("a field named {:?} already exists", shown(.0))]
     FieldExists(String),
-    #[error("customer not found: {0:?}")]
+    #[error("customer not found: {:?}", shown(.0))]
     CustomerNotFound(String),
     #[error("customer id {0} names no live customer (ids come from ResolveCustomers or Profile)")]
     CustomerIdNotFound(u32),

@@ -11,6 +11,25 @@ pub const MAX_KEY_BYTES: usize = 256;
 /// Words of the query language; a tag with one of these names must be quoted.
 pub const KEYWORDS: &[&str] = &["AND", "OR", "NOT", "ALL"];
 
+/// Longest name or key an error message repeats whole; a longer one is cut
+/// (a client that sent a 20 KB name gets a readable error, not one too
+/// large for the response metadata).
+pub const MAX_ECHOED_BYTES: usize = 256;
+
+/// `text` as an error message may repeat it: whole up to
+/// [`MAX_ECHOED_BYTES`], otherwise its start (on a character boundary) and
+/// its length.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_ECHOED_BYTES {
+        return text.into();
+    }
+    let mut end = 64;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
+}
+
 /// A tag name is 1 to 200 bytes of UTF-8 with no control characters and no
 /// white space at either end.
 pub fn check_tag_name(name: &str) -> Result<()> {

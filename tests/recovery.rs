@@ -35,7 +35,7 @@ fn crash_copy(from: &Path) -> tempfile::TempDir {
     let to = tempfile::tempdir().unwrap();
     for e in fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        if e.file_name() != "LOCK" {
+        if e.file_name() != "LOCK" && e.file_type().unwrap().is_file() {
             fs::copy(e.path(), to.path().join(e.file_name())).unwrap();
         }
     }

@@ -17,8 +17,23 @@ pub const MAX_DAY: i32 = MONTH_BASE as i32 - 1;
 
 /// Looks up a time zone by IANA name ("Asia/Shanghai", "UTC").
 pub fn zone(name: &str) -> Result<TimeZone> {
+    // Names whose meaning depends on the host (or that mean "no zone"): a
+    // field's days must not change when the store moves to another machine.
+    if HOST_DEPENDENT_ZONES
+        .iter()
+        .any(|z| z.eq_ignore_ascii_case(name))
+        || name.starts_with('/')
+    {
+        return Err(Error::invalid(format!(
+            "time zone {name:?} is not allowed: give an IANA region name such as \
+             \"Asia/Shanghai\" or \"UTC\""
+        )));
+    }
     TimeZone::get(name).map_err(|e| Error::invalid(format!("unknown time zone {name:?}: {e}")))
 }
+
+/// Zone names refused by [`zone`].
+const HOST_DEPENDENT_ZONES: &[&str] = &["localtime", "Factory", "posixrules", "posix/Factory"];
 
 /// Day number of the proleptic Gregorian date `y-m-d`.
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {

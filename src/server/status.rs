@@ -10,6 +10,25 @@ pub const POSITION_KEY: &str = "tagstore-error-position";
 /// Metadata key carrying the index of the failing query in a `Count`.
 pub const QUERY_INDEX_KEY: &str = "tagstore-error-query";
 
+/// Longest status message sent, in bytes: the message travels in a response
+/// header, and one over the client's metadata limit would replace the real
+/// status with `RESOURCE_EXHAUSTED`.
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// Cuts `msg` to [`MAX_MESSAGE_BYTES`] on a character boundary, saying so.
+pub fn cut_message(msg: &mut String) {
+    if msg.len() <= MAX_MESSAGE_BYTES {
+        return;
+    }
+    let mut end = MAX_MESSAGE_BYTES - 32;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let total = msg.len();
+    msg.truncate(end);
+    msg.push_str(&format!("… ({total} bytes in all)"));
+}
+
 pub fn to_status(e: Error) -> Status {
     query_status(e, None)
 }
@@ -17,8 +36,8 @@ pub fn to_status(e: Error) -> Status {
 /// Like [`to_status`], naming which of several queries failed.
 pub fn query_status(e: Error, index: Option<usize>) -> Status {
     let code = match &e {
-        Error::Io { .. } | Error::Checkpoint(_) => Code::Internal,
-        Error::Corrupt { .. } => Code::DataLoss,
+        Error::Io { .. } | Error::Checkpoint(_) | Error::MissingKey(_) => Code::Internal,
+        Error::Corrupt { .. } | Error::BadRecord(_) | Error::Recovery(_) => Code::DataLoss,
         Error::TagNotFound(_)
         | Error::FieldNotFound(_)
         | Error::CustomerNotFound(_)
@@ -30,6 +49,7 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
             QueryErrorKind::UnknownTag => Code::NotFound,
         },
         Error::Locked(_) => Code::FailedPrecondition,
+        Error::DiskFull(_) => Code::ResourceExhausted,
         Error::Failed(_) | Error::ShuttingDown => Code::Unavailable,
     };
     let mut meta = MetadataMap::new();
@@ -48,9 +68,10 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
             );
         }
     }
-    let msg = match index {
+    let mut msg = match index {
         Some(i) => format!("query {i}: {e}"),
         None => e.to_string(),
     };
+    cut_message(&mut msg);
     Status::with_metadata(code, msg, meta)
 }

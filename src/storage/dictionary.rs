@@ -561,12 +561,15 @@ impl Dictionary {
         Ok(None)
     }
 
-    /// Appends the keys of `ids` to `out` (skipping ids without a key), under one lock.
+    /// Appends the keys of `ids` to `out`, under one lock. Every id must have
+    /// a key here: the ids come from a snapshot that shares this dictionary,
+    /// and a missing one is an error, never a row silently left out.
     pub fn keys_of(&self, ids: &[u32], out: &mut Vec<String>) -> Result<()> {
         let inner = self.inner.read();
         for &id in ids {
-            if let Some(key) = Self::key_in(&inner, id)? {
-                out.push(key.to_string());
+            match Self::key_in(&inner, id)? {
+                Some(key) => out.push(key.to_string()),
+                None => return Err(Error::MissingKey(id)),
             }
         }
         Ok(())
@@ -627,21 +630,30 @@ impl Dictionary {
             .collect()
     }
 
-    /// After a checkpoint: `layers` replace the sections, and the recent keys
-    /// below `upto` (now in a section) are dropped from memory.
-    pub(crate) fn install(&self, layers: Vec<Arc<DictLayer>>, upto: u32) {
-        let mut inner = self.inner.write();
-        inner.layers = layers;
-        if upto > inner.recent_base {
-            let n = ((upto - inner.recent_base) as usize).min(inner.recent_keys.len());
-            inner.recent_keys.drain(..n);
-            inner.recent_base = upto;
-            inner.recent_ids.retain(|_, id| *id >= upto);
-            // The table and the vector keep their capacity after removals:
-            // without this, a bulk load would hold its peak (about 50 bytes
-            // per customer loaded) until the process ends.
-            inner.recent_ids.shrink_to_fit();
-            inner.recent_keys.shrink_to_fit();
+    /// After a checkpoint: the dictionary of the snapshots to come, made of
+    /// `layers`, with the recent keys from `upto` on (those below are now in
+    /// a section). This one is left as it is: the snapshots that share it
+    /// (an export in progress) still name every id they hold, even ids whose
+    /// keys a dictionary merge has just erased from disk. Its memory goes
+    /// with the last of them.
+    pub(crate) fn successor(&self, layers: Vec<Arc<DictLayer>>, upto: u32) -> Dictionary {
+        let inner = self.inner.read();
+        let base = inner.recent_base.max(upto);
+        let skip = ((base - inner.recent_base) as usize).min(inner.recent_keys.len());
+        let recent_keys = inner.recent_keys[skip..].to_vec();
+        let recent_ids = inner
+            .recent_ids
+            .iter()
+            .filter(|(_, id)| **id >= base)
+            .map(|(k, id)| (k.clone(), *id))
+            .collect();
+        Dictionary {
+            inner: RwLock::new(Inner {
+                layers,
+                recent_ids,
+                recent_keys,
+                recent_base: base,
+            }),
         }
     }
 

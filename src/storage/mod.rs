@@ -97,7 +97,9 @@ pub struct RecoveryReport {
     pub records_replayed: u64,
     pub wal_bytes_read: u64,
     pub torn_tail: Option<String>,
-    pub orphans_removed: Vec<PathBuf>,
+    /// Segment files no manifest named, moved into [`ORPHANS_DIR`] (where
+    /// they now are).
+    pub orphans_moved: Vec<PathBuf>,
     pub duration: Duration,
 }
 
@@ -137,6 +139,66 @@ pub struct Engine {
 }
 
 pub const LOCK_FILE: &str = "LOCK";
+/// Where start-up moves files of the data directory that the store does not
+/// name (a segment of a checkpoint that did not finish, or one copied in by
+/// hand): a subdirectory of the data directory.
+pub const ORPHANS_DIR: &str = "orphaned";
+
+/// A data directory without `MANIFEST` is a new store, or one that never
+/// finished a checkpoint: then its log, if any, starts at lsn 1 and holds
+/// every write. Anything else means the manifest that described the store is
+/// gone, and serving would serve an empty or partial store.
+fn check_store_without_manifest(dir: &Path) -> Result<()> {
+    let logs = wal::list(dir)?;
+    let segs = segment::list(dir)?;
+    let refuse = |what: String| {
+        Err(Error::Recovery(format!(
+            "{} is missing, but {what}. Refusing to start: a store is never served \
+             without the manifest that describes it. Restore MANIFEST from a backup \
+             of this store, or move the directory aside to start an empty store",
+            dir.join(manifest::MANIFEST_FILE).display()
+        )))
+    };
+    match logs.first() {
+        Some(first) if first.first_lsn != 1 => refuse(format!(
+            "the log starts at lsn {} ({}): the records before it are only in segment \
+             files ({} found) that the manifest described",
+            first.first_lsn,
+            first.path.display(),
+            segs.len()
+        )),
+        None if !segs.is_empty() => refuse(format!(
+            "the directory holds {} segment file(s) (the first {}) and no log",
+            segs.len(),
+            dir.join(segment::file_name(segs[0])).display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Moves `name` (a file of the data directory) into [`ORPHANS_DIR`], under a
+/// name not taken there yet, and syncs both directories. Returns where it is.
+fn move_aside(dir: &Path, name: &str) -> Result<PathBuf> {
+    let from = dir.join(name);
+    let aside = dir.join(ORPHANS_DIR);
+    fs::create_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+    let mut to = aside.join(name);
+    let mut n = 1;
+    while to.exists() {
+        to = aside.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
+    fsync_dir(&aside)?;
+    fsync_dir(dir)?;
+    tracing::warn!(
+        from = %from.display(),
+        to = %to.display(),
+        "moved aside a segment file the manifest does not name (left by a checkpoint \
+         that did not finish, or copied in); delete it once you know it is not needed"
+    );
+    Ok(to)
+}
 
 impl Engine {
     /// Opens (or creates) the store in `config.data_dir` and recovers it.
@@ -159,22 +221,23 @@ impl Engine {
         let mut report = RecoveryReport::default();
         let _ = fs::remove_file(dir.join(manifest::MANIFEST_TMP));
 
-        let mut manifest = Manifest::read(&dir)?.unwrap_or_default();
+        let found = Manifest::read(&dir)?;
+        if found.is_none() {
+            check_store_without_manifest(&dir)?;
+        }
+        let mut manifest = found.unwrap_or_default();
         manifest.next_segment_no = manifest.next_segment_no.max(1);
         report.checkpoint_lsn = manifest.checkpoint_lsn;
         let mut segments = HashMap::new();
         for no in manifest.segments() {
             segments.insert(no, Segment::open(&dir, no)?);
         }
-        for no in segment::list(&dir)? {
-            if !segments.contains_key(&no) {
-                // Written by a checkpoint that did not finish: nothing refers to it.
-                let path = dir.join(segment::file_name(no));
-                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                tracing::warn!(path = %path.display(), "removed a segment file no manifest refers to");
-                report.orphans_removed.push(path);
-            }
-        }
+        // Segment files the manifest does not name; moved aside once the
+        // store has recovered (never deleted: see `move_aside`).
+        let strays: Vec<u64> = segment::list(&dir)?
+            .into_iter()
+            .filter(|no| !segments.contains_key(no))
+            .collect();
         let manifest_path = dir.join(manifest::MANIFEST_FILE);
         let seg = |no: u64| -> Result<Arc<Segment>> {
             segments.get(&no).cloned().ok_or_else(|| {
@@ -283,21 +346,13 @@ impl Engine {
         let files = wal::list(&dir)?;
         let outcome = wal::replay(&files, manifest.checkpoint_lsn, |lsn, kind, payload| {
             if kind != KIND_BATCH {
-                return Err(Error::corrupt(
-                    "write-ahead log",
-                    0,
-                    format!("unknown record kind {kind}"),
-                ));
+                return Err(Error::BadRecord(format!("unknown record kind {kind}")));
             }
             let batch = Batch::decode(payload).map_err(|e| {
-                Error::corrupt(
-                    "write-ahead log",
-                    0,
-                    format!(
-                        "undecodable batch at payload offset {}: {}",
-                        e.offset, e.reason
-                    ),
-                )
+                Error::BadRecord(format!(
+                    "undecodable batch at payload offset {}: {}",
+                    e.offset, e.reason
+                ))
             })?;
             state.apply(lsn, &batch).map(|_| ())
         })?;
@@ -310,6 +365,14 @@ impl Engine {
         report.records_replayed = outcome.applied;
         report.wal_bytes_read = outcome.bytes;
         report.torn_tail = outcome.truncated;
+
+        // The store is established (manifest, segments and the whole log
+        // agree): only now is anything it does not name moved out of the way.
+        for no in strays {
+            report
+                .orphans_moved
+                .push(move_aside(&dir, &segment::file_name(no))?);
+        }
 
         let wal = WalWriter::create(&dir, last_lsn + 1)?;
         let old_wal_bytes: u64 = wal::list(&dir)?
@@ -342,9 +405,23 @@ impl Engine {
             rx,
             tx.clone(),
         );
+        let watched = shared.clone();
         let handle = std::thread::Builder::new()
             .name("tagstore-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                // Should the writer ever panic, later writes must say so, not
+                // that the server is shutting down.
+                let run = std::panic::AssertUnwindSafe(|| writer.run());
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown cause".into());
+                    let msg = format!("the writer thread stopped: {why}");
+                    watched.failed.lock().get_or_insert(msg);
+                }
+            })
             .map_err(|e| Error::io(&dir, e))?;
         report.duration = started.elapsed();
         Ok(Engine {
@@ -379,35 +456,43 @@ impl Engine {
     }
 
     fn send(&self, cmd: Cmd) -> Result<()> {
-        self.tx.send(cmd).map_err(|_| Error::ShuttingDown)
+        self.tx.send(cmd).map_err(|_| self.gone())
+    }
+
+    /// Why the writer no longer answers: the failure it recorded, or shutdown.
+    fn gone(&self) -> Error {
+        match self.failure() {
+            Some(msg) => Error::Failed(msg),
+            None => Error::ShuttingDown,
+        }
     }
 
     /// Applies a write; returns once it is durable (per the sync mode) and visible.
     pub async fn write(&self, op: WriteOp) -> Result<WriteResult> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Write(op, tx))?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// [`Engine::write`] for callers outside an async runtime.
     pub fn write_blocking(&self, op: WriteOp) -> Result<WriteResult> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Write(op, tx))?;
-        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+        rx.blocking_recv().map_err(|_| self.gone())?
     }
 
     /// Writes a checkpoint covering every write acknowledged before the call.
     pub async fn checkpoint(&self, options: CheckpointOptions) -> Result<CheckpointInfo> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Checkpoint(options, tx))?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// [`Engine::checkpoint`] for callers outside an async runtime.
     pub fn checkpoint_blocking(&self, options: CheckpointOptions) -> Result<CheckpointInfo> {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Checkpoint(options, tx))?;
-        rx.blocking_recv().map_err(|_| Error::ShuttingDown)?
+        rx.blocking_recv().map_err(|_| self.gone())?
     }
 
     /// Finishes queued writes, writes a final checkpoint and stops the writer.

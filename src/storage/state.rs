@@ -45,11 +45,9 @@ pub struct State {
 }
 
 fn unknown_field(id: u32) -> Error {
-    Error::corrupt(
-        "write-ahead log",
-        0,
-        format!("record refers to field id {id}, which does not exist"),
-    )
+    Error::BadRecord(format!(
+        "record refers to field id {id}, which does not exist"
+    ))
 }
 
 /// A mutable slot bitmap, created empty when missing.
@@ -61,11 +59,9 @@ fn slot_mut(slots: &mut SlotMap, slot: u32) -> Result<&mut ShardedBitmap> {
 }
 
 fn unknown_tag(id: u32) -> Error {
-    Error::corrupt(
-        "write-ahead log",
-        0,
-        format!("record refers to tag id {id}, which does not exist"),
-    )
+    Error::BadRecord(format!(
+        "record refers to tag id {id}, which does not exist"
+    ))
 }
 
 impl State {

@@ -66,6 +66,8 @@ pub struct WalWriter {
     bytes: u64,
     /// Bytes allocated on disk (zeros past `bytes`).
     allocated: u64,
+    /// The file system has no fallocate: the file grows with each append.
+    no_fallocate: bool,
 }
 
 impl WalWriter {
@@ -92,35 +94,66 @@ impl WalWriter {
             first_lsn,
             bytes: WAL_HEADER_LEN as u64,
             allocated: WAL_HEADER_LEN as u64,
+            no_fallocate: false,
         };
-        w.allocate(PREALLOCATE);
+        match w.allocate(PREALLOCATE) {
+            // Writes reserve their own room (and are refused without it).
+            Ok(()) | Err(Error::DiskFull(_)) => {}
+            Err(e) => return Err(e),
+        }
         w.file.sync_all().map_err(|e| Error::io(&w.path, e))?;
         fsync_dir(dir)?;
         Ok(w)
     }
 
-    /// Allocates the file up to `len` bytes (zeros). Best effort: a file
-    /// system without fallocate simply grows the file with each append.
-    fn allocate(&mut self, len: u64) {
+    /// Allocates the file up to `len` bytes (zeros). A file system without
+    /// fallocate simply grows the file with each append (`Ok`); a full disk
+    /// is [`Error::DiskFull`], and nothing was written.
+    fn allocate(&mut self, len: u64) -> Result<()> {
         use std::os::fd::AsRawFd;
-        if len <= self.allocated {
-            return;
+        if len <= self.allocated || self.no_fallocate {
+            return Ok(());
         }
         let Ok(off_len) = libc::off_t::try_from(len) else {
-            return;
+            return Ok(());
         };
         // SAFETY: posix_fallocate on an open file descriptor we own.
         let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
-        if rc == 0 {
-            self.allocated = len;
+        match rc {
+            0 => {
+                self.allocated = len;
+                Ok(())
+            }
+            libc::ENOSPC | libc::EDQUOT => Err(Error::DiskFull(format!(
+                "no space left to extend {} to {len} bytes",
+                self.path.display()
+            ))),
+            libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS => {
+                self.no_fallocate = true;
+                Ok(())
+            }
+            rc => Err(Error::io(&self.path, std::io::Error::from_raw_os_error(rc))),
         }
+    }
+
+    /// Makes sure `n` more bytes can be appended without the file system
+    /// running out of space: the writer asks before it applies a write, so
+    /// that a full disk refuses that write (and the store takes writes again
+    /// once space is freed) instead of failing an append of a write already
+    /// applied in memory.
+    pub fn reserve(&mut self, n: u64) -> Result<()> {
+        let end = self.bytes + n;
+        if end > self.allocated {
+            self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE)?;
+        }
+        Ok(())
     }
 
     /// Writes framed records (not yet durable: call [`WalWriter::sync`]).
     pub fn append(&mut self, framed: &[u8]) -> Result<()> {
         let end = self.bytes + framed.len() as u64;
         if end > self.allocated {
-            self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE);
+            self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE)?;
         }
         (&*self.file)
             .write_all(framed)
@@ -379,9 +412,22 @@ pub fn replay(
                     ));
                 }
                 apply(lsn, body[8], &body[9..]).map_err(|e| match e {
-                    Error::Corrupt { reason, .. } => {
-                        corrupt(pos, format!("record lsn {lsn}: {reason}"))
-                    }
+                    // The record itself is bad: this file, at this record.
+                    Error::BadRecord(reason) => corrupt(pos, format!("record lsn {lsn}: {reason}")),
+                    // Damage elsewhere (a segment blob the record touches)
+                    // keeps the name of the damaged file: the log is fine.
+                    Error::Corrupt {
+                        path,
+                        offset,
+                        reason,
+                    } => Error::Corrupt {
+                        path,
+                        offset,
+                        reason: format!(
+                            "{reason} (read while replaying record lsn {lsn} of {}, which is intact)",
+                            wf.path.display()
+                        ),
+                    },
                     other => other,
                 })?;
                 out.applied += 1;

@@ -361,6 +361,10 @@ pub(crate) struct Writer {
     syncer: Option<Syncer>,
 }
 
+/// How far ahead of now an event may be dated (clocks differ; a day more
+/// is a mistake, such as milliseconds sent as microseconds).
+pub const MAX_AHEAD_MS: i64 = 86_400_000;
+
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -483,7 +487,21 @@ impl Writer {
                 Planned::Write(b, t) => (b, t),
             };
             let lsn = self.state.snap.lsn + 1;
+            let framed_from = self.buf.len();
             wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+            // Room in the log first: a full disk refuses this write before
+            // it is applied, and the store stays writable.
+            if let Err(e) = self.wal.reserve(self.buf.len() as u64) {
+                self.buf.truncate(framed_from);
+                if !matches!(e, Error::DiskFull(_)) {
+                    self.fail(&e);
+                    replies.push((reply, Err(e)));
+                    break;
+                }
+                tracing::warn!(error = %e, "write refused");
+                replies.push((reply, Err(e)));
+                continue;
+            }
             if !batch.deletes.is_empty() {
                 self.last_delete_lsn = lsn;
             }
@@ -584,6 +602,14 @@ impl Writer {
         let lsn = self.state.snap.lsn + 1;
         self.buf.clear();
         wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+        match self.wal.reserve(self.buf.len() as u64) {
+            Ok(()) => {}
+            Err(e @ Error::DiskFull(_)) => return Err(e),
+            Err(e) => {
+                self.fail(&e);
+                return Err(e);
+            }
+        }
         if !batch.deletes.is_empty() {
             self.last_delete_lsn = lsn;
         }
@@ -1147,12 +1173,13 @@ impl Writer {
         {
             self.state.snap.live = LazyBitmap::on_disk(seg.clone(), BlobKind::LiveShard, 0);
         }
-        self.state
-            .snap
-            .dict
-            .install(done.dict_layers, done.dict_upto);
+        self.state.snap.dict = Arc::new(
+            self.state
+                .snap
+                .dict
+                .successor(done.dict_layers, done.dict_upto),
+        );
         self.manifest = done.manifest;
-        release_free_memory();
 
         // Log files wholly covered by the checkpoint.
         match wal::list(&self.dir) {
@@ -1190,6 +1217,10 @@ impl Writer {
         if let Err(e) = fsync_dir(&self.dir) {
             tracing::warn!(error = %e, "could not sync the data directory");
         }
+        // Readers move to the new dictionary and homes; the old ones (and the
+        // recent keys now in a section) are freed with the last old snapshot.
+        self.shared.publish(Arc::new(self.state.snap.clone()));
+        release_free_memory();
         let mut info = self.shared.info.lock();
         info.last_checkpoint_lsn = self.manifest.checkpoint_lsn;
         info.last_checkpoint_at_ms = self.manifest.checkpoint_at_ms;
@@ -1345,10 +1376,22 @@ fn plan_values<'k>(
                     }
                 };
                 let (tz, today) = (&*tz, &*today);
-                let day = match *at {
-                    EventTime::Ms(ms) => time::day_of(ms, tz)?,
-                    EventTime::Day(d) => d,
+                let (day, ahead) = match *at {
+                    EventTime::Ms(ms) => (
+                        time::day_of(ms, tz)?,
+                        ms > now_ms.saturating_add(MAX_AHEAD_MS),
+                    ),
+                    EventTime::Day(d) => (d, d > today + 1),
                 };
+                if ahead {
+                    return Err(Error::invalid(format!(
+                        "event on {} is more than a day ahead of today ({} in {}): \
+                         events from the future are refused",
+                        time::format_day(day),
+                        time::format_day(*today),
+                        spec.time_zone
+                    )));
+                }
                 if !(0..=time::MAX_DAY).contains(&day) {
                     return Err(Error::invalid(format!(
                         "event day {} is outside 1970-01-01 ..= {}",

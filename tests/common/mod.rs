@@ -9,8 +9,13 @@ use tagstore::harness::ServerProcess;
 
 pub type TestServer = ServerProcess;
 
-fn binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tagstore"))
+/// The server binary under test: this build's, or the one named by
+/// `TAGSTORE_TEST_BINARY` (to run the suite against another build, such as
+/// the one before a fix).
+pub fn binary() -> std::path::PathBuf {
+    std::env::var_os("TAGSTORE_TEST_BINARY")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_BIN_EXE_tagstore")).to_path_buf())
 }
 
 /// Starts a server on `dir` with extra arguments; panics if it does not start.
@@ -20,7 +25,7 @@ pub fn start(dir: &Path, extra: &[&str]) -> TestServer {
 
 /// Starts a server; on failure returns what it printed on stderr.
 pub fn try_start(dir: &Path, extra: &[&str]) -> Result<TestServer, String> {
-    ServerProcess::start(binary(), dir, extra, Duration::from_secs(60))
+    ServerProcess::start(&binary(), dir, extra, Duration::from_secs(60))
 }
 
 pub async fn client(server: &TestServer) -> Client {
@@ -68,7 +73,8 @@ pub async fn create_field(
 pub fn copy_data_dir(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        if entry.file_name() != "LOCK" {
+        // Files only: `orphaned/` (files moved aside at start-up) is not the store.
+        if entry.file_name() != "LOCK" && entry.file_type().unwrap().is_file() {
             std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
         }
     }
