@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor_path)
+        // prost's codec, with undecodable requests as INVALID_ARGUMENT.
+        .codec_path("crate::server::codec::TagstoreCodec")
         .skip_protoc_run()
         .compile_fds(fds)?;
     Ok(())

@@ -20,21 +20,36 @@ pub const DEFAULT_DATA_DIR: &str = "tagstore-data";
 pub struct Limits {
     /// Most customer keys (adds plus removes) in one `Update` or `DeleteCustomers`.
     pub max_keys_per_request: usize,
-    /// Most members in one `ReplaceMembers` stream.
+    /// Most members in one `ReplaceMembers` stream (checked as each message
+    /// arrives). Its bytes are bounded by `max_request_memory_mb` as well.
     pub max_replace_members: usize,
     /// Most queries in one `Count`.
     pub max_count_queries: usize,
+    /// Most bytes of query text in one `Count`, all queries together.
+    pub max_count_bytes: usize,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// The server-wide budget, in MiB, for the bytes of requests in flight
+    /// (counted as they arrive, beyond the first 64 KiB of each call, and
+    /// given back when the call ends). A call that would pass it fails with
+    /// `RESOURCE_EXHAUSTED`.
+    pub max_request_memory_mb: u64,
+    /// Most `Export` streams open at once; one more fails with
+    /// `RESOURCE_EXHAUSTED`.
+    pub max_concurrent_exports: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_keys_per_request: 1_000_000,
-            max_replace_members: 200_000_000,
+            // 20M keys of 20 bytes are about 1 GB as strings in memory.
+            max_replace_members: 20_000_000,
             max_count_queries: 1_000,
+            max_count_bytes: 1 << 20,
             max_message_bytes: 64 << 20,
+            max_request_memory_mb: 1024,
+            max_concurrent_exports: 256,
         }
     }
 }

@@ -439,11 +439,13 @@ async fn every_call_and_its_errors() {
             tag: "尝试新品".into(),
             create_missing_tag: false,
             customers: s(&["u5", "n1"]),
+            last: false,
         },
         ReplaceMembersRequest {
             tag: String::new(),
             create_missing_tag: false,
             customers: s(&["n2"]),
+            last: true,
         },
     ];
     let r = c
@@ -459,6 +461,7 @@ async fn every_call_and_its_errors() {
         tag: String::new(),
         create_missing_tag: false,
         customers: s(&["x"]),
+        last: true,
     }];
     assert_eq!(
         code(c.replace_members(tokio_stream::iter(bad)).await),
@@ -468,6 +471,7 @@ async fn every_call_and_its_errors() {
         tag: "nope".into(),
         create_missing_tag: false,
         customers: s(&["x"]),
+        last: true,
     }];
     assert_eq!(
         code(c.replace_members(tokio_stream::iter(unknown)).await),
@@ -477,6 +481,7 @@ async fn every_call_and_its_errors() {
         tag: "新标签".into(),
         create_missing_tag: true,
         customers: s(&["u5"]),
+        last: true,
     }];
     assert_eq!(
         c.replace_members(tokio_stream::iter(created))

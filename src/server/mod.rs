@@ -2,6 +2,9 @@
 //! service, health and reflection, graceful shutdown). Requests become domain
 //! operations here; the storage engine never sees a proto type.
 
+pub mod budget;
+pub mod codec;
+mod export;
 mod fields;
 pub mod service;
 pub mod status;
@@ -17,6 +20,7 @@ use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::proto::tag_store_server::TagStoreServer;
 use crate::storage::Engine;
+use budget::{MemoryBudget, Metered};
 pub use service::Service;
 
 /// Opens the engine, serves until `shutdown` resolves, then finishes the
@@ -61,6 +65,7 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| Error::Config(format!("reflection service: {e}")))?;
     let limit = config.limits.max_message_bytes;
+    let budget = MemoryBudget::new(config.limits.max_request_memory_mb.saturating_mul(1 << 20));
     let service = TagStoreServer::new(Service::new(
         engine.clone(),
         config.limits,
@@ -68,6 +73,7 @@ pub async fn serve(
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
+    let service = Metered::new(service, budget);
 
     on_listening(addr);
     tracing::info!(%addr, "serving tagstore.v1.TagStore");

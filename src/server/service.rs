@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
@@ -17,6 +15,8 @@ use crate::proto;
 use crate::proto::tag_store_server::TagStore;
 use crate::query::Query;
 use crate::query::eval::ShardClaims;
+use crate::server::budget::ExportSlots;
+use crate::server::export::ExportStream;
 use crate::server::fields;
 use crate::server::status::{query_status, to_status};
 use crate::storage::{CheckpointOptions, Engine, Mutation, Snapshot, TagMeta, WriteOp};
@@ -34,6 +34,7 @@ pub struct Service {
     started: Instant,
     /// Time zone of behaviour fields created without one.
     default_time_zone: String,
+    exports: Arc<ExportSlots>,
 }
 
 impl Service {
@@ -43,6 +44,7 @@ impl Service {
             limits,
             started: Instant::now(),
             default_time_zone,
+            exports: ExportSlots::new(limits.max_concurrent_exports),
         }
     }
 }
@@ -245,16 +247,44 @@ impl TagStore for Service {
         if first.tag.is_empty() {
             return Err(invalid("the first message must name the tag"));
         }
+        // Refused before the upload, not after it.
+        if first.create_missing_tag {
+            crate::names::check_tag_name(&first.tag).map_err(to_status)?;
+        } else if self.engine.snapshot().tag(&first.tag).is_none() {
+            return Err(to_status(Error::TagNotFound(first.tag)));
+        }
         let (tag, create_missing_tag) = (first.tag, first.create_missing_tag);
-        let mut customers = first.customers;
-        while let Some(msg) = stream.message().await? {
-            customers.extend(msg.customers);
-            if customers.len() > self.limits.max_replace_members {
+        let limit = self.limits.max_replace_members;
+        let mut customers: Vec<String> = Vec::new();
+        let mut msg = proto::ReplaceMembersRequest {
+            customers: first.customers,
+            last: first.last,
+            ..Default::default()
+        };
+        loop {
+            if customers.len() + msg.customers.len() > limit {
                 return Err(invalid(format!(
-                    "replace stream passed the limit of {} members",
-                    self.limits.max_replace_members
+                    "replace stream passed the limit of {limit} members (`max_replace_members`); nothing was changed"
                 )));
             }
+            // Each key is checked as it arrives: a bad one (say 60 MB long)
+            // fails the call at once, not after the whole upload.
+            for key in &msg.customers {
+                check_key(key).map_err(to_status)?;
+            }
+            customers.extend(msg.customers);
+            if msg.last {
+                break;
+            }
+            // A stream that ends without `last` was abandoned (a client that
+            // cancelled or crashed, a deadline that passed: the transport may
+            // report any of them as a plain end of stream). Nothing changes.
+            msg = stream.message().await?.ok_or_else(|| {
+                invalid(
+                    "the stream ended without a message with last = true: it is taken as \
+                     abandoned, and the tag was not changed",
+                )
+            })?;
         }
         let res = self
             .engine
@@ -365,10 +395,24 @@ impl TagStore for Service {
                 self.limits.max_count_queries
             )));
         }
+        let bytes: usize = queries.iter().map(String::len).sum();
+        if bytes > self.limits.max_count_bytes {
+            return Err(invalid(format!(
+                "the queries add up to {bytes} bytes; the limit is {} per Count (`max_count_bytes`)",
+                self.limits.max_count_bytes
+            )));
+        }
         let snap = self.engine.snapshot();
         let many = queries.len() > 1;
         let now = crate::query::eval::now_ms();
-        match count_inline(&queries, &snap, many)? {
+        // Long texts are parsed and planned on the blocking pool, never on
+        // the thread that serves the connections.
+        let counting = if bytes > INLINE_TEXT_BYTES {
+            Counting::Blocking
+        } else {
+            count_inline(&queries, &snap, many)?
+        };
+        match counting {
             Counting::Done(counts) => return Ok(Response::new(proto::CountResponse { counts })),
             Counting::Halves => {
                 let count = count_halves(snap, &queries[0], now).await?;
@@ -425,7 +469,7 @@ impl TagStore for Service {
         }))
     }
 
-    type ExportStream = ReceiverStream<Result<proto::ExportResponse, Status>>;
+    type ExportStream = ExportStream;
 
     async fn export(
         &self,
@@ -433,51 +477,23 @@ impl TagStore for Service {
     ) -> Result<Response<Self::ExportStream>, Status> {
         let r = req.into_inner();
         let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
+        let slot = self.exports.take()?;
         let snap: Arc<Snapshot> = self.engine.snapshot();
-        // Compile first, so that a bad query is the call's status, not a stream item.
+        let now = crate::query::eval::now_ms();
+        // Compile and count first, so that a bad query is the call's status,
+        // not a stream item.
         let query = r.query;
-        let (snap, query, total) = blocking(move || {
-            let total = Query::compile(&query, &snap).map_err(to_status)?.count();
-            Ok((snap, query, total))
+        let (snap, expr, total) = blocking(move || {
+            let expr = crate::query::parse(&query).map_err(to_status)?;
+            let total = Query::from_expr_at(&expr, &snap, now)
+                .map_err(to_status)?
+                .count();
+            Ok((snap, expr, total))
         })
         .await?;
-        let (tx, rx) = mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let q = match Query::compile(&query, &snap) {
-                Ok(q) => q,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(to_status(e)));
-                    return;
-                }
-            };
-            let mut ids: Vec<u32> = Vec::with_capacity(batch);
-            let send = |ids: &mut Vec<u32>| -> bool {
-                let mut customers = Vec::with_capacity(ids.len());
-                let msg = match snap.dict.keys_of(ids, &mut customers) {
-                    Ok(()) => Ok(proto::ExportResponse { customers, total }),
-                    Err(e) => Err(to_status(e)),
-                };
-                ids.clear();
-                // After an error the stream ends with it.
-                let failed = msg.is_err();
-                tx.blocking_send(msg).is_ok() && !failed
-            };
-            let mut open = true;
-            q.for_each_shard(|members| {
-                for id in members.iter() {
-                    ids.push(id);
-                    if ids.len() == batch && !send(&mut ids) {
-                        open = false;
-                        return false;
-                    }
-                }
-                true
-            });
-            if open && (!ids.is_empty() || total == 0) {
-                send(&mut ids);
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(ExportStream::new(
+            snap, expr, now, batch, total, slot,
+        )))
     }
 
     async fn profile(
@@ -679,6 +695,11 @@ async fn resolve_in_halves(
 /// ([`Mutation::resolve_in`]); below it, the hand-off costs more than the
 /// look-ups.
 const RESOLVE_BEFORE_WRITER: usize = 256;
+
+/// A `Count` whose query texts add up to more than this many bytes is
+/// parsed on the blocking pool: parsing and planning 64 KiB of text takes
+/// milliseconds, which the connections served by the async thread would wait.
+const INLINE_TEXT_BYTES: usize = 4 << 10;
 
 /// Queries whose bitmaps are all in memory and touch at most this many ids
 /// are counted on the async thread: handing them to the blocking pool costs
