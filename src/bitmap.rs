@@ -95,6 +95,17 @@ impl ShardedBitmap {
         self.shard(shard_of(id)).is_some_and(|b| b.contains(id))
     }
 
+    /// How many ids of the set lie in `lo..=hi`.
+    pub fn range_len(&self, lo: u32, hi: u32) -> u64 {
+        if lo > hi {
+            return 0;
+        }
+        (shard_of(lo)..=shard_of(hi))
+            .filter_map(|i| self.shard(i))
+            .map(|b| b.range_cardinality(lo..=hi))
+            .sum()
+    }
+
     /// For many membership tests in a row: [`Members::contains`] answers
     /// without a look-up while the set is every id from 0 up to its largest
     /// (the live customers of a store that has deleted none).

@@ -327,3 +327,55 @@ fn a_full_disk_refuses_writes_cleanly_and_the_store_recovers_when_space_is_freed
     let engine = open(copy.path()).unwrap();
     assert_eq!(count(&engine, "t"), acknowledged);
 }
+
+#[test]
+fn a_dictionary_merge_of_nearly_nothing_costs_nearly_nothing_and_still_erases() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path()).unwrap();
+    let merge = || {
+        engine
+            .checkpoint_blocking(CheckpointOptions {
+                merge_dictionary: true,
+            })
+            .unwrap()
+    };
+    // Two sections (150,000 and 50,000 keys): a merge rewrites them all.
+    add(&engine, "t", &["erase-me-now".to_string()]);
+    add(&engine, "t", &keys("bulk0-", 150_000));
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    add(&engine, "t", &keys("bulk1-", 50_000));
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    let full = merge();
+    assert!(full.segment_bytes > 4 << 20, "{full:?}");
+    // Ten times one new key and a merge: the key and the tag's bitmap each
+    // time, not the dictionary (before: ten times the dictionary).
+    let mut written = 0;
+    for i in 0..10 {
+        add(&engine, "t", &[format!("new{i}")]);
+        written += merge().segment_bytes;
+    }
+    assert!(
+        written < full.segment_bytes / 4,
+        "ten merges of one key wrote {written} bytes; one whole merge wrote {}",
+        full.segment_bytes
+    );
+    // Erasing a customer and merging takes its key off the disk.
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: vec!["erase-me-now".into()],
+        })
+        .unwrap();
+    merge();
+    for seg in files_with(dir.path(), ".seg") {
+        let bytes = fs::read(&seg).unwrap();
+        assert!(
+            !bytes.windows(12).any(|w| w == b"erase-me-now"),
+            "{} still holds an erased key",
+            seg.display()
+        );
+    }
+    drop(engine);
+    let engine = open(dir.path()).unwrap();
+    assert_eq!(count(&engine, "t"), 200_010);
+    assert!(engine.snapshot().dict.lookup("new9").unwrap().is_some());
+}

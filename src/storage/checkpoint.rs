@@ -83,10 +83,54 @@ impl Default for CompactionPolicy {
 /// What a caller of a checkpoint may ask for beyond the usual.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CheckpointOptions {
-    /// Merge every dictionary section into one (and drop deleted customers'
-    /// keys), as after a bulk load: each section is a cache miss in every key
-    /// look-up. Costs a rewrite of the whole dictionary.
+    /// Merge the dictionary's sections (and drop deleted customers' keys
+    /// from disk), as after a bulk load: each section is a cache miss in
+    /// every key look-up. See [`requested_merge_from`] for what is
+    /// rewritten: everything, unless the oldest section is clean and holds
+    /// nearly every key, so that a merge of nearly nothing costs nearly
+    /// nothing.
     pub merge_dictionary: bool,
+}
+
+/// A requested merge leaves the oldest section alone while the keys after
+/// it (newer sections and new keys) are fewer than 1/this of all keys.
+pub const MERGE_TAIL_FRACTION: usize = 64;
+
+/// Where a requested dictionary merge starts (`None`: nothing to merge; new
+/// keys, if any, form a section of their own). `sizes` are the sections'
+/// key counts, oldest first; `erased[i]` says whether section i holds keys
+/// of customers deleted since; `recent` counts the new keys.
+///
+/// Every section from the first with erased keys on is merged (that is how
+/// an erased key leaves the disk). Otherwise all sections are merged into
+/// one, unless the oldest holds more than 63/64 of all keys: then only the
+/// ones after it are merged with the new keys. Ten merges that each add one
+/// key to a million-key dictionary rewrite ten keys, not ten million; the
+/// dictionary stays at most two sections, the newer under 1/64 of the keys,
+/// and is merged whole once the newer one passes that.
+pub(crate) fn requested_merge_from(
+    sizes: &[usize],
+    erased: &[bool],
+    recent: usize,
+    first_victim: Option<usize>,
+) -> Option<usize> {
+    let n = sizes.len();
+    if n == 0 {
+        return None;
+    }
+    let total: usize = sizes.iter().sum::<usize>() + recent;
+    let tail = total - sizes[0];
+    let clean_and_big = !erased[0] && tail.saturating_mul(MERGE_TAIL_FRACTION) < total;
+    let mut from = if clean_and_big { 1 } else { 0 };
+    if let Some(e) = erased.iter().position(|&e| e) {
+        from = from.min(e);
+    }
+    if let Some(v) = first_victim {
+        from = from.min(v);
+    }
+    // Merging one clean section with nothing would rewrite it for nothing.
+    let pointless = from + 1 == n && recent == 0 && !erased[from];
+    (from < n && !pointless).then_some(from)
 }
 
 /// Everything a checkpoint needs, captured by the writer at one lsn.
@@ -100,6 +144,8 @@ pub struct CheckpointJob {
     pub segments: HashMap<u64, Arc<Segment>>,
     pub dict: Arc<Dictionary>,
     pub policy: CompactionPolicy,
+    /// A caller asked for the dictionary to be merged ([`requested_merge_from`]).
+    pub merge_dictionary: bool,
     pub now_ms: i64,
 }
 
@@ -302,12 +348,23 @@ impl CheckpointJob {
         let first_victim = layers
             .iter()
             .position(|l| victims.contains(&l.segment_no()));
-        let merge_from = dict_merge_from(
-            &sizes,
-            recent.len(),
-            first_victim,
-            self.policy.max_dict_layers,
-        );
+        let merge_from = if self.merge_dictionary {
+            let erased: Vec<bool> = layers
+                .iter()
+                .map(|l| {
+                    let (lo, hi) = l.id_range();
+                    live.range_len(lo, hi) < l.len() as u64
+                })
+                .collect();
+            requested_merge_from(&sizes, &erased, recent.len(), first_victim)
+        } else {
+            dict_merge_from(
+                &sizes,
+                recent.len(),
+                first_victim,
+                self.policy.max_dict_layers,
+            )
+        };
         let mut dict_segments: Vec<u64> = layers.iter().map(|l| l.segment_no()).collect();
         let mut new_dict = false;
         if let Some(from) = merge_from {
@@ -396,7 +453,48 @@ impl CheckpointJob {
 
 #[cfg(test)]
 mod tests {
-    use super::dict_merge_from;
+    use super::{dict_merge_from, requested_merge_from};
+
+    #[test]
+    fn a_requested_merge_rewrites_only_what_it_must() {
+        // One clean section and a few new keys: only the new keys.
+        assert_eq!(requested_merge_from(&[1_000_000], &[false], 1, None), None);
+        assert_eq!(
+            requested_merge_from(&[1_000_000, 9], &[false, false], 1, None),
+            Some(1)
+        );
+        // Nothing new, one clean section: nothing at all.
+        assert_eq!(requested_merge_from(&[1_000_000], &[false], 0, None), None);
+        // Erased keys in the oldest: everything.
+        assert_eq!(
+            requested_merge_from(&[1_000_000], &[true], 0, None),
+            Some(0)
+        );
+        assert_eq!(
+            requested_merge_from(&[1_000_000, 9], &[true, false], 0, None),
+            Some(0)
+        );
+        // Erased keys only in the newer one: from there.
+        assert_eq!(
+            requested_merge_from(&[1_000_000, 9], &[false, true], 0, None),
+            Some(1)
+        );
+        // A tail of 1/64 or more: everything, into one section.
+        assert_eq!(
+            requested_merge_from(&[630_000, 10_000], &[false, false], 0, None),
+            Some(0)
+        );
+        assert_eq!(
+            requested_merge_from(&[1000, 800, 400], &[false; 3], 5, None),
+            Some(0)
+        );
+        // A compaction victim's section is merged too.
+        assert_eq!(
+            requested_merge_from(&[1_000_000, 5], &[false, false], 0, Some(0)),
+            Some(0)
+        );
+        assert_eq!(requested_merge_from(&[], &[], 7, None), None);
+    }
 
     /// Runs `checkpoints` checkpoints of `per` new keys each through the
     /// policy; returns the section sizes and the keys written in all.

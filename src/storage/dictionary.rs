@@ -220,6 +220,11 @@ impl DictLayer {
         self.seg.no
     }
 
+    /// The lowest and highest id in the section (its ids lie between them).
+    pub fn id_range(&self) -> (u32, u32) {
+        (self.min_id, self.max_id)
+    }
+
     pub fn len(&self) -> usize {
         self.count
     }

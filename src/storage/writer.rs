@@ -25,7 +25,7 @@ use crate::columns::time::{self, Bucket};
 use crate::error::{Error, Result};
 use crate::names::{check_key, check_tag_name};
 use crate::storage::checkpoint::{
-    CheckpointDone, CheckpointInfo, CheckpointJob, CheckpointOptions, CompactionPolicy,
+    CheckpointDone, CheckpointInfo, CheckpointJob, CheckpointOptions,
 };
 use crate::storage::manifest::Manifest;
 use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, KIND_BATCH, NewField, NewTag};
@@ -972,7 +972,9 @@ impl Writer {
             return;
         }
         let lsn = self.state.snap.lsn;
-        let merge_dictionary = self.merge_dictionary && self.manifest.dict_segments.len() > 1;
+        // A merge request on a clean store still runs: its one section may
+        // hold keys of customers deleted since (the job decides what to merge).
+        let merge_dictionary = self.merge_dictionary && !self.manifest.dict_segments.is_empty();
         if lsn == self.manifest.checkpoint_lsn
             && !merge_dictionary
             && self.state.dirty_tags.is_empty()
@@ -1021,15 +1023,8 @@ impl Writer {
             prev: self.manifest.clone(),
             segments: self.segments.clone(),
             dict: self.state.snap.dict.clone(),
-            policy: if self.merge_dictionary {
-                // One section at most: everything is merged.
-                CompactionPolicy {
-                    max_dict_layers: 1,
-                    ..self.shared.config.compaction
-                }
-            } else {
-                self.shared.config.compaction
-            },
+            policy: self.shared.config.compaction,
+            merge_dictionary: self.merge_dictionary,
             now_ms: now_ms(),
         };
         debug_assert_eq!(job.snap.lsn, lsn);
