@@ -48,7 +48,10 @@ impl Default for Limits {
             max_count_queries: 1_000,
             max_count_bytes: 1 << 20,
             max_message_bytes: 64 << 20,
-            max_request_memory_mb: 1024,
+            // 64 clients each sending a 60 MB Update at once: peak RSS 863
+            // MiB and a trivial count's p99 3.5 ms beside them with 256,
+            // against 2.6 GB and 92 ms with no budget (release build here).
+            max_request_memory_mb: 256,
             max_concurrent_exports: 256,
         }
     }

@@ -253,6 +253,19 @@ async fn replace_streams_are_bounded_as_they_arrive() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert_eq!(count(&mut c, "t").await, 3);
+    // A single message larger than the budget: the same.
+    let err = c
+        .update(UpdateRequest {
+            mutations: vec![Mutation {
+                tag: "t".into(),
+                add: (0..30_000).map(|i| format!("{i:0>200}")).collect(),
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     // The budget was given back: a call that fits passes.
     let ok = vec![replace_msg("t", keys("c", 5), true)];
     c.replace_members(tokio_stream::iter(ok)).await.unwrap();
@@ -327,8 +340,11 @@ async fn paused_exports_hold_no_thread_little_memory_and_are_capped() {
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     let grown = server.rss_bytes().unwrap().saturating_sub(rss_before);
+    eprintln!("600 paused exports: RSS grew by {} MiB", grown >> 20);
+    // Measured here: 355 MiB (a batch trip, a shard and a connection each);
+    // before the fix, 2.3 GB and 517 threads, and the 513th export hung.
     assert!(
-        grown < 400 << 20,
+        grown < 768 << 20,
         "600 paused exports took {} MiB",
         grown >> 20
     );

@@ -298,6 +298,13 @@ fn flipped_bit_in_a_dictionary_section_fails_its_merge_not_the_store() {
     create(vec!["late".into()]);
     engine.checkpoint_blocking(Default::default()).unwrap();
     assert_eq!(engine.info().dictionary_sections, 2);
+    // An erased customer in the big section: a requested merge must then
+    // rewrite it (otherwise it would keep it and merge only the small one).
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: vec!["customer-5".into()],
+        })
+        .unwrap();
     drop(engine);
     // The larger segment is mostly the first dictionary section (8,000
     // keys, ~300 KB, against a few bytes of live set), and its key bytes

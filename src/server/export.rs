@@ -1,11 +1,14 @@
-//! `Export` as a stream that works only when its reader asks: each batch is
-//! computed on the blocking pool when the transport polls for it (which it
-//! does only while the client's flow-control window has room), so a client
-//! that reads slowly or not at all holds no thread and at most one batch.
+//! `Export` as a stream that works only when its reader asks: batches are
+//! computed on the blocking pool when the transport takes them (which it
+//! does only while the client's flow-control window has room), at most one
+//! trip of batches ahead, so a client that reads slowly or not at all holds
+//! no thread and at most two trips' worth of batches (`IDS_PER_TRIP` ids
+//! each, or one batch).
 //! Every batch comes from the one snapshot taken when the call began, so
 //! every row of that snapshot arrives whatever happens meanwhile; a stream
 //! that cannot send them all ends with an error, never short.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::Stream;
 use tonic::Status;
 
+use crate::bitmap::{Bitmap, shard_of, shard_start};
 use crate::proto;
 use crate::query::{Expr, Query};
 use crate::server::budget::ExportSlot;
@@ -34,24 +38,85 @@ struct Cursor {
     sent: u64,
     /// No batch follows.
     finished: bool,
+    /// The shard batches are being read from, evaluated (`None` inside: empty).
+    current: Option<(usize, Option<Bitmap>)>,
 }
 
+/// One trip to the blocking pool computes batches until they hold this many
+/// ids (at least one batch): small batches share the trip's thread wake-up
+/// (a hop per batch of 1,000 made exporting a million members 1.5× slower),
+/// and an export never holds more than two trips' worth (this many ids, or
+/// one batch, each) waiting for its reader.
+const IDS_PER_TRIP: usize = 16_384;
+
 impl Cursor {
-    /// The next batch, or `None` once every row was sent.
-    fn next_batch(&mut self) -> Option<Result<proto::ExportResponse, Status>> {
+    /// The next batches (as many as [`IDS_PER_TRIP`] allows, in order), or
+    /// none once every row was sent. An error ends the list and the export.
+    fn next_batches(&mut self) -> VecDeque<Result<proto::ExportResponse, Status>> {
+        let mut out = VecDeque::new();
         if self.finished {
-            return None;
+            return out;
         }
-        let res = self.compute();
-        if res.is_err() {
-            self.finished = true;
+        let (snap, expr) = (self.snap.clone(), self.expr.clone());
+        let query = match Query::from_expr_at(&expr, &snap, self.now_ms) {
+            Ok(q) => q,
+            Err(e) => {
+                self.finished = true;
+                out.push_back(Err(to_status(e)));
+                return out;
+            }
+        };
+        let mut ids = 0;
+        while !self.finished && (out.is_empty() || ids + self.batch <= IDS_PER_TRIP) {
+            let res = self.compute(&query);
+            match &res {
+                Ok(batch) => ids += batch.customers.len(),
+                Err(_) => self.finished = true,
+            }
+            out.push_back(res);
         }
-        Some(res)
+        out
     }
 
-    fn compute(&mut self) -> Result<proto::ExportResponse, Status> {
-        let query = Query::from_expr_at(&self.expr, &self.snap, self.now_ms).map_err(to_status)?;
-        let (ids, more) = query.page(self.after, self.batch);
+    /// The members of shard `i` (evaluated once, kept while batches read
+    /// it: re-evaluating an `OR` per batch cost a tenth of an export).
+    fn shard<'c>(&'c mut self, query: &Query<'_>, i: usize) -> Option<&'c Bitmap> {
+        if self.current.as_ref().map(|(n, _)| *n) != Some(i) {
+            self.current = Some((i, query.shard(i).map(|b| b.into_owned())));
+        }
+        self.current.as_ref().and_then(|(_, b)| b.as_ref())
+    }
+
+    /// Up to one batch of member ids after `self.after`, and whether more follow.
+    fn page(&mut self, query: &Query<'_>) -> (Vec<u32>, bool) {
+        let mut from = match self.after {
+            None => 0,
+            Some(u32::MAX) => return (Vec::new(), false),
+            Some(a) => a + 1,
+        };
+        let mut ids = Vec::with_capacity(self.batch.min(1 << 16));
+        let shards = query.shard_count();
+        let mut i = shard_of(from);
+        while i < shards {
+            let batch = self.batch;
+            if let Some(members) = self.shard(query, i) {
+                let mut it = members.iter();
+                it.reset_at_or_after(from);
+                for id in it {
+                    if ids.len() == batch {
+                        return (ids, true);
+                    }
+                    ids.push(id);
+                }
+            }
+            i += 1;
+            from = shard_start(i.min(shard_of(u32::MAX)));
+        }
+        (ids, false)
+    }
+
+    fn compute(&mut self, query: &Query<'_>) -> Result<proto::ExportResponse, Status> {
+        let (ids, more) = self.page(query);
         let mut customers = Vec::with_capacity(ids.len());
         self.snap
             .dict
@@ -75,12 +140,15 @@ impl Cursor {
     }
 }
 
-type Step = (Cursor, Option<Result<proto::ExportResponse, Status>>);
+type Item = Result<proto::ExportResponse, Status>;
+type Step = (Cursor, VecDeque<Item>);
 
 /// The stream `Export` answers with.
 pub struct ExportStream {
     idle: Option<Cursor>,
     running: Option<JoinHandle<Step>>,
+    /// Batches computed and not yet taken by the transport.
+    ready: VecDeque<Item>,
     _slot: ExportSlot,
 }
 
@@ -105,40 +173,71 @@ impl ExportStream {
                 after: None,
                 sent: 0,
                 finished: false,
+                current: None,
             }),
             running: None,
+            ready: VecDeque::new(),
             _slot: slot,
         }
     }
 }
 
+impl ExportStream {
+    /// Starts computing the next batches on the blocking pool, unless a
+    /// trip is under way already; false when no batch is left.
+    fn start_trip(&mut self) -> bool {
+        if self.running.is_some() {
+            return true;
+        }
+        let Some(mut cursor) = self.idle.take() else {
+            return false;
+        };
+        if cursor.finished {
+            return false;
+        }
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let items = cursor.next_batches();
+            (cursor, items)
+        }));
+        true
+    }
+}
+
 impl Stream for ExportStream {
-    type Item = Result<proto::ExportResponse, Status>;
+    type Item = Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.running.is_none() {
-            let Some(mut cursor) = self.idle.take() else {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                // The next trip starts now, so that it is computed while
+                // this batch is sent (at most one trip ahead of the reader).
+                if self.ready.is_empty() {
+                    self.start_trip();
+                }
+                return Poll::Ready(Some(item));
+            }
+            if self.running.is_none() && !self.start_trip() {
+                return Poll::Ready(None);
+            }
+            let Some(task) = self.running.as_mut() else {
                 return Poll::Ready(None);
             };
-            if cursor.finished {
-                return Poll::Ready(None);
+            let joined = std::task::ready!(Pin::new(task).poll(cx));
+            self.running = None;
+            match joined {
+                Ok((cursor, items)) => {
+                    self.idle = Some(cursor);
+                    if items.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    self.ready = items;
+                }
+                Err(e) => {
+                    return Poll::Ready(Some(Err(Status::internal(format!(
+                        "export task failed: {e}"
+                    )))));
+                }
             }
-            self.running = Some(tokio::task::spawn_blocking(move || {
-                let item = cursor.next_batch();
-                (cursor, item)
-            }));
         }
-        let Some(task) = self.running.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let joined = std::task::ready!(Pin::new(task).poll(cx));
-        self.running = None;
-        Poll::Ready(match joined {
-            Ok((cursor, item)) => {
-                self.idle = Some(cursor);
-                item
-            }
-            Err(e) => Some(Err(Status::internal(format!("export task failed: {e}")))),
-        })
     }
 }
