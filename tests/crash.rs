@@ -17,7 +17,7 @@ use tagstore::proto::*;
 const TAGS: [&str; 3] = ["crash_a", "崩溃_b", "crash c"];
 
 async fn export(c: &mut Client, tag: &str) -> BTreeSet<String> {
-    members_of(c, &tagstore::names::quote_tag_name(tag)).await
+    common::export_set(c, &tagstore::names::quote_tag_name(tag)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,22 +201,6 @@ async fn acknowledged_writes_survive_kill_9() {
 
 const STAGES: [&str; 5] = ["prospect", "new", "active", "loyal", "churned"];
 
-async fn members_of(c: &mut Client, query: &str) -> BTreeSet<String> {
-    let mut s = c
-        .export(ExportRequest {
-            query: query.into(),
-            batch_size: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = BTreeSet::new();
-    while let Some(b) = s.message().await.unwrap() {
-        out.extend(b.customers);
-    }
-    out
-}
-
 /// What a customer's fields should hold: (seq, stage).
 type Expected = std::collections::HashMap<String, (i64, &'static str)>;
 
@@ -224,9 +208,9 @@ type Expected = std::collections::HashMap<String, (i64, &'static str)>;
 /// flight at a kill may hold either version) and every request is
 /// all-or-nothing across the integer, enumerated and behaviour fields.
 async fn check_fields(c: &mut Client, expected: &Expected, uncertain: &HashSet<String>) {
-    let seq = members_of(c, "seq IS NOT NULL").await;
-    let stage = members_of(c, "stage IS NOT NULL").await;
-    let act = members_of(c, "act WITHIN 2d").await;
+    let seq = common::export_set(c, "seq IS NOT NULL").await;
+    let stage = common::export_set(c, "stage IS NOT NULL").await;
+    let act = common::export_set(c, "act WITHIN 2d").await;
     assert_eq!(
         seq, stage,
         "integer and enumerated writes are applied together"

@@ -39,16 +39,6 @@ fn count(engine: &Engine, q: &str) -> u64 {
     Query::compile(q, &snap).unwrap().count()
 }
 
-fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(suffix))
-        .collect();
-    v.sort();
-    v
-}
-
 /// A store with two checkpoints behind it (so its log no longer starts at
 /// lsn 1), stopped cleanly.
 fn checkpointed_store(dir: &Path) {
@@ -63,7 +53,7 @@ fn checkpointed_store(dir: &Path) {
 fn a_missing_manifest_after_a_clean_stop_refuses_to_start_and_deletes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     checkpointed_store(dir.path());
-    let segments = files_with(dir.path(), ".seg");
+    let segments = common::files_with(dir.path(), ".seg");
     assert!(!segments.is_empty());
     fs::remove_file(dir.path().join("MANIFEST")).unwrap();
     let err = open(dir.path()).err().expect("must refuse").to_string();
@@ -72,7 +62,7 @@ fn a_missing_manifest_after_a_clean_stop_refuses_to_start_and_deletes_nothing() 
         "{err}"
     );
     assert_eq!(
-        files_with(dir.path(), ".seg"),
+        common::files_with(dir.path(), ".seg"),
         segments,
         "start-up deleted segment files"
     );
@@ -88,7 +78,7 @@ fn a_missing_manifest_after_a_crash_refuses_to_start_and_deletes_nothing() {
     let copy = tempfile::tempdir().unwrap();
     common::copy_data_dir(dir.path(), copy.path());
     drop(engine);
-    let segments = files_with(copy.path(), ".seg");
+    let segments = common::files_with(copy.path(), ".seg");
     let manifest = fs::read(copy.path().join("MANIFEST")).unwrap();
     fs::remove_file(copy.path().join("MANIFEST")).unwrap();
     let err = open(copy.path()).err().expect("must refuse").to_string();
@@ -96,7 +86,7 @@ fn a_missing_manifest_after_a_crash_refuses_to_start_and_deletes_nothing() {
         err.contains("MANIFEST is missing") && err.contains("the log starts at lsn"),
         "{err}"
     );
-    assert_eq!(files_with(copy.path(), ".seg"), segments);
+    assert_eq!(common::files_with(copy.path(), ".seg"), segments);
     // Put the manifest back: everything is there.
     fs::write(copy.path().join("MANIFEST"), manifest).unwrap();
     let engine = open(copy.path()).unwrap();
@@ -108,7 +98,7 @@ fn segments_without_a_log_or_manifest_refuse_to_start() {
     let dir = tempfile::tempdir().unwrap();
     checkpointed_store(dir.path());
     fs::remove_file(dir.path().join("MANIFEST")).unwrap();
-    for log in files_with(dir.path(), ".log") {
+    for log in common::files_with(dir.path(), ".log") {
         fs::remove_file(log).unwrap();
     }
     let err = open(dir.path()).err().expect("must refuse").to_string();
@@ -127,7 +117,7 @@ fn a_store_that_never_finished_a_checkpoint_still_starts_from_its_log() {
     drop(engine);
     let other = tempfile::tempdir().unwrap();
     checkpointed_store(other.path());
-    let stray = files_with(other.path(), ".seg").pop().unwrap();
+    let stray = common::files_with(other.path(), ".seg").pop().unwrap();
     let name = stray.file_name().unwrap().to_owned();
     fs::copy(&stray, copy.path().join(&name)).unwrap();
     let engine = open(copy.path()).unwrap();
@@ -165,7 +155,7 @@ fn a_damaged_segment_read_by_log_replay_names_the_segment_not_the_log() {
     let copy = tempfile::tempdir().unwrap();
     common::copy_data_dir(dir.path(), copy.path());
     drop(engine);
-    let seg = files_with(copy.path(), ".seg").pop().unwrap();
+    let seg = common::files_with(copy.path(), ".seg").pop().unwrap();
     // The first blob after the 16-byte header is the tag's only shard.
     let mut data = fs::read(&seg).unwrap();
     data[16 + 30] ^= 0x20;
@@ -366,7 +356,7 @@ fn a_dictionary_merge_of_nearly_nothing_costs_nearly_nothing_and_still_erases() 
         })
         .unwrap();
     merge();
-    for seg in files_with(dir.path(), ".seg") {
+    for seg in common::files_with(dir.path(), ".seg") {
         let bytes = fs::read(&seg).unwrap();
         assert!(
             !bytes.windows(12).any(|w| w == b"erase-me-now"),

@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tagstore::query::Query;
 use tagstore::storage::{CheckpointOptions, Engine, EngineConfig, Mutation, WriteOp};
@@ -40,16 +40,6 @@ fn crash_copy(from: &Path) -> tempfile::TempDir {
         }
     }
     to
-}
-
-fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(suffix))
-        .collect();
-    v.sort();
-    v
 }
 
 /// Where a log file's records end: frames are `u32 len, u32 crc, len bytes`
@@ -86,7 +76,7 @@ fn torn_log_tail_is_cut_and_reported() {
     add(&engine, "t", &["d"]);
     let copy = crash_copy(dir.path());
     drop(engine);
-    let wal = files_with(copy.path(), ".log").pop().unwrap();
+    let wal = common::files_with(copy.path(), ".log").pop().unwrap();
     // Cut into the last record (the file continues with preallocated zeros).
     let len = records_end(&wal);
     fs::OpenOptions::new()
@@ -124,7 +114,7 @@ fn flipped_bit_in_an_earlier_log_record_stops_startup() {
     add(&engine, "t", &["b"]);
     let copy = crash_copy(dir.path());
     drop(engine);
-    let wal = files_with(copy.path(), ".log").pop().unwrap();
+    let wal = common::files_with(copy.path(), ".log").pop().unwrap();
     flip(&wal, 24 + 20); // inside the first record, which the second follows
     let err = open(copy.path())
         .err()
@@ -164,7 +154,7 @@ fn flipped_bit_in_a_segment_is_reported_not_served() {
     add(&engine, "big", &refs);
     add(&engine, "small", &["k1"]);
     drop(engine);
-    let seg = files_with(dir.path(), ".seg").pop().unwrap();
+    let seg = common::files_with(dir.path(), ".seg").pop().unwrap();
     // The first blob after the 16-byte header belongs to one of the tags.
     flip(&seg, 16 + 30);
     let engine = open(dir.path()).unwrap(); // bitmaps load lazily: start-up succeeds
@@ -222,7 +212,7 @@ fn missing_log_after_the_checkpoint_is_an_error_not_a_silent_gap() {
     drop(engine);
     // Remove the log file that holds the writes after the checkpoint, but
     // leave a later (empty) one: the store must notice the hole.
-    let logs = files_with(copy.path(), ".log");
+    let logs = common::files_with(copy.path(), ".log");
     assert!(!logs.is_empty());
     let data = fs::read(&logs[0]).unwrap();
     // Rewrite the log so that it starts one record late: drop the first record.
@@ -266,7 +256,7 @@ fn flipped_bit_in_a_field_slot_fails_the_queries_that_read_it() {
         .unwrap();
     drop(engine);
     // No tags: the first blob after the header is the field's first slot.
-    let seg = files_with(dir.path(), ".seg").pop().unwrap();
+    let seg = common::files_with(dir.path(), ".seg").pop().unwrap();
     flip(&seg, 16 + 30);
     let engine = open(dir.path()).unwrap();
     assert_eq!(
@@ -310,7 +300,7 @@ fn flipped_bit_in_a_dictionary_section_fails_its_merge_not_the_store() {
     // keys, ~300 KB, against a few bytes of live set), and its key bytes
     // come last: 20 KB before the end is a key, in a page that opening the
     // section does not read (it reads the first). The merge reads every key.
-    let seg = files_with(dir.path(), ".seg")
+    let seg = common::files_with(dir.path(), ".seg")
         .into_iter()
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();

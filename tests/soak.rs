@@ -37,25 +37,9 @@ fn soak_time() -> Duration {
     Duration::from_secs(secs)
 }
 
-async fn members(c: &mut Client, query: &str) -> BTreeSet<String> {
-    let mut s = c
-        .export(ExportRequest {
-            query: query.into(),
-            batch_size: 50_000,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = BTreeSet::new();
-    while let Some(m) = s.message().await.unwrap() {
-        out.extend(m.customers);
-    }
-    out
-}
-
 async fn check(c: &mut Client, model: &Model) {
     for (tag, want) in model {
-        let got = members(c, tag).await;
+        let got = common::export_set(c, tag).await;
         assert_eq!(
             got.len(),
             want.len(),

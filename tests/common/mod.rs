@@ -79,3 +79,31 @@ pub fn copy_data_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The files of `dir` whose names end with `suffix`, sorted.
+pub fn files_with(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every member of `query`, through `Export`; panics on an error.
+pub async fn export_set(c: &mut Client, query: &str) -> std::collections::BTreeSet<String> {
+    let mut s = c
+        .export(tagstore::proto::ExportRequest {
+            query: query.into(),
+            batch_size: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("export {query}: {e}"))
+        .into_inner();
+    let mut out = std::collections::BTreeSet::new();
+    while let Some(b) = s.message().await.unwrap() {
+        out.extend(b.customers);
+    }
+    out
+}
