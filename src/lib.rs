@@ -14,8 +14,11 @@
 //! - [`query`]: the query language (parser) and its evaluation over one
 //!   snapshot. Reads, never writes.
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
+//! - [`clock`]: the one source of "now" (injectable, for tests that cross
+//!   a local midnight or a month end).
 
 pub mod bitmap;
+pub mod clock;
 pub mod columns;
 pub mod config;
 pub mod error;

@@ -31,7 +31,7 @@ fn local_day(ms: i64) -> i32 {
 }
 
 fn now_ms() -> i64 {
-    tagstore::query::eval::now_ms()
+    tagstore::clock::Clock::now_ms(&tagstore::clock::SystemClock)
 }
 
 #[derive(Default, Clone, Debug)]

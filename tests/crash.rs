@@ -301,7 +301,7 @@ async fn acknowledged_field_writes_survive_kill_9() {
                             field: "act".into(),
                             customer: key.clone(),
                             value: Some(value_write::Value::EventAtMs(
-                                tagstore::query::eval::now_ms(),
+                                tagstore::clock::Clock::now_ms(&tagstore::clock::SystemClock),
                             )),
                         },
                     ];

@@ -495,7 +495,7 @@ async fn smaller_findings() {
     })
     .await
     .unwrap();
-    let now = tagstore::query::eval::now_ms();
+    let now = tagstore::clock::Clock::now_ms(&tagstore::clock::SystemClock);
     let event = |v: Value| SetValuesRequest {
         writes: vec![ValueWrite {
             field: "viewed".into(),

@@ -28,6 +28,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bitmap::{Bitmap, SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
+use crate::clock::{Clock, SystemClock};
 use crate::columns::bsi::{self, DenseCounter};
 use crate::error::Result;
 use crate::query::parser::{Expr, parse};
@@ -718,13 +719,6 @@ impl<'s> Compiler<'s> {
     }
 }
 
-/// The current time, Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// A query compiled against one snapshot.
 pub struct Query<'s> {
     pub(crate) plan: Plan<'s>,
@@ -732,14 +726,12 @@ pub struct Query<'s> {
 }
 
 impl<'s> Query<'s> {
-    /// Parses and compiles `text`. Unknown tags are errors with their position.
+    /// Parses and compiles `text`, with "today" taken from the system clock.
+    /// Unknown tags are errors with their position. For tools and tests: the
+    /// server passes the engine's clock to [`Query::compile_at`].
     pub fn compile(text: &str, snap: &'s Snapshot) -> Result<Self> {
         let expr = parse(text)?;
-        Self::from_expr(&expr, snap)
-    }
-
-    pub fn from_expr(expr: &Expr, snap: &'s Snapshot) -> Result<Self> {
-        Self::from_expr_at(expr, snap, now_ms())
+        Self::from_expr_at(&expr, snap, Clock::now_ms(&SystemClock))
     }
 
     /// Parses and compiles `text` with "today" taken at `now_ms` (Unix ms).

@@ -246,10 +246,10 @@ pub(super) async fn aggregate(
     engine: &Engine,
     r: proto::AggregateRequest,
 ) -> Result<proto::AggregateResponse, Status> {
-    let snap = engine.snapshot();
+    let (snap, now) = (engine.snapshot(), engine.now_ms());
     blocking(move || {
         let field = field_named(&snap, &r.field)?;
-        let q = Query::compile(&r.query, &snap).map_err(to_status)?;
+        let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
         let a = analytics::aggregate(&q, field, &r.histogram_edges).map_err(to_status)?;
         let sum = i64::try_from(a.sum);
         Ok(proto::AggregateResponse {
@@ -272,9 +272,9 @@ pub(super) async fn breakdown(
     r: proto::BreakdownRequest,
 ) -> Result<proto::BreakdownResponse, Status> {
     use proto::breakdown_request::By;
-    let snap = engine.snapshot();
+    let (snap, now) = (engine.snapshot(), engine.now_ms());
     blocking(move || {
-        let q = Query::compile(&r.query, &snap).map_err(to_status)?;
+        let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
         let (rows, total, no_value) = match &r.by {
             Some(By::Field(name)) => {
                 let field = field_named(&snap, name)?;
@@ -313,10 +313,10 @@ pub(super) async fn top_tags(
         n if n > 1000 => return Err(invalid(format!("k {n} is over the limit of 1000"))),
         n => n as usize,
     };
-    let snap = engine.snapshot();
+    let (snap, now) = (engine.snapshot(), engine.now_ms());
     blocking(move || {
         let expr = parse(&r.query).map_err(to_status)?;
-        let q = Query::from_expr(&expr, &snap).map_err(to_status)?;
+        let q = Query::from_expr_at(&expr, &snap, now).map_err(to_status)?;
         let mut named = Vec::new();
         expr.tag_names(&mut named);
         let exclude: HashSet<&str> = if r.include_query_tags {
@@ -355,13 +355,13 @@ pub(super) async fn overlap(
             "overlap takes 1 to {MAX_OVERLAP_QUERIES} queries, got {n}"
         )));
     }
-    let snap: Arc<Snapshot> = engine.snapshot();
+    let (snap, now): (Arc<Snapshot>, i64) = (engine.snapshot(), engine.now_ms());
     blocking(move || {
         let queries = r
             .queries
             .iter()
             .enumerate()
-            .map(|(i, q)| Query::compile(q, &snap).map_err(|e| query_status(e, Some(i))))
+            .map(|(i, q)| Query::compile_at(q, &snap, now).map_err(|e| query_status(e, Some(i))))
             .collect::<Result<Vec<_>, Status>>()?;
         Ok(proto::OverlapResponse {
             size: n as u32,
@@ -376,6 +376,7 @@ pub(super) fn profile_values(
     snap: &Snapshot,
     id: u32,
     recent_days: u32,
+    now_ms: i64,
 ) -> Result<Vec<proto::FieldValue>, Status> {
     use proto::field_value::Value;
     let recent = match recent_days {
@@ -398,7 +399,7 @@ pub(super) fn profile_values(
                 .map(|v| Value::EnumValue(v.clone())),
             FieldKind::Events(spec) => {
                 let tz = time::zone(&spec.time_zone).map_err(to_status)?;
-                let today = time::day_of(crate::query::eval::now_ms(), &tz).map_err(to_status)?;
+                let today = time::day_of(now_ms, &tz).map_err(to_status)?;
                 let from = (today - recent as i32 + 1).max(spec.retention_start(today));
                 let mut dates = Vec::new();
                 for (&slot, b) in f

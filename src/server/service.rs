@@ -404,13 +404,13 @@ impl TagStore for Service {
         }
         let snap = self.engine.snapshot();
         let many = queries.len() > 1;
-        let now = crate::query::eval::now_ms();
+        let now = self.engine.now_ms();
         // Long texts are parsed and planned on the blocking pool, never on
         // the thread that serves the connections.
         let counting = if bytes > INLINE_TEXT_BYTES {
             Counting::Blocking
         } else {
-            count_inline(&queries, &snap, many)?
+            count_inline(&queries, &snap, many, now)?
         };
         match counting {
             Counting::Done(counts) => return Ok(Response::new(proto::CountResponse { counts })),
@@ -449,9 +449,9 @@ impl TagStore for Service {
         let r = req.into_inner();
         let limit = page_size(r.limit, DEFAULT_PAGE, "limit")?;
         let after = decode_cursor(&r.cursor)?;
-        let snap = self.engine.snapshot();
+        let (snap, now) = (self.engine.snapshot(), self.engine.now_ms());
         let (customers, next) = blocking(move || {
-            let q = Query::compile(&r.query, &snap).map_err(to_status)?;
+            let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
             let (ids, more) = q.page(after, limit);
             let mut keys = Vec::with_capacity(ids.len());
             snap.dict.keys_of(&ids, &mut keys).map_err(to_status)?;
@@ -479,7 +479,7 @@ impl TagStore for Service {
         let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
         let slot = self.exports.take()?;
         let snap: Arc<Snapshot> = self.engine.snapshot();
-        let now = crate::query::eval::now_ms();
+        let now = self.engine.now_ms();
         // Compile and count first, so that a bad query is the call's status,
         // not a stream item.
         let query = r.query;
@@ -503,14 +503,14 @@ impl TagStore for Service {
         let r = req.into_inner();
         let (customer, recent_days) = (r.customer, r.recent_days);
         fields::check_customer(&customer)?;
-        let snap = self.engine.snapshot();
+        let (snap, now) = (self.engine.snapshot(), self.engine.now_ms());
         let resp = blocking(move || {
             let id = snap
                 .customer_id(&customer)
                 .map_err(to_status)?
                 .ok_or_else(|| to_status(Error::CustomerNotFound(customer.clone())))?;
             let tags = snap.tags_of(id).map_err(to_status)?;
-            let values = fields::profile_values(&snap, id, recent_days)?;
+            let values = fields::profile_values(&snap, id, recent_days, now)?;
             Ok(proto::ProfileResponse {
                 customer,
                 tags: tags.iter().map(|t| t.to_string()).collect(),
@@ -807,7 +807,12 @@ async fn count_halves(snap: Arc<Snapshot>, text: &str, now: i64) -> Result<u64, 
 
 /// Decides where `queries` are counted, and counts them right here when that
 /// is cheap and cannot block on disk.
-fn count_inline(queries: &[String], snap: &Snapshot, many: bool) -> Result<Counting, Status> {
+fn count_inline(
+    queries: &[String],
+    snap: &Snapshot,
+    many: bool,
+    now: i64,
+) -> Result<Counting, Status> {
     if !snap.live.is_loaded() {
         return Ok(Counting::Blocking);
     }
@@ -829,7 +834,8 @@ fn count_inline(queries: &[String], snap: &Snapshot, many: bool) -> Result<Count
     let mut compiled = Vec::with_capacity(exprs.len());
     let mut work = 0u64;
     for (i, e) in exprs.iter().enumerate() {
-        let q = Query::from_expr(e, snap).map_err(|e| query_status(e, many.then_some(i)))?;
+        let q =
+            Query::from_expr_at(e, snap, now).map_err(|e| query_status(e, many.then_some(i)))?;
         work = work.saturating_add(q.work());
         if work > INLINE_WORK {
             return Ok(
@@ -887,7 +893,7 @@ mod tests {
             ShardedBitmap::from_roaring(&every(1)),
         ));
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let now = crate::query::eval::now_ms();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
         let query = Query::compile_at("a AND b", &snap, now).unwrap();
         assert!(query.work() > INLINE_WORK && query.shard_count() == 3);
         assert_eq!(
@@ -898,7 +904,7 @@ mod tests {
         // them on the async thread.
         let text = ["a AND b".to_string()];
         assert!(matches!(
-            count_inline(&text, &snap, false),
+            count_inline(&text, &snap, false, now),
             Ok(Counting::Halves)
         ));
         let halves = rt.block_on(count_halves(snap.clone(), "a AND b", now));
@@ -906,7 +912,7 @@ mod tests {
         // Two such queries in one call go to the blocking pool whole.
         let two = ["a AND b".to_string(), "a OR b".to_string()];
         assert!(matches!(
-            count_inline(&two, &snap, true),
+            count_inline(&two, &snap, true, now),
             Ok(Counting::Blocking)
         ));
         let unknown = rt.block_on(count_halves(snap, "a AND nope", now));

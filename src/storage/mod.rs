@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::oneshot;
 
+use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 pub use checkpoint::{CheckpointInfo, CheckpointOptions, CompactionPolicy};
 use dictionary::{DictLayer, Dictionary};
@@ -65,6 +66,8 @@ pub struct EngineConfig {
     /// A checkpoint starts by itself once the log holds this many bytes.
     pub checkpoint_wal_bytes: u64,
     pub compaction: CompactionPolicy,
+    /// What "now" and "today" are, for the engine and whoever serves it.
+    pub clock: SharedClock,
 }
 
 impl EngineConfig {
@@ -74,6 +77,7 @@ impl EngineConfig {
             sync: SyncMode::Always,
             checkpoint_wal_bytes: 64 << 20,
             compaction: CompactionPolicy::default(),
+            clock: crate::clock::system(),
         }
     }
 }
@@ -440,6 +444,12 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
+    }
+
+    /// Now, by the engine's clock (Unix ms): what reads should take as the
+    /// moment they are asked.
+    pub fn now_ms(&self) -> i64 {
+        self.shared.config.clock.now_ms()
     }
 
     pub fn recovery(&self) -> &RecoveryReport {

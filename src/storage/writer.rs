@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use roaring::RoaringBitmap;
 use tokio::sync::oneshot;
@@ -365,13 +365,6 @@ pub(crate) struct Writer {
 /// is a mistake, such as milliseconds sent as microseconds).
 pub const MAX_AHEAD_MS: i64 = 86_400_000;
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Writer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -450,6 +443,11 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// Now, by the engine's clock.
+    fn now_ms(&self) -> i64 {
+        self.shared.config.clock.now_ms()
     }
 
     fn fail(&mut self, e: &Error) {
@@ -634,7 +632,7 @@ impl Writer {
     /// that applying it cannot fail halfway.
     fn plan(&self, op: WriteOp) -> Result<Planned> {
         let snap = &self.state.snap;
-        let at_ms = now_ms();
+        let at_ms = self.now_ms();
         let mut batch = Batch {
             at_ms,
             ..Default::default()
@@ -956,7 +954,7 @@ impl Writer {
             }
             return;
         }
-        match maintenance(&self.state.snap, now_ms()) {
+        match maintenance(&self.state.snap, self.now_ms()) {
             Ok(batch) if batch.is_empty() => {}
             Ok(batch) => {
                 if let Err(e) = self.commit_internal(&batch) {
@@ -1025,7 +1023,7 @@ impl Writer {
             dict: self.state.snap.dict.clone(),
             policy: self.shared.config.compaction,
             merge_dictionary: self.merge_dictionary,
-            now_ms: now_ms(),
+            now_ms: self.now_ms(),
         };
         debug_assert_eq!(job.snap.lsn, lsn);
         self.merge_dictionary = false;
