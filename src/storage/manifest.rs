@@ -11,6 +11,7 @@ use std::path::Path;
 use crate::columns::FieldKind;
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
+use crate::storage::faults::{self, FailPoint};
 use crate::storage::fsync_dir;
 
 pub const MANIFEST_FILE: &str = "MANIFEST";
@@ -242,10 +243,15 @@ impl Manifest {
             .open(&tmp)
             .map_err(|e| Error::io(&tmp, e))?;
         f.write_all(&data).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        faults::hit(&tmp, FailPoint::ManifestSync)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
         drop(f);
         let path = dir.join(MANIFEST_FILE);
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        faults::hit(&path, FailPoint::ManifestRename)
+            .and_then(|_| fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(&path, e))?;
+        faults::hit(dir, FailPoint::ManifestDirSync).map_err(|e| Error::io(dir, e))?;
         fsync_dir(dir)
     }
 }

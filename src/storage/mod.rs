@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod codec;
 pub mod dictionary;
+pub mod faults;
 pub mod manifest;
 pub mod record;
 pub mod segment;

@@ -20,6 +20,7 @@ use memmap2::Mmap;
 use crate::bitmap::{Bitmap, ShardedBitmap, shard_of};
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
+use crate::storage::faults::{self, FailPoint};
 
 pub const SEG_MAGIC: &[u8; 8] = b"TAGSSEG\0";
 pub const SEG_END_MAGIC: &[u8; 8] = b"TAGSEND\0";
@@ -315,8 +316,8 @@ impl SegmentWriter {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.out
-            .write_all(b)
+        faults::hit(&self.path, FailPoint::SegmentWrite)
+            .and_then(|_| self.out.write_all(b))
             .map_err(|e| Error::io(&self.path, e))?;
         self.offset += b.len() as u64;
         Ok(())
@@ -394,7 +395,9 @@ impl SegmentWriter {
             .out
             .into_inner()
             .map_err(|e| Error::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        faults::hit(&self.path, FailPoint::SegmentSync)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(&self.path, e))?;
         Ok(self.offset)
     }
 }

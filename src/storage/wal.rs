@@ -14,6 +14,7 @@ use std::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
+use crate::storage::faults::{self, FailPoint};
 use crate::storage::fsync_dir;
 
 pub const WAL_MAGIC: &[u8; 8] = b"TAGSWAL\0";
@@ -117,8 +118,11 @@ impl WalWriter {
         let Ok(off_len) = libc::off_t::try_from(len) else {
             return Ok(());
         };
-        // SAFETY: posix_fallocate on an open file descriptor we own.
-        let rc = unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) };
+        let rc = match faults::hit(&self.path, FailPoint::LogAllocate) {
+            Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            // SAFETY: posix_fallocate on an open file descriptor we own.
+            Ok(()) => unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) },
+        };
         match rc {
             0 => {
                 self.allocated = len;
@@ -155,8 +159,8 @@ impl WalWriter {
         if end > self.allocated {
             self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE)?;
         }
-        (&*self.file)
-            .write_all(framed)
+        faults::hit(&self.path, FailPoint::LogWrite)
+            .and_then(|_| (&*self.file).write_all(framed))
             .map_err(|e| Error::io(&self.path, e))?;
         self.bytes = end;
         Ok(())
@@ -173,7 +177,9 @@ impl WalWriter {
 
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+        faults::hit(&self.path, FailPoint::LogSync)
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// Starts [`WalWriter::sync`] on `syncer`'s thread: everything appended
@@ -183,6 +189,7 @@ impl WalWriter {
         let (done, rx) = mpsc::sync_channel(1);
         let sent = syncer.tx.send(SyncJob {
             file: self.file.clone(),
+            path: self.path.clone(),
             done,
         });
         PendingSync {
@@ -209,6 +216,7 @@ pub struct Syncer {
 
 struct SyncJob {
     file: Arc<File>,
+    path: PathBuf,
     done: mpsc::SyncSender<std::io::Result<()>>,
 }
 
@@ -219,7 +227,9 @@ impl Syncer {
             .name("tagstore-sync".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let _ = job.done.send(job.file.sync_data());
+                    let res = faults::hit(&job.path, FailPoint::LogSync)
+                        .and_then(|_| job.file.sync_data());
+                    let _ = job.done.send(res);
                 }
             })
             .map_err(|e| Error::io(Path::new("tagstore-sync thread"), e))?;

@@ -1073,9 +1073,29 @@ impl Writer {
                 self.state.dirty_tags.extend(running.dirty_tags);
                 self.state.dirty_live |= running.dirty_live;
                 self.state.dirty_slots.extend(running.dirty_slots);
-                // The failed job may have left a partial file under this number.
+                // The failed job may have left a file under this number:
+                // partial, or complete and already named by a new MANIFEST
+                // (when what failed came after the rename, such as the
+                // directory's fsync). Only the first may go; the second is
+                // what a restart would read.
                 let no = self.manifest.next_segment_no.max(1);
-                let _ = std::fs::remove_file(self.dir.join(crate::storage::segment::file_name(no)));
+                let path = self.dir.join(crate::storage::segment::file_name(no));
+                match Manifest::read(&self.dir) {
+                    Ok(on_disk)
+                        if !on_disk.as_ref().is_some_and(|m| m.segments().contains(&no)) =>
+                    {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    Ok(_) => tracing::warn!(
+                        path = %path.display(),
+                        "the failed checkpoint's manifest reached the disk: its segment is kept"
+                    ),
+                    Err(read) => tracing::warn!(
+                        path = %path.display(),
+                        error = %read,
+                        "cannot tell whether the failed checkpoint's manifest reached the disk: its segment is kept"
+                    ),
+                }
                 self.manifest.next_segment_no = no + 1;
                 let msg = e.to_string();
                 for w in running.waiters {
