@@ -603,16 +603,11 @@ impl TagStore for Service {
     ) -> Result<Response<proto::StatsResponse>, Status> {
         let snap = self.engine.snapshot();
         let info = self.engine.info();
+        let engine = self.engine.clone();
         let dir = self.engine.config().data_dir.clone();
         let uptime = self.started.elapsed().as_secs();
         let resp = blocking(move || {
-            let disk_bytes = std::fs::read_dir(&dir)
-                .map(|rd| {
-                    rd.filter_map(|e| e.ok()?.metadata().ok())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(0);
+            let disk_bytes = engine.disk_bytes();
             let bitmap_bytes = snap
                 .tags
                 .values()

@@ -85,7 +85,7 @@ impl Default for CompactionPolicy {
 pub struct CheckpointOptions {
     /// Merge the dictionary's sections (and drop deleted customers' keys
     /// from disk), as after a bulk load: each section is a cache miss in
-    /// every key look-up. See [`requested_merge_from`] for what is
+    /// every key look-up. See `requested_merge_from` for what is
     /// rewritten: everything, unless the oldest section is clean and holds
     /// nearly every key, so that a merge of nearly nothing costs nearly
     /// nothing.
@@ -144,7 +144,7 @@ pub struct CheckpointJob {
     pub segments: HashMap<u64, Arc<Segment>>,
     pub dict: Arc<Dictionary>,
     pub policy: CompactionPolicy,
-    /// A caller asked for the dictionary to be merged ([`requested_merge_from`]).
+    /// A caller asked for the dictionary to be merged (`requested_merge_from`).
     pub merge_dictionary: bool,
     pub now_ms: i64,
 }

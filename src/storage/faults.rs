@@ -2,7 +2,7 @@
 //! Nth operation fail with an OS error of its choosing (a failed `fsync`,
 //! a full disk), for one data directory, while everything else runs for
 //! real. Owns only the registry and the check; the storage modules call
-//! [`hit`] just before the operation a point names.
+//! `hit` just before the operation a point names.
 //!
 //! With nothing armed (always, outside tests) a check is one relaxed
 //! atomic load.

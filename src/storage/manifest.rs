@@ -11,8 +11,8 @@ use std::path::Path;
 use crate::columns::FieldKind;
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
+use crate::storage::datadir::fsync_dir;
 use crate::storage::faults::{self, FailPoint};
-use crate::storage::fsync_dir;
 
 pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";

@@ -14,8 +14,8 @@ use std::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
+use crate::storage::datadir::fsync_dir;
 use crate::storage::faults::{self, FailPoint};
-use crate::storage::fsync_dir;
 
 pub const WAL_MAGIC: &[u8; 8] = b"TAGSWAL\0";
 pub const WAL_VERSION: u32 = 1;

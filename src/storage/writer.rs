@@ -27,13 +27,14 @@ use crate::names::{check_key, check_tag_name};
 use crate::storage::checkpoint::{
     CheckpointDone, CheckpointInfo, CheckpointJob, CheckpointOptions,
 };
+use crate::storage::datadir::fsync_dir;
 use crate::storage::manifest::Manifest;
 use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, KIND_BATCH, NewField, NewTag};
 use crate::storage::segment::{BlobKind, Segment};
 use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, Snapshot, TagMeta};
 use crate::storage::state::State;
 use crate::storage::wal::{self, Syncer, WalWriter};
-use crate::storage::{Shared, SyncMode, fsync_dir};
+use crate::storage::{Shared, SyncMode};
 
 /// Longest tag description, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 4096;

@@ -1,0 +1,266 @@
+//! Recovery: establishes what the store in a data directory is, following
+//! the recovery rules of `storage-format.md` step by step, and hands the
+//! engine the state to serve from. Reads the manifest, segments and log;
+//! writes only what the rules allow (a torn log tail cut off, strays moved
+//! aside once the store is established, a new log file). Takes no lock
+//! (the engine has taken it) and starts no thread.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::storage::datadir::move_aside;
+use crate::storage::dictionary::{DictLayer, Dictionary};
+use crate::storage::manifest::{self, Manifest};
+use crate::storage::record::{Batch, KIND_BATCH};
+use crate::storage::segment::{self, BlobKind, Segment};
+use crate::storage::snapshot::LazyBitmap;
+use crate::storage::state::State;
+use crate::storage::wal::{self, WalWriter};
+use crate::storage::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
+
+/// What recovery found when the engine opened.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub checkpoint_lsn: u64,
+    pub last_lsn: u64,
+    pub records_replayed: u64,
+    pub wal_bytes_read: u64,
+    pub torn_tail: Option<String>,
+    /// Segment files no manifest named, moved into [`ORPHANS_DIR`] (where
+    /// they now are).
+    pub orphans_moved: Vec<PathBuf>,
+    pub duration: Duration,
+}
+
+/// What the engine starts from.
+pub(crate) struct Recovered {
+    pub state: State,
+    pub manifest: Manifest,
+    pub segments: HashMap<u64, Arc<Segment>>,
+    /// The new log file, for the writes to come.
+    pub wal: WalWriter,
+    /// Bytes of the older log files still in the directory.
+    pub old_wal_bytes: u64,
+    pub report: RecoveryReport,
+}
+
+/// A data directory without `MANIFEST` is a new store, or one that never
+/// finished a checkpoint: then its log, if any, starts at lsn 1 and holds
+/// every write. Anything else means the manifest that described the store is
+/// gone, and serving would serve an empty or partial store.
+fn check_store_without_manifest(dir: &Path) -> Result<()> {
+    let logs = wal::list(dir)?;
+    let segs = segment::list(dir)?;
+    let refuse = |what: String| {
+        Err(Error::Recovery(format!(
+            "{} is missing, but {what}. Refusing to start: a store is never served \
+             without the manifest that describes it. Restore MANIFEST from a backup \
+             of this store, or move the directory aside to start an empty store",
+            dir.join(manifest::MANIFEST_FILE).display()
+        )))
+    };
+    match logs.first() {
+        Some(first) if first.first_lsn != 1 => refuse(format!(
+            "the log starts at lsn {} ({}): the records before it are only in segment \
+             files ({} found) that the manifest described",
+            first.first_lsn,
+            first.path.display(),
+            segs.len()
+        )),
+        None if !segs.is_empty() => refuse(format!(
+            "the directory holds {} segment file(s) (the first {}) and no log",
+            segs.len(),
+            dir.join(segment::file_name(segs[0])).display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Recovers the store in `dir` (locked by the caller), by the rules of
+/// `storage-format.md`.
+pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
+    let dir: PathBuf = dir.to_path_buf();
+    let mut report = RecoveryReport::default();
+    // Step 1, the lock, is the engine's. Step 2: a manifest write that did not finish.
+    let _ = fs::remove_file(dir.join(manifest::MANIFEST_TMP));
+
+    // Step 3: the manifest, or proof that the store never had one.
+    let found = Manifest::read(&dir)?;
+    if found.is_none() {
+        check_store_without_manifest(&dir)?;
+    }
+    let mut manifest = found.unwrap_or_default();
+    manifest.next_segment_no = manifest.next_segment_no.max(1);
+    report.checkpoint_lsn = manifest.checkpoint_lsn;
+    let mut segments = HashMap::new();
+    // Step 4: every segment the manifest names, checked; strays noted.
+    for no in manifest.segments() {
+        segments.insert(no, Segment::open(&dir, no)?);
+    }
+    // Segment files the manifest does not name; moved aside once the
+    // store has recovered (never deleted: see `move_aside`).
+    let strays: Vec<u64> = segment::list(&dir)?
+        .into_iter()
+        .filter(|no| !segments.contains_key(no))
+        .collect();
+    let manifest_path = dir.join(manifest::MANIFEST_FILE);
+    let seg = |no: u64| -> Result<Arc<Segment>> {
+        segments.get(&no).cloned().ok_or_else(|| {
+            Error::corrupt(
+                &manifest_path,
+                0,
+                format!("refers to segment {no}, which is not open"),
+            )
+        })
+    };
+    // Step 5: dictionary sections opened (pages checked on use); bitmaps
+    // named, not read.
+    let mut layers = Vec::new();
+    for &no in &manifest.dict_segments {
+        layers.push(Arc::new(DictLayer::open(seg(no)?)?));
+    }
+    let dict = Arc::new(Dictionary::new(layers, manifest.next_customer_id));
+    let mut tags = TagMap::new();
+    for t in &manifest.tags {
+        let bitmap = if t.segment == 0 {
+            LazyBitmap::empty()
+        } else {
+            let s = seg(t.segment)?;
+            if !s.contains(BlobKind::TagShard, t.id) {
+                return Err(Error::corrupt(
+                    &s.path,
+                    0,
+                    format!(
+                        "segment holds no bitmap for tag {:?} (id {}) named by the manifest",
+                        t.name, t.id
+                    ),
+                ));
+            }
+            LazyBitmap::on_disk(s, BlobKind::TagShard, t.id)
+        };
+        let name: Arc<str> = Arc::from(t.name.as_str());
+        let meta = TagMeta {
+            name: name.clone(),
+            description: t.description.clone(),
+            category: t.category.clone(),
+            created_ms: t.created_ms,
+            updated_ms: t.updated_ms,
+            count: t.count,
+        };
+        tags.insert(
+            name,
+            Arc::new(Tag {
+                id: t.id,
+                meta,
+                bitmap,
+            }),
+        );
+    }
+    let mut fields = FieldMap::new();
+    for f in &manifest.fields {
+        let mut slots = SlotMap::new();
+        for &(slot, no) in &f.slots {
+            let s = seg(no)?;
+            if s.slot_entries(f.id, slot).is_empty() {
+                return Err(Error::corrupt(
+                    &s.path,
+                    0,
+                    format!(
+                        "segment holds no slot {slot} of field {:?} (id {}) named by the manifest",
+                        f.name, f.id
+                    ),
+                ));
+            }
+            slots.insert(
+                slot,
+                LazyBitmap::on_disk_slot(s, BlobKind::FieldSlot, f.id, slot),
+            );
+        }
+        let name: Arc<str> = Arc::from(f.name.as_str());
+        let meta = FieldMeta {
+            name: name.clone(),
+            description: f.description.clone(),
+            category: f.category.clone(),
+            kind: f.kind.clone(),
+            created_ms: f.created_ms,
+            updated_ms: f.updated_ms,
+        };
+        fields.insert(
+            name,
+            Arc::new(Field {
+                id: f.id,
+                meta,
+                slots,
+            }),
+        );
+    }
+    let live = if manifest.live_segment == 0 {
+        LazyBitmap::empty()
+    } else {
+        LazyBitmap::on_disk(seg(manifest.live_segment)?, BlobKind::LiveShard, 0)
+    };
+    let snap = Snapshot {
+        lsn: manifest.checkpoint_lsn,
+        tags,
+        fields,
+        live,
+        next_customer_id: manifest.next_customer_id,
+        next_tag_id: manifest.next_tag_id,
+        dict,
+    };
+    let mut state = State::new(snap);
+
+    // Steps 6 to 8: the log replayed after the checkpoint, in lsn order, a
+    // torn tail cut, any other damage a hard error naming its file.
+    let files = wal::list(&dir)?;
+    let outcome = wal::replay(&files, manifest.checkpoint_lsn, |lsn, kind, payload| {
+        if kind != KIND_BATCH {
+            return Err(Error::BadRecord(format!("unknown record kind {kind}")));
+        }
+        let batch = Batch::decode(payload).map_err(|e| {
+            Error::BadRecord(format!(
+                "undecodable batch at payload offset {}: {}",
+                e.offset, e.reason
+            ))
+        })?;
+        state.apply(lsn, &batch).map(|_| ())
+    })?;
+    if let Some(t) = &outcome.truncated {
+        tracing::warn!("recovery cut a torn log tail: {t}");
+    }
+    let last_lsn = outcome.last_lsn.unwrap_or(0).max(manifest.checkpoint_lsn);
+    state.snap.lsn = last_lsn;
+    report.last_lsn = last_lsn;
+    report.records_replayed = outcome.applied;
+    report.wal_bytes_read = outcome.bytes;
+    report.torn_tail = outcome.truncated;
+
+    // Step 8½: the store is established (manifest, segments and the whole
+    // log agree); only now is anything it does not name moved out of the way.
+    for no in strays {
+        report
+            .orphans_moved
+            .push(move_aside(&dir, &segment::file_name(no))?);
+    }
+
+    // Step 9: a new log file for the writes to come.
+    let wal = WalWriter::create(&dir, last_lsn + 1)?;
+    let old_wal_bytes: u64 = wal::list(&dir)?
+        .iter()
+        .filter(|f| f.first_lsn != wal.first_lsn())
+        .filter_map(|f| fs::metadata(&f.path).ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(Recovered {
+        state,
+        manifest,
+        segments,
+        wal,
+        old_wal_bytes,
+        report,
+    })
+}
