@@ -25,7 +25,7 @@ pub struct CompactionPolicy {
     /// Most segment files kept before the smallest are merged.
     pub max_segments: usize,
     /// Most dictionary sections kept before they are all merged into one
-    /// (see [`dict_merge_from`] for the merges that keep them fewer).
+    /// (see `dict_merge_from` for the merges that keep them fewer).
     pub max_dict_layers: usize,
 }
 

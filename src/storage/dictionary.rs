@@ -353,7 +353,7 @@ impl DictLayer {
     }
 
     /// Starts loading the hash slots where `group`'s keys begin their probe
-    /// (see [`DictLayer::find_group`]).
+    /// (see `DictLayer::find_group`).
     fn prefetch_slots(&self, hashes: &[u64], group: &[usize]) {
         if self.count == 0 {
             return;
@@ -507,7 +507,7 @@ impl Dictionary {
     }
 
     /// [`Dictionary::lookup`] of many keys under one lock, the look-ups of
-    /// each section overlapped (see [`DictLayer::find_group`]): the same
+    /// each section overlapped (see `DictLayer::find_group`): the same
     /// answers, several times faster for large batches.
     pub fn lookup_many(&self, keys: &[&str]) -> Result<Vec<Option<u32>>> {
         let inner = self.inner.read();

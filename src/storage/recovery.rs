@@ -30,7 +30,7 @@ pub struct RecoveryReport {
     pub records_replayed: u64,
     pub wal_bytes_read: u64,
     pub torn_tail: Option<String>,
-    /// Segment files no manifest named, moved into [`ORPHANS_DIR`] (where
+    /// Segment files no manifest named, moved into [`ORPHANS_DIR`](crate::storage::ORPHANS_DIR) (where
     /// they now are).
     pub orphans_moved: Vec<PathBuf>,
     pub duration: Duration,
