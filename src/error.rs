@@ -78,6 +78,9 @@ pub enum Error {
     Failed(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A failure of the server itself (a task that died); the message says what.
+    #[error("{0}")]
+    Internal(String),
     #[error("checkpoint failed: {0}")]
     Checkpoint(String),
     #[error("invalid configuration: {0}")]

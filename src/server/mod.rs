@@ -2,12 +2,15 @@
 //! service, health and reflection, graceful shutdown). Requests become domain
 //! operations here; the storage engine never sees a proto type.
 
+mod admin;
 pub mod budget;
 pub mod codec;
 mod export;
 mod fields;
+mod reads;
 pub mod service;
 pub mod status;
+mod writes;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -36,7 +36,9 @@ pub fn to_status(e: Error) -> Status {
 /// Like [`to_status`], naming which of several queries failed.
 pub fn query_status(e: Error, index: Option<usize>) -> Status {
     let code = match &e {
-        Error::Io { .. } | Error::Checkpoint(_) | Error::MissingKey(_) => Code::Internal,
+        Error::Io { .. } | Error::Checkpoint(_) | Error::MissingKey(_) | Error::Internal(_) => {
+            Code::Internal
+        }
         Error::Corrupt { .. } | Error::BadRecord(_) | Error::Recovery(_) => Code::DataLoss,
         Error::TagNotFound(_)
         | Error::FieldNotFound(_)

@@ -1,0 +1,278 @@
+//! Where, and on how many threads, the queries of one count run. Small
+//! in-memory counts run right on the calling (async) thread; a single large
+//! one is shared out shard by shard between that thread and a blocking-pool
+//! thread; anything that may read from disk, runs field predicates, or parses
+//! long texts goes to the blocking pool. Reads one snapshot; writes nothing.
+//! The server calls [`count`] and turns a [`CountFailure`] into a status.
+
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::query::Query;
+use crate::query::eval::ShardClaims;
+use crate::storage::Snapshot;
+
+/// Why a count failed, and which of several queries did.
+#[derive(Debug)]
+pub struct CountFailure {
+    pub error: Error,
+    /// The failing query's index when there were several.
+    pub index: Option<usize>,
+}
+
+impl CountFailure {
+    fn new(error: Error, index: Option<usize>) -> Self {
+        Self { error, index }
+    }
+}
+
+/// The counts of `queries` (at least one), all from `snap`, with "today"
+/// taken at `now` (Unix ms).
+pub async fn count(
+    snap: Arc<Snapshot>,
+    queries: Vec<String>,
+    now: i64,
+) -> Result<Vec<u64>, CountFailure> {
+    let many = queries.len() > 1;
+    let bytes: usize = queries.iter().map(String::len).sum();
+    // Long texts are parsed and planned on the blocking pool, never on the
+    // thread that serves the connections.
+    let counting = if bytes > INLINE_TEXT_BYTES {
+        Counting::Blocking
+    } else {
+        count_inline(&queries, &snap, many, now)?
+    };
+    match counting {
+        Counting::Done(counts) => return Ok(counts),
+        Counting::Halves => return Ok(vec![count_halves(snap, &queries[0], now).await?]),
+        Counting::Blocking => {}
+    }
+    let pool = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let query = Query::compile_at(q, &snap, now)
+                    .map_err(|e| CountFailure::new(e, many.then_some(i)))?;
+                Ok(if many {
+                    query.count()
+                } else {
+                    count_split(&query, &snap, q, now, &pool)
+                })
+            })
+            .collect::<Result<Vec<u64>, CountFailure>>()
+    })
+    .await
+    .map_err(|e| CountFailure::new(Error::Internal(format!("query task failed: {e}")), None))?
+}
+
+/// Queries whose texts add up to more than this many bytes are
+/// parsed on the blocking pool: parsing and planning 64 KiB of text takes
+/// milliseconds, which the connections served by the async thread would wait.
+const INLINE_TEXT_BYTES: usize = 4 << 10;
+
+/// Queries whose bitmaps are all in memory and touch at most this many ids
+/// are counted on the async thread: handing them to the blocking pool costs
+/// two thread wake-ups, far more than the work itself. A larger single query
+/// is counted on two threads that share out its shards (`count_halves`,
+/// `count_split`).
+const INLINE_WORK: u64 = 100_000;
+
+/// A single in-memory query up to this many ids is counted on the async
+/// thread and a pool thread together (`count_halves`): the async thread's
+/// share is about half, all of it when the pool thread is slow to start, so
+/// at most a few hundred microseconds to a millisecond. Larger ones go to the
+/// blocking pool whole, and are shared out there (`count_split`).
+const HALVES_MAX_WORK: u64 = 32_000_000;
+
+/// Counts one query whose plan touches more than [`INLINE_WORK`] ids over two
+/// threads: this one and a blocking-pool thread (which compiles the same text
+/// again, at the same instant), each taking the next uncounted shard until
+/// none is left ([`ShardClaims`]). On an idle server this halves the latency
+/// of a large count; a pool thread that wakes late takes fewer shards rather
+/// than delaying the answer, and on a busy one this thread counts them all.
+fn count_split(
+    query: &Query,
+    snap: &Arc<Snapshot>,
+    text: &str,
+    now: i64,
+    pool: &tokio::runtime::Handle,
+) -> u64 {
+    let shards = query.shard_count();
+    if query.work() <= INLINE_WORK || shards < 2 {
+        return query.count();
+    }
+    let claims = Arc::new(ShardClaims::new(shards));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    {
+        let (snap, text, claims) = (snap.clone(), text.to_string(), claims.clone());
+        pool.spawn_blocking(move || {
+            help_count(&snap, &text, now, &claims);
+            let _ = tx.send(());
+        });
+    }
+    query.count_claimed(&claims);
+    if let Some(total) = claims.total() {
+        return total;
+    }
+    // The helper is still counting a shard it took; wait for it to finish
+    // (or to have dropped its sender, should it have failed).
+    let _ = rx.recv();
+    // A helper that died halfway through a shard leaves that shard uncounted:
+    // count the whole query here instead.
+    claims.total().unwrap_or_else(|| query.count())
+}
+
+/// The second thread's part of a split count: nothing if the first thread
+/// has already taken every shard, otherwise the shards it can take.
+fn help_count(snap: &Snapshot, text: &str, now: i64, claims: &ShardClaims) {
+    if claims.all_claimed() {
+        return;
+    }
+    // The same text compiled a moment ago on the same snapshot; should it
+    // fail, this thread takes no shard and the first counts them all.
+    if let Ok(q) = Query::compile_at(text, snap, now) {
+        q.count_claimed(claims);
+    }
+}
+
+/// Where [`count`] counts its queries.
+enum Counting {
+    /// Counted already, on the async thread.
+    Done(Vec<u64>),
+    /// One query, all in memory, too large to count in one go on the async
+    /// thread: [`count_halves`].
+    Halves,
+    /// On the blocking pool: bitmaps to load from disk, field predicates, or
+    /// several queries that add up to too much work.
+    Blocking,
+}
+
+/// Counts a single in-memory query over two threads: this async thread and a
+/// blocking-pool thread share out its shards ([`ShardClaims`]), as in
+/// [`count_split`]. One hand-off instead of two, and the answer in about half
+/// the time on an idle server; the async thread waits for the pool thread
+/// only while that is counting a shard it took.
+async fn count_halves(snap: Arc<Snapshot>, text: &str, now: i64) -> Result<u64, CountFailure> {
+    let (claims, helper) = {
+        let query = Query::compile_at(text, &snap, now).map_err(|e| CountFailure::new(e, None))?;
+        let claims = Arc::new(ShardClaims::new(query.shard_count()));
+        let helper = {
+            let (snap, text, claims) = (snap.clone(), text.to_string(), claims.clone());
+            tokio::task::spawn_blocking(move || help_count(&snap, &text, now, &claims))
+        };
+        query.count_claimed(&claims);
+        (claims, helper)
+    };
+    if let Some(total) = claims.total() {
+        return Ok(total);
+    }
+    let joined = helper.await;
+    match (claims.total(), joined) {
+        (Some(total), _) => Ok(total),
+        (None, Err(e)) => Err(CountFailure::new(
+            Error::Internal(format!("query task failed: {e}")),
+            None,
+        )),
+        (None, Ok(())) => Err(CountFailure::new(
+            Error::Internal("a shard of the count was left uncounted".into()),
+            None,
+        )),
+    }
+}
+
+/// Decides where `queries` are counted, and counts them right here when that
+/// is cheap and cannot block on disk.
+fn count_inline(
+    queries: &[String],
+    snap: &Snapshot,
+    many: bool,
+    now: i64,
+) -> Result<Counting, CountFailure> {
+    if !snap.live.is_loaded() {
+        return Ok(Counting::Blocking);
+    }
+    let mut exprs = Vec::with_capacity(queries.len());
+    for (i, q) in queries.iter().enumerate() {
+        let expr = crate::query::parse(q).map_err(|e| CountFailure::new(e, many.then_some(i)))?;
+        let mut names = Vec::new();
+        expr.tag_names(&mut names);
+        // Unknown tags are reported by compile; unloaded ones must not be decoded here.
+        // Field predicates run the bit-sliced walk: not for the async thread.
+        if names
+            .iter()
+            .any(|n| snap.field(n).is_some() || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded()))
+        {
+            return Ok(Counting::Blocking);
+        }
+        exprs.push(expr);
+    }
+    let mut compiled = Vec::with_capacity(exprs.len());
+    let mut work = 0u64;
+    for (i, e) in exprs.iter().enumerate() {
+        let q = Query::from_expr_at(e, snap, now)
+            .map_err(|e| CountFailure::new(e, many.then_some(i)))?;
+        work = work.saturating_add(q.work());
+        if work > INLINE_WORK {
+            return Ok(
+                if many || q.shard_count() < 2 || q.work() > HALVES_MAX_WORK {
+                    Counting::Blocking
+                } else {
+                    Counting::Halves
+                },
+            );
+        }
+        compiled.push(q);
+    }
+    Ok(Counting::Done(compiled.iter().map(Query::count).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A count big enough to be split over two threads gives the same answer
+    /// as counting it in one go.
+    #[test]
+    fn a_split_count_adds_up() {
+        use crate::bitmap::{SHARD_SIZE, ShardedBitmap};
+        use roaring::RoaringBitmap;
+        let n = 3 * SHARD_SIZE;
+        let every = |k: u32| -> RoaringBitmap { (0..n).step_by(k as usize).collect() };
+        let (a, b) = (every(3), every(5));
+        let expect = (&a & &b).len();
+        let snap = Arc::new(Snapshot::in_memory(
+            vec![
+                ("a".into(), ShardedBitmap::from_roaring(&a)),
+                ("b".into(), ShardedBitmap::from_roaring(&b)),
+            ],
+            ShardedBitmap::from_roaring(&every(1)),
+        ));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let query = Query::compile_at("a AND b", &snap, now).unwrap();
+        assert!(query.work() > INLINE_WORK && query.shard_count() == 3);
+        assert_eq!(
+            count_split(&query, &snap, "a AND b", now, rt.handle()),
+            expect
+        );
+        // The same query as the service sees it: counted in halves, one of
+        // them on the async thread.
+        let text = ["a AND b".to_string()];
+        assert!(matches!(
+            count_inline(&text, &snap, false, now),
+            Ok(Counting::Halves)
+        ));
+        let halves = rt.block_on(count_halves(snap.clone(), "a AND b", now));
+        assert_eq!(halves.unwrap(), expect);
+        // Two such queries in one call go to the blocking pool whole.
+        let two = ["a AND b".to_string(), "a OR b".to_string()];
+        assert!(matches!(
+            count_inline(&two, &snap, true, now),
+            Ok(Counting::Blocking)
+        ));
+        let unknown = rt.block_on(count_halves(snap, "a AND nope", now));
+        assert!(matches!(unknown.unwrap_err().error, Error::Query { .. }));
+    }
+}

@@ -1,0 +1,205 @@
+//! Calls that read: `ListTags`, `DescribeTag`, `Count`, `Members`,
+//! `Export`, `Profile`. Proto in, a query on one snapshot, proto out; page
+//! sizes and cursors live here.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::proto;
+use crate::query::Query;
+use crate::query::parallel;
+use crate::server::export::ExportStream;
+use crate::server::fields;
+use crate::server::service::{Service, blocking, invalid, tag_info};
+use crate::server::status::{query_status, to_status};
+use crate::storage::Snapshot;
+
+/// Page size of `Members` when the request gives none.
+pub const DEFAULT_PAGE: u32 = 1_000;
+/// Largest page of `Members` and batch of `Export`.
+pub const MAX_PAGE: u32 = 100_000;
+/// Batch size of `Export` when the request gives none.
+pub const DEFAULT_EXPORT_BATCH: u32 = 10_000;
+
+/// A cursor names the last id returned: `v1.` then the id in hex.
+fn encode_cursor(id: u32) -> String {
+    format!("v1.{id:x}")
+}
+
+fn decode_cursor(c: &str) -> Result<Option<u32>, Status> {
+    if c.is_empty() {
+        return Ok(None);
+    }
+    c.strip_prefix("v1.")
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            invalid(format!(
+                "bad cursor {c:?}: pass back a next_cursor exactly as received"
+            ))
+        })
+}
+
+fn page_size(requested: u32, default: u32, what: &str) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(default as usize),
+        n if n > MAX_PAGE => Err(invalid(format!(
+            "{what} {n} is over the limit of {MAX_PAGE}"
+        ))),
+        n => Ok(n as usize),
+    }
+}
+
+pub(super) async fn list_tags(
+    svc: &Service,
+    req: Request<proto::ListTagsRequest>,
+) -> Result<Response<proto::ListTagsResponse>, Status> {
+    let category = req.into_inner().category;
+    let snap = svc.engine.snapshot();
+    let tags = snap
+        .tags
+        .values()
+        .filter(|t| category.is_empty() || t.meta.category == category)
+        .map(|t| tag_info(&t.meta))
+        .collect();
+    Ok(Response::new(proto::ListTagsResponse { tags }))
+}
+
+pub(super) async fn describe_tag(
+    svc: &Service,
+    req: Request<proto::DescribeTagRequest>,
+) -> Result<Response<proto::DescribeTagResponse>, Status> {
+    let name = req.into_inner().name;
+    let snap = svc.engine.snapshot();
+    let tag = snap
+        .tag(&name)
+        .ok_or_else(|| to_status(Error::TagNotFound(name.clone())))?;
+    Ok(Response::new(proto::DescribeTagResponse {
+        tag: Some(tag_info(&tag.meta)),
+    }))
+}
+
+pub(super) async fn count(
+    svc: &Service,
+    req: Request<proto::CountRequest>,
+) -> Result<Response<proto::CountResponse>, Status> {
+    let queries = req.into_inner().queries;
+    if queries.is_empty() {
+        return Err(invalid("no queries to count"));
+    }
+    if queries.len() > svc.limits.max_count_queries {
+        return Err(invalid(format!(
+            "{} queries in one call; the limit is {}",
+            queries.len(),
+            svc.limits.max_count_queries
+        )));
+    }
+    let bytes: usize = queries.iter().map(String::len).sum();
+    if bytes > svc.limits.max_count_bytes {
+        return Err(invalid(format!(
+            "the queries add up to {bytes} bytes; the limit is {} per Count (`max_count_bytes`)",
+            svc.limits.max_count_bytes
+        )));
+    }
+    let counts = parallel::count(svc.engine.snapshot(), queries, svc.engine.now_ms())
+        .await
+        .map_err(|f| query_status(f.error, f.index))?;
+    Ok(Response::new(proto::CountResponse { counts }))
+}
+
+pub(super) async fn members(
+    svc: &Service,
+    req: Request<proto::MembersRequest>,
+) -> Result<Response<proto::MembersResponse>, Status> {
+    let r = req.into_inner();
+    let limit = page_size(r.limit, DEFAULT_PAGE, "limit")?;
+    let after = decode_cursor(&r.cursor)?;
+    let (snap, now) = (svc.engine.snapshot(), svc.engine.now_ms());
+    let (customers, next) = blocking(move || {
+        let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
+        let (ids, more) = q.page(after, limit);
+        let mut keys = Vec::with_capacity(ids.len());
+        snap.dict.keys_of(&ids, &mut keys).map_err(to_status)?;
+        let next = if more {
+            ids.last().map(|&id| encode_cursor(id))
+        } else {
+            None
+        };
+        Ok((keys, next))
+    })
+    .await?;
+    Ok(Response::new(proto::MembersResponse {
+        customers,
+        next_cursor: next.unwrap_or_default(),
+    }))
+}
+
+pub(super) async fn export(
+    svc: &Service,
+    req: Request<proto::ExportRequest>,
+) -> Result<Response<ExportStream>, Status> {
+    let r = req.into_inner();
+    let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
+    let slot = svc.exports.take()?;
+    let snap: Arc<Snapshot> = svc.engine.snapshot();
+    let now = svc.engine.now_ms();
+    // Compile and count first, so that a bad query is the call's status,
+    // not a stream item.
+    let query = r.query;
+    let (snap, expr, total) = blocking(move || {
+        let expr = crate::query::parse(&query).map_err(to_status)?;
+        let total = Query::from_expr_at(&expr, &snap, now)
+            .map_err(to_status)?
+            .count();
+        Ok((snap, expr, total))
+    })
+    .await?;
+    Ok(Response::new(ExportStream::new(
+        snap, expr, now, batch, total, slot,
+    )))
+}
+
+pub(super) async fn profile(
+    svc: &Service,
+    req: Request<proto::ProfileRequest>,
+) -> Result<Response<proto::ProfileResponse>, Status> {
+    let r = req.into_inner();
+    let (customer, recent_days) = (r.customer, r.recent_days);
+    fields::check_customer(&customer)?;
+    let (snap, now) = (svc.engine.snapshot(), svc.engine.now_ms());
+    let resp = blocking(move || {
+        let id = snap
+            .customer_id(&customer)
+            .map_err(to_status)?
+            .ok_or_else(|| to_status(Error::CustomerNotFound(customer.clone())))?;
+        let tags = snap.tags_of(id).map_err(to_status)?;
+        let values = fields::profile_values(&snap, id, recent_days, now)?;
+        Ok(proto::ProfileResponse {
+            customer,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            internal_id: id,
+            values,
+        })
+    })
+    .await?;
+    Ok(Response::new(resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(0)).unwrap(), Some(0));
+        assert_eq!(
+            decode_cursor(&encode_cursor(u32::MAX)).unwrap(),
+            Some(u32::MAX)
+        );
+        assert_eq!(decode_cursor("").unwrap(), None);
+        assert!(decode_cursor("v2.1").is_err());
+        assert!(decode_cursor("v1.zz").is_err());
+    }
+}
