@@ -1180,8 +1180,8 @@ impl Bench {
         }
         let svg = report::log_log_svg(
             &format!("count(A AND B), {customers} customers"),
-            "density of A and of B",
-            "p50 latency, ms",
+            ("density of A and of B", report::percent_tick),
+            ("p50 latency", report::millis_tick),
             &series,
         );
         std::fs::write(self.cli.out.join("sweep.svg"), svg)?;

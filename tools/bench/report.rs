@@ -140,9 +140,43 @@ impl Report {
 /// A named, coloured series of (x, y) points.
 pub type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
-/// A line chart with log-log axes: one polyline per series of (x, y) points.
-pub fn log_log_svg(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
-    let (w, h, ml, mr, mt, mb) = (720.0, 440.0, 80.0, 170.0, 40.0, 60.0);
+/// How a tick of a log axis at 10^e is labelled.
+pub type Tick = fn(i64) -> String;
+
+/// 10^e as a percentage: `0.01%`, `1%`, `100%`.
+pub fn percent_tick(e: i64) -> String {
+    let places = usize::try_from(-(e + 2)).unwrap_or(0);
+    format!("{:.*}%", places, 10f64.powi((e + 2) as i32))
+}
+
+/// 10^e milliseconds, in the unit that reads best: `10 µs`, `1 ms`, `10 s`.
+pub fn millis_tick(e: i64) -> String {
+    match e {
+        ..=-4 => format!("{} ns", 10f64.powi((e + 6) as i32)),
+        -3..=-1 => format!("{} µs", 10f64.powi((e + 3) as i32)),
+        0..=2 => format!("{} ms", 10f64.powi(e as i32)),
+        _ => format!("{} s", 10f64.powi((e - 3) as i32)),
+    }
+}
+
+/// Approximate width in pixels of `text` at 12 px sans-serif (for laying out
+/// the legend so that it is never cut off).
+fn text_px(text: &str) -> f64 {
+    text.chars().count() as f64 * 7.2
+}
+
+/// A line chart with log-log axes: one polyline per series of (x, y) points,
+/// ticks labelled by `x_tick` and `y_tick`, the legend on the right as wide
+/// as its longest name.
+pub fn log_log_svg(
+    title: &str,
+    (x_label, x_tick): (&str, Tick),
+    (y_label, y_tick): (&str, Tick),
+    series: &[Series<'_>],
+) -> String {
+    let longest = series.iter().map(|s| text_px(s.0)).fold(0.0, f64::max);
+    let (ml, mr, mt, mb) = (80.0, (46.0 + longest).max(120.0), 40.0, 60.0);
+    let (w, h) = (ml + 470.0 + mr, 440.0);
     let pts: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.2.iter().copied())
@@ -176,19 +210,21 @@ pub fn log_log_svg(title: &str, x_label: &str, y_label: &str, series: &[Series<'
         let x = ml + (e as f64 - x0) / (x1 - x0) * (w - ml - mr);
         let _ = write!(
             s,
-            r##"<line x1="{x}" y1="{mt}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">1e{e}</text>"##,
+            r##"<line x1="{x}" y1="{mt}" x2="{x}" y2="{}" stroke="#ddd"/><text x="{x}" y="{}" text-anchor="middle">{}</text>"##,
             h - mb,
-            h - mb + 18.0
+            h - mb + 18.0,
+            x_tick(e)
         );
     }
     for e in (y0 as i64)..=(y1 as i64) {
         let y = h - mb - (e as f64 - y0) / (y1 - y0) * (h - mt - mb);
         let _ = write!(
             s,
-            r##"<line x1="{ml}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">1e{e}</text>"##,
+            r##"<line x1="{ml}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
             w - mr,
             ml - 6.0,
-            y + 4.0
+            y + 4.0,
+            y_tick(e)
         );
     }
     let _ = write!(
@@ -336,11 +372,49 @@ mod tests {
         assert_eq!(r.ratio(), Some(4.0));
         let svg = log_log_svg(
             "t",
-            "x",
-            "y",
-            &[("a", "red", vec![(0.001, 0.1), (0.5, 2.0)])],
+            ("x", percent_tick),
+            ("y", millis_tick),
+            &[("a", "red", vec![(0.0001, 0.1), (0.5, 2.0)])],
         );
         assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+        for label in [
+            ">0.01%<",
+            ">0.1%<",
+            ">1%<",
+            ">100%<",
+            ">100 µs<",
+            ">1 ms<",
+            ">10 ms<",
+        ] {
+            assert!(svg.contains(label), "no tick {label}");
+        }
+        assert!(!svg.contains(">1e-4<"));
+        // The legend fits: its longest name ends inside the picture.
+        let long = "redis BITOP+BITCOUNT and a longer name";
+        let svg = log_log_svg(
+            "t",
+            ("x", percent_tick),
+            ("y", millis_tick),
+            &[(long, "red", vec![(0.001, 0.1), (0.5, 2.0)])],
+        );
+        let width: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|w| w.parse().ok())
+            .unwrap();
+        let x: f64 = svg
+            .split(&format!(">{long}<"))
+            .next()
+            .and_then(|before| before.rsplit("<text x=\"").next())
+            .and_then(|r| r.split('"').next())
+            .and_then(|x| x.parse().ok())
+            .unwrap();
+        assert!(
+            x + text_px(long) <= width,
+            "legend ends at {} of {width}",
+            x + text_px(long)
+        );
         let svg = bars_svg("t", "y", &["g".into()], &[("a", "red", vec![3.0])]);
         assert!(svg.contains("<rect x="));
         assert_eq!(human(1536.0, "bytes"), "1.5 KiB");

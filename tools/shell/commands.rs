@@ -1,6 +1,8 @@
 //! The shell's command language: parsing a line into a [`Command`], and the
 //! help texts. Knows nothing of the server.
 
+use crate::table;
+
 /// One shell command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -896,23 +898,89 @@ fn take_flag(args: &mut Vec<String>, flag: &str) -> bool {
     }
 }
 
-/// The help text: every command, or one in detail.
-pub fn help(topic: Option<&str>) -> Result<String, String> {
+/// Widest usage column of the command list; longer usages put their
+/// summary on the next line.
+const USAGE_COLUMN: usize = 34;
+
+/// `text` broken at spaces into lines of at most `width` display columns
+/// (a word longer than that stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        if !line.is_empty() && table::width(&line) + 1 + table::width(word) > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() || lines.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// `text` wrapped to `columns`, every line after the first indented by
+/// `indent` spaces, appended to `out` with a newline after each line.
+fn push_wrapped(out: &mut String, first: &str, text: &str, indent: usize, columns: usize) {
+    let room = columns.saturating_sub(indent).max(20);
+    for (i, line) in wrap(text, room).into_iter().enumerate() {
+        if i == 0 {
+            out.push_str(first);
+        } else {
+            out.push_str(&" ".repeat(indent));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+/// The help text, every command or one in detail, wrapped to `columns`
+/// (the terminal's width; at least 40 are used).
+pub fn help(topic: Option<&str>, columns: usize) -> Result<String, String> {
+    let columns = columns.max(40);
     match topic {
         None => {
-            let width = DOCS
+            let usage_col = DOCS
                 .iter()
-                .map(|d| d.usage.chars().count())
+                .map(|d| table::width(d.usage))
+                .filter(|&w| w <= USAGE_COLUMN)
                 .max()
-                .unwrap_or(0);
-            let mut out = String::from(
-                "Commands (a query uses AND, OR, NOT, parentheses and ALL; quote tag names with spaces):\n",
+                .unwrap_or(USAGE_COLUMN);
+            let mut out = String::new();
+            push_wrapped(
+                &mut out,
+                "",
+                "Commands (a query uses AND, OR, NOT, parentheses and ALL; quote tag names with spaces):",
+                0,
+                columns,
             );
+            let indent = 2 + usage_col + 2;
+            // Too narrow for two columns: each usage on its own line.
+            let two_columns = columns >= indent + 30;
             for d in DOCS {
-                out.push_str(&format!("  {:width$}  {}\n", d.usage, d.summary));
+                let usage_width = table::width(d.usage);
+                if !two_columns {
+                    push_wrapped(&mut out, "  ", d.usage, 6, columns);
+                    push_wrapped(&mut out, "      ", d.summary, 6, columns);
+                } else if usage_width <= usage_col {
+                    let first = format!("  {}{}  ", d.usage, " ".repeat(usage_col - usage_width));
+                    push_wrapped(&mut out, &first, d.summary, indent, columns);
+                } else {
+                    push_wrapped(&mut out, "  ", d.usage, 6, columns);
+                    push_wrapped(&mut out, &" ".repeat(indent), d.summary, indent, columns);
+                }
             }
-            out.push_str("A line that leaves a parenthesis or quote open, or ends with \\, continues on the next.");
-            Ok(out)
+            push_wrapped(
+                &mut out,
+                "",
+                "A line that leaves a parenthesis or quote open, or ends with \\, continues on the next.",
+                0,
+                columns,
+            );
+            Ok(out.trim_end().to_string())
         }
         Some(t) => {
             let t = t.trim().to_ascii_lowercase();
@@ -920,10 +988,11 @@ pub fn help(topic: Option<&str>) -> Result<String, String> {
                 .iter()
                 .find(|d| d.name == t || d.usage.starts_with(&t))
                 .ok_or_else(|| format!("no command {t:?}; type `help` for the list"))?;
-            Ok(format!(
-                "{}\n  {}\n  example: {}",
-                d.usage, d.summary, d.example
-            ))
+            let mut out = String::new();
+            push_wrapped(&mut out, "", d.usage, 4, columns);
+            push_wrapped(&mut out, "  ", d.summary, 2, columns);
+            push_wrapped(&mut out, "  example: ", d.example, 11, columns);
+            Ok(out.trim_end().to_string())
         }
     }
 }
@@ -1210,8 +1279,25 @@ mod tests {
 
     #[test]
     fn help_texts() {
-        assert!(help(None).unwrap().contains("export <query> to <file.csv>"));
-        assert!(help(Some("find")).unwrap().contains("example"));
-        assert!(help(Some("nope")).is_err());
+        assert!(
+            help(None, 100)
+                .unwrap()
+                .contains("export <query> to <file.csv>")
+        );
+        assert!(help(Some("find"), 100).unwrap().contains("example"));
+        assert!(help(Some("nope"), 100).is_err());
+        // Every line fits the terminal, whatever its width.
+        for columns in [40, 60, 80, 120] {
+            for topic in [None, Some("create"), Some("top")] {
+                let text = help(topic, columns).unwrap();
+                for line in text.lines() {
+                    assert!(
+                        table::width(line) <= columns,
+                        "{columns} columns: {line:?} is {} wide",
+                        table::width(line)
+                    );
+                }
+            }
+        }
     }
 }

@@ -513,7 +513,7 @@ impl Session {
                 );
             }
             Command::Help(topic) => {
-                let text = commands::help(topic.as_deref())?;
+                let text = commands::help(topic.as_deref(), terminal_columns())?;
                 self.out(text.clone(), json!({ "help": text }));
             }
             Command::Timing(on) => {
@@ -898,6 +898,27 @@ fn print_line(line: &dyn std::fmt::Display) {
         eprintln!("tagstore-shell: cannot write the output: {e}");
         std::process::exit(1);
     }
+}
+
+/// Columns of the terminal on standard output; `COLUMNS`, or 100, when it
+/// is not a terminal.
+fn terminal_columns() -> usize {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ fills a winsize we own; on failure it is left as is.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    if rc == 0 && size.ws_col > 0 {
+        return usize::from(size.ws_col);
+    }
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|&c: &usize| c > 0)
+        .unwrap_or(100)
 }
 
 #[cfg(test)]
