@@ -2,20 +2,28 @@
 //!
 //! One roaring bitmap per tag over dense `u32` customer ids, kept durable by a
 //! write-ahead log and immutable, memory-mapped segment files, and queried with
-//! boolean expressions over gRPC.
+//! boolean expressions over gRPC. `ARCHITECTURE.md` has the map.
 //!
 //! The crate is layered; data flows one way:
 //!
-//! - [`server`]: gRPC in and out (proto types, status codes, limits). Turns
-//!   requests into domain operations and results back into proto.
+//! - [`server`]: gRPC in and out (proto types, status codes, limits, the
+//!   memory budget). Turns requests into domain operations and results back
+//!   into proto.
 //! - [`storage`]: the engine. Logs each operation in the WAL, applies it to the
 //!   in-memory state, publishes an immutable [`storage::Snapshot`], and turns
 //!   snapshots into segment files at checkpoints. Knows nothing of gRPC.
 //! - [`query`]: the query language (parser) and its evaluation over one
 //!   snapshot. Reads, never writes.
+//! - [`columns`]: what a field is (integer, enumerated, behaviour) and how
+//!   its values sit in bitmaps; local days and months.
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
 //! - [`clock`]: the one source of "now" (injectable, for tests that cross
 //!   a local midnight or a month end).
+//! - [`names`]: the rules for tag names and customer keys.
+//! - [`config`]: server settings (defaults, file, flags); [`error`]: typed
+//!   errors; [`proto`]: the generated `tagstore.v1` types.
+//! - [`harness`]: runs the server binary as a child process, for the
+//!   integration tests and the benchmark harness (the server never uses it).
 
 pub mod bitmap;
 pub mod clock;
