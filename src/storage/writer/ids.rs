@@ -1,0 +1,99 @@
+//! Customer keys to ids for one request, with new ids for new keys.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::error::{Error, Result};
+use crate::names::check_key;
+
+/// Looks up customer keys for one request, giving new ids to new keys.
+pub(super) struct IdAssigner<'a, 'k> {
+    writer: &'a Writer,
+    /// The live customers of the writer's state.
+    pub(super) live: crate::bitmap::Members<'a>,
+    fresh: HashMap<&'k str, u32>,
+    /// Customers created for this request, to be logged with it.
+    pub(super) new_keys: Vec<(u32, String)>,
+    next: u32,
+}
+
+impl<'a, 'k> IdAssigner<'a, 'k> {
+    pub(super) fn new(writer: &'a Writer) -> Result<Self> {
+        Ok(Self {
+            writer,
+            live: writer.state.snap.live()?.members(),
+            fresh: HashMap::new(),
+            new_keys: Vec::new(),
+            next: writer.state.snap.next_customer_id,
+        })
+    }
+
+    /// The id of a live customer, if the key names one.
+    pub(super) fn get(&self, key: &str) -> Result<Option<u32>> {
+        check_key(key)?;
+        if let Some(&id) = self.fresh.get(key) {
+            return Ok(Some(id));
+        }
+        Ok(self
+            .writer
+            .state
+            .snap
+            .dict
+            .lookup(key)?
+            .filter(|&id| self.live.contains(id)))
+    }
+
+    /// [`IdAssigner::get`] of many keys, with the dictionary look-ups
+    /// overlapped: the ids of live customers, in order.
+    pub(super) fn get_many(&self, keys: &[String]) -> Result<Vec<Option<u32>>> {
+        let mut refs = Vec::with_capacity(keys.len());
+        for key in keys {
+            check_key(key)?;
+            refs.push(key.as_str());
+        }
+        let mut ids = self.writer.state.snap.dict.lookup_many(&refs)?;
+        for (id, key) in ids.iter_mut().zip(keys) {
+            if let Some(&fresh) = self.fresh.get(key.as_str()) {
+                *id = Some(fresh);
+            } else if id.is_some_and(|id| !self.live.contains(id)) {
+                *id = None;
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The ids of `keys`, new ids for keys no live customer has.
+    pub(super) fn get_or_create_many(&mut self, keys: &'k [String]) -> Result<Vec<u32>> {
+        let found = self.get_many(keys)?;
+        keys.iter()
+            .zip(found)
+            .map(|(key, id)| match id {
+                Some(id) => Ok(id),
+                // A key named twice in one request is new only the first time.
+                None => match self.fresh.get(key.as_str()) {
+                    Some(&id) => Ok(id),
+                    None => self.create(key),
+                },
+            })
+            .collect()
+    }
+
+    pub(super) fn get_or_create(&mut self, key: &'k str) -> Result<u32> {
+        if let Some(id) = self.get(key)? {
+            return Ok(id);
+        }
+        self.create(key)
+    }
+
+    /// A new id for `key`, which no live customer has.
+    pub(super) fn create(&mut self, key: &'k str) -> Result<u32> {
+        let id = self.next;
+        self.next = self
+            .next
+            .checked_add(1)
+            .ok_or_else(|| Error::invalid("the store has used every customer id (2^32)"))?;
+        self.fresh.insert(key, id);
+        self.new_keys.push((id, key.to_string()));
+        Ok(id)
+    }
+}

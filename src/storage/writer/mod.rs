@@ -1,0 +1,386 @@
+//! The single writer thread. It owns the mutable state, the open log file and
+//! the checkpoint schedule. Requests queue on a channel; the writer takes all
+//! that are waiting (group commit), plans and applies each one, appends their
+//! records to the log, syncs once, publishes one new snapshot, then answers
+//! every request of the group. A request that fails validation changes nothing.
+//! When the group's last write is large, the log is synced on another thread
+//! ([`Syncer`]) while that write is applied; nothing is published before the
+//! sync returns.
+//!
+//! A failed log write or sync leaves memory ahead of the disk, so the writer
+//! then refuses every further write until the process restarts and recovers
+//! from the log (the last acknowledged state).
+//!
+//! The rooms of the write path: [`ops`] (the public write vocabulary),
+//! `plan` (a request and the state in, a batch with every id assigned out),
+//! `ids` (customer keys to ids, new ids for new keys), `checkpoints`
+//! (scheduling, installing and maintenance), and this module (the thread,
+//! group commit).
+
+mod checkpoints;
+mod ids;
+pub mod ops;
+mod plan;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::storage::checkpoint::{CheckpointDone, CheckpointInfo, CheckpointOptions};
+use crate::storage::manifest::Manifest;
+use crate::storage::record::{Batch, KIND_BATCH};
+use crate::storage::segment::Segment;
+use crate::storage::state::State;
+use crate::storage::wal::{self, Syncer, WalWriter};
+use crate::storage::{Shared, SyncMode};
+pub use ops::*;
+
+/// Longest tag description, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+/// Longest tag category, in bytes.
+pub const MAX_CATEGORY_BYTES: usize = 200;
+/// Most requests committed together under one sync.
+const MAX_GROUP: usize = 256;
+
+/// A group whose last write changes at least this many memberships syncs
+/// the log on [`Syncer`]'s thread while that write is applied to memory
+/// (about 100–300 µs for 1,000 ids, as long as the sync itself). Below it
+/// the hand-off to the other thread costs more than it saves.
+const SYNC_WHILE_APPLYING: u64 = 256;
+
+/// Keys looked up at once by [`Mutation::resolve_in`].
+const RESOLVE_GROUP: usize = 256;
+/// Ids of each change that [`Writer::changes_nothing`] looks at before all of
+/// them.
+const SAMPLE_IDS: usize = 8;
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+pub(crate) enum Cmd {
+    Write(WriteOp, Reply<WriteResult>),
+    Checkpoint(CheckpointOptions, Reply<CheckpointInfo>),
+    CheckpointDone(Box<Result<CheckpointDone>>),
+    Shutdown(std::sync::mpsc::Sender<Result<()>>),
+}
+
+enum Planned {
+    Write(Batch, Target),
+    Done(WriteResult),
+}
+
+/// What to report back after a planned write is applied.
+enum Target {
+    Plain,
+    Created(String),
+    Replaced(u32),
+    FieldCreated(String),
+    Values { expired: u64 },
+    Ids(Vec<u32>),
+}
+
+struct Running {
+    waiters: Vec<Reply<CheckpointInfo>>,
+    /// First lsn of the log file opened when the checkpoint began: every log
+    /// file before it is covered once the checkpoint is done.
+    rotated_first: u64,
+    dirty_tags: std::collections::HashSet<u32>,
+    dirty_live: bool,
+    dirty_slots: std::collections::HashSet<(u32, u32)>,
+}
+
+pub(crate) struct Writer {
+    pub shared: Arc<Shared>,
+    pub state: State,
+    pub wal: WalWriter,
+    /// Bytes in log files older than the one being appended to.
+    pub old_wal_bytes: u64,
+    pub manifest: Manifest,
+    pub segments: HashMap<u64, Arc<Segment>>,
+    pub rx: Receiver<Cmd>,
+    pub tx: Sender<Cmd>,
+    pub dir: PathBuf,
+    running: Option<Running>,
+    queued: Vec<Reply<CheckpointInfo>>,
+    /// A caller asked for the dictionary to be merged: the next checkpoint
+    /// to start does it.
+    merge_dictionary: bool,
+    failed: Option<String>,
+    buf: Vec<u8>,
+    /// The lsn of the newest write that deleted customers (the lsn at start
+    /// before any): ids found live in a snapshot at least this new are live.
+    last_delete_lsn: u64,
+    /// Syncs the log while a large write is applied (`None` if its thread
+    /// could not be started: the writer then syncs everything itself).
+    syncer: Option<Syncer>,
+}
+
+/// How far ahead of now an event may be dated (clocks differ; a day more
+/// is a mistake, such as milliseconds sent as microseconds).
+pub const MAX_AHEAD_MS: i64 = 86_400_000;
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shared: Arc<Shared>,
+        state: State,
+        wal: WalWriter,
+        old_wal_bytes: u64,
+        manifest: Manifest,
+        segments: HashMap<u64, Arc<Segment>>,
+        rx: Receiver<Cmd>,
+        tx: Sender<Cmd>,
+    ) -> Self {
+        let dir = shared.config.data_dir.clone();
+        let state_lsn = state.snap.lsn;
+        let syncer = Syncer::start()
+            .map_err(
+                |e| tracing::warn!(error = %e, "no sync thread; the writer syncs the log itself"),
+            )
+            .ok();
+        Self {
+            shared,
+            state,
+            wal,
+            old_wal_bytes,
+            manifest,
+            segments,
+            rx,
+            tx,
+            dir,
+            running: None,
+            queued: Vec::new(),
+            merge_dictionary: false,
+            failed: None,
+            buf: Vec::new(),
+            last_delete_lsn: state_lsn,
+            syncer,
+        }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            let Ok(first) = self.rx.recv() else { return };
+            let mut writes = Vec::new();
+            let mut checkpoints = Vec::new();
+            let mut shutdown = None;
+            let mut next = Some(first);
+            while let Some(cmd) = next {
+                match cmd {
+                    Cmd::Write(op, reply) => writes.push((op, reply)),
+                    Cmd::Checkpoint(options, reply) => {
+                        self.merge_dictionary |= options.merge_dictionary;
+                        checkpoints.push(reply)
+                    }
+                    Cmd::CheckpointDone(res) => self.complete_checkpoint(*res),
+                    Cmd::Shutdown(reply) => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                }
+                next = if writes.len() < MAX_GROUP {
+                    self.rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            if !writes.is_empty() {
+                self.commit_group(writes);
+            }
+            if !checkpoints.is_empty() {
+                self.request_checkpoint(checkpoints);
+            }
+            self.maybe_auto_checkpoint();
+            if let Some(reply) = shutdown {
+                let res = self.finish();
+                let _ = reply.send(res);
+                return;
+            }
+        }
+    }
+
+    /// Now, by the engine's clock.
+    fn now_ms(&self) -> i64 {
+        self.shared.config.clock.now_ms()
+    }
+
+    fn fail(&mut self, e: &Error) {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "storage failed; refusing further writes");
+        *self.shared.failed.lock() = Some(msg.clone());
+        self.failed = Some(msg);
+    }
+
+    fn commit_group(&mut self, writes: Vec<(WriteOp, Reply<WriteResult>)>) {
+        if let Some(msg) = &self.failed {
+            for (_, reply) in writes {
+                let _ = reply.send(Err(Error::Failed(msg.clone())));
+            }
+            return;
+        }
+        self.buf.clear();
+        let mut replies = Vec::with_capacity(writes.len());
+        let last = writes.len().saturating_sub(1);
+        // The log's sync, when it runs while the group's last write is applied.
+        let mut syncing = None;
+        for (k, (op, reply)) in writes.into_iter().enumerate() {
+            let planned = match self.plan(op) {
+                Ok(p) => p,
+                Err(e) => {
+                    replies.push((reply, Err(e)));
+                    continue;
+                }
+            };
+            let (batch, target) = match planned {
+                Planned::Done(r) => {
+                    replies.push((reply, Ok(r)));
+                    continue;
+                }
+                Planned::Write(b, t) => (b, t),
+            };
+            let lsn = self.state.snap.lsn + 1;
+            let framed_from = self.buf.len();
+            wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+            // Room in the log first: a full disk refuses this write before
+            // it is applied, and the store stays writable.
+            if let Err(e) = self.wal.reserve(self.buf.len() as u64) {
+                self.buf.truncate(framed_from);
+                if !matches!(e, Error::DiskFull(_)) {
+                    self.fail(&e);
+                    replies.push((reply, Err(e)));
+                    break;
+                }
+                tracing::warn!(error = %e, "write refused");
+                replies.push((reply, Err(e)));
+                continue;
+            }
+            if !batch.deletes.is_empty() {
+                self.last_delete_lsn = lsn;
+            }
+            // The group's records are complete: the disk can work while this
+            // write is applied. Nothing is published or answered before the
+            // sync is done, so no reader sees a write the log could lose.
+            if k == last
+                && self.shared.config.sync == SyncMode::Always
+                && batch.membership_changes() >= SYNC_WHILE_APPLYING
+                && let Some(syncer) = &self.syncer
+            {
+                if let Err(e) = self.wal.append(&self.buf) {
+                    self.fail(&e);
+                    replies.push((reply, Err(e)));
+                    break;
+                }
+                self.buf.clear();
+                syncing = Some(self.wal.start_sync(syncer));
+            }
+            match self.state.apply(lsn, &batch) {
+                Ok(stats) => {
+                    let mut r = WriteResult {
+                        lsn,
+                        added: stats.added,
+                        removed: stats.removed,
+                        new_customers: stats.new_customers,
+                        deleted: stats.deleted,
+                        member_count: stats.dropped_members,
+                        ..Default::default()
+                    };
+                    match target {
+                        Target::Plain => {}
+                        Target::Created(name) => {
+                            r.tag = self.state.snap.tag(&name).map(|t| t.meta.clone());
+                            r.created = true;
+                        }
+                        Target::Replaced(id) => {
+                            r.member_count = self.state.tag_by_id(id).map_or(0, |t| t.meta.count);
+                        }
+                        Target::FieldCreated(name) => {
+                            r.field = self.state.snap.field(&name).map(|f| f.meta.clone());
+                            r.created = true;
+                        }
+                        Target::Values { expired } => {
+                            r.values_set = stats.values_set;
+                            r.values_cleared = stats.values_cleared;
+                            r.events_added = stats.events_added;
+                            r.events_expired = expired;
+                        }
+                        Target::Ids(ids) => r.ids = ids,
+                    }
+                    replies.push((reply, Ok(r)));
+                }
+                Err(e) => {
+                    self.fail(&e);
+                    replies.push((reply, Err(e)));
+                    break;
+                }
+            }
+        }
+        if let Some(pending) = syncing
+            && let Err(e) = pending.wait()
+            && self.failed.is_none()
+        {
+            self.fail(&e);
+        }
+        if self.failed.is_none() && !self.buf.is_empty() {
+            let res = self
+                .wal
+                .append(&self.buf)
+                .and_then(|_| match self.shared.config.sync {
+                    SyncMode::Always => self.wal.sync(),
+                    SyncMode::Never => Ok(()),
+                });
+            if let Err(e) = res {
+                self.fail(&e);
+            }
+        }
+        if let Some(msg) = &self.failed {
+            for (reply, _) in replies {
+                let _ = reply.send(Err(Error::Failed(msg.clone())));
+            }
+            return;
+        }
+        self.shared.publish(Arc::new(self.state.snap.clone()));
+        self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        for (reply, res) in replies {
+            let _ = reply.send(res);
+        }
+    }
+
+    /// Logs, applies and publishes a batch the writer made itself (retention
+    /// and roll-ups), exactly as a client's write would be.
+    fn commit_internal(&mut self, batch: &Batch) -> Result<()> {
+        if let Some(msg) = &self.failed {
+            return Err(Error::Failed(msg.clone()));
+        }
+        let lsn = self.state.snap.lsn + 1;
+        self.buf.clear();
+        wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+        match self.wal.reserve(self.buf.len() as u64) {
+            Ok(()) => {}
+            Err(e @ Error::DiskFull(_)) => return Err(e),
+            Err(e) => {
+                self.fail(&e);
+                return Err(e);
+            }
+        }
+        if !batch.deletes.is_empty() {
+            self.last_delete_lsn = lsn;
+        }
+        let res = self.state.apply(lsn, batch).and_then(|_| {
+            self.wal.append(&self.buf)?;
+            match self.shared.config.sync {
+                SyncMode::Always => self.wal.sync(),
+                SyncMode::Never => Ok(()),
+            }
+        });
+        if let Err(e) = res {
+            self.fail(&e);
+            return Err(e);
+        }
+        self.shared.publish(Arc::new(self.state.snap.clone()));
+        self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        Ok(())
+    }
+}

@@ -1,0 +1,254 @@
+//! The public write vocabulary: what a client may ask the writer to do
+//! ([`WriteOp`] and its parts) and what it answers ([`WriteResult`]).
+
+use super::*;
+use crate::columns::FieldKind;
+use crate::error::Result;
+use crate::storage::snapshot::{FieldMeta, Snapshot, TagMeta};
+
+/// One tag's changes in an [`WriteOp::Update`], by customer key and by
+/// internal id.
+#[derive(Debug, Clone, Default)]
+pub struct Mutation {
+    pub tag: String,
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+    /// Ids of live customers ([`Error::CustomerIdNotFound`] otherwise).
+    pub add_ids: Vec<u32>,
+    /// Ids that name no live customer are skipped.
+    pub remove_ids: Vec<u32>,
+    /// Keys of `add` already looked up in a recent snapshot, each with the id
+    /// it had there ([`Mutation::resolve_in`]). They mean exactly what they
+    /// would in `add`: the writer takes the id while that customer is live,
+    /// and looks the key up again (or creates it) otherwise.
+    pub add_resolved: Vec<(u32, String)>,
+    /// Keys of `remove` looked up the same way.
+    pub remove_resolved: Vec<(u32, String)>,
+    /// The lsn of the snapshot in which every id of `add_resolved` and
+    /// `remove_resolved` named a live customer, if known. When no customer
+    /// has been deleted since, the writer takes the ids without checking
+    /// them again.
+    pub resolved_at: Option<u64>,
+}
+
+impl Mutation {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.add.is_empty()
+            && self.remove.is_empty()
+            && self.add_ids.is_empty()
+            && self.remove_ids.is_empty()
+            && self.add_resolved.is_empty()
+            && self.remove_resolved.is_empty()
+    }
+
+    /// Moves the second half of the keys of `add` and of `remove` into a new
+    /// mutation of the same tag, to be resolved elsewhere and then
+    /// [`Mutation::append`]ed back: a mutation is a set of changes, so the
+    /// order of its customers does not matter.
+    pub fn split_off_half(&mut self) -> Mutation {
+        Mutation {
+            tag: self.tag.clone(),
+            add: self.add.split_off(self.add.len() / 2),
+            remove: self.remove.split_off(self.remove.len() / 2),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn has_resolved(&self) -> bool {
+        !self.add_resolved.is_empty() || !self.remove_resolved.is_empty()
+    }
+
+    /// Adds the customers of `other` (a mutation of the same tag).
+    pub fn append(&mut self, mut other: Mutation) {
+        self.resolved_at = match (self.has_resolved(), other.has_resolved()) {
+            (_, false) => self.resolved_at,
+            (false, true) => other.resolved_at,
+            (true, true) => self
+                .resolved_at
+                .zip(other.resolved_at)
+                .map(|(a, b)| a.min(b)),
+        };
+        self.add.append(&mut other.add);
+        self.remove.append(&mut other.remove);
+        self.add_ids.append(&mut other.add_ids);
+        self.remove_ids.append(&mut other.remove_ids);
+        self.add_resolved.append(&mut other.add_resolved);
+        self.remove_resolved.append(&mut other.remove_resolved);
+    }
+
+    /// Looks the keys of `add` and `remove` up in `snap`, a snapshot the
+    /// caller holds, and moves those of live customers to `add_resolved`
+    /// and `remove_resolved`: the look-ups then run on the caller's thread,
+    /// not on the single writer thread. Safe against any write in between,
+    /// because a key keeps its id for its customer's whole life: if the id is
+    /// still live when the write is applied, it is still that key's.
+    pub fn resolve_in(&mut self, snap: &Snapshot) -> Result<()> {
+        let found = self.look_up(snap)?;
+        self.take_resolved(found);
+        Ok(())
+    }
+
+    /// The first half of [`Mutation::resolve_in`], which only reads: the
+    /// ids `snap` has for the keys of `add` and of `remove` (`None` for keys
+    /// of no live customer). It may run on another thread than
+    /// [`Mutation::take_resolved`], and allocates little there.
+    pub fn look_up(&self, snap: &Snapshot) -> Result<KeyIds> {
+        fn ids(keys: &[String], snap: &Snapshot) -> Result<Vec<Option<u32>>> {
+            // In groups, so that the dictionary's lock (which the writer takes
+            // to add new keys) is held briefly each time.
+            let mut ids = Vec::with_capacity(keys.len());
+            for group in keys.chunks(RESOLVE_GROUP) {
+                let refs: Vec<&str> = group.iter().map(String::as_str).collect();
+                ids.extend(snap.customer_ids(&refs)?);
+            }
+            Ok(ids)
+        }
+        Ok(KeyIds {
+            add: ids(&self.add, snap)?,
+            remove: ids(&self.remove, snap)?,
+            lsn: snap.lsn,
+        })
+    }
+
+    /// The second half of [`Mutation::resolve_in`]: moves the keys `found`
+    /// names (from [`Mutation::look_up`] of this same mutation) to
+    /// `add_resolved` and `remove_resolved`.
+    pub fn take_resolved(&mut self, found: KeyIds) {
+        fn split(keys: &mut Vec<String>, out: &mut Vec<(u32, String)>, ids: Vec<Option<u32>>) {
+            if ids.len() != keys.len() {
+                return;
+            }
+            let mut rest = Vec::new();
+            for (key, id) in std::mem::take(keys).into_iter().zip(ids) {
+                match id {
+                    Some(id) => out.push((id, key)),
+                    None => rest.push(key),
+                }
+            }
+            *keys = rest;
+        }
+        self.resolved_at = if self.has_resolved() {
+            self.resolved_at.map(|at| at.min(found.lsn))
+        } else {
+            Some(found.lsn)
+        };
+        split(&mut self.add, &mut self.add_resolved, found.add);
+        split(&mut self.remove, &mut self.remove_resolved, found.remove);
+    }
+}
+
+/// What [`Mutation::look_up`] found: an id (or none) per key of `add` and
+/// of `remove`, in order.
+#[derive(Debug, Default)]
+pub struct KeyIds {
+    pub add: Vec<Option<u32>>,
+    pub remove: Vec<Option<u32>>,
+    /// The lsn of the snapshot they were found in.
+    pub lsn: u64,
+}
+
+/// A write, in domain terms.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    CreateTag {
+        name: String,
+        description: String,
+        category: String,
+        if_not_exists: bool,
+    },
+    DropTag {
+        name: String,
+    },
+    Update {
+        mutations: Vec<Mutation>,
+        create_missing_tags: bool,
+    },
+    Replace {
+        tag: String,
+        customers: Vec<String>,
+        create_missing_tag: bool,
+    },
+    DeleteCustomers {
+        customers: Vec<String>,
+    },
+    /// The ids of `customers`, creating the customers no live one has
+    /// (their ids in [`WriteResult::ids`], in order).
+    CreateCustomers {
+        customers: Vec<String>,
+    },
+    CreateField {
+        name: String,
+        description: String,
+        category: String,
+        kind: FieldKind,
+        if_not_exists: bool,
+    },
+    DropField {
+        name: String,
+    },
+    /// Field values and events, applied together or not at all.
+    SetValues {
+        writes: Vec<ValueWrite>,
+    },
+}
+
+/// When a behaviour happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventTime {
+    /// An instant, Unix milliseconds; its local day comes from the field's time zone.
+    Ms(i64),
+    /// A local day number (days since 1970-01-01).
+    Day(i32),
+}
+
+/// One value written by [`WriteOp::SetValues`].
+#[derive(Debug, Clone)]
+pub enum ValueWrite {
+    /// Sets (or with `None`, clears) a customer's value of an integer field.
+    Int {
+        field: String,
+        customer: String,
+        value: Option<i64>,
+    },
+    /// Sets (or with `None`, clears) a customer's value of an enumerated
+    /// field; setting one value leaves any other.
+    Enum {
+        field: String,
+        customer: String,
+        value: Option<String>,
+    },
+    /// Records a behaviour of a customer at a time.
+    Event {
+        field: String,
+        customer: String,
+        at: EventTime,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Default)]
+pub struct WriteResult {
+    /// The lsn the write was logged at (or the current one, when nothing changed).
+    pub lsn: u64,
+    pub added: u64,
+    pub removed: u64,
+    pub new_customers: u64,
+    pub deleted: u64,
+    /// Members of the tag after a replace, or when it was dropped.
+    pub member_count: u64,
+    /// The tag after a create.
+    pub tag: Option<TagMeta>,
+    /// False when a create found the tag or field already there.
+    pub created: bool,
+    /// The field after a field create.
+    pub field: Option<FieldMeta>,
+    pub values_set: u64,
+    pub values_cleared: u64,
+    /// Behaviour buckets newly gained (an event on a day the customer
+    /// already has counts once).
+    pub events_added: u64,
+    /// Events older than their field's retention, not stored.
+    pub events_expired: u64,
+    /// Customer ids, one per key ([`WriteOp::CreateCustomers`]).
+    pub ids: Vec<u32>,
+}

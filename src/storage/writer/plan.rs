@@ -1,0 +1,536 @@
+//! Planning: a request and the writer's state in, a [`Batch`] with every id
+//! assigned out (or a reason to refuse it). Validates names, keys and field
+//! kinds; loads every bitmap the batch will touch, so that applying it
+//! cannot fail halfway. Writes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+
+use super::ids::IdAssigner;
+use super::*;
+use crate::columns::FieldKind;
+use crate::columns::time::{self};
+use crate::error::{Error, Result};
+use crate::names::check_tag_name;
+use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, NewField, NewTag};
+use crate::storage::snapshot::Field;
+
+impl Writer {
+    /// Validates a write against the current state and turns it into a batch
+    /// with every id assigned. Loads every bitmap the batch will touch, so
+    /// that applying it cannot fail halfway.
+    pub(super) fn plan(&self, op: WriteOp) -> Result<Planned> {
+        let snap = &self.state.snap;
+        let at_ms = self.now_ms();
+        let mut batch = Batch {
+            at_ms,
+            ..Default::default()
+        };
+        match op {
+            WriteOp::CreateTag {
+                name,
+                description,
+                category,
+                if_not_exists,
+            } => {
+                check_tag_name(&name)?;
+                check_meta(&description, &category)?;
+                if let Some(t) = snap.tag(&name) {
+                    if if_not_exists {
+                        return Ok(Planned::Done(WriteResult {
+                            lsn: snap.lsn,
+                            tag: Some(t.meta.clone()),
+                            created: false,
+                            ..Default::default()
+                        }));
+                    }
+                    return Err(Error::TagExists(name));
+                }
+                if snap.field(&name).is_some() {
+                    return Err(Error::FieldExists(name));
+                }
+                batch.new_tags.push(NewTag {
+                    id: snap.next_tag_id,
+                    name: name.clone(),
+                    description,
+                    category,
+                });
+                Ok(Planned::Write(batch, Target::Created(name)))
+            }
+            WriteOp::DropTag { name } => {
+                let tag = snap.tag(&name).ok_or(Error::TagNotFound(name))?;
+                batch.drop_tags.push(tag.id);
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::Update {
+                mutations,
+                create_missing_tags,
+            } => {
+                if mutations.is_empty() {
+                    return Err(Error::invalid("empty update: no mutations"));
+                }
+                if mutations.iter().all(Mutation::is_empty) {
+                    return Err(Error::invalid(
+                        "empty update: the mutations name no customers",
+                    ));
+                }
+                let mut ids = IdAssigner::new(self)?;
+                let mut new_tags: HashMap<String, u32> = HashMap::new();
+                for m in &mutations {
+                    let tag_id =
+                        self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
+                    let mut add = ids.get_or_create_many(&m.add)?;
+                    // Found live in a snapshot no older than the last
+                    // deletion: still live.
+                    let trusted = m.resolved_at.is_some_and(|at| at >= self.last_delete_lsn);
+                    for (id, key) in &m.add_resolved {
+                        let still_live = trusted || ids.live.contains(*id);
+                        add.push(if still_live {
+                            *id
+                        } else {
+                            ids.get_or_create(key)?
+                        });
+                    }
+                    if let Some(&dead) = m.add_ids.iter().find(|&&id| !ids.live.contains(id)) {
+                        return Err(Error::CustomerIdNotFound(dead));
+                    }
+                    add.extend_from_slice(&m.add_ids);
+                    // Sorted, the bitmap is built by appending.
+                    add.sort_unstable();
+                    let add: RoaringBitmap = add.into_iter().collect();
+                    let mut remove: Vec<u32> =
+                        ids.get_many(&m.remove)?.into_iter().flatten().collect();
+                    remove.extend(m.remove_ids.iter().filter(|&&id| ids.live.contains(id)));
+                    for (id, key) in &m.remove_resolved {
+                        if trusted || ids.live.contains(*id) {
+                            remove.push(*id);
+                        } else if let Some(id) = ids.get(key)? {
+                            remove.push(id);
+                        }
+                    }
+                    remove.sort_unstable();
+                    let remove: RoaringBitmap = remove.into_iter().collect();
+                    if !add.is_empty() {
+                        batch.changes.push(Change {
+                            tag: tag_id,
+                            op: ChangeOp::Add,
+                            ids: add,
+                        });
+                    }
+                    if !remove.is_empty() {
+                        batch.changes.push(Change {
+                            tag: tag_id,
+                            op: ChangeOp::Remove,
+                            ids: remove,
+                        });
+                    }
+                }
+                batch.new_keys = ids.new_keys;
+                if self.changes_nothing(&batch)? {
+                    // Every customer already has what was asked: nothing to
+                    // log or wait for. What the caller sees was made durable
+                    // by the writes before it (each group is synced before
+                    // the next begins, and its replies wait for that sync).
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    }));
+                }
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::Replace {
+                tag,
+                customers,
+                create_missing_tag,
+            } => {
+                let mut ids = IdAssigner::new(self)?;
+                let tag_id =
+                    self.resolve_tag(&tag, create_missing_tag, &mut HashMap::new(), &mut batch)?;
+                let members: RoaringBitmap =
+                    ids.get_or_create_many(&customers)?.into_iter().collect();
+                batch.changes.push(Change {
+                    tag: tag_id,
+                    op: ChangeOp::Replace,
+                    ids: members,
+                });
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Replaced(tag_id)))
+            }
+            WriteOp::DeleteCustomers { customers } => {
+                if customers.is_empty() {
+                    return Err(Error::invalid("empty delete: no customers named"));
+                }
+                let ids = IdAssigner::new(self)?;
+                batch
+                    .deletes
+                    .extend(ids.get_many(&customers)?.into_iter().flatten());
+                if batch.deletes.is_empty() {
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    }));
+                }
+                for tag in snap.tags.values() {
+                    tag.bitmap.get()?;
+                }
+                for field in snap.fields.values() {
+                    for slot in field.slots.values() {
+                        slot.get()?;
+                    }
+                }
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::CreateCustomers { customers } => {
+                if customers.is_empty() {
+                    return Err(Error::invalid("no customers named"));
+                }
+                let mut ids = IdAssigner::new(self)?;
+                let found = ids.get_or_create_many(&customers)?;
+                if ids.new_keys.is_empty() {
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ids: found,
+                        ..Default::default()
+                    }));
+                }
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Ids(found)))
+            }
+            WriteOp::CreateField {
+                name,
+                description,
+                category,
+                kind,
+                if_not_exists,
+            } => {
+                check_tag_name(&name)?;
+                check_meta(&description, &category)?;
+                kind.validate()?;
+                if let Some(f) = snap.field(&name) {
+                    if if_not_exists && f.meta.kind == kind {
+                        return Ok(Planned::Done(WriteResult {
+                            lsn: snap.lsn,
+                            field: Some(f.meta.clone()),
+                            created: false,
+                            ..Default::default()
+                        }));
+                    }
+                    return Err(Error::FieldExists(name));
+                }
+                if snap.tag(&name).is_some() {
+                    return Err(Error::TagExists(name));
+                }
+                batch.new_fields.push(NewField {
+                    id: snap.next_tag_id,
+                    name: name.clone(),
+                    description,
+                    category,
+                    kind,
+                });
+                Ok(Planned::Write(batch, Target::FieldCreated(name)))
+            }
+            WriteOp::DropField { name } => {
+                let field = snap.field(&name).ok_or(Error::FieldNotFound(name))?;
+                batch.drop_fields.push(field.id);
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::SetValues { writes } => {
+                if writes.is_empty() {
+                    return Err(Error::invalid("empty write: no values or events"));
+                }
+                let mut ids = IdAssigner::new(self)?;
+                let expired = plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?;
+                batch.new_keys = ids.new_keys;
+                Ok(Planned::Write(batch, Target::Values { expired }))
+            }
+        }
+    }
+
+    /// The id of an existing tag (loading its bitmap), or of one this batch creates.
+    /// True when applying the membership changes of `batch` would leave the
+    /// state as it is: no new customer or tag, every id added already a
+    /// member and every id removed already not one. Each change is checked
+    /// against the state before the batch; if none changes that state, none
+    /// changes the state the earlier ones leave. It stops at the first id
+    /// that would change something.
+    pub(super) fn changes_nothing(&self, batch: &Batch) -> Result<bool> {
+        let only_changes = batch.new_tags.is_empty()
+            && batch.new_keys.is_empty()
+            && batch.deletes.is_empty()
+            && batch.drop_tags.is_empty()
+            && batch.new_fields.is_empty()
+            && batch.field_changes.is_empty()
+            && batch.drop_fields.is_empty();
+        if !only_changes {
+            return Ok(false);
+        }
+        // A few ids of every change first: a batch that changes something
+        // usually shows it there, without a look-up of every id.
+        for sample in [Some(SAMPLE_IDS), None] {
+            for change in &batch.changes {
+                let Some(tag) = self.state.tag_by_id(change.tag) else {
+                    return Ok(false);
+                };
+                let members = tag.bitmap.get()?;
+                let mut ids = change.ids.iter().take(sample.unwrap_or(usize::MAX));
+                let unchanged = match change.op {
+                    ChangeOp::Add => ids.all(|id| members.contains(id)),
+                    ChangeOp::Remove => !ids.any(|id| members.contains(id)),
+                    _ => false,
+                };
+                if !unchanged {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    pub(super) fn resolve_tag(
+        &self,
+        name: &str,
+        create: bool,
+        new_tags: &mut HashMap<String, u32>,
+        batch: &mut Batch,
+    ) -> Result<u32> {
+        check_tag_name(name)?;
+        if let Some(t) = self.state.snap.tag(name) {
+            t.bitmap.get()?;
+            return Ok(t.id);
+        }
+        if let Some(&id) = new_tags.get(name) {
+            return Ok(id);
+        }
+        if self.state.snap.field(name).is_some() {
+            return Err(Error::invalid(format!(
+                "{name:?} is a field, not a tag: set its values with SetValues"
+            )));
+        }
+        if !create {
+            return Err(Error::TagNotFound(name.to_string()));
+        }
+        let id = self.state.snap.next_tag_id + new_tags.len() as u32;
+        new_tags.insert(name.to_string(), id);
+        batch.new_tags.push(NewTag {
+            id,
+            name: name.to_string(),
+            description: String::new(),
+            category: String::new(),
+        });
+        Ok(id)
+    }
+}
+
+fn check_meta(description: &str, category: &str) -> Result<()> {
+    if description.len() > MAX_DESCRIPTION_BYTES {
+        return Err(Error::invalid(format!(
+            "description is longer than {MAX_DESCRIPTION_BYTES} bytes"
+        )));
+    }
+    if category.len() > MAX_CATEGORY_BYTES || category.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "category must be at most {MAX_CATEGORY_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// What one request writes to one field, before it becomes a [`FieldChange`].
+enum Pending {
+    Int(BTreeMap<u32, Option<i64>>),
+    Enum(BTreeMap<u32, Option<u32>>),
+    Events(BTreeMap<u32, RoaringBitmap>),
+}
+
+/// Turns value writes into field changes (last write wins per customer and
+/// field); returns how many events were past retention. Loads every slot
+/// the changes will touch, so applying them cannot fail halfway.
+fn plan_values<'k>(
+    snap: &crate::storage::Snapshot,
+    writes: &'k [ValueWrite],
+    ids: &mut IdAssigner<'_, 'k>,
+    now_ms: i64,
+    batch: &mut Batch,
+) -> Result<u64> {
+    let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
+    let mut todays: HashMap<u32, (jiff::tz::TimeZone, i32)> = HashMap::new();
+    let mut expired = 0;
+    for w in writes {
+        let (name, customer) = match w {
+            ValueWrite::Int {
+                field, customer, ..
+            }
+            | ValueWrite::Enum {
+                field, customer, ..
+            }
+            | ValueWrite::Event {
+                field, customer, ..
+            } => (field, customer),
+        };
+        let field = snap
+            .field(name)
+            .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
+        let wrong = |want: &str| {
+            Error::invalid(format!(
+                "field {name:?} is {} ({} expected for this write)",
+                field.meta.kind.name(),
+                want
+            ))
+        };
+        match (w, &field.meta.kind) {
+            (ValueWrite::Int { value, .. }, FieldKind::Int) => {
+                let id = match value {
+                    Some(_) => Some(ids.get_or_create(customer)?),
+                    None => ids.get(customer)?,
+                };
+                if let Some(id) = id {
+                    let Pending::Int(m) = pending
+                        .entry(field.id)
+                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                    else {
+                        return Err(wrong("integer"));
+                    };
+                    m.insert(id, *value);
+                }
+            }
+            (ValueWrite::Enum { value, .. }, FieldKind::Enum { values }) => {
+                let slot = match value {
+                    Some(v) => Some(values.iter().position(|x| x == v).ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{v:?} is not a value of {name:?} (its values: {})",
+                            values.join(", ")
+                        ))
+                    })? as u32),
+                    None => None,
+                };
+                let id = match slot {
+                    Some(_) => Some(ids.get_or_create(customer)?),
+                    None => ids.get(customer)?,
+                };
+                if let Some(id) = id {
+                    let Pending::Enum(m) = pending
+                        .entry(field.id)
+                        .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+                    else {
+                        return Err(wrong("enumerated"));
+                    };
+                    m.insert(id, slot);
+                }
+            }
+            (ValueWrite::Event { at, .. }, FieldKind::Events(spec)) => {
+                let (tz, today) = match todays.entry(field.id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let tz = time::zone(&spec.time_zone)?;
+                        let today = time::day_of(now_ms, &tz)?;
+                        e.insert((tz, today))
+                    }
+                };
+                let (tz, today) = (&*tz, &*today);
+                let (day, ahead) = match *at {
+                    EventTime::Ms(ms) => (
+                        time::day_of(ms, tz)?,
+                        ms > now_ms.saturating_add(MAX_AHEAD_MS),
+                    ),
+                    EventTime::Day(d) => (d, d > today + 1),
+                };
+                if ahead {
+                    return Err(Error::invalid(format!(
+                        "event on {} is more than a day ahead of today ({} in {}): \
+                         events from the future are refused",
+                        time::format_day(day),
+                        time::format_day(*today),
+                        spec.time_zone
+                    )));
+                }
+                if !(0..=time::MAX_DAY).contains(&day) {
+                    return Err(Error::invalid(format!(
+                        "event day {} is outside 1970-01-01 ..= {}",
+                        time::format_day(day),
+                        time::format_day(time::MAX_DAY)
+                    )));
+                }
+                let Some(bucket) = spec.bucket_for(day, *today) else {
+                    expired += 1;
+                    continue;
+                };
+                let id = ids.get_or_create(customer)?;
+                let Pending::Events(m) = pending
+                    .entry(field.id)
+                    .or_insert_with(|| Pending::Events(BTreeMap::new()))
+                else {
+                    return Err(wrong("behaviour"));
+                };
+                m.entry(bucket.slot()).or_default().insert(id);
+            }
+            (ValueWrite::Int { .. }, _) => return Err(wrong("integer")),
+            (ValueWrite::Enum { .. }, _) => return Err(wrong("enumerated")),
+            (ValueWrite::Event { .. }, _) => return Err(wrong("behaviour")),
+        }
+    }
+    let by_id: HashMap<u32, &Arc<Field>> = snap.fields.values().map(|f| (f.id, f)).collect();
+    for (field_id, p) in pending {
+        let field = by_id
+            .get(&field_id)
+            .ok_or_else(|| Error::FieldNotFound(field_id.to_string()))?;
+        let change = match p {
+            Pending::Int(m) => {
+                for slot in field.slots.values() {
+                    slot.get()?;
+                }
+                let mut set = Vec::new();
+                let mut clear = RoaringBitmap::new();
+                for (id, v) in m {
+                    match v {
+                        Some(v) => set.push((id, v)),
+                        None => {
+                            clear.insert(id);
+                        }
+                    }
+                }
+                FieldChange::Int {
+                    field: field_id,
+                    set,
+                    clear,
+                }
+            }
+            Pending::Enum(m) => {
+                for slot in field.slots.values() {
+                    slot.get()?;
+                }
+                let mut set: BTreeMap<u32, RoaringBitmap> = BTreeMap::new();
+                let mut clear = RoaringBitmap::new();
+                for (id, v) in m {
+                    match v {
+                        Some(slot) => {
+                            set.entry(slot).or_default().insert(id);
+                        }
+                        None => {
+                            clear.insert(id);
+                        }
+                    }
+                }
+                FieldChange::Enum {
+                    field: field_id,
+                    set: set.into_iter().collect(),
+                    clear,
+                }
+            }
+            Pending::Events(m) => {
+                for slot in m.keys() {
+                    if let Some(b) = field.slots.get(slot) {
+                        b.get()?;
+                    }
+                }
+                FieldChange::Events {
+                    field: field_id,
+                    add: m.into_iter().collect(),
+                }
+            }
+        };
+        batch.field_changes.push(change);
+    }
+    Ok(expired)
+}
