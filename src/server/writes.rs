@@ -2,8 +2,6 @@
 //! `Update`, `ReplaceMembers`, `DeleteCustomers`, `ResolveCustomers`. Proto
 //! in, a write to the engine, proto out; checks request limits on the way.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
@@ -11,7 +9,7 @@ use crate::names::check_key;
 use crate::proto;
 use crate::server::service::{Service, blocking, invalid, tag_info};
 use crate::server::status::to_status;
-use crate::storage::{Mutation, Snapshot, WriteOp};
+use crate::storage::{Mutation, WriteOp};
 
 pub(super) async fn create_tag(
     svc: &Service,
@@ -65,12 +63,7 @@ pub(super) async fn update(
             svc.limits.max_keys_per_request
         )));
     }
-    let by_key: usize = r
-        .mutations
-        .iter()
-        .map(|m| m.add.len() + m.remove.len())
-        .sum();
-    let mut mutations: Vec<Mutation> = r
+    let mutations: Vec<Mutation> = r
         .mutations
         .into_iter()
         .map(|m| Mutation {
@@ -82,30 +75,9 @@ pub(super) async fn update(
             ..Default::default()
         })
         .collect();
-    if by_key >= RESOLVE_BEFORE_WRITER {
-        // Key look-ups are most of a large batch's cost. Done here, the
-        // single writer thread only checks the ids, and requests from
-        // many clients resolve their keys in parallel.
-        let snap = svc.engine.snapshot();
-        mutations = if snap.live.is_loaded() {
-            resolve_in_halves(mutations, snap).await?
-        } else {
-            // The live set must first be read from disk: on the blocking pool.
-            blocking(move || {
-                for m in &mut mutations {
-                    m.resolve_in(&snap).map_err(to_status)?;
-                }
-                Ok(mutations)
-            })
-            .await?
-        };
-    }
     let res = svc
         .engine
-        .write(WriteOp::Update {
-            mutations,
-            create_missing_tags: r.create_missing_tags,
-        })
+        .update(mutations, r.create_missing_tags)
         .await
         .map_err(to_status)?;
     Ok(Response::new(proto::UpdateResponse {
@@ -260,41 +232,3 @@ pub(super) async fn resolve_customers(
         lsn: ids.1,
     }))
 }
-
-/// Resolves the keys of `mutations` in `snap` in two halves at once: one on
-/// the blocking pool, the other on this thread (a few hundred microseconds
-/// for a batch of 1,000 keys).
-async fn resolve_in_halves(
-    mut mutations: Vec<Mutation>,
-    snap: Arc<Snapshot>,
-) -> Result<Vec<Mutation>, Status> {
-    // The other thread only reads and returns ids; what is kept is allocated
-    // here, so that its memory is not stranded in an idle thread's heap.
-    let upper: Vec<Mutation> = mutations.iter_mut().map(Mutation::split_off_half).collect();
-    let upper = Arc::new(upper);
-    let (theirs, keys) = (snap.clone(), upper.clone());
-    let other = tokio::task::spawn_blocking(move || {
-        keys.iter()
-            .map(|m| m.look_up(&theirs))
-            .collect::<crate::error::Result<Vec<_>>>()
-    });
-    for m in &mut mutations {
-        m.resolve_in(&snap).map_err(to_status)?;
-    }
-    let found = other
-        .await
-        .map_err(|e| Status::internal(format!("key look-up task failed: {e}")))?
-        .map_err(to_status)?;
-    let upper = Arc::try_unwrap(upper).unwrap_or_else(|shared| (*shared).clone());
-    for ((m, mut u), f) in mutations.iter_mut().zip(upper).zip(found) {
-        u.take_resolved(f);
-        m.append(u);
-    }
-    Ok(mutations)
-}
-
-/// An update naming at least this many customers by key has them looked up
-/// on the blocking pool before it reaches the writer thread
-/// ([`Mutation::resolve_in`]); below it, the hand-off costs more than the
-/// look-ups.
-const RESOLVE_BEFORE_WRITER: usize = 256;

@@ -15,6 +15,7 @@
 //! - [`datadir`]: the directory as a place (lock, directory fsync, moving
 //!   strays aside), and [`faults`]: fail points for tests;
 //! - [`recovery`]: the recovery rules of `storage-format.md`, step by step;
+//! - `resolve`: key look-ups of large updates, before the writer, in parallel;
 //! - [`state`] (the one apply function, for writes and replay),
 //!   [`snapshot`] (what readers see), [`writer`] (planning, group commit,
 //!   checkpoint scheduling), [`checkpoint`] (a snapshot into a segment).
@@ -30,6 +31,7 @@ pub mod faults;
 pub mod manifest;
 pub mod record;
 pub mod recovery;
+mod resolve;
 pub mod segment;
 pub mod snapshot;
 pub mod state;
@@ -245,6 +247,22 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Write(op, tx))?;
         rx.await.map_err(|_| self.gone())?
+    }
+
+    /// An [`WriteOp::Update`]: a large one has its keys looked up on the
+    /// calling task (and a pool thread) before it reaches the writer, so that
+    /// many clients' look-ups run in parallel.
+    pub async fn update(
+        &self,
+        mutations: Vec<Mutation>,
+        create_missing_tags: bool,
+    ) -> Result<WriteResult> {
+        let mutations = resolve::before_writer(mutations, self.snapshot()).await?;
+        self.write(WriteOp::Update {
+            mutations,
+            create_missing_tags,
+        })
+        .await
     }
 
     /// [`Engine::write`] for callers outside an async runtime.
