@@ -530,3 +530,79 @@ async fn smaller_findings() {
         assert_eq!(err.code(), Code::InvalidArgument, "{tz}: {err}");
     }
 }
+
+/// A full data disk seen by a client: the write that finds no room fails
+/// with RESOURCE_EXHAUSTED (not UNAVAILABLE), reads go on, and writes are
+/// accepted again once space is freed, without a restart. Needs a small
+/// tmpfs, so root (CI runs as root); elsewhere it says so and does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_disk_refuses_writes_with_resource_exhausted_and_recovers() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot mount a small file system; test skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mount -t tmpfs failed although running as root");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&disk);
+
+    let mut server = common::start(&disk.join("data"), &[]);
+    let mut c = client(&server).await;
+    add(&mut c, "t", keys("a", 10)).await;
+    // Fill what is left of the disk.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+    }
+    let mut acknowledged = 10;
+    let mut refused = None;
+    for i in 0..20 {
+        let res = c
+            .update(UpdateRequest {
+                mutations: vec![Mutation {
+                    tag: "t".into(),
+                    add: keys(&format!("w{i}-"), 50_000),
+                    ..Default::default()
+                }],
+                create_missing_tags: false,
+            })
+            .await;
+        match res {
+            Ok(_) => acknowledged += 50_000,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the disk never filled");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("disk full"), "{err}");
+    assert_eq!(count(&mut c, "t").await, acknowledged, "reads go on");
+    std::fs::remove_file(&filler).unwrap();
+    add(&mut c, "t", keys("after", 100)).await;
+    acknowledged += 100;
+    assert_eq!(count(&mut c, "t").await, acknowledged);
+    // A clean stop and a start: everything acknowledged is there.
+    assert!(server.stop().unwrap().success());
+    let server = common::start(&disk.join("data"), &[]);
+    let mut c = client(&server).await;
+    assert_eq!(count(&mut c, "t").await, acknowledged);
+}
