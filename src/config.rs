@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::storage::{CompactionPolicy, EngineConfig, SyncMode};
 
 /// Where the server listens unless told otherwise (loopback only).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+pub const DEFAULT_LISTEN: &str = tagstore_proto::DEFAULT_ADDR;
 /// Where the server keeps its data unless told otherwise.
 pub const DEFAULT_DATA_DIR: &str = "tagstore-data";
 

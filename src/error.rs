@@ -107,3 +107,9 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 }
+
+impl From<crate::names::NameError> for Error {
+    fn from(e: crate::names::NameError) -> Self {
+        Error::InvalidArgument(e.0)
+    }
+}

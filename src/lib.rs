@@ -19,31 +19,24 @@
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
 //! - [`clock`]: the one source of "now" (injectable, for tests that cross
 //!   a local midnight or a month end).
-//! - [`names`]: the rules for tag names and customer keys.
 //! - [`config`]: server settings (defaults, file, flags); [`error`]: typed
-//!   errors; [`proto`]: the generated `tagstore.v1` types.
-//! - [`harness`]: runs the server binary as a child process, for the
-//!   integration tests and the benchmark harness (the server never uses it).
+//!   errors.
+//! - [`proto`] and [`names`]: the public contract (the `tagstore.v1` types
+//!   and the rules for tag names and customer keys), from the
+//!   `tagstore-proto` package that clients share.
 
 pub mod bitmap;
 pub mod clock;
 pub mod columns;
 pub mod config;
 pub mod error;
-pub mod harness;
-pub mod names;
 pub mod query;
 pub mod server;
 pub mod storage;
 
 pub use error::{Error, Result};
 
-/// Generated protobuf and gRPC types of the `tagstore.v1` package.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("tagstore.v1");
-
-    /// Encoded file descriptor set, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("tagstore_descriptor");
-}
+/// The generated `tagstore.v1` types, client and service.
+pub use tagstore_proto as proto;
+/// The rules for tag names and customer keys.
+pub use tagstore_proto::names;

@@ -181,7 +181,7 @@ async fn a_full_log_volume_does_not_stop_the_server() {
         .strip_prefix("tagstore listening on ")
         .unwrap_or_else(|| panic!("server did not start: {line:?}"))
         .to_string();
-    let mut c = tagstore::harness::Client::connect(format!("http://{addr}"))
+    let mut c = common::Client::connect(format!("http://{addr}"))
         .await
         .unwrap();
     for i in 0..20 {

@@ -426,5 +426,5 @@ pub(super) fn profile_values(
 
 /// Checks a customer key given to `Profile`.
 pub(super) fn check_customer(key: &str) -> Result<(), Status> {
-    check_key(key).map_err(to_status)
+    check_key(key).map_err(|e| to_status(e.into()))
 }

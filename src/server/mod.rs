@@ -4,7 +4,6 @@
 
 mod admin;
 pub mod budget;
-pub mod codec;
 mod export;
 mod fields;
 mod reads;

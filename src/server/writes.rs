@@ -102,7 +102,7 @@ pub(super) async fn replace_members(
     }
     // Refused before the upload, not after it.
     if first.create_missing_tag {
-        crate::names::check_tag_name(&first.tag).map_err(to_status)?;
+        crate::names::check_tag_name(&first.tag).map_err(|e| to_status(e.into()))?;
     } else if svc.engine.snapshot().tag(&first.tag).is_none() {
         return Err(to_status(Error::TagNotFound(first.tag)));
     }
@@ -123,7 +123,7 @@ pub(super) async fn replace_members(
         // Each key is checked as it arrives: a bad one (say 60 MB long)
         // fails the call at once, not after the whole upload.
         for key in &msg.customers {
-            check_key(key).map_err(to_status)?;
+            check_key(key).map_err(|e| to_status(e.into()))?;
         }
         customers.extend(msg.customers);
         if msg.last {
@@ -214,7 +214,7 @@ pub(super) async fn resolve_customers(
     let ids = blocking(move || {
         let mut refs = Vec::with_capacity(keys.len());
         for key in &keys {
-            check_key(key).map_err(to_status)?;
+            check_key(key).map_err(|e| to_status(e.into()))?;
             refs.push(key.as_str());
         }
         snap.customer_ids(&refs)

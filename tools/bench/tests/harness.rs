@@ -25,7 +25,7 @@ fn every_scenario_runs_at_a_tiny_scale() {
             "0.001,0.5",
         ])
         .arg("--server-bin")
-        .arg(env!("CARGO_BIN_EXE_tagstore"))
+        .arg(tagstore_test_support::server_binary(None))
         .arg("--out")
         .arg(out.path())
         .output()

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tagstore::harness::Client;
-use tagstore::names::quote_tag_name;
-use tagstore::proto::*;
+use tagstore_proto::names::quote_tag_name;
+use tagstore_proto::*;
+use tagstore_test_support::Client;
 
 use crate::data::{DataSet, customer_key};
 use crate::redis::{self, Conn, Expr};
@@ -502,7 +502,7 @@ pub struct TagStoreClientExt;
 impl TagStoreClientExt {
     pub async fn connect(endpoint: String) -> Result<Client, BoxError> {
         Ok(
-            tagstore::proto::tag_store_client::TagStoreClient::connect(endpoint)
+            tagstore_proto::tag_store_client::TagStoreClient::connect(endpoint)
                 .await?
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),

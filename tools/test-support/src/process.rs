@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::proto::tag_store_client::TagStoreClient;
+use tagstore_proto::tag_store_client::TagStoreClient;
 use tonic::transport::Channel;
 
 pub type Client = TagStoreClient<Channel>;

@@ -27,10 +27,10 @@ use redis::{Conn, RedisServer};
 use report::{Better, Report};
 use serde_json::json;
 use tagstore::bitmap::ShardedBitmap;
-use tagstore::harness::ServerProcess;
-use tagstore::proto::*;
 use tagstore::query::Query;
 use tagstore::storage::Snapshot;
+use tagstore_proto::*;
+use tagstore_test_support::ServerProcess;
 
 #[derive(Parser)]
 #[command(
@@ -956,7 +956,7 @@ impl Bench {
         let probe = format!(
             "{} AND {}",
             self.dense_pair.text(&data),
-            tagstore::names::quote_tag_name(&data.tags[0].name)
+            tagstore_proto::names::quote_tag_name(&data.tags[0].name)
         );
         let server = self.start(&self.dir.clone(), &[])?;
         let mut server = server;

@@ -1,7 +1,25 @@
 //! Rules for tag names and customer keys, shared by the engine (which refuses
-//! bad ones) and the query language (which decides when a name needs quotes).
+//! bad ones), the query language (which decides when a name needs quotes)
+//! and clients (which can check a key before sending it).
 
-use crate::error::{Error, Result};
+/// A tag name or customer key that breaks the rules; the message names the
+/// rule and the offending text (cut to [`MAX_ECHOED_BYTES`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameError(pub String);
+
+impl std::fmt::Display for NameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NameError {}
+
+type Result<T> = std::result::Result<T, NameError>;
+
+fn invalid(msg: impl Into<String>) -> NameError {
+    NameError(msg.into())
+}
 
 /// Longest tag name, in bytes of UTF-8.
 pub const MAX_TAG_NAME_BYTES: usize = 200;
@@ -34,21 +52,21 @@ pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
 /// white space at either end.
 pub fn check_tag_name(name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err(Error::invalid("tag name is empty"));
+        return Err(invalid("tag name is empty"));
     }
     if name.len() > MAX_TAG_NAME_BYTES {
-        return Err(Error::invalid(format!(
+        return Err(invalid(format!(
             "tag name is {} bytes long; the limit is {MAX_TAG_NAME_BYTES}",
             name.len()
         )));
     }
     if name.chars().any(char::is_control) {
-        return Err(Error::invalid(format!(
+        return Err(invalid(format!(
             "tag name {name:?} contains a control character"
         )));
     }
     if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
-        return Err(Error::invalid(format!(
+        return Err(invalid(format!(
             "tag name {name:?} starts or ends with white space"
         )));
     }
@@ -58,17 +76,17 @@ pub fn check_tag_name(name: &str) -> Result<()> {
 /// A customer key is 1 to 256 bytes of UTF-8 with no control characters.
 pub fn check_key(key: &str) -> Result<()> {
     if key.is_empty() {
-        return Err(Error::invalid("customer key is empty"));
+        return Err(invalid("customer key is empty"));
     }
     if key.len() > MAX_KEY_BYTES {
-        return Err(Error::invalid(format!(
+        return Err(invalid(format!(
             "customer key {:?}... is {} bytes long; the limit is {MAX_KEY_BYTES}",
             key.chars().take(32).collect::<String>(),
             key.len()
         )));
     }
     if key.chars().any(char::is_control) {
-        return Err(Error::invalid(format!(
+        return Err(invalid(format!(
             "customer key {key:?} contains a control character"
         )));
     }

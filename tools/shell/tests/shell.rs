@@ -3,9 +3,16 @@
 //! pseudo-terminal (completion, Ctrl-C at the prompt and during a command,
 //! multi-line input).
 
-mod common;
-
 use std::process::{Command, Output};
+
+mod common {
+    use tagstore_test_support::{ServerProcess, server_binary, try_start};
+
+    /// The workspace's server on `dir`; panics if it does not start.
+    pub fn start(dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+        try_start(&server_binary(None), dir, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
 
 fn shell(addr: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tagstore-shell"))

@@ -2,15 +2,15 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["tagstore.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=tagstore.proto");
+    let fds = protox::compile(["tagstore.proto"], ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let descriptor_path = out.join("tagstore_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor_path)
         // prost's codec, with undecodable requests as INVALID_ARGUMENT.
-        .codec_path("crate::server::codec::TagstoreCodec")
+        .codec_path("crate::codec::TagstoreCodec")
         .skip_protoc_run()
         .compile_fds(fds)?;
     Ok(())

@@ -24,7 +24,7 @@ use rustyline::hint::Hinter;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Editor, Helper};
 use session::{Confirm, Failure, Session, describe};
-use tagstore::names::{is_bare_char, quote_tag_name};
+use tagstore_proto::names::{is_bare_char, quote_tag_name};
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +34,7 @@ use tagstore::names::{is_bare_char, quote_tag_name};
 )]
 struct Cli {
     /// Server address.
-    #[arg(long, short = 'a', default_value = tagstore::config::DEFAULT_LISTEN)]
+    #[arg(long, short = 'a', default_value = tagstore_proto::DEFAULT_ADDR)]
     addr: String,
     /// Run one command and exit.
     #[arg(short = 'c', value_name = "COMMAND")]

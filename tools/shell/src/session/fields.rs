@@ -2,8 +2,8 @@
 //! `event`, `aggregate`, `breakdown`, `top` and `overlap`, over the proto.
 
 use serde_json::json;
-use tagstore::proto::value_write::Value;
-use tagstore::proto::*;
+use tagstore_proto::value_write::Value;
+use tagstore_proto::*;
 
 use super::{Failure, Session, with_query};
 use crate::commands::{BreakdownBy, Command, FieldKindArg};

@@ -1,0 +1,125 @@
+//! Test support: the real `tagstore` server as a child process, and small
+//! helpers that talk to it over gRPC or look at its data directory. Used by
+//! the integration tests of every package and by the capacity harness; never
+//! by the server.
+//!
+//! It speaks only the public contract (`tagstore-proto`) and the server's
+//! command line; it must not depend on the engine.
+
+mod process;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use process::{Client, ServerProcess};
+use tagstore_proto::{CountRequest, CreateFieldRequest, ExportRequest, FieldKind};
+
+/// The server binary a test runs: the one named by `TAGSTORE_TEST_BINARY`
+/// (to run a suite against another build, such as the one before a fix),
+/// else `built` when the caller knows it (`env!("CARGO_BIN_EXE_tagstore")`
+/// in the server's own package), else `tagstore` beside the test executable's
+/// directory (`target/<profile>/`), which `cargo test` in the workspace
+/// builds. Panics, saying how to build it, when there is none.
+pub fn server_binary(built: Option<&str>) -> PathBuf {
+    if let Some(p) = std::env::var_os("TAGSTORE_TEST_BINARY") {
+        return p.into();
+    }
+    if let Some(p) = built {
+        return p.into();
+    }
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/tagstore
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("tagstore")));
+    match beside {
+        Some(p) if p.is_file() => p,
+        _ => panic!(
+            "no tagstore server binary next to this test ({beside:?}); \
+             run the tests from the workspace root (`cargo test`), build it with \
+             `cargo build --bin tagstore`, or name one in TAGSTORE_TEST_BINARY"
+        ),
+    }
+}
+
+/// Starts `binary` on `dir` with extra arguments and waits up to a minute
+/// until it listens; on failure returns what it printed on stderr.
+pub fn try_start(binary: &Path, dir: &Path, extra: &[&str]) -> Result<ServerProcess, String> {
+    ServerProcess::start(binary, dir, extra, Duration::from_secs(60))
+}
+
+/// The gRPC status code of a failed call; panics if the call succeeded.
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+/// The count of one query; panics on an error.
+pub async fn count(c: &mut Client, q: &str) -> u64 {
+    c.count(CountRequest {
+        queries: vec![q.into()],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("count {q}: {e}"))
+    .into_inner()
+    .counts[0]
+}
+
+/// Creates a field; panics on an error.
+pub async fn create_field(c: &mut Client, name: &str, kind: FieldKind, values: &[&str]) {
+    c.create_field(CreateFieldRequest {
+        name: name.into(),
+        kind: kind as i32,
+        values: values.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("create {name}: {e}"));
+}
+
+/// Every member of `query`, through `Export`; panics on an error.
+pub async fn export_set(c: &mut Client, query: &str) -> BTreeSet<String> {
+    let mut s = c
+        .export(ExportRequest {
+            query: query.into(),
+            batch_size: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("export {query}: {e}"))
+        .into_inner();
+    let mut out = BTreeSet::new();
+    while let Some(b) = s
+        .message()
+        .await
+        .unwrap_or_else(|e| panic!("export {query}: {e}"))
+    {
+        out.extend(b.customers);
+    }
+    out
+}
+
+/// Copies a data directory (its files but `LOCK`), as it is at this moment:
+/// opening the copy is a restart without a clean shutdown.
+pub fn copy_data_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read data dir") {
+        let entry = entry.expect("read data dir");
+        // Files only: `orphaned/` (files moved aside at start-up) is not the store.
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if entry.file_name() != "LOCK" && is_file {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy data file");
+        }
+    }
+}
+
+/// The files of `dir` whose names end with `suffix`, sorted.
+pub fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    v.sort();
+    v
+}
