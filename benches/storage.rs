@@ -13,7 +13,7 @@ use tagstore::storage::dictionary::{DictLayer, Dictionary, encode_section};
 use tagstore::storage::record::{Batch, Change, ChangeOp};
 use tagstore::storage::segment::{BlobKind, Segment, SegmentWriter};
 use tagstore::storage::wal::{WalWriter, frame};
-use tagstore::storage::{Engine, EngineConfig, Mutation, SyncMode, WriteOp};
+use tagstore::storage::{DataDir, Engine, EngineConfig, Mutation, SyncMode, WriteOp};
 
 fn batch_record(n: u32) -> Vec<u8> {
     let b = Batch {
@@ -35,7 +35,7 @@ fn wal(c: &mut Criterion) {
         ("1k-member record, fdatasync", true),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = WalWriter::create(dir.path(), 1).unwrap();
+        let mut w = WalWriter::create(&DataDir::os(dir.path()), 1).unwrap();
         let payload = batch_record(1000);
         let mut lsn = 1;
         let mut buf = Vec::new();
@@ -78,7 +78,7 @@ fn segments(c: &mut Criterion) {
                 no
             },
             |no| {
-                let mut w = SegmentWriter::create(dir.path(), no).unwrap();
+                let mut w = SegmentWriter::create(&DataDir::os(dir.path()), no).unwrap();
                 w.add_bitmap(BlobKind::TagShard, 1, &dense).unwrap();
                 w.add_bitmap(BlobKind::TagShard, 2, &sparse).unwrap();
                 w.finish().unwrap();
@@ -88,14 +88,15 @@ fn segments(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
-    let mut w = SegmentWriter::create(dir.path(), 1_000_000).unwrap();
+    let mut w = SegmentWriter::create(&DataDir::os(dir.path()), 1_000_000).unwrap();
     w.add_bitmap(BlobKind::TagShard, 1, &dense).unwrap();
     w.add_bitmap(BlobKind::TagShard, 2, &sparse).unwrap();
     w.finish().unwrap();
+    let data_dir = DataDir::os(dir.path());
     g.bench_function("open (map, check directory)", |b| {
-        b.iter(|| Segment::open(dir.path(), 1_000_000).unwrap())
+        b.iter(|| Segment::open(&data_dir, 1_000_000).unwrap())
     });
-    let seg = Segment::open(dir.path(), 1_000_000).unwrap();
+    let seg = Segment::open(&DataDir::os(dir.path()), 1_000_000).unwrap();
     g.bench_function("lazy load of a 50% tag (crc + decode)", |b| {
         b.iter(|| seg.load_bitmap(BlobKind::TagShard, 1, 0).unwrap())
     });
@@ -110,10 +111,10 @@ fn dictionary(c: &mut Criterion) {
     let keys: Vec<String> = (0..n).map(|i| format!("phone:1{i:010}")).collect();
     let section = encode_section(keys.iter().enumerate().map(|(i, k)| (i as u32, k.as_str())));
     let dir = tempfile::tempdir().unwrap();
-    let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+    let mut w = SegmentWriter::create(&DataDir::os(dir.path()), 1).unwrap();
     w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
     w.finish().unwrap();
-    let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+    let layer = DictLayer::open(Segment::open(&DataDir::os(dir.path()), 1).unwrap()).unwrap();
     let mut rng = StdRng::seed_from_u64(2);
     let mut g = c.benchmark_group("dictionary_2M");
     g.bench_function("key -> id, random hit", |b| {

@@ -9,11 +9,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tagstore::names::quote_tag_name;
 use tagstore::query::Query;
+use tagstore::storage::fs::{FileSystem, MemFs};
 use tagstore::storage::{CheckpointOptions, Engine, EngineConfig, Mutation, WriteOp};
 
 #[derive(Default, Clone)]
@@ -96,8 +98,59 @@ fn by_ids(engine: &Engine, rng: &mut StdRng, op: &WriteOp) -> (WriteOp, bool) {
     )
 }
 
-fn open(dir: &std::path::Path, wal_bytes: u64) -> Engine {
-    let mut cfg = EngineConfig::new(dir);
+/// Where a store lives: a directory on the real disk, or an in-memory file
+/// system (whose crash image loses everything not synced).
+enum Disk {
+    Os(tempfile::TempDir),
+    Mem(MemFs),
+}
+
+const MEM_DIR: &str = "/mem/store";
+
+impl Disk {
+    fn config(&self) -> EngineConfig {
+        match self {
+            Disk::Os(dir) => EngineConfig::new(dir.path()),
+            Disk::Mem(fs) => {
+                let mut cfg = EngineConfig::new(MEM_DIR);
+                cfg.fs = Arc::new(fs.clone());
+                cfg
+            }
+        }
+    }
+
+    /// The store as a crash at this moment would leave it: a copy of the
+    /// directory (what the page cache holds survives), or the in-memory
+    /// crash image (only what was synced survives).
+    fn after_crash(&self) -> Disk {
+        match self {
+            Disk::Os(dir) => {
+                let copy = tempfile::tempdir().unwrap();
+                common::copy_data_dir(dir.path(), copy.path());
+                Disk::Os(copy)
+            }
+            Disk::Mem(fs) => Disk::Mem(fs.crash_image()),
+        }
+    }
+
+    fn file_names(&self) -> HashSet<String> {
+        match self {
+            Disk::Os(dir) => std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Disk::Mem(fs) => fs
+                .list(std::path::Path::new(MEM_DIR))
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect(),
+        }
+    }
+}
+
+fn open(disk: &Disk, wal_bytes: u64) -> Engine {
+    let mut cfg = disk.config();
     cfg.checkpoint_wal_bytes = wal_bytes;
     cfg.compaction.max_segments = 3;
     cfg.compaction.max_dict_layers = 3;
@@ -361,15 +414,26 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
 
 #[test]
 fn random_operations_match_the_model_across_restarts() {
+    model_across_restarts(Disk::Os(tempfile::tempdir().unwrap()));
+}
+
+/// The same on the in-memory file system, where an abrupt restart keeps
+/// only what was synced (file content and directory entries): every
+/// acknowledged write must have been.
+#[test]
+fn random_operations_match_the_model_across_restarts_in_memory() {
+    model_across_restarts(Disk::Mem(MemFs::new()));
+}
+
+fn model_across_restarts(dir: Disk) {
     let seed: u64 = std::env::var("TAGSTORE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20261128);
     let mut rng = StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
     let mut model = Model::default();
     // A tiny checkpoint threshold makes automatic checkpoints and compaction happen often.
-    let mut engine = open(dir.path(), 16 << 10);
+    let mut engine = open(&dir, 16 << 10);
     let mut stale = engine.snapshot();
     for phase in 0..12 {
         for i in 0..250 {
@@ -410,25 +474,21 @@ fn random_operations_match_the_model_across_restarts() {
             1 => {
                 // Clean restart: shutdown writes a final checkpoint.
                 drop(engine);
-                engine = open(dir.path(), 16 << 10);
+                engine = open(&dir, 16 << 10);
                 assert_eq!(engine.recovery().records_replayed, 0);
             }
             _ => {
-                // Abrupt restart: leak the engine's writer without a final
-                // checkpoint by opening a copy of the directory as it is now.
-                let copy = tempfile::tempdir().unwrap();
-                common::copy_data_dir(dir.path(), copy.path());
-                let other = open(copy.path(), 16 << 10);
+                // Abrupt restart: leave the engine running, without a final
+                // checkpoint, and open what a crash now would leave.
+                let crashed = dir.after_crash();
+                let other = open(&crashed, 16 << 10);
                 check(&other, &model, &mut rng);
                 drop(other);
             }
         }
         check(&engine, &model, &mut rng);
     }
-    let files: HashSet<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let files = dir.file_names();
     let segments = files.iter().filter(|f| f.ends_with(".seg")).count();
     assert!(
         segments <= 4,
@@ -438,11 +498,9 @@ fn random_operations_match_the_model_across_restarts() {
 
 #[test]
 fn second_engine_on_the_same_directory_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let _a = open(dir.path(), 1 << 20);
-    let err = Engine::open(EngineConfig::new(dir.path()))
-        .err()
-        .expect("must be refused");
+    let dir = Disk::Os(tempfile::tempdir().unwrap());
+    let _a = open(&dir, 1 << 20);
+    let err = Engine::open(dir.config()).err().expect("must be refused");
     assert!(err.to_string().contains("in use"), "{err}");
 }
 
@@ -452,8 +510,8 @@ fn second_engine_on_the_same_directory_is_refused() {
 /// either way.
 #[test]
 fn writes_that_change_nothing_are_not_logged() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path(), 1 << 30);
+    let dir = Disk::Mem(MemFs::new());
+    let engine = open(&dir, 1 << 30);
     let update = |tag: &str, add: &[&str], remove: &[&str], create: bool| {
         engine.write_blocking(WriteOp::Update {
             mutations: vec![Mutation {
@@ -505,15 +563,9 @@ fn writes_that_change_nothing_are_not_logged() {
     assert!(update("nope", &["a"], &[], false).is_err());
 
     // A crash (no checkpoint): the acknowledged state comes back.
-    let copy = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(dir.path()).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "LOCK" {
-            std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
-        }
-    }
+    let crashed = dir.after_crash();
     drop(engine);
-    let engine = open(copy.path(), 1 << 30);
+    let engine = open(&crashed, 1 << 30);
     assert_eq!(engine.snapshot().lsn, lsn + 4);
     assert_eq!(
         members(&engine, "t"),

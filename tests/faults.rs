@@ -1,21 +1,28 @@
-//! Failed I/O at each named fail point of the storage engine
-//! (`storage::faults`), with everything else real: a failed log fsync or
-//! write stops writes until a restart and loses nothing acknowledged; a
-//! full disk while allocating log space refuses that write only; a failure
-//! at any step of a checkpoint fails the checkpoint, not the store, and a
-//! restart finds every acknowledged write.
-
-mod common;
+//! Failed I/O on the in-memory file system (`storage::fs::MemFs`), with the
+//! engine otherwise as it runs in the server, and crashes that keep only
+//! what was synced:
+//!
+//! - a failed log fsync or write stops writes until a restart (never
+//!   acknowledge what may not be on disk) and loses nothing acknowledged;
+//! - a full disk while appending to the log refuses that write only; the
+//!   store takes writes again once space is freed;
+//! - a failure at any step of a checkpoint, or a full disk during one,
+//!   fails the checkpoint, not the store, and a crash or a restart finds
+//!   every acknowledged write.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::sync::Arc;
 
 use tagstore::query::Query;
-use tagstore::storage::faults::{self, FailPoint};
+use tagstore::storage::fs::{MemFs, Op};
 use tagstore::storage::{Engine, EngineConfig, Mutation, WriteOp};
 
-fn open(dir: &Path) -> Engine {
-    Engine::open(EngineConfig::new(dir)).unwrap()
+const DIR: &str = "/mem/store";
+
+fn open(fs: &MemFs) -> Engine {
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    Engine::open(cfg).unwrap()
 }
 
 fn add(engine: &Engine, tag: &str, keys: Vec<String>) -> tagstore::Result<()> {
@@ -43,39 +50,28 @@ fn members(engine: &Engine, tag: &str) -> BTreeSet<String> {
     out.into_iter().collect()
 }
 
-/// The store after a crash: a copy of the directory as it is now.
-fn crash_copy(dir: &Path) -> tempfile::TempDir {
-    let copy = tempfile::tempdir().unwrap();
-    common::copy_data_dir(dir, copy.path());
-    copy
-}
-
 /// A failed fsync (by the writer for a small write, by the sync thread for
 /// one of 256+ memberships) or a failed log write: the write is not
 /// acknowledged, every later write is refused with the cause until the
-/// store is restarted, reads go on, and the restart finds every
-/// acknowledged write (and the failed one at most).
+/// store is restarted, reads go on, and both a crash and a restart find
+/// every acknowledged write (and the failed one at most, whole).
 #[test]
 fn a_failed_log_fsync_or_write_stops_writes_until_restart_and_loses_nothing() {
-    for (point, size) in [
-        (FailPoint::LogSync, 10),
-        (FailPoint::LogSync, 2000),
-        (FailPoint::LogWrite, 10),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = open(dir.path());
+    for (op, size) in [(Op::Sync, 10), (Op::Sync, 2000), (Op::Write, 10)] {
+        let fs = MemFs::new();
+        let engine = open(&fs);
         add(&engine, "t", keys("a", 100)).unwrap();
         let acked = members(&engine, "t");
-        faults::arm(dir.path(), point, 0, 1, libc::EIO);
+        fs.fail(op, "wal-", 0, 1, libc::EIO);
         let failed = keys("f", size);
         let err = add(&engine, "t", failed.clone()).unwrap_err();
         let msg = err.to_string();
         assert!(
             matches!(err, tagstore::Error::Failed(_)) && msg.contains("wal-"),
-            "{point:?}: {msg}"
+            "{op:?}: {msg}"
         );
         // The disk is fine again, but the store cannot know what reached it.
-        faults::disarm(dir.path());
+        fs.clear_faults();
         let again = add(&engine, "t", keys("b", 3)).unwrap_err();
         assert!(matches!(again, tagstore::Error::Failed(_)), "{again}");
         assert!(engine.checkpoint_blocking(Default::default()).is_err());
@@ -86,20 +82,20 @@ fn a_failed_log_fsync_or_write_stops_writes_until_restart_and_loses_nothing() {
             "reads go on, from what was acknowledged"
         );
 
-        let copy = crash_copy(dir.path());
+        let crashed = fs.crash_image();
         drop(engine);
-        for d in [copy.path(), dir.path()] {
-            let engine = open(d);
+        for fs in [crashed, fs] {
+            let engine = open(&fs);
             let found = members(&engine, "t");
             assert!(
                 found.is_superset(&acked),
-                "{point:?}: an acknowledged write was lost"
+                "{op:?}: an acknowledged write was lost"
             );
             let extra: BTreeSet<String> = found.difference(&acked).cloned().collect();
             let failed_set: BTreeSet<String> = failed.iter().cloned().collect();
             assert!(
                 extra.is_empty() || extra == failed_set,
-                "{point:?}: only the failed write, whole or not at all: {} extra",
+                "{op:?}: only the failed write, whole or not at all: {} extra",
                 extra.len()
             );
             add(&engine, "t", keys("after", 2)).unwrap();
@@ -107,72 +103,101 @@ fn a_failed_log_fsync_or_write_stops_writes_until_restart_and_loses_nothing() {
     }
 }
 
+/// The disk fills while the log grows: the write that needs more log space
+/// is refused as a full disk (nothing applied, the store not failed), reads
+/// and smaller writes go on, and once space is freed the big write goes
+/// through and survives a crash.
 #[test]
-fn a_full_disk_while_allocating_log_space_refuses_that_write_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path());
-    add(&engine, "t", keys("a", 10)).unwrap();
-    // More than the 4 MiB allocated ahead: this write needs more space.
-    let big = keys(&"x".repeat(60), 80_000);
-    faults::arm(
-        dir.path(),
-        FailPoint::LogAllocate,
-        0,
-        u64::MAX,
-        libc::ENOSPC,
-    );
-    let err = add(&engine, "t", big.clone()).unwrap_err();
-    assert!(matches!(err, tagstore::Error::DiskFull(_)), "{err}");
-    assert_eq!(engine.failure(), None);
-    add(&engine, "t", keys("small", 5)).unwrap();
-    assert_eq!(members(&engine, "t").len(), 15);
-    faults::disarm(dir.path());
-    add(&engine, "t", big).unwrap();
-    assert_eq!(members(&engine, "t").len(), 80_015);
-    let copy = crash_copy(dir.path());
-    drop(engine);
-    assert_eq!(members(&open(copy.path()), "t").len(), 80_015);
+fn a_full_disk_during_a_log_append_refuses_that_write_only() {
+    for how in ["fallocate fails", "capacity reached"] {
+        let fs = MemFs::new();
+        let engine = open(&fs);
+        add(&engine, "t", keys("a", 10)).unwrap();
+        // More than the 4 MiB allocated ahead: this write needs more space.
+        let big = keys(&"x".repeat(60), 80_000);
+        match how {
+            "fallocate fails" => fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC),
+            _ => fs.set_capacity(Some(fs.used_bytes() + 1024)),
+        }
+        let err = add(&engine, "t", big.clone()).unwrap_err();
+        assert!(matches!(err, tagstore::Error::DiskFull(_)), "{how}: {err}");
+        assert_eq!(engine.failure(), None, "{how}");
+        add(&engine, "t", keys("small", 5)).unwrap();
+        assert_eq!(members(&engine, "t").len(), 15, "{how}");
+        fs.clear_faults();
+        fs.set_capacity(None);
+        add(&engine, "t", big).unwrap();
+        assert_eq!(members(&engine, "t").len(), 80_015, "{how}");
+        let crashed = fs.crash_image();
+        drop(engine);
+        assert_eq!(members(&open(&crashed), "t").len(), 80_015, "{how}");
+    }
 }
 
-/// Every step of a checkpoint, failed in turn: the checkpoint fails, the
-/// store goes on taking writes, a later checkpoint succeeds, and both a
-/// crash and a clean restart find every acknowledged write.
+/// Every step of a checkpoint, failed in turn, and a disk that fills
+/// during one: the checkpoint fails, the store goes on taking writes, a
+/// later checkpoint succeeds, and both a crash and a clean restart find
+/// every acknowledged write.
 #[test]
 fn a_failure_at_any_step_of_a_checkpoint_fails_the_checkpoint_not_the_store() {
-    for (point, errno) in [
-        (FailPoint::SegmentWrite, libc::ENOSPC),
-        (FailPoint::SegmentSync, libc::EIO),
-        (FailPoint::ManifestSync, libc::EIO),
-        (FailPoint::ManifestRename, libc::EIO),
-        // After the rename: the new MANIFEST is on disk and names the new
-        // segment, which must not be deleted as a leftover.
-        (FailPoint::ManifestDirSync, libc::EIO),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let engine = open(dir.path());
+    /// The operation, the file name prefix, and how many such operations
+    /// to let through first; `None` for a full disk instead.
+    type Fault = Option<(Op, &'static str, u64)>;
+    let cases: [(Fault, i32); 8] = [
+        // Starting the next log file.
+        (Some((Op::Create, "wal-", 0)), libc::EIO),
+        (Some((Op::SyncDir, "", 0)), libc::EIO),
+        (Some((Op::Write, "seg-", 0)), libc::ENOSPC),
+        (Some((Op::Sync, "seg-", 0)), libc::EIO),
+        (Some((Op::Sync, "MANIFEST.tmp", 0)), libc::EIO),
+        (Some((Op::Rename, "MANIFEST", 0)), libc::EIO),
+        // After the rename (the new log file's directory sync came first):
+        // the new MANIFEST may be on disk and name the new segment, which
+        // must not be deleted as a leftover.
+        (Some((Op::SyncDir, "", 1)), libc::EIO),
+        (None, libc::ENOSPC),
+    ];
+    for (fault, errno) in cases {
+        let fs = MemFs::new();
+        let engine = open(&fs);
         add(&engine, "t", keys("a", 3000)).unwrap();
         engine.checkpoint_blocking(Default::default()).unwrap();
-        add(&engine, "t", keys("b", 3000)).unwrap();
-        faults::arm(dir.path(), point, 0, 1, errno);
-        let err = engine
-            .checkpoint_blocking(Default::default())
-            .expect_err("the checkpoint must fail");
-        faults::disarm(dir.path());
-        assert!(
-            err.to_string().contains("checkpoint failed"),
-            "{point:?}: {err}"
-        );
-        assert_eq!(engine.failure(), None, "{point:?}");
+        // For a full disk, more than the log's 4 MiB steps (sealing the old
+        // log frees its unused tail): the segment cannot fit in what is left.
+        let second = match fault {
+            Some(_) => keys("b", 3000),
+            None => keys(&"b".repeat(60), 80_000),
+        };
+        let n = 3000 + second.len();
+        add(&engine, "t", second).unwrap();
+        match fault {
+            Some((op, prefix, skip)) => fs.fail(op, prefix, skip, 1, errno),
+            // Room for the next log file, not for the segment.
+            None => fs.set_capacity(Some(fs.used_bytes() + (4 << 20) + 4096)),
+        }
+        let Err(err) = engine.checkpoint_blocking(Default::default()) else {
+            panic!("{fault:?}: the checkpoint must fail");
+        };
+        fs.clear_faults();
+        fs.set_capacity(None);
+        let msg = err.to_string();
+        assert!(msg.contains("checkpoint failed"), "{fault:?}: {msg}");
+        if fault.is_none() {
+            assert!(msg.contains("seg-") && msg.contains("os error 28"), "{msg}");
+        }
+        assert_eq!(engine.failure(), None, "{fault:?}");
         add(&engine, "t", keys("c", 10)).unwrap();
-        assert_eq!(members(&engine, "t").len(), 6010);
+        assert_eq!(members(&engine, "t").len(), n + 10);
 
-        // A crash now: the directory as the failed checkpoint left it.
-        let copy = crash_copy(dir.path());
-        assert_eq!(members(&open(copy.path()), "t").len(), 6010, "{point:?}");
+        // A crash now: what the failed checkpoint left on disk.
+        let crashed = fs.crash_image();
+        assert_eq!(members(&open(&crashed), "t").len(), n + 10, "{fault:?}");
 
         engine.checkpoint_blocking(Default::default()).unwrap();
         add(&engine, "t", keys("d", 10)).unwrap();
         drop(engine);
-        assert_eq!(members(&open(dir.path()), "t").len(), 6020, "{point:?}");
+        assert_eq!(members(&open(&fs), "t").len(), n + 20, "{fault:?}");
+        let crashed = fs.crash_image();
+        assert_eq!(members(&open(&crashed), "t").len(), n + 20, "{fault:?}");
     }
 }

@@ -9,11 +9,11 @@
 //! touches the writer's state or deletes anything itself.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::Result;
+use crate::storage::DataDir;
 use crate::storage::dictionary::{DictLayer, Dictionary, encode_section};
 use crate::storage::manifest::{Manifest, ManifestField, ManifestTag};
 use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
@@ -135,7 +135,7 @@ pub(crate) fn requested_merge_from(
 
 /// Everything a checkpoint needs, captured by the writer at one lsn.
 pub struct CheckpointJob {
-    pub dir: PathBuf,
+    pub dir: DataDir,
     pub snap: Arc<Snapshot>,
     pub dirty_tags: HashSet<u32>,
     pub dirty_live: bool,

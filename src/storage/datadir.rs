@@ -1,12 +1,15 @@
-//! The data directory as a place: its lock, syncing it, the size of what it
-//! holds, and moving aside files the store does not name. Knows file and
-//! folder names, never what is inside a file (that is `wal`, `segment` and
-//! `manifest`'s business), and never deletes anything on its own.
+//! The data directory as a place: which file system it is on, its lock,
+//! syncing it, the size of what it holds, and moving aside files the store
+//! does not name. Knows file and folder names, never what is inside a file
+//! (that is `wal`, `segment` and `manifest`'s business), and never deletes
+//! anything on its own.
 
-use std::fs::{self, File};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::storage::fs::{self, FileSystem, LockGuard};
 
 /// An empty file whose exclusive `flock` keeps a second server off the directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -15,57 +18,93 @@ pub const LOCK_FILE: &str = "LOCK";
 /// hand): a subdirectory of the data directory.
 pub const ORPHANS_DIR: &str = "orphaned";
 
-/// Creates `dir` if missing and takes its lock, held as long as the
-/// returned file is open. Another process holding it: [`Error::Locked`].
-pub fn lock(dir: &Path) -> Result<File> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let path = dir.join(LOCK_FILE);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
-        Err(fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+/// A data directory on its file system. Dereferences to its path, so
+/// `dir.join(name)` names a file in it; every operation on those files goes
+/// through [`DataDir::fs`].
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    fs: Arc<dyn FileSystem>,
+    path: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(fs: Arc<dyn FileSystem>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            fs,
+            path: path.into(),
+        }
+    }
+
+    /// A directory on the real disk.
+    pub fn os(path: impl Into<PathBuf>) -> Self {
+        Self::new(fs::os(), path)
+    }
+
+    pub fn fs(&self) -> &dyn FileSystem {
+        &*self.fs
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Deref for DataDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates the directory if missing and takes its lock, held as long as the
+/// returned guard lives. Another process holding it: [`Error::Locked`].
+pub fn lock(dir: &DataDir) -> Result<LockGuard> {
+    dir.fs()
+        .create_dir_all(dir)
+        .map_err(|e| Error::io(dir.path(), e))?;
+    match dir.fs().lock(dir, LOCK_FILE) {
+        Ok(Some(guard)) => Ok(guard),
+        Ok(None) => Err(Error::Locked(dir.to_path_buf())),
+        Err(e) => Err(Error::io(dir.join(LOCK_FILE), e)),
     }
 }
 
 /// Syncs a directory, so that file creations, renames and deletions in it are durable.
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+pub fn fsync_dir(dir: &DataDir) -> Result<()> {
+    sync(dir, dir)
 }
 
-/// Bytes of the files directly in `dir` (what the store keeps on disk).
-pub fn disk_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
+fn sync(dir: &DataDir, path: &Path) -> Result<()> {
+    dir.fs().sync_dir(path).map_err(|e| Error::io(path, e))
+}
+
+/// Bytes of the files directly in the directory (what the store keeps on disk).
+pub fn disk_bytes(dir: &DataDir) -> u64 {
+    dir.fs()
+        .list(dir)
+        .map(|entries| entries.iter().filter(|e| e.is_file).map(|e| e.len).sum())
         .unwrap_or(0)
 }
 
 /// Moves `name` (a file of the data directory) into [`ORPHANS_DIR`], under a
 /// name not taken there yet, and syncs both directories. Returns where it is.
-pub fn move_aside(dir: &Path, name: &str) -> Result<PathBuf> {
+pub fn move_aside(dir: &DataDir, name: &str) -> Result<PathBuf> {
     let from = dir.join(name);
     let aside = dir.join(ORPHANS_DIR);
-    fs::create_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+    dir.fs()
+        .create_dir_all(&aside)
+        .map_err(|e| Error::io(&aside, e))?;
     let mut to = aside.join(name);
     let mut n = 1;
-    while to.exists() {
+    while dir.fs().exists(&to) {
         to = aside.join(format!("{name}.{n}"));
         n += 1;
     }
-    fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
-    fsync_dir(&aside)?;
+    dir.fs()
+        .rename(&from, &to)
+        .map_err(|e| Error::io(&from, e))?;
+    sync(dir, &aside)?;
     fsync_dir(dir)?;
     tracing::warn!(
         from = %from.display(),

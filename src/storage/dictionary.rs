@@ -675,17 +675,18 @@ mod tests {
 
     #[test]
     fn section_lookups_both_ways() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::storage::DataDir::os(tmp.path());
         let keys: Vec<String> = (0..5000).map(|i| format!("phone:1380000{i:04}")).collect();
         let section = encode_section(
             keys.iter()
                 .enumerate()
                 .map(|(i, k)| (i as u32 * 3, k.as_str())),
         );
-        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        let mut w = SegmentWriter::create(&dir, 1).unwrap();
         w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
         w.finish().unwrap();
-        let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+        let layer = DictLayer::open(Segment::open(&dir, 1).unwrap()).unwrap();
         for (i, k) in keys.iter().enumerate() {
             assert_eq!(layer.find(k).unwrap(), Some(i as u32 * 3));
             assert_eq!(layer.key_of(i as u32 * 3).unwrap(), Some(k.as_str()));
@@ -707,7 +708,8 @@ mod tests {
 
     #[test]
     fn lookup_many_agrees_with_lookup() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::storage::DataDir::os(tmp.path());
         // Three sections; "k:00017" is in the first and again (re-created with
         // a new id) in the third, where the newer id must win.
         let ranges = [(0u32, 4000u32), (4000, 9000), (9000, 9500)];
@@ -719,11 +721,11 @@ mod tests {
                 entries.push((9500, "k:00017".to_string()));
             }
             let section = encode_section(entries.iter().map(|(i, k)| (*i, k.as_str())));
-            let mut w = SegmentWriter::create(dir.path(), no as u64 + 1).unwrap();
+            let mut w = SegmentWriter::create(&dir, no as u64 + 1).unwrap();
             w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
             w.finish().unwrap();
             layers.push(Arc::new(
-                DictLayer::open(Segment::open(dir.path(), no as u64 + 1).unwrap()).unwrap(),
+                DictLayer::open(Segment::open(&dir, no as u64 + 1).unwrap()).unwrap(),
             ));
         }
         let dict = Dictionary::new(layers, 9501);
@@ -746,19 +748,20 @@ mod tests {
 
     #[test]
     fn a_damaged_page_fails_the_lookups_that_touch_it() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::storage::DataDir::os(tmp.path());
         let keys: Vec<String> = (0..40_000).map(|i| format!("wechat:o{i:08}")).collect();
         let section = encode_section(keys.iter().enumerate().map(|(i, k)| (i as u32, k.as_str())));
-        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        let mut w = SegmentWriter::create(&dir, 1).unwrap();
         w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
         w.finish().unwrap();
-        let path = dir.path().join(crate::storage::segment::file_name(1));
+        let path = dir.join(crate::storage::segment::file_name(1));
         let mut data = std::fs::read(&path).unwrap();
         // Flip a byte in the last page of the body (the keys of the last entries).
         let at = data.len() - 32 - ENTRY_LEN_FOR_TEST - 10;
         data[at] ^= 0x01;
         std::fs::write(&path, &data).unwrap();
-        let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+        let layer = DictLayer::open(Segment::open(&dir, 1).unwrap()).unwrap();
         assert_eq!(
             layer.find(&keys[0]).unwrap(),
             Some(0),
@@ -772,12 +775,13 @@ mod tests {
 
     #[test]
     fn empty_section() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::storage::DataDir::os(tmp.path());
         let section = encode_section(std::iter::empty());
-        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        let mut w = SegmentWriter::create(&dir, 1).unwrap();
         w.add_blob(BlobKind::Dictionary, 0, 0, &section).unwrap();
         w.finish().unwrap();
-        let layer = DictLayer::open(Segment::open(dir.path(), 1).unwrap()).unwrap();
+        let layer = DictLayer::open(Segment::open(&dir, 1).unwrap()).unwrap();
         assert!(layer.is_empty());
         assert_eq!(layer.find("x").unwrap(), None);
     }

@@ -4,15 +4,11 @@
 //! temporary file, fsync, rename over `MANIFEST`, fsync the directory), so a
 //! crash leaves either the old manifest or the new one.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
-
 use crate::columns::FieldKind;
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
-use crate::storage::datadir::fsync_dir;
-use crate::storage::faults::{self, FailPoint};
+use crate::storage::datadir::{DataDir, fsync_dir};
+use crate::storage::fs::Create;
 
 pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
@@ -185,9 +181,9 @@ impl Manifest {
     }
 
     /// Reads `MANIFEST` from `dir`; `None` when the store has never checkpointed.
-    pub fn read(dir: &Path) -> Result<Option<Manifest>> {
+    pub fn read(dir: &DataDir) -> Result<Option<Manifest>> {
         let path = dir.join(MANIFEST_FILE);
-        let data = match fs::read(&path) {
+        let data = match dir.fs().read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
@@ -227,7 +223,7 @@ impl Manifest {
     }
 
     /// Replaces `MANIFEST` in `dir` atomically and durably.
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    pub fn write(&self, dir: &DataDir) -> Result<()> {
         let body = self.encode_body();
         let mut data = Vec::with_capacity(body.len() + 24);
         data.extend_from_slice(MANIFEST_MAGIC);
@@ -236,22 +232,18 @@ impl Manifest {
         data.extend_from_slice(&body);
         data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         let tmp = dir.join(MANIFEST_TMP);
-        let mut f: File = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&tmp)
+        let f = dir
+            .fs()
+            .create(&tmp, Create::Truncate)
             .map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&data).map_err(|e| Error::io(&tmp, e))?;
-        faults::hit(&tmp, FailPoint::ManifestSync)
+        f.write_at(&data, 0)
             .and_then(|_| f.sync_all())
             .map_err(|e| Error::io(&tmp, e))?;
         drop(f);
         let path = dir.join(MANIFEST_FILE);
-        faults::hit(&path, FailPoint::ManifestRename)
-            .and_then(|_| fs::rename(&tmp, &path))
+        dir.fs()
+            .rename(&tmp, &path)
             .map_err(|e| Error::io(&path, e))?;
-        faults::hit(dir, FailPoint::ManifestDirSync).map_err(|e| Error::io(dir, e))?;
         fsync_dir(dir)
     }
 }
@@ -259,6 +251,7 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn sample() -> Manifest {
         Manifest {
@@ -295,17 +288,18 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Manifest::read(dir.path()).unwrap(), None);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::os(tmp.path());
+        assert_eq!(Manifest::read(&dir).unwrap(), None);
         let m = sample();
-        m.write(dir.path()).unwrap();
-        assert_eq!(Manifest::read(dir.path()).unwrap(), Some(m.clone()));
+        m.write(&dir).unwrap();
+        assert_eq!(Manifest::read(&dir).unwrap(), Some(m.clone()));
         assert_eq!(m.segments(), vec![2, 4, 6]);
-        let path = dir.path().join(MANIFEST_FILE);
+        let path = dir.join(MANIFEST_FILE);
         let mut data = fs::read(&path).unwrap();
         data[30] ^= 4;
         fs::write(&path, &data).unwrap();
-        let err = Manifest::read(dir.path()).unwrap_err().to_string();
+        let err = Manifest::read(&dir).unwrap_err().to_string();
         assert!(
             err.contains("MANIFEST") && err.contains("checksum"),
             "{err}"

@@ -12,8 +12,10 @@
 //! - the files, one module per kind: [`wal`] (log files: framing, appending,
 //!   syncing, replaying), [`segment`], [`manifest`], [`dictionary`] (key
 //!   sections read in place), [`record`] (what a log record means), [`codec`];
-//! - [`datadir`]: the directory as a place (lock, directory fsync, moving
-//!   strays aside), and [`faults`]: fail points for tests;
+//! - [`datadir`]: the directory as a place (its file system, lock,
+//!   directory fsync, moving strays aside), and [`fs`]: the file layer,
+//!   real ([`fs::OsFs`]) or in memory with failures and crashes on demand
+//!   ([`fs::MemFs`], for tests);
 //! - [`recovery`]: the recovery rules of `storage-format.md`, step by step;
 //! - `resolve`: key look-ups of large updates, before the writer, in parallel;
 //! - [`state`] (the one apply function, for writes and replay),
@@ -27,7 +29,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod datadir;
 pub mod dictionary;
-pub mod faults;
+pub mod fs;
 pub mod manifest;
 pub mod record;
 pub mod recovery;
@@ -38,7 +40,6 @@ pub mod state;
 pub mod wal;
 pub mod writer;
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -50,7 +51,7 @@ use tokio::sync::oneshot;
 use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 pub use checkpoint::{CheckpointInfo, CheckpointOptions, CompactionPolicy};
-pub use datadir::{LOCK_FILE, ORPHANS_DIR, fsync_dir};
+pub use datadir::{DataDir, LOCK_FILE, ORPHANS_DIR};
 use recovery::Recovered;
 pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
@@ -78,6 +79,8 @@ pub struct EngineConfig {
     pub compaction: CompactionPolicy,
     /// What "now" and "today" are, for the engine and whoever serves it.
     pub clock: SharedClock,
+    /// Where the files live: the real disk, or memory in tests.
+    pub fs: Arc<dyn fs::FileSystem>,
 }
 
 impl EngineConfig {
@@ -88,6 +91,7 @@ impl EngineConfig {
             checkpoint_wal_bytes: 64 << 20,
             compaction: CompactionPolicy::default(),
             clock: crate::clock::system(),
+            fs: fs::os(),
         }
     }
 }
@@ -128,14 +132,14 @@ pub struct Engine {
     tx: mpsc::Sender<Cmd>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     recovery: RecoveryReport,
-    _lock: File,
+    _lock: fs::LockGuard,
 }
 
 impl Engine {
     /// Opens (or creates) the store in `config.data_dir` and recovers it.
     pub fn open(config: EngineConfig) -> Result<Engine> {
         let started = Instant::now();
-        let dir = config.data_dir.clone();
+        let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
         let lock = datadir::lock(&dir)?;
         let Recovered {
             state,
@@ -186,7 +190,7 @@ impl Engine {
                     watched.failed.lock().get_or_insert(msg);
                 }
             })
-            .map_err(|e| Error::io(&dir, e))?;
+            .map_err(|e| Error::io(dir.path(), e))?;
         report.duration = started.elapsed();
         Ok(Engine {
             shared,
@@ -208,7 +212,8 @@ impl Engine {
 
     /// Bytes of the files in the data directory.
     pub fn disk_bytes(&self) -> u64 {
-        datadir::disk_bytes(&self.shared.config.data_dir)
+        let config = &self.shared.config;
+        datadir::disk_bytes(&DataDir::new(config.fs.clone(), config.data_dir.clone()))
     }
 
     /// Now, by the engine's clock (Unix ms): what reads should take as the

@@ -6,13 +6,12 @@
 //! (the engine has taken it) and starts no thread.
 
 use std::collections::HashMap;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::storage::datadir::move_aside;
+use crate::storage::datadir::{DataDir, move_aside};
 use crate::storage::dictionary::{DictLayer, Dictionary};
 use crate::storage::manifest::{self, Manifest};
 use crate::storage::record::{Batch, KIND_BATCH};
@@ -52,7 +51,7 @@ pub(crate) struct Recovered {
 /// finished a checkpoint: then its log, if any, starts at lsn 1 and holds
 /// every write. Anything else means the manifest that described the store is
 /// gone, and serving would serve an empty or partial store.
-fn check_store_without_manifest(dir: &Path) -> Result<()> {
+fn check_store_without_manifest(dir: &DataDir) -> Result<()> {
     let logs = wal::list(dir)?;
     let segs = segment::list(dir)?;
     let refuse = |what: String| {
@@ -82,11 +81,11 @@ fn check_store_without_manifest(dir: &Path) -> Result<()> {
 
 /// Recovers the store in `dir` (locked by the caller), by the rules of
 /// `storage-format.md`.
-pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
-    let dir: PathBuf = dir.to_path_buf();
+pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
+    let dir = dir.clone();
     let mut report = RecoveryReport::default();
     // Step 1, the lock, is the engine's. Step 2: a manifest write that did not finish.
-    let _ = fs::remove_file(dir.join(manifest::MANIFEST_TMP));
+    let _ = dir.fs().remove(&dir.join(manifest::MANIFEST_TMP));
 
     // Step 3: the manifest, or proof that the store never had one.
     let found = Manifest::read(&dir)?;
@@ -217,18 +216,23 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
     // Steps 6 to 8: the log replayed after the checkpoint, in lsn order, a
     // torn tail cut, any other damage a hard error naming its file.
     let files = wal::list(&dir)?;
-    let outcome = wal::replay(&files, manifest.checkpoint_lsn, |lsn, kind, payload| {
-        if kind != KIND_BATCH {
-            return Err(Error::BadRecord(format!("unknown record kind {kind}")));
-        }
-        let batch = Batch::decode(payload).map_err(|e| {
-            Error::BadRecord(format!(
-                "undecodable batch at payload offset {}: {}",
-                e.offset, e.reason
-            ))
-        })?;
-        state.apply(lsn, &batch).map(|_| ())
-    })?;
+    let outcome = wal::replay(
+        &dir,
+        &files,
+        manifest.checkpoint_lsn,
+        |lsn, kind, payload| {
+            if kind != KIND_BATCH {
+                return Err(Error::BadRecord(format!("unknown record kind {kind}")));
+            }
+            let batch = Batch::decode(payload).map_err(|e| {
+                Error::BadRecord(format!(
+                    "undecodable batch at payload offset {}: {}",
+                    e.offset, e.reason
+                ))
+            })?;
+            state.apply(lsn, &batch).map(|_| ())
+        },
+    )?;
     if let Some(t) = &outcome.truncated {
         tracing::warn!("recovery cut a torn log tail: {t}");
     }
@@ -252,8 +256,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered> {
     let old_wal_bytes: u64 = wal::list(&dir)?
         .iter()
         .filter(|f| f.first_lsn != wal.first_lsn())
-        .filter_map(|f| fs::metadata(&f.path).ok())
-        .map(|m| m.len())
+        .map(|f| f.len)
         .sum();
     Ok(Recovered {
         state,

@@ -9,18 +9,16 @@
 //! current version of a tag is the manifest's business.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
-
 use crate::bitmap::{Bitmap, ShardedBitmap, shard_of};
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
-use crate::storage::faults::{self, FailPoint};
+use crate::storage::datadir::DataDir;
+use crate::storage::fs::{Appender, Create, Mapped};
 
 pub const SEG_MAGIC: &[u8; 8] = b"TAGSSEG\0";
 pub const SEG_END_MAGIC: &[u8; 8] = b"TAGSEND\0";
@@ -91,7 +89,7 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
 pub struct Segment {
     pub no: u64,
     pub path: PathBuf,
-    map: Mmap,
+    map: Mapped,
     entries: Vec<Entry>,
     index: HashMap<(BlobKind, u32), Range<usize>>,
 }
@@ -105,12 +103,11 @@ impl std::fmt::Debug for Segment {
 impl Segment {
     /// Maps a segment and checks its header, trailer and directory (not the
     /// blobs: those are checked when read).
-    pub fn open(dir: &Path, no: u64) -> Result<Arc<Segment>> {
+    pub fn open(dir: &DataDir, no: u64) -> Result<Arc<Segment>> {
         let path = dir.join(file_name(no));
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: segment files are immutable once written (they are never
-        // opened for writing again), so the mapped bytes do not change under us.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        // Segment files are immutable once written (never opened for writing
+        // again), so the mapped bytes do not change under us.
+        let map = dir.fs().map(&path).map_err(|e| Error::io(&path, e))?;
         let corrupt = |off: usize, why: String| Error::corrupt(&path, off as u64, why);
         let n = map.len();
         if n < SEG_HEADER_LEN + SEG_TRAILER_LEN {
@@ -282,23 +279,22 @@ impl Segment {
 /// crash while writing leaves an orphan that the next start removes.
 pub struct SegmentWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: BufWriter<Appender>,
     offset: u64,
     entries: Vec<Entry>,
     scratch: Vec<u8>,
 }
 
 impl SegmentWriter {
-    pub fn create(dir: &Path, no: u64) -> Result<Self> {
+    pub fn create(dir: &DataDir, no: u64) -> Result<Self> {
         let path = dir.join(file_name(no));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
+        let file = dir
+            .fs()
+            .create(&path, Create::New)
             .map_err(|e| Error::io(&path, e))?;
         let mut w = Self {
             path,
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: BufWriter::with_capacity(1 << 20, Appender::new(file, 0)),
             offset: 0,
             entries: Vec::new(),
             scratch: Vec::new(),
@@ -316,8 +312,8 @@ impl SegmentWriter {
     }
 
     fn write(&mut self, b: &[u8]) -> Result<()> {
-        faults::hit(&self.path, FailPoint::SegmentWrite)
-            .and_then(|_| self.out.write_all(b))
+        self.out
+            .write_all(b)
             .map_err(|e| Error::io(&self.path, e))?;
         self.offset += b.len() as u64;
         Ok(())
@@ -394,20 +390,18 @@ impl SegmentWriter {
         let file = self
             .out
             .into_inner()
-            .map_err(|e| Error::io(&self.path, e.into_error()))?;
-        faults::hit(&self.path, FailPoint::SegmentSync)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(&self.path, e))?;
+            .map_err(|e| Error::io(&self.path, e.into_error()))?
+            .into_file();
+        file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         Ok(self.offset)
     }
 }
 
 /// Segment numbers of every segment file in `dir`.
-pub fn list(dir: &Path) -> Result<Vec<u64>> {
+pub fn list(dir: &DataDir) -> Result<Vec<u64>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        if let Some(no) = entry.file_name().to_str().and_then(parse_file_name) {
+    for entry in dir.fs().list(dir).map_err(|e| Error::io(dir.path(), e))? {
+        if let Some(no) = parse_file_name(&entry.name) {
             out.push(no);
         }
     }
@@ -419,15 +413,17 @@ pub fn list(dir: &Path) -> Result<Vec<u64>> {
 mod tests {
     use super::*;
     use crate::bitmap::SHARD_SIZE;
+    use std::fs;
 
     #[test]
     fn write_read_and_detect_damage() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::os(tmp.path());
         let mut bm = ShardedBitmap::new();
         for id in (0..3_000_000u32).step_by(11) {
             bm.insert(id);
         }
-        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        let mut w = SegmentWriter::create(&dir, 1).unwrap();
         w.add_bitmap(BlobKind::TagShard, 7, &bm).unwrap();
         w.add_blob(BlobKind::Dictionary, 0, 0, b"hello").unwrap();
         w.add_slot(9, 3, &bm).unwrap();
@@ -435,7 +431,7 @@ mod tests {
         other.insert(5_000_000);
         w.add_slot(9, 64, &other).unwrap();
         w.finish().unwrap();
-        let seg = Segment::open(dir.path(), 1).unwrap();
+        let seg = Segment::open(&dir, 1).unwrap();
         assert_eq!(seg.load_bitmap(BlobKind::FieldSlot, 9, 3).unwrap(), bm);
         assert_eq!(seg.load_bitmap(BlobKind::FieldSlot, 9, 64).unwrap(), other);
         assert!(
@@ -453,11 +449,11 @@ mod tests {
         assert_eq!(seg.blob(&e).unwrap(), b"hello");
 
         // Flip one bit inside the first blob.
-        let path = dir.path().join(file_name(1));
+        let path = dir.join(file_name(1));
         let mut data = fs::read(&path).unwrap();
         data[SEG_HEADER_LEN + 40] ^= 1;
         fs::write(&path, &data).unwrap();
-        let seg = Segment::open(dir.path(), 1).unwrap();
+        let seg = Segment::open(&dir, 1).unwrap();
         let err = seg
             .load_bitmap(BlobKind::TagShard, 7, 0)
             .unwrap_err()
@@ -469,7 +465,7 @@ mod tests {
 
         // A cut-short file fails at open.
         fs::write(&path, &data[..data.len() - 5]).unwrap();
-        assert!(Segment::open(dir.path(), 1).is_err());
+        assert!(Segment::open(&dir, 1).is_err());
     }
 
     /// Blobs whose checksum is right but whose bitmap is not: cut short,
@@ -477,21 +473,22 @@ mod tests {
     /// another shard. Each is a corruption error, never a partial set.
     #[test]
     fn checksummed_but_invalid_bitmaps_are_corrupt() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::os(tmp.path());
         let good = Bitmap::of(&[1, 2, 3]).serialize::<croaring::Portable>();
         let mut unordered = good.clone();
         // The values follow the 16-byte header (cookie, count, key and
         // cardinality, offset): swap the first two.
         unordered[16..20].copy_from_slice(&[2, 0, 1, 0]);
         let elsewhere = Bitmap::of(&[SHARD_SIZE + 1]).serialize::<croaring::Portable>();
-        let mut w = SegmentWriter::create(dir.path(), 1).unwrap();
+        let mut w = SegmentWriter::create(&dir, 1).unwrap();
         w.add_blob(BlobKind::TagShard, 1, 0, &good[..good.len() - 1])
             .unwrap();
         w.add_blob(BlobKind::TagShard, 2, 0, &unordered).unwrap();
         w.add_blob(BlobKind::TagShard, 3, 0, &elsewhere).unwrap();
         w.add_blob(BlobKind::TagShard, 4, 0, &good).unwrap();
         w.finish().unwrap();
-        let seg = Segment::open(dir.path(), 1).unwrap();
+        let seg = Segment::open(&dir, 1).unwrap();
         for (tag, why) in [
             (1, "invalid roaring bitmap"),
             (2, "invalid roaring bitmap"),

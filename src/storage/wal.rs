@@ -6,16 +6,14 @@
 //! `len u32 | crc32 u32 | lsn u64 | kind u8 | payload`, where `len` counts the
 //! bytes from `lsn` to the end of the payload and the crc covers those bytes.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
-use crate::storage::datadir::fsync_dir;
-use crate::storage::faults::{self, FailPoint};
+use crate::storage::datadir::{DataDir, fsync_dir};
+use crate::storage::fs::{Create, WriteFile};
 
 pub const WAL_MAGIC: &[u8; 8] = b"TAGSWAL\0";
 pub const WAL_VERSION: u32 = 1;
@@ -61,7 +59,7 @@ pub const PREALLOCATE: u64 = 4 << 20;
 pub struct WalWriter {
     path: PathBuf,
     /// Shared with [`Syncer`] while it syncs the file.
-    file: Arc<File>,
+    file: Arc<dyn WriteFile>,
     first_lsn: u64,
     /// Logical end: the header and the records written so far.
     bytes: u64,
@@ -75,23 +73,21 @@ impl WalWriter {
     /// Creates a new log file whose first record will have `first_lsn`. An
     /// existing file of that name holds no records (replay read them all), so
     /// it is replaced.
-    pub fn create(dir: &Path, first_lsn: u64) -> Result<Self> {
+    pub fn create(dir: &DataDir, first_lsn: u64) -> Result<Self> {
         let path = dir.join(file_name(first_lsn));
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
+        let file = dir
+            .fs()
+            .create(&path, Create::Truncate)
             .map_err(|e| Error::io(&path, e))?;
         let mut header = Vec::with_capacity(WAL_HEADER_LEN);
         header.extend_from_slice(WAL_MAGIC);
         header.extend_from_slice(&WAL_VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
         header.extend_from_slice(&first_lsn.to_le_bytes());
-        file.write_all(&header).map_err(|e| Error::io(&path, e))?;
+        file.write_at(&header, 0).map_err(|e| Error::io(&path, e))?;
         let mut w = Self {
             path,
-            file: Arc::new(file),
+            file,
             first_lsn,
             bytes: WAL_HEADER_LEN as u64,
             allocated: WAL_HEADER_LEN as u64,
@@ -111,32 +107,25 @@ impl WalWriter {
     /// fallocate simply grows the file with each append (`Ok`); a full disk
     /// is [`Error::DiskFull`], and nothing was written.
     fn allocate(&mut self, len: u64) -> Result<()> {
-        use std::os::fd::AsRawFd;
         if len <= self.allocated || self.no_fallocate {
             return Ok(());
         }
-        let Ok(off_len) = libc::off_t::try_from(len) else {
-            return Ok(());
-        };
-        let rc = match faults::hit(&self.path, FailPoint::LogAllocate) {
-            Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            // SAFETY: posix_fallocate on an open file descriptor we own.
-            Ok(()) => unsafe { libc::posix_fallocate(self.file.as_raw_fd(), 0, off_len) },
-        };
-        match rc {
-            0 => {
+        match self.file.allocate(len) {
+            Ok(()) => {
                 self.allocated = len;
                 Ok(())
             }
-            libc::ENOSPC | libc::EDQUOT => Err(Error::DiskFull(format!(
-                "no space left to extend {} to {len} bytes",
-                self.path.display()
-            ))),
-            libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS => {
-                self.no_fallocate = true;
-                Ok(())
-            }
-            rc => Err(Error::io(&self.path, std::io::Error::from_raw_os_error(rc))),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT) => Err(Error::DiskFull(format!(
+                    "no space left to extend {} to {len} bytes",
+                    self.path.display()
+                ))),
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::EFBIG) => {
+                    self.no_fallocate = true;
+                    Ok(())
+                }
+                _ => Err(Error::io(&self.path, e)),
+            },
         }
     }
 
@@ -159,8 +148,8 @@ impl WalWriter {
         if end > self.allocated {
             self.allocate(end.div_ceil(PREALLOCATE) * PREALLOCATE)?;
         }
-        faults::hit(&self.path, FailPoint::LogWrite)
-            .and_then(|_| (&*self.file).write_all(framed))
+        self.file
+            .write_at(framed, self.bytes)
             .map_err(|e| Error::io(&self.path, e))?;
         self.bytes = end;
         Ok(())
@@ -177,9 +166,7 @@ impl WalWriter {
 
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> Result<()> {
-        faults::hit(&self.path, FailPoint::LogSync)
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| Error::io(&self.path, e))
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
     }
 
     /// Starts [`WalWriter::sync`] on `syncer`'s thread: everything appended
@@ -189,7 +176,6 @@ impl WalWriter {
         let (done, rx) = mpsc::sync_channel(1);
         let sent = syncer.tx.send(SyncJob {
             file: self.file.clone(),
-            path: self.path.clone(),
             done,
         });
         PendingSync {
@@ -215,8 +201,7 @@ pub struct Syncer {
 }
 
 struct SyncJob {
-    file: Arc<File>,
-    path: PathBuf,
+    file: Arc<dyn WriteFile>,
     done: mpsc::SyncSender<std::io::Result<()>>,
 }
 
@@ -227,9 +212,7 @@ impl Syncer {
             .name("tagstore-sync".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let res = faults::hit(&job.path, FailPoint::LogSync)
-                        .and_then(|_| job.file.sync_data());
-                    let _ = job.done.send(res);
+                    let _ = job.done.send(job.file.sync_data());
                 }
             })
             .map_err(|e| Error::io(Path::new("tagstore-sync thread"), e))?;
@@ -260,18 +243,19 @@ impl PendingSync {
 pub struct WalFile {
     pub path: PathBuf,
     pub first_lsn: u64,
+    /// Bytes, when listed.
+    pub len: u64,
 }
 
 /// Log files in `dir`, ordered by their first lsn.
-pub fn list(dir: &Path) -> Result<Vec<WalFile>> {
+pub fn list(dir: &DataDir) -> Result<Vec<WalFile>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let name = entry.file_name();
-        if let Some(first_lsn) = name.to_str().and_then(parse_file_name) {
+    for entry in dir.fs().list(dir).map_err(|e| Error::io(dir.path(), e))? {
+        if let Some(first_lsn) = parse_file_name(&entry.name) {
             out.push(WalFile {
-                path: entry.path(),
+                path: dir.join(&entry.name),
                 first_lsn,
+                len: entry.len,
             });
         }
     }
@@ -297,6 +281,7 @@ pub struct ReplayOutcome {
 /// failing its checksum where it ends the file) is truncated away and
 /// reported. Any other damage is a hard error naming file and offset.
 pub fn replay(
+    dir: &DataDir,
     files: &[WalFile],
     after_lsn: u64,
     mut apply: impl FnMut(u64, u8, &[u8]) -> Result<()>,
@@ -305,7 +290,10 @@ pub fn replay(
     let mut expected: Option<u64> = None;
     for (n, wf) in files.iter().enumerate() {
         let is_last = n + 1 == files.len();
-        let data = fs::read(&wf.path).map_err(|e| Error::io(&wf.path, e))?;
+        let data = dir
+            .fs()
+            .read(&wf.path)
+            .map_err(|e| Error::io(&wf.path, e))?;
         out.bytes += data.len() as u64;
         let corrupt =
             |offset: usize, reason: String| Error::corrupt(&wf.path, offset as u64, reason);
@@ -316,7 +304,9 @@ pub fn replay(
                     wf.path.display(),
                     data.len()
                 ));
-                fs::remove_file(&wf.path).map_err(|e| Error::io(&wf.path, e))?;
+                dir.fs()
+                    .remove(&wf.path)
+                    .map_err(|e| Error::io(&wf.path, e))?;
                 continue;
             }
             return Err(corrupt(0, "log file shorter than its header".into()));
@@ -361,7 +351,7 @@ pub fn replay(
             if data[pos..].iter().all(|&b| b == 0) {
                 // Preallocated space: the end of this file's records.
                 if is_last {
-                    truncate(&wf.path, pos)?;
+                    truncate(dir, &wf.path, pos)?;
                 }
                 break;
             }
@@ -380,7 +370,7 @@ pub fn replay(
             if let Some(why) = problem {
                 match torn(&why) {
                     Some(msg) => {
-                        truncate(&wf.path, pos)?;
+                        truncate(dir, &wf.path, pos)?;
                         out.truncated = Some(msg);
                         break;
                     }
@@ -399,7 +389,7 @@ pub fn replay(
                 // The final record: only zeros (preallocated space) or nothing follows it.
                 let ends_file = data[pos + FRAME_PREFIX + len..].iter().all(|&b| b == 0);
                 if ends_file && let Some(msg) = torn("checksum mismatch in the final record") {
-                    truncate(&wf.path, pos)?;
+                    truncate(dir, &wf.path, pos)?;
                     out.truncated = Some(msg);
                     break;
                 }
@@ -458,11 +448,8 @@ pub fn replay(
     Ok(out)
 }
 
-fn truncate(path: &Path, len: usize) -> Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
+fn truncate(dir: &DataDir, path: &Path, len: usize) -> Result<()> {
+    let f = dir.fs().open_write(path).map_err(|e| Error::io(path, e))?;
     f.set_len(len as u64).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
 }
@@ -470,11 +457,12 @@ fn truncate(path: &Path, len: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{self, OpenOptions};
 
     /// Writes `n` records and leaves the file as a crash would: with its
     /// preallocated zeros after the records.
     fn write_log(dir: &Path, first: u64, n: u64) -> PathBuf {
-        let mut w = WalWriter::create(dir, first).unwrap();
+        let mut w = WalWriter::create(&DataDir::os(dir), first).unwrap();
         let mut buf = Vec::new();
         for lsn in first..first + n {
             frame(&mut buf, lsn, 1, format!("record {lsn}").as_bytes());
@@ -514,7 +502,7 @@ mod tests {
             "recovery trims them"
         );
 
-        let mut w = WalWriter::create(dir.path(), 4).unwrap();
+        let mut w = WalWriter::create(&DataDir::os(dir.path()), 4).unwrap();
         let mut buf = Vec::new();
         frame(&mut buf, 4, 1, b"record 4");
         w.append(&buf).unwrap();
@@ -550,8 +538,9 @@ mod tests {
 
     fn collect(dir: &Path, after: u64) -> Result<(Vec<u64>, ReplayOutcome)> {
         let mut seen = Vec::new();
-        let files = list(dir)?;
-        let out = replay(&files, after, |lsn, kind, payload| {
+        let dir = DataDir::os(dir);
+        let files = list(&dir)?;
+        let out = replay(&dir, &files, after, |lsn, kind, payload| {
             assert_eq!(kind, 1);
             assert_eq!(payload, format!("record {lsn}").as_bytes());
             seen.push(lsn);

@@ -175,7 +175,7 @@ impl Writer {
                     Ok(on_disk)
                         if !on_disk.as_ref().is_some_and(|m| m.segments().contains(&no)) =>
                     {
-                        let _ = std::fs::remove_file(&path);
+                        let _ = self.dir.fs().remove(&path);
                     }
                     Ok(_) => tracing::warn!(
                         path = %path.display(),
@@ -289,15 +289,14 @@ impl Writer {
         match wal::list(&self.dir) {
             Ok(files) => {
                 for f in files.iter().filter(|f| f.first_lsn < rotated_first) {
-                    if let Err(e) = std::fs::remove_file(&f.path) {
+                    if let Err(e) = self.dir.fs().remove(&f.path) {
                         tracing::warn!(path = %f.path.display(), error = %e, "could not delete a covered log file");
                     }
                 }
                 self.old_wal_bytes = files
                     .iter()
                     .filter(|f| f.first_lsn >= rotated_first && f.first_lsn != self.wal.first_lsn())
-                    .filter_map(|f| std::fs::metadata(&f.path).ok())
-                    .map(|m| m.len())
+                    .map(|f| f.len)
                     .sum();
             }
             Err(e) => tracing::warn!(error = %e, "could not list log files"),
@@ -313,7 +312,7 @@ impl Writer {
             .collect();
         for no in dead {
             if let Some(seg) = self.segments.remove(&no)
-                && let Err(e) = std::fs::remove_file(&seg.path)
+                && let Err(e) = self.dir.fs().remove(&seg.path)
             {
                 tracing::warn!(path = %seg.path.display(), error = %e, "could not delete an unused segment");
             }

@@ -23,7 +23,6 @@ pub mod ops;
 mod plan;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 
@@ -36,7 +35,7 @@ use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::segment::Segment;
 use crate::storage::state::State;
 use crate::storage::wal::{self, Syncer, WalWriter};
-use crate::storage::{Shared, SyncMode};
+use crate::storage::{DataDir, Shared, SyncMode};
 pub use ops::*;
 
 /// Longest tag description, in bytes.
@@ -102,7 +101,7 @@ pub(crate) struct Writer {
     pub segments: HashMap<u64, Arc<Segment>>,
     pub rx: Receiver<Cmd>,
     pub tx: Sender<Cmd>,
-    pub dir: PathBuf,
+    pub dir: DataDir,
     running: Option<Running>,
     queued: Vec<Reply<CheckpointInfo>>,
     /// A caller asked for the dictionary to be merged: the next checkpoint
@@ -134,7 +133,7 @@ impl Writer {
         rx: Receiver<Cmd>,
         tx: Sender<Cmd>,
     ) -> Self {
-        let dir = shared.config.data_dir.clone();
+        let dir = DataDir::new(shared.config.fs.clone(), shared.config.data_dir.clone());
         let state_lsn = state.snap.lsn;
         let syncer = Syncer::start()
             .map_err(
