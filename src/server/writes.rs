@@ -5,7 +5,7 @@
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
-use crate::names::check_key;
+use crate::names::{MAX_KEY_BYTES, check_key};
 use crate::proto;
 use crate::server::service::{Service, blocking, invalid, tag_info};
 use crate::server::status::to_status;
@@ -120,10 +120,12 @@ pub(super) async fn replace_members(
                 "replace stream passed the limit of {limit} members (`max_replace_members`); nothing was changed"
             )));
         }
-        // Each key is checked as it arrives: a bad one (say 60 MB long)
-        // fails the call at once, not after the whole upload.
-        for key in &msg.customers {
-            check_key(key).map_err(|e| to_status(e.into()))?;
+        // A key over the length limit (say 60 MB long) fails the call as it
+        // arrives, not after the whole upload is buffered; the engine checks
+        // every key fully, once, when the write reaches it.
+        let too_long = msg.customers.iter().filter(|k| k.len() > MAX_KEY_BYTES);
+        if let Some(Err(e)) = too_long.map(|k| check_key(k)).next() {
+            return Err(to_status(e.into()));
         }
         customers.extend(msg.customers);
         if msg.last {

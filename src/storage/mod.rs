@@ -248,7 +248,10 @@ impl Engine {
     }
 
     /// Applies a write; returns once it is durable (per the sync mode) and visible.
+    /// Customer keys are checked here, on the caller's thread, and only
+    /// here ([`WriteOp::check_keys`]).
     pub async fn write(&self, op: WriteOp) -> Result<WriteResult> {
+        op.check_keys()?;
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Write(op, tx))?;
         rx.await.map_err(|_| self.gone())?
@@ -272,6 +275,7 @@ impl Engine {
 
     /// [`Engine::write`] for callers outside an async runtime.
     pub fn write_blocking(&self, op: WriteOp) -> Result<WriteResult> {
+        op.check_keys()?;
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Write(op, tx))?;
         rx.blocking_recv().map_err(|_| self.gone())?

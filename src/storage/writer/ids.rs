@@ -1,14 +1,15 @@
-//! Customer keys to ids for one request, with new ids for new keys.
+//! Customer keys to ids for one request, with new ids for new keys. The
+//! keys were checked at the engine's door ([`WriteOp::check_keys`]); this
+//! room trusts them.
 
 use std::collections::HashMap;
 
 use super::*;
 use crate::error::{Error, Result};
-use crate::names::check_key;
 
 /// Looks up customer keys for one request, giving new ids to new keys.
 pub(super) struct IdAssigner<'a, 'k> {
-    writer: &'a Writer,
+    state: &'a State,
     /// The live customers of the writer's state.
     pub(super) live: crate::bitmap::Members<'a>,
     fresh: HashMap<&'k str, u32>,
@@ -18,24 +19,22 @@ pub(super) struct IdAssigner<'a, 'k> {
 }
 
 impl<'a, 'k> IdAssigner<'a, 'k> {
-    pub(super) fn new(writer: &'a Writer) -> Result<Self> {
+    pub(super) fn new(state: &'a State) -> Result<Self> {
         Ok(Self {
-            writer,
-            live: writer.state.snap.live()?.members(),
+            state,
+            live: state.snap.live()?.members(),
             fresh: HashMap::new(),
             new_keys: Vec::new(),
-            next: writer.state.snap.next_customer_id,
+            next: state.snap.next_customer_id,
         })
     }
 
     /// The id of a live customer, if the key names one.
     pub(super) fn get(&self, key: &str) -> Result<Option<u32>> {
-        check_key(key)?;
         if let Some(&id) = self.fresh.get(key) {
             return Ok(Some(id));
         }
         Ok(self
-            .writer
             .state
             .snap
             .dict
@@ -46,12 +45,8 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
     /// [`IdAssigner::get`] of many keys, with the dictionary look-ups
     /// overlapped: the ids of live customers, in order.
     pub(super) fn get_many(&self, keys: &[String]) -> Result<Vec<Option<u32>>> {
-        let mut refs = Vec::with_capacity(keys.len());
-        for key in keys {
-            check_key(key)?;
-            refs.push(key.as_str());
-        }
-        let mut ids = self.writer.state.snap.dict.lookup_many(&refs)?;
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut ids = self.state.snap.dict.lookup_many(&refs)?;
         for (id, key) in ids.iter_mut().zip(keys) {
             if let Some(&fresh) = self.fresh.get(key.as_str()) {
                 *id = Some(fresh);

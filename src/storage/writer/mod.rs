@@ -226,7 +226,12 @@ impl Writer {
         // The log's sync, when it runs while the group's last write is applied.
         let mut syncing = None;
         for (k, (op, reply)) in writes.into_iter().enumerate() {
-            let planned = match self.plan(op) {
+            let planner = plan::Planner {
+                state: &self.state,
+                at_ms: self.now_ms(),
+                last_delete_lsn: self.last_delete_lsn,
+            };
+            let planned = match planner.plan(op) {
                 Ok(p) => p,
                 Err(e) => {
                     replies.push((reply, Err(e)));

@@ -4,6 +4,7 @@
 use super::*;
 use crate::columns::FieldKind;
 use crate::error::Result;
+use crate::names::check_key;
 use crate::storage::snapshot::{FieldMeta, Snapshot, TagMeta};
 
 /// One tag's changes in an [`WriteOp::Update`], by customer key and by
@@ -190,6 +191,35 @@ pub enum WriteOp {
     SetValues {
         writes: Vec<ValueWrite>,
     },
+}
+
+impl WriteOp {
+    /// Checks every customer key the write names by [`check_key`]: the one
+    /// check of a key on its way in, made by [`Engine::write`](crate::storage::Engine::write)
+    /// on the caller's thread before the write is queued. The writer trusts
+    /// it. Keys already resolved to ids were found in the dictionary, so
+    /// they passed it when their customer was created.
+    pub fn check_keys(&self) -> Result<()> {
+        let all = |keys: &[String]| keys.iter().try_for_each(|k| check_key(k));
+        match self {
+            WriteOp::Update { mutations, .. } => mutations
+                .iter()
+                .try_for_each(|m| all(&m.add).and_then(|_| all(&m.remove))),
+            WriteOp::Replace { customers, .. }
+            | WriteOp::DeleteCustomers { customers }
+            | WriteOp::CreateCustomers { customers } => all(customers),
+            WriteOp::SetValues { writes } => writes.iter().try_for_each(|w| match w {
+                ValueWrite::Int { customer, .. }
+                | ValueWrite::Enum { customer, .. }
+                | ValueWrite::Event { customer, .. } => check_key(customer),
+            }),
+            WriteOp::CreateTag { .. }
+            | WriteOp::DropTag { .. }
+            | WriteOp::CreateField { .. }
+            | WriteOp::DropField { .. } => Ok(()),
+        }
+        .map_err(Into::into)
+    }
 }
 
 /// When a behaviour happened.

@@ -17,13 +17,23 @@ use crate::names::check_tag_name;
 use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, NewField, NewTag};
 use crate::storage::snapshot::Field;
 
-impl Writer {
+/// What planning reads: the writer's state, the moment of the write, and
+/// the lsn of the last delete (keys resolved before it are looked up
+/// again). A pure function of these and the request: no thread, no file,
+/// no clock of its own.
+pub(crate) struct Planner<'a> {
+    pub state: &'a State,
+    pub at_ms: i64,
+    pub last_delete_lsn: u64,
+}
+
+impl Planner<'_> {
     /// Validates a write against the current state and turns it into a batch
     /// with every id assigned. Loads every bitmap the batch will touch, so
     /// that applying it cannot fail halfway.
-    pub(super) fn plan(&self, op: WriteOp) -> Result<Planned> {
+    pub(crate) fn plan(&self, op: WriteOp) -> Result<Planned> {
         let snap = &self.state.snap;
-        let at_ms = self.now_ms();
+        let at_ms = self.at_ms;
         let mut batch = Batch {
             at_ms,
             ..Default::default()
@@ -76,7 +86,7 @@ impl Writer {
                         "empty update: the mutations name no customers",
                     ));
                 }
-                let mut ids = IdAssigner::new(self)?;
+                let mut ids = IdAssigner::new(self.state)?;
                 let mut new_tags: HashMap<String, u32> = HashMap::new();
                 for m in &mutations {
                     let tag_id =
@@ -145,7 +155,7 @@ impl Writer {
                 customers,
                 create_missing_tag,
             } => {
-                let mut ids = IdAssigner::new(self)?;
+                let mut ids = IdAssigner::new(self.state)?;
                 let tag_id =
                     self.resolve_tag(&tag, create_missing_tag, &mut HashMap::new(), &mut batch)?;
                 let members: RoaringBitmap =
@@ -162,7 +172,7 @@ impl Writer {
                 if customers.is_empty() {
                     return Err(Error::invalid("empty delete: no customers named"));
                 }
-                let ids = IdAssigner::new(self)?;
+                let ids = IdAssigner::new(self.state)?;
                 batch
                     .deletes
                     .extend(ids.get_many(&customers)?.into_iter().flatten());
@@ -186,7 +196,7 @@ impl Writer {
                 if customers.is_empty() {
                     return Err(Error::invalid("no customers named"));
                 }
-                let mut ids = IdAssigner::new(self)?;
+                let mut ids = IdAssigner::new(self.state)?;
                 let found = ids.get_or_create_many(&customers)?;
                 if ids.new_keys.is_empty() {
                     return Ok(Planned::Done(WriteResult {
@@ -240,7 +250,7 @@ impl Writer {
                 if writes.is_empty() {
                     return Err(Error::invalid("empty write: no values or events"));
                 }
-                let mut ids = IdAssigner::new(self)?;
+                let mut ids = IdAssigner::new(self.state)?;
                 let expired = plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?;
                 batch.new_keys = ids.new_keys;
                 Ok(Planned::Write(batch, Target::Values { expired }))
@@ -533,4 +543,191 @@ fn plan_values<'k>(
         batch.field_changes.push(change);
     }
     Ok(expired)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Planning alone: a state and a request in, a batch (or a refusal)
+    //! out. No writer thread, no log, no files.
+
+    use super::*;
+    use crate::bitmap::ShardedBitmap;
+    use crate::storage::Snapshot;
+    use crate::storage::record::ChangeOp;
+
+    const AT: i64 = 1_764_000_000_000;
+
+    fn empty() -> State {
+        State::new(Snapshot::in_memory(Vec::new(), ShardedBitmap::new()))
+    }
+
+    fn plan(state: &State, op: WriteOp) -> Result<Planned> {
+        Planner {
+            state,
+            at_ms: AT,
+            last_delete_lsn: 0,
+        }
+        .plan(op)
+    }
+
+    fn batch(p: Planned) -> Batch {
+        match p {
+            Planned::Write(b, _) => b,
+            Planned::Done(r) => panic!("expected a batch, got {r:?}"),
+        }
+    }
+
+    fn add(tag: &str, keys: &[&str]) -> WriteOp {
+        WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: tag.into(),
+                add: keys.iter().map(|k| k.to_string()).collect(),
+                ..Default::default()
+            }],
+            create_missing_tags: true,
+        }
+    }
+
+    /// Plans and applies, as the writer does (without the log).
+    fn apply(state: &mut State, op: WriteOp) {
+        let b = batch(plan(state, op).unwrap());
+        let lsn = state.snap.lsn + 1;
+        state.apply(lsn, &b).unwrap();
+        state.snap.lsn = lsn;
+    }
+
+    #[test]
+    fn an_update_names_new_tags_and_customers_with_every_id_decided() {
+        let state = empty();
+        let b = batch(plan(&state, add("vip", &["a", "b", "a"])).unwrap());
+        assert_eq!(b.at_ms, AT);
+        assert_eq!(b.new_tags.len(), 1);
+        assert_eq!((b.new_tags[0].id, b.new_tags[0].name.as_str()), (0, "vip"));
+        // A key named twice is one new customer.
+        assert_eq!(b.new_keys, vec![(0, "a".into()), (1, "b".into())]);
+        assert_eq!(b.changes.len(), 1);
+        assert_eq!(b.changes[0].op, ChangeOp::Add);
+        assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![0, 1]);
+        // Planning wrote nothing.
+        assert!(state.snap.tag("vip").is_none());
+        assert_eq!(state.snap.next_customer_id, 0);
+    }
+
+    #[test]
+    fn known_customers_keep_their_ids_and_a_write_that_changes_nothing_is_not_logged() {
+        let mut state = empty();
+        apply(&mut state, add("vip", &["a", "b"]));
+        let b = batch(plan(&state, add("vip", &["b", "c"])).unwrap());
+        assert_eq!(b.new_keys, vec![(2, "c".into())]);
+        assert!(b.new_tags.is_empty());
+        assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![1, 2]);
+        match plan(&state, add("vip", &["a"])).unwrap() {
+            Planned::Done(r) => assert_eq!((r.lsn, r.added), (state.snap.lsn, 0)),
+            Planned::Write(b, _) => panic!("a no-op was planned as {b:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let mut state = empty();
+        apply(&mut state, add("vip", &["a"]));
+        let unknown = WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: "nope".into(),
+                add: vec!["a".into()],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        };
+        assert!(matches!(plan(&state, unknown), Err(Error::TagNotFound(t)) if t == "nope"));
+        let create = |name: &str| WriteOp::CreateTag {
+            name: name.into(),
+            description: String::new(),
+            category: String::new(),
+            if_not_exists: false,
+        };
+        assert!(matches!(
+            plan(&state, create("vip")),
+            Err(Error::TagExists(_))
+        ));
+        assert!(matches!(
+            plan(&state, create(" padded")),
+            Err(Error::InvalidArgument(_))
+        ));
+        let empty_update = WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: "vip".into(),
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        };
+        assert!(matches!(
+            plan(&state, empty_update),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn a_replace_and_a_delete_name_ids_of_live_customers_only() {
+        let mut state = empty();
+        apply(&mut state, add("vip", &["a", "b", "c"]));
+        let b = batch(
+            plan(
+                &state,
+                WriteOp::Replace {
+                    tag: "vip".into(),
+                    customers: vec!["c".into(), "d".into()],
+                    create_missing_tag: false,
+                },
+            )
+            .unwrap(),
+        );
+        assert_eq!(b.changes[0].op, ChangeOp::Replace);
+        assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(b.new_keys, vec![(3, "d".into())]);
+
+        let delete = |keys: &[&str]| WriteOp::DeleteCustomers {
+            customers: keys.iter().map(|k| k.to_string()).collect(),
+        };
+        let b = batch(plan(&state, delete(&["b", "nobody"])).unwrap());
+        assert_eq!(b.deletes.iter().collect::<Vec<_>>(), vec![1]);
+        apply(&mut state, delete(&["b"]));
+        // A deleted customer's key names a new customer afterwards.
+        let b = batch(plan(&state, add("vip", &["b"])).unwrap());
+        assert_eq!(b.new_keys, vec![(3, "b".into())]);
+    }
+
+    #[test]
+    fn keys_resolved_before_a_delete_are_looked_up_again() {
+        let mut state = empty();
+        apply(&mut state, add("vip", &["a"]));
+        apply(&mut state, add("other", &["x"]));
+        let stale = Mutation {
+            tag: "other".into(),
+            add_resolved: vec![(0, "a".into())],
+            resolved_at: Some(state.snap.lsn),
+            ..Default::default()
+        };
+        // "a" is deleted after it was resolved, then written again.
+        let deleted_at = state.snap.lsn + 1;
+        apply(
+            &mut state,
+            WriteOp::DeleteCustomers {
+                customers: vec!["a".into()],
+            },
+        );
+        let planner = Planner {
+            state: &state,
+            at_ms: AT,
+            last_delete_lsn: deleted_at,
+        };
+        let op = WriteOp::Update {
+            mutations: vec![stale],
+            create_missing_tags: false,
+        };
+        let b = batch(planner.plan(op).unwrap());
+        // Not id 0 (the deleted customer's): a new customer.
+        assert_eq!(b.new_keys, vec![(2, "a".into())]);
+        assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![2]);
+    }
 }
