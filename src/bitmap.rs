@@ -308,7 +308,7 @@ pub fn for_each_id(b: &Bitmap, mut f: impl FnMut(u32)) {
 
 /// The bitmap whose bit `k` of `words[w]` stands for id `base + 64 w + k`
 /// (`base` a multiple of 65,536): the word-parallel counters of
-/// `columns::bsi` end here. It writes the portable serialization directly
+/// `fields::bsi` end here. It writes the portable serialization directly
 /// (a bitmap container per 65,536 ids holding more than 4,096, sorted
 /// 16-bit values otherwise) and lets CRoaring read it, which is a copy
 /// rather than an insertion per id. `bytes` is scratch space.

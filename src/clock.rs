@@ -3,7 +3,7 @@
 //! `WITHIN` windows, a profile's recent days, refusing events from the
 //! future) asks the engine's [`Clock`]: the system clock in the server, a
 //! [`ManualClock`] in tests that cross a local midnight or a month end.
-//! Owns no policy about days (that is `columns::time`'s).
+//! Owns no policy about days (that is `fields::time`'s).
 
 use std::fmt;
 use std::sync::Arc;

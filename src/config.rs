@@ -137,8 +137,8 @@ impl ServerConfig {
         };
         let default_time_zone = file
             .time_zone
-            .unwrap_or_else(|| crate::columns::DEFAULT_TIME_ZONE.to_string());
-        crate::columns::time::zone(&default_time_zone)
+            .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());
+        crate::fields::time::zone(&default_time_zone)
             .map_err(|e| Error::Config(format!("time_zone: {e}")))?;
         Ok(Self {
             listen,

@@ -14,7 +14,7 @@
 //!   snapshots into segment files at checkpoints. Knows nothing of gRPC.
 //! - [`query`]: the query language (parser) and its evaluation over one
 //!   snapshot. Reads, never writes.
-//! - [`columns`]: what a field is (integer, enumerated, behaviour) and how
+//! - [`fields`]: what a field is (integer, enumerated, behaviour) and how
 //!   its values sit in bitmaps; local days and months.
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
 //! - [`clock`]: the one source of "now" (injectable, for tests that cross
@@ -27,9 +27,9 @@
 
 pub mod bitmap;
 pub mod clock;
-pub mod columns;
 pub mod config;
 pub mod error;
+pub mod fields;
 pub mod query;
 pub mod server;
 pub mod storage;

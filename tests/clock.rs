@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tagstore::clock::{Clock, ManualClock};
-use tagstore::columns::time::days_from_civil;
-use tagstore::columns::{EventsSpec, FieldKind};
 use tagstore::error::QueryErrorKind;
+use tagstore::fields::time::days_from_civil;
+use tagstore::fields::{BehaviourSpec, FieldKind};
 use tagstore::query::Query;
 use tagstore::storage::{Engine, EngineConfig, EventTime, ValueWrite, WriteOp};
 
@@ -56,7 +56,7 @@ fn days_windows_roll_ups_and_retention_follow_the_engines_clock() {
             name: "viewed".into(),
             description: String::new(),
             category: String::new(),
-            kind: FieldKind::Events(EventsSpec {
+            kind: FieldKind::Behaviour(BehaviourSpec {
                 time_zone: "Asia/Shanghai".into(),
                 retention_days: 60,
                 daily_days: 3,

@@ -239,7 +239,7 @@ fn apply_model(model: &mut Model, op: &WriteOp, accepted: bool) {
                 }
             }
         }
-        other => unreachable!("not generated here (fields: tests/columns_model.rs): {other:?}"),
+        other => unreachable!("not generated here (fields: tests/fields_model.rs): {other:?}"),
     }
 }
 

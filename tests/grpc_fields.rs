@@ -413,7 +413,7 @@ async fn fields_over_grpc() {
     let values: Vec<(String, Option<field_value::Value>)> =
         p.values.into_iter().map(|v| (v.field, v.value)).collect();
     let day =
-        |ms: i64| tagstore::columns::time::format_day((ms + SHANGHAI_MS).div_euclid(DAY_MS) as i32);
+        |ms: i64| tagstore::fields::time::format_day((ms + SHANGHAI_MS).div_euclid(DAY_MS) as i32);
     assert_eq!(
         values,
         vec![

@@ -231,7 +231,7 @@ fn missing_log_after_the_checkpoint_is_an_error_not_a_silent_gap() {
 
 #[test]
 fn flipped_bit_in_a_field_slot_fails_the_queries_that_read_it() {
-    use tagstore::columns::FieldKind;
+    use tagstore::fields::FieldKind;
     use tagstore::storage::ValueWrite;
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path()).unwrap();

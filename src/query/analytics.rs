@@ -10,8 +10,8 @@ use std::collections::HashSet;
 
 use crate::bitmap::Bitmap;
 
-use crate::columns::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::error::{Error, Result};
+use crate::fields::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::query::eval::Query;
 use crate::storage::{Field, Snapshot};
 

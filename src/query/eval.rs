@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bitmap::{Bitmap, SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
 use crate::clock::{Clock, SystemClock};
-use crate::columns::bsi::{self, DenseCounter};
 use crate::error::Result;
+use crate::fields::bsi::{self, DenseCounter};
 use crate::query::parser::{Expr, parse};
 use crate::storage::Snapshot;
 

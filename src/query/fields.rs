@@ -15,9 +15,9 @@
 //!   error (day precision is gone there), as is a COUNT window reaching one.
 
 use crate::bitmap::ShardedBitmap;
-use crate::columns::time::{self, Bucket};
-use crate::columns::{EventsSpec, FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::error::{Error, QueryErrorKind, Result};
+use crate::fields::time::{self, Bucket};
+use crate::fields::{BehaviourSpec, FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::query::eval::{Compiler, IntSlices, Plan};
 use crate::query::parser::{CmpOp, Lit, Pred, Window};
 use crate::storage::Field;
@@ -100,7 +100,7 @@ impl<'s> Compiler<'s> {
             });
         };
         match &field.meta.kind {
-            FieldKind::Events(spec) => self.any_event(field, spec),
+            FieldKind::Behaviour(spec) => self.any_event(field, spec),
             FieldKind::Int => Err(type_err(
                 pos,
                 format!(
@@ -147,7 +147,7 @@ impl<'s> Compiler<'s> {
         match &field.meta.kind {
             FieldKind::Int => self.int_pred(field, pred, pos),
             FieldKind::Enum { values } => self.enum_pred(field, values, pred, pos),
-            FieldKind::Events(spec) => self.events_pred(field, spec, pred, pos),
+            FieldKind::Behaviour(spec) => self.events_pred(field, spec, pred, pos),
         }
     }
 
@@ -305,12 +305,12 @@ impl<'s> Compiler<'s> {
         })
     }
 
-    fn today(&self, spec: &EventsSpec) -> Result<i32> {
+    fn today(&self, spec: &BehaviourSpec) -> Result<i32> {
         let tz = time::zone(&spec.time_zone)?;
         time::day_of(self.now_ms, &tz)
     }
 
-    fn any_event(&self, field: &'s Field, spec: &EventsSpec) -> Result<Plan<'s>> {
+    fn any_event(&self, field: &'s Field, spec: &BehaviourSpec) -> Result<Plan<'s>> {
         let today = self.today(spec)?;
         let from = spec.retention_start(today);
         let mut items = Vec::new();
@@ -338,7 +338,7 @@ impl<'s> Compiler<'s> {
     fn window_buckets(
         &self,
         field: &'s Field,
-        spec: &EventsSpec,
+        spec: &BehaviourSpec,
         w: &Window,
         days_only: bool,
     ) -> Result<Vec<&'s ShardedBitmap>> {
@@ -395,7 +395,7 @@ impl<'s> Compiler<'s> {
     fn events_pred(
         &self,
         field: &'s Field,
-        spec: &EventsSpec,
+        spec: &BehaviourSpec,
         pred: &Pred,
         pos: usize,
     ) -> Result<Plan<'s>> {

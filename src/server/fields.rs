@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use tonic::Status;
 
-use crate::columns::time;
-use crate::columns::{
-    DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, EventsSpec, FieldKind, INT_EXISTS,
-};
 use crate::error::Error;
+use crate::fields::time;
+use crate::fields::{
+    BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind, INT_EXISTS,
+};
 use crate::names::check_key;
 use crate::proto;
 use crate::query::analytics::{self, MAX_OVERLAP_QUERIES};
@@ -53,7 +53,7 @@ fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
             }
             info.customers_with_value = n;
         }
-        FieldKind::Events(s) => {
+        FieldKind::Behaviour(s) => {
             info.kind = proto::FieldKind::Behaviour as i32;
             info.time_zone = s.time_zone.clone();
             info.retention_days = s.retention_days;
@@ -88,7 +88,7 @@ fn kind_of(r: &proto::CreateFieldRequest, default_tz: &str) -> Result<FieldKind,
                 0 => DEFAULT_RETENTION_DAYS,
                 n => n,
             };
-            Ok(FieldKind::Events(EventsSpec {
+            Ok(FieldKind::Behaviour(BehaviourSpec {
                 time_zone: if r.time_zone.is_empty() {
                     default_tz.to_string()
                 } else {
@@ -193,7 +193,7 @@ pub(super) async fn set_values(
                         customer,
                         value: None,
                     },
-                    Some(FieldKind::Events(_)) => {
+                    Some(FieldKind::Behaviour(_)) => {
                         return Err(invalid(format!(
                             "write {i}: {field:?} is a behaviour field; events cannot be cleared (delete the customer, or let them expire)"
                         )));
@@ -397,7 +397,7 @@ pub(super) fn profile_values(
                 .map_err(to_status)?
                 .and_then(|s| values.get(s as usize))
                 .map(|v| Value::EnumValue(v.clone())),
-            FieldKind::Events(spec) => {
+            FieldKind::Behaviour(spec) => {
                 let tz = time::zone(&spec.time_zone).map_err(to_status)?;
                 let today = time::day_of(now_ms, &tz).map_err(to_status)?;
                 let from = (today - recent as i32 + 1).max(spec.retention_start(today));

@@ -4,8 +4,8 @@
 //! temporary file, fsync, rename over `MANIFEST`, fsync the directory), so a
 //! crash leaves either the old manifest or the new one.
 
-use crate::columns::FieldKind;
 use crate::error::{Error, Result};
+use crate::fields::FieldKind;
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
 use crate::storage::datadir::{DataDir, fsync_dir};
 use crate::storage::fs::Create;

@@ -2,13 +2,13 @@
 //! holding everything the request changed with ids already assigned, so that
 //! replay is deterministic and applying a record twice changes nothing more.
 //!
-//! Version 2 added fields (integer, enumerated and behaviour columns) after
+//! Version 2 added fields (integer, enumerated and behaviour) after
 //! the version 1 layout; a reader takes both and refuses versions it does not
 //! know instead of guessing.
 
 use roaring::RoaringBitmap;
 
-use crate::columns::FieldKind;
+use crate::fields::FieldKind;
 use crate::storage::codec::{Dec, DecResult, Enc};
 
 /// Record kind of a [`Batch`] in the log framing.

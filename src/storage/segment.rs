@@ -1,6 +1,6 @@
 //! Immutable segment files: writing them once at a checkpoint, then reading
-//! them through a memory map. A segment holds many tags (tags are the columns:
-//! each tag's bitmap is a run of per-shard blobs), and may hold the live
+//! them through a memory map. A segment holds many tags
+//! (each tag's bitmap is a run of per-shard blobs), and may hold the live
 //! customer set and a customer dictionary section. Every blob carries a crc32
 //! in the segment's directory; a blob is checked when it is read, so a damaged
 //! byte is reported (file and offset) instead of served.

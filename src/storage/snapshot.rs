@@ -6,8 +6,8 @@
 use std::sync::{Arc, OnceLock};
 
 use crate::bitmap::ShardedBitmap;
-use crate::columns::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::error::Result;
+use crate::fields::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::storage::dictionary::Dictionary;
 use crate::storage::segment::{BlobKind, Segment};
 
@@ -118,7 +118,7 @@ pub struct FieldMeta {
 }
 
 /// A field (integer, enumerated or behaviour column): stable id, metadata,
-/// and its non-empty bitmaps by slot (see [`crate::columns`] for what a slot
+/// and its non-empty bitmaps by slot (see [`crate::fields`] for what a slot
 /// means for each kind).
 #[derive(Clone)]
 pub struct Field {

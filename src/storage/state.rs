@@ -8,9 +8,9 @@ use std::sync::Arc;
 use roaring::RoaringBitmap;
 
 use crate::bitmap::ShardedBitmap;
-use crate::columns::time::{self, Bucket};
-use crate::columns::{INT_EXISTS, bsi, int_slot};
 use crate::error::{Error, Result};
+use crate::fields::time::{self, Bucket};
+use crate::fields::{INT_EXISTS, bsi, int_slot};
 use crate::storage::record::{Batch, ChangeOp, FieldChange};
 use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, Tag, TagMeta};
 

@@ -10,9 +10,9 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::columns::FieldKind;
-use crate::columns::time::{self, Bucket};
 use crate::error::{Error, Result};
+use crate::fields::FieldKind;
+use crate::fields::time::{self, Bucket};
 use crate::storage::checkpoint::{CheckpointDone, CheckpointInfo, CheckpointJob};
 use crate::storage::datadir::fsync_dir;
 use crate::storage::manifest::Manifest;
@@ -382,7 +382,7 @@ fn maintenance(snap: &crate::storage::Snapshot, now_ms: i64) -> Result<Batch> {
         ..Default::default()
     };
     for field in snap.fields.values() {
-        let FieldKind::Events(spec) = &field.meta.kind else {
+        let FieldKind::Behaviour(spec) = &field.meta.kind else {
             continue;
         };
         let tz = time::zone(&spec.time_zone)?;

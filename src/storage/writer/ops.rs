@@ -2,8 +2,8 @@
 //! ([`WriteOp`] and its parts) and what it answers ([`WriteResult`]).
 
 use super::*;
-use crate::columns::FieldKind;
 use crate::error::Result;
+use crate::fields::FieldKind;
 use crate::names::check_key;
 use crate::storage::snapshot::{FieldMeta, Snapshot, TagMeta};
 

@@ -10,9 +10,9 @@ use roaring::RoaringBitmap;
 
 use super::ids::IdAssigner;
 use super::*;
-use crate::columns::FieldKind;
-use crate::columns::time::{self};
 use crate::error::{Error, Result};
+use crate::fields::FieldKind;
+use crate::fields::time::{self};
 use crate::names::check_tag_name;
 use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, NewField, NewTag};
 use crate::storage::snapshot::Field;
@@ -429,7 +429,7 @@ fn plan_values<'k>(
                     m.insert(id, slot);
                 }
             }
-            (ValueWrite::Event { at, .. }, FieldKind::Events(spec)) => {
+            (ValueWrite::Event { at, .. }, FieldKind::Behaviour(spec)) => {
                 let (tz, today) = match todays.entry(field.id) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {

@@ -2,7 +2,7 @@
 //! an integer field and the COUNT(x WITHIN 90d) frequency (bit-sliced
 //! addition over day buckets), each beside the per-customer loop a
 //! straightforward implementation would run over the same data.
-//! Run: `cargo bench --bench columns`.
+//! Run: `cargo bench --bench fields`.
 
 use std::sync::Arc;
 
@@ -11,8 +11,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use roaring::RoaringBitmap;
 use tagstore::bitmap::ShardedBitmap;
-use tagstore::columns::time::parse_date;
-use tagstore::columns::{EventsSpec, FieldKind, INT_EXISTS, bsi, int_slot};
+use tagstore::fields::time::parse_date;
+use tagstore::fields::{BehaviourSpec, FieldKind, INT_EXISTS, bsi, int_slot};
 use tagstore::query::Query;
 use tagstore::query::analytics;
 use tagstore::storage::snapshot::LazyBitmap;
@@ -89,7 +89,7 @@ fn data() -> Data {
     let bought = field(
         2,
         "bought",
-        FieldKind::Events(EventsSpec {
+        FieldKind::Behaviour(BehaviourSpec {
             time_zone: "Asia/Shanghai".into(),
             retention_days: 365,
             daily_days: 365,

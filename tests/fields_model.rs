@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tagstore::columns::{EventsSpec, FieldKind};
+use tagstore::fields::{BehaviourSpec, FieldKind};
 use tagstore::query::Query;
 use tagstore::query::analytics;
 use tagstore::storage::{Engine, EngineConfig, EventTime, Mutation, ValueWrite, WriteOp};
@@ -111,7 +111,7 @@ fn create_fields(engine: &Engine) {
             name: "bought".into(),
             description: String::new(),
             category: String::new(),
-            kind: FieldKind::Events(EventsSpec {
+            kind: FieldKind::Behaviour(BehaviourSpec {
                 time_zone: "Asia/Shanghai".into(),
                 retention_days: RETENTION as u32,
                 daily_days: DAILY as u32,
@@ -247,7 +247,7 @@ fn members(engine: &Engine, text: &str, now: i64) -> BTreeSet<String> {
 }
 
 fn date(day: i32) -> String {
-    tagstore::columns::time::format_day(day)
+    tagstore::fields::time::format_day(day)
 }
 
 /// A random predicate as text, and the model's answer.
@@ -400,11 +400,11 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
     }
     // Whole months that are rolled up answer BETWEEN at month precision.
     let rolled_last = today - DAILY;
-    let (y, m, _) = tagstore::columns::time::civil_from_days(i64::from(rolled_last));
-    let month_start = tagstore::columns::time::days_from_civil(y, m, 1) as i32;
+    let (y, m, _) = tagstore::fields::time::civil_from_days(i64::from(rolled_last));
+    let month_start = tagstore::fields::time::days_from_civil(y, m, 1) as i32;
     let last_whole_month_end = month_start - 1;
-    let (py, pm, _) = tagstore::columns::time::civil_from_days(i64::from(last_whole_month_end));
-    let prev_start = tagstore::columns::time::days_from_civil(py, pm, 1) as i32;
+    let (py, pm, _) = tagstore::fields::time::civil_from_days(i64::from(last_whole_month_end));
+    let prev_start = tagstore::fields::time::days_from_civil(py, pm, 1) as i32;
     let text = format!(
         "bought BETWEEN '{}' AND '{}'",
         date(prev_start),
@@ -502,17 +502,17 @@ fn random_field_writes_match_the_model_across_restarts() {
                     .collect();
                 let today = local_day(now_ms());
                 for s in slots {
-                    match tagstore::columns::time::Bucket::of_slot(s) {
-                        tagstore::columns::time::Bucket::Day(d) => {
+                    match tagstore::fields::time::Bucket::of_slot(s) {
+                        tagstore::fields::time::Bucket::Day(d) => {
                             assert!(d > today - RETENTION, "expired day {d} kept");
-                            let m = tagstore::columns::time::month_of(d);
+                            let m = tagstore::fields::time::month_of(d);
                             assert!(
-                                tagstore::columns::time::month_last_day(m) > today - DAILY,
+                                tagstore::fields::time::month_last_day(m) > today - DAILY,
                                 "day {d} of a rolled month kept"
                             );
                         }
-                        tagstore::columns::time::Bucket::Month(m) => assert!(
-                            tagstore::columns::time::month_last_day(m) > today - RETENTION,
+                        tagstore::fields::time::Bucket::Month(m) => assert!(
+                            tagstore::fields::time::month_last_day(m) > today - RETENTION,
                             "expired month {m} kept"
                         ),
                     }
@@ -595,7 +595,7 @@ fn field_errors_are_clear() {
         name: "x".into(),
         description: String::new(),
         category: String::new(),
-        kind: FieldKind::Events(EventsSpec {
+        kind: FieldKind::Behaviour(BehaviourSpec {
             time_zone: "Mars/Olympus".into(),
             retention_days: 10,
             daily_days: 5,

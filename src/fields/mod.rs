@@ -1,4 +1,4 @@
-//! Columns beyond yes/no tags, still on bitmaps: what a field is, and the
+//! Fields: values beyond yes/no tags, still on bitmaps: what a field is, and the
 //! arithmetic that reads and writes its bitmaps.
 //!
 //! - **Integer fields**: signed 64-bit values as bit-sliced indexes
@@ -43,7 +43,7 @@ pub fn int_slot(k: usize) -> u32 {
 
 /// How a behaviour field buckets and keeps its events.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventsSpec {
+pub struct BehaviourSpec {
     /// IANA time zone that decides which local day an event falls on.
     pub time_zone: String,
     /// Events older than this many days (today counting as one) are dropped.
@@ -53,7 +53,7 @@ pub struct EventsSpec {
     pub daily_days: u32,
 }
 
-impl EventsSpec {
+impl BehaviourSpec {
     /// The first day still kept, given today's local day number.
     pub fn retention_start(&self, today: i32) -> i32 {
         today - self.retention_days as i32 + 1
@@ -85,12 +85,12 @@ impl EventsSpec {
     }
 }
 
-/// What kind of column a field is.
+/// What kind of field a field is: integer, enumerated or behaviour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldKind {
     Int,
     Enum { values: Vec<String> },
-    Events(EventsSpec),
+    Behaviour(BehaviourSpec),
 }
 
 impl FieldKind {
@@ -98,7 +98,7 @@ impl FieldKind {
         match self {
             FieldKind::Int => "integer",
             FieldKind::Enum { .. } => "enumerated",
-            FieldKind::Events(_) => "behaviour",
+            FieldKind::Behaviour(_) => "behaviour",
         }
     }
 
@@ -122,7 +122,7 @@ impl FieldKind {
                 }
                 Ok(())
             }
-            FieldKind::Events(s) => {
+            FieldKind::Behaviour(s) => {
                 time::zone(&s.time_zone)?;
                 if s.retention_days == 0 || s.retention_days > MAX_RETENTION_DAYS {
                     return Err(Error::invalid(format!(
@@ -152,7 +152,7 @@ impl FieldKind {
                     e.str(v);
                 }
             }
-            FieldKind::Events(s) => {
+            FieldKind::Behaviour(s) => {
                 e.u8(3)
                     .str(&s.time_zone)
                     .u32(s.retention_days)
@@ -175,7 +175,7 @@ impl FieldKind {
                 }
                 FieldKind::Enum { values }
             }
-            3 => FieldKind::Events(EventsSpec {
+            3 => FieldKind::Behaviour(BehaviourSpec {
                 time_zone: d.str()?.to_string(),
                 retention_days: d.u32()?,
                 daily_days: d.u32()?,
