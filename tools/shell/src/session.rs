@@ -857,10 +857,7 @@ pub fn describe(f: &Failure, addr: &str) -> String {
         Failure::Cancelled => "cancelled".into(),
         Failure::Local(msg) => format!("error: {msg}"),
         Failure::Server { status, query } => {
-            let unreachable = status.code() == Code::Unavailable
-                && status.message().contains("transport")
-                || status.message().contains("connect")
-                || status.code() == Code::Unknown && status.message().contains("transport");
+            let unreachable = is_unreachable(status);
             if unreachable {
                 return format!(
                     "error: cannot reach the server at {addr} ({}); it will be tried again on the next command",
@@ -921,6 +918,29 @@ fn terminal_columns() -> usize {
         .unwrap_or(100)
 }
 
+/// True when a call failed because the connection did not work (refused,
+/// reset, closed by a server that went away), not because the server
+/// answered with an error. Tonic reports a dead connection as UNAVAILABLE,
+/// or, depending on when the connection broke, as UNKNOWN, CANCELLED or
+/// INTERNAL, always with the transport's words in the message.
+fn is_unreachable(status: &Status) -> bool {
+    let msg = status.message().to_ascii_lowercase();
+    let transport_words = [
+        "transport",
+        "connect",
+        "connection",
+        "h2 protocol",
+        "broken pipe",
+        "reset",
+    ];
+    // The server's own UNAVAILABLE (a store that stopped taking writes, a
+    // shutdown) names no transport: it is an answer, shown as one.
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+    ) && transport_words.iter().any(|w| msg.contains(w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -960,5 +980,27 @@ mod tests {
         assert_eq!(lines[1], "  高价值 AND (");
         // Two columns for each of 高价值, one for each of " AND ", then the caret under "(".
         assert_eq!(lines[2], format!("  {}^", " ".repeat(11)));
+    }
+
+    #[test]
+    fn a_dead_connection_is_unreachable_but_a_server_answer_is_not() {
+        use tonic::{Code, Status};
+        for s in [
+            Status::unavailable("error trying to connect: tcp connect error: Connection refused"),
+            Status::unknown("transport error"),
+            Status::cancelled("operation was canceled: connection closed"),
+            Status::internal("h2 protocol error: error reading a body from connection"),
+        ] {
+            assert!(is_unreachable(&s), "{s:?}");
+        }
+        for s in [
+            Status::unavailable(
+                "storage stopped after a fatal error and accepts no more writes: x",
+            ),
+            Status::unavailable("the server is shutting down"),
+            Status::new(Code::NotFound, "tag not found: \"connect\""),
+        ] {
+            assert!(!is_unreachable(&s), "{s:?}");
+        }
     }
 }
