@@ -1,0 +1,10 @@
+//! The harness's scenarios, one file each: every file adds its scenario's
+//! methods to [`Bench`](crate::Bench), which holds the run's settings, data
+//! set, report and helpers (in `main.rs`).
+
+mod load;
+mod mixed;
+mod query;
+mod restart;
+mod sweep;
+mod update;
