@@ -101,8 +101,7 @@ impl Completer for ShellHelper {
         if !trimmed.contains(char::is_whitespace) {
             let start = before.len() - trimmed.len();
             let lower = trimmed.to_ascii_lowercase();
-            let pairs = commands::COMMAND_WORDS
-                .iter()
+            let pairs = commands::command_words()
                 .filter(|c| c.starts_with(&lower))
                 .map(|c| Pair {
                     display: c.to_string(),

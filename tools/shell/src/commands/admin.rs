@@ -1,0 +1,72 @@
+//! Commands about the server and the shell itself: `stats`, `checkpoint`,
+//! `help`, `\timing`, `quit`. Each one's help text sits beside its parser.
+
+use super::args::{split_args, take_flag};
+use super::{Command, Spec};
+
+pub const STATS: Spec = Spec {
+    name: "stats",
+    words: &["stats"],
+    complete: &["stats"],
+    usage: "stats",
+    summary: "server figures: customers, tags, memory, disk, log, last checkpoint, dictionary sections",
+    example: "stats",
+    takes_tags: false,
+    parse: |_| Ok(Command::Stats),
+};
+
+pub const CHECKPOINT: Spec = Spec {
+    name: "checkpoint",
+    words: &["checkpoint"],
+    complete: &["checkpoint"],
+    usage: "checkpoint [--merge-dictionary]",
+    summary: "write a checkpoint now; --merge-dictionary also merges the customer dictionary into one section (after a bulk load)",
+    example: "checkpoint --merge-dictionary",
+    takes_tags: false,
+    parse: |rest| {
+        let mut args = split_args(rest)?;
+        let merge = take_flag(&mut args, "--merge-dictionary");
+        if !args.is_empty() {
+            return Err(format!("usage: {}", CHECKPOINT.usage));
+        }
+        Ok(Command::Checkpoint(merge))
+    },
+};
+
+pub const HELP: Spec = Spec {
+    name: "help",
+    words: &["help", "\\?", "?"],
+    complete: &["help"],
+    usage: "help [command]",
+    summary: "this list, or one command in detail",
+    example: "help find",
+    takes_tags: false,
+    parse: |rest| Ok(Command::Help((!rest.is_empty()).then(|| rest.to_string()))),
+};
+
+pub const TIMING: Spec = Spec {
+    name: "\\timing",
+    words: &["\\timing"],
+    complete: &["\\timing"],
+    usage: "\\timing [on|off]",
+    summary: "show how long each command takes",
+    example: "\\timing on",
+    takes_tags: false,
+    parse: |rest| match rest.to_ascii_lowercase().as_str() {
+        "" => Ok(Command::Timing(None)),
+        "on" => Ok(Command::Timing(Some(true))),
+        "off" => Ok(Command::Timing(Some(false))),
+        _ => Err(format!("usage: {}", TIMING.usage)),
+    },
+};
+
+pub const QUIT: Spec = Spec {
+    name: "quit",
+    words: &["quit", "exit", "\\q"],
+    complete: &["quit"],
+    usage: "quit",
+    summary: "leave the shell (also `exit`, `\\q`, Ctrl-D)",
+    example: "quit",
+    takes_tags: false,
+    parse: |_| Ok(Command::Quit),
+};

@@ -1,0 +1,520 @@
+//! The shell's command language: parsing a line into a [`Command`], and the
+//! help texts. Knows nothing of the server.
+//!
+//! Every command is a [`Spec`]: its help text and its parser side by side,
+//! in the file of its group ([`reads`], [`tags`], [`fields`], [`admin`]).
+//! [`SPECS`] lists them in the order `help` shows them; [`args`] splits a
+//! line into words, and [`help`](mod@help) lays the texts out.
+
+pub mod admin;
+pub mod args;
+pub mod fields;
+mod help;
+pub mod reads;
+pub mod tags;
+
+pub use args::{is_incomplete, join_lines};
+pub use help::help;
+
+use args::first_word;
+
+/// One shell command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Count(String),
+    Find {
+        query: String,
+        limit: u32,
+    },
+    More,
+    Export {
+        query: String,
+        path: String,
+    },
+    Profile {
+        key: String,
+        /// Days back behaviour dates are listed (0: the server's default, 30).
+        days: u32,
+    },
+    Tags,
+    Tag(String),
+    CreateTag {
+        name: String,
+        category: String,
+        description: String,
+    },
+    DropTag {
+        name: String,
+        yes: bool,
+    },
+    Add {
+        tag: String,
+        who: Who,
+    },
+    Remove {
+        tag: String,
+        who: Who,
+    },
+    Resolve {
+        keys: Vec<String>,
+        create: bool,
+    },
+    Import {
+        tag: String,
+        path: String,
+        column: usize,
+        create: bool,
+    },
+    DeleteCustomers {
+        keys: Vec<String>,
+        yes: bool,
+    },
+    Fields,
+    CreateField {
+        name: String,
+        kind: FieldKindArg,
+        category: String,
+        description: String,
+    },
+    DropField {
+        name: String,
+        yes: bool,
+    },
+    /// `set <field> <key> <value>`: the session picks integer or enumerated
+    /// from the field's kind.
+    SetValue {
+        field: String,
+        key: String,
+        value: String,
+    },
+    ClearValue {
+        field: String,
+        key: String,
+    },
+    /// A behaviour event now, or on a local date.
+    Event {
+        field: String,
+        key: String,
+        date: Option<String>,
+    },
+    Aggregate {
+        field: String,
+        edges: Vec<i64>,
+        query: String,
+    },
+    Breakdown {
+        by: BreakdownBy,
+        query: String,
+    },
+    Top {
+        k: u32,
+        query: String,
+        /// Only tags of this category (empty: all).
+        category: String,
+        /// Leave out tags with fewer audience members (0: the server's 1).
+        min_count: u64,
+        /// Keep the tags the query names.
+        include_query_tags: bool,
+    },
+    Overlap(Vec<String>),
+    Stats,
+    /// `true`: also merge the dictionary sections into one.
+    Checkpoint(bool),
+    Help(Option<String>),
+    Timing(Option<bool>),
+    Quit,
+}
+
+/// The kind given to `create field`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldKindArg {
+    Integer,
+    Enum(Vec<String>),
+    Behaviour {
+        retention_days: u32,
+        daily_days: u32,
+        time_zone: String,
+    },
+}
+
+/// What a breakdown counts by.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BreakdownBy {
+    Field(String),
+    Category(String),
+}
+
+/// Customers named by key, or by internal id (after `--ids`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Who {
+    Keys(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+impl Who {
+    pub fn len(&self) -> usize {
+        match self {
+            Who::Keys(k) => k.len(),
+            Who::Ids(i) => i.len(),
+        }
+    }
+}
+
+/// One command: what `help` says about it and how a line becomes it.
+pub struct Spec {
+    /// How `help` names it (`help create field`).
+    pub name: &'static str,
+    /// The first words of a line that run [`Spec::parse`] (none: reached
+    /// through another command's parser, as `create field` through `create`).
+    pub words: &'static [&'static str],
+    /// What tab completion offers at the start of a line.
+    pub complete: &'static [&'static str],
+    pub usage: &'static str,
+    pub summary: &'static str,
+    pub example: &'static str,
+    /// Its arguments are (or contain) a query or tag names: completion
+    /// offers tag names.
+    pub takes_tags: bool,
+    /// The rest of the line, after the first word, into the command.
+    pub parse: fn(&str) -> Result<Command, String>,
+}
+
+/// Every command, in the order `help` lists them.
+pub const SPECS: &[&Spec] = &[
+    &reads::COUNT,
+    &reads::FIND,
+    &reads::MORE,
+    &reads::EXPORT,
+    &reads::PROFILE,
+    &reads::TAGS,
+    &reads::TAG,
+    &tags::CREATE_TAG,
+    &tags::CREATE_FIELD,
+    &tags::DROP,
+    &tags::ADD,
+    &tags::REMOVE,
+    &tags::RESOLVE,
+    &tags::IMPORT,
+    &tags::DELETE,
+    &fields::FIELDS,
+    &fields::SET,
+    &fields::CLEAR,
+    &fields::EVENT,
+    &fields::AGGREGATE,
+    &fields::BREAKDOWN,
+    &fields::TOP,
+    &fields::OVERLAP,
+    &admin::STATS,
+    &admin::CHECKPOINT,
+    &admin::HELP,
+    &admin::TIMING,
+    &admin::QUIT,
+];
+
+/// The command a line's first word runs.
+fn spec_of(first_word: &str) -> Option<&'static Spec> {
+    let word = first_word.to_ascii_lowercase();
+    SPECS
+        .iter()
+        .copied()
+        .find(|s| s.words.contains(&word.as_str()))
+}
+
+/// What tab completion offers at the start of a line.
+pub fn command_words() -> impl Iterator<Item = &'static str> {
+    SPECS.iter().flat_map(|s| s.complete.iter().copied())
+}
+
+/// Commands whose arguments are (or contain) a query or tag names.
+pub fn takes_tags(first_word: &str) -> bool {
+    spec_of(first_word).is_some_and(|s| s.takes_tags)
+}
+
+/// Parses one line (already joined if it spanned several). `Ok(None)` for a
+/// blank line or a comment.
+pub fn parse(line: &str) -> Result<Option<Command>, String> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with("--") || line.starts_with('#') {
+        return Ok(None);
+    }
+    let (word, rest) = first_word(line);
+    match spec_of(word) {
+        Some(spec) => (spec.parse)(rest).map(Some),
+        None => Err(format!(
+            "unknown command {word:?}; type `help` for the list"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table;
+
+    fn p(s: &str) -> Command {
+        parse(s).unwrap().unwrap()
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert_eq!(
+            p("count 高价值用户 AND NOT 潜在流失"),
+            Command::Count("高价值用户 AND NOT 潜在流失".into())
+        );
+        assert_eq!(
+            p("find a OR b limit 5"),
+            Command::Find {
+                query: "a OR b".into(),
+                limit: 5
+            }
+        );
+        assert_eq!(
+            p("find a OR b"),
+            Command::Find {
+                query: "a OR b".into(),
+                limit: 20
+            }
+        );
+        assert_eq!(
+            p("export a AND \"b c\" to out.csv"),
+            Command::Export {
+                query: "a AND \"b c\"".into(),
+                path: "out.csv".into()
+            }
+        );
+        assert_eq!(
+            p("profile phone:1"),
+            Command::Profile {
+                key: "phone:1".into(),
+                days: 0
+            }
+        );
+        assert_eq!(
+            p("profile phone:1 days 90"),
+            Command::Profile {
+                key: "phone:1".into(),
+                days: 90
+            }
+        );
+        assert!(parse("profile phone:1 days 0").is_err());
+        assert!(parse("profile phone:1 weeks 2").is_err());
+        assert_eq!(
+            p("create tag \"a b\" category 价值 description \"x y\""),
+            Command::CreateTag {
+                name: "a b".into(),
+                category: "价值".into(),
+                description: "x y".into()
+            }
+        );
+        assert_eq!(p("checkpoint"), Command::Checkpoint(false));
+        assert_eq!(
+            p("checkpoint --merge-dictionary"),
+            Command::Checkpoint(true)
+        );
+        assert!(parse("checkpoint now").is_err());
+        assert_eq!(
+            p("drop tag x --yes"),
+            Command::DropTag {
+                name: "x".into(),
+                yes: true
+            }
+        );
+        assert_eq!(
+            p("add t k1 k2"),
+            Command::Add {
+                tag: "t".into(),
+                who: Who::Keys(vec!["k1".into(), "k2".into()])
+            }
+        );
+        assert_eq!(
+            p("remove t --ids 7 0 4294967295"),
+            Command::Remove {
+                tag: "t".into(),
+                who: Who::Ids(vec![7, 0, u32::MAX])
+            }
+        );
+        assert!(parse("add t --ids").is_err());
+        assert!(parse("add t --ids 1 x").is_err());
+        assert!(parse("add t --ids -1").is_err());
+        assert!(parse("add t").is_err());
+        assert_eq!(
+            p("resolve a b --create"),
+            Command::Resolve {
+                keys: vec!["a".into(), "b".into()],
+                create: true
+            }
+        );
+        assert!(parse("resolve --create").is_err());
+        assert_eq!(
+            p("import t from f.csv column 2 create"),
+            Command::Import {
+                tag: "t".into(),
+                path: "f.csv".into(),
+                column: 2,
+                create: true
+            }
+        );
+        assert_eq!(
+            p("delete customers a b"),
+            Command::DeleteCustomers {
+                keys: vec!["a".into(), "b".into()],
+                yes: false
+            }
+        );
+        assert_eq!(p("\\timing on"), Command::Timing(Some(true)));
+        assert_eq!(p("HELP find"), Command::Help(Some("find".into())));
+        assert_eq!(parse("  -- a comment").unwrap(), None);
+        assert!(parse("frobnicate").is_err());
+        assert!(parse("find x limit 0").is_err());
+        assert!(parse("add t").is_err());
+        assert!(parse("create tag").is_err());
+        assert!(parse("profile \"unterminated").is_err());
+    }
+
+    #[test]
+    fn parses_field_commands() {
+        assert_eq!(p("fields"), Command::Fields);
+        assert_eq!(
+            p("create field lifecycle enum new,active category 阶段"),
+            Command::CreateField {
+                name: "lifecycle".into(),
+                kind: FieldKindArg::Enum(vec!["new".into(), "active".into()]),
+                category: "阶段".into(),
+                description: String::new()
+            }
+        );
+        assert_eq!(
+            p("create field seen behaviour retention 90 daily 30 zone UTC"),
+            Command::CreateField {
+                name: "seen".into(),
+                kind: FieldKindArg::Behaviour {
+                    retention_days: 90,
+                    daily_days: 30,
+                    time_zone: "UTC".into()
+                },
+                category: String::new(),
+                description: String::new()
+            }
+        );
+        assert!(parse("create field x integer retention 5").is_err());
+        assert_eq!(
+            p("drop field x --yes"),
+            Command::DropField {
+                name: "x".into(),
+                yes: true
+            }
+        );
+        assert_eq!(
+            p("set total_spend jd:1 -5"),
+            Command::SetValue {
+                field: "total_spend".into(),
+                key: "jd:1".into(),
+                value: "-5".into()
+            }
+        );
+        assert_eq!(
+            p("event bought jd:1 2026-11-20"),
+            Command::Event {
+                field: "bought".into(),
+                key: "jd:1".into(),
+                date: Some("2026-11-20".into())
+            }
+        );
+        assert_eq!(
+            p("aggregate spend edges 0,100, 500 over a OR b"),
+            Command::Aggregate {
+                field: "spend".into(),
+                edges: vec![0, 100, 500],
+                query: "a OR b".into()
+            }
+        );
+        assert!(parse("aggregate spend edges x over a").is_err());
+        assert_eq!(
+            p("breakdown category 价值 over lifecycle = active"),
+            Command::Breakdown {
+                by: BreakdownBy::Category("价值".into()),
+                query: "lifecycle = active".into()
+            }
+        );
+        let top =
+            |k: u32, query: &str, category: &str, min_count: u64, include: bool| Command::Top {
+                k,
+                query: query.into(),
+                category: category.into(),
+                min_count,
+                include_query_tags: include,
+            };
+        assert_eq!(p("top 5 a AND b"), top(5, "a AND b", "", 0, false));
+        assert_eq!(p("top 高价值用户"), top(10, "高价值用户", "", 0, false));
+        assert_eq!(
+            p("top 3 category 价值 min 20 with query tags over a AND b"),
+            top(3, "a AND b", "价值", 20, true)
+        );
+        assert_eq!(
+            p("top category \"with space\" over a"),
+            top(10, "a", "with space", 0, false)
+        );
+        assert!(parse("top 0 a").is_err());
+        assert!(parse("top min 0 over a").is_err());
+        assert!(parse("top sideways over a").is_err());
+        assert!(parse("top with tags over a").is_err());
+        assert_eq!(
+            p("overlap a ; \"x;y\" AND b; lifecycle IN ('a;b') ;"),
+            Command::Overlap(vec![
+                "a".into(),
+                "\"x;y\" AND b".into(),
+                "lifecycle IN ('a;b')".into()
+            ])
+        );
+        assert!(parse("overlap ;").is_err());
+    }
+
+    #[test]
+    fn continuation() {
+        assert!(is_incomplete("count a AND (b OR"));
+        assert!(is_incomplete("count \"open"));
+        assert!(is_incomplete("count a \\"));
+        assert!(!is_incomplete("count a AND (b OR c)"));
+        assert!(!is_incomplete("count \"(\""));
+        assert_eq!(join_lines("count a AND (b OR\nc)"), "count a AND (b OR c)");
+        assert_eq!(join_lines("count a \\\nAND b"), "count a AND b");
+    }
+
+    #[test]
+    fn every_documented_command_completes() {
+        let words: Vec<&str> = command_words().collect();
+        for d in SPECS {
+            assert!(
+                words
+                    .iter()
+                    .any(|w| *w == d.name || w.starts_with(&format!("{} ", d.name))),
+                "{} is documented but not offered by tab completion",
+                d.name
+            );
+        }
+    }
+
+    #[test]
+    fn help_texts() {
+        assert!(
+            help(None, 100)
+                .unwrap()
+                .contains("export <query> to <file.csv>")
+        );
+        assert!(help(Some("find"), 100).unwrap().contains("example"));
+        assert!(help(Some("nope"), 100).is_err());
+        // Every line fits the terminal, whatever its width.
+        for columns in [40, 60, 80, 120] {
+            for topic in [None, Some("create"), Some("top")] {
+                let text = help(topic, columns).unwrap();
+                for line in text.lines() {
+                    assert!(
+                        table::width(line) <= columns,
+                        "{columns} columns: {line:?} is {} wide",
+                        table::width(line)
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Commands that read audiences and customers: `count`, `find`, `more`,
+//! `export`, `profile`, `tags`, `tag`. Each one's help text sits beside its
+//! parser.
+
+use super::args::{need, rsplit_word, split_args};
+use super::{Command, Spec};
+
+pub const COUNT: Spec = Spec {
+    name: "count",
+    words: &["count"],
+    complete: &["count"],
+    usage: "count <query>",
+    summary: "how many customers match a query",
+    example: "count 高价值用户 AND NOT 潜在流失",
+    takes_tags: true,
+    parse: |rest| {
+        need(rest, "a query", COUNT.usage)?;
+        Ok(Command::Count(rest.into()))
+    },
+};
+
+pub const FIND: Spec = Spec {
+    name: "find",
+    words: &["find"],
+    complete: &["find"],
+    usage: "find <query> [limit N]",
+    summary: "a page of matching customers (default 20; `more` for the next)",
+    example: "find 常购护肤品 OR 尝试新品 limit 50",
+    takes_tags: true,
+    parse: parse_find,
+};
+
+fn parse_find(rest: &str) -> Result<Command, String> {
+    need(rest, "a query", FIND.usage)?;
+    let (query, limit) = match rsplit_word(&format!("{rest} "), "limit") {
+        Some((q, n)) if !q.is_empty() && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
+            let limit: u32 = n.parse().map_err(|_| format!("bad limit {n:?}"))?;
+            if limit == 0 || limit > 100_000 {
+                return Err("limit must be 1 to 100000".into());
+            }
+            (q.to_string(), limit)
+        }
+        _ => (rest.to_string(), 20),
+    };
+    Ok(Command::Find { query, limit })
+}
+
+pub const MORE: Spec = Spec {
+    name: "more",
+    words: &["more", "next"],
+    complete: &["more"],
+    usage: "more",
+    summary: "the next page of the last `find`",
+    example: "more",
+    takes_tags: false,
+    parse: |_| Ok(Command::More),
+};
+
+pub const EXPORT: Spec = Spec {
+    name: "export",
+    words: &["export"],
+    complete: &["export"],
+    usage: "export <query> to <file.csv>",
+    summary: "every matching customer to a CSV file, with a progress bar",
+    example: "export 高价值用户 AND 社交活跃 to audience.csv",
+    takes_tags: true,
+    parse: parse_export,
+};
+
+fn parse_export(rest: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {}", EXPORT.usage);
+    let (query, path) = rsplit_word(rest, "to").ok_or_else(usage)?;
+    need(query, "a query", EXPORT.usage)?;
+    let path = split_args(path)?
+        .into_iter()
+        .next()
+        .ok_or("a file name is missing")?;
+    Ok(Command::Export {
+        query: query.into(),
+        path,
+    })
+}
+
+pub const PROFILE: Spec = Spec {
+    name: "profile",
+    words: &["profile"],
+    complete: &["profile"],
+    usage: "profile <customer key> [days N]",
+    summary: "one customer's tags and field values (behaviour dates of the last N days, default 30)",
+    example: "profile phone:13800001111",
+    takes_tags: false,
+    parse: parse_profile,
+};
+
+fn parse_profile(rest: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {} (N: 1 to 400)", PROFILE.usage);
+    match split_args(rest)?.as_slice() {
+        [key] => Ok(Command::Profile {
+            key: key.clone(),
+            days: 0,
+        }),
+        [key, kw, n] if kw.eq_ignore_ascii_case("days") => match n.parse::<u32>() {
+            Ok(days @ 1..=400) => Ok(Command::Profile {
+                key: key.clone(),
+                days,
+            }),
+            _ => Err(usage()),
+        },
+        _ => Err(usage()),
+    }
+}
+
+pub const TAGS: Spec = Spec {
+    name: "tags",
+    words: &["tags"],
+    complete: &["tags"],
+    usage: "tags",
+    summary: "every tag with its category and member count",
+    example: "tags",
+    takes_tags: false,
+    parse: |_| Ok(Command::Tags),
+};
+
+pub const TAG: Spec = Spec {
+    name: "tag",
+    words: &["tag"],
+    complete: &["tag"],
+    usage: "tag <name>",
+    summary: "one tag's metadata",
+    example: "tag 高价值用户",
+    takes_tags: true,
+    parse: |rest| match split_args(rest)?.as_slice() {
+        [name] => Ok(Command::Tag(name.clone())),
+        _ => Err(format!("usage: {} (quote names with spaces)", TAG.usage)),
+    },
+};
