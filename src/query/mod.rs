@@ -2,14 +2,18 @@
 //! and writes nothing.
 //!
 //! `parser` turns text into an expression (with error positions), `eval`
-//! compiles it against a snapshot and counts or lists its members,
-//! `parallel` decides where and on how many threads a count runs.
+//! compiles it against a snapshot into a plan and counts or lists its
+//! members, `shard` holds the per-shard set operations a plan runs,
+//! `fields` turns field predicates into plans, `analytics` answers
+//! aggregates, breakdowns, top tags and overlaps, and `parallel` decides
+//! where and on how many threads a count runs.
 
 pub mod analytics;
 pub mod eval;
 mod fields;
 pub mod parallel;
 pub mod parser;
+mod shard;
 
 pub use eval::{Plan, Query};
 pub use parser::{Expr, parse};
