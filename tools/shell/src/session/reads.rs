@@ -1,0 +1,258 @@
+//! The shell's read commands: `count`, `find`, `more`, `export`, `profile`,
+//! `tags`, `tag`, over the proto.
+
+use super::*;
+
+impl Session {
+    /// Runs a read command.
+    pub(super) async fn exec_read(&mut self, cmd: Command) -> Result<(), Failure> {
+        match cmd {
+            Command::Count(query) => {
+                let t0 = Instant::now();
+                let n = self
+                    .client
+                    .count(CountRequest {
+                        queries: vec![query.clone()],
+                    })
+                    .await
+                    .map_err(with_query(&query))?
+                    .into_inner()
+                    .counts[0];
+                let ms = round3(t0.elapsed().as_secs_f64() * 1e3);
+                self.out(
+                    format!("{}  ({ms:.1} ms)", thousands(n)),
+                    json!({ "count": n, "ms": ms }),
+                );
+            }
+            Command::Find { query, limit } => self.page(query, limit, String::new()).await?,
+            Command::More => {
+                let Some((query, limit, cursor)) = self.last_find.clone() else {
+                    return Err(Failure::Local("no more pages: run `find` first".into()));
+                };
+                if cursor.is_empty() {
+                    return Err(Failure::Local(
+                        "no more pages: the last `find` was complete".into(),
+                    ));
+                }
+                self.page(query, limit, cursor).await?;
+            }
+            Command::Export { query, path } => self.export(query, path).await?,
+            Command::Profile { key, days } => {
+                let p = self
+                    .client
+                    .profile(ProfileRequest {
+                        customer: key,
+                        recent_days: days,
+                    })
+                    .await?
+                    .into_inner();
+                let mut text = if p.tags.is_empty() {
+                    format!(
+                        "{} (internal id {}) carries no tags",
+                        p.customer, p.internal_id
+                    )
+                } else {
+                    let rows: Vec<Vec<String>> = p.tags.iter().map(|t| vec![t.clone()]).collect();
+                    format!(
+                        "{} (internal id {}), {} tags:\n{}",
+                        p.customer,
+                        p.internal_id,
+                        p.tags.len(),
+                        table::render(&["tag"], &[Align::Left], &rows)
+                    )
+                };
+                let values: Vec<(String, String)> = p
+                    .values
+                    .iter()
+                    .map(|v| {
+                        let shown = match &v.value {
+                            Some(field_value::Value::IntValue(i)) => i.to_string(),
+                            Some(field_value::Value::EnumValue(e)) => e.clone(),
+                            Some(field_value::Value::Recent(r)) => r.dates.join(" "),
+                            None => String::new(),
+                        };
+                        (v.field.clone(), shown)
+                    })
+                    .collect();
+                if !values.is_empty() {
+                    let rows: Vec<Vec<String>> = values
+                        .iter()
+                        .map(|(f, v)| vec![f.clone(), v.clone()])
+                        .collect();
+                    let header = format!(
+                        "value (behaviours: days in the last {})",
+                        if days == 0 { 30 } else { days }
+                    );
+                    text.push_str(&format!(
+                        "\n{}",
+                        table::render(&["field", &header], &[Align::Left, Align::Left], &rows)
+                    ));
+                }
+                let value_json: serde_json::Map<String, serde_json::Value> =
+                    values.into_iter().map(|(f, v)| (f, json!(v))).collect();
+                self.out(
+                    text,
+                    json!({ "customer": p.customer, "internal_id": p.internal_id, "tags": p.tags, "values": value_json }),
+                );
+            }
+            Command::Tags => {
+                let tags = self
+                    .client
+                    .list_tags(ListTagsRequest::default())
+                    .await?
+                    .into_inner()
+                    .tags;
+                *self.tag_names.write() = tags.iter().map(|t| t.name.clone()).collect();
+                let rows: Vec<Vec<String>> = tags
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.category.clone(),
+                            thousands(t.member_count),
+                            fmt_time(t.updated_at_ms),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect();
+                let text = format!(
+                    "{}\n({} tags)",
+                    table::render(
+                        &["tag", "category", "members", "updated", "description"],
+                        &[
+                            Align::Left,
+                            Align::Left,
+                            Align::Right,
+                            Align::Left,
+                            Align::Left
+                        ],
+                        &rows
+                    ),
+                    tags.len()
+                );
+                let value: Vec<_> = tags.iter().map(tag_json).collect();
+                self.out(text, json!({ "tags": value }));
+            }
+            Command::Tag(name) => {
+                let t = self
+                    .client
+                    .describe_tag(DescribeTagRequest { name })
+                    .await?
+                    .into_inner()
+                    .tag
+                    .unwrap_or_default();
+                let rows = vec![
+                    vec!["name".into(), t.name.clone()],
+                    vec!["query form".into(), quote_tag_name(&t.name)],
+                    vec!["category".into(), t.category.clone()],
+                    vec!["description".into(), t.description.clone()],
+                    vec!["members".into(), thousands(t.member_count)],
+                    vec!["created".into(), fmt_time(t.created_at_ms)],
+                    vec!["updated".into(), fmt_time(t.updated_at_ms)],
+                ];
+                self.out(
+                    table::render(&["field", "value"], &[Align::Left, Align::Left], &rows),
+                    tag_json(&t),
+                );
+            }
+            _ => unreachable!("not a read command"),
+        }
+        Ok(())
+    }
+
+    async fn page(&mut self, query: String, limit: u32, cursor: String) -> Result<(), Failure> {
+        let t0 = Instant::now();
+        let r = self
+            .client
+            .members(MembersRequest {
+                query: query.clone(),
+                limit,
+                cursor,
+            })
+            .await
+            .map_err(with_query(&query))?
+            .into_inner();
+        let ms = round3(t0.elapsed().as_secs_f64() * 1e3);
+        let more = !r.next_cursor.is_empty();
+        let rows: Vec<Vec<String>> = r.customers.iter().map(|c| vec![c.clone()]).collect();
+        let mut text = if rows.is_empty() {
+            "(no customers)".to_string()
+        } else {
+            table::render(&["customer"], &[Align::Left], &rows)
+        };
+        text.push_str(&format!(
+            "\n({} shown{}; {ms:.1} ms)",
+            r.customers.len(),
+            if more {
+                ", `more` for the next page"
+            } else {
+                ""
+            }
+        ));
+        self.out(
+            text,
+            json!({ "customers": r.customers, "more": more, "ms": ms }),
+        );
+        self.last_find = Some((query, limit, r.next_cursor));
+        Ok(())
+    }
+
+    async fn export(&mut self, query: String, path: String) -> Result<(), Failure> {
+        let t0 = Instant::now();
+        let mut stream = self
+            .client
+            .export(ExportRequest {
+                query: query.clone(),
+                batch_size: 0,
+            })
+            .await
+            .map_err(with_query(&query))?
+            .into_inner();
+        let tmp = format!("{path}.part");
+        let file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| Failure::Local(format!("cannot write {tmp}: {e}")))?;
+        let mut out = tokio::io::BufWriter::new(file);
+        let io = |e: std::io::Error| Failure::Local(format!("writing {tmp}: {e}"));
+        out.write_all(b"customer\n").await.map_err(io)?;
+        let mut written = 0u64;
+        let mut bar: Option<ProgressBar> = None;
+        while let Some(batch) = stream.message().await? {
+            let pb = bar.get_or_insert_with(|| progress(batch.total, "exporting"));
+            let mut buf = String::new();
+            for c in &batch.customers {
+                buf.push_str(&csv_field(c));
+                buf.push('\n');
+            }
+            out.write_all(buf.as_bytes()).await.map_err(io)?;
+            written += batch.customers.len() as u64;
+            pb.set_position(written);
+        }
+        out.flush().await.map_err(io)?;
+        drop(out);
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| Failure::Local(format!("cannot rename {tmp} to {path}: {e}")))?;
+        if let Some(pb) = bar {
+            pb.finish_and_clear();
+        }
+        let secs = round3(t0.elapsed().as_secs_f64());
+        self.out(
+            format!(
+                "exported {} customers to {path} in {secs:.2} s",
+                thousands(written)
+            ),
+            json!({ "exported": written, "path": path, "seconds": secs }),
+        );
+        Ok(())
+    }
+}
+
+/// A CSV field, quoted when it must be.
+pub(super) fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
