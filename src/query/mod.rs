@@ -1,7 +1,8 @@
 //! The query language and its evaluation. Reads a [`crate::storage::Snapshot`]
 //! and writes nothing.
 //!
-//! `parser` turns text into an expression (with error positions), `eval`
+//! `lexer` and `parser` turn text into an expression (with error
+//! positions), `eval`
 //! compiles it against a snapshot into a plan and counts or lists its
 //! members, `shard` holds the per-shard set operations a plan runs,
 //! `fields` turns field predicates into plans, `analytics` answers
@@ -11,6 +12,7 @@
 pub mod analytics;
 pub mod eval;
 mod fields;
+mod lexer;
 pub mod parallel;
 pub mod parser;
 mod shard;

@@ -22,8 +22,8 @@
 //! '('), so tags may still be called `count` or `in`. Positions are 0-based
 //! character offsets.
 
-use crate::error::{Error, QueryErrorKind, Result};
-use crate::names::{KEYWORDS, is_bare_char};
+use crate::error::Result;
+use crate::query::lexer::{Tok, syntax, tokenize};
 
 /// Longest query text accepted, in bytes.
 pub const MAX_QUERY_BYTES: usize = 64 * 1024;
@@ -119,170 +119,6 @@ impl Expr {
             Expr::And(items) | Expr::Or(items) => items.iter().for_each(|i| i.tag_names(out)),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Tok {
-    LParen,
-    RParen,
-    And,
-    Or,
-    Not,
-    All,
-    Name(String),
-    /// A double-quoted name.
-    Quoted(String),
-    /// A single-quoted literal.
-    Str(String),
-    Op(CmpOp),
-    Comma,
-    End,
-}
-
-impl Tok {
-    fn describe(&self) -> String {
-        match self {
-            Tok::LParen => "'('".into(),
-            Tok::RParen => "')'".into(),
-            Tok::And => "AND".into(),
-            Tok::Or => "OR".into(),
-            Tok::Not => "NOT".into(),
-            Tok::All => "ALL".into(),
-            Tok::Name(n) | Tok::Quoted(n) => format!("name {n:?}"),
-            Tok::Str(s) => format!("'{s}'"),
-            Tok::Op(op) => format!("{op:?} operator"),
-            Tok::Comma => "','".into(),
-            Tok::End => "end of query".into(),
-        }
-    }
-}
-
-fn syntax(position: usize, message: impl Into<String>) -> Error {
-    Error::Query {
-        kind: QueryErrorKind::Syntax,
-        position,
-        message: message.into(),
-    }
-}
-
-fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>> {
-    let chars: Vec<char> = text.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if c.is_whitespace() {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        match c {
-            '(' => {
-                out.push((Tok::LParen, start));
-                i += 1;
-            }
-            ')' => {
-                out.push((Tok::RParen, start));
-                i += 1;
-            }
-            '"' => {
-                i += 1;
-                let mut name = String::new();
-                loop {
-                    match chars.get(i) {
-                        None => return Err(syntax(start, "unterminated quoted tag name")),
-                        Some('"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some('\\') => match chars.get(i + 1) {
-                            Some(&e @ ('"' | '\\')) => {
-                                name.push(e);
-                                i += 2;
-                            }
-                            _ => {
-                                return Err(syntax(
-                                    i,
-                                    "bad escape: only \\\" and \\\\ are allowed in a quoted name",
-                                ));
-                            }
-                        },
-                        Some(&ch) => {
-                            name.push(ch);
-                            i += 1;
-                        }
-                    }
-                }
-                if name.is_empty() {
-                    return Err(syntax(start, "empty quoted tag name"));
-                }
-                out.push((Tok::Quoted(name), start));
-            }
-            '\'' => {
-                i += 1;
-                let mut text = String::new();
-                loop {
-                    match chars.get(i) {
-                        None => return Err(syntax(start, "unterminated quoted literal")),
-                        Some('\'') if chars.get(i + 1) == Some(&'\'') => {
-                            text.push('\'');
-                            i += 2;
-                        }
-                        Some('\'') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(&ch) => {
-                            text.push(ch);
-                            i += 1;
-                        }
-                    }
-                }
-                out.push((Tok::Str(text), start));
-            }
-            ',' => {
-                out.push((Tok::Comma, start));
-                i += 1;
-            }
-            '=' | '!' | '<' | '>' => {
-                let next = chars.get(i + 1).copied();
-                let (op, len) = match (c, next) {
-                    ('=', _) => (CmpOp::Eq, 1),
-                    ('!', Some('=')) => (CmpOp::Ne, 2),
-                    ('<', Some('>')) => (CmpOp::Ne, 2),
-                    ('<', Some('=')) => (CmpOp::Le, 2),
-                    ('<', _) => (CmpOp::Lt, 1),
-                    ('>', Some('=')) => (CmpOp::Ge, 2),
-                    ('>', _) => (CmpOp::Gt, 1),
-                    _ => return Err(syntax(start, "unexpected '!' (did you mean '!='?)")),
-                };
-                out.push((Tok::Op(op), start));
-                i += len;
-            }
-            c if is_bare_char(c) => {
-                while i < chars.len() && is_bare_char(chars[i]) {
-                    i += 1;
-                }
-                let word: String = chars[start..i].iter().collect();
-                let tok = match KEYWORDS.iter().find(|k| k.eq_ignore_ascii_case(&word)) {
-                    Some(&"AND") => Tok::And,
-                    Some(&"OR") => Tok::Or,
-                    Some(&"NOT") => Tok::Not,
-                    Some(&"ALL") => Tok::All,
-                    _ => Tok::Name(word),
-                };
-                out.push((tok, start));
-            }
-            other => {
-                return Err(syntax(
-                    start,
-                    format!("unexpected character {other:?} (quote tag names that contain it)"),
-                ));
-            }
-        }
-    }
-    out.push((Tok::End, chars.len()));
-    Ok(out)
 }
 
 struct Parser {
@@ -636,6 +472,7 @@ pub fn parse(text: &str) -> Result<Expr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
 
     fn tag(name: &str, pos: usize) -> Expr {
         Expr::Tag {
