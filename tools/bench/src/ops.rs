@@ -82,6 +82,10 @@ pub fn redis_key(t: usize) -> String {
 #[derive(Debug, Clone)]
 pub enum Op {
     Count(Q),
+    /// The lightest call each system has, for the cost of one round trip:
+    /// tagstore counts `Q` (the two tiniest tags, answered on the network
+    /// thread), Redis answers `PING`.
+    Lightest(Q),
     /// A first page of members.
     Page(Q, u32),
     /// One random customer's tags.
@@ -142,7 +146,7 @@ async fn tagstore_op(
     text: &str,
 ) -> Result<(), tonic::Status> {
     match op {
-        Op::Count(_) => {
+        Op::Count(_) | Op::Lightest(_) => {
             c.count(CountRequest {
                 queries: vec![text.to_string()],
             })
@@ -235,6 +239,9 @@ fn redis_op(
             let replies = c.flush()?;
             redis::count_from(&replies, idx)?;
         }
+        Op::Lightest(_) => {
+            c.cmd(&[b"PING"])?;
+        }
         Op::Page(..) => return Err("redis has no member pages".into()),
         Op::Profile => {
             // GETBIT on every tag, pipelined: what a Redis user would do.
@@ -282,7 +289,7 @@ pub async fn tagstore_loop(
     seed: u64,
 ) -> Result<Measured, BoxError> {
     let text = match op {
-        Op::Count(q) | Op::Page(q, _) => q.text(data),
+        Op::Count(q) | Op::Lightest(q) | Op::Page(q, _) => q.text(data),
         _ => String::new(),
     };
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -341,7 +348,7 @@ pub async fn tagstore_alternating(
     mut local: impl FnMut() -> Duration + Send + 'static,
 ) -> Result<(Measured, Measured), BoxError> {
     let text = match op {
-        Op::Count(q) | Op::Page(q, _) => q.text(data),
+        Op::Count(q) | Op::Lightest(q) | Op::Page(q, _) => q.text(data),
         _ => String::new(),
     };
     let endpoint = format!("http://{addr}");
