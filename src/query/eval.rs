@@ -36,6 +36,26 @@ use crate::query::parser::{Expr, parse};
 use crate::query::shard::{and_of, count_and, restrict, small_negatives};
 use crate::storage::Snapshot;
 
+/// The work of one dense container (a bitmap of up to 65,536 ids, used
+/// when a tag holds 1/16 of a shard or more) in ids of array containers:
+/// intersecting two of them costs about as much as 700 ids of sparse
+/// tags. Measured with `cargo bench --bench query`: at 10M customers,
+/// `d1 AND d2` (160 pairs of dense containers) took 33 µs and `s1 AND s2`
+/// (20,000 ids of array containers) 6 µs.
+const DENSE_CONTAINER_WORK: u64 = 700;
+
+/// [`Plan::work`] of a stored bitmap: its ids when sparse, its containers
+/// when dense.
+fn leaf_work(b: &ShardedBitmap) -> u64 {
+    let shards = b.shard_count() as u64;
+    let containers = shards * u64::from(SHARD_SIZE >> 16);
+    if b.len().saturating_mul(16) >= shards * u64::from(SHARD_SIZE) {
+        b.len().min(containers * DENSE_CONTAINER_WORK)
+    } else {
+        b.len()
+    }
+}
+
 /// Shards of one count shared out between threads ([`Query::count_claimed`]):
 /// the next shard to take, how many are counted, and their total.
 #[derive(Debug)]
@@ -178,10 +198,12 @@ impl<'s> Plan<'s> {
         }
     }
 
-    /// An estimate of the ids evaluation touches: the sum of the leaves'
-    /// sizes, except that an intersection of stored bitmaps costs about its
-    /// smallest operand per operand (CRoaring probes the smaller container
-    /// into the larger one, or gallops through it).
+    /// An estimate of the work of evaluation, in ids of sparse (array)
+    /// containers: the sum of the leaves' work, except that an
+    /// intersection of stored bitmaps costs about its smallest operand per
+    /// operand (CRoaring probes the smaller container into the larger one,
+    /// or gallops through it). A dense leaf costs per container, not per id
+    /// ([`DENSE_CONTAINER_WORK`]).
     fn work(&self) -> u64 {
         if let Plan::And { pos, neg } = self
             && self.stored_only()
@@ -207,7 +229,7 @@ impl<'s> Plan<'s> {
                 .iter()
                 .map(|d| d.len())
                 .fold(live.len(), u64::saturating_add),
-            Plan::Leaf(b) => b.len(),
+            Plan::Leaf(b) => leaf_work(b),
             Plan::And { pos, neg } => pos
                 .iter()
                 .chain(neg)
