@@ -5,6 +5,18 @@
 use super::*;
 
 impl Session {
+    /// One mutation of an existing tag, as `add` and `remove` send it.
+    async fn update_one(&mut self, m: Mutation) -> Result<UpdateResponse, Failure> {
+        Ok(self
+            .client
+            .update(UpdateRequest {
+                mutations: vec![m],
+                create_missing_tags: false,
+            })
+            .await?
+            .into_inner())
+    }
+
     /// Runs a tag or membership command.
     pub(super) async fn exec_tag(&mut self, cmd: Command) -> Result<(), Failure> {
         match cmd {
@@ -70,14 +82,7 @@ impl Session {
                     Who::Keys(keys) => m.add = keys,
                     Who::Ids(ids) => m.add_ids = ids,
                 }
-                let r = self
-                    .client
-                    .update(UpdateRequest {
-                        mutations: vec![m],
-                        create_missing_tags: false,
-                    })
-                    .await?
-                    .into_inner();
+                let r = self.update_one(m).await?;
                 self.out(
                     format!(
                         "added {} ({} new customers)",
@@ -96,14 +101,7 @@ impl Session {
                     Who::Keys(keys) => m.remove = keys,
                     Who::Ids(ids) => m.remove_ids = ids,
                 }
-                let r = self
-                    .client
-                    .update(UpdateRequest {
-                        mutations: vec![m],
-                        create_missing_tags: false,
-                    })
-                    .await?
-                    .into_inner();
+                let r = self.update_one(m).await?;
                 self.out(
                     format!("removed {}", thousands(r.removed)),
                     json!({ "removed": r.removed, "lsn": r.lsn }),
