@@ -606,3 +606,83 @@ async fn a_full_data_disk_refuses_writes_with_resource_exhausted_and_recovers() 
     let mut c = client(&server).await;
     assert_eq!(count(&mut c, "t").await, acknowledged);
 }
+
+/// Customer keys are checked once, where a write enters the engine. A key
+/// with a control character is refused, and nothing of its request lands,
+/// on every way in: the last message of a replace stream (the server only
+/// bounds key lengths as messages arrive), a large update whose other keys
+/// were resolved before the writer, a value write, and a delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_key_is_refused_on_every_write_path_and_nothing_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = client(&server).await;
+    add(&mut c, "t", keys("a", 300)).await;
+    let bad = "bad\u{1}key".to_string();
+
+    // ReplaceMembers: many good keys, the bad one in the last message.
+    let mut tail = keys("r", 10);
+    tail.push(bad.clone());
+    let stream = vec![
+        replace_msg("t", keys("q", 1000), false),
+        replace_msg("t", tail, true),
+    ];
+    let err = c
+        .replace_members(tokio_stream::iter(stream))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("control character"), "{err}");
+    assert_eq!(count(&mut c, "t").await, 300, "the replace changed nothing");
+
+    // Update of more keys than are resolved before the writer (256) and
+    // than are checked on the network thread (1,000), most of them known
+    // customers; the replace above (1,011 keys) and the writes below
+    // (two keys) take the two ways of checking too.
+    let mut many = keys("a", 300);
+    many.extend(keys("z", 1000));
+    many.push(bad.clone());
+    let err = c
+        .update(UpdateRequest {
+            mutations: vec![Mutation {
+                tag: "t".into(),
+                remove: many,
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(count(&mut c, "t").await, 300, "no remove landed");
+
+    // SetValues and DeleteCustomers.
+    c.create_field(CreateFieldRequest {
+        name: "spend".into(),
+        kind: FieldKind::Integer as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let write = |customer: &str| ValueWrite {
+        field: "spend".into(),
+        customer: customer.into(),
+        value: Some(Value::IntValue(5)),
+    };
+    let err = c
+        .set_values(SetValuesRequest {
+            writes: vec![write("a1"), write(&bad)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(count(&mut c, "spend = 5").await, 0, "no value landed");
+    let err = c
+        .delete_customers(DeleteCustomersRequest {
+            customers: vec!["a1".into(), bad],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(count(&mut c, "t").await, 300, "no customer was deleted");
+}

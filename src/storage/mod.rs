@@ -58,6 +58,11 @@ pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, T
 use writer::{Cmd, Writer};
 pub use writer::{EventTime, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult};
 
+/// Writes naming at most this many customer keys have them checked on the
+/// caller's thread: 1,000 keys take about 10 µs (a million of 16 bytes took
+/// 9 ms, of 256 bytes 14 ms), less than a hand-off to the blocking pool.
+pub const CHECK_INLINE_KEYS: usize = 1_000;
+
 /// When the log is synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -248,10 +253,20 @@ impl Engine {
     }
 
     /// Applies a write; returns once it is durable (per the sync mode) and visible.
-    /// Customer keys are checked here, on the caller's thread, and only
-    /// here ([`WriteOp::check_keys`]).
+    /// Customer keys are checked here, and only here
+    /// ([`WriteOp::check_keys`]): on the caller's thread, or for a write of
+    /// more than [`CHECK_INLINE_KEYS`] keys on the blocking pool, so that the
+    /// largest update (a million keys, 9 to 14 ms) does not hold the
+    /// thread that serves connections.
     pub async fn write(&self, op: WriteOp) -> Result<WriteResult> {
-        op.check_keys()?;
+        let op = if op.key_count() > CHECK_INLINE_KEYS {
+            tokio::task::spawn_blocking(move || op.check_keys().map(|()| op))
+                .await
+                .map_err(|e| Error::Internal(format!("key check task failed: {e}")))??
+        } else {
+            op.check_keys()?;
+            op
+        };
         let (tx, rx) = oneshot::channel();
         self.send(Cmd::Write(op, tx))?;
         rx.await.map_err(|_| self.gone())?

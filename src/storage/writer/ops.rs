@@ -194,6 +194,23 @@ pub enum WriteOp {
 }
 
 impl WriteOp {
+    /// Customer keys the write names (not counting ids).
+    pub fn key_count(&self) -> usize {
+        match self {
+            WriteOp::Update { mutations, .. } => {
+                mutations.iter().map(|m| m.add.len() + m.remove.len()).sum()
+            }
+            WriteOp::Replace { customers, .. }
+            | WriteOp::DeleteCustomers { customers }
+            | WriteOp::CreateCustomers { customers } => customers.len(),
+            WriteOp::SetValues { writes } => writes.len(),
+            WriteOp::CreateTag { .. }
+            | WriteOp::DropTag { .. }
+            | WriteOp::CreateField { .. }
+            | WriteOp::DropField { .. } => 0,
+        }
+    }
+
     /// Checks every customer key the write names by [`check_key`]: the one
     /// check of a key on its way in, made by [`Engine::write`](crate::storage::Engine::write)
     /// on the caller's thread before the write is queued. The writer trusts
