@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use tagstore::fields::{BehaviourSpec, FieldKind};
 use tagstore::query::Query;
 use tagstore::query::analytics;
-use tagstore::storage::{Engine, EngineConfig, EventTime, Mutation, ValueWrite, WriteOp};
+use tagstore::storage::{Combine, Engine, EngineConfig, EventTime, Mutation, ValueWrite, WriteOp};
 
 const DAY_MS: i64 = 86_400_000;
 const SHANGHAI_MS: i64 = 8 * 3_600_000;
@@ -156,7 +156,25 @@ fn step(rng: &mut StdRng, engine: &Engine, model: &mut Model) {
     let mut writes = Vec::new();
     for _ in 0..rng.random_range(1..12) {
         let customer = key(rng);
-        writes.push(match rng.random_range(0..3) {
+        writes.push(match rng.random_range(0..4) {
+            3 => {
+                // Mostly small amounts; sometimes an edge, so that a sum
+                // leaves the 64-bit range and the whole request is refused.
+                let n = if rng.random_bool(0.9) {
+                    rng.random_range(-1_000..100_000)
+                } else {
+                    int_value(rng)
+                };
+                ValueWrite::Combine {
+                    field: INTS[rng.random_range(0..INTS.len())].into(),
+                    customer,
+                    with: match rng.random_range(0..3) {
+                        0 => Combine::Add(n),
+                        1 => Combine::Max(n),
+                        _ => Combine::Min(n),
+                    },
+                }
+            }
             0 => ValueWrite::Int {
                 field: INTS[rng.random_range(0..INTS.len())].into(),
                 customer,
@@ -186,11 +204,22 @@ fn step(rng: &mut StdRng, engine: &Engine, model: &mut Model) {
             }
         });
     }
-    engine
-        .write_blocking(WriteOp::SetValues {
-            writes: writes.clone(),
-        })
-        .unwrap();
+    // The model's answer first: a sum out of range refuses the whole request.
+    let mut next = model.clone();
+    let in_range = apply_values(&mut next, writes.clone(), now);
+    let res = engine.write_blocking(WriteOp::SetValues { writes });
+    if in_range {
+        res.unwrap();
+        *model = next;
+    } else {
+        let e = res.expect_err("a sum out of the 64-bit range must be refused");
+        assert!(e.to_string().contains("64-bit range"), "{e}");
+    }
+}
+
+/// Applies value writes to the model in order; false if a sum leaves the
+/// 64-bit range (the model is then to be thrown away).
+fn apply_values(model: &mut Model, writes: Vec<ValueWrite>, now: i64) -> bool {
     for w in writes {
         match w {
             ValueWrite::Int {
@@ -209,6 +238,25 @@ fn step(rng: &mut StdRng, engine: &Engine, model: &mut Model) {
                         m.remove(&customer);
                     }
                 }
+            }
+            ValueWrite::Combine {
+                field,
+                customer,
+                with,
+            } => {
+                let f = INTS.iter().find(|x| **x == field).unwrap();
+                let m = model.ints.entry(f).or_default();
+                let current = m.get(&customer).copied();
+                let new = match with {
+                    Combine::Add(d) => match current.unwrap_or(0).checked_add(d) {
+                        Some(v) => v,
+                        None => return false,
+                    },
+                    Combine::Max(v) => current.map_or(v, |c| c.max(v)),
+                    Combine::Min(v) => current.map_or(v, |c| c.min(v)),
+                };
+                model.live.insert(customer.clone());
+                m.insert(customer, new);
             }
             ValueWrite::Enum {
                 customer, value, ..
@@ -234,6 +282,7 @@ fn step(rng: &mut StdRng, engine: &Engine, model: &mut Model) {
             }
         }
     }
+    true
 }
 
 fn members(engine: &Engine, text: &str, now: i64) -> BTreeSet<String> {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{code, count, create_field as create};
+use common::{Client, code, count, create_field as create};
 use tagstore::proto::value_write::Value;
 use tagstore::proto::*;
 use tonic::Code;
@@ -585,4 +585,148 @@ async fn enumerated_values_stay_exclusive_under_concurrent_writers() {
             assert!(VALUES.contains(&v.as_str()));
         }
     }
+}
+
+fn combine(field: &str, customer: &str, value: Value) -> ValueWrite {
+    ValueWrite {
+        field: field.into(),
+        customer: customer.into(),
+        value: Some(value),
+    }
+}
+
+/// A customer's integer value, from their profile.
+async fn int_value(c: &mut Client, field: &str, customer: &str) -> Option<i64> {
+    let p = c
+        .profile(ProfileRequest {
+            customer: customer.into(),
+            recent_days: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    p.values.into_iter().find(|v| v.field == field).map(|v| {
+        let Some(field_value::Value::IntValue(n)) = v.value else {
+            panic!("{field} of {customer} is not an integer: {v:?}");
+        };
+        n
+    })
+}
+
+/// `int_add`, `int_max` and `int_min` combine on the server against the
+/// newest value: eight clients adding to the same customers at once lose
+/// nothing, a request sees its own earlier writes, a sum out of range
+/// refuses the whole request, and the values survive a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_combine_on_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    create(&mut c, "order_count", FieldKind::Integer, &[]).await;
+    create(&mut c, "first_order_day", FieldKind::Integer, &[]).await;
+    create(&mut c, "last_order_day", FieldKind::Integer, &[]).await;
+    create(&mut c, "lifecycle", FieldKind::Enum, &["new", "loyal"]).await;
+
+    let mut tasks = Vec::new();
+    for w in 0..8i64 {
+        let mut c = common::client(&server).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50i64 {
+                let day = 20_000 + (w * 50 + i) % 97;
+                let writes = (0..4)
+                    .flat_map(|k| {
+                        let customer = format!("c{k}");
+                        [
+                            combine("order_count", &customer, Value::IntAdd(1)),
+                            combine("first_order_day", &customer, Value::IntMin(day)),
+                            combine("last_order_day", &customer, Value::IntMax(day)),
+                        ]
+                    })
+                    .collect();
+                c.set_values(SetValuesRequest { writes }).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for k in 0..4 {
+        let customer = format!("c{k}");
+        assert_eq!(int_value(&mut c, "order_count", &customer).await, Some(400));
+        assert_eq!(
+            int_value(&mut c, "first_order_day", &customer).await,
+            Some(20_000)
+        );
+        assert_eq!(
+            int_value(&mut c, "last_order_day", &customer).await,
+            Some(20_096)
+        );
+    }
+
+    // In order within a request: a set, then an add, then a max.
+    let r = c
+        .set_values(SetValuesRequest {
+            writes: vec![
+                int("order_count", "d1", 10),
+                combine("order_count", "d1", Value::IntAdd(-3)),
+                combine("order_count", "d1", Value::IntMax(5)),
+                combine("order_count", "d2", Value::IntAdd(2)),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.new_customers, 2);
+    assert_eq!(int_value(&mut c, "order_count", "d1").await, Some(7));
+    assert_eq!(int_value(&mut c, "order_count", "d2").await, Some(2));
+    assert_eq!(count(&mut c, "order_count >= 400").await, 4);
+
+    // A sum out of range refuses the request, naming what overflowed; the
+    // request's other writes are not applied either.
+    let e = c
+        .set_values(SetValuesRequest {
+            writes: vec![
+                combine("order_count", "d2", Value::IntAdd(1)),
+                int("order_count", "d3", i64::MAX),
+                combine("order_count", "d3", Value::IntAdd(1)),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("order_count") && e.message().contains("d3"));
+    assert!(e.message().contains("64-bit range"), "{}", e.message());
+    assert_eq!(int_value(&mut c, "order_count", "d2").await, Some(2));
+    assert_eq!(
+        code(
+            c.profile(ProfileRequest {
+                customer: "d3".into(),
+                recent_days: 0
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+
+    // Only integer fields combine.
+    let e = c
+        .set_values(SetValuesRequest {
+            writes: vec![combine("lifecycle", "d1", Value::IntAdd(1))],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("enumerated"), "{}", e.message());
+
+    // Acknowledged increments are durable: kill -9 and start again.
+    server.kill();
+    drop(server);
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    assert_eq!(int_value(&mut c, "order_count", "c3").await, Some(400));
+    assert_eq!(int_value(&mut c, "order_count", "d1").await, Some(7));
+    assert_eq!(
+        int_value(&mut c, "last_order_day", "c0").await,
+        Some(20_096)
+    );
 }

@@ -18,7 +18,7 @@ use crate::query::analytics::{self, MAX_OVERLAP_QUERIES};
 use crate::query::{Query, parse};
 use crate::server::service::blocking;
 use crate::server::status::{query_status, to_status};
-use crate::storage::{Engine, EventTime, Field, FieldMeta, Snapshot, ValueWrite, WriteOp};
+use crate::storage::{Combine, Engine, EventTime, Field, FieldMeta, Snapshot, ValueWrite, WriteOp};
 
 /// Most value writes in one `SetValues`.
 pub const MAX_VALUE_WRITES: usize = 1_000_000;
@@ -170,7 +170,7 @@ pub(super) async fn set_values(
         writes.push(match w.value {
             None => {
                 return Err(invalid(format!(
-                    "write {i} ({field:?} of {customer:?}) has no value: set int_value, enum_value, clear, event_at_ms or event_date"
+                    "write {i} ({field:?} of {customer:?}) has no value: set int_value, int_add, int_max, int_min, enum_value, clear, event_at_ms or event_date"
                 )));
             }
             Some(Value::IntValue(v)) => ValueWrite::Int {
@@ -205,6 +205,21 @@ pub(super) async fn set_values(
                     },
                 }
             }
+            Some(Value::IntAdd(v)) => ValueWrite::Combine {
+                field,
+                customer,
+                with: Combine::Add(v),
+            },
+            Some(Value::IntMax(v)) => ValueWrite::Combine {
+                field,
+                customer,
+                with: Combine::Max(v),
+            },
+            Some(Value::IntMin(v)) => ValueWrite::Combine {
+                field,
+                customer,
+                with: Combine::Min(v),
+            },
             Some(Value::EventAtMs(ms)) => ValueWrite::Event {
                 field,
                 customer,

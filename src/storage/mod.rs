@@ -56,7 +56,7 @@ use recovery::Recovered;
 pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 use writer::{Cmd, Writer};
-pub use writer::{EventTime, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult};
+pub use writer::{Combine, EventTime, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult};
 
 /// Writes naming at most this many customer keys have them checked on the
 /// caller's thread: 1,000 keys take about 10 µs (a million of 16 bytes took

@@ -228,7 +228,8 @@ impl WriteOp {
             WriteOp::SetValues { writes } => writes.iter().try_for_each(|w| match w {
                 ValueWrite::Int { customer, .. }
                 | ValueWrite::Enum { customer, .. }
-                | ValueWrite::Event { customer, .. } => check_key(customer),
+                | ValueWrite::Event { customer, .. }
+                | ValueWrite::Combine { customer, .. } => check_key(customer),
             }),
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
@@ -270,6 +271,48 @@ pub enum ValueWrite {
         customer: String,
         at: EventTime,
     },
+    /// Combines a number with a customer's value of an integer field, on the
+    /// writer: against the newest value, so that no client has to read,
+    /// modify and write (and two such writes never lose one another).
+    Combine {
+        field: String,
+        customer: String,
+        with: Combine,
+    },
+}
+
+/// How a [`ValueWrite::Combine`] changes an integer value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Adds the number (negative to subtract); a customer without a value
+    /// starts from 0.
+    Add(i64),
+    /// The larger of the value and the number (the number, without a value).
+    Max(i64),
+    /// The smaller of the value and the number (the number, without a value).
+    Min(i64),
+}
+
+impl Combine {
+    /// The value after combining with `current`; `None` when a sum leaves
+    /// the 64-bit range.
+    pub fn apply(self, current: Option<i64>) -> Option<i64> {
+        match (self, current) {
+            (Combine::Add(d), c) => c.unwrap_or(0).checked_add(d),
+            (Combine::Max(v), Some(c)) => Some(c.max(v)),
+            (Combine::Min(v), Some(c)) => Some(c.min(v)),
+            (Combine::Max(v) | Combine::Min(v), None) => Some(v),
+        }
+    }
+
+    /// The word clients use for it (`add`, `max`, `min`).
+    pub fn word(self) -> &'static str {
+        match self {
+            Combine::Add(_) => "add",
+            Combine::Max(_) => "max",
+            Combine::Min(_) => "min",
+        }
+    }
 }
 
 /// What a write did.

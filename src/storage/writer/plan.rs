@@ -377,6 +377,9 @@ fn plan_values<'k>(
             }
             | ValueWrite::Event {
                 field, customer, ..
+            }
+            | ValueWrite::Combine {
+                field, customer, ..
             } => (field, customer),
         };
         let field = snap
@@ -403,6 +406,34 @@ fn plan_values<'k>(
                         return Err(wrong("integer"));
                     };
                     m.insert(id, *value);
+                }
+            }
+            (ValueWrite::Combine { with, .. }, FieldKind::Int) => {
+                let id = ids.get_or_create(customer)?;
+                let Pending::Int(m) = pending
+                    .entry(field.id)
+                    .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                else {
+                    return Err(wrong("integer"));
+                };
+                // The newest value: this request's own earlier write of it,
+                // else the state's (which every earlier request of the group
+                // has already changed).
+                let current = match m.get(&id) {
+                    Some(v) => *v,
+                    None => field.int_value(id)?,
+                };
+                let new = with.apply(current).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "adding {} to {name:?} of {customer:?} ({}) leaves the 64-bit range",
+                        match with {
+                            Combine::Add(d) | Combine::Max(d) | Combine::Min(d) => d,
+                        },
+                        current.unwrap_or(0)
+                    ))
+                })?;
+                if Some(new) != current || m.contains_key(&id) {
+                    m.insert(id, Some(new));
                 }
             }
             (ValueWrite::Enum { value, .. }, FieldKind::Enum { values }) => {
@@ -478,6 +509,9 @@ fn plan_values<'k>(
             (ValueWrite::Int { .. }, _) => return Err(wrong("integer")),
             (ValueWrite::Enum { .. }, _) => return Err(wrong("enumerated")),
             (ValueWrite::Event { .. }, _) => return Err(wrong("behaviour")),
+            (ValueWrite::Combine { with, .. }, _) => {
+                return Err(wrong(&format!("integer, to {}", with.word())));
+            }
         }
     }
     let by_id: HashMap<u32, &Arc<Field>> = snap.fields.values().map(|f| (f.id, f)).collect();

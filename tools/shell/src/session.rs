@@ -164,6 +164,7 @@ impl Session {
             | Command::CreateField { .. }
             | Command::DropField { .. }
             | Command::SetValue { .. }
+            | Command::CombineValue { .. }
             | Command::ClearValue { .. }
             | Command::Event { .. }
             | Command::Aggregate { .. }

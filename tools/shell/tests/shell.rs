@@ -388,6 +388,12 @@ async fn field_commands() {
     ok(a, "set lifecycle u1 active");
     ok(a, "set lifecycle u2 new");
     assert!(fails(a, "set total_spend u1 lots").contains("not an integer"));
+    ok(a, "set total_spend u2 add 250");
+    ok(a, "set total_spend u2 max 300");
+    ok(a, "set total_spend u2 min 400");
+    assert!(ok(a, "count total_spend = 350").starts_with('1'));
+    ok(a, "set total_spend u2 100");
+    assert!(fails(a, "set lifecycle u1 add 1").contains("enumerated"));
     assert!(fails(a, "set lifecycle u1 vip").contains("not a value"));
     assert!(ok(a, "event bought u1").contains("1 new behaviour days"));
     ok(a, "create tag 高价值用户");

@@ -3,7 +3,7 @@
 //! beside its parser.
 
 use super::args::{first_word, need, split_args, split_over, split_queries};
-use super::{BreakdownBy, Command, Spec};
+use super::{BreakdownBy, Combine, Command, Spec};
 
 pub const FIELDS: Spec = Spec {
     name: "fields",
@@ -20,9 +20,9 @@ pub const SET: Spec = Spec {
     name: "set",
     words: &["set"],
     complete: &["set"],
-    usage: "set <field> <key> <value>",
-    summary: "set a customer's integer or enumerated value",
-    example: "set total_spend jd:pin_7781 620000",
+    usage: "set <field> <key> <value> | set <field> <key> add|max|min <n>",
+    summary: "set a customer's integer or enumerated value, or add to an integer (or keep the larger or smaller) on the server",
+    example: "set order_count jd:pin_7781 add 1",
     takes_tags: false,
     parse: |rest| match split_args(rest)?.as_slice() {
         [field, key, value] => Ok(Command::SetValue {
@@ -30,6 +30,28 @@ pub const SET: Spec = Spec {
             key: key.clone(),
             value: value.clone(),
         }),
+        [field, key, how, n] => {
+            let how = match how.as_str() {
+                "add" => Combine::Add,
+                "max" => Combine::Max,
+                "min" => Combine::Min,
+                other => {
+                    return Err(format!(
+                        "{other:?} is not add, max or min; usage: {}",
+                        SET.usage
+                    ));
+                }
+            };
+            let n = n
+                .parse()
+                .map_err(|_| format!("{n:?} is not an integer (a 64-bit signed number)"))?;
+            Ok(Command::CombineValue {
+                field: field.clone(),
+                key: key.clone(),
+                how,
+                n,
+            })
+        }
         _ => Err(format!("usage: {}", SET.usage)),
     },
 };

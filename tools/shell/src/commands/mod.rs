@@ -87,6 +87,13 @@ pub enum Command {
         key: String,
         value: String,
     },
+    /// `set <field> <key> add|max|min <n>`: combined on the server.
+    CombineValue {
+        field: String,
+        key: String,
+        how: Combine,
+        n: i64,
+    },
     ClearValue {
         field: String,
         key: String,
@@ -135,6 +142,14 @@ pub enum FieldKindArg {
         daily_days: u32,
         time_zone: String,
     },
+}
+
+/// How `set … add|max|min` combines a number with an integer value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Combine {
+    Add,
+    Max,
+    Min,
 }
 
 /// What a breakdown counts by.
@@ -412,6 +427,25 @@ mod tests {
                 value: "-5".into()
             }
         );
+        assert_eq!(
+            p("set order_count jd:1 add -2"),
+            Command::CombineValue {
+                field: "order_count".into(),
+                key: "jd:1".into(),
+                how: Combine::Add,
+                n: -2
+            }
+        );
+        assert_eq!(
+            p("set last_order_day jd:1 max 20405"),
+            Command::CombineValue {
+                field: "last_order_day".into(),
+                key: "jd:1".into(),
+                how: Combine::Max,
+                n: 20405
+            }
+        );
+        assert!(parse("set order_count jd:1 add lots").is_err());
         assert_eq!(
             p("event bought jd:1 2026-11-20"),
             Command::Event {

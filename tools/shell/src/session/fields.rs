@@ -6,7 +6,7 @@ use tagstore_proto::value_write::Value;
 use tagstore_proto::*;
 
 use super::{Failure, Session, with_query};
-use crate::commands::{BreakdownBy, Command, FieldKindArg};
+use crate::commands::{BreakdownBy, Combine, Command, FieldKindArg};
 use crate::table::{self, Align, thousands};
 
 fn kind_name(kind: i32) -> &'static str {
@@ -177,6 +177,19 @@ impl Session {
                     field,
                     customer: key,
                     value: Some(v),
+                }])
+                .await?;
+            }
+            Command::CombineValue { field, key, how, n } => {
+                let value = match how {
+                    Combine::Add => Value::IntAdd(n),
+                    Combine::Max => Value::IntMax(n),
+                    Combine::Min => Value::IntMin(n),
+                };
+                self.write_values(vec![ValueWrite {
+                    field,
+                    customer: key,
+                    value: Some(value),
                 }])
                 .await?;
             }
