@@ -14,6 +14,10 @@
 //!   snapshots into segment files at checkpoints. Knows nothing of gRPC.
 //! - [`query`]: the query language (parser) and its evaluation over one
 //!   snapshot. Reads, never writes.
+//! - [`ingest`]: channel records in (order, social and store exports, as
+//!   CSV or JSON Lines, UTF-8 or GBK), normalised into the one event model
+//!   and turned into facts (field writes). Knows nothing of gRPC; hands its
+//!   writes to the engine like any client.
 //! - [`fields`]: what a field is (integer, enumerated, behaviour) and how
 //!   its values sit in bitmaps; local days and months.
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
@@ -30,6 +34,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod fields;
+pub mod ingest;
 pub mod query;
 pub mod server;
 pub mod storage;
