@@ -2,10 +2,18 @@
 //! interactions, store visits) in, facts about customers out.
 //!
 //! The rooms, in the order a record passes through them:
+//! [`read`] (bytes into records: CSV or JSON Lines, UTF-8 or GBK),
+//! [`source`] (a channel's declared mapping, applied to one record; the
+//! built-in ones in [`presets`]),
 //! [`normalize`] (one value: a time, an amount, a phone number, an
-//! identifier, into its one form).
+//! identifier, into its one form), [`event`] (the unified event model every
+//! record becomes).
 //!
 //! This module owns turning records into events and events into writes. It
 //! must not write to the store itself, and knows nothing of gRPC.
 
+pub mod event;
 pub mod normalize;
+pub mod presets;
+pub mod read;
+pub mod source;

@@ -298,6 +298,20 @@ pub fn identifier(value: &str, what: &str, case_insensitive: bool) -> Result<Str
     })
 }
 
+/// Free text (a title, a note): trimmed; line breaks and tabs are kept,
+/// other control characters refused.
+pub fn text(value: &str, what: &str) -> Result<String, Refused> {
+    let v = trimmed(value, what)?;
+    if v.chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(refused(format!(
+            "{what} {v:?} contains a control character"
+        )));
+    }
+    Ok(v.to_string())
+}
+
 /// The value without surrounding white space (including the full-width
 /// space of Chinese exports); refused if empty or over [`MAX_VALUE_BYTES`].
 fn trimmed<'v>(value: &'v str, what: &str) -> Result<&'v str, Refused> {
