@@ -7,12 +7,14 @@
 //! built-in ones in [`presets`]),
 //! [`normalize`] (one value: a time, an amount, a phone number, an
 //! identifier, into its one form), [`event`] (the unified event model every
-//! record becomes).
+//! record becomes), [`facts`] (the field writes an event makes: counters,
+//! first and last days, behaviours).
 //!
 //! This module owns turning records into events and events into writes. It
 //! must not write to the store itself, and knows nothing of gRPC.
 
 pub mod event;
+pub mod facts;
 pub mod normalize;
 pub mod presets;
 pub mod read;
