@@ -61,6 +61,10 @@ pub enum Error {
     FieldExists(String),
     #[error("customer not found: {:?}", shown(.0))]
     CustomerNotFound(String),
+    #[error("source not found: {:?}", shown(.0))]
+    SourceNotFound(String),
+    #[error("a source named {:?} already exists", shown(.0))]
+    SourceExists(String),
     #[error("customer id {0} names no live customer (ids come from ResolveCustomers or Profile)")]
     CustomerIdNotFound(u32),
     #[error("{0}")]

@@ -42,9 +42,10 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         Error::Corrupt { .. } | Error::BadRecord(_) | Error::Recovery(_) => Code::DataLoss,
         Error::TagNotFound(_)
         | Error::FieldNotFound(_)
+        | Error::SourceNotFound(_)
         | Error::CustomerNotFound(_)
         | Error::CustomerIdNotFound(_) => Code::NotFound,
-        Error::TagExists(_) | Error::FieldExists(_) => Code::AlreadyExists,
+        Error::TagExists(_) | Error::FieldExists(_) | Error::SourceExists(_) => Code::AlreadyExists,
         Error::InvalidArgument(_) | Error::Config(_) => Code::InvalidArgument,
         Error::Query { kind, .. } => match kind {
             QueryErrorKind::Syntax | QueryErrorKind::Type => Code::InvalidArgument,

@@ -15,7 +15,10 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::storage::DataDir;
 use crate::storage::dictionary::{DictLayer, Dictionary, encode_section};
-use crate::storage::manifest::{Manifest, ManifestField, ManifestTag};
+use crate::storage::manifest::{
+    Manifest, ManifestField, ManifestSeen, ManifestSource, ManifestTag,
+};
+use crate::storage::seen::{self, Seen};
 use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
 use crate::storage::snapshot::Snapshot;
 
@@ -140,6 +143,9 @@ pub struct CheckpointJob {
     pub dirty_tags: HashSet<u32>,
     pub dirty_live: bool,
     pub dirty_slots: HashSet<(u32, u32)>,
+    /// The remembered event ids at the snapshot's lsn, with the days changed
+    /// since the previous checkpoint.
+    pub seen: Seen,
     pub prev: Manifest,
     pub segments: HashMap<u64, Arc<Segment>>,
     pub dict: Arc<Dictionary>,
@@ -198,6 +204,15 @@ impl CheckpointJob {
                 {
                     *referenced.entry(no).or_default() += seg.slot_bytes(field.id, slot);
                 }
+            }
+        }
+        for s in &self.prev.seen {
+            if self.seen.dirty.contains(&s.day) {
+                continue;
+            }
+            if let Some(seg) = self.segments.get(&s.segment) {
+                *referenced.entry(s.segment).or_default() +=
+                    seg.bytes_of(BlobKind::SeenIds, s.day as u32);
             }
         }
         if !self.dirty_live
@@ -326,6 +341,43 @@ impl CheckpointJob {
             });
         }
 
+        let prev_seen: HashMap<i32, u64> =
+            self.prev.seen.iter().map(|s| (s.day, s.segment)).collect();
+        let mut seen_days = Vec::with_capacity(self.seen.days.len());
+        for (&day, ids) in &self.seen.days {
+            if ids.is_empty() {
+                continue;
+            }
+            let prev = prev_seen.get(&day).copied();
+            let keep =
+                !self.seen.dirty.contains(&day) && prev.is_some_and(|p| !victims.contains(&p));
+            let segment = match prev {
+                Some(p) if keep => p,
+                _ => {
+                    open(&mut writer)?;
+                    if let Some(w) = writer.as_mut() {
+                        w.add_blob(BlobKind::SeenIds, day as u32, 0, &seen::encode_day(ids))?;
+                    }
+                    seg_no
+                }
+            };
+            seen_days.push(ManifestSeen {
+                day,
+                segment,
+                count: ids.len() as u64,
+            });
+        }
+        let sources = snap
+            .sources
+            .values()
+            .map(|s| ManifestSource {
+                name: s.name.to_string(),
+                definition: s.definition.clone(),
+                created_ms: s.created_ms,
+                updated_ms: s.updated_ms,
+            })
+            .collect();
+
         let live_segment = if self.dirty_live || victims.contains(&self.prev.live_segment) {
             if live.is_empty() {
                 0
@@ -424,6 +476,8 @@ impl CheckpointJob {
             dict_segments,
             tags,
             fields,
+            sources,
+            seen: seen_days,
         };
         manifest.write(&self.dir)?;
 

@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 2;
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +31,23 @@ pub struct ManifestField {
 }
 
 /// A tag as the manifest records it.
+/// A source of ingestion (its definition is small: kept here whole).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestSource {
+    pub name: String,
+    pub definition: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// One day of remembered event ids: the segment holding its blob.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ManifestSeen {
+    pub day: i32,
+    pub segment: u64,
+    pub count: u64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManifestTag {
     pub id: u32,
@@ -61,6 +78,8 @@ pub struct Manifest {
     pub dict_segments: Vec<u64>,
     pub tags: Vec<ManifestTag>,
     pub fields: Vec<ManifestField>,
+    pub sources: Vec<ManifestSource>,
+    pub seen: Vec<ManifestSeen>,
 }
 
 impl Manifest {
@@ -76,6 +95,7 @@ impl Manifest {
                     .iter()
                     .flat_map(|f| f.slots.iter().map(|(_, seg)| *seg)),
             )
+            .chain(self.seen.iter().map(|s| s.segment))
             .chain(std::iter::once(self.live_segment))
             .filter(|&s| s != 0)
             .collect();
@@ -121,6 +141,17 @@ impl Manifest {
             for (slot, seg) in &f.slots {
                 e.u32(*slot).u64(*seg);
             }
+        }
+        e.u32(self.sources.len() as u32);
+        for s in &self.sources {
+            e.str(&s.name)
+                .str(&s.definition)
+                .i64(s.created_ms)
+                .i64(s.updated_ms);
+        }
+        e.u32(self.seen.len() as u32);
+        for s in &self.seen {
+            e.i64(i64::from(s.day)).u64(s.segment).u64(s.count);
         }
         e.buf
     }
@@ -176,6 +207,26 @@ impl Manifest {
                 m.fields.push(f);
             }
         }
+        if version >= 3 {
+            for _ in 0..d.u32()? {
+                m.sources.push(ManifestSource {
+                    name: d.str()?.to_string(),
+                    definition: d.str()?.to_string(),
+                    created_ms: d.i64()?,
+                    updated_ms: d.i64()?,
+                });
+            }
+            for _ in 0..d.u32()? {
+                let day = d.i64()?;
+                let day =
+                    i32::try_from(day).or_else(|_| d.err(format!("day {day} out of range")))?;
+                m.seen.push(ManifestSeen {
+                    day,
+                    segment: d.u64()?,
+                    count: d.u64()?,
+                });
+            }
+        }
         d.finish()?;
         Ok(m)
     }
@@ -196,7 +247,7 @@ impl Manifest {
             ));
         }
         let version = le_u32(&data, 8).unwrap_or(0);
-        if version != 1 && version != MANIFEST_VERSION {
+        if !(1..=MANIFEST_VERSION).contains(&version) {
             return Err(corrupt(
                 8,
                 format!("unsupported manifest version {version}"),
@@ -282,6 +333,17 @@ mod tests {
                 created_ms: 5,
                 updated_ms: 6,
                 slots: vec![(0, 4), (1, 6)],
+            }],
+            sources: vec![ManifestSource {
+                name: "jd_orders".into(),
+                definition: "format = \"csv\"".into(),
+                created_ms: 7,
+                updated_ms: 8,
+            }],
+            seen: vec![ManifestSeen {
+                day: 20_769,
+                segment: 6,
+                count: 3,
             }],
         }
     }

@@ -34,6 +34,7 @@ pub mod manifest;
 pub mod record;
 pub mod recovery;
 mod resolve;
+pub mod seen;
 pub mod segment;
 pub mod snapshot;
 pub mod state;
@@ -56,7 +57,9 @@ use recovery::Recovered;
 pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 use writer::{Cmd, Writer};
-pub use writer::{Combine, EventTime, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult};
+pub use writer::{
+    Combine, EventTime, IngestRecord, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult,
+};
 
 /// Writes naming at most this many customer keys have them checked on the
 /// caller's thread: 1,000 keys take about 10 µs (a million of 16 bytes took
@@ -75,6 +78,9 @@ pub enum SyncMode {
 }
 
 /// Engine settings.
+/// The default of [`EngineConfig::dedup_days`].
+pub const DEFAULT_DEDUP_DAYS: u32 = 30;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub data_dir: PathBuf,
@@ -86,6 +92,10 @@ pub struct EngineConfig {
     pub clock: SharedClock,
     /// Where the files live: the real disk, or memory in tests.
     pub fs: Arc<dyn fs::FileSystem>,
+    /// Days an ingested event's id is remembered after the day it was
+    /// ingested (UTC): the same event sent again within them is not applied
+    /// twice. Older days are forgotten at the next checkpoint.
+    pub dedup_days: u32,
 }
 
 impl EngineConfig {
@@ -97,6 +107,7 @@ impl EngineConfig {
             compaction: CompactionPolicy::default(),
             clock: crate::clock::system(),
             fs: fs::os(),
+            dedup_days: DEFAULT_DEDUP_DAYS,
         }
     }
 }

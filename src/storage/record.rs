@@ -14,7 +14,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 2;
+pub const BATCH_VERSION: u8 = 3;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,6 +193,21 @@ pub struct Batch {
     pub new_fields: Vec<NewField>,
     pub field_changes: Vec<FieldChange>,
     pub drop_fields: Vec<u32>,
+    /// Ingestion sources defined (or redefined) and dropped.
+    pub sources: Vec<SourceChange>,
+    /// Ingested events' de-duplication ids (see [`seen_id`](crate::storage::seen::seen_id)),
+    /// remembered on the batch's day.
+    pub seen: Vec<u128>,
+    /// Days of remembered event ids forgotten (past retention).
+    pub drop_seen_days: Vec<i32>,
+}
+
+/// A source of ingestion defined (`definition` is its TOML) or dropped
+/// (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceChange {
+    pub name: String,
+    pub definition: Option<String>,
 }
 
 impl Batch {
@@ -206,6 +221,9 @@ impl Batch {
             && self.new_fields.is_empty()
             && self.field_changes.is_empty()
             && self.drop_fields.is_empty()
+            && self.sources.is_empty()
+            && self.seen.is_empty()
+            && self.drop_seen_days.is_empty()
     }
 
     /// Memberships the batch names in its changes: a measure of the work
@@ -253,13 +271,29 @@ impl Batch {
         for f in &self.drop_fields {
             e.u32(*f);
         }
+        e.u32(self.sources.len() as u32);
+        for s in &self.sources {
+            e.str(&s.name);
+            match &s.definition {
+                Some(d) => e.u8(1).str(d),
+                None => e.u8(2),
+            };
+        }
+        e.u32(self.seen.len() as u32);
+        for id in &self.seen {
+            e.u64(*id as u64).u64((*id >> 64) as u64);
+        }
+        e.u32(self.drop_seen_days.len() as u32);
+        for d in &self.drop_seen_days {
+            e.i64(i64::from(*d));
+        }
         e.buf
     }
 
     pub fn decode(payload: &[u8]) -> DecResult<Self> {
         let mut d = Dec::new(payload);
         let version = d.u8()?;
-        if version != 1 && version != 2 {
+        if !(1..=3).contains(&version) {
             return d.err(format!("unsupported batch version {version}"));
         }
         let mut b = Batch {
@@ -310,6 +344,28 @@ impl Batch {
             }
             for _ in 0..d.u32()? {
                 b.drop_fields.push(d.u32()?);
+            }
+        }
+        if version >= 3 {
+            for _ in 0..d.u32()? {
+                let name = d.str()?.to_string();
+                let definition = match d.u8()? {
+                    1 => Some(d.str()?.to_string()),
+                    2 => None,
+                    other => return d.err(format!("unknown source change {other}")),
+                };
+                b.sources.push(SourceChange { name, definition });
+            }
+            for _ in 0..d.u32()? {
+                let (lo, hi) = (d.u64()?, d.u64()?);
+                b.seen.push(u128::from(hi) << 64 | u128::from(lo));
+            }
+            for _ in 0..d.u32()? {
+                let day = d.i64()?;
+                match i32::try_from(day) {
+                    Ok(day) => b.drop_seen_days.push(day),
+                    Err(_) => return d.err(format!("day {day} out of range")),
+                }
             }
         }
         d.finish()?;
@@ -373,6 +429,18 @@ mod tests {
                 },
             ],
             drop_fields: vec![8],
+            sources: vec![
+                SourceChange {
+                    name: "jd_orders".into(),
+                    definition: Some("format = \"csv\"".into()),
+                },
+                SourceChange {
+                    name: "old".into(),
+                    definition: None,
+                },
+            ],
+            seen: vec![u128::MAX, 0, 42, 1 << 70],
+            drop_seen_days: vec![20_000, -1],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

@@ -15,8 +15,9 @@ use crate::storage::datadir::{DataDir, move_aside};
 use crate::storage::dictionary::{DictLayer, Dictionary};
 use crate::storage::manifest::{self, Manifest};
 use crate::storage::record::{Batch, KIND_BATCH};
+use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
-use crate::storage::snapshot::LazyBitmap;
+use crate::storage::snapshot::{LazyBitmap, SourceMap, SourceMeta};
 use crate::storage::state::State;
 use crate::storage::wal::{self, WalWriter};
 use crate::storage::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
@@ -197,6 +198,19 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
             }),
         );
     }
+    let mut sources = SourceMap::new();
+    for s in &manifest.sources {
+        let name: Arc<str> = Arc::from(s.name.as_str());
+        sources.insert(
+            name.clone(),
+            Arc::new(SourceMeta {
+                name,
+                definition: s.definition.clone(),
+                created_ms: s.created_ms,
+                updated_ms: s.updated_ms,
+            }),
+        );
+    }
     let live = if manifest.live_segment == 0 {
         LazyBitmap::empty()
     } else {
@@ -210,8 +224,49 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         next_customer_id: manifest.next_customer_id,
         next_tag_id: manifest.next_tag_id,
         dict,
+        sources,
     };
     let mut state = State::new(snap);
+    // Remembered event ids are read now, whole: the writer checks every
+    // ingested event against them.
+    for day in &manifest.seen {
+        let s = seg(day.segment)?;
+        let entries = s.entries_of(BlobKind::SeenIds, day.day as u32);
+        let [entry] = entries else {
+            return Err(Error::corrupt(
+                &s.path,
+                0,
+                format!(
+                    "segment holds {} blobs of event ids of day {} named by the manifest (one expected)",
+                    entries.len(),
+                    day.day
+                ),
+            ));
+        };
+        let ids = seen::decode_day(s.blob(entry)?).ok_or_else(|| {
+            Error::corrupt(
+                &s.path,
+                entry.offset,
+                format!(
+                    "the event ids of day {} are not ascending 16-byte ids",
+                    day.day
+                ),
+            )
+        })?;
+        if ids.len() as u64 != day.count {
+            return Err(Error::corrupt(
+                &s.path,
+                entry.offset,
+                format!(
+                    "day {} holds {} event ids; the manifest says {}",
+                    day.day,
+                    ids.len(),
+                    day.count
+                ),
+            ));
+        }
+        state.seen.days.insert(day.day, Arc::new(ids));
+    }
 
     // Steps 6 to 8: the log replayed after the checkpoint, in lsn order, a
     // torn tail cut, any other damage a hard error naming its file.

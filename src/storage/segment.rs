@@ -40,6 +40,9 @@ pub enum BlobKind {
     /// One shard of one bitmap ("slot") of a field; `owner` is the field id
     /// and `shard` packs the slot (high 20 bits) with the shard (low 12).
     FieldSlot = 4,
+    /// The ids of the events ingested on one day ([`crate::storage::seen`]);
+    /// `owner` is the day (days since 1970-01-01, UTC), `shard` is 0.
+    SeenIds = 5,
 }
 
 /// Bits of a packed `shard` word that hold the shard number (ids are u32 and
@@ -60,6 +63,7 @@ impl BlobKind {
             2 => Some(Self::LiveShard),
             3 => Some(Self::Dictionary),
             4 => Some(Self::FieldSlot),
+            5 => Some(Self::SeenIds),
             _ => None,
         }
     }

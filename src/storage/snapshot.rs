@@ -117,6 +117,19 @@ pub struct FieldMeta {
     pub updated_ms: i64,
 }
 
+/// A source of ingestion as the store keeps it: its name and definition
+/// (TOML, checked by the ingestion layer before it is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceMeta {
+    pub name: Arc<str>,
+    pub definition: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Sources by name.
+pub type SourceMap = imbl::OrdMap<Arc<str>, Arc<SourceMeta>>;
+
 /// A field (integer, enumerated or behaviour column): stable id, metadata,
 /// and its non-empty bitmaps by slot (see [`crate::fields`] for what a slot
 /// means for each kind).
@@ -188,6 +201,8 @@ pub struct Snapshot {
     pub next_tag_id: u32,
     /// Shared with the writer; look-ups are checked against `live`.
     pub dict: Arc<Dictionary>,
+    /// Sources of ingestion by name.
+    pub sources: SourceMap,
 }
 
 impl Snapshot {
@@ -225,6 +240,7 @@ impl Snapshot {
             next_customer_id,
             next_tag_id,
             dict: Arc::new(Dictionary::new(Vec::new(), next_customer_id)),
+            sources: SourceMap::new(),
         }
     }
 

@@ -12,7 +12,10 @@ use crate::error::{Error, Result};
 use crate::fields::time::{self, Bucket};
 use crate::fields::{INT_EXISTS, bsi, int_slot};
 use crate::storage::record::{Batch, ChangeOp, FieldChange};
-use crate::storage::snapshot::{Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, Tag, TagMeta};
+use crate::storage::seen::{self, Seen};
+use crate::storage::snapshot::{
+    Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, SourceMeta, Tag, TagMeta,
+};
 
 /// What applying a batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,8 @@ pub struct ApplyStats {
     pub values_cleared: u64,
     /// Behaviour buckets newly gained by customers.
     pub events_added: u64,
+    /// Ingested events remembered for de-duplication.
+    pub events_seen: u64,
 }
 
 /// The writer's copy of the store: the next snapshot, plus what changed since
@@ -42,6 +47,9 @@ pub struct State {
     pub field_names: HashMap<u32, Arc<str>>,
     /// Field slots changed since the last checkpoint began.
     pub dirty_slots: HashSet<(u32, u32)>,
+    /// Ingested events remembered for de-duplication (the writer's alone:
+    /// not part of the published snapshot).
+    pub seen: Seen,
 }
 
 fn unknown_field(id: u32) -> Error {
@@ -83,6 +91,7 @@ impl State {
             dirty_live: false,
             field_names,
             dirty_slots: HashSet::new(),
+            seen: Seen::default(),
         }
     }
 
@@ -362,6 +371,35 @@ impl State {
                 self.snap.fields.remove(&name);
                 self.dirty_slots.retain(|(f, _)| f != id);
             }
+        }
+        for c in &b.sources {
+            match &c.definition {
+                Some(definition) => {
+                    let name: Arc<str> = Arc::from(c.name.as_str());
+                    let created_ms = self
+                        .snap
+                        .sources
+                        .get(&name)
+                        .map_or(b.at_ms, |s| s.created_ms);
+                    self.snap.sources.insert(
+                        name.clone(),
+                        Arc::new(SourceMeta {
+                            name,
+                            definition: definition.clone(),
+                            created_ms,
+                            updated_ms: b.at_ms,
+                        }),
+                    );
+                }
+                None => {
+                    self.snap.sources.remove(c.name.as_str());
+                }
+            }
+        }
+        self.seen.insert(seen::day_of(b.at_ms), &b.seen);
+        stats.events_seen = b.seen.len() as u64;
+        for &day in &b.drop_seen_days {
+            self.seen.drop_day(day);
         }
         self.snap.lsn = lsn;
         Ok(stats)

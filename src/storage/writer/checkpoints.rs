@@ -45,7 +45,12 @@ impl Writer {
             }
             return;
         }
-        match maintenance(&self.state.snap, self.now_ms()) {
+        match maintenance(
+            &self.state.snap,
+            &self.state.seen,
+            self.shared.config.dedup_days,
+            self.now_ms(),
+        ) {
             Ok(batch) if batch.is_empty() => {}
             Ok(batch) => {
                 if let Err(e) = self.commit_internal(&batch) {
@@ -103,12 +108,17 @@ impl Writer {
         let dirty_tags = std::mem::take(&mut self.state.dirty_tags);
         let dirty_live = std::mem::take(&mut self.state.dirty_live);
         let dirty_slots = std::mem::take(&mut self.state.dirty_slots);
+        let dirty_seen = std::mem::take(&mut self.state.seen.dirty);
         let job = CheckpointJob {
             dir: self.dir.clone(),
             snap: self.shared.snapshot(),
             dirty_tags: dirty_tags.clone(),
             dirty_live,
             dirty_slots: dirty_slots.clone(),
+            seen: crate::storage::seen::Seen {
+                days: self.state.seen.days.clone(),
+                dirty: dirty_seen.clone(),
+            },
             prev: self.manifest.clone(),
             segments: self.segments.clone(),
             dict: self.state.snap.dict.clone(),
@@ -124,6 +134,7 @@ impl Writer {
             dirty_tags,
             dirty_live,
             dirty_slots,
+            dirty_seen,
         });
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
@@ -164,6 +175,7 @@ impl Writer {
                 self.state.dirty_tags.extend(running.dirty_tags);
                 self.state.dirty_live |= running.dirty_live;
                 self.state.dirty_slots.extend(running.dirty_slots);
+                self.state.seen.dirty.extend(running.dirty_seen);
                 // The failed job may have left a file under this number:
                 // partial, or complete and already named by a new MANIFEST
                 // (when what failed came after the rename, such as the
@@ -374,13 +386,21 @@ impl Writer {
 }
 
 /// The retention and roll-up changes due today for every behaviour field,
-/// as one batch (empty when nothing is due). Loads the day buckets a
-/// roll-up merges.
-fn maintenance(snap: &crate::storage::Snapshot, now_ms: i64) -> Result<Batch> {
+/// and the days of remembered event ids past `dedup_days`, as one batch
+/// (empty when nothing is due). Loads the day buckets a roll-up merges.
+fn maintenance(
+    snap: &crate::storage::Snapshot,
+    seen: &crate::storage::seen::Seen,
+    dedup_days: u32,
+    now_ms: i64,
+) -> Result<Batch> {
     let mut batch = Batch {
         at_ms: now_ms,
         ..Default::default()
     };
+    let today = crate::storage::seen::day_of(now_ms);
+    let keep_from = today.saturating_sub(dedup_days.min(i32::MAX as u32) as i32);
+    batch.drop_seen_days = seen.days.range(..keep_from).map(|(&d, _)| d).collect();
     for field in snap.fields.values() {
         let FieldKind::Behaviour(spec) = &field.meta.kind else {
             continue;

@@ -79,6 +79,22 @@ enum Target {
     FieldCreated(String),
     Values { expired: u64 },
     Ids(Vec<u32>),
+    SourcePut { created: bool },
+    Ingested { expired: u64, duplicates: Vec<u32> },
+}
+
+impl Target {
+    /// Fills in what an ingest reports that applying does not count.
+    fn report(self, r: &mut WriteResult) {
+        if let Target::Ingested {
+            expired,
+            duplicates,
+        } = self
+        {
+            r.events_expired = expired;
+            r.duplicates = duplicates;
+        }
+    }
 }
 
 struct Running {
@@ -89,6 +105,7 @@ struct Running {
     dirty_tags: std::collections::HashSet<u32>,
     dirty_live: bool,
     dirty_slots: std::collections::HashSet<(u32, u32)>,
+    dirty_seen: std::collections::BTreeSet<i32>,
 }
 
 pub(crate) struct Writer {
@@ -311,6 +328,14 @@ impl Writer {
                             r.events_expired = expired;
                         }
                         Target::Ids(ids) => r.ids = ids,
+                        Target::SourcePut { created } => r.created = created,
+                        t @ Target::Ingested { .. } => {
+                            r.values_set = stats.values_set;
+                            r.values_cleared = stats.values_cleared;
+                            r.events_added = stats.events_added;
+                            r.events_seen = stats.events_seen;
+                            t.report(&mut r);
+                        }
                     }
                     replies.push((reply, Ok(r)));
                 }

@@ -191,7 +191,37 @@ pub enum WriteOp {
     SetValues {
         writes: Vec<ValueWrite>,
     },
+    /// Defines a source of ingestion (its definition is TOML, checked by the
+    /// ingestion layer); `replace` allows redefining one that exists.
+    PutSource {
+        name: String,
+        definition: String,
+        replace: bool,
+    },
+    DropSource {
+        name: String,
+    },
+    /// Ingested records, applied together or not at all: the value writes
+    /// of every record whose event was not ingested before. Records whose
+    /// event id the store remembers (or that repeat one earlier in the
+    /// request) are skipped and reported ([`WriteResult::duplicates`]); the
+    /// others' ids are remembered with their writes, atomically.
+    Ingest {
+        records: Vec<IngestRecord>,
+    },
 }
+
+/// One ingested record: its event's de-duplication id (`None`: the source
+/// gives none, and the record is applied each time it is sent) and the
+/// writes its facts make.
+#[derive(Debug, Clone)]
+pub struct IngestRecord {
+    pub seen: Option<u128>,
+    pub writes: Vec<ValueWrite>,
+}
+
+/// Longest source definition the store keeps, in bytes.
+pub const MAX_SOURCE_DEFINITION_BYTES: usize = 64 * 1024;
 
 impl WriteOp {
     /// Customer keys the write names (not counting ids).
@@ -204,6 +234,8 @@ impl WriteOp {
             | WriteOp::DeleteCustomers { customers }
             | WriteOp::CreateCustomers { customers } => customers.len(),
             WriteOp::SetValues { writes } => writes.len(),
+            WriteOp::Ingest { records } => records.iter().map(|r| r.writes.len()).sum(),
+            WriteOp::PutSource { .. } | WriteOp::DropSource { .. } => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
@@ -225,16 +257,17 @@ impl WriteOp {
             WriteOp::Replace { customers, .. }
             | WriteOp::DeleteCustomers { customers }
             | WriteOp::CreateCustomers { customers } => all(customers),
-            WriteOp::SetValues { writes } => writes.iter().try_for_each(|w| match w {
-                ValueWrite::Int { customer, .. }
-                | ValueWrite::Enum { customer, .. }
-                | ValueWrite::Event { customer, .. }
-                | ValueWrite::Combine { customer, .. } => check_key(customer),
-            }),
+            WriteOp::SetValues { writes } => writes.iter().try_for_each(ValueWrite::check_key),
+            WriteOp::Ingest { records } => records
+                .iter()
+                .flat_map(|r| &r.writes)
+                .try_for_each(ValueWrite::check_key),
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
-            | WriteOp::DropField { .. } => Ok(()),
+            | WriteOp::DropField { .. }
+            | WriteOp::PutSource { .. }
+            | WriteOp::DropSource { .. } => Ok(()),
         }
         .map_err(Into::into)
     }
@@ -279,6 +312,22 @@ pub enum ValueWrite {
         customer: String,
         with: Combine,
     },
+}
+
+impl ValueWrite {
+    /// The customer the write names.
+    pub fn customer(&self) -> &str {
+        match self {
+            ValueWrite::Int { customer, .. }
+            | ValueWrite::Enum { customer, .. }
+            | ValueWrite::Event { customer, .. }
+            | ValueWrite::Combine { customer, .. } => customer,
+        }
+    }
+
+    fn check_key(&self) -> std::result::Result<(), crate::names::NameError> {
+        check_key(self.customer())
+    }
 }
 
 /// How a [`ValueWrite::Combine`] changes an integer value.
@@ -341,4 +390,9 @@ pub struct WriteResult {
     pub events_expired: u64,
     /// Customer ids, one per key ([`WriteOp::CreateCustomers`]).
     pub ids: Vec<u32>,
+    /// Records of a [`WriteOp::Ingest`] skipped as already ingested, by
+    /// index.
+    pub duplicates: Vec<u32>,
+    /// Event ids remembered by a [`WriteOp::Ingest`].
+    pub events_seen: u64,
 }

@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 use crate::fields::FieldKind;
 use crate::fields::time::{self};
 use crate::names::check_tag_name;
-use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, NewField, NewTag};
+use crate::storage::record::{
+    Batch, Change, ChangeOp, FieldChange, NewField, NewTag, SourceChange,
+};
 use crate::storage::snapshot::Field;
 
 /// What planning reads: the writer's state, the moment of the write, and
@@ -254,6 +256,76 @@ impl Planner<'_> {
                 let expired = plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?;
                 batch.new_keys = ids.new_keys;
                 Ok(Planned::Write(batch, Target::Values { expired }))
+            }
+            WriteOp::PutSource {
+                name,
+                definition,
+                replace,
+            } => {
+                check_tag_name(&name)?;
+                if definition.len() > MAX_SOURCE_DEFINITION_BYTES {
+                    return Err(Error::invalid(format!(
+                        "source definition is {} bytes; at most {MAX_SOURCE_DEFINITION_BYTES}",
+                        definition.len()
+                    )));
+                }
+                let exists = snap.sources.contains_key(name.as_str());
+                if exists && !replace {
+                    return Err(Error::SourceExists(name));
+                }
+                batch.sources.push(SourceChange {
+                    name,
+                    definition: Some(definition),
+                });
+                Ok(Planned::Write(
+                    batch,
+                    Target::SourcePut { created: !exists },
+                ))
+            }
+            WriteOp::DropSource { name } => {
+                if !snap.sources.contains_key(name.as_str()) {
+                    return Err(Error::SourceNotFound(name));
+                }
+                batch.sources.push(SourceChange {
+                    name,
+                    definition: None,
+                });
+                Ok(Planned::Write(batch, Target::Plain))
+            }
+            WriteOp::Ingest { records } => {
+                let mut duplicates = Vec::new();
+                let mut fresh = std::collections::HashSet::new();
+                let mut writes = Vec::new();
+                for (i, r) in records.into_iter().enumerate() {
+                    if let Some(id) = r.seen {
+                        if self.state.seen.contains(id) || !fresh.insert(id) {
+                            duplicates.push(i as u32);
+                            continue;
+                        }
+                        batch.seen.push(id);
+                    }
+                    writes.extend(r.writes);
+                }
+                let mut ids = IdAssigner::new(self.state)?;
+                let expired = if writes.is_empty() {
+                    0
+                } else {
+                    plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?
+                };
+                batch.new_keys = ids.new_keys;
+                let target = Target::Ingested {
+                    expired,
+                    duplicates,
+                };
+                if batch.is_empty() {
+                    let mut r = WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    };
+                    target.report(&mut r);
+                    return Ok(Planned::Done(r));
+                }
+                Ok(Planned::Write(batch, target))
             }
         }
     }

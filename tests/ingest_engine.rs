@@ -1,0 +1,216 @@
+//! The engine's half of ingestion: sources kept in the store, and ingested
+//! events applied once: across a clean restart, a restart from the log
+//! alone, a crash (the in-memory file system's image of what reached the
+//! disk), checkpoints and compaction; forgotten after their retention.
+
+use std::sync::Arc;
+
+use tagstore::clock::ManualClock;
+use tagstore::fields::FieldKind;
+use tagstore::storage::fs::MemFs;
+use tagstore::storage::seen::seen_id;
+use tagstore::storage::{Combine, Engine, EngineConfig, IngestRecord, ValueWrite, WriteOp};
+
+const DIR: &str = "/mem/store";
+const DAY_MS: i64 = 86_400_000;
+// 2026-11-12T00:00:00Z
+const T0: i64 = 1_794_441_600_000;
+
+fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    cfg.clock = clock.clone();
+    cfg.dedup_days = 3;
+    Engine::open(cfg).unwrap()
+}
+
+/// An order of `amount` fen by `customer`, with source event id `id`.
+fn order(id: &str, customer: &str, amount: i64) -> IngestRecord {
+    IngestRecord {
+        seen: Some(seen_id("jd_orders", "order", id)),
+        writes: vec![
+            ValueWrite::Combine {
+                field: "order_count".into(),
+                customer: customer.into(),
+                with: Combine::Add(1),
+            },
+            ValueWrite::Combine {
+                field: "total_spend_fen".into(),
+                customer: customer.into(),
+                with: Combine::Add(amount),
+            },
+        ],
+    }
+}
+
+fn ingest(engine: &Engine, records: Vec<IngestRecord>) -> Vec<u32> {
+    engine
+        .write_blocking(WriteOp::Ingest { records })
+        .unwrap()
+        .duplicates
+}
+
+fn value(engine: &Engine, field: &str, customer: &str) -> Option<i64> {
+    let snap = engine.snapshot();
+    let id = snap.dict.lookup(customer).unwrap()?;
+    snap.field(field).unwrap().int_value(id).unwrap()
+}
+
+fn setup(engine: &Engine) {
+    for name in ["order_count", "total_spend_fen"] {
+        engine
+            .write_blocking(WriteOp::CreateField {
+                name: name.into(),
+                description: String::new(),
+                category: String::new(),
+                kind: FieldKind::Int,
+                if_not_exists: false,
+            })
+            .unwrap();
+    }
+    engine
+        .write_blocking(WriteOp::PutSource {
+            name: "jd_orders".into(),
+            definition: "format = \"csv\"".into(),
+            replace: false,
+        })
+        .unwrap();
+}
+
+#[test]
+fn an_event_is_applied_once_across_restarts_checkpoints_and_crashes() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+
+    // Within one request, and against what is already remembered.
+    let dups = ingest(
+        &engine,
+        vec![
+            order("J1", "a", 100),
+            order("J2", "a", 50),
+            order("J1", "a", 100),
+        ],
+    );
+    assert_eq!(dups, vec![2]);
+    assert_eq!(value(&engine, "order_count", "a"), Some(2));
+    assert_eq!(
+        ingest(&engine, vec![order("J2", "a", 50), order("J3", "b", 7)]),
+        vec![0]
+    );
+    // A record without an id is applied each time.
+    let plain = IngestRecord {
+        seen: None,
+        ..order("x", "c", 1)
+    };
+    assert!(ingest(&engine, vec![plain.clone(), plain]).is_empty());
+    assert_eq!(value(&engine, "order_count", "c"), Some(2));
+
+    // From the log alone, after a crash.
+    let crashed = fs.crash_image();
+    drop(engine);
+    for fs in [crashed, fs.clone()] {
+        let engine = open(&fs, &clock);
+        assert_eq!(ingest(&engine, vec![order("J1", "a", 100)]), vec![0]);
+        assert_eq!(value(&engine, "total_spend_fen", "a"), Some(150));
+        assert_eq!(value(&engine, "total_spend_fen", "b"), Some(7));
+    }
+
+    // From a checkpoint (and again after compaction rewrites its segment).
+    let engine = open(&fs, &clock);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    assert!(ingest(&engine, vec![order("J4", "b", 3)]).is_empty());
+    for _ in 0..12 {
+        // Checkpoints of other changes leave many small segments: the
+        // compaction moves the day's ids (or the checkpoint rewrites them).
+        engine
+            .write_blocking(WriteOp::SetValues {
+                writes: vec![ValueWrite::Int {
+                    field: "order_count".into(),
+                    customer: "z".into(),
+                    value: Some(1),
+                }],
+            })
+            .unwrap();
+        engine.checkpoint_blocking(Default::default()).unwrap();
+    }
+    drop(engine);
+    let crashed = fs.crash_image();
+    for fs in [crashed, fs.clone()] {
+        let engine = open(&fs, &clock);
+        assert_eq!(
+            ingest(&engine, vec![order("J1", "a", 100), order("J4", "b", 3)]),
+            vec![0, 1]
+        );
+        assert_eq!(value(&engine, "total_spend_fen", "b"), Some(10));
+        let snap = engine.snapshot();
+        let src = snap.sources.get("jd_orders").unwrap();
+        assert_eq!(src.definition, "format = \"csv\"");
+        assert_eq!(src.created_ms, T0);
+    }
+}
+
+#[test]
+fn remembered_ids_are_forgotten_after_their_retention() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    assert!(ingest(&engine, vec![order("J1", "a", 100)]).is_empty());
+    // Three days later (dedup_days = 3) it is still remembered.
+    clock.advance_ms(3 * DAY_MS);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    assert_eq!(ingest(&engine, vec![order("J1", "a", 100)]), vec![0]);
+    // The day after, its day is dropped at the next checkpoint, durably.
+    clock.advance_ms(DAY_MS);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&fs, &clock);
+    assert!(ingest(&engine, vec![order("J1", "a", 100)]).is_empty());
+    assert_eq!(value(&engine, "order_count", "a"), Some(2));
+}
+
+#[test]
+fn sources_are_defined_replaced_and_dropped() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    let put = |replace: bool, def: &str| {
+        engine.write_blocking(WriteOp::PutSource {
+            name: "jd_orders".into(),
+            definition: def.into(),
+            replace,
+        })
+    };
+    let e = put(false, "x").unwrap_err();
+    assert!(matches!(e, tagstore::Error::SourceExists(_)), "{e}");
+    clock.advance_ms(1_000);
+    assert!(!put(true, "format = \"jsonl\"").unwrap().created);
+    let e = put(true, &"#".repeat(70_000)).unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&fs, &clock);
+    let snap = engine.snapshot();
+    let s = snap.sources.get("jd_orders").unwrap();
+    assert_eq!(
+        (s.definition.as_str(), s.created_ms, s.updated_ms),
+        ("format = \"jsonl\"", T0, T0 + 1_000)
+    );
+    engine
+        .write_blocking(WriteOp::DropSource {
+            name: "jd_orders".into(),
+        })
+        .unwrap();
+    let e = engine
+        .write_blocking(WriteOp::DropSource {
+            name: "jd_orders".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(e, tagstore::Error::SourceNotFound(_)), "{e}");
+    drop(engine);
+    let engine = open(&fs, &clock);
+    assert!(engine.snapshot().sources.is_empty());
+}
