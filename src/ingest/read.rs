@@ -29,22 +29,27 @@ pub struct Read {
     pub outcome: Outcome,
 }
 
-/// Reads the chunks of one input (a file, or one stream's batches).
-pub struct Reader<'s> {
-    source: &'s Source,
+/// Reads the chunks of one input (a file, or one stream's batches), of the
+/// source it holds (`&Source`, or an `Arc<Source>` to own one).
+pub struct Reader<S> {
+    source: S,
     /// The CSV header: column name to position.
     header: Option<HashMap<String, usize>>,
     /// Lines consumed so far.
     lines: u64,
 }
 
-impl<'s> Reader<'s> {
-    pub fn new(source: &'s Source) -> Self {
+impl<S: std::borrow::Borrow<Source>> Reader<S> {
+    pub fn new(source: S) -> Self {
         Self {
             source,
             header: None,
             lines: 0,
         }
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     /// Reads one chunk of whole records. The first chunk of a CSV input
@@ -56,12 +61,12 @@ impl<'s> Reader<'s> {
         } else {
             chunk
         };
-        let encoding = match self.source.encoding {
+        let encoding = match self.source.borrow().encoding {
             Encoding::Auto if std::str::from_utf8(chunk).is_ok() => Encoding::Utf8,
             Encoding::Auto => Encoding::Gb18030,
             e => e,
         };
-        match self.source.format {
+        match self.source.borrow().format {
             Format::Csv => self.feed_csv(chunk, encoding),
             Format::Jsonl => Ok(self.feed_jsonl(chunk, encoding)),
         }
@@ -103,7 +108,7 @@ impl<'s> Reader<'s> {
                 )))
             } else {
                 match decode_fields(&record, encoding, header) {
-                    Ok(fields) => self.source.event(&CsvRecord { header, fields }),
+                    Ok(fields) => self.source.borrow().event(&CsvRecord { header, fields }),
                     Err(e) => Outcome::Rejected(e),
                 }
             };
@@ -131,8 +136,8 @@ impl<'s> Reader<'s> {
             let name = name.trim_matches(|c: char| c.is_whitespace() || c == '\u{3000}');
             header.entry(name.to_string()).or_insert(i);
         }
-        let missing: Vec<&str> = self
-            .source
+        let source = self.source.borrow();
+        let missing: Vec<&str> = source
             .required_columns()
             .into_iter()
             .filter(|c| !header.contains_key(*c))
@@ -144,7 +149,7 @@ impl<'s> Reader<'s> {
                 "the header lacks column{} {} that source {:?} reads; its columns are: {}",
                 if missing.len() == 1 { "" } else { "s" },
                 missing.join(", "),
-                self.source.name,
+                source.name,
                 have.iter()
                     .map(|s| s.as_str())
                     .collect::<Vec<_>>()
@@ -176,7 +181,7 @@ impl<'s> Reader<'s> {
                     Ok(serde_json::Value::Object(map)) => {
                         let mut fields = HashMap::new();
                         flatten("", &map, 0, &mut fields);
-                        self.source.event(&JsonRecord { fields })
+                        self.source.borrow().event(&JsonRecord { fields })
                     }
                     Ok(_) => Outcome::Rejected(Refused("the line is not a JSON object".into())),
                     Err(e) => Outcome::Rejected(Refused(format!("the line is not JSON: {e}"))),

@@ -6,6 +6,7 @@ mod admin;
 pub mod budget;
 mod export;
 mod fields;
+mod ingest;
 mod reads;
 pub mod service;
 pub mod status;
@@ -72,6 +73,7 @@ pub async fn serve(
         engine.clone(),
         config.limits,
         config.default_time_zone.clone(),
+        budget.clone(),
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);

@@ -12,12 +12,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::Error;
+use crate::ingest::facts::Facts;
 use crate::proto;
 use crate::proto::tag_store_server::TagStore;
-use crate::server::budget::ExportSlots;
+use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
-use crate::server::{admin, fields, reads, writes};
+use crate::server::{admin, fields, ingest, reads, writes};
 use crate::storage::{Engine, TagMeta};
 
 pub struct Service {
@@ -27,16 +28,27 @@ pub struct Service {
     /// Time zone of behaviour fields created without one.
     pub(super) default_time_zone: String,
     pub(super) exports: Arc<ExportSlots>,
+    /// The request memory budget, which `Ingest` streams draw on per batch.
+    pub(super) budget: Arc<MemoryBudget>,
+    /// The rules that turn ingested events into facts.
+    pub(super) facts: Arc<Facts>,
 }
 
 impl Service {
-    pub fn new(engine: Arc<Engine>, limits: Limits, default_time_zone: String) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        limits: Limits,
+        default_time_zone: String,
+        budget: Arc<MemoryBudget>,
+    ) -> Self {
         Self {
             engine,
             limits,
             started: Instant::now(),
             default_time_zone,
             exports: ExportSlots::new(limits.max_concurrent_exports),
+            budget,
+            facts: Arc::new(Facts::standard()),
         }
     }
 }
@@ -189,6 +201,39 @@ impl TagStore for Service {
             )));
         }
         fields::set_values(&self.engine, r).await.map(Response::new)
+    }
+
+    async fn create_source(
+        &self,
+        req: Request<proto::CreateSourceRequest>,
+    ) -> Result<Response<proto::CreateSourceResponse>, Status> {
+        ingest::create_source(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn drop_source(
+        &self,
+        req: Request<proto::DropSourceRequest>,
+    ) -> Result<Response<proto::DropSourceResponse>, Status> {
+        ingest::drop_source(&self.engine, req.into_inner().name).await?;
+        Ok(Response::new(proto::DropSourceResponse {}))
+    }
+
+    async fn list_sources(
+        &self,
+        _req: Request<proto::ListSourcesRequest>,
+    ) -> Result<Response<proto::ListSourcesResponse>, Status> {
+        Ok(Response::new(ingest::list_sources(&self.engine)))
+    }
+
+    type IngestStream = ingest::IngestStream;
+
+    async fn ingest(
+        &self,
+        req: Request<Streaming<proto::IngestRequest>>,
+    ) -> Result<Response<Self::IngestStream>, Status> {
+        ingest::ingest(self, req).await
     }
 
     async fn aggregate(

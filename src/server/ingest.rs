@@ -1,0 +1,515 @@
+//! Calls that take channel records in: `CreateSource`, `DropSource`,
+//! `ListSources` and the `Ingest` stream. Definitions are checked by
+//! [`crate::ingest`] before the engine keeps them; records are read,
+//! normalised and turned into facts there, and reach the engine as one
+//! [`WriteOp::Ingest`] per batch, so a batch's records and their event ids
+//! are logged together.
+//!
+//! An `Ingest` stream keeps at most [`IN_FLIGHT`] batches between reading
+//! and answering, and holds each one's bytes against the server's request
+//! memory budget until it is answered; reading stops (and HTTP/2 flow
+//! control holds the client) while either is full. Batches are read in
+//! order on the blocking pool (a CSV header and the line count carry from
+//! one to the next), written concurrently (the writer commits them in
+//! groups), and answered in the order sent. A client that goes away leaves
+//! the batches already handed to the writer to finish (durably); it learns
+//! nothing of them, and may resend them: their events are remembered.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::fields::{BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind};
+use crate::ingest::facts::{FactKind, Facts};
+use crate::ingest::presets::{self, PRESETS};
+use crate::ingest::read::Reader;
+use crate::ingest::source::{Format, Outcome, Source};
+use crate::proto;
+use crate::server::budget::{MemoryBudget, Reservation};
+use crate::server::service::{Service, invalid};
+use crate::server::status::to_status;
+use crate::storage::seen::seen_id;
+use crate::storage::snapshot::SourceMeta;
+use crate::storage::{Engine, IngestRecord, WriteOp};
+
+/// Batches of one stream between reading and answering.
+pub const IN_FLIGHT: usize = 32;
+/// Most records in one batch.
+pub const MAX_BATCH_RECORDS: usize = 100_000;
+
+pub type IngestStream = ReceiverStream<Result<proto::IngestResponse, Status>>;
+
+fn source_info(meta: &SourceMeta) -> proto::SourceInfo {
+    // A stored definition was checked when it was created; should it ever
+    // not parse (a later version's stricter rule), it is still listed.
+    let parsed = Source::parse(&meta.name, &meta.definition).ok();
+    proto::SourceInfo {
+        name: meta.name.to_string(),
+        description: parsed
+            .as_ref()
+            .map_or_else(String::new, |s| s.description.clone()),
+        format: parsed.map_or_else(String::new, |s| format_name(s.format).into()),
+        definition: meta.definition.clone(),
+        created_at_ms: meta.created_ms,
+        updated_at_ms: meta.updated_ms,
+    }
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Csv => "csv",
+        Format::Jsonl => "jsonl",
+    }
+}
+
+pub(super) async fn create_source(
+    engine: &Engine,
+    r: proto::CreateSourceRequest,
+) -> Result<proto::CreateSourceResponse, Status> {
+    let definition = match (r.definition.is_empty(), r.preset.is_empty()) {
+        (false, true) => r.definition,
+        (true, false) => presets::preset(&r.preset)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "there is no preset {:?}; the presets are {}",
+                    r.preset,
+                    PRESETS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?
+            .to_string(),
+        (false, false) => return Err(invalid("give a definition or a preset, not both")),
+        (true, true) => return Err(invalid("a source needs a definition (TOML) or a preset")),
+    };
+    Source::parse(&r.name, &definition).map_err(|e| invalid(e.to_string()))?;
+    let res = engine
+        .write(WriteOp::PutSource {
+            name: r.name.clone(),
+            definition,
+            replace: r.replace,
+        })
+        .await
+        .map_err(to_status)?;
+    let snap = engine.snapshot();
+    let meta = snap
+        .sources
+        .get(r.name.as_str())
+        .ok_or_else(|| to_status(Error::SourceNotFound(r.name.clone())))?;
+    Ok(proto::CreateSourceResponse {
+        source: Some(source_info(meta)),
+        created: res.created,
+    })
+}
+
+pub(super) async fn drop_source(engine: &Engine, name: String) -> Result<(), Status> {
+    engine
+        .write(WriteOp::DropSource { name })
+        .await
+        .map(|_| ())
+        .map_err(to_status)
+}
+
+pub(super) fn list_sources(engine: &Engine) -> proto::ListSourcesResponse {
+    let snap = engine.snapshot();
+    proto::ListSourcesResponse {
+        sources: snap.sources.values().map(|m| source_info(m)).collect(),
+        presets: PRESETS
+            .iter()
+            .map(|(name, def)| {
+                source_info(&SourceMeta {
+                    name: Arc::from(*name),
+                    definition: def.to_string(),
+                    created_ms: 0,
+                    updated_ms: 0,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// A batch read and turned into writes, waiting for the engine.
+struct Prepared {
+    answer: proto::IngestResponse,
+    /// Records to apply, each with its line.
+    records: Vec<(u64, IngestRecord)>,
+}
+
+pub(super) async fn ingest(
+    svc: &Service,
+    req: Request<Streaming<proto::IngestRequest>>,
+) -> Result<Response<IngestStream>, Status> {
+    let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    let engine = svc.engine.clone();
+    let budget = svc.budget.clone();
+    let facts = svc.facts.clone();
+    tokio::spawn(drive(engine, budget, facts, req.into_inner(), tx));
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+type Pending = VecDeque<(
+    JoinHandle<Result<proto::IngestResponse, Status>>,
+    Reservation,
+)>;
+
+/// What the stream waits for next.
+enum Next {
+    Answered(Result<proto::IngestResponse, Status>),
+    Batch(Result<Option<proto::IngestRequest>, Status>),
+}
+
+/// The answer of the batch at the front, once it is ready (never, if none).
+async fn front_answer(pending: &mut Pending) -> Result<proto::IngestResponse, Status> {
+    match pending.front_mut() {
+        Some((handle, _)) => handle
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("ingest task failed: {e}")))),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the stream's batches, hands them to the engine, answers in order.
+async fn drive(
+    engine: Arc<Engine>,
+    budget: Arc<MemoryBudget>,
+    facts: Arc<Facts>,
+    mut input: Streaming<proto::IngestRequest>,
+    tx: mpsc::Sender<Result<proto::IngestResponse, Status>>,
+) {
+    let mut reader: Option<(String, Reader<Arc<Source>>)> = None;
+    let mut pending = Pending::new();
+    let mut open = true;
+    loop {
+        if !open && pending.is_empty() {
+            return;
+        }
+        let take = open && pending.len() < IN_FLIGHT;
+        let next = {
+            let answered = front_answer(&mut pending);
+            let batch = async {
+                if take {
+                    input.message().await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                biased;
+                a = answered => Next::Answered(a),
+                b = batch => Next::Batch(b),
+            }
+        };
+        match next {
+            Next::Answered(answer) => {
+                pending.pop_front();
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+            Next::Batch(Ok(None)) => open = false,
+            // The client went away or sent something broken: what is in
+            // flight finishes; nobody is left to answer.
+            Next::Batch(Err(_)) => return,
+            Next::Batch(Ok(Some(batch))) => {
+                let held = match reserve(&budget, &mut pending, &tx, batch.data.len()).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                match prepare(&engine, &facts, &mut reader, batch).await {
+                    Ok(prepared) => {
+                        pending.push_back((tokio::spawn(apply(engine.clone(), prepared)), held));
+                    }
+                    Err(status) => {
+                        // The answers of the batches before it first.
+                        while !pending.is_empty() {
+                            let answer = front_answer(&mut pending).await;
+                            pending.pop_front();
+                            if tx.send(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Holds `bytes` of the request budget for a batch until it is answered.
+/// While the budget is full, answers this stream's batches in flight (which
+/// gives their bytes back) and tries again; with none in flight it gives up
+/// with `RESOURCE_EXHAUSTED`. `Ok(None)`: the client went away meanwhile.
+async fn reserve(
+    budget: &Arc<MemoryBudget>,
+    pending: &mut Pending,
+    tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
+    bytes: usize,
+) -> Result<Option<Reservation>, Status> {
+    loop {
+        if let Some(r) = Reservation::take(budget, bytes as u64) {
+            return Ok(Some(r));
+        }
+        if pending.is_empty() {
+            return Err(Status::resource_exhausted(format!(
+                "the server's memory for requests in flight ({} MiB, `max_request_memory_mb`) \
+                 is in use by other calls; send smaller batches or retry later",
+                budget.limit() >> 20
+            )));
+        }
+        let answer = front_answer(pending).await;
+        pending.pop_front();
+        let failed = answer.is_err();
+        if tx.send(answer).await.is_err() || failed {
+            return Ok(None);
+        }
+    }
+}
+
+/// Reads one batch (on the blocking pool) and turns its events into writes.
+async fn prepare(
+    engine: &Engine,
+    facts: &Facts,
+    reader: &mut Option<(String, Reader<Arc<Source>>)>,
+    batch: proto::IngestRequest,
+) -> Result<Prepared, Status> {
+    let name = match (reader.as_ref(), batch.source.is_empty()) {
+        (None, true) => return Err(invalid("the stream's first batch must name its source")),
+        (None, false) => batch.source.clone(),
+        (Some((current, _)), true) => current.clone(),
+        (Some((current, _)), false) if *current == batch.source => current.clone(),
+        (Some((current, _)), false) => {
+            return Err(invalid(format!(
+                "batch {} names source {:?}; this stream is of {current:?} (one source per stream)",
+                batch.seq, batch.source
+            )));
+        }
+    };
+    let mut current = match reader.take() {
+        Some((_, r)) => r,
+        None => {
+            let snap = engine.snapshot();
+            let meta = snap
+                .sources
+                .get(name.as_str())
+                .ok_or_else(|| to_status(Error::SourceNotFound(name.clone())))?;
+            let source = Source::parse(&name, &meta.definition).map_err(|e| {
+                Status::failed_precondition(format!("the stored definition no longer checks: {e}"))
+            })?;
+            Reader::new(Arc::new(source))
+        }
+    };
+    let data = batch.data;
+    let (current, reads) = tokio::task::spawn_blocking(move || {
+        let reads = current.feed(&data);
+        (current, reads)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("ingest read task failed: {e}")))?;
+    let reads = reads.map_err(|e| invalid(format!("batch {}: {e}", batch.seq)))?;
+    if reads.len() > MAX_BATCH_RECORDS {
+        return Err(invalid(format!(
+            "batch {} holds {} records; at most {MAX_BATCH_RECORDS} (send smaller batches)",
+            batch.seq,
+            reads.len()
+        )));
+    }
+    let source = current.source().clone();
+    *reader = Some((name.clone(), current));
+
+    let mut answer = proto::IngestResponse {
+        seq: batch.seq,
+        ..Default::default()
+    };
+    let mut events = Vec::new();
+    for r in reads {
+        match r.outcome {
+            Outcome::Event(e) => events.push((r.line, e)),
+            Outcome::Ignored => answer.ignored += 1,
+            Outcome::Rejected(why) => answer.rejected.push(proto::RejectedRecord {
+                line: r.line,
+                reason: why.0,
+            }),
+        }
+    }
+    // The facts' fields, created when missing; a record whose fact names a
+    // field of another kind (or a tag) is rejected, saying which.
+    let mut unusable: HashMap<String, String> = HashMap::new();
+    let mut needed: BTreeMap<String, FactKind> = BTreeMap::new();
+    let mut records = Vec::with_capacity(events.len());
+    for (line, e) in events {
+        let fs = match facts.of(&e) {
+            Ok(fs) => fs,
+            Err(why) => {
+                answer.rejected.push(proto::RejectedRecord {
+                    line,
+                    reason: why.0,
+                });
+                continue;
+            }
+        };
+        for f in &fs {
+            needed.entry(f.field.clone()).or_insert(f.kind);
+        }
+        records.push((line, e, fs));
+    }
+    for (field, kind) in needed {
+        if let Err(why) = ensure_field(engine, &field, kind).await {
+            unusable.insert(field, why);
+        }
+    }
+    let mut prepared = Vec::with_capacity(records.len());
+    for (line, e, fs) in records {
+        if let Some((field, why)) = fs
+            .iter()
+            .find_map(|f| unusable.get(&f.field).map(|w| (&f.field, w)))
+        {
+            answer.rejected.push(proto::RejectedRecord {
+                line,
+                reason: format!("its fact {field:?} cannot be written: {why}"),
+            });
+            continue;
+        }
+        // Until identities are unified, the first identity names the customer.
+        let key = e.identities[0].key();
+        let seen = e
+            .source_event_id
+            .as_deref()
+            .map(|id| seen_id(&source.name, &e.event_type, id));
+        prepared.push((
+            line,
+            IngestRecord {
+                seen,
+                writes: fs.iter().map(|f| f.value_write(&key)).collect(),
+            },
+        ));
+    }
+    Ok(Prepared {
+        answer,
+        records: prepared,
+    })
+}
+
+/// Creates a fact's field if it is missing; says why not if it cannot be.
+async fn ensure_field(engine: &Engine, name: &str, kind: FactKind) -> Result<(), String> {
+    let snap = engine.snapshot();
+    match (snap.field(name).map(|f| &f.meta.kind), kind) {
+        (Some(FieldKind::Int), FactKind::Integer) => return Ok(()),
+        (Some(FieldKind::Behaviour(_)), FactKind::Behaviour) => return Ok(()),
+        (Some(other), _) => {
+            return Err(format!("{name:?} is a field of kind {}", other.name()));
+        }
+        (None, _) if snap.tag(name).is_some() => return Err(format!("{name:?} is a tag")),
+        (None, _) => {}
+    }
+    let want = kind;
+    let kind = match kind {
+        FactKind::Integer => FieldKind::Int,
+        FactKind::Behaviour => FieldKind::Behaviour(BehaviourSpec {
+            time_zone: "Asia/Shanghai".into(),
+            retention_days: DEFAULT_RETENTION_DAYS,
+            daily_days: DEFAULT_DAILY_DAYS,
+        }),
+    };
+    match engine
+        .write(WriteOp::CreateField {
+            name: name.to_string(),
+            description: "a fact kept by ingestion".into(),
+            category: "facts".into(),
+            kind,
+            if_not_exists: true,
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Made meanwhile by another stream, of the same kind: fine.
+        Err(Error::FieldExists(_)) if snap_kind_matches(engine, name, want) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn snap_kind_matches(engine: &Engine, name: &str, want: FactKind) -> bool {
+    let snap = engine.snapshot();
+    match snap.field(name).map(|f| &f.meta.kind) {
+        Some(FieldKind::Int) => want == FactKind::Integer,
+        Some(FieldKind::Behaviour(_)) => want == FactKind::Behaviour,
+        _ => false,
+    }
+}
+
+/// Whether an engine error is about the records written (so that, written
+/// one by one, only the records at fault are rejected) rather than about
+/// the store (which fails the stream).
+fn is_about_records(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::InvalidArgument(_) | Error::FieldNotFound(_) | Error::TagExists(_)
+    )
+}
+
+/// Writes a prepared batch and completes its answer.
+async fn apply(engine: Arc<Engine>, p: Prepared) -> Result<proto::IngestResponse, Status> {
+    let Prepared {
+        mut answer,
+        records,
+    } = p;
+    if records.is_empty() {
+        return Ok(answer);
+    }
+    let (lines, records): (Vec<u64>, Vec<IngestRecord>) = records.into_iter().unzip();
+    let n = records.len() as u64;
+    match engine
+        .write(WriteOp::Ingest {
+            records: records.clone(),
+        })
+        .await
+    {
+        Ok(r) => {
+            answer.duplicates = r.duplicates.len() as u64;
+            answer.accepted = n - answer.duplicates;
+            answer.new_customers = r.new_customers;
+            answer.lsn = r.lsn;
+            Ok(answer)
+        }
+        Err(e) if is_about_records(&e) => {
+            // One at a time, to find the records at fault.
+            for (line, record) in lines.into_iter().zip(records) {
+                match engine
+                    .write(WriteOp::Ingest {
+                        records: vec![record],
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        let dup = r.duplicates.len() as u64;
+                        answer.duplicates += dup;
+                        answer.accepted += 1 - dup;
+                        answer.new_customers += r.new_customers;
+                        answer.lsn = answer.lsn.max(r.lsn);
+                    }
+                    Err(e) if is_about_records(&e) => answer.rejected.push(proto::RejectedRecord {
+                        line,
+                        reason: e.to_string(),
+                    }),
+                    Err(e) => return Err(to_status(e)),
+                }
+            }
+            answer.rejected.sort_by_key(|r| r.line);
+            Ok(answer)
+        }
+        Err(e) => Err(to_status(e)),
+    }
+}

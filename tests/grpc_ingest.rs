@@ -1,0 +1,282 @@
+//! Ingestion against the real server binary over gRPC: sources created from
+//! presets and definitions (and refused with the reason), the `Ingest`
+//! stream's answers in order with every rejected record's line and reason,
+//! facts computed by the server, and events applied once: a stream sent
+//! again, and again after kill -9, changes nothing.
+
+mod common;
+
+use common::{Client, code, count};
+use tagstore::proto::*;
+use tonic::Code;
+
+const TAOBAO_HEAD: &str = "\
+订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题
+T1001,小美爱护肤,\"￥1,299.00\",2026-11-11 00:00:05,+86 138-1234-5678,交易成功,SKU-9,skincare,雪花秀,\"雪花秀 滋阴水, \"\"限量\"\" 版\"
+T1002,小美爱护肤,88.50,2026-11-11 23:59:59,138****5678,交易成功,SKU-2,makeup,,口红
+T1003,阿强,35,2026-11-12 10:00:00,13900001111,交易关闭,SKU-3,makeup,,口红
+";
+const TAOBAO_TAIL: &str = "\
+T1004,阿强,35.555,2026-11-12 10:00:00,13900001111,交易成功,SKU-3,makeup,,口红
+T1005,阿强,35
+T1001,小美爱护肤,\"1,299.00\",2026-11-20 09:30:00,13812345678,退款成功,SKU-9,skincare,雪花秀,\"多行
+标题\"
+T1007,阿强,12.00,2026-11-13 10:00:00,13900001111,交易成功,SKU-3,makeup,,口红
+";
+
+fn batch(source: &str, seq: u64, data: &[u8]) -> IngestRequest {
+    IngestRequest {
+        source: source.into(),
+        seq,
+        data: data.to_vec(),
+    }
+}
+
+/// Sends the batches on one stream; the answers, or the status it ended with.
+async fn ingest(
+    c: &mut Client,
+    batches: Vec<IngestRequest>,
+) -> (Vec<IngestResponse>, Option<tonic::Status>) {
+    let mut answers = Vec::new();
+    let mut stream = match c.ingest(tokio_stream::iter(batches)).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => return (answers, Some(e)),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(a)) => answers.push(a),
+            Ok(None) => return (answers, None),
+            Err(e) => return (answers, Some(e)),
+        }
+    }
+}
+
+fn taobao() -> Vec<IngestRequest> {
+    vec![
+        batch("taobao_orders", 1, TAOBAO_HEAD.as_bytes()),
+        batch("", 2, TAOBAO_TAIL.as_bytes()),
+    ]
+}
+
+async fn int(c: &mut Client, customer: &str, field: &str) -> Option<i64> {
+    let p = c
+        .profile(ProfileRequest {
+            customer: customer.into(),
+            recent_days: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    p.values
+        .into_iter()
+        .find(|v| v.field == field)
+        .and_then(|v| match v.value {
+            Some(field_value::Value::IntValue(n)) => Some(n),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_are_created_listed_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let create = |name: &str, definition: &str, preset: &str, replace: bool| CreateSourceRequest {
+        name: name.into(),
+        definition: definition.into(),
+        preset: preset.into(),
+        replace,
+    };
+    let r = c
+        .create_source(create("tb", "", "taobao_orders", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.created);
+    let info = r.source.unwrap();
+    assert_eq!((info.name.as_str(), info.format.as_str()), ("tb", "csv"));
+    assert!(info.definition.contains("订单编号"));
+    assert_eq!(
+        code(c.create_source(create("tb", "", "jd_orders", false)).await),
+        Code::AlreadyExists
+    );
+    let r = c
+        .create_source(create("tb", "", "jd_orders", true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.created);
+    let e = c
+        .create_source(create("tb", "", "amazon_orders", false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("taobao_orders"), "{}", e.message());
+    let e = c
+        .create_source(create("bad", "format = \"xml\"", "", false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("bad") && e.message().contains("format"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        code(
+            c.create_source(create("Bad Name", "", "jd_orders", false))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.create_source(create("x", "a = 1", "jd_orders", false))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let list = c
+        .list_sources(ListSourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.sources.len(), 1);
+    assert!(list.sources[0].definition.contains("订单号"));
+    assert_eq!(list.presets.len(), 8);
+    assert!(list.presets.iter().all(|p| !p.description.is_empty()));
+    c.drop_source(DropSourceRequest { name: "tb".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.drop_source(DropSourceRequest { name: "tb".into() }).await),
+        Code::NotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingested_records_become_facts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "taobao_orders".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let (answers, end) = ingest(&mut c, taobao()).await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(
+        answers.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    let (a, b) = (&answers[0], &answers[1]);
+    assert_eq!((a.accepted, a.ignored, a.duplicates), (2, 1, 0));
+    assert!(a.rejected.is_empty());
+    assert_eq!(a.new_customers, 1);
+    assert_eq!((b.accepted, b.ignored, b.duplicates), (2, 0, 0));
+    let lines: Vec<u64> = b.rejected.iter().map(|r| r.line).collect();
+    assert_eq!(lines, vec![5, 6]);
+    assert!(b.rejected[0].reason.contains("two decimal places"));
+    assert!(b.rejected[1].reason.contains("3 fields"));
+
+    // The facts: 小美 ordered twice and had the first refunded.
+    let xiaomei = "taobao_nick:小美爱护肤";
+    assert_eq!(int(&mut c, xiaomei, "order_count").await, Some(1));
+    assert_eq!(int(&mut c, xiaomei, "total_spend_fen").await, Some(8_850));
+    assert_eq!(int(&mut c, xiaomei, "spend_fen:taobao").await, Some(8_850));
+    // 2026-11-11 is day 20768 in Shanghai; the refund (on the 20th) does
+    // not move the order days but is activity.
+    assert_eq!(int(&mut c, xiaomei, "first_order_day").await, Some(20_768));
+    assert_eq!(int(&mut c, xiaomei, "last_order_day").await, Some(20_768));
+    assert_eq!(int(&mut c, xiaomei, "last_active_day").await, Some(20_777));
+    assert_eq!(
+        int(&mut c, "taobao_nick:阿强", "order_count").await,
+        Some(1)
+    );
+    assert_eq!(count(&mut c, "bought:skincare").await, 1);
+    assert_eq!(count(&mut c, "bought:makeup AND ordered:taobao").await, 2);
+
+    // The same stream again: every event is remembered.
+    let (again, end) = ingest(&mut c, taobao()).await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(
+        again
+            .iter()
+            .map(|a| (a.accepted, a.duplicates))
+            .collect::<Vec<_>>(),
+        vec![(0, 2), (0, 2)]
+    );
+    assert_eq!(int(&mut c, xiaomei, "total_spend_fen").await, Some(8_850));
+
+    // And after kill -9.
+    server.kill();
+    drop(server);
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let (again, _) = ingest(&mut c, taobao()).await;
+    assert_eq!(
+        again.iter().map(|a| a.duplicates).collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    assert_eq!(int(&mut c, xiaomei, "order_count").await, Some(1));
+    assert_eq!(
+        int(&mut c, "taobao_nick:阿强", "total_spend_fen").await,
+        Some(1_200)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_cannot_go_on_says_why_after_the_answers_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let (answers, end) = ingest(&mut c, vec![batch("", 1, b"x\n")]).await;
+    assert!(answers.is_empty());
+    assert_eq!(end.unwrap().code(), Code::InvalidArgument);
+    let (_, end) = ingest(&mut c, vec![batch("nowhere", 1, b"x\n")]).await;
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::NotFound);
+    assert!(end.message().contains("nowhere"));
+
+    c.create_source(CreateSourceRequest {
+        name: "visits".into(),
+        preset: "store_visits".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.create_source(CreateSourceRequest {
+        name: "jd".into(),
+        preset: "jd_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let good = "记录ID,会员卡号,手机号,门店,到店时间\nV1,C1,,杭州湖滨店,2026-11-12 00:00:00\n";
+    // A second source on the same stream is refused, after the first
+    // batch's answer.
+    let (answers, end) = ingest(
+        &mut c,
+        vec![batch("visits", 1, good.as_bytes()), batch("jd", 2, b"x\n")],
+    )
+    .await;
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].accepted, 1);
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::InvalidArgument);
+    assert!(
+        end.message().contains("one source per stream"),
+        "{}",
+        end.message()
+    );
+    // A header without the columns the source reads.
+    let (_, end) = ingest(&mut c, vec![batch("visits", 1, "a,b\n1,2\n".as_bytes())]).await;
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::InvalidArgument);
+    assert!(end.message().contains("到店时间"), "{}", end.message());
+    assert_eq!(count(&mut c, "visited:store").await, 1);
+}
