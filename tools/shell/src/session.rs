@@ -21,6 +21,7 @@ use tonic::{Code, Status};
 use crate::commands::{self, Command, Who};
 
 mod fields;
+mod ingest;
 mod reads;
 mod tags;
 use crate::table::{self, Align, thousands};
@@ -171,6 +172,10 @@ impl Session {
             | Command::Breakdown { .. }
             | Command::Top { .. }
             | Command::Overlap(_)) => self.exec_field(cmd).await?,
+            cmd @ (Command::Sources
+            | Command::CreateSource { .. }
+            | Command::DropSource { .. }
+            | Command::Ingest { .. }) => self.exec_ingest(cmd).await?,
             Command::Stats => {
                 let s = self.client.stats(StatsRequest {}).await?.into_inner();
                 let rows = vec![

@@ -512,3 +512,57 @@ async fn resolve_and_writes_by_id() {
     );
     assert!(ok(a, "help resolve").contains("--create"));
 }
+
+/// `create source`, `sources`, `ingest` with a reject report, and a file
+/// sent twice (the second time every event is a duplicate); `drop source`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingestion_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+    assert_eq!(
+        ok(a, "create source tb preset taobao_orders").trim(),
+        "created source tb"
+    );
+    let list = ok(a, "sources");
+    assert!(
+        list.contains("tb ") && list.contains("pos_orders"),
+        "{list}"
+    );
+    assert!(fails(a, "create source tb preset pos_orders").contains("already exists"));
+
+    // Enough orders for several batches, each with a line break and a comma
+    // inside a quoted title, and one malformed row.
+    let mut csv = String::from(
+        "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n",
+    );
+    for i in 0..30_000 {
+        csv.push_str(&format!(
+            "T{i},nick{},12.50,2026-11-11 19:00:00,,交易成功,X1,skincare,SK-II,\"多行\n标题, 含逗号\"\n",
+            i % 1000
+        ));
+    }
+    csv.push_str("T-bad,nick1,免费,2026-11-11 19:00:00,,交易成功,X1,skincare,SK-II,x\n");
+    let file = dir.path().join("pos.csv");
+    std::fs::write(&file, &csv).unwrap();
+    let cmd = format!("ingest tb {}", file.display());
+    let out = ok(a, &cmd);
+    assert!(
+        out.contains("30,001 records: 30,000 accepted, 0 duplicates, 0 ignored, 1 rejected; 1,000 new customers"),
+        "{out}"
+    );
+    let report = std::fs::read_to_string(dir.path().join("pos.csv.rejects.csv")).unwrap();
+    // Header line 1, then two lines per receipt: the bad row starts on 60,002.
+    assert!(report.starts_with("line,reason\n60002,"), "{report}");
+    assert!(report.contains("not a number"), "{report}");
+    assert!(ok(a, "count order_count = 30").starts_with("1,000"));
+    let again = ok(
+        a,
+        &format!("{cmd} rejects {}", dir.path().join("r2.csv").display()),
+    );
+    assert!(again.contains("0 accepted, 30,000 duplicates"), "{again}");
+    assert!(ok(a, "count total_spend_fen = 37500").starts_with("1,000"));
+    assert!(fails(a, "ingest nowhere x.csv").contains("no source"));
+    ok(a, "drop source tb --yes");
+    assert!(ok(a, "sources").contains("(no sources)"));
+}

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod args;
 pub mod fields;
 mod help;
+pub mod ingest;
 pub mod reads;
 pub mod tags;
 
@@ -18,9 +19,32 @@ pub use help::help;
 
 use args::first_word;
 
+/// Where `create source` takes its definition from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceFrom {
+    Preset(String),
+    File(String),
+}
+
 /// One shell command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
+    Sources,
+    CreateSource {
+        name: String,
+        from: SourceFrom,
+        replace: bool,
+    },
+    DropSource {
+        name: String,
+        yes: bool,
+    },
+    Ingest {
+        source: String,
+        path: String,
+        /// Where the rejected records' report goes (default: beside the file).
+        rejects: Option<String>,
+    },
     Count(String),
     Find {
         query: String,
@@ -219,6 +243,9 @@ pub const SPECS: &[&Spec] = &[
     &fields::BREAKDOWN,
     &fields::TOP,
     &fields::OVERLAP,
+    &ingest::SOURCES,
+    &ingest::CREATE_SOURCE,
+    &ingest::INGEST,
     &admin::STATS,
     &admin::CHECKPOINT,
     &admin::HELP,
@@ -427,6 +454,39 @@ mod tests {
                 value: "-5".into()
             }
         );
+        assert_eq!(
+            p("create source jd preset jd_orders"),
+            Command::CreateSource {
+                name: "jd".into(),
+                from: SourceFrom::Preset("jd_orders".into()),
+                replace: false
+            }
+        );
+        assert_eq!(
+            p("create source app from app.toml replace"),
+            Command::CreateSource {
+                name: "app".into(),
+                from: SourceFrom::File("app.toml".into()),
+                replace: true
+            }
+        );
+        assert!(parse("create source app").is_err());
+        assert_eq!(
+            p("drop source jd --yes"),
+            Command::DropSource {
+                name: "jd".into(),
+                yes: true
+            }
+        );
+        assert_eq!(
+            p("ingest jd \"orders 11.csv\" rejects bad.csv"),
+            Command::Ingest {
+                source: "jd".into(),
+                path: "orders 11.csv".into(),
+                rejects: Some("bad.csv".into())
+            }
+        );
+        assert_eq!(p("sources"), Command::Sources);
         assert_eq!(
             p("set order_count jd:1 add -2"),
             Command::CombineValue {

@@ -26,6 +26,9 @@ fn parse_create(rest: &str) -> Result<Command, String> {
     if kw.eq_ignore_ascii_case("field") {
         return parse_create_field(name, opts);
     }
+    if kw.eq_ignore_ascii_case("source") {
+        return super::ingest::parse_create_source(name, opts);
+    }
     if !kw.eq_ignore_ascii_case("tag") {
         return Err(usage);
     }
@@ -112,9 +115,9 @@ fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
 pub const DROP: Spec = Spec {
     name: "drop",
     words: &["drop"],
-    complete: &["drop tag", "drop field"],
-    usage: "drop tag|field <name> [--yes]",
-    summary: "drop a tag or a field and its data (asks first)",
+    complete: &["drop tag", "drop field", "drop source"],
+    usage: "drop tag|field|source <name> [--yes]",
+    summary: "drop a tag or a field and its data, or a source (asks first)",
     example: "drop tag 潜在流失",
     takes_tags: true,
     parse: |rest| {
@@ -126,6 +129,10 @@ pub const DROP: Spec = Spec {
                 yes,
             }),
             [kw, name] if kw.eq_ignore_ascii_case("field") => Ok(Command::DropField {
+                name: name.clone(),
+                yes,
+            }),
+            [kw, name] if kw.eq_ignore_ascii_case("source") => Ok(Command::DropSource {
                 name: name.clone(),
                 yes,
             }),

@@ -1,0 +1,82 @@
+//! Commands on ingestion: `sources`, `create source`, `ingest`. (`drop
+//! source` is part of `drop`.) Each one's help text sits beside its parser.
+
+use super::args::split_args;
+use super::{Command, SourceFrom, Spec};
+
+pub const SOURCES: Spec = Spec {
+    name: "sources",
+    words: &["sources"],
+    complete: &["sources"],
+    usage: "sources",
+    summary: "the sources of ingestion, and the built-in presets",
+    example: "sources",
+    takes_tags: false,
+    parse: |_| Ok(Command::Sources),
+};
+
+/// `create source …` (the first word `create` is `create tag`'s).
+pub const CREATE_SOURCE: Spec = Spec {
+    name: "create source",
+    words: &[],
+    complete: &["create source"],
+    usage: "create source <name> preset <preset> | from <file.toml> [replace]",
+    summary: "define a source: a built-in preset, or a TOML mapping from a file",
+    example: "create source jd preset jd_orders",
+    takes_tags: false,
+    parse: |rest| parse_create_source(rest.split_whitespace().nth(1).unwrap_or(""), &[]),
+};
+
+/// The arguments after `create source <name>`.
+pub fn parse_create_source(name: &str, opts: &[String]) -> Result<Command, String> {
+    let usage = format!("usage: {}", CREATE_SOURCE.usage);
+    let mut opts: Vec<&String> = opts.iter().collect();
+    let replace = match opts.iter().position(|o| o.eq_ignore_ascii_case("replace")) {
+        Some(i) => {
+            opts.remove(i);
+            true
+        }
+        None => false,
+    };
+    let from = match opts.as_slice() {
+        [kw, p] if kw.eq_ignore_ascii_case("preset") => SourceFrom::Preset(p.to_string()),
+        [kw, f] if kw.eq_ignore_ascii_case("from") => SourceFrom::File(f.to_string()),
+        _ => return Err(usage),
+    };
+    if name.is_empty() {
+        return Err(usage);
+    }
+    Ok(Command::CreateSource {
+        name: name.to_string(),
+        from,
+        replace,
+    })
+}
+
+pub const INGEST: Spec = Spec {
+    name: "ingest",
+    words: &["ingest"],
+    complete: &["ingest"],
+    usage: "ingest <source> <file> [rejects <report.csv>]",
+    summary: "send a file of a source's records; rejected records go to a report (default <file>.rejects.csv)",
+    example: "ingest jd jd-orders-2026-11.csv",
+    takes_tags: false,
+    parse: |rest| {
+        let usage = format!("usage: {}", INGEST.usage);
+        match split_args(rest)?.as_slice() {
+            [source, path] => Ok(Command::Ingest {
+                source: source.clone(),
+                path: path.clone(),
+                rejects: None,
+            }),
+            [source, path, kw, report] if kw.eq_ignore_ascii_case("rejects") => {
+                Ok(Command::Ingest {
+                    source: source.clone(),
+                    path: path.clone(),
+                    rejects: Some(report.clone()),
+                })
+            }
+            _ => Err(usage),
+        }
+    },
+};

@@ -1,0 +1,303 @@
+//! The shell's ingestion commands: `sources`, `create source`, `drop
+//! source`, and `ingest`, which sends a file's records on one `Ingest`
+//! stream in batches of whole records (a CSV record may hold line breaks
+//! inside quotes; batches never split one), with a progress bar, and
+//! writes every rejected record's line and reason to a report.
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::*;
+use crate::commands::SourceFrom;
+
+/// Bytes of records per batch (a batch ends at the first record boundary
+/// after this many).
+const BATCH_BYTES: usize = 1 << 20;
+/// Batches read ahead of the stream.
+const AHEAD: usize = 8;
+
+/// Where a buffer's last whole record ends: just after the last newline
+/// outside quotes (CSV) or the last newline (JSON Lines, where a newline
+/// is never inside a string). `in_quotes` carries the quote state of the
+/// bytes scanned so far.
+fn record_end(buf: &[u8], from: usize, csv: bool, in_quotes: &mut bool) -> Option<usize> {
+    let mut end = None;
+    for (i, &b) in buf.iter().enumerate().skip(from) {
+        if csv && b == b'"' {
+            *in_quotes = !*in_quotes;
+        } else if b == b'\n' && !*in_quotes {
+            end = Some(i + 1);
+        }
+    }
+    end
+}
+
+impl Session {
+    pub(super) async fn exec_ingest(&mut self, cmd: Command) -> Result<(), Failure> {
+        match cmd {
+            Command::Sources => {
+                let r = self
+                    .client
+                    .list_sources(ListSourcesRequest {})
+                    .await?
+                    .into_inner();
+                let row =
+                    |s: &SourceInfo| vec![s.name.clone(), s.format.clone(), s.description.clone()];
+                let mut rows: Vec<Vec<String>> = r.sources.iter().map(row).collect();
+                let mut text = String::new();
+                if rows.is_empty() {
+                    text.push_str("(no sources)\n");
+                } else {
+                    text.push_str(&table::render(
+                        &["source", "format", "description"],
+                        &[Align::Left, Align::Left, Align::Left],
+                        &rows,
+                    ));
+                }
+                rows = r.presets.iter().map(row).collect();
+                text.push_str("\npresets (create source <name> preset <preset>):\n");
+                text.push_str(&table::render(
+                    &["preset", "format", "description"],
+                    &[Align::Left, Align::Left, Align::Left],
+                    &rows,
+                ));
+                let json_of = |s: &SourceInfo| {
+                    json!({"name": s.name, "format": s.format, "description": s.description,
+                           "created_at_ms": s.created_at_ms, "updated_at_ms": s.updated_at_ms})
+                };
+                self.out(
+                    text.trim_end().to_string(),
+                    json!({
+                        "sources": r.sources.iter().map(json_of).collect::<Vec<_>>(),
+                        "presets": r.presets.iter().map(json_of).collect::<Vec<_>>(),
+                    }),
+                );
+            }
+            Command::CreateSource {
+                name,
+                from,
+                replace,
+            } => {
+                let (definition, preset) = match from {
+                    SourceFrom::Preset(p) => (String::new(), p),
+                    SourceFrom::File(path) => {
+                        let text = tokio::fs::read_to_string(&path)
+                            .await
+                            .map_err(|e| Failure::Local(format!("cannot read {path}: {e}")))?;
+                        (text, String::new())
+                    }
+                };
+                let r = self
+                    .client
+                    .create_source(CreateSourceRequest {
+                        name: name.clone(),
+                        definition,
+                        preset,
+                        replace,
+                    })
+                    .await?
+                    .into_inner();
+                let verb = if r.created { "created" } else { "replaced" };
+                self.out(
+                    format!("{verb} source {name}"),
+                    json!({"source": name, "created": r.created}),
+                );
+            }
+            Command::DropSource { name, yes } => {
+                self.confirm(
+                    &format!("drop source {name}? (what its records produced stays)"),
+                    yes,
+                )
+                .await?;
+                self.client
+                    .drop_source(DropSourceRequest { name: name.clone() })
+                    .await?;
+                self.out(format!("dropped source {name}"), json!({"dropped": name}));
+            }
+            Command::Ingest {
+                source,
+                path,
+                rejects,
+            } => self.ingest(source, path, rejects).await?,
+            _ => unreachable!("not an ingestion command"),
+        }
+        Ok(())
+    }
+
+    async fn ingest(
+        &mut self,
+        source: String,
+        path: String,
+        rejects: Option<String>,
+    ) -> Result<(), Failure> {
+        let t0 = Instant::now();
+        let list = self
+            .client
+            .list_sources(ListSourcesRequest {})
+            .await?
+            .into_inner();
+        let info = list
+            .sources
+            .iter()
+            .find(|s| s.name == source)
+            .ok_or_else(|| {
+                Failure::Local(format!(
+                    "there is no source {source:?} (`sources` lists them; `create source` makes one)"
+                ))
+            })?;
+        let csv = info.format == "csv";
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Failure::Local(format!("cannot read {path}: {e}")))?;
+        let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let report_path = rejects.unwrap_or_else(|| format!("{path}.rejects.csv"));
+        let pb = progress(size, "ingesting");
+
+        // The reader: batches of whole records onto the stream.
+        let (tx, rx) = mpsc::channel::<IngestRequest>(AHEAD);
+        let reading_path = path.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::with_capacity(2 * BATCH_BYTES);
+            let mut scanned = 0;
+            let mut in_quotes = false;
+            let mut seq = 0u64;
+            let mut chunk = vec![0u8; 256 << 10];
+            let mut eof = false;
+            while !eof {
+                let n = file
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("reading {reading_path}: {e}"))?;
+                if n == 0 {
+                    eof = true;
+                } else {
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                if buf.len() < BATCH_BYTES && !eof {
+                    continue;
+                }
+                let end = if eof {
+                    Some(buf.len()).filter(|&l| l > 0)
+                } else {
+                    let end = record_end(&buf, scanned, csv, &mut in_quotes);
+                    scanned = buf.len();
+                    end
+                };
+                let Some(end) = end else { continue };
+                let rest = buf.split_off(end);
+                seq += 1;
+                let batch = IngestRequest {
+                    source: if seq == 1 {
+                        source.clone()
+                    } else {
+                        String::new()
+                    },
+                    seq,
+                    data: std::mem::replace(&mut buf, rest),
+                };
+                // Quote state restarts at the new buffer's start: the bytes
+                // after the last boundary are rescanned from there.
+                scanned = 0;
+                in_quotes = false;
+                if tx.send(batch).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<u64, String>(seq)
+        });
+
+        let mut stream = self
+            .client
+            .ingest(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let (mut accepted, mut duplicates, mut ignored, mut new_customers) =
+            (0u64, 0u64, 0u64, 0u64);
+        let mut rejected: Vec<RejectedRecord> = Vec::new();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(a)) => {
+                    accepted += a.accepted;
+                    duplicates += a.duplicates;
+                    ignored += a.ignored;
+                    new_customers += a.new_customers;
+                    rejected.extend(a.rejected);
+                    // Batches are about BATCH_BYTES each: close enough for a bar.
+                    pb.set_position(a.seq.saturating_mul(BATCH_BYTES as u64).min(size));
+                }
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        };
+        pb.finish_and_clear();
+        let read = reader
+            .await
+            .map_err(|e| Failure::Local(format!("file reader failed: {e}")))?;
+        if !rejected.is_empty() {
+            let mut out = String::from("line,reason\n");
+            for r in &rejected {
+                out.push_str(&format!(
+                    "{},\"{}\"\n",
+                    r.line,
+                    r.reason.replace('"', "\"\"")
+                ));
+            }
+            tokio::fs::write(&report_path, out)
+                .await
+                .map_err(|e| Failure::Local(format!("cannot write {report_path}: {e}")))?;
+        }
+        if let Some(status) = ended {
+            return Err(Failure::Server {
+                status,
+                query: None,
+            });
+        }
+        read.map_err(Failure::Local)?;
+        let records = accepted + duplicates + ignored + rejected.len() as u64;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut text = format!(
+            "{} records: {} accepted, {} duplicates, {} ignored, {} rejected; {} new customers; {:.1} s ({}/s)",
+            thousands(records),
+            thousands(accepted),
+            thousands(duplicates),
+            thousands(ignored),
+            thousands(rejected.len() as u64),
+            thousands(new_customers),
+            secs,
+            thousands((records as f64 / secs.max(1e-9)) as u64),
+        );
+        if !rejected.is_empty() {
+            text.push_str(&format!("\nrejected records: {report_path}"));
+        }
+        self.out(
+            text,
+            json!({
+                "records": records, "accepted": accepted, "duplicates": duplicates,
+                "ignored": ignored, "rejected": rejected.len(), "new_customers": new_customers,
+                "rejects_file": if rejected.is_empty() { None } else { Some(&report_path) },
+                "seconds": round3(secs),
+            }),
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_end;
+
+    #[test]
+    fn batches_end_at_record_boundaries() {
+        let csv = b"a,b\n1,\"x\ny\"\n2,\"q\"\"\"\n3";
+        let mut q = false;
+        assert_eq!(record_end(csv, 0, true, &mut q), Some(csv.len() - 1));
+        let mut q = false;
+        // Inside the quoted line break: the boundary is the header's.
+        assert_eq!(record_end(&csv[..8], 0, true, &mut q), Some(4));
+        assert!(q);
+        let json = b"{\"a\":\"x\\\"\"}\n{\"b\":1}";
+        let mut q = false;
+        assert_eq!(record_end(json, 0, false, &mut q), Some(12));
+    }
+}
