@@ -197,52 +197,87 @@ impl Events {
     }
 }
 
-/// A field name with `{part}` placeholders.
+/// A field name with `{part}` placeholders, split once into literal text
+/// and parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Pattern(String);
+struct Pattern(Vec<Piece>);
 
-const PARTS: &[&str] = &["channel", "event", "category", "brand", "store", "item"];
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Part(Part),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Channel,
+    Event,
+    Category,
+    Brand,
+    Store,
+    Item,
+}
+
+const PARTS: &[(&str, Part)] = &[
+    ("channel", Part::Channel),
+    ("event", Part::Event),
+    ("category", Part::Category),
+    ("brand", Part::Brand),
+    ("store", Part::Store),
+    ("item", Part::Item),
+];
 
 impl Pattern {
     fn new(text: String) -> Result<Pattern, String> {
+        let mut pieces = Vec::new();
+        let mut literal = String::new();
         let mut rest = text.as_str();
         while let Some(open) = rest.find('{') {
             let close = rest[open..]
                 .find('}')
                 .ok_or_else(|| format!("field {text:?} has a {{ without its }}"))?;
-            let part = &rest[open + 1..open + close];
-            if !PARTS.contains(&part) {
-                return Err(format!(
-                    "field {text:?} names {{{part}}}; the parts are {}",
-                    PARTS.join(", ")
-                ));
+            let name = &rest[open + 1..open + close];
+            let part = PARTS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, p)| *p)
+                .ok_or_else(|| {
+                    format!(
+                        "field {text:?} names {{{name}}}; the parts are {}",
+                        PARTS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    )
+                })?;
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].to_string()));
             }
+            literal.push_str(&rest[..open]);
+            literal.push('x');
+            pieces.push(Piece::Part(part));
             rest = &rest[open + close + 1..];
         }
-        let literal: String = PARTS
-            .iter()
-            .fold(text.clone(), |t, p| t.replace(&format!("{{{p}}}"), "x"));
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        literal.push_str(rest);
         crate::names::check_tag_name(&literal).map_err(|e| e.to_string())?;
-        Ok(Pattern(text))
+        Ok(Pattern(pieces))
     }
 
     /// The field's name for this event; `None` if a part is missing.
     fn name(&self, e: &Event) -> Option<String> {
-        let mut out = self.0.clone();
-        for part in PARTS {
-            let ph = format!("{{{part}}}");
-            if !out.contains(&ph) {
-                continue;
+        let mut out = String::with_capacity(32);
+        for piece in &self.0 {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Part(p) => out.push_str(match p {
+                    Part::Channel => e.channel.as_str(),
+                    Part::Event => e.event_type.as_str(),
+                    Part::Category => e.category.as_deref()?,
+                    Part::Brand => e.brand.as_deref()?,
+                    Part::Store => e.store.as_deref()?,
+                    Part::Item => e.item.as_deref()?,
+                }),
             }
-            let value = match *part {
-                "channel" => Some(e.channel.as_str()),
-                "event" => Some(e.event_type.as_str()),
-                "category" => e.category.as_deref(),
-                "brand" => e.brand.as_deref(),
-                "store" => e.store.as_deref(),
-                _ => e.item.as_deref(),
-            }?;
-            out = out.replace(&ph, value);
         }
         Some(out)
     }

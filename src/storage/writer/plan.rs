@@ -437,6 +437,8 @@ fn plan_values<'k>(
     batch: &mut Batch,
 ) -> Result<u64> {
     let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
+    // Integer fields' slots, looked up once per request.
+    let mut int_values: HashMap<u32, crate::storage::snapshot::IntValues<'_>> = HashMap::new();
     let mut todays: HashMap<u32, (jiff::tz::TimeZone, i32)> = HashMap::new();
     let mut expired = 0;
     for w in writes {
@@ -493,7 +495,13 @@ fn plan_values<'k>(
                 // has already changed).
                 let current = match m.get(&id) {
                     Some(v) => *v,
-                    None => field.int_value(id)?,
+                    None => match int_values.entry(field.id) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(field.int_values()?)
+                        }
+                    }
+                    .get(id),
                 };
                 let new = with.apply(current).ok_or_else(|| {
                     Error::invalid(format!(
