@@ -66,6 +66,7 @@ impl Default for Limits {
 /// checkpoint_wal_mb = 64
 /// max_segments = 8
 /// time_zone = "Asia/Shanghai"  # for behaviour fields created without one
+/// dedup_days = 30            # ingested events are recognised when resent within this many days
 ///
 /// [limits]
 /// max_keys_per_request = 1000000
@@ -80,6 +81,8 @@ pub struct FileConfig {
     pub max_segments: Option<usize>,
     /// IANA time zone of behaviour fields created without one (default Asia/Shanghai).
     pub time_zone: Option<String>,
+    /// Days an ingested event's id is remembered (default 30, at least 1).
+    pub dedup_days: Option<u32>,
     pub limits: Option<Limits>,
 }
 
@@ -135,6 +138,14 @@ impl ServerConfig {
             max_segments: file.max_segments.unwrap_or(8).max(2),
             ..CompactionPolicy::default()
         };
+        engine.dedup_days = file
+            .dedup_days
+            .unwrap_or(crate::storage::DEFAULT_DEDUP_DAYS);
+        if engine.dedup_days == 0 {
+            return Err(Error::Config(
+                "dedup_days must be at least 1 (a resent event would be applied twice)".into(),
+            ));
+        }
         let default_time_zone = file
             .time_zone
             .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());
