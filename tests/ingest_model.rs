@@ -1,0 +1,250 @@
+//! Randomized ingestion against a model, through the real server binary:
+//! generated orders, refunds (some before their order) and interactions,
+//! sent in random batches with resends and repeats; after ingest, every
+//! customer's facts equal what a simple model computes from the events
+//! (each event once), and the same after a kill -9 and after the whole
+//! input is sent again.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{Client, count};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tagstore::proto::*;
+
+const DAY_MS: i64 = 86_400_000;
+const SHANGHAI_MS: i64 = 8 * 3_600_000;
+// 2026-11-01T00:00:00+08:00
+const START: i64 = 1_793_462_400_000;
+const CATS: &[&str] = &["skincare", "makeup", "fragrance"];
+const CHANNELS: &[&str] = &["jd", "taobao", "douyin"];
+
+const DEFINITION: &str = r#"
+format = "jsonl"
+channel = { column = "ch" }
+event_type = { column = "type" }
+time = "ts"
+time_form = "epoch_ms"
+event_id = "id"
+amount = { column = "fen", unit = "fen" }
+category = "cat"
+identities = [{ type = "member_card", column = "card" }]
+"#;
+
+#[derive(Clone, Debug)]
+struct Ev {
+    id: String,
+    kind: &'static str,
+    card: String,
+    ch: &'static str,
+    ts: i64,
+    fen: i64,
+    cat: &'static str,
+}
+
+impl Ev {
+    fn line(&self) -> String {
+        format!(
+            "{{\"id\":\"{}\",\"type\":\"{}\",\"card\":\"{}\",\"ch\":\"{}\",\"ts\":{},\"fen\":{},\"cat\":\"{}\"}}\n",
+            self.id, self.kind, self.card, self.ch, self.ts, self.fen, self.cat
+        )
+    }
+
+    fn day(&self) -> i64 {
+        (self.ts + SHANGHAI_MS).div_euclid(DAY_MS)
+    }
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Facts {
+    ints: BTreeMap<String, i64>,
+}
+
+/// The model: each distinct (type, id) once.
+fn model(events: &[Ev]) -> (BTreeMap<String, Facts>, BTreeMap<String, BTreeSet<String>>) {
+    let mut seen = BTreeSet::new();
+    let mut out: BTreeMap<String, Facts> = BTreeMap::new();
+    let mut bought: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for e in events {
+        if !seen.insert((e.kind, e.id.clone())) {
+            continue;
+        }
+        let key = format!("member_card:{}", e.card);
+        let f = &mut out.entry(key.clone()).or_default().ints;
+        let mut add = |name: String, n: i64| *f.entry(name).or_insert(0) += n;
+        match e.kind {
+            "order" => {
+                add("order_count".into(), 1);
+                add(format!("order_count:{}", e.ch), 1);
+                add("total_spend_fen".into(), e.fen);
+                add(format!("spend_fen:{}", e.ch), e.fen);
+                bought.entry(e.cat.into()).or_default().insert(key.clone());
+            }
+            "refund" => {
+                add("order_count".into(), -1);
+                add(format!("order_count:{}", e.ch), -1);
+                add("total_spend_fen".into(), -e.fen.abs());
+                add(format!("spend_fen:{}", e.ch), -e.fen.abs());
+            }
+            _ => {}
+        }
+        let day = e.day();
+        let mut keep = |name: &str, max: bool| {
+            let v = f.entry(name.into()).or_insert(day);
+            *v = if max { (*v).max(day) } else { (*v).min(day) };
+        };
+        if e.kind == "order" {
+            keep("first_order_day", false);
+            keep("last_order_day", true);
+        }
+        keep("last_active_day", true);
+    }
+    (out, bought)
+}
+
+fn generate(rng: &mut StdRng) -> Vec<Ev> {
+    let mut events = Vec::new();
+    for i in 0..600 {
+        let card = format!("c{}", rng.random_range(0..80));
+        let ts = START + rng.random_range(0..20 * DAY_MS);
+        let ch = CHANNELS[rng.random_range(0..CHANNELS.len())];
+        let cat = CATS[rng.random_range(0..CATS.len())];
+        let fen = rng.random_range(1..200_000);
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let order = Ev {
+                    id: format!("o{i}"),
+                    kind: "order",
+                    card: card.clone(),
+                    ch,
+                    ts,
+                    fen,
+                    cat,
+                };
+                if rng.random_bool(0.25) {
+                    // Its refund: the same id, a later time, and the amount
+                    // written either way round.
+                    events.push(Ev {
+                        kind: "refund",
+                        ts: ts + rng.random_range(0..3 * DAY_MS),
+                        fen: if rng.random_bool(0.5) { fen } else { -fen },
+                        ..order.clone()
+                    });
+                }
+                events.push(order);
+            }
+            _ => events.push(Ev {
+                id: format!("i{i}"),
+                kind: ["view", "like", "share"][rng.random_range(0..3)],
+                card,
+                ch,
+                ts,
+                fen: 0,
+                cat,
+            }),
+        }
+    }
+    events
+}
+
+/// Sends the events in random batches (some resent), shuffled: refunds may
+/// come before their orders.
+async fn send(c: &mut Client, rng: &mut StdRng, events: &[Ev]) {
+    let mut order: Vec<&Ev> = events.iter().collect();
+    order.shuffle(rng);
+    let mut batches = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let n = rng.random_range(1..60).min(order.len() - i);
+        let data: String = order[i..i + n].iter().map(|e| e.line()).collect();
+        batches.push(data.clone());
+        if rng.random_bool(0.2) {
+            batches.push(data); // a resend
+        }
+        i += n;
+    }
+    let requests: Vec<IngestRequest> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(k, data)| IngestRequest {
+            source: "events".into(),
+            seq: k as u64,
+            data: data.into_bytes(),
+        })
+        .collect();
+    let n = requests.len();
+    let mut stream = c
+        .ingest(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = 0;
+    while let Some(a) = stream.message().await.unwrap() {
+        assert!(a.rejected.is_empty(), "{:?}", a.rejected);
+        assert_eq!(a.seq, answers as u64, "answers in order");
+        answers += 1;
+    }
+    assert_eq!(answers, n);
+}
+
+async fn check(
+    c: &mut Client,
+    want: &BTreeMap<String, Facts>,
+    bought: &BTreeMap<String, BTreeSet<String>>,
+) {
+    for (key, facts) in want {
+        let p = c
+            .profile(ProfileRequest {
+                customer: key.clone(),
+                recent_days: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got: BTreeMap<String, i64> = p
+            .values
+            .into_iter()
+            .filter_map(|v| match v.value {
+                Some(field_value::Value::IntValue(n)) => Some((v.field, n)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, facts.ints, "{key}");
+    }
+    for cat in CATS {
+        let n = bought.get(*cat).map_or(0, |s| s.len() as u64);
+        assert_eq!(count(c, &format!("bought:{cat}")).await, n, "bought:{cat}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingested_facts_match_the_model_across_resends_and_kill_9() {
+    for seed in [1u64, 2, 3] {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = common::start(dir.path(), &["--checkpoint-wal-mb", "1"]);
+        let mut c = common::client(&server).await;
+        c.create_source(CreateSourceRequest {
+            name: "events".into(),
+            definition: DEFINITION.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let events = generate(&mut rng);
+        let (want, bought) = model(&events);
+        send(&mut c, &mut rng, &events).await;
+        check(&mut c, &want, &bought).await;
+
+        server.kill();
+        drop(server);
+        let server = common::start(dir.path(), &[]);
+        let mut c = common::client(&server).await;
+        check(&mut c, &want, &bought).await;
+        send(&mut c, &mut rng, &events).await;
+        check(&mut c, &want, &bought).await;
+    }
+}
