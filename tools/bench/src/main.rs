@@ -112,6 +112,8 @@ enum Scenario {
     Restart,
     /// count(A AND B) across densities, to find where roaring stops winning.
     Sweep,
+    /// Channel records through the Ingest stream, against the same facts by SetValues.
+    Ingest,
     /// Every scenario.
     All,
 }
@@ -400,7 +402,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     println!("{}", Report::header());
     let s = b.cli.scenario;
     let wants = |x: Scenario| s == x || s == Scenario::All;
-    if s != Scenario::Sweep {
+    if s != Scenario::Sweep && s != Scenario::Ingest {
         b.load(wants(Scenario::Load)).await?;
     }
     // Queries first: the update scenario changes the tags (and writes more
@@ -420,6 +422,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::Sweep) {
         b.sweep().await?;
+    }
+    if wants(Scenario::Ingest) {
+        b.ingest().await?;
     }
     b.latency_plot()?;
     let path = b.cli.out.join("bench.json");

@@ -2,6 +2,7 @@
 //! methods to [`Bench`](crate::Bench), which holds the run's settings, data
 //! set, report and helpers (in `main.rs`).
 
+mod ingest;
 mod load;
 mod mixed;
 mod query;
