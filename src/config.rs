@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::ingest::facts::Facts;
 use crate::storage::{CompactionPolicy, EngineConfig, SyncMode};
 
 /// Where the server listens unless told otherwise (loopback only).
@@ -67,6 +68,7 @@ impl Default for Limits {
 /// max_segments = 8
 /// time_zone = "Asia/Shanghai"  # for behaviour fields created without one
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
+/// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 ///
 /// [limits]
 /// max_keys_per_request = 1000000
@@ -83,6 +85,9 @@ pub struct FileConfig {
     pub time_zone: Option<String>,
     /// Days an ingested event's id is remembered (default 30, at least 1).
     pub dedup_days: Option<u32>,
+    /// A TOML file of fact rules (`ingest::facts`), read at start; relative
+    /// to the working directory. Default: the standard rules.
+    pub facts: Option<PathBuf>,
     pub limits: Option<Limits>,
 }
 
@@ -100,6 +105,8 @@ pub struct ServerConfig {
     pub engine: EngineConfig,
     pub limits: Limits,
     pub default_time_zone: String,
+    /// The rules that turn ingested events into facts.
+    pub facts: Facts,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -151,11 +158,20 @@ impl ServerConfig {
             .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());
         crate::fields::time::zone(&default_time_zone)
             .map_err(|e| Error::Config(format!("time_zone: {e}")))?;
+        let facts = match &file.facts {
+            None => Facts::standard(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                Facts::parse(&text)
+                    .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.0)))?
+            }
+        };
         Ok(Self {
             listen,
             engine,
             limits: file.limits.unwrap_or_default(),
             default_time_zone,
+            facts,
         })
     }
 }
@@ -182,5 +198,44 @@ mod tests {
         assert_eq!(cfg.limits.max_keys_per_request, 1_000_000);
         assert_eq!(cfg.engine.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+    }
+
+    #[test]
+    fn ingestion_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let facts = dir.path().join("facts.toml");
+        std::fs::write(
+            &facts,
+            "[[counters]]\nevents = [\"order\"]\nfield = \"orders:{brand}\"\nadd = \"1\"\n",
+        )
+        .unwrap();
+        let file = FileConfig {
+            dedup_days: Some(7),
+            facts: Some(facts.clone()),
+            ..Default::default()
+        };
+        let cfg = ServerConfig::resolve(file, Overrides::default()).unwrap();
+        assert_eq!(cfg.engine.dedup_days, 7);
+        assert!(cfg.facts.definition.contains("orders:{brand}"));
+        let zero = FileConfig {
+            dedup_days: Some(0),
+            ..Default::default()
+        };
+        let e = ServerConfig::resolve(zero, Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("dedup_days"), "{e}");
+        std::fs::write(
+            &facts,
+            "[[counters]]\nevents = [\"order\"]\nfield = \"x\"\nadd = \"2\"\n",
+        )
+        .unwrap();
+        let bad = FileConfig {
+            facts: Some(facts),
+            ..Default::default()
+        };
+        let e = ServerConfig::resolve(bad, Overrides::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("facts.toml") && e.to_string().contains("amount"),
+            "{e}"
+        );
     }
 }

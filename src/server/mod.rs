@@ -74,6 +74,7 @@ pub async fn serve(
         config.limits,
         config.default_time_zone.clone(),
         budget.clone(),
+        config.facts.clone(),
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);

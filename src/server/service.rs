@@ -40,6 +40,7 @@ impl Service {
         limits: Limits,
         default_time_zone: String,
         budget: Arc<MemoryBudget>,
+        facts: Facts,
     ) -> Self {
         Self {
             engine,
@@ -48,7 +49,7 @@ impl Service {
             default_time_zone,
             exports: ExportSlots::new(limits.max_concurrent_exports),
             budget,
-            facts: Arc::new(Facts::standard()),
+            facts: Arc::new(facts),
         }
     }
 }
