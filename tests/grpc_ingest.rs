@@ -29,6 +29,7 @@ fn batch(source: &str, seq: u64, data: &[u8]) -> IngestRequest {
         source: source.into(),
         seq,
         data: data.to_vec(),
+        ..Default::default()
     }
 }
 
@@ -279,4 +280,49 @@ async fn a_stream_that_cannot_go_on_says_why_after_the_answers_before() {
     assert_eq!(end.code(), Code::InvalidArgument);
     assert!(end.message().contains("到店时间"), "{}", end.message());
     assert_eq!(count(&mut c, "visited:store").await, 1);
+}
+
+/// Single membership changes, many in flight on one stream: answered in
+/// order, each durable; a change the store refuses is answered as rejected
+/// and the stream goes on; a batch with records and changes is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_stream_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let change = |seq: u64, tag: &str, key: String, create: bool| IngestRequest {
+        seq,
+        changes: vec![Mutation {
+            tag: tag.into(),
+            add: vec![key],
+            ..Default::default()
+        }],
+        create_missing_tags: create,
+        ..Default::default()
+    };
+    let mut batches: Vec<IngestRequest> = (0..500)
+        .map(|i| change(i, "高价值用户", format!("c{i}"), true))
+        .collect();
+    batches.insert(250, change(1_000, "no_such_tag", "x".into(), false));
+    let (answers, end) = ingest(&mut c, batches).await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(answers.len(), 501);
+    assert_eq!(answers[250].seq, 1_000);
+    assert_eq!(answers[250].rejected.len(), 1);
+    assert!(answers[250].rejected[0].reason.contains("no_such_tag"));
+    assert_eq!(answers[251].seq, 250, "answers in the order sent");
+    assert_eq!(answers.iter().map(|a| a.added).sum::<u64>(), 500);
+    server.kill();
+    drop(server);
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    assert_eq!(count(&mut c, "高价值用户").await, 500);
+
+    let mut both = change(1, "高价值用户", "d".into(), true);
+    both.data = b"x\n".to_vec();
+    let (answers, end) = ingest(&mut c, vec![both]).await;
+    assert!(answers.is_empty());
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::InvalidArgument);
+    assert!(end.message().contains("both"), "{}", end.message());
 }

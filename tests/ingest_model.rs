@@ -173,6 +173,7 @@ async fn send(c: &mut Client, rng: &mut StdRng, events: &[Ev]) {
             source: "events".into(),
             seq: k as u64,
             data: data.into_bytes(),
+            ..Default::default()
         })
         .collect();
     let n = requests.len();

@@ -150,7 +150,8 @@ pub(super) async fn ingest(
     let engine = svc.engine.clone();
     let budget = svc.budget.clone();
     let facts = svc.facts.clone();
-    tokio::spawn(drive(engine, budget, facts, req.into_inner(), tx));
+    let max_keys = svc.limits.max_keys_per_request;
+    tokio::spawn(drive(engine, budget, facts, max_keys, req.into_inner(), tx));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
@@ -180,6 +181,7 @@ async fn drive(
     engine: Arc<Engine>,
     budget: Arc<MemoryBudget>,
     facts: Arc<Facts>,
+    max_keys: usize,
     mut input: Streaming<proto::IngestRequest>,
     tx: mpsc::Sender<Result<proto::IngestResponse, Status>>,
 ) {
@@ -218,6 +220,33 @@ async fn drive(
             // The client went away or sent something broken: what is in
             // flight finishes; nobody is left to answer.
             Next::Batch(Err(_)) => return,
+            Next::Batch(Ok(Some(batch))) if !batch.changes.is_empty() => {
+                let held = match reserve(&budget, &mut pending, &tx, change_bytes(&batch)).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                match changes(&batch, max_keys) {
+                    Ok(()) => {
+                        let task = apply_changes(engine.clone(), batch);
+                        pending.push_back((tokio::spawn(task), held));
+                    }
+                    Err(status) => {
+                        while !pending.is_empty() {
+                            let answer = front_answer(&mut pending).await;
+                            pending.pop_front();
+                            if tx.send(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
             Next::Batch(Ok(Some(batch))) => {
                 let held = match reserve(&budget, &mut pending, &tx, batch.data.len()).await {
                     Ok(Some(r)) => r,
@@ -247,6 +276,94 @@ async fn drive(
             }
         }
     }
+}
+
+/// Bytes a batch of changes holds in memory, about.
+fn change_bytes(batch: &proto::IngestRequest) -> usize {
+    batch
+        .changes
+        .iter()
+        .map(|m| {
+            m.tag.len()
+                + m.add
+                    .iter()
+                    .chain(&m.remove)
+                    .map(|k| k.len() + 24)
+                    .sum::<usize>()
+                + 4 * (m.add_ids.len() + m.remove_ids.len())
+        })
+        .sum()
+}
+
+/// Checks a batch of changes before it goes to the engine.
+fn changes(batch: &proto::IngestRequest, max_keys: usize) -> Result<(), Status> {
+    if !batch.data.is_empty() {
+        return Err(invalid(format!(
+            "batch {} carries both records (data) and changes; send them in separate batches",
+            batch.seq
+        )));
+    }
+    let keys: usize = batch
+        .changes
+        .iter()
+        .map(|m| m.add.len() + m.remove.len() + m.add_ids.len() + m.remove_ids.len())
+        .sum();
+    if keys > max_keys {
+        return Err(invalid(format!(
+            "batch {} names {keys} customers; the limit is {max_keys} per batch",
+            batch.seq
+        )));
+    }
+    Ok(())
+}
+
+/// Applies a batch of membership changes like one `Update`.
+async fn apply_changes(
+    engine: Arc<Engine>,
+    batch: proto::IngestRequest,
+) -> Result<proto::IngestResponse, Status> {
+    let mut answer = proto::IngestResponse {
+        seq: batch.seq,
+        ..Default::default()
+    };
+    let mutations = batch
+        .changes
+        .into_iter()
+        .map(|m| crate::storage::Mutation {
+            tag: m.tag,
+            add: m.add,
+            remove: m.remove,
+            add_ids: m.add_ids,
+            remove_ids: m.remove_ids,
+            ..Default::default()
+        })
+        .collect();
+    match engine.update(mutations, batch.create_missing_tags).await {
+        Ok(r) => {
+            answer.accepted = 1;
+            answer.added = r.added;
+            answer.removed = r.removed;
+            answer.new_customers = r.new_customers;
+            answer.lsn = r.lsn;
+            Ok(answer)
+        }
+        Err(e) if is_about_records(&e) || is_about_changes(&e) => {
+            answer.rejected.push(proto::RejectedRecord {
+                line: 0,
+                reason: e.to_string(),
+            });
+            Ok(answer)
+        }
+        Err(e) => Err(to_status(e)),
+    }
+}
+
+/// Errors of a batch of changes that concern the changes, not the store.
+fn is_about_changes(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::TagNotFound(_) | Error::CustomerIdNotFound(_) | Error::FieldExists(_)
+    )
 }
 
 /// Holds `bytes` of the request budget for a batch until it is answered.

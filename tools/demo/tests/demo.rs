@@ -21,6 +21,7 @@ async fn ingest_file(
             source: source.into(),
             seq: 1,
             data,
+            ..Default::default()
         }]))
         .await
         .unwrap()

@@ -84,6 +84,7 @@ impl Bench {
                 source: if i == 0 { "tb".into() } else { String::new() },
                 seq: i as u64,
                 data,
+                ..Default::default()
             })
             .collect();
         let t0 = Instant::now();

@@ -5,6 +5,7 @@
 mod ingest;
 mod load;
 mod mixed;
+mod pipelined;
 mod query;
 mod restart;
 mod sweep;

@@ -202,6 +202,8 @@ impl Bench {
                 );
             }
             figures.push(json!({ "clients": clients, "tagstore": measured_json(&ours), "redis": theirs.as_ref().map(measured_json) }));
+            let seed = self.write_seed(nonce);
+            self.pipelined_changes(server, ids, clients, seed).await?;
         }
         self.report
             .extra

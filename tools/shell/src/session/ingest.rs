@@ -195,6 +195,7 @@ impl Session {
                     },
                     seq,
                     data: std::mem::replace(&mut buf, rest),
+                    ..Default::default()
                 };
                 // Quote state restarts at the new buffer's start: the bytes
                 // after the last boundary are rescanned from there.
