@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Client, code, count, create_field as create};
+use common::{code, count, create_field as create, int_value};
 use tagstore::proto::value_write::Value;
 use tagstore::proto::*;
 use tonic::Code;
@@ -595,24 +595,6 @@ fn combine(field: &str, customer: &str, value: Value) -> ValueWrite {
     }
 }
 
-/// A customer's integer value, from their profile.
-async fn int_value(c: &mut Client, field: &str, customer: &str) -> Option<i64> {
-    let p = c
-        .profile(ProfileRequest {
-            customer: customer.into(),
-            recent_days: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    p.values.into_iter().find(|v| v.field == field).map(|v| {
-        let Some(field_value::Value::IntValue(n)) = v.value else {
-            panic!("{field} of {customer} is not an integer: {v:?}");
-        };
-        n
-    })
-}
-
 /// `int_add`, `int_max` and `int_min` combine on the server against the
 /// newest value: eight clients adding to the same customers at once lose
 /// nothing, a request sees its own earlier writes, a sum out of range
@@ -652,13 +634,13 @@ async fn increments_combine_on_the_server() {
     }
     for k in 0..4 {
         let customer = format!("c{k}");
-        assert_eq!(int_value(&mut c, "order_count", &customer).await, Some(400));
+        assert_eq!(int_value(&mut c, &customer, "order_count").await, Some(400));
         assert_eq!(
-            int_value(&mut c, "first_order_day", &customer).await,
+            int_value(&mut c, &customer, "first_order_day").await,
             Some(20_000)
         );
         assert_eq!(
-            int_value(&mut c, "last_order_day", &customer).await,
+            int_value(&mut c, &customer, "last_order_day").await,
             Some(20_096)
         );
     }
@@ -677,8 +659,8 @@ async fn increments_combine_on_the_server() {
         .unwrap()
         .into_inner();
     assert_eq!(r.new_customers, 2);
-    assert_eq!(int_value(&mut c, "order_count", "d1").await, Some(7));
-    assert_eq!(int_value(&mut c, "order_count", "d2").await, Some(2));
+    assert_eq!(int_value(&mut c, "d1", "order_count").await, Some(7));
+    assert_eq!(int_value(&mut c, "d2", "order_count").await, Some(2));
     assert_eq!(count(&mut c, "order_count >= 400").await, 4);
 
     // A sum out of range refuses the request, naming what overflowed; the
@@ -696,7 +678,7 @@ async fn increments_combine_on_the_server() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("order_count") && e.message().contains("d3"));
     assert!(e.message().contains("64-bit range"), "{}", e.message());
-    assert_eq!(int_value(&mut c, "order_count", "d2").await, Some(2));
+    assert_eq!(int_value(&mut c, "d2", "order_count").await, Some(2));
     assert_eq!(
         code(
             c.profile(ProfileRequest {
@@ -723,10 +705,10 @@ async fn increments_combine_on_the_server() {
     drop(server);
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
-    assert_eq!(int_value(&mut c, "order_count", "c3").await, Some(400));
-    assert_eq!(int_value(&mut c, "order_count", "d1").await, Some(7));
+    assert_eq!(int_value(&mut c, "c3", "order_count").await, Some(400));
+    assert_eq!(int_value(&mut c, "d1", "order_count").await, Some(7));
     assert_eq!(
-        int_value(&mut c, "last_order_day", "c0").await,
+        int_value(&mut c, "c0", "last_order_day").await,
         Some(20_096)
     );
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Client, code, count};
+use common::{Client, code, count, int_value};
 use tagstore::proto::*;
 use tonic::Code;
 
@@ -57,24 +57,6 @@ fn taobao() -> Vec<IngestRequest> {
         batch("taobao_orders", 1, TAOBAO_HEAD.as_bytes()),
         batch("", 2, TAOBAO_TAIL.as_bytes()),
     ]
-}
-
-async fn int(c: &mut Client, customer: &str, field: &str) -> Option<i64> {
-    let p = c
-        .profile(ProfileRequest {
-            customer: customer.into(),
-            recent_days: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    p.values
-        .into_iter()
-        .find(|v| v.field == field)
-        .and_then(|v| match v.value {
-            Some(field_value::Value::IntValue(n)) => Some(n),
-            _ => None,
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,16 +168,31 @@ async fn ingested_records_become_facts_once() {
 
     // The facts: 小美 ordered twice and had the first refunded.
     let xiaomei = "taobao_nick:小美爱护肤";
-    assert_eq!(int(&mut c, xiaomei, "order_count").await, Some(1));
-    assert_eq!(int(&mut c, xiaomei, "total_spend_fen").await, Some(8_850));
-    assert_eq!(int(&mut c, xiaomei, "spend_fen:taobao").await, Some(8_850));
+    assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(1));
+    assert_eq!(
+        int_value(&mut c, xiaomei, "total_spend_fen").await,
+        Some(8_850)
+    );
+    assert_eq!(
+        int_value(&mut c, xiaomei, "spend_fen:taobao").await,
+        Some(8_850)
+    );
     // 2026-11-11 is day 20768 in Shanghai; the refund (on the 20th) does
     // not move the order days but is activity.
-    assert_eq!(int(&mut c, xiaomei, "first_order_day").await, Some(20_768));
-    assert_eq!(int(&mut c, xiaomei, "last_order_day").await, Some(20_768));
-    assert_eq!(int(&mut c, xiaomei, "last_active_day").await, Some(20_777));
     assert_eq!(
-        int(&mut c, "taobao_nick:阿强", "order_count").await,
+        int_value(&mut c, xiaomei, "first_order_day").await,
+        Some(20_768)
+    );
+    assert_eq!(
+        int_value(&mut c, xiaomei, "last_order_day").await,
+        Some(20_768)
+    );
+    assert_eq!(
+        int_value(&mut c, xiaomei, "last_active_day").await,
+        Some(20_777)
+    );
+    assert_eq!(
+        int_value(&mut c, "taobao_nick:阿强", "order_count").await,
         Some(1)
     );
     assert_eq!(count(&mut c, "bought:skincare").await, 1);
@@ -211,7 +208,10 @@ async fn ingested_records_become_facts_once() {
             .collect::<Vec<_>>(),
         vec![(0, 2), (0, 2)]
     );
-    assert_eq!(int(&mut c, xiaomei, "total_spend_fen").await, Some(8_850));
+    assert_eq!(
+        int_value(&mut c, xiaomei, "total_spend_fen").await,
+        Some(8_850)
+    );
 
     // And after kill -9.
     server.kill();
@@ -223,9 +223,9 @@ async fn ingested_records_become_facts_once() {
         again.iter().map(|a| a.duplicates).collect::<Vec<_>>(),
         vec![2, 2]
     );
-    assert_eq!(int(&mut c, xiaomei, "order_count").await, Some(1));
+    assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(1));
     assert_eq!(
-        int(&mut c, "taobao_nick:阿强", "total_spend_fen").await,
+        int_value(&mut c, "taobao_nick:阿强", "total_spend_fen").await,
         Some(1_200)
     );
 }
@@ -325,4 +325,56 @@ async fn membership_changes_stream_one_at_a_time() {
     let end = end.unwrap();
     assert_eq!(end.code(), Code::InvalidArgument);
     assert!(end.message().contains("both"), "{}", end.message());
+}
+
+/// Batches of one stream are applied in the order sent, though many are in
+/// flight: an add and the remove after it never swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_in_flight_apply_in_the_order_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    for round in 0..4u64 {
+        let batches: Vec<IngestRequest> = (0..301u64)
+            .map(|i| {
+                let mut m = Mutation {
+                    tag: "t".into(),
+                    ..Default::default()
+                };
+                let keys: Vec<String> = (0..20).map(|k| format!("c{k}")).collect();
+                // Even batches add, odd ones remove; the last (300) adds in
+                // rounds 0 and 2, and a final remove follows in 1 and 3.
+                if i % 2 == 0 {
+                    m.add = keys;
+                } else {
+                    m.remove = keys;
+                }
+                IngestRequest {
+                    seq: i,
+                    changes: vec![m],
+                    create_missing_tags: true,
+                    ..Default::default()
+                }
+            })
+            .chain((round % 2 == 1).then(|| IngestRequest {
+                seq: 301,
+                changes: vec![Mutation {
+                    tag: "t".into(),
+                    remove: (0..20).map(|k| format!("c{k}")).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }))
+            .collect();
+        let (answers, end) = ingest(&mut c, batches).await;
+        assert!(end.is_none(), "{end:?}");
+        assert!(answers.iter().all(|a| a.rejected.is_empty()));
+        let want = if round % 2 == 1 { 0 } else { 20 };
+        assert_eq!(count(&mut c, "t").await, want, "round {round}");
+        // Every add after a remove added all 20, and every remove removed them.
+        assert!(
+            answers[1..].iter().all(|a| a.added + a.removed == 20),
+            "round {round}"
+        );
+    }
 }

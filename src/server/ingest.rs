@@ -10,8 +10,10 @@
 //! memory budget until it is answered; reading stops (and HTTP/2 flow
 //! control holds the client) while either is full. Batches are read in
 //! order on the blocking pool (a CSV header and the line count carry from
-//! one to the next), written concurrently (the writer commits them in
-//! groups), and answered in the order sent. A client that goes away leaves
+//! one to the next), queued to the writer in the order sent (so they are
+//! applied in that order: an add and the remove after it never swap), with
+//! many in flight (the writer commits them in groups), and answered in the
+//! order sent. A client that goes away leaves
 //! the batches already handed to the writer to finish (durably); it learns
 //! nothing of them, and may resend them: their events are remembered.
 
@@ -33,9 +35,10 @@ use crate::proto;
 use crate::server::budget::{MemoryBudget, Reservation};
 use crate::server::service::{Service, invalid};
 use crate::server::status::to_status;
+use crate::server::writes::mutation;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
-use crate::storage::{Engine, IngestRecord, WriteOp};
+use crate::storage::{Engine, IngestRecord, Queued, WriteOp};
 
 /// Batches of one stream between reading and answering.
 pub const IN_FLIGHT: usize = 32;
@@ -221,59 +224,78 @@ async fn drive(
             // flight finishes; nobody is left to answer.
             Next::Batch(Err(_)) => return,
             Next::Batch(Ok(Some(batch))) if !batch.changes.is_empty() => {
-                let held = match reserve(&budget, &mut pending, &tx, change_bytes(&batch)).await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
+                let Some(held) = hold(&budget, &mut pending, &tx, change_bytes(&batch)).await
+                else {
+                    return;
                 };
                 match changes(&batch, max_keys) {
                     Ok(()) => {
-                        let task = apply_changes(engine.clone(), batch);
+                        // Queued now, so that batches are applied in the
+                        // order sent (an add and a later remove of the same
+                        // membership must not swap).
+                        let seq = batch.seq;
+                        let queued = engine.enqueue(WriteOp::Update {
+                            mutations: batch.changes.into_iter().map(mutation).collect(),
+                            create_missing_tags: batch.create_missing_tags,
+                        });
+                        let task = apply_changes(engine.clone(), seq, queued);
                         pending.push_back((tokio::spawn(task), held));
                     }
-                    Err(status) => {
-                        while !pending.is_empty() {
-                            let answer = front_answer(&mut pending).await;
-                            pending.pop_front();
-                            if tx.send(answer).await.is_err() {
-                                return;
-                            }
-                        }
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
+                    Err(status) => return end_with(&mut pending, &tx, status).await,
                 }
             }
             Next::Batch(Ok(Some(batch))) => {
-                let held = match reserve(&budget, &mut pending, &tx, batch.data.len()).await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
+                let Some(held) = hold(&budget, &mut pending, &tx, batch.data.len()).await else {
+                    return;
                 };
                 match prepare(&engine, &facts, &mut reader, batch).await {
                     Ok(prepared) => {
-                        pending.push_back((tokio::spawn(apply(engine.clone(), prepared)), held));
+                        // Queued now, in the order sent (see above).
+                        let queued = (!prepared.records.is_empty()).then(|| {
+                            engine.enqueue(WriteOp::Ingest {
+                                records: prepared.records.iter().map(|(_, r)| r.clone()).collect(),
+                            })
+                        });
+                        let task = apply(engine.clone(), prepared, queued);
+                        pending.push_back((tokio::spawn(task), held));
                     }
-                    Err(status) => {
-                        // The answers of the batches before it first.
-                        while !pending.is_empty() {
-                            let answer = front_answer(&mut pending).await;
-                            pending.pop_front();
-                            if tx.send(answer).await.is_err() {
-                                return;
-                            }
-                        }
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
+                    Err(status) => return end_with(&mut pending, &tx, status).await,
                 }
             }
+        }
+    }
+}
+
+/// Answers the batches in flight, in order, then ends the stream with
+/// `status`: the client learns what became of everything before the batch
+/// that ended it.
+async fn end_with(
+    pending: &mut Pending,
+    tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
+    status: Status,
+) {
+    while !pending.is_empty() {
+        let answer = front_answer(pending).await;
+        pending.pop_front();
+        if tx.send(answer).await.is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(Err(status)).await;
+}
+
+/// [`reserve`], ending the stream when it cannot: `None` means stop.
+async fn hold(
+    budget: &Arc<MemoryBudget>,
+    pending: &mut Pending,
+    tx: &mpsc::Sender<Result<proto::IngestResponse, Status>>,
+    bytes: usize,
+) -> Option<Reservation> {
+    match reserve(budget, pending, tx, bytes).await {
+        Ok(r) => r,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            None
         }
     }
 }
@@ -317,28 +339,22 @@ fn changes(batch: &proto::IngestRequest, max_keys: usize) -> Result<(), Status> 
     Ok(())
 }
 
-/// Applies a batch of membership changes like one `Update`.
+/// Completes the answer of a batch of membership changes queued as one
+/// `Update`.
 async fn apply_changes(
     engine: Arc<Engine>,
-    batch: proto::IngestRequest,
+    seq: u64,
+    queued: crate::error::Result<Queued>,
 ) -> Result<proto::IngestResponse, Status> {
     let mut answer = proto::IngestResponse {
-        seq: batch.seq,
+        seq,
         ..Default::default()
     };
-    let mutations = batch
-        .changes
-        .into_iter()
-        .map(|m| crate::storage::Mutation {
-            tag: m.tag,
-            add: m.add,
-            remove: m.remove,
-            add_ids: m.add_ids,
-            remove_ids: m.remove_ids,
-            ..Default::default()
-        })
-        .collect();
-    match engine.update(mutations, batch.create_missing_tags).await {
+    let res = match queued {
+        Ok(q) => engine.answer(q).await,
+        Err(e) => Err(e),
+    };
+    match res {
         Ok(r) => {
             answer.accepted = 1;
             answer.added = r.added;
@@ -578,22 +594,25 @@ fn is_about_records(e: &Error) -> bool {
 }
 
 /// Writes a prepared batch and completes its answer.
-async fn apply(engine: Arc<Engine>, p: Prepared) -> Result<proto::IngestResponse, Status> {
+async fn apply(
+    engine: Arc<Engine>,
+    p: Prepared,
+    queued: Option<crate::error::Result<Queued>>,
+) -> Result<proto::IngestResponse, Status> {
     let Prepared {
         mut answer,
         records,
     } = p;
-    if records.is_empty() {
+    let Some(queued) = queued else {
         return Ok(answer);
-    }
+    };
     let (lines, records): (Vec<u64>, Vec<IngestRecord>) = records.into_iter().unzip();
     let n = records.len() as u64;
-    match engine
-        .write(WriteOp::Ingest {
-            records: records.clone(),
-        })
-        .await
-    {
+    let res = match queued {
+        Ok(q) => engine.answer(q).await,
+        Err(e) => Err(e),
+    };
+    match res {
         Ok(r) => {
             answer.duplicates = r.duplicates.len() as u64;
             answer.accepted = n - answer.duplicates;

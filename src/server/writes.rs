@@ -47,6 +47,18 @@ pub(super) async fn drop_tag(
     }))
 }
 
+/// A proto mutation as the engine takes it.
+pub(super) fn mutation(m: proto::Mutation) -> Mutation {
+    Mutation {
+        tag: m.tag,
+        add: m.add,
+        remove: m.remove,
+        add_ids: m.add_ids,
+        remove_ids: m.remove_ids,
+        ..Default::default()
+    }
+}
+
 pub(super) async fn update(
     svc: &Service,
     req: Request<proto::UpdateRequest>,
@@ -63,18 +75,7 @@ pub(super) async fn update(
             svc.limits.max_keys_per_request
         )));
     }
-    let mutations: Vec<Mutation> = r
-        .mutations
-        .into_iter()
-        .map(|m| Mutation {
-            tag: m.tag,
-            add: m.add,
-            remove: m.remove,
-            add_ids: m.add_ids,
-            remove_ids: m.remove_ids,
-            ..Default::default()
-        })
-        .collect();
+    let mutations: Vec<Mutation> = r.mutations.into_iter().map(mutation).collect();
     let res = svc
         .engine
         .update(mutations, r.create_missing_tags)

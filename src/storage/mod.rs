@@ -78,6 +78,9 @@ pub enum SyncMode {
 }
 
 /// Engine settings.
+/// A write queued by [`Engine::enqueue`], not yet answered.
+pub struct Queued(oneshot::Receiver<Result<WriteResult>>);
+
 /// The default of [`EngineConfig::dedup_days`].
 pub const DEFAULT_DEDUP_DAYS: u32 = 30;
 
@@ -297,6 +300,23 @@ impl Engine {
             create_missing_tags,
         })
         .await
+    }
+
+    /// Queues a write now and returns where its answer will arrive (await
+    /// it with [`Engine::answer`]). Writes one caller queues one after
+    /// another are applied in that order, whenever their answers are
+    /// awaited: for streams whose batches must not overtake one another.
+    /// Keys are checked here, on the caller's thread.
+    pub fn enqueue(&self, op: WriteOp) -> Result<Queued> {
+        op.check_keys()?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Write(op, tx))?;
+        Ok(Queued(rx))
+    }
+
+    /// The answer of a write queued by [`Engine::enqueue`].
+    pub async fn answer(&self, queued: Queued) -> Result<WriteResult> {
+        queued.0.await.map_err(|_| self.gone())?
     }
 
     /// [`Engine::write`] for callers outside an async runtime.

@@ -79,6 +79,25 @@ pub async fn create_field(c: &mut Client, name: &str, kind: FieldKind, values: &
     .unwrap_or_else(|e| panic!("create {name}: {e}"));
 }
 
+/// A customer's value of an integer field, from their profile (`None`:
+/// no value). Panics on an error, or if the field's value is not an integer.
+pub async fn int_value(c: &mut Client, customer: &str, field: &str) -> Option<i64> {
+    let p = c
+        .profile(tagstore_proto::ProfileRequest {
+            customer: customer.into(),
+            recent_days: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("profile {customer}: {e}"))
+        .into_inner();
+    p.values.into_iter().find(|v| v.field == field).map(|v| {
+        let Some(tagstore_proto::field_value::Value::IntValue(n)) = v.value else {
+            panic!("{field} of {customer} is not an integer: {v:?}");
+        };
+        n
+    })
+}
+
 /// Every member of `query`, through `Export`; panics on an error.
 pub async fn export_set(c: &mut Client, query: &str) -> BTreeSet<String> {
     let mut s = c
