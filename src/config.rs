@@ -38,6 +38,11 @@ pub struct Limits {
     /// Most `Export` streams open at once; one more fails with
     /// `RESOURCE_EXHAUSTED`.
     pub max_concurrent_exports: usize,
+    /// Seconds a client stream (`ReplaceMembers`, `Ingest`) may go without
+    /// a message while the server holds nothing of it in flight; then it is
+    /// ended with `DEADLINE_EXCEEDED` and what it held is freed (an upload
+    /// that stalls must not keep its members in memory for ever).
+    pub stream_idle_seconds: u64,
 }
 
 impl Default for Limits {
@@ -54,6 +59,7 @@ impl Default for Limits {
             // against 2.6 GB and 92 ms with no budget (release build here).
             max_request_memory_mb: 256,
             max_concurrent_exports: 256,
+            stream_idle_seconds: 60,
         }
     }
 }

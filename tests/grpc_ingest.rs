@@ -378,3 +378,67 @@ async fn changes_in_flight_apply_in_the_order_sent() {
         );
     }
 }
+
+/// A client stream that goes quiet while nothing of it is in flight is
+/// ended with DEADLINE_EXCEEDED after `stream_idle_seconds`, freeing what it
+/// held: an `Ingest` stream after its answered batches, a `ReplaceMembers`
+/// upload without changing the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tagstore.toml");
+    std::fs::write(&config, "[limits]\nstream_idle_seconds = 1\n").unwrap();
+    let data = dir.path().join("data");
+    let server = common::start(&data, &["--config", config.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(IngestRequest {
+        seq: 7,
+        changes: vec![Mutation {
+            tag: "t".into(),
+            add: vec!["a".into()],
+            ..Default::default()
+        }],
+        create_missing_tags: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answers = c
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answers.message().await.unwrap().unwrap().seq, 7);
+    // The client keeps the stream open and sends nothing more.
+    let end = answers.message().await.unwrap_err();
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
+    assert!(
+        end.message().contains("stream_idle_seconds"),
+        "{}",
+        end.message()
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    drop(tx);
+    assert_eq!(count(&mut c, "t").await, 1);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ReplaceMembersRequest {
+        tag: "t".into(),
+        customers: vec!["x".into(), "y".into()],
+        last: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = c
+        .replace_members(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("not changed"), "{}", e.message());
+    drop(tx);
+    assert_eq!(count(&mut c, "t").await, 1);
+}

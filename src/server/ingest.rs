@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::Limits;
 use crate::error::Error;
 use crate::fields::{BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind};
 use crate::ingest::facts::{FactKind, Facts};
@@ -33,12 +34,15 @@ use crate::ingest::read::Reader;
 use crate::ingest::source::{Format, Outcome, Source};
 use crate::proto;
 use crate::server::budget::{MemoryBudget, Reservation};
-use crate::server::service::{Service, invalid};
+use crate::server::service::{Service, idle_status, invalid};
 use crate::server::status::to_status;
 use crate::server::writes::mutation;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
 use crate::storage::{Engine, IngestRecord, Queued, WriteOp};
+
+/// What an idle stream's end says of its batches.
+const IDLE_NOTE: &str = "every batch answered before this was applied, none after";
 
 /// Batches of one stream between reading and answering.
 pub const IN_FLIGHT: usize = 32;
@@ -153,8 +157,8 @@ pub(super) async fn ingest(
     let engine = svc.engine.clone();
     let budget = svc.budget.clone();
     let facts = svc.facts.clone();
-    let max_keys = svc.limits.max_keys_per_request;
-    tokio::spawn(drive(engine, budget, facts, max_keys, req.into_inner(), tx));
+    let limits = svc.limits;
+    tokio::spawn(drive(engine, budget, facts, limits, req.into_inner(), tx));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
@@ -184,25 +188,32 @@ async fn drive(
     engine: Arc<Engine>,
     budget: Arc<MemoryBudget>,
     facts: Arc<Facts>,
-    max_keys: usize,
+    limits: Limits,
     mut input: Streaming<proto::IngestRequest>,
     tx: mpsc::Sender<Result<proto::IngestResponse, Status>>,
 ) {
     let mut reader: Option<(String, Reader<Arc<Source>>)> = None;
     let mut pending = Pending::new();
+    let max_keys = limits.max_keys_per_request;
+    let idle = std::time::Duration::from_secs(limits.stream_idle_seconds.max(1));
     let mut open = true;
     loop {
         if !open && pending.is_empty() {
             return;
         }
         let take = open && pending.len() < IN_FLIGHT;
+        // Idle time counts only while nothing is in flight: a client waiting
+        // for answers before it sends more is not idle.
+        let idle = pending.is_empty().then_some(idle);
         let next = {
             let answered = front_answer(&mut pending);
             let batch = async {
-                if take {
-                    input.message().await
-                } else {
-                    std::future::pending().await
+                match (take, idle) {
+                    (false, _) => std::future::pending().await,
+                    (true, None) => input.message().await,
+                    (true, Some(idle)) => tokio::time::timeout(idle, input.message())
+                        .await
+                        .unwrap_or_else(|_| Err(idle_status(&limits, IDLE_NOTE))),
                 }
             };
             tokio::select! {
@@ -220,6 +231,11 @@ async fn drive(
                 }
             }
             Next::Batch(Ok(None)) => open = false,
+            // Idle for too long: said to the client, if it still listens.
+            Next::Batch(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
             // The client went away or sent something broken: what is in
             // flight finishes; nobody is left to answer.
             Next::Batch(Err(_)) => return,

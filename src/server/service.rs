@@ -69,6 +69,28 @@ pub(super) fn invalid(msg: impl Into<String>) -> Status {
     to_status(Error::invalid(msg))
 }
 
+/// The next message of a client stream; `DEADLINE_EXCEEDED` when none comes
+/// within `stream_idle_seconds` (what the stream held is then dropped).
+pub(super) async fn next_message<T>(
+    stream: &mut Streaming<T>,
+    limits: &Limits,
+    what: &str,
+) -> Result<Option<T>, Status> {
+    let idle = std::time::Duration::from_secs(limits.stream_idle_seconds.max(1));
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(m) => m,
+        Err(_) => Err(idle_status(limits, what)),
+    }
+}
+
+/// The status of a stream ended for going idle.
+pub(super) fn idle_status(limits: &Limits, what: &str) -> Status {
+    Status::deadline_exceeded(format!(
+        "no message for {} s (`stream_idle_seconds`): the stream is closed; {what}",
+        limits.stream_idle_seconds.max(1)
+    ))
+}
+
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::Error;
 use crate::names::{MAX_KEY_BYTES, check_key};
 use crate::proto;
-use crate::server::service::{Service, blocking, invalid, tag_info};
+use crate::server::service::{Service, blocking, invalid, next_message, tag_info};
 use crate::server::status::to_status;
 use crate::storage::{Mutation, WriteOp};
 
@@ -94,8 +94,8 @@ pub(super) async fn replace_members(
     req: Request<Streaming<proto::ReplaceMembersRequest>>,
 ) -> Result<Response<proto::ReplaceMembersResponse>, Status> {
     let mut stream = req.into_inner();
-    let first = stream
-        .message()
+    const UNCHANGED: &str = "the tag was not changed";
+    let first = next_message(&mut stream, &svc.limits, UNCHANGED)
         .await?
         .ok_or_else(|| invalid("empty stream: the first message must name the tag"))?;
     if first.tag.is_empty() {
@@ -135,12 +135,14 @@ pub(super) async fn replace_members(
         // A stream that ends without `last` was abandoned (a client that
         // cancelled or crashed, a deadline that passed: the transport may
         // report any of them as a plain end of stream). Nothing changes.
-        msg = stream.message().await?.ok_or_else(|| {
-            invalid(
-                "the stream ended without a message with last = true: it is taken as \
+        msg = next_message(&mut stream, &svc.limits, UNCHANGED)
+            .await?
+            .ok_or_else(|| {
+                invalid(
+                    "the stream ended without a message with last = true: it is taken as \
                  abandoned, and the tag was not changed",
-            )
-        })?;
+                )
+            })?;
     }
     let res = svc
         .engine
