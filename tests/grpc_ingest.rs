@@ -442,3 +442,226 @@ async fn idle_streams_are_ended() {
     drop(tx);
     assert_eq!(count(&mut c, "t").await, 1);
 }
+
+/// `n` distinct Taobao orders of 1.00 yuan by 50 buyers, header first.
+fn small_orders(from: usize, n: usize, header: bool) -> String {
+    let mut s = String::new();
+    if header {
+        s.push_str("订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n");
+    }
+    for i in from..from + n {
+        s.push_str(&format!(
+            "T{i},nick{},1.00,2026-11-11 10:00:00,,交易成功,X,skincare,B,t\n",
+            i % 50
+        ));
+    }
+    s
+}
+
+async fn total_spend(c: &mut Client) -> i64 {
+    c.aggregate(AggregateRequest {
+        query: "order_count >= 1".into(),
+        field: "total_spend_fen".into(),
+        histogram_edges: vec![],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .sum
+}
+
+/// A client that cancels halfway: the batches it handed over finish or do
+/// not start, never half; sending the whole input again applies each order
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_halfway_can_be_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let batches = || -> Vec<IngestRequest> {
+        (0..40)
+            .map(|b| IngestRequest {
+                source: if b == 0 { "tb".into() } else { String::new() },
+                seq: b as u64,
+                data: small_orders(b * 500, 500, b == 0).into_bytes(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for b in batches() {
+        tx.send(b).await.unwrap();
+    }
+    let mut answers = c
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!(first.accepted, 500);
+    // Gone: the request stream and the answers, mid-way.
+    drop(answers);
+    drop(tx);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (again, end) = ingest(&mut c, batches()).await;
+    assert!(end.is_none(), "{end:?}");
+    let accepted: u64 = again.iter().map(|a| a.accepted).sum();
+    let duplicates: u64 = again.iter().map(|a| a.duplicates).sum();
+    assert_eq!(accepted + duplicates, 20_000);
+    assert!(duplicates >= 500);
+    assert_eq!(total_spend(&mut c).await, 20_000 * 100, "each order once");
+}
+
+/// A client that does not read its answers holds the stream (the server
+/// stops reading once its answers and batches in flight are full), not the
+/// server: other calls answer meanwhile, and every answer is there, in
+/// order, once the client reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_answers_are_not_read_holds_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut answers = c
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let sender = tokio::spawn(async move {
+        for i in 0..1_000u64 {
+            let change = IngestRequest {
+                seq: i,
+                changes: vec![Mutation {
+                    tag: "t".into(),
+                    add: vec![format!("c{i}")],
+                    ..Default::default()
+                }],
+                create_missing_tags: true,
+                ..Default::default()
+            };
+            if tx.send(change).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Nobody reads the answers for a while; another client is served.
+    let mut other = common::client(&server).await;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        count(&mut other, "ALL").await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 1_000 {
+        seqs.push(answers.message().await.unwrap().unwrap().seq);
+    }
+    sender.await.unwrap();
+    assert_eq!(seqs, (0..1_000).collect::<Vec<_>>());
+    assert_eq!(count(&mut c, "t").await, 1_000);
+}
+
+/// The largest batches: more records, more customers or more bytes than
+/// the limits allow end the stream with the limit named, after the answers
+/// before them; a source definition over 64 KiB is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_over_the_limits_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tagstore.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_keys_per_request = 10\nmax_request_memory_mb = 1\n",
+    )
+    .unwrap();
+    let server = common::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = c
+        .create_source(CreateSourceRequest {
+            name: "big".into(),
+            definition: format!("format = \"csv\"\n{}", "#".repeat(70_000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("bytes"), "{}", e.message());
+
+    // 11 customers in one change batch, after one that fits.
+    let change = |seq: u64, n: usize| IngestRequest {
+        seq,
+        changes: vec![Mutation {
+            tag: "t".into(),
+            add: (0..n).map(|i| format!("c{i}")).collect(),
+            ..Default::default()
+        }],
+        create_missing_tags: true,
+        ..Default::default()
+    };
+    let (answers, end) = ingest(&mut c, vec![change(1, 10), change(2, 11)]).await;
+    assert_eq!(answers.len(), 1);
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::InvalidArgument);
+    assert!(end.message().contains("limit is 10"), "{}", end.message());
+
+    // A batch of 2 MB against a 1 MiB budget, with nothing in flight.
+    let big = IngestRequest {
+        source: "tb".into(),
+        seq: 1,
+        data: small_orders(0, 50_000, true).into_bytes(),
+        ..Default::default()
+    };
+    assert!(big.data.len() > 2 << 20);
+    let (_, end) = ingest(&mut c, vec![big]).await;
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::ResourceExhausted);
+    assert!(
+        end.message().contains("max_request_memory_mb"),
+        "{}",
+        end.message()
+    );
+    drop(c);
+    drop(server);
+
+    // More than 100,000 records in one batch (default limits).
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, end) = ingest(
+        &mut c,
+        vec![IngestRequest {
+            source: "tb".into(),
+            seq: 1,
+            data: small_orders(0, 100_001, true).into_bytes(),
+            ..Default::default()
+        }],
+    )
+    .await;
+    let end = end.unwrap();
+    assert_eq!(end.code(), Code::InvalidArgument);
+    assert!(end.message().contains("100000"), "{}", end.message());
+    assert_eq!(count(&mut c, "ALL").await, 0, "nothing of it applied");
+}

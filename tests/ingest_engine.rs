@@ -214,3 +214,47 @@ fn sources_are_defined_replaced_and_dropped() {
     let engine = open(&fs, &clock);
     assert!(engine.snapshot().sources.is_empty());
 }
+
+/// A full disk during an ingest refuses that batch whole: no fact and no
+/// remembered id lands, the store stays writable, and the same batch sent
+/// once space is back is applied in full (nothing counted as a duplicate).
+#[test]
+fn a_full_disk_refuses_an_ingest_batch_whole() {
+    use tagstore::storage::fs::Op;
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    // More than the 4 MiB the log allocates ahead: new long keys and ids.
+    let batch = || -> Vec<IngestRecord> {
+        (0..80_000)
+            .map(|i| order(&format!("F{i}"), &format!("{}{i}", "k".repeat(60)), 1))
+            .collect()
+    };
+    fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC);
+    let err = engine
+        .write_blocking(WriteOp::Ingest { records: batch() })
+        .unwrap_err();
+    assert!(matches!(err, tagstore::Error::DiskFull(_)), "{err}");
+    assert_eq!(engine.failure(), None);
+    assert_eq!(
+        value(&engine, "order_count", &format!("{}0", "k".repeat(60))),
+        None
+    );
+    fs.clear_faults();
+    let r = engine
+        .write_blocking(WriteOp::Ingest { records: batch() })
+        .unwrap();
+    assert!(r.duplicates.is_empty());
+    assert_eq!(r.events_seen, 80_000);
+    let crashed = fs.crash_image();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(
+        ingest(
+            &engine,
+            vec![order("F7", &format!("{}7", "k".repeat(60)), 1)]
+        ),
+        vec![0]
+    );
+}
