@@ -190,6 +190,31 @@ fn sources_are_defined_replaced_and_dropped() {
     assert!(!put(true, "format = \"jsonl\"").unwrap().created);
     let e = put(true, &"#".repeat(70_000)).unwrap_err();
     assert!(e.to_string().contains("bytes"), "{e}");
+    // At most 256 sources (jd_orders is one).
+    for i in 1..256 {
+        engine
+            .write_blocking(WriteOp::PutSource {
+                name: format!("s{i}"),
+                definition: "x".into(),
+                replace: false,
+            })
+            .unwrap();
+    }
+    let e = engine
+        .write_blocking(WriteOp::PutSource {
+            name: "one_more".into(),
+            definition: "x".into(),
+            replace: false,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 256"), "{e}");
+    for i in 1..256 {
+        engine
+            .write_blocking(WriteOp::DropSource {
+                name: format!("s{i}"),
+            })
+            .unwrap();
+    }
     engine.checkpoint_blocking(Default::default()).unwrap();
     drop(engine);
     let engine = open(&fs, &clock);

@@ -222,6 +222,9 @@ pub struct IngestRecord {
 
 /// Longest source definition the store keeps, in bytes.
 pub const MAX_SOURCE_DEFINITION_BYTES: usize = 64 * 1024;
+/// Most sources a store keeps: with the longest definitions, `ListSources`
+/// answers in 16 MiB, within the default message limit.
+pub const MAX_SOURCES: usize = 256;
 
 impl WriteOp {
     /// Customer keys the write names (not counting ids).

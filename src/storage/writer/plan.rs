@@ -273,6 +273,11 @@ impl Planner<'_> {
                 if exists && !replace {
                     return Err(Error::SourceExists(name));
                 }
+                if !exists && snap.sources.len() >= MAX_SOURCES {
+                    return Err(Error::invalid(format!(
+                        "the store keeps at most {MAX_SOURCES} sources; drop one first"
+                    )));
+                }
                 batch.sources.push(SourceChange {
                     name,
                     definition: Some(definition),
