@@ -74,6 +74,7 @@ impl Default for Limits {
 /// max_segments = 8
 /// time_zone = "Asia/Shanghai"  # for behaviour fields created without one
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
+/// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 ///
 /// [limits]
@@ -91,6 +92,8 @@ pub struct FileConfig {
     pub time_zone: Option<String>,
     /// Days an ingested event's id is remembered (default 30, at least 1).
     pub dedup_days: Option<u32>,
+    /// Days ingested events stay in the event archive (default 730; 0: for ever).
+    pub event_retention_days: Option<u32>,
     /// A TOML file of fact rules (`ingest::facts`), read at start; relative
     /// to the working directory. Default: the standard rules.
     pub facts: Option<PathBuf>,
@@ -159,6 +162,9 @@ impl ServerConfig {
                 "dedup_days must be at least 1 (a resent event would be applied twice)".into(),
             ));
         }
+        engine.event_retention_days = file
+            .event_retention_days
+            .unwrap_or(crate::storage::DEFAULT_EVENT_RETENTION_DAYS);
         let default_time_zone = file
             .time_zone
             .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());

@@ -193,7 +193,9 @@ fn a_failure_at_any_step_of_a_checkpoint_fails_the_checkpoint_not_the_store() {
         let crashed = fs.crash_image();
         assert_eq!(members(&open(&crashed), "t").len(), n + 10, "{fault:?}");
 
-        engine.checkpoint_blocking(Default::default()).unwrap();
+        engine
+            .checkpoint_blocking(Default::default())
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
         add(&engine, "t", keys("d", 10)).unwrap();
         drop(engine);
         assert_eq!(members(&open(&fs), "t").len(), n + 20, "{fault:?}");

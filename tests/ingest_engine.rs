@@ -40,6 +40,7 @@ fn order(id: &str, customer: &str, amount: i64) -> IngestRecord {
                 with: Combine::Add(amount),
             },
         ],
+        event: None,
     }
 }
 

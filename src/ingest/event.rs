@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::normalize::{self, Refused};
+use crate::storage::codec::{Dec, DecodeError, Enc};
 
 /// Longest channel, event type, identity type or attribute name, in bytes.
 pub const MAX_NAME_BYTES: usize = 64;
@@ -178,4 +179,156 @@ pub struct Event {
     pub brand: Option<String>,
     pub store: Option<String>,
     pub attributes: BTreeMap<String, String>,
+}
+
+/// Version byte of [`Event::encode`].
+const ENCODING_VERSION: u8 = 1;
+
+impl Event {
+    /// The event as the event archive keeps it, with the name of the
+    /// source it came from (`storage-format.md`, "Archived event").
+    pub fn encode(&self, source: &str) -> Vec<u8> {
+        let mut e = Enc::new();
+        e.u8(ENCODING_VERSION).str(source);
+        match &self.source_event_id {
+            Some(id) => e.u8(1).str(id),
+            None => e.u8(0),
+        };
+        e.u8(self.identities.len() as u8);
+        for i in &self.identities {
+            e.str(&i.kind).str(&i.value);
+        }
+        e.str(&self.channel).str(&self.event_type).i64(self.at_ms);
+        let parts = [&self.item, &self.category, &self.brand, &self.store];
+        let mut present = u8::from(self.amount_fen.is_some());
+        for (k, p) in parts.iter().enumerate() {
+            present |= u8::from(p.is_some()) << (k + 1);
+        }
+        e.u8(present);
+        if let Some(a) = self.amount_fen {
+            e.i64(a);
+        }
+        for p in parts.into_iter().flatten() {
+            e.str(p);
+        }
+        e.u32(self.attributes.len() as u32);
+        for (k, v) in &self.attributes {
+            e.str(k).str(v);
+        }
+        e.buf
+    }
+
+    /// Reads what [`Event::encode`] wrote: the source's name and the event.
+    pub fn decode(bytes: &[u8]) -> Result<(String, Event), Refused> {
+        let bad =
+            |e: DecodeError| Refused(format!("archived event: {} at byte {}", e.reason, e.offset));
+        let mut d = Dec::new(bytes);
+        let version = d.u8().map_err(bad)?;
+        if version != ENCODING_VERSION {
+            return Err(Refused(format!(
+                "archived event: unknown encoding version {version}"
+            )));
+        }
+        let s = |d: &mut Dec| d.str().map(str::to_string).map_err(bad);
+        let source = s(&mut d)?;
+        let source_event_id = match d.u8().map_err(bad)? {
+            0 => None,
+            _ => Some(s(&mut d)?),
+        };
+        let mut identities = Vec::new();
+        for _ in 0..d.u8().map_err(bad)? {
+            identities.push(Identity {
+                kind: s(&mut d)?,
+                value: s(&mut d)?,
+            });
+        }
+        let channel = s(&mut d)?;
+        let event_type = s(&mut d)?;
+        let at_ms = d.i64().map_err(bad)?;
+        let present = d.u8().map_err(bad)?;
+        let amount_fen = if present & 1 != 0 {
+            Some(d.i64().map_err(bad)?)
+        } else {
+            None
+        };
+        let mut parts = [None, None, None, None];
+        for (k, p) in parts.iter_mut().enumerate() {
+            if present >> (k + 1) & 1 != 0 {
+                *p = Some(s(&mut d)?);
+            }
+        }
+        let [item, category, brand, store] = parts;
+        let mut attributes = BTreeMap::new();
+        for _ in 0..d.u32().map_err(bad)? {
+            let k = s(&mut d)?;
+            attributes.insert(k, s(&mut d)?);
+        }
+        d.finish().map_err(bad)?;
+        Ok((
+            source,
+            Event {
+                source_event_id,
+                identities,
+                channel,
+                event_type,
+                at_ms,
+                amount_fen,
+                item,
+                category,
+                brand,
+                store,
+                attributes,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_encode_and_decode() {
+        let full = Event {
+            source_event_id: Some("订单 1".into()),
+            identities: vec![
+                Identity {
+                    kind: "jd_pin".into(),
+                    value: "小王".into(),
+                },
+                Identity {
+                    kind: "phone".into(),
+                    value: "13812345678".into(),
+                },
+            ],
+            channel: "jd".into(),
+            event_type: "order".into(),
+            at_ms: -5,
+            amount_fen: Some(-129_900),
+            item: Some("精华".into()),
+            category: None,
+            brand: Some("b".into()),
+            store: None,
+            attributes: [("k".to_string(), "v".to_string())].into_iter().collect(),
+        };
+        let bytes = full.encode("jd_orders");
+        assert_eq!(
+            Event::decode(&bytes).unwrap(),
+            ("jd_orders".to_string(), full.clone())
+        );
+        let bare = Event {
+            source_event_id: None,
+            amount_fen: None,
+            item: None,
+            brand: None,
+            attributes: BTreeMap::new(),
+            ..full
+        };
+        assert_eq!(Event::decode(&bare.encode("s")).unwrap().1, bare);
+        // Cut short, or with bytes after it: refused, not misread.
+        assert!(Event::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Event::decode(&longer).is_err());
+    }
 }

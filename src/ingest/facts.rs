@@ -281,6 +281,27 @@ impl Pattern {
         }
         Some(out)
     }
+
+    /// True when some event could give this field `name`: the texts in
+    /// order, each part standing for one or more characters.
+    fn matches(&self, name: &str) -> bool {
+        fn rest(pieces: &[Piece], name: &str) -> bool {
+            match pieces.split_first() {
+                None => name.is_empty(),
+                Some((Piece::Text(t), more)) => {
+                    name.strip_prefix(t.as_str()).is_some_and(|n| rest(more, n))
+                }
+                Some((Piece::Part(_), more)) => name
+                    .char_indices()
+                    .skip(1)
+                    .map(|(i, _)| i)
+                    .chain(std::iter::once(name.len()))
+                    .filter(|&i| i > 0)
+                    .any(|i| rest(more, &name[i..])),
+            }
+        }
+        rest(&self.0, name)
+    }
 }
 
 /// The kind of field a fact writes, for creating it when it is missing.
@@ -405,6 +426,20 @@ impl Facts {
             counters,
             days,
         })
+    }
+
+    /// The kind of field a rule could write under `name`, if one could:
+    /// the fields a rebuild of facts starts afresh.
+    pub fn may_write(&self, name: &str) -> Option<FactKind> {
+        if self.behaviours.iter().any(|(_, p)| p.matches(name)) {
+            return Some(FactKind::Behaviour);
+        }
+        let counters = self.counters.iter().map(|(_, p, _)| p);
+        let days = self.days.iter().map(|(_, p, _)| p);
+        counters
+            .chain(days)
+            .any(|p| p.matches(name))
+            .then_some(FactKind::Integer)
     }
 
     /// Every fact one event gives, in rule order.
@@ -574,6 +609,35 @@ mod tests {
         // Without an amount, the count still moves; the money does not.
         assert!(got.iter().any(|x| x.field == "order_count"));
         assert!(got.iter().all(|x| x.field != "total_spend_fen"));
+    }
+
+    #[test]
+    fn the_fields_a_rule_could_write_are_known_by_name() {
+        let f = Facts::standard();
+        assert_eq!(f.may_write("bought:skincare"), Some(FactKind::Behaviour));
+        assert_eq!(f.may_write("bought:护肤"), Some(FactKind::Behaviour));
+        assert_eq!(f.may_write("visited:store"), Some(FactKind::Behaviour));
+        assert_eq!(f.may_write("order_count"), Some(FactKind::Integer));
+        assert_eq!(f.may_write("order_count:jd"), Some(FactKind::Integer));
+        assert_eq!(f.may_write("spend_fen:tmall"), Some(FactKind::Integer));
+        assert_eq!(f.may_write("last_active_day"), Some(FactKind::Integer));
+        // A part stands for at least one character; other names are not facts'.
+        assert_eq!(f.may_write("bought:"), None);
+        assert_eq!(f.may_write("order_count:"), None);
+        assert_eq!(f.may_write("lifetime_value"), None);
+        assert_eq!(f.may_write("vip"), None);
+        let two = Facts::parse(
+            r#"
+            time_zone = "UTC"
+            [[behaviours]]
+            events = ["order"]
+            field = "{channel}:{category}:x"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(two.may_write("jd:a:b:x"), Some(FactKind::Behaviour));
+        assert_eq!(two.may_write("jd::x"), None);
+        assert_eq!(two.may_write("jd:a:y"), None);
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::server::status::to_status;
 use crate::server::writes::mutation;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
-use crate::storage::{Engine, IngestRecord, Queued, WriteOp};
+use crate::storage::{Engine, IngestRecord, KeptEvent, Queued, WriteOp};
 
 /// What an idle stream's end says of its batches.
 const IDLE_NOTE: &str = "every batch answered before this was applied, none after";
@@ -543,6 +543,10 @@ async fn prepare(
             IngestRecord {
                 seen,
                 writes: fs.iter().map(|f| f.value_write(&key)).collect(),
+                event: Some(KeptEvent {
+                    bytes: e.encode(&source.name),
+                    customer: key,
+                }),
             },
         ));
     }

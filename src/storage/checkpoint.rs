@@ -5,6 +5,10 @@
 //! segment is mostly garbage or there are too many segments, in which case
 //! its live contents move into the new segment (compaction).
 //!
+//! It also moves the events of the log records it covers into a new file
+//! of the event archive (`archive`), and drops archive files past their
+//! retention from the manifest.
+//!
 //! The job writes files and returns what the writer must install; it never
 //! touches the writer's state or deletes anything itself.
 
@@ -12,15 +16,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::bitmap::ShardedBitmap;
+use crate::error::{Error, Result};
 use crate::storage::DataDir;
+use crate::storage::archive::ArchiveWriter;
 use crate::storage::dictionary::{DictLayer, Dictionary, encode_section};
 use crate::storage::manifest::{
-    Manifest, ManifestField, ManifestSeen, ManifestSource, ManifestTag,
+    Manifest, ManifestArchive, ManifestField, ManifestSeen, ManifestSource, ManifestTag,
 };
+use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen::{self, Seen};
 use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
 use crate::storage::snapshot::Snapshot;
+use crate::storage::wal;
 
 /// Compaction settings.
 #[derive(Debug, Clone, Copy)]
@@ -153,6 +161,9 @@ pub struct CheckpointJob {
     /// A caller asked for the dictionary to be merged (`requested_merge_from`).
     pub merge_dictionary: bool,
     pub now_ms: i64,
+    /// How long archived events are kept, ms (by the time they were
+    /// ingested); `None`: for ever.
+    pub event_retention_ms: Option<i64>,
 }
 
 /// What a finished checkpoint hands back to the writer.
@@ -172,6 +183,9 @@ pub struct CheckpointInfo {
     /// Tag bitmaps and field slots written.
     pub tags_written: u64,
     pub segment_bytes: u64,
+    /// Events moved into the archive, and the bytes of its new file.
+    pub events_archived: u64,
+    pub archive_bytes: u64,
     pub duration_ms: u64,
 }
 
@@ -453,6 +467,24 @@ impl CheckpointJob {
             new_dict = true;
         }
 
+        // The events of the records this checkpoint covers, under the
+        // segment's number (so a failed checkpoint's leftovers share its
+        // clean-up); archive files past retention are no longer named.
+        let new_archive = self.archive_events(seg_no, live)?;
+        let mut archives = self.prev.archives.clone();
+        let mut archive_dropped_to_ms = self.prev.archive_dropped_to_ms;
+        if let Some(keep) = self.event_retention_ms {
+            let cutoff = self.now_ms.saturating_sub(keep);
+            archives.retain(|a| {
+                let expired = a.last_ms < cutoff;
+                if expired {
+                    archive_dropped_to_ms = archive_dropped_to_ms.max(a.last_ms);
+                }
+                !expired
+            });
+        }
+        archives.extend(new_archive);
+
         let mut segment_bytes = 0;
         let new_segment = match writer {
             Some(w) => {
@@ -467,7 +499,7 @@ impl CheckpointJob {
             checkpoint_at_ms: self.now_ms,
             next_customer_id: snap.next_customer_id,
             next_tag_id: snap.next_tag_id,
-            next_segment_no: if new_segment.is_some() {
+            next_segment_no: if new_segment.is_some() || new_archive.is_some() {
                 seg_no + 1
             } else {
                 seg_no
@@ -478,6 +510,8 @@ impl CheckpointJob {
             fields,
             sources,
             seen: seen_days,
+            archives,
+            archive_dropped_to_ms,
         };
         manifest.write(&self.dir)?;
 
@@ -495,6 +529,8 @@ impl CheckpointJob {
                 lsn: snap.lsn,
                 tags_written,
                 segment_bytes,
+                events_archived: new_archive.map_or(0, |a| a.events),
+                archive_bytes: new_archive.map_or(0, |a| a.bytes),
                 duration_ms: started.elapsed().as_millis() as u64,
             },
             manifest,
@@ -502,6 +538,61 @@ impl CheckpointJob {
             dict_layers,
             dict_upto: snap.next_customer_id,
         })
+    }
+}
+
+impl CheckpointJob {
+    /// Writes archive file `no` with the events of the log records after
+    /// the previous checkpoint up to the snapshot's lsn, leaving out those
+    /// of customers deleted since. `None` when there are none.
+    fn archive_events(&self, no: u64, live: &ShardedBitmap) -> Result<Option<ManifestArchive>> {
+        let (from, to) = (self.prev.checkpoint_lsn, self.snap.lsn);
+        if to <= from {
+            return Ok(None);
+        }
+        // The writer began a new log file at `to + 1`: these are finished.
+        let files: Vec<wal::WalFile> = wal::list(&self.dir)?
+            .into_iter()
+            .filter(|f| f.first_lsn <= to)
+            .collect();
+        let mut out: Option<ArchiveWriter> = None;
+        let (mut first_ms, mut last_ms) = (i64::MAX, i64::MIN);
+        wal::read_finished(&self.dir, &files, from, to, |lsn, kind, payload| {
+            if kind != KIND_BATCH {
+                return Err(Error::BadRecord(format!("unknown record kind {kind}")));
+            }
+            let batch = Batch::decode(payload).map_err(|e| {
+                Error::BadRecord(format!(
+                    "record lsn {lsn}: undecodable batch at payload offset {}: {}",
+                    e.offset, e.reason
+                ))
+            })?;
+            for e in batch.events.iter().filter(|e| live.contains(e.customer)) {
+                if out.is_none() {
+                    out = Some(ArchiveWriter::create(&self.dir, no)?);
+                }
+                if let Some(w) = out.as_mut() {
+                    w.push(e.customer, &e.bytes)?;
+                }
+                first_ms = first_ms.min(batch.at_ms);
+                last_ms = last_ms.max(batch.at_ms);
+            }
+            Ok(())
+        })?;
+        let Some(w) = out else {
+            return Ok(None);
+        };
+        let events = w.events();
+        let bytes = w.finish()?;
+        Ok(Some(ManifestArchive {
+            no,
+            from_lsn: from,
+            to_lsn: to,
+            first_ms,
+            last_ms,
+            events,
+            bytes,
+        }))
     }
 }
 

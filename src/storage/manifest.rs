@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 3;
+pub const MANIFEST_VERSION: u32 = 4;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,21 @@ pub struct ManifestSeen {
     pub day: i32,
     pub segment: u64,
     pub count: u64,
+}
+
+/// One file of the event archive: the events ingested by log records
+/// `from_lsn + 1 ..= to_lsn`, at times `first_ms ..= last_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManifestArchive {
+    /// The file's number ([`archive::file_name`](crate::storage::archive::file_name)).
+    pub no: u64,
+    pub from_lsn: u64,
+    pub to_lsn: u64,
+    /// When the first and the last of its events were ingested, Unix ms.
+    pub first_ms: i64,
+    pub last_ms: i64,
+    pub events: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +95,11 @@ pub struct Manifest {
     pub fields: Vec<ManifestField>,
     pub sources: Vec<ManifestSource>,
     pub seen: Vec<ManifestSeen>,
+    /// The event archive's files, oldest first.
+    pub archives: Vec<ManifestArchive>,
+    /// Events ingested at or before this time (Unix ms) were dropped from
+    /// the archive by its retention; 0 when none ever were.
+    pub archive_dropped_to_ms: i64,
 }
 
 impl Manifest {
@@ -153,6 +173,17 @@ impl Manifest {
         for s in &self.seen {
             e.i64(i64::from(s.day)).u64(s.segment).u64(s.count);
         }
+        e.u32(self.archives.len() as u32);
+        for a in &self.archives {
+            e.u64(a.no)
+                .u64(a.from_lsn)
+                .u64(a.to_lsn)
+                .i64(a.first_ms)
+                .i64(a.last_ms)
+                .u64(a.events)
+                .u64(a.bytes);
+        }
+        e.i64(self.archive_dropped_to_ms);
         e.buf
     }
 
@@ -226,6 +257,20 @@ impl Manifest {
                     count: d.u64()?,
                 });
             }
+        }
+        if version >= 4 {
+            for _ in 0..d.u32()? {
+                m.archives.push(ManifestArchive {
+                    no: d.u64()?,
+                    from_lsn: d.u64()?,
+                    to_lsn: d.u64()?,
+                    first_ms: d.i64()?,
+                    last_ms: d.i64()?,
+                    events: d.u64()?,
+                    bytes: d.u64()?,
+                });
+            }
+            m.archive_dropped_to_ms = d.i64()?;
         }
         d.finish()?;
         Ok(m)
@@ -345,6 +390,16 @@ mod tests {
                 segment: 6,
                 count: 3,
             }],
+            archives: vec![ManifestArchive {
+                no: 6,
+                from_lsn: 50,
+                to_lsn: 99,
+                first_ms: 1_700_000_000_000,
+                last_ms: 1_700_000_500_000,
+                events: 1234,
+                bytes: 56_789,
+            }],
+            archive_dropped_to_ms: 1_600_000_000_000,
         }
     }
 

@@ -25,6 +25,7 @@
 //! Files (all in the data directory; `storage-format.md` has every byte):
 //! `LOCK`, `MANIFEST`, `seg-*.seg`, `wal-*.log`, and `orphaned/`.
 
+pub mod archive;
 pub mod checkpoint;
 pub mod codec;
 pub mod datadir;
@@ -58,7 +59,7 @@ pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 use writer::{Cmd, Writer};
 pub use writer::{
-    Combine, EventTime, IngestRecord, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult,
+    Combine, EventTime, IngestRecord, KeptEvent, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult,
 };
 
 /// Writes naming at most this many customer keys have them checked on the
@@ -83,6 +84,9 @@ pub struct Queued(oneshot::Receiver<Result<WriteResult>>);
 
 /// The default of [`EngineConfig::dedup_days`].
 pub const DEFAULT_DEDUP_DAYS: u32 = 30;
+/// The default of [`EngineConfig::event_retention_days`]: two years, so
+/// that a year's facts can be rebuilt a year later.
+pub const DEFAULT_EVENT_RETENTION_DAYS: u32 = 730;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -99,6 +103,10 @@ pub struct EngineConfig {
     /// ingested (UTC): the same event sent again within them is not applied
     /// twice. Older days are forgotten at the next checkpoint.
     pub dedup_days: u32,
+    /// Days ingested events stay in the event archive after they were
+    /// ingested (a whole archive file goes once its newest event is past
+    /// them, at a checkpoint); 0 keeps them for ever.
+    pub event_retention_days: u32,
 }
 
 impl EngineConfig {
@@ -111,8 +119,22 @@ impl EngineConfig {
             clock: crate::clock::system(),
             fs: fs::os(),
             dedup_days: DEFAULT_DEDUP_DAYS,
+            event_retention_days: DEFAULT_EVENT_RETENTION_DAYS,
         }
     }
+}
+
+/// What [`Engine::read_archive`] read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArchiveRead {
+    /// The archive holds the events of log records up to this lsn.
+    pub upto_lsn: u64,
+    /// Events ingested at or before this time were dropped by retention
+    /// (0: none were).
+    pub dropped_to_ms: i64,
+    pub files: usize,
+    /// Events passed on.
+    pub events: u64,
 }
 
 /// Figures the writer keeps up to date for `Stats`.
@@ -233,6 +255,32 @@ impl Engine {
     pub fn disk_bytes(&self) -> u64 {
         let config = &self.shared.config;
         datadir::disk_bytes(&DataDir::new(config.fs.clone(), config.data_dir.clone()))
+    }
+
+    /// Reads the archived events of `customers`, as the last checkpoint
+    /// left the archive, through `f(customer, event bytes)`, file by file
+    /// in the order they were ingested. Blocking (it decompresses): call it
+    /// off the async runtime. A file that cannot be read is an error naming
+    /// it.
+    pub fn read_archive(
+        &self,
+        customers: &roaring::RoaringBitmap,
+        mut f: impl FnMut(u32, &[u8]) -> Result<()>,
+    ) -> Result<ArchiveRead> {
+        let list = self.snapshot().archive.clone();
+        let config = &self.shared.config;
+        let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
+        let mut events = 0;
+        for a in &list.files {
+            let file = archive::ArchiveFile::open(&dir, a.no)?;
+            events += file.for_each(Some(customers), &mut f)?;
+        }
+        Ok(ArchiveRead {
+            upto_lsn: list.upto_lsn,
+            dropped_to_ms: list.dropped_to_ms,
+            files: list.files.len(),
+            events,
+        })
     }
 
     /// Now, by the engine's clock (Unix ms): what reads should take as the

@@ -3,8 +3,10 @@
 //! replay is deterministic and applying a record twice changes nothing more.
 //!
 //! Version 2 added fields (integer, enumerated and behaviour) after
-//! the version 1 layout; a reader takes both and refuses versions it does not
-//! know instead of guessing.
+//! the version 1 layout, version 3 sources and remembered event ids, version
+//! 4 the ingested events (and the field change that erases customers); a
+//! reader takes every one and refuses versions it does not know instead of
+//! guessing.
 
 use roaring::RoaringBitmap;
 
@@ -14,7 +16,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 3;
+pub const BATCH_VERSION: u8 = 4;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +54,9 @@ pub enum FieldChange {
     DropSlots { field: u32, slots: Vec<u32> },
     /// Day buckets of a month merged into its month bucket.
     Rollup { field: u32, month: u32 },
+    /// The customers lose everything they had in the field: a value, or
+    /// every behaviour bucket (a rebuild of facts starts from this).
+    Erase { field: u32, ids: RoaringBitmap },
 }
 
 impl FieldChange {
@@ -61,7 +66,8 @@ impl FieldChange {
             | FieldChange::Enum { field, .. }
             | FieldChange::Events { field, .. }
             | FieldChange::DropSlots { field, .. }
-            | FieldChange::Rollup { field, .. } => *field,
+            | FieldChange::Rollup { field, .. }
+            | FieldChange::Erase { field, .. } => *field,
         }
     }
 
@@ -95,6 +101,9 @@ impl FieldChange {
             }
             FieldChange::Rollup { field, month } => {
                 e.u8(5).u32(*field).u32(*month);
+            }
+            FieldChange::Erase { field, ids } => {
+                e.u8(6).u32(*field).bitmap(ids);
             }
         }
     }
@@ -144,6 +153,10 @@ impl FieldChange {
             5 => FieldChange::Rollup {
                 field: d.u32()?,
                 month: d.u32()?,
+            },
+            6 => FieldChange::Erase {
+                field: d.u32()?,
+                ids: d.bitmap()?,
             },
             other => return d.err(format!("unknown field change {other}")),
         })
@@ -200,6 +213,18 @@ pub struct Batch {
     pub seen: Vec<u128>,
     /// Days of remembered event ids forgotten (past retention).
     pub drop_seen_days: Vec<i32>,
+    /// The ingested events, each with the customer it was applied to, for
+    /// the event archive (written by the checkpoint that covers the batch;
+    /// applying a batch does nothing with them).
+    pub events: Vec<LoggedEvent>,
+}
+
+/// An ingested event as the log carries it: its customer and its bytes
+/// (encoded by the ingestion room; opaque here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub customer: u32,
+    pub bytes: Vec<u8>,
 }
 
 /// A source of ingestion defined (`definition` is its TOML) or dropped
@@ -224,6 +249,7 @@ impl Batch {
             && self.sources.is_empty()
             && self.seen.is_empty()
             && self.drop_seen_days.is_empty()
+            && self.events.is_empty()
     }
 
     /// Memberships the batch names in its changes: a measure of the work
@@ -287,13 +313,18 @@ impl Batch {
         for d in &self.drop_seen_days {
             e.i64(i64::from(*d));
         }
+        e.u32(self.events.len() as u32);
+        for ev in &self.events {
+            e.u32(ev.customer).u32(ev.bytes.len() as u32);
+            e.buf.extend_from_slice(&ev.bytes);
+        }
         e.buf
     }
 
     pub fn decode(payload: &[u8]) -> DecResult<Self> {
         let mut d = Dec::new(payload);
         let version = d.u8()?;
-        if !(1..=3).contains(&version) {
+        if !(1..=4).contains(&version) {
             return d.err(format!("unsupported batch version {version}"));
         }
         let mut b = Batch {
@@ -366,6 +397,14 @@ impl Batch {
                     Ok(day) => b.drop_seen_days.push(day),
                     Err(_) => return d.err(format!("day {day} out of range")),
                 }
+            }
+        }
+        if version >= 4 {
+            for _ in 0..d.u32()? {
+                let customer = d.u32()?;
+                let len = d.u32()? as usize;
+                let bytes = d.bytes(len)?.to_vec();
+                b.events.push(LoggedEvent { customer, bytes });
             }
         }
         d.finish()?;
@@ -441,6 +480,16 @@ mod tests {
             ],
             seen: vec![u128::MAX, 0, 42, 1 << 70],
             drop_seen_days: vec![20_000, -1],
+            events: vec![
+                LoggedEvent {
+                    customer: 10,
+                    bytes: b"an order".to_vec(),
+                },
+                LoggedEvent {
+                    customer: 11,
+                    bytes: Vec::new(),
+                },
+            ],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

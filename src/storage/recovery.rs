@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::storage::archive::{self, ArchiveFile};
 use crate::storage::datadir::{DataDir, move_aside};
 use crate::storage::dictionary::{DictLayer, Dictionary};
 use crate::storage::manifest::{self, Manifest};
 use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
-use crate::storage::snapshot::{LazyBitmap, SourceMap, SourceMeta};
+use crate::storage::snapshot::{ArchiveList, LazyBitmap, SourceMap, SourceMeta};
 use crate::storage::state::State;
 use crate::storage::wal::{self, WalWriter};
 use crate::storage::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
@@ -106,6 +107,19 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
     let strays: Vec<u64> = segment::list(&dir)?
         .into_iter()
         .filter(|no| !segments.contains_key(no))
+        .collect();
+    // Archive files: those named are opened (their index checked), so a
+    // damaged or missing one is known from the start; the store serves
+    // without them (only a rebuild of facts reads them, and it names the
+    // file). Those not named are strays too.
+    for a in &manifest.archives {
+        if let Err(e) = ArchiveFile::open(&dir, a.no) {
+            tracing::error!(error = %e, "an event archive file the manifest names cannot be read; facts of its events cannot be rebuilt");
+        }
+    }
+    let archive_strays: Vec<u64> = archive::list(&dir)?
+        .into_iter()
+        .filter(|no| !manifest.archives.iter().any(|a| a.no == *no))
         .collect();
     let manifest_path = dir.join(manifest::MANIFEST_FILE);
     let seg = |no: u64| -> Result<Arc<Segment>> {
@@ -225,6 +239,7 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         next_tag_id: manifest.next_tag_id,
         dict,
         sources,
+        archive: Arc::new(ArchiveList::of(&manifest)),
     };
     let mut state = State::new(snap);
     // Remembered event ids are read now, whole: the writer checks every
@@ -304,6 +319,11 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         report
             .orphans_moved
             .push(move_aside(&dir, &segment::file_name(no))?);
+    }
+    for no in archive_strays {
+        report
+            .orphans_moved
+            .push(move_aside(&dir, &archive::file_name(no))?);
     }
 
     // Step 9: a new log file for the writes to come.

@@ -232,6 +232,31 @@ pub struct Snapshot {
     pub dict: Arc<Dictionary>,
     /// Sources of ingestion by name.
     pub sources: SourceMap,
+    /// The event archive as of the last checkpoint.
+    pub archive: Arc<ArchiveList>,
+}
+
+/// The event archive's files as the last checkpoint left them.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveList {
+    /// The events of every log record up to this lsn are in `files`, but
+    /// for those past retention and those of customers deleted before
+    /// their checkpoint.
+    pub upto_lsn: u64,
+    pub files: Vec<crate::storage::manifest::ManifestArchive>,
+    /// Events ingested at or before this time (Unix ms) were dropped by
+    /// retention; 0 when none were.
+    pub dropped_to_ms: i64,
+}
+
+impl ArchiveList {
+    pub fn of(m: &crate::storage::manifest::Manifest) -> ArchiveList {
+        ArchiveList {
+            upto_lsn: m.checkpoint_lsn,
+            files: m.archives.clone(),
+            dropped_to_ms: m.archive_dropped_to_ms,
+        }
+    }
 }
 
 impl Snapshot {
@@ -270,6 +295,7 @@ impl Snapshot {
             next_tag_id,
             dict: Arc::new(Dictionary::new(Vec::new(), next_customer_id)),
             sources: SourceMap::new(),
+            archive: Arc::default(),
         }
     }
 

@@ -50,6 +50,10 @@ pub struct State {
     /// Ingested events remembered for de-duplication (the writer's alone:
     /// not part of the published snapshot).
     pub seen: Seen,
+    /// Customers whose events were ingested after lsn `ingested.0` (the
+    /// last checkpoint begun): a rebuild of facts read from the archive up
+    /// to that lsn must leave them be.
+    pub ingested: (u64, RoaringBitmap),
 }
 
 fn unknown_field(id: u32) -> Error {
@@ -85,6 +89,7 @@ impl State {
             .map(|f| (f.id, f.meta.name.clone()))
             .collect();
         Self {
+            ingested: (snap.lsn, RoaringBitmap::new()),
             snap,
             tag_names,
             dirty_tags: HashSet::new(),
@@ -177,6 +182,17 @@ impl State {
                 for slot in drop {
                     slots.remove(slot);
                     touched.push(*slot);
+                }
+            }
+            FieldChange::Erase { ids, .. } => {
+                let existing: Vec<u32> = slots.keys().copied().collect();
+                for slot in existing {
+                    let b = slots.get(&slot).map(LazyBitmap::get).transpose()?;
+                    if b.is_some_and(|b| b.intersects(ids)) {
+                        let b = slot_mut(slots, slot)?;
+                        b.difference_with(ids);
+                        touched.push(slot);
+                    }
                 }
             }
             FieldChange::Rollup { month, .. } => {
@@ -400,6 +416,9 @@ impl State {
         stats.events_seen = b.seen.len() as u64;
         for &day in &b.drop_seen_days {
             self.seen.drop_day(day);
+        }
+        for e in &b.events {
+            self.ingested.1.insert(e.customer);
         }
         self.snap.lsn = lsn;
         Ok(stats)

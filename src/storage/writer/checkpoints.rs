@@ -18,7 +18,7 @@ use crate::storage::datadir::fsync_dir;
 use crate::storage::manifest::Manifest;
 use crate::storage::record::{Batch, FieldChange};
 use crate::storage::segment::{BlobKind, Segment};
-use crate::storage::snapshot::LazyBitmap;
+use crate::storage::snapshot::{ArchiveList, LazyBitmap};
 use crate::storage::wal::{self, WalWriter};
 
 impl Writer {
@@ -125,9 +125,15 @@ impl Writer {
             policy: self.shared.config.compaction,
             merge_dictionary: self.merge_dictionary,
             now_ms: self.now_ms(),
+            event_retention_ms: match self.shared.config.event_retention_days {
+                0 => None,
+                days => Some(i64::from(days) * 86_400_000),
+            },
         };
         debug_assert_eq!(job.snap.lsn, lsn);
         self.merge_dictionary = false;
+        // Events ingested from here on are not in this checkpoint's archive.
+        self.state.ingested = (lsn, roaring::RoaringBitmap::new());
         self.running = Some(Running {
             waiters,
             rotated_first: self.wal.first_lsn(),
@@ -197,6 +203,21 @@ impl Writer {
                         path = %path.display(),
                         error = %read,
                         "cannot tell whether the failed checkpoint's manifest reached the disk: its segment is kept"
+                    ),
+                }
+                // Its archive file, under the same number, likewise.
+                let archive = self.dir.join(crate::storage::archive::file_name(no));
+                match Manifest::read(&self.dir) {
+                    Ok(on_disk)
+                        if !on_disk
+                            .as_ref()
+                            .is_some_and(|m| m.archives.iter().any(|a| a.no == no)) =>
+                    {
+                        let _ = self.dir.fs().remove(&archive);
+                    }
+                    _ => tracing::warn!(
+                        path = %archive.display(),
+                        "the failed checkpoint's archive file may be named by the manifest on disk: kept"
                     ),
                 }
                 self.manifest.next_segment_no = no + 1;
@@ -295,7 +316,22 @@ impl Writer {
                 .dict
                 .successor(done.dict_layers, done.dict_upto),
         );
+        let dropped: Vec<u64> = self
+            .manifest
+            .archives
+            .iter()
+            .filter(|a| !done.manifest.archives.iter().any(|b| b.no == a.no))
+            .map(|a| a.no)
+            .collect();
         self.manifest = done.manifest;
+        self.state.snap.archive = Arc::new(ArchiveList::of(&self.manifest));
+        // Archive files past retention (a rebuild reading one keeps its map).
+        for no in dropped {
+            let path = self.dir.join(crate::storage::archive::file_name(no));
+            if let Err(e) = self.dir.fs().remove(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete an archive file past retention");
+            }
+        }
 
         // Log files wholly covered by the checkpoint.
         match wal::list(&self.dir) {

@@ -81,6 +81,7 @@ enum Target {
     Ids(Vec<u32>),
     SourcePut { created: bool },
     Ingested { expired: u64, duplicates: Vec<u32> },
+    Rebuilt { expired: u64, busy: Vec<String> },
 }
 
 impl Target {
@@ -329,6 +330,13 @@ impl Writer {
                         }
                         Target::Ids(ids) => r.ids = ids,
                         Target::SourcePut { created } => r.created = created,
+                        Target::Rebuilt { expired, busy } => {
+                            r.values_set = stats.values_set;
+                            r.values_cleared = stats.values_cleared;
+                            r.events_added = stats.events_added;
+                            r.events_expired = expired;
+                            r.busy = busy;
+                        }
                         t @ Target::Ingested { .. } => {
                             r.values_set = stats.values_set;
                             r.values_cleared = stats.values_cleared;

@@ -209,6 +209,17 @@ pub enum WriteOp {
     Ingest {
         records: Vec<IngestRecord>,
     },
+    /// Facts rebuilt from the event archive as it was at lsn `as_of` (a
+    /// checkpoint's): each of `customers` loses whatever it had in the
+    /// `erase` fields, then gets `writes`, atomically. A customer with
+    /// events ingested after `as_of` is left as it is and reported
+    /// ([`WriteResult::busy`]): its new events are not in what was read.
+    RebuildFacts {
+        as_of: u64,
+        customers: Vec<String>,
+        erase: Vec<String>,
+        writes: Vec<ValueWrite>,
+    },
 }
 
 /// One ingested record: its event's de-duplication id (`None`: the source
@@ -218,6 +229,18 @@ pub enum WriteOp {
 pub struct IngestRecord {
     pub seen: Option<u128>,
     pub writes: Vec<ValueWrite>,
+    /// The event itself, kept in the event archive under its customer
+    /// (created if new); `None`: not kept.
+    pub event: Option<KeptEvent>,
+}
+
+/// An ingested event to keep: its customer's key and its bytes (the
+/// ingestion room's encoding; at most
+/// [`MAX_EVENT_BYTES`](crate::storage::archive::MAX_EVENT_BYTES)).
+#[derive(Debug, Clone)]
+pub struct KeptEvent {
+    pub customer: String,
+    pub bytes: Vec<u8>,
 }
 
 /// Longest source definition the store keeps, in bytes.
@@ -238,6 +261,7 @@ impl WriteOp {
             | WriteOp::CreateCustomers { customers } => customers.len(),
             WriteOp::SetValues { writes } => writes.len(),
             WriteOp::Ingest { records } => records.iter().map(|r| r.writes.len()).sum(),
+            WriteOp::RebuildFacts { customers, .. } => customers.len(),
             WriteOp::PutSource { .. } | WriteOp::DropSource { .. } => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
@@ -261,10 +285,13 @@ impl WriteOp {
             | WriteOp::DeleteCustomers { customers }
             | WriteOp::CreateCustomers { customers } => all(customers),
             WriteOp::SetValues { writes } => writes.iter().try_for_each(ValueWrite::check_key),
-            WriteOp::Ingest { records } => records
-                .iter()
-                .flat_map(|r| &r.writes)
-                .try_for_each(ValueWrite::check_key),
+            WriteOp::RebuildFacts {
+                customers, writes, ..
+            } => all(customers).and_then(|_| writes.iter().try_for_each(ValueWrite::check_key)),
+            WriteOp::Ingest { records } => records.iter().try_for_each(|r| {
+                r.writes.iter().try_for_each(ValueWrite::check_key)?;
+                r.event.iter().try_for_each(|e| check_key(&e.customer))
+            }),
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
@@ -398,4 +425,7 @@ pub struct WriteResult {
     pub duplicates: Vec<u32>,
     /// Event ids remembered by a [`WriteOp::Ingest`].
     pub events_seen: u64,
+    /// Customers a [`WriteOp::RebuildFacts`] left as they were, because
+    /// events of theirs were ingested after the archive it was given.
+    pub busy: Vec<String>,
 }

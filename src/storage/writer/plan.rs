@@ -15,7 +15,7 @@ use crate::fields::FieldKind;
 use crate::fields::time::{self};
 use crate::names::check_tag_name;
 use crate::storage::record::{
-    Batch, Change, ChangeOp, FieldChange, NewField, NewTag, SourceChange,
+    Batch, Change, ChangeOp, FieldChange, LoggedEvent, NewField, NewTag, SourceChange,
 };
 use crate::storage::snapshot::Field;
 
@@ -297,10 +297,75 @@ impl Planner<'_> {
                 });
                 Ok(Planned::Write(batch, Target::Plain))
             }
+            WriteOp::RebuildFacts {
+                as_of,
+                customers,
+                erase,
+                writes,
+            } => {
+                let mut ids = IdAssigner::new(self.state)?;
+                let found = ids.get_many(&customers)?;
+                let (epoch, ingested) = &self.state.ingested;
+                // The archive read is complete for a customer only if no
+                // event of theirs came after it (and, when a checkpoint has
+                // begun since, that cannot be told).
+                let mut rebuilt = RoaringBitmap::new();
+                let mut busy = Vec::new();
+                for (key, id) in customers.iter().zip(found) {
+                    match id {
+                        None => {}
+                        Some(id) if as_of != *epoch || ingested.contains(id) => {
+                            busy.push(key.clone())
+                        }
+                        Some(id) => {
+                            rebuilt.insert(id);
+                        }
+                    }
+                }
+                for name in &erase {
+                    let Some(field) = snap.field(name) else {
+                        continue;
+                    };
+                    for slot in field.slots.values() {
+                        slot.get()?;
+                    }
+                    if !rebuilt.is_empty() {
+                        batch.field_changes.push(FieldChange::Erase {
+                            field: field.id,
+                            ids: rebuilt.clone(),
+                        });
+                    }
+                }
+                let mut kept = Vec::with_capacity(writes.len());
+                for w in writes {
+                    if ids
+                        .get(w.customer())?
+                        .is_some_and(|id| rebuilt.contains(id))
+                    {
+                        kept.push(w);
+                    }
+                }
+                let expired = plan_values(snap, &kept, &mut ids, at_ms, &mut batch)?;
+                batch.new_keys = ids.new_keys;
+                let target = Target::Rebuilt { expired, busy };
+                if batch.is_empty() {
+                    let mut r = WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    };
+                    if let Target::Rebuilt { expired, busy } = target {
+                        r.events_expired = expired;
+                        r.busy = busy;
+                    }
+                    return Ok(Planned::Done(r));
+                }
+                Ok(Planned::Write(batch, target))
+            }
             WriteOp::Ingest { records } => {
                 let mut duplicates = Vec::new();
                 let mut fresh = std::collections::HashSet::new();
                 let mut writes = Vec::new();
+                let mut kept = Vec::new();
                 for (i, r) in records.into_iter().enumerate() {
                     if let Some(id) = r.seen {
                         if self.state.seen.contains(id) || !fresh.insert(id) {
@@ -310,6 +375,16 @@ impl Planner<'_> {
                         batch.seen.push(id);
                     }
                     writes.extend(r.writes);
+                    if let Some(e) = r.event {
+                        if e.bytes.len() > crate::storage::archive::MAX_EVENT_BYTES {
+                            return Err(Error::invalid(format!(
+                                "record {i}: its event is {} bytes encoded; at most {}",
+                                e.bytes.len(),
+                                crate::storage::archive::MAX_EVENT_BYTES
+                            )));
+                        }
+                        kept.push(e);
+                    }
                 }
                 let mut ids = IdAssigner::new(self.state)?;
                 let expired = if writes.is_empty() {
@@ -317,7 +392,20 @@ impl Planner<'_> {
                 } else {
                     plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?
                 };
+                // A kept event makes its customer, as its facts would.
+                let customers = kept
+                    .iter()
+                    .map(|e| ids.get_or_create(&e.customer))
+                    .collect::<Result<Vec<u32>>>()?;
                 batch.new_keys = ids.new_keys;
+                batch.events = kept
+                    .into_iter()
+                    .zip(customers)
+                    .map(|(e, customer)| LoggedEvent {
+                        customer,
+                        bytes: e.bytes,
+                    })
+                    .collect();
                 let target = Target::Ingested {
                     expired,
                     duplicates,
