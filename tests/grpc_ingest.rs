@@ -665,3 +665,180 @@ async fn batches_over_the_limits_are_refused_by_name() {
     assert!(end.message().contains("100000"), "{}", end.message());
     assert_eq!(count(&mut c, "ALL").await, 0, "nothing of it applied");
 }
+
+/// Facts rebuilt from the events the server keeps: values written by hand
+/// over them are replaced by what the events give (and a behaviour no event
+/// gave is erased), other customers are untouched, the result survives
+/// kill -9, and after the fact rules change a rebuild follows the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn facts_are_rebuilt_from_the_kept_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = common::start(&data, &[]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "taobao_orders".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, end) = ingest(&mut c, taobao()).await;
+    assert!(end.is_none(), "{end:?}");
+    let xiaomei = "taobao_nick:小美爱护肤";
+    let aqiang = "taobao_nick:阿强";
+
+    // Facts written over by hand, and a behaviour no event gave.
+    c.create_field(CreateFieldRequest {
+        name: "bought:perfume".into(),
+        kind: FieldKind::Behaviour as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let w = |field: &str, who: &str, value: value_write::Value| ValueWrite {
+        field: field.into(),
+        customer: who.into(),
+        value: Some(value),
+    };
+    c.set_values(SetValuesRequest {
+        writes: vec![
+            w("order_count", xiaomei, value_write::Value::IntValue(999)),
+            w("total_spend_fen", xiaomei, value_write::Value::IntAdd(5)),
+            w("order_count", aqiang, value_write::Value::IntValue(7)),
+            w(
+                "bought:perfume",
+                xiaomei,
+                value_write::Value::EventDate("2026-11-12".into()),
+            ),
+        ],
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&mut c, "bought:perfume").await, 1);
+
+    let rebuild = |customers: &[&str], allow_partial| RebuildFactsRequest {
+        customers: customers.iter().map(|s| s.to_string()).collect(),
+        allow_partial,
+    };
+    let r = c
+        .rebuild_facts(rebuild(&[xiaomei, "taobao_nick:nobody"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.rebuilt, 1);
+    assert_eq!(r.not_found, ["taobao_nick:nobody"]);
+    // Her three events: two orders and the refund.
+    assert_eq!(r.events, 3);
+    assert_eq!(r.refused, 0);
+    assert_eq!(r.events_dropped_to_ms, 0);
+    assert!(r.lsn > 0);
+    let facts = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            (
+                int_value(&mut c, xiaomei, "order_count").await,
+                int_value(&mut c, xiaomei, "total_spend_fen").await,
+                int_value(&mut c, xiaomei, "last_active_day").await,
+                int_value(&mut c, aqiang, "order_count").await,
+            )
+        }
+    };
+    let rebuilt = (Some(1), Some(8_850), Some(20_777), Some(7));
+    assert_eq!(facts(&mut c).await, rebuilt);
+    assert_eq!(count(&mut c, "bought:perfume").await, 0);
+    assert_eq!(count(&mut c, "bought:skincare").await, 1);
+
+    // Durable, and the archive outlives the process.
+    server.kill();
+    drop(server);
+    let server = common::start(&data, &[]);
+    let mut c = common::client(&server).await;
+    assert_eq!(facts(&mut c).await, rebuilt);
+    let r = c
+        .rebuild_facts(rebuild(&[aqiang], false))
+        .await
+        .unwrap()
+        .into_inner();
+    // His one order (his other rows were a closed order and two rejects,
+    // never events).
+    assert_eq!((r.rebuilt, r.events), (1, 1));
+    assert_eq!(int_value(&mut c, aqiang, "order_count").await, Some(1));
+    // Refused: nobody to rebuild, or too many.
+    assert_eq!(
+        code(c.rebuild_facts(rebuild(&[], false)).await),
+        Code::InvalidArgument
+    );
+    drop(c);
+    drop(server);
+
+    // New rules: orders count, refunds no longer take one back; spend is
+    // no longer a fact (its values stay as they are).
+    let rules = dir.path().join("facts.toml");
+    std::fs::write(
+        &rules,
+        r#"
+time_zone = "Asia/Shanghai"
+[[counters]]
+events = ["order"]
+field = "order_count"
+add = "1"
+"#,
+    )
+    .unwrap();
+    let config = dir.path().join("tagstore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "facts = {:?}\n[limits]\nmax_keys_per_request = 2\n",
+            rules.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let server = common::start(&data, &["--config", config.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    let r = c
+        .rebuild_facts(rebuild(&[xiaomei], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.rebuilt, 1);
+    assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(2));
+    assert_eq!(
+        int_value(&mut c, xiaomei, "total_spend_fen").await,
+        Some(8_850)
+    );
+    let e = c
+        .rebuild_facts(rebuild(&[xiaomei, aqiang, "x:y"], false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("max_keys_per_request"),
+        "{}",
+        e.message()
+    );
+
+    // An archive file gone: DATA_LOSS naming it, and nothing written.
+    c.set_values(SetValuesRequest {
+        writes: vec![w("order_count", xiaomei, value_write::Value::IntValue(5))],
+    })
+    .await
+    .unwrap();
+    let files = common::files_with(&data, ".tev");
+    assert!(!files.is_empty());
+    for f in &files {
+        std::fs::remove_file(f).unwrap();
+    }
+    let e = c
+        .rebuild_facts(rebuild(&[xiaomei], false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(
+        e.message().contains("events-") && e.message().contains("missing"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(5));
+}

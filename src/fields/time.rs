@@ -98,6 +98,12 @@ pub fn format_month(month: u32) -> String {
     format!("{:04}-{:02}", 1970 + month / 12, month % 12 + 1)
 }
 
+/// An instant (Unix milliseconds) as RFC 3339 in UTC, for messages; the
+/// number itself when it is out of range.
+pub fn format_ms(ms: i64) -> String {
+    Timestamp::from_millisecond(ms).map_or_else(|_| format!("{ms} ms"), |t| t.to_string())
+}
+
 /// The local day number of an instant (Unix milliseconds) in `tz`.
 pub fn day_of(ms: i64, tz: &TimeZone) -> Result<i32> {
     let ts = Timestamp::from_millisecond(ms)

@@ -8,7 +8,8 @@
 //! [`normalize`] (one value: a time, an amount, a phone number, an
 //! identifier, into its one form), [`event`] (the unified event model every
 //! record becomes), [`facts`] (the field writes an event makes: counters,
-//! first and last days, behaviours).
+//! first and last days, behaviours). Apart from that path, [`rebuild`]
+//! folds kept events back into facts.
 //!
 //! This module owns turning records into events and events into writes. It
 //! must not write to the store itself, and knows nothing of gRPC.
@@ -18,4 +19,5 @@ pub mod facts;
 pub mod normalize;
 pub mod presets;
 pub mod read;
+pub mod rebuild;
 pub mod source;

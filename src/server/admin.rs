@@ -59,6 +59,8 @@ pub(super) async fn checkpoint(
         tags_written: info.tags_written,
         segment_bytes: info.segment_bytes,
         duration_ms: info.duration_ms,
+        events_archived: info.events_archived,
+        archive_bytes: info.archive_bytes,
     }))
 }
 

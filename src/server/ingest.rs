@@ -557,7 +557,11 @@ async fn prepare(
 }
 
 /// Creates a fact's field if it is missing; says why not if it cannot be.
-async fn ensure_field(engine: &Engine, name: &str, kind: FactKind) -> Result<(), String> {
+pub(super) async fn ensure_field(
+    engine: &Engine,
+    name: &str,
+    kind: FactKind,
+) -> Result<(), String> {
     let snap = engine.snapshot();
     match (snap.field(name).map(|f| &f.meta.kind), kind) {
         (Some(FieldKind::Int), FactKind::Integer) => return Ok(()),

@@ -8,6 +8,7 @@ mod export;
 mod fields;
 mod ingest;
 mod reads;
+mod rebuild;
 pub mod service;
 pub mod status;
 mod writes;

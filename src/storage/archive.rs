@@ -215,7 +215,15 @@ pub struct ArchiveFile {
 impl ArchiveFile {
     pub fn open(dir: &DataDir, no: u64) -> Result<Self> {
         let path = dir.join(file_name(no));
-        let data = dir.fs().map(&path).map_err(|e| Error::io(&path, e))?;
+        let data = dir.fs().map(&path).map_err(|e| match e.kind() {
+            // Only files the manifest names are opened.
+            std::io::ErrorKind::NotFound => Error::corrupt(
+                &path,
+                0,
+                "the manifest names this event archive file, but it is missing",
+            ),
+            _ => Error::io(&path, e),
+        })?;
         let blocks = read_index(&path, &data)?;
         Ok(Self { path, data, blocks })
     }

@@ -175,7 +175,8 @@ impl Session {
             cmd @ (Command::Sources
             | Command::CreateSource { .. }
             | Command::DropSource { .. }
-            | Command::Ingest { .. }) => self.exec_ingest(cmd).await?,
+            | Command::Ingest { .. }
+            | Command::RebuildFacts { .. }) => self.exec_ingest(cmd).await?,
             Command::Stats => {
                 let s = self.client.stats(StatsRequest {}).await?.into_inner();
                 let rows = vec![
@@ -220,9 +221,18 @@ impl Session {
                     .checkpoint(CheckpointRequest { merge_dictionary })
                     .await?
                     .into_inner();
+                let archived = if c.events_archived > 0 {
+                    format!(
+                        "; {} events archived ({})",
+                        thousands(c.events_archived),
+                        table::bytes(c.archive_bytes)
+                    )
+                } else {
+                    String::new()
+                };
                 self.out(
-                    format!("checkpoint at lsn {}: {} tags written, {} in {} ms", c.lsn, c.tags_written, table::bytes(c.segment_bytes), c.duration_ms),
-                    json!({ "lsn": c.lsn, "tags_written": c.tags_written, "segment_bytes": c.segment_bytes, "duration_ms": c.duration_ms }),
+                    format!("checkpoint at lsn {}: {} tags written, {} in {} ms{archived}", c.lsn, c.tags_written, table::bytes(c.segment_bytes), c.duration_ms),
+                    json!({ "lsn": c.lsn, "tags_written": c.tags_written, "segment_bytes": c.segment_bytes, "duration_ms": c.duration_ms, "events_archived": c.events_archived, "archive_bytes": c.archive_bytes }),
                 );
             }
             Command::Help(topic) => {

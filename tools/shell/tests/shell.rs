@@ -563,6 +563,16 @@ async fn ingestion_commands() {
     assert!(again.contains("0 accepted, 30,000 duplicates"), "{again}");
     assert!(ok(a, "count total_spend_fen = 37500").starts_with("1,000"));
     assert!(fails(a, "ingest nowhere x.csv").contains("no source"));
+    // A fact written over by hand, rebuilt from the kept events.
+    ok(a, "set order_count taobao_nick:nick7 1");
+    assert!(ok(a, "count order_count = 30").starts_with("999"));
+    let rebuilt = ok(a, "rebuild facts taobao_nick:nick7 taobao_nick:nobody");
+    assert!(
+        rebuilt.contains("rebuilt the facts of 1 customers from 30 kept events")
+            && rebuilt.contains("no such customer: taobao_nick:nobody"),
+        "{rebuilt}"
+    );
+    assert!(ok(a, "count order_count = 30").starts_with("1,000"));
     ok(a, "drop source tb --yes");
     assert!(ok(a, "sources").contains("(no sources)"));
 }

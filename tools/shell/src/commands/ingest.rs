@@ -1,5 +1,5 @@
-//! Commands on ingestion: `sources`, `create source`, `ingest`. (`drop
-//! source` is part of `drop`.) Each one's help text sits beside its parser.
+//! Commands on ingestion: `sources`, `create source`, `ingest`, `rebuild`.
+//! (`drop source` is part of `drop`.) Each one's help text sits beside its parser.
 
 use super::args::split_args;
 use super::{Command, SourceFrom, Spec};
@@ -78,5 +78,36 @@ pub const INGEST: Spec = Spec {
             }
             _ => Err(usage),
         }
+    },
+};
+
+pub const REBUILD: Spec = Spec {
+    name: "rebuild",
+    words: &["rebuild"],
+    complete: &["rebuild facts"],
+    usage: "rebuild facts <customer>... [partial]",
+    summary: "rebuild customers' facts from the events the server keeps, by its fact rules now (partial: even if old events were dropped by retention)",
+    example: "rebuild facts phone:13812345678 jd_pin:小王",
+    takes_tags: false,
+    parse: |rest| {
+        let usage = format!("usage: {}", REBUILD.usage);
+        let mut words = split_args(rest)?;
+        if words.is_empty() || !words.remove(0).eq_ignore_ascii_case("facts") {
+            return Err(usage);
+        }
+        let partial = match words.last() {
+            Some(w) if w.eq_ignore_ascii_case("partial") => {
+                words.pop();
+                true
+            }
+            _ => false,
+        };
+        if words.is_empty() {
+            return Err(usage);
+        }
+        Ok(Command::RebuildFacts {
+            customers: words,
+            partial,
+        })
     },
 };

@@ -45,6 +45,11 @@ pub enum Command {
         /// Where the rejected records' report goes (default: beside the file).
         rejects: Option<String>,
     },
+    RebuildFacts {
+        customers: Vec<String>,
+        /// Rebuild even if the archive dropped old events.
+        partial: bool,
+    },
     Count(String),
     Find {
         query: String,
@@ -246,6 +251,7 @@ pub const SPECS: &[&Spec] = &[
     &ingest::SOURCES,
     &ingest::CREATE_SOURCE,
     &ingest::INGEST,
+    &ingest::REBUILD,
     &admin::STATS,
     &admin::CHECKPOINT,
     &admin::HELP,
@@ -487,6 +493,15 @@ mod tests {
             }
         );
         assert_eq!(p("sources"), Command::Sources);
+        assert_eq!(
+            p("rebuild facts phone:13812345678 \"jd_pin:小 王\" partial"),
+            Command::RebuildFacts {
+                customers: vec!["phone:13812345678".into(), "jd_pin:小 王".into()],
+                partial: true
+            }
+        );
+        assert!(parse("rebuild facts").is_err());
+        assert!(parse("rebuild phone:1").is_err());
         assert_eq!(
             p("set order_count jd:1 add -2"),
             Command::CombineValue {

@@ -120,6 +120,52 @@ impl Session {
                 path,
                 rejects,
             } => self.ingest(source, path, rejects).await?,
+            Command::RebuildFacts { customers, partial } => {
+                let r = self
+                    .client
+                    .rebuild_facts(RebuildFactsRequest {
+                        customers,
+                        allow_partial: partial,
+                    })
+                    .await?
+                    .into_inner();
+                let mut text = format!(
+                    "rebuilt the facts of {} customers from {} kept events: {} values set, {} behaviour buckets",
+                    thousands(r.rebuilt),
+                    thousands(r.events),
+                    thousands(r.values_set),
+                    thousands(r.events_added)
+                );
+                if r.events_expired > 0 {
+                    text.push_str(&format!(
+                        " ({} behaviour events past their field's retention)",
+                        thousands(r.events_expired)
+                    ));
+                }
+                if !r.not_found.is_empty() {
+                    text.push_str(&format!("\nno such customer: {}", r.not_found.join(", ")));
+                }
+                if r.refused > 0 {
+                    text.push_str(&format!(
+                        "\n{} events the fact rules refuse now: {}",
+                        thousands(r.refused),
+                        r.refusals.join("; ")
+                    ));
+                }
+                if r.events_dropped_to_ms > 0 {
+                    text.push_str(&format!(
+                        "\nevents ingested up to {} are no longer kept: their facts are gone",
+                        fmt_time(r.events_dropped_to_ms)
+                    ));
+                }
+                self.out(
+                    text,
+                    json!({"rebuilt": r.rebuilt, "events": r.events, "values_set": r.values_set,
+                           "events_added": r.events_added, "events_expired": r.events_expired,
+                           "not_found": r.not_found, "refused": r.refused, "refusals": r.refusals,
+                           "events_dropped_to_ms": r.events_dropped_to_ms, "lsn": r.lsn}),
+                );
+            }
             _ => unreachable!("not an ingestion command"),
         }
         Ok(())

@@ -1,0 +1,193 @@
+//! Facts rebuilt from kept events: the archived events of some customers,
+//! folded by the fact rules in force now into the values those customers'
+//! facts should have. Sums, minimums and maximums are folded here, one
+//! value per (field, customer); behaviour events become one write each.
+//!
+//! This room computes; it reads no file and writes nothing (the server
+//! hands it the events the engine read, and logs what it returns).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::event::Event;
+use super::facts::{FactKind, FactWrite, Facts};
+use super::normalize::Refused;
+use crate::storage::{EventTime, ValueWrite};
+
+/// The facts of some customers, being rebuilt.
+pub struct Rebuild<'a> {
+    facts: &'a Facts,
+    keys: HashMap<u32, String>,
+    ints: BTreeMap<(String, u32), i64>,
+    events: Vec<(String, u32, i64)>,
+    /// Fields the kept events write, and their kind.
+    pub kinds: BTreeMap<String, FactKind>,
+    /// Per customer: events read, and events (or facts of them) the rules
+    /// refuse.
+    pub counts: HashMap<u32, (u64, u64)>,
+    /// Why the rules refused what they refused.
+    pub reasons: BTreeSet<String>,
+}
+
+/// What a rebuild writes.
+pub struct Rebuilt {
+    /// Fields whose values the customers lose first.
+    pub erase: Vec<String>,
+    /// Then these writes.
+    pub writes: Vec<ValueWrite>,
+}
+
+impl<'a> Rebuild<'a> {
+    /// For the customers of `keys` (id → key).
+    pub fn new(facts: &'a Facts, keys: HashMap<u32, String>) -> Self {
+        Self {
+            facts,
+            keys,
+            ints: BTreeMap::new(),
+            events: Vec::new(),
+            kinds: BTreeMap::new(),
+            counts: HashMap::new(),
+            reasons: BTreeSet::new(),
+        }
+    }
+
+    /// Folds in one archived event of `customer`. An event that does not
+    /// decode is an error (the archive is damaged); one the rules refuse is
+    /// counted.
+    pub fn add(&mut self, customer: u32, bytes: &[u8]) -> Result<(), Refused> {
+        if !self.keys.contains_key(&customer) {
+            return Ok(());
+        }
+        let (_source, event) = Event::decode(bytes)?;
+        let counts = self.counts.entry(customer).or_default();
+        counts.0 += 1;
+        let facts = match self.facts.of(&event) {
+            Ok(f) => f,
+            Err(Refused(why)) => {
+                counts.1 += 1;
+                self.reasons.insert(why);
+                return Ok(());
+            }
+        };
+        for f in facts {
+            self.kinds.entry(f.field.clone()).or_insert(f.kind);
+            match f.write {
+                FactWrite::Combine(with) => {
+                    let key = (f.field, customer);
+                    let current = self.ints.get(&key).copied();
+                    match with.apply(current) {
+                        Some(v) => {
+                            self.ints.insert(key, v);
+                        }
+                        None => {
+                            counts.1 += 1;
+                            self.reasons
+                                .insert(format!("the sum of {:?} leaves the 64-bit range", key.0));
+                        }
+                    }
+                }
+                FactWrite::Event(ms) => self.events.push((f.field, customer, ms)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The writes, with the fields to erase first: every field of `fields`
+    /// (the store's, with their kinds) that a rule could write.
+    pub fn finish<'f>(self, fields: impl Iterator<Item = (&'f str, FactKind)>) -> Rebuilt {
+        let erase = fields
+            .filter(|(name, kind)| self.facts.may_write(name) == Some(*kind))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let key = |id: &u32| self.keys.get(id).cloned().unwrap_or_default();
+        let mut writes: Vec<ValueWrite> = self
+            .ints
+            .iter()
+            .map(|((field, id), v)| ValueWrite::Int {
+                field: field.clone(),
+                customer: key(id),
+                value: Some(*v),
+            })
+            .collect();
+        writes.extend(self.events.iter().map(|(field, id, ms)| ValueWrite::Event {
+            field: field.clone(),
+            customer: key(id),
+            at: EventTime::Ms(*ms),
+        }));
+        Rebuilt { erase, writes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::event::Identity;
+
+    fn event(kind: &str, amount: i64, at_ms: i64) -> Vec<u8> {
+        Event {
+            source_event_id: None,
+            identities: vec![Identity {
+                kind: "phone".into(),
+                value: "13800000000".into(),
+            }],
+            channel: "jd".into(),
+            event_type: kind.into(),
+            at_ms,
+            amount_fen: Some(amount),
+            item: None,
+            category: Some("skincare".into()),
+            brand: None,
+            store: None,
+            attributes: BTreeMap::new(),
+        }
+        .encode("jd_orders")
+    }
+
+    #[test]
+    fn orders_and_refunds_fold_into_values() {
+        let facts = Facts::standard();
+        let keys: HashMap<u32, String> = [(7, "phone:13800000000".to_string())].into();
+        let mut r = Rebuild::new(&facts, keys);
+        // 2026-11-11 and 2026-11-12, Shanghai.
+        let (d1, d2) = (1_794_326_400_000, 1_794_412_800_000);
+        r.add(7, &event("order", 10_000, d1)).unwrap();
+        r.add(7, &event("order", 5_000, d2)).unwrap();
+        r.add(7, &event("refund", 5_000, d2)).unwrap();
+        // Another customer's event, passed by mistake: ignored.
+        r.add(8, &event("order", 1, d1)).unwrap();
+        assert!(r.add(7, b"not an event").is_err());
+        assert_eq!(r.counts[&7], (3, 0));
+        assert!(!r.counts.contains_key(&8));
+        let fields = [
+            ("order_count", FactKind::Integer),
+            ("bought:skincare", FactKind::Behaviour),
+            ("vip_level", FactKind::Integer),
+            ("order_count:jd", FactKind::Behaviour),
+        ];
+        let out = r.finish(fields.into_iter());
+        assert_eq!(out.erase, ["order_count", "bought:skincare"]);
+        let int = |name: &str| {
+            out.writes.iter().find_map(|w| match w {
+                ValueWrite::Int {
+                    field,
+                    value,
+                    customer,
+                } if field == name => {
+                    assert_eq!(customer, "phone:13800000000");
+                    *value
+                }
+                _ => None,
+            })
+        };
+        assert_eq!(int("order_count"), Some(1));
+        assert_eq!(int("total_spend_fen"), Some(10_000));
+        assert_eq!(int("spend_fen:jd"), Some(10_000));
+        let first = int("first_order_day").unwrap();
+        assert_eq!(int("last_order_day"), Some(first + 1));
+        let bought = out
+            .writes
+            .iter()
+            .filter(|w| matches!(w, ValueWrite::Event { field, .. } if field == "bought:skincare"))
+            .count();
+        assert_eq!(bought, 2);
+    }
+}

@@ -1,0 +1,168 @@
+//! The `RebuildFacts` call: checks the request, checkpoints (so the event
+//! archive holds every event so far), reads the customers' kept events off
+//! the runtime, has the ingestion room fold them into facts, and logs the
+//! result as one write; customers whose events arrived meanwhile are tried
+//! again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use roaring::RoaringBitmap;
+use tonic::Status;
+
+use crate::error::Error;
+use crate::fields::FieldKind;
+use crate::ingest::facts::FactKind;
+use crate::ingest::rebuild::{Rebuild, Rebuilt};
+use crate::proto;
+use crate::server::ingest::ensure_field;
+use crate::server::service::{Service, invalid};
+use crate::server::status::to_status;
+use crate::storage::{CheckpointOptions, WriteOp};
+
+/// Tries before customers whose events keep arriving are given up.
+const ATTEMPTS: usize = 4;
+
+pub(super) async fn rebuild_facts(
+    svc: &Service,
+    req: proto::RebuildFactsRequest,
+) -> Result<proto::RebuildFactsResponse, Status> {
+    let limit = svc.limits.max_keys_per_request;
+    if req.customers.is_empty() {
+        return Err(invalid("name at least one customer to rebuild"));
+    }
+    if req.customers.len() > limit {
+        return Err(invalid(format!(
+            "{} customers in one rebuild; the limit is {limit} (max_keys_per_request)",
+            req.customers.len()
+        )));
+    }
+    let mut pending: Vec<String> = req.customers;
+    pending.sort();
+    pending.dedup();
+    let mut out = proto::RebuildFactsResponse::default();
+    let mut reasons: BTreeSet<String> = BTreeSet::new();
+    for attempt in 0..ATTEMPTS {
+        svc.engine
+            .checkpoint(CheckpointOptions::default())
+            .await
+            .map_err(to_status)?;
+        let snap = svc.engine.snapshot();
+        out.events_dropped_to_ms = snap.archive.dropped_to_ms;
+        if snap.archive.dropped_to_ms > 0 && !req.allow_partial {
+            return Err(Status::failed_precondition(format!(
+                "the event archive no longer holds the events ingested up to {} \
+                 (event_retention_days): rebuilding would lose the facts they made; \
+                 set allow_partial to rebuild from the events kept",
+                crate::fields::time::format_ms(snap.archive.dropped_to_ms)
+            )));
+        }
+        let mut keys = HashMap::new();
+        for key in &pending {
+            match snap.customer_id(key).map_err(to_status)? {
+                Some(id) => {
+                    keys.insert(id, key.clone());
+                }
+                None if attempt == 0 => out.not_found.push(key.clone()),
+                // Erased since the last try: nothing left to rebuild.
+                None => {}
+            }
+        }
+        if keys.is_empty() {
+            break;
+        }
+        let fields: Vec<(String, FactKind)> = snap
+            .fields
+            .values()
+            .filter_map(|f| match f.meta.kind {
+                FieldKind::Int => Some((f.meta.name.to_string(), FactKind::Integer)),
+                FieldKind::Behaviour(_) => Some((f.meta.name.to_string(), FactKind::Behaviour)),
+                FieldKind::Enum { .. } => None,
+            })
+            .collect();
+        let as_of = snap.archive.upto_lsn;
+        drop(snap);
+        let engine = svc.engine.clone();
+        let facts = Arc::clone(&svc.facts);
+        let customers: Vec<String> = keys.values().cloned().collect();
+        let folded = tokio::task::spawn_blocking(move || {
+            let ids: RoaringBitmap = keys.keys().copied().collect();
+            let mut r = Rebuild::new(&facts, keys);
+            engine.read_archive(&ids, |customer, bytes| {
+                r.add(customer, bytes)
+                    .map_err(|why| Error::BadRecord(why.0))
+            })?;
+            let counts = std::mem::take(&mut r.counts);
+            let why = std::mem::take(&mut r.reasons);
+            let kinds = std::mem::take(&mut r.kinds);
+            let rebuilt = r.finish(fields.iter().map(|(n, k)| (n.as_str(), *k)));
+            Ok::<_, Error>((counts, why, kinds, rebuilt))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("the rebuild task failed: {e}")))?;
+        let (counts, why, kinds, Rebuilt { erase, writes }) = folded.map_err(to_status)?;
+        let ids: HashMap<&str, u32> = snap_ids(&svc.engine, &customers)?;
+        for (field, kind) in kinds {
+            ensure_field(&svc.engine, &field, kind)
+                .await
+                .map_err(|why| Status::failed_precondition(format!("fact {field:?}: {why}")))?;
+        }
+        let r = svc
+            .engine
+            .write(WriteOp::RebuildFacts {
+                as_of,
+                customers: customers.clone(),
+                erase,
+                writes,
+            })
+            .await
+            .map_err(to_status)?;
+        // Events and refusals count for the customers rebuilt: a busy
+        // customer's are read again on the next try.
+        for key in customers.iter().filter(|k| !r.busy.contains(k)) {
+            out.rebuilt += 1;
+            if let Some((events, refused)) = ids.get(key.as_str()).and_then(|id| counts.get(id)) {
+                out.events += events;
+                out.refused += refused;
+            }
+        }
+        reasons.extend(why);
+        out.values_set += r.values_set;
+        out.events_added += r.events_added;
+        out.events_expired += r.events_expired;
+        if r.lsn > 0 {
+            out.lsn = r.lsn;
+        }
+        pending = r.busy;
+        if pending.is_empty() {
+            break;
+        }
+    }
+    out.refusals = reasons.into_iter().collect();
+    if !pending.is_empty() {
+        return Err(Status::aborted(format!(
+            "{} customers kept receiving events through {ATTEMPTS} tries and were not rebuilt \
+             (first: {:?}); the {} others were; try these again",
+            pending.len(),
+            pending[0],
+            out.rebuilt
+        )));
+    }
+    Ok(out)
+}
+
+/// The ids of `keys` in the current snapshot (the rebuild's customers were
+/// all live when it read them; one erased since has no id and no counts).
+fn snap_ids<'k>(
+    engine: &crate::storage::Engine,
+    keys: &'k [String],
+) -> Result<HashMap<&'k str, u32>, Status> {
+    let snap = engine.snapshot();
+    let mut out = HashMap::with_capacity(keys.len());
+    for k in keys {
+        if let Some(id) = snap.customer_id(k).map_err(to_status)? {
+            out.insert(k.as_str(), id);
+        }
+    }
+    Ok(out)
+}
