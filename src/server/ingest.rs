@@ -44,8 +44,14 @@ use crate::storage::{Engine, IngestRecord, KeptEvent, Queued, WriteOp};
 /// What an idle stream's end says of its batches.
 const IDLE_NOTE: &str = "every batch answered before this was applied, none after";
 
-/// Batches of one stream between reading and answering.
-pub const IN_FLIGHT: usize = 32;
+/// Batches of one stream between reading and answering. A service that
+/// sends one change per batch keeps many in flight (the harness: 64 per
+/// client), and every one of them should reach the writer's next group;
+/// their bytes are bounded by the request memory budget, not by this.
+pub const IN_FLIGHT: usize = 128;
+/// Answers of one stream waiting for the client to read them (an answer
+/// may list many rejected records; it holds no budget once built).
+pub const ANSWERS_QUEUED: usize = 32;
 /// Most records in one batch.
 pub const MAX_BATCH_RECORDS: usize = 100_000;
 
@@ -153,7 +159,7 @@ pub(super) async fn ingest(
     svc: &Service,
     req: Request<Streaming<proto::IngestRequest>>,
 ) -> Result<Response<IngestStream>, Status> {
-    let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    let (tx, rx) = mpsc::channel(ANSWERS_QUEUED);
     let engine = svc.engine.clone();
     let budget = svc.budget.clone();
     let facts = svc.facts.clone();
@@ -162,10 +168,18 @@ pub(super) async fn ingest(
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-type Pending = VecDeque<(
-    JoinHandle<Result<proto::IngestResponse, Status>>,
-    Reservation,
-)>;
+type Pending = VecDeque<(Work, Reservation)>;
+
+/// A batch in flight: records are read and prepared by a task of their own;
+/// a batch of changes is only waited for (its answer is built when it is at
+/// the front), so one change costs no task.
+enum Work {
+    Records(JoinHandle<Result<proto::IngestResponse, Status>>),
+    Changes {
+        seq: u64,
+        queued: crate::error::Result<Queued>,
+    },
+}
 
 /// What the stream waits for next.
 enum Next {
@@ -174,11 +188,19 @@ enum Next {
 }
 
 /// The answer of the batch at the front, once it is ready (never, if none).
+/// Cancel-safe: dropped before it finishes, it leaves the batch as it was.
 async fn front_answer(pending: &mut Pending) -> Result<proto::IngestResponse, Status> {
     match pending.front_mut() {
-        Some((handle, _)) => handle
+        Some((Work::Records(handle), _)) => handle
             .await
             .unwrap_or_else(|e| Err(Status::internal(format!("ingest task failed: {e}")))),
+        Some((Work::Changes { seq, queued }, _)) => {
+            let res = match queued {
+                Ok(q) => q.answer().await,
+                Err(e) => Err(std::mem::replace(e, Error::ShuttingDown)),
+            };
+            change_answer(*seq, res)
+        }
         None => std::future::pending().await,
     }
 }
@@ -254,8 +276,7 @@ async fn drive(
                             mutations: batch.changes.into_iter().map(mutation).collect(),
                             create_missing_tags: batch.create_missing_tags,
                         });
-                        let task = apply_changes(engine.clone(), seq, queued);
-                        pending.push_back((tokio::spawn(task), held));
+                        pending.push_back((Work::Changes { seq, queued }, held));
                     }
                     Err(status) => return end_with(&mut pending, &tx, status).await,
                 }
@@ -273,7 +294,7 @@ async fn drive(
                             })
                         });
                         let task = apply(engine.clone(), prepared, queued);
-                        pending.push_back((tokio::spawn(task), held));
+                        pending.push_back((Work::Records(tokio::spawn(task)), held));
                     }
                     Err(status) => return end_with(&mut pending, &tx, status).await,
                 }
@@ -357,18 +378,13 @@ fn changes(batch: &proto::IngestRequest, max_keys: usize) -> Result<(), Status> 
 
 /// Completes the answer of a batch of membership changes queued as one
 /// `Update`.
-async fn apply_changes(
-    engine: Arc<Engine>,
+fn change_answer(
     seq: u64,
-    queued: crate::error::Result<Queued>,
+    res: crate::error::Result<crate::storage::WriteResult>,
 ) -> Result<proto::IngestResponse, Status> {
     let mut answer = proto::IngestResponse {
         seq,
         ..Default::default()
-    };
-    let res = match queued {
-        Ok(q) => engine.answer(q).await,
-        Err(e) => Err(e),
     };
     match res {
         Ok(r) => {

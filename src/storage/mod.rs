@@ -82,6 +82,16 @@ pub enum SyncMode {
 /// A write queued by [`Engine::enqueue`], not yet answered.
 pub struct Queued(oneshot::Receiver<Result<WriteResult>>);
 
+impl Queued {
+    /// The write's answer. Cancel-safe: dropped before the answer comes,
+    /// it can be awaited again.
+    pub async fn answer(&mut self) -> Result<WriteResult> {
+        (&mut self.0)
+            .await
+            .map_err(|_| Error::Failed("the writer stopped before answering this write".into()))?
+    }
+}
+
 /// The default of [`EngineConfig::dedup_days`].
 pub const DEFAULT_DEDUP_DAYS: u32 = 30;
 /// The default of [`EngineConfig::event_retention_days`]: two years, so
