@@ -76,6 +76,7 @@ impl Default for Limits {
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
+/// tokens = "tokens.toml"     # API tokens (`tagstore token add`); without one, loopback only
 ///
 /// [limits]
 /// max_keys_per_request = 1000000
@@ -97,6 +98,11 @@ pub struct FileConfig {
     /// A TOML file of fact rules (`ingest::facts`), read at start; relative
     /// to the working directory. Default: the standard rules.
     pub facts: Option<PathBuf>,
+    /// The tokens file (`tagstore token add|list|revoke`): every call must
+    /// then carry a token of it. Without one the server serves loopback
+    /// only, unless `open_without_tokens` says it is meant to be open.
+    pub tokens: Option<PathBuf>,
+    pub open_without_tokens: Option<bool>,
     pub limits: Option<Limits>,
 }
 
@@ -116,6 +122,10 @@ pub struct ServerConfig {
     pub default_time_zone: String,
     /// The rules that turn ingested events into facts.
     pub facts: Facts,
+    /// The tokens file; `None`: no access control.
+    pub tokens: Option<PathBuf>,
+    /// Serve beyond loopback without tokens (said explicitly).
+    pub open_without_tokens: bool,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -125,6 +135,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub sync: Option<SyncMode>,
     pub checkpoint_wal_mb: Option<u64>,
+    pub tokens: Option<PathBuf>,
+    pub open_without_tokens: bool,
 }
 
 impl ServerConfig {
@@ -178,12 +190,22 @@ impl ServerConfig {
                     .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.0)))?
             }
         };
+        let tokens = over.tokens.or(file.tokens);
+        let open_without_tokens =
+            over.open_without_tokens || file.open_without_tokens.unwrap_or(false);
+        if tokens.is_none() && !listen.ip().is_loopback() && !open_without_tokens {
+            return Err(Error::Config(format!(
+                "listening on {listen} without tokens would let anyone who reaches the port                  read, change and erase every customer: give a tokens file (--tokens, made                  with `tagstore token add`), listen on loopback, or say it is meant to be                  open with --open-without-tokens"
+            )));
+        }
         Ok(Self {
             listen,
             engine,
             limits: file.limits.unwrap_or_default(),
             default_time_zone,
             facts,
+            tokens,
+            open_without_tokens,
         })
     }
 }
@@ -210,6 +232,25 @@ mod tests {
         assert_eq!(cfg.limits.max_keys_per_request, 1_000_000);
         assert_eq!(cfg.engine.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert!(toml::from_str::<FileConfig>("nonsense = 1").is_err());
+    }
+
+    #[test]
+    fn beyond_loopback_only_with_tokens_or_when_said_open() {
+        let over = |listen: &str, tokens: Option<&str>, open| Overrides {
+            listen: Some(listen.into()),
+            tokens: tokens.map(PathBuf::from),
+            open_without_tokens: open,
+            ..Default::default()
+        };
+        let resolve = |o| ServerConfig::resolve(FileConfig::default(), o);
+        let e = resolve(over("0.0.0.0:7420", None, false)).unwrap_err();
+        assert!(e.to_string().contains("--open-without-tokens"), "{e}");
+        assert!(resolve(over("[::]:7420", None, false)).is_err());
+        assert!(resolve(over("127.0.0.1:7420", None, false)).is_ok());
+        assert!(resolve(over("[::1]:7420", None, false)).is_ok());
+        assert!(resolve(over("0.0.0.0:7420", Some("t.toml"), false)).is_ok());
+        let open = resolve(over("0.0.0.0:7420", None, true)).unwrap();
+        assert!(open.open_without_tokens && open.tokens.is_none());
     }
 
     #[test]

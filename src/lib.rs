@@ -20,6 +20,8 @@
 //!   writes to the engine like any client.
 //! - [`fields`]: what a field is (integer, enumerated, behaviour) and how
 //!   its values sit in bitmaps; local days and months.
+//! - [`access`]: API tokens (the tokens file, roles) and the rule of every
+//!   call; the server asks it before handing a call on.
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
 //! - [`clock`]: the one source of "now" (injectable, for tests that cross
 //!   a local midnight or a month end).
@@ -29,6 +31,7 @@
 //!   and the rules for tag names and customer keys), from the
 //!   `tagstore-proto` package that clients share.
 
+pub mod access;
 pub mod bitmap;
 pub mod clock;
 pub mod config;

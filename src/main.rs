@@ -50,7 +50,112 @@ enum Command {
         /// Checkpoint once the log holds this many MiB [default: 64].
         #[arg(long)]
         checkpoint_wal_mb: Option<u64>,
+        /// The tokens file (`tagstore token add`): every call then needs a
+        /// token of it. Read again on SIGHUP.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Serve beyond loopback without tokens: anyone who reaches the port
+        /// may read, change and erase every customer.
+        #[arg(long)]
+        open_without_tokens: bool,
     },
+    /// Make, list and revoke API tokens (in the tokens file the server reads).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a token and print it (once: only its salted hash is kept).
+    Add {
+        /// Who or what it is for (letters, digits, -, _, ., @).
+        name: String,
+        /// read (counts, member pages, exports, profiles, analytics), write
+        /// (also updates, values, ingestion) or admin (also tags, fields,
+        /// sources, erasing customers, checkpoints).
+        #[arg(long)]
+        role: String,
+        /// It may count but not list individual customers.
+        #[arg(long)]
+        counts_only: bool,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// The tokens in the file: name, role, limits, when made.
+    List {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove a token; a running server stops taking it on SIGHUP (or
+    /// restart).
+    Revoke {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// `tagstore token …`: works on the file alone, no server needed.
+fn token(action: TokenAction) -> ExitCode {
+    use tagstore::access::{self, Role};
+    let res = match action {
+        TokenAction::Add {
+            name,
+            role,
+            counts_only,
+            file,
+        } => match Role::parse(&role) {
+            None => Err(format!("--role {role:?}: read, write or admin")),
+            Some(role) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                access::add(&file, &name, role, counts_only, now)
+                    .map(|t| {
+                        println!("{t}");
+                        say(format_args!(
+                            "token {name:?} ({role}{}) added to {}; it is shown only now. \
+                             A running server takes it on SIGHUP.",
+                            if counts_only { ", counts only" } else { "" },
+                            file.display()
+                        ));
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        },
+        TokenAction::List { file } => access::list(&file)
+            .map(|entries| {
+                for e in entries {
+                    println!(
+                        "{}\t{}{}\tmade {}",
+                        e.name,
+                        e.role,
+                        if e.counts_only { " (counts only)" } else { "" },
+                        tagstore::fields::time::format_ms(e.created_ms)
+                    );
+                }
+            })
+            .map_err(|e| e.to_string()),
+        TokenAction::Revoke { name, file } => match access::revoke(&file, &name) {
+            Ok(true) => {
+                say(format_args!(
+                    "token {name:?} revoked; a running server stops taking it on SIGHUP"
+                ));
+                Ok(())
+            }
+            Ok(false) => Err(format!("no token named {name:?} in {}", file.display())),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(format_args!("tagstore token: {e}"));
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -108,13 +213,27 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
-    let Command::Serve {
-        listen,
-        data_dir,
-        config,
-        sync,
-        checkpoint_wal_mb,
-    } = cli.command;
+    let (listen, data_dir, config, sync, checkpoint_wal_mb, tokens, open_without_tokens) =
+        match cli.command {
+            Command::Token { action } => return token(action),
+            Command::Serve {
+                listen,
+                data_dir,
+                config,
+                sync,
+                checkpoint_wal_mb,
+                tokens,
+                open_without_tokens,
+            } => (
+                listen,
+                data_dir,
+                config,
+                sync,
+                checkpoint_wal_mb,
+                tokens,
+                open_without_tokens,
+            ),
+        };
     let file = match config.as_deref().map(FileConfig::load).transpose() {
         Ok(f) => f.unwrap_or_default(),
         Err(e) => {
@@ -130,6 +249,8 @@ fn main() -> ExitCode {
             Sync::Never => SyncMode::Never,
         }),
         checkpoint_wal_mb,
+        tokens,
+        open_without_tokens,
     };
     let cfg = match ServerConfig::resolve(file, over) {
         Ok(c) => c,

@@ -181,9 +181,12 @@ async fn a_full_log_volume_does_not_stop_the_server() {
         .strip_prefix("tagstore listening on ")
         .unwrap_or_else(|| panic!("server did not start: {line:?}"))
         .to_string();
-    let mut c = common::Client::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut c = tagstore::proto::auth::client(channel, Default::default());
     for i in 0..20 {
         add(&mut c, "t", keys(&format!("k{i}-"), 50)).await;
         if i % 5 == 0 {

@@ -6,12 +6,14 @@
 //! - [`codec`]: prost's codec with undecodable messages as
 //!   `INVALID_ARGUMENT`;
 //! - [`names`]: what a valid tag name and customer key are, and how a tag
-//!   name is written in the query language.
+//!   name is written in the query language;
+//! - [`auth`]: a client's token on every call.
 //!
 //! This package owns no behaviour of the server: it must not depend on the
 //! engine, and the engine's rules that a client cannot check (a tag exists, a
 //! field has this kind) stay in the engine.
 
+pub mod auth;
 pub mod codec;
 pub mod names;
 

@@ -3,6 +3,7 @@
 //! operations here; the storage engine never sees a proto type.
 
 mod admin;
+pub mod auth;
 pub mod budget;
 mod export;
 mod fields;
@@ -26,6 +27,22 @@ use crate::proto::tag_store_server::TagStoreServer;
 use crate::storage::Engine;
 use budget::{MemoryBudget, Metered};
 pub use service::Service;
+
+/// Reads the tokens file again on each SIGHUP, for as long as the process runs.
+fn reload_on_hangup(keys: Arc<auth::Keys>) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    keys.reload();
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: tokens are read at start only")
+        }
+    }
+}
 
 /// Opens the engine, serves until `shutdown` resolves, then finishes the
 /// requests in flight and writes a final checkpoint. `on_listening` is called
@@ -80,6 +97,23 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let service = Metered::new(service, budget);
+    let keys = match &config.tokens {
+        Some(path) => {
+            let keys = auth::Keys::load(path.clone())?;
+            tracing::info!(path = %path.display(), tokens = keys.count(), "access control: every call needs a token");
+            reload_on_hangup(keys.clone());
+            Some(keys)
+        }
+        None if config.open_without_tokens => {
+            tracing::warn!(%addr, "no tokens file, and told to be open: anyone who reaches the port may read, change and erase every customer");
+            None
+        }
+        None => {
+            tracing::warn!(%addr, "no tokens file: serving without access control, on loopback only (give --tokens to serve beyond it)");
+            None
+        }
+    };
+    let service = auth::Guarded::new(service, keys);
 
     on_listening(addr);
     tracing::info!(%addr, "serving tagstore.v1.TagStore");

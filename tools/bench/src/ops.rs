@@ -508,11 +508,14 @@ pub struct TagStoreClientExt;
 
 impl TagStoreClientExt {
     pub async fn connect(endpoint: String) -> Result<Client, BoxError> {
-        Ok(
-            tagstore_proto::tag_store_client::TagStoreClient::connect(endpoint)
-                .await?
-                .max_decoding_message_size(256 << 20)
-                .max_encoding_message_size(256 << 20),
-        )
+        let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+            .connect()
+            .await?;
+        // The harness runs its own server on loopback; a token in
+        // TAGSTORE_TOKEN is sent all the same.
+        let bearer = tagstore_proto::auth::Bearer::from_flag_or_env(None)?;
+        Ok(tagstore_proto::auth::client(channel, bearer)
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20))
     }
 }

@@ -48,6 +48,10 @@ struct Cli {
     /// Do not ask before dropping tags or deleting customers.
     #[arg(long)]
     yes: bool,
+    /// The API token for a server with access control (default: the
+    /// TAGSTORE_TOKEN environment variable).
+    #[arg(long)]
+    token: Option<String>,
 }
 
 /// Line-editor helper: completion of commands, tag names and file names,
@@ -269,7 +273,7 @@ async fn main_async(cli: Cli) -> ExitCode {
         (false, true) => Confirm::Ask,
         (false, false) => Confirm::Refuse,
     };
-    let session = match Session::new(&cli.addr, cli.json, confirm) {
+    let session = match Session::new(&cli.addr, cli.token.as_deref(), cli.json, confirm) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tagstore-shell: {e}");

@@ -12,10 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::RwLock;
 use serde_json::json;
 use tagstore_proto::names::{check_key, quote_tag_name};
-use tagstore_proto::tag_store_client::TagStoreClient;
 use tagstore_proto::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use crate::commands::{self, Command, Who};
@@ -77,7 +76,7 @@ pub enum Confirm {
 
 pub struct Session {
     pub addr: String,
-    client: TagStoreClient<Channel>,
+    client: tagstore_proto::auth::Client,
     pub json: bool,
     pub timing: bool,
     pub confirm: Confirm,
@@ -100,11 +99,17 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
 
 impl Session {
     /// A session that connects lazily (and reconnects by itself after a drop).
-    pub fn new(addr: &str, json: bool, confirm: Confirm) -> Result<Self, String> {
+    pub fn new(
+        addr: &str,
+        token: Option<&str>,
+        json: bool,
+        confirm: Confirm,
+    ) -> Result<Self, String> {
         let channel = endpoint(addr)?.connect_lazy();
+        let bearer = tagstore_proto::auth::Bearer::from_flag_or_env(token)?;
         Ok(Self {
             addr: addr.trim_start_matches("http://").to_string(),
-            client: TagStoreClient::new(channel)
+            client: tagstore_proto::auth::client(channel, bearer)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
             json,

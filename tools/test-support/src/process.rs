@@ -9,10 +9,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tagstore_proto::tag_store_client::TagStoreClient;
+use tagstore_proto::auth::Bearer;
 use tonic::transport::Channel;
 
-pub type Client = TagStoreClient<Channel>;
+/// A client that sends a token when it was given one.
+pub type Client = tagstore_proto::auth::Client;
 
 /// A server process on a free loopback port.
 pub struct ServerProcess {
@@ -101,10 +102,22 @@ impl ServerProcess {
         }
     }
 
-    /// A gRPC client with large message limits.
+    /// A gRPC client with large message limits (and no token).
     pub async fn client(&self) -> Result<Client, tonic::transport::Error> {
-        Ok(TagStoreClient::connect(format!("http://{}", self.addr))
-            .await?
+        self.client_with_token(None).await
+    }
+
+    /// A gRPC client with large message limits that sends `token`.
+    pub async fn client_with_token(
+        &self,
+        token: Option<&str>,
+    ) -> Result<Client, tonic::transport::Error> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("a host:port is a valid URI")
+            .connect()
+            .await?;
+        let bearer = Bearer::new(token).expect("a test token is ASCII");
+        Ok(tagstore_proto::auth::client(channel, bearer)
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20))
     }

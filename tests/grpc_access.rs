@@ -1,0 +1,312 @@
+//! Access control against the real server: every call of the proto × every
+//! role (and no token, a wrong token, a counts-only token), so that a call
+//! added without a rule fails here; tokens made, revoked and read again on
+//! SIGHUP; the shell with a token; and a server refusing to listen beyond
+//! loopback without tokens.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use prost::Message;
+use tonic::Code;
+use tonic::codegen::http::uri::PathAndQuery;
+
+/// Runs `tagstore token …`; its stdout (the token, for `add`).
+fn token_cmd(args: &[&str]) -> String {
+    let out = Command::new(common::binary())
+        .arg("token")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tagstore token {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn add(file: &Path, name: &str, role: &str, counts_only: bool) -> String {
+    let file = file.to_str().unwrap();
+    let mut args = vec!["add", name, "--role", role, "--file", file];
+    if counts_only {
+        args.push("--counts-only");
+    }
+    token_cmd(&args)
+}
+
+/// Every method of `tagstore.v1.TagStore`: name, client streaming, server
+/// streaming.
+fn methods() -> Vec<(String, bool, bool)> {
+    let set = prost_types::FileDescriptorSet::decode(tagstore::proto::FILE_DESCRIPTOR_SET).unwrap();
+    set.file
+        .iter()
+        .flat_map(|f| &f.service)
+        .filter(|s| s.name() == "TagStore")
+        .flat_map(|s| &s.method)
+        .map(|m| {
+            (
+                m.name().to_string(),
+                m.client_streaming(),
+                m.server_streaming(),
+            )
+        })
+        .collect()
+}
+
+/// Calls `method` with an empty request (or an empty stream) and `token`;
+/// the status it ends with (`Ok` for success).
+async fn call(addr: &str, method: &str, streams: (bool, bool), token: Option<&str>) -> Code {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = PathAndQuery::from_maybe_shared(format!("/tagstore.v1.TagStore/{method}")).unwrap();
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    fn with<T>(token: Option<&str>, mut req: tonic::Request<T>) -> tonic::Request<T> {
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        req
+    }
+    let result: Result<(), tonic::Status> = match streams {
+        (false, false) => grpc
+            .unary(with(token, tonic::Request::new(())), path, codec)
+            .await
+            .map(|_| ()),
+        (true, false) => grpc
+            .client_streaming(
+                with(token, tonic::Request::new(tokio_stream::empty::<()>())),
+                path,
+                codec,
+            )
+            .await
+            .map(|_| ()),
+        (false, true) => match grpc
+            .server_streaming(with(token, tonic::Request::new(())), path, codec)
+            .await
+        {
+            Ok(r) => r.into_inner().message().await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+        (true, true) => match grpc
+            .streaming(
+                with(token, tonic::Request::new(tokio_stream::empty::<()>())),
+                path,
+                codec,
+            )
+            .await
+        {
+            Ok(r) => r.into_inner().message().await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_against_every_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let read = add(&file, "analyst", "read", false);
+    let counter = add(&file, "counter", "read", true);
+    let write = add(&file, "ingest-svc", "write", false);
+    let admin = add(&file, "ops", "admin", false);
+    let listed = token_cmd(&["list", "--file", file.to_str().unwrap()]);
+    assert!(
+        listed.contains("analyst\tread") && listed.contains("counter\tread (counts only)"),
+        "{listed}"
+    );
+    assert!(!listed.contains(&read), "a listing shows no secret");
+
+    let data = dir.path().join("data");
+    let server = common::start(&data, &["--tokens", file.to_str().unwrap()]);
+    let addr = server.addr.clone();
+    let all = methods();
+    assert!(all.len() > 20);
+    let mut checked = 0;
+    for (method, cs, ss) in &all {
+        let rule = tagstore::access::rule_for(method)
+            .unwrap_or_else(|| panic!("{method} has no access rule"));
+        let streams = (*cs, *ss);
+        assert_eq!(
+            call(&addr, method, streams, None).await,
+            Code::Unauthenticated,
+            "{method} without a token"
+        );
+        assert_eq!(
+            call(&addr, method, streams, Some("tst1_0011_2233")).await,
+            Code::Unauthenticated,
+            "{method} with an unknown token"
+        );
+        for (token, role, counts_only) in [
+            (&read, tagstore::access::Role::Read, false),
+            (&counter, tagstore::access::Role::Read, true),
+            (&write, tagstore::access::Role::Write, false),
+            (&admin, tagstore::access::Role::Admin, false),
+        ] {
+            let got = call(&addr, method, streams, Some(token)).await;
+            let allowed = role >= rule.role && !(counts_only && rule.lists_customers);
+            if allowed {
+                assert!(
+                    !matches!(got, Code::Unauthenticated | Code::PermissionDenied),
+                    "{method} as {role} (counts only: {counts_only}): {got:?}"
+                );
+            } else {
+                assert_eq!(
+                    got,
+                    Code::PermissionDenied,
+                    "{method} as {role} (counts only: {counts_only})"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, all.len() * 4);
+
+    // Health checks need no token.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let health = grpc
+        .unary(
+            tonic::Request::new(()),
+            PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+            tonic_prost::ProstCodec::<(), ()>::default(),
+        )
+        .await;
+    assert!(health.is_ok(), "{health:?}");
+
+    // The typed client with a token.
+    let mut c = server.client_with_token(Some(&read)).await.unwrap();
+    let n = c
+        .count(tagstore::proto::CountRequest {
+            queries: vec!["ALL".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(n.into_inner().counts, [0]);
+    let e = c
+        .create_tag(tagstore::proto::CreateTagRequest {
+            name: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message().contains("admin") && e.message().contains("analyst"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_read_again_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let f = file.to_str().unwrap();
+    let writer = add(&file, "svc", "write", false);
+    let server = common::start(&dir.path().join("data"), &["--tokens", f]);
+    let stats = |token: String| {
+        let addr = server.addr.clone();
+        async move { call(&addr, "Stats", (false, false), Some(&token)).await }
+    };
+    assert_eq!(stats(writer.clone()).await, Code::Ok);
+    let later = add(&file, "later", "read", false);
+    assert_eq!(stats(later.clone()).await, Code::Unauthenticated);
+    token_cmd(&["revoke", "svc", "--file", f]);
+    // Not read yet: the revoked token still works, the new one not yet.
+    assert_eq!(stats(writer.clone()).await, Code::Ok);
+    let pid = server.pid().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats(later.clone()).await != Code::Ok {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP not acted on");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats(writer.clone()).await, Code::Unauthenticated);
+    // A file that does not read leaves the tokens in force.
+    std::fs::write(&file, "this is not toml [").unwrap();
+    Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(stats(later).await, Code::Ok);
+    assert!(server.stderr().contains("tokens before stay in force"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_loopback_only_with_tokens_and_the_shell_sends_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = common::try_start(&dir.path().join("d1"), &["--listen", "0.0.0.0:0"])
+        .err()
+        .expect("must refuse to start");
+    assert!(err.contains("--open-without-tokens"), "{err}");
+    // A tokens file that does not exist is refused too, with how to make one.
+    let missing = dir.path().join("none.toml");
+    let err = common::try_start(
+        &dir.path().join("d2"),
+        &["--tokens", missing.to_str().unwrap()],
+    )
+    .err()
+    .expect("must refuse to start");
+    assert!(err.contains("tagstore token add"), "{err}");
+
+    let file = dir.path().join("tokens.toml");
+    let admin = add(&file, "ops", "admin", false);
+    let server = common::start(
+        &dir.path().join("d3"),
+        &["--listen", "0.0.0.0:0", "--tokens", file.to_str().unwrap()],
+    );
+    let port = server.addr.rsplit(':').next().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let shell = |token: Option<&str>, env: Option<&str>| {
+        let mut cmd = Command::new(
+            tagstore_test_support::server_binary(None)
+                .parent()
+                .unwrap()
+                .join("tagstore-shell"),
+        );
+        cmd.args(["-a", &addr, "-c", "create tag vip"]);
+        if let Some(t) = token {
+            cmd.args(["--token", t]);
+        }
+        cmd.env_remove("TAGSTORE_TOKEN");
+        if let Some(t) = env {
+            cmd.env("TAGSTORE_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = shell(None, None);
+    assert!(!out.status.success());
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("token"), "{said}");
+    assert!(shell(Some(&admin), None).status.success());
+    let out = shell(None, Some(&admin));
+    // The tag exists now: refused for that, not for want of a token.
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("exists"), "{said}");
+}
