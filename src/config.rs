@@ -77,6 +77,9 @@ impl Default for Limits {
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 /// tokens = "tokens.toml"     # API tokens (`tagstore token add`); without one, loopback only
+/// tls_cert = "server.pem"    # TLS: certificate chain and key (PEM), read again on SIGHUP
+/// tls_key = "server.key"
+/// tls_client_ca = "ca.pem"   # optional: clients must present a certificate signed by it
 ///
 /// [limits]
 /// max_keys_per_request = 1000000
@@ -103,6 +106,9 @@ pub struct FileConfig {
     /// only, unless `open_without_tokens` says it is meant to be open.
     pub tokens: Option<PathBuf>,
     pub open_without_tokens: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
     pub limits: Option<Limits>,
 }
 
@@ -126,6 +132,8 @@ pub struct ServerConfig {
     pub tokens: Option<PathBuf>,
     /// Serve beyond loopback without tokens (said explicitly).
     pub open_without_tokens: bool,
+    /// TLS on the gRPC port; `None`: plain text.
+    pub tls: Option<crate::server::tls::TlsFiles>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -137,6 +145,9 @@ pub struct Overrides {
     pub checkpoint_wal_mb: Option<u64>,
     pub tokens: Option<PathBuf>,
     pub open_without_tokens: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -198,6 +209,25 @@ impl ServerConfig {
                 "listening on {listen} without tokens would let anyone who reaches the port                  read, change and erase every customer: give a tokens file (--tokens, made                  with `tagstore token add`), listen on loopback, or say it is meant to be                  open with --open-without-tokens"
             )));
         }
+        let tls = match (
+            over.tls_cert.or(file.tls_cert),
+            over.tls_key.or(file.tls_key),
+            over.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => Some(crate::server::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            _ => {
+                return Err(Error::Config(
+                    "TLS needs both tls_cert and tls_key (--tls-cert, --tls-key); \
+                     tls_client_ca is for client certificates, beside them"
+                        .into(),
+                ));
+            }
+        };
         Ok(Self {
             listen,
             engine,
@@ -206,6 +236,7 @@ impl ServerConfig {
             facts,
             tokens,
             open_without_tokens,
+            tls,
         })
     }
 }

@@ -58,6 +58,15 @@ enum Command {
         /// may read, change and erase every customer.
         #[arg(long)]
         open_without_tokens: bool,
+        /// TLS: the server's certificate chain (PEM). Read again on SIGHUP.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// TLS: the certificate's private key (PEM).
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// TLS: clients must present a certificate signed by this CA (PEM).
+        #[arg(long)]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Make, list and revoke API tokens (in the tokens file the server reads).
     Token {
@@ -213,44 +222,43 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
-    let (listen, data_dir, config, sync, checkpoint_wal_mb, tokens, open_without_tokens) =
-        match cli.command {
-            Command::Token { action } => return token(action),
-            Command::Serve {
+    let (config, over) = match cli.command {
+        Command::Token { action } => return token(action),
+        Command::Serve {
+            listen,
+            data_dir,
+            config,
+            sync,
+            checkpoint_wal_mb,
+            tokens,
+            open_without_tokens,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+        } => (
+            config,
+            Overrides {
                 listen,
                 data_dir,
-                config,
-                sync,
+                sync: sync.map(|s| match s {
+                    Sync::Always => SyncMode::Always,
+                    Sync::Never => SyncMode::Never,
+                }),
                 checkpoint_wal_mb,
                 tokens,
                 open_without_tokens,
-            } => (
-                listen,
-                data_dir,
-                config,
-                sync,
-                checkpoint_wal_mb,
-                tokens,
-                open_without_tokens,
-            ),
-        };
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+            },
+        ),
+    };
     let file = match config.as_deref().map(FileConfig::load).transpose() {
         Ok(f) => f.unwrap_or_default(),
         Err(e) => {
             say(format_args!("tagstore: {e}"));
             return ExitCode::from(2);
         }
-    };
-    let over = Overrides {
-        listen,
-        data_dir,
-        sync: sync.map(|s| match s {
-            Sync::Always => SyncMode::Always,
-            Sync::Never => SyncMode::Never,
-        }),
-        checkpoint_wal_mb,
-        tokens,
-        open_without_tokens,
     };
     let cfg = match ServerConfig::resolve(file, over) {
         Ok(c) => c,

@@ -12,6 +12,7 @@ mod reads;
 mod rebuild;
 pub mod service;
 pub mod status;
+pub mod tls;
 mod writes;
 
 use std::future::Future;
@@ -28,18 +29,24 @@ use crate::storage::Engine;
 use budget::{MemoryBudget, Metered};
 pub use service::Service;
 
-/// Reads the tokens file again on each SIGHUP, for as long as the process runs.
-fn reload_on_hangup(keys: Arc<auth::Keys>) {
+/// Reads the tokens file and the TLS files again on each SIGHUP, for as
+/// long as the process runs.
+fn reload_on_hangup(keys: Option<Arc<auth::Keys>>, tls: Option<Arc<tls::Tls>>) {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    keys.reload();
+                    if let Some(k) = &keys {
+                        k.reload();
+                    }
+                    if let Some(t) = &tls {
+                        t.reload();
+                    }
                 }
             });
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP: tokens are read at start only")
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: tokens and certificates are read at start only")
         }
     }
 }
@@ -97,11 +104,23 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let service = Metered::new(service, budget);
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = tls::Tls::load(files.clone())?;
+            tracing::info!(cert = %files.cert.display(), client_certificates = files.client_ca.is_some(), "TLS on");
+            Some(tls)
+        }
+        None => {
+            if config.tokens.is_some() && !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "no TLS: tokens and customer data cross the network in plain text (give --tls-cert and --tls-key, or put a TLS proxy in front)");
+            }
+            None
+        }
+    };
     let keys = match &config.tokens {
         Some(path) => {
             let keys = auth::Keys::load(path.clone())?;
             tracing::info!(path = %path.display(), tokens = keys.count(), "access control: every call needs a token");
-            reload_on_hangup(keys.clone());
             Some(keys)
         }
         None if config.open_without_tokens => {
@@ -113,20 +132,33 @@ pub async fn serve(
             None
         }
     };
+    if keys.is_some() || tls.is_some() {
+        reload_on_hangup(keys.clone(), tls.clone());
+    }
     let service = auth::Guarded::new(service, keys);
 
     on_listening(addr);
     tracing::info!(%addr, "serving tagstore.v1.TagStore");
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            // Small responses must not wait for Nagle's algorithm (a 40 ms stall per call).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await;
+        .add_service(service);
+    let served = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    // Small responses must not wait for Nagle's algorithm (a 40 ms stall per call).
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+    };
     health.set_not_serving::<TagStoreServer<Service>>().await;
     tracing::info!("stopped accepting requests; writing the final checkpoint");
     let closing = engine.clone();

@@ -52,6 +52,21 @@ struct Cli {
     /// TAGSTORE_TOKEN environment variable).
     #[arg(long)]
     token: Option<String>,
+    /// TLS: trust this CA (PEM) for the server's certificate (default: the
+    /// TAGSTORE_CACERT environment variable). Implies TLS, as does an
+    /// https:// address.
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// TLS: this client's certificate (PEM), for servers that ask for one.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// TLS: this client's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// TLS: the name the server's certificate must carry (default: the
+    /// address's host).
+    #[arg(long, value_name = "NAME")]
+    servername: Option<String>,
 }
 
 /// Line-editor helper: completion of commands, tag names and file names,
@@ -273,7 +288,21 @@ async fn main_async(cli: Cli) -> ExitCode {
         (false, true) => Confirm::Ask,
         (false, false) => Confirm::Refuse,
     };
-    let session = match Session::new(&cli.addr, cli.token.as_deref(), cli.json, confirm) {
+    let session = match Session::new(
+        &cli.addr,
+        cli.token.as_deref(),
+        &session::TlsOptions {
+            cacert: cli
+                .cacert
+                .clone()
+                .or_else(|| std::env::var_os("TAGSTORE_CACERT").map(PathBuf::from)),
+            cert: cli.cert.clone(),
+            key: cli.key.clone(),
+            servername: cli.servername.clone(),
+        },
+        cli.json,
+        confirm,
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tagstore-shell: {e}");

@@ -14,7 +14,7 @@ use serde_json::json;
 use tagstore_proto::names::{check_key, quote_tag_name};
 use tagstore_proto::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use crate::commands::{self, Command, Who};
@@ -86,15 +86,53 @@ pub struct Session {
     pub tag_names: Arc<RwLock<Vec<String>>>,
 }
 
-pub fn endpoint(addr: &str) -> Result<Endpoint, String> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Endpoint::from_shared(uri)
+/// TLS settings of the connection (all `None`: plain text, unless the
+/// address says https://).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    pub cacert: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    pub servername: Option<String>,
+}
+
+impl TlsOptions {
+    fn wanted(&self, addr: &str) -> bool {
+        addr.starts_with("https://") || self.cacert.is_some() || self.cert.is_some()
+    }
+
+    fn config(&self, host: &str) -> Result<ClientTlsConfig, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        let mut cfg = ClientTlsConfig::new()
+            .domain_name(self.servername.clone().unwrap_or_else(|| host.to_string()));
+        if let Some(ca) = &self.cacert {
+            cfg = cfg.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            cfg = cfg.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn endpoint(addr: &str, tls: &TlsOptions) -> Result<Endpoint, String> {
+    let bare = addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let secure = tls.wanted(addr);
+    let uri = format!("{}://{bare}", if secure { "https" } else { "http" });
+    let mut e = Endpoint::from_shared(uri)
         .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-        .map_err(|e| format!("bad server address {addr:?}: {e}"))
+        .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
+    if secure {
+        let host = bare.rsplit_once(':').map_or(bare, |(h, _)| h);
+        e = e
+            .tls_config(tls.config(host.trim_matches(['[', ']']))?)
+            .map_err(|e| format!("TLS settings: {e}"))?;
+    }
+    Ok(e)
 }
 
 impl Session {
@@ -102,13 +140,17 @@ impl Session {
     pub fn new(
         addr: &str,
         token: Option<&str>,
+        tls: &TlsOptions,
         json: bool,
         confirm: Confirm,
     ) -> Result<Self, String> {
-        let channel = endpoint(addr)?.connect_lazy();
+        let channel = endpoint(addr, tls)?.connect_lazy();
         let bearer = tagstore_proto::auth::Bearer::from_flag_or_env(token)?;
         Ok(Self {
-            addr: addr.trim_start_matches("http://").to_string(),
+            addr: addr
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_string(),
             client: tagstore_proto::auth::client(channel, bearer)
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
