@@ -102,9 +102,11 @@ impl ServerProcess {
         }
     }
 
-    /// A gRPC client with large message limits (and no token).
+    /// A gRPC client with large message limits, sending the token in
+    /// `TAGSTORE_TOKEN` if there is one (a server without tokens ignores it).
     pub async fn client(&self) -> Result<Client, tonic::transport::Error> {
-        self.client_with_token(None).await
+        self.client_with_token(std::env::var("TAGSTORE_TOKEN").ok().as_deref())
+            .await
     }
 
     /// A gRPC client with large message limits that sends `token`.
