@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tagstore::config::{FileConfig, Overrides, ServerConfig};
 use tagstore::storage::SyncMode;
 
@@ -34,45 +34,49 @@ enum Sync {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve {
-        /// Address to listen on [default: 127.0.0.1:7420].
-        #[arg(long)]
-        listen: Option<String>,
-        /// Data directory [default: ./tagstore-data].
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// A TOML config file; flags given here override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// When to fsync the write-ahead log.
-        #[arg(long, value_enum)]
-        sync: Option<Sync>,
-        /// Checkpoint once the log holds this many MiB [default: 64].
-        #[arg(long)]
-        checkpoint_wal_mb: Option<u64>,
-        /// The tokens file (`tagstore token add`): every call then needs a
-        /// token of it. Read again on SIGHUP.
-        #[arg(long)]
-        tokens: Option<PathBuf>,
-        /// Serve beyond loopback without tokens: anyone who reaches the port
-        /// may read, change and erase every customer.
-        #[arg(long)]
-        open_without_tokens: bool,
-        /// TLS: the server's certificate chain (PEM). Read again on SIGHUP.
-        #[arg(long)]
-        tls_cert: Option<PathBuf>,
-        /// TLS: the certificate's private key (PEM).
-        #[arg(long)]
-        tls_key: Option<PathBuf>,
-        /// TLS: clients must present a certificate signed by this CA (PEM).
-        #[arg(long)]
-        tls_client_ca: Option<PathBuf>,
-    },
+    Serve(ServeArgs),
     /// Make, list and revoke API tokens (in the tokens file the server reads).
     Token {
         #[command(subcommand)]
         action: TokenAction,
     },
+}
+
+/// `tagstore serve`: each flag overrides the config file.
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:7420].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory [default: ./tagstore-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A TOML config file; flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// When to fsync the write-ahead log.
+    #[arg(long, value_enum)]
+    sync: Option<Sync>,
+    /// Checkpoint once the log holds this many MiB [default: 64].
+    #[arg(long)]
+    checkpoint_wal_mb: Option<u64>,
+    /// The tokens file (`tagstore token add`): every call then needs a
+    /// token of it. Read again on SIGHUP.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Serve beyond loopback without tokens: anyone who reaches the port
+    /// may read, change and erase every customer.
+    #[arg(long)]
+    open_without_tokens: bool,
+    /// TLS: the server's certificate chain (PEM). Read again on SIGHUP.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the certificate's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// TLS: clients must present a certificate signed by this CA (PEM).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -222,36 +226,24 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
-    let (config, over) = match cli.command {
+    let args = match cli.command {
         Command::Token { action } => return token(action),
-        Command::Serve {
-            listen,
-            data_dir,
-            config,
-            sync,
-            checkpoint_wal_mb,
-            tokens,
-            open_without_tokens,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-        } => (
-            config,
-            Overrides {
-                listen,
-                data_dir,
-                sync: sync.map(|s| match s {
-                    Sync::Always => SyncMode::Always,
-                    Sync::Never => SyncMode::Never,
-                }),
-                checkpoint_wal_mb,
-                tokens,
-                open_without_tokens,
-                tls_cert,
-                tls_key,
-                tls_client_ca,
-            },
-        ),
+        Command::Serve(args) => args,
+    };
+    let config = args.config.clone();
+    let over = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        sync: args.sync.map(|s| match s {
+            Sync::Always => SyncMode::Always,
+            Sync::Never => SyncMode::Never,
+        }),
+        checkpoint_wal_mb: args.checkpoint_wal_mb,
+        tokens: args.tokens,
+        open_without_tokens: args.open_without_tokens,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
     };
     let file = match config.as_deref().map(FileConfig::load).transpose() {
         Ok(f) => f.unwrap_or_default(),

@@ -56,9 +56,8 @@ fn methods() -> Vec<(String, bool, bool)> {
         .collect()
 }
 
-/// Calls `method` with an empty request (or an empty stream) and `token`;
-/// the status it ends with (`Ok` for success).
-async fn call(addr: &str, method: &str, streams: (bool, bool), token: Option<&str>) -> Code {
+/// A client for any path, ready to call.
+async fn raw(addr: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -66,6 +65,13 @@ async fn call(addr: &str, method: &str, streams: (bool, bool), token: Option<&st
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
+    grpc
+}
+
+/// Calls `method` with an empty request (or an empty stream) and `token`;
+/// the status it ends with (`Ok` for success).
+async fn call(addr: &str, method: &str, streams: (bool, bool), token: Option<&str>) -> Code {
+    let mut grpc = raw(addr).await;
     let path = PathAndQuery::from_maybe_shared(format!("/tagstore.v1.TagStore/{method}")).unwrap();
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
     fn with<T>(token: Option<&str>, mut req: tonic::Request<T>) -> tonic::Request<T> {
@@ -174,13 +180,7 @@ async fn every_call_against_every_role() {
     assert_eq!(checked, all.len() * 4);
 
     // Health checks need no token.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
+    let mut grpc = raw(&addr).await;
     let health = grpc
         .unary(
             tonic::Request::new(()),
