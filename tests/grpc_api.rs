@@ -609,6 +609,26 @@ async fn every_call_and_its_errors() {
         h.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // The older v1alpha, which many tools still ask.
+    let mut alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        );
+    let req = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut resp = alpha
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = format!("{:?}", resp.message().await.unwrap().unwrap());
+    assert!(listed.contains("tagstore.v1.TagStore"), "{listed}");
     let mut refl =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let req = tonic_reflection::pb::v1::ServerReflectionRequest {

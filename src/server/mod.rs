@@ -92,6 +92,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Config(format!("reflection service: {e}")))?;
+    // Many tools (older grpcurl, some IDE plugins) still ask v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Config(format!("reflection service (v1alpha): {e}")))?;
     let limit = config.limits.max_message_bytes;
     let budget = MemoryBudget::new(config.limits.max_request_memory_mb.saturating_mul(1 << 20));
     let service = TagStoreServer::new(Service::new(
@@ -142,6 +147,7 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service);
     let served = match tls {
         Some(tls) => {
