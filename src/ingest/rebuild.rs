@@ -13,6 +13,10 @@ use super::facts::{FactKind, FactWrite, Facts};
 use super::normalize::Refused;
 use crate::storage::{EventTime, ValueWrite};
 
+/// Most writes one rebuild may make (a value per field and customer, a
+/// write per behaviour event): what it holds in memory is bounded by this.
+pub const MAX_WRITES: usize = 5_000_000;
+
 /// The facts of some customers, being rebuilt.
 pub struct Rebuild<'a> {
     facts: &'a Facts,
@@ -26,6 +30,7 @@ pub struct Rebuild<'a> {
     pub counts: HashMap<u32, (u64, u64)>,
     /// Why the rules refused what they refused.
     pub reasons: BTreeSet<String>,
+    limit: usize,
 }
 
 /// What a rebuild writes.
@@ -47,7 +52,20 @@ impl<'a> Rebuild<'a> {
             kinds: BTreeMap::new(),
             counts: HashMap::new(),
             reasons: BTreeSet::new(),
+            limit: MAX_WRITES,
         }
+    }
+
+    /// With another bound than [`MAX_WRITES`].
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// True once the writes pass the bound ([`MAX_WRITES`]): the caller
+    /// should stop and ask for fewer customers at once.
+    pub fn too_large(&self) -> bool {
+        self.ints.len() + self.events.len() > self.limit
     }
 
     /// Folds in one archived event of `customer`. An event that does not
@@ -189,5 +207,20 @@ mod tests {
             .filter(|w| matches!(w, ValueWrite::Event { field, .. } if field == "bought:skincare"))
             .count();
         assert_eq!(bought, 2);
+    }
+
+    #[test]
+    fn the_writes_a_rebuild_holds_are_bounded() {
+        let facts = Facts::standard();
+        let keys: HashMap<u32, String> = [(7, "phone:13800000000".to_string())].into();
+        let mut r = Rebuild::new(&facts, keys).with_limit(20);
+        let mut n = 0;
+        while !r.too_large() {
+            // Each order on a new day: one more behaviour write or two.
+            r.add(7, &event("order", 100, 1_794_326_400_000 + n * 86_400_000))
+                .unwrap();
+            n += 1;
+        }
+        assert!(n < 20, "{n} events");
     }
 }

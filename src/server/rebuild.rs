@@ -13,7 +13,7 @@ use tonic::Status;
 use crate::error::Error;
 use crate::fields::FieldKind;
 use crate::ingest::facts::FactKind;
-use crate::ingest::rebuild::{Rebuild, Rebuilt};
+use crate::ingest::rebuild::{MAX_WRITES, Rebuild, Rebuilt};
 use crate::proto;
 use crate::server::ingest::ensure_field;
 use crate::server::service::{Service, invalid};
@@ -90,7 +90,14 @@ pub(super) async fn rebuild_facts(
             let mut r = Rebuild::new(&facts, keys);
             engine.read_archive(&ids, |customer, bytes| {
                 r.add(customer, bytes)
-                    .map_err(|why| Error::BadRecord(why.0))
+                    .map_err(|why| Error::BadRecord(why.0))?;
+                if r.too_large() {
+                    return Err(Error::invalid(format!(
+                        "these customers' kept events make more than {MAX_WRITES} writes; \
+                         rebuild fewer customers at once"
+                    )));
+                }
+                Ok(())
             })?;
             let counts = std::mem::take(&mut r.counts);
             let why = std::mem::take(&mut r.reasons);
