@@ -841,4 +841,21 @@ add = "1"
         e.message()
     );
     assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(5));
+
+    // The server starts without it (saying so), serves, and keeps refusing
+    // the rebuild by name rather than rebuilding from what is left.
+    drop(c);
+    drop(server);
+    let server = common::start(&data, &["--config", config.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(5));
+    assert!(
+        server.stderr().contains("cannot be read"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(
+        code(c.rebuild_facts(rebuild(&[xiaomei], false)).await),
+        Code::DataLoss
+    );
 }
