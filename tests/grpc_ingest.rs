@@ -733,6 +733,13 @@ async fn facts_are_rebuilt_from_the_kept_events() {
     assert_eq!(r.refused, 0);
     assert_eq!(r.events_dropped_to_ms, 0);
     assert!(r.lsn > 0);
+    // Only unknown customers: nothing to do, and said so (was ABORTED).
+    let r = c
+        .rebuild_facts(rebuild(&["taobao_nick:nobody"], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.rebuilt, r.not_found.len()), (0, 1));
     let facts = |c: &mut Client| {
         let mut c = c.clone();
         async move {

@@ -69,6 +69,8 @@ pub(super) async fn rebuild_facts(
             }
         }
         if keys.is_empty() {
+            // None left: unknown, or erased since the last try.
+            pending.clear();
             break;
         }
         let fields: Vec<(String, FactKind)> = snap
