@@ -310,3 +310,28 @@ async fn beyond_loopback_only_with_tokens_and_the_shell_sends_its_own() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("exists"), "{said}");
 }
+
+/// SIGHUP to a server with nothing to read again leaves it serving (before,
+/// with no handler, the signal ended the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tokens_or_tls_is_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let pid = server.pid().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server.stderr().contains("SIGHUP: no tokens file") {
+        assert!(std::time::Instant::now() < deadline, "{}", server.stderr());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        call(&server.addr, "Stats", (false, false), None).await,
+        Code::Ok
+    );
+}

@@ -36,6 +36,9 @@ fn reload_on_hangup(keys: Option<Arc<auth::Keys>>, tls: Option<Arc<tls::Tls>>) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
+                    if keys.is_none() && tls.is_none() {
+                        tracing::info!("SIGHUP: no tokens file and no TLS files to read again");
+                    }
                     if let Some(k) = &keys {
                         k.reload();
                     }
@@ -137,9 +140,8 @@ pub async fn serve(
             None
         }
     };
-    if keys.is_some() || tls.is_some() {
-        reload_on_hangup(keys.clone(), tls.clone());
-    }
+    // Always: without a handler SIGHUP would end the process.
+    reload_on_hangup(keys.clone(), tls.clone());
     let service = auth::Guarded::new(service, keys);
 
     on_listening(addr);
