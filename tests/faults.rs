@@ -8,7 +8,8 @@
 //!   store takes writes again once space is freed;
 //! - a failure at any step of a checkpoint, or a full disk during one,
 //!   fails the checkpoint, not the store, and a crash or a restart finds
-//!   every acknowledged write.
+//!   every acknowledged write; also every step, in turn, of one that
+//!   compacts, merges the dictionary and writes an event archive file.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -202,4 +203,155 @@ fn a_failure_at_any_step_of_a_checkpoint_fails_the_checkpoint_not_the_store() {
         let crashed = fs.crash_image();
         assert_eq!(members(&open(&crashed), "t").len(), n + 20, "{fault:?}");
     }
+}
+
+/// The state every step of [`every_step_of_a_checkpoint_with_compaction_and_a_merge`]
+/// starts from: three checkpoints (three segments and dictionary sections),
+/// erased customers (a merge has keys to drop), and ingested events (the
+/// checkpoint writes an archive file). Returns the engine and the members
+/// of "t" acknowledged so far.
+fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    cfg.compaction = tagstore::storage::CompactionPolicy {
+        max_segments: 2,
+        max_dict_layers: 8,
+    };
+    let engine = Engine::open(cfg).unwrap();
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "n".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: tagstore::fields::FieldKind::Int,
+            if_not_exists: false,
+        })
+        .unwrap();
+    for round in 0..3 {
+        add(&engine, "t", keys(&format!("r{round}-"), 300)).unwrap();
+        add(
+            &engine,
+            &format!("u{round}"),
+            keys(&format!("r{round}-"), 50),
+        )
+        .unwrap();
+        engine.checkpoint_blocking(Default::default()).unwrap();
+    }
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: keys("r0-", 100),
+        })
+        .unwrap();
+    let records = (0..50)
+        .map(|i| tagstore::storage::IngestRecord {
+            seen: Some(tagstore::storage::seen::seen_id(
+                "s",
+                "order",
+                &i.to_string(),
+            )),
+            writes: vec![tagstore::storage::ValueWrite::Combine {
+                field: "n".into(),
+                customer: format!("r1-{i}"),
+                with: tagstore::storage::Combine::Add(1),
+            }],
+            event: Some(tagstore::storage::KeptEvent {
+                customer: format!("r1-{i}"),
+                bytes: vec![7; 40],
+            }),
+        })
+        .collect();
+    engine.write_blocking(WriteOp::Ingest { records }).unwrap();
+    add(&engine, "t", keys("late-", 100)).unwrap();
+    (engine, 900)
+}
+
+/// Every write, sync, rename, removal, creation, allocation and directory
+/// sync of a checkpoint that compacts segments, merges the dictionary and
+/// writes an event archive file, failed in turn (the Nth of its kind, for
+/// every N until none is left): the checkpoint fails or goes on without the
+/// step, the store never stops taking writes, and both a crash right after
+/// (only what was synced survives) and a clean restart find every
+/// acknowledged write. Prints how many fault points it went through.
+#[test]
+fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
+    let ops = [
+        Op::Create,
+        Op::Write,
+        Op::Allocate,
+        Op::SetLen,
+        Op::Sync,
+        Op::Rename,
+        Op::Remove,
+        Op::SyncDir,
+    ];
+    let mut points = 0;
+    let mut failed_checkpoints = 0;
+    for op in ops {
+        for skip in 0.. {
+            let fs = MemFs::new();
+            let (engine, mut acked) = every_step_scene(&fs);
+            fs.fail(op, "", skip, 1, libc::EIO);
+            let res = engine.checkpoint_blocking(tagstore::storage::CheckpointOptions {
+                merge_dictionary: true,
+            });
+            let fired = fs.faults_pending() == 0;
+            fs.clear_faults();
+            if !fired {
+                // Past the last step of this kind: the checkpoint succeeded,
+                // and it did compact and archive.
+                assert!(res.is_ok(), "{op:?} #{skip}: {res:?}");
+                let dir = tagstore::storage::datadir::DataDir::new(Arc::new(fs.clone()), DIR);
+                let segments = tagstore::storage::segment::list(&dir).unwrap();
+                assert!(segments.len() <= 2, "not compacted: {segments:?}");
+                assert_eq!(tagstore::storage::archive::list(&dir).unwrap().len(), 1);
+                break;
+            }
+            points += 1;
+            failed_checkpoints += res.is_err() as usize;
+            let at = format!("{op:?} #{skip} ({res:?})");
+            assert_eq!(engine.failure(), None, "{at}");
+            add(&engine, "t", keys("after-", 10)).unwrap();
+            acked += 10;
+            assert_eq!(members(&engine, "t").len(), acked, "{at}");
+            let n = |engine: &Engine| {
+                let snap = engine.snapshot();
+                let id = snap.dict.lookup("r1-7").unwrap().unwrap();
+                snap.field("n").unwrap().int_value(id).unwrap()
+            };
+            assert_eq!(n(&engine), Some(1), "{at}");
+            let crashed = fs.crash_image();
+            let after_crash = open(&crashed);
+            assert_eq!(
+                members(&after_crash, "t").len(),
+                acked,
+                "{at}: after a crash"
+            );
+            assert_eq!(n(&after_crash), Some(1), "{at}: after a crash");
+            assert_eq!(
+                after_crash.snapshot().customer_id("r0-5").unwrap(),
+                None,
+                "{at}: an erased key is back"
+            );
+            drop(after_crash);
+            drop(engine);
+            let restarted = open(&fs);
+            assert_eq!(
+                members(&restarted, "t").len(),
+                acked,
+                "{at}: after a restart"
+            );
+            // And the next checkpoint works.
+            restarted
+                .checkpoint_blocking(Default::default())
+                .unwrap_or_else(|e| panic!("{at}: the next checkpoint: {e}"));
+        }
+    }
+    eprintln!(
+        "fault points exercised: {points} ({failed_checkpoints} failed the checkpoint, \
+         the others were steps it goes on without)"
+    );
+    assert!(
+        points >= 15,
+        "only {points} fault points: the scene lost its steps"
+    );
 }

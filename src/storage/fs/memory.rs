@@ -207,6 +207,12 @@ impl MemFs {
         });
     }
 
+    /// Failures armed and not yet given (a test that walks every step
+    /// knows it has passed the last one when its failure was never given).
+    pub fn faults_pending(&self) -> u64 {
+        self.0.lock().faults.iter().map(|f| f.times).sum()
+    }
+
     /// Removes every armed failure.
     pub fn clear_faults(&self) {
         self.0.lock().faults.clear();
