@@ -93,6 +93,11 @@ struct Cli {
     /// The server binary (default: `tagstore` beside this one).
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
+    /// A flag for every server the harness starts, as `serve` takes it
+    /// (repeat for more: `--server-arg=--sync --server-arg=never`, or
+    /// `--server-arg=--tokens=t.toml` with the token in TAGSTORE_TOKEN).
+    #[arg(long, global = true, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
     /// Where the JSON report and the SVG plots go.
     #[arg(long, global = true, default_value = "bench-results")]
     out: PathBuf,
@@ -133,6 +138,8 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 struct Bench {
     cli: Cli,
     bin: PathBuf,
+    /// Flags for every server started (`--server-arg`).
+    server_args: Vec<String>,
     dir: PathBuf,
     work: PathBuf,
     data: Arc<DataSet>,
@@ -230,10 +237,15 @@ fn in_process_ms(snap: &Snapshot, text: &str, budget: Duration) -> Result<f64, B
 
 impl Bench {
     fn start(&self, dir: &Path, extra: &[&str]) -> Result<ServerProcess, BoxError> {
+        let args: Vec<&str> = extra
+            .iter()
+            .copied()
+            .chain(self.server_args.iter().map(String::as_str))
+            .collect();
         Ok(ServerProcess::start(
             &self.bin,
             dir,
-            extra,
+            &args,
             Duration::from_secs(3600),
         )?)
     }
@@ -366,6 +378,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     let dense_pair = Q::Tag(1);
     let mut b = Bench {
         bin: cli.server_bin.clone().unwrap_or_else(default_server_bin),
+        server_args: cli.server_arg.clone(),
         dir,
         work: work.path().to_path_buf(),
         data,

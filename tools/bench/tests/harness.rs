@@ -89,3 +89,50 @@ fn every_scenario_runs_at_a_tiny_scale() {
             .contains("<svg")
     );
 }
+
+/// `--server-arg` reaches every server the harness starts: with a tokens
+/// file and the token in TAGSTORE_TOKEN a scenario runs; with a flag the
+/// server does not know, the harness stops with the server's own error.
+#[test]
+fn server_args_reach_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tagstore_test_support::server_binary(None);
+    let tokens = dir.path().join("tokens.toml");
+    let made = Command::new(&server)
+        .args(["token", "add", "bench", "--role", "admin", "--file"])
+        .arg(&tokens)
+        .output()
+        .unwrap();
+    assert!(made.status.success());
+    let token = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    let bench = |extra: &[String], token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tagstore-bench"));
+        cmd.args(["load", "--customers", "2000", "--tags", "4", "--no-redis"])
+            .arg("--server-bin")
+            .arg(&server)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .args(extra)
+            .env_remove("TAGSTORE_TOKEN");
+        if let Some(t) = token {
+            cmd.env("TAGSTORE_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let with_tokens = [format!("--server-arg=--tokens={}", tokens.display())];
+    let run = bench(&with_tokens, Some(&token));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // Without the token the server refuses the harness.
+    assert!(!bench(&with_tokens, None).status.success());
+    let run = bench(&["--server-arg=--no-such-flag".to_string()], None);
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("no-such-flag"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
