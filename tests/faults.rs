@@ -206,9 +206,10 @@ fn a_failure_at_any_step_of_a_checkpoint_fails_the_checkpoint_not_the_store() {
 }
 
 /// The state every step of [`every_step_of_a_checkpoint_with_compaction_and_a_merge`]
-/// starts from: three checkpoints (three segments and dictionary sections),
-/// erased customers (a merge has keys to drop), and ingested events (the
-/// checkpoint writes an archive file). Returns the engine and the members
+/// starts from: three checkpoints (three segments and dictionary sections,
+/// the last with an event archive file), then erased customers (a merge has
+/// keys to drop, and the archive file holds events of some: it is
+/// rewritten). Returns the engine and the members
 /// of "t" acknowledged so far.
 fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
     let mut cfg = EngineConfig::new(DIR);
@@ -235,13 +236,25 @@ fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
             keys(&format!("r{round}-"), 50),
         )
         .unwrap();
+        if round == 2 {
+            ingest_scene_events(&engine);
+        }
         engine.checkpoint_blocking(Default::default()).unwrap();
     }
+    // Erased: customers of the oldest section, and some with archived
+    // events (their archive file is rewritten without them).
+    let mut erased = keys("r0-", 100);
+    erased.extend(keys("r1-", 10));
     engine
-        .write_blocking(WriteOp::DeleteCustomers {
-            customers: keys("r0-", 100),
-        })
+        .write_blocking(WriteOp::DeleteCustomers { customers: erased })
         .unwrap();
+    add(&engine, "t", keys("late-", 100)).unwrap();
+    (engine, 890)
+}
+
+/// 50 orders of customers r1-0 … r1-49, each adding 1 to `n`, with their
+/// events kept.
+fn ingest_scene_events(engine: &Engine) {
     let records = (0..50)
         .map(|i| tagstore::storage::IngestRecord {
             seen: Some(tagstore::storage::seen::seen_id(
@@ -261,13 +274,11 @@ fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
         })
         .collect();
     engine.write_blocking(WriteOp::Ingest { records }).unwrap();
-    add(&engine, "t", keys("late-", 100)).unwrap();
-    (engine, 900)
 }
 
 /// Every write, sync, rename, removal, creation, allocation and directory
 /// sync of a checkpoint that compacts segments, merges the dictionary and
-/// writes an event archive file, failed in turn (the Nth of its kind, for
+/// rewrites an event archive file without erased customers, failed in turn (the Nth of its kind, for
 /// every N until none is left): the checkpoint fails or goes on without the
 /// step, the store never stops taking writes, and both a crash right after
 /// (only what was synced survives) and a clean restart find every
@@ -303,7 +314,17 @@ fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
                 let dir = tagstore::storage::datadir::DataDir::new(Arc::new(fs.clone()), DIR);
                 let segments = tagstore::storage::segment::list(&dir).unwrap();
                 assert!(segments.len() <= 2, "not compacted: {segments:?}");
-                assert_eq!(tagstore::storage::archive::list(&dir).unwrap().len(), 1);
+                let files = tagstore::storage::archive::list(&dir).unwrap();
+                assert_eq!(files.len(), 1, "{files:?}");
+                let mut events = 0;
+                let everyone: roaring::RoaringBitmap = (0..10_000).collect();
+                engine
+                    .read_archive(&everyone, |_, _| {
+                        events += 1;
+                        Ok(())
+                    })
+                    .unwrap();
+                assert_eq!(events, 40, "the erased customers' events are gone");
                 break;
             }
             points += 1;
@@ -315,7 +336,7 @@ fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
             assert_eq!(members(&engine, "t").len(), acked, "{at}");
             let n = |engine: &Engine| {
                 let snap = engine.snapshot();
-                let id = snap.dict.lookup("r1-7").unwrap().unwrap();
+                let id = snap.dict.lookup("r1-17").unwrap().unwrap();
                 snap.field("n").unwrap().int_value(id).unwrap()
             };
             assert_eq!(n(&engine), Some(1), "{at}");

@@ -249,3 +249,54 @@ fn a_rebuild_leaves_customers_with_newer_events_alone() {
     assert_eq!(f.int_value(id(&engine, "a")).unwrap(), None);
     assert_eq!(f.int_value(id(&engine, "b")).unwrap(), Some(7));
 }
+
+/// Erasing a customer takes their archived events out of the archive at the
+/// next checkpoint: a file holding them is rewritten without them (or goes,
+/// when nothing else is left), also across a crash and a restart.
+#[test]
+fn erased_customers_events_leave_the_archive() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock, 0);
+    setup(&engine);
+    ingest(
+        &engine,
+        vec![order("1", "a"), order("2", "b"), order("3", "a")],
+    );
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    ingest(&engine, vec![order("4", "a")]);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    let files = |fs: &MemFs| archive::list(&DataDir::new(Arc::new(fs.clone()), DIR)).unwrap();
+    let before = files(&fs);
+    assert_eq!(before.len(), 2);
+    let everyone: RoaringBitmap = (0..100).collect();
+    let all = |engine: &Engine| {
+        let mut out = Vec::new();
+        engine
+            .read_archive(&everyone, |_, bytes| {
+                out.push(String::from_utf8(bytes.to_vec()).unwrap());
+                Ok(())
+            })
+            .unwrap();
+        out.sort();
+        out
+    };
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: vec!["a".into()],
+        })
+        .unwrap();
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    // The first file rewritten with b's event only; the second, a's alone, gone.
+    assert_eq!(all(&engine), ["event:2"]);
+    let after = files(&fs);
+    assert_eq!(after.len(), 1);
+    assert!(!before.contains(&after[0]), "{before:?} {after:?}");
+    let crashed = fs.crash_image();
+    drop(engine);
+    for fs in [crashed, fs] {
+        let engine = open(&fs, &clock, 0);
+        assert_eq!(all(&engine), ["event:2"]);
+        assert_eq!(files(&fs).len(), 1);
+    }
+}

@@ -164,6 +164,9 @@ pub struct CheckpointJob {
     /// How long archived events are kept, ms (by the time they were
     /// ingested); `None`: for ever.
     pub event_retention_ms: Option<i64>,
+    /// Customers were erased since the previous checkpoint: archive files
+    /// holding their events are rewritten without them.
+    pub erased: bool,
 }
 
 /// What a finished checkpoint hands back to the writer.
@@ -483,6 +486,23 @@ impl CheckpointJob {
                 !expired
             });
         }
+        // Erased customers' events leave the archive: each file holding one
+        // is rewritten without them, under the next numbers.
+        let mut next_no = seg_no + 1;
+        if self.erased {
+            let mut kept = Vec::with_capacity(archives.len());
+            for a in archives {
+                match self.without_erased(&a, next_no, live)? {
+                    Rewrite::Unchanged => kept.push(a),
+                    Rewrite::Empty => {}
+                    Rewrite::Into(b) => {
+                        next_no += 1;
+                        kept.push(b);
+                    }
+                }
+            }
+            archives = kept;
+        }
         archives.extend(new_archive);
 
         let mut segment_bytes = 0;
@@ -499,8 +519,13 @@ impl CheckpointJob {
             checkpoint_at_ms: self.now_ms,
             next_customer_id: snap.next_customer_id,
             next_tag_id: snap.next_tag_id,
-            next_segment_no: if new_segment.is_some() || new_archive.is_some() {
-                seg_no + 1
+            // Past every number used: the segment's (or the new archive
+            // file's), then the rewritten archive files'.
+            next_segment_no: if new_segment.is_some()
+                || new_archive.is_some()
+                || next_no > seg_no + 1
+            {
+                next_no
             } else {
                 seg_no
             },
@@ -541,7 +566,59 @@ impl CheckpointJob {
     }
 }
 
+/// What erasure does to one archive file.
+enum Rewrite {
+    /// It holds no erased customer.
+    Unchanged,
+    /// It held only erased customers' events: gone.
+    Empty,
+    /// Rewritten, as this file.
+    Into(ManifestArchive),
+}
+
 impl CheckpointJob {
+    /// Archive file `a` without the events of customers no longer live,
+    /// written as file `no` if it held any (its log range and ingest times
+    /// stay, so retention treats it as before).
+    fn without_erased(
+        &self,
+        a: &ManifestArchive,
+        no: u64,
+        live: &ShardedBitmap,
+    ) -> Result<Rewrite> {
+        let file = crate::storage::archive::ArchiveFile::open(&self.dir, a.no)?;
+        let erased = file
+            .blocks
+            .iter()
+            .any(|b| b.customers.iter().any(|c| !live.contains(c)));
+        if !erased {
+            return Ok(Rewrite::Unchanged);
+        }
+        let mut out: Option<ArchiveWriter> = None;
+        file.for_each(None, |customer, event| {
+            if live.contains(customer) {
+                if out.is_none() {
+                    out = Some(ArchiveWriter::create(&self.dir, no)?);
+                }
+                if let Some(w) = out.as_mut() {
+                    w.push(customer, event)?;
+                }
+            }
+            Ok(())
+        })?;
+        let Some(w) = out else {
+            return Ok(Rewrite::Empty);
+        };
+        let events = w.events();
+        let bytes = w.finish()?;
+        Ok(Rewrite::Into(ManifestArchive {
+            no,
+            events,
+            bytes,
+            ..*a
+        }))
+    }
+
     /// Writes archive file `no` with the events of the log records after
     /// the previous checkpoint up to the snapshot's lsn, leaving out those
     /// of customers deleted since. `None` when there are none.

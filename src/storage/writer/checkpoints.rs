@@ -129,6 +129,7 @@ impl Writer {
                 0 => None,
                 days => Some(i64::from(days) * 86_400_000),
             },
+            erased: self.last_delete_lsn > self.manifest.checkpoint_lsn,
         };
         debug_assert_eq!(job.snap.lsn, lsn);
         self.merge_dictionary = false;
@@ -207,7 +208,8 @@ impl Writer {
                 }
                 // Its archive file, under the same number, likewise.
                 let archive = self.dir.join(crate::storage::archive::file_name(no));
-                match Manifest::read(&self.dir) {
+                let on_disk = Manifest::read(&self.dir);
+                match &on_disk {
                     Ok(on_disk)
                         if !on_disk
                             .as_ref()
@@ -220,7 +222,15 @@ impl Writer {
                         "the failed checkpoint's archive file may be named by the manifest on disk: kept"
                     ),
                 }
-                self.manifest.next_segment_no = no + 1;
+                // Archive files it rewrote took the numbers after `no`; if
+                // its manifest reached the disk, none of them is used again.
+                // (Unnamed ones are overwritten by the next checkpoint, or
+                // moved aside at the next start.)
+                let on_disk_next = match on_disk {
+                    Ok(Some(m)) => m.next_segment_no,
+                    _ => 0,
+                };
+                self.manifest.next_segment_no = (no + 1).max(on_disk_next);
                 let msg = e.to_string();
                 for w in running.waiters {
                     let _ = w.send(Err(Error::Checkpoint(msg.clone())));
