@@ -586,7 +586,23 @@ impl CheckpointJob {
         no: u64,
         live: &ShardedBitmap,
     ) -> Result<Rewrite> {
-        let file = crate::storage::archive::ArchiveFile::open(&self.dir, a.no)?;
+        // A file that cannot be read is left as it is, and said so: a
+        // damaged archive must not stop checkpoints (the log would grow
+        // without end). Only writing the new file fails the checkpoint.
+        let unreadable = |e: &Error| {
+            tracing::error!(
+                error = %e,
+                file = a.no,
+                "an archive file holding erased customers' events cannot be read, so it is not rewritten without them"
+            );
+        };
+        let file = match crate::storage::archive::ArchiveFile::open(&self.dir, a.no) {
+            Ok(f) => f,
+            Err(e) => {
+                unreadable(&e);
+                return Ok(Rewrite::Unchanged);
+            }
+        };
         let erased = file
             .blocks
             .iter()
@@ -595,17 +611,37 @@ impl CheckpointJob {
             return Ok(Rewrite::Unchanged);
         }
         let mut out: Option<ArchiveWriter> = None;
-        file.for_each(None, |customer, event| {
-            if live.contains(customer) {
-                if out.is_none() {
-                    out = Some(ArchiveWriter::create(&self.dir, no)?);
-                }
-                if let Some(w) = out.as_mut() {
-                    w.push(customer, event)?;
-                }
+        let mut write_failed = None;
+        let read = file.for_each(None, |customer, event| {
+            if !live.contains(customer) {
+                return Ok(());
             }
-            Ok(())
-        })?;
+            let written = match out.as_mut() {
+                Some(w) => w.push(customer, event),
+                None => ArchiveWriter::create(&self.dir, no).and_then(|mut w| {
+                    let pushed = w.push(customer, event);
+                    out = Some(w);
+                    pushed
+                }),
+            };
+            written.map_err(|e| {
+                let msg = e.to_string();
+                write_failed = Some(e);
+                Error::Checkpoint(msg)
+            })
+        });
+        if let Some(e) = write_failed {
+            return Err(e);
+        }
+        if let Err(e) = read {
+            unreadable(&e);
+            drop(out);
+            let _ = self
+                .dir
+                .fs()
+                .remove(&self.dir.join(crate::storage::archive::file_name(no)));
+            return Ok(Rewrite::Unchanged);
+        }
         let Some(w) = out else {
             return Ok(Rewrite::Empty);
         };
