@@ -866,3 +866,68 @@ add = "1"
         Code::DataLoss
     );
 }
+
+/// A client that gives up on `RebuildFacts` halfway (at many points, by a
+/// deadline of its own) leaves the customer's facts either as they were or
+/// wholly rebuilt, never half; the server goes on, and a rebuild after it
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_cancelled_halfway_is_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "taobao_orders".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_, end) = ingest(&mut c, taobao()).await;
+    assert!(end.is_none(), "{end:?}");
+    let xiaomei = "taobao_nick:小美爱护肤";
+    let request = || RebuildFactsRequest {
+        customers: vec![xiaomei.into()],
+        allow_partial: false,
+    };
+    let mut outcomes = [0, 0];
+    for micros in (0..40).map(|i| i * 250) {
+        // Two facts written over by hand; a rebuild sets both back.
+        c.set_values(SetValuesRequest {
+            writes: ["order_count", "total_spend_fen"]
+                .iter()
+                .map(|f| ValueWrite {
+                    field: f.to_string(),
+                    customer: xiaomei.into(),
+                    value: Some(value_write::Value::IntValue(999)),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+        let mut caller = c.clone();
+        let call = tokio::time::timeout(
+            std::time::Duration::from_micros(micros),
+            caller.rebuild_facts(request()),
+        )
+        .await;
+        // Whatever reached the writer is done by the time a checkpoint is.
+        c.checkpoint(CheckpointRequest::default()).await.unwrap();
+        let facts = (
+            int_value(&mut c, xiaomei, "order_count").await,
+            int_value(&mut c, xiaomei, "total_spend_fen").await,
+        );
+        match facts {
+            (Some(999), Some(999)) => outcomes[0] += 1,
+            (Some(1), Some(8_850)) => outcomes[1] += 1,
+            other => panic!("half a rebuild after {micros} µs ({call:?}): {other:?}"),
+        }
+    }
+    eprintln!(
+        "cancelled before the write: {}, after: {}",
+        outcomes[0], outcomes[1]
+    );
+    let r = c.rebuild_facts(request()).await.unwrap().into_inner();
+    assert_eq!(r.rebuilt, 1);
+    assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(1));
+}

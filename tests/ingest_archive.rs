@@ -345,3 +345,58 @@ fn an_unreadable_archive_file_does_not_stop_checkpoints_after_an_erasure() {
         engine.checkpoint_blocking(Default::default()).unwrap();
     }
 }
+
+/// A full disk refuses a rebuild's write whole (no value erased, none set)
+/// and leaves the store writable; with space back, the same rebuild applies.
+#[test]
+fn a_full_disk_refuses_a_rebuild_whole() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock, 0);
+    setup(&engine);
+    ingest(&engine, vec![order("1", "a")]);
+    // Enough customers that the rebuild's record passes the log's 4 MiB
+    // allocated ahead.
+    let many: Vec<String> = (0..400_000).map(|i| format!("c{i}")).collect();
+    engine
+        .write_blocking(WriteOp::CreateCustomers {
+            customers: many.clone(),
+        })
+        .unwrap();
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    let as_of = engine.snapshot().archive.upto_lsn;
+    let value = |engine: &Engine, k: &str| {
+        engine
+            .snapshot()
+            .field("order_count")
+            .unwrap()
+            .int_value(id(engine, k))
+            .unwrap()
+    };
+    let mut customers = many.clone();
+    customers.push("a".into());
+    let rebuild = || WriteOp::RebuildFacts {
+        as_of,
+        customers: customers.clone(),
+        erase: vec!["order_count".into()],
+        writes: customers
+            .iter()
+            .map(|k| ValueWrite::Int {
+                field: "order_count".into(),
+                customer: k.clone(),
+                value: Some(7),
+            })
+            .collect(),
+    };
+    fs.set_capacity(Some(fs.used_bytes() + 4096));
+    let err = engine.write_blocking(rebuild()).unwrap_err();
+    assert!(matches!(err, tagstore::Error::DiskFull(_)), "{err}");
+    assert_eq!(engine.failure(), None);
+    assert_eq!(value(&engine, "a"), Some(1));
+    assert_eq!(value(&engine, "c5"), None);
+    fs.set_capacity(None);
+    let r = engine.write_blocking(rebuild()).unwrap();
+    assert!(r.busy.is_empty());
+    assert_eq!(value(&engine, "a"), Some(7));
+    assert_eq!(value(&engine, "c399999"), Some(7));
+}
