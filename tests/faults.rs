@@ -257,6 +257,9 @@ fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
 fn ingest_scene_events(engine: &Engine) {
     let records = (0..50)
         .map(|i| tagstore::storage::IngestRecord {
+            identities: Vec::new(),
+            place: String::new(),
+            at_ms: 0,
             seen: Some(tagstore::storage::seen::seen_id(
                 "s",
                 "order",

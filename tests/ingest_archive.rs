@@ -33,6 +33,9 @@ fn open(fs: &MemFs, clock: &Arc<ManualClock>, retention_days: u32) -> Engine {
 /// An order `id` of `customer`; the archive keeps the text `event:<id>`.
 fn order(id: &str, customer: &str) -> IngestRecord {
     IngestRecord {
+        identities: Vec::new(),
+        place: String::new(),
+        at_ms: 0,
         seen: Some(seen_id("s", "order", id)),
         writes: vec![ValueWrite::Combine {
             field: "order_count".into(),

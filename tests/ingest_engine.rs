@@ -27,6 +27,9 @@ fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
 /// An order of `amount` fen by `customer`, with source event id `id`.
 fn order(id: &str, customer: &str, amount: i64) -> IngestRecord {
     IngestRecord {
+        identities: Vec::new(),
+        place: String::new(),
+        at_ms: 0,
         seen: Some(seen_id("jd_orders", "order", id)),
         writes: vec![
             ValueWrite::Combine {
@@ -102,6 +105,9 @@ fn an_event_is_applied_once_across_restarts_checkpoints_and_crashes() {
     );
     // A record without an id is applied each time.
     let plain = IngestRecord {
+        identities: Vec::new(),
+        place: String::new(),
+        at_ms: 0,
         seen: None,
         ..order("x", "c", 1)
     };

@@ -39,7 +39,7 @@ use crate::server::status::to_status;
 use crate::server::writes::mutation;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
-use crate::storage::{Engine, IngestRecord, KeptEvent, Queued, WriteOp};
+use crate::storage::{Engine, IdentityConflict, IngestRecord, KeptEvent, Queued, WriteOp};
 
 /// What an idle stream's end says of its batches.
 const IDLE_NOTE: &str = "every batch answered before this was applied, none after";
@@ -548,8 +548,10 @@ async fn prepare(
             });
             continue;
         }
-        // Until identities are unified, the first identity names the customer.
-        let key = e.identities[0].key();
+        // The writer decides the customer from every identity the record
+        // names; the first names a new one.
+        let identities: Vec<String> = e.identities.iter().map(|i| i.key()).collect();
+        let key = identities[0].clone();
         let seen = e
             .source_event_id
             .as_deref()
@@ -558,6 +560,9 @@ async fn prepare(
             line,
             IngestRecord {
                 seen,
+                identities,
+                place: e.channel.clone(),
+                at_ms: e.at_ms,
                 writes: fs.iter().map(|f| f.value_write(&key)).collect(),
                 event: Some(KeptEvent {
                     bytes: e.encode(&source.name),
@@ -633,6 +638,44 @@ fn is_about_records(e: &Error) -> bool {
     )
 }
 
+/// Adds `conflicts` to the answer, naming customers by their keys (`line`
+/// gives a record's line from its index in the write).
+fn report_conflicts(
+    engine: &Engine,
+    conflicts: &[IdentityConflict],
+    line: impl Fn(u32) -> u64,
+    answer: &mut proto::IngestResponse,
+) -> Result<(), Status> {
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let snap = engine.snapshot();
+    let key = |id: u32| -> Result<String, Status> {
+        snap.dict
+            .key_of(id)
+            .map_err(to_status)?
+            .ok_or_else(|| to_status(Error::MissingKey(id)))
+    };
+    for c in conflicts {
+        answer.conflicts.push(proto::IdentityConflict {
+            line: line(c.record),
+            customer: key(c.customer)?,
+            others: c
+                .others
+                .iter()
+                .map(|(identity, id)| {
+                    Ok(proto::ConflictingIdentity {
+                        identity: identity.clone(),
+                        customer: key(*id)?,
+                    })
+                })
+                .collect::<Result<_, Status>>()?,
+        });
+    }
+    answer.conflicts.sort_by_key(|c| c.line);
+    Ok(())
+}
+
 /// Writes a prepared batch and completes its answer.
 async fn apply(
     engine: Arc<Engine>,
@@ -658,6 +701,8 @@ async fn apply(
             answer.accepted = n - answer.duplicates;
             answer.new_customers = r.new_customers;
             answer.lsn = r.lsn;
+            answer.identities_linked = r.identities_linked;
+            report_conflicts(&engine, &r.conflicts, |i| lines[i as usize], &mut answer)?;
             Ok(answer)
         }
         Err(e) if is_about_records(&e) => {
@@ -675,6 +720,8 @@ async fn apply(
                         answer.accepted += 1 - dup;
                         answer.new_customers += r.new_customers;
                         answer.lsn = answer.lsn.max(r.lsn);
+                        answer.identities_linked += r.identities_linked;
+                        report_conflicts(&engine, &r.conflicts, |_| line, &mut answer)?;
                     }
                     Err(e) if is_about_records(&e) => answer.rejected.push(proto::RejectedRecord {
                         line,

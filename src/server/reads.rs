@@ -176,11 +176,29 @@ pub(super) async fn profile(
             .ok_or_else(|| to_status(Error::CustomerNotFound(customer.clone())))?;
         let tags = snap.tags_of(id).map_err(to_status)?;
         let values = fields::profile_values(&snap, id, recent_days, now)?;
+        let key = snap
+            .dict
+            .key_of(id)
+            .map_err(to_status)?
+            .ok_or_else(|| to_status(Error::MissingKey(id)))?;
+        let identities = snap
+            .idents
+            .of(id)
+            .map_err(to_status)?
+            .into_iter()
+            .map(|(identity, seen)| proto::CustomerIdentity {
+                identity,
+                first_channel: seen.place,
+                first_seen_ms: seen.first_ms,
+            })
+            .collect();
         Ok(proto::ProfileResponse {
             customer,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             internal_id: id,
             values,
+            key,
+            identities,
         })
     })
     .await?;

@@ -20,7 +20,8 @@ use crate::bitmap::ShardedBitmap;
 use crate::error::{Error, Result};
 use crate::storage::DataDir;
 use crate::storage::archive::ArchiveWriter;
-use crate::storage::dictionary::{DictLayer, Dictionary, encode_section};
+use crate::storage::dictionary::identities::UNLINKED;
+use crate::storage::dictionary::{DictLayer, Dictionary, encode_identity_section, encode_section};
 use crate::storage::manifest::{
     Manifest, ManifestArchive, ManifestField, ManifestSeen, ManifestSource, ManifestTag,
 };
@@ -176,6 +177,9 @@ pub struct CheckpointDone {
     pub dict_layers: Vec<Arc<DictLayer>>,
     /// Recent dictionary keys below this id are now in a section.
     pub dict_upto: u32,
+    /// The identity sections after it (recent entries up to the manifest's
+    /// `checkpoint_lsn` are now in one).
+    pub ident_layers: Vec<Arc<DictLayer>>,
     pub info: CheckpointInfo,
 }
 
@@ -240,6 +244,11 @@ impl CheckpointJob {
         for no in &self.prev.dict_segments {
             if let Some(seg) = self.segments.get(no) {
                 *referenced.entry(*no).or_default() += seg.bytes_of(BlobKind::Dictionary, 0);
+            }
+        }
+        for no in &self.prev.ident_segments {
+            if let Some(seg) = self.segments.get(no) {
+                *referenced.entry(*no).or_default() += seg.bytes_of(BlobKind::Identities, 0);
             }
         }
         let mut victims = HashSet::new();
@@ -470,6 +479,26 @@ impl CheckpointJob {
             new_dict = true;
         }
 
+        let ident_layers = snap.idents.layers();
+        let mut ident_segments: Vec<u64> = ident_layers.iter().map(|l| l.segment_no()).collect();
+        let ident_from = match self.identity_section(&ident_layers, &victims, live)? {
+            Some((from, section)) => {
+                ident_segments.truncate(from);
+                // A merge that leaves nothing (every entry was of erased
+                // customers) replaces the sections with none.
+                let written = section.len() >= 4 && section[..4] != [0, 0, 0, 0];
+                if written {
+                    open(&mut writer)?;
+                    if let Some(w) = writer.as_mut() {
+                        w.add_blob(BlobKind::Identities, 0, 0, &section)?;
+                    }
+                    ident_segments.push(seg_no);
+                }
+                Some((from, written))
+            }
+            None => None,
+        };
+
         // The events of the records this checkpoint covers, under the
         // segment's number (so a failed checkpoint's leftovers share its
         // clean-up); archive files past retention are no longer named.
@@ -537,6 +566,7 @@ impl CheckpointJob {
             seen: seen_days,
             archives,
             archive_dropped_to_ms,
+            ident_segments,
         };
         manifest.write(&self.dir)?;
 
@@ -547,6 +577,17 @@ impl CheckpointJob {
                 new_segment
                     .clone()
                     .expect("a new dictionary section writes a segment"),
+            )?));
+        }
+        let mut ident_layers = ident_layers;
+        if let Some((from, _)) = ident_from {
+            ident_layers.truncate(from);
+        }
+        if let Some((_, true)) = ident_from {
+            ident_layers.push(Arc::new(DictLayer::open_identities(
+                new_segment
+                    .clone()
+                    .expect("a new identity section writes a segment"),
             )?));
         }
         Ok(CheckpointDone {
@@ -562,9 +603,136 @@ impl CheckpointJob {
             new_segment,
             dict_layers,
             dict_upto: snap.next_customer_id,
+            ident_layers,
         })
     }
 }
+
+impl CheckpointJob {
+    /// The identity section this checkpoint writes, if any, and the index of
+    /// the first section it replaces (sections from there on are merged
+    /// into it, as dictionary sections are; a requested dictionary merge
+    /// merges every identity section).
+    ///
+    /// An identity's newest entry wins. Entries of deleted customers are
+    /// dropped, except where an older section left out of the merge has the
+    /// identity (the entry hides it); an identity taken away from its
+    /// customer stays taken away until a merge of every section, where it is
+    /// kept only if the dictionary still names a live customer with it.
+    fn identity_section(
+        &self,
+        layers: &[Arc<DictLayer>],
+        victims: &HashSet<u64>,
+        live: &ShardedBitmap,
+    ) -> Result<Option<(usize, Vec<u8>)>> {
+        let snap = &self.snap;
+        let members = live.members();
+        let recent = snap.idents.recent_entries(snap.lsn, members)?;
+        let sizes: Vec<usize> = layers.iter().map(|l| l.len()).collect();
+        let first_victim = layers
+            .iter()
+            .position(|l| victims.contains(&l.segment_no()));
+        let from = if self.merge_dictionary && !layers.is_empty() {
+            Some(0)
+        } else {
+            dict_merge_from(
+                &sizes,
+                recent.len(),
+                first_victim,
+                self.policy.max_dict_layers,
+            )
+        };
+        let Some(from) = from else {
+            if recent.is_empty() {
+                return Ok(None);
+            }
+            let section =
+                encode_identity_section(recent.iter().map(|(id, k, i)| (*id, &**k, &**i)));
+            return Ok(Some((layers.len(), section)));
+        };
+        let recent_keys: HashSet<&str> = recent.iter().map(|(_, k, _)| &**k).collect();
+        let older = &layers[..from];
+        let merged = &layers[from..];
+        // Whether the entry of `key` from source `src` (an index into
+        // `merged`, or `merged.len()` for the recent entries) goes into the
+        // new section.
+        let keep = |src: usize, id: u32, key: &str| -> Result<bool> {
+            if src < merged.len() {
+                if recent_keys.contains(key) {
+                    return Ok(false);
+                }
+                for newer in &merged[src + 1..] {
+                    if newer.find(key)?.is_some() {
+                        return Ok(false);
+                    }
+                }
+            }
+            if id == UNLINKED {
+                if from > 0 {
+                    return Ok(true);
+                }
+                return Ok(snap.dict.lookup(key)?.is_some_and(|c| members.contains(c)));
+            }
+            if members.contains(id) {
+                return Ok(true);
+            }
+            for o in older {
+                if o.find(key)?.is_some() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        // Every source is in id order: a k-way merge keeps the section's ids
+        // non-decreasing without collecting the entries first.
+        let mut sources: Vec<Entries<'_>> = merged
+            .iter()
+            .map(|l| Box::new(l.entries()) as Box<dyn Iterator<Item = _>>)
+            .collect();
+        sources.push(Box::new(
+            recent.iter().map(|(id, k, i)| Ok((*id, &**k, &**i))),
+        ));
+        let mut heads = Vec::with_capacity(sources.len());
+        for s in sources.iter_mut() {
+            heads.push(s.next().transpose()?);
+        }
+        let mut failed = None;
+        let mut next = || -> Result<Option<(u32, &str, &str)>> {
+            loop {
+                let Some(src) = (0..heads.len())
+                    .filter(|&i| heads[i].is_some())
+                    .min_by_key(|&i| heads[i].map(|h| h.0))
+                else {
+                    return Ok(None);
+                };
+                let Some(head) = heads[src].take() else {
+                    return Ok(None);
+                };
+                heads[src] = sources[src].next().transpose()?;
+                if keep(src, head.0, head.1)? {
+                    return Ok(Some(head));
+                }
+            }
+        };
+        // Streamed into the encoder; a damaged page stops the stream and
+        // fails the checkpoint with its error.
+        let section = encode_identity_section(std::iter::from_fn(|| match next() {
+            Ok(entry) => entry,
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
+        }));
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(Some((from, section)))
+    }
+}
+
+/// The `(id, identity, information)` entries of one source of an identity
+/// section merge, in id order.
+type Entries<'a> = Box<dyn Iterator<Item = Result<(u32, &'a str, &'a str)>> + 'a>;
 
 /// What erasure does to one archive file.
 enum Rewrite {

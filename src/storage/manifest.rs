@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 4;
+pub const MANIFEST_VERSION: u32 = 5;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +100,8 @@ pub struct Manifest {
     /// Events ingested at or before this time (Unix ms) were dropped from
     /// the archive by its retention; 0 when none ever were.
     pub archive_dropped_to_ms: i64,
+    /// Segments holding identity sections, oldest first.
+    pub ident_segments: Vec<u64>,
 }
 
 impl Manifest {
@@ -110,6 +112,7 @@ impl Manifest {
             .iter()
             .map(|t| t.segment)
             .chain(self.dict_segments.iter().copied())
+            .chain(self.ident_segments.iter().copied())
             .chain(
                 self.fields
                     .iter()
@@ -184,6 +187,10 @@ impl Manifest {
                 .u64(a.bytes);
         }
         e.i64(self.archive_dropped_to_ms);
+        e.u32(self.ident_segments.len() as u32);
+        for s in &self.ident_segments {
+            e.u64(*s);
+        }
         e.buf
     }
 
@@ -271,6 +278,11 @@ impl Manifest {
                 });
             }
             m.archive_dropped_to_ms = d.i64()?;
+        }
+        if version >= 5 {
+            for _ in 0..d.u32()? {
+                m.ident_segments.push(d.u64()?);
+            }
         }
         d.finish()?;
         Ok(m)
@@ -400,6 +412,7 @@ mod tests {
                 bytes: 56_789,
             }],
             archive_dropped_to_ms: 1_600_000_000_000,
+            ident_segments: vec![4],
         }
     }
 

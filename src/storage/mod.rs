@@ -59,7 +59,8 @@ pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 use writer::{Cmd, Writer};
 pub use writer::{
-    Combine, EventTime, IngestRecord, KeptEvent, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult,
+    Combine, EventTime, IdentityConflict, IngestRecord, KeptEvent, KeyIds, Mutation, ValueWrite,
+    WriteOp, WriteResult,
 };
 
 /// Writes naming at most this many customer keys have them checked on the

@@ -16,7 +16,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 4;
+pub const BATCH_VERSION: u8 = 5;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +217,21 @@ pub struct Batch {
     /// the event archive (written by the checkpoint that covers the batch;
     /// applying a batch does nothing with them).
     pub events: Vec<LoggedEvent>,
+    /// Identities linked to customers (or, with
+    /// [`UNLINKED`](crate::storage::dictionary::identities::UNLINKED),
+    /// taken away from theirs).
+    pub identities: Vec<IdentityLink>,
+}
+
+/// An identity (`type:value`) and the customer it now names, with where and
+/// when it was first seen (kept from its first link: a later link of the
+/// same identity does not change them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityLink {
+    pub customer: u32,
+    pub identity: String,
+    pub first_ms: i64,
+    pub place: String,
 }
 
 /// An ingested event as the log carries it: its customer and its bytes
@@ -250,6 +265,7 @@ impl Batch {
             && self.seen.is_empty()
             && self.drop_seen_days.is_empty()
             && self.events.is_empty()
+            && self.identities.is_empty()
     }
 
     /// Memberships the batch names in its changes: a measure of the work
@@ -318,13 +334,20 @@ impl Batch {
             e.u32(ev.customer).u32(ev.bytes.len() as u32);
             e.buf.extend_from_slice(&ev.bytes);
         }
+        e.u32(self.identities.len() as u32);
+        for l in &self.identities {
+            e.u32(l.customer)
+                .str(&l.identity)
+                .i64(l.first_ms)
+                .str(&l.place);
+        }
         e.buf
     }
 
     pub fn decode(payload: &[u8]) -> DecResult<Self> {
         let mut d = Dec::new(payload);
         let version = d.u8()?;
-        if !(1..=4).contains(&version) {
+        if !(1..=BATCH_VERSION).contains(&version) {
             return d.err(format!("unsupported batch version {version}"));
         }
         let mut b = Batch {
@@ -405,6 +428,16 @@ impl Batch {
                 let len = d.u32()? as usize;
                 let bytes = d.bytes(len)?.to_vec();
                 b.events.push(LoggedEvent { customer, bytes });
+            }
+        }
+        if version >= 5 {
+            for _ in 0..d.u32()? {
+                b.identities.push(IdentityLink {
+                    customer: d.u32()?,
+                    identity: d.str()?.to_string(),
+                    first_ms: d.i64()?,
+                    place: d.str()?.to_string(),
+                });
             }
         }
         d.finish()?;
@@ -488,6 +521,20 @@ mod tests {
                 LoggedEvent {
                     customer: 11,
                     bytes: Vec::new(),
+                },
+            ],
+            identities: vec![
+                IdentityLink {
+                    customer: 10,
+                    identity: "wechat_unionid:o6_x".into(),
+                    first_ms: 1_700_000_000_000,
+                    place: "wechat".into(),
+                },
+                IdentityLink {
+                    customer: u32::MAX,
+                    identity: "phone:13800000000".into(),
+                    first_ms: 0,
+                    place: String::new(),
                 },
             ],
         };

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::storage::archive::{self, ArchiveFile};
 use crate::storage::datadir::{DataDir, move_aside};
-use crate::storage::dictionary::{DictLayer, Dictionary};
+use crate::storage::dictionary::{DictLayer, Dictionary, Identities};
 use crate::storage::manifest::{self, Manifest};
 use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen;
@@ -138,6 +138,11 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         layers.push(Arc::new(DictLayer::open(seg(no)?)?));
     }
     let dict = Arc::new(Dictionary::new(layers, manifest.next_customer_id));
+    let mut ident_layers = Vec::new();
+    for &no in &manifest.ident_segments {
+        ident_layers.push(Arc::new(DictLayer::open_identities(seg(no)?)?));
+    }
+    let idents = Arc::new(Identities::new(ident_layers));
     let mut tags = TagMap::new();
     for t in &manifest.tags {
         let bitmap = if t.segment == 0 {
@@ -238,6 +243,7 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         next_customer_id: manifest.next_customer_id,
         next_tag_id: manifest.next_tag_id,
         dict,
+        idents,
         sources,
         archive: Arc::new(ArchiveList::of(&manifest)),
     };

@@ -43,6 +43,9 @@ pub enum BlobKind {
     /// The ids of the events ingested on one day ([`crate::storage::seen`]);
     /// `owner` is the day (days since 1970-01-01, UTC), `shard` is 0.
     SeenIds = 5,
+    /// An identity section ([`crate::storage::identities`]); `owner` and
+    /// `shard` are 0.
+    Identities = 6,
 }
 
 /// Bits of a packed `shard` word that hold the shard number (ids are u32 and
@@ -64,6 +67,7 @@ impl BlobKind {
             3 => Some(Self::Dictionary),
             4 => Some(Self::FieldSlot),
             5 => Some(Self::SeenIds),
+            6 => Some(Self::Identities),
             _ => None,
         }
     }

@@ -8,7 +8,8 @@ use std::sync::{Arc, OnceLock};
 use crate::bitmap::ShardedBitmap;
 use crate::error::Result;
 use crate::fields::{FieldKind, INT_EXISTS, bsi, int_slot};
-use crate::storage::dictionary::Dictionary;
+use crate::storage::dictionary::identities::Found;
+use crate::storage::dictionary::{Dictionary, Identities};
 use crate::storage::segment::{BlobKind, Segment};
 
 /// A bitmap that is either in memory or still in a segment file.
@@ -230,10 +231,39 @@ pub struct Snapshot {
     pub next_tag_id: u32,
     /// Shared with the writer; look-ups are checked against `live`.
     pub dict: Arc<Dictionary>,
+    /// Identities beside the customers' keys, shared with the writer like
+    /// the dictionary (see [`Snapshot::customer_id`]).
+    pub idents: Arc<Identities>,
     /// Sources of ingestion by name.
     pub sources: SourceMap,
     /// The event archive as of the last checkpoint.
     pub archive: Arc<ArchiveList>,
+}
+
+/// Turns dictionary answers `ids` for `keys` into the live customers the
+/// keys name: an identity's entry wins over the dictionary, unless it names
+/// a deleted customer (see [`Snapshot::customer_id`]).
+pub(crate) fn resolve_identities(
+    idents: &Identities,
+    live: crate::bitmap::Members<'_>,
+    keys: &[&str],
+    ids: &mut [Option<u32>],
+) -> Result<()> {
+    if !idents.is_empty() {
+        for (id, found) in ids.iter_mut().zip(idents.lookup_many(keys)?) {
+            match found {
+                Found::Customer(c) if live.contains(c) => *id = Some(c),
+                Found::Unlinked => *id = None,
+                _ => {}
+            }
+        }
+    }
+    for id in ids.iter_mut() {
+        if id.is_some_and(|id| !live.contains(id)) {
+            *id = None;
+        }
+    }
+    Ok(())
 }
 
 /// The event archive's files as the last checkpoint left them.
@@ -294,6 +324,7 @@ impl Snapshot {
             next_customer_id,
             next_tag_id,
             dict: Arc::new(Dictionary::new(Vec::new(), next_customer_id)),
+            idents: Arc::new(Identities::new(Vec::new())),
             sources: SourceMap::new(),
             archive: Arc::default(),
         }
@@ -311,12 +342,20 @@ impl Snapshot {
         self.live.get()
     }
 
-    /// The id of a live customer.
+    /// The live customer `key` names: the customer an identity's newest
+    /// entry names, if alive; otherwise the customer created with that key,
+    /// if alive. An identity taken away from its customer names no one.
     pub fn customer_id(&self, key: &str) -> Result<Option<u32>> {
+        let live = self.live()?.members();
+        match self.idents.lookup(key)? {
+            Found::Customer(id) if live.contains(id) => return Ok(Some(id)),
+            Found::Unlinked => return Ok(None),
+            _ => {}
+        }
         let Some(id) = self.dict.lookup(key)? else {
             return Ok(None);
         };
-        Ok(self.live()?.contains(id).then_some(id))
+        Ok(live.contains(id).then_some(id))
     }
 
     /// The ids of many live customers at once (`None` for keys no live
@@ -324,11 +363,7 @@ impl Snapshot {
     pub fn customer_ids(&self, keys: &[&str]) -> Result<Vec<Option<u32>>> {
         let live = self.live()?.members();
         let mut ids = self.dict.lookup_many(keys)?;
-        for id in &mut ids {
-            if id.is_some_and(|id| !live.contains(id)) {
-                *id = None;
-            }
-        }
+        resolve_identities(&self.idents, live, keys, &mut ids)?;
         Ok(ids)
     }
 

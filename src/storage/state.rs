@@ -11,6 +11,7 @@ use crate::bitmap::ShardedBitmap;
 use crate::error::{Error, Result};
 use crate::fields::time::{self, Bucket};
 use crate::fields::{INT_EXISTS, bsi, int_slot};
+use crate::storage::dictionary::identities::FirstSeen;
 use crate::storage::record::{Batch, ChangeOp, FieldChange};
 use crate::storage::seen::{self, Seen};
 use crate::storage::snapshot::{
@@ -295,6 +296,15 @@ impl State {
                 self.snap.next_customer_id = self.snap.next_customer_id.max(id + 1);
             }
             self.dirty_live = true;
+        }
+        for l in &b.identities {
+            let seen = FirstSeen {
+                first_ms: l.first_ms,
+                place: l.place.clone(),
+            };
+            self.snap
+                .idents
+                .insert(l.customer, &l.identity, &seen, lsn)?;
         }
         for c in &b.changes {
             let tag = self.tag_mut(c.tag)?;

@@ -21,10 +21,12 @@ use crate::bitmap::Members;
 use crate::error::{Error, Result};
 use crate::storage::codec::fnv1a64;
 
+pub mod identities;
 mod section;
 
+pub use identities::Identities;
 use section::LOOKUP_GROUP;
-pub use section::{DictLayer, encode_section};
+pub use section::{DictLayer, encode_identity_section, encode_section};
 
 struct Inner {
     /// Sections in segment files, oldest first.

@@ -28,15 +28,47 @@ fn slot_entry(hash: u64, index: usize) -> u64 {
     (hash & 0xffff_ffff_0000_0000) | (index as u64 + 1)
 }
 
+/// Header flag: each entry's bytes are its key, a NUL byte and the entry's
+/// information (identity sections); only the key is hashed and compared.
+const FLAG_INFO: u32 = 1;
+
 /// Encodes a dictionary section from `(id, key)` pairs in ascending id order.
 pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<u8> {
+    encode(entries.map(|(id, key)| (id, key, None)), 0)
+}
+
+/// Encodes an identity section from `(id, identity, info)` entries in
+/// non-decreasing id order (a customer has many identities). Identities
+/// never contain a NUL byte (the ingestion room's normal forms keep control
+/// characters out).
+pub fn encode_identity_section<'a>(
+    entries: impl Iterator<Item = (u32, &'a str, &'a str)>,
+) -> Vec<u8> {
+    encode(
+        entries.map(|(id, key, info)| (id, key, Some(info))),
+        FLAG_INFO,
+    )
+}
+
+fn encode<'a>(
+    entries: impl Iterator<Item = (u32, &'a str, Option<&'a str>)>,
+    flags: u32,
+) -> Vec<u8> {
     let mut ids: Vec<u32> = Vec::new();
     let mut offsets: Vec<u64> = vec![0];
     let mut keys: Vec<u8> = Vec::new();
-    for (id, key) in entries {
-        debug_assert!(ids.last().is_none_or(|&last| last < id));
+    for (id, key, info) in entries {
+        debug_assert!(
+            ids.last()
+                .is_none_or(|&last| last < id || (flags & FLAG_INFO != 0 && last == id))
+        );
         ids.push(id);
         keys.extend_from_slice(key.as_bytes());
+        if let Some(info) = info {
+            debug_assert!(!key.contains('\0'));
+            keys.push(0);
+            keys.extend_from_slice(info.as_bytes());
+        }
         offsets.push(keys.len() as u64);
     }
     let count = ids.len();
@@ -44,8 +76,8 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
     let mask = slot_count - 1;
     let mut slots = vec![0u64; slot_count];
     for i in 0..count {
-        let key = &keys[offsets[i] as usize..offsets[i + 1] as usize];
-        let hash = fnv1a64(key);
+        let entry = &keys[offsets[i] as usize..offsets[i + 1] as usize];
+        let hash = fnv1a64(key_part(entry, flags));
         let mut s = hash as usize & mask;
         while slots[s] != 0 {
             s = (s + 1) & mask;
@@ -84,10 +116,23 @@ pub fn encode_section<'a>(entries: impl Iterator<Item = (u32, &'a str)>) -> Vec<
     header.extend_from_slice(&PAGE_SHIFT.to_le_bytes());
     header.extend_from_slice(&(page_count as u32).to_le_bytes());
     header.extend_from_slice(&crc32fast::hash(&page_crcs).to_le_bytes());
-    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&flags.to_le_bytes());
     out[..SECTION_HEADER_LEN].copy_from_slice(&header);
     out[SECTION_HEADER_LEN..body_at].copy_from_slice(&page_crcs);
     out
+}
+
+/// The key within an entry's bytes (all of them, unless the section's
+/// entries carry information after a NUL).
+#[inline]
+fn key_part(entry: &[u8], flags: u32) -> &[u8] {
+    if flags & FLAG_INFO == 0 {
+        return entry;
+    }
+    match entry.iter().position(|&b| b == 0) {
+        Some(at) => &entry[..at],
+        None => entry,
+    }
 }
 
 /// Asks the CPU to start loading the cache line holding `bytes[at]`; a hint
@@ -126,6 +171,8 @@ pub struct DictLayer {
     keys_at: usize,
     min_id: u32,
     max_id: u32,
+    /// [`FLAG_INFO`] for an identity section, 0 for a dictionary section.
+    flags: u32,
     verified: Vec<AtomicU64>,
 }
 
@@ -133,24 +180,29 @@ impl DictLayer {
     /// Opens the dictionary section of a segment, checking its header and
     /// its page checksum table.
     pub fn open(seg: Arc<Segment>) -> Result<Self> {
-        let entry = *seg
-            .entries_of(BlobKind::Dictionary, 0)
-            .first()
-            .ok_or_else(|| {
-                Error::corrupt(
-                    &seg.path,
-                    0,
-                    "the manifest names this segment for a dictionary section it does not have",
-                )
-            })?;
-        let b = seg.raw(&entry);
-        let corrupt = |why: &str| {
+        Self::open_kind(seg, BlobKind::Dictionary)
+    }
+
+    /// Opens the identity section of a segment (the same layout, with
+    /// information after each key and ids that may repeat).
+    pub fn open_identities(seg: Arc<Segment>) -> Result<Self> {
+        Self::open_kind(seg, BlobKind::Identities)
+    }
+
+    fn open_kind(seg: Arc<Segment>, kind: BlobKind) -> Result<Self> {
+        let what = match kind {
+            BlobKind::Identities => "identity section",
+            _ => "dictionary section",
+        };
+        let entry = *seg.entries_of(kind, 0).first().ok_or_else(|| {
             Error::corrupt(
                 &seg.path,
-                entry.offset,
-                format!("dictionary section: {why}"),
+                0,
+                format!("the manifest names this segment for a {what} it does not have"),
             )
-        };
+        })?;
+        let b = seg.raw(&entry);
+        let corrupt = |why: &str| Error::corrupt(&seg.path, entry.offset, format!("{what}: {why}"));
         let short = || corrupt("short header");
         let count = le_u32(b, 0).ok_or_else(short)? as usize;
         let slot_count = le_u32(b, 4).ok_or_else(short)? as usize;
@@ -158,6 +210,15 @@ impl DictLayer {
         let page_shift = le_u32(b, 16).ok_or_else(short)?;
         let page_count = le_u32(b, 20).ok_or_else(short)? as usize;
         let table_crc = le_u32(b, 24).ok_or_else(short)?;
+        let flags = le_u32(b, 28).ok_or_else(short)?;
+        let want_flags = if kind == BlobKind::Identities {
+            FLAG_INFO
+        } else {
+            0
+        };
+        if flags != want_flags {
+            return Err(corrupt("unknown flags"));
+        }
         if !(12..=30).contains(&page_shift) {
             return Err(corrupt("bad page size"));
         }
@@ -196,6 +257,7 @@ impl DictLayer {
             keys_at,
             min_id: 0,
             max_id: 0,
+            flags,
             verified: (0..page_count.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -274,7 +336,11 @@ impl DictLayer {
         Error::corrupt(
             &self.seg.path,
             self.entry.offset + (self.body_at + body_offset) as u64,
-            format!("dictionary section: {why}"),
+            if self.flags & FLAG_INFO != 0 {
+                format!("identity section: {why}")
+            } else {
+                format!("dictionary section: {why}")
+            },
         )
     }
 
@@ -318,6 +384,22 @@ impl DictLayer {
 
     /// The id of `key` in this section (`hash` is its FNV-1a hash).
     pub(super) fn find_hashed(&self, key: &str, hash: u64) -> Result<Option<u32>> {
+        match self.index_hashed(key, hash)? {
+            Some(i) => self.id_at(i).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The information of `key`'s entry in this section.
+    pub fn info_of(&self, key: &str) -> Result<Option<&str>> {
+        match self.index_hashed(key, fnv1a64(key.as_bytes()))? {
+            Some(i) => Ok(Some(self.entry_at(i)?.1)),
+            None => Ok(None),
+        }
+    }
+
+    /// The index of `key`'s entry (`hash` is its FNV-1a hash).
+    fn index_hashed(&self, key: &str, hash: u64) -> Result<Option<usize>> {
         if self.count == 0 {
             return Ok(None);
         }
@@ -334,8 +416,8 @@ impl DictLayer {
                 if index == 0 || index > self.count {
                     return Err(self.corrupt(self.slots_at + s * 8, "hash slot out of range"));
                 }
-                if self.key_bytes_at(index - 1)? == key.as_bytes() {
-                    return self.id_at(index - 1).map(Some);
+                if key_part(self.key_bytes_at(index - 1)?, self.flags) == key.as_bytes() {
+                    return Ok(Some(index - 1));
                 }
             }
             s = (s + 1) & mask;
@@ -409,7 +491,10 @@ impl DictLayer {
         for (j, &k) in group.iter().enumerate() {
             let id = match found[j] {
                 0 => None,
-                index if self.key_bytes_at(index - 1)? == keys[k].as_bytes() => {
+                index
+                    if key_part(self.key_bytes_at(index - 1)?, self.flags)
+                        == keys[k].as_bytes() =>
+                {
                     Some(self.id_at(index - 1)?)
                 }
                 // Another key with the same 32-bit hash tag came first: the
@@ -449,5 +534,45 @@ impl DictLayer {
     /// Every `(id, key)` in ascending id order.
     pub fn iter(&self) -> impl Iterator<Item = Result<(u32, &str)>> + '_ {
         (0..self.count).map(|i| Ok((self.id_at(i)?, self.key_at(i)?)))
+    }
+
+    /// Entry `i`'s key and information (empty in a dictionary section).
+    fn entry_at(&self, i: usize) -> Result<(&str, &str)> {
+        let all = self.key_at(i)?;
+        if self.flags & FLAG_INFO == 0 {
+            return Ok((all, ""));
+        }
+        Ok(all.split_once('\0').unwrap_or((all, "")))
+    }
+
+    /// Every `(id, key, information)` in ascending id order.
+    pub fn entries(&self) -> impl Iterator<Item = Result<(u32, &str, &str)>> + '_ {
+        (0..self.count).map(|i| {
+            let (key, info) = self.entry_at(i)?;
+            Ok((self.id_at(i)?, key, info))
+        })
+    }
+
+    /// The `(key, information)` of every entry of `id`, in key order
+    /// (an identity section may hold several entries of one id).
+    pub fn entries_of(&self, id: u32) -> Result<Vec<(&str, &str)>> {
+        let mut out = Vec::new();
+        if self.count == 0 || id < self.min_id || id > self.max_id {
+            return Ok(out);
+        }
+        let (mut lo, mut hi) = (0usize, self.count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.id_at(mid)? < id {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        while lo < self.count && self.id_at(lo)? == id {
+            out.push(self.entry_at(lo)?);
+            lo += 1;
+        }
+        Ok(out)
     }
 }

@@ -326,6 +326,12 @@ impl Writer {
                 .dict
                 .successor(done.dict_layers, done.dict_upto),
         );
+        self.state.snap.idents = Arc::new(
+            self.state
+                .snap
+                .idents
+                .successor(done.ident_layers, done.manifest.checkpoint_lsn),
+        );
         let dropped: Vec<u64> = self
             .manifest
             .archives

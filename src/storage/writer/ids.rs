@@ -6,19 +6,22 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::error::{Error, Result};
+use crate::storage::snapshot::resolve_identities;
 
 /// Looks up customer keys for one request, giving new ids to new keys.
-pub(super) struct IdAssigner<'a, 'k> {
+pub(super) struct IdAssigner<'a> {
     state: &'a State,
     /// The live customers of the writer's state.
     pub(super) live: crate::bitmap::Members<'a>,
-    fresh: HashMap<&'k str, u32>,
+    /// Keys given ids by this request: customers it creates, and
+    /// identities it links to customers.
+    fresh: HashMap<Box<str>, u32>,
     /// Customers created for this request, to be logged with it.
     pub(super) new_keys: Vec<(u32, String)>,
     next: u32,
 }
 
-impl<'a, 'k> IdAssigner<'a, 'k> {
+impl<'a> IdAssigner<'a> {
     pub(super) fn new(state: &'a State) -> Result<Self> {
         Ok(Self {
             state,
@@ -34,31 +37,26 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
         if let Some(&id) = self.fresh.get(key) {
             return Ok(Some(id));
         }
-        Ok(self
-            .state
-            .snap
-            .dict
-            .lookup(key)?
-            .filter(|&id| self.live.contains(id)))
+        self.state.snap.customer_id(key)
     }
 
     /// [`IdAssigner::get`] of many keys, with the dictionary look-ups
     /// overlapped: the ids of live customers, in order.
     pub(super) fn get_many(&self, keys: &[String]) -> Result<Vec<Option<u32>>> {
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let mut ids = self.state.snap.dict.lookup_many(&refs)?;
+        let snap = &self.state.snap;
+        let mut ids = snap.dict.lookup_many(&refs)?;
+        resolve_identities(&snap.idents, self.live, &refs, &mut ids)?;
         for (id, key) in ids.iter_mut().zip(keys) {
             if let Some(&fresh) = self.fresh.get(key.as_str()) {
                 *id = Some(fresh);
-            } else if id.is_some_and(|id| !self.live.contains(id)) {
-                *id = None;
             }
         }
         Ok(ids)
     }
 
     /// The ids of `keys`, new ids for keys no live customer has.
-    pub(super) fn get_or_create_many(&mut self, keys: &'k [String]) -> Result<Vec<u32>> {
+    pub(super) fn get_or_create_many(&mut self, keys: &[String]) -> Result<Vec<u32>> {
         let found = self.get_many(keys)?;
         keys.iter()
             .zip(found)
@@ -73,7 +71,7 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
             .collect()
     }
 
-    pub(super) fn get_or_create(&mut self, key: &'k str) -> Result<u32> {
+    pub(super) fn get_or_create(&mut self, key: &str) -> Result<u32> {
         if let Some(id) = self.get(key)? {
             return Ok(id);
         }
@@ -81,14 +79,20 @@ impl<'a, 'k> IdAssigner<'a, 'k> {
     }
 
     /// A new id for `key`, which no live customer has.
-    pub(super) fn create(&mut self, key: &'k str) -> Result<u32> {
+    pub(super) fn create(&mut self, key: &str) -> Result<u32> {
         let id = self.next;
         self.next = self
             .next
             .checked_add(1)
             .ok_or_else(|| Error::invalid("the store has used every customer id (2^32)"))?;
-        self.fresh.insert(key, id);
+        self.fresh.insert(key.into(), id);
         self.new_keys.push((id, key.to_string()));
         Ok(id)
+    }
+
+    /// Records that this request links identity `key` to customer `id`:
+    /// later look-ups of the request find it.
+    pub(super) fn link(&mut self, key: &str, id: u32) {
+        self.fresh.insert(key.into(), id);
     }
 }

@@ -77,11 +77,23 @@ enum Target {
     Created(String),
     Replaced(u32),
     FieldCreated(String),
-    Values { expired: u64 },
+    Values {
+        expired: u64,
+    },
     Ids(Vec<u32>),
-    SourcePut { created: bool },
-    Ingested { expired: u64, duplicates: Vec<u32> },
-    Rebuilt { expired: u64, busy: Vec<String> },
+    SourcePut {
+        created: bool,
+    },
+    Ingested {
+        expired: u64,
+        duplicates: Vec<u32>,
+        linked: u64,
+        conflicts: Vec<IdentityConflict>,
+    },
+    Rebuilt {
+        expired: u64,
+        busy: Vec<String>,
+    },
 }
 
 impl Target {
@@ -90,10 +102,14 @@ impl Target {
         if let Target::Ingested {
             expired,
             duplicates,
+            linked,
+            conflicts,
         } = self
         {
             r.events_expired = expired;
             r.duplicates = duplicates;
+            r.identities_linked = linked;
+            r.conflicts = conflicts;
         }
     }
 }

@@ -228,6 +228,18 @@ pub enum WriteOp {
 #[derive(Debug, Clone)]
 pub struct IngestRecord {
     pub seen: Option<u128>,
+    /// The identities the record names (`type:value` keys), in the order
+    /// that decides which one names a new customer. The record's customer
+    /// is the live one they name; a new one (named by the first) when they
+    /// name none. Identities not yet linked to anyone are linked to it.
+    /// Empty: the writes and the event name their customer themselves.
+    pub identities: Vec<String>,
+    /// Where the record's identities were seen (its channel) and when (its
+    /// event time, Unix ms): kept with each identity the record links first.
+    pub place: String,
+    pub at_ms: i64,
+    /// The writes its facts make; with identities, the writer aims them at
+    /// the record's customer whatever key they name.
     pub writes: Vec<ValueWrite>,
     /// The event itself, kept in the event archive under its customer
     /// (created if new); `None`: not kept.
@@ -289,6 +301,7 @@ impl WriteOp {
                 customers, writes, ..
             } => all(customers).and_then(|_| writes.iter().try_for_each(ValueWrite::check_key)),
             WriteOp::Ingest { records } => records.iter().try_for_each(|r| {
+                all(&r.identities)?;
                 r.writes.iter().try_for_each(ValueWrite::check_key)?;
                 r.event.iter().try_for_each(|e| check_key(&e.customer))
             }),
@@ -352,6 +365,19 @@ impl ValueWrite {
             | ValueWrite::Enum { customer, .. }
             | ValueWrite::Event { customer, .. }
             | ValueWrite::Combine { customer, .. } => customer,
+        }
+    }
+
+    /// Aims the write at another customer key.
+    pub fn set_customer(&mut self, key: &str) {
+        match self {
+            ValueWrite::Int { customer, .. }
+            | ValueWrite::Enum { customer, .. }
+            | ValueWrite::Event { customer, .. }
+            | ValueWrite::Combine { customer, .. } => {
+                customer.clear();
+                customer.push_str(key);
+            }
         }
     }
 
@@ -428,4 +454,21 @@ pub struct WriteResult {
     /// Customers a [`WriteOp::RebuildFacts`] left as they were, because
     /// events of theirs were ingested after the archive it was given.
     pub busy: Vec<String>,
+    /// Identities a [`WriteOp::Ingest`] linked to customers.
+    pub identities_linked: u64,
+    /// Records of a [`WriteOp::Ingest`] whose identities named more than
+    /// one customer.
+    pub conflicts: Vec<IdentityConflict>,
+}
+
+/// A record whose identities name more than one live customer. It was
+/// applied to `customer`, the one its earliest identity names; the
+/// identities in `others` were left with the customers they name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConflict {
+    /// The record's index in the request.
+    pub record: u32,
+    pub customer: u32,
+    /// Identities of the record that name other customers, with them.
+    pub others: Vec<(String, u32)>,
 }

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::fields::FieldKind;
 use crate::fields::time::{self};
 use crate::names::check_tag_name;
+use crate::storage::record::IdentityLink;
 use crate::storage::record::{
     Batch, Change, ChangeOp, FieldChange, LoggedEvent, NewField, NewTag, SourceChange,
 };
@@ -364,8 +365,7 @@ impl Planner<'_> {
             WriteOp::Ingest { records } => {
                 let mut duplicates = Vec::new();
                 let mut fresh = std::collections::HashSet::new();
-                let mut writes = Vec::new();
-                let mut kept = Vec::new();
+                let mut taken = Vec::with_capacity(records.len());
                 for (i, r) in records.into_iter().enumerate() {
                     if let Some(id) = r.seen {
                         if self.state.seen.contains(id) || !fresh.insert(id) {
@@ -374,19 +374,43 @@ impl Planner<'_> {
                         }
                         batch.seen.push(id);
                     }
-                    writes.extend(r.writes);
-                    if let Some(e) = r.event {
-                        if e.bytes.len() > crate::storage::archive::MAX_EVENT_BYTES {
-                            return Err(Error::invalid(format!(
-                                "record {i}: its event is {} bytes encoded; at most {}",
-                                e.bytes.len(),
-                                crate::storage::archive::MAX_EVENT_BYTES
-                            )));
+                    if let Some(e) = &r.event
+                        && e.bytes.len() > crate::storage::archive::MAX_EVENT_BYTES
+                    {
+                        return Err(Error::invalid(format!(
+                            "record {i}: its event is {} bytes encoded; at most {}",
+                            e.bytes.len(),
+                            crate::storage::archive::MAX_EVENT_BYTES
+                        )));
+                    }
+                    taken.push((i as u32, r));
+                }
+                let mut ids = IdAssigner::new(self.state)?;
+                let mut writes = Vec::new();
+                let mut kept = Vec::new();
+                let mut conflicts = Vec::new();
+                for (i, r) in taken {
+                    let customer = if r.identities.is_empty() {
+                        None
+                    } else {
+                        let (customer, conflict) =
+                            self.identify(&mut ids, i, &r, at_ms, &mut batch)?;
+                        conflicts.extend(conflict);
+                        Some(customer)
+                    };
+                    for mut w in r.writes {
+                        if let Some((_, key)) = &customer {
+                            w.set_customer(key);
+                        }
+                        writes.push(w);
+                    }
+                    if let Some(mut e) = r.event {
+                        if let Some((_, key)) = &customer {
+                            e.customer = key.clone();
                         }
                         kept.push(e);
                     }
                 }
-                let mut ids = IdAssigner::new(self.state)?;
                 let expired = if writes.is_empty() {
                     0
                 } else {
@@ -409,6 +433,8 @@ impl Planner<'_> {
                 let target = Target::Ingested {
                     expired,
                     duplicates,
+                    linked: batch.identities.len() as u64,
+                    conflicts,
                 };
                 if batch.is_empty() {
                     let mut r = WriteResult {
@@ -421,6 +447,66 @@ impl Planner<'_> {
                 Ok(Planned::Write(batch, target))
             }
         }
+    }
+
+    /// The customer of an ingested record with identities, and a key that
+    /// names it within this request: the live customer its identities name
+    /// (the one its earliest identity names, when they name several: the
+    /// conflict is returned), or a new one named by its first identity.
+    /// Identities that name no one are linked to it in `batch`.
+    fn identify(
+        &self,
+        ids: &mut IdAssigner<'_>,
+        record: u32,
+        r: &IngestRecord,
+        at_ms: i64,
+        batch: &mut Batch,
+    ) -> Result<((u32, String), Option<IdentityConflict>)> {
+        let found = ids.get_many(&r.identities)?;
+        let mut chosen: Option<(u32, &str)> = None;
+        let mut others = Vec::new();
+        for (key, id) in r.identities.iter().zip(&found) {
+            match (id, chosen) {
+                (Some(id), None) => chosen = Some((*id, key)),
+                (Some(id), Some((c, _))) if *id != c => others.push((key.clone(), *id)),
+                _ => {}
+            }
+        }
+        let (customer, key) = match chosen {
+            Some((id, key)) => (id, key.to_string()),
+            None => {
+                let key = r.identities[0].clone();
+                (ids.create(&key)?, key)
+            }
+        };
+        let created = chosen.is_none();
+        let first_ms = if r.at_ms > 0 { r.at_ms } else { at_ms };
+        for (j, (key, id)) in r.identities.iter().zip(&found).enumerate() {
+            // The identity a new customer is created with is linked too, so
+            // that every identity says where and when it was first seen.
+            let creating = created && j == 0;
+            if id.is_some() && !creating {
+                continue;
+            }
+            // Named twice in one record, or linked by an earlier record of
+            // this request.
+            if !creating && ids.get(key)?.is_some() {
+                continue;
+            }
+            ids.link(key, customer);
+            batch.identities.push(IdentityLink {
+                customer,
+                identity: key.clone(),
+                first_ms,
+                place: r.place.clone(),
+            });
+        }
+        let conflict = (!others.is_empty()).then_some(IdentityConflict {
+            record,
+            customer,
+            others,
+        });
+        Ok(((customer, key), conflict))
     }
 
     /// The id of an existing tag (loading its bitmap), or of one this batch creates.
@@ -522,10 +608,10 @@ enum Pending {
 /// Turns value writes into field changes (last write wins per customer and
 /// field); returns how many events were past retention. Loads every slot
 /// the changes will touch, so applying them cannot fail halfway.
-fn plan_values<'k>(
+fn plan_values(
     snap: &crate::storage::Snapshot,
-    writes: &'k [ValueWrite],
-    ids: &mut IdAssigner<'_, 'k>,
+    writes: &[ValueWrite],
+    ids: &mut IdAssigner<'_>,
     now_ms: i64,
     batch: &mut Batch,
 ) -> Result<u64> {

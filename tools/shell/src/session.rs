@@ -199,6 +199,7 @@ impl Session {
             | Command::More
             | Command::Export { .. }
             | Command::Profile { .. }
+            | Command::Identities(_)
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

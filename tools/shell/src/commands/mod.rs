@@ -65,6 +65,8 @@ pub enum Command {
         /// Days back behaviour dates are listed (0: the server's default, 30).
         days: u32,
     },
+    /// One customer's identities, found by any of them.
+    Identities(String),
     Tags,
     Tag(String),
     CreateTag {
@@ -230,6 +232,7 @@ pub const SPECS: &[&Spec] = &[
     &reads::MORE,
     &reads::EXPORT,
     &reads::PROFILE,
+    &reads::IDENTITIES,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
@@ -345,6 +348,12 @@ mod tests {
             }
         );
         assert!(parse("profile phone:1 days 0").is_err());
+        assert_eq!(
+            p("identities jd_pin:ann"),
+            Command::Identities("jd_pin:ann".into())
+        );
+        assert!(parse("identities").is_err());
+        assert!(parse("identities a b").is_err());
         assert!(parse("profile phone:1 weeks 2").is_err());
         assert_eq!(
             p("create tag \"a b\" category 价值 description \"x y\""),

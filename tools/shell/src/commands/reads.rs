@@ -110,6 +110,24 @@ fn parse_profile(rest: &str) -> Result<Command, String> {
     }
 }
 
+pub const IDENTITIES: Spec = Spec {
+    name: "identities",
+    words: &["identities"],
+    complete: &["identities"],
+    usage: "identities <customer key or identity>",
+    summary: "one customer's identities (found by any of them), with where and when each was first seen",
+    example: "identities jd_pin:jd_4x9k",
+    takes_tags: false,
+    parse: parse_identities,
+};
+
+fn parse_identities(rest: &str) -> Result<Command, String> {
+    match split_args(rest)?.as_slice() {
+        [key] => Ok(Command::Identities(key.clone())),
+        _ => Err(format!("usage: {}", IDENTITIES.usage)),
+    }
+}
+
 pub const TAGS: Spec = Spec {
     name: "tags",
     words: &["tags"],

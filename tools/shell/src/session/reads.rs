@@ -88,11 +88,42 @@ impl Session {
                         table::render(&["field", &header], &[Align::Left, Align::Left], &rows)
                     ));
                 }
+                if !p.identities.is_empty() {
+                    text.push_str(&format!("\n{}", identity_table(&p.identities)));
+                }
                 let value_json: serde_json::Map<String, serde_json::Value> =
                     values.into_iter().map(|(f, v)| (f, json!(v))).collect();
                 self.out(
                     text,
-                    json!({ "customer": p.customer, "internal_id": p.internal_id, "tags": p.tags, "values": value_json }),
+                    json!({ "customer": p.customer, "key": p.key, "internal_id": p.internal_id, "tags": p.tags, "values": value_json, "identities": identity_json(&p.identities) }),
+                );
+            }
+            Command::Identities(key) => {
+                let p = self
+                    .client
+                    .profile(ProfileRequest {
+                        customer: key,
+                        recent_days: 1,
+                    })
+                    .await?
+                    .into_inner();
+                let text = if p.identities.is_empty() {
+                    format!(
+                        "{} (internal id {}) has no identities beside its key (it was not made by ingestion)",
+                        p.key, p.internal_id
+                    )
+                } else {
+                    format!(
+                        "{} (internal id {}), {} identities:\n{}",
+                        p.key,
+                        p.internal_id,
+                        p.identities.len(),
+                        identity_table(&p.identities)
+                    )
+                };
+                self.out(
+                    text,
+                    json!({ "key": p.key, "internal_id": p.internal_id, "identities": identity_json(&p.identities) }),
                 );
             }
             Command::Tags => {
@@ -254,5 +285,49 @@ pub(super) fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
+    }
+}
+
+/// A customer's identities as a table: identity, first channel, first seen
+/// (UTC).
+fn identity_table(identities: &[CustomerIdentity]) -> String {
+    let rows: Vec<Vec<String>> = identities
+        .iter()
+        .map(|i| {
+            vec![
+                i.identity.clone(),
+                i.first_channel.clone(),
+                utc(i.first_seen_ms),
+            ]
+        })
+        .collect();
+    table::render(
+        &["identity", "first channel", "first seen (UTC)"],
+        &[Align::Left, Align::Left, Align::Left],
+        &rows,
+    )
+}
+
+fn identity_json(identities: &[CustomerIdentity]) -> serde_json::Value {
+    identities
+        .iter()
+        .map(|i| {
+            json!({
+                "identity": i.identity,
+                "first_channel": i.first_channel,
+                "first_seen_ms": i.first_seen_ms,
+            })
+        })
+        .collect()
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS` UTC ("unknown" for 0).
+fn utc(ms: i64) -> String {
+    if ms == 0 {
+        return "unknown".into();
+    }
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => t.strftime("%Y-%m-%d %H:%M:%S").to_string(),
+        Err(_) => format!("{ms} ms"),
     }
 }

@@ -1,0 +1,266 @@
+//! Identities at the engine's level (OneID, part 1): every identity an
+//! ingested record names finds its customer, in writes and reads, across
+//! checkpoints (identity sections, merged as they grow), a crash and a
+//! restart; erasing a customer by any identity erases every identity of it.
+
+use std::sync::Arc;
+
+use tagstore::clock::ManualClock;
+use tagstore::fields::FieldKind;
+use tagstore::storage::fs::MemFs;
+use tagstore::storage::{
+    CheckpointOptions, Combine, Engine, EngineConfig, IngestRecord, ValueWrite, WriteOp,
+};
+
+const DIR: &str = "/mem/store";
+// 2026-11-12T00:00:00Z
+const T0: i64 = 1_794_441_600_000;
+
+fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    cfg.clock = clock.clone();
+    Engine::open(cfg).unwrap()
+}
+
+fn setup(engine: &Engine) {
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "order_count".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: FieldKind::Int,
+            if_not_exists: false,
+        })
+        .unwrap();
+}
+
+/// An order from `place` at `at_ms` by whoever `identities` name.
+fn order(identities: &[&str], place: &str, at_ms: i64) -> IngestRecord {
+    IngestRecord {
+        seen: None,
+        identities: identities.iter().map(|s| s.to_string()).collect(),
+        place: place.into(),
+        at_ms,
+        writes: vec![ValueWrite::Combine {
+            field: "order_count".into(),
+            // Aimed by the writer at the record's customer.
+            customer: "ignored".into(),
+            with: Combine::Add(1),
+        }],
+        event: None,
+    }
+}
+
+fn ingest(engine: &Engine, records: Vec<IngestRecord>) -> tagstore::storage::WriteResult {
+    engine.write_blocking(WriteOp::Ingest { records }).unwrap()
+}
+
+fn customer(engine: &Engine, key: &str) -> Option<u32> {
+    engine.snapshot().customer_id(key).unwrap()
+}
+
+fn orders(engine: &Engine, key: &str) -> Option<i64> {
+    let snap = engine.snapshot();
+    let id = snap.customer_id(key).unwrap()?;
+    snap.field("order_count").unwrap().int_value(id).unwrap()
+}
+
+/// The identities of the customer `key` names, without where and when.
+fn identities(engine: &Engine, key: &str) -> Vec<String> {
+    let snap = engine.snapshot();
+    let id = snap.customer_id(key).unwrap().unwrap();
+    snap.idents
+        .of(id)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
+#[test]
+fn identities_on_one_record_find_one_customer_everywhere() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    let r = ingest(
+        &engine,
+        vec![
+            order(&["phone:13800000001", "jd_pin:ann"], "jd", T0 - 1000),
+            // The unionid arrives with the JD pin: the same person.
+            order(&["wechat_unionid:u1", "jd_pin:ann"], "wechat", T0 - 500),
+            order(&["phone:13800000002"], "store", T0),
+        ],
+    );
+    assert_eq!(r.new_customers, 2);
+    // Every identity, the ones customers were created with too.
+    assert_eq!(r.identities_linked, 4);
+    assert!(r.conflicts.is_empty());
+    let ann = customer(&engine, "phone:13800000001").unwrap();
+    assert_eq!(customer(&engine, "jd_pin:ann"), Some(ann));
+    assert_eq!(customer(&engine, "wechat_unionid:u1"), Some(ann));
+    assert_eq!(orders(&engine, "wechat_unionid:u1"), Some(2));
+    // Where and when each was first seen.
+    let snap = engine.snapshot();
+    let of = snap.idents.of(ann).unwrap();
+    assert_eq!(of.len(), 3);
+    assert_eq!(of[0].0, "jd_pin:ann");
+    assert_eq!(
+        (of[0].1.first_ms, of[0].1.place.as_str()),
+        (T0 - 1000, "jd")
+    );
+    assert_eq!(of[1].0, "phone:13800000001");
+    assert_eq!(of[2].0, "wechat_unionid:u1");
+    assert_eq!(of[2].1.place, "wechat");
+
+    // Any identity is a key everywhere one is accepted.
+    engine
+        .write_blocking(WriteOp::SetValues {
+            writes: vec![ValueWrite::Combine {
+                field: "order_count".into(),
+                customer: "wechat_unionid:u1".into(),
+                with: Combine::Add(10),
+            }],
+        })
+        .unwrap();
+    assert_eq!(orders(&engine, "phone:13800000001"), Some(12));
+    let snap = engine.snapshot();
+    assert_eq!(
+        snap.customer_ids(&["jd_pin:ann", "phone:13800000002", "nobody"])
+            .unwrap(),
+        vec![Some(ann), customer(&engine, "phone:13800000002"), None]
+    );
+
+    // Through a checkpoint (an identity section), more links after it, a
+    // crash, and a second checkpoint.
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    assert_eq!(customer(&engine, "jd_pin:ann"), Some(ann));
+    ingest(
+        &engine,
+        vec![order(
+            &["douyin_uid:d1", "wechat_unionid:u1"],
+            "douyin",
+            T0 + 1,
+        )],
+    );
+    let crashed = fs.crash_image();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(customer(&engine, "douyin_uid:d1"), Some(ann));
+    assert_eq!(customer(&engine, "jd_pin:ann"), Some(ann));
+    assert_eq!(orders(&engine, "jd_pin:ann"), Some(13));
+    assert_eq!(
+        identities(&engine, "douyin_uid:d1"),
+        [
+            "douyin_uid:d1",
+            "jd_pin:ann",
+            "phone:13800000001",
+            "wechat_unionid:u1"
+        ]
+    );
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(customer(&engine, "douyin_uid:d1"), Some(ann));
+    let snap = engine.snapshot();
+    let of = snap.idents.of(ann).unwrap();
+    assert_eq!(of.len(), 4);
+    assert_eq!(
+        (of[1].1.first_ms, of[1].1.place.as_str()),
+        (T0 - 1000, "jd")
+    );
+}
+
+#[test]
+fn a_record_naming_two_customers_is_applied_to_the_first_and_reported() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    ingest(
+        &engine,
+        vec![
+            order(&["phone:13800000001"], "jd", T0),
+            order(&["taobao_nick:bo"], "taobao", T0),
+        ],
+    );
+    let a = customer(&engine, "phone:13800000001").unwrap();
+    let b = customer(&engine, "taobao_nick:bo").unwrap();
+    let r = ingest(
+        &engine,
+        vec![order(
+            &["member_card:m1", "taobao_nick:bo", "phone:13800000001"],
+            "store",
+            T0,
+        )],
+    );
+    assert_eq!(r.conflicts.len(), 1);
+    let c = &r.conflicts[0];
+    assert_eq!((c.record, c.customer), (0, b));
+    assert_eq!(c.others, vec![("phone:13800000001".to_string(), a)]);
+    // The new identity went to the customer the record was applied to; the
+    // others stayed where they were.
+    assert_eq!(customer(&engine, "member_card:m1"), Some(b));
+    assert_eq!(customer(&engine, "phone:13800000001"), Some(a));
+    assert_eq!(orders(&engine, "taobao_nick:bo"), Some(2));
+    assert_eq!(orders(&engine, "phone:13800000001"), Some(1));
+}
+
+#[test]
+fn erasing_by_any_identity_erases_every_identity() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    ingest(
+        &engine,
+        vec![order(
+            &["phone:13800000001", "jd_pin:ann", "wechat_openid:o1"],
+            "jd",
+            T0,
+        )],
+    );
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    ingest(
+        &engine,
+        vec![order(&["weibo_uid:w1", "jd_pin:ann"], "weibo", T0)],
+    );
+    let ann = customer(&engine, "weibo_uid:w1").unwrap();
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: vec!["wechat_openid:o1".into()],
+        })
+        .unwrap();
+    for key in [
+        "phone:13800000001",
+        "jd_pin:ann",
+        "wechat_openid:o1",
+        "weibo_uid:w1",
+    ] {
+        assert_eq!(customer(&engine, key), None, "{key}");
+    }
+    // A merge of every section drops them from disk; a record naming one
+    // of them again makes a new customer.
+    engine
+        .checkpoint_blocking(CheckpointOptions {
+            merge_dictionary: true,
+        })
+        .unwrap();
+    let snap = engine.snapshot();
+    assert!(snap.idents.of(ann).unwrap().is_empty());
+    assert_eq!(snap.idents.recent_len(), 0);
+    assert!(
+        snap.idents.layers().is_empty(),
+        "no entry of the erased customer is left"
+    );
+    drop(snap);
+    ingest(&engine, vec![order(&["jd_pin:ann"], "jd", T0 + 1)]);
+    let again = customer(&engine, "jd_pin:ann").unwrap();
+    assert_ne!(again, ann);
+    assert_eq!(orders(&engine, "jd_pin:ann"), Some(1));
+    drop(engine);
+    let engine = open(&fs, &clock);
+    assert_eq!(customer(&engine, "jd_pin:ann"), Some(again));
+    assert_eq!(customer(&engine, "weibo_uid:w1"), None);
+}
