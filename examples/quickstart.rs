@@ -72,6 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             query: query.into(),
             limit: 10,
             cursor: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -31,6 +31,7 @@ async fn all_members(c: &mut common::Client, q: &str, page: u32) -> Vec<String> 
                 query: q.into(),
                 limit: page,
                 cursor: cursor.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -303,6 +304,7 @@ async fn every_call_and_its_errors() {
             query: "ALL".into(),
             limit: 3,
             cursor: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -328,6 +330,7 @@ async fn every_call_and_its_errors() {
                 query: "ALL".into(),
                 limit: 3,
                 cursor,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -343,7 +346,8 @@ async fn every_call_and_its_errors() {
             c.members(MembersRequest {
                 query: "ALL".into(),
                 limit: 0,
-                cursor: "garbage".into()
+                cursor: "garbage".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -354,7 +358,8 @@ async fn every_call_and_its_errors() {
             c.members(MembersRequest {
                 query: "ALL".into(),
                 limit: 100_001,
-                cursor: String::new()
+                cursor: String::new(),
+                ..Default::default()
             })
             .await
         ),
@@ -365,7 +370,8 @@ async fn every_call_and_its_errors() {
             c.members(MembersRequest {
                 query: "(".into(),
                 limit: 0,
-                cursor: String::new()
+                cursor: String::new(),
+                ..Default::default()
             })
             .await
         ),
@@ -377,6 +383,7 @@ async fn every_call_and_its_errors() {
         .export(ExportRequest {
             query: "ALL".into(),
             batch_size: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -395,7 +402,8 @@ async fn every_call_and_its_errors() {
         code(
             c.export(ExportRequest {
                 query: "nope".into(),
-                batch_size: 0
+                batch_size: 0,
+                ..Default::default()
             })
             .await
         ),

@@ -1,9 +1,9 @@
 //! Identities against the real server binary (OneID, part 1): a JD order
 //! and a store receipt that share a phone number make one customer, found
 //! by any of its identities in writes, counts' sources and profiles (which
-//! list every identity with where and when it was first seen); a receipt
-//! whose identities name two customers is reported; all of it across
-//! kill -9.
+//! list every identity with where and when it was first seen); member
+//! pages and exports by identity type; a receipt whose identities name two
+//! customers is reported; all of it across kill -9.
 
 mod common;
 
@@ -126,6 +126,42 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
         Some(13)
     );
 
+    // Member pages and exports by identity type: the phones of everyone;
+    // the member cards of those who have one, the others counted.
+    let page = |t: &str| MembersRequest {
+        query: "ALL".into(),
+        identity_type: t.into(),
+        ..Default::default()
+    };
+    let phones = c.members(page("phone")).await.unwrap().into_inner();
+    assert_eq!(phones.customers, ["phone:13812345678", "phone:13900001111"]);
+    assert_eq!(phones.without_identity, 0);
+    let cards = c.members(page("member_card")).await.unwrap().into_inner();
+    assert_eq!(cards.customers, ["member_card:vip-0042"]);
+    assert_eq!(cards.without_identity, 1);
+    let keys = c.members(page("")).await.unwrap().into_inner();
+    assert_eq!(keys.customers, ["jd_pin:jd_ann", "jd_pin:jd_bo"]);
+    let err = c.members(page("Phone!")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("identity type"), "{err:?}");
+    let mut export = c
+        .export(ExportRequest {
+            query: "ALL".into(),
+            identity_type: "member_card".into(),
+            batch_size: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut got, mut without, mut total) = (Vec::new(), 0, 0);
+    while let Some(m) = export.message().await.unwrap() {
+        got.extend(m.customers);
+        without += m.without_identity;
+        total = m.total;
+    }
+    assert_eq!(got, ["member_card:vip-0042"]);
+    assert_eq!((without, total), (1, 2));
+
     // Across kill -9 (from the log), then a checkpoint and a restart (from
     // an identity section).
     server.kill();
@@ -138,6 +174,8 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
     assert_eq!(check(profile(&mut c, "phone:13812345678").await), ann);
+    let cards = c.members(page("member_card")).await.unwrap().into_inner();
+    assert_eq!(cards.customers, ["member_card:vip-0042"]);
     assert_eq!(
         int_value(&mut c, "member_card:vip-0042", "order_count").await,
         Some(13)

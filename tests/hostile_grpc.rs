@@ -116,6 +116,7 @@ async fn an_export_sends_every_row_while_its_customers_are_deleted_and_merged_aw
         .export(ExportRequest {
             query: "t".into(),
             batch_size: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -302,6 +303,7 @@ async fn paused_exports_hold_no_thread_little_memory_and_are_capped() {
             .export(ExportRequest {
                 query: "t".into(),
                 batch_size: 10_000,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -338,6 +340,7 @@ async fn paused_exports_hold_no_thread_little_memory_and_are_capped() {
         .export(ExportRequest {
             query: "t".into(),
             batch_size: 10,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -358,6 +361,7 @@ async fn paused_exports_hold_no_thread_little_memory_and_are_capped() {
         .export(ExportRequest {
             query: "t".into(),
             batch_size: 100_000,
+            ..Default::default()
         })
         .await
         .unwrap()

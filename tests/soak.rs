@@ -123,6 +123,7 @@ async fn exporter(mut c: Client, seed: u64, until: Instant) -> (u32, u32) {
             .export(ExportRequest {
                 query: "big OR dz".into(),
                 batch_size: 2000,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -32,6 +32,8 @@ struct Cursor {
     /// "Today" for time windows, fixed when the export began.
     now_ms: i64,
     batch: usize,
+    /// Customers named by their identity of this type (`None`: by key).
+    identity_type: Option<String>,
     total: u64,
     /// The last id sent.
     after: Option<u32>,
@@ -118,9 +120,9 @@ impl Cursor {
     fn compute(&mut self, query: &Query<'_>) -> Result<proto::ExportResponse, Status> {
         let (ids, more) = self.page(query);
         let mut customers = Vec::with_capacity(ids.len());
-        self.snap
-            .dict
-            .keys_of(&ids, &mut customers)
+        let without_identity = self
+            .snap
+            .names_of(&ids, self.identity_type.as_deref(), &mut customers)
             .map_err(to_status)?;
         self.sent += ids.len() as u64;
         self.after = ids.last().copied().or(self.after);
@@ -136,6 +138,7 @@ impl Cursor {
         Ok(proto::ExportResponse {
             customers,
             total: self.total,
+            without_identity,
         })
     }
 }
@@ -160,6 +163,7 @@ impl ExportStream {
         expr: Expr,
         now_ms: i64,
         batch: usize,
+        identity_type: Option<String>,
         total: u64,
         slot: ExportSlot,
     ) -> Self {
@@ -169,6 +173,7 @@ impl ExportStream {
                 expr: Arc::new(expr),
                 now_ms,
                 batch,
+                identity_type,
                 total,
                 after: None,
                 sent: 0,

@@ -117,23 +117,37 @@ pub(super) async fn members(
     let limit = page_size(r.limit, DEFAULT_PAGE, "limit")?;
     let after = decode_cursor(&r.cursor)?;
     let (snap, now) = (svc.engine.snapshot(), svc.engine.now_ms());
-    let (customers, next) = blocking(move || {
+    let identity_type = identity_type(r.identity_type)?;
+    let (customers, next, without_identity) = blocking(move || {
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
         let (ids, more) = q.page(after, limit);
         let mut keys = Vec::with_capacity(ids.len());
-        snap.dict.keys_of(&ids, &mut keys).map_err(to_status)?;
+        let without = snap
+            .names_of(&ids, identity_type.as_deref(), &mut keys)
+            .map_err(to_status)?;
         let next = if more {
             ids.last().map(|&id| encode_cursor(id))
         } else {
             None
         };
-        Ok((keys, next))
+        Ok((keys, next, without))
     })
     .await?;
     Ok(Response::new(proto::MembersResponse {
         customers,
         next_cursor: next.unwrap_or_default(),
+        without_identity,
     }))
+}
+
+/// An identity type a member page or an export names customers by (`None`:
+/// by their keys).
+pub(super) fn identity_type(t: String) -> Result<Option<String>, Status> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    crate::ingest::event::check_name("identity type", &t).map_err(|e| invalid(e.0))?;
+    Ok(Some(t))
 }
 
 pub(super) async fn export(
@@ -142,6 +156,7 @@ pub(super) async fn export(
 ) -> Result<Response<ExportStream>, Status> {
     let r = req.into_inner();
     let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
+    let identity_type = identity_type(r.identity_type)?;
     let slot = svc.exports.take()?;
     let snap: Arc<Snapshot> = svc.engine.snapshot();
     let now = svc.engine.now_ms();
@@ -157,7 +172,13 @@ pub(super) async fn export(
     })
     .await?;
     Ok(Response::new(ExportStream::new(
-        snap, expr, now, batch, total, slot,
+        snap,
+        expr,
+        now,
+        batch,
+        identity_type,
+        total,
+        slot,
     )))
 }
 

@@ -367,6 +367,30 @@ impl Snapshot {
         Ok(ids)
     }
 
+    /// Appends to `out` how member pages and exports name the customers
+    /// `ids`: their keys, or with `identity_type`, their identity of that
+    /// type (`type:value`, the earliest seen). Customers without one are
+    /// left out; returns how many.
+    pub fn names_of(
+        &self,
+        ids: &[u32],
+        identity_type: Option<&str>,
+        out: &mut Vec<String>,
+    ) -> Result<u64> {
+        let Some(kind) = identity_type else {
+            self.dict.keys_of(ids, out)?;
+            return Ok(0);
+        };
+        let mut without = 0;
+        for &id in ids {
+            match self.idents.of_type(id, kind)? {
+                Some(identity) => out.push(identity),
+                None => without += 1,
+            }
+        }
+        Ok(without)
+    }
+
     /// The number of live customers.
     pub fn customer_count(&self) -> Result<u64> {
         Ok(self.live()?.len())

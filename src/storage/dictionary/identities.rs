@@ -175,6 +175,42 @@ impl Identities {
         Ok(out)
     }
 
+    /// The identity of type `kind` of `customer` (`kind:value`), the one
+    /// first seen earliest when it has several; `None` when it has none.
+    pub fn of_type(&self, customer: u32, kind: &str) -> Result<Option<String>> {
+        let inner = self.inner.read();
+        let prefix = format!("{kind}:");
+        let mut best: Option<(i64, String)> = None;
+        let mut consider = |key: &str, info: &str| {
+            let ms = FirstSeen::decode(info).first_ms;
+            if best
+                .as_ref()
+                .is_none_or(|(b_ms, b_key)| (ms, key) < (*b_ms, b_key.as_str()))
+            {
+                best = Some((ms, key.to_string()));
+            }
+        };
+        if let Some(keys) = inner.by_customer.get(&customer) {
+            for key in keys.iter().filter(|k| k.starts_with(&prefix)) {
+                if let Some(r) = inner.recent.get(key)
+                    && r.customer == customer
+                {
+                    consider(key, &r.info);
+                }
+            }
+        }
+        for layer in &inner.layers {
+            for (key, info) in layer.entries_of(customer)? {
+                if key.starts_with(&prefix)
+                    && Self::lookup_in(&inner, key)? == Found::Customer(customer)
+                {
+                    consider(key, info);
+                }
+            }
+        }
+        Ok(best.map(|(_, key)| key))
+    }
+
     /// Records that `key` now names `customer` ([`UNLINKED`]: no one), at
     /// log record `lsn`. An identity already known keeps its first sighting
     /// (`seen` is used only for a new one).

@@ -157,6 +157,7 @@ async fn tagstore_op(
                 query: text.to_string(),
                 limit: *limit,
                 cursor: String::new(),
+                ..Default::default()
             })
             .await?;
         }

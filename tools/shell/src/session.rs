@@ -81,7 +81,8 @@ pub struct Session {
     pub timing: bool,
     pub confirm: Confirm,
     /// The last `find`, for `more`: query, page size, cursor.
-    last_find: Option<(String, u32, String)>,
+    /// The last `find`: query, page size, identity type, next cursor.
+    last_find: Option<(String, u32, String, String)>,
     /// Tag names for completion, refreshed when tags change.
     pub tag_names: Arc<RwLock<Vec<String>>>,
 }

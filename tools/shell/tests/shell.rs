@@ -573,6 +573,55 @@ async fn ingestion_commands() {
         "{rebuilt}"
     );
     assert!(ok(a, "count order_count = 30").starts_with("1,000"));
+
+    // Identities: an order names nick1 with a phone; another names nick2
+    // with the same phone (reported: two customers).
+    let head =
+        "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n";
+    let phones = format!(
+        "{head}P1,nick1,1.00,2026-11-12 10:00:00,13812345678,交易成功,X1,skincare,SK-II,x\n\
+         P2,nick2,1.00,2026-11-12 11:00:00,13812345678,交易成功,X1,skincare,SK-II,x\n"
+    );
+    let file = dir.path().join("phones.csv");
+    std::fs::write(&file, phones).unwrap();
+    let out = ok(a, &format!("ingest tb {}", file.display()));
+    assert!(
+        out.contains("0 new customers, 1 identities linked")
+            && out.contains("1 records named two customers")
+            && out.contains(
+                "line 3: applied to taobao_nick:nick2; phone:13812345678 stays with taobao_nick:nick1"
+            ),
+        "{out}"
+    );
+    let ids = ok(a, "identities phone:13812345678");
+    assert!(
+        ids.contains("taobao_nick:nick1 (internal id")
+            && ids.contains("2 identities")
+            && ids.contains("phone:13812345678")
+            && ids.contains("taobao")
+            && ids.contains("2026-11-12 02:00:00"),
+        "{ids}"
+    );
+    let profile = ok(a, "profile phone:13812345678");
+    assert!(profile.contains("first channel"), "{profile}");
+    let page = ok(a, "find order_count = 31 as phone");
+    assert!(
+        page.contains("phone:13812345678") && page.contains("1 without a phone identity"),
+        "{page}"
+    );
+    let export = dir.path().join("phones-out.csv");
+    let out = ok(
+        a,
+        &format!("export order_count = 31 to {} as phone", export.display()),
+    );
+    assert!(
+        out.contains("exported 1 customers") && out.contains("1 without a phone identity left out"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&export).unwrap(),
+        "phone\n13812345678\n"
+    );
     ok(a, "drop source tb --yes");
     assert!(ok(a, "sources").contains("(no sources)"));
 }

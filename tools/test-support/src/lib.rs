@@ -104,6 +104,7 @@ pub async fn export_set(c: &mut Client, query: &str) -> BTreeSet<String> {
         .export(ExportRequest {
             query: query.into(),
             batch_size: 0,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("export {query}: {e}"))

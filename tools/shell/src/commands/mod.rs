@@ -54,11 +54,15 @@ pub enum Command {
     Find {
         query: String,
         limit: u32,
+        /// Name customers by their identity of this type (empty: by key).
+        identity_type: String,
     },
     More,
     Export {
         query: String,
         path: String,
+        /// Name customers by their identity of this type (empty: by key).
+        identity_type: String,
     },
     Profile {
         key: String,
@@ -316,21 +320,48 @@ mod tests {
             p("find a OR b limit 5"),
             Command::Find {
                 query: "a OR b".into(),
-                limit: 5
+                limit: 5,
+                identity_type: String::new()
             }
         );
         assert_eq!(
             p("find a OR b"),
             Command::Find {
                 query: "a OR b".into(),
-                limit: 20
+                limit: 20,
+                identity_type: String::new()
+            }
+        );
+        assert_eq!(
+            p("find a OR b limit 5 as phone"),
+            Command::Find {
+                query: "a OR b".into(),
+                limit: 5,
+                identity_type: "phone".into()
+            }
+        );
+        assert_eq!(
+            p("find a as wechat_openid"),
+            Command::Find {
+                query: "a".into(),
+                limit: 20,
+                identity_type: "wechat_openid".into()
+            }
+        );
+        assert_eq!(
+            p("export a to out.csv as phone"),
+            Command::Export {
+                query: "a".into(),
+                path: "out.csv".into(),
+                identity_type: "phone".into()
             }
         );
         assert_eq!(
             p("export a AND \"b c\" to out.csv"),
             Command::Export {
                 query: "a AND \"b c\"".into(),
-                path: "out.csv".into()
+                path: "out.csv".into(),
+                identity_type: String::new()
             }
         );
         assert_eq!(

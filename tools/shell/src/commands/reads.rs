@@ -23,14 +23,32 @@ pub const FIND: Spec = Spec {
     name: "find",
     words: &["find"],
     complete: &["find"],
-    usage: "find <query> [limit N]",
-    summary: "a page of matching customers (default 20; `more` for the next)",
+    usage: "find <query> [limit N] [as <identity type>]",
+    summary: "a page of matching customers (default 20; `more` for the next); `as phone` names each by its phone",
     example: "find 常购护肤品 OR 尝试新品 limit 50",
     takes_tags: true,
     parse: parse_find,
 };
 
+/// Splits a trailing `as <identity type>` off `rest`.
+fn split_as(rest: &str) -> (&str, String) {
+    let trimmed = rest.trim_end();
+    if let Some((head, kind)) = trimmed.rsplit_once(char::is_whitespace)
+        && let Some(head) = head.trim_end().strip_suffix("as")
+        && (head.is_empty() || head.ends_with(char::is_whitespace))
+        && kind.starts_with(|c: char| c.is_ascii_lowercase())
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return (head.trim_end(), kind.to_string());
+    }
+    (rest, String::new())
+}
+
 fn parse_find(rest: &str) -> Result<Command, String> {
+    need(rest, "a query", FIND.usage)?;
+    let (rest, identity_type) = split_as(rest);
     need(rest, "a query", FIND.usage)?;
     let (query, limit) = match rsplit_word(&format!("{rest} "), "limit") {
         Some((q, n)) if !q.is_empty() && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
@@ -42,7 +60,11 @@ fn parse_find(rest: &str) -> Result<Command, String> {
         }
         _ => (rest.to_string(), 20),
     };
-    Ok(Command::Find { query, limit })
+    Ok(Command::Find {
+        query,
+        limit,
+        identity_type,
+    })
 }
 
 pub const MORE: Spec = Spec {
@@ -60,8 +82,8 @@ pub const EXPORT: Spec = Spec {
     name: "export",
     words: &["export"],
     complete: &["export"],
-    usage: "export <query> to <file.csv>",
-    summary: "every matching customer to a CSV file, with a progress bar",
+    usage: "export <query> to <file.csv> [as <identity type>]",
+    summary: "every matching customer to a CSV file, with a progress bar; `as wechat_openid` writes each one's openid",
     example: "export 高价值用户 AND 社交活跃 to audience.csv",
     takes_tags: true,
     parse: parse_export,
@@ -69,6 +91,7 @@ pub const EXPORT: Spec = Spec {
 
 fn parse_export(rest: &str) -> Result<Command, String> {
     let usage = || format!("usage: {}", EXPORT.usage);
+    let (rest, identity_type) = split_as(rest);
     let (query, path) = rsplit_word(rest, "to").ok_or_else(usage)?;
     need(query, "a query", EXPORT.usage)?;
     let path = split_args(path)?
@@ -78,6 +101,7 @@ fn parse_export(rest: &str) -> Result<Command, String> {
     Ok(Command::Export {
         query: query.into(),
         path,
+        identity_type,
     })
 }
 

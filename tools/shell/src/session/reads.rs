@@ -24,9 +24,16 @@ impl Session {
                     json!({ "count": n, "ms": ms }),
                 );
             }
-            Command::Find { query, limit } => self.page(query, limit, String::new()).await?,
+            Command::Find {
+                query,
+                limit,
+                identity_type,
+            } => {
+                self.page(query, limit, identity_type, String::new())
+                    .await?
+            }
             Command::More => {
-                let Some((query, limit, cursor)) = self.last_find.clone() else {
+                let Some((query, limit, identity_type, cursor)) = self.last_find.clone() else {
                     return Err(Failure::Local("no more pages: run `find` first".into()));
                 };
                 if cursor.is_empty() {
@@ -34,9 +41,13 @@ impl Session {
                         "no more pages: the last `find` was complete".into(),
                     ));
                 }
-                self.page(query, limit, cursor).await?;
+                self.page(query, limit, identity_type, cursor).await?;
             }
-            Command::Export { query, path } => self.export(query, path).await?,
+            Command::Export {
+                query,
+                path,
+                identity_type,
+            } => self.export(query, path, identity_type).await?,
             Command::Profile { key, days } => {
                 let p = self
                     .client
@@ -191,7 +202,13 @@ impl Session {
         Ok(())
     }
 
-    async fn page(&mut self, query: String, limit: u32, cursor: String) -> Result<(), Failure> {
+    async fn page(
+        &mut self,
+        query: String,
+        limit: u32,
+        identity_type: String,
+        cursor: String,
+    ) -> Result<(), Failure> {
         let t0 = Instant::now();
         let r = self
             .client
@@ -199,6 +216,7 @@ impl Session {
                 query: query.clone(),
                 limit,
                 cursor,
+                identity_type: identity_type.clone(),
             })
             .await
             .map_err(with_query(&query))?
@@ -211,8 +229,16 @@ impl Session {
         } else {
             table::render(&["customer"], &[Align::Left], &rows)
         };
+        let without = if r.without_identity > 0 {
+            format!(
+                ", {} without a {identity_type} identity",
+                r.without_identity
+            )
+        } else {
+            String::new()
+        };
         text.push_str(&format!(
-            "\n({} shown{}; {ms:.1} ms)",
+            "\n({} shown{without}{}; {ms:.1} ms)",
             r.customers.len(),
             if more {
                 ", `more` for the next page"
@@ -222,19 +248,25 @@ impl Session {
         ));
         self.out(
             text,
-            json!({ "customers": r.customers, "more": more, "ms": ms }),
+            json!({ "customers": r.customers, "without_identity": r.without_identity, "more": more, "ms": ms }),
         );
-        self.last_find = Some((query, limit, r.next_cursor));
+        self.last_find = Some((query, limit, identity_type, r.next_cursor));
         Ok(())
     }
 
-    async fn export(&mut self, query: String, path: String) -> Result<(), Failure> {
+    async fn export(
+        &mut self,
+        query: String,
+        path: String,
+        identity_type: String,
+    ) -> Result<(), Failure> {
         let t0 = Instant::now();
         let mut stream = self
             .client
             .export(ExportRequest {
                 query: query.clone(),
                 batch_size: 0,
+                identity_type: identity_type.clone(),
             })
             .await
             .map_err(with_query(&query))?
@@ -245,19 +277,32 @@ impl Session {
             .map_err(|e| Failure::Local(format!("cannot write {tmp}: {e}")))?;
         let mut out = tokio::io::BufWriter::new(file);
         let io = |e: std::io::Error| Failure::Local(format!("writing {tmp}: {e}"));
-        out.write_all(b"customer\n").await.map_err(io)?;
+        let header = if identity_type.is_empty() {
+            "customer\n".to_string()
+        } else {
+            format!("{identity_type}\n")
+        };
+        out.write_all(header.as_bytes()).await.map_err(io)?;
         let mut written = 0u64;
+        let mut without = 0u64;
         let mut bar: Option<ProgressBar> = None;
         while let Some(batch) = stream.message().await? {
             let pb = bar.get_or_insert_with(|| progress(batch.total, "exporting"));
             let mut buf = String::new();
             for c in &batch.customers {
+                // Under an identity type's header, its values alone.
+                let c = c
+                    .strip_prefix(identity_type.as_str())
+                    .and_then(|v| v.strip_prefix(':'))
+                    .filter(|_| !identity_type.is_empty())
+                    .unwrap_or(c);
                 buf.push_str(&csv_field(c));
                 buf.push('\n');
             }
             out.write_all(buf.as_bytes()).await.map_err(io)?;
             written += batch.customers.len() as u64;
-            pb.set_position(written);
+            without += batch.without_identity;
+            pb.set_position(written + without);
         }
         out.flush().await.map_err(io)?;
         drop(out);
@@ -268,12 +313,20 @@ impl Session {
             pb.finish_and_clear();
         }
         let secs = round3(t0.elapsed().as_secs_f64());
+        let left_out = if without > 0 {
+            format!(
+                " ({} without a {identity_type} identity left out)",
+                thousands(without)
+            )
+        } else {
+            String::new()
+        };
         self.out(
             format!(
-                "exported {} customers to {path} in {secs:.2} s",
+                "exported {} customers to {path} in {secs:.2} s{left_out}",
                 thousands(written)
             ),
-            json!({ "exported": written, "path": path, "seconds": secs }),
+            json!({ "exported": written, "without_identity": without, "path": path, "seconds": secs }),
         );
         Ok(())
     }
