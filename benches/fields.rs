@@ -31,6 +31,7 @@ fn field(id: u32, name: &str, kind: FieldKind, slots: Vec<(u32, RoaringBitmap)>)
             kind,
             created_ms: 0,
             updated_ms: 0,
+            merge: Default::default(),
         },
         slots: slots
             .into_iter()

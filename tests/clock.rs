@@ -61,6 +61,7 @@ fn days_windows_roll_ups_and_retention_follow_the_engines_clock() {
                 retention_days: 60,
                 daily_days: 3,
             }),
+            merge: Default::default(),
             if_not_exists: false,
         })
         .unwrap();

@@ -225,6 +225,7 @@ fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
             description: String::new(),
             category: String::new(),
             kind: tagstore::fields::FieldKind::Int,
+            merge: Default::default(),
             if_not_exists: false,
         })
         .unwrap();

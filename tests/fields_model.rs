@@ -91,6 +91,7 @@ fn create_fields(engine: &Engine) {
                 description: String::new(),
                 category: "numbers".into(),
                 kind: FieldKind::Int,
+                merge: Default::default(),
                 if_not_exists: false,
             })
             .unwrap();
@@ -103,6 +104,7 @@ fn create_fields(engine: &Engine) {
             kind: FieldKind::Enum {
                 values: VALUES.iter().map(|v| v.to_string()).collect(),
             },
+            merge: Default::default(),
             if_not_exists: false,
         })
         .unwrap();
@@ -116,6 +118,7 @@ fn create_fields(engine: &Engine) {
                 retention_days: RETENTION as u32,
                 daily_days: DAILY as u32,
             }),
+            merge: Default::default(),
             if_not_exists: false,
         })
         .unwrap();
@@ -637,6 +640,7 @@ fn field_errors_are_clear() {
         description: String::new(),
         category: String::new(),
         kind: FieldKind::Int,
+        merge: Default::default(),
         if_not_exists: false,
     });
     assert!(matches!(bad, Err(tagstore::error::Error::FieldExists(_))));
@@ -649,6 +653,7 @@ fn field_errors_are_clear() {
             retention_days: 10,
             daily_days: 5,
         }),
+        merge: Default::default(),
         if_not_exists: false,
     });
     assert!(bad.unwrap_err().to_string().contains("time zone"));

@@ -1,9 +1,10 @@
 //! Identities against the real server binary (OneID, part 1): a JD order
 //! and a store receipt that share a phone number make one customer, found
 //! by any of its identities in writes, counts' sources and profiles (which
-//! list every identity with where and when it was first seen); member
-//! pages and exports by identity type; a receipt whose identities name two
-//! customers is reported; all of it across kill -9.
+//! list every identity with where and when it was first seen); a receipt
+//! whose identities name two customers merges them (values by their merge
+//! rules, the merge log); member pages and exports by identity type; all of
+//! it across kill -9.
 
 mod common;
 
@@ -66,21 +67,22 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
     let jd = ingest(&mut c, "jd_orders", JD).await;
     assert_eq!((jd.accepted, jd.new_customers), (2, 2));
     assert_eq!(jd.identities_linked, 4);
-    assert!(jd.conflicts.is_empty());
+    assert!(jd.merges.is_empty());
 
     // R1: the member card is new, the phone is Ann's: the receipt is hers.
-    // R2: the card is now Ann's, the phone Bo's: applied to Ann (the card
-    // comes first), reported, and the phone stays with Bo.
+    // R2: the card is now Ann's, the phone Bo's: they are one person, and
+    // Bo (the newer customer) joins Ann.
     let pos = ingest(&mut c, "pos_orders", POS).await;
     assert_eq!((pos.accepted, pos.new_customers), (2, 0));
     assert_eq!(pos.identities_linked, 1);
-    assert_eq!(pos.conflicts.len(), 1);
-    let conflict = &pos.conflicts[0];
-    assert_eq!(conflict.line, 3);
-    assert_eq!(conflict.customer, "jd_pin:jd_ann");
-    assert_eq!(conflict.others.len(), 1);
-    assert_eq!(conflict.others[0].identity, "phone:13900001111");
-    assert_eq!(conflict.others[0].customer, "jd_pin:jd_bo");
+    assert_eq!(pos.merges.len(), 1);
+    let m = &pos.merges[0];
+    assert_eq!(m.merge_id, 1);
+    assert_eq!(
+        (m.survivor.as_str(), m.absorbed.as_str()),
+        ("jd_pin:jd_ann", "jd_pin:jd_bo")
+    );
+    assert_eq!(m.via, "phone:13900001111");
 
     let check = |p: ProfileResponse| {
         assert_eq!(p.key, "jd_pin:jd_ann");
@@ -93,8 +95,10 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
             ids,
             [
                 ("jd_pin:jd_ann", "jd"),
+                ("jd_pin:jd_bo", "jd"),
                 ("member_card:vip-0042", "store"),
-                ("phone:13812345678", "jd")
+                ("phone:13812345678", "jd"),
+                ("phone:13900001111", "jd")
             ]
         );
         // 2026-11-11 20:00:05 in Shanghai.
@@ -102,14 +106,15 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
         p.internal_id
     };
     let ann = check(profile(&mut c, "member_card:vip-0042").await);
-    assert_eq!(profile(&mut c, "phone:13812345678").await.internal_id, ann);
+    assert_eq!(profile(&mut c, "jd_pin:jd_bo").await.internal_id, ann);
+    // Both JD orders and both receipts.
     assert_eq!(
         int_value(&mut c, "member_card:vip-0042", "order_count").await,
-        Some(3)
+        Some(4)
     );
     assert_eq!(
-        int_value(&mut c, "phone:13900001111", "order_count").await,
-        Some(1)
+        int_value(&mut c, "phone:13900001111", "total_spend_fen").await,
+        Some(62_000 + 1_200 + 10_000 + 5_000)
     );
     // A direct write by a secondary identity lands on the same customer.
     c.set_values(SetValuesRequest {
@@ -122,28 +127,60 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
     .await
     .unwrap();
     assert_eq!(
-        int_value(&mut c, "jd_pin:jd_ann", "order_count").await,
-        Some(13)
+        int_value(&mut c, "jd_pin:jd_bo", "order_count").await,
+        Some(14)
     );
 
-    // Member pages and exports by identity type: the phones of everyone;
-    // the member cards of those who have one, the others counted.
+    // The merge log, whole and for one customer.
+    let merges = |after: u64, customer: &str| ListMergesRequest {
+        after,
+        limit: 0,
+        customer: customer.into(),
+    };
+    let log = c.list_merges(merges(0, "")).await.unwrap().into_inner();
+    assert_eq!((log.merges.len(), log.more, log.total), (1, false, 1));
+    assert_eq!(log.merges[0].absorbed_id, m.absorbed_id);
+    let mine = c
+        .list_merges(merges(0, "phone:13900001111"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.merges.len(), 1);
+    assert!(
+        c.list_merges(merges(1, ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .merges
+            .is_empty()
+    );
+    let err = c.list_merges(merges(0, "nobody")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+
+    // Member pages and exports by identity type: one customer now, named by
+    // the phone seen first; member cards likewise.
     let page = |t: &str| MembersRequest {
         query: "ALL".into(),
         identity_type: t.into(),
         ..Default::default()
     };
     let phones = c.members(page("phone")).await.unwrap().into_inner();
-    assert_eq!(phones.customers, ["phone:13812345678", "phone:13900001111"]);
+    assert_eq!(phones.customers, ["phone:13812345678"]);
     assert_eq!(phones.without_identity, 0);
-    let cards = c.members(page("member_card")).await.unwrap().into_inner();
-    assert_eq!(cards.customers, ["member_card:vip-0042"]);
-    assert_eq!(cards.without_identity, 1);
     let keys = c.members(page("")).await.unwrap().into_inner();
-    assert_eq!(keys.customers, ["jd_pin:jd_ann", "jd_pin:jd_bo"]);
+    assert_eq!(keys.customers, ["jd_pin:jd_ann"]);
     let err = c.members(page("Phone!")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("identity type"), "{err:?}");
+    // A customer without a member card, for the export.
+    let jd = ingest(
+        &mut c,
+        "jd_orders",
+        "订单号,用户账号,下单时间,应付金额,收货人手机,订单状态,商品编号,商品名称,商品类目,品牌\n\
+         J3,jd_cy,2026-11-12 20:00:05,1.00,,完成,100012,精华,skincare,兰蔻\n",
+    )
+    .await;
+    assert_eq!(jd.new_customers, 1);
     let mut export = c
         .export(ExportRequest {
             query: "ALL".into(),
@@ -178,6 +215,12 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
     assert_eq!(cards.customers, ["member_card:vip-0042"]);
     assert_eq!(
         int_value(&mut c, "member_card:vip-0042", "order_count").await,
-        Some(13)
+        Some(14)
     );
+    let log = c
+        .list_merges(ListMergesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(log.merges[0].via, "phone:13900001111");
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use tagstore::clock::ManualClock;
-use tagstore::fields::FieldKind;
+use tagstore::fields::{FieldKind, MergeRule};
 use tagstore::storage::fs::MemFs;
 use tagstore::storage::{
     CheckpointOptions, Combine, Engine, EngineConfig, IngestRecord, ValueWrite, WriteOp,
@@ -30,6 +30,7 @@ fn setup(engine: &Engine) {
             description: String::new(),
             category: String::new(),
             kind: FieldKind::Int,
+            merge: MergeRule::Sum,
             if_not_exists: false,
         })
         .unwrap();
@@ -96,7 +97,7 @@ fn identities_on_one_record_find_one_customer_everywhere() {
     assert_eq!(r.new_customers, 2);
     // Every identity, the ones customers were created with too.
     assert_eq!(r.identities_linked, 4);
-    assert!(r.conflicts.is_empty());
+    assert!(r.merges.is_empty());
     let ann = customer(&engine, "phone:13800000001").unwrap();
     assert_eq!(customer(&engine, "jd_pin:ann"), Some(ann));
     assert_eq!(customer(&engine, "wechat_unionid:u1"), Some(ann));
@@ -173,7 +174,7 @@ fn identities_on_one_record_find_one_customer_everywhere() {
 }
 
 #[test]
-fn a_record_naming_two_customers_is_applied_to_the_first_and_reported() {
+fn a_record_naming_two_customers_merges_them() {
     let fs = MemFs::new();
     let clock = ManualClock::at(T0);
     let engine = open(&fs, &clock);
@@ -187,6 +188,17 @@ fn a_record_naming_two_customers_is_applied_to_the_first_and_reported() {
     );
     let a = customer(&engine, "phone:13800000001").unwrap();
     let b = customer(&engine, "taobao_nick:bo").unwrap();
+    assert!(a < b);
+    engine
+        .write_blocking(WriteOp::Update {
+            mutations: vec![tagstore::storage::Mutation {
+                tag: "vip".into(),
+                add: vec!["taobao_nick:bo".into()],
+                ..Default::default()
+            }],
+            create_missing_tags: true,
+        })
+        .unwrap();
     let r = ingest(
         &engine,
         vec![order(
@@ -195,16 +207,114 @@ fn a_record_naming_two_customers_is_applied_to_the_first_and_reported() {
             T0,
         )],
     );
-    assert_eq!(r.conflicts.len(), 1);
-    let c = &r.conflicts[0];
-    assert_eq!((c.record, c.customer), (0, b));
-    assert_eq!(c.others, vec![("phone:13800000001".to_string(), a)]);
-    // The new identity went to the customer the record was applied to; the
-    // others stayed where they were.
-    assert_eq!(customer(&engine, "member_card:m1"), Some(b));
-    assert_eq!(customer(&engine, "phone:13800000001"), Some(a));
-    assert_eq!(orders(&engine, "taobao_nick:bo"), Some(2));
-    assert_eq!(orders(&engine, "phone:13800000001"), Some(1));
+    assert_eq!(r.merges.len(), 1);
+    let m = &r.merges[0];
+    assert_eq!((m.id, m.survivor, m.absorbed), (1, a, b));
+    assert_eq!(m.via, "phone:13800000001");
+    // One customer, the one known longest, with everything of both: the
+    // order counts summed (1 + 1) and the record's own order on top.
+    for key in ["member_card:m1", "taobao_nick:bo", "phone:13800000001"] {
+        assert_eq!(customer(&engine, key), Some(a), "{key}");
+    }
+    assert_eq!(orders(&engine, "taobao_nick:bo"), Some(3));
+    let snap = engine.snapshot();
+    assert_eq!(snap.customer_count().unwrap(), 1);
+    assert!(snap.tag("vip").unwrap().bitmap.get().unwrap().contains(a));
+    assert!(!snap.live().unwrap().contains(b));
+    assert_eq!(
+        identities(&engine, "phone:13800000001"),
+        ["member_card:m1", "phone:13800000001", "taobao_nick:bo"]
+    );
+    assert_eq!(snap.merges.read().len(), 1);
+    drop(snap);
+
+    // The merge log and everything else across a crash, a checkpoint and a
+    // restart.
+    let crashed = fs.crash_image();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(customer(&engine, "taobao_nick:bo"), Some(a));
+    assert_eq!(orders(&engine, "member_card:m1"), Some(3));
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    let snap = engine.snapshot();
+    let log = snap.merges.read();
+    assert_eq!(log.entries()[0].survivor, a);
+    assert_eq!(log.entries()[0].absorbed, b);
+    assert_eq!(log.entries()[0].via, "phone:13800000001");
+    drop(log);
+    assert_eq!(customer(&engine, "taobao_nick:bo"), Some(a));
+    assert_eq!(orders(&engine, "taobao_nick:bo"), Some(3));
+    assert_eq!(snap.customer_count().unwrap(), 1);
+}
+
+#[test]
+fn merge_chains_end_in_one_customer() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    ingest(
+        &engine,
+        vec![
+            order(&["phone:1"], "jd", T0),
+            order(&["phone:2"], "jd", T0),
+            order(&["phone:3"], "jd", T0),
+            order(&["phone:4"], "jd", T0),
+        ],
+    );
+    let first = customer(&engine, "phone:1").unwrap();
+    // A–B, then B–C (in one request, after a restart), then C–A.
+    ingest(&engine, vec![order(&["phone:1", "phone:2"], "jd", T0)]);
+    drop(engine);
+    let engine = open(&fs, &clock);
+    ingest(
+        &engine,
+        vec![
+            order(&["phone:2", "phone:3"], "jd", T0),
+            order(&["phone:3", "phone:1"], "jd", T0),
+        ],
+    );
+    for key in ["phone:1", "phone:2", "phone:3"] {
+        assert_eq!(customer(&engine, key), Some(first), "{key}");
+    }
+    // 3 orders of their own, 3 records naming them together.
+    assert_eq!(orders(&engine, "phone:3"), Some(6));
+    assert_eq!(orders(&engine, "phone:4"), Some(1));
+    assert_eq!(engine.snapshot().customer_count().unwrap(), 2);
+    assert_eq!(engine.snapshot().merges.read().len(), 2);
+    // Erasing the survivor by an identity that came with a merge erases
+    // them all, and the merge log forgets the identities.
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: vec!["phone:3".into()],
+        })
+        .unwrap();
+    for key in ["phone:1", "phone:2", "phone:3"] {
+        assert_eq!(customer(&engine, key), None, "{key}");
+    }
+    let snap = engine.snapshot();
+    assert!(
+        snap.merges
+            .read()
+            .entries()
+            .iter()
+            .all(|e| e.via.is_empty())
+    );
+    drop(snap);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&fs, &clock);
+    let snap = engine.snapshot();
+    assert!(
+        snap.merges
+            .read()
+            .entries()
+            .iter()
+            .all(|e| e.via.is_empty())
+    );
+    assert_eq!(snap.customer_count().unwrap(), 1);
 }
 
 #[test]

@@ -78,6 +78,7 @@ fn setup(engine: &Engine) {
             description: String::new(),
             category: String::new(),
             kind: FieldKind::Int,
+            merge: Default::default(),
             if_not_exists: false,
         })
         .unwrap();

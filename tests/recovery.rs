@@ -241,6 +241,7 @@ fn flipped_bit_in_a_field_slot_fails_the_queries_that_read_it() {
             description: String::new(),
             category: String::new(),
             kind: FieldKind::Int,
+            merge: Default::default(),
             if_not_exists: false,
         })
         .unwrap();

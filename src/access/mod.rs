@@ -80,7 +80,7 @@ pub fn rule_for(method: &str) -> Option<Rule> {
     match method {
         "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "Aggregate"
         | "Breakdown" | "TopTags" | "Overlap" | "Stats" => rule(Read, false),
-        "Members" | "Export" | "Profile" => rule(Read, true),
+        "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
         "Update" | "ReplaceMembers" | "SetValues" | "Ingest" => rule(Write, false),
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true),

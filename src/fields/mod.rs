@@ -85,6 +85,104 @@ impl BehaviourSpec {
     }
 }
 
+/// How a field's values combine when two customers merge into one (OneID):
+/// the survivor's value becomes the rule applied to both values. A
+/// behaviour field always takes the union of both customers' days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MergeRule {
+    /// The survivor's value; the absorbed customer's if the survivor has none.
+    #[default]
+    Keep,
+    /// Integers: the sum (a counter: orders, spend).
+    Sum,
+    /// Integers: the smaller (a first day).
+    Min,
+    /// Integers: the larger (a last day, a highest level).
+    Max,
+    /// Enumerated: the value declared first of the two.
+    First,
+    /// Enumerated: the value declared last of the two (a lifecycle stage
+    /// declared in order).
+    Last,
+}
+
+impl MergeRule {
+    pub const ALL: [MergeRule; 6] = [
+        MergeRule::Keep,
+        MergeRule::Sum,
+        MergeRule::Min,
+        MergeRule::Max,
+        MergeRule::First,
+        MergeRule::Last,
+    ];
+
+    /// The word clients use (`keep`, `sum`, `min`, `max`, `first`, `last`).
+    pub fn word(self) -> &'static str {
+        match self {
+            MergeRule::Keep => "keep",
+            MergeRule::Sum => "sum",
+            MergeRule::Min => "min",
+            MergeRule::Max => "max",
+            MergeRule::First => "first",
+            MergeRule::Last => "last",
+        }
+    }
+
+    /// The rule a word names; the empty word is the default, `keep`.
+    pub fn parse(word: &str) -> Result<MergeRule> {
+        if word.is_empty() {
+            return Ok(MergeRule::Keep);
+        }
+        MergeRule::ALL
+            .into_iter()
+            .find(|r| r.word() == word)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown merge rule {word:?}: keep, sum, min, max (integers), first or last (enumerated)"
+                ))
+            })
+    }
+
+    /// Its byte in the log and the manifest.
+    pub fn code(self) -> u8 {
+        match self {
+            MergeRule::Keep => 0,
+            MergeRule::Sum => 1,
+            MergeRule::Min => 2,
+            MergeRule::Max => 3,
+            MergeRule::First => 4,
+            MergeRule::Last => 5,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<MergeRule> {
+        MergeRule::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    /// Checks that the rule fits a field of `kind`.
+    pub fn validate(self, kind: &FieldKind) -> Result<()> {
+        let fits = match kind {
+            FieldKind::Int => matches!(
+                self,
+                MergeRule::Keep | MergeRule::Sum | MergeRule::Min | MergeRule::Max
+            ),
+            FieldKind::Enum { .. } => {
+                matches!(self, MergeRule::Keep | MergeRule::First | MergeRule::Last)
+            }
+            FieldKind::Behaviour(_) => self == MergeRule::Keep,
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "merge rule {:?} does not fit a {} field (integers: keep, sum, min, max; enumerated: keep, first, last; behaviours always take the union of both customers' days)",
+                self.word(),
+                kind.name()
+            )))
+        }
+    }
+}
+
 /// What kind of field a field is: integer, enumerated or behaviour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FieldKind {

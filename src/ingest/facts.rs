@@ -44,7 +44,7 @@ use serde::Deserialize;
 
 use super::event::Event;
 use super::normalize::Refused;
-use crate::fields::time;
+use crate::fields::{MergeRule, time};
 use crate::storage::{Combine, EventTime, ValueWrite};
 
 /// Longest facts definition, in bytes.
@@ -326,6 +326,17 @@ pub enum FactWrite {
 }
 
 impl Fact {
+    /// How the field combines when customers merge: counters add up, days
+    /// keep the extreme their write keeps, behaviours take the union.
+    pub fn merge_rule(&self) -> MergeRule {
+        match self.write {
+            FactWrite::Combine(Combine::Add(_)) => MergeRule::Sum,
+            FactWrite::Combine(Combine::Max(_)) => MergeRule::Max,
+            FactWrite::Combine(Combine::Min(_)) => MergeRule::Min,
+            FactWrite::Event(_) => MergeRule::Keep,
+        }
+    }
+
     /// The write for the customer with `key`.
     pub fn value_write(&self, key: &str) -> ValueWrite {
         match self.write {

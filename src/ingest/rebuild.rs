@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::event::Event;
 use super::facts::{FactKind, FactWrite, Facts};
 use super::normalize::Refused;
+use crate::fields::MergeRule;
 use crate::storage::{EventTime, ValueWrite};
 
 /// Most writes one rebuild may make (a value per field and customer, a
@@ -23,8 +24,8 @@ pub struct Rebuild<'a> {
     keys: HashMap<u32, String>,
     ints: BTreeMap<(String, u32), i64>,
     events: Vec<(String, u32, i64)>,
-    /// Fields the kept events write, and their kind.
-    pub kinds: BTreeMap<String, FactKind>,
+    /// Fields the kept events write, their kind and merge rule.
+    pub kinds: BTreeMap<String, (FactKind, MergeRule)>,
     /// Per customer: events read, and events (or facts of them) the rules
     /// refuse.
     pub counts: HashMap<u32, (u64, u64)>,
@@ -87,7 +88,9 @@ impl<'a> Rebuild<'a> {
             }
         };
         for f in facts {
-            self.kinds.entry(f.field.clone()).or_insert(f.kind);
+            self.kinds
+                .entry(f.field.clone())
+                .or_insert((f.kind, f.merge_rule()));
             match f.write {
                 FactWrite::Combine(with) => {
                     let key = (f.field, customer);

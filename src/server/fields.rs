@@ -10,7 +10,7 @@ use tonic::Status;
 use crate::error::Error;
 use crate::fields::time;
 use crate::fields::{
-    BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind, INT_EXISTS,
+    BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind, INT_EXISTS, MergeRule,
 };
 use crate::names::check_key;
 use crate::proto;
@@ -37,6 +37,7 @@ fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
         category: m.category.clone(),
         created_at_ms: m.created_ms,
         updated_at_ms: m.updated_ms,
+        merge: m.merge.word().to_string(),
         ..Default::default()
     };
     match &m.kind {
@@ -110,12 +111,14 @@ pub(super) async fn create_field(
     default_tz: &str,
 ) -> Result<proto::CreateFieldResponse, Status> {
     let kind = kind_of(&r, default_tz)?;
+    let merge = MergeRule::parse(&r.merge).map_err(to_status)?;
     let res = engine
         .write(WriteOp::CreateField {
             name: r.name.clone(),
             description: r.description,
             category: r.category,
             kind,
+            merge,
             if_not_exists: r.if_not_exists,
         })
         .await

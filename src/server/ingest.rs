@@ -27,7 +27,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::Error;
-use crate::fields::{BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind};
+use crate::fields::{
+    BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind, MergeRule,
+};
 use crate::ingest::facts::{FactKind, Facts};
 use crate::ingest::presets::{self, PRESETS};
 use crate::ingest::read::Reader;
@@ -37,9 +39,10 @@ use crate::server::budget::{MemoryBudget, Reservation};
 use crate::server::service::{Service, idle_status, invalid};
 use crate::server::status::to_status;
 use crate::server::writes::mutation;
+use crate::storage::record::LoggedMerge;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
-use crate::storage::{Engine, IdentityConflict, IngestRecord, KeptEvent, Queued, WriteOp};
+use crate::storage::{Engine, IngestRecord, KeptEvent, Queued, WriteOp};
 
 /// What an idle stream's end says of its batches.
 const IDLE_NOTE: &str = "every batch answered before this was applied, none after";
@@ -513,7 +516,7 @@ async fn prepare(
     // The facts' fields, created when missing; a record whose fact names a
     // field of another kind (or a tag) is rejected, saying which.
     let mut unusable: HashMap<String, String> = HashMap::new();
-    let mut needed: BTreeMap<String, FactKind> = BTreeMap::new();
+    let mut needed: BTreeMap<String, (FactKind, MergeRule)> = BTreeMap::new();
     let mut records = Vec::with_capacity(events.len());
     for (line, e) in events {
         let fs = match facts.of(&e) {
@@ -527,12 +530,14 @@ async fn prepare(
             }
         };
         for f in &fs {
-            needed.entry(f.field.clone()).or_insert(f.kind);
+            needed
+                .entry(f.field.clone())
+                .or_insert((f.kind, f.merge_rule()));
         }
         records.push((line, e, fs));
     }
-    for (field, kind) in needed {
-        if let Err(why) = ensure_field(engine, &field, kind).await {
+    for (field, (kind, merge)) in needed {
+        if let Err(why) = ensure_field(engine, &field, kind, merge).await {
             unusable.insert(field, why);
         }
     }
@@ -577,11 +582,13 @@ async fn prepare(
     })
 }
 
-/// Creates a fact's field if it is missing; says why not if it cannot be.
+/// Creates a fact's field if it is missing (with the merge rule its fact
+/// implies); says why not if it cannot be.
 pub(super) async fn ensure_field(
     engine: &Engine,
     name: &str,
     kind: FactKind,
+    merge: MergeRule,
 ) -> Result<(), String> {
     let snap = engine.snapshot();
     match (snap.field(name).map(|f| &f.meta.kind), kind) {
@@ -608,6 +615,7 @@ pub(super) async fn ensure_field(
             description: "a fact kept by ingestion".into(),
             category: "facts".into(),
             kind,
+            merge,
             if_not_exists: true,
         })
         .await
@@ -638,42 +646,44 @@ fn is_about_records(e: &Error) -> bool {
     )
 }
 
-/// Adds `conflicts` to the answer, naming customers by their keys (`line`
-/// gives a record's line from its index in the write).
-fn report_conflicts(
+/// Adds `merges` to the answer, naming customers by their keys.
+fn report_merges(
     engine: &Engine,
-    conflicts: &[IdentityConflict],
-    line: impl Fn(u32) -> u64,
+    merges: &[LoggedMerge],
     answer: &mut proto::IngestResponse,
 ) -> Result<(), Status> {
-    if conflicts.is_empty() {
+    if merges.is_empty() {
         return Ok(());
     }
     let snap = engine.snapshot();
-    let key = |id: u32| -> Result<String, Status> {
-        snap.dict
-            .key_of(id)
-            .map_err(to_status)?
-            .ok_or_else(|| to_status(Error::MissingKey(id)))
-    };
-    for c in conflicts {
-        answer.conflicts.push(proto::IdentityConflict {
-            line: line(c.record),
-            customer: key(c.customer)?,
-            others: c
-                .others
-                .iter()
-                .map(|(identity, id)| {
-                    Ok(proto::ConflictingIdentity {
-                        identity: identity.clone(),
-                        customer: key(*id)?,
-                    })
-                })
-                .collect::<Result<_, Status>>()?,
-        });
+    for m in merges {
+        answer
+            .merges
+            .push(merge_info(&snap, m.id, m.survivor, m.absorbed, &m.via)?);
     }
-    answer.conflicts.sort_by_key(|c| c.line);
     Ok(())
+}
+
+/// A merge as clients see it: customers by their keys (an absorbed
+/// customer keeps its key in the dictionary until a merge of its sections).
+pub(super) fn merge_info(
+    snap: &crate::storage::Snapshot,
+    id: u64,
+    survivor: u32,
+    absorbed: u32,
+    via: &str,
+) -> Result<proto::CustomerMerge, Status> {
+    let key = |id: u32| -> Result<String, Status> {
+        Ok(snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default())
+    };
+    Ok(proto::CustomerMerge {
+        merge_id: id,
+        survivor: key(survivor)?,
+        survivor_id: survivor,
+        absorbed: key(absorbed)?,
+        absorbed_id: absorbed,
+        via: via.to_string(),
+    })
 }
 
 /// Writes a prepared batch and completes its answer.
@@ -702,7 +712,7 @@ async fn apply(
             answer.new_customers = r.new_customers;
             answer.lsn = r.lsn;
             answer.identities_linked = r.identities_linked;
-            report_conflicts(&engine, &r.conflicts, |i| lines[i as usize], &mut answer)?;
+            report_merges(&engine, &r.merges, &mut answer)?;
             Ok(answer)
         }
         Err(e) if is_about_records(&e) => {
@@ -721,7 +731,7 @@ async fn apply(
                         answer.new_customers += r.new_customers;
                         answer.lsn = answer.lsn.max(r.lsn);
                         answer.identities_linked += r.identities_linked;
-                        report_conflicts(&engine, &r.conflicts, |_| line, &mut answer)?;
+                        report_merges(&engine, &r.merges, &mut answer)?;
                     }
                     Err(e) if is_about_records(&e) => answer.rejected.push(proto::RejectedRecord {
                         line,

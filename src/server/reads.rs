@@ -226,6 +226,65 @@ pub(super) async fn profile(
     Ok(Response::new(resp))
 }
 
+/// Most merges one `ListMerges` page holds.
+const MAX_MERGE_PAGE: u32 = 10_000;
+
+pub(super) async fn list_merges(
+    svc: &Service,
+    req: Request<proto::ListMergesRequest>,
+) -> Result<Response<proto::ListMergesResponse>, Status> {
+    let r = req.into_inner();
+    let limit = match r.limit {
+        0 => 100,
+        n if n > MAX_MERGE_PAGE => {
+            return Err(invalid(format!(
+                "limit {n} is over the limit of {MAX_MERGE_PAGE}"
+            )));
+        }
+        n => n as usize,
+    };
+    if !r.customer.is_empty() {
+        fields::check_customer(&r.customer)?;
+    }
+    let snap = svc.engine.snapshot();
+    let resp = blocking(move || {
+        let only = if r.customer.is_empty() {
+            None
+        } else {
+            Some(
+                snap.customer_id(&r.customer)
+                    .map_err(to_status)?
+                    .ok_or_else(|| to_status(Error::CustomerNotFound(r.customer.clone())))?,
+            )
+        };
+        let log = snap.merges.read();
+        let total = log.len() as u64;
+        // Entries are in id order: start past `after` by a binary search.
+        let from = log.entries().partition_point(|e| e.id <= r.after);
+        let mut merges = Vec::new();
+        let mut more = false;
+        for e in &log.entries()[from..] {
+            if only.is_some_and(|c| log.survivor_of(e.survivor) != c) {
+                continue;
+            }
+            if merges.len() == limit {
+                more = true;
+                break;
+            }
+            merges.push(super::ingest::merge_info(
+                &snap, e.id, e.survivor, e.absorbed, &e.via,
+            )?);
+        }
+        Ok(proto::ListMergesResponse {
+            merges,
+            more,
+            total,
+        })
+    })
+    .await?;
+    Ok(Response::new(resp))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

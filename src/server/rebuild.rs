@@ -83,14 +83,28 @@ pub(super) async fn rebuild_facts(
             })
             .collect();
         let as_of = snap.archive.upto_lsn;
+        // The events of customers merged into them are theirs too (kept
+        // under the absorbed customers' ids).
+        let mut absorbed: HashMap<u32, u32> = HashMap::new();
+        {
+            let log = snap.merges.read();
+            if !log.is_empty() {
+                for &id in keys.keys() {
+                    for a in log.merged_into(id).into_iter().skip(1) {
+                        absorbed.insert(a, id);
+                    }
+                }
+            }
+        }
         drop(snap);
         let engine = svc.engine.clone();
         let facts = Arc::clone(&svc.facts);
         let customers: Vec<String> = keys.values().cloned().collect();
         let folded = tokio::task::spawn_blocking(move || {
-            let ids: RoaringBitmap = keys.keys().copied().collect();
+            let ids: RoaringBitmap = keys.keys().chain(absorbed.keys()).copied().collect();
             let mut r = Rebuild::new(&facts, keys);
             engine.read_archive(&ids, |customer, bytes| {
+                let customer = absorbed.get(&customer).copied().unwrap_or(customer);
                 r.add(customer, bytes)
                     .map_err(|why| Error::BadRecord(why.0))?;
                 if r.too_large() {
@@ -111,8 +125,8 @@ pub(super) async fn rebuild_facts(
         .map_err(|e| Status::internal(format!("the rebuild task failed: {e}")))?;
         let (counts, why, kinds, Rebuilt { erase, writes }) = folded.map_err(to_status)?;
         let ids: HashMap<&str, u32> = snap_ids(&svc.engine, &customers)?;
-        for (field, kind) in kinds {
-            ensure_field(&svc.engine, &field, kind)
+        for (field, (kind, merge)) in kinds {
+            ensure_field(&svc.engine, &field, kind, merge)
                 .await
                 .map_err(|why| Status::failed_precondition(format!("fact {field:?}: {why}")))?;
         }

@@ -187,6 +187,13 @@ impl TagStore for Service {
         reads::profile(self, req).await
     }
 
+    async fn list_merges(
+        &self,
+        req: Request<proto::ListMergesRequest>,
+    ) -> Result<Response<proto::ListMergesResponse>, Status> {
+        reads::list_merges(self, req).await
+    }
+
     async fn create_field(
         &self,
         req: Request<proto::CreateFieldRequest>,

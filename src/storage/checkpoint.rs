@@ -25,6 +25,7 @@ use crate::storage::dictionary::{DictLayer, Dictionary, encode_identity_section,
 use crate::storage::manifest::{
     Manifest, ManifestArchive, ManifestField, ManifestSeen, ManifestSource, ManifestTag,
 };
+use crate::storage::merges::MergeLog;
 use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen::{self, Seen};
 use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
@@ -168,6 +169,9 @@ pub struct CheckpointJob {
     /// Customers were erased since the previous checkpoint: archive files
     /// holding their events are rewritten without them.
     pub erased: bool,
+    /// The merge log at the snapshot's lsn, when it changed since the
+    /// previous checkpoint (written whole into the segment).
+    pub merge_log: Option<MergeLog>,
 }
 
 /// What a finished checkpoint hands back to the writer.
@@ -245,6 +249,11 @@ impl CheckpointJob {
             if let Some(seg) = self.segments.get(no) {
                 *referenced.entry(*no).or_default() += seg.bytes_of(BlobKind::Dictionary, 0);
             }
+        }
+        if self.merge_log.is_none()
+            && let Some(seg) = self.segments.get(&self.prev.merge_log_segment)
+        {
+            *referenced.entry(seg.no).or_default() += seg.bytes_of(BlobKind::MergeLog, 0);
         }
         for no in &self.prev.ident_segments {
             if let Some(seg) = self.segments.get(no) {
@@ -364,6 +373,7 @@ impl CheckpointJob {
                 created_ms: field.meta.created_ms,
                 updated_ms: field.meta.updated_ms,
                 slots,
+                merge: field.meta.merge,
             });
         }
 
@@ -499,10 +509,45 @@ impl CheckpointJob {
             None => None,
         };
 
+        // The merge log, whole, when it changed (or its segment is emptied).
+        let merge_log_segment = match &self.merge_log {
+            Some(log) if log.is_empty() => 0,
+            Some(log) => {
+                open(&mut writer)?;
+                if let Some(w) = writer.as_mut() {
+                    w.add_blob(BlobKind::MergeLog, 0, 0, &log.encode())?;
+                }
+                seg_no
+            }
+            None if victims.contains(&self.prev.merge_log_segment) => {
+                let log = snap.merges.read().upto(snap.lsn);
+                open(&mut writer)?;
+                if let Some(w) = writer.as_mut() {
+                    w.add_blob(BlobKind::MergeLog, 0, 0, &log.encode())?;
+                }
+                seg_no
+            }
+            None => self.prev.merge_log_segment,
+        };
+
         // The events of the records this checkpoint covers, under the
         // segment's number (so a failed checkpoint's leftovers share its
         // clean-up); archive files past retention are no longer named.
-        let new_archive = self.archive_events(seg_no, live)?;
+        // Whose events the archive keeps: the live customers, and those
+        // merged into one (a rebuild of the survivor reads theirs too).
+        let merged_keep;
+        let keep = {
+            let log = snap.merges.read();
+            if log.is_empty() {
+                live
+            } else {
+                let mut k = live.clone();
+                k.union_with(&log.absorbed_into_live(live.members()));
+                merged_keep = k;
+                &merged_keep
+            }
+        };
+        let new_archive = self.archive_events(seg_no, keep)?;
         let mut archives = self.prev.archives.clone();
         let mut archive_dropped_to_ms = self.prev.archive_dropped_to_ms;
         if let Some(keep) = self.event_retention_ms {
@@ -521,7 +566,7 @@ impl CheckpointJob {
         if self.erased {
             let mut kept = Vec::with_capacity(archives.len());
             for a in archives {
-                match self.without_erased(&a, next_no, live)? {
+                match self.without_erased(&a, next_no, keep)? {
                     Rewrite::Unchanged => kept.push(a),
                     Rewrite::Empty => {}
                     Rewrite::Into(b) => {
@@ -567,6 +612,7 @@ impl CheckpointJob {
             archives,
             archive_dropped_to_ms,
             ident_segments,
+            merge_log_segment,
         };
         manifest.write(&self.dir)?;
 

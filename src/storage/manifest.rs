@@ -5,7 +5,7 @@
 //! crash leaves either the old manifest or the new one.
 
 use crate::error::{Error, Result};
-use crate::fields::FieldKind;
+use crate::fields::{FieldKind, MergeRule};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
 use crate::storage::datadir::{DataDir, fsync_dir};
 use crate::storage::fs::Create;
@@ -28,6 +28,8 @@ pub struct ManifestField {
     pub updated_ms: i64,
     /// Each non-empty slot and the segment holding it.
     pub slots: Vec<(u32, u64)>,
+    /// How its values combine when customers merge (version 5).
+    pub merge: MergeRule,
 }
 
 /// A tag as the manifest records it.
@@ -102,6 +104,8 @@ pub struct Manifest {
     pub archive_dropped_to_ms: i64,
     /// Segments holding identity sections, oldest first.
     pub ident_segments: Vec<u64>,
+    /// Segment holding the merge log; 0 when nothing was ever merged.
+    pub merge_log_segment: u64,
 }
 
 impl Manifest {
@@ -113,6 +117,7 @@ impl Manifest {
             .map(|t| t.segment)
             .chain(self.dict_segments.iter().copied())
             .chain(self.ident_segments.iter().copied())
+            .chain(std::iter::once(self.merge_log_segment))
             .chain(
                 self.fields
                     .iter()
@@ -164,6 +169,7 @@ impl Manifest {
             for (slot, seg) in &f.slots {
                 e.u32(*slot).u64(*seg);
             }
+            e.u8(f.merge.code());
         }
         e.u32(self.sources.len() as u32);
         for s in &self.sources {
@@ -191,6 +197,7 @@ impl Manifest {
         for s in &self.ident_segments {
             e.u64(*s);
         }
+        e.u64(self.merge_log_segment);
         e.buf
     }
 
@@ -238,9 +245,15 @@ impl Manifest {
                     created_ms: d.i64()?,
                     updated_ms: d.i64()?,
                     slots: Vec::new(),
+                    merge: MergeRule::Keep,
                 };
                 for _ in 0..d.u32()? {
                     f.slots.push((d.u32()?, d.u64()?));
+                }
+                if version >= 5 {
+                    let code = d.u8()?;
+                    f.merge = MergeRule::from_code(code)
+                        .map_or_else(|| d.err(format!("unknown merge rule {code}")), Ok)?;
                 }
                 m.fields.push(f);
             }
@@ -283,6 +296,7 @@ impl Manifest {
             for _ in 0..d.u32()? {
                 m.ident_segments.push(d.u64()?);
             }
+            m.merge_log_segment = d.u64()?;
         }
         d.finish()?;
         Ok(m)
@@ -390,6 +404,7 @@ mod tests {
                 created_ms: 5,
                 updated_ms: 6,
                 slots: vec![(0, 4), (1, 6)],
+                merge: MergeRule::Sum,
             }],
             sources: vec![ManifestSource {
                 name: "jd_orders".into(),
@@ -413,6 +428,7 @@ mod tests {
             }],
             archive_dropped_to_ms: 1_600_000_000_000,
             ident_segments: vec![4],
+            merge_log_segment: 6,
         }
     }
 

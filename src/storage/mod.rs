@@ -32,6 +32,7 @@ pub mod datadir;
 pub mod dictionary;
 pub mod fs;
 pub mod manifest;
+pub mod merges;
 pub mod record;
 pub mod recovery;
 mod resolve;
@@ -59,8 +60,7 @@ pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 use writer::{Cmd, Writer};
 pub use writer::{
-    Combine, EventTime, IdentityConflict, IngestRecord, KeptEvent, KeyIds, Mutation, ValueWrite,
-    WriteOp, WriteResult,
+    Combine, EventTime, IngestRecord, KeptEvent, KeyIds, Mutation, ValueWrite, WriteOp, WriteResult,
 };
 
 /// Writes naming at most this many customer keys have them checked on the

@@ -10,7 +10,7 @@
 
 use roaring::RoaringBitmap;
 
-use crate::fields::FieldKind;
+use crate::fields::{FieldKind, MergeRule};
 use crate::storage::codec::{Dec, DecResult, Enc};
 
 /// Record kind of a [`Batch`] in the log framing.
@@ -26,6 +26,8 @@ pub struct NewField {
     pub description: String,
     pub category: String,
     pub kind: FieldKind,
+    /// How its values combine when customers merge (batch version 5).
+    pub merge: MergeRule,
 }
 
 /// A change to one field's bitmaps.
@@ -221,6 +223,20 @@ pub struct Batch {
     /// [`UNLINKED`](crate::storage::dictionary::identities::UNLINKED),
     /// taken away from theirs).
     pub identities: Vec<IdentityLink>,
+    /// Customers merged into others (OneID); the writer has already moved
+    /// their tags, values and identities to the survivors in this batch.
+    pub merges: Vec<LoggedMerge>,
+}
+
+/// One merge as the log carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedMerge {
+    /// Its number in the merge log.
+    pub id: u64,
+    pub survivor: u32,
+    pub absorbed: u32,
+    /// The identity whose record named both.
+    pub via: String,
 }
 
 /// An identity (`type:value`) and the customer it now names, with where and
@@ -266,6 +282,7 @@ impl Batch {
             && self.drop_seen_days.is_empty()
             && self.events.is_empty()
             && self.identities.is_empty()
+            && self.merges.is_empty()
     }
 
     /// Memberships the batch names in its changes: a measure of the work
@@ -304,6 +321,7 @@ impl Batch {
                 .str(&f.description)
                 .str(&f.category);
             f.kind.encode(&mut e);
+            e.u8(f.merge.code());
         }
         e.u32(self.field_changes.len() as u32);
         for c in &self.field_changes {
@@ -340,6 +358,10 @@ impl Batch {
                 .str(&l.identity)
                 .i64(l.first_ms)
                 .str(&l.place);
+        }
+        e.u32(self.merges.len() as u32);
+        for m in &self.merges {
+            e.u64(m.id).u32(m.survivor).u32(m.absorbed).str(&m.via);
         }
         e.buf
     }
@@ -391,6 +413,15 @@ impl Batch {
                     description: d.str()?.to_string(),
                     category: d.str()?.to_string(),
                     kind: FieldKind::decode(&mut d)?,
+                    merge: if version >= 5 {
+                        let code = d.u8()?;
+                        match MergeRule::from_code(code) {
+                            Some(r) => r,
+                            None => return d.err(format!("unknown merge rule {code}")),
+                        }
+                    } else {
+                        MergeRule::Keep
+                    },
                 });
             }
             for _ in 0..d.u32()? {
@@ -439,6 +470,14 @@ impl Batch {
                     place: d.str()?.to_string(),
                 });
             }
+            for _ in 0..d.u32()? {
+                b.merges.push(LoggedMerge {
+                    id: d.u64()?,
+                    survivor: d.u32()?,
+                    absorbed: d.u32()?,
+                    via: d.str()?.to_string(),
+                });
+            }
         }
         d.finish()?;
         Ok(b)
@@ -475,6 +514,7 @@ mod tests {
                 kind: FieldKind::Enum {
                     values: vec!["new".into(), "active".into()],
                 },
+                merge: MergeRule::Last,
             }],
             field_changes: vec![
                 FieldChange::Int {
@@ -537,6 +577,12 @@ mod tests {
                     place: String::new(),
                 },
             ],
+            merges: vec![LoggedMerge {
+                id: 7,
+                survivor: 10,
+                absorbed: 11,
+                via: "phone:13800000000".into(),
+            }],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

@@ -15,6 +15,7 @@ use crate::storage::archive::{self, ArchiveFile};
 use crate::storage::datadir::{DataDir, move_aside};
 use crate::storage::dictionary::{DictLayer, Dictionary, Identities};
 use crate::storage::manifest::{self, Manifest};
+use crate::storage::merges::MergeLog;
 use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
@@ -207,6 +208,7 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
             kind: f.kind.clone(),
             created_ms: f.created_ms,
             updated_ms: f.updated_ms,
+            merge: f.merge,
         };
         fields.insert(
             name,
@@ -235,6 +237,30 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
     } else {
         LazyBitmap::on_disk(seg(manifest.live_segment)?, BlobKind::LiveShard, 0)
     };
+    // The merge log is read now, whole (a few dozen bytes a merge).
+    let merges = if manifest.merge_log_segment == 0 {
+        MergeLog::default()
+    } else {
+        let s = seg(manifest.merge_log_segment)?;
+        let entries = s.entries_of(BlobKind::MergeLog, 0);
+        let [entry] = entries else {
+            return Err(Error::corrupt(
+                &s.path,
+                0,
+                format!(
+                    "segment holds {} merge logs where the manifest names one",
+                    entries.len()
+                ),
+            ));
+        };
+        MergeLog::decode(s.blob(entry)?).map_err(|e| {
+            Error::corrupt(
+                &s.path,
+                entry.offset + e.offset as u64,
+                format!("merge log: {}", e.reason),
+            )
+        })?
+    };
     let snap = Snapshot {
         lsn: manifest.checkpoint_lsn,
         tags,
@@ -246,6 +272,7 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         idents,
         sources,
         archive: Arc::new(ArchiveList::of(&manifest)),
+        merges: Arc::new(parking_lot::RwLock::new(merges)),
     };
     let mut state = State::new(snap);
     // Remembered event ids are read now, whole: the writer checks every

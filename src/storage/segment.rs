@@ -46,6 +46,9 @@ pub enum BlobKind {
     /// An identity section ([`crate::storage::identities`]); `owner` and
     /// `shard` are 0.
     Identities = 6,
+    /// The merge log ([`crate::storage::merges`]), whole; `owner` and
+    /// `shard` are 0.
+    MergeLog = 7,
 }
 
 /// Bits of a packed `shard` word that hold the shard number (ids are u32 and
@@ -68,6 +71,7 @@ impl BlobKind {
             4 => Some(Self::FieldSlot),
             5 => Some(Self::SeenIds),
             6 => Some(Self::Identities),
+            7 => Some(Self::MergeLog),
             _ => None,
         }
     }

@@ -5,11 +5,14 @@
 
 use std::sync::{Arc, OnceLock};
 
+use parking_lot::RwLock;
+
 use crate::bitmap::ShardedBitmap;
 use crate::error::Result;
-use crate::fields::{FieldKind, INT_EXISTS, bsi, int_slot};
+use crate::fields::{FieldKind, INT_EXISTS, MergeRule, bsi, int_slot};
 use crate::storage::dictionary::identities::Found;
 use crate::storage::dictionary::{Dictionary, Identities};
+use crate::storage::merges::MergeLog;
 use crate::storage::segment::{BlobKind, Segment};
 
 /// A bitmap that is either in memory or still in a segment file.
@@ -116,6 +119,8 @@ pub struct FieldMeta {
     pub kind: FieldKind,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// How its values combine when customers merge.
+    pub merge: MergeRule,
 }
 
 /// An integer field's bitmaps, ready to read values ([`Field::int_values`]).
@@ -238,6 +243,9 @@ pub struct Snapshot {
     pub sources: SourceMap,
     /// The event archive as of the last checkpoint.
     pub archive: Arc<ArchiveList>,
+    /// The merge log, shared with the writer like the dictionary (it only
+    /// grows, but for erased customers' identities, which it forgets).
+    pub merges: Arc<RwLock<MergeLog>>,
 }
 
 /// Turns dictionary answers `ids` for `keys` into the live customers the
@@ -327,6 +335,7 @@ impl Snapshot {
             idents: Arc::new(Identities::new(Vec::new())),
             sources: SourceMap::new(),
             archive: Arc::default(),
+            merges: Arc::default(),
         }
     }
 

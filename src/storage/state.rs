@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fields::time::{self, Bucket};
 use crate::fields::{INT_EXISTS, bsi, int_slot};
 use crate::storage::dictionary::identities::FirstSeen;
+use crate::storage::merges::MergeEntry;
 use crate::storage::record::{Batch, ChangeOp, FieldChange};
 use crate::storage::seen::{self, Seen};
 use crate::storage::snapshot::{
@@ -34,6 +35,8 @@ pub struct ApplyStats {
     pub events_added: u64,
     /// Ingested events remembered for de-duplication.
     pub events_seen: u64,
+    /// Customers merged into others.
+    pub merged: u64,
 }
 
 /// The writer's copy of the store: the next snapshot, plus what changed since
@@ -55,6 +58,8 @@ pub struct State {
     /// last checkpoint begun): a rebuild of facts read from the archive up
     /// to that lsn must leave them be.
     pub ingested: (u64, RoaringBitmap),
+    /// Whether the merge log changed since the last checkpoint began.
+    pub merges_dirty: bool,
 }
 
 fn unknown_field(id: u32) -> Error {
@@ -91,6 +96,7 @@ impl State {
             .collect();
         Self {
             ingested: (snap.lsn, RoaringBitmap::new()),
+            merges_dirty: false,
             snap,
             tag_names,
             dirty_tags: HashSet::new(),
@@ -241,6 +247,61 @@ impl State {
         Ok(Arc::make_mut(tag))
     }
 
+    /// Takes the customers `gone` out of every field slot and every tag (the
+    /// live set is the caller's).
+    fn remove_everywhere(&mut self, gone: &RoaringBitmap, at_ms: i64) -> Result<()> {
+        let fields: Vec<u32> = self.field_names.keys().copied().collect();
+        for fid in fields {
+            let Some(f) = self.field_by_id(fid) else {
+                continue;
+            };
+            let mut touched = Vec::new();
+            for (slot, bm) in &f.slots {
+                if bm.get()?.intersects(gone) {
+                    touched.push(*slot);
+                }
+            }
+            if touched.is_empty() {
+                continue;
+            }
+            let name = self
+                .field_names
+                .get(&fid)
+                .ok_or_else(|| unknown_field(fid))?;
+            let field = Arc::make_mut(
+                self.snap
+                    .fields
+                    .get_mut(name)
+                    .ok_or_else(|| unknown_field(fid))?,
+            );
+            field.meta.updated_ms = at_ms;
+            for slot in touched {
+                let bm = slot_mut(&mut field.slots, slot)?;
+                bm.difference_with(gone);
+                if bm.is_empty() {
+                    field.slots.remove(&slot);
+                }
+                self.dirty_slots.insert((fid, slot));
+            }
+        }
+        let ids: Vec<u32> = self.tag_names.keys().copied().collect();
+        for id in ids {
+            let touched = match self.tag_by_id(id) {
+                Some(t) => t.bitmap.get()?.intersects(gone),
+                None => false,
+            };
+            if touched {
+                let tag = self.tag_mut(id)?;
+                let bm = tag.bitmap.make_mut()?;
+                bm.difference_with(gone);
+                tag.meta.count = bm.len();
+                tag.meta.updated_ms = at_ms;
+                self.dirty_tags.insert(id);
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one logged batch. Applying a batch that is already reflected
     /// changes nothing further.
     pub fn apply(&mut self, lsn: u64, b: &Batch) -> Result<ApplyStats> {
@@ -281,6 +342,7 @@ impl State {
                     kind: f.kind.clone(),
                     created_ms: b.at_ms,
                     updated_ms: b.at_ms,
+                    merge: f.merge,
                 },
                 slots: SlotMap::new(),
             };
@@ -330,59 +392,35 @@ impl State {
             stats.values_cleared += st.values_cleared;
             stats.events_added += st.events_added;
         }
+        if !b.merges.is_empty() {
+            let absorbed: RoaringBitmap = b.merges.iter().map(|m| m.absorbed).collect();
+            self.remove_everywhere(&absorbed, b.at_ms)?;
+            stats.merged = self.snap.live.make_mut()?.difference_with(&absorbed);
+            self.dirty_live = true;
+            let mut log = self.snap.merges.write();
+            for m in &b.merges {
+                // Its facts changed by more than its own archived events: a
+                // rebuild that read the archive before now leaves it be.
+                self.ingested.1.insert(m.survivor);
+                log.push(MergeEntry {
+                    id: m.id,
+                    lsn,
+                    at_ms: b.at_ms,
+                    survivor: m.survivor,
+                    absorbed: m.absorbed,
+                    via: m.via.clone(),
+                });
+            }
+            self.merges_dirty = true;
+        }
         if !b.deletes.is_empty() {
-            let fields: Vec<u32> = self.field_names.keys().copied().collect();
-            for fid in fields {
-                let Some(f) = self.field_by_id(fid) else {
-                    continue;
-                };
-                let mut touched = Vec::new();
-                for (slot, bm) in &f.slots {
-                    if bm.get()?.intersects(&b.deletes) {
-                        touched.push(*slot);
-                    }
-                }
-                if touched.is_empty() {
-                    continue;
-                }
-                let name = self
-                    .field_names
-                    .get(&fid)
-                    .ok_or_else(|| unknown_field(fid))?;
-                let field = Arc::make_mut(
-                    self.snap
-                        .fields
-                        .get_mut(name)
-                        .ok_or_else(|| unknown_field(fid))?,
-                );
-                field.meta.updated_ms = b.at_ms;
-                for slot in touched {
-                    let bm = slot_mut(&mut field.slots, slot)?;
-                    bm.difference_with(&b.deletes);
-                    if bm.is_empty() {
-                        field.slots.remove(&slot);
-                    }
-                    self.dirty_slots.insert((fid, slot));
-                }
-            }
-            let ids: Vec<u32> = self.tag_names.keys().copied().collect();
-            for id in ids {
-                let touched = match self.tag_by_id(id) {
-                    Some(t) => t.bitmap.get()?.intersects(&b.deletes),
-                    None => false,
-                };
-                if touched {
-                    let tag = self.tag_mut(id)?;
-                    let bm = tag.bitmap.make_mut()?;
-                    bm.difference_with(&b.deletes);
-                    tag.meta.count = bm.len();
-                    tag.meta.updated_ms = b.at_ms;
-                    self.dirty_tags.insert(id);
-                }
-            }
+            self.remove_everywhere(&b.deletes, b.at_ms)?;
             stats.deleted = self.snap.live.make_mut()?.difference_with(&b.deletes);
             self.snap.dict.forget(b.deletes.iter());
             self.dirty_live = true;
+            if self.snap.merges.write().scrub(&b.deletes) {
+                self.merges_dirty = true;
+            }
         }
         for id in &b.drop_tags {
             if let Some(name) = self.tag_names.remove(id) {

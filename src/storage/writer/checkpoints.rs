@@ -74,6 +74,7 @@ impl Writer {
             && self.state.dirty_tags.is_empty()
             && self.state.dirty_slots.is_empty()
             && !self.state.dirty_live
+            && !self.state.merges_dirty
         {
             // Nothing to write, and at most one dictionary section.
             self.merge_dictionary = false;
@@ -109,6 +110,7 @@ impl Writer {
         let dirty_live = std::mem::take(&mut self.state.dirty_live);
         let dirty_slots = std::mem::take(&mut self.state.dirty_slots);
         let dirty_seen = std::mem::take(&mut self.state.seen.dirty);
+        let dirty_merges = std::mem::take(&mut self.state.merges_dirty);
         let job = CheckpointJob {
             dir: self.dir.clone(),
             snap: self.shared.snapshot(),
@@ -130,6 +132,8 @@ impl Writer {
                 days => Some(i64::from(days) * 86_400_000),
             },
             erased: self.last_delete_lsn > self.manifest.checkpoint_lsn,
+            // The log as of `lsn` (it grows on after), when it changed.
+            merge_log: dirty_merges.then(|| self.state.snap.merges.read().clone()),
         };
         debug_assert_eq!(job.snap.lsn, lsn);
         self.merge_dictionary = false;
@@ -142,6 +146,7 @@ impl Writer {
             dirty_live,
             dirty_slots,
             dirty_seen,
+            dirty_merges,
         });
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
@@ -183,6 +188,7 @@ impl Writer {
                 self.state.dirty_live |= running.dirty_live;
                 self.state.dirty_slots.extend(running.dirty_slots);
                 self.state.seen.dirty.extend(running.dirty_seen);
+                self.state.merges_dirty |= running.dirty_merges;
                 // The failed job may have left a file under this number:
                 // partial, or complete and already named by a new MANIFEST
                 // (when what failed came after the rename, such as the

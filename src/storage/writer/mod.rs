@@ -88,7 +88,7 @@ enum Target {
         expired: u64,
         duplicates: Vec<u32>,
         linked: u64,
-        conflicts: Vec<IdentityConflict>,
+        merges: Vec<crate::storage::record::LoggedMerge>,
     },
     Rebuilt {
         expired: u64,
@@ -103,13 +103,13 @@ impl Target {
             expired,
             duplicates,
             linked,
-            conflicts,
+            merges,
         } = self
         {
             r.events_expired = expired;
             r.duplicates = duplicates;
             r.identities_linked = linked;
-            r.conflicts = conflicts;
+            r.merges = merges;
         }
     }
 }
@@ -123,6 +123,7 @@ struct Running {
     dirty_live: bool,
     dirty_slots: std::collections::HashSet<(u32, u32)>,
     dirty_seen: std::collections::BTreeSet<i32>,
+    dirty_merges: bool,
 }
 
 pub(crate) struct Writer {

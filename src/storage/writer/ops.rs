@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::error::Result;
-use crate::fields::FieldKind;
+use crate::fields::{FieldKind, MergeRule};
 use crate::names::check_key;
 use crate::storage::snapshot::{FieldMeta, Snapshot, TagMeta};
 
@@ -182,6 +182,8 @@ pub enum WriteOp {
         description: String,
         category: String,
         kind: FieldKind,
+        /// How its values combine when customers merge.
+        merge: MergeRule,
         if_not_exists: bool,
     },
     DropField {
@@ -456,19 +458,7 @@ pub struct WriteResult {
     pub busy: Vec<String>,
     /// Identities a [`WriteOp::Ingest`] linked to customers.
     pub identities_linked: u64,
-    /// Records of a [`WriteOp::Ingest`] whose identities named more than
-    /// one customer.
-    pub conflicts: Vec<IdentityConflict>,
-}
-
-/// A record whose identities name more than one live customer. It was
-/// applied to `customer`, the one its earliest identity names; the
-/// identities in `others` were left with the customers they name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityConflict {
-    /// The record's index in the request.
-    pub record: u32,
-    pub customer: u32,
-    /// Identities of the record that name other customers, with them.
-    pub others: Vec<(String, u32)>,
+    /// Customers a [`WriteOp::Ingest`] merged: records named identities
+    /// of both.
+    pub merges: Vec<crate::storage::record::LoggedMerge>,
 }

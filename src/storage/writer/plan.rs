@@ -11,13 +11,13 @@ use roaring::RoaringBitmap;
 use super::ids::IdAssigner;
 use super::*;
 use crate::error::{Error, Result};
-use crate::fields::FieldKind;
 use crate::fields::time::{self};
+use crate::fields::{FieldKind, MergeRule};
 use crate::names::check_tag_name;
-use crate::storage::record::IdentityLink;
 use crate::storage::record::{
     Batch, Change, ChangeOp, FieldChange, LoggedEvent, NewField, NewTag, SourceChange,
 };
+use crate::storage::record::{IdentityLink, LoggedMerge};
 use crate::storage::snapshot::Field;
 
 /// What planning reads: the writer's state, the moment of the write, and
@@ -216,13 +216,15 @@ impl Planner<'_> {
                 description,
                 category,
                 kind,
+                merge,
                 if_not_exists,
             } => {
                 check_tag_name(&name)?;
                 check_meta(&description, &category)?;
                 kind.validate()?;
+                merge.validate(&kind)?;
                 if let Some(f) = snap.field(&name) {
-                    if if_not_exists && f.meta.kind == kind {
+                    if if_not_exists && f.meta.kind == kind && f.meta.merge == merge {
                         return Ok(Planned::Done(WriteResult {
                             lsn: snap.lsn,
                             field: Some(f.meta.clone()),
@@ -241,6 +243,7 @@ impl Planner<'_> {
                     description,
                     category,
                     kind,
+                    merge,
                 });
                 Ok(Planned::Write(batch, Target::FieldCreated(name)))
             }
@@ -254,7 +257,8 @@ impl Planner<'_> {
                     return Err(Error::invalid("empty write: no values or events"));
                 }
                 let mut ids = IdAssigner::new(self.state)?;
-                let expired = plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?;
+                let expired =
+                    plan_values(snap, &writes, &mut ids, at_ms, &mut batch, BTreeMap::new())?;
                 batch.new_keys = ids.new_keys;
                 Ok(Planned::Write(batch, Target::Values { expired }))
             }
@@ -346,7 +350,8 @@ impl Planner<'_> {
                         kept.push(w);
                     }
                 }
-                let expired = plan_values(snap, &kept, &mut ids, at_ms, &mut batch)?;
+                let expired =
+                    plan_values(snap, &kept, &mut ids, at_ms, &mut batch, BTreeMap::new())?;
                 batch.new_keys = ids.new_keys;
                 let target = Target::Rebuilt { expired, busy };
                 if batch.is_empty() {
@@ -386,35 +391,59 @@ impl Planner<'_> {
                     taken.push((i as u32, r));
                 }
                 let mut ids = IdAssigner::new(self.state)?;
-                let mut writes = Vec::new();
-                let mut kept = Vec::new();
-                let mut conflicts = Vec::new();
-                for (i, r) in taken {
-                    let customer = if r.identities.is_empty() {
+                // First, every record's customer: the identities of each
+                // decide it (a new customer when they name none); customers
+                // one record names together are one person.
+                let mut groups = Groups::default();
+                let mut customers = Vec::with_capacity(taken.len());
+                for (_, r) in &taken {
+                    customers.push(if r.identities.is_empty() {
                         None
                     } else {
-                        let (customer, conflict) =
-                            self.identify(&mut ids, i, &r, at_ms, &mut batch)?;
-                        conflicts.extend(conflict);
-                        Some(customer)
-                    };
+                        Some(self.identify(&mut ids, &mut groups, r, at_ms, &mut batch)?)
+                    });
+                }
+                // Then the merges, before the writes: each absorbed
+                // customer's tags, values and identities move to its
+                // survivor, and the records' writes build on the merged
+                // values.
+                let linked = batch.identities.len() as u64;
+                let mut seed = BTreeMap::new();
+                let merges = groups.merges();
+                if !merges.is_empty() {
+                    self.plan_merges(&merges, &mut seed, &mut batch)?;
+                }
+                for link in &mut batch.identities {
+                    link.customer = groups.find(link.customer);
+                }
+                let mut writes = Vec::new();
+                let mut kept = Vec::new();
+                for ((_, r), customer) in taken.into_iter().zip(customers) {
+                    // Aimed at the survivor by a handle only this request
+                    // knows (no key holds a NUL byte).
+                    let handle = customer.map(|c| {
+                        let s = groups.find(c);
+                        let handle = format!("\0{s}");
+                        ids.link(&handle, s);
+                        handle
+                    });
                     for mut w in r.writes {
-                        if let Some((_, key)) = &customer {
-                            w.set_customer(key);
+                        if let Some(h) = &handle {
+                            w.set_customer(h);
                         }
                         writes.push(w);
                     }
                     if let Some(mut e) = r.event {
-                        if let Some((_, key)) = &customer {
-                            e.customer = key.clone();
+                        if let Some(h) = &handle {
+                            e.customer = h.clone();
                         }
                         kept.push(e);
                     }
                 }
-                let expired = if writes.is_empty() {
+                let expired = if writes.is_empty() && seed.is_empty() {
                     0
                 } else {
-                    plan_values(snap, &writes, &mut ids, at_ms, &mut batch)?
+                    plan_values(snap, &writes, &mut ids, at_ms, &mut batch, seed)?
                 };
                 // A kept event makes its customer, as its facts would.
                 let customers = kept
@@ -433,8 +462,8 @@ impl Planner<'_> {
                 let target = Target::Ingested {
                     expired,
                     duplicates,
-                    linked: batch.identities.len() as u64,
-                    conflicts,
+                    linked,
+                    merges: batch.merges.clone(),
                 };
                 if batch.is_empty() {
                     let mut r = WriteResult {
@@ -449,37 +478,33 @@ impl Planner<'_> {
         }
     }
 
-    /// The customer of an ingested record with identities, and a key that
-    /// names it within this request: the live customer its identities name
-    /// (the one its earliest identity names, when they name several: the
-    /// conflict is returned), or a new one named by its first identity.
-    /// Identities that name no one are linked to it in `batch`.
+    /// The customer of an ingested record with identities: the live
+    /// customer its identities name, or a new one named by its first
+    /// identity. When they name several, the customers are joined in
+    /// `groups` (merged once every record is read). Identities that name no
+    /// one are linked to it in `batch`.
     fn identify(
         &self,
         ids: &mut IdAssigner<'_>,
-        record: u32,
+        groups: &mut Groups,
         r: &IngestRecord,
         at_ms: i64,
         batch: &mut Batch,
-    ) -> Result<((u32, String), Option<IdentityConflict>)> {
+    ) -> Result<u32> {
         let found = ids.get_many(&r.identities)?;
-        let mut chosen: Option<(u32, &str)> = None;
-        let mut others = Vec::new();
+        let mut customer: Option<u32> = None;
         for (key, id) in r.identities.iter().zip(&found) {
-            match (id, chosen) {
-                (Some(id), None) => chosen = Some((*id, key)),
-                (Some(id), Some((c, _))) if *id != c => others.push((key.clone(), *id)),
-                _ => {}
-            }
+            let Some(id) = *id else { continue };
+            customer = Some(match customer {
+                None => groups.find(id),
+                Some(c) => groups.join(c, id, key),
+            });
         }
-        let (customer, key) = match chosen {
-            Some((id, key)) => (id, key.to_string()),
-            None => {
-                let key = r.identities[0].clone();
-                (ids.create(&key)?, key)
-            }
+        let created = customer.is_none();
+        let customer = match customer {
+            Some(c) => c,
+            None => ids.create(&r.identities[0])?,
         };
-        let created = chosen.is_none();
         let first_ms = if r.at_ms > 0 { r.at_ms } else { at_ms };
         for (j, (key, id)) in r.identities.iter().zip(&found).enumerate() {
             // The identity a new customer is created with is linked too, so
@@ -501,12 +526,135 @@ impl Planner<'_> {
                 place: r.place.clone(),
             });
         }
-        let conflict = (!others.is_empty()).then_some(IdentityConflict {
-            record,
-            customer,
-            others,
-        });
-        Ok(((customer, key), conflict))
+        Ok(customer)
+    }
+
+    /// Moves each absorbed customer's tags, values and identities to its
+    /// survivor, into `batch` (tags and identities) and `seed` (values, for
+    /// [`plan_values`]), and logs the merges. Values combine by each
+    /// field's merge rule, over the survivor and then the absorbed customers
+    /// in id order; behaviours take the union.
+    fn plan_merges(
+        &self,
+        merges: &[(u32, u32, String)],
+        seed: &mut BTreeMap<u32, Pending>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let snap = &self.state.snap;
+        let mut next_id = snap.merges.read().next_id();
+        let mut tag_adds: BTreeMap<u32, RoaringBitmap> = BTreeMap::new();
+        for (survivor, absorbed, via) in merges {
+            let (s, b) = (*survivor, *absorbed);
+            for tag in snap.tags.values() {
+                if tag.meta.count > 0 && tag.bitmap.get()?.contains(b) {
+                    tag_adds.entry(tag.id).or_default().insert(s);
+                }
+            }
+            for field in snap.fields.values() {
+                match &field.meta.kind {
+                    FieldKind::Int => {
+                        let Some(vb) = field.int_value(b)? else {
+                            continue;
+                        };
+                        let Pending::Int(m) = seed
+                            .entry(field.id)
+                            .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                        else {
+                            continue;
+                        };
+                        let va = match m.get(&s) {
+                            Some(v) => *v,
+                            None => field.int_value(s)?,
+                        };
+                        let merged = match (field.meta.merge, va) {
+                            (_, None) => vb,
+                            (MergeRule::Sum, Some(a)) => a.checked_add(vb).ok_or_else(|| {
+                                Error::invalid(format!(
+                                    "merging customers {s} and {b}: the sum of their {:?} values ({a} and {vb}) leaves the 64-bit range",
+                                    field.meta.name
+                                ))
+                            })?,
+                            (MergeRule::Min, Some(a)) => a.min(vb),
+                            (MergeRule::Max, Some(a)) => a.max(vb),
+                            (_, Some(a)) => a,
+                        };
+                        m.insert(s, Some(merged));
+                    }
+                    FieldKind::Enum { .. } => {
+                        let Some(vb) = field.enum_value(b)? else {
+                            continue;
+                        };
+                        let Pending::Enum(m) = seed
+                            .entry(field.id)
+                            .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+                        else {
+                            continue;
+                        };
+                        let va = match m.get(&s) {
+                            Some(v) => *v,
+                            None => field.enum_value(s)?,
+                        };
+                        let merged = match (field.meta.merge, va) {
+                            (_, None) => vb,
+                            (MergeRule::First, Some(a)) => a.min(vb),
+                            (MergeRule::Last, Some(a)) => a.max(vb),
+                            (_, Some(a)) => a,
+                        };
+                        m.insert(s, Some(merged));
+                    }
+                    FieldKind::Behaviour(_) => {
+                        for (&slot, bm) in &field.slots {
+                            if !bm.get()?.contains(b) {
+                                continue;
+                            }
+                            if let Pending::Events(m) = seed
+                                .entry(field.id)
+                                .or_insert_with(|| Pending::Events(BTreeMap::new()))
+                            {
+                                m.entry(slot).or_default().insert(s);
+                            }
+                        }
+                    }
+                }
+            }
+            // Every identity of the absorbed customer (and the key it was
+            // created with) names the survivor from now on.
+            let mut moved = std::collections::HashSet::new();
+            for (identity, seen) in snap.idents.of(b)? {
+                moved.insert(identity.clone());
+                batch.identities.push(IdentityLink {
+                    customer: s,
+                    identity,
+                    first_ms: seen.first_ms,
+                    place: seen.place,
+                });
+            }
+            if let Some(key) = snap.dict.key_of(b)?
+                && !moved.contains(&key)
+            {
+                batch.identities.push(IdentityLink {
+                    customer: s,
+                    identity: key,
+                    first_ms: 0,
+                    place: String::new(),
+                });
+            }
+            batch.merges.push(LoggedMerge {
+                id: next_id,
+                survivor: s,
+                absorbed: b,
+                via: via.clone(),
+            });
+            next_id += 1;
+        }
+        for (tag, ids) in tag_adds {
+            batch.changes.push(Change {
+                tag,
+                op: ChangeOp::Add,
+                ids,
+            });
+        }
+        Ok(())
     }
 
     /// The id of an existing tag (loading its bitmap), or of one this batch creates.
@@ -614,8 +762,11 @@ fn plan_values(
     ids: &mut IdAssigner<'_>,
     now_ms: i64,
     batch: &mut Batch,
+    seed: BTreeMap<u32, Pending>,
 ) -> Result<u64> {
-    let mut pending: BTreeMap<u32, Pending> = BTreeMap::new();
+    // Values decided before the writes (a merge's), which later writes of
+    // the same customer and field build on.
+    let mut pending: BTreeMap<u32, Pending> = seed;
     // Integer fields' slots, looked up once per request.
     let mut int_values: HashMap<u32, crate::storage::snapshot::IntValues<'_>> = HashMap::new();
     let mut todays: HashMap<u32, (jiff::tz::TimeZone, i32)> = HashMap::new();
@@ -1022,5 +1173,54 @@ mod tests {
         // Not id 0 (the deleted customer's): a new customer.
         assert_eq!(b.new_keys, vec![(2, "a".into())]);
         assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![2]);
+    }
+}
+
+/// Customers that records show to be one person: a union-find over their
+/// ids, each group's survivor its lowest id (the customer known longest).
+#[derive(Default)]
+struct Groups {
+    parent: HashMap<u32, u32>,
+    /// For each absorbed customer, the identity that joined it.
+    via: HashMap<u32, String>,
+}
+
+impl Groups {
+    /// The survivor of `id`'s group.
+    fn find(&self, mut id: u32) -> u32 {
+        while let Some(&p) = self.parent.get(&id) {
+            id = p;
+        }
+        id
+    }
+
+    /// Joins the groups of `a` and `b` (`via`: the identity that named
+    /// `b`); the survivor of the joined group.
+    fn join(&mut self, a: u32, b: u32, via: &str) -> u32 {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return ra;
+        }
+        let (survivor, absorbed) = (ra.min(rb), ra.max(rb));
+        self.parent.insert(absorbed, survivor);
+        self.via.insert(absorbed, via.to_string());
+        survivor
+    }
+
+    /// `(survivor, absorbed, via)` of every absorbed customer, in id order.
+    fn merges(&self) -> Vec<(u32, u32, String)> {
+        let mut out: Vec<(u32, u32, String)> = self
+            .parent
+            .keys()
+            .map(|&a| {
+                (
+                    self.find(a),
+                    a,
+                    self.via.get(&a).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        out.sort_unstable_by_key(|m| m.1);
+        out
     }
 }

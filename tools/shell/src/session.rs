@@ -201,6 +201,7 @@ impl Session {
             | Command::Export { .. }
             | Command::Profile { .. }
             | Command::Identities(_)
+            | Command::Merges { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

@@ -575,7 +575,7 @@ async fn ingestion_commands() {
     assert!(ok(a, "count order_count = 30").starts_with("1,000"));
 
     // Identities: an order names nick1 with a phone; another names nick2
-    // with the same phone (reported: two customers).
+    // with the same phone: one person, and nick2 joins nick1.
     let head =
         "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n";
     let phones = format!(
@@ -586,42 +586,53 @@ async fn ingestion_commands() {
     std::fs::write(&file, phones).unwrap();
     let out = ok(a, &format!("ingest tb {}", file.display()));
     assert!(
-        out.contains("0 new customers, 1 identities linked")
-            && out.contains("1 records named two customers")
+        out.contains("0 new customers, 1 identities linked, 1 merged")
             && out.contains(
-                "line 3: applied to taobao_nick:nick2; phone:13812345678 stays with taobao_nick:nick1"
+                "merge 1: taobao_nick:nick2 joined taobao_nick:nick1 (both named by phone:13812345678)"
             ),
         "{out}"
     );
-    let ids = ok(a, "identities phone:13812345678");
+    let ids = ok(a, "identities taobao_nick:nick2");
     assert!(
         ids.contains("taobao_nick:nick1 (internal id")
-            && ids.contains("2 identities")
+            && ids.contains("3 identities")
             && ids.contains("phone:13812345678")
             && ids.contains("taobao")
             && ids.contains("2026-11-12 02:00:00"),
         "{ids}"
     );
+    let merges = ok(a, "merges phone:13812345678");
+    assert!(
+        merges.contains("taobao_nick:nick2") && merges.contains("1 merges in all"),
+        "{merges}"
+    );
     let profile = ok(a, "profile phone:13812345678");
     assert!(profile.contains("first channel"), "{profile}");
-    let page = ok(a, "find order_count = 31 as phone");
+    // 30 + 1 orders of nick1, 30 of nick2, and P2.
+    assert!(ok(a, "count order_count = 62").starts_with('1'));
+    let fields = ok(a, "fields");
     assert!(
-        page.contains("phone:13812345678") && page.contains("1 without a phone identity"),
-        "{page}"
+        fields.contains("on merge") && fields.contains("sum"),
+        "{fields}"
     );
+    let page = ok(a, "find order_count >= 62 as phone");
+    assert!(page.contains("phone:13812345678"), "{page}");
     let export = dir.path().join("phones-out.csv");
     let out = ok(
         a,
-        &format!("export order_count = 31 to {} as phone", export.display()),
+        &format!("export order_count >= 30 to {} as phone", export.display()),
     );
     assert!(
-        out.contains("exported 1 customers") && out.contains("1 without a phone identity left out"),
+        out.contains("exported 1 customers")
+            && out.contains("998 without a phone identity left out"),
         "{out}"
     );
     assert_eq!(
         std::fs::read_to_string(&export).unwrap(),
         "phone\n13812345678\n"
     );
+    assert!(ok(a, "create field stage enum new,active,loyal merge last").contains("stage"));
+    assert!(fails(a, "create field n2 integer merge last").contains("does not fit"));
     ok(a, "drop source tb --yes");
     assert!(ok(a, "sources").contains("(no sources)"));
 }

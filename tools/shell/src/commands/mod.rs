@@ -110,6 +110,12 @@ pub enum Command {
         kind: FieldKindArg,
         category: String,
         description: String,
+        /// How values combine when customers merge (empty: keep).
+        merge: String,
+    },
+    /// The merge log, or the merges into one customer.
+    Merges {
+        customer: String,
     },
     DropField {
         name: String,
@@ -237,6 +243,7 @@ pub const SPECS: &[&Spec] = &[
     &reads::EXPORT,
     &reads::PROFILE,
     &reads::IDENTITIES,
+    &reads::MERGES,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
@@ -468,7 +475,8 @@ mod tests {
                 name: "lifecycle".into(),
                 kind: FieldKindArg::Enum(vec!["new".into(), "active".into()]),
                 category: "阶段".into(),
-                description: String::new()
+                description: String::new(),
+                merge: String::new()
             }
         );
         assert_eq!(
@@ -481,10 +489,34 @@ mod tests {
                     time_zone: "UTC".into()
                 },
                 category: String::new(),
-                description: String::new()
+                description: String::new(),
+                merge: String::new()
             }
         );
         assert!(parse("create field x integer retention 5").is_err());
+        assert_eq!(
+            p("create field orders integer merge sum"),
+            Command::CreateField {
+                name: "orders".into(),
+                kind: FieldKindArg::Integer,
+                category: String::new(),
+                description: String::new(),
+                merge: "sum".into()
+            }
+        );
+        assert_eq!(
+            p("merges"),
+            Command::Merges {
+                customer: String::new()
+            }
+        );
+        assert_eq!(
+            p("merges phone:1"),
+            Command::Merges {
+                customer: "phone:1".into()
+            }
+        );
+        assert!(parse("merges a b").is_err());
         assert_eq!(
             p("drop field x --yes"),
             Command::DropField {

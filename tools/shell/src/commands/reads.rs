@@ -152,6 +152,25 @@ fn parse_identities(rest: &str) -> Result<Command, String> {
     }
 }
 
+pub const MERGES: Spec = Spec {
+    name: "merges",
+    words: &["merges"],
+    complete: &["merges"],
+    usage: "merges [<customer key or identity>]",
+    summary: "the merge log: customers found to be one person and merged (or only those merged into one customer)",
+    example: "merges member_card:vip-0042",
+    takes_tags: false,
+    parse: |rest| match split_args(rest)?.as_slice() {
+        [] => Ok(Command::Merges {
+            customer: String::new(),
+        }),
+        [key] => Ok(Command::Merges {
+            customer: key.clone(),
+        }),
+        _ => Err(format!("usage: {}", MERGES.usage)),
+    },
+};
+
 pub const TAGS: Spec = Spec {
     name: "tags",
     words: &["tags"],

@@ -54,8 +54,8 @@ pub const CREATE_FIELD: Spec = Spec {
     // Reached through `create`.
     words: &[],
     complete: &["create field"],
-    usage: "create field <name> integer | enum <v1,v2,...> | behaviour [retention N] [daily N] [zone Z]",
-    summary: "create an integer, enumerated or behaviour field (retention and daily in days)",
+    usage: "create field <name> integer | enum <v1,v2,...> | behaviour [retention N] [daily N] [zone Z] [merge keep|sum|min|max|first|last]",
+    summary: "create an integer, enumerated or behaviour field (retention and daily in days; merge: how two customers' values combine when they merge)",
     example: "create field lifecycle enum prospect,new,active,loyal,churned",
     takes_tags: false,
     parse: parse_create,
@@ -86,7 +86,7 @@ fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
         },
         _ => return Err(usage),
     };
-    let (mut category, mut description) = (String::new(), String::new());
+    let (mut category, mut description, mut merge) = (String::new(), String::new(), String::new());
     while let Some(k) = rest.next() {
         let v = rest.next().ok_or_else(|| usage.clone())?;
         let days = || {
@@ -96,6 +96,7 @@ fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
         match (k.to_ascii_lowercase().as_str(), &mut kind) {
             ("category", _) => category = v.clone(),
             ("description", _) => description = v.clone(),
+            ("merge", _) => merge = v.to_ascii_lowercase(),
             ("retention", FieldKindArg::Behaviour { retention_days, .. }) => {
                 *retention_days = days()?
             }
@@ -109,6 +110,7 @@ fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
         kind,
         category,
         description,
+        merge,
     })
 }
 

@@ -90,7 +90,13 @@ impl Session {
                             Ok(FieldKind::Behaviour) => String::new(),
                             _ => thousands(f.customers_with_value),
                         };
-                        vec![f.name.clone(), kind_name(f.kind).into(), with, detail]
+                        vec![
+                            f.name.clone(),
+                            kind_name(f.kind).into(),
+                            with,
+                            f.merge.clone(),
+                            detail,
+                        ]
                     })
                     .collect();
                 let value: Vec<_> = fields
@@ -99,15 +105,21 @@ impl Session {
                         json!({ "name": f.name, "kind": kind_name(f.kind), "values": f.values,
                                 "time_zone": f.time_zone, "retention_days": f.retention_days,
                                 "daily_days": f.daily_days, "customers_with_value": f.customers_with_value,
-                                "category": f.category, "description": f.description })
+                                "category": f.category, "description": f.description, "merge": f.merge })
                     })
                     .collect();
                 self.out(
                     format!(
                         "{}\n({} fields)",
                         table::render(
-                            &["field", "kind", "with value", "definition"],
-                            &[Align::Left, Align::Left, Align::Right, Align::Left],
+                            &["field", "kind", "with value", "on merge", "definition"],
+                            &[
+                                Align::Left,
+                                Align::Left,
+                                Align::Right,
+                                Align::Left,
+                                Align::Left
+                            ],
                             &rows
                         ),
                         fields.len()
@@ -120,11 +132,13 @@ impl Session {
                 kind,
                 category,
                 description,
+                merge,
             } => {
                 let mut req = CreateFieldRequest {
                     name: name.clone(),
                     category,
                     description,
+                    merge,
                     ..Default::default()
                 };
                 match kind {

@@ -262,9 +262,9 @@ impl Session {
         let (mut accepted, mut duplicates, mut ignored, mut new_customers) =
             (0u64, 0u64, 0u64, 0u64);
         let mut rejected: Vec<RejectedRecord> = Vec::new();
-        let (mut linked, mut conflicts) = (0u64, 0u64);
-        // The first few records whose identities named two customers, shown.
-        let mut shown: Vec<IdentityConflict> = Vec::new();
+        let (mut linked, mut merged) = (0u64, 0u64);
+        // The first few merges, shown.
+        let mut shown: Vec<CustomerMerge> = Vec::new();
         let ended = loop {
             match stream.message().await {
                 Ok(Some(a)) => {
@@ -274,9 +274,9 @@ impl Session {
                     new_customers += a.new_customers;
                     rejected.extend(a.rejected);
                     linked += a.identities_linked;
-                    conflicts += a.conflicts.len() as u64;
-                    let room = SHOWN_CONFLICTS.saturating_sub(shown.len());
-                    shown.extend(a.conflicts.into_iter().take(room));
+                    merged += a.merges.len() as u64;
+                    let room = SHOWN_MERGES.saturating_sub(shown.len());
+                    shown.extend(a.merges.into_iter().take(room));
                     // Batches are about BATCH_BYTES each: close enough for a bar.
                     pb.set_position(a.seq.saturating_mul(BATCH_BYTES as u64).min(size));
                 }
@@ -311,7 +311,7 @@ impl Session {
         let records = accepted + duplicates + ignored + rejected.len() as u64;
         let secs = t0.elapsed().as_secs_f64();
         let mut text = format!(
-            "{} records: {} accepted, {} duplicates, {} ignored, {} rejected; {} new customers, {} identities linked; {:.1} s ({}/s)",
+            "{} records: {} accepted, {} duplicates, {} ignored, {} rejected; {} new customers, {} identities linked, {} merged; {:.1} s ({}/s)",
             thousands(records),
             thousands(accepted),
             thousands(duplicates),
@@ -319,37 +319,28 @@ impl Session {
             thousands(rejected.len() as u64),
             thousands(new_customers),
             thousands(linked),
+            thousands(merged),
             secs,
             thousands((records as f64 / secs.max(1e-9)) as u64),
         );
         if !rejected.is_empty() {
             text.push_str(&format!("\nrejected records: {report_path}"));
         }
-        if conflicts > 0 {
+        for m in &shown {
             text.push_str(&format!(
-                "\n{} records named two customers (applied to the first; not merged):",
-                thousands(conflicts)
+                "\n  merge {}: {} joined {} (both named by {})",
+                m.merge_id, m.absorbed, m.survivor, m.via
             ));
-            for c in &shown {
-                let others: Vec<String> = c
-                    .others
-                    .iter()
-                    .map(|o| format!("{} stays with {}", o.identity, o.customer))
-                    .collect();
-                text.push_str(&format!(
-                    "\n  line {}: applied to {}; {}",
-                    c.line,
-                    c.customer,
-                    others.join(", ")
-                ));
-            }
+        }
+        if merged > shown.len() as u64 {
+            text.push_str("\n  … `merges` lists them all");
         }
         self.out(
             text,
             json!({
                 "records": records, "accepted": accepted, "duplicates": duplicates,
                 "ignored": ignored, "rejected": rejected.len(), "new_customers": new_customers,
-                "identities_linked": linked, "conflicts": conflicts,
+                "identities_linked": linked, "merged": merged,
                 "rejects_file": if rejected.is_empty() { None } else { Some(&report_path) },
                 "seconds": round3(secs),
             }),
@@ -358,8 +349,8 @@ impl Session {
     }
 }
 
-/// Records whose identities named two customers that `ingest` lists.
-const SHOWN_CONFLICTS: usize = 5;
+/// Merges that `ingest` lists.
+const SHOWN_MERGES: usize = 5;
 
 #[cfg(test)]
 mod tests {

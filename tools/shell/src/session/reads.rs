@@ -109,6 +109,54 @@ impl Session {
                     json!({ "customer": p.customer, "key": p.key, "internal_id": p.internal_id, "tags": p.tags, "values": value_json, "identities": identity_json(&p.identities) }),
                 );
             }
+            Command::Merges { customer } => {
+                let mut rows = Vec::new();
+                let mut all = Vec::new();
+                let mut after = 0;
+                let total = loop {
+                    let page = self
+                        .client
+                        .list_merges(ListMergesRequest {
+                            after,
+                            limit: 1000,
+                            customer: customer.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    for m in &page.merges {
+                        rows.push(vec![
+                            m.merge_id.to_string(),
+                            format!("{} (id {})", m.survivor, m.survivor_id),
+                            format!("{} (id {})", m.absorbed, m.absorbed_id),
+                            m.via.clone(),
+                        ]);
+                        all.push(json!({
+                            "merge_id": m.merge_id, "survivor": m.survivor, "survivor_id": m.survivor_id,
+                            "absorbed": m.absorbed, "absorbed_id": m.absorbed_id, "via": m.via,
+                        }));
+                        after = m.merge_id;
+                    }
+                    // The shell shows at most the first 10,000.
+                    if !page.more || rows.len() >= 10_000 {
+                        break page.total;
+                    }
+                };
+                let text = if rows.is_empty() {
+                    "(no merges)".to_string()
+                } else {
+                    format!(
+                        "{}\n({} shown; {} merges in all)",
+                        table::render(
+                            &["merge", "survivor", "absorbed", "via"],
+                            &[Align::Right, Align::Left, Align::Left, Align::Left],
+                            &rows
+                        ),
+                        rows.len(),
+                        total
+                    )
+                };
+                self.out(text, json!({ "merges": all, "total": total }));
+            }
             Command::Identities(key) => {
                 let p = self
                     .client

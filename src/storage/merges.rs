@@ -1,0 +1,222 @@
+//! The merge log (OneID): every time two customers were found to be one
+//! person and merged, which one survived, which one was absorbed, when, and
+//! the identity that showed it. Kept whole in memory (a few dozen bytes a
+//! merge), written by a checkpoint into its segment when it changed, and
+//! read back at start-up.
+//!
+//! An absorbed customer is no longer live, but it is not erased: its events
+//! stay in the event archive under its id (a rebuild of the survivor reads
+//! them), which is why the archive asks this log which of the customers
+//! that are not live were absorbed into one that is.
+//!
+//! This room owns the log's entries and their bytes; the writer decides
+//! merges, `state::apply` records them.
+
+use std::collections::HashMap;
+
+use roaring::RoaringBitmap;
+
+use crate::bitmap::Members;
+use crate::storage::codec::{Dec, DecResult, Enc};
+
+/// Version of [`MergeLog::encode`].
+const VERSION: u8 = 1;
+
+/// One merge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeEntry {
+    /// 1, 2, … in the order of the merges.
+    pub id: u64,
+    /// The log record that merged them.
+    pub lsn: u64,
+    pub at_ms: i64,
+    pub survivor: u32,
+    pub absorbed: u32,
+    /// The identity (`type:value`) whose record named both; empty once the
+    /// survivor was erased (the log keeps no personal value of an erased
+    /// customer).
+    pub via: String,
+}
+
+/// Every merge, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeLog {
+    entries: Vec<MergeEntry>,
+    /// Absorbed customer → the customer it was merged into.
+    into: HashMap<u32, u32>,
+    /// Survivor → the customers merged into it directly.
+    absorbed: HashMap<u32, Vec<u32>>,
+}
+
+impl MergeLog {
+    pub fn entries(&self) -> &[MergeEntry] {
+        &self.entries
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The id the next merge gets.
+    pub fn next_id(&self) -> u64 {
+        self.entries.last().map_or(1, |e| e.id + 1)
+    }
+
+    /// The log as it was after log record `lsn` (without the merges logged
+    /// after it; an identity forgotten since stays forgotten).
+    pub fn upto(&self, lsn: u64) -> MergeLog {
+        let mut out = MergeLog::default();
+        for e in self.entries.iter().filter(|e| e.lsn <= lsn) {
+            out.push(e.clone());
+        }
+        out
+    }
+
+    /// Records a merge (applying a logged batch; the writer has checked it).
+    pub fn push(&mut self, entry: MergeEntry) {
+        if self.entries.last().is_some_and(|e| e.id >= entry.id) {
+            // Replayed over a log that already holds it.
+            return;
+        }
+        self.into.insert(entry.absorbed, entry.survivor);
+        self.absorbed
+            .entry(entry.survivor)
+            .or_default()
+            .push(entry.absorbed);
+        self.entries.push(entry);
+    }
+
+    /// The customer `id` lives on as: itself, or the survivor of the chain
+    /// of merges that absorbed it.
+    pub fn survivor_of(&self, mut id: u32) -> u32 {
+        // A chain is at most as long as the log; the bound guards against a
+        // damaged log that loops.
+        for _ in 0..=self.entries.len() {
+            match self.into.get(&id) {
+                Some(&s) => id = s,
+                None => return id,
+            }
+        }
+        id
+    }
+
+    /// `id` and every customer merged into it, directly or through others.
+    pub fn merged_into(&self, id: u32) -> Vec<u32> {
+        let mut out = vec![id];
+        let mut i = 0;
+        while i < out.len() && out.len() <= self.entries.len() + 1 {
+            if let Some(children) = self.absorbed.get(&out[i]) {
+                out.extend(children.iter().copied());
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// The customers that are not live but live on in a live survivor: the
+    /// event archive keeps their events.
+    pub fn absorbed_into_live(&self, live: Members<'_>) -> RoaringBitmap {
+        self.into
+            .keys()
+            .copied()
+            .filter(|&a| live.contains(self.survivor_of(a)))
+            .collect()
+    }
+
+    /// Forgets the identities that named erased customers: each entry whose
+    /// survivor lives on as one of `erased` loses its `via`. Returns whether
+    /// anything changed.
+    pub fn scrub(&mut self, erased: &RoaringBitmap) -> bool {
+        let mut changed = false;
+        for i in 0..self.entries.len() {
+            let survivor = self.survivor_of(self.entries[i].survivor);
+            if erased.contains(survivor) && !self.entries[i].via.is_empty() {
+                self.entries[i].via.clear();
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The log as a segment stores it (`storage-format.md`, "Merge log").
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::new();
+        e.u8(VERSION).u64(self.entries.len() as u64);
+        for m in &self.entries {
+            e.u64(m.id)
+                .u64(m.lsn)
+                .i64(m.at_ms)
+                .u32(m.survivor)
+                .u32(m.absorbed)
+                .str(&m.via);
+        }
+        e.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> DecResult<MergeLog> {
+        let mut d = Dec::new(bytes);
+        let version = d.u8()?;
+        if version != VERSION {
+            return d.err(format!("unsupported merge log version {version}"));
+        }
+        let n = d.u64()?;
+        let mut log = MergeLog::default();
+        for _ in 0..n {
+            let entry = MergeEntry {
+                id: d.u64()?,
+                lsn: d.u64()?,
+                at_ms: d.i64()?,
+                survivor: d.u32()?,
+                absorbed: d.u32()?,
+                via: d.str()?.to_string(),
+            };
+            if log.entries.last().is_some_and(|e| e.id >= entry.id) {
+                return d.err(format!("merge {} out of order", entry.id));
+            }
+            log.push(entry);
+        }
+        d.finish()?;
+        Ok(log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64, survivor: u32, absorbed: u32) -> MergeEntry {
+        MergeEntry {
+            id,
+            lsn: id * 10,
+            at_ms: 1,
+            survivor,
+            absorbed,
+            via: format!("phone:{id}"),
+        }
+    }
+
+    #[test]
+    fn chains_round_trip_and_scrub() {
+        let mut log = MergeLog::default();
+        log.push(entry(1, 2, 5));
+        log.push(entry(2, 1, 2));
+        log.push(entry(2, 9, 9)); // replayed: ignored
+        assert_eq!(log.len(), 2);
+        assert_eq!(log.survivor_of(5), 1);
+        assert_eq!(log.survivor_of(7), 7);
+        let mut all = log.merged_into(1);
+        all.sort();
+        assert_eq!(all, [1, 2, 5]);
+        let back = MergeLog::decode(&log.encode()).unwrap();
+        assert_eq!(back, log);
+        assert!(MergeLog::decode(&log.encode()[..10]).is_err());
+        let erased: RoaringBitmap = [1u32].into_iter().collect();
+        assert!(log.scrub(&erased));
+        assert!(log.entries().iter().all(|e| e.via.is_empty()));
+        assert!(!log.scrub(&erased));
+    }
+}
