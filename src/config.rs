@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::ingest::facts::Facts;
+use crate::storage::writer::identify::OneIdRules;
 use crate::storage::{CompactionPolicy, EngineConfig, SyncMode};
 
 /// Where the server listens unless told otherwise (loopback only).
@@ -83,6 +84,12 @@ impl Default for Limits {
 ///
 /// [limits]
 /// max_keys_per_request = 1000000
+///
+/// [oneid]                    # identity unification's guard rails
+/// never_merge = ["device"]   # identity types that never merge two customers
+/// blocked = ["phone:13800000000"]  # identities never used (a default number)
+/// max_per_type = 10          # identities of one type a customer may have (0: no limit)
+/// priority = ["member_card", "wechat_unionid", "phone"]  # which identity names a new customer
 /// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +117,59 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     pub limits: Option<Limits>,
+    pub oneid: Option<OneIdFile>,
+}
+
+/// The `[oneid]` section: identity unification's guard rails.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OneIdFile {
+    /// Identity types that never merge two customers.
+    pub never_merge: Vec<String>,
+    /// Identities (`type:value`) never used; built-in types' values are
+    /// normalised as ingestion does (`phone:+86 138-0000-0000` is
+    /// `phone:13800000000`).
+    pub blocked: Vec<String>,
+    /// Identities of one type a customer may have (default 10; 0: no limit).
+    pub max_per_type: Option<u32>,
+    /// Identity types in the order that decides which names a new customer.
+    pub priority: Vec<String>,
+}
+
+impl OneIdFile {
+    /// The rules, every name and identity checked (and normalised).
+    pub fn rules(self) -> Result<OneIdRules> {
+        let bad = |e: crate::ingest::normalize::Refused| Error::Config(format!("[oneid]: {}", e.0));
+        for t in self.never_merge.iter().chain(&self.priority) {
+            crate::ingest::event::check_name("identity type", t).map_err(bad)?;
+        }
+        let mut blocked = std::collections::HashSet::new();
+        for b in &self.blocked {
+            let Some((kind, value)) = b.split_once(':') else {
+                return Err(Error::Config(format!(
+                    "[oneid] blocked: {b:?} is not type:value"
+                )));
+            };
+            crate::ingest::event::check_name("identity type", kind).map_err(bad)?;
+            let key = match crate::ingest::event::builtin_identity(kind) {
+                Some(form) => crate::ingest::event::Identity::new(kind, form, value)
+                    .map_err(bad)?
+                    .key(),
+                None => format!("{kind}:{}", value.trim()),
+            };
+            crate::names::check_key(&key)
+                .map_err(|e| Error::Config(format!("[oneid] blocked: {e}")))?;
+            blocked.insert(key);
+        }
+        Ok(OneIdRules {
+            never_merge: self.never_merge.into_iter().collect(),
+            blocked,
+            max_per_type: self
+                .max_per_type
+                .unwrap_or(crate::storage::writer::identify::DEFAULT_MAX_PER_TYPE),
+            priority: self.priority,
+        })
+    }
 }
 
 impl FileConfig {
@@ -188,6 +248,7 @@ impl ServerConfig {
         engine.event_retention_days = file
             .event_retention_days
             .unwrap_or(crate::storage::DEFAULT_EVENT_RETENTION_DAYS);
+        engine.oneid = file.oneid.unwrap_or_default().rules()?;
         let default_time_zone = file
             .time_zone
             .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());
@@ -206,7 +267,10 @@ impl ServerConfig {
             over.open_without_tokens || file.open_without_tokens.unwrap_or(false);
         if tokens.is_none() && !listen.ip().is_loopback() && !open_without_tokens {
             return Err(Error::Config(format!(
-                "listening on {listen} without tokens would let anyone who reaches the port                  read, change and erase every customer: give a tokens file (--tokens, made                  with `tagstore token add`), listen on loopback, or say it is meant to be                  open with --open-without-tokens"
+                "listening on {listen} without tokens would let anyone who reaches the port \
+                 read, change and erase every customer: give a tokens file (--tokens, made \
+                 with `tagstore token add`), listen on loopback, or say it is meant to be \
+                 open with --open-without-tokens"
             )));
         }
         let tls = match (
@@ -321,5 +385,42 @@ mod tests {
             e.to_string().contains("facts.toml") && e.to_string().contains("amount"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn oneid_guard_rails() {
+        let file: FileConfig = toml::from_str(
+            "[oneid]\nnever_merge = [\"device\"]\nblocked = [\"phone:+86 138-0000-0000\", \"store_tablet:T1 \"]\nmax_per_type = 3\npriority = [\"member_card\"]\n",
+        )
+        .unwrap();
+        let cfg = ServerConfig::resolve(file, Overrides::default()).unwrap();
+        let r = &cfg.engine.oneid;
+        assert!(r.never_merge.contains("device"));
+        assert!(r.blocked.contains("phone:13800000000"), "{r:?}");
+        assert!(r.blocked.contains("store_tablet:T1"), "{r:?}");
+        assert_eq!(
+            (r.max_per_type, r.priority.as_slice()),
+            (3, &["member_card".to_string()][..])
+        );
+        let default = ServerConfig::resolve(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(default.engine.oneid.max_per_type, 10);
+        for bad in [
+            "[oneid]\nblocked = [\"nocolon\"]",
+            "[oneid]\nblocked = [\"phone:12\"]",
+            "[oneid]\nnever_merge = [\"Device!\"]",
+            "[oneid]\nmax_per_typo = 3",
+        ] {
+            let parsed: std::result::Result<FileConfig, _> = toml::from_str(bad);
+            let err = match parsed {
+                Ok(file) => ServerConfig::resolve(file, Overrides::default())
+                    .unwrap_err()
+                    .to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains("oneid") || err.contains("max_per_typo"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

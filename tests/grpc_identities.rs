@@ -224,3 +224,77 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
         .into_inner();
     assert_eq!(log.merges[0].via, "phone:13900001111");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_rails_from_the_config_are_reported_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("tagstore.toml");
+    std::fs::write(
+        &cfg,
+        "[oneid]\nblocked = [\"phone:138 0000 0000\"]\nnever_merge = [\"member_card\"]\n",
+    )
+    .unwrap();
+    let server = common::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "pos".into(),
+        preset: "pos_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Two people typed in with the till's default number, and a member card
+    // lent to a friend: no merges, each refusal said on its line.
+    let receipts = "\
+小票号,会员卡号,手机号,门店,交易时间,交易类型,金额,商品编码,商品类目,品牌
+R1,VIP-1,13800000000,上海南京西路店,2026-11-12 19:00:00,销售,100.00,X1,skincare,SK-II
+R2,VIP-2,13800000000,上海南京西路店,2026-11-12 19:10:00,销售,100.00,X1,skincare,SK-II
+R3,VIP-1,13912345678,上海南京西路店,2026-11-12 19:20:00,销售,100.00,X1,skincare,SK-II
+R4,VIP-1,13700000001,上海南京西路店,2026-11-12 19:30:00,销售,100.00,X1,skincare,SK-II
+";
+    let a = ingest(&mut c, "pos", receipts).await;
+    assert_eq!(a.accepted, 4);
+    assert!(a.merges.is_empty(), "{:?}", a.merges);
+    let lines: Vec<(u64, &str)> = a
+        .refused_links
+        .iter()
+        .map(|r| (r.line, r.identity.as_str()))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            (2, "phone:13800000000"),
+            (3, "phone:13800000000"),
+            (4, "member_card:vip-1"),
+            (5, "member_card:vip-1")
+        ],
+        "{:?}",
+        a.refused_links
+    );
+    assert!(a.refused_links[0].reason.contains("block list"));
+    assert!(a.refused_links[2].reason.contains("never merges"));
+    // R3 and R4 name new phones beside a card that never merges: each is a
+    // customer of its own.
+    assert_eq!(a.new_customers, 4);
+    let key = |p: ProfileResponse| p.key;
+    assert_eq!(
+        key(profile(&mut c, "member_card:vip-1").await),
+        "member_card:vip-1"
+    );
+    assert_eq!(
+        profile(&mut c, "member_card:vip-1").await.identities.len(),
+        1,
+        "the card stays with its first customer"
+    );
+    assert_eq!(
+        key(profile(&mut c, "phone:13912345678").await),
+        "phone:13912345678"
+    );
+    let log = c
+        .list_merges(ListMergesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(log.merges.is_empty());
+}

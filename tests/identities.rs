@@ -374,3 +374,127 @@ fn erasing_by_any_identity_erases_every_identity() {
     assert_eq!(customer(&engine, "jd_pin:ann"), Some(again));
     assert_eq!(customer(&engine, "weibo_uid:w1"), None);
 }
+
+#[test]
+fn guard_rails_keep_strangers_apart_and_say_why() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    cfg.clock = clock.clone();
+    cfg.oneid.never_merge = ["device".to_string()].into_iter().collect();
+    cfg.oneid.blocked = ["phone:13800000000".to_string()].into_iter().collect();
+    cfg.oneid.max_per_type = 2;
+    cfg.oneid.priority = vec!["member_card".into(), "phone".into()];
+    let engine = Engine::open(cfg).unwrap();
+    setup(&engine);
+    let reasons = |r: &tagstore::storage::WriteResult| -> Vec<(u32, String, String)> {
+        r.refusals
+            .iter()
+            .map(|x| (x.record, x.identity.clone(), x.reason.clone()))
+            .collect()
+    };
+
+    // A default phone typed in at the till joins no one.
+    let r = ingest(
+        &engine,
+        vec![
+            order(&["phone:13800000000", "jd_pin:a"], "jd", T0),
+            order(&["phone:13800000000", "jd_pin:b"], "jd", T0),
+        ],
+    );
+    assert!(r.merges.is_empty());
+    let got = reasons(&r);
+    assert_eq!(got.len(), 2);
+    assert!(got[0].2.contains("block list"), "{got:?}");
+    let (a, b) = (
+        customer(&engine, "jd_pin:a").unwrap(),
+        customer(&engine, "jd_pin:b").unwrap(),
+    );
+    assert_ne!(a, b);
+    assert_eq!(customer(&engine, "phone:13800000000"), None);
+    // Every identity blocked: the record is refused, saying so.
+    let err = engine
+        .write_blocking(WriteOp::Ingest {
+            records: vec![order(&["phone:13800000000"], "store", T0)],
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("block list"), "{err}");
+
+    // A shared tablet: linked to its first user, never merging the next one
+    // into them, and a new person on it is a new customer.
+    ingest(
+        &engine,
+        vec![order(&["device:t1", "jd_pin:a"], "store", T0)],
+    );
+    assert_eq!(customer(&engine, "device:t1"), Some(a));
+    let r = ingest(
+        &engine,
+        vec![
+            order(&["device:t1", "jd_pin:b"], "store", T0),
+            order(&["jd_pin:c", "device:t1"], "store", T0),
+        ],
+    );
+    assert!(r.merges.is_empty());
+    let got = reasons(&r);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|g| g.1 == "device:t1" && g.2.contains("never merges"))
+    );
+    assert_eq!(orders(&engine, "jd_pin:b"), Some(2));
+    let c = customer(&engine, "jd_pin:c").unwrap();
+    assert!(c != a && c != b);
+    assert_eq!(orders(&engine, "jd_pin:a"), Some(2));
+    // The refused merge is in the merge log, with the reason.
+    let snap = engine.snapshot();
+    let log = snap.merges.read();
+    assert_eq!(log.len(), 1);
+    let e = &log.entries()[0];
+    assert_eq!((e.survivor, e.absorbed), (b, a));
+    assert!(e.refused.contains("never merges"), "{e:?}");
+    drop(log);
+    drop(snap);
+
+    // At most two phones a customer: the third is not linked; a merge that
+    // would give one customer four is not made.
+    let r = ingest(
+        &engine,
+        vec![
+            order(&["jd_pin:a", "phone:13900000001"], "jd", T0),
+            order(&["jd_pin:a", "phone:13900000002"], "jd", T0),
+            order(&["jd_pin:a", "phone:13900000003"], "jd", T0),
+        ],
+    );
+    let got = reasons(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, 2);
+    assert!(got[0].2.contains("max_per_type is 2"), "{got:?}");
+    assert_eq!(customer(&engine, "phone:13900000003"), None);
+    ingest(
+        &engine,
+        vec![order(&["phone:13900000004", "phone:13900000005"], "jd", T0)],
+    );
+    let d = customer(&engine, "phone:13900000004").unwrap();
+    let r = ingest(
+        &engine,
+        vec![order(&["phone:13900000001", "phone:13900000004"], "jd", T0)],
+    );
+    assert!(r.merges.is_empty());
+    assert!(reasons(&r)[0].2.contains("4 identities of type \"phone\""));
+    assert_eq!(customer(&engine, "phone:13900000004"), Some(d));
+    assert_eq!(engine.snapshot().merges.read().len(), 2);
+
+    // Priority names a new customer: the member card over the phone.
+    ingest(
+        &engine,
+        vec![order(&["phone:13912345678", "member_card:m9"], "store", T0)],
+    );
+    let snap = engine.snapshot();
+    let m9 = snap.customer_id("phone:13912345678").unwrap().unwrap();
+    assert_eq!(
+        snap.dict.key_of(m9).unwrap().as_deref(),
+        Some("member_card:m9")
+    );
+}

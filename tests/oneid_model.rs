@@ -6,7 +6,11 @@
 //! crash images (only what was synced), the store must have exactly one live
 //! customer per group, every identity of a group naming it, no two groups
 //! sharing one, and every fact (counts and sums added up, first and last
-//! days) equal to the model's over the group's records.
+//! days) equal to the model's over the group's records. Guard rails are
+//! among them: shared store tablets (`device:…`, a type that never merges)
+//! on many people's records, and a blocked default phone number; neither
+//! ever joins two groups, the phone names no one, and a tablet names the
+//! customer of the first record that carried it.
 //!
 //! `TAGSTORE_SEED=n` replays one run.
 
@@ -26,10 +30,16 @@ const DIR: &str = "/mem/store";
 const T0: i64 = 1_794_441_600_000;
 const DAY_MS: i64 = 86_400_000;
 
+/// A phone number typed in at the till for anyone: on the block list.
+const BLOCKED: &str = "phone:13800000000";
+
 fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
     let mut cfg = EngineConfig::new(DIR);
     cfg.fs = Arc::new(fs.clone());
     cfg.clock = clock.clone();
+    // Shared store tablets never merge anyone; the default phone is blocked.
+    cfg.oneid.never_merge = ["device".to_string()].into_iter().collect();
+    cfg.oneid.blocked = [BLOCKED.to_string()].into_iter().collect();
     Engine::open(cfg).unwrap()
 }
 
@@ -106,6 +116,8 @@ fn run(seed: u64) {
     // (identities named, day, amount) per record, in the order ingested.
     let mut records: Vec<(Vec<usize>, i64, i64)> = Vec::new();
     let mut pending: Vec<IngestRecord> = Vec::new();
+    // Each tablet, and an identity of the first record that carried it.
+    let mut devices: HashMap<usize, usize> = HashMap::new();
     let total = rng.random_range(100..300);
     for r in 0..total {
         let p = rng.random_range(0..people);
@@ -122,6 +134,16 @@ fn run(seed: u64) {
         let day = 20_000 + rng.random_range(0..300);
         let amount = rng.random_range(1..100_000);
         records.push((named.clone(), day, amount));
+        // Guard-railed identities ride along on some records.
+        let mut extra = Vec::new();
+        if rng.random_bool(0.2) {
+            let d = rng.random_range(0..3usize);
+            extra.push(format!("device:t{d}"));
+            devices.entry(d).or_insert(a);
+        }
+        if rng.random_bool(0.1) {
+            extra.push(BLOCKED.to_string());
+        }
         let writes = vec![
             ValueWrite::Combine {
                 field: "orders".into(),
@@ -146,7 +168,11 @@ fn run(seed: u64) {
         ];
         pending.push(IngestRecord {
             seen: None,
-            identities: named.iter().map(|&i| identities[i].clone()).collect(),
+            identities: named
+                .iter()
+                .map(|&i| identities[i].clone())
+                .chain(extra)
+                .collect(),
             place: "jd".into(),
             at_ms: T0 - DAY_MS + r as i64,
             writes,
@@ -183,14 +209,14 @@ fn run(seed: u64) {
             }
         }
     }
-    check(&engine, &identities, &mut comps, &records, seed);
+    check(&engine, &identities, &mut comps, &records, &devices, seed);
     drop(engine);
     let engine = open(&fs, &clock);
-    check(&engine, &identities, &mut comps, &records, seed);
+    check(&engine, &identities, &mut comps, &records, &devices, seed);
     engine.checkpoint_blocking(Default::default()).unwrap();
     drop(engine);
     let engine = open(&fs.crash_image(), &clock);
-    check(&engine, &identities, &mut comps, &records, seed);
+    check(&engine, &identities, &mut comps, &records, &devices, seed);
 }
 
 fn check(
@@ -198,6 +224,7 @@ fn check(
     identities: &[String],
     comps: &mut Components,
     records: &[(Vec<usize>, i64, i64)],
+    devices: &HashMap<usize, usize>,
     seed: u64,
 ) {
     let snap = engine.snapshot();
@@ -242,6 +269,15 @@ fn check(
         model.len() as u64,
         "seed {seed}: one live customer per group"
     );
+    assert_eq!(snap.customer_id(BLOCKED).unwrap(), None, "seed {seed}");
+    for (d, first) in devices {
+        let want = customer_of[&comps.find(*first)];
+        assert_eq!(
+            snap.customer_id(&format!("device:t{d}")).unwrap(),
+            Some(want),
+            "seed {seed}: tablet {d}"
+        );
+    }
     let value = |name: &str, id: u32| snap.field(name).unwrap().int_value(id).unwrap();
     for (c, want) in &model {
         let id = customer_of[c];

@@ -42,6 +42,7 @@ use crate::server::writes::mutation;
 use crate::storage::record::LoggedMerge;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
+use crate::storage::writer::identify::LinkRefusal;
 use crate::storage::{Engine, IngestRecord, KeptEvent, Queued, WriteOp};
 
 /// What an idle stream's end says of its batches.
@@ -646,6 +647,23 @@ fn is_about_records(e: &Error) -> bool {
     )
 }
 
+/// Adds the guard rails' refusals to the answer (`line` gives a record's
+/// line from its index in the write).
+fn report_refusals(
+    refusals: &[LinkRefusal],
+    line: impl Fn(u32) -> u64,
+    answer: &mut proto::IngestResponse,
+) {
+    for r in refusals {
+        answer.refused_links.push(proto::RefusedLink {
+            line: line(r.record),
+            identity: r.identity.clone(),
+            reason: r.reason.clone(),
+        });
+    }
+    answer.refused_links.sort_by_key(|r| r.line);
+}
+
 /// Adds `merges` to the answer, naming customers by their keys.
 fn report_merges(
     engine: &Engine,
@@ -657,9 +675,9 @@ fn report_merges(
     }
     let snap = engine.snapshot();
     for m in merges {
-        answer
-            .merges
-            .push(merge_info(&snap, m.id, m.survivor, m.absorbed, &m.via)?);
+        answer.merges.push(merge_info(
+            &snap, m.id, m.survivor, m.absorbed, &m.via, &m.refused,
+        )?);
     }
     Ok(())
 }
@@ -672,6 +690,7 @@ pub(super) fn merge_info(
     survivor: u32,
     absorbed: u32,
     via: &str,
+    refused: &str,
 ) -> Result<proto::CustomerMerge, Status> {
     let key = |id: u32| -> Result<String, Status> {
         Ok(snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default())
@@ -683,6 +702,7 @@ pub(super) fn merge_info(
         absorbed: key(absorbed)?,
         absorbed_id: absorbed,
         via: via.to_string(),
+        refused: refused.to_string(),
     })
 }
 
@@ -713,6 +733,7 @@ async fn apply(
             answer.lsn = r.lsn;
             answer.identities_linked = r.identities_linked;
             report_merges(&engine, &r.merges, &mut answer)?;
+            report_refusals(&r.refusals, |i| lines[i as usize], &mut answer);
             Ok(answer)
         }
         Err(e) if is_about_records(&e) => {
@@ -732,6 +753,7 @@ async fn apply(
                         answer.lsn = answer.lsn.max(r.lsn);
                         answer.identities_linked += r.identities_linked;
                         report_merges(&engine, &r.merges, &mut answer)?;
+                        report_refusals(&r.refusals, |_| line, &mut answer);
                     }
                     Err(e) if is_about_records(&e) => answer.rejected.push(proto::RejectedRecord {
                         line,

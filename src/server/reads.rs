@@ -272,7 +272,7 @@ pub(super) async fn list_merges(
                 break;
             }
             merges.push(super::ingest::merge_info(
-                &snap, e.id, e.survivor, e.absorbed, &e.via,
+                &snap, e.id, e.survivor, e.absorbed, &e.via, &e.refused,
             )?);
         }
         Ok(proto::ListMergesResponse {

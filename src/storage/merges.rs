@@ -36,6 +36,9 @@ pub struct MergeEntry {
     /// survivor was erased (the log keeps no personal value of an erased
     /// customer).
     pub via: String,
+    /// Empty: merged. Otherwise why the guard rails refused the merge the
+    /// record asked for (nothing was absorbed).
+    pub refused: String,
 }
 
 /// Every merge, oldest first.
@@ -82,11 +85,13 @@ impl MergeLog {
             // Replayed over a log that already holds it.
             return;
         }
-        self.into.insert(entry.absorbed, entry.survivor);
-        self.absorbed
-            .entry(entry.survivor)
-            .or_default()
-            .push(entry.absorbed);
+        if entry.refused.is_empty() {
+            self.into.insert(entry.absorbed, entry.survivor);
+            self.absorbed
+                .entry(entry.survivor)
+                .or_default()
+                .push(entry.absorbed);
+        }
         self.entries.push(entry);
     }
 
@@ -133,8 +138,11 @@ impl MergeLog {
     pub fn scrub(&mut self, erased: &RoaringBitmap) -> bool {
         let mut changed = false;
         for i in 0..self.entries.len() {
-            let survivor = self.survivor_of(self.entries[i].survivor);
-            if erased.contains(survivor) && !self.entries[i].via.is_empty() {
+            let e = &self.entries[i];
+            // A refused merge names two customers that stayed apart.
+            let hit = erased.contains(self.survivor_of(e.survivor))
+                || (!e.refused.is_empty() && erased.contains(self.survivor_of(e.absorbed)));
+            if hit && !self.entries[i].via.is_empty() {
                 self.entries[i].via.clear();
                 changed = true;
             }
@@ -152,7 +160,8 @@ impl MergeLog {
                 .i64(m.at_ms)
                 .u32(m.survivor)
                 .u32(m.absorbed)
-                .str(&m.via);
+                .str(&m.via)
+                .str(&m.refused);
         }
         e.buf
     }
@@ -173,6 +182,7 @@ impl MergeLog {
                 survivor: d.u32()?,
                 absorbed: d.u32()?,
                 via: d.str()?.to_string(),
+                refused: d.str()?.to_string(),
             };
             if log.entries.last().is_some_and(|e| e.id >= entry.id) {
                 return d.err(format!("merge {} out of order", entry.id));
@@ -196,6 +206,7 @@ mod tests {
             survivor,
             absorbed,
             via: format!("phone:{id}"),
+            refused: String::new(),
         }
     }
 

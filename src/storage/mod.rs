@@ -118,6 +118,9 @@ pub struct EngineConfig {
     /// ingested (a whole archive file goes once its newest event is past
     /// them, at a checkpoint); 0 keeps them for ever.
     pub event_retention_days: u32,
+    /// OneID's guard rails: identity types that never merge, blocked
+    /// identities, the cap per type, the priority that names a customer.
+    pub oneid: writer::identify::OneIdRules,
 }
 
 impl EngineConfig {
@@ -131,6 +134,7 @@ impl EngineConfig {
             fs: fs::os(),
             dedup_days: DEFAULT_DEDUP_DAYS,
             event_retention_days: DEFAULT_EVENT_RETENTION_DAYS,
+            oneid: Default::default(),
         }
     }
 }

@@ -237,6 +237,9 @@ pub struct LoggedMerge {
     pub absorbed: u32,
     /// The identity whose record named both.
     pub via: String,
+    /// Empty: merged. Otherwise why the guard rails refused the merge
+    /// (logged for the record; nothing is absorbed).
+    pub refused: String,
 }
 
 /// An identity (`type:value`) and the customer it now names, with where and
@@ -361,7 +364,11 @@ impl Batch {
         }
         e.u32(self.merges.len() as u32);
         for m in &self.merges {
-            e.u64(m.id).u32(m.survivor).u32(m.absorbed).str(&m.via);
+            e.u64(m.id)
+                .u32(m.survivor)
+                .u32(m.absorbed)
+                .str(&m.via)
+                .str(&m.refused);
         }
         e.buf
     }
@@ -476,6 +483,7 @@ impl Batch {
                     survivor: d.u32()?,
                     absorbed: d.u32()?,
                     via: d.str()?.to_string(),
+                    refused: d.str()?.to_string(),
                 });
             }
         }
@@ -582,6 +590,7 @@ mod tests {
                 survivor: 10,
                 absorbed: 11,
                 via: "phone:13800000000".into(),
+                refused: String::new(),
             }],
         };
         let bytes = b.encode();

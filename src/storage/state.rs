@@ -393,7 +393,12 @@ impl State {
             stats.events_added += st.events_added;
         }
         if !b.merges.is_empty() {
-            let absorbed: RoaringBitmap = b.merges.iter().map(|m| m.absorbed).collect();
+            let absorbed: RoaringBitmap = b
+                .merges
+                .iter()
+                .filter(|m| m.refused.is_empty())
+                .map(|m| m.absorbed)
+                .collect();
             self.remove_everywhere(&absorbed, b.at_ms)?;
             stats.merged = self.snap.live.make_mut()?.difference_with(&absorbed);
             self.dirty_live = true;
@@ -401,7 +406,9 @@ impl State {
             for m in &b.merges {
                 // Its facts changed by more than its own archived events: a
                 // rebuild that read the archive before now leaves it be.
-                self.ingested.1.insert(m.survivor);
+                if m.refused.is_empty() {
+                    self.ingested.1.insert(m.survivor);
+                }
                 log.push(MergeEntry {
                     id: m.id,
                     lsn,
@@ -409,6 +416,7 @@ impl State {
                     survivor: m.survivor,
                     absorbed: m.absorbed,
                     via: m.via.clone(),
+                    refused: m.refused.clone(),
                 });
             }
             self.merges_dirty = true;

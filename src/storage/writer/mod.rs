@@ -18,6 +18,7 @@
 //! group commit).
 
 mod checkpoints;
+pub mod identify;
 mod ids;
 pub mod ops;
 mod plan;
@@ -89,6 +90,7 @@ enum Target {
         duplicates: Vec<u32>,
         linked: u64,
         merges: Vec<crate::storage::record::LoggedMerge>,
+        refusals: Vec<identify::LinkRefusal>,
     },
     Rebuilt {
         expired: u64,
@@ -104,12 +106,14 @@ impl Target {
             duplicates,
             linked,
             merges,
+            refusals,
         } = self
         {
             r.events_expired = expired;
             r.duplicates = duplicates;
             r.identities_linked = linked;
             r.merges = merges;
+            r.refusals = refusals;
         }
     }
 }
@@ -265,6 +269,7 @@ impl Writer {
                 state: &self.state,
                 at_ms: self.now_ms(),
                 last_delete_lsn: self.last_delete_lsn,
+                rules: &self.shared.config.oneid,
             };
             let planned = match planner.plan(op) {
                 Ok(p) => p,

@@ -461,4 +461,7 @@ pub struct WriteResult {
     /// Customers a [`WriteOp::Ingest`] merged: records named identities
     /// of both.
     pub merges: Vec<crate::storage::record::LoggedMerge>,
+    /// Identities of a [`WriteOp::Ingest`]'s records the guard rails kept
+    /// from linking or merging, with why.
+    pub refusals: Vec<super::identify::LinkRefusal>,
 }

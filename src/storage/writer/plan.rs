@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use roaring::RoaringBitmap;
 
+use super::identify::Groups;
 use super::ids::IdAssigner;
 use super::*;
 use crate::error::{Error, Result};
+use crate::fields::FieldKind;
 use crate::fields::time::{self};
-use crate::fields::{FieldKind, MergeRule};
 use crate::names::check_tag_name;
 use crate::storage::record::{
     Batch, Change, ChangeOp, FieldChange, LoggedEvent, NewField, NewTag, SourceChange,
 };
-use crate::storage::record::{IdentityLink, LoggedMerge};
 use crate::storage::snapshot::Field;
 
 /// What planning reads: the writer's state, the moment of the write, and
@@ -28,6 +28,8 @@ pub(crate) struct Planner<'a> {
     pub state: &'a State,
     pub at_ms: i64,
     pub last_delete_lsn: u64,
+    /// OneID's guard rails.
+    pub rules: &'a super::identify::OneIdRules,
 }
 
 impl Planner<'_> {
@@ -396,11 +398,11 @@ impl Planner<'_> {
                 // one record names together are one person.
                 let mut groups = Groups::default();
                 let mut customers = Vec::with_capacity(taken.len());
-                for (_, r) in &taken {
+                for (i, r) in &taken {
                     customers.push(if r.identities.is_empty() {
                         None
                     } else {
-                        Some(self.identify(&mut ids, &mut groups, r, at_ms, &mut batch)?)
+                        Some(self.identify(&mut ids, &mut groups, *i, r, at_ms, &mut batch)?)
                     });
                 }
                 // Then the merges, before the writes: each absorbed
@@ -413,6 +415,8 @@ impl Planner<'_> {
                 if !merges.is_empty() {
                     self.plan_merges(&merges, &mut seed, &mut batch)?;
                 }
+                let merged = batch.merges.clone();
+                self.log_refused(&groups.refused(), &mut batch);
                 for link in &mut batch.identities {
                     link.customer = groups.find(link.customer);
                 }
@@ -463,7 +467,8 @@ impl Planner<'_> {
                     expired,
                     duplicates,
                     linked,
-                    merges: batch.merges.clone(),
+                    merges: merged,
+                    refusals: std::mem::take(&mut groups.refusals),
                 };
                 if batch.is_empty() {
                     let mut r = WriteResult {
@@ -476,185 +481,6 @@ impl Planner<'_> {
                 Ok(Planned::Write(batch, target))
             }
         }
-    }
-
-    /// The customer of an ingested record with identities: the live
-    /// customer its identities name, or a new one named by its first
-    /// identity. When they name several, the customers are joined in
-    /// `groups` (merged once every record is read). Identities that name no
-    /// one are linked to it in `batch`.
-    fn identify(
-        &self,
-        ids: &mut IdAssigner<'_>,
-        groups: &mut Groups,
-        r: &IngestRecord,
-        at_ms: i64,
-        batch: &mut Batch,
-    ) -> Result<u32> {
-        let found = ids.get_many(&r.identities)?;
-        let mut customer: Option<u32> = None;
-        for (key, id) in r.identities.iter().zip(&found) {
-            let Some(id) = *id else { continue };
-            customer = Some(match customer {
-                None => groups.find(id),
-                Some(c) => groups.join(c, id, key),
-            });
-        }
-        let created = customer.is_none();
-        let customer = match customer {
-            Some(c) => c,
-            None => ids.create(&r.identities[0])?,
-        };
-        let first_ms = if r.at_ms > 0 { r.at_ms } else { at_ms };
-        for (j, (key, id)) in r.identities.iter().zip(&found).enumerate() {
-            // The identity a new customer is created with is linked too, so
-            // that every identity says where and when it was first seen.
-            let creating = created && j == 0;
-            if id.is_some() && !creating {
-                continue;
-            }
-            // Named twice in one record, or linked by an earlier record of
-            // this request.
-            if !creating && ids.get(key)?.is_some() {
-                continue;
-            }
-            ids.link(key, customer);
-            batch.identities.push(IdentityLink {
-                customer,
-                identity: key.clone(),
-                first_ms,
-                place: r.place.clone(),
-            });
-        }
-        Ok(customer)
-    }
-
-    /// Moves each absorbed customer's tags, values and identities to its
-    /// survivor, into `batch` (tags and identities) and `seed` (values, for
-    /// [`plan_values`]), and logs the merges. Values combine by each
-    /// field's merge rule, over the survivor and then the absorbed customers
-    /// in id order; behaviours take the union.
-    fn plan_merges(
-        &self,
-        merges: &[(u32, u32, String)],
-        seed: &mut BTreeMap<u32, Pending>,
-        batch: &mut Batch,
-    ) -> Result<()> {
-        let snap = &self.state.snap;
-        let mut next_id = snap.merges.read().next_id();
-        let mut tag_adds: BTreeMap<u32, RoaringBitmap> = BTreeMap::new();
-        for (survivor, absorbed, via) in merges {
-            let (s, b) = (*survivor, *absorbed);
-            for tag in snap.tags.values() {
-                if tag.meta.count > 0 && tag.bitmap.get()?.contains(b) {
-                    tag_adds.entry(tag.id).or_default().insert(s);
-                }
-            }
-            for field in snap.fields.values() {
-                match &field.meta.kind {
-                    FieldKind::Int => {
-                        let Some(vb) = field.int_value(b)? else {
-                            continue;
-                        };
-                        let Pending::Int(m) = seed
-                            .entry(field.id)
-                            .or_insert_with(|| Pending::Int(BTreeMap::new()))
-                        else {
-                            continue;
-                        };
-                        let va = match m.get(&s) {
-                            Some(v) => *v,
-                            None => field.int_value(s)?,
-                        };
-                        let merged = match (field.meta.merge, va) {
-                            (_, None) => vb,
-                            (MergeRule::Sum, Some(a)) => a.checked_add(vb).ok_or_else(|| {
-                                Error::invalid(format!(
-                                    "merging customers {s} and {b}: the sum of their {:?} values ({a} and {vb}) leaves the 64-bit range",
-                                    field.meta.name
-                                ))
-                            })?,
-                            (MergeRule::Min, Some(a)) => a.min(vb),
-                            (MergeRule::Max, Some(a)) => a.max(vb),
-                            (_, Some(a)) => a,
-                        };
-                        m.insert(s, Some(merged));
-                    }
-                    FieldKind::Enum { .. } => {
-                        let Some(vb) = field.enum_value(b)? else {
-                            continue;
-                        };
-                        let Pending::Enum(m) = seed
-                            .entry(field.id)
-                            .or_insert_with(|| Pending::Enum(BTreeMap::new()))
-                        else {
-                            continue;
-                        };
-                        let va = match m.get(&s) {
-                            Some(v) => *v,
-                            None => field.enum_value(s)?,
-                        };
-                        let merged = match (field.meta.merge, va) {
-                            (_, None) => vb,
-                            (MergeRule::First, Some(a)) => a.min(vb),
-                            (MergeRule::Last, Some(a)) => a.max(vb),
-                            (_, Some(a)) => a,
-                        };
-                        m.insert(s, Some(merged));
-                    }
-                    FieldKind::Behaviour(_) => {
-                        for (&slot, bm) in &field.slots {
-                            if !bm.get()?.contains(b) {
-                                continue;
-                            }
-                            if let Pending::Events(m) = seed
-                                .entry(field.id)
-                                .or_insert_with(|| Pending::Events(BTreeMap::new()))
-                            {
-                                m.entry(slot).or_default().insert(s);
-                            }
-                        }
-                    }
-                }
-            }
-            // Every identity of the absorbed customer (and the key it was
-            // created with) names the survivor from now on.
-            let mut moved = std::collections::HashSet::new();
-            for (identity, seen) in snap.idents.of(b)? {
-                moved.insert(identity.clone());
-                batch.identities.push(IdentityLink {
-                    customer: s,
-                    identity,
-                    first_ms: seen.first_ms,
-                    place: seen.place,
-                });
-            }
-            if let Some(key) = snap.dict.key_of(b)?
-                && !moved.contains(&key)
-            {
-                batch.identities.push(IdentityLink {
-                    customer: s,
-                    identity: key,
-                    first_ms: 0,
-                    place: String::new(),
-                });
-            }
-            batch.merges.push(LoggedMerge {
-                id: next_id,
-                survivor: s,
-                absorbed: b,
-                via: via.clone(),
-            });
-            next_id += 1;
-        }
-        for (tag, ids) in tag_adds {
-            batch.changes.push(Change {
-                tag,
-                op: ChangeOp::Add,
-                ids,
-            });
-        }
-        Ok(())
     }
 
     /// The id of an existing tag (loading its bitmap), or of one this batch creates.
@@ -747,7 +573,7 @@ fn check_meta(description: &str, category: &str) -> Result<()> {
 }
 
 /// What one request writes to one field, before it becomes a [`FieldChange`].
-enum Pending {
+pub(super) enum Pending {
     Int(BTreeMap<u32, Option<i64>>),
     Enum(BTreeMap<u32, Option<u32>>),
     Events(BTreeMap<u32, RoaringBitmap>),
@@ -1010,6 +836,7 @@ mod tests {
             state,
             at_ms: AT,
             last_delete_lsn: 0,
+            rules: &Default::default(),
         }
         .plan(op)
     }
@@ -1160,10 +987,12 @@ mod tests {
                 customers: vec!["a".into()],
             },
         );
+        let rules = Default::default();
         let planner = Planner {
             state: &state,
             at_ms: AT,
             last_delete_lsn: deleted_at,
+            rules: &rules,
         };
         let op = WriteOp::Update {
             mutations: vec![stale],
@@ -1173,54 +1002,5 @@ mod tests {
         // Not id 0 (the deleted customer's): a new customer.
         assert_eq!(b.new_keys, vec![(2, "a".into())]);
         assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![2]);
-    }
-}
-
-/// Customers that records show to be one person: a union-find over their
-/// ids, each group's survivor its lowest id (the customer known longest).
-#[derive(Default)]
-struct Groups {
-    parent: HashMap<u32, u32>,
-    /// For each absorbed customer, the identity that joined it.
-    via: HashMap<u32, String>,
-}
-
-impl Groups {
-    /// The survivor of `id`'s group.
-    fn find(&self, mut id: u32) -> u32 {
-        while let Some(&p) = self.parent.get(&id) {
-            id = p;
-        }
-        id
-    }
-
-    /// Joins the groups of `a` and `b` (`via`: the identity that named
-    /// `b`); the survivor of the joined group.
-    fn join(&mut self, a: u32, b: u32, via: &str) -> u32 {
-        let (ra, rb) = (self.find(a), self.find(b));
-        if ra == rb {
-            return ra;
-        }
-        let (survivor, absorbed) = (ra.min(rb), ra.max(rb));
-        self.parent.insert(absorbed, survivor);
-        self.via.insert(absorbed, via.to_string());
-        survivor
-    }
-
-    /// `(survivor, absorbed, via)` of every absorbed customer, in id order.
-    fn merges(&self) -> Vec<(u32, u32, String)> {
-        let mut out: Vec<(u32, u32, String)> = self
-            .parent
-            .keys()
-            .map(|&a| {
-                (
-                    self.find(a),
-                    a,
-                    self.via.get(&a).cloned().unwrap_or_default(),
-                )
-            })
-            .collect();
-        out.sort_unstable_by_key(|m| m.1);
-        out
     }
 }

@@ -265,6 +265,8 @@ impl Session {
         let (mut linked, mut merged) = (0u64, 0u64);
         // The first few merges, shown.
         let mut shown: Vec<CustomerMerge> = Vec::new();
+        let mut refused = 0u64;
+        let mut shown_refused: Vec<RefusedLink> = Vec::new();
         let ended = loop {
             match stream.message().await {
                 Ok(Some(a)) => {
@@ -277,6 +279,9 @@ impl Session {
                     merged += a.merges.len() as u64;
                     let room = SHOWN_MERGES.saturating_sub(shown.len());
                     shown.extend(a.merges.into_iter().take(room));
+                    refused += a.refused_links.len() as u64;
+                    let room = SHOWN_MERGES.saturating_sub(shown_refused.len());
+                    shown_refused.extend(a.refused_links.into_iter().take(room));
                     // Batches are about BATCH_BYTES each: close enough for a bar.
                     pb.set_position(a.seq.saturating_mul(BATCH_BYTES as u64).min(size));
                 }
@@ -335,12 +340,24 @@ impl Session {
         if merged > shown.len() as u64 {
             text.push_str("\n  … `merges` lists them all");
         }
+        if refused > 0 {
+            text.push_str(&format!(
+                "\n{} identities kept out by the guard rails:",
+                thousands(refused)
+            ));
+            for r in &shown_refused {
+                text.push_str(&format!(
+                    "\n  line {}: {}: {}",
+                    r.line, r.identity, r.reason
+                ));
+            }
+        }
         self.out(
             text,
             json!({
                 "records": records, "accepted": accepted, "duplicates": duplicates,
                 "ignored": ignored, "rejected": rejected.len(), "new_customers": new_customers,
-                "identities_linked": linked, "merged": merged,
+                "identities_linked": linked, "merged": merged, "refused_links": refused,
                 "rejects_file": if rejected.is_empty() { None } else { Some(&report_path) },
                 "seconds": round3(secs),
             }),

@@ -128,11 +128,16 @@ impl Session {
                             m.merge_id.to_string(),
                             format!("{} (id {})", m.survivor, m.survivor_id),
                             format!("{} (id {})", m.absorbed, m.absorbed_id),
-                            m.via.clone(),
+                            if m.refused.is_empty() {
+                                m.via.clone()
+                            } else {
+                                format!("{} (refused: {})", m.via, m.refused)
+                            },
                         ]);
                         all.push(json!({
                             "merge_id": m.merge_id, "survivor": m.survivor, "survivor_id": m.survivor_id,
                             "absorbed": m.absorbed, "absorbed_id": m.absorbed_id, "via": m.via,
+                            "refused": m.refused,
                         }));
                         after = m.merge_id;
                     }
