@@ -145,20 +145,8 @@ impl OneIdFile {
         }
         let mut blocked = std::collections::HashSet::new();
         for b in &self.blocked {
-            let Some((kind, value)) = b.split_once(':') else {
-                return Err(Error::Config(format!(
-                    "[oneid] blocked: {b:?} is not type:value"
-                )));
-            };
-            crate::ingest::event::check_name("identity type", kind).map_err(bad)?;
-            let key = match crate::ingest::event::builtin_identity(kind) {
-                Some(form) => crate::ingest::event::Identity::new(kind, form, value)
-                    .map_err(bad)?
-                    .key(),
-                None => format!("{kind}:{}", value.trim()),
-            };
-            crate::names::check_key(&key)
-                .map_err(|e| Error::Config(format!("[oneid] blocked: {e}")))?;
+            let key = crate::ingest::event::identity_from_text(b)
+                .map_err(|e| Error::Config(format!("[oneid] blocked: {}", e.0)))?;
             blocked.insert(key);
         }
         Ok(OneIdRules {

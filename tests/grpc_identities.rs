@@ -298,3 +298,84 @@ R4,VIP-1,13700000001,上海南京西路店,2026-11-12 19:30:00,销售,100.00,X1,
         .into_inner();
     assert!(log.merges.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_says_identities_are_one_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let link = |ids: &[&str], channel: &str| LinkRequest {
+        identities: ids.iter().map(|s| s.to_string()).collect(),
+        channel: channel.into(),
+    };
+    // New: a customer made, named by the first identity, each normalised.
+    let a = c
+        .link(link(
+            &["phone:+86 138-1234-5678", "wechat_unionid:U1"],
+            "app",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(a.created);
+    assert_eq!(a.customer, "phone:13812345678");
+    assert_eq!(a.identities_linked, 2);
+    assert!(a.lsn > 0);
+    // Another person, then the link that shows they are one: merged.
+    let b = c
+        .link(link(&["jd_pin:jd_bo"], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(b.created);
+    let ab = c
+        .link(link(&["jd_pin:jd_bo", "phone:13812345678"], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ab.created);
+    assert_eq!(ab.customer, "phone:13812345678");
+    assert_eq!(ab.customer_id, a.customer_id);
+    assert_eq!(ab.merges.len(), 1);
+    assert_eq!(ab.merges[0].absorbed, "jd_pin:jd_bo");
+    // Already one: nothing changes.
+    let again = c
+        .link(link(&["jd_pin:jd_bo", "wechat_unionid:U1"], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.identities_linked, again.merges.len()), (0, 0));
+    assert_eq!(again.lsn, ab.lsn, "not logged");
+    let p = c
+        .profile(ProfileRequest {
+            customer: "jd_pin:jd_bo".into(),
+            recent_days: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let channels: Vec<(&str, &str)> = p
+        .identities
+        .iter()
+        .map(|i| (i.identity.as_str(), i.first_channel.as_str()))
+        .collect();
+    assert_eq!(
+        channels,
+        [
+            ("jd_pin:jd_bo", "link"),
+            ("phone:13812345678", "app"),
+            ("wechat_unionid:U1", "app")
+        ]
+    );
+    // Refused, naming what is wrong.
+    for (bad, why) in [
+        (link(&[], ""), "1 to 16"),
+        (link(&["nocolon"], ""), "type:value"),
+        (link(&["phone:12"], ""), "phone"),
+        (link(&["phone:13812345678"], "Bad Channel"), "channel"),
+    ] {
+        let err = c.link(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(why), "{why}: {err:?}");
+    }
+}

@@ -81,7 +81,7 @@ pub fn rule_for(method: &str) -> Option<Rule> {
         "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "Aggregate"
         | "Breakdown" | "TopTags" | "Overlap" | "Stats" => rule(Read, false),
         "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
-        "Update" | "ReplaceMembers" | "SetValues" | "Ingest" => rule(Write, false),
+        "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" => rule(Write, false),
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"

@@ -128,6 +128,26 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Refused> {
     }
 }
 
+/// An identity written as `type:value` by a person (a config file, a `Link`
+/// call), in its normal form: built-in types' values normalised as
+/// ingestion does (`phone:+86 138-1234-5678` is `phone:13812345678`), other
+/// types' values trimmed.
+pub fn identity_from_text(text: &str) -> Result<String, Refused> {
+    let Some((kind, value)) = text.split_once(':') else {
+        return Err(Refused(format!(
+            "identity {:?} is not type:value",
+            text.chars().take(64).collect::<String>()
+        )));
+    };
+    check_name("identity type", kind)?;
+    let key = match builtin_identity(kind) {
+        Some(form) => Identity::new(kind, form, value)?.key(),
+        None => format!("{kind}:{}", value.trim()),
+    };
+    crate::names::check_key(&key).map_err(|e| Refused(e.to_string()))?;
+    Ok(key)
+}
+
 /// One identity of a customer: a type and a value in its normal form.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Identity {

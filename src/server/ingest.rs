@@ -647,6 +647,75 @@ fn is_about_records(e: &Error) -> bool {
     )
 }
 
+/// `Link`: one ingested record with the identities and nothing else, so
+/// that linking, merges and guard rails are ingestion's own.
+pub(super) async fn link(
+    svc: &Service,
+    req: Request<proto::LinkRequest>,
+) -> Result<Response<proto::LinkResponse>, Status> {
+    let r = req.into_inner();
+    if r.identities.is_empty() || r.identities.len() > crate::ingest::event::MAX_IDENTITIES {
+        return Err(invalid(format!(
+            "a link names 1 to {} identities, not {}",
+            crate::ingest::event::MAX_IDENTITIES,
+            r.identities.len()
+        )));
+    }
+    let mut identities = Vec::with_capacity(r.identities.len());
+    for text in &r.identities {
+        let key = crate::ingest::event::identity_from_text(text).map_err(|e| invalid(e.0))?;
+        if !identities.contains(&key) {
+            identities.push(key);
+        }
+    }
+    let place = if r.channel.is_empty() {
+        "link".to_string()
+    } else {
+        crate::ingest::event::check_name("channel", &r.channel).map_err(|e| invalid(e.0))?;
+        r.channel
+    };
+    let engine = &svc.engine;
+    let res = engine
+        .write(WriteOp::Ingest {
+            records: vec![IngestRecord {
+                seen: None,
+                identities: identities.clone(),
+                place,
+                at_ms: engine.now_ms(),
+                writes: Vec::new(),
+                event: None,
+            }],
+        })
+        .await
+        .map_err(to_status)?;
+    let snap = engine.snapshot();
+    let mut customer_id = None;
+    for key in &identities {
+        if let Some(id) = snap.customer_id(key).map_err(to_status)? {
+            customer_id = Some(id);
+            break;
+        }
+    }
+    let customer_id =
+        customer_id.ok_or_else(|| Status::aborted("the customer was erased as it was linked"))?;
+    let mut answer = proto::IngestResponse::default();
+    report_merges(engine, &res.merges, &mut answer)?;
+    report_refusals(&res.refusals, |_| 0, &mut answer);
+    Ok(Response::new(proto::LinkResponse {
+        customer: snap
+            .dict
+            .key_of(customer_id)
+            .map_err(to_status)?
+            .unwrap_or_default(),
+        customer_id,
+        created: res.new_customers > 0,
+        identities_linked: res.identities_linked,
+        merges: answer.merges,
+        refused: answer.refused_links,
+        lsn: res.lsn,
+    }))
+}
+
 /// Adds the guard rails' refusals to the answer (`line` gives a record's
 /// line from its index in the write).
 fn report_refusals(

@@ -187,6 +187,13 @@ impl TagStore for Service {
         reads::profile(self, req).await
     }
 
+    async fn link(
+        &self,
+        req: Request<proto::LinkRequest>,
+    ) -> Result<Response<proto::LinkResponse>, Status> {
+        ingest::link(self, req).await
+    }
+
     async fn list_merges(
         &self,
         req: Request<proto::ListMergesRequest>,

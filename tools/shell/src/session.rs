@@ -202,6 +202,7 @@ impl Session {
             | Command::Profile { .. }
             | Command::Identities(_)
             | Command::Merges { .. }
+            | Command::Link { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

@@ -608,6 +608,14 @@ async fn ingestion_commands() {
     );
     let profile = ok(a, "profile phone:13812345678");
     assert!(profile.contains("first channel"), "{profile}");
+    let linked = ok(a, "link phone:13812345678 member_card:VIP-9 channel app");
+    assert!(
+        linked.contains("linked to taobao_nick:nick1")
+            && linked.contains("1 identities linked, 0 merged"),
+        "{linked}"
+    );
+    assert!(ok(a, "identities member_card:vip-9").contains("4 identities"));
+    assert!(fails(a, "link nocolon").contains("type:value"));
     // 30 + 1 orders of nick1, 30 of nick2, and P2.
     assert!(ok(a, "count order_count = 62").starts_with('1'));
     let fields = ok(a, "fields");

@@ -117,6 +117,11 @@ pub enum Command {
     Merges {
         customer: String,
     },
+    /// Identities of one person.
+    Link {
+        identities: Vec<String>,
+        channel: String,
+    },
     DropField {
         name: String,
         yes: bool,
@@ -244,6 +249,7 @@ pub const SPECS: &[&Spec] = &[
     &reads::PROFILE,
     &reads::IDENTITIES,
     &reads::MERGES,
+    &tags::LINK,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
@@ -517,6 +523,21 @@ mod tests {
             }
         );
         assert!(parse("merges a b").is_err());
+        assert_eq!(
+            p("link phone:1 jd_pin:a channel app"),
+            Command::Link {
+                identities: vec!["phone:1".into(), "jd_pin:a".into()],
+                channel: "app".into()
+            }
+        );
+        assert_eq!(
+            p("link phone:1"),
+            Command::Link {
+                identities: vec!["phone:1".into()],
+                channel: String::new()
+            }
+        );
+        assert!(parse("link").is_err());
         assert_eq!(
             p("drop field x --yes"),
             Command::DropField {

@@ -114,6 +114,31 @@ fn parse_create_field(name: &str, opts: &[String]) -> Result<Command, String> {
     })
 }
 
+pub const LINK: Spec = Spec {
+    name: "link",
+    words: &["link"],
+    complete: &["link"],
+    usage: "link <identity> <identity>… [channel C]",
+    summary: "say that identities belong to one person (linked, and their customers merged, under the guard rails)",
+    example: "link phone:13812345678 wechat_unionid:o6_bmjrPTlm6_2sgVt7hMZOPfL2M",
+    takes_tags: false,
+    parse: |rest| {
+        let mut args = split_args(rest)?;
+        let mut channel = String::new();
+        if args.len() >= 2 && args[args.len() - 2].eq_ignore_ascii_case("channel") {
+            channel = args.pop().unwrap_or_default();
+            args.pop();
+        }
+        if args.is_empty() {
+            return Err(format!("usage: {}", LINK.usage));
+        }
+        Ok(Command::Link {
+            identities: args,
+            channel,
+        })
+    },
+};
+
 pub const DROP: Spec = Spec {
     name: "drop",
     words: &["drop"],

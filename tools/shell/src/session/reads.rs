@@ -162,6 +162,43 @@ impl Session {
                 };
                 self.out(text, json!({ "merges": all, "total": total }));
             }
+            Command::Link {
+                identities,
+                channel,
+            } => {
+                let r = self
+                    .client
+                    .link(LinkRequest {
+                        identities,
+                        channel,
+                    })
+                    .await?
+                    .into_inner();
+                let mut text = format!(
+                    "{} {} (internal id {}): {} identities linked, {} merged",
+                    if r.created { "created" } else { "linked to" },
+                    r.customer,
+                    r.customer_id,
+                    r.identities_linked,
+                    r.merges.iter().filter(|m| m.refused.is_empty()).count()
+                );
+                for m in &r.merges {
+                    text.push_str(&format!(
+                        "\n  merge {}: {} joined {}",
+                        m.merge_id, m.absorbed, m.survivor
+                    ));
+                }
+                for x in &r.refused {
+                    text.push_str(&format!("\n  {}: {}", x.identity, x.reason));
+                }
+                self.out(
+                    text,
+                    json!({ "customer": r.customer, "customer_id": r.customer_id, "created": r.created,
+                            "identities_linked": r.identities_linked, "merges": r.merges.len(),
+                            "refused": r.refused.iter().map(|x| json!({"identity": x.identity, "reason": x.reason})).collect::<Vec<_>>(),
+                            "lsn": r.lsn }),
+                );
+            }
             Command::Identities(key) => {
                 let p = self
                     .client
