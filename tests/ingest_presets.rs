@@ -213,7 +213,7 @@ fn wechat_interactions() {
 {\"openid\":\"oX9a01\",\"unionid\":\"uN1\",\"event\":\"like\",\"create_time\":1794398405,\"msg_id\":\"m1\",\"item_id\":\"a9\",\"category\":\"skincare\"}
 {\"openid\":\"oX9a01\",\"event\":\"unsubscribe\",\"create_time\":1794398405}
 
-{\"openid\":\"oX9a02\",\"event\":\"subscribe\",\"create_time\":\"1794398405\",\"unionid\":null}
+{\"openid\":\"oX9a02\",\"event\":\"subscribe\",\"create_time\":\"1794398405\",\"unionid\":null,\"member_card\":\"VIP-7\"}
 not json
 [1,2]
 {\"openid\":\"oX9a03\",\"event\":\"poke\",\"create_time\":1794398405}
@@ -228,7 +228,11 @@ not json
     assert_eq!(ev[0].1.at_ms, 1_794_398_405_000);
     assert_eq!(ev[0].1.event_type, "like");
     assert_eq!((ev[1].0, ev[1].1.event_type.as_str()), (4, "follow"));
-    assert_eq!(ev[1].1.identities, vec![id("wechat_openid", "oX9a02")]);
+    // A member card bound in WeChat (case-insensitive, as at the till).
+    assert_eq!(
+        ev[1].1.identities,
+        vec![id("wechat_openid", "oX9a02"), id("member_card", "vip-7")]
+    );
     assert_eq!(ignored(&reads), vec![2]);
     let bad = rejected(&reads);
     assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), vec![5, 6, 7]);

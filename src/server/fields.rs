@@ -37,7 +37,11 @@ fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
         category: m.category.clone(),
         created_at_ms: m.created_ms,
         updated_at_ms: m.updated_ms,
-        merge: m.merge.word().to_string(),
+        merge: match m.kind {
+            // Days are unioned whatever the rule says.
+            FieldKind::Behaviour(_) => "union".to_string(),
+            _ => m.merge.word().to_string(),
+        },
         ..Default::default()
     };
     match &m.kind {

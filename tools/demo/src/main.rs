@@ -62,6 +62,9 @@ struct Person {
     appetite: f64,
     /// The category they buy most.
     favourite: &'static str,
+    /// A member who bound the card in WeChat (the card ties WeChat to the
+    /// till, and through the phone to the shops).
+    binds_card: bool,
 }
 
 fn person(rng: &mut StdRng, i: u32) -> Person {
@@ -86,6 +89,7 @@ fn person(rng: &mut StdRng, i: u32) -> Person {
         card: maybe(rng, 0.25, format!("VIP-{i:06}")),
         appetite: rng.random_range(0.2..8.0),
         favourite: CATEGORIES.choose(rng).copied().unwrap_or("skincare"),
+        binds_card: rng.random_bool(0.7),
     }
 }
 
@@ -421,9 +425,14 @@ fn run(cli: &Cli) -> Result<(), String> {
                 .unionid
                 .as_ref()
                 .map_or(String::new(), |u| format!(",\"unionid\":\"{u}\""));
+            // Members who bound their card in WeChat.
+            let card = match (&p.card, p.unionid.is_some() && p.binds_card) {
+                (Some(c), true) => format!(",\"member_card\":\"{c}\""),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 wx,
-                "{{\"openid\":\"{openid}\"{union},\"event\":\"{event}\",\"create_time\":{},\"msg_id\":\"wx{n}\",\"item_id\":\"a{}\",\"category\":\"{}\"}}",
+                "{{\"openid\":\"{openid}\"{union}{card},\"event\":\"{event}\",\"create_time\":{},\"msg_id\":\"wx{n}\",\"item_id\":\"a{}\",\"category\":\"{}\"}}",
                 moment(&mut rng, start, days) / 1000,
                 rng.random_range(1..300),
                 p.favourite

@@ -51,15 +51,18 @@ async fn the_demo_loads_and_answers() {
     std::fs::create_dir_all(&data).unwrap();
     let server: ServerProcess = try_start(&server_binary(None), &data, &[]).unwrap();
     let mut c = server.client().await.unwrap();
+    // In the README's order: WeChat first, so that store receipts (a bound
+    // member card with the phone the shops know) merge customers.
+    let mut merged = 0;
     for (file, planted) in [
+        ("wechat_interactions.jsonl", 1),
+        ("douyin_interactions.jsonl", 1),
         ("taobao_orders.csv", 3),
         ("jd_orders.csv", 1),
         ("pdd_orders.csv", 0),
-        ("wechat_interactions.jsonl", 1),
-        ("douyin_interactions.jsonl", 1),
-        ("weibo_interactions.csv", 0),
         ("pos_orders.csv", 1),
         ("store_visits.csv", 0),
+        ("weibo_interactions.csv", 0),
     ] {
         let source = file.split('.').next().unwrap();
         c.create_source(CreateSourceRequest {
@@ -73,6 +76,7 @@ async fn the_demo_loads_and_answers() {
         let a = ingest_file(&mut c, source, bytes).await;
         assert_eq!(a.rejected.len(), planted, "{file}: {:?}", a.rejected);
         assert!(a.accepted > 0, "{file}");
+        merged += a.merges.len();
         // Sent again: nothing new.
         let bytes = std::fs::read(out.join(file)).unwrap();
         let again = ingest_file(&mut c, source, bytes).await;
@@ -82,6 +86,7 @@ async fn the_demo_loads_and_answers() {
             "{file}"
         );
     }
+    assert!(merged > 0, "the demo's people merge across channels");
     for q in [
         "order_count >= 1",
         "COUNT(bought:skincare WITHIN 365d) >= 1",
