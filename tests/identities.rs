@@ -498,3 +498,46 @@ fn guard_rails_keep_strangers_apart_and_say_why() {
         Some("member_card:m9")
     );
 }
+
+#[test]
+fn one_request_merges_a_bounded_number_of_customers() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    cfg.clock = clock.clone();
+    // No cap per type: one person with 10,002 phones, for the test's sake.
+    cfg.oneid.max_per_type = 0;
+    let engine = Engine::open(cfg).unwrap();
+    setup(&engine);
+    let cap = tagstore::storage::writer::identify::MAX_MERGES_PER_REQUEST;
+    let phone = |i: usize| format!("phone:1380{i:07}");
+    let singles: Vec<IngestRecord> = (0..=cap + 1)
+        .map(|i| order(&[&phone(i)], "jd", T0))
+        .collect();
+    ingest(&engine, singles);
+    // A chain through every one of them: cap + 1 merges in one request.
+    let chain = |from: usize, to: usize| -> Vec<IngestRecord> {
+        (from..to)
+            .map(|i| order(&[&phone(i), &phone(i + 1)], "jd", T0))
+            .collect()
+    };
+    let err = match engine.write_blocking(WriteOp::Ingest {
+        records: chain(0, cap + 1),
+    }) {
+        Ok(r) => panic!("{} merges in one request", r.merges.len()),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains(&format!("would merge {}", cap + 1)), "{err}");
+    assert_eq!(engine.snapshot().customer_count().unwrap(), cap as u64 + 2);
+    // In two requests, all of them.
+    let half = cap.div_ceil(2);
+    assert_eq!(ingest(&engine, chain(0, half)).merges.len(), half);
+    assert_eq!(
+        ingest(&engine, chain(half, cap + 1)).merges.len(),
+        cap + 1 - half
+    );
+    assert_eq!(engine.snapshot().customer_count().unwrap(), 1);
+    // Every order counted once, plus one per linking record.
+    assert_eq!(orders(&engine, &phone(cap)), Some(2 * (cap as i64 + 2) - 1));
+}

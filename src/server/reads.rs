@@ -15,6 +15,7 @@ use crate::server::fields;
 use crate::server::service::{Service, blocking, invalid, tag_info};
 use crate::server::status::{query_status, to_status};
 use crate::storage::Snapshot;
+use crate::storage::merges::MergeEntry;
 
 /// Page size of `Members` when the request gives none.
 pub const DEFAULT_PAGE: u32 = 1_000;
@@ -257,20 +258,30 @@ pub(super) async fn list_merges(
                     .ok_or_else(|| to_status(Error::CustomerNotFound(r.customer.clone())))?,
             )
         };
-        let log = snap.merges.read();
-        let total = log.len() as u64;
-        // Entries are in id order: start past `after` by a binary search.
-        let from = log.entries().partition_point(|e| e.id <= r.after);
-        let mut merges = Vec::new();
-        let mut more = false;
-        for e in &log.entries()[from..] {
-            if only.is_some_and(|c| log.survivor_of(e.survivor) != c) {
-                continue;
-            }
-            if merges.len() == limit {
-                more = true;
-                break;
-            }
+        // Copied out under the lock, which writers take to log merges:
+        // a page's worth, found without scanning the log.
+        let (page, more, total) = {
+            let log = snap.merges.read();
+            let total = log.len() as u64;
+            let (page, more): (Vec<MergeEntry>, bool) = match only {
+                Some(c) => {
+                    let (entries, more) = log.entries_into(c, r.after, limit);
+                    (entries.into_iter().cloned().collect(), more)
+                }
+                None => {
+                    // Entries are in id order: start past `after`.
+                    let from = log.entries().partition_point(|e| e.id <= r.after);
+                    let rest = &log.entries()[from..];
+                    (
+                        rest.iter().take(limit).cloned().collect(),
+                        rest.len() > limit,
+                    )
+                }
+            };
+            (page, more, total)
+        };
+        let mut merges = Vec::with_capacity(page.len());
+        for e in &page {
             merges.push(super::ingest::merge_info(
                 &snap, e.id, e.survivor, e.absorbed, &e.via, &e.refused,
             )?);

@@ -49,6 +49,9 @@ pub struct MergeLog {
     into: HashMap<u32, u32>,
     /// Survivor → the customers merged into it directly.
     absorbed: HashMap<u32, Vec<u32>>,
+    /// Survivor (or, for a refused merge, the customer the record went to)
+    /// → the indexes of its entries.
+    by_survivor: HashMap<u32, Vec<usize>>,
 }
 
 impl MergeLog {
@@ -92,6 +95,10 @@ impl MergeLog {
                 .or_default()
                 .push(entry.absorbed);
         }
+        self.by_survivor
+            .entry(entry.survivor)
+            .or_default()
+            .push(self.entries.len());
         self.entries.push(entry);
     }
 
@@ -120,6 +127,25 @@ impl MergeLog {
             i += 1;
         }
         out
+    }
+
+    /// The entries of merges into `id` and every customer merged into it
+    /// (refused ones too), in id order, after merge `after`, at most
+    /// `limit` of them, and whether more follow: without reading the rest
+    /// of the log.
+    pub fn entries_into(&self, id: u32, after: u64, limit: usize) -> (Vec<&MergeEntry>, bool) {
+        let mut at: Vec<usize> = self
+            .merged_into(id)
+            .iter()
+            .filter_map(|c| self.by_survivor.get(c))
+            .flatten()
+            .copied()
+            .filter(|&i| self.entries[i].id > after)
+            .collect();
+        at.sort_unstable();
+        let more = at.len() > limit;
+        at.truncate(limit);
+        (at.into_iter().map(|i| &self.entries[i]).collect(), more)
     }
 
     /// The customers that are not live but live on in a live survivor: the
@@ -222,6 +248,13 @@ mod tests {
         let mut all = log.merged_into(1);
         all.sort();
         assert_eq!(all, [1, 2, 5]);
+        let (into, more) = log.entries_into(1, 0, 10);
+        assert_eq!(into.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+        assert!(!more);
+        let (into, more) = log.entries_into(1, 0, 1);
+        assert_eq!((into.len(), more), (1, true));
+        assert_eq!(log.entries_into(1, 1, 10).0.len(), 1);
+        assert!(log.entries_into(5, 0, 10).0.is_empty());
         let back = MergeLog::decode(&log.encode()).unwrap();
         assert_eq!(back, log);
         assert!(MergeLog::decode(&log.encode()[..10]).is_err());

@@ -15,6 +15,12 @@ use crate::error::{Error, Result};
 use crate::fields::{FieldKind, MergeRule};
 use crate::storage::record::{Batch, Change, ChangeOp, IdentityLink, LoggedMerge};
 
+/// Most merges one request may make: each reads every tag and field slot
+/// of the customer it absorbs on the writer's thread, so a batch that would
+/// merge more is refused (the `Ingest` stream then applies its records one
+/// by one) instead of holding every other write for minutes.
+pub const MAX_MERGES_PER_REQUEST: usize = 10_000;
+
 /// Identities of one type a customer may have by default (a person has a
 /// few phones, not 500).
 pub const DEFAULT_MAX_PER_TYPE: u32 = 10;

@@ -412,6 +412,13 @@ impl Planner<'_> {
                 let linked = batch.identities.len() as u64;
                 let mut seed = BTreeMap::new();
                 let merges = groups.merges();
+                if merges.len() > super::identify::MAX_MERGES_PER_REQUEST {
+                    return Err(Error::invalid(format!(
+                        "these records would merge {} customers; at most {} in one request (send fewer records at once)",
+                        merges.len(),
+                        super::identify::MAX_MERGES_PER_REQUEST
+                    )));
+                }
                 if !merges.is_empty() {
                     self.plan_merges(&merges, &mut seed, &mut batch)?;
                 }
