@@ -240,17 +240,84 @@ fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
         if round == 2 {
             ingest_scene_events(&engine);
         }
+        identity_scene(&engine, round);
         engine.checkpoint_blocking(Default::default()).unwrap();
     }
     // Erased: customers of the oldest section, and some with archived
     // events (their archive file is rewritten without them).
     let mut erased = keys("r0-", 100);
     erased.extend(keys("r1-", 10));
+    erased.push("jd_pin:j0".into());
     engine
         .write_blocking(WriteOp::DeleteCustomers { customers: erased })
         .unwrap();
     add(&engine, "t", keys("late-", 100)).unwrap();
     (engine, 890)
+}
+
+/// Identities (OneID) in the scene: round 1 makes 20 customers with a phone
+/// and an openid each (an identity section), round 2 links a JD pin to each
+/// and merges them in pairs (10 merges: the merge log), and the last erases
+/// the survivor of the first pair by its JD pin.
+fn identity_scene(engine: &Engine, round: usize) {
+    let record = |identities: Vec<String>| tagstore::storage::IngestRecord {
+        identities,
+        place: "jd".into(),
+        at_ms: 0,
+        seen: None,
+        writes: Vec::new(),
+        event: None,
+    };
+    let records: Vec<_> = match round {
+        1 => (0..20)
+            .map(|i| record(vec![phone(i), format!("wechat_openid:o{i}")]))
+            .collect(),
+        2 => (0..20)
+            .map(|i| record(vec![phone(i), format!("jd_pin:j{i}")]))
+            .chain((0..10).map(|k| record(vec![phone(2 * k), phone(2 * k + 1)])))
+            .collect(),
+        _ => return,
+    };
+    engine.write_blocking(WriteOp::Ingest { records }).unwrap();
+    if round == 2 {
+        assert_eq!(engine.snapshot().merges.read().len(), 10);
+    }
+}
+
+fn phone(i: usize) -> String {
+    format!("phone:139{i:08}")
+}
+
+/// The scene's identities, as they must be after any fault: each pair one
+/// customer found by any of its six identities, the erased pair found by
+/// none, and the merge log whole.
+fn check_identities(engine: &Engine, at: &str) {
+    let snap = engine.snapshot();
+    for k in 1..10 {
+        let c = snap.customer_id(&phone(2 * k)).unwrap();
+        assert!(c.is_some(), "{at}: pair {k}");
+        for key in [
+            phone(2 * k + 1),
+            format!("wechat_openid:o{}", 2 * k + 1),
+            format!("jd_pin:j{}", 2 * k),
+        ] {
+            assert_eq!(snap.customer_id(&key).unwrap(), c, "{at}: {key}");
+        }
+    }
+    for key in [
+        phone(0),
+        phone(1),
+        "wechat_openid:o1".into(),
+        "jd_pin:j0".into(),
+    ] {
+        assert_eq!(snap.customer_id(&key).unwrap(), None, "{at}: erased {key}");
+    }
+    let log = snap.merges.read();
+    assert_eq!(log.len(), 10, "{at}: the merge log");
+    assert!(
+        log.entries()[0].via.is_empty(),
+        "{at}: an erased identity in the merge log"
+    );
 }
 
 /// 50 orders of customers r1-0 … r1-49, each adding 1 to `n`, with their
@@ -329,6 +396,7 @@ fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
                     })
                     .unwrap();
                 assert_eq!(events, 40, "the erased customers' events are gone");
+                check_identities(&engine, &format!("{op:?} #{skip}"));
                 break;
             }
             points += 1;
@@ -352,6 +420,7 @@ fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
                 "{at}: after a crash"
             );
             assert_eq!(n(&after_crash), Some(1), "{at}: after a crash");
+            check_identities(&after_crash, &format!("{at}: after a crash"));
             assert_eq!(
                 after_crash.snapshot().customer_id("r0-5").unwrap(),
                 None,
@@ -365,10 +434,12 @@ fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
                 acked,
                 "{at}: after a restart"
             );
+            check_identities(&restarted, &format!("{at}: after a restart"));
             // And the next checkpoint works.
             restarted
                 .checkpoint_blocking(Default::default())
                 .unwrap_or_else(|e| panic!("{at}: the next checkpoint: {e}"));
+            check_identities(&restarted, &format!("{at}: after the next checkpoint"));
         }
     }
     eprintln!(
