@@ -83,6 +83,7 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
         ("jd_pin:jd_ann", "jd_pin:jd_bo")
     );
     assert_eq!(m.via, "phone:13900001111");
+    assert_eq!(m.moved, ["jd_pin:jd_bo", "phone:13900001111"]);
 
     let check = |p: ProfileResponse| {
         assert_eq!(p.key, "jd_pin:jd_ann");

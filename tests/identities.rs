@@ -211,6 +211,7 @@ fn a_record_naming_two_customers_merges_them() {
     let m = &r.merges[0];
     assert_eq!((m.id, m.survivor, m.absorbed), (1, a, b));
     assert_eq!(m.via, "phone:13800000001");
+    assert_eq!(m.moved, ["taobao_nick:bo"]);
     // One customer, the one known longest, with everything of both: the
     // order counts summed (1 + 1) and the record's own order on top.
     for key in ["member_card:m1", "taobao_nick:bo", "phone:13800000001"] {
@@ -300,7 +301,7 @@ fn merge_chains_end_in_one_customer() {
             .read()
             .entries()
             .iter()
-            .all(|e| e.via.is_empty())
+            .all(|e| e.via.is_empty() && e.moved.is_empty())
     );
     drop(snap);
     engine.checkpoint_blocking(Default::default()).unwrap();
@@ -312,7 +313,7 @@ fn merge_chains_end_in_one_customer() {
             .read()
             .entries()
             .iter()
-            .all(|e| e.via.is_empty())
+            .all(|e| e.via.is_empty() && e.moved.is_empty())
     );
     assert_eq!(snap.customer_count().unwrap(), 1);
 }

@@ -39,6 +39,7 @@ use crate::server::budget::{MemoryBudget, Reservation};
 use crate::server::service::{Service, idle_status, invalid};
 use crate::server::status::to_status;
 use crate::server::writes::mutation;
+use crate::storage::merges::MergeEntry;
 use crate::storage::record::LoggedMerge;
 use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
@@ -745,7 +746,17 @@ fn report_merges(
     let snap = engine.snapshot();
     for m in merges {
         answer.merges.push(merge_info(
-            &snap, m.id, m.survivor, m.absorbed, &m.via, &m.refused,
+            &snap,
+            &MergeEntry {
+                id: m.id,
+                lsn: 0,
+                at_ms: 0,
+                survivor: m.survivor,
+                absorbed: m.absorbed,
+                via: m.via.clone(),
+                refused: m.refused.clone(),
+                moved: m.moved.clone(),
+            },
         )?);
     }
     Ok(())
@@ -755,23 +766,20 @@ fn report_merges(
 /// customer keeps its key in the dictionary until a merge of its sections).
 pub(super) fn merge_info(
     snap: &crate::storage::Snapshot,
-    id: u64,
-    survivor: u32,
-    absorbed: u32,
-    via: &str,
-    refused: &str,
+    m: &MergeEntry,
 ) -> Result<proto::CustomerMerge, Status> {
     let key = |id: u32| -> Result<String, Status> {
         Ok(snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default())
     };
     Ok(proto::CustomerMerge {
-        merge_id: id,
-        survivor: key(survivor)?,
-        survivor_id: survivor,
-        absorbed: key(absorbed)?,
-        absorbed_id: absorbed,
-        via: via.to_string(),
-        refused: refused.to_string(),
+        merge_id: m.id,
+        survivor: key(m.survivor)?,
+        survivor_id: m.survivor,
+        absorbed: key(m.absorbed)?,
+        absorbed_id: m.absorbed,
+        via: m.via.clone(),
+        refused: m.refused.clone(),
+        moved: m.moved.clone(),
     })
 }
 

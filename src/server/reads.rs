@@ -282,9 +282,7 @@ pub(super) async fn list_merges(
         };
         let mut merges = Vec::with_capacity(page.len());
         for e in &page {
-            merges.push(super::ingest::merge_info(
-                &snap, e.id, e.survivor, e.absorbed, &e.via, &e.refused,
-            )?);
+            merges.push(super::ingest::merge_info(&snap, e)?);
         }
         Ok(proto::ListMergesResponse {
             merges,

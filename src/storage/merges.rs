@@ -39,6 +39,9 @@ pub struct MergeEntry {
     /// Empty: merged. Otherwise why the guard rails refused the merge the
     /// record asked for (nothing was absorbed).
     pub refused: String,
+    /// The identities that moved to the survivor with the absorbed
+    /// customer; emptied, like `via`, once the survivor is erased.
+    pub moved: Vec<String>,
 }
 
 /// Every merge, oldest first.
@@ -168,7 +171,8 @@ impl MergeLog {
             // A refused merge names two customers that stayed apart.
             let hit = erased.contains(self.survivor_of(e.survivor))
                 || (!e.refused.is_empty() && erased.contains(self.survivor_of(e.absorbed)));
-            if hit && !self.entries[i].via.is_empty() {
+            if hit && (!self.entries[i].via.is_empty() || !self.entries[i].moved.is_empty()) {
+                self.entries[i].moved.clear();
                 self.entries[i].via.clear();
                 changed = true;
             }
@@ -187,7 +191,11 @@ impl MergeLog {
                 .u32(m.survivor)
                 .u32(m.absorbed)
                 .str(&m.via)
-                .str(&m.refused);
+                .str(&m.refused)
+                .u32(m.moved.len() as u32);
+            for i in &m.moved {
+                e.str(i);
+            }
         }
         e.buf
     }
@@ -209,6 +217,9 @@ impl MergeLog {
                 absorbed: d.u32()?,
                 via: d.str()?.to_string(),
                 refused: d.str()?.to_string(),
+                moved: (0..d.u32()?)
+                    .map(|_| d.str().map(str::to_string))
+                    .collect::<DecResult<_>>()?,
             };
             if log.entries.last().is_some_and(|e| e.id >= entry.id) {
                 return d.err(format!("merge {} out of order", entry.id));
@@ -233,6 +244,7 @@ mod tests {
             absorbed,
             via: format!("phone:{id}"),
             refused: String::new(),
+            moved: vec![format!("phone:{id}")],
         }
     }
 
@@ -260,7 +272,11 @@ mod tests {
         assert!(MergeLog::decode(&log.encode()[..10]).is_err());
         let erased: RoaringBitmap = [1u32].into_iter().collect();
         assert!(log.scrub(&erased));
-        assert!(log.entries().iter().all(|e| e.via.is_empty()));
+        assert!(
+            log.entries()
+                .iter()
+                .all(|e| e.via.is_empty() && e.moved.is_empty())
+        );
         assert!(!log.scrub(&erased));
     }
 }

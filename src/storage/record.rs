@@ -240,6 +240,9 @@ pub struct LoggedMerge {
     /// Empty: merged. Otherwise why the guard rails refused the merge
     /// (logged for the record; nothing is absorbed).
     pub refused: String,
+    /// The identities that moved from the absorbed customer to the
+    /// survivor (its key among them).
+    pub moved: Vec<String>,
 }
 
 /// An identity (`type:value`) and the customer it now names, with where and
@@ -368,7 +371,11 @@ impl Batch {
                 .u32(m.survivor)
                 .u32(m.absorbed)
                 .str(&m.via)
-                .str(&m.refused);
+                .str(&m.refused)
+                .u32(m.moved.len() as u32);
+            for i in &m.moved {
+                e.str(i);
+            }
         }
         e.buf
     }
@@ -484,6 +491,9 @@ impl Batch {
                     absorbed: d.u32()?,
                     via: d.str()?.to_string(),
                     refused: d.str()?.to_string(),
+                    moved: (0..d.u32()?)
+                        .map(|_| d.str().map(str::to_string))
+                        .collect::<DecResult<_>>()?,
                 });
             }
         }
@@ -591,6 +601,7 @@ mod tests {
                 absorbed: 11,
                 via: "phone:13800000000".into(),
                 refused: String::new(),
+                moved: vec!["taobao_nick:x".into(), "phone:1".into()],
             }],
         };
         let bytes = b.encode();

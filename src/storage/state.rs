@@ -417,6 +417,7 @@ impl State {
                     absorbed: m.absorbed,
                     via: m.via.clone(),
                     refused: m.refused.clone(),
+                    moved: m.moved.clone(),
                 });
             }
             self.merges_dirty = true;

@@ -434,9 +434,9 @@ impl Planner<'_> {
             }
             // Every identity of the absorbed customer (and the key it was
             // created with) names the survivor from now on.
-            let mut moved = std::collections::HashSet::new();
+            let mut moved = Vec::new();
             for (identity, seen) in snap.idents.of(b)? {
-                moved.insert(identity.clone());
+                moved.push(identity.clone());
                 batch.identities.push(IdentityLink {
                     customer: s,
                     identity,
@@ -447,6 +447,7 @@ impl Planner<'_> {
             if let Some(key) = snap.dict.key_of(b)?
                 && !moved.contains(&key)
             {
+                moved.push(key.clone());
                 batch.identities.push(IdentityLink {
                     customer: s,
                     identity: key,
@@ -454,12 +455,20 @@ impl Planner<'_> {
                     place: String::new(),
                 });
             }
+            // Identities this request linked to the absorbed customer.
+            for link in batch.identities.iter().filter(|l| l.customer == b) {
+                if !moved.contains(&link.identity) {
+                    moved.push(link.identity.clone());
+                }
+            }
+            moved.sort();
             batch.merges.push(LoggedMerge {
                 id: next_id,
                 survivor: s,
                 absorbed: b,
                 via: via.clone(),
                 refused: String::new(),
+                moved,
             });
             next_id += 1;
         }
@@ -487,6 +496,7 @@ impl Planner<'_> {
                 absorbed: *other,
                 via: via.clone(),
                 refused: why.clone(),
+                moved: Vec::new(),
             });
         }
     }

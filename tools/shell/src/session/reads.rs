@@ -133,11 +133,12 @@ impl Session {
                             } else {
                                 format!("{} (refused: {})", m.via, m.refused)
                             },
+                            m.moved.join(", "),
                         ]);
                         all.push(json!({
                             "merge_id": m.merge_id, "survivor": m.survivor, "survivor_id": m.survivor_id,
                             "absorbed": m.absorbed, "absorbed_id": m.absorbed_id, "via": m.via,
-                            "refused": m.refused,
+                            "refused": m.refused, "moved": m.moved,
                         }));
                         after = m.merge_id;
                     }
@@ -152,8 +153,14 @@ impl Session {
                     format!(
                         "{}\n({} shown; {} merges in all)",
                         table::render(
-                            &["merge", "survivor", "absorbed", "via"],
-                            &[Align::Right, Align::Left, Align::Left, Align::Left],
+                            &["merge", "survivor", "absorbed", "via", "identities moved"],
+                            &[
+                                Align::Right,
+                                Align::Left,
+                                Align::Left,
+                                Align::Left,
+                                Align::Left
+                            ],
                             &rows
                         ),
                         rows.len(),
