@@ -126,6 +126,25 @@ fn identities_on_one_record_find_one_customer_everywhere() {
         })
         .unwrap();
     assert_eq!(orders(&engine, "phone:13800000001"), Some(12));
+    // Tags too, through the look-ups made before the writer.
+    engine
+        .write_blocking(WriteOp::Update {
+            mutations: vec![tagstore::storage::Mutation {
+                tag: "wechat_fans".into(),
+                add: vec!["wechat_unionid:u1".into()],
+                ..Default::default()
+            }],
+            create_missing_tags: true,
+        })
+        .unwrap();
+    let snap = engine.snapshot();
+    let fans = snap.tag("wechat_fans").unwrap().bitmap.get().unwrap();
+    assert_eq!(
+        (fans.len(), fans.contains(ann)),
+        (1, true),
+        "no customer was made for the identity"
+    );
+    drop(snap);
     let snap = engine.snapshot();
     assert_eq!(
         snap.customer_ids(&["jd_pin:ann", "phone:13800000002", "nobody"])
