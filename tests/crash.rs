@@ -2,7 +2,9 @@
 //! at random moments. After each restart every acknowledged write must be
 //! there, and no request may be half-applied: each request adds one new key
 //! to three tags (and removes an older key from one), so a key is in all
-//! three tags or in none.
+//! three tags or in none. Field writes and OneID merges get the same
+//! treatment (`acknowledged_field_writes_survive_kill_9`,
+//! `acknowledged_merges_survive_kill_9`).
 
 mod common;
 
@@ -368,4 +370,129 @@ async fn acknowledged_field_writes_survive_kill_9() {
     let e = expected.lock().unwrap().clone();
     let u = uncertain.lock().unwrap().clone();
     check_fields(&mut c, &e, &u).await;
+}
+
+/// A person's three identities in the merge crash test.
+fn person_ids(p: &str) -> [String; 3] {
+    [
+        format!("phone:139{p}"),
+        format!("jd_pin:j{p}"),
+        format!("wechat_unionid:u{p}"),
+    ]
+}
+
+/// The customer an identity names, if any.
+async fn customer_of(c: &mut Client, identity: &str) -> Option<u32> {
+    match c
+        .profile(ProfileRequest {
+            customer: identity.into(),
+            recent_days: 0,
+        })
+        .await
+    {
+        Ok(p) => Some(p.into_inner().internal_id),
+        Err(e) if e.code() == tonic::Code::NotFound => None,
+        Err(e) => panic!("profile {identity}: {e}"),
+    }
+}
+
+/// OneID under kill -9: clients link a person's phone and JD pin (one new
+/// customer), then the WeChat unionid alone (another), then the unionid with
+/// the phone (a merge), while the server is killed at random moments. After
+/// each restart, every acknowledged step is there, and no merge is half
+/// applied: when the unionid and the phone name one customer, so does the JD
+/// pin, and that customer lists all three identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_merges_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = std::env::var("TAGSTORE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Person → the last step acknowledged (1: phone+pin, 2: unionid, 3: merged).
+    let acked: Arc<Mutex<std::collections::HashMap<String, u8>>> = Arc::default();
+    for round in 0..4 {
+        let mut server = common::start(dir.path(), &["--checkpoint-wal-mb", "1"]);
+        let mut c = common::client(&server).await;
+        let snapshot = acked.lock().unwrap().clone();
+        verify_people(&mut c, &snapshot, round).await;
+        let before = acked.lock().unwrap().values().filter(|&&s| s == 3).count();
+        let mut tasks = Vec::new();
+        for client in 0..3 {
+            let mut c = common::client(&server).await;
+            let acked = acked.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0.. {
+                    let p = format!("{round}{client}{n:06}");
+                    let [phone, pin, union] = person_ids(&p);
+                    for (step, ids) in [
+                        (1u8, vec![phone.clone(), pin.clone()]),
+                        (2, vec![union.clone()]),
+                        (3, vec![union.clone(), phone.clone()]),
+                    ] {
+                        let req = LinkRequest {
+                            identities: ids,
+                            channel: String::new(),
+                        };
+                        if c.link(req).await.is_err() {
+                            return;
+                        }
+                        acked.lock().unwrap().insert(p.clone(), step);
+                    }
+                }
+            }));
+        }
+        let wait = rng.random_range(300..1200);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        server.kill();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let merged = acked.lock().unwrap().values().filter(|&&s| s == 3).count();
+        eprintln!("round {round}: killed after {wait} ms; {merged} merges acknowledged so far");
+        assert!(
+            merged > before,
+            "round {round}: some merges were acknowledged"
+        );
+    }
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let snapshot = acked.lock().unwrap().clone();
+    verify_people(&mut c, &snapshot, 4).await;
+}
+
+/// Every person's acknowledged step is there, and no merge is half applied
+/// (checked for every person, acknowledged or not).
+async fn verify_people(c: &mut Client, acked: &std::collections::HashMap<String, u8>, round: u32) {
+    for (p, &step) in acked {
+        let [phone, pin, union] = person_ids(p);
+        let (a, b, u) = (
+            customer_of(c, &phone).await,
+            customer_of(c, &pin).await,
+            customer_of(c, &union).await,
+        );
+        let at = format!("round {round}, person {p} (acknowledged step {step})");
+        assert!(a.is_some() && a == b, "{at}: phone and pin {a:?} {b:?}");
+        if step >= 2 {
+            assert!(u.is_some(), "{at}: the unionid is lost");
+        }
+        if step >= 3 {
+            assert_eq!(u, a, "{at}: the merge is lost");
+        }
+        if u.is_some() && u == a {
+            let p = c
+                .profile(ProfileRequest {
+                    customer: union.clone(),
+                    recent_days: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let ids: Vec<&str> = p.identities.iter().map(|i| i.identity.as_str()).collect();
+            for id in [&phone, &pin, &union] {
+                assert!(ids.contains(&id.as_str()), "{at}: half a merge: {ids:?}");
+            }
+        }
+    }
 }
