@@ -180,6 +180,21 @@ fn identities_on_one_record_find_one_customer_everywhere() {
         ]
     );
     engine.checkpoint_blocking(Default::default()).unwrap();
+    // Many at once (the sections' look-ups overlapped) agree with one by one.
+    let keys = [
+        "douyin_uid:d1",
+        "nobody:x",
+        "phone:13800000002",
+        "jd_pin:ann",
+        "phone:13800000001",
+        "wechat_unionid:u1",
+        "jd_pin:ann",
+    ];
+    let snap = engine.snapshot();
+    let one_by_one: Vec<Option<u32>> = keys.iter().map(|k| snap.customer_id(k).unwrap()).collect();
+    assert_eq!(snap.customer_ids(&keys).unwrap(), one_by_one);
+    assert_eq!(one_by_one.iter().flatten().count(), 6);
+    drop(snap);
     drop(engine);
     let engine = open(&crashed, &clock);
     assert_eq!(customer(&engine, "douyin_uid:d1"), Some(ann));
@@ -560,4 +575,38 @@ fn one_request_merges_a_bounded_number_of_customers() {
     assert_eq!(engine.snapshot().customer_count().unwrap(), 1);
     // Every order counted once, plus one per linking record.
     assert_eq!(orders(&engine, &phone(cap)), Some(2 * (cap as i64 + 2) - 1));
+}
+
+#[test]
+fn an_identity_moved_by_a_merge_is_found_in_the_newer_section() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    // A large first section (so that the next checkpoint's few entries
+    // stay a section of their own), then a merge that moves identities.
+    let people: Vec<IngestRecord> = (0..100)
+        .map(|i| {
+            order(
+                &[&format!("phone:1390000{i:04}"), &format!("jd_pin:p{i}")],
+                "jd",
+                T0,
+            )
+        })
+        .collect();
+    ingest(&engine, people);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    let r = ingest(
+        &engine,
+        vec![order(&["jd_pin:p98", "phone:13900000099"], "jd", T0)],
+    );
+    assert_eq!(r.merges.len(), 1);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    let snap = engine.snapshot();
+    assert_eq!(snap.idents.layers().len(), 2, "two sections");
+    let keys = ["jd_pin:p99", "phone:13900000099", "jd_pin:p98", "jd_pin:p5"];
+    let one_by_one: Vec<Option<u32>> = keys.iter().map(|k| snap.customer_id(k).unwrap()).collect();
+    let survivor = snap.customer_id("phone:13900000098").unwrap();
+    assert_eq!(&one_by_one[..3], &[survivor, survivor, survivor]);
+    assert_eq!(snap.customer_ids(&keys).unwrap(), one_by_one);
 }

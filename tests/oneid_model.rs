@@ -241,6 +241,11 @@ fn check(
         f.first_day = f.first_day.min(*day);
         f.last_day = f.last_day.max(*day);
     }
+    // Many at once (the sections' look-ups overlapped, newest first) agree
+    // with one by one.
+    let refs: Vec<&str> = identities.iter().map(String::as_str).collect();
+    let one_by_one: Vec<Option<u32>> = refs.iter().map(|k| snap.customer_id(k).unwrap()).collect();
+    assert_eq!(snap.customer_ids(&refs).unwrap(), one_by_one, "seed {seed}");
     let mut customer_of: HashMap<usize, u32> = HashMap::new();
     for (i, identity) in identities.iter().enumerate() {
         let c = comps.find(i);

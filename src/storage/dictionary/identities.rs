@@ -19,9 +19,10 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use parking_lot::RwLock;
 
-use super::section::DictLayer;
+use super::section::{DictLayer, LOOKUP_GROUP};
 use crate::bitmap::Members;
 use crate::error::Result;
+use crate::storage::codec::fnv1a64;
 
 /// The customer an identity entry names when the identity was taken away
 /// from its customer: the identity names no one.
@@ -131,13 +132,48 @@ impl Identities {
         Ok(Found::Absent)
     }
 
-    /// [`Identities::lookup`] of many keys under one lock.
+    /// [`Identities::lookup`] of many keys under one lock, the look-ups of
+    /// each section overlapped in groups as the dictionary's are
+    /// (`Dictionary::lookup_many`).
     pub fn lookup_many(&self, keys: &[&str]) -> Result<Vec<Found>> {
         let inner = self.inner.read();
-        if inner.recent.is_empty() && inner.layers.is_empty() {
-            return Ok(vec![Found::Absent; keys.len()]);
+        let mut out = vec![Found::Absent; keys.len()];
+        let mut pending = Vec::new();
+        for (k, key) in keys.iter().enumerate() {
+            match inner.recent.get(*key) {
+                Some(r) => out[k] = found(r.customer),
+                None => pending.push(k),
+            }
         }
-        keys.iter().map(|k| Self::lookup_in(&inner, k)).collect()
+        if pending.is_empty() || inner.layers.is_empty() {
+            return Ok(out);
+        }
+        let hashes: Vec<u64> = keys.iter().map(|k| fnv1a64(k.as_bytes())).collect();
+        let mut ids: Vec<Option<u32>> = vec![None; keys.len()];
+        let (mut group, mut left) = (Vec::new(), Vec::new());
+        for chunk in pending.chunks(LOOKUP_GROUP) {
+            for layer in inner.layers.iter().rev() {
+                layer.prefetch_slots(&hashes, chunk);
+            }
+            group.clear();
+            group.extend_from_slice(chunk);
+            // Newest section first: an identity found there is not looked
+            // for in older ones.
+            for layer in inner.layers.iter().rev() {
+                if group.is_empty() {
+                    break;
+                }
+                left.clear();
+                layer.find_group(keys, &hashes, &group, &mut ids, &mut left)?;
+                std::mem::swap(&mut group, &mut left);
+            }
+        }
+        for k in pending {
+            if let Some(id) = ids[k] {
+                out[k] = found(id);
+            }
+        }
+        Ok(out)
     }
 
     /// True when no identity was ever recorded (look-ups can be skipped).
