@@ -380,3 +380,265 @@ async fn link_says_identities_are_one_person() {
         assert!(err.message().contains(why), "{why}: {err:?}");
     }
 }
+
+/// `n` Taobao orders of 1.00 yuan from `from` on: 50 buyers; from the
+/// 501st order on, buyers 2k and 2k+1 give the same phone (one person with
+/// two nicks, 50 customers until then: they merge).
+fn paired_orders(from: usize, n: usize, header: bool) -> String {
+    let mut s = String::new();
+    if header {
+        s.push_str("订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n");
+    }
+    for i in from..from + n {
+        let b = i % 50;
+        let phone = if i >= 500 {
+            format!("1390000{:04}", b / 2)
+        } else {
+            String::new()
+        };
+        s.push_str(&format!(
+            "T{i},nick{b},1.00,2026-11-11 10:00:00,{phone},交易成功,X,skincare,B,t\n"
+        ));
+    }
+    s
+}
+
+/// A client that cancels a stream whose batches merge customers, halfway:
+/// each batch (merges included) is applied whole or not at all, and the
+/// whole input sent again ends with each person one customer, each merge
+/// made once and each order counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_merges_cancelled_halfway_can_be_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let batches = || -> Vec<IngestRequest> {
+        (0..40)
+            .map(|b| IngestRequest {
+                source: if b == 0 { "tb".into() } else { String::new() },
+                seq: b as u64,
+                data: paired_orders(b * 500, 500, b == 0).into_bytes(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for b in batches() {
+        tx.send(b).await.unwrap();
+    }
+    let mut answers = c
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    assert_eq!((first.accepted, first.merges.len()), (500, 0));
+    drop(answers);
+    drop(tx);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut stream = c
+        .ingest(tokio_stream::iter(batches()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut accepted, mut duplicates) = (0, 0);
+    while let Some(a) = stream.message().await.unwrap() {
+        accepted += a.accepted;
+        duplicates += a.duplicates;
+    }
+    assert_eq!(accepted + duplicates, 20_000);
+    let stats = c.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.customers, 25, "one customer per person");
+    let log = c
+        .list_merges(ListMergesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(log.total, 25, "each merge once");
+    let total = c
+        .aggregate(AggregateRequest {
+            query: "order_count >= 1".into(),
+            field: "total_spend_fen".into(),
+            histogram_edges: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sum;
+    assert_eq!(total, 20_000 * 100, "each order once");
+}
+
+/// The largest requests: a link of 17 identities or of a 20 KB one, a
+/// merge-log page over 10,000, an identity type of 20 KB; and an answer
+/// whose refusals pass 10,000 lists 10,000 and counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_requests_are_refused_by_name_and_answers_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("tagstore.toml");
+    std::fs::write(&cfg, "[oneid]\nblocked = [\"phone:13800000000\"]\n").unwrap();
+    let server = common::start(&data, &["--config", cfg.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    let many: Vec<String> = (0..17).map(|i| format!("jd_pin:p{i}")).collect();
+    let big = format!("jd_pin:{}", "x".repeat(20_000));
+    for (ids, why) in [(many, "1 to 16"), (vec![big.clone()], "bytes long")] {
+        let err = c
+            .link(LinkRequest {
+                identities: ids,
+                channel: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(why), "{why}: {}", err.message());
+        assert!(err.message().len() <= 2048, "the message repeats the 20 KB");
+    }
+    let err = c
+        .list_merges(ListMergesRequest {
+            limit: 10_001,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = c
+        .members(MembersRequest {
+            query: "ALL".into(),
+            identity_type: "x".repeat(20_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() <= 2048);
+
+    // 10,001 receipts with the till's default number.
+    c.create_source(CreateSourceRequest {
+        name: "pos".into(),
+        preset: "pos_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut csv =
+        String::from("小票号,会员卡号,手机号,门店,交易时间,交易类型,金额,商品编码,商品类目,品牌\n");
+    for i in 0..10_001 {
+        csv.push_str(&format!(
+            "R{i},VIP-{i},13800000000,店,2026-11-12 19:00:00,销售,1.00,X1,skincare,B\n"
+        ));
+    }
+    let a = ingest(&mut c, "pos", &csv).await;
+    assert_eq!(a.accepted, 10_001);
+    assert_eq!(a.refused_links.len(), 10_000);
+    assert_eq!(a.refused_links_omitted, 1);
+}
+
+/// An export by identity type whose reader stops after the first message
+/// holds only itself: links and merges go on meanwhile, and the rest of the
+/// export, read later, is of the moment it began (customers plus those
+/// without a phone add up to its total).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_export_by_identity_type_holds_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    for i in 0..3_000 {
+        let mut ids = vec![format!("jd_pin:p{i}")];
+        if i % 3 != 0 {
+            ids.push(format!("phone:1391{i:07}"));
+        }
+        if i % 500 == 0 {
+            // Batched through Link one by one is slow; a few are enough to
+            // check the call, the rest come in one ingest below.
+            c.link(LinkRequest {
+                identities: ids,
+                channel: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    c.create_source(CreateSourceRequest {
+        name: "jd".into(),
+        preset: "jd_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut csv = String::from(
+        "订单号,用户账号,下单时间,应付金额,收货人手机,订单状态,商品编号,商品名称,商品类目,品牌\n",
+    );
+    for i in 0..3_000 {
+        let phone = if i % 3 != 0 {
+            format!("1391{i:07}")
+        } else {
+            String::new()
+        };
+        csv.push_str(&format!(
+            "J{i},p{i},2026-11-12 20:00:05,1.00,{phone},完成,1,x,skincare,b\n"
+        ));
+    }
+    assert_eq!(ingest(&mut c, "jd", &csv).await.accepted, 3_000);
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = tagstore::proto::tag_store_client::TagStoreClient::new(channel);
+    let mut export = slow
+        .export(ExportRequest {
+            query: "ALL".into(),
+            identity_type: "phone".into(),
+            batch_size: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = export.message().await.unwrap().unwrap();
+    let total = first.total;
+    assert_eq!(total, 3_000);
+    // Meanwhile: merges and profiles answer.
+    for k in 0..20 {
+        let t = std::time::Instant::now();
+        let r = c
+            .link(LinkRequest {
+                identities: vec![
+                    format!("jd_pin:p{}", 3 * k),
+                    format!("jd_pin:p{}", 3 * k + 1),
+                ],
+                channel: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.merges.len(), 1);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    let (mut named, mut without) = (first.customers.len() as u64, first.without_identity);
+    while let Some(m) = export.message().await.unwrap() {
+        named += m.customers.len() as u64;
+        without += m.without_identity;
+    }
+    assert_eq!((named, without), (2_000, 1_000), "the export's own moment");
+    let now = c
+        .stats(StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    assert_eq!(now, 3_000 - 20);
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tagstore::clock::ManualClock;
 use tagstore::fields::{FieldKind, MergeRule};
-use tagstore::storage::fs::MemFs;
+use tagstore::storage::fs::{MemFs, Op};
 use tagstore::storage::{
     CheckpointOptions, Combine, Engine, EngineConfig, IngestRecord, ValueWrite, WriteOp,
 };
@@ -609,4 +609,70 @@ fn an_identity_moved_by_a_merge_is_found_in_the_newer_section() {
     let survivor = snap.customer_id("phone:13900000098").unwrap();
     assert_eq!(&one_by_one[..3], &[survivor, survivor, survivor]);
     assert_eq!(snap.customer_ids(&keys).unwrap(), one_by_one);
+}
+
+#[test]
+fn a_full_disk_refuses_a_merge_whole_and_it_applies_once_there_is_room() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    ingest(
+        &engine,
+        vec![
+            order(&["phone:13800000001"], "jd", T0),
+            order(&["taobao_nick:bo"], "taobao", T0),
+        ],
+    );
+    // The merge, with 40,000 new customers in the same request: more log
+    // than the 4 MiB allocated ahead, and no room for more.
+    let merge = || {
+        let mut records = vec![order(
+            &["taobao_nick:bo", "phone:13800000001", "member_card:m1"],
+            "store",
+            T0,
+        )];
+        records.extend((0..40_000).map(|i| {
+            order(
+                &[
+                    &format!("jd_pin:{i:060}"),
+                    &format!("wechat_openid:{i:060}"),
+                ],
+                "jd",
+                T0,
+            )
+        }));
+        records
+    };
+    fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC);
+    let err = engine
+        .write_blocking(WriteOp::Ingest { records: merge() })
+        .unwrap_err();
+    assert!(matches!(err, tagstore::Error::DiskFull(_)), "{err}");
+    // Nothing of it: two customers, no merge, no new identity, facts as before.
+    let snap = engine.snapshot();
+    assert_eq!(snap.customer_count().unwrap(), 2);
+    assert!(snap.merges.read().is_empty());
+    assert_eq!(
+        snap.customer_id(&format!("jd_pin:{:060}", 0)).unwrap(),
+        None,
+        "none of the request's new customers"
+    );
+    assert_eq!(snap.customer_id("member_card:m1").unwrap(), None);
+    drop(snap);
+    assert_eq!(orders(&engine, "taobao_nick:bo"), Some(1));
+    assert_eq!(
+        engine.failure(),
+        None,
+        "a full disk does not stop the store"
+    );
+    fs.clear_faults();
+    assert_eq!(ingest(&engine, merge()).merges.len(), 1);
+    assert_eq!(orders(&engine, "member_card:m1"), Some(3));
+    let crashed = fs.crash_image();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(engine.snapshot().customer_count().unwrap(), 40_001);
+    assert_eq!(orders(&engine, "phone:13800000001"), Some(3));
+    assert_eq!(engine.snapshot().merges.read().len(), 1);
 }

@@ -700,7 +700,7 @@ pub(super) async fn link(
     let customer_id =
         customer_id.ok_or_else(|| Status::aborted("the customer was erased as it was linked"))?;
     let mut answer = proto::IngestResponse::default();
-    report_merges(engine, &res.merges, &mut answer)?;
+    report_merges(engine, &res.merges, &mut answer, &mut 0)?;
     report_refusals(&res.refusals, |_| 0, &mut answer);
     Ok(Response::new(proto::LinkResponse {
         customer: snap
@@ -717,6 +717,20 @@ pub(super) async fn link(
     }))
 }
 
+/// Most merges, and most refusals, one answer lists (the rest are counted).
+const MAX_LISTED: usize = 10_000;
+/// About the most bytes of merges one answer lists (a merge lists the
+/// identities it moved).
+const MAX_LISTED_BYTES: usize = 4 << 20;
+
+fn merge_bytes(m: &proto::CustomerMerge) -> usize {
+    64 + m.survivor.len()
+        + m.absorbed.len()
+        + m.via.len()
+        + m.refused.len()
+        + m.moved.iter().map(|i| i.len() + 2).sum::<usize>()
+}
+
 /// Adds the guard rails' refusals to the answer (`line` gives a record's
 /// line from its index in the write).
 fn report_refusals(
@@ -725,13 +739,17 @@ fn report_refusals(
     answer: &mut proto::IngestResponse,
 ) {
     for r in refusals {
+        if answer.refused_links.len() >= MAX_LISTED {
+            answer.refused_links_omitted += 1;
+            continue;
+        }
         answer.refused_links.push(proto::RefusedLink {
             line: line(r.record),
             identity: r.identity.clone(),
             reason: r.reason.clone(),
         });
     }
-    answer.refused_links.sort_by_key(|r| r.line);
+    // Records are planned in line order, so refusals come in line order.
 }
 
 /// Adds `merges` to the answer, naming customers by their keys.
@@ -739,12 +757,17 @@ fn report_merges(
     engine: &Engine,
     merges: &[LoggedMerge],
     answer: &mut proto::IngestResponse,
+    bytes: &mut usize,
 ) -> Result<(), Status> {
     if merges.is_empty() {
         return Ok(());
     }
     let snap = engine.snapshot();
     for m in merges {
+        if answer.merges.len() >= MAX_LISTED || *bytes > MAX_LISTED_BYTES {
+            answer.merges_omitted += 1;
+            continue;
+        }
         answer.merges.push(merge_info(
             &snap,
             &MergeEntry {
@@ -758,6 +781,7 @@ fn report_merges(
                 moved: m.moved.clone(),
             },
         )?);
+        *bytes += answer.merges.last().map_or(0, merge_bytes);
     }
     Ok(())
 }
@@ -809,12 +833,13 @@ async fn apply(
             answer.new_customers = r.new_customers;
             answer.lsn = r.lsn;
             answer.identities_linked = r.identities_linked;
-            report_merges(&engine, &r.merges, &mut answer)?;
+            report_merges(&engine, &r.merges, &mut answer, &mut 0)?;
             report_refusals(&r.refusals, |i| lines[i as usize], &mut answer);
             Ok(answer)
         }
         Err(e) if is_about_records(&e) => {
             // One at a time, to find the records at fault.
+            let mut listed = 0;
             for (line, record) in lines.into_iter().zip(records) {
                 match engine
                     .write(WriteOp::Ingest {
@@ -829,7 +854,7 @@ async fn apply(
                         answer.new_customers += r.new_customers;
                         answer.lsn = answer.lsn.max(r.lsn);
                         answer.identities_linked += r.identities_linked;
-                        report_merges(&engine, &r.merges, &mut answer)?;
+                        report_merges(&engine, &r.merges, &mut answer, &mut listed)?;
                         report_refusals(&r.refusals, |_| line, &mut answer);
                     }
                     Err(e) if is_about_records(&e) => answer.rejected.push(proto::RejectedRecord {

@@ -229,6 +229,8 @@ pub(super) async fn profile(
 
 /// Most merges one `ListMerges` page holds.
 const MAX_MERGE_PAGE: u32 = 10_000;
+/// About the most bytes one `ListMerges` page holds.
+const MAX_MERGE_PAGE_BYTES: usize = 4 << 20;
 
 pub(super) async fn list_merges(
     svc: &Service,
@@ -280,6 +282,23 @@ pub(super) async fn list_merges(
             };
             (page, more, total)
         };
+        // Far below the message limit whatever the merges moved.
+        let mut page = page;
+        let mut more = more;
+        let mut bytes = 0;
+        if let Some(cut) = page.iter().position(|e| {
+            bytes += 64
+                + e.via.len()
+                + e.refused.len()
+                + e.moved.iter().map(|m| m.len() + 2).sum::<usize>();
+            bytes > MAX_MERGE_PAGE_BYTES
+        }) {
+            let keep = cut.max(1);
+            if keep < page.len() {
+                page.truncate(keep);
+                more = true;
+            }
+        }
         let mut merges = Vec::with_capacity(page.len());
         for e in &page {
             merges.push(super::ingest::merge_info(&snap, e)?);

@@ -276,10 +276,10 @@ impl Session {
                     new_customers += a.new_customers;
                     rejected.extend(a.rejected);
                     linked += a.identities_linked;
-                    merged += a.merges.len() as u64;
+                    merged += a.merges.len() as u64 + a.merges_omitted;
                     let room = SHOWN_MERGES.saturating_sub(shown.len());
                     shown.extend(a.merges.into_iter().take(room));
-                    refused += a.refused_links.len() as u64;
+                    refused += a.refused_links.len() as u64 + a.refused_links_omitted;
                     let room = SHOWN_MERGES.saturating_sub(shown_refused.len());
                     shown_refused.extend(a.refused_links.into_iter().take(room));
                     // Batches are about BATCH_BYTES each: close enough for a bar.
