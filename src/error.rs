@@ -69,6 +69,12 @@ pub enum Error {
     CustomerIdNotFound(u32),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("no merge {0} in the merge log")]
+    MergeNotFound(u64),
+    /// The store is not in the state the request needs (a merge already
+    /// undone, a survivor merged again since); the message says what to do.
+    #[error("{0}")]
+    Precondition(String),
     #[error("{message} at position {position}")]
     Query {
         kind: QueryErrorKind,

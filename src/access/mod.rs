@@ -85,7 +85,7 @@ pub fn rule_for(method: &str) -> Option<Rule> {
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"
-        | "DeleteCustomers" | "RebuildFacts" | "Checkpoint" => rule(Admin, false),
+        | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" => rule(Admin, false),
         _ => None,
     }
 }

@@ -9,7 +9,8 @@
 //! identifier, into its one form), [`event`] (the unified event model every
 //! record becomes), [`facts`] (the field writes an event makes: counters,
 //! first and last days, behaviours). Apart from that path, [`rebuild`]
-//! folds kept events back into facts.
+//! folds kept events back into facts, and [`split`] decides whose each
+//! kept event is when a merge is undone.
 //!
 //! This module owns turning records into events and events into writes. It
 //! must not write to the store itself, and knows nothing of gRPC.
@@ -21,3 +22,4 @@ pub mod presets;
 pub mod read;
 pub mod rebuild;
 pub mod source;
+pub mod split;

@@ -779,6 +779,9 @@ fn report_merges(
                 via: m.via.clone(),
                 refused: m.refused.clone(),
                 moved: m.moved.clone(),
+                undo: Default::default(),
+                undone_lsn: 0,
+                undone_ms: 0,
             },
         )?);
         *bytes += answer.merges.last().map_or(0, merge_bytes);
@@ -804,6 +807,7 @@ pub(super) fn merge_info(
         via: m.via.clone(),
         refused: m.refused.clone(),
         moved: m.moved.clone(),
+        undone_ms: m.undone_ms,
     })
 }
 

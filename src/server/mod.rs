@@ -13,6 +13,7 @@ mod rebuild;
 pub mod service;
 pub mod status;
 pub mod tls;
+mod unmerge;
 mod writes;
 
 use std::future::Future;

@@ -4,7 +4,7 @@
 //! result as one write; customers whose events arrived meanwhile are tried
 //! again.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::fields::FieldKind;
 use crate::ingest::facts::FactKind;
 use crate::ingest::rebuild::{MAX_WRITES, Rebuild, Rebuilt};
+use crate::ingest::split::{merging_identities, owner};
 use crate::proto;
 use crate::server::ingest::ensure_field;
 use crate::server::service::{Service, invalid};
@@ -49,14 +50,7 @@ pub(super) async fn rebuild_facts(
             .map_err(to_status)?;
         let snap = svc.engine.snapshot();
         out.events_dropped_to_ms = snap.archive.dropped_to_ms;
-        if snap.archive.dropped_to_ms > 0 && !req.allow_partial {
-            return Err(Status::failed_precondition(format!(
-                "the event archive no longer holds the events ingested up to {} \
-                 (event_retention_days): rebuilding would lose the facts they made; \
-                 set allow_partial to rebuild from the events kept",
-                crate::fields::time::format_ms(snap.archive.dropped_to_ms)
-            )));
-        }
+        check_archive(&snap, req.allow_partial, "rebuilding")?;
         let mut keys = HashMap::new();
         for key in &pending {
             match snap.customer_id(key).map_err(to_status)? {
@@ -73,25 +67,27 @@ pub(super) async fn rebuild_facts(
             pending.clear();
             break;
         }
-        let fields: Vec<(String, FactKind)> = snap
-            .fields
-            .values()
-            .filter_map(|f| match f.meta.kind {
-                FieldKind::Int => Some((f.meta.name.to_string(), FactKind::Integer)),
-                FieldKind::Behaviour(_) => Some((f.meta.name.to_string(), FactKind::Behaviour)),
-                FieldKind::Enum { .. } => None,
-            })
-            .collect();
+        let fields = fact_fields(&snap);
         let as_of = snap.archive.upto_lsn;
         // The events of customers merged into them are theirs too (kept
-        // under the absorbed customers' ids).
-        let mut absorbed: HashMap<u32, u32> = HashMap::new();
+        // under the absorbed customers' ids). Where a merge was undone, the
+        // two customers' events are kept under either, so those of the
+        // customers kept apart from them are read too, and each event goes
+        // to the customer its identities name now.
+        let mut kept_as: HashMap<u32, u32> = HashMap::new();
+        let mut split = false;
         {
             let log = snap.merges.read();
             if !log.is_empty() {
                 for &id in keys.keys() {
                     for a in log.merged_into(id).into_iter().skip(1) {
-                        absorbed.insert(a, id);
+                        kept_as.insert(a, id);
+                    }
+                    for other in log.apart_from(id) {
+                        split = true;
+                        for m in log.merged_into(other) {
+                            kept_as.entry(m).or_insert(other);
+                        }
                     }
                 }
             }
@@ -100,11 +96,35 @@ pub(super) async fn rebuild_facts(
         let engine = svc.engine.clone();
         let facts = Arc::clone(&svc.facts);
         let customers: Vec<String> = keys.values().cloned().collect();
+        let never_merge = svc.engine.config().oneid.never_merge.clone();
         let folded = tokio::task::spawn_blocking(move || {
-            let ids: RoaringBitmap = keys.keys().chain(absorbed.keys()).copied().collect();
+            let ids: RoaringBitmap = keys.keys().chain(kept_as.keys()).copied().collect();
             let mut r = Rebuild::new(&facts, keys);
+            let snap = engine.snapshot();
+            let mut naming: HashMap<String, u32> = HashMap::new();
+            let mut unknown: HashSet<String> = HashSet::new();
             engine.read_archive(&ids, |customer, bytes| {
-                let customer = absorbed.get(&customer).copied().unwrap_or(customer);
+                let mut customer = kept_as.get(&customer).copied().unwrap_or(customer);
+                if split {
+                    let identities = merging_identities(bytes, &never_merge)
+                        .map_err(|why| Error::BadRecord(why.0))?;
+                    for i in &identities {
+                        if naming.contains_key(i) || unknown.contains(i) {
+                            continue;
+                        }
+                        match snap.customer_id(i)? {
+                            Some(id) => naming.insert(i.clone(), id),
+                            None => {
+                                unknown.insert(i.clone());
+                                None
+                            }
+                        };
+                    }
+                    match owner(&identities, customer, &naming) {
+                        Some(o) => customer = o,
+                        None => return Ok(()),
+                    }
+                }
                 r.add(customer, bytes)
                     .map_err(|why| Error::BadRecord(why.0))?;
                 if r.too_large() {
@@ -172,6 +192,37 @@ pub(super) async fn rebuild_facts(
         )));
     }
     Ok(out)
+}
+
+/// Refuses to rebuild facts from an archive that dropped events past its
+/// retention, unless the caller allows it (`doing`: what would lose them).
+pub(super) fn check_archive(
+    snap: &crate::storage::Snapshot,
+    allow_partial: bool,
+    doing: &str,
+) -> Result<(), Status> {
+    if snap.archive.dropped_to_ms > 0 && !allow_partial {
+        return Err(Status::failed_precondition(format!(
+            "the event archive no longer holds the events ingested up to {} \
+             (event_retention_days): {doing} would lose the facts they made; \
+             set allow_partial to use the events kept",
+            crate::fields::time::format_ms(snap.archive.dropped_to_ms)
+        )));
+    }
+    Ok(())
+}
+
+/// The store's fields that facts may be: integer and behaviour ones, with
+/// the kind of fact each would be.
+pub(super) fn fact_fields(snap: &crate::storage::Snapshot) -> Vec<(String, FactKind)> {
+    snap.fields
+        .values()
+        .filter_map(|f| match f.meta.kind {
+            FieldKind::Int => Some((f.meta.name.to_string(), FactKind::Integer)),
+            FieldKind::Behaviour(_) => Some((f.meta.name.to_string(), FactKind::Behaviour)),
+            FieldKind::Enum { .. } => None,
+        })
+        .collect()
 }
 
 /// The ids of `keys` in the current snapshot (the rebuild's customers were

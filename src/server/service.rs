@@ -18,7 +18,7 @@ use crate::proto::tag_store_server::TagStore;
 use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
-use crate::server::{admin, fields, ingest, reads, rebuild, writes};
+use crate::server::{admin, fields, ingest, reads, rebuild, unmerge, writes};
 use crate::storage::{Engine, TagMeta};
 
 pub struct Service {
@@ -278,6 +278,15 @@ impl TagStore for Service {
         req: Request<proto::RebuildFactsRequest>,
     ) -> Result<Response<proto::RebuildFactsResponse>, Status> {
         rebuild::rebuild_facts(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn unmerge(
+        &self,
+        req: Request<proto::UnmergeRequest>,
+    ) -> Result<Response<proto::UnmergeResponse>, Status> {
+        unmerge::unmerge(self, req.into_inner())
             .await
             .map(Response::new)
     }

@@ -44,14 +44,15 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         | Error::FieldNotFound(_)
         | Error::SourceNotFound(_)
         | Error::CustomerNotFound(_)
-        | Error::CustomerIdNotFound(_) => Code::NotFound,
+        | Error::CustomerIdNotFound(_)
+        | Error::MergeNotFound(_) => Code::NotFound,
         Error::TagExists(_) | Error::FieldExists(_) | Error::SourceExists(_) => Code::AlreadyExists,
         Error::InvalidArgument(_) | Error::Config(_) => Code::InvalidArgument,
         Error::Query { kind, .. } => match kind {
             QueryErrorKind::Syntax | QueryErrorKind::Type => Code::InvalidArgument,
             QueryErrorKind::UnknownTag => Code::NotFound,
         },
-        Error::Locked(_) => Code::FailedPrecondition,
+        Error::Locked(_) | Error::Precondition(_) => Code::FailedPrecondition,
         Error::DiskFull(_) => Code::ResourceExhausted,
         Error::Failed(_) | Error::ShuttingDown => Code::Unavailable,
     };

@@ -428,10 +428,25 @@ impl CheckpointJob {
             self.prev.live_segment
         };
 
+        // Whose keys the dictionary and whose events the archive keep: the
+        // live customers, and those merged into one (a rebuild of the
+        // survivor reads their events; an unmerge brings them back).
+        let merged_keep;
+        let keep = {
+            let log = snap.merges.read();
+            if log.is_empty() {
+                live
+            } else {
+                let mut k = live.clone();
+                k.union_with(&log.absorbed_into_live(live.members()));
+                merged_keep = k;
+                &merged_keep
+            }
+        };
         let layers = self.dict.layers();
         let recent = self
             .dict
-            .recent_entries(snap.next_customer_id, live.members());
+            .recent_entries(snap.next_customer_id, keep.members());
         let sizes: Vec<usize> = layers.iter().map(|l| l.len()).collect();
         let first_victim = layers
             .iter()
@@ -441,7 +456,7 @@ impl CheckpointJob {
                 .iter()
                 .map(|l| {
                     let (lo, hi) = l.id_range();
-                    live.range_len(lo, hi) < l.len() as u64
+                    keep.range_len(lo, hi) < l.len() as u64
                 })
                 .collect();
             requested_merge_from(&sizes, &erased, recent.len(), first_victim)
@@ -456,13 +471,14 @@ impl CheckpointJob {
         let mut dict_segments: Vec<u64> = layers.iter().map(|l| l.segment_no()).collect();
         let mut new_dict = false;
         if let Some(from) = merge_from {
-            // The merged sections keep only live customers: that is when a
-            // deleted customer's key leaves the disk.
+            // The merged sections keep only live customers (and those merged
+            // into one): that is when a deleted customer's key leaves the
+            // disk.
             // Streamed from the sections into the encoder, not collected
             // first (24 bytes a key: ~2 GB at 80M keys); a damaged page
             // stops the stream, and the checkpoint fails with its error.
             let mut damaged = None;
-            let members = live.members();
+            let members = keep.members();
             let old = layers[from..]
                 .iter()
                 .flat_map(|layer| layer.iter())
@@ -533,20 +549,6 @@ impl CheckpointJob {
         // The events of the records this checkpoint covers, under the
         // segment's number (so a failed checkpoint's leftovers share its
         // clean-up); archive files past retention are no longer named.
-        // Whose events the archive keeps: the live customers, and those
-        // merged into one (a rebuild of the survivor reads theirs too).
-        let merged_keep;
-        let keep = {
-            let log = snap.merges.read();
-            if log.is_empty() {
-                live
-            } else {
-                let mut k = live.clone();
-                k.union_with(&log.absorbed_into_live(live.members()));
-                merged_keep = k;
-                &merged_keep
-            }
-        };
         let new_archive = self.archive_events(seg_no, keep)?;
         let mut archives = self.prev.archives.clone();
         let mut archive_dropped_to_ms = self.prev.archive_dropped_to_ms;

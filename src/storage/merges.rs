@@ -9,8 +9,13 @@
 //! them), which is why the archive asks this log which of the customers
 //! that are not live were absorbed into one that is.
 //!
+//! A merge can be undone (unmerge): its entry stays, marked undone, the
+//! absorbed customer is live again, and the two are kept apart from then on
+//! (a record naming both is applied without merging them, and reported).
+//! Each entry keeps what the merge changed ([`MergeUndo`]) for that.
+//!
 //! This room owns the log's entries and their bytes; the writer decides
-//! merges, `state::apply` records them.
+//! merges and unmerges, `state::apply` records them.
 
 use std::collections::HashMap;
 
@@ -18,9 +23,11 @@ use roaring::RoaringBitmap;
 
 use crate::bitmap::Members;
 use crate::storage::codec::{Dec, DecResult, Enc};
+use crate::storage::record::MergeUndo;
 
-/// Version of [`MergeLog::encode`].
-const VERSION: u8 = 1;
+/// Version of [`MergeLog::encode`] (1: without what each merge changed
+/// and whether it was undone).
+const VERSION: u8 = 2;
 
 /// One merge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +49,20 @@ pub struct MergeEntry {
     /// The identities that moved to the survivor with the absorbed
     /// customer; emptied, like `via`, once the survivor is erased.
     pub moved: Vec<String>,
+    /// What the merge changed, for undoing it; emptied, like `via`, once
+    /// either customer is erased.
+    pub undo: MergeUndo,
+    /// The log record that undid the merge; 0: not undone.
+    pub undone_lsn: u64,
+    /// When it was undone (Unix ms); 0: not undone.
+    pub undone_ms: i64,
+}
+
+impl MergeEntry {
+    /// A merge that absorbed a customer and was not undone.
+    pub fn in_force(&self) -> bool {
+        self.refused.is_empty() && self.undone_lsn == 0
+    }
 }
 
 /// Every merge, oldest first.
@@ -55,6 +76,9 @@ pub struct MergeLog {
     /// Survivor (or, for a refused merge, the customer the record went to)
     /// → the indexes of its entries.
     by_survivor: HashMap<u32, Vec<usize>>,
+    /// Customers kept apart by an undone merge, both ways: customer → (the
+    /// other, the merge).
+    apart: HashMap<u32, Vec<(u32, u64)>>,
 }
 
 impl MergeLog {
@@ -76,13 +100,24 @@ impl MergeLog {
     }
 
     /// The log as it was after log record `lsn` (without the merges logged
-    /// after it; an identity forgotten since stays forgotten).
+    /// or undone after it; an identity forgotten since stays forgotten).
     pub fn upto(&self, lsn: u64) -> MergeLog {
         let mut out = MergeLog::default();
         for e in self.entries.iter().filter(|e| e.lsn <= lsn) {
-            out.push(e.clone());
+            let mut e = e.clone();
+            if e.undone_lsn > lsn {
+                e.undone_lsn = 0;
+                e.undone_ms = 0;
+            }
+            out.push(e);
         }
         out
+    }
+
+    /// The entry of merge `id`.
+    pub fn get(&self, id: u64) -> Option<&MergeEntry> {
+        let i = self.entries.binary_search_by_key(&id, |e| e.id).ok()?;
+        self.entries.get(i)
     }
 
     /// Records a merge (applying a logged batch; the writer has checked it).
@@ -91,18 +126,83 @@ impl MergeLog {
             // Replayed over a log that already holds it.
             return;
         }
-        if entry.refused.is_empty() {
+        if entry.in_force() {
             self.into.insert(entry.absorbed, entry.survivor);
             self.absorbed
                 .entry(entry.survivor)
                 .or_default()
                 .push(entry.absorbed);
+        } else if entry.refused.is_empty() {
+            self.keep_apart(entry.absorbed, entry.survivor, entry.id);
         }
         self.by_survivor
             .entry(entry.survivor)
             .or_default()
             .push(self.entries.len());
         self.entries.push(entry);
+    }
+
+    /// Undoes merge `id` (applying a logged batch; the writer has checked
+    /// it): its absorbed customer lives on as itself again, kept apart from
+    /// the survivor. Returns false if there is no such merge in force
+    /// (replayed over a log that already holds the undoing).
+    pub fn undo(&mut self, id: u64, lsn: u64, at_ms: i64) -> bool {
+        let Ok(i) = self.entries.binary_search_by_key(&id, |e| e.id) else {
+            return false;
+        };
+        if !self.entries[i].in_force() {
+            return false;
+        }
+        let e = &mut self.entries[i];
+        e.undone_lsn = lsn;
+        e.undone_ms = at_ms;
+        let (absorbed, survivor) = (e.absorbed, e.survivor);
+        self.into.remove(&absorbed);
+        if let Some(list) = self.absorbed.get_mut(&survivor) {
+            list.retain(|&a| a != absorbed);
+        }
+        self.keep_apart(absorbed, survivor, id);
+        true
+    }
+
+    fn keep_apart(&mut self, a: u32, b: u32, merge: u64) {
+        self.apart.entry(a).or_default().push((b, merge));
+        self.apart.entry(b).or_default().push((a, merge));
+    }
+
+    /// Whether live customers `a` and `b` must stay apart: the undone merge
+    /// that parted them (or customers merged into them since), if so.
+    pub fn kept_apart(&self, a: u32, b: u32) -> Option<u64> {
+        if self.apart.is_empty() || a == b {
+            return None;
+        }
+        for m in self.merged_into(a) {
+            for &(other, merge) in self.apart.get(&m).into_iter().flatten() {
+                if self.survivor_of(other) == b {
+                    return Some(merge);
+                }
+            }
+        }
+        None
+    }
+
+    /// The live customers kept apart from `id` or any customer merged into
+    /// it (their events may be among `id`'s in the archive, and `id`'s
+    /// among theirs).
+    pub fn apart_from(&self, id: u32) -> Vec<u32> {
+        if self.apart.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<u32> = self
+            .merged_into(id)
+            .into_iter()
+            .flat_map(|m| self.apart.get(&m).into_iter().flatten())
+            .map(|&(other, _)| self.survivor_of(other))
+            .filter(|&o| o != id)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The customer `id` lives on as: itself, or the survivor of the chain
@@ -169,11 +269,19 @@ impl MergeLog {
         for i in 0..self.entries.len() {
             let e = &self.entries[i];
             // A refused merge names two customers that stayed apart.
+            // So does an undone one, once more.
             let hit = erased.contains(self.survivor_of(e.survivor))
-                || (!e.refused.is_empty() && erased.contains(self.survivor_of(e.absorbed)));
-            if hit && (!self.entries[i].via.is_empty() || !self.entries[i].moved.is_empty()) {
-                self.entries[i].moved.clear();
-                self.entries[i].via.clear();
+                || (!e.in_force() && erased.contains(self.survivor_of(e.absorbed)));
+            let e = &mut self.entries[i];
+            if hit && (!e.via.is_empty() || !e.moved.is_empty() || !e.undo.is_empty()) {
+                e.moved.clear();
+                e.via.clear();
+                // Kept, but holding nothing: the merge can no longer be
+                // undone (there is no one left to give anything back to).
+                e.undo = MergeUndo {
+                    kept: e.undo.kept,
+                    ..MergeUndo::default()
+                };
                 changed = true;
             }
         }
@@ -196,6 +304,8 @@ impl MergeLog {
             for i in &m.moved {
                 e.str(i);
             }
+            m.undo.encode(&mut e);
+            e.u64(m.undone_lsn).i64(m.undone_ms);
         }
         e.buf
     }
@@ -203,7 +313,7 @@ impl MergeLog {
     pub fn decode(bytes: &[u8]) -> DecResult<MergeLog> {
         let mut d = Dec::new(bytes);
         let version = d.u8()?;
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return d.err(format!("unsupported merge log version {version}"));
         }
         let n = d.u64()?;
@@ -220,7 +330,16 @@ impl MergeLog {
                 moved: (0..d.u32()?)
                     .map(|_| d.str().map(str::to_string))
                     .collect::<DecResult<_>>()?,
+                undo: MergeUndo::default(),
+                undone_lsn: 0,
+                undone_ms: 0,
             };
+            let mut entry = entry;
+            if version >= 2 {
+                entry.undo = MergeUndo::decode(&mut d)?;
+                entry.undone_lsn = d.u64()?;
+                entry.undone_ms = d.i64()?;
+            }
             if log.entries.last().is_some_and(|e| e.id >= entry.id) {
                 return d.err(format!("merge {} out of order", entry.id));
             }
@@ -245,6 +364,9 @@ mod tests {
             via: format!("phone:{id}"),
             refused: String::new(),
             moved: vec![format!("phone:{id}")],
+            undo: MergeUndo::default(),
+            undone_lsn: 0,
+            undone_ms: 0,
         }
     }
 
@@ -278,5 +400,49 @@ mod tests {
                 .all(|e| e.via.is_empty() && e.moved.is_empty())
         );
         assert!(!log.scrub(&erased));
+    }
+
+    #[test]
+    fn an_undone_merge_parts_its_customers_and_keeps_them_apart() {
+        let mut log = MergeLog::default();
+        log.push(entry(1, 2, 5));
+        log.push(entry(2, 1, 2));
+        log.push(entry(3, 1, 7));
+        assert_eq!(log.kept_apart(1, 5), None);
+        // Undo 2 (2 into 1): 2 and 5 with it live on as 2.
+        assert!(log.undo(2, 40, 9));
+        assert!(!log.undo(2, 40, 9), "undone twice");
+        assert!(!log.undo(99, 40, 9));
+        assert_eq!(log.survivor_of(5), 2);
+        assert_eq!(log.survivor_of(2), 2);
+        assert_eq!(log.survivor_of(7), 1);
+        let mut family = log.merged_into(1);
+        family.sort();
+        assert_eq!(family, [1, 7]);
+        assert_eq!(log.kept_apart(2, 1), Some(2));
+        assert_eq!(log.kept_apart(1, 2), Some(2));
+        assert_eq!(log.kept_apart(2, 7), None, "7 is not live");
+        assert_eq!(log.apart_from(1), [2]);
+        assert_eq!(log.apart_from(2), [1]);
+        // 1 merged into 0 since: 0 and 2 stay apart.
+        log.push(entry(4, 0, 1));
+        assert_eq!(log.kept_apart(0, 2), Some(2));
+        assert_eq!(log.kept_apart(2, 0), Some(2));
+        assert_eq!(log.apart_from(0), [2]);
+        let e = log.get(2).unwrap();
+        assert_eq!((e.undone_lsn, e.undone_ms, e.in_force()), (40, 9, false));
+        // Before the undoing, the merge was in force.
+        let before = log.upto(39);
+        assert_eq!(before.survivor_of(5), 1);
+        assert_eq!(before.kept_apart(1, 2), None);
+        assert_eq!(log.upto(40).survivor_of(5), 2);
+        let back = MergeLog::decode(&log.encode()).unwrap();
+        assert_eq!(back, log);
+        assert_eq!(back.kept_apart(0, 2), Some(2));
+        // Erasing the revived customer forgets what the merge moved.
+        let erased: RoaringBitmap = [2u32].into_iter().collect();
+        assert!(log.scrub(&erased));
+        assert!(log.get(2).unwrap().moved.is_empty());
+        assert!(!log.get(3).unwrap().moved.is_empty());
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! Version 2 added fields (integer, enumerated and behaviour) after
 //! the version 1 layout, version 3 sources and remembered event ids, version
-//! 4 the ingested events (and the field change that erases customers); a
-//! reader takes every one and refuses versions it does not know instead of
+//! 4 the ingested events (and the field change that erases customers),
+//! version 5 identities and merges, version 6 what each merge changed (so
+//! that it can be undone) and the merges undone; a reader takes every one and refuses versions it does not know instead of
 //! guessing.
 
 use roaring::RoaringBitmap;
@@ -16,7 +17,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 5;
+pub const BATCH_VERSION: u8 = 6;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,6 +227,131 @@ pub struct Batch {
     /// Customers merged into others (OneID); the writer has already moved
     /// their tags, values and identities to the survivors in this batch.
     pub merges: Vec<LoggedMerge>,
+    /// Merges undone (version 6): each absorbed customer is live again;
+    /// the writer has already given it back its identities, tags and values
+    /// in this batch.
+    pub unmerges: Vec<LoggedUnmerge>,
+}
+
+/// One merge undone, as the log carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedUnmerge {
+    /// The merge's number in the merge log.
+    pub merge: u64,
+    /// The customer it absorbed, live again.
+    pub revived: u32,
+    /// The customer it was merged into.
+    pub survivor: u32,
+}
+
+/// What a merge changed, kept with it so that it can be undone: what the
+/// absorbed customer had that its events cannot give back (tags and values
+/// written directly), and what the survivor got from it. Fields and tags by
+/// id (an id is never reused, so one dropped since is simply skipped).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeUndo {
+    /// False for a merge logged before version 6: nothing was kept, and the
+    /// merge cannot be undone.
+    pub kept: bool,
+    /// The absorbed customer's tags.
+    pub tags: Vec<u32>,
+    /// Tags the survivor did not have and got from it.
+    pub gained_tags: Vec<u32>,
+    /// The absorbed customer's integer values and enumerated values (the
+    /// value's slot), by field id.
+    pub values: Vec<(u32, i64)>,
+    /// The survivor's values the merge changed: field id, the value before
+    /// (`None`: it had none) and the merged one.
+    pub changed: Vec<(u32, Option<i64>, i64)>,
+    /// The absorbed customer's behaviour slots: field id, slot.
+    pub days: Vec<(u32, u32)>,
+    /// Behaviour slots the survivor did not have and got from it.
+    pub gained_days: Vec<(u32, u32)>,
+}
+
+impl MergeUndo {
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+            && self.gained_tags.is_empty()
+            && self.values.is_empty()
+            && self.changed.is_empty()
+            && self.days.is_empty()
+            && self.gained_days.is_empty()
+    }
+
+    pub fn encode(&self, e: &mut Enc) {
+        e.u8(u8::from(self.kept));
+        for list in [&self.tags, &self.gained_tags] {
+            e.u32(list.len() as u32);
+            for t in list {
+                e.u32(*t);
+            }
+        }
+        e.u32(self.values.len() as u32);
+        for (f, v) in &self.values {
+            e.u32(*f).i64(*v);
+        }
+        e.u32(self.changed.len() as u32);
+        for (f, before, after) in &self.changed {
+            e.u32(*f);
+            match before {
+                Some(v) => e.u8(1).i64(*v),
+                None => e.u8(0),
+            };
+            e.i64(*after);
+        }
+        for list in [&self.days, &self.gained_days] {
+            e.u32(list.len() as u32);
+            for (f, slot) in list {
+                e.u32(*f).u32(*slot);
+            }
+        }
+    }
+
+    pub fn decode(d: &mut Dec<'_>) -> DecResult<MergeUndo> {
+        let kept = match d.u8()? {
+            0 => false,
+            1 => true,
+            other => return d.err(format!("merge undo flag {other}")),
+        };
+        let ids = |d: &mut Dec<'_>| {
+            (0..d.u32()?)
+                .map(|_| d.u32())
+                .collect::<DecResult<Vec<u32>>>()
+        };
+        let tags = ids(d)?;
+        let gained_tags = ids(d)?;
+        let values = (0..d.u32()?)
+            .map(|_| Ok((d.u32()?, d.i64()?)))
+            .collect::<DecResult<_>>()?;
+        let changed = (0..d.u32()?)
+            .map(|_| {
+                let f = d.u32()?;
+                let before = match d.u8()? {
+                    0 => None,
+                    1 => Some(d.i64()?),
+                    other => return d.err(format!("merge undo value flag {other}")),
+                };
+                Ok((f, before, d.i64()?))
+            })
+            .collect::<DecResult<_>>()?;
+        let pairs = |d: &mut Dec<'_>| {
+            (0..d.u32()?)
+                .map(|_| Ok((d.u32()?, d.u32()?)))
+                .collect::<DecResult<Vec<(u32, u32)>>>()
+        };
+        let days = pairs(d)?;
+        let gained_days = pairs(d)?;
+        Ok(MergeUndo {
+            kept,
+            tags,
+            gained_tags,
+            values,
+            changed,
+            days,
+            gained_days,
+        })
+    }
 }
 
 /// One merge as the log carries it.
@@ -243,6 +369,8 @@ pub struct LoggedMerge {
     /// The identities that moved from the absorbed customer to the
     /// survivor (its key among them).
     pub moved: Vec<String>,
+    /// What the merge changed (version 6; empty for a refused one).
+    pub undo: MergeUndo,
 }
 
 /// An identity (`type:value`) and the customer it now names, with where and
@@ -289,6 +417,15 @@ impl Batch {
             && self.events.is_empty()
             && self.identities.is_empty()
             && self.merges.is_empty()
+            && self.unmerges.is_empty()
+    }
+
+    /// Whether a key that named a live customer before the batch may name
+    /// another one (or none) after it: customers erased, merged or brought
+    /// back by an unmerge. Keys looked up before such a batch are looked
+    /// up again.
+    pub fn moves_keys(&self) -> bool {
+        !self.deletes.is_empty() || !self.merges.is_empty() || !self.unmerges.is_empty()
     }
 
     /// Memberships the batch names in its changes: a measure of the work
@@ -376,6 +513,11 @@ impl Batch {
             for i in &m.moved {
                 e.str(i);
             }
+            m.undo.encode(&mut e);
+        }
+        e.u32(self.unmerges.len() as u32);
+        for u in &self.unmerges {
+            e.u64(u.merge).u32(u.revived).u32(u.survivor);
         }
         e.buf
     }
@@ -494,6 +636,20 @@ impl Batch {
                     moved: (0..d.u32()?)
                         .map(|_| d.str().map(str::to_string))
                         .collect::<DecResult<_>>()?,
+                    undo: if version >= 6 {
+                        MergeUndo::decode(&mut d)?
+                    } else {
+                        MergeUndo::default()
+                    },
+                });
+            }
+        }
+        if version >= 6 {
+            for _ in 0..d.u32()? {
+                b.unmerges.push(LoggedUnmerge {
+                    merge: d.u64()?,
+                    revived: d.u32()?,
+                    survivor: d.u32()?,
                 });
             }
         }
@@ -602,6 +758,20 @@ mod tests {
                 via: "phone:13800000000".into(),
                 refused: String::new(),
                 moved: vec!["taobao_nick:x".into(), "phone:1".into()],
+                undo: MergeUndo {
+                    kept: true,
+                    tags: vec![3, 4],
+                    gained_tags: vec![4],
+                    values: vec![(5, -7), (6, 2)],
+                    changed: vec![(5, None, -7), (8, Some(1), 9)],
+                    days: vec![(9, 20_000)],
+                    gained_days: vec![],
+                },
+            }],
+            unmerges: vec![LoggedUnmerge {
+                merge: 3,
+                revived: 11,
+                survivor: 10,
             }],
         };
         let bytes = b.encode();

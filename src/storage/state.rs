@@ -418,8 +418,24 @@ impl State {
                     via: m.via.clone(),
                     refused: m.refused.clone(),
                     moved: m.moved.clone(),
+                    undo: m.undo.clone(),
+                    undone_lsn: 0,
+                    undone_ms: 0,
                 });
             }
+            self.merges_dirty = true;
+        }
+        if !b.unmerges.is_empty() {
+            let live = self.snap.live.make_mut()?;
+            let mut log = self.snap.merges.write();
+            for u in &b.unmerges {
+                live.insert(u.revived);
+                log.undo(u.merge, lsn, b.at_ms);
+                // Their facts changed by more than their archived events.
+                self.ingested.1.insert(u.revived);
+                self.ingested.1.insert(u.survivor);
+            }
+            self.dirty_live = true;
             self.merges_dirty = true;
         }
         if !b.deletes.is_empty() {

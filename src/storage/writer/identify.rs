@@ -13,7 +13,7 @@ use super::plan::{Pending, Planner};
 use super::*;
 use crate::error::{Error, Result};
 use crate::fields::{FieldKind, MergeRule};
-use crate::storage::record::{Batch, Change, ChangeOp, IdentityLink, LoggedMerge};
+use crate::storage::record::{Batch, Change, ChangeOp, IdentityLink, LoggedMerge, MergeUndo};
 
 /// Most merges one request may make: each reads every tag and field slot
 /// of the customer it absorbs on the writer's thread, so a batch that would
@@ -84,6 +84,8 @@ pub(super) struct Groups {
     refused: Vec<(u32, u32, String, String)>,
     /// Every identity the rules kept from being used as asked.
     pub(super) refusals: Vec<LinkRefusal>,
+    /// Customers joined into each survivor by this request.
+    joined: HashMap<u32, Vec<u32>>,
 }
 
 impl Groups {
@@ -118,6 +120,9 @@ impl Groups {
         }
         let (survivor, absorbed) = (ra.min(rb), ra.max(rb));
         self.parent.insert(absorbed, survivor);
+        let mut moving = self.joined.remove(&absorbed).unwrap_or_default();
+        moving.push(absorbed);
+        self.joined.entry(survivor).or_default().extend(moving);
         self.via.insert(absorbed, via.to_string());
         if let Some(gone) = self.counts.remove(&absorbed) {
             let into = self.counts.entry(survivor).or_default();
@@ -157,6 +162,28 @@ impl Groups {
 }
 
 impl Planner<'_> {
+    /// Whether the groups of `a` and `b` hold customers that an undone
+    /// merge keeps apart: the reason, if so.
+    fn apart_refusal(&self, groups: &Groups, a: u32, b: u32) -> Option<String> {
+        let log = self.state.snap.merges.read();
+        let members = |root: u32| {
+            let mut m = vec![root];
+            m.extend(groups.joined.get(&root).into_iter().flatten().copied());
+            m
+        };
+        let (ma, mb) = (members(a), members(b));
+        for &x in &ma {
+            for &y in &mb {
+                if let Some(merge) = log.kept_apart(x, y) {
+                    return Some(format!(
+                        "customers {x} and {y} are kept apart since merge {merge} was undone"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
     /// Whether joining the groups of `a` and `b` would give one customer
     /// more identities of a type than the rules allow: the reason, if so.
     fn cap_refusal(&self, groups: &mut Groups, a: u32, b: u32) -> Result<Option<String>> {
@@ -233,7 +260,10 @@ impl Planner<'_> {
             match customer {
                 None => customer = Some(g),
                 Some(c) if c == g => {}
-                Some(c) => match self.cap_refusal(groups, c, g)? {
+                Some(c) => match self
+                    .apart_refusal(groups, c, g)
+                    .map_or_else(|| self.cap_refusal(groups, c, g), |why| Ok(Some(why)))?
+                {
                     Some(why) => {
                         groups.refused.push((c, g, k.clone(), why.clone()));
                         refuse(k, format!("names another customer; not merged: {why}"));
@@ -360,9 +390,23 @@ impl Planner<'_> {
         let mut tag_adds: BTreeMap<u32, RoaringBitmap> = BTreeMap::new();
         for (survivor, absorbed, via) in merges {
             let (s, b) = (*survivor, *absorbed);
+            // What the merge changes, kept with it for undoing it.
+            let mut undo = MergeUndo {
+                kept: true,
+                ..MergeUndo::default()
+            };
             for tag in snap.tags.values() {
-                if tag.meta.count > 0 && tag.bitmap.get()?.contains(b) {
-                    tag_adds.entry(tag.id).or_default().insert(s);
+                if tag.meta.count == 0 {
+                    continue;
+                }
+                let members = tag.bitmap.get()?;
+                if members.contains(b) {
+                    undo.tags.push(tag.id);
+                    let adds = tag_adds.entry(tag.id).or_default();
+                    if !members.contains(s) && !adds.contains(s) {
+                        undo.gained_tags.push(tag.id);
+                    }
+                    adds.insert(s);
                 }
             }
             for field in snap.fields.values() {
@@ -381,6 +425,7 @@ impl Planner<'_> {
                             Some(v) => *v,
                             None => field.int_value(s)?,
                         };
+                        undo.values.push((field.id, vb));
                         let merged = match (field.meta.merge, va) {
                             (_, None) => vb,
                             (MergeRule::Sum, Some(a)) => a.checked_add(vb).ok_or_else(|| {
@@ -393,6 +438,9 @@ impl Planner<'_> {
                             (MergeRule::Max, Some(a)) => a.max(vb),
                             (_, Some(a)) => a,
                         };
+                        if va != Some(merged) {
+                            undo.changed.push((field.id, va, merged));
+                        }
                         m.insert(s, Some(merged));
                     }
                     FieldKind::Enum { .. } => {
@@ -409,24 +457,35 @@ impl Planner<'_> {
                             Some(v) => *v,
                             None => field.enum_value(s)?,
                         };
+                        undo.values.push((field.id, i64::from(vb)));
                         let merged = match (field.meta.merge, va) {
                             (_, None) => vb,
                             (MergeRule::First, Some(a)) => a.min(vb),
                             (MergeRule::Last, Some(a)) => a.max(vb),
                             (_, Some(a)) => a,
                         };
+                        if va != Some(merged) {
+                            undo.changed
+                                .push((field.id, va.map(i64::from), i64::from(merged)));
+                        }
                         m.insert(s, Some(merged));
                     }
                     FieldKind::Behaviour(_) => {
                         for (&slot, bm) in &field.slots {
-                            if !bm.get()?.contains(b) {
+                            let bm = bm.get()?;
+                            if !bm.contains(b) {
                                 continue;
                             }
+                            undo.days.push((field.id, slot));
                             if let Pending::Events(m) = seed
                                 .entry(field.id)
                                 .or_insert_with(|| Pending::Events(BTreeMap::new()))
                             {
-                                m.entry(slot).or_default().insert(s);
+                                let adds = m.entry(slot).or_default();
+                                if !bm.contains(s) && !adds.contains(s) {
+                                    undo.gained_days.push((field.id, slot));
+                                }
+                                adds.insert(s);
                             }
                         }
                     }
@@ -469,6 +528,7 @@ impl Planner<'_> {
                 via: via.clone(),
                 refused: String::new(),
                 moved,
+                undo,
             });
             next_id += 1;
         }
@@ -497,6 +557,7 @@ impl Planner<'_> {
                 via: via.clone(),
                 refused: why.clone(),
                 moved: Vec::new(),
+                undo: MergeUndo::default(),
             });
         }
     }

@@ -22,6 +22,7 @@ pub mod identify;
 mod ids;
 pub mod ops;
 mod plan;
+pub mod unmerge;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -96,6 +97,12 @@ enum Target {
         expired: u64,
         busy: Vec<String>,
     },
+    Unmerged {
+        expired: u64,
+        identities: u64,
+        revived: u32,
+        survivor: u32,
+    },
 }
 
 impl Target {
@@ -151,6 +158,10 @@ pub(crate) struct Writer {
     /// The lsn of the newest write that deleted customers (the lsn at start
     /// before any): ids found live in a snapshot at least this new are live.
     last_delete_lsn: u64,
+    /// The lsn of the newest write after which a key may name another
+    /// customer than before (erased, merged, unmerged): keys looked up in
+    /// an older snapshot are looked up again.
+    keys_moved_lsn: u64,
     /// Syncs the log while a large write is applied (`None` if its thread
     /// could not be started: the writer then syncs everything itself).
     syncer: Option<Syncer>,
@@ -195,6 +206,7 @@ impl Writer {
             failed: None,
             buf: Vec::new(),
             last_delete_lsn: state_lsn,
+            keys_moved_lsn: state_lsn,
             syncer,
         }
     }
@@ -268,7 +280,7 @@ impl Writer {
             let planner = plan::Planner {
                 state: &self.state,
                 at_ms: self.now_ms(),
-                last_delete_lsn: self.last_delete_lsn,
+                last_delete_lsn: self.keys_moved_lsn,
                 rules: &self.shared.config.oneid,
             };
             let planned = match planner.plan(op) {
@@ -303,6 +315,9 @@ impl Writer {
             }
             if !batch.deletes.is_empty() {
                 self.last_delete_lsn = lsn;
+            }
+            if batch.moves_keys() {
+                self.keys_moved_lsn = lsn;
             }
             // The group's records are complete: the disk can work while this
             // write is applied. Nothing is published or answered before the
@@ -358,6 +373,19 @@ impl Writer {
                             r.events_added = stats.events_added;
                             r.events_expired = expired;
                             r.busy = busy;
+                        }
+                        Target::Unmerged {
+                            expired,
+                            identities,
+                            revived,
+                            survivor,
+                        } => {
+                            r.values_set = stats.values_set;
+                            r.values_cleared = stats.values_cleared;
+                            r.events_added = stats.events_added;
+                            r.events_expired = expired;
+                            r.identities_linked = identities;
+                            r.ids = vec![revived, survivor];
                         }
                         t @ Target::Ingested { .. } => {
                             r.values_set = stats.values_set;
@@ -426,6 +454,9 @@ impl Writer {
         }
         if !batch.deletes.is_empty() {
             self.last_delete_lsn = lsn;
+        }
+        if batch.moves_keys() {
+            self.keys_moved_lsn = lsn;
         }
         let res = self.state.apply(lsn, batch).and_then(|_| {
             self.wal.append(&self.buf)?;

@@ -222,7 +222,31 @@ pub enum WriteOp {
         erase: Vec<String>,
         writes: Vec<ValueWrite>,
     },
+    /// Undoes merge `merge` (OneID), with facts rebuilt from the event
+    /// archive as it was at lsn `as_of` (a checkpoint's). The customer the
+    /// merge absorbed is live again, named by `identities` (those of the
+    /// survivor's that its events show to be its), with the tags and values
+    /// the merge kept for it; the survivor loses the tags, values and
+    /// behaviour days it got only from the merge (ones written again since
+    /// stay). Then both lose whatever they had in the `erase` fields (the
+    /// facts) and get `writes`, which name them by [`UNMERGE_REVIVED`] and
+    /// [`UNMERGE_SURVIVOR`]. If the survivor received events after
+    /// `as_of`, nothing is written and it is reported busy
+    /// ([`WriteResult::busy`]): its new events are not in what was read.
+    Unmerge {
+        merge: u64,
+        as_of: u64,
+        identities: Vec<String>,
+        erase: Vec<String>,
+        writes: Vec<ValueWrite>,
+    },
 }
+
+/// The customer key by which an [`WriteOp::Unmerge`]'s writes name the
+/// customer it brings back (no key a client sends holds a NUL byte).
+pub const UNMERGE_REVIVED: &str = "\0revived";
+/// The key by which an [`WriteOp::Unmerge`]'s writes name the survivor.
+pub const UNMERGE_SURVIVOR: &str = "\0survivor";
 
 /// One ingested record: its event's de-duplication id (`None`: the source
 /// gives none, and the record is applied each time it is sent) and the
@@ -276,6 +300,7 @@ impl WriteOp {
             WriteOp::SetValues { writes } => writes.len(),
             WriteOp::Ingest { records } => records.iter().map(|r| r.writes.len()).sum(),
             WriteOp::RebuildFacts { customers, .. } => customers.len(),
+            WriteOp::Unmerge { identities, .. } => identities.len(),
             WriteOp::PutSource { .. } | WriteOp::DropSource { .. } => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
@@ -307,6 +332,9 @@ impl WriteOp {
                 r.writes.iter().try_for_each(ValueWrite::check_key)?;
                 r.event.iter().try_for_each(|e| check_key(&e.customer))
             }),
+            // Identities are checked keys (the survivor's); the writes name
+            // the two customers by the writer's own handles.
+            WriteOp::Unmerge { identities, .. } => all(identities),
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }

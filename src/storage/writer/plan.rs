@@ -21,8 +21,8 @@ use crate::storage::record::{
 use crate::storage::snapshot::Field;
 
 /// What planning reads: the writer's state, the moment of the write, and
-/// the lsn of the last delete (keys resolved before it are looked up
-/// again). A pure function of these and the request: no thread, no file,
+/// the lsn of the last write that moved keys (an erasure, a merge or an
+/// unmerge: keys resolved before it are looked up again). A pure function of these and the request: no thread, no file,
 /// no clock of its own.
 pub(crate) struct Planner<'a> {
     pub state: &'a State,
@@ -369,6 +369,13 @@ impl Planner<'_> {
                 }
                 Ok(Planned::Write(batch, target))
             }
+            WriteOp::Unmerge {
+                merge,
+                as_of,
+                identities,
+                erase,
+                writes,
+            } => self.plan_unmerge(merge, as_of, identities, erase, writes, batch),
             WriteOp::Ingest { records } => {
                 let mut duplicates = Vec::new();
                 let mut fresh = std::collections::HashSet::new();
@@ -589,7 +596,7 @@ pub(super) enum Pending {
 /// Turns value writes into field changes (last write wins per customer and
 /// field); returns how many events were past retention. Loads every slot
 /// the changes will touch, so applying them cannot fail halfway.
-fn plan_values(
+pub(super) fn plan_values(
     snap: &crate::storage::Snapshot,
     writes: &[ValueWrite],
     ids: &mut IdAssigner<'_>,

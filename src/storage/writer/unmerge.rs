@@ -1,0 +1,345 @@
+//! Undoing a merge (OneID) in the write path: a [`WriteOp::Unmerge`] and
+//! the writer's state into a batch that brings the absorbed customer back
+//! and takes from the survivor what it got only from the merge. Planning
+//! only; the facts both customers should have come from the caller (folded
+//! from the event archive), and `state::apply` applies the batch like any
+//! other.
+//!
+//! What comes back, and what cannot (the documented rules, also in the
+//! README): the absorbed customer gets the identities the caller names,
+//! the tags, values and behaviour days the merge kept for it (as they were
+//! at the merge), and its facts. The survivor loses the tags and behaviour
+//! days it had only from the merge, unless a customer merged into it since
+//! also had them; a value the merge changed goes back to what it was before,
+//! unless it was written since (then it stays). Writes made to the merged
+//! customer after the merge stay with the survivor: the store keeps no
+//! record of which side a direct write meant.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use roaring::RoaringBitmap;
+
+use super::ids::IdAssigner;
+use super::plan::{Pending, Planner, plan_values};
+use super::*;
+use crate::error::{Error, Result};
+use crate::fields::FieldKind;
+use crate::storage::Snapshot;
+use crate::storage::merges::MergeEntry;
+use crate::storage::record::{Batch, Change, ChangeOp, FieldChange, IdentityLink, LoggedUnmerge};
+
+/// A merge that can be undone, with what the survivor keeps because
+/// customers merged into it since brought it too.
+pub struct Undoable {
+    pub entry: MergeEntry,
+    later_tags: BTreeSet<u32>,
+    later_days: BTreeSet<(u32, u32)>,
+}
+
+/// Merge `merge` if it can be undone in `snap`; otherwise why not: no such
+/// merge, one the guard rails refused, one undone already, one made before
+/// merges kept what they changed, or one whose survivor was merged again
+/// since (that merge is to be undone first) or erased.
+pub fn undoable(snap: &Snapshot, merge: u64) -> Result<Undoable> {
+    let log = snap.merges.read();
+    let e = log.get(merge).cloned().ok_or(Error::MergeNotFound(merge))?;
+    if !e.refused.is_empty() {
+        return Err(Error::Precondition(format!(
+            "merge {merge} was refused by the guard rails ({}): nothing was merged, so there is nothing to undo",
+            e.refused
+        )));
+    }
+    if e.undone_lsn != 0 {
+        return Err(Error::Precondition(format!(
+            "merge {merge} was already undone (log record {})",
+            e.undone_lsn
+        )));
+    }
+    if !e.undo.kept {
+        return Err(Error::Precondition(format!(
+            "merge {merge} was made by a version of tagstore that kept no record of what it changed; it cannot be undone"
+        )));
+    }
+    let now = log.survivor_of(e.survivor);
+    if now != e.survivor {
+        let later = log
+            .entries()
+            .iter()
+            .rev()
+            .find(|x| x.in_force() && x.absorbed == e.survivor)
+            .map_or(0, |x| x.id);
+        return Err(Error::Precondition(format!(
+            "customer {} (merge {merge}'s survivor) was merged into customer {now} since, by merge {later}: undo merge {later} first",
+            e.survivor
+        )));
+    }
+    let live = snap.live()?;
+    if !live.contains(e.survivor) {
+        return Err(Error::Precondition(format!(
+            "customer {} (merge {merge}'s survivor) was erased: there is nothing to undo",
+            e.survivor
+        )));
+    }
+    if live.contains(e.absorbed) {
+        return Err(Error::Internal(format!(
+            "customer {}, absorbed by merge {merge}, is live",
+            e.absorbed
+        )));
+    }
+    // What customers merged into the survivor since brought: the survivor
+    // keeps it.
+    let mut later_tags = BTreeSet::new();
+    let mut later_days = BTreeSet::new();
+    for later in log
+        .entries()
+        .iter()
+        .filter(|x| x.id > merge && x.in_force() && log.survivor_of(x.survivor) == e.survivor)
+    {
+        later_tags.extend(later.undo.tags.iter().copied());
+        later_days.extend(later.undo.days.iter().copied());
+    }
+    Ok(Undoable {
+        entry: e,
+        later_tags,
+        later_days,
+    })
+}
+
+impl Planner<'_> {
+    pub(super) fn plan_unmerge(
+        &self,
+        merge: u64,
+        as_of: u64,
+        identities: Vec<String>,
+        erase: Vec<String>,
+        writes: Vec<ValueWrite>,
+        mut batch: Batch,
+    ) -> Result<Planned> {
+        let snap = &self.state.snap;
+        let Undoable {
+            entry,
+            later_tags,
+            later_days,
+        } = undoable(snap, merge)?;
+        let (a, s) = (entry.absorbed, entry.survivor);
+        let (epoch, ingested) = &self.state.ingested;
+        if as_of != *epoch || ingested.contains(s) {
+            // Events came after the archive the caller read: try again.
+            return Ok(Planned::Done(WriteResult {
+                lsn: snap.lsn,
+                busy: vec![s.to_string()],
+                ..Default::default()
+            }));
+        }
+        // The dictionary keeps an absorbed customer's key while its
+        // survivor lives (a checkpoint keeps it, as it keeps its events).
+        if snap.dict.key_of(a)?.is_none() {
+            return Err(Error::Precondition(format!(
+                "the store no longer has the key customer {a} was created with (merge {merge} was made before absorbed customers' keys were kept); it cannot be brought back"
+            )));
+        }
+        batch.unmerges.push(LoggedUnmerge {
+            merge,
+            revived: a,
+            survivor: s,
+        });
+        // Identities: those named that still name the survivor go back,
+        // with where and when they were first seen.
+        let mut seen: HashMap<String, crate::storage::dictionary::identities::FirstSeen> =
+            snap.idents.of(s)?.into_iter().collect();
+        for identity in identities {
+            let Some(first) = seen.remove(&identity) else {
+                continue;
+            };
+            batch.identities.push(IdentityLink {
+                customer: a,
+                identity,
+                first_ms: first.first_ms,
+                place: first.place,
+            });
+        }
+        let moved = batch.identities.len() as u64;
+        // Tags: back to the absorbed customer; the survivor loses those it
+        // had only from it.
+        let one = |id: u32| -> RoaringBitmap { [id].into_iter().collect() };
+        for &t in &entry.undo.tags {
+            if let Some(tag) = self.state.tag_by_id(t) {
+                tag.bitmap.get()?;
+                batch.changes.push(Change {
+                    tag: t,
+                    op: ChangeOp::Add,
+                    ids: one(a),
+                });
+            }
+        }
+        for &t in &entry.undo.gained_tags {
+            if later_tags.contains(&t) {
+                continue;
+            }
+            if let Some(tag) = self.state.tag_by_id(t)
+                && tag.bitmap.get()?.contains(s)
+            {
+                batch.changes.push(Change {
+                    tag: t,
+                    op: ChangeOp::Remove,
+                    ids: one(s),
+                });
+            }
+        }
+        // Fields: the facts are erased for both and written again from the
+        // events; the others get back what the merge kept.
+        let mut erased: BTreeSet<u32> = BTreeSet::new();
+        let both: RoaringBitmap = [a, s].into_iter().collect();
+        for name in &erase {
+            let Some(field) = snap.field(name) else {
+                continue;
+            };
+            for slot in field.slots.values() {
+                slot.get()?;
+            }
+            erased.insert(field.id);
+            batch.field_changes.push(FieldChange::Erase {
+                field: field.id,
+                ids: both.clone(),
+            });
+        }
+        let mut seed: BTreeMap<u32, Pending> = BTreeMap::new();
+        for &(fid, v) in &entry.undo.values {
+            let Some(field) = self.state.field_by_id(fid) else {
+                continue;
+            };
+            if erased.contains(&fid) {
+                continue;
+            }
+            match &field.meta.kind {
+                FieldKind::Int => {
+                    if let Pending::Int(m) = seed
+                        .entry(fid)
+                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                    {
+                        m.insert(a, Some(v));
+                    }
+                }
+                FieldKind::Enum { values } => {
+                    let Ok(slot) = u32::try_from(v) else { continue };
+                    if (slot as usize) < values.len()
+                        && let Pending::Enum(m) = seed
+                            .entry(fid)
+                            .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+                    {
+                        m.insert(a, Some(slot));
+                    }
+                }
+                FieldKind::Behaviour(_) => {}
+            }
+        }
+        for &(fid, before, after) in &entry.undo.changed {
+            let Some(field) = self.state.field_by_id(fid) else {
+                continue;
+            };
+            if erased.contains(&fid) {
+                continue;
+            }
+            match &field.meta.kind {
+                FieldKind::Int => {
+                    // Written since the merge: it stays.
+                    if field.int_value(s)? != Some(after) {
+                        continue;
+                    }
+                    if let Pending::Int(m) = seed
+                        .entry(fid)
+                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                    {
+                        m.insert(s, before);
+                    }
+                }
+                FieldKind::Enum { .. } => {
+                    if field.enum_value(s)?.map(i64::from) != Some(after) {
+                        continue;
+                    }
+                    let before = before.and_then(|b| u32::try_from(b).ok());
+                    if let Pending::Enum(m) = seed
+                        .entry(fid)
+                        .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+                    {
+                        m.insert(s, before);
+                    }
+                }
+                FieldKind::Behaviour(_) => {}
+            }
+        }
+        // Behaviour days: the absorbed customer's back; the survivor's
+        // gained ones taken away by erasing it from the field and giving
+        // back the rest (the log has no change that removes one day).
+        let mut days: BTreeMap<u32, BTreeMap<u32, RoaringBitmap>> = BTreeMap::new();
+        for &(fid, slot) in &entry.undo.days {
+            if erased.contains(&fid) || self.state.field_by_id(fid).is_none() {
+                continue;
+            }
+            days.entry(fid)
+                .or_default()
+                .entry(slot)
+                .or_default()
+                .insert(a);
+        }
+        let mut losing: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for &(fid, slot) in &entry.undo.gained_days {
+            if erased.contains(&fid) || later_days.contains(&(fid, slot)) {
+                continue;
+            }
+            losing.entry(fid).or_default().insert(slot);
+        }
+        for (fid, gone) in losing {
+            let Some(field) = self.state.field_by_id(fid) else {
+                continue;
+            };
+            let mut kept = Vec::new();
+            let mut had = false;
+            for (&slot, bm) in &field.slots {
+                if bm.get()?.contains(s) {
+                    if gone.contains(&slot) {
+                        had = true;
+                    } else {
+                        kept.push(slot);
+                    }
+                }
+            }
+            if !had {
+                continue;
+            }
+            batch.field_changes.push(FieldChange::Erase {
+                field: fid,
+                ids: one(s),
+            });
+            let d = days.entry(fid).or_default();
+            for slot in kept {
+                d.entry(slot).or_default().insert(s);
+            }
+        }
+        for (fid, slots) in days {
+            seed.insert(fid, Pending::Events(slots));
+        }
+        let mut ids = IdAssigner::new(self.state)?;
+        ids.link(UNMERGE_REVIVED, a);
+        ids.link(UNMERGE_SURVIVOR, s);
+        for w in &writes {
+            let c = w.customer();
+            if c != UNMERGE_REVIVED && c != UNMERGE_SURVIVOR {
+                return Err(Error::Internal(format!(
+                    "an unmerge's write names {c:?}, not one of its two customers"
+                )));
+            }
+        }
+        let expired = plan_values(snap, &writes, &mut ids, self.at_ms, &mut batch, seed)?;
+        batch.new_keys = ids.new_keys;
+        Ok(Planned::Write(
+            batch,
+            Target::Unmerged {
+                expired,
+                identities: moved,
+                revived: a,
+                survivor: s,
+            },
+        ))
+    }
+}
