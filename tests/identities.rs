@@ -676,3 +676,42 @@ fn a_full_disk_refuses_a_merge_whole_and_it_applies_once_there_is_room() {
     assert_eq!(orders(&engine, "phone:13800000001"), Some(3));
     assert_eq!(engine.snapshot().merges.read().len(), 1);
 }
+
+/// A large `Update` looks its keys up before it reaches the writer; a merge
+/// (or an unmerge) logged in between moves a key to another customer, so
+/// the writer must look it up again instead of trusting the id it had: the
+/// tag lands on the survivor, never on the customer the merge absorbed.
+#[test]
+fn keys_looked_up_before_a_merge_are_looked_up_again() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    ingest(&engine, vec![order(&["phone:13800000001"], "jd", T0)]);
+    ingest(&engine, vec![order(&["jd_pin:bo"], "jd", T0)]);
+    let bo = customer(&engine, "jd_pin:bo").unwrap();
+    let looked_up_at = engine.snapshot().lsn;
+    // Bo's pin shows up with the phone: Bo is absorbed.
+    let r = ingest(
+        &engine,
+        vec![order(&["phone:13800000001", "jd_pin:bo"], "jd", T0)],
+    );
+    assert_eq!(r.merges.len(), 1);
+    let survivor = customer(&engine, "jd_pin:bo").unwrap();
+    assert_ne!(survivor, bo);
+    engine
+        .write_blocking(WriteOp::Update {
+            mutations: vec![tagstore::storage::Mutation {
+                tag: "vip".into(),
+                add_resolved: vec![(bo, "jd_pin:bo".into())],
+                resolved_at: Some(looked_up_at),
+                ..Default::default()
+            }],
+            create_missing_tags: true,
+        })
+        .unwrap();
+    let snap = engine.snapshot();
+    let members = snap.tag("vip").unwrap().bitmap.get().unwrap().clone();
+    let ids: Vec<u32> = members.iter().collect();
+    assert_eq!(ids, [survivor], "the tag went to the absorbed customer");
+}
