@@ -203,6 +203,7 @@ impl Session {
             | Command::Identities(_)
             | Command::Merges { .. }
             | Command::Link { .. }
+            | Command::Unmerge { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

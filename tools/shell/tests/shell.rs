@@ -639,6 +639,18 @@ async fn ingestion_commands() {
         std::fs::read_to_string(&export).unwrap(),
         "phone\n13812345678\n"
     );
+    // The merge undone: nick2 is itself again with its 30 orders; nick1
+    // keeps its own and P2, which named both.
+    let undone = ok(a, "unmerge 1");
+    assert!(
+        undone.contains("merge 1 undone: taobao_nick:nick2")
+            && undone.contains("its identities: taobao_nick:nick2"),
+        "{undone}"
+    );
+    assert!(ok(a, "count order_count = 32").starts_with('1'));
+    assert!(ok(a, "merges").contains("undone"));
+    assert!(fails(a, "unmerge 1").contains("already undone"));
+    assert!(fails(a, "unmerge 0").contains("not a merge id"));
     assert!(ok(a, "create field stage enum new,active,loyal merge last").contains("stage"));
     assert!(fails(a, "create field n2 integer merge last").contains("does not fit"));
     ok(a, "drop source tb --yes");

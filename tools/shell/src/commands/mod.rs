@@ -122,6 +122,11 @@ pub enum Command {
         identities: Vec<String>,
         channel: String,
     },
+    /// Undo merge `merge`.
+    Unmerge {
+        merge: u64,
+        allow_partial: bool,
+    },
     DropField {
         name: String,
         yes: bool,
@@ -250,6 +255,7 @@ pub const SPECS: &[&Spec] = &[
     &reads::IDENTITIES,
     &reads::MERGES,
     &tags::LINK,
+    &tags::UNMERGE,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
@@ -538,6 +544,23 @@ mod tests {
             }
         );
         assert!(parse("link").is_err());
+        assert_eq!(
+            p("unmerge 17"),
+            Command::Unmerge {
+                merge: 17,
+                allow_partial: false
+            }
+        );
+        assert_eq!(
+            p("unmerge 3 allow-partial"),
+            Command::Unmerge {
+                merge: 3,
+                allow_partial: true
+            }
+        );
+        assert!(parse("unmerge").is_err());
+        assert!(parse("unmerge 0").is_err());
+        assert!(parse("unmerge x").is_err());
         assert_eq!(
             p("drop field x --yes"),
             Command::DropField {

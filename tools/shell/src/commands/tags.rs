@@ -139,6 +139,34 @@ pub const LINK: Spec = Spec {
     },
 };
 
+pub const UNMERGE: Spec = Spec {
+    name: "unmerge",
+    words: &["unmerge"],
+    complete: &["unmerge"],
+    usage: "unmerge <merge id> [allow-partial]",
+    summary: "undo a wrong merge (ids from `merges`): both customers get back their own identities, tags, values and facts, and are kept apart",
+    example: "unmerge 17",
+    takes_tags: false,
+    parse: |rest| {
+        let usage = || format!("usage: {}", UNMERGE.usage);
+        let args = split_args(rest)?;
+        let (id, allow_partial) = match args.as_slice() {
+            [id] => (id, false),
+            [id, kw] if kw.eq_ignore_ascii_case("allow-partial") => (id, true),
+            _ => return Err(usage()),
+        };
+        match id.parse::<u64>() {
+            Ok(merge) if merge > 0 => Ok(Command::Unmerge {
+                merge,
+                allow_partial,
+            }),
+            _ => Err(format!(
+                "{id:?} is not a merge id (1, 2, … as `merges` lists them)"
+            )),
+        }
+    },
+};
+
 pub const DROP: Spec = Spec {
     name: "drop",
     words: &["drop"],

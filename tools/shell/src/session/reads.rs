@@ -134,11 +134,16 @@ impl Session {
                                 format!("{} (refused: {})", m.via, m.refused)
                             },
                             m.moved.join(", "),
+                            if m.undone_ms > 0 {
+                                format!("undone {}", fmt_time(m.undone_ms))
+                            } else {
+                                String::new()
+                            },
                         ]);
                         all.push(json!({
                             "merge_id": m.merge_id, "survivor": m.survivor, "survivor_id": m.survivor_id,
                             "absorbed": m.absorbed, "absorbed_id": m.absorbed_id, "via": m.via,
-                            "refused": m.refused, "moved": m.moved,
+                            "refused": m.refused, "moved": m.moved, "undone_ms": m.undone_ms,
                         }));
                         after = m.merge_id;
                     }
@@ -153,9 +158,17 @@ impl Session {
                     format!(
                         "{}\n({} shown; {} merges in all)",
                         table::render(
-                            &["merge", "survivor", "absorbed", "via", "identities moved"],
+                            &[
+                                "merge",
+                                "survivor",
+                                "absorbed",
+                                "via",
+                                "identities moved",
+                                ""
+                            ],
                             &[
                                 Align::Right,
+                                Align::Left,
                                 Align::Left,
                                 Align::Left,
                                 Align::Left,
@@ -204,6 +217,44 @@ impl Session {
                             "identities_linked": r.identities_linked, "merges": r.merges.len(),
                             "refused": r.refused.iter().map(|x| json!({"identity": x.identity, "reason": x.reason})).collect::<Vec<_>>(),
                             "lsn": r.lsn }),
+                );
+            }
+            Command::Unmerge {
+                merge,
+                allow_partial,
+            } => {
+                let r = self
+                    .client
+                    .unmerge(UnmergeRequest {
+                        merge_id: merge,
+                        allow_partial,
+                    })
+                    .await?
+                    .into_inner();
+                let mut text = format!(
+                    "merge {merge} undone: {} (internal id {}) is apart from {} (internal id {}) again\n  its identities: {}\n  kept events: {} read, {} of them its own",
+                    r.revived,
+                    r.revived_id,
+                    r.survivor,
+                    r.survivor_id,
+                    r.identities.join(", "),
+                    r.events,
+                    r.events_revived
+                );
+                if r.refused > 0 {
+                    text.push_str(&format!(
+                        "\n  {} events refused by the fact rules: {}",
+                        r.refused,
+                        r.refusals.join("; ")
+                    ));
+                }
+                self.out(
+                    text,
+                    json!({ "merge_id": merge, "revived": r.revived, "revived_id": r.revived_id,
+                            "survivor": r.survivor, "survivor_id": r.survivor_id,
+                            "identities": r.identities, "events": r.events,
+                            "events_revived": r.events_revived, "refused": r.refused,
+                            "values_set": r.values_set, "lsn": r.lsn }),
                 );
             }
             Command::Identities(key) => {
