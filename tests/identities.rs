@@ -715,3 +715,109 @@ fn keys_looked_up_before_a_merge_are_looked_up_again() {
     let ids: Vec<u32> = members.iter().collect();
     assert_eq!(ids, [survivor], "the tag went to the absorbed customer");
 }
+
+/// A field merged by `latest` takes the value written last, whichever
+/// customer survives: the store keeps when each value was written in a
+/// companion field, made and dropped with it.
+#[test]
+fn latest_takes_the_value_written_last() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    for (name, kind) in [
+        ("score", FieldKind::Int),
+        (
+            "stage",
+            FieldKind::Enum {
+                values: vec!["new".into(), "active".into(), "lapsed".into()],
+            },
+        ),
+    ] {
+        engine
+            .write_blocking(WriteOp::CreateField {
+                name: name.into(),
+                description: String::new(),
+                category: String::new(),
+                kind,
+                merge: MergeRule::Latest,
+                if_not_exists: false,
+            })
+            .unwrap();
+    }
+    let snap = engine.snapshot();
+    let at = snap.field("score_at_ms").expect("the companion field");
+    assert_eq!(at.meta.merge, MergeRule::Max);
+    drop(snap);
+    let set = |key: &str, score: i64, stage: &str| {
+        engine
+            .write_blocking(WriteOp::SetValues {
+                writes: vec![
+                    ValueWrite::Int {
+                        field: "score".into(),
+                        customer: key.into(),
+                        value: Some(score),
+                    },
+                    ValueWrite::Enum {
+                        field: "stage".into(),
+                        customer: key.into(),
+                        value: Some(stage.into()),
+                    },
+                ],
+            })
+            .unwrap();
+    };
+    // Two pairs: in the first the absorbed customer wrote last, in the
+    // second the survivor did ("active" is declared after "new", so `last`
+    // would not tell these apart from `latest`: "lapsed" is after both).
+    ingest(&engine, vec![order(&["phone:13800000001"], "jd", T0)]);
+    ingest(&engine, vec![order(&["jd_pin:b"], "jd", T0)]);
+    ingest(&engine, vec![order(&["phone:13800000002"], "jd", T0)]);
+    ingest(&engine, vec![order(&["jd_pin:d"], "jd", T0)]);
+    set("phone:13800000001", 1, "lapsed");
+    set("jd_pin:d", 4, "lapsed");
+    clock.advance_ms(1_000);
+    set("jd_pin:b", 2, "new");
+    set("phone:13800000002", 3, "active");
+    let r = ingest(
+        &engine,
+        vec![
+            order(&["phone:13800000001", "jd_pin:b"], "jd", T0),
+            order(&["phone:13800000002", "jd_pin:d"], "jd", T0),
+        ],
+    );
+    assert_eq!(r.merges.len(), 2);
+    let snap = engine.snapshot();
+    let value = |key: &str| {
+        let id = snap.customer_id(key).unwrap().unwrap();
+        let score = snap.field("score").unwrap().int_value(id).unwrap();
+        let stage = snap.field("stage").unwrap().enum_value(id).unwrap();
+        let at = snap.field("score_at_ms").unwrap().int_value(id).unwrap();
+        (score, stage, at)
+    };
+    // b (absorbed) wrote last: its values; the time is the later one.
+    assert_eq!(value("jd_pin:b"), (Some(2), Some(0), Some(T0 + 1_000)));
+    // The survivor (phone 2) wrote last: its values.
+    assert_eq!(value("jd_pin:d"), (Some(3), Some(1), Some(T0 + 1_000)));
+    drop(snap);
+    // The companion goes with its field, and not alone.
+    let err = engine
+        .write_blocking(WriteOp::DropField {
+            name: "score_at_ms".into(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("drop \"score\""), "{err}");
+    engine
+        .write_blocking(WriteOp::DropField {
+            name: "score".into(),
+        })
+        .unwrap();
+    assert!(engine.snapshot().field("score_at_ms").is_none());
+    // Across a restart the rule is `latest` still.
+    drop(engine);
+    let engine = open(&fs.crash_image(), &clock);
+    assert_eq!(
+        engine.snapshot().field("stage").unwrap().meta.merge,
+        MergeRule::Latest
+    );
+}

@@ -104,19 +104,32 @@ pub enum MergeRule {
     /// Enumerated: the value declared last of the two (a lifecycle stage
     /// declared in order).
     Last,
+    /// Integers and enumerated: the value written last (by the store's
+    /// clock). The store keeps when each customer's value was written in
+    /// a companion integer field, [`written_at_field`] (Unix ms, merged by
+    /// `max`), created and dropped with the field.
+    Latest,
+}
+
+/// The companion field of a field whose merge rule is
+/// [`MergeRule::Latest`]: when each customer's value was last written.
+pub fn written_at_field(name: &str) -> String {
+    format!("{name}_at_ms")
 }
 
 impl MergeRule {
-    pub const ALL: [MergeRule; 6] = [
+    pub const ALL: [MergeRule; 7] = [
         MergeRule::Keep,
         MergeRule::Sum,
         MergeRule::Min,
         MergeRule::Max,
         MergeRule::First,
         MergeRule::Last,
+        MergeRule::Latest,
     ];
 
-    /// The word clients use (`keep`, `sum`, `min`, `max`, `first`, `last`).
+    /// The word clients use (`keep`, `sum`, `min`, `max`, `first`, `last`,
+    /// `latest`).
     pub fn word(self) -> &'static str {
         match self {
             MergeRule::Keep => "keep",
@@ -125,6 +138,7 @@ impl MergeRule {
             MergeRule::Max => "max",
             MergeRule::First => "first",
             MergeRule::Last => "last",
+            MergeRule::Latest => "latest",
         }
     }
 
@@ -138,7 +152,7 @@ impl MergeRule {
             .find(|r| r.word() == word)
             .ok_or_else(|| {
                 Error::invalid(format!(
-                    "unknown merge rule {word:?}: keep, sum, min, max (integers), first or last (enumerated)"
+                    "unknown merge rule {word:?}: keep, latest, sum, min, max (integers), first or last (enumerated)"
                 ))
             })
     }
@@ -152,6 +166,7 @@ impl MergeRule {
             MergeRule::Max => 3,
             MergeRule::First => 4,
             MergeRule::Last => 5,
+            MergeRule::Latest => 6,
         }
     }
 
@@ -164,18 +179,23 @@ impl MergeRule {
         let fits = match kind {
             FieldKind::Int => matches!(
                 self,
-                MergeRule::Keep | MergeRule::Sum | MergeRule::Min | MergeRule::Max
+                MergeRule::Keep
+                    | MergeRule::Sum
+                    | MergeRule::Min
+                    | MergeRule::Max
+                    | MergeRule::Latest
             ),
-            FieldKind::Enum { .. } => {
-                matches!(self, MergeRule::Keep | MergeRule::First | MergeRule::Last)
-            }
+            FieldKind::Enum { .. } => matches!(
+                self,
+                MergeRule::Keep | MergeRule::First | MergeRule::Last | MergeRule::Latest
+            ),
             FieldKind::Behaviour(_) => self == MergeRule::Keep,
         };
         if fits {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "merge rule {:?} does not fit a {} field (integers: keep, sum, min, max; enumerated: keep, first, last; behaviours always take the union of both customers' days)",
+                "merge rule {:?} does not fit a {} field (integers: keep, latest, sum, min, max; enumerated: keep, latest, first, last; behaviours always take the union of both customers' days)",
                 self.word(),
                 kind.name()
             )))

@@ -170,6 +170,11 @@ impl MergeLog {
         self.apart.entry(b).or_default().push((a, merge));
     }
 
+    /// Whether any merge was undone (so some customers are kept apart).
+    pub fn keeps_any_apart(&self) -> bool {
+        !self.apart.is_empty()
+    }
+
     /// Whether live customers `a` and `b` must stay apart: the undone merge
     /// that parted them (or customers merged into them since), if so.
     pub fn kept_apart(&self, a: u32, b: u32) -> Option<u64> {

@@ -12,7 +12,7 @@ use super::ids::IdAssigner;
 use super::plan::{Pending, Planner};
 use super::*;
 use crate::error::{Error, Result};
-use crate::fields::{FieldKind, MergeRule};
+use crate::fields::{FieldKind, MergeRule, written_at_field};
 use crate::storage::record::{Batch, Change, ChangeOp, IdentityLink, LoggedMerge, MergeUndo};
 
 /// Most merges one request may make: each reads every tag and field slot
@@ -166,6 +166,9 @@ impl Planner<'_> {
     /// merge keeps apart: the reason, if so.
     fn apart_refusal(&self, groups: &Groups, a: u32, b: u32) -> Option<String> {
         let log = self.state.snap.merges.read();
+        if !log.keeps_any_apart() {
+            return None;
+        }
         let members = |root: u32| {
             let mut m = vec![root];
             m.extend(groups.joined.get(&root).into_iter().flatten().copied());
@@ -390,6 +393,15 @@ impl Planner<'_> {
         let mut tag_adds: BTreeMap<u32, RoaringBitmap> = BTreeMap::new();
         for (survivor, absorbed, via) in merges {
             let (s, b) = (*survivor, *absorbed);
+            // Fields merged by `latest` whose value the absorbed customer
+            // wrote later: decided before any field (their companions
+            // among them) changes.
+            let mut later_fields = HashSet::new();
+            for field in snap.fields.values() {
+                if field.meta.merge == MergeRule::Latest && self.written_later(field, b, s, seed)? {
+                    later_fields.insert(field.id);
+                }
+            }
             // What the merge changes, kept with it for undoing it.
             let mut undo = MergeUndo {
                 kept: true,
@@ -415,6 +427,7 @@ impl Planner<'_> {
                         let Some(vb) = field.int_value(b)? else {
                             continue;
                         };
+                        let later = later_fields.contains(&field.id);
                         let Pending::Int(m) = seed
                             .entry(field.id)
                             .or_insert_with(|| Pending::Int(BTreeMap::new()))
@@ -428,6 +441,13 @@ impl Planner<'_> {
                         undo.values.push((field.id, vb));
                         let merged = match (field.meta.merge, va) {
                             (_, None) => vb,
+                            (MergeRule::Latest, Some(a)) => {
+                                if later {
+                                    vb
+                                } else {
+                                    a
+                                }
+                            }
                             (MergeRule::Sum, Some(a)) => a.checked_add(vb).ok_or_else(|| {
                                 Error::invalid(format!(
                                     "merging customers {s} and {b}: the sum of their {:?} values ({a} and {vb}) leaves the 64-bit range",
@@ -447,6 +467,7 @@ impl Planner<'_> {
                         let Some(vb) = field.enum_value(b)? else {
                             continue;
                         };
+                        let later = later_fields.contains(&field.id);
                         let Pending::Enum(m) = seed
                             .entry(field.id)
                             .or_insert_with(|| Pending::Enum(BTreeMap::new()))
@@ -460,6 +481,13 @@ impl Planner<'_> {
                         undo.values.push((field.id, i64::from(vb)));
                         let merged = match (field.meta.merge, va) {
                             (_, None) => vb,
+                            (MergeRule::Latest, Some(a)) => {
+                                if later {
+                                    vb
+                                } else {
+                                    a
+                                }
+                            }
                             (MergeRule::First, Some(a)) => a.min(vb),
                             (MergeRule::Last, Some(a)) => a.max(vb),
                             (_, Some(a)) => a,
@@ -540,6 +568,28 @@ impl Planner<'_> {
             });
         }
         Ok(())
+    }
+
+    /// Whether customer `b`'s value of `field` (merge rule `latest`) was
+    /// written after customer `s`'s: by the companion field that says when
+    /// (this request's merges so far included). A value without a time
+    /// counts as oldest.
+    fn written_later(
+        &self,
+        field: &crate::storage::Field,
+        b: u32,
+        s: u32,
+        seed: &BTreeMap<u32, Pending>,
+    ) -> Result<bool> {
+        let Some(at) = self.state.snap.field(&written_at_field(&field.meta.name)) else {
+            return Ok(false);
+        };
+        let tb = at.int_value(b)?;
+        let ts = match seed.get(&at.id) {
+            Some(Pending::Int(m)) if m.contains_key(&s) => m.get(&s).copied().flatten(),
+            _ => at.int_value(s)?,
+        };
+        Ok(tb > ts)
     }
 
     /// Logs the joins the rules refused, in the merge log, with the reason

@@ -12,8 +12,8 @@ use super::identify::Groups;
 use super::ids::IdAssigner;
 use super::*;
 use crate::error::{Error, Result};
-use crate::fields::FieldKind;
 use crate::fields::time::{self};
+use crate::fields::{FieldKind, MergeRule, written_at_field};
 use crate::names::check_tag_name;
 use crate::storage::record::{
     Batch, Change, ChangeOp, FieldChange, LoggedEvent, NewField, NewTag, SourceChange,
@@ -239,19 +239,60 @@ impl Planner<'_> {
                 if snap.tag(&name).is_some() {
                     return Err(Error::TagExists(name));
                 }
+                // `latest` needs to know when each value was written: a
+                // companion field, made with it.
+                let companion = (merge == MergeRule::Latest).then(|| written_at_field(&name));
+                if let Some(c) = &companion {
+                    check_tag_name(c)?;
+                    if snap.field(c).is_some() {
+                        return Err(Error::FieldExists(c.clone()));
+                    }
+                    if snap.tag(c).is_some() {
+                        return Err(Error::TagExists(c.clone()));
+                    }
+                }
                 batch.new_fields.push(NewField {
                     id: snap.next_tag_id,
                     name: name.clone(),
                     description,
-                    category,
+                    category: category.clone(),
                     kind,
                     merge,
                 });
+                if let Some(c) = companion {
+                    batch.new_fields.push(NewField {
+                        id: snap.next_tag_id + 1,
+                        name: c,
+                        description: format!(
+                            "when each customer's {name} was last written (Unix ms), for its merge rule latest; kept by the store"
+                        ),
+                        category,
+                        kind: FieldKind::Int,
+                        merge: MergeRule::Max,
+                    });
+                }
                 Ok(Planned::Write(batch, Target::FieldCreated(name)))
             }
             WriteOp::DropField { name } => {
-                let field = snap.field(&name).ok_or(Error::FieldNotFound(name))?;
+                let field = snap
+                    .field(&name)
+                    .ok_or(Error::FieldNotFound(name.clone()))?;
+                if let Some(of) = name
+                    .strip_suffix("_at_ms")
+                    .and_then(|base| snap.field(base))
+                    && of.meta.merge == MergeRule::Latest
+                {
+                    return Err(Error::invalid(format!(
+                        "field {name:?} keeps when {:?} was written, for its merge rule latest; drop {:?} instead (it goes with it)",
+                        of.meta.name, of.meta.name
+                    )));
+                }
                 batch.drop_fields.push(field.id);
+                if field.meta.merge == MergeRule::Latest
+                    && let Some(c) = snap.field(&written_at_field(&name))
+                {
+                    batch.drop_fields.push(c.id);
+                }
                 Ok(Planned::Write(batch, Target::Plain))
             }
             WriteOp::SetValues { writes } => {
@@ -611,6 +652,9 @@ pub(super) fn plan_values(
     let mut int_values: HashMap<u32, crate::storage::snapshot::IntValues<'_>> = HashMap::new();
     let mut todays: HashMap<u32, (jiff::tz::TimeZone, i32)> = HashMap::new();
     let mut expired = 0;
+    // Values of `latest` fields written: (field, customer, set or cleared),
+    // for the companion field that says when.
+    let mut stamps: Vec<(&str, u32, bool)> = Vec::new();
     for w in writes {
         let (name, customer) = match w {
             ValueWrite::Int {
@@ -650,6 +694,9 @@ pub(super) fn plan_values(
                         return Err(wrong("integer"));
                     };
                     m.insert(id, *value);
+                    if field.meta.merge == MergeRule::Latest {
+                        stamps.push((name, id, value.is_some()));
+                    }
                 }
             }
             (ValueWrite::Combine { with, .. }, FieldKind::Int) => {
@@ -684,6 +731,9 @@ pub(super) fn plan_values(
                 })?;
                 if Some(new) != current || m.contains_key(&id) {
                     m.insert(id, Some(new));
+                    if field.meta.merge == MergeRule::Latest && Some(new) != current {
+                        stamps.push((name, id, true));
+                    }
                 }
             }
             (ValueWrite::Enum { value, .. }, FieldKind::Enum { values }) => {
@@ -708,6 +758,9 @@ pub(super) fn plan_values(
                         return Err(wrong("enumerated"));
                     };
                     m.insert(id, slot);
+                    if field.meta.merge == MergeRule::Latest {
+                        stamps.push((name, id, slot.is_some()));
+                    }
                 }
             }
             (ValueWrite::Event { at, .. }, FieldKind::Behaviour(spec)) => {
@@ -762,6 +815,17 @@ pub(super) fn plan_values(
             (ValueWrite::Combine { with, .. }, _) => {
                 return Err(wrong(&format!("integer, to {}", with.word())));
             }
+        }
+    }
+    for (name, id, set) in stamps {
+        let Some(at) = snap.field(&written_at_field(name)) else {
+            continue;
+        };
+        if let Pending::Int(m) = pending
+            .entry(at.id)
+            .or_insert_with(|| Pending::Int(BTreeMap::new()))
+        {
+            m.insert(id, set.then_some(now_ms));
         }
     }
     let by_id: HashMap<u32, &Arc<Field>> = snap.fields.values().map(|f| (f.id, f)).collect();

@@ -652,6 +652,12 @@ async fn ingestion_commands() {
     assert!(fails(a, "unmerge 1").contains("already undone"));
     assert!(fails(a, "unmerge 0").contains("not a merge id"));
     assert!(ok(a, "create field stage enum new,active,loyal merge last").contains("stage"));
+    assert!(ok(a, "create field level integer merge latest").contains("level"));
+    let fields = ok(a, "fields");
+    assert!(
+        fields.contains("level_at_ms") && fields.contains("latest"),
+        "{fields}"
+    );
     assert!(fails(a, "create field n2 integer merge last").contains("does not fit"));
     ok(a, "drop source tb --yes");
     assert!(ok(a, "sources").contains("(no sources)"));
