@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Client, int_value};
+use common::{Client, int_value, profile};
 use tagstore::proto::*;
 
 const JD: &str = "\
@@ -24,30 +24,7 @@ R2,VIP-0042,139 0000 1111,上海南京西路店,2026-11-13 10:00:00,销售,50.00
 ";
 
 async fn ingest(c: &mut Client, source: &str, data: &str) -> IngestResponse {
-    let batch = IngestRequest {
-        source: source.into(),
-        seq: 1,
-        data: data.as_bytes().to_vec(),
-        ..Default::default()
-    };
-    let mut stream = c
-        .ingest(tokio_stream::iter(vec![batch]))
-        .await
-        .unwrap()
-        .into_inner();
-    let answer = stream.message().await.unwrap().unwrap();
-    assert!(stream.message().await.unwrap().is_none());
-    answer
-}
-
-async fn profile(c: &mut Client, key: &str) -> ProfileResponse {
-    c.profile(ProfileRequest {
-        customer: key.into(),
-        recent_days: 0,
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    common::ingest_batch(c, source, data).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

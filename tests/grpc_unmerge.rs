@@ -8,32 +8,16 @@
 
 mod common;
 
-use common::{Client, code, int_value};
+use common::{Client, code, int_value, profile};
 use tagstore::proto::*;
 use tonic::Code;
-
-pub const DEFINITION: &str = r#"
-format = "jsonl"
-channel = { column = "ch" }
-event_type = { column = "type" }
-time = "ts"
-time_form = "epoch_ms"
-event_id = "id"
-amount = { column = "fen", unit = "fen" }
-category = "cat"
-identities = [
-  { type = "jd_pin", column = "pin" },
-  { type = "phone", column = "phone" },
-  { type = "member_card", column = "card" },
-]
-"#;
 
 // 2026-11-01T00:00:00+08:00
 const START: i64 = 1_793_462_400_000;
 const DAY_MS: i64 = 86_400_000;
 
 /// One event as a JSON line; empty identities are left out.
-pub fn line(id: &str, kind: &str, day: i64, fen: i64, ids: &[(&str, &str)]) -> String {
+fn line(id: &str, kind: &str, day: i64, fen: i64, ids: &[(&str, &str)]) -> String {
     let mut s = format!(
         "{{\"id\":\"{id}\",\"type\":\"{kind}\",\"ch\":\"jd\",\"ts\":{},\"fen\":{fen},\"cat\":\"skincare\"",
         START + day * DAY_MS
@@ -45,49 +29,10 @@ pub fn line(id: &str, kind: &str, day: i64, fen: i64, ids: &[(&str, &str)]) -> S
     s
 }
 
-pub async fn ingest(c: &mut Client, data: &str) -> IngestResponse {
-    let batch = IngestRequest {
-        source: "events".into(),
-        seq: 1,
-        data: data.as_bytes().to_vec(),
-        ..Default::default()
-    };
-    let mut stream = c
-        .ingest(tokio_stream::iter(vec![batch]))
-        .await
-        .unwrap()
-        .into_inner();
-    let answer = stream.message().await.unwrap().unwrap();
+async fn ingest(c: &mut Client, data: &str) -> IngestResponse {
+    let answer = common::ingest_batch(c, "events", data).await;
     assert!(answer.rejected.is_empty(), "{:?}", answer.rejected);
     answer
-}
-
-pub async fn setup(c: &mut Client) {
-    c.create_source(CreateSourceRequest {
-        name: "events".into(),
-        definition: DEFINITION.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.create_field(CreateFieldRequest {
-        name: "points".into(),
-        kind: FieldKind::Integer as i32,
-        merge: "sum".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-}
-
-async fn profile(c: &mut Client, key: &str) -> ProfileResponse {
-    c.profile(ProfileRequest {
-        customer: key.into(),
-        recent_days: 0,
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 async fn unmerge(c: &mut Client, merge_id: u64) -> Result<UnmergeResponse, tonic::Status> {
@@ -183,7 +128,7 @@ async fn a_wrong_merge_undone_gives_each_customer_back_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
-    setup(&mut c).await;
+    common::events_source_and_points(&mut c).await;
     // Ann and Bo, each with a JD order, a tag and points written directly.
     let jd = line(
         "J1",
@@ -328,7 +273,7 @@ async fn a_chain_is_undone_newest_first() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
-    setup(&mut c).await;
+    common::events_source_and_points(&mut c).await;
     // Three people; A–B merge (1), then C's card joins them (2).
     let data = line(
         "1",

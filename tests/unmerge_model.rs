@@ -25,22 +25,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tagstore::proto::*;
 
-const DEFINITION: &str = r#"
-format = "jsonl"
-channel = { column = "ch" }
-event_type = { column = "type" }
-time = "ts"
-time_form = "epoch_ms"
-event_id = "id"
-amount = { column = "fen", unit = "fen" }
-category = "cat"
-identities = [
-  { type = "jd_pin", column = "pin" },
-  { type = "phone", column = "phone" },
-  { type = "member_card", column = "card" },
-]
-"#;
-
 // 2026-11-01T00:00:00+08:00
 const START: i64 = 1_793_462_400_000;
 const DAY_MS: i64 = 86_400_000;
@@ -116,18 +100,7 @@ async fn send(c: &mut Client, rng: &mut StdRng, lines: Vec<String>) -> Vec<Custo
         let n = rng.random_range(1..=8).min(lines.len() - i);
         let data: String = lines[i..i + n].concat();
         i += n;
-        let batch = IngestRequest {
-            source: "events".into(),
-            seq: 1,
-            data: data.into_bytes(),
-            ..Default::default()
-        };
-        let mut stream = c
-            .ingest(tokio_stream::iter(vec![batch]))
-            .await
-            .unwrap()
-            .into_inner();
-        let answer = stream.message().await.unwrap().unwrap();
+        let answer = common::ingest_batch(c, "events", &data).await;
         assert!(answer.rejected.is_empty(), "{:?}", answer.rejected);
         merges.extend(answer.merges);
     }
@@ -194,21 +167,7 @@ async fn run(seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
-    c.create_source(CreateSourceRequest {
-        name: "events".into(),
-        definition: DEFINITION.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.create_field(CreateFieldRequest {
-        name: "points".into(),
-        kind: FieldKind::Integer as i32,
-        merge: "sum".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    common::events_source_and_points(&mut c).await;
     let n = g.rng.random_range(8..20);
     let mut people: Vec<Person> = (0..n)
         .map(|i| Person {

@@ -145,11 +145,7 @@ pub(super) async fn rebuild_facts(
         .map_err(|e| Status::internal(format!("the rebuild task failed: {e}")))?;
         let (counts, why, kinds, Rebuilt { erase, writes }) = folded.map_err(to_status)?;
         let ids: HashMap<&str, u32> = snap_ids(&svc.engine, &customers)?;
-        for (field, (kind, merge)) in kinds {
-            ensure_field(&svc.engine, &field, kind, merge)
-                .await
-                .map_err(|why| Status::failed_precondition(format!("fact {field:?}: {why}")))?;
-        }
+        ensure_fact_fields(&svc.engine, &kinds).await?;
         let r = svc
             .engine
             .write(WriteOp::RebuildFacts {
@@ -192,6 +188,19 @@ pub(super) async fn rebuild_facts(
         )));
     }
     Ok(out)
+}
+
+/// Creates the fields that rebuilt facts write and the store lacks.
+pub(super) async fn ensure_fact_fields(
+    engine: &crate::storage::Engine,
+    kinds: &std::collections::BTreeMap<String, (FactKind, crate::fields::MergeRule)>,
+) -> Result<(), Status> {
+    for (field, (kind, merge)) in kinds {
+        ensure_field(engine, field, *kind, *merge)
+            .await
+            .map_err(|why| Status::failed_precondition(format!("fact {field:?}: {why}")))?;
+    }
+    Ok(())
 }
 
 /// Refuses to rebuild facts from an archive that dropped events past its

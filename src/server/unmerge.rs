@@ -15,8 +15,7 @@ use crate::error::Error;
 use crate::ingest::rebuild::Rebuild;
 use crate::ingest::split::{Kept, Side, split};
 use crate::proto;
-use crate::server::ingest::ensure_field;
-use crate::server::rebuild::{check_archive, fact_fields};
+use crate::server::rebuild::{check_archive, ensure_fact_fields, fact_fields};
 use crate::server::service::{Service, invalid};
 use crate::server::status::to_status;
 use crate::storage::{CheckpointOptions, UNMERGE_REVIVED, UNMERGE_SURVIVOR, WriteOp, undoable};
@@ -80,11 +79,7 @@ pub(super) async fn unmerge(
         .await
         .map_err(|e| Status::internal(format!("the unmerge task failed: {e}")))?
         .map_err(to_status)?;
-        for (field, (kind, rule)) in &folded.kinds {
-            ensure_field(&svc.engine, field, *kind, *rule)
-                .await
-                .map_err(|why| Status::failed_precondition(format!("fact {field:?}: {why}")))?;
-        }
+        ensure_fact_fields(&svc.engine, &folded.kinds).await?;
         let r = svc
             .engine
             .write(WriteOp::Unmerge {

@@ -29,3 +29,78 @@ pub fn try_start(dir: &Path, extra: &[&str]) -> Result<TestServer, String> {
 pub async fn client(server: &TestServer) -> Client {
     server.client().await.expect("connect")
 }
+
+/// A JSON Lines source definition (for `CreateSource`) whose records name
+/// customers by a JD pin, a phone and a member card (columns `pin`, `phone`
+/// and `card`; one left out is not named), with an event id (`id`), type
+/// (`type`), channel (`ch`), time (`ts`, Unix ms), amount (`fen`) and
+/// category (`cat`).
+pub const PIN_PHONE_CARD_SOURCE: &str = r#"
+format = "jsonl"
+channel = { column = "ch" }
+event_type = { column = "type" }
+time = "ts"
+time_form = "epoch_ms"
+event_id = "id"
+amount = { column = "fen", unit = "fen" }
+category = "cat"
+identities = [
+  { type = "jd_pin", column = "pin" },
+  { type = "phone", column = "phone" },
+  { type = "member_card", column = "card" },
+]
+"#;
+
+/// Sends `data` to `source` as one `Ingest` batch; its answer (the stream
+/// then ends).
+pub async fn ingest_batch(
+    c: &mut Client,
+    source: &str,
+    data: &str,
+) -> tagstore::proto::IngestResponse {
+    let batch = tagstore::proto::IngestRequest {
+        source: source.into(),
+        seq: 1,
+        data: data.as_bytes().to_vec(),
+        ..Default::default()
+    };
+    let mut stream = c
+        .ingest(tokio_stream::iter(vec![batch]))
+        .await
+        .expect("ingest")
+        .into_inner();
+    let answer = stream.message().await.expect("answer").expect("one answer");
+    assert!(stream.message().await.expect("end").is_none());
+    answer
+}
+
+/// The source `events` ([`PIN_PHONE_CARD_SOURCE`]) and an integer field
+/// `points` merged by `sum`, written directly (not a fact).
+pub async fn events_source_and_points(c: &mut Client) {
+    c.create_source(tagstore::proto::CreateSourceRequest {
+        name: "events".into(),
+        definition: PIN_PHONE_CARD_SOURCE.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("create source");
+    c.create_field(tagstore::proto::CreateFieldRequest {
+        name: "points".into(),
+        kind: tagstore::proto::FieldKind::Integer as i32,
+        merge: "sum".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("create field");
+}
+
+/// The profile of the customer `key` names (panics if none does).
+pub async fn profile(c: &mut Client, key: &str) -> tagstore::proto::ProfileResponse {
+    c.profile(tagstore::proto::ProfileRequest {
+        customer: key.into(),
+        recent_days: 0,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("profile of {key}: {e}"))
+    .into_inner()
+}

@@ -212,22 +212,12 @@ impl Planner<'_> {
                 continue;
             }
             match &field.meta.kind {
-                FieldKind::Int => {
-                    if let Pending::Int(m) = seed
-                        .entry(fid)
-                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
-                    {
-                        m.insert(a, Some(v));
-                    }
-                }
+                FieldKind::Int => set_int(&mut seed, fid, a, Some(v)),
                 FieldKind::Enum { values } => {
-                    let Ok(slot) = u32::try_from(v) else { continue };
-                    if (slot as usize) < values.len()
-                        && let Pending::Enum(m) = seed
-                            .entry(fid)
-                            .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+                    if let Ok(slot) = u32::try_from(v)
+                        && (slot as usize) < values.len()
                     {
-                        m.insert(a, Some(slot));
+                        set_enum(&mut seed, fid, a, Some(slot));
                     }
                 }
                 FieldKind::Behaviour(_) => {}
@@ -243,26 +233,14 @@ impl Planner<'_> {
             match &field.meta.kind {
                 FieldKind::Int => {
                     // Written since the merge: it stays.
-                    if field.int_value(s)? != Some(after) {
-                        continue;
-                    }
-                    if let Pending::Int(m) = seed
-                        .entry(fid)
-                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
-                    {
-                        m.insert(s, before);
+                    if field.int_value(s)? == Some(after) {
+                        set_int(&mut seed, fid, s, before);
                     }
                 }
                 FieldKind::Enum { .. } => {
-                    if field.enum_value(s)?.map(i64::from) != Some(after) {
-                        continue;
-                    }
-                    let before = before.and_then(|b| u32::try_from(b).ok());
-                    if let Pending::Enum(m) = seed
-                        .entry(fid)
-                        .or_insert_with(|| Pending::Enum(BTreeMap::new()))
-                    {
-                        m.insert(s, before);
+                    if field.enum_value(s)?.map(i64::from) == Some(after) {
+                        let before = before.and_then(|b| u32::try_from(b).ok());
+                        set_enum(&mut seed, fid, s, before);
                     }
                 }
                 FieldKind::Behaviour(_) => {}
@@ -341,5 +319,25 @@ impl Planner<'_> {
                 survivor: s,
             },
         ))
+    }
+}
+
+/// Plans customer `id`'s value of integer field `field` (`None`: none).
+fn set_int(seed: &mut BTreeMap<u32, Pending>, field: u32, id: u32, v: Option<i64>) {
+    if let Pending::Int(m) = seed
+        .entry(field)
+        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+    {
+        m.insert(id, v);
+    }
+}
+
+/// Plans customer `id`'s value (slot) of enumerated field `field`.
+fn set_enum(seed: &mut BTreeMap<u32, Pending>, field: u32, id: u32, v: Option<u32>) {
+    if let Pending::Enum(m) = seed
+        .entry(field)
+        .or_insert_with(|| Pending::Enum(BTreeMap::new()))
+    {
+        m.insert(id, v);
     }
 }
