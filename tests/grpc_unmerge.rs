@@ -38,7 +38,7 @@ async fn ingest(c: &mut Client, data: &str) -> IngestResponse {
 async fn unmerge(c: &mut Client, merge_id: u64) -> Result<UnmergeResponse, tonic::Status> {
     c.unmerge(UnmergeRequest {
         merge_id,
-        allow_partial: false,
+        ..Default::default()
     })
     .await
     .map(|r| r.into_inner())
@@ -398,4 +398,166 @@ async fn a_chain_is_undone_newest_first() {
         v
     };
     assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+}
+
+async fn take_off(c: &mut Client, identity: &str) -> Result<UnmergeResponse, tonic::Status> {
+    c.unmerge(UnmergeRequest {
+        merge_id: 0,
+        identity: identity.into(),
+        allow_partial: false,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// What Ann and Carl must have once Carl's phone is taken off Ann.
+async fn check_taken_off(c: &mut Client) {
+    let ann = profile(c, ANN_PIN).await;
+    let carl = profile(c, "phone:13700000003").await;
+    assert_ne!(ann.internal_id, carl.internal_id);
+    assert_eq!(carl.key, "phone:13700000003");
+    let ids = |p: &ProfileResponse| {
+        p.identities
+            .iter()
+            .map(|i| i.identity.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&ann), [ANN_PIN, "phone:13812345678"]);
+    assert_eq!(ids(&carl), ["member_card:vip-0333", "phone:13700000003"]);
+    // Ann: her two orders and the one naming her pin with Carl's phone.
+    // Carl: his order by phone, and the one with his new card.
+    assert_eq!(int_value(c, ANN_PIN, "order_count").await, Some(3));
+    assert_eq!(
+        int_value(c, ANN_PIN, "total_spend_fen").await,
+        Some(100 + 200 + 300)
+    );
+    assert_eq!(
+        int_value(c, "member_card:vip-0333", "order_count").await,
+        Some(2)
+    );
+    assert_eq!(
+        int_value(c, "member_card:vip-0333", "total_spend_fen").await,
+        Some(4_000 + 5_000)
+    );
+    // Ann keeps her tag and points; Carl starts with none.
+    assert_eq!(ann.tags, ["store_fan"]);
+    assert!(carl.tags.is_empty());
+    assert_eq!(int_value(c, ANN_PIN, "points").await, Some(5));
+    assert_eq!(int_value(c, "phone:13700000003", "points").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_taken_off_becomes_a_customer_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    common::events_source_and_points(&mut c).await;
+    let data = line("1", "order", 0, 100, &[("pin", "ann"), ("phone", "13812345678")])
+        + &line("2", "order", 1, 200, &[("pin", "ann")])
+        // Carl's phone typed on Ann's order: it is linked to her.
+        + &line("3", "order", 2, 300, &[("pin", "ann"), ("phone", "13700000003")])
+        // Then Carl's own orders land on Ann.
+        + &line("4", "order", 3, 4_000, &[("phone", "13700000003")])
+        + &line("5", "order", 4, 5_000, &[("phone", "13700000003"), ("card", "VIP-0333")]);
+    ingest(&mut c, &data).await;
+    tag(&mut c, "store_fan", ANN_PIN).await;
+    set_points(&mut c, ANN_PIN, 5).await;
+    assert_eq!(int_value(&mut c, ANN_PIN, "order_count").await, Some(5));
+    // Bo, merged into Ann by a shared phone: his key is not an identity to
+    // take off (undo the merge instead).
+    ingest(
+        &mut c,
+        &line(
+            "6",
+            "view",
+            5,
+            0,
+            &[("pin", "bo"), ("phone", "13900000009")],
+        ),
+    )
+    .await;
+    let m = ingest(
+        &mut c,
+        &line(
+            "7",
+            "view",
+            6,
+            0,
+            &[("pin", "ann"), ("phone", "13900000009")],
+        ),
+    )
+    .await
+    .merges[0]
+        .clone();
+    let bo = take_off(&mut c, BO_PIN).await.unwrap_err();
+    assert_eq!(bo.code(), Code::FailedPrecondition);
+    assert!(
+        bo.message()
+            .contains(&format!("undo merge {} instead", m.merge_id)),
+        "{}",
+        bo.message()
+    );
+    unmerge(&mut c, m.merge_id).await.unwrap();
+    // Refusals.
+    let own = take_off(&mut c, ANN_PIN).await.unwrap_err();
+    assert_eq!(own.code(), Code::FailedPrecondition);
+    assert!(own.message().contains("created with"), "{}", own.message());
+    assert_eq!(
+        code(take_off(&mut c, "phone:13600000000").await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(take_off(&mut c, "nocolon").await),
+        Code::InvalidArgument
+    );
+    let both = c
+        .unmerge(UnmergeRequest {
+            merge_id: m.merge_id,
+            identity: "phone:13700000003".into(),
+            allow_partial: false,
+        })
+        .await;
+    assert_eq!(code(both), Code::InvalidArgument);
+
+    // Carl's phone taken off Ann (written in another form: normalised).
+    let u = take_off(&mut c, "phone:137-0000-0003").await.unwrap();
+    assert_eq!(u.revived, "phone:13700000003");
+    assert_eq!(u.survivor, ANN_PIN);
+    assert_eq!(u.identities, ["member_card:vip-0333", "phone:13700000003"]);
+    assert_eq!(u.events_revived, 2);
+    check_taken_off(&mut c).await;
+    let log = c
+        .list_merges(ListMergesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let split = log.merges.last().unwrap();
+    assert!(split.split && split.undone_ms > 0, "{split:?}");
+    assert_eq!(split.via, "phone:13700000003");
+    // Kept apart: Ann's pin with Carl's phone again merges no one.
+    let again = ingest(
+        &mut c,
+        &line(
+            "8",
+            "view",
+            7,
+            0,
+            &[("pin", "ann"), ("phone", "13700000003")],
+        ),
+    )
+    .await;
+    assert!(again.merges.is_empty());
+    assert!(again.refused_links[0].reason.contains("kept apart"));
+    server.kill();
+    drop(server);
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    check_taken_off(&mut c).await;
+    c.rebuild_facts(RebuildFactsRequest {
+        customers: vec![ANN_PIN.into(), "phone:13700000003".into()],
+        allow_partial: false,
+    })
+    .await
+    .unwrap();
+    check_taken_off(&mut c).await;
 }

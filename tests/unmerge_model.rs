@@ -254,13 +254,13 @@ async fn run(seed: u64) {
     for (i, id) in undo.iter().enumerate() {
         let request = UnmergeRequest {
             merge_id: *id,
-            allow_partial: false,
+            ..Default::default()
         };
         if i == kill_at {
             // Killed while this unmerge may be anywhere (reading, logging,
             // answering): after the restart it is whole or not done.
             let mut caller = c.clone();
-            let sent = request;
+            let sent = request.clone();
             let call = tokio::spawn(async move { caller.unmerge(sent).await });
             let micros = g.rng.random_range(0..4_000);
             tokio::time::sleep(std::time::Duration::from_micros(micros)).await;

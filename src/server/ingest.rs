@@ -808,6 +808,7 @@ pub(super) fn merge_info(
         refused: m.refused.clone(),
         moved: m.moved.clone(),
         undone_ms: m.undone_ms,
+        split: m.is_split(),
     })
 }
 

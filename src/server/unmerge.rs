@@ -1,4 +1,5 @@
-//! The `Unmerge` call (OneID): checks that the merge can be undone,
+//! The `Unmerge` call (OneID): checks that the merge can be undone (or the
+//! identity taken off its customer),
 //! checkpoints (so the event archive holds every event so far), reads the
 //! merged customer's kept events off the runtime, has the ingestion room
 //! split them between the two customers and fold each side into facts, and
@@ -18,7 +19,9 @@ use crate::proto;
 use crate::server::rebuild::{check_archive, ensure_fact_fields, fact_fields};
 use crate::server::service::{Service, invalid};
 use crate::server::status::to_status;
-use crate::storage::{CheckpointOptions, UNMERGE_REVIVED, UNMERGE_SURVIVOR, WriteOp, undoable};
+use crate::storage::{
+    CheckpointOptions, UNMERGE_REVIVED, UNMERGE_SURVIVOR, UnmergeOf, WriteOp, splittable, undoable,
+};
 
 /// Tries before a survivor whose events keep arriving is given up.
 const ATTEMPTS: usize = 4;
@@ -31,14 +34,31 @@ pub(super) async fn unmerge(
     svc: &Service,
     req: proto::UnmergeRequest,
 ) -> Result<proto::UnmergeResponse, Status> {
-    let merge = req.merge_id;
-    if merge == 0 {
-        return Err(invalid(
-            "name the merge to undo: merge_id, as ListMerges gives it (0 is none)",
-        ));
+    // What to undo, refused before the checkpoint when it cannot be done.
+    let what = match (req.merge_id, req.identity.is_empty()) {
+        (0, true) => {
+            return Err(invalid(
+                "name the merge to undo (merge_id, as ListMerges gives it) or an identity to take off its customer",
+            ));
+        }
+        (merge, true) => Undo::Merge(merge),
+        (0, false) => Undo::Identity(
+            crate::ingest::event::identity_from_text(&req.identity).map_err(|e| invalid(e.0))?,
+        ),
+        _ => {
+            return Err(invalid(
+                "name a merge_id or an identity to take off, not both",
+            ));
+        }
+    };
+    match &what {
+        Undo::Merge(merge) => {
+            undoable(&svc.engine.snapshot(), *merge).map_err(to_status)?;
+        }
+        Undo::Identity(identity) => {
+            splittable(&svc.engine.snapshot(), identity).map_err(to_status)?;
+        }
     }
-    // Refused before the checkpoint when it cannot be done at all.
-    undoable(&svc.engine.snapshot(), merge).map_err(to_status)?;
     for _ in 0..ATTEMPTS {
         svc.engine
             .checkpoint(CheckpointOptions::default())
@@ -46,15 +66,46 @@ pub(super) async fn unmerge(
             .map_err(to_status)?;
         let snap = svc.engine.snapshot();
         check_archive(&snap, req.allow_partial, "undoing the merge")?;
-        let entry = undoable(&snap, merge).map_err(to_status)?.entry;
-        let (a, s) = (entry.absorbed, entry.survivor);
-        let (absorbed, family): (RoaringBitmap, RoaringBitmap) = {
-            let log = snap.merges.read();
-            (
-                log.merged_into(a).into_iter().collect(),
-                log.merged_into(s).into_iter().collect(),
-            )
+        // The two sides: the customer that comes back (or is made of the
+        // identity) and the one it leaves, with the identities that go
+        // back for sure.
+        let (of, revived, survivor, moved, absorbed) = match &what {
+            Undo::Merge(merge) => {
+                let e = undoable(&snap, *merge).map_err(to_status)?.entry;
+                let absorbed: RoaringBitmap = snap
+                    .merges
+                    .read()
+                    .merged_into(e.absorbed)
+                    .into_iter()
+                    .collect();
+                (
+                    UnmergeOf::Merge(*merge),
+                    Some(e.absorbed),
+                    e.survivor,
+                    e.moved,
+                    absorbed,
+                )
+            }
+            Undo::Identity(identity) => {
+                let customer = splittable(&snap, identity).map_err(to_status)?;
+                (
+                    UnmergeOf::Identity {
+                        identity: identity.clone(),
+                        customer,
+                    },
+                    None,
+                    customer,
+                    vec![identity.clone()],
+                    RoaringBitmap::new(),
+                )
+            }
         };
+        let family: RoaringBitmap = snap
+            .merges
+            .read()
+            .merged_into(survivor)
+            .into_iter()
+            .collect();
         let fields = fact_fields(&snap);
         let as_of = snap.archive.upto_lsn;
         let dropped_to_ms = snap.archive.dropped_to_ms;
@@ -69,9 +120,8 @@ pub(super) async fn unmerge(
                 Inputs {
                     absorbed,
                     family,
-                    survivor: s,
-                    revived: a,
-                    moved: entry.moved,
+                    survivor,
+                    moved,
                     fields,
                 },
             )
@@ -83,7 +133,7 @@ pub(super) async fn unmerge(
         let r = svc
             .engine
             .write(WriteOp::Unmerge {
-                merge,
+                of,
                 as_of,
                 identities: folded.identities.clone(),
                 erase: folded.erase,
@@ -94,6 +144,9 @@ pub(super) async fn unmerge(
         if !r.busy.is_empty() {
             continue;
         }
+        let a = revived
+            .or_else(|| r.ids.first().copied())
+            .unwrap_or_default();
         let now = svc.engine.snapshot();
         let key = |id: u32| -> Result<String, Status> {
             Ok(now.dict.key_of(id).map_err(to_status)?.unwrap_or_default())
@@ -101,8 +154,8 @@ pub(super) async fn unmerge(
         return Ok(proto::UnmergeResponse {
             revived: key(a)?,
             revived_id: a,
-            survivor: key(s)?,
-            survivor_id: s,
+            survivor: key(survivor)?,
+            survivor_id: survivor,
             identities: folded.identities,
             events: folded.events,
             events_revived: folded.events_revived,
@@ -116,23 +169,28 @@ pub(super) async fn unmerge(
         });
     }
     Err(Status::aborted(format!(
-        "customer {:?} kept receiving events through {ATTEMPTS} tries, so merge {merge} was not undone; try again",
-        svc.engine
-            .snapshot()
-            .merges
-            .read()
-            .get(merge)
-            .map_or(0, |e| e.survivor)
+        "the customer kept receiving events through {ATTEMPTS} tries, so {} was not undone; try again",
+        match &what {
+            Undo::Merge(m) => format!("merge {m}"),
+            Undo::Identity(i) => format!("taking {i:?} off it"),
+        }
     )))
 }
 
+/// What a call asks to undo.
+enum Undo {
+    Merge(u64),
+    Identity(String),
+}
+
 struct Inputs {
-    /// The absorbed customer and those merged into it before.
+    /// The absorbed customer and those merged into it before (none for an
+    /// identity taken off).
     absorbed: RoaringBitmap,
     /// The survivor and every customer merged into it.
     family: RoaringBitmap,
     survivor: u32,
-    revived: u32,
+    /// The identities that go back for sure.
     moved: Vec<String>,
     fields: Vec<(String, crate::ingest::facts::FactKind)>,
 }
@@ -196,8 +254,16 @@ fn read_and_split(
         &input.moved,
         &naming,
     );
+    // The customer that comes back may have no id yet (one made of an
+    // identity): the fold names it by a stand-in id the survivor cannot
+    // have, and the writes by the writer's handle.
+    let revived = if input.survivor == u32::MAX {
+        0
+    } else {
+        u32::MAX
+    };
     let keys: HashMap<u32, String> = [
-        (input.revived, UNMERGE_REVIVED.to_string()),
+        (revived, UNMERGE_REVIVED.to_string()),
         (input.survivor, UNMERGE_SURVIVOR.to_string()),
     ]
     .into();
@@ -207,7 +273,7 @@ fn read_and_split(
         let customer = match side {
             Side::Revived => {
                 events_revived += 1;
-                input.revived
+                revived
             }
             Side::Survivor => input.survivor,
             Side::Other => continue,

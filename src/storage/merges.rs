@@ -63,6 +63,13 @@ impl MergeEntry {
     pub fn in_force(&self) -> bool {
         self.refused.is_empty() && self.undone_lsn == 0
     }
+
+    /// Not a merge but an identity (`via`) taken off customer `survivor`,
+    /// which made customer `absorbed` of it: logged undone by the record
+    /// that logged it.
+    pub fn is_split(&self) -> bool {
+        self.undone_lsn != 0 && self.undone_lsn == self.lsn
+    }
 }
 
 /// Every merge, oldest first.

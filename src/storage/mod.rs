@@ -58,11 +58,11 @@ pub use datadir::{DataDir, LOCK_FILE, ORPHANS_DIR};
 use recovery::Recovered;
 pub use recovery::RecoveryReport;
 pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
-pub use writer::unmerge::{Undoable, undoable};
+pub use writer::unmerge::{Undoable, splittable, undoable};
 use writer::{Cmd, Writer};
 pub use writer::{
     Combine, EventTime, IngestRecord, KeptEvent, KeyIds, Mutation, UNMERGE_REVIVED,
-    UNMERGE_SURVIVOR, ValueWrite, WriteOp, WriteResult,
+    UNMERGE_SURVIVOR, UnmergeOf, ValueWrite, WriteOp, WriteResult,
 };
 
 /// Writes naming at most this many customer keys have them checked on the

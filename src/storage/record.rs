@@ -233,15 +233,25 @@ pub struct Batch {
     pub unmerges: Vec<LoggedUnmerge>,
 }
 
-/// One merge undone, as the log carries it.
+/// One merge undone, or one identity taken off a customer, as the log
+/// carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedUnmerge {
-    /// The merge's number in the merge log.
+    /// The merge's number in the merge log; for an identity taken off, the
+    /// number of the new entry that records it.
     pub merge: u64,
-    /// The customer it absorbed, live again.
+    /// The customer the merge absorbed, live again; or the customer the
+    /// identity taken off now names (made by this batch).
     pub revived: u32,
-    /// The customer it was merged into.
+    /// The customer it was merged into; or the one the identity was taken
+    /// off.
     pub survivor: u32,
+    /// Empty: merge `merge` undone. Otherwise the identity taken off
+    /// `survivor`.
+    pub identity: String,
+    /// For an identity taken off: the identities that went with it
+    /// (itself among them), for the merge log.
+    pub moved: Vec<String>,
 }
 
 /// What a merge changed, kept with it so that it can be undone: what the
@@ -517,7 +527,14 @@ impl Batch {
         }
         e.u32(self.unmerges.len() as u32);
         for u in &self.unmerges {
-            e.u64(u.merge).u32(u.revived).u32(u.survivor);
+            e.u64(u.merge)
+                .u32(u.revived)
+                .u32(u.survivor)
+                .str(&u.identity)
+                .u32(u.moved.len() as u32);
+            for i in &u.moved {
+                e.str(i);
+            }
         }
         e.buf
     }
@@ -650,6 +667,10 @@ impl Batch {
                     merge: d.u64()?,
                     revived: d.u32()?,
                     survivor: d.u32()?,
+                    identity: d.str()?.to_string(),
+                    moved: (0..d.u32()?)
+                        .map(|_| d.str().map(str::to_string))
+                        .collect::<DecResult<_>>()?,
                 });
             }
         }
@@ -768,11 +789,22 @@ mod tests {
                     gained_days: vec![],
                 },
             }],
-            unmerges: vec![LoggedUnmerge {
-                merge: 3,
-                revived: 11,
-                survivor: 10,
-            }],
+            unmerges: vec![
+                LoggedUnmerge {
+                    merge: 3,
+                    revived: 11,
+                    survivor: 10,
+                    identity: String::new(),
+                    moved: vec![],
+                },
+                LoggedUnmerge {
+                    merge: 8,
+                    revived: 12,
+                    survivor: 10,
+                    identity: "phone:2".into(),
+                    moved: vec!["phone:2".into(), "member_card:9".into()],
+                },
+            ],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

@@ -430,7 +430,25 @@ impl State {
             let mut log = self.snap.merges.write();
             for u in &b.unmerges {
                 live.insert(u.revived);
-                log.undo(u.merge, lsn, b.at_ms);
+                if u.identity.is_empty() {
+                    log.undo(u.merge, lsn, b.at_ms);
+                } else {
+                    // An identity taken off: logged as a split, the two
+                    // customers kept apart.
+                    log.push(MergeEntry {
+                        id: u.merge,
+                        lsn,
+                        at_ms: b.at_ms,
+                        survivor: u.survivor,
+                        absorbed: u.revived,
+                        via: u.identity.clone(),
+                        refused: String::new(),
+                        moved: u.moved.clone(),
+                        undo: Default::default(),
+                        undone_lsn: lsn,
+                        undone_ms: b.at_ms,
+                    });
+                }
                 // Their facts changed by more than their archived events.
                 self.ingested.1.insert(u.revived);
                 self.ingested.1.insert(u.survivor);

@@ -222,24 +222,35 @@ pub enum WriteOp {
         erase: Vec<String>,
         writes: Vec<ValueWrite>,
     },
-    /// Undoes merge `merge` (OneID), with facts rebuilt from the event
-    /// archive as it was at lsn `as_of` (a checkpoint's). The customer the
-    /// merge absorbed is live again, named by `identities` (those of the
-    /// survivor's that its events show to be its), with the tags and values
-    /// the merge kept for it; the survivor loses the tags, values and
-    /// behaviour days it got only from the merge (ones written again since
-    /// stay). Then both lose whatever they had in the `erase` fields (the
+    /// Undoes a merge, or takes an identity off a customer (OneID), with
+    /// facts rebuilt from the event archive as it was at lsn `as_of` (a
+    /// checkpoint's). The customer the merge absorbed is live again (or a
+    /// new customer is made of the identity), named by `identities` (those
+    /// of the survivor's that its events show to be its); for a merge, with
+    /// the tags and values the merge kept for it, and the survivor loses
+    /// the tags, values and behaviour days it got only from the merge (ones
+    /// written again since stay). Then both lose whatever they had in the `erase` fields (the
     /// facts) and get `writes`, which name them by [`UNMERGE_REVIVED`] and
     /// [`UNMERGE_SURVIVOR`]. If the survivor received events after
     /// `as_of`, nothing is written and it is reported busy
     /// ([`WriteResult::busy`]): its new events are not in what was read.
     Unmerge {
-        merge: u64,
+        of: UnmergeOf,
         as_of: u64,
         identities: Vec<String>,
         erase: Vec<String>,
         writes: Vec<ValueWrite>,
     },
+}
+
+/// What a [`WriteOp::Unmerge`] undoes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnmergeOf {
+    /// A merge, by its number in the merge log.
+    Merge(u64),
+    /// An identity (`type:value`) of live customer `customer`, taken off
+    /// it: a new customer is made of it, with the events that are its.
+    Identity { identity: String, customer: u32 },
 }
 
 /// The customer key by which an [`WriteOp::Unmerge`]'s writes name the

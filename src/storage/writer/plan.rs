@@ -411,12 +411,12 @@ impl Planner<'_> {
                 Ok(Planned::Write(batch, target))
             }
             WriteOp::Unmerge {
-                merge,
+                of,
                 as_of,
                 identities,
                 erase,
                 writes,
-            } => self.plan_unmerge(merge, as_of, identities, erase, writes, batch),
+            } => self.plan_unmerge(of, as_of, identities, erase, writes, batch),
             WriteOp::Ingest { records } => {
                 let mut duplicates = Vec::new();
                 let mut fresh = std::collections::HashSet::new();

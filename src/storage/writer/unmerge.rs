@@ -105,10 +105,45 @@ pub fn undoable(snap: &Snapshot, merge: u64) -> Result<Undoable> {
     })
 }
 
+/// The live customer identity `identity` can be taken off (a split):
+/// the one it names, unless it is the key a customer was created with
+/// (that customer's, or one merged into it: then the merge is to be
+/// undone instead).
+pub fn splittable(snap: &Snapshot, identity: &str) -> Result<u32> {
+    let customer = snap
+        .customer_id(identity)?
+        .ok_or_else(|| Error::CustomerNotFound(identity.to_string()))?;
+    if let Some(created) = snap.dict.lookup(identity)? {
+        if created == customer {
+            return Err(Error::Precondition(format!(
+                "{identity:?} is the key customer {customer} was created with (its name in member pages and exports); it cannot be taken off"
+            )));
+        }
+        let log = snap.merges.read();
+        if log.survivor_of(created) == customer {
+            let merge = log
+                .entries()
+                .iter()
+                .find(|e| e.in_force() && e.absorbed == created)
+                .map_or(0, |e| e.id);
+            return Err(Error::Precondition(format!(
+                "{identity:?} is the key of customer {created}, merged into customer {customer}: undo merge {merge} instead"
+            )));
+        }
+    }
+    if !snap.idents.of(customer)?.iter().any(|(i, _)| i == identity) {
+        return Err(Error::Precondition(format!(
+            "{identity:?} is not one of customer {customer}'s identities"
+        )));
+    }
+    Ok(customer)
+}
+
 impl Planner<'_> {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn plan_unmerge(
         &self,
-        merge: u64,
+        of: UnmergeOf,
         as_of: u64,
         identities: Vec<String>,
         erase: Vec<String>,
@@ -116,12 +151,48 @@ impl Planner<'_> {
         mut batch: Batch,
     ) -> Result<Planned> {
         let snap = &self.state.snap;
-        let Undoable {
-            entry,
-            later_tags,
-            later_days,
-        } = undoable(snap, merge)?;
-        let (a, s) = (entry.absorbed, entry.survivor);
+        let mut ids = IdAssigner::new(self.state)?;
+        // The customer that comes back (or is made), the one it leaves, and
+        // for an undone merge what the merge kept.
+        let (a, s, undone) = match of {
+            UnmergeOf::Merge(merge) => {
+                let u = undoable(snap, merge)?;
+                let (a, s) = (u.entry.absorbed, u.entry.survivor);
+                // The dictionary keeps an absorbed customer's key while its
+                // survivor lives (a checkpoint keeps it, as it keeps its
+                // events).
+                if snap.dict.key_of(a)?.is_none() {
+                    return Err(Error::Precondition(format!(
+                        "the store no longer has the key customer {a} was created with (merge {merge} was made before absorbed customers' keys were kept); it cannot be brought back"
+                    )));
+                }
+                batch.unmerges.push(LoggedUnmerge {
+                    merge,
+                    revived: a,
+                    survivor: s,
+                    identity: String::new(),
+                    moved: Vec::new(),
+                });
+                (a, s, Some(u))
+            }
+            UnmergeOf::Identity { identity, customer } => {
+                let s = splittable(snap, &identity)?;
+                if s != customer {
+                    return Err(Error::Precondition(format!(
+                        "{identity:?} names customer {s} now, not customer {customer}: try again"
+                    )));
+                }
+                let a = ids.create(&identity)?;
+                batch.unmerges.push(LoggedUnmerge {
+                    merge: snap.merges.read().next_id(),
+                    revived: a,
+                    survivor: s,
+                    identity,
+                    moved: identities.clone(),
+                });
+                (a, s, None)
+            }
+        };
         let (epoch, ingested) = &self.state.ingested;
         if as_of != *epoch || ingested.contains(s) {
             // Events came after the archive the caller read: try again.
@@ -131,19 +202,7 @@ impl Planner<'_> {
                 ..Default::default()
             }));
         }
-        // The dictionary keeps an absorbed customer's key while its
-        // survivor lives (a checkpoint keeps it, as it keeps its events).
-        if snap.dict.key_of(a)?.is_none() {
-            return Err(Error::Precondition(format!(
-                "the store no longer has the key customer {a} was created with (merge {merge} was made before absorbed customers' keys were kept); it cannot be brought back"
-            )));
-        }
-        batch.unmerges.push(LoggedUnmerge {
-            merge,
-            revived: a,
-            survivor: s,
-        });
-        // Identities: those named that still name the survivor go back,
+        // Identities: those named that still name the survivor go over,
         // with where and when they were first seen.
         let mut seen: HashMap<String, crate::storage::dictionary::identities::FirstSeen> =
             snap.idents.of(s)?.into_iter().collect();
@@ -159,6 +218,83 @@ impl Planner<'_> {
             });
         }
         let moved = batch.identities.len() as u64;
+        let mut seed: BTreeMap<u32, Pending> = BTreeMap::new();
+        let mut days: BTreeMap<u32, BTreeMap<u32, RoaringBitmap>> = BTreeMap::new();
+        // Fields: the facts are erased for both and written again from the
+        // events.
+        let mut erased: BTreeSet<u32> = BTreeSet::new();
+        let both: RoaringBitmap = [a, s].into_iter().collect();
+        for name in &erase {
+            let Some(field) = snap.field(name) else {
+                continue;
+            };
+            for slot in field.slots.values() {
+                slot.get()?;
+            }
+            erased.insert(field.id);
+            batch.field_changes.push(FieldChange::Erase {
+                field: field.id,
+                ids: both.clone(),
+            });
+        }
+        if let Some(Undoable {
+            entry,
+            later_tags,
+            later_days,
+        }) = undone
+        {
+            self.give_back(
+                &entry,
+                &later_tags,
+                &later_days,
+                &erased,
+                &mut seed,
+                &mut days,
+                &mut batch,
+            )?;
+        }
+        for (fid, slots) in days {
+            seed.insert(fid, Pending::Events(slots));
+        }
+        ids.link(UNMERGE_REVIVED, a);
+        ids.link(UNMERGE_SURVIVOR, s);
+        for w in &writes {
+            let c = w.customer();
+            if c != UNMERGE_REVIVED && c != UNMERGE_SURVIVOR {
+                return Err(Error::Internal(format!(
+                    "an unmerge's write names {c:?}, not one of its two customers"
+                )));
+            }
+        }
+        let expired = plan_values(snap, &writes, &mut ids, self.at_ms, &mut batch, seed)?;
+        batch.new_keys = ids.new_keys;
+        Ok(Planned::Write(
+            batch,
+            Target::Unmerged {
+                expired,
+                identities: moved,
+                revived: a,
+                survivor: s,
+            },
+        ))
+    }
+
+    /// What an undone merge gives back: the absorbed customer's tags,
+    /// values and days as the merge kept them; the survivor's tags and
+    /// days it had only from the merge taken away, its values the merge
+    /// changed put back (where no write changed them since).
+    #[allow(clippy::too_many_arguments)]
+    fn give_back(
+        &self,
+        entry: &MergeEntry,
+        later_tags: &BTreeSet<u32>,
+        later_days: &BTreeSet<(u32, u32)>,
+        erased: &BTreeSet<u32>,
+        seed: &mut BTreeMap<u32, Pending>,
+        days: &mut BTreeMap<u32, BTreeMap<u32, RoaringBitmap>>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        let (a, s) = (entry.absorbed, entry.survivor);
         // Tags: back to the absorbed customer; the survivor loses those it
         // had only from it.
         let one = |id: u32| -> RoaringBitmap { [id].into_iter().collect() };
@@ -186,24 +322,7 @@ impl Planner<'_> {
                 });
             }
         }
-        // Fields: the facts are erased for both and written again from the
-        // events; the others get back what the merge kept.
-        let mut erased: BTreeSet<u32> = BTreeSet::new();
-        let both: RoaringBitmap = [a, s].into_iter().collect();
-        for name in &erase {
-            let Some(field) = snap.field(name) else {
-                continue;
-            };
-            for slot in field.slots.values() {
-                slot.get()?;
-            }
-            erased.insert(field.id);
-            batch.field_changes.push(FieldChange::Erase {
-                field: field.id,
-                ids: both.clone(),
-            });
-        }
-        let mut seed: BTreeMap<u32, Pending> = BTreeMap::new();
+        // Fields other than facts: what the merge kept.
         for &(fid, v) in &entry.undo.values {
             let Some(field) = self.state.field_by_id(fid) else {
                 continue;
@@ -212,12 +331,12 @@ impl Planner<'_> {
                 continue;
             }
             match &field.meta.kind {
-                FieldKind::Int => set_int(&mut seed, fid, a, Some(v)),
+                FieldKind::Int => set_int(seed, fid, a, Some(v)),
                 FieldKind::Enum { values } => {
                     if let Ok(slot) = u32::try_from(v)
                         && (slot as usize) < values.len()
                     {
-                        set_enum(&mut seed, fid, a, Some(slot));
+                        set_enum(seed, fid, a, Some(slot));
                     }
                 }
                 FieldKind::Behaviour(_) => {}
@@ -234,13 +353,13 @@ impl Planner<'_> {
                 FieldKind::Int => {
                     // Written since the merge: it stays.
                     if field.int_value(s)? == Some(after) {
-                        set_int(&mut seed, fid, s, before);
+                        set_int(seed, fid, s, before);
                     }
                 }
                 FieldKind::Enum { .. } => {
                     if field.enum_value(s)?.map(i64::from) == Some(after) {
                         let before = before.and_then(|b| u32::try_from(b).ok());
-                        set_enum(&mut seed, fid, s, before);
+                        set_enum(seed, fid, s, before);
                     }
                 }
                 FieldKind::Behaviour(_) => {}
@@ -249,7 +368,6 @@ impl Planner<'_> {
         // Behaviour days: the absorbed customer's back; the survivor's
         // gained ones taken away by erasing it from the field and giving
         // back the rest (the log has no change that removes one day).
-        let mut days: BTreeMap<u32, BTreeMap<u32, RoaringBitmap>> = BTreeMap::new();
         for &(fid, slot) in &entry.undo.days {
             if erased.contains(&fid) || self.state.field_by_id(fid).is_none() {
                 continue;
@@ -294,31 +412,7 @@ impl Planner<'_> {
                 d.entry(slot).or_default().insert(s);
             }
         }
-        for (fid, slots) in days {
-            seed.insert(fid, Pending::Events(slots));
-        }
-        let mut ids = IdAssigner::new(self.state)?;
-        ids.link(UNMERGE_REVIVED, a);
-        ids.link(UNMERGE_SURVIVOR, s);
-        for w in &writes {
-            let c = w.customer();
-            if c != UNMERGE_REVIVED && c != UNMERGE_SURVIVOR {
-                return Err(Error::Internal(format!(
-                    "an unmerge's write names {c:?}, not one of its two customers"
-                )));
-            }
-        }
-        let expired = plan_values(snap, &writes, &mut ids, self.at_ms, &mut batch, seed)?;
-        batch.new_keys = ids.new_keys;
-        Ok(Planned::Write(
-            batch,
-            Target::Unmerged {
-                expired,
-                identities: moved,
-                revived: a,
-                survivor: s,
-            },
-        ))
+        Ok(())
     }
 }
 

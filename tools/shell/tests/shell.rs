@@ -650,7 +650,15 @@ async fn ingestion_commands() {
     assert!(ok(a, "count order_count = 32").starts_with('1'));
     assert!(ok(a, "merges").contains("undone"));
     assert!(fails(a, "unmerge 1").contains("already undone"));
-    assert!(fails(a, "unmerge 0").contains("not a merge id"));
+    assert!(fails(a, "unmerge 0").contains("neither a merge id"));
+    // The phone taken off nick1: a customer of its own.
+    let off = ok(a, "unmerge phone:13812345678");
+    assert!(
+        off.contains("phone:13812345678 taken off taobao_nick:nick1")
+            && off.contains("now customer phone:13812345678"),
+        "{off}"
+    );
+    assert!(ok(a, "merges").contains("identity taken off"));
     assert!(ok(a, "create field stage enum new,active,loyal merge last").contains("stage"));
     assert!(ok(a, "create field level integer merge latest").contains("level"));
     let fields = ok(a, "fields");

@@ -122,9 +122,10 @@ pub enum Command {
         identities: Vec<String>,
         channel: String,
     },
-    /// Undo merge `merge`.
+    /// Undo merge `merge`, or (merge 0) take `identity` off its customer.
     Unmerge {
         merge: u64,
+        identity: String,
         allow_partial: bool,
     },
     DropField {
@@ -548,6 +549,7 @@ mod tests {
             p("unmerge 17"),
             Command::Unmerge {
                 merge: 17,
+                identity: String::new(),
                 allow_partial: false
             }
         );
@@ -555,7 +557,16 @@ mod tests {
             p("unmerge 3 allow-partial"),
             Command::Unmerge {
                 merge: 3,
+                identity: String::new(),
                 allow_partial: true
+            }
+        );
+        assert_eq!(
+            p("unmerge phone:13800000001"),
+            Command::Unmerge {
+                merge: 0,
+                identity: "phone:13800000001".into(),
+                allow_partial: false
             }
         );
         assert!(parse("unmerge").is_err());

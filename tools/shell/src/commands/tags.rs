@@ -143,25 +143,33 @@ pub const UNMERGE: Spec = Spec {
     name: "unmerge",
     words: &["unmerge"],
     complete: &["unmerge"],
-    usage: "unmerge <merge id> [allow-partial]",
-    summary: "undo a wrong merge (ids from `merges`): both customers get back their own identities, tags, values and facts, and are kept apart",
+    usage: "unmerge <merge id> | <identity> [allow-partial]",
+    summary: "undo a wrong merge (ids from `merges`), or take one identity off its customer: each side gets back its own identities, tags, values and facts, and they are kept apart",
     example: "unmerge 17",
     takes_tags: false,
     parse: |rest| {
         let usage = || format!("usage: {}", UNMERGE.usage);
         let args = split_args(rest)?;
-        let (id, allow_partial) = match args.as_slice() {
-            [id] => (id, false),
-            [id, kw] if kw.eq_ignore_ascii_case("allow-partial") => (id, true),
+        let (what, allow_partial) = match args.as_slice() {
+            [w] => (w, false),
+            [w, kw] if kw.eq_ignore_ascii_case("allow-partial") => (w, true),
             _ => return Err(usage()),
         };
-        match id.parse::<u64>() {
+        if what.contains(':') {
+            return Ok(Command::Unmerge {
+                merge: 0,
+                identity: what.clone(),
+                allow_partial,
+            });
+        }
+        match what.parse::<u64>() {
             Ok(merge) if merge > 0 => Ok(Command::Unmerge {
                 merge,
+                identity: String::new(),
                 allow_partial,
             }),
             _ => Err(format!(
-                "{id:?} is not a merge id (1, 2, … as `merges` lists them)"
+                "{what:?} is neither a merge id (1, 2, … as `merges` lists them) nor an identity (type:value)"
             )),
         }
     },

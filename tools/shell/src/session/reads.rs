@@ -134,7 +134,9 @@ impl Session {
                                 format!("{} (refused: {})", m.via, m.refused)
                             },
                             m.moved.join(", "),
-                            if m.undone_ms > 0 {
+                            if m.split {
+                                format!("identity taken off {}", fmt_time(m.undone_ms))
+                            } else if m.undone_ms > 0 {
                                 format!("undone {}", fmt_time(m.undone_ms))
                             } else {
                                 String::new()
@@ -144,6 +146,7 @@ impl Session {
                             "merge_id": m.merge_id, "survivor": m.survivor, "survivor_id": m.survivor_id,
                             "absorbed": m.absorbed, "absorbed_id": m.absorbed_id, "via": m.via,
                             "refused": m.refused, "moved": m.moved, "undone_ms": m.undone_ms,
+                            "split": m.split,
                         }));
                         after = m.merge_id;
                     }
@@ -221,22 +224,31 @@ impl Session {
             }
             Command::Unmerge {
                 merge,
+                identity,
                 allow_partial,
             } => {
                 let r = self
                     .client
                     .unmerge(UnmergeRequest {
                         merge_id: merge,
+                        identity: identity.clone(),
                         allow_partial,
                     })
                     .await?
                     .into_inner();
+                let head = if identity.is_empty() {
+                    format!(
+                        "merge {merge} undone: {} (internal id {}) is apart from {} (internal id {}) again",
+                        r.revived, r.revived_id, r.survivor, r.survivor_id
+                    )
+                } else {
+                    format!(
+                        "{identity} taken off {} (internal id {}): now customer {} (internal id {})",
+                        r.survivor, r.survivor_id, r.revived, r.revived_id
+                    )
+                };
                 let mut text = format!(
-                    "merge {merge} undone: {} (internal id {}) is apart from {} (internal id {}) again\n  its identities: {}\n  kept events: {} read, {} of them its own",
-                    r.revived,
-                    r.revived_id,
-                    r.survivor,
-                    r.survivor_id,
+                    "{head}\n  its identities: {}\n  kept events: {} read, {} of them its own",
                     r.identities.join(", "),
                     r.events,
                     r.events_revived
@@ -250,11 +262,11 @@ impl Session {
                 }
                 self.out(
                     text,
-                    json!({ "merge_id": merge, "revived": r.revived, "revived_id": r.revived_id,
-                            "survivor": r.survivor, "survivor_id": r.survivor_id,
-                            "identities": r.identities, "events": r.events,
-                            "events_revived": r.events_revived, "refused": r.refused,
-                            "values_set": r.values_set, "lsn": r.lsn }),
+                    json!({ "merge_id": merge, "identity": identity, "revived": r.revived,
+                            "revived_id": r.revived_id, "survivor": r.survivor,
+                            "survivor_id": r.survivor_id, "identities": r.identities,
+                            "events": r.events, "events_revived": r.events_revived,
+                            "refused": r.refused, "values_set": r.values_set, "lsn": r.lsn }),
                 );
             }
             Command::Identities(key) => {
