@@ -561,3 +561,96 @@ async fn an_identity_taken_off_becomes_a_customer_of_its_own() {
     .unwrap();
     check_taken_off(&mut c).await;
 }
+
+/// An unmerge whose caller gives up at any moment is whole or not done:
+/// after each try either Bo is still part of Ann (and her facts count
+/// his orders) or everything is as `check_apart` wants it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmerge_cancelled_halfway_is_whole_or_not_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    common::events_source_and_points(&mut c).await;
+    let jd = line(
+        "J1",
+        "order",
+        0,
+        62_000,
+        &[("pin", "ann"), ("phone", "13812345678")],
+    ) + &line(
+        "J2",
+        "order",
+        0,
+        1_200,
+        &[("pin", "bo"), ("phone", "13900001111")],
+    );
+    ingest(&mut c, &jd).await;
+    tag(&mut c, "store_fan", ANN_PIN).await;
+    tag(&mut c, "vip", BO_PIN).await;
+    set_points(&mut c, ANN_PIN, 5).await;
+    set_points(&mut c, BO_PIN, 7).await;
+    let pos = line(
+        "R1",
+        "order",
+        1,
+        10_000,
+        &[("card", "VIP-0042"), ("phone", "13812345678")],
+    ) + &line(
+        "R2",
+        "order",
+        2,
+        5_000,
+        &[("card", "VIP-0042"), ("phone", "13900001111")],
+    );
+    let m = ingest(&mut c, &pos).await.merges[0].clone();
+    let after = line("R3", "order", 4, 700, &[("phone", "13900001111")])
+        + &line(
+            "R4",
+            "order",
+            5,
+            300,
+            &[("card", "VIP-0077"), ("phone", "13900001111")],
+        );
+    ingest(&mut c, &after).await;
+    let mut undone = false;
+    for micros in (0..60).map(|i| i * 200) {
+        let mut caller = c.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_micros(micros),
+            caller.unmerge(UnmergeRequest {
+                merge_id: m.merge_id,
+                ..Default::default()
+            }),
+        )
+        .await;
+        // An unmerge the server had not yet seen cancelled may still land
+        // later: the merged state is read from one snapshot (one profile).
+        c.checkpoint(CheckpointRequest::default()).await.unwrap();
+        let ann = profile(&mut c, ANN_PIN).await;
+        if ann.identities.iter().any(|i| i.identity == BO_PIN) {
+            // Still one: all of Bo is in Ann.
+            assert_eq!(ann.tags, ["store_fan", "vip"], "after {micros} µs");
+            let int = |name: &str| {
+                ann.values.iter().find_map(|v| match (&v.field, &v.value) {
+                    (f, Some(field_value::Value::IntValue(i))) if f == name => Some(*i),
+                    _ => None,
+                })
+            };
+            assert_eq!(
+                (int("order_count"), int("points")),
+                (Some(6), Some(12)),
+                "after {micros} µs"
+            );
+            continue;
+        }
+        // Undone, whole (nothing else changes the store meanwhile).
+        check_apart(&mut c).await;
+        undone = true;
+        eprintln!("undone by the try cancelled after {micros} µs");
+        break;
+    }
+    if !undone {
+        unmerge(&mut c, m.merge_id).await.unwrap();
+    }
+    check_apart(&mut c).await;
+}
