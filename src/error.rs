@@ -63,6 +63,10 @@ pub enum Error {
     CustomerNotFound(String),
     #[error("source not found: {:?}", shown(.0))]
     SourceNotFound(String),
+    #[error("saved audience not found: {:?}", shown(.0))]
+    AudienceNotFound(String),
+    #[error("a saved audience named {:?} already exists", shown(.0))]
+    AudienceExists(String),
     #[error("a source named {:?} already exists", shown(.0))]
     SourceExists(String),
     #[error("customer id {0} names no live customer (ids come from ResolveCustomers or Profile)")]

@@ -78,10 +78,11 @@ const fn rule(role: Role, lists_customers: bool) -> Option<Rule> {
 pub fn rule_for(method: &str) -> Option<Rule> {
     use Role::*;
     match method {
-        "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "Aggregate"
-        | "Breakdown" | "TopTags" | "Overlap" | "Stats" => rule(Read, false),
+        "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "ListAudiences"
+        | "Aggregate" | "Breakdown" | "TopTags" | "Overlap" | "Stats" => rule(Read, false),
         "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
-        "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" => rule(Write, false),
+        "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" | "CreateAudience"
+        | "DropAudience" => rule(Write, false),
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::bitmap::{Bitmap, SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
 use crate::clock::{Clock, SystemClock};
-use crate::error::Result;
+use crate::error::{Error, QueryErrorKind, Result};
 use crate::fields::bsi::{self, DenseCounter};
 use crate::query::parser::{Expr, parse};
 use crate::query::shard::{and_of, count_and, restrict, small_negatives};
@@ -371,7 +371,13 @@ pub(crate) struct Compiler<'s> {
     pub live: &'s ShardedBitmap,
     /// The time "today" and WITHIN windows are taken at, Unix milliseconds.
     pub now_ms: i64,
+    /// Saved audiences being compiled, outermost first (a guard: the store
+    /// refuses an audience that uses itself).
+    pub within: std::cell::RefCell<Vec<String>>,
 }
+
+/// Most saved audiences one inside another a query may reach.
+pub const MAX_AUDIENCE_DEPTH: usize = 32;
 
 impl<'s> Compiler<'s> {
     pub fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
@@ -382,11 +388,43 @@ impl<'s> Compiler<'s> {
         }
     }
 
+    /// A saved audience named at `pos`: its query, compiled here. An error
+    /// in it says which audience, at the position where it was named.
+    fn audience(&self, name: &str, query: &str, pos: usize) -> Result<Plan<'s>> {
+        {
+            let within = self.within.borrow();
+            if within.len() >= MAX_AUDIENCE_DEPTH || within.iter().any(|w| w == name) {
+                return Err(Error::Query {
+                    kind: QueryErrorKind::Type,
+                    position: pos,
+                    message: format!(
+                        "saved audience {name:?} reaches itself or more than {MAX_AUDIENCE_DEPTH} audiences deep: {} → {name}",
+                        within.join(" → ")
+                    ),
+                });
+            }
+        }
+        self.within.borrow_mut().push(name.to_string());
+        let plan = parse(query).and_then(|e| self.compile(&e));
+        self.within.borrow_mut().pop();
+        plan.map_err(|e| match e {
+            Error::Query { kind, message, .. } => Error::Query {
+                kind,
+                position: pos,
+                message: format!("in saved audience {name:?}: {message}"),
+            },
+            other => other,
+        })
+    }
+
     fn compile(&self, e: &Expr) -> Result<Plan<'s>> {
         Ok(match e {
             Expr::Tag { name, pos } => match self.snap.tag(name) {
                 Some(tag) => self.leaf(tag.bitmap.get()?),
-                None => self.bare_field(name, *pos)?,
+                None => match self.snap.audiences.get(name.as_str()) {
+                    Some(a) => self.audience(&a.name, &a.query, *pos)?,
+                    None => self.bare_field(name, *pos)?,
+                },
             },
             Expr::Pred { field, pos, pred } => self.predicate(field, *pos, pred)?,
             Expr::All => self.leaf(self.live),
@@ -457,6 +495,21 @@ impl<'s> Compiler<'s> {
     }
 }
 
+/// The saved audiences `expr` names (not counting those they use in turn),
+/// ordered, each once.
+pub fn saved_audiences_in(expr: &Expr, snap: &Snapshot) -> Vec<String> {
+    let mut names = Vec::new();
+    expr.tag_names(&mut names);
+    let mut out: Vec<String> = names
+        .into_iter()
+        .filter(|n| snap.tag(n).is_none() && snap.audiences.contains_key(*n))
+        .map(str::to_string)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A query compiled against one snapshot.
 pub struct Query<'s> {
     pub(crate) plan: Plan<'s>,
@@ -482,6 +535,7 @@ impl<'s> Query<'s> {
             snap,
             live: snap.live()?,
             now_ms,
+            within: Default::default(),
         };
         let plan = c.compile(expr)?;
         let shards = plan.shard_count();

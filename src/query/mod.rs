@@ -17,5 +17,5 @@ pub mod parallel;
 pub mod parser;
 mod shard;
 
-pub use eval::{Plan, Query};
+pub use eval::{Plan, Query, saved_audiences_in};
 pub use parser::{Expr, parse};

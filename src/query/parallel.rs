@@ -203,10 +203,11 @@ fn count_inline(
         expr.tag_names(&mut names);
         // Unknown tags are reported by compile; unloaded ones must not be decoded here.
         // Field predicates run the bit-sliced walk: not for the async thread.
-        if names
-            .iter()
-            .any(|n| snap.field(n).is_some() || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded()))
-        {
+        if names.iter().any(|n| {
+            snap.field(n).is_some()
+                || snap.audiences.contains_key(*n)
+                || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded())
+        }) {
             return Ok(Counting::Blocking);
         }
         exprs.push(expr);

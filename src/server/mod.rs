@@ -3,6 +3,7 @@
 //! operations here; the storage engine never sees a proto type.
 
 mod admin;
+mod audiences;
 pub mod auth;
 pub mod budget;
 mod export;

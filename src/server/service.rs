@@ -18,7 +18,7 @@ use crate::proto::tag_store_server::TagStore;
 use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
-use crate::server::{admin, fields, ingest, reads, rebuild, unmerge, writes};
+use crate::server::{admin, audiences, fields, ingest, reads, rebuild, unmerge, writes};
 use crate::storage::{Engine, TagMeta};
 
 pub struct Service {
@@ -278,6 +278,33 @@ impl TagStore for Service {
         req: Request<proto::RebuildFactsRequest>,
     ) -> Result<Response<proto::RebuildFactsResponse>, Status> {
         rebuild::rebuild_facts(self, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn create_audience(
+        &self,
+        req: Request<proto::CreateAudienceRequest>,
+    ) -> Result<Response<proto::CreateAudienceResponse>, Status> {
+        audiences::create_audience(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn drop_audience(
+        &self,
+        req: Request<proto::DropAudienceRequest>,
+    ) -> Result<Response<proto::DropAudienceResponse>, Status> {
+        audiences::drop_audience(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_audiences(
+        &self,
+        req: Request<proto::ListAudiencesRequest>,
+    ) -> Result<Response<proto::ListAudiencesResponse>, Status> {
+        audiences::list_audiences(&self.engine, req.into_inner())
             .await
             .map(Response::new)
     }

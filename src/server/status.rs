@@ -45,8 +45,12 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         | Error::SourceNotFound(_)
         | Error::CustomerNotFound(_)
         | Error::CustomerIdNotFound(_)
-        | Error::MergeNotFound(_) => Code::NotFound,
-        Error::TagExists(_) | Error::FieldExists(_) | Error::SourceExists(_) => Code::AlreadyExists,
+        | Error::MergeNotFound(_)
+        | Error::AudienceNotFound(_) => Code::NotFound,
+        Error::TagExists(_)
+        | Error::FieldExists(_)
+        | Error::SourceExists(_)
+        | Error::AudienceExists(_) => Code::AlreadyExists,
         Error::InvalidArgument(_) | Error::Config(_) => Code::InvalidArgument,
         Error::Query { kind, .. } => match kind {
             QueryErrorKind::Syntax | QueryErrorKind::Type => Code::InvalidArgument,

@@ -23,7 +23,8 @@ use crate::storage::archive::ArchiveWriter;
 use crate::storage::dictionary::identities::UNLINKED;
 use crate::storage::dictionary::{DictLayer, Dictionary, encode_identity_section, encode_section};
 use crate::storage::manifest::{
-    Manifest, ManifestArchive, ManifestField, ManifestSeen, ManifestSource, ManifestTag,
+    Manifest, ManifestArchive, ManifestAudience, ManifestField, ManifestSeen, ManifestSource,
+    ManifestTag,
 };
 use crate::storage::merges::MergeLog;
 use crate::storage::record::{Batch, KIND_BATCH};
@@ -403,6 +404,20 @@ impl CheckpointJob {
                 count: ids.len() as u64,
             });
         }
+        let audiences = snap
+            .audiences
+            .values()
+            .map(|a| ManifestAudience {
+                name: a.name.to_string(),
+                query: a.query.clone(),
+                description: a.description.clone(),
+                owner: a.owner.clone(),
+                category: a.category.clone(),
+                uses: a.uses.clone(),
+                created_ms: a.created_ms,
+                updated_ms: a.updated_ms,
+            })
+            .collect();
         let sources = snap
             .sources
             .values()
@@ -610,6 +625,7 @@ impl CheckpointJob {
             tags,
             fields,
             sources,
+            audiences,
             seen: seen_days,
             archives,
             archive_dropped_to_ms,

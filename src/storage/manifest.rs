@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 5;
+pub const MANIFEST_VERSION: u32 = 6;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +38,19 @@ pub struct ManifestField {
 pub struct ManifestSource {
     pub name: String,
     pub definition: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// A saved audience (small: kept here whole).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ManifestAudience {
+    pub name: String,
+    pub query: String,
+    pub description: String,
+    pub owner: String,
+    pub category: String,
+    pub uses: Vec<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
 }
@@ -96,6 +109,8 @@ pub struct Manifest {
     pub tags: Vec<ManifestTag>,
     pub fields: Vec<ManifestField>,
     pub sources: Vec<ManifestSource>,
+    /// Saved audiences (version 6).
+    pub audiences: Vec<ManifestAudience>,
     pub seen: Vec<ManifestSeen>,
     /// The event archive's files, oldest first.
     pub archives: Vec<ManifestArchive>,
@@ -198,6 +213,19 @@ impl Manifest {
             e.u64(*s);
         }
         e.u64(self.merge_log_segment);
+        e.u32(self.audiences.len() as u32);
+        for a in &self.audiences {
+            e.str(&a.name)
+                .str(&a.query)
+                .str(&a.description)
+                .str(&a.owner)
+                .str(&a.category)
+                .u32(a.uses.len() as u32);
+            for u in &a.uses {
+                e.str(u);
+            }
+            e.i64(a.created_ms).i64(a.updated_ms);
+        }
         e.buf
     }
 
@@ -297,6 +325,22 @@ impl Manifest {
                 m.ident_segments.push(d.u64()?);
             }
             m.merge_log_segment = d.u64()?;
+        }
+        if version >= 6 {
+            for _ in 0..d.u32()? {
+                m.audiences.push(ManifestAudience {
+                    name: d.str()?.to_string(),
+                    query: d.str()?.to_string(),
+                    description: d.str()?.to_string(),
+                    owner: d.str()?.to_string(),
+                    category: d.str()?.to_string(),
+                    uses: (0..d.u32()?)
+                        .map(|_| d.str().map(str::to_string))
+                        .collect::<crate::storage::codec::DecResult<_>>()?,
+                    created_ms: d.i64()?,
+                    updated_ms: d.i64()?,
+                });
+            }
         }
         d.finish()?;
         Ok(m)
@@ -411,6 +455,16 @@ mod tests {
                 definition: "format = \"csv\"".into(),
                 created_ms: 7,
                 updated_ms: 8,
+            }],
+            audiences: vec![ManifestAudience {
+                name: "高价值".into(),
+                query: "vip AND spenders".into(),
+                description: "d".into(),
+                owner: "marketing".into(),
+                category: "c".into(),
+                uses: vec!["spenders".into()],
+                created_ms: 9,
+                updated_ms: 10,
             }],
             seen: vec![ManifestSeen {
                 day: 20_769,

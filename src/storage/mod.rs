@@ -61,8 +61,8 @@ pub use snapshot::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, T
 pub use writer::unmerge::{Undoable, splittable, undoable};
 use writer::{Cmd, Writer};
 pub use writer::{
-    Combine, EventTime, IngestRecord, KeptEvent, KeyIds, Mutation, UNMERGE_REVIVED,
-    UNMERGE_SURVIVOR, UnmergeOf, ValueWrite, WriteOp, WriteResult,
+    Combine, EventTime, IngestRecord, KeptEvent, KeyIds, MAX_AUDIENCE_QUERY_BYTES, Mutation,
+    UNMERGE_REVIVED, UNMERGE_SURVIVOR, UnmergeOf, ValueWrite, WriteOp, WriteResult,
 };
 
 /// Writes naming at most this many customer keys have them checked on the

@@ -6,7 +6,8 @@
 //! the version 1 layout, version 3 sources and remembered event ids, version
 //! 4 the ingested events (and the field change that erases customers),
 //! version 5 identities and merges, version 6 what each merge changed (so
-//! that it can be undone) and the merges undone; a reader takes every one and refuses versions it does not know instead of
+//! that it can be undone) and the merges undone, version 7 saved audiences;
+//! a reader takes every one and refuses versions it does not know instead of
 //! guessing.
 
 use roaring::RoaringBitmap;
@@ -17,7 +18,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 6;
+pub const BATCH_VERSION: u8 = 7;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -231,6 +232,28 @@ pub struct Batch {
     /// the writer has already given it back its identities, tags and values
     /// in this batch.
     pub unmerges: Vec<LoggedUnmerge>,
+    /// Saved audiences defined (or redefined) and dropped (version 7).
+    pub audiences: Vec<AudienceChange>,
+}
+
+/// A saved audience defined (`definition`) or dropped (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudienceChange {
+    pub name: String,
+    pub definition: Option<AudienceDef>,
+}
+
+/// What a saved audience is: a query, and what people know it by.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AudienceDef {
+    /// The query's text (checked by the query layer before it is stored).
+    pub query: String,
+    pub description: String,
+    pub owner: String,
+    pub category: String,
+    /// The saved audiences its query names (so that the writer can refuse a
+    /// cycle without knowing the query language).
+    pub uses: Vec<String>,
 }
 
 /// One merge undone, or one identity taken off a customer, as the log
@@ -428,6 +451,7 @@ impl Batch {
             && self.identities.is_empty()
             && self.merges.is_empty()
             && self.unmerges.is_empty()
+            && self.audiences.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -534,6 +558,26 @@ impl Batch {
                 .u32(u.moved.len() as u32);
             for i in &u.moved {
                 e.str(i);
+            }
+        }
+        e.u32(self.audiences.len() as u32);
+        for a in &self.audiences {
+            e.str(&a.name);
+            match &a.definition {
+                Some(d) => {
+                    e.u8(1)
+                        .str(&d.query)
+                        .str(&d.description)
+                        .str(&d.owner)
+                        .str(&d.category)
+                        .u32(d.uses.len() as u32);
+                    for u in &d.uses {
+                        e.str(u);
+                    }
+                }
+                None => {
+                    e.u8(2);
+                }
             }
         }
         e.buf
@@ -674,6 +718,25 @@ impl Batch {
                 });
             }
         }
+        if version >= 7 {
+            for _ in 0..d.u32()? {
+                let name = d.str()?.to_string();
+                let definition = match d.u8()? {
+                    1 => Some(AudienceDef {
+                        query: d.str()?.to_string(),
+                        description: d.str()?.to_string(),
+                        owner: d.str()?.to_string(),
+                        category: d.str()?.to_string(),
+                        uses: (0..d.u32()?)
+                            .map(|_| d.str().map(str::to_string))
+                            .collect::<DecResult<_>>()?,
+                    }),
+                    2 => None,
+                    op => return d.err(format!("unknown audience change {op}")),
+                };
+                b.audiences.push(AudienceChange { name, definition });
+            }
+        }
         d.finish()?;
         Ok(b)
     }
@@ -803,6 +866,22 @@ mod tests {
                     survivor: 10,
                     identity: "phone:2".into(),
                     moved: vec!["phone:2".into(), "member_card:9".into()],
+                },
+            ],
+            audiences: vec![
+                AudienceChange {
+                    name: "高价值".into(),
+                    definition: Some(AudienceDef {
+                        query: "vip AND spenders".into(),
+                        description: "d".into(),
+                        owner: "marketing".into(),
+                        category: "c".into(),
+                        uses: vec!["spenders".into()],
+                    }),
+                },
+                AudienceChange {
+                    name: "old".into(),
+                    definition: None,
                 },
             ],
         };

@@ -19,7 +19,9 @@ use crate::storage::merges::MergeLog;
 use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
-use crate::storage::snapshot::{ArchiveList, LazyBitmap, SourceMap, SourceMeta};
+use crate::storage::snapshot::{
+    ArchiveList, AudienceMap, AudienceMeta, LazyBitmap, SourceMap, SourceMeta,
+};
 use crate::storage::state::State;
 use crate::storage::wal::{self, WalWriter};
 use crate::storage::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
@@ -232,6 +234,23 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
             }),
         );
     }
+    let mut audiences = AudienceMap::new();
+    for a in &manifest.audiences {
+        let name: Arc<str> = Arc::from(a.name.as_str());
+        audiences.insert(
+            name.clone(),
+            Arc::new(AudienceMeta {
+                name,
+                query: a.query.clone(),
+                description: a.description.clone(),
+                owner: a.owner.clone(),
+                category: a.category.clone(),
+                uses: a.uses.clone(),
+                created_ms: a.created_ms,
+                updated_ms: a.updated_ms,
+            }),
+        );
+    }
     let live = if manifest.live_segment == 0 {
         LazyBitmap::empty()
     } else {
@@ -271,6 +290,7 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         dict,
         idents,
         sources,
+        audiences,
         archive: Arc::new(ArchiveList::of(&manifest)),
         merges: Arc::new(parking_lot::RwLock::new(merges)),
     };

@@ -158,6 +158,24 @@ pub struct SourceMeta {
 /// Sources by name.
 pub type SourceMap = imbl::OrdMap<Arc<str>, Arc<SourceMeta>>;
 
+/// A saved audience as the store keeps it: a named query, with what people
+/// know it by. The store keeps the query's text; the query layer reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudienceMeta {
+    pub name: Arc<str>,
+    pub query: String,
+    pub description: String,
+    pub owner: String,
+    pub category: String,
+    /// The saved audiences the query names.
+    pub uses: Vec<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Saved audiences by name.
+pub type AudienceMap = imbl::OrdMap<Arc<str>, Arc<AudienceMeta>>;
+
 /// A field (integer, enumerated or behaviour column): stable id, metadata,
 /// and its non-empty bitmaps by slot (see [`crate::fields`] for what a slot
 /// means for each kind).
@@ -241,6 +259,9 @@ pub struct Snapshot {
     pub idents: Arc<Identities>,
     /// Sources of ingestion by name.
     pub sources: SourceMap,
+    /// Saved audiences: named queries (they share the name space of tags
+    /// and fields).
+    pub audiences: AudienceMap,
     /// The event archive as of the last checkpoint.
     pub archive: Arc<ArchiveList>,
     /// The merge log, shared with the writer like the dictionary (it only
@@ -334,6 +355,7 @@ impl Snapshot {
             dict: Arc::new(Dictionary::new(Vec::new(), next_customer_id)),
             idents: Arc::new(Identities::new(Vec::new())),
             sources: SourceMap::new(),
+            audiences: AudienceMap::new(),
             archive: Arc::default(),
             merges: Arc::default(),
         }

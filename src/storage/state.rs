@@ -16,7 +16,7 @@ use crate::storage::merges::MergeEntry;
 use crate::storage::record::{Batch, ChangeOp, FieldChange};
 use crate::storage::seen::{self, Seen};
 use crate::storage::snapshot::{
-    Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, SourceMeta, Tag, TagMeta,
+    AudienceMeta, Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, SourceMeta, Tag, TagMeta,
 };
 
 /// What applying a batch did.
@@ -500,6 +500,34 @@ impl State {
                 }
                 None => {
                     self.snap.sources.remove(c.name.as_str());
+                }
+            }
+        }
+        for c in &b.audiences {
+            match &c.definition {
+                Some(d) => {
+                    let name: Arc<str> = Arc::from(c.name.as_str());
+                    let created_ms = self
+                        .snap
+                        .audiences
+                        .get(&name)
+                        .map_or(b.at_ms, |a| a.created_ms);
+                    self.snap.audiences.insert(
+                        name.clone(),
+                        Arc::new(AudienceMeta {
+                            name,
+                            query: d.query.clone(),
+                            description: d.description.clone(),
+                            owner: d.owner.clone(),
+                            category: d.category.clone(),
+                            uses: d.uses.clone(),
+                            created_ms,
+                            updated_ms: b.at_ms,
+                        }),
+                    );
+                }
+                None => {
+                    self.snap.audiences.remove(c.name.as_str());
                 }
             }
         }

@@ -17,6 +17,7 @@
 //! (scheduling, installing and maintenance), and this module (the thread,
 //! group commit).
 
+mod audiences;
 mod checkpoints;
 pub mod identify;
 mod ids;

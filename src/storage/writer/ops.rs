@@ -203,6 +203,20 @@ pub enum WriteOp {
     DropSource {
         name: String,
     },
+    /// Saves an audience: a named query (checked by the query layer, which
+    /// also names the saved audiences it uses in `definition.uses`);
+    /// `replace` allows redefining one that exists. Audiences share the
+    /// name space of tags and fields; one that would use itself, directly
+    /// or through others, is refused.
+    PutAudience {
+        name: String,
+        definition: crate::storage::record::AudienceDef,
+        replace: bool,
+    },
+    /// Drops a saved audience (refused while another one uses it).
+    DropAudience {
+        name: String,
+    },
     /// Ingested records, applied together or not at all: the value writes
     /// of every record whose event was not ingested before. Records whose
     /// event id the store remembers (or that repeat one earlier in the
@@ -292,6 +306,14 @@ pub struct KeptEvent {
     pub bytes: Vec<u8>,
 }
 
+/// Most saved audiences a store keeps (the manifest holds them whole).
+pub const MAX_AUDIENCES: usize = 2_048;
+/// Longest saved audience's query, in bytes (with [`MAX_AUDIENCES`], the
+/// manifest holds at most 32 MiB of them).
+pub const MAX_AUDIENCE_QUERY_BYTES: usize = 16 * 1024;
+/// Longest owner of a saved audience, in bytes.
+pub const MAX_OWNER_BYTES: usize = 200;
+
 /// Longest source definition the store keeps, in bytes.
 pub const MAX_SOURCE_DEFINITION_BYTES: usize = 64 * 1024;
 /// Most sources a store keeps: with the longest definitions, `ListSources`
@@ -312,7 +334,10 @@ impl WriteOp {
             WriteOp::Ingest { records } => records.iter().map(|r| r.writes.len()).sum(),
             WriteOp::RebuildFacts { customers, .. } => customers.len(),
             WriteOp::Unmerge { identities, .. } => identities.len(),
-            WriteOp::PutSource { .. } | WriteOp::DropSource { .. } => 0,
+            WriteOp::PutSource { .. }
+            | WriteOp::DropSource { .. }
+            | WriteOp::PutAudience { .. }
+            | WriteOp::DropAudience { .. } => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
@@ -351,7 +376,9 @@ impl WriteOp {
             | WriteOp::CreateField { .. }
             | WriteOp::DropField { .. }
             | WriteOp::PutSource { .. }
-            | WriteOp::DropSource { .. } => Ok(()),
+            | WriteOp::DropSource { .. }
+            | WriteOp::PutAudience { .. }
+            | WriteOp::DropAudience { .. } => Ok(()),
         }
         .map_err(Into::into)
     }

@@ -66,6 +66,9 @@ impl Planner<'_> {
                 if snap.field(&name).is_some() {
                     return Err(Error::FieldExists(name));
                 }
+                if snap.audiences.contains_key(name.as_str()) {
+                    return Err(Error::AudienceExists(name));
+                }
                 batch.new_tags.push(NewTag {
                     id: snap.next_tag_id,
                     name: name.clone(),
@@ -239,6 +242,9 @@ impl Planner<'_> {
                 if snap.tag(&name).is_some() {
                     return Err(Error::TagExists(name));
                 }
+                if snap.audiences.contains_key(name.as_str()) {
+                    return Err(Error::AudienceExists(name));
+                }
                 // `latest` needs to know when each value was written: a
                 // companion field, made with it.
                 let companion = (merge == MergeRule::Latest).then(|| written_at_field(&name));
@@ -249,6 +255,9 @@ impl Planner<'_> {
                     }
                     if snap.tag(c).is_some() {
                         return Err(Error::TagExists(c.clone()));
+                    }
+                    if snap.audiences.contains_key(c.as_str()) {
+                        return Err(Error::AudienceExists(c.clone()));
                     }
                 }
                 batch.new_fields.push(NewField {
@@ -345,6 +354,12 @@ impl Planner<'_> {
                 });
                 Ok(Planned::Write(batch, Target::Plain))
             }
+            WriteOp::PutAudience {
+                name,
+                definition,
+                replace,
+            } => self.plan_put_audience(name, definition, replace, batch),
+            WriteOp::DropAudience { name } => self.plan_drop_audience(name, batch),
             WriteOp::RebuildFacts {
                 as_of,
                 customers,
@@ -598,6 +613,11 @@ impl Planner<'_> {
                 "{name:?} is a field, not a tag: set its values with SetValues"
             )));
         }
+        if self.state.snap.audiences.contains_key(name) {
+            return Err(Error::invalid(format!(
+                "{name:?} is a saved audience, not a tag: its members are its query's"
+            )));
+        }
         if !create {
             return Err(Error::TagNotFound(name.to_string()));
         }
@@ -613,7 +633,7 @@ impl Planner<'_> {
     }
 }
 
-fn check_meta(description: &str, category: &str) -> Result<()> {
+pub(super) fn check_meta(description: &str, category: &str) -> Result<()> {
     if description.len() > MAX_DESCRIPTION_BYTES {
         return Err(Error::invalid(format!(
             "description is longer than {MAX_DESCRIPTION_BYTES} bytes"

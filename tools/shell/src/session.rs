@@ -204,6 +204,9 @@ impl Session {
             | Command::Merges { .. }
             | Command::Link { .. }
             | Command::Unmerge { .. }
+            | Command::Audiences { .. }
+            | Command::CreateAudience { .. }
+            | Command::DropAudience { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

@@ -92,6 +92,30 @@ async fn every_command_non_interactively() {
     assert_eq!(lines[2], format!("  {}^", " ".repeat(16)), "{err}");
     assert!(fails(a, "count nope").contains("unknown tag"));
 
+    // A saved audience: its name stands for its query.
+    assert_eq!(
+        ok(
+            a,
+            "create audience 高价值无空格 owner marketing category campaigns as 高价值用户 AND NOT \"with space\""
+        )
+        .trim(),
+        "saved audience 高价值无空格"
+    );
+    assert!(ok(a, "count 高价值无空格").starts_with("2  ("));
+    let audiences = ok(a, "audiences");
+    assert!(
+        audiences.contains("高价值无空格")
+            && audiences.contains("marketing")
+            && audiences.contains("1 saved audiences in all"),
+        "{audiences}"
+    );
+    assert!(fails(a, "create audience 高价值用户 as ALL").contains("already exists"));
+    assert!(fails(a, "create audience x 高价值用户").contains("usage"));
+    assert_eq!(
+        ok(a, "drop audience 高价值无空格 --yes").trim(),
+        "dropped audience 高价值无空格"
+    );
+    assert!(ok(a, "audiences").contains("(no saved audiences)"));
     let tags = ok(a, "tags");
     assert!(
         tags.contains("高价值用户  价值") && tags.contains("(2 tags)"),

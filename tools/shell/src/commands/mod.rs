@@ -39,6 +39,22 @@ pub enum Command {
         name: String,
         yes: bool,
     },
+    /// Saved audiences, with their counts (of one category, or all).
+    Audiences {
+        category: String,
+    },
+    CreateAudience {
+        name: String,
+        query: String,
+        description: String,
+        owner: String,
+        category: String,
+        replace: bool,
+    },
+    DropAudience {
+        name: String,
+        yes: bool,
+    },
     Ingest {
         source: String,
         path: String,
@@ -257,10 +273,12 @@ pub const SPECS: &[&Spec] = &[
     &reads::MERGES,
     &tags::LINK,
     &tags::UNMERGE,
+    &reads::AUDIENCES,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
     &tags::CREATE_FIELD,
+    &tags::CREATE_AUDIENCE,
     &tags::DROP,
     &tags::ADD,
     &tags::REMOVE,
@@ -570,6 +588,34 @@ mod tests {
             }
         );
         assert!(parse("unmerge").is_err());
+        assert_eq!(
+            p(
+                "create audience 高价值女性 owner marketing replace as vip AND (women OR \"new arrivals\")"
+            ),
+            Command::CreateAudience {
+                name: "高价值女性".into(),
+                query: "vip AND (women OR \"new arrivals\")".into(),
+                description: String::new(),
+                owner: "marketing".into(),
+                category: String::new(),
+                replace: true,
+            }
+        );
+        assert!(parse("create audience x vip").is_err());
+        assert!(parse("create audience x as").is_err());
+        assert_eq!(
+            p("drop audience x --yes"),
+            Command::DropAudience {
+                name: "x".into(),
+                yes: true
+            }
+        );
+        assert_eq!(
+            p("audiences campaigns"),
+            Command::Audiences {
+                category: "campaigns".into()
+            }
+        );
         assert!(parse("unmerge 0").is_err());
         assert!(parse("unmerge x").is_err());
         assert_eq!(

@@ -152,6 +152,25 @@ fn parse_identities(rest: &str) -> Result<Command, String> {
     }
 }
 
+pub const AUDIENCES: Spec = Spec {
+    name: "audiences",
+    words: &["audiences"],
+    complete: &["audiences"],
+    usage: "audiences [<category>]",
+    summary: "saved audiences with their queries and member counts now",
+    example: "audiences campaigns",
+    takes_tags: false,
+    parse: |rest| match split_args(rest)?.as_slice() {
+        [] => Ok(Command::Audiences {
+            category: String::new(),
+        }),
+        [c] => Ok(Command::Audiences {
+            category: c.clone(),
+        }),
+        _ => Err(format!("usage: {}", AUDIENCES.usage)),
+    },
+};
+
 pub const MERGES: Spec = Spec {
     name: "merges",
     words: &["merges"],

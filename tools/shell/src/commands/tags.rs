@@ -16,9 +16,19 @@ pub const CREATE_TAG: Spec = Spec {
     parse: parse_create,
 };
 
-/// `create tag …`, or `create field …` ([`CREATE_FIELD`]).
+/// `create tag …`, `create field …` ([`CREATE_FIELD`]), `create source …`,
+/// or `create audience …` ([`CREATE_AUDIENCE`]).
 fn parse_create(rest: &str) -> Result<Command, String> {
     let usage = format!("usage: {}", CREATE_TAG.usage);
+    let t = rest.trim_start();
+    if let Some(after) = t
+        .get(..8)
+        .filter(|w| w.eq_ignore_ascii_case("audience"))
+        .map(|_| &t[8..])
+        .filter(|r| r.starts_with(char::is_whitespace))
+    {
+        return parse_create_audience(after);
+    }
     let args = split_args(rest)?;
     let [kw, name, opts @ ..] = args.as_slice() else {
         return Err(usage);
@@ -46,6 +56,79 @@ fn parse_create(rest: &str) -> Result<Command, String> {
         name: name.clone(),
         category,
         description,
+    })
+}
+
+pub const CREATE_AUDIENCE: Spec = Spec {
+    name: "create audience",
+    words: &[],
+    complete: &["create audience"],
+    usage: "create audience <name> [category <c>] [owner <o>] [description <d>] [replace] as <query>",
+    summary: "save a query under a name: the name then stands for it in any query",
+    example: "create audience 高价值女性 owner marketing as 高价值用户 AND gender = female",
+    takes_tags: false,
+    parse: |rest| parse_create(rest),
+};
+
+/// What follows `create audience`: options, then `as` and the query.
+fn parse_create_audience(text: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {}", CREATE_AUDIENCE.usage);
+    // The query is everything after the first word `as` (quoted words
+    // before it are the name and options).
+    let mut at = None;
+    let mut quoted = false;
+    let mut prev_space = true;
+    for (i, ch) in text.char_indices() {
+        if ch == '"' {
+            quoted = !quoted;
+        }
+        if !quoted
+            && prev_space
+            && text[i..]
+                .get(..2)
+                .is_some_and(|w| w.eq_ignore_ascii_case("as"))
+        {
+            let after = &text[i + 2..];
+            if after.is_empty() || after.starts_with(char::is_whitespace) {
+                at = Some(i);
+                break;
+            }
+        }
+        prev_space = ch.is_whitespace();
+    }
+    let at = at.ok_or_else(usage)?;
+    let query = text[at + 2..].trim().to_string();
+    if query.is_empty() {
+        return Err(usage());
+    }
+    let args = split_args(&text[..at])?;
+    let [name, opts @ ..] = args.as_slice() else {
+        return Err(usage());
+    };
+    let (mut description, mut owner, mut category, mut replace) =
+        (String::new(), String::new(), String::new(), false);
+    let mut it = opts.iter();
+    while let Some(k) = it.next() {
+        let k = k.to_ascii_lowercase();
+        if k == "replace" {
+            replace = true;
+            continue;
+        }
+        let v = it.next().ok_or_else(usage)?.clone();
+        match k.as_str() {
+            "category" => category = v,
+            "owner" => owner = v,
+            "description" => description = v,
+            _ => return Err(format!("unknown option {k:?}; {}", usage())),
+        }
+    }
+    Ok(Command::CreateAudience {
+        name: name.clone(),
+        query,
+        description,
+        owner,
+        category,
+        replace,
     })
 }
 
@@ -178,9 +261,9 @@ pub const UNMERGE: Spec = Spec {
 pub const DROP: Spec = Spec {
     name: "drop",
     words: &["drop"],
-    complete: &["drop tag", "drop field", "drop source"],
-    usage: "drop tag|field|source <name> [--yes]",
-    summary: "drop a tag or a field and its data, or a source (asks first)",
+    complete: &["drop tag", "drop field", "drop source", "drop audience"],
+    usage: "drop tag|field|source|audience <name> [--yes]",
+    summary: "drop a tag or a field and its data, a source or a saved audience (asks first)",
     example: "drop tag 潜在流失",
     takes_tags: true,
     parse: |rest| {
@@ -196,6 +279,10 @@ pub const DROP: Spec = Spec {
                 yes,
             }),
             [kw, name] if kw.eq_ignore_ascii_case("source") => Ok(Command::DropSource {
+                name: name.clone(),
+                yes,
+            }),
+            [kw, name] if kw.eq_ignore_ascii_case("audience") => Ok(Command::DropAudience {
                 name: name.clone(),
                 yes,
             }),

@@ -269,6 +269,111 @@ impl Session {
                             "refused": r.refused, "values_set": r.values_set, "lsn": r.lsn }),
                 );
             }
+            Command::Audiences { category } => {
+                let mut rows = Vec::new();
+                let mut all = Vec::new();
+                let mut after = String::new();
+                let total = loop {
+                    let page = self
+                        .client
+                        .list_audiences(ListAudiencesRequest {
+                            after: after.clone(),
+                            limit: 200,
+                            category: category.clone(),
+                            counts: true,
+                        })
+                        .await?
+                        .into_inner();
+                    for a in &page.audiences {
+                        rows.push(vec![
+                            a.name.clone(),
+                            thousands(a.count),
+                            a.query.clone(),
+                            a.owner.clone(),
+                            a.category.clone(),
+                        ]);
+                        all.push(json!({
+                            "name": a.name, "count": a.count, "query": a.query,
+                            "description": a.description, "owner": a.owner,
+                            "category": a.category, "uses": a.uses,
+                            "created_at_ms": a.created_at_ms, "updated_at_ms": a.updated_at_ms,
+                        }));
+                        after = a.name.clone();
+                    }
+                    if !page.more {
+                        break page.total;
+                    }
+                };
+                let text = if rows.is_empty() {
+                    "(no saved audiences)".to_string()
+                } else {
+                    format!(
+                        "{}\n({} shown; {} saved audiences in all)",
+                        table::render(
+                            &["audience", "members", "query", "owner", "category"],
+                            &[
+                                Align::Left,
+                                Align::Right,
+                                Align::Left,
+                                Align::Left,
+                                Align::Left
+                            ],
+                            &rows
+                        ),
+                        rows.len(),
+                        total
+                    )
+                };
+                self.out(text, json!({ "audiences": all, "total": total }));
+            }
+            Command::CreateAudience {
+                name,
+                query,
+                description,
+                owner,
+                category,
+                replace,
+            } => {
+                let r = self
+                    .client
+                    .create_audience(CreateAudienceRequest {
+                        name: name.clone(),
+                        query,
+                        description,
+                        owner,
+                        category,
+                        replace,
+                    })
+                    .await?
+                    .into_inner();
+                let uses = r
+                    .audience
+                    .as_ref()
+                    .map(|a| a.uses.clone())
+                    .unwrap_or_default();
+                let mut text = format!(
+                    "{} audience {name}",
+                    if r.created { "saved" } else { "redefined" }
+                );
+                if !uses.is_empty() {
+                    text.push_str(&format!(" (uses {})", uses.join(", ")));
+                }
+                self.out(
+                    text,
+                    json!({ "name": name, "created": r.created, "uses": uses, "lsn": r.lsn }),
+                );
+            }
+            Command::DropAudience { name, yes } => {
+                self.confirm(
+                    &format!("drop audience {name}? (its tags and customers stay)"),
+                    yes,
+                )
+                .await?;
+                self.client
+                    .drop_audience(DropAudienceRequest { name: name.clone() })
+                    .await?;
+                self.out(format!("dropped audience {name}"), json!({"dropped": name}));
+            }
             Command::Identities(key) => {
                 let p = self
                     .client

@@ -1,0 +1,176 @@
+//! Saved audiences over gRPC: `CreateAudience` (the query checked and
+//! compiled against the current snapshot, the saved audiences it uses
+//! named, then one logged write), `DropAudience`, `ListAudiences` (pages,
+//! with member counts on the blocking pool when asked).
+
+use tonic::Status;
+
+use crate::proto;
+use crate::query::{Query, parse, saved_audiences_in};
+use crate::server::service::{blocking, invalid};
+use crate::server::status::to_status;
+use crate::storage::record::AudienceDef;
+use crate::storage::snapshot::AudienceMeta;
+use crate::storage::{Engine, MAX_AUDIENCE_QUERY_BYTES, WriteOp};
+
+/// Most audiences counted by one `ListAudiences`.
+const MAX_COUNTED: usize = 1_000;
+/// A page of audiences ends once it holds about this many bytes.
+const PAGE_BYTES: usize = 4 << 20;
+
+pub(super) async fn create_audience(
+    engine: &Engine,
+    r: proto::CreateAudienceRequest,
+) -> Result<proto::CreateAudienceResponse, Status> {
+    if r.query.trim().is_empty() || r.query.len() > MAX_AUDIENCE_QUERY_BYTES {
+        return Err(invalid(format!(
+            "an audience's query is 1 to {MAX_AUDIENCE_QUERY_BYTES} bytes; this one is {}",
+            r.query.len()
+        )));
+    }
+    let (snap, now) = (engine.snapshot(), engine.now_ms());
+    let (name, query) = (r.name.clone(), r.query.clone());
+    // The query must compile now (every name it uses known, every
+    // predicate fitting its field); then the audiences it uses are named
+    // for the writer, which refuses a cycle.
+    let uses = blocking(move || {
+        let expr = parse(&query).map_err(to_status)?;
+        let uses = saved_audiences_in(&expr, &snap);
+        let mut named = Vec::new();
+        expr.tag_names(&mut named);
+        if named.contains(&name.as_str()) {
+            return Err(invalid(format!(
+                "audience {name:?} would use itself: {name} → {name}"
+            )));
+        }
+        Query::from_expr_at(&expr, &snap, now).map_err(to_status)?;
+        Ok(uses)
+    })
+    .await?;
+    let res = engine
+        .write(WriteOp::PutAudience {
+            name: r.name.clone(),
+            definition: AudienceDef {
+                query: r.query,
+                description: r.description,
+                owner: r.owner,
+                category: r.category,
+                uses,
+            },
+            replace: r.replace,
+        })
+        .await
+        .map_err(to_status)?;
+    let snap = engine.snapshot();
+    let audience = snap
+        .audiences
+        .get(r.name.as_str())
+        .map(|a| info(a, 0))
+        .unwrap_or_default();
+    Ok(proto::CreateAudienceResponse {
+        audience: Some(audience),
+        created: res.created,
+        lsn: res.lsn,
+    })
+}
+
+pub(super) async fn drop_audience(
+    engine: &Engine,
+    r: proto::DropAudienceRequest,
+) -> Result<proto::DropAudienceResponse, Status> {
+    let res = engine
+        .write(WriteOp::DropAudience { name: r.name })
+        .await
+        .map_err(to_status)?;
+    Ok(proto::DropAudienceResponse { lsn: res.lsn })
+}
+
+pub(super) async fn list_audiences(
+    engine: &Engine,
+    r: proto::ListAudiencesRequest,
+) -> Result<proto::ListAudiencesResponse, Status> {
+    let limit = match r.limit {
+        0 => 100,
+        n if n > 1_000 => {
+            return Err(invalid(format!(
+                "limit {n} is over the page size limit of 1000"
+            )));
+        }
+        n => n as usize,
+    };
+    if r.counts && limit > MAX_COUNTED {
+        return Err(invalid(format!(
+            "at most {MAX_COUNTED} audiences are counted at once"
+        )));
+    }
+    let (snap, now) = (engine.snapshot(), engine.now_ms());
+    let total = snap.audiences.len() as u64;
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    let after = r.after.as_str();
+    for a in snap.audiences.values() {
+        if !after.is_empty() && &*a.name <= after {
+            continue;
+        }
+        if !r.category.is_empty() && a.category != r.category {
+            continue;
+        }
+        if page.len() >= limit || bytes > PAGE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += a.name.len() + a.query.len() + a.description.len() + a.owner.len();
+        page.push(a.clone());
+    }
+    let counts = if r.counts {
+        let snap = snap.clone();
+        let names: Vec<String> = page.iter().map(|a| a.name.to_string()).collect();
+        blocking(move || {
+            let counted = names
+                .iter()
+                .map(|n| {
+                    // A name is a query: the audience itself.
+                    let quoted = format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\""));
+                    match Query::compile_at(&quoted, &snap, now) {
+                        Ok(q) => (q.count(), String::new()),
+                        Err(e) => (0, e.to_string()),
+                    }
+                })
+                .collect::<Vec<(u64, String)>>();
+            Ok(counted)
+        })
+        .await?
+    } else {
+        vec![(0, String::new()); page.len()]
+    };
+    Ok(proto::ListAudiencesResponse {
+        audiences: page
+            .iter()
+            .zip(counts)
+            .map(|(a, (n, error))| proto::AudienceInfo {
+                error,
+                ..info(a, n)
+            })
+            .collect(),
+        more,
+        total,
+    })
+}
+
+fn info(a: &AudienceMeta, count: u64) -> proto::AudienceInfo {
+    let mut uses = a.uses.clone();
+    uses.sort();
+    proto::AudienceInfo {
+        name: a.name.to_string(),
+        query: a.query.clone(),
+        description: a.description.clone(),
+        owner: a.owner.clone(),
+        category: a.category.clone(),
+        uses,
+        created_at_ms: a.created_ms,
+        updated_at_ms: a.updated_ms,
+        count,
+        error: String::new(),
+    }
+}

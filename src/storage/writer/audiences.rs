@@ -1,0 +1,131 @@
+//! Saved audiences in the write path: a named query defined, redefined or
+//! dropped. The query layer has checked the query and named the saved
+//! audiences it uses; this room checks the name (one name space with tags
+//! and fields), the limits, and that no audience comes to use itself.
+//! Planning only; `state::apply` keeps the definitions.
+
+use std::collections::BTreeSet;
+
+use super::plan::{Planner, check_meta};
+use super::*;
+use crate::error::{Error, Result};
+use crate::names::check_tag_name;
+use crate::storage::record::{AudienceChange, AudienceDef, Batch};
+
+impl Planner<'_> {
+    pub(super) fn plan_put_audience(
+        &self,
+        name: String,
+        definition: AudienceDef,
+        replace: bool,
+        mut batch: Batch,
+    ) -> Result<Planned> {
+        let snap = &self.state.snap;
+        check_tag_name(&name)?;
+        check_meta(&definition.description, &definition.category)?;
+        if definition.owner.len() > MAX_OWNER_BYTES
+            || definition.owner.chars().any(char::is_control)
+        {
+            return Err(Error::invalid(format!(
+                "owner must be at most {MAX_OWNER_BYTES} bytes without control characters"
+            )));
+        }
+        if definition.query.is_empty() || definition.query.len() > MAX_AUDIENCE_QUERY_BYTES {
+            return Err(Error::invalid(format!(
+                "an audience's query is 1 to {MAX_AUDIENCE_QUERY_BYTES} bytes; this one is {}",
+                definition.query.len()
+            )));
+        }
+        if snap.tag(&name).is_some() {
+            return Err(Error::TagExists(name));
+        }
+        if snap.field(&name).is_some() {
+            return Err(Error::FieldExists(name));
+        }
+        let exists = snap.audiences.contains_key(name.as_str());
+        if exists && !replace {
+            return Err(Error::AudienceExists(name));
+        }
+        if !exists && snap.audiences.len() >= MAX_AUDIENCES {
+            return Err(Error::invalid(format!(
+                "the store keeps at most {MAX_AUDIENCES} saved audiences; drop one first"
+            )));
+        }
+        for used in &definition.uses {
+            if !snap.audiences.contains_key(used.as_str()) && *used != name {
+                return Err(Error::AudienceNotFound(used.clone()));
+            }
+        }
+        if let Some(path) = self.cycle(&name, &definition.uses) {
+            return Err(Error::invalid(format!(
+                "audience {name:?} would use itself: {}",
+                path.join(" → ")
+            )));
+        }
+        batch.audiences.push(AudienceChange {
+            name,
+            definition: Some(definition),
+        });
+        Ok(Planned::Write(
+            batch,
+            Target::SourcePut { created: !exists },
+        ))
+    }
+
+    pub(super) fn plan_drop_audience(&self, name: String, mut batch: Batch) -> Result<Planned> {
+        let snap = &self.state.snap;
+        if !snap.audiences.contains_key(name.as_str()) {
+            return Err(Error::AudienceNotFound(name));
+        }
+        if let Some(user) = snap.audiences.values().find(|a| a.uses.contains(&name)) {
+            return Err(Error::Precondition(format!(
+                "saved audience {:?} uses {name:?}: redefine or drop it first",
+                user.name
+            )));
+        }
+        batch.audiences.push(AudienceChange {
+            name,
+            definition: None,
+        });
+        Ok(Planned::Write(batch, Target::Plain))
+    }
+
+    /// The path by which audience `name`, using `uses`, would come back to
+    /// itself through the saved audiences (as they would be once it is
+    /// saved), if it would.
+    fn cycle(&self, name: &str, uses: &[String]) -> Option<Vec<String>> {
+        let audiences = &self.state.snap.audiences;
+        let uses_of = |a: &str| -> Vec<String> {
+            if a == name {
+                uses.to_vec()
+            } else {
+                audiences.get(a).map(|m| m.uses.clone()).unwrap_or_default()
+            }
+        };
+        // Depth-first from `name`, with the path so far.
+        let mut done: BTreeSet<String> = BTreeSet::new();
+        let mut path = vec![name.to_string()];
+        let mut stack: Vec<(Vec<String>, usize)> = vec![(uses_of(name), 0)];
+        while let Some((next, i)) = stack.last_mut() {
+            if *i >= next.len() {
+                stack.pop();
+                if let Some(p) = path.pop() {
+                    done.insert(p);
+                }
+                continue;
+            }
+            let u = next[*i].clone();
+            *i += 1;
+            if u == name {
+                path.push(u);
+                return Some(path);
+            }
+            if done.contains(&u) || path.contains(&u) {
+                continue;
+            }
+            path.push(u.clone());
+            stack.push((uses_of(&u), 0));
+        }
+        None
+    }
+}
