@@ -164,6 +164,7 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
             query: "ALL".into(),
             identity_type: "member_card".into(),
             batch_size: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -176,6 +177,39 @@ async fn a_shared_phone_makes_one_customer_found_by_every_identity() {
     }
     assert_eq!(got, ["member_card:vip-0042"]);
     assert_eq!((without, total), (1, 2));
+    // Hashed for an ad platform: MD5 of the card's value, upper-case hex
+    // (as `printf vip-0042 | md5sum` gives it, upper-cased).
+    let mut hashed = c
+        .export(ExportRequest {
+            query: "ALL".into(),
+            identity_type: "member_card".into(),
+            hash: "md5".into(),
+            hash_upper: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = hashed.message().await.unwrap().unwrap();
+    assert_eq!(m.customers, ["864C0141B72A8BF0C702FDE8062904AC"]);
+    for bad in [
+        ExportRequest {
+            query: "ALL".into(),
+            hash: "sha256".into(),
+            ..Default::default()
+        },
+        ExportRequest {
+            query: "ALL".into(),
+            identity_type: "phone".into(),
+            hash: "sha1".into(),
+            ..Default::default()
+        },
+    ] {
+        assert_eq!(
+            c.export(bad).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
 
     // Across kill -9 (from the log), then a checkpoint and a restart (from
     // an identity section).
@@ -577,6 +611,7 @@ async fn a_slow_export_by_identity_type_holds_only_itself() {
             query: "ALL".into(),
             identity_type: "phone".into(),
             batch_size: 100,
+            ..Default::default()
         })
         .await
         .unwrap()

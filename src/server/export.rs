@@ -34,6 +34,7 @@ struct Cursor {
     batch: usize,
     /// Customers named by their identity of this type (`None`: by key).
     identity_type: Option<String>,
+    hashing: Option<Hashing>,
     total: u64,
     /// The last id sent.
     after: Option<u32>,
@@ -124,6 +125,11 @@ impl Cursor {
             .snap
             .names_of(&ids, self.identity_type.as_deref(), &mut customers)
             .map_err(to_status)?;
+        if let Some(h) = self.hashing {
+            for c in &mut customers {
+                *c = h.apply(c);
+            }
+        }
         self.sent += ids.len() as u64;
         self.after = ids.last().copied().or(self.after);
         if !more {
@@ -163,10 +169,14 @@ impl ExportStream {
         expr: Expr,
         now_ms: i64,
         batch: usize,
-        identity_type: Option<String>,
+        names: ExportNames,
         total: u64,
         slot: ExportSlot,
     ) -> Self {
+        let ExportNames {
+            identity_type,
+            hashing,
+        } = names;
         Self {
             idle: Some(Cursor {
                 snap,
@@ -174,6 +184,7 @@ impl ExportStream {
                 now_ms,
                 batch,
                 identity_type,
+                hashing,
                 total,
                 after: None,
                 sent: 0,
@@ -244,5 +255,75 @@ impl Stream for ExportStream {
                 }
             }
         }
+    }
+}
+
+/// How an export names its customers: by key, or by an identity type,
+/// hashed or not.
+pub struct ExportNames {
+    pub identity_type: Option<String>,
+    pub hashing: Option<Hashing>,
+}
+
+/// How an export hashes the identities it sends (ad platforms match
+/// audiences by hashed phones or device ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hashing {
+    pub md5: bool,
+    pub upper: bool,
+}
+
+impl Hashing {
+    /// From a request's `hash` and `hash_upper`: `None` for no hashing.
+    pub fn parse(hash: &str, upper: bool) -> Result<Option<Hashing>, String> {
+        match hash {
+            "" => Ok(None),
+            "sha256" => Ok(Some(Hashing { md5: false, upper })),
+            "md5" => Ok(Some(Hashing { md5: true, upper })),
+            other => Err(format!("unknown hash {other:?}: sha256 or md5")),
+        }
+    }
+
+    /// The hash of an identity's value (`type:value` → hex of `value`).
+    pub fn apply(self, identity: &str) -> String {
+        use md5::Digest as _;
+        let value = identity.split_once(':').map_or(identity, |(_, v)| v);
+        let digest: Vec<u8> = if self.md5 {
+            md5::Md5::digest(value.as_bytes()).to_vec()
+        } else {
+            sha2::Sha256::digest(value.as_bytes()).to_vec()
+        };
+        let mut out = String::with_capacity(digest.len() * 2);
+        for b in digest {
+            let hex = if self.upper {
+                format!("{b:02X}")
+            } else {
+                format!("{b:02x}")
+            };
+            out.push_str(&hex);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hashing;
+
+    #[test]
+    fn identities_hash_as_ad_platforms_expect() {
+        let sha = Hashing::parse("sha256", false).unwrap().unwrap();
+        // SHA-256 and MD5 of "13800138000", as sha256sum and md5sum give them.
+        assert_eq!(
+            sha.apply("phone:13800138000"),
+            "a6942f9771d67f34034d2f1926988ed3fad3bf1b4e7cedb9a31f31398dea43bc"
+        );
+        let md5 = Hashing::parse("md5", true).unwrap().unwrap();
+        assert_eq!(
+            md5.apply("phone:13800138000"),
+            "7945BD83237335E5376FF44D62E4F0AE"
+        );
+        assert!(Hashing::parse("sha1", false).is_err());
+        assert_eq!(Hashing::parse("", true).unwrap(), None);
     }
 }

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::proto;
 use crate::query::Query;
 use crate::query::parallel;
-use crate::server::export::ExportStream;
+use crate::server::export::{ExportNames, ExportStream, Hashing};
 use crate::server::fields;
 use crate::server::service::{Service, blocking, invalid, tag_info};
 use crate::server::status::{query_status, to_status};
@@ -158,6 +158,12 @@ pub(super) async fn export(
     let r = req.into_inner();
     let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
     let identity_type = identity_type(r.identity_type)?;
+    let hashing = Hashing::parse(&r.hash, r.hash_upper).map_err(invalid)?;
+    if hashing.is_some() && identity_type.is_none() {
+        return Err(invalid(
+            "a hashed export needs identity_type: the identities whose values are hashed (phone, …)",
+        ));
+    }
     let slot = svc.exports.take()?;
     let snap: Arc<Snapshot> = svc.engine.snapshot();
     let now = svc.engine.now_ms();
@@ -177,7 +183,10 @@ pub(super) async fn export(
         expr,
         now,
         batch,
-        identity_type,
+        ExportNames {
+            identity_type,
+            hashing,
+        },
         total,
         slot,
     )))

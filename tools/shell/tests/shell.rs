@@ -663,6 +663,18 @@ async fn ingestion_commands() {
         std::fs::read_to_string(&export).unwrap(),
         "phone\n13812345678\n"
     );
+    // Hashed for an ad platform (`printf 13812345678 | sha256sum`).
+    ok(
+        a,
+        &format!(
+            "export order_count >= 30 to {} as phone hashed sha256",
+            export.display()
+        ),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&export).unwrap(),
+        "phone_sha256\n38aed9048140b0e437ea81461d9ea4524169f6795004da120bcf7d41894e4d15\n"
+    );
     // The merge undone: nick2 is itself again with its 30 orders; nick1
     // keeps its own and P2, which named both.
     let undone = ok(a, "unmerge 1");

@@ -79,6 +79,9 @@ pub enum Command {
         path: String,
         /// Name customers by their identity of this type (empty: by key).
         identity_type: String,
+        /// Hash those identities (`sha256`, `md5`; empty: not hashed).
+        hash: String,
+        hash_upper: bool,
     },
     Profile {
         key: String,
@@ -391,15 +394,30 @@ mod tests {
             Command::Export {
                 query: "a".into(),
                 path: "out.csv".into(),
-                identity_type: "phone".into()
+                identity_type: "phone".into(),
+                hash: String::new(),
+                hash_upper: false
             }
         );
+        assert_eq!(
+            p("export a to out.csv as phone hashed md5 upper"),
+            Command::Export {
+                query: "a".into(),
+                path: "out.csv".into(),
+                identity_type: "phone".into(),
+                hash: "md5".into(),
+                hash_upper: true
+            }
+        );
+        assert!(parse("export a to out.csv hashed sha256").is_err());
         assert_eq!(
             p("export a AND \"b c\" to out.csv"),
             Command::Export {
                 query: "a AND \"b c\"".into(),
                 path: "out.csv".into(),
-                identity_type: String::new()
+                identity_type: String::new(),
+                hash: String::new(),
+                hash_upper: false
             }
         );
         assert_eq!(

@@ -82,16 +82,40 @@ pub const EXPORT: Spec = Spec {
     name: "export",
     words: &["export"],
     complete: &["export"],
-    usage: "export <query> to <file.csv> [as <identity type>]",
-    summary: "every matching customer to a CSV file, with a progress bar; `as wechat_openid` writes each one's openid",
+    usage: "export <query> to <file.csv> [as <identity type> [hashed sha256|md5 [upper]]]",
+    summary: "every matching customer to a CSV file, with a progress bar; `as wechat_openid` writes each one's openid; `hashed sha256` their hashes, for ad platforms",
     example: "export 高价值用户 AND 社交活跃 to audience.csv",
     takes_tags: true,
     parse: parse_export,
 };
 
+/// A trailing `hashed <algorithm> [upper]`: the rest, the algorithm
+/// (empty: none) and whether upper-case hex was asked for.
+fn split_hashed(rest: &str) -> (&str, String, bool) {
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let (upper, n) = match words.last() {
+        Some(w) if w.eq_ignore_ascii_case("upper") => (true, 1),
+        _ => (false, 0),
+    };
+    if words.len() >= n + 2 && words[words.len() - n - 2].eq_ignore_ascii_case("hashed") {
+        let algo = words[words.len() - n - 1].to_ascii_lowercase();
+        // Cut the text where the word `hashed` starts.
+        if let Some(at) = rest.rfind(words[words.len() - n - 2]) {
+            return (rest[..at].trim_end(), algo, upper);
+        }
+    }
+    (rest, String::new(), false)
+}
+
 fn parse_export(rest: &str) -> Result<Command, String> {
     let usage = || format!("usage: {}", EXPORT.usage);
+    let (rest, hash, hash_upper) = split_hashed(rest);
     let (rest, identity_type) = split_as(rest);
+    if !hash.is_empty() && identity_type.is_empty() {
+        return Err(format!(
+            "a hashed export names the identities to hash: `as phone hashed {hash}`"
+        ));
+    }
     let (query, path) = rsplit_word(rest, "to").ok_or_else(usage)?;
     need(query, "a query", EXPORT.usage)?;
     let path = split_args(path)?
@@ -102,6 +126,8 @@ fn parse_export(rest: &str) -> Result<Command, String> {
         query: query.into(),
         path,
         identity_type,
+        hash,
+        hash_upper,
     })
 }
 

@@ -47,7 +47,12 @@ impl Session {
                 query,
                 path,
                 identity_type,
-            } => self.export(query, path, identity_type).await?,
+                hash,
+                hash_upper,
+            } => {
+                self.export(query, path, identity_type, hash, hash_upper)
+                    .await?
+            }
             Command::Profile { key, days } => {
                 let p = self
                     .client
@@ -524,6 +529,8 @@ impl Session {
         query: String,
         path: String,
         identity_type: String,
+        hash: String,
+        hash_upper: bool,
     ) -> Result<(), Failure> {
         let t0 = Instant::now();
         let mut stream = self
@@ -532,6 +539,8 @@ impl Session {
                 query: query.clone(),
                 batch_size: 0,
                 identity_type: identity_type.clone(),
+                hash: hash.clone(),
+                hash_upper,
             })
             .await
             .map_err(with_query(&query))?
@@ -544,6 +553,8 @@ impl Session {
         let io = |e: std::io::Error| Failure::Local(format!("writing {tmp}: {e}"));
         let header = if identity_type.is_empty() {
             "customer\n".to_string()
+        } else if !hash.is_empty() {
+            format!("{identity_type}_{hash}\n")
         } else {
             format!("{identity_type}\n")
         };
