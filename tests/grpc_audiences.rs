@@ -278,4 +278,28 @@ async fn saved_audiences_stand_for_their_queries() {
         "{:?}",
         l.audiences[0]
     );
+
+    // Audiences that each use the one before twice: the expansion is
+    // bounded, and the one past the bound is refused when saved.
+    create(&mut c, "d0", "women").await.unwrap();
+    let mut refused = None;
+    for i in 1..20 {
+        let q = format!("d{} OR NOT d{}", i - 1, i - 1);
+        match create(&mut c, &format!("d{i}"), &q).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Code::InvalidArgument);
+                assert!(
+                    e.message().contains("expands more than 10000"),
+                    "{}",
+                    e.message()
+                );
+                refused = Some(i);
+                break;
+            }
+        }
+    }
+    // d13 would expand 2^14 - 1 = 16,383 audiences; d12 expands 8,191.
+    assert_eq!(refused, Some(13));
+    assert_eq!(count(&mut c, "d12").await, count(&mut c, "ALL").await);
 }

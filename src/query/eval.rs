@@ -374,10 +374,16 @@ pub(crate) struct Compiler<'s> {
     /// Saved audiences being compiled, outermost first (a guard: the store
     /// refuses an audience that uses itself).
     pub within: std::cell::RefCell<Vec<String>>,
+    /// Saved audiences expanded so far (an audience named twice is
+    /// expanded twice).
+    pub expanded: std::cell::Cell<usize>,
 }
 
 /// Most saved audiences one inside another a query may reach.
 pub const MAX_AUDIENCE_DEPTH: usize = 32;
+/// Most saved audiences one query may expand in all (audiences that each
+/// use the one before twice would otherwise double the work at each step).
+pub const MAX_AUDIENCE_EXPANSIONS: usize = 10_000;
 
 impl<'s> Compiler<'s> {
     pub fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
@@ -404,6 +410,17 @@ impl<'s> Compiler<'s> {
                 });
             }
         }
+        let expanded = self.expanded.get() + 1;
+        if expanded > MAX_AUDIENCE_EXPANSIONS {
+            return Err(Error::Query {
+                kind: QueryErrorKind::Type,
+                position: pos,
+                message: format!(
+                    "the query expands more than {MAX_AUDIENCE_EXPANSIONS} saved audiences"
+                ),
+            });
+        }
+        self.expanded.set(expanded);
         self.within.borrow_mut().push(name.to_string());
         let plan = parse(query).and_then(|e| self.compile(&e));
         self.within.borrow_mut().pop();
@@ -536,6 +553,7 @@ impl<'s> Query<'s> {
             live: snap.live()?,
             now_ms,
             within: Default::default(),
+            expanded: Default::default(),
         };
         let plan = c.compile(expr)?;
         let shards = plan.shard_count();
