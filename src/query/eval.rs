@@ -512,6 +512,42 @@ impl<'s> Compiler<'s> {
     }
 }
 
+/// Every tag and field name `expr` reaches, through the saved audiences it
+/// names (whose own names are not listed), appended to `out`; false if it
+/// reaches more audiences than a query may expand, or one whose query does
+/// not parse (compiling the query will say why).
+pub fn names_reached(expr: &Expr, snap: &Snapshot, out: &mut Vec<String>) -> bool {
+    fn walk(
+        expr: &Expr,
+        snap: &Snapshot,
+        out: &mut Vec<String>,
+        depth: usize,
+        expanded: &mut usize,
+    ) -> bool {
+        let mut names = Vec::new();
+        expr.tag_names(&mut names);
+        for n in names {
+            match snap.audiences.get(n).filter(|_| snap.tag(n).is_none()) {
+                Some(a) => {
+                    *expanded += 1;
+                    if depth >= MAX_AUDIENCE_DEPTH || *expanded > MAX_AUDIENCE_EXPANSIONS {
+                        return false;
+                    }
+                    let Ok(inner) = parse(&a.query) else {
+                        return false;
+                    };
+                    if !walk(&inner, snap, out, depth + 1, expanded) {
+                        return false;
+                    }
+                }
+                None => out.push(n.to_string()),
+            }
+        }
+        true
+    }
+    walk(expr, snap, out, 0, &mut 0)
+}
+
 /// The saved audiences `expr` names (not counting those they use in turn),
 /// ordered, each once.
 pub fn saved_audiences_in(expr: &Expr, snap: &Snapshot) -> Vec<String> {

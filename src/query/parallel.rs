@@ -199,15 +199,17 @@ fn count_inline(
     let mut exprs = Vec::with_capacity(queries.len());
     for (i, q) in queries.iter().enumerate() {
         let expr = crate::query::parse(q).map_err(|e| CountFailure::new(e, many.then_some(i)))?;
+        // Through saved audiences, to the tags and fields they use.
         let mut names = Vec::new();
-        expr.tag_names(&mut names);
+        if !crate::query::eval::names_reached(&expr, snap, &mut names) {
+            return Ok(Counting::Blocking);
+        }
         // Unknown tags are reported by compile; unloaded ones must not be decoded here.
         // Field predicates run the bit-sliced walk: not for the async thread.
-        if names.iter().any(|n| {
-            snap.field(n).is_some()
-                || snap.audiences.contains_key(*n)
-                || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded())
-        }) {
+        if names
+            .iter()
+            .any(|n| snap.field(n).is_some() || snap.tag(n).is_some_and(|t| !t.bitmap.is_loaded()))
+        {
             return Ok(Counting::Blocking);
         }
         exprs.push(expr);
@@ -279,6 +281,53 @@ mod tests {
         ));
         let unknown = rt.block_on(count_halves(snap, "a AND nope", now));
         assert!(matches!(unknown.unwrap_err().error, Error::Query { .. }));
+    }
+
+    /// A saved audience is counted where its query would be: right on the
+    /// async thread when its tags are in memory (not sent to the blocking
+    /// pool for being an audience), through audiences that use others.
+    #[test]
+    fn a_saved_audience_is_counted_where_its_query_would_be() {
+        use crate::bitmap::ShardedBitmap;
+        use crate::storage::snapshot::AudienceMeta;
+        use roaring::RoaringBitmap;
+        let small: RoaringBitmap = (0..1000).collect();
+        let mut snap = Snapshot::in_memory(
+            vec![
+                ("a".into(), ShardedBitmap::from_roaring(&small)),
+                ("b".into(), ShardedBitmap::from_roaring(&small)),
+            ],
+            ShardedBitmap::from_roaring(&small),
+        );
+        let audience = |name: &str, query: &str| {
+            Arc::new(AudienceMeta {
+                name: Arc::from(name),
+                query: query.into(),
+                description: String::new(),
+                owner: String::new(),
+                category: String::new(),
+                uses: Vec::new(),
+                created_ms: 0,
+                updated_ms: 0,
+            })
+        };
+        snap.audiences
+            .insert(Arc::from("both"), audience("both", "a AND b"));
+        snap.audiences
+            .insert(Arc::from("either"), audience("either", "both OR NOT a"));
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        let text = ["either".to_string()];
+        match count_inline(&text, &snap, false, now) {
+            Ok(Counting::Done(n)) => assert_eq!(n, [1000]),
+            _ => panic!("not counted inline"),
+        }
+        snap.audiences
+            .insert(Arc::from("deep"), audience("deep", "either AND nope"));
+        let deep = ["deep".to_string()];
+        assert!(
+            count_inline(&deep, &snap, false, now).is_err(),
+            "an unknown tag inside"
+        );
     }
 
     /// Dense tags cost per container, not per id: five of them over one
