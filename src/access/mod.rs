@@ -79,10 +79,12 @@ pub fn rule_for(method: &str) -> Option<Rule> {
     use Role::*;
     match method {
         "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "ListAudiences"
-        | "Aggregate" | "Breakdown" | "TopTags" | "Overlap" | "Stats" => rule(Read, false),
+        | "ListSnapshots" | "Aggregate" | "Breakdown" | "TopTags" | "Overlap" | "Stats" => {
+            rule(Read, false)
+        }
         "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
         "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" | "CreateAudience"
-        | "DropAudience" => rule(Write, false),
+        | "DropAudience" | "TakeSnapshot" | "DropSnapshot" => rule(Write, false),
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"

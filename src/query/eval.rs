@@ -445,6 +445,16 @@ impl<'s> Compiler<'s> {
             },
             Expr::Pred { field, pos, pred } => self.predicate(field, *pos, pred)?,
             Expr::All => self.leaf(self.live),
+            Expr::Snapshot { id, pos } => match self.snap.snapshots.get(id) {
+                Some(s) => self.leaf(s.members.get()?),
+                None => {
+                    return Err(Error::Query {
+                        kind: QueryErrorKind::UnknownTag,
+                        position: *pos,
+                        message: format!("no audience snapshot {id}"),
+                    });
+                }
+            },
             Expr::Not(inner) => match &**inner {
                 Expr::Not(x) => self.compile(x)?,
                 other => self.and_of(Vec::new(), vec![self.compile(other)?]),
@@ -514,8 +524,9 @@ impl<'s> Compiler<'s> {
 
 /// Every tag and field name `expr` reaches, through the saved audiences it
 /// names (whose own names are not listed), appended to `out`; false if it
-/// reaches more audiences than a query may expand, or one whose query does
-/// not parse (compiling the query will say why).
+/// reaches more audiences than a query may expand, one whose query does
+/// not parse (compiling the query will say why), or an audience snapshot
+/// whose members are still in their segment.
 pub fn names_reached(expr: &Expr, snap: &Snapshot, out: &mut Vec<String>) -> bool {
     fn walk(
         expr: &Expr,
@@ -524,6 +535,17 @@ pub fn names_reached(expr: &Expr, snap: &Snapshot, out: &mut Vec<String>) -> boo
         depth: usize,
         expanded: &mut usize,
     ) -> bool {
+        // Snapshots not yet read from their segment are read off this
+        // thread.
+        let mut ids = Vec::new();
+        expr.snapshot_ids(&mut ids);
+        if ids.iter().any(|id| {
+            snap.snapshots
+                .get(id)
+                .is_some_and(|s| !s.members.is_loaded())
+        }) {
+            return false;
+        }
         let mut names = Vec::new();
         expr.tag_names(&mut names);
         for n in names {

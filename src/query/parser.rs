@@ -6,7 +6,7 @@
 //! or      := and ( OR and )*
 //! and     := unary ( AND unary )*
 //! unary   := NOT unary | primary
-//! primary := '(' or ')' | ALL | count | name [ predicate ]
+//! primary := '(' or ')' | ALL | count | SNAPSHOT number | name [ predicate ]
 //! predicate := cmp literal                      -- integer and enumerated fields
 //!            | BETWEEN literal AND literal      -- integers, or dates of a behaviour
 //!            | IS [ NOT ] NULL
@@ -19,7 +19,8 @@
 //! ```
 //! Keywords are case-insensitive. BETWEEN, IS, NULL, IN, WITHIN and COUNT are
 //! keywords only where a predicate can stand (after a name, or COUNT before
-//! '('), so tags may still be called `count` or `in`. Positions are 0-based
+//! '('), and SNAPSHOT only before a number, so tags may still be called
+//! `count`, `in` or `snapshot`. Positions are 0-based
 //! character offsets.
 
 use crate::error::Result;
@@ -48,6 +49,12 @@ pub enum Expr {
         field: String,
         pos: usize,
         pred: Pred,
+    },
+    /// `SNAPSHOT 17`: the members of audience snapshot 17 (those still
+    /// customers), with the position of the keyword.
+    Snapshot {
+        id: u32,
+        pos: usize,
     },
 }
 
@@ -109,12 +116,22 @@ pub enum Pred {
 }
 
 impl Expr {
+    /// Every audience snapshot the expression names.
+    pub fn snapshot_ids(&self, out: &mut Vec<u32>) {
+        match self {
+            Expr::Snapshot { id, .. } => out.push(*id),
+            Expr::Tag { .. } | Expr::Pred { .. } | Expr::All => {}
+            Expr::Not(x) => x.snapshot_ids(out),
+            Expr::And(items) | Expr::Or(items) => items.iter().for_each(|i| i.snapshot_ids(out)),
+        }
+    }
+
     /// Every tag name the expression mentions.
     pub fn tag_names<'a>(&'a self, out: &mut Vec<&'a str>) {
         match self {
             Expr::Tag { name, .. } => out.push(name),
             Expr::Pred { field, .. } => out.push(field),
-            Expr::All => {}
+            Expr::All | Expr::Snapshot { .. } => {}
             Expr::Not(x) => x.tag_names(out),
             Expr::And(items) | Expr::Or(items) => items.iter().for_each(|i| i.tag_names(out)),
         }
@@ -210,6 +227,19 @@ impl Parser {
                 if name.eq_ignore_ascii_case("COUNT") && self.peek().0 == Tok::LParen =>
             {
                 self.count()
+            }
+            Tok::Name(name)
+                if name.eq_ignore_ascii_case("SNAPSHOT")
+                    && matches!(&self.peek().0, Tok::Name(n) if n.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                let (tok, at) = self.bump();
+                let Tok::Name(digits) = tok else {
+                    return Err(syntax(at, "expected a snapshot number"));
+                };
+                let id = digits
+                    .parse::<u32>()
+                    .map_err(|_| syntax(at, format!("snapshot {digits} is out of range")))?;
+                Ok(Expr::Snapshot { id, pos })
             }
             Tok::Name(name) | Tok::Quoted(name) => self.after_name(name, pos),
             Tok::End if pos == 0 => Err(syntax(0, "empty query")),

@@ -1,10 +1,14 @@
 //! Saved audiences over gRPC: `CreateAudience` (the query checked and
 //! compiled against the current snapshot, the saved audiences it uses
 //! named, then one logged write), `DropAudience`, `ListAudiences` (pages,
-//! with member counts on the blocking pool when asked).
+//! with member counts on the blocking pool when asked); and their
+//! snapshots: `TakeSnapshot` (members read on the blocking pool, compared
+//! with the audience's last snapshot, one logged write), `ListSnapshots`,
+//! `DropSnapshot`.
 
 use tonic::Status;
 
+use crate::names::quote_tag_name;
 use crate::proto;
 use crate::query::{Query, parse, saved_audiences_in};
 use crate::server::service::{blocking, invalid};
@@ -129,14 +133,12 @@ pub(super) async fn list_audiences(
         blocking(move || {
             let counted = names
                 .iter()
-                .map(|n| {
-                    // A name is a query: the audience itself.
-                    let quoted = format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\""));
-                    match Query::compile_at(&quoted, &snap, now) {
+                .map(
+                    |n| match Query::compile_at(&quote_tag_name(n), &snap, now) {
                         Ok(q) => (q.count(), String::new()),
                         Err(e) => (0, e.to_string()),
-                    }
-                })
+                    },
+                )
                 .collect::<Vec<(u64, String)>>();
             Ok(counted)
         })
@@ -172,5 +174,131 @@ fn info(a: &AudienceMeta, count: u64) -> proto::AudienceInfo {
         updated_at_ms: a.updated_ms,
         count,
         error: String::new(),
+    }
+}
+
+pub(super) async fn take_snapshot(
+    engine: &Engine,
+    r: proto::TakeSnapshotRequest,
+) -> Result<proto::TakeSnapshotResponse, Status> {
+    let (snap, now) = (engine.snapshot(), engine.now_ms());
+    let audience = snap
+        .audiences
+        .get(r.audience.as_str())
+        .cloned()
+        .ok_or_else(|| to_status(crate::error::Error::AudienceNotFound(r.audience.clone())))?;
+    // Its members now, and whether its last snapshot has exactly them.
+    let (members, same_as, taken_lsn) = blocking(move || {
+        let q =
+            Query::compile_at(&quote_tag_name(&audience.name), &snap, now).map_err(to_status)?;
+        let mut members = roaring::RoaringBitmap::new();
+        let mut after = None;
+        loop {
+            let (ids, more) = q.page(after, 1 << 20);
+            after = ids.last().copied();
+            members.extend(ids);
+            if !more {
+                break;
+            }
+        }
+        let last = snap
+            .snapshots
+            .values()
+            .rev()
+            .find(|s| s.audience == *audience.name);
+        let same_as = match last {
+            Some(s) => {
+                let old = s.members.get().map_err(to_status)?;
+                let same = old.len() == members.len()
+                    && old.iter().zip(members.iter()).all(|(a, b)| a == b);
+                if same { s.id } else { 0 }
+            }
+            None => 0,
+        };
+        Ok((members, same_as, snap.lsn))
+    })
+    .await?;
+    let query = engine
+        .snapshot()
+        .audiences
+        .get(r.audience.as_str())
+        .map(|a| a.query.clone())
+        .unwrap_or_default();
+    let res = engine
+        .write(WriteOp::TakeSnapshot {
+            audience: r.audience,
+            query,
+            taken_lsn,
+            note: r.note,
+            members,
+            same_as,
+        })
+        .await
+        .map_err(to_status)?;
+    let id = res.ids.first().copied().unwrap_or_default();
+    let snap = engine.snapshot();
+    let snapshot = snap.snapshots.get(&id).map(|s| snapshot_info(s));
+    Ok(proto::TakeSnapshotResponse {
+        snapshot,
+        lsn: res.lsn,
+    })
+}
+
+pub(super) fn list_snapshots(
+    engine: &Engine,
+    r: proto::ListSnapshotsRequest,
+) -> Result<proto::ListSnapshotsResponse, Status> {
+    let limit = match r.limit {
+        0 => 100,
+        n if n > 10_000 => {
+            return Err(invalid(format!(
+                "limit {n} is over the page size limit of 10000"
+            )));
+        }
+        n => n as usize,
+    };
+    let snap = engine.snapshot();
+    let mut out = Vec::new();
+    let mut more = false;
+    let mut bytes = 0;
+    for s in snap.snapshots.values() {
+        if s.id <= r.after || (!r.audience.is_empty() && s.audience != r.audience) {
+            continue;
+        }
+        if out.len() >= limit || bytes > PAGE_BYTES {
+            more = true;
+            break;
+        }
+        bytes += s.audience.len() + s.query.len() + s.note.len() + 64;
+        out.push(snapshot_info(s));
+    }
+    Ok(proto::ListSnapshotsResponse {
+        snapshots: out,
+        more,
+        total: snap.snapshots.len() as u64,
+    })
+}
+
+pub(super) async fn drop_snapshot(
+    engine: &Engine,
+    r: proto::DropSnapshotRequest,
+) -> Result<proto::DropSnapshotResponse, Status> {
+    let res = engine
+        .write(WriteOp::DropSnapshot { id: r.id })
+        .await
+        .map_err(to_status)?;
+    Ok(proto::DropSnapshotResponse { lsn: res.lsn })
+}
+
+fn snapshot_info(s: &crate::storage::snapshot::AudienceSnapshot) -> proto::SnapshotInfo {
+    proto::SnapshotInfo {
+        id: s.id,
+        audience: s.audience.clone(),
+        query: s.query.clone(),
+        taken_lsn: s.taken_lsn,
+        taken_at_ms: s.at_ms,
+        note: s.note.clone(),
+        count: s.count,
+        shares_with: if s.blob == s.id { 0 } else { s.blob },
     }
 }

@@ -309,6 +309,31 @@ impl TagStore for Service {
             .map(Response::new)
     }
 
+    async fn take_snapshot(
+        &self,
+        req: Request<proto::TakeSnapshotRequest>,
+    ) -> Result<Response<proto::TakeSnapshotResponse>, Status> {
+        audiences::take_snapshot(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        audiences::list_snapshots(&self.engine, req.into_inner()).map(Response::new)
+    }
+
+    async fn drop_snapshot(
+        &self,
+        req: Request<proto::DropSnapshotRequest>,
+    ) -> Result<Response<proto::DropSnapshotResponse>, Status> {
+        audiences::drop_snapshot(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn unmerge(
         &self,
         req: Request<proto::UnmergeRequest>,

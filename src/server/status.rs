@@ -46,7 +46,8 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         | Error::CustomerNotFound(_)
         | Error::CustomerIdNotFound(_)
         | Error::MergeNotFound(_)
-        | Error::AudienceNotFound(_) => Code::NotFound,
+        | Error::AudienceNotFound(_)
+        | Error::SnapshotNotFound(_) => Code::NotFound,
         Error::TagExists(_)
         | Error::FieldExists(_)
         | Error::SourceExists(_)

@@ -23,8 +23,8 @@ use crate::storage::archive::ArchiveWriter;
 use crate::storage::dictionary::identities::UNLINKED;
 use crate::storage::dictionary::{DictLayer, Dictionary, encode_identity_section, encode_section};
 use crate::storage::manifest::{
-    Manifest, ManifestArchive, ManifestAudience, ManifestField, ManifestSeen, ManifestSource,
-    ManifestTag,
+    Manifest, ManifestArchive, ManifestAudience, ManifestField, ManifestSeen, ManifestSnapshot,
+    ManifestSource, ManifestTag,
 };
 use crate::storage::merges::MergeLog;
 use crate::storage::record::{Batch, KIND_BATCH};
@@ -152,6 +152,8 @@ pub struct CheckpointJob {
     pub dir: DataDir,
     pub snap: Arc<Snapshot>,
     pub dirty_tags: HashSet<u32>,
+    /// Audience snapshots' members not yet in a segment (by blob id).
+    pub dirty_snapshots: HashSet<u32>,
     pub dirty_live: bool,
     pub dirty_slots: HashSet<(u32, u32)>,
     /// The remembered event ids at the snapshot's lsn, with the days changed
@@ -202,6 +204,18 @@ pub struct CheckpointInfo {
 }
 
 impl CheckpointJob {
+    /// Where the previous manifest keeps the members of each audience
+    /// snapshot blob still in use: blob id → segment.
+    fn prev_snapshot_homes(&self) -> HashMap<u32, u64> {
+        let used: HashSet<u32> = self.snap.snapshots.values().map(|s| s.blob).collect();
+        self.prev
+            .snapshots
+            .iter()
+            .filter(|s| used.contains(&s.blob) && s.segment != 0)
+            .map(|s| (s.blob, s.segment))
+            .collect()
+    }
+
     /// Segments to empty into the new one: mostly-garbage ones first, then the
     /// smallest while there are too many.
     fn victims(&self) -> HashSet<u64> {
@@ -217,6 +231,14 @@ impl CheckpointJob {
             {
                 *referenced.entry(mt.segment).or_default() +=
                     seg.bytes_of(BlobKind::TagShard, tag.id);
+            }
+        }
+        for (blob, no) in self.prev_snapshot_homes() {
+            if self.dirty_snapshots.contains(&blob) {
+                continue;
+            }
+            if let Some(seg) = self.segments.get(&no) {
+                *referenced.entry(no).or_default() += seg.bytes_of(BlobKind::SnapshotShard, blob);
             }
         }
         let prev_slots = self.prev_slots();
@@ -337,6 +359,52 @@ impl CheckpointJob {
                 name: tag.meta.name.to_string(),
                 description: tag.meta.description.clone(),
                 category: tag.meta.category.clone(),
+            });
+        }
+
+        // Audience snapshots: each blob of members written once (snapshots
+        // of an unchanged audience share one), kept where it is unless it
+        // is new or its segment is emptied.
+        let prev_homes = self.prev_snapshot_homes();
+        let mut homes: HashMap<u32, u64> = HashMap::new();
+        let mut snapshots = Vec::with_capacity(snap.snapshots.len());
+        for s in snap.snapshots.values() {
+            let segment = match homes.get(&s.blob) {
+                Some(&no) => no,
+                None => {
+                    let keep = !self.dirty_snapshots.contains(&s.blob)
+                        && prev_homes
+                            .get(&s.blob)
+                            .is_some_and(|no| !victims.contains(no));
+                    let no = match prev_homes.get(&s.blob) {
+                        Some(&no) if keep => no,
+                        _ => {
+                            let bm = s.members.get()?;
+                            if bm.is_empty() {
+                                0
+                            } else {
+                                open(&mut writer)?;
+                                if let Some(w) = writer.as_mut() {
+                                    w.add_bitmap(BlobKind::SnapshotShard, s.blob, bm)?;
+                                }
+                                seg_no
+                            }
+                        }
+                    };
+                    homes.insert(s.blob, no);
+                    no
+                }
+            };
+            snapshots.push(ManifestSnapshot {
+                id: s.id,
+                audience: s.audience.clone(),
+                query: s.query.clone(),
+                taken_lsn: s.taken_lsn,
+                at_ms: s.at_ms,
+                note: s.note.clone(),
+                count: s.count,
+                segment,
+                blob: s.blob,
             });
         }
 
@@ -626,6 +694,8 @@ impl CheckpointJob {
             fields,
             sources,
             audiences,
+            snapshots,
+            next_snapshot_id: snap.next_snapshot_id,
             seen: seen_days,
             archives,
             archive_dropped_to_ms,

@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 6;
+pub const MANIFEST_VERSION: u32 = 7;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,23 @@ pub struct ManifestAudience {
     pub uses: Vec<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+}
+
+/// An audience snapshot: what it was, and where its members are (the
+/// [`BlobKind::SnapshotShard`](crate::storage::segment::BlobKind) blobs of
+/// owner `blob` in `segment`; snapshots of an unchanged audience share
+/// them).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ManifestSnapshot {
+    pub id: u32,
+    pub audience: String,
+    pub query: String,
+    pub taken_lsn: u64,
+    pub at_ms: i64,
+    pub note: String,
+    pub count: u64,
+    pub segment: u64,
+    pub blob: u32,
 }
 
 /// One day of remembered event ids: the segment holding its blob.
@@ -111,6 +128,9 @@ pub struct Manifest {
     pub sources: Vec<ManifestSource>,
     /// Saved audiences (version 6).
     pub audiences: Vec<ManifestAudience>,
+    /// Audience snapshots, and the id the next one gets (version 7).
+    pub snapshots: Vec<ManifestSnapshot>,
+    pub next_snapshot_id: u32,
     pub seen: Vec<ManifestSeen>,
     /// The event archive's files, oldest first.
     pub archives: Vec<ManifestArchive>,
@@ -139,6 +159,7 @@ impl Manifest {
                     .flat_map(|f| f.slots.iter().map(|(_, seg)| *seg)),
             )
             .chain(self.seen.iter().map(|s| s.segment))
+            .chain(self.snapshots.iter().map(|s| s.segment))
             .chain(std::iter::once(self.live_segment))
             .filter(|&s| s != 0)
             .collect();
@@ -226,6 +247,19 @@ impl Manifest {
             }
             e.i64(a.created_ms).i64(a.updated_ms);
         }
+        e.u32(self.snapshots.len() as u32);
+        for s in &self.snapshots {
+            e.u32(s.id)
+                .str(&s.audience)
+                .str(&s.query)
+                .u64(s.taken_lsn)
+                .i64(s.at_ms)
+                .str(&s.note)
+                .u64(s.count)
+                .u64(s.segment)
+                .u32(s.blob);
+        }
+        e.u32(self.next_snapshot_id);
         e.buf
     }
 
@@ -341,6 +375,22 @@ impl Manifest {
                     updated_ms: d.i64()?,
                 });
             }
+        }
+        if version >= 7 {
+            for _ in 0..d.u32()? {
+                m.snapshots.push(ManifestSnapshot {
+                    id: d.u32()?,
+                    audience: d.str()?.to_string(),
+                    query: d.str()?.to_string(),
+                    taken_lsn: d.u64()?,
+                    at_ms: d.i64()?,
+                    note: d.str()?.to_string(),
+                    count: d.u64()?,
+                    segment: d.u64()?,
+                    blob: d.u32()?,
+                });
+            }
+            m.next_snapshot_id = d.u32()?;
         }
         d.finish()?;
         Ok(m)
@@ -466,6 +516,18 @@ mod tests {
                 created_ms: 9,
                 updated_ms: 10,
             }],
+            snapshots: vec![ManifestSnapshot {
+                id: 3,
+                audience: "高价值".into(),
+                query: "vip".into(),
+                taken_lsn: 11,
+                at_ms: 12,
+                note: "11.11".into(),
+                count: 13,
+                segment: 4,
+                blob: 2,
+            }],
+            next_snapshot_id: 4,
             seen: vec![ManifestSeen {
                 day: 20_769,
                 segment: 6,

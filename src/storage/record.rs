@@ -6,8 +6,8 @@
 //! the version 1 layout, version 3 sources and remembered event ids, version
 //! 4 the ingested events (and the field change that erases customers),
 //! version 5 identities and merges, version 6 what each merge changed (so
-//! that it can be undone) and the merges undone, version 7 saved audiences;
-//! a reader takes every one and refuses versions it does not know instead of
+//! that it can be undone) and the merges undone, version 7 saved audiences,
+//! version 8 audience snapshots; a reader takes every one and refuses versions it does not know instead of
 //! guessing.
 
 use roaring::RoaringBitmap;
@@ -18,7 +18,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 7;
+pub const BATCH_VERSION: u8 = 8;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,6 +234,31 @@ pub struct Batch {
     pub unmerges: Vec<LoggedUnmerge>,
     /// Saved audiences defined (or redefined) and dropped (version 7).
     pub audiences: Vec<AudienceChange>,
+    /// Audience snapshots taken and dropped (version 8).
+    pub snapshots: Vec<SnapshotChange>,
+}
+
+/// An audience snapshot taken or dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotChange {
+    Take(TakenSnapshot),
+    Drop { id: u32 },
+}
+
+/// An audience's members frozen: what it was, when, and who.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TakenSnapshot {
+    pub id: u32,
+    pub audience: String,
+    /// The audience's query when it was taken.
+    pub query: String,
+    /// The log position (lsn) of the state its members were read from.
+    pub taken_lsn: u64,
+    pub note: String,
+    /// The members; `None` when they are those of snapshot `same_as`
+    /// (the audience had not changed): the two share one bitmap.
+    pub members: Option<RoaringBitmap>,
+    pub same_as: u32,
 }
 
 /// A saved audience defined (`definition`) or dropped (`None`).
@@ -452,6 +477,7 @@ impl Batch {
             && self.merges.is_empty()
             && self.unmerges.is_empty()
             && self.audiences.is_empty()
+            && self.snapshots.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -577,6 +603,27 @@ impl Batch {
                 }
                 None => {
                     e.u8(2);
+                }
+            }
+        }
+        e.u32(self.snapshots.len() as u32);
+        for c in &self.snapshots {
+            match c {
+                SnapshotChange::Take(t) => {
+                    e.u8(1)
+                        .u32(t.id)
+                        .str(&t.audience)
+                        .str(&t.query)
+                        .u64(t.taken_lsn)
+                        .str(&t.note)
+                        .u32(t.same_as);
+                    match &t.members {
+                        Some(m) => e.u8(1).bitmap(m),
+                        None => e.u8(0),
+                    };
+                }
+                SnapshotChange::Drop { id } => {
+                    e.u8(2).u32(*id);
                 }
             }
         }
@@ -737,6 +784,28 @@ impl Batch {
                 b.audiences.push(AudienceChange { name, definition });
             }
         }
+        if version >= 8 {
+            for _ in 0..d.u32()? {
+                let change = match d.u8()? {
+                    1 => SnapshotChange::Take(TakenSnapshot {
+                        id: d.u32()?,
+                        audience: d.str()?.to_string(),
+                        query: d.str()?.to_string(),
+                        taken_lsn: d.u64()?,
+                        note: d.str()?.to_string(),
+                        same_as: d.u32()?,
+                        members: match d.u8()? {
+                            0 => None,
+                            1 => Some(d.bitmap()?),
+                            f => return d.err(format!("unknown snapshot members flag {f}")),
+                        },
+                    }),
+                    2 => SnapshotChange::Drop { id: d.u32()? },
+                    op => return d.err(format!("unknown snapshot change {op}")),
+                };
+                b.snapshots.push(change);
+            }
+        }
         d.finish()?;
         Ok(b)
     }
@@ -883,6 +952,27 @@ mod tests {
                     name: "old".into(),
                     definition: None,
                 },
+            ],
+            snapshots: vec![
+                SnapshotChange::Take(TakenSnapshot {
+                    id: 4,
+                    audience: "高价值".into(),
+                    query: "vip".into(),
+                    taken_lsn: 41,
+                    note: "11.11".into(),
+                    members: Some([1u32, 5, 1 << 20].into_iter().collect()),
+                    same_as: 0,
+                }),
+                SnapshotChange::Take(TakenSnapshot {
+                    id: 5,
+                    audience: "高价值".into(),
+                    query: "vip".into(),
+                    taken_lsn: 42,
+                    note: String::new(),
+                    members: None,
+                    same_as: 4,
+                }),
+                SnapshotChange::Drop { id: 3 },
             ],
         };
         let bytes = b.encode();

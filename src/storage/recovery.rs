@@ -20,7 +20,8 @@ use crate::storage::record::{Batch, KIND_BATCH};
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
 use crate::storage::snapshot::{
-    ArchiveList, AudienceMap, AudienceMeta, LazyBitmap, SourceMap, SourceMeta,
+    ArchiveList, AudienceMap, AudienceMeta, AudienceSnapshot, LazyBitmap, SnapshotMap, SourceMap,
+    SourceMeta,
 };
 use crate::storage::state::State;
 use crate::storage::wal::{self, WalWriter};
@@ -251,6 +252,35 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
             }),
         );
     }
+    // Audience snapshots: members read from their segment when first used;
+    // snapshots sharing members share one bitmap.
+    let mut snapshots = SnapshotMap::new();
+    let mut blobs: HashMap<(u64, u32), LazyBitmap> = HashMap::new();
+    for m in &manifest.snapshots {
+        let members = match blobs.get(&(m.segment, m.blob)) {
+            Some(b) => b.clone(),
+            None if m.segment == 0 => LazyBitmap::empty(),
+            None => {
+                let b = LazyBitmap::on_disk(seg(m.segment)?, BlobKind::SnapshotShard, m.blob);
+                blobs.insert((m.segment, m.blob), b.clone());
+                b
+            }
+        };
+        snapshots.insert(
+            m.id,
+            Arc::new(AudienceSnapshot {
+                id: m.id,
+                audience: m.audience.clone(),
+                query: m.query.clone(),
+                taken_lsn: m.taken_lsn,
+                at_ms: m.at_ms,
+                note: m.note.clone(),
+                count: m.count,
+                members,
+                blob: m.blob,
+            }),
+        );
+    }
     let live = if manifest.live_segment == 0 {
         LazyBitmap::empty()
     } else {
@@ -291,6 +321,8 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         idents,
         sources,
         audiences,
+        snapshots,
+        next_snapshot_id: manifest.next_snapshot_id.max(1),
         archive: Arc::new(ArchiveList::of(&manifest)),
         merges: Arc::new(parking_lot::RwLock::new(merges)),
     };

@@ -49,6 +49,9 @@ pub enum BlobKind {
     /// The merge log ([`crate::storage::merges`]), whole; `owner` and
     /// `shard` are 0.
     MergeLog = 7,
+    /// One shard of a frozen audience's members (an audience snapshot);
+    /// `owner` is the snapshot that first held them.
+    SnapshotShard = 8,
 }
 
 /// Bits of a packed `shard` word that hold the shard number (ids are u32 and
@@ -72,6 +75,7 @@ impl BlobKind {
             5 => Some(Self::SeenIds),
             6 => Some(Self::Identities),
             7 => Some(Self::MergeLog),
+            8 => Some(Self::SnapshotShard),
             _ => None,
         }
     }

@@ -176,6 +176,28 @@ pub struct AudienceMeta {
 /// Saved audiences by name.
 pub type AudienceMap = imbl::OrdMap<Arc<str>, Arc<AudienceMeta>>;
 
+/// An audience's members frozen at a moment (an audience snapshot): what
+/// it was, from which state, and who. Two snapshots of an unchanged
+/// audience share one bitmap (`blob`: the snapshot whose members these
+/// first were, which names them on disk).
+#[derive(Clone)]
+pub struct AudienceSnapshot {
+    pub id: u32,
+    pub audience: String,
+    pub query: String,
+    /// The lsn of the state its members were read from.
+    pub taken_lsn: u64,
+    pub at_ms: i64,
+    pub note: String,
+    /// Members when it was taken.
+    pub count: u64,
+    pub members: LazyBitmap,
+    pub blob: u32,
+}
+
+/// Audience snapshots by id.
+pub type SnapshotMap = imbl::OrdMap<u32, Arc<AudienceSnapshot>>;
+
 /// A field (integer, enumerated or behaviour column): stable id, metadata,
 /// and its non-empty bitmaps by slot (see [`crate::fields`] for what a slot
 /// means for each kind).
@@ -262,6 +284,9 @@ pub struct Snapshot {
     /// Saved audiences: named queries (they share the name space of tags
     /// and fields).
     pub audiences: AudienceMap,
+    /// Audience snapshots, and the id the next one gets.
+    pub snapshots: SnapshotMap,
+    pub next_snapshot_id: u32,
     /// The event archive as of the last checkpoint.
     pub archive: Arc<ArchiveList>,
     /// The merge log, shared with the writer like the dictionary (it only
@@ -356,6 +381,8 @@ impl Snapshot {
             idents: Arc::new(Identities::new(Vec::new())),
             sources: SourceMap::new(),
             audiences: AudienceMap::new(),
+            snapshots: SnapshotMap::new(),
+            next_snapshot_id: 1,
             archive: Arc::default(),
             merges: Arc::default(),
         }

@@ -13,10 +13,11 @@ use crate::fields::time::{self, Bucket};
 use crate::fields::{INT_EXISTS, bsi, int_slot};
 use crate::storage::dictionary::identities::FirstSeen;
 use crate::storage::merges::MergeEntry;
-use crate::storage::record::{Batch, ChangeOp, FieldChange};
+use crate::storage::record::{Batch, ChangeOp, FieldChange, SnapshotChange};
 use crate::storage::seen::{self, Seen};
 use crate::storage::snapshot::{
-    AudienceMeta, Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, SourceMeta, Tag, TagMeta,
+    AudienceMeta, AudienceSnapshot, Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, SourceMeta,
+    Tag, TagMeta,
 };
 
 /// What applying a batch did.
@@ -46,6 +47,9 @@ pub struct State {
     pub tag_names: HashMap<u32, Arc<str>>,
     /// Tags created or changed since the last checkpoint began.
     pub dirty_tags: HashSet<u32>,
+    /// Audience snapshots whose members no segment holds yet (by the id
+    /// that names them on disk).
+    pub dirty_snapshots: HashSet<u32>,
     /// Whether the live set changed since the last checkpoint began.
     pub dirty_live: bool,
     pub field_names: HashMap<u32, Arc<str>>,
@@ -100,6 +104,7 @@ impl State {
             snap,
             tag_names,
             dirty_tags: HashSet::new(),
+            dirty_snapshots: HashSet::new(),
             dirty_live: false,
             field_names,
             dirty_slots: HashSet::new(),
@@ -302,6 +307,55 @@ impl State {
         Ok(())
     }
 
+    /// Takes customers `gone` (erased, or merged into others) out of every
+    /// audience snapshot, so that a snapshot's members are live customers
+    /// as a tag's are; a merged customer's place goes to its survivor
+    /// (`moved`: absorbed, survivor), as its tags do. Snapshots sharing
+    /// members keep sharing them.
+    fn freeze_out(&mut self, gone: &RoaringBitmap, moved: &[(u32, u32)]) -> Result<()> {
+        if self.snap.snapshots.is_empty() {
+            return Ok(());
+        }
+        let mut changed: HashMap<u32, LazyBitmap> = HashMap::new();
+        for s in self.snap.snapshots.values() {
+            if changed.contains_key(&s.blob) {
+                continue;
+            }
+            let bm = s.members.get()?;
+            if !bm.intersects(gone) {
+                continue;
+            }
+            let mut new = bm.clone();
+            for &(absorbed, survivor) in moved {
+                if bm.contains(absorbed) {
+                    new.insert(survivor);
+                }
+            }
+            new.difference_with(gone);
+            changed.insert(s.blob, LazyBitmap::loaded(new));
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = self
+            .snap
+            .snapshots
+            .values()
+            .filter(|s| changed.contains_key(&s.blob))
+            .map(|s| s.id)
+            .collect();
+        for id in ids {
+            if let Some(s) = self.snap.snapshots.get_mut(&id) {
+                let s = Arc::make_mut(s);
+                if let Some(m) = changed.get(&s.blob) {
+                    s.members = m.clone();
+                }
+            }
+        }
+        self.dirty_snapshots.extend(changed.into_keys());
+        Ok(())
+    }
+
     /// Applies one logged batch. Applying a batch that is already reflected
     /// changes nothing further.
     pub fn apply(&mut self, lsn: u64, b: &Batch) -> Result<ApplyStats> {
@@ -400,6 +454,13 @@ impl State {
                 .map(|m| m.absorbed)
                 .collect();
             self.remove_everywhere(&absorbed, b.at_ms)?;
+            let moved: Vec<(u32, u32)> = b
+                .merges
+                .iter()
+                .filter(|m| m.refused.is_empty())
+                .map(|m| (m.absorbed, m.survivor))
+                .collect();
+            self.freeze_out(&absorbed, &moved)?;
             stats.merged = self.snap.live.make_mut()?.difference_with(&absorbed);
             self.dirty_live = true;
             let mut log = self.snap.merges.write();
@@ -458,6 +519,7 @@ impl State {
         }
         if !b.deletes.is_empty() {
             self.remove_everywhere(&b.deletes, b.at_ms)?;
+            self.freeze_out(&b.deletes, &[])?;
             stats.deleted = self.snap.live.make_mut()?.difference_with(&b.deletes);
             self.snap.dict.forget(b.deletes.iter());
             self.dirty_live = true;
@@ -528,6 +590,49 @@ impl State {
                 }
                 None => {
                     self.snap.audiences.remove(c.name.as_str());
+                }
+            }
+        }
+        for c in &b.snapshots {
+            match c {
+                SnapshotChange::Take(t) => {
+                    if self.snap.snapshots.contains_key(&t.id) {
+                        continue;
+                    }
+                    let (members, blob) = match &t.members {
+                        Some(m) => {
+                            self.dirty_snapshots.insert(t.id);
+                            (LazyBitmap::loaded(ShardedBitmap::from_roaring(m)), t.id)
+                        }
+                        None => match self.snap.snapshots.get(&t.same_as) {
+                            Some(o) => (o.members.clone(), o.blob),
+                            None => {
+                                return Err(Error::BadRecord(format!(
+                                    "log record {lsn}: snapshot {} shares the members of snapshot {}, which is not there",
+                                    t.id, t.same_as
+                                )));
+                            }
+                        },
+                    };
+                    let count = members.get()?.len();
+                    self.snap.snapshots.insert(
+                        t.id,
+                        Arc::new(AudienceSnapshot {
+                            id: t.id,
+                            audience: t.audience.clone(),
+                            query: t.query.clone(),
+                            taken_lsn: t.taken_lsn,
+                            at_ms: b.at_ms,
+                            note: t.note.clone(),
+                            count,
+                            members,
+                            blob,
+                        }),
+                    );
+                    self.snap.next_snapshot_id = self.snap.next_snapshot_id.max(t.id + 1);
+                }
+                SnapshotChange::Drop { id } => {
+                    self.snap.snapshots.remove(id);
                 }
             }
         }

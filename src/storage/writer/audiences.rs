@@ -1,8 +1,9 @@
 //! Saved audiences in the write path: a named query defined, redefined or
-//! dropped. The query layer has checked the query and named the saved
-//! audiences it uses; this room checks the name (one name space with tags
+//! dropped, and audience snapshots taken and dropped. The query layer has
+//! checked the query, named the saved audiences it uses and computed a
+//! snapshot's members; this room checks the name (one name space with tags
 //! and fields), the limits, and that no audience comes to use itself.
-//! Planning only; `state::apply` keeps the definitions.
+//! Planning only; `state::apply` keeps the definitions and snapshots.
 
 use std::collections::BTreeSet;
 
@@ -10,7 +11,7 @@ use super::plan::{Planner, check_meta};
 use super::*;
 use crate::error::{Error, Result};
 use crate::names::check_tag_name;
-use crate::storage::record::{AudienceChange, AudienceDef, Batch};
+use crate::storage::record::{AudienceChange, AudienceDef, Batch, SnapshotChange, TakenSnapshot};
 
 impl Planner<'_> {
     pub(super) fn plan_put_audience(
@@ -87,6 +88,56 @@ impl Planner<'_> {
             name,
             definition: None,
         });
+        Ok(Planned::Write(batch, Target::Plain))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn plan_take_snapshot(
+        &self,
+        audience: String,
+        query: String,
+        taken_lsn: u64,
+        note: String,
+        members: roaring::RoaringBitmap,
+        same_as: u32,
+        mut batch: Batch,
+    ) -> Result<Planned> {
+        let snap = &self.state.snap;
+        check_meta(&note, "")?;
+        if snap.snapshots.len() >= MAX_SNAPSHOTS {
+            return Err(Error::invalid(format!(
+                "the store keeps at most {MAX_SNAPSHOTS} audience snapshots; drop some first"
+            )));
+        }
+        let id = snap.next_snapshot_id;
+        let members = match same_as {
+            0 => Some(members),
+            other if snap.snapshots.contains_key(&other) => None,
+            // Dropped meanwhile: keep the members themselves.
+            _ => Some(members),
+        };
+        let same_as = if members.is_none() { same_as } else { 0 };
+        let count = match &members {
+            Some(m) => m.len(),
+            None => snap.snapshots.get(&same_as).map_or(0, |s| s.count),
+        };
+        batch.snapshots.push(SnapshotChange::Take(TakenSnapshot {
+            id,
+            audience,
+            query,
+            taken_lsn,
+            note,
+            members,
+            same_as,
+        }));
+        Ok(Planned::Write(batch, Target::Snapshot { id, count }))
+    }
+
+    pub(super) fn plan_drop_snapshot(&self, id: u32, mut batch: Batch) -> Result<Planned> {
+        if !self.state.snap.snapshots.contains_key(&id) {
+            return Err(Error::SnapshotNotFound(id));
+        }
+        batch.snapshots.push(SnapshotChange::Drop { id });
         Ok(Planned::Write(batch, Target::Plain))
     }
 

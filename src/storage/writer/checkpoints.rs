@@ -75,6 +75,7 @@ impl Writer {
             && self.state.dirty_slots.is_empty()
             && !self.state.dirty_live
             && !self.state.merges_dirty
+            && self.state.dirty_snapshots.is_empty()
         {
             // Nothing to write, and at most one dictionary section.
             self.merge_dictionary = false;
@@ -111,10 +112,12 @@ impl Writer {
         let dirty_slots = std::mem::take(&mut self.state.dirty_slots);
         let dirty_seen = std::mem::take(&mut self.state.seen.dirty);
         let dirty_merges = std::mem::take(&mut self.state.merges_dirty);
+        let dirty_snapshots = std::mem::take(&mut self.state.dirty_snapshots);
         let job = CheckpointJob {
             dir: self.dir.clone(),
             snap: self.shared.snapshot(),
             dirty_tags: dirty_tags.clone(),
+            dirty_snapshots: dirty_snapshots.clone(),
             dirty_live,
             dirty_slots: dirty_slots.clone(),
             seen: crate::storage::seen::Seen {
@@ -147,6 +150,7 @@ impl Writer {
             dirty_slots,
             dirty_seen,
             dirty_merges,
+            dirty_snapshots,
         });
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
@@ -189,6 +193,7 @@ impl Writer {
                 self.state.dirty_slots.extend(running.dirty_slots);
                 self.state.seen.dirty.extend(running.dirty_seen);
                 self.state.merges_dirty |= running.dirty_merges;
+                self.state.dirty_snapshots.extend(running.dirty_snapshots);
                 // The failed job may have left a file under this number:
                 // partial, or complete and already named by a new MANIFEST
                 // (when what failed came after the rename, such as the
@@ -280,6 +285,44 @@ impl Writer {
         for (name, id, seg) in moved_tags {
             if let Some(tag) = self.state.snap.tags.get_mut(&name) {
                 Arc::make_mut(tag).bitmap = LazyBitmap::on_disk(seg, BlobKind::TagShard, id);
+            }
+        }
+        // Audience snapshots likewise (those sharing members share the new
+        // home's one bitmap).
+        let snapshot_homes: HashMap<u32, u64> = done
+            .manifest
+            .snapshots
+            .iter()
+            .map(|s| (s.blob, s.segment))
+            .collect();
+        let mut moved_blobs: HashMap<u32, LazyBitmap> = HashMap::new();
+        let moving: Vec<(u32, u32)> = self
+            .state
+            .snap
+            .snapshots
+            .values()
+            .filter(|s| !s.members.is_loaded())
+            .filter(|s| {
+                snapshot_homes
+                    .get(&s.blob)
+                    .is_some_and(|home| s.members.segment().map(|g| g.no) != Some(*home))
+            })
+            .map(|s| (s.id, s.blob))
+            .collect();
+        for (id, blob) in moving {
+            let Some(seg) = snapshot_homes
+                .get(&blob)
+                .and_then(|home| self.segments.get(home))
+                .cloned()
+            else {
+                continue;
+            };
+            let members = moved_blobs
+                .entry(blob)
+                .or_insert_with(|| LazyBitmap::on_disk(seg, BlobKind::SnapshotShard, blob))
+                .clone();
+            if let Some(s) = self.state.snap.snapshots.get_mut(&id) {
+                Arc::make_mut(s).members = members;
             }
         }
         let slot_homes: HashMap<(u32, u32), u64> = done

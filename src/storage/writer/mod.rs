@@ -98,6 +98,10 @@ enum Target {
         expired: u64,
         busy: Vec<String>,
     },
+    Snapshot {
+        id: u32,
+        count: u64,
+    },
     Unmerged {
         expired: u64,
         identities: u64,
@@ -136,6 +140,7 @@ struct Running {
     dirty_slots: std::collections::HashSet<(u32, u32)>,
     dirty_seen: std::collections::BTreeSet<i32>,
     dirty_merges: bool,
+    dirty_snapshots: std::collections::HashSet<u32>,
 }
 
 pub(crate) struct Writer {
@@ -374,6 +379,10 @@ impl Writer {
                             r.events_added = stats.events_added;
                             r.events_expired = expired;
                             r.busy = busy;
+                        }
+                        Target::Snapshot { id, count } => {
+                            r.ids = vec![id];
+                            r.member_count = count;
                         }
                         Target::Unmerged {
                             expired,

@@ -217,6 +217,22 @@ pub enum WriteOp {
     DropAudience {
         name: String,
     },
+    /// Freezes an audience's members (read by the caller from the state at
+    /// lsn `taken_lsn`) as a new audience snapshot; `same_as`, when not 0,
+    /// is an earlier snapshot with exactly these members (checked by the
+    /// caller), whose bitmap the new one shares.
+    TakeSnapshot {
+        audience: String,
+        query: String,
+        taken_lsn: u64,
+        note: String,
+        members: roaring::RoaringBitmap,
+        same_as: u32,
+    },
+    /// Drops an audience snapshot.
+    DropSnapshot {
+        id: u32,
+    },
     /// Ingested records, applied together or not at all: the value writes
     /// of every record whose event was not ingested before. Records whose
     /// event id the store remembers (or that repeat one earlier in the
@@ -311,6 +327,9 @@ pub const MAX_AUDIENCES: usize = 2_048;
 /// Longest saved audience's query, in bytes (with [`MAX_AUDIENCES`], the
 /// manifest holds at most 32 MiB of them).
 pub const MAX_AUDIENCE_QUERY_BYTES: usize = 16 * 1024;
+/// Most audience snapshots a store keeps (the manifest lists them whole;
+/// their members are in segments).
+pub const MAX_SNAPSHOTS: usize = 10_000;
 /// Longest owner of a saved audience, in bytes.
 pub const MAX_OWNER_BYTES: usize = 200;
 
@@ -337,7 +356,9 @@ impl WriteOp {
             WriteOp::PutSource { .. }
             | WriteOp::DropSource { .. }
             | WriteOp::PutAudience { .. }
-            | WriteOp::DropAudience { .. } => 0,
+            | WriteOp::DropAudience { .. }
+            | WriteOp::TakeSnapshot { .. }
+            | WriteOp::DropSnapshot { .. } => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
@@ -378,7 +399,9 @@ impl WriteOp {
             | WriteOp::PutSource { .. }
             | WriteOp::DropSource { .. }
             | WriteOp::PutAudience { .. }
-            | WriteOp::DropAudience { .. } => Ok(()),
+            | WriteOp::DropAudience { .. }
+            | WriteOp::TakeSnapshot { .. }
+            | WriteOp::DropSnapshot { .. } => Ok(()),
         }
         .map_err(Into::into)
     }

@@ -360,6 +360,15 @@ impl Planner<'_> {
                 replace,
             } => self.plan_put_audience(name, definition, replace, batch),
             WriteOp::DropAudience { name } => self.plan_drop_audience(name, batch),
+            WriteOp::TakeSnapshot {
+                audience,
+                query,
+                taken_lsn,
+                note,
+                members,
+                same_as,
+            } => self.plan_take_snapshot(audience, query, taken_lsn, note, members, same_as, batch),
+            WriteOp::DropSnapshot { id } => self.plan_drop_snapshot(id, batch),
             WriteOp::RebuildFacts {
                 as_of,
                 customers,

@@ -207,6 +207,9 @@ impl Session {
             | Command::Audiences { .. }
             | Command::CreateAudience { .. }
             | Command::DropAudience { .. }
+            | Command::TakeSnapshot { .. }
+            | Command::Snapshots { .. }
+            | Command::DropSnapshot { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

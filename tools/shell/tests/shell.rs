@@ -109,6 +109,20 @@ async fn every_command_non_interactively() {
             && audiences.contains("1 saved audiences in all"),
         "{audiences}"
     );
+    let taken = ok(a, "snapshot 高价值无空格 note \"approved\"");
+    assert!(
+        taken.contains("snapshot 1 of 高价值无空格: 2 members"),
+        "{taken}"
+    );
+    assert!(ok(a, "snapshot 高价值无空格").contains("shares its members"));
+    assert!(ok(a, "count SNAPSHOT 1 AND NOT SNAPSHOT 2").starts_with("0  ("));
+    let list = ok(a, "snapshots");
+    assert!(
+        list.contains("approved") && list.contains("= 1") && list.contains("2 snapshots in all"),
+        "{list}"
+    );
+    assert_eq!(ok(a, "drop snapshot 2 --yes").trim(), "dropped snapshot 2");
+    assert!(fails(a, "count SNAPSHOT 2").contains("no audience snapshot 2"));
     assert!(fails(a, "create audience 高价值用户 as ALL").contains("already exists"));
     assert!(fails(a, "create audience x 高价值用户").contains("usage"));
     assert_eq!(

@@ -55,6 +55,19 @@ pub enum Command {
         name: String,
         yes: bool,
     },
+    /// Freeze a saved audience's members now.
+    TakeSnapshot {
+        audience: String,
+        note: String,
+    },
+    /// Audience snapshots (of one audience, or all).
+    Snapshots {
+        audience: String,
+    },
+    DropSnapshot {
+        id: u32,
+        yes: bool,
+    },
     Ingest {
         source: String,
         path: String,
@@ -277,6 +290,8 @@ pub const SPECS: &[&Spec] = &[
     &tags::LINK,
     &tags::UNMERGE,
     &reads::AUDIENCES,
+    &reads::SNAPSHOT,
+    &reads::SNAPSHOTS,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
@@ -628,6 +643,25 @@ mod tests {
                 yes: true
             }
         );
+        assert_eq!(
+            p("snapshot 高价值女性 note \"approved by Li\""),
+            Command::TakeSnapshot {
+                audience: "高价值女性".into(),
+                note: "approved by Li".into()
+            }
+        );
+        assert_eq!(
+            p("snapshots"),
+            Command::Snapshots {
+                audience: String::new()
+            }
+        );
+        assert_eq!(
+            p("drop snapshot 7 --yes"),
+            Command::DropSnapshot { id: 7, yes: true }
+        );
+        assert!(parse("drop snapshot x").is_err());
+        assert!(parse("snapshot").is_err());
         assert_eq!(
             p("audiences campaigns"),
             Command::Audiences {

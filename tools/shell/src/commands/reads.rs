@@ -197,6 +197,46 @@ pub const AUDIENCES: Spec = Spec {
     },
 };
 
+pub const SNAPSHOT: Spec = Spec {
+    name: "snapshot",
+    words: &["snapshot"],
+    complete: &["snapshot"],
+    usage: "snapshot <audience> [note <text>]",
+    summary: "freeze a saved audience's members now; `SNAPSHOT <id>` then names them in queries (who joined: `a AND NOT SNAPSHOT 3`)",
+    example: "snapshot 高价值女性 note \"approved for 11.11\"",
+    takes_tags: false,
+    parse: |rest| match split_args(rest)?.as_slice() {
+        [a] => Ok(Command::TakeSnapshot {
+            audience: a.clone(),
+            note: String::new(),
+        }),
+        [a, kw, note] if kw.eq_ignore_ascii_case("note") => Ok(Command::TakeSnapshot {
+            audience: a.clone(),
+            note: note.clone(),
+        }),
+        _ => Err(format!("usage: {}", SNAPSHOT.usage)),
+    },
+};
+
+pub const SNAPSHOTS: Spec = Spec {
+    name: "snapshots",
+    words: &["snapshots"],
+    complete: &["snapshots"],
+    usage: "snapshots [<audience>]",
+    summary: "audience snapshots: when, of what, how many members, which share members",
+    example: "snapshots 高价值女性",
+    takes_tags: false,
+    parse: |rest| match split_args(rest)?.as_slice() {
+        [] => Ok(Command::Snapshots {
+            audience: String::new(),
+        }),
+        [a] => Ok(Command::Snapshots {
+            audience: a.clone(),
+        }),
+        _ => Err(format!("usage: {}", SNAPSHOTS.usage)),
+    },
+};
+
 pub const MERGES: Spec = Spec {
     name: "merges",
     words: &["merges"],

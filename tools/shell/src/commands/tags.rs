@@ -261,9 +261,15 @@ pub const UNMERGE: Spec = Spec {
 pub const DROP: Spec = Spec {
     name: "drop",
     words: &["drop"],
-    complete: &["drop tag", "drop field", "drop source", "drop audience"],
-    usage: "drop tag|field|source|audience <name> [--yes]",
-    summary: "drop a tag or a field and its data, a source or a saved audience (asks first)",
+    complete: &[
+        "drop tag",
+        "drop field",
+        "drop source",
+        "drop audience",
+        "drop snapshot",
+    ],
+    usage: "drop tag|field|source|audience <name> [--yes] | drop snapshot <id> [--yes]",
+    summary: "drop a tag or a field and its data, a source, a saved audience or a snapshot (asks first)",
     example: "drop tag 潜在流失",
     takes_tags: true,
     parse: |rest| {
@@ -284,6 +290,12 @@ pub const DROP: Spec = Spec {
             }),
             [kw, name] if kw.eq_ignore_ascii_case("audience") => Ok(Command::DropAudience {
                 name: name.clone(),
+                yes,
+            }),
+            [kw, id] if kw.eq_ignore_ascii_case("snapshot") => Ok(Command::DropSnapshot {
+                id: id.parse().map_err(|_| {
+                    format!("{id:?} is not a snapshot id (1, 2, … as `snapshots` lists them)")
+                })?,
                 yes,
             }),
             _ => Err(format!("usage: {}", DROP.usage)),

@@ -379,6 +379,109 @@ impl Session {
                     .await?;
                 self.out(format!("dropped audience {name}"), json!({"dropped": name}));
             }
+            Command::TakeSnapshot { audience, note } => {
+                let r = self
+                    .client
+                    .take_snapshot(TakeSnapshotRequest { audience, note })
+                    .await?
+                    .into_inner();
+                let s = r.snapshot.unwrap_or_default();
+                let shared = if s.shares_with > 0 {
+                    format!(
+                        " (unchanged since snapshot {}: shares its members)",
+                        s.shares_with
+                    )
+                } else {
+                    String::new()
+                };
+                self.out(
+                    format!(
+                        "snapshot {} of {}: {} members{shared}; `SNAPSHOT {}` in queries",
+                        s.id,
+                        s.audience,
+                        thousands(s.count),
+                        s.id
+                    ),
+                    json!({ "id": s.id, "audience": s.audience, "count": s.count,
+                            "shares_with": s.shares_with, "taken_lsn": s.taken_lsn, "lsn": r.lsn }),
+                );
+            }
+            Command::Snapshots { audience } => {
+                let mut rows = Vec::new();
+                let mut all = Vec::new();
+                let mut after = 0;
+                let total = loop {
+                    let page = self
+                        .client
+                        .list_snapshots(ListSnapshotsRequest {
+                            audience: audience.clone(),
+                            after,
+                            limit: 1000,
+                        })
+                        .await?
+                        .into_inner();
+                    for s in &page.snapshots {
+                        rows.push(vec![
+                            s.id.to_string(),
+                            s.audience.clone(),
+                            thousands(s.count),
+                            fmt_time(s.taken_at_ms),
+                            if s.shares_with > 0 {
+                                format!("= {}", s.shares_with)
+                            } else {
+                                String::new()
+                            },
+                            s.note.clone(),
+                        ]);
+                        all.push(json!({
+                            "id": s.id, "audience": s.audience, "query": s.query,
+                            "count": s.count, "taken_lsn": s.taken_lsn,
+                            "taken_at_ms": s.taken_at_ms, "note": s.note,
+                            "shares_with": s.shares_with,
+                        }));
+                        after = s.id;
+                    }
+                    if !page.more {
+                        break page.total;
+                    }
+                };
+                let text = if rows.is_empty() {
+                    "(no snapshots)".to_string()
+                } else {
+                    format!(
+                        "{}\n({} shown; {} snapshots in all)",
+                        table::render(
+                            &[
+                                "snapshot",
+                                "audience",
+                                "members",
+                                "taken (UTC)",
+                                "shares",
+                                "note"
+                            ],
+                            &[
+                                Align::Right,
+                                Align::Left,
+                                Align::Right,
+                                Align::Left,
+                                Align::Left,
+                                Align::Left
+                            ],
+                            &rows
+                        ),
+                        rows.len(),
+                        total
+                    )
+                };
+                self.out(text, json!({ "snapshots": all, "total": total }));
+            }
+            Command::DropSnapshot { id, yes } => {
+                self.confirm(&format!("drop snapshot {id}?"), yes).await?;
+                self.client
+                    .drop_snapshot(DropSnapshotRequest { id })
+                    .await?;
+                self.out(format!("dropped snapshot {id}"), json!({"dropped": id}));
+            }
             Command::Identities(key) => {
                 let p = self
                     .client
