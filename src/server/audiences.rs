@@ -188,7 +188,8 @@ pub(super) async fn take_snapshot(
         .cloned()
         .ok_or_else(|| to_status(crate::error::Error::AudienceNotFound(r.audience.clone())))?;
     // Its members now, and whether its last snapshot has exactly them.
-    let (members, same_as, taken_lsn) = blocking(move || {
+    // (The query as it was when the members were read.)
+    let (members, same_as, taken_lsn, query) = blocking(move || {
         let q =
             Query::compile_at(&quote_tag_name(&audience.name), &snap, now).map_err(to_status)?;
         let mut members = roaring::RoaringBitmap::new();
@@ -215,15 +216,9 @@ pub(super) async fn take_snapshot(
             }
             None => 0,
         };
-        Ok((members, same_as, snap.lsn))
+        Ok((members, same_as, snap.lsn, audience.query.clone()))
     })
     .await?;
-    let query = engine
-        .snapshot()
-        .audiences
-        .get(r.audience.as_str())
-        .map(|a| a.query.clone())
-        .unwrap_or_default();
     let res = engine
         .write(WriteOp::TakeSnapshot {
             audience: r.audience,
