@@ -13,16 +13,7 @@ use tagstore::proto::*;
 use tonic::Code;
 
 async fn tag(c: &mut Client, tag: &str, keys: &[&str]) {
-    c.update(UpdateRequest {
-        mutations: vec![Mutation {
-            tag: tag.into(),
-            add: keys.iter().map(|k| k.to_string()).collect(),
-            ..Default::default()
-        }],
-        create_missing_tags: true,
-    })
-    .await
-    .unwrap();
+    common::add_to_tag(c, tag, keys).await
 }
 
 async fn take(c: &mut Client, audience: &str) -> Result<SnapshotInfo, tonic::Status> {

@@ -104,3 +104,17 @@ pub async fn profile(c: &mut Client, key: &str) -> tagstore::proto::ProfileRespo
     .unwrap_or_else(|e| panic!("profile of {key}: {e}"))
     .into_inner()
 }
+
+/// Adds `keys` to `tag` (made if missing); panics on an error.
+pub async fn add_to_tag(c: &mut Client, tag: &str, keys: &[&str]) {
+    c.update(tagstore::proto::UpdateRequest {
+        mutations: vec![tagstore::proto::Mutation {
+            tag: tag.into(),
+            add: keys.iter().map(|k| k.to_string()).collect(),
+            ..Default::default()
+        }],
+        create_missing_tags: true,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("add to {tag}: {e}"));
+}
