@@ -303,3 +303,47 @@ fn snapshot_members_survive_checkpoints_and_restarts() {
         );
     }
 }
+
+/// The member-count history at the engine's level: days recorded in order
+/// (an earlier one refused), a day recorded again replaced, points past
+/// the retention dropped, all of it across checkpoints and restarts.
+#[test]
+fn member_count_history_keeps_its_days() {
+    use tagstore::storage::CheckpointOptions;
+    let fs = MemFs::new();
+    let engine = open(&fs);
+    let record = |engine: &Engine, day: i32, keep_from: i32, n: u64| {
+        engine.write_blocking(WriteOp::RecordHistory {
+            day,
+            keep_from,
+            counts: vec![("vip".into(), n), ("高价值".into(), n / 2)],
+        })
+    };
+    record(&engine, 20_000, 19_000, 10).unwrap();
+    record(&engine, 20_001, 19_001, 12).unwrap();
+    record(&engine, 20_001, 19_001, 14).unwrap();
+    assert!(
+        record(&engine, 19_999, 19_000, 1).is_err(),
+        "a day before the newest"
+    );
+    let first = fs.crash_image();
+    let restarted = open(&first);
+    assert_eq!(
+        restarted.snapshot().history.series("vip", 0),
+        [(20_000, 10), (20_001, 14)]
+    );
+    restarted
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    record(&restarted, 20_400, 20_001, 20).unwrap();
+    restarted
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    let image = first.crash_image();
+    drop(restarted);
+    let again = open(&image);
+    let h = again.snapshot().history.clone();
+    assert_eq!(h.series("vip", 0), [(20_001, 14), (20_400, 20)]);
+    assert_eq!(h.series("高价值", 20_002), [(20_400, 10)]);
+    assert_eq!(h.last_day(), Some(20_400));
+}

@@ -294,3 +294,64 @@ async fn saved_audiences_stand_for_their_queries() {
     assert_eq!(refused, Some(13));
     assert_eq!(count(&mut c, "d12").await, count(&mut c, "ALL").await);
 }
+
+/// The member-count history: a server that starts on a day with no point
+/// counts every tag and saved audience; `TagHistory` gives the series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_counts_are_recorded_a_point_a_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    tag(&mut c, "vip", &["a", "b", "c"]).await;
+    tag(&mut c, "women", &["a", "d"]).await;
+    create(&mut c, "高价值女性", "vip AND women").await.unwrap();
+    let history = |name: &str, days: u32| TagHistoryRequest {
+        name: name.into(),
+        days,
+    };
+    // Nothing was there to count when it started.
+    let none = c.tag_history(history("vip", 0)).await.unwrap().into_inner();
+    assert!(none.points.is_empty());
+    drop(server);
+    // Started again today: today's counts.
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let mut points = Vec::new();
+    for _ in 0..100 {
+        points = c
+            .tag_history(history("vip", 7))
+            .await
+            .unwrap()
+            .into_inner()
+            .points;
+        if !points.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(points.len(), 1);
+    assert_eq!(points[0].count, 3);
+    assert_eq!(points[0].day.len(), 10, "YYYY-MM-DD: {}", points[0].day);
+    let a = c
+        .tag_history(history("高价值女性", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.points.len(), 1);
+    assert_eq!(a.points[0].count, 1);
+    assert_eq!(
+        code(c.tag_history(history("nope", 0)).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(c.tag_history(history("vip", 401)).await),
+        Code::InvalidArgument
+    );
+    // Kept across a checkpoint and a restart (and not recorded twice).
+    c.checkpoint(CheckpointRequest::default()).await.unwrap();
+    drop(server);
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let again = c.tag_history(history("vip", 0)).await.unwrap().into_inner();
+    assert_eq!(again.points, points);
+}

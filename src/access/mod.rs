@@ -79,9 +79,8 @@ pub fn rule_for(method: &str) -> Option<Rule> {
     use Role::*;
     match method {
         "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "ListAudiences"
-        | "ListSnapshots" | "Aggregate" | "Breakdown" | "TopTags" | "Overlap" | "Stats" => {
-            rule(Read, false)
-        }
+        | "ListSnapshots" | "TagHistory" | "Aggregate" | "Breakdown" | "TopTags" | "Overlap"
+        | "Stats" => rule(Read, false),
         "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
         "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" | "CreateAudience"
         | "DropAudience" | "TakeSnapshot" | "DropSnapshot" => rule(Write, false),

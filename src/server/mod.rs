@@ -8,6 +8,7 @@ pub mod auth;
 pub mod budget;
 mod export;
 mod fields;
+pub mod history;
 mod ingest;
 mod reads;
 mod rebuild;
@@ -114,6 +115,7 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let service = Metered::new(service, budget);
+    history::start_recorder(engine.clone(), config.default_time_zone.clone());
     let tls = match &config.tls {
         Some(files) => {
             let tls = tls::Tls::load(files.clone())?;

@@ -18,7 +18,7 @@ use crate::proto::tag_store_server::TagStore;
 use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
-use crate::server::{admin, audiences, fields, ingest, reads, rebuild, unmerge, writes};
+use crate::server::{admin, audiences, fields, history, ingest, reads, rebuild, unmerge, writes};
 use crate::storage::{Engine, TagMeta};
 
 pub struct Service {
@@ -331,6 +331,14 @@ impl TagStore for Service {
     ) -> Result<Response<proto::DropSnapshotResponse>, Status> {
         audiences::drop_snapshot(&self.engine, req.into_inner())
             .await
+            .map(Response::new)
+    }
+
+    async fn tag_history(
+        &self,
+        req: Request<proto::TagHistoryRequest>,
+    ) -> Result<Response<proto::TagHistoryResponse>, Status> {
+        history::tag_history(&self.engine, &self.default_time_zone, req.into_inner())
             .map(Response::new)
     }
 

@@ -175,6 +175,9 @@ pub struct CheckpointJob {
     /// The merge log at the snapshot's lsn, when it changed since the
     /// previous checkpoint (written whole into the segment).
     pub merge_log: Option<MergeLog>,
+    /// The member-count history, when it changed since the previous
+    /// checkpoint (written whole into the segment).
+    pub history: Option<Arc<crate::storage::history::History>>,
 }
 
 /// What a finished checkpoint hands back to the writer.
@@ -277,6 +280,11 @@ impl CheckpointJob {
             && let Some(seg) = self.segments.get(&self.prev.merge_log_segment)
         {
             *referenced.entry(seg.no).or_default() += seg.bytes_of(BlobKind::MergeLog, 0);
+        }
+        if self.history.is_none()
+            && let Some(seg) = self.segments.get(&self.prev.history_segment)
+        {
+            *referenced.entry(seg.no).or_default() += seg.bytes_of(BlobKind::History, 0);
         }
         for no in &self.prev.ident_segments {
             if let Some(seg) = self.segments.get(no) {
@@ -628,6 +636,23 @@ impl CheckpointJob {
             }
             None => self.prev.merge_log_segment,
         };
+        // The member-count history likewise.
+        let history = match &self.history {
+            Some(h) => Some(h.clone()),
+            None if victims.contains(&self.prev.history_segment) => Some(snap.history.clone()),
+            None => None,
+        };
+        let history_segment = match history {
+            Some(h) if h.is_empty() => 0,
+            Some(h) => {
+                open(&mut writer)?;
+                if let Some(w) = writer.as_mut() {
+                    w.add_blob(BlobKind::History, 0, 0, &h.encode())?;
+                }
+                seg_no
+            }
+            None => self.prev.history_segment,
+        };
 
         // The events of the records this checkpoint covers, under the
         // segment's number (so a failed checkpoint's leftovers share its
@@ -701,6 +726,7 @@ impl CheckpointJob {
             archive_dropped_to_ms,
             ident_segments,
             merge_log_segment,
+            history_segment,
         };
         manifest.write(&self.dir)?;
 

@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 7;
+pub const MANIFEST_VERSION: u32 = 8;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +131,8 @@ pub struct Manifest {
     /// Audience snapshots, and the id the next one gets (version 7).
     pub snapshots: Vec<ManifestSnapshot>,
     pub next_snapshot_id: u32,
+    /// Segment holding the member-count history (version 8; 0: none).
+    pub history_segment: u64,
     pub seen: Vec<ManifestSeen>,
     /// The event archive's files, oldest first.
     pub archives: Vec<ManifestArchive>,
@@ -153,6 +155,7 @@ impl Manifest {
             .chain(self.dict_segments.iter().copied())
             .chain(self.ident_segments.iter().copied())
             .chain(std::iter::once(self.merge_log_segment))
+            .chain(std::iter::once(self.history_segment))
             .chain(
                 self.fields
                     .iter()
@@ -260,6 +263,7 @@ impl Manifest {
                 .u32(s.blob);
         }
         e.u32(self.next_snapshot_id);
+        e.u64(self.history_segment);
         e.buf
     }
 
@@ -391,6 +395,9 @@ impl Manifest {
                 });
             }
             m.next_snapshot_id = d.u32()?;
+        }
+        if version >= 8 {
+            m.history_segment = d.u64()?;
         }
         d.finish()?;
         Ok(m)
@@ -528,6 +535,7 @@ mod tests {
                 blob: 2,
             }],
             next_snapshot_id: 4,
+            history_segment: 5,
             seen: vec![ManifestSeen {
                 day: 20_769,
                 segment: 6,
@@ -556,7 +564,7 @@ mod tests {
         let m = sample();
         m.write(&dir).unwrap();
         assert_eq!(Manifest::read(&dir).unwrap(), Some(m.clone()));
-        assert_eq!(m.segments(), vec![2, 4, 6]);
+        assert_eq!(m.segments(), vec![2, 4, 5, 6]);
         let path = dir.join(MANIFEST_FILE);
         let mut data = fs::read(&path).unwrap();
         data[30] ^= 4;

@@ -31,6 +31,7 @@ pub mod codec;
 pub mod datadir;
 pub mod dictionary;
 pub mod fs;
+pub mod history;
 pub mod manifest;
 pub mod merges;
 pub mod record;

@@ -7,7 +7,8 @@
 //! 4 the ingested events (and the field change that erases customers),
 //! version 5 identities and merges, version 6 what each merge changed (so
 //! that it can be undone) and the merges undone, version 7 saved audiences,
-//! version 8 audience snapshots; a reader takes every one and refuses versions it does not know instead of
+//! version 8 audience snapshots, version 9 a day of member counts; a reader
+//! takes every one and refuses versions it does not know instead of
 //! guessing.
 
 use roaring::RoaringBitmap;
@@ -18,7 +19,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 8;
+pub const BATCH_VERSION: u8 = 9;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -236,6 +237,17 @@ pub struct Batch {
     pub audiences: Vec<AudienceChange>,
     /// Audience snapshots taken and dropped (version 8).
     pub snapshots: Vec<SnapshotChange>,
+    /// A day of member counts for the history (version 9).
+    pub history: Option<HistoryDay>,
+}
+
+/// The member counts of tags and saved audiences on one local day, and the
+/// first day the history keeps from then on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryDay {
+    pub day: i32,
+    pub keep_from: i32,
+    pub counts: Vec<(String, u64)>,
 }
 
 /// An audience snapshot taken or dropped.
@@ -478,6 +490,7 @@ impl Batch {
             && self.unmerges.is_empty()
             && self.audiences.is_empty()
             && self.snapshots.is_empty()
+            && self.history.is_none()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -625,6 +638,20 @@ impl Batch {
                 SnapshotChange::Drop { id } => {
                     e.u8(2).u32(*id);
                 }
+            }
+        }
+        match &self.history {
+            Some(h) => {
+                e.u8(1)
+                    .i64(i64::from(h.day))
+                    .i64(i64::from(h.keep_from))
+                    .u32(h.counts.len() as u32);
+                for (name, n) in &h.counts {
+                    e.str(name).u64(*n);
+                }
+            }
+            None => {
+                e.u8(0);
             }
         }
         e.buf
@@ -806,6 +833,21 @@ impl Batch {
                 b.snapshots.push(change);
             }
         }
+        if version >= 9 && d.u8()? == 1 {
+            let day = |d: &mut Dec<'_>| -> DecResult<i32> {
+                let v = d.i64()?;
+                i32::try_from(v).or_else(|_| d.err(format!("day {v} out of range")))
+            };
+            let (day, keep_from) = (day(&mut d)?, day(&mut d)?);
+            let counts = (0..d.u32()?)
+                .map(|_| Ok((d.str()?.to_string(), d.u64()?)))
+                .collect::<DecResult<_>>()?;
+            b.history = Some(HistoryDay {
+                day,
+                keep_from,
+                counts,
+            });
+        }
         d.finish()?;
         Ok(b)
     }
@@ -974,12 +1016,17 @@ mod tests {
                 }),
                 SnapshotChange::Drop { id: 3 },
             ],
+            history: Some(HistoryDay {
+                day: 20_788,
+                keep_from: 20_388,
+                counts: vec![("vip".into(), 3), ("高价值".into(), 2)],
+            }),
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);
         assert!(Batch::decode(&bytes[..bytes.len() - 1]).is_err());
         let mut bad = bytes.clone();
-        bad[0] = 9;
+        bad[0] = BATCH_VERSION + 1;
         assert!(Batch::decode(&bad).is_err());
     }
 }

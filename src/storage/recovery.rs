@@ -286,6 +286,30 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
     } else {
         LazyBitmap::on_disk(seg(manifest.live_segment)?, BlobKind::LiveShard, 0)
     };
+    // The member-count history is read now, whole (a few bytes a point).
+    let history = if manifest.history_segment == 0 {
+        crate::storage::history::History::default()
+    } else {
+        let s = seg(manifest.history_segment)?;
+        let entries = s.entries_of(BlobKind::History, 0);
+        let [entry] = entries else {
+            return Err(Error::corrupt(
+                &s.path,
+                0,
+                format!(
+                    "segment holds {} histories where the manifest names one",
+                    entries.len()
+                ),
+            ));
+        };
+        crate::storage::history::History::decode(s.blob(entry)?).map_err(|e| {
+            Error::corrupt(
+                &s.path,
+                entry.offset + e.offset as u64,
+                format!("history: {}", e.reason),
+            )
+        })?
+    };
     // The merge log is read now, whole (a few dozen bytes a merge).
     let merges = if manifest.merge_log_segment == 0 {
         MergeLog::default()
@@ -323,6 +347,7 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         audiences,
         snapshots,
         next_snapshot_id: manifest.next_snapshot_id.max(1),
+        history: Arc::new(history),
         archive: Arc::new(ArchiveList::of(&manifest)),
         merges: Arc::new(parking_lot::RwLock::new(merges)),
     };

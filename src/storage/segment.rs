@@ -52,6 +52,9 @@ pub enum BlobKind {
     /// One shard of a frozen audience's members (an audience snapshot);
     /// `owner` is the snapshot that first held them.
     SnapshotShard = 8,
+    /// The member-count history ([`crate::storage::history`]), whole;
+    /// `owner` and `shard` are 0.
+    History = 9,
 }
 
 /// Bits of a packed `shard` word that hold the shard number (ids are u32 and
@@ -76,6 +79,7 @@ impl BlobKind {
             6 => Some(Self::Identities),
             7 => Some(Self::MergeLog),
             8 => Some(Self::SnapshotShard),
+            9 => Some(Self::History),
             _ => None,
         }
     }

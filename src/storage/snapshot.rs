@@ -287,6 +287,8 @@ pub struct Snapshot {
     /// Audience snapshots, and the id the next one gets.
     pub snapshots: SnapshotMap,
     pub next_snapshot_id: u32,
+    /// Member counts of tags and saved audiences, a point a day.
+    pub history: Arc<crate::storage::history::History>,
     /// The event archive as of the last checkpoint.
     pub archive: Arc<ArchiveList>,
     /// The merge log, shared with the writer like the dictionary (it only
@@ -383,6 +385,7 @@ impl Snapshot {
             audiences: AudienceMap::new(),
             snapshots: SnapshotMap::new(),
             next_snapshot_id: 1,
+            history: Arc::default(),
             archive: Arc::default(),
             merges: Arc::default(),
         }

@@ -50,6 +50,8 @@ pub struct State {
     /// Audience snapshots whose members no segment holds yet (by the id
     /// that names them on disk).
     pub dirty_snapshots: HashSet<u32>,
+    /// Whether the history changed since the last checkpoint began.
+    pub history_dirty: bool,
     /// Whether the live set changed since the last checkpoint began.
     pub dirty_live: bool,
     pub field_names: HashMap<u32, Arc<str>>,
@@ -105,6 +107,7 @@ impl State {
             tag_names,
             dirty_tags: HashSet::new(),
             dirty_snapshots: HashSet::new(),
+            history_dirty: false,
             dirty_live: false,
             field_names,
             dirty_slots: HashSet::new(),
@@ -635,6 +638,10 @@ impl State {
                     self.snap.snapshots.remove(id);
                 }
             }
+        }
+        if let Some(h) = &b.history {
+            Arc::make_mut(&mut self.snap.history).record(h.day, &h.counts, h.keep_from);
+            self.history_dirty = true;
         }
         self.seen.insert(seen::day_of(b.at_ms), &b.seen);
         stats.events_seen = b.seen.len() as u64;

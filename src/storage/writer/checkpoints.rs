@@ -76,6 +76,7 @@ impl Writer {
             && !self.state.dirty_live
             && !self.state.merges_dirty
             && self.state.dirty_snapshots.is_empty()
+            && !self.state.history_dirty
         {
             // Nothing to write, and at most one dictionary section.
             self.merge_dictionary = false;
@@ -113,6 +114,7 @@ impl Writer {
         let dirty_seen = std::mem::take(&mut self.state.seen.dirty);
         let dirty_merges = std::mem::take(&mut self.state.merges_dirty);
         let dirty_snapshots = std::mem::take(&mut self.state.dirty_snapshots);
+        let dirty_history = std::mem::take(&mut self.state.history_dirty);
         let job = CheckpointJob {
             dir: self.dir.clone(),
             snap: self.shared.snapshot(),
@@ -137,6 +139,7 @@ impl Writer {
             erased: self.last_delete_lsn > self.manifest.checkpoint_lsn,
             // The log as of `lsn` (it grows on after), when it changed.
             merge_log: dirty_merges.then(|| self.state.snap.merges.read().clone()),
+            history: dirty_history.then(|| self.state.snap.history.clone()),
         };
         debug_assert_eq!(job.snap.lsn, lsn);
         self.merge_dictionary = false;
@@ -151,6 +154,7 @@ impl Writer {
             dirty_seen,
             dirty_merges,
             dirty_snapshots,
+            dirty_history,
         });
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
@@ -194,6 +198,7 @@ impl Writer {
                 self.state.seen.dirty.extend(running.dirty_seen);
                 self.state.merges_dirty |= running.dirty_merges;
                 self.state.dirty_snapshots.extend(running.dirty_snapshots);
+                self.state.history_dirty |= running.dirty_history;
                 // The failed job may have left a file under this number:
                 // partial, or complete and already named by a new MANIFEST
                 // (when what failed came after the rename, such as the

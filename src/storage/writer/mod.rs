@@ -141,6 +141,7 @@ struct Running {
     dirty_seen: std::collections::BTreeSet<i32>,
     dirty_merges: bool,
     dirty_snapshots: std::collections::HashSet<u32>,
+    dirty_history: bool,
 }
 
 pub(crate) struct Writer {

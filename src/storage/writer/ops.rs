@@ -233,6 +233,14 @@ pub enum WriteOp {
     DropSnapshot {
         id: u32,
     },
+    /// Records the member counts of local day `day` in the history, and
+    /// drops the points before `keep_from`. A day before the newest one
+    /// recorded is refused.
+    RecordHistory {
+        day: i32,
+        keep_from: i32,
+        counts: Vec<(String, u64)>,
+    },
     /// Ingested records, applied together or not at all: the value writes
     /// of every record whose event was not ingested before. Records whose
     /// event id the store remembers (or that repeat one earlier in the
@@ -358,7 +366,8 @@ impl WriteOp {
             | WriteOp::PutAudience { .. }
             | WriteOp::DropAudience { .. }
             | WriteOp::TakeSnapshot { .. }
-            | WriteOp::DropSnapshot { .. } => 0,
+            | WriteOp::DropSnapshot { .. }
+            | WriteOp::RecordHistory { .. } => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
@@ -401,7 +410,8 @@ impl WriteOp {
             | WriteOp::PutAudience { .. }
             | WriteOp::DropAudience { .. }
             | WriteOp::TakeSnapshot { .. }
-            | WriteOp::DropSnapshot { .. } => Ok(()),
+            | WriteOp::DropSnapshot { .. }
+            | WriteOp::RecordHistory { .. } => Ok(()),
         }
         .map_err(Into::into)
     }

@@ -369,6 +369,27 @@ impl Planner<'_> {
                 same_as,
             } => self.plan_take_snapshot(audience, query, taken_lsn, note, members, same_as, batch),
             WriteOp::DropSnapshot { id } => self.plan_drop_snapshot(id, batch),
+            WriteOp::RecordHistory {
+                day,
+                keep_from,
+                counts,
+            } => {
+                if let Some(last) = snap.history.last_day()
+                    && day < last
+                {
+                    return Err(Error::invalid(format!(
+                        "the history already has {}; {} is before it",
+                        time::format_day(last),
+                        time::format_day(day)
+                    )));
+                }
+                batch.history = Some(crate::storage::record::HistoryDay {
+                    day,
+                    keep_from,
+                    counts,
+                });
+                Ok(Planned::Write(batch, Target::Plain))
+            }
             WriteOp::RebuildFacts {
                 as_of,
                 customers,

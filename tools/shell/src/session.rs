@@ -210,6 +210,7 @@ impl Session {
             | Command::TakeSnapshot { .. }
             | Command::Snapshots { .. }
             | Command::DropSnapshot { .. }
+            | Command::History { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
             cmd @ (Command::CreateTag { .. }

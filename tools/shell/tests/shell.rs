@@ -123,6 +123,9 @@ async fn every_command_non_interactively() {
     );
     assert_eq!(ok(a, "drop snapshot 2 --yes").trim(), "dropped snapshot 2");
     assert!(fails(a, "count SNAPSHOT 2").contains("no audience snapshot 2"));
+    // The server started with nothing to count: no point yet today.
+    assert!(ok(a, "history 高价值用户").contains("no points yet"));
+    assert!(fails(a, "history nope").contains("no tag or saved audience"));
     assert!(fails(a, "create audience 高价值用户 as ALL").contains("already exists"));
     assert!(fails(a, "create audience x 高价值用户").contains("usage"));
     assert_eq!(

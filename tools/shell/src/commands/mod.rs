@@ -68,6 +68,11 @@ pub enum Command {
         id: u32,
         yes: bool,
     },
+    /// A tag's or audience's member counts, a point a day.
+    History {
+        name: String,
+        days: u32,
+    },
     Ingest {
         source: String,
         path: String,
@@ -292,6 +297,7 @@ pub const SPECS: &[&Spec] = &[
     &reads::AUDIENCES,
     &reads::SNAPSHOT,
     &reads::SNAPSHOTS,
+    &reads::HISTORY,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,
@@ -662,6 +668,21 @@ mod tests {
         );
         assert!(parse("drop snapshot x").is_err());
         assert!(parse("snapshot").is_err());
+        assert_eq!(
+            p("history 高价值用户 days 90"),
+            Command::History {
+                name: "高价值用户".into(),
+                days: 90
+            }
+        );
+        assert_eq!(
+            p("history vip"),
+            Command::History {
+                name: "vip".into(),
+                days: 0
+            }
+        );
+        assert!(parse("history vip days x").is_err());
         assert_eq!(
             p("audiences campaigns"),
             Command::Audiences {

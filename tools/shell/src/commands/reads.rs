@@ -237,6 +237,30 @@ pub const SNAPSHOTS: Spec = Spec {
     },
 };
 
+pub const HISTORY: Spec = Spec {
+    name: "history",
+    words: &["history"],
+    complete: &["history"],
+    usage: "history <tag or audience> [days N]",
+    summary: "member counts a day over the last N days (default 30, at most 400), with a small chart",
+    example: "history 高价值用户 days 90",
+    takes_tags: true,
+    parse: |rest| {
+        let usage = || format!("usage: {}", HISTORY.usage);
+        match split_args(rest)?.as_slice() {
+            [name] => Ok(Command::History {
+                name: name.clone(),
+                days: 0,
+            }),
+            [name, kw, n] if kw.eq_ignore_ascii_case("days") => Ok(Command::History {
+                name: name.clone(),
+                days: n.parse().map_err(|_| usage())?,
+            }),
+            _ => Err(usage()),
+        }
+    },
+};
+
 pub const MERGES: Spec = Spec {
     name: "merges",
     words: &["merges"],

@@ -482,6 +482,53 @@ impl Session {
                     .await?;
                 self.out(format!("dropped snapshot {id}"), json!({"dropped": id}));
             }
+            Command::History { name, days } => {
+                let r = self
+                    .client
+                    .tag_history(TagHistoryRequest {
+                        name: name.clone(),
+                        days,
+                    })
+                    .await?
+                    .into_inner();
+                let text = if r.points.is_empty() {
+                    format!("(no points yet for {name}: the server records them once a day)")
+                } else {
+                    let counts: Vec<u64> = r.points.iter().map(|p| p.count).collect();
+                    let (lo, hi) = (
+                        counts.iter().copied().min().unwrap_or(0),
+                        counts.iter().copied().max().unwrap_or(0),
+                    );
+                    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+                    let chart: String = counts
+                        .iter()
+                        .map(|&n| {
+                            let k = if hi == lo {
+                                BARS.len() - 1
+                            } else {
+                                ((n - lo) * (BARS.len() as u64 - 1) / (hi - lo)) as usize
+                            };
+                            BARS[k]
+                        })
+                        .collect();
+                    let first = &r.points[0];
+                    let last = &r.points[r.points.len() - 1];
+                    format!(
+                        "{name}  {chart}\n{} {} … {} {}  (min {}, max {}, {} days with a point)",
+                        first.day,
+                        thousands(first.count),
+                        last.day,
+                        thousands(last.count),
+                        thousands(lo),
+                        thousands(hi),
+                        r.points.len()
+                    )
+                };
+                self.out(
+                    text,
+                    json!({ "name": name, "points": r.points.iter().map(|p| json!({"day": p.day, "count": p.count})).collect::<Vec<_>>() }),
+                );
+            }
             Command::Identities(key) => {
                 let p = self
                     .client
