@@ -355,3 +355,31 @@ async fn member_counts_are_recorded_a_point_a_day() {
     let again = c.tag_history(history("vip", 0)).await.unwrap().into_inner();
     assert_eq!(again.points, points);
 }
+
+/// TopTags leaves out the tags its query names, also those inside the
+/// saved audiences it names (their lift says nothing new).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_tags_leave_out_the_tags_inside_an_audience() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    tag(&mut c, "vip", &["a", "b", "c"]).await;
+    tag(&mut c, "women", &["a", "b", "d"]).await;
+    tag(&mut c, "other", &["a", "e"]).await;
+    create(&mut c, "av", "vip AND women").await.unwrap();
+    let top = |include: bool| TopTagsRequest {
+        query: "av".into(),
+        k: 10,
+        include_query_tags: include,
+        ..Default::default()
+    };
+    let names = |r: TopTagsResponse| {
+        let mut n: Vec<String> = r.tags.into_iter().map(|t| t.tag).collect();
+        n.sort();
+        n
+    };
+    let left_out = c.top_tags(top(false)).await.unwrap().into_inner();
+    assert_eq!(names(left_out), ["other"]);
+    let all = c.top_tags(top(true)).await.unwrap().into_inner();
+    assert_eq!(names(all), ["other", "vip", "women"]);
+}

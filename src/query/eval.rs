@@ -523,32 +523,28 @@ impl<'s> Compiler<'s> {
 }
 
 /// Every tag and field name `expr` reaches, through the saved audiences it
-/// names (whose own names are not listed), appended to `out`; false if it
-/// reaches more audiences than a query may expand, one whose query does
-/// not parse (compiling the query will say why), or an audience snapshot
-/// whose members are still in their segment.
-pub fn names_reached(expr: &Expr, snap: &Snapshot, out: &mut Vec<String>) -> bool {
+/// names (whose own names are not listed), appended to `names`, and every
+/// audience snapshot it reaches to `snapshots`; false if it reaches more
+/// audiences than a query may expand, or one whose query does not parse
+/// (compiling the query will say why).
+pub fn names_reached(
+    expr: &Expr,
+    snap: &Snapshot,
+    names: &mut Vec<String>,
+    snapshots: &mut Vec<u32>,
+) -> bool {
     fn walk(
         expr: &Expr,
         snap: &Snapshot,
-        out: &mut Vec<String>,
+        names: &mut Vec<String>,
+        snapshots: &mut Vec<u32>,
         depth: usize,
         expanded: &mut usize,
     ) -> bool {
-        // Snapshots not yet read from their segment are read off this
-        // thread.
-        let mut ids = Vec::new();
-        expr.snapshot_ids(&mut ids);
-        if ids.iter().any(|id| {
-            snap.snapshots
-                .get(id)
-                .is_some_and(|s| !s.members.is_loaded())
-        }) {
-            return false;
-        }
-        let mut names = Vec::new();
-        expr.tag_names(&mut names);
-        for n in names {
+        expr.snapshot_ids(snapshots);
+        let mut direct = Vec::new();
+        expr.tag_names(&mut direct);
+        for n in direct {
             match snap.audiences.get(n).filter(|_| snap.tag(n).is_none()) {
                 Some(a) => {
                     *expanded += 1;
@@ -558,16 +554,16 @@ pub fn names_reached(expr: &Expr, snap: &Snapshot, out: &mut Vec<String>) -> boo
                     let Ok(inner) = parse(&a.query) else {
                         return false;
                     };
-                    if !walk(&inner, snap, out, depth + 1, expanded) {
+                    if !walk(&inner, snap, names, snapshots, depth + 1, expanded) {
                         return false;
                     }
                 }
-                None => out.push(n.to_string()),
+                None => names.push(n.to_string()),
             }
         }
         true
     }
-    walk(expr, snap, out, 0, &mut 0)
+    walk(expr, snap, names, snapshots, 0, &mut 0)
 }
 
 /// The saved audiences `expr` names (not counting those they use in turn),

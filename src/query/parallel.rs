@@ -199,9 +199,17 @@ fn count_inline(
     let mut exprs = Vec::with_capacity(queries.len());
     for (i, q) in queries.iter().enumerate() {
         let expr = crate::query::parse(q).map_err(|e| CountFailure::new(e, many.then_some(i)))?;
-        // Through saved audiences, to the tags and fields they use.
-        let mut names = Vec::new();
-        if !crate::query::eval::names_reached(&expr, snap, &mut names) {
+        // Through saved audiences, to the tags, fields and snapshots they
+        // use; snapshots not yet read from their segment are read off this
+        // thread.
+        let (mut names, mut snapshots) = (Vec::new(), Vec::new());
+        if !crate::query::eval::names_reached(&expr, snap, &mut names, &mut snapshots)
+            || snapshots.iter().any(|id| {
+                snap.snapshots
+                    .get(id)
+                    .is_some_and(|s| !s.members.is_loaded())
+            })
+        {
             return Ok(Counting::Blocking);
         }
         // Unknown tags are reported by compile; unloaded ones must not be decoded here.

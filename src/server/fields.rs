@@ -339,12 +339,18 @@ pub(super) async fn top_tags(
     blocking(move || {
         let expr = parse(&r.query).map_err(to_status)?;
         let q = Query::from_expr_at(&expr, &snap, now).map_err(to_status)?;
+        // The tags the query names, also through the saved audiences it
+        // names (a lift of those says nothing new).
         let mut named = Vec::new();
-        expr.tag_names(&mut named);
+        if !crate::query::eval::names_reached(&expr, &snap, &mut named, &mut Vec::new()) {
+            let mut direct = Vec::new();
+            expr.tag_names(&mut direct);
+            named = direct.into_iter().map(str::to_string).collect();
+        }
         let exclude: HashSet<&str> = if r.include_query_tags {
             HashSet::new()
         } else {
-            named.into_iter().collect()
+            named.iter().map(String::as_str).collect()
         };
         let category = (!r.category.is_empty()).then_some(r.category.as_str());
         let (rows, audience, customers) =
