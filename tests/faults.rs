@@ -4,8 +4,9 @@
 //!
 //! - a failed log fsync or write stops writes until a restart (never
 //!   acknowledge what may not be on disk) and loses nothing acknowledged;
-//! - a full disk while appending to the log refuses that write only; the
-//!   store takes writes again once space is freed;
+//! - a full disk while appending to the log refuses that write only (an
+//!   audience snapshot too large for the space allocated ahead among
+//!   them); the store takes writes again once space is freed;
 //! - a failure at any step of a checkpoint, or a full disk during one,
 //!   fails the checkpoint, not the store, and a crash or a restart finds
 //!   every acknowledged write; also every step, in turn, of one that
@@ -450,4 +451,47 @@ fn every_step_of_a_checkpoint_with_compaction_and_a_merge() {
         points >= 15,
         "only {points} fault points: the scene lost its steps"
     );
+}
+
+/// A full disk refuses an audience snapshot whose members need more log
+/// than is allocated, whole: no snapshot, the store goes on; once there is
+/// room it is taken with every member and survives a crash.
+#[test]
+fn a_full_disk_refuses_a_large_snapshot_whole() {
+    for how in ["fallocate fails", "capacity reached"] {
+        let fs = MemFs::new();
+        let engine = open(&fs);
+        add(&engine, "t", keys("a", 10)).unwrap();
+        // Every other id of 64M: ~1,000 dense containers, about 8 MiB in
+        // the log, more than the 4 MiB allocated ahead.
+        let members: roaring::RoaringBitmap = (0..64u32 << 20).step_by(2).collect();
+        let take = |engine: &Engine| {
+            engine.write_blocking(WriteOp::TakeSnapshot {
+                audience: "aud".into(),
+                query: "t".into(),
+                taken_lsn: engine.snapshot().lsn,
+                note: String::new(),
+                members: members.clone(),
+                same_as: 0,
+            })
+        };
+        match how {
+            "fallocate fails" => fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC),
+            _ => fs.set_capacity(Some(fs.used_bytes() + 1024)),
+        }
+        let err = take(&engine).unwrap_err();
+        assert!(matches!(err, tagstore::Error::DiskFull(_)), "{how}: {err}");
+        assert_eq!(engine.failure(), None, "{how}");
+        assert!(engine.snapshot().snapshots.is_empty(), "{how}");
+        add(&engine, "t", keys("small", 5)).unwrap();
+        fs.clear_faults();
+        fs.set_capacity(None);
+        let id = take(&engine).unwrap().ids[0];
+        let crashed = fs.crash_image();
+        drop(engine);
+        let engine = open(&crashed);
+        let snap = engine.snapshot();
+        let s = snap.snapshots.get(&id).expect("the snapshot");
+        assert_eq!(s.members.get().unwrap().len(), members.len(), "{how}");
+    }
 }

@@ -173,3 +173,62 @@ async fn snapshots_freeze_an_audience_while_the_data_changes() {
     );
     assert_eq!(members(&mut c, "SNAPSHOT 3").await, ["a", "c"]);
 }
+
+/// A TakeSnapshot whose caller gives up at any moment is whole or not
+/// taken: every snapshot listed has all its members; the largest note is
+/// taken and one byte more refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_cancelled_halfway_is_whole_or_not_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let keys: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    tag(&mut c, "vip", &refs).await;
+    tag(&mut c, "women", &refs[..12_000]).await;
+    c.create_audience(CreateAudienceRequest {
+        name: "aud".into(),
+        query: "vip AND women".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for micros in (0..40).map(|i| i * 150) {
+        // Each try on a changed audience, so that it has members of its own.
+        tag(&mut c, "women", &[refs[12_000 + micros as usize / 150]]).await;
+        let mut caller = c.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_micros(micros),
+            caller.take_snapshot(TakeSnapshotRequest {
+                audience: "aud".into(),
+                note: String::new(),
+            }),
+        )
+        .await;
+    }
+    // Whatever reached the writer is done by the time a checkpoint is.
+    c.checkpoint(CheckpointRequest::default()).await.unwrap();
+    let list = c
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for s in &list.snapshots {
+        assert_eq!(
+            count(&mut c, &format!("SNAPSHOT {}", s.id)).await,
+            s.count,
+            "snapshot {}",
+            s.id
+        );
+    }
+    eprintln!("{} of 40 tries were taken", list.snapshots.len());
+    let note = |n: usize| TakeSnapshotRequest {
+        audience: "aud".into(),
+        note: "n".repeat(n),
+    };
+    assert!(c.take_snapshot(note(4096)).await.is_ok());
+    assert_eq!(
+        code(c.take_snapshot(note(4097)).await),
+        Code::InvalidArgument
+    );
+}
