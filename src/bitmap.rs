@@ -190,6 +190,59 @@ impl ShardedBitmap {
         added
     }
 
+    /// Removes every id of another sharded bitmap; returns how many were
+    /// present. Shards with nothing to remove stay shared.
+    pub fn difference_sharded(&mut self, other: &ShardedBitmap) -> u64 {
+        let mut removed = 0;
+        for (i, part) in other.shards() {
+            let n = self.shard(i).map_or(0, |b| b.and_cardinality(part));
+            if n == 0 {
+                continue;
+            }
+            self.shard_mut(i).andnot_inplace(part);
+            removed += n;
+            self.tidy(i);
+        }
+        self.len -= removed;
+        removed
+    }
+
+    /// The ids in both.
+    pub fn and(&self, other: &ShardedBitmap) -> ShardedBitmap {
+        let mut out = ShardedBitmap::new();
+        for (i, a) in self.shards() {
+            if let Some(b) = other.shard(i) {
+                out.set_shard(i, a & b);
+            }
+        }
+        out
+    }
+
+    /// The ids of `self` not in `other`.
+    pub fn and_not(&self, other: &ShardedBitmap) -> ShardedBitmap {
+        let mut out = ShardedBitmap::new();
+        for (i, a) in self.shards() {
+            match other.shard(i) {
+                Some(b) => out.set_shard(i, a - b),
+                None => out.set_shard(i, a.clone()),
+            }
+        }
+        out
+    }
+
+    /// The ids in exactly one of the two.
+    pub fn xor(&self, other: &ShardedBitmap) -> ShardedBitmap {
+        let mut out = ShardedBitmap::new();
+        for i in 0..self.shard_count().max(other.shard_count()) {
+            match (self.shard(i), other.shard(i)) {
+                (Some(a), Some(b)) => out.set_shard(i, a ^ b),
+                (Some(a), None) | (None, Some(a)) => out.set_shard(i, a.clone()),
+                (None, None) => {}
+            }
+        }
+        out
+    }
+
     /// Removes every id of `other`; returns how many were present.
     pub fn difference_with(&mut self, other: &RoaringBitmap) -> u64 {
         let mut removed = 0;

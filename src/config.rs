@@ -73,7 +73,7 @@ impl Default for Limits {
 /// sync = "always"            # or "never"
 /// checkpoint_wal_mb = 64
 /// max_segments = 8
-/// time_zone = "Asia/Shanghai"  # for behaviour fields created without one
+/// time_zone = "Asia/Shanghai"  # of behaviour fields and rules created without one, and of TODAY
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
@@ -99,7 +99,8 @@ pub struct FileConfig {
     pub sync: Option<SyncMode>,
     pub checkpoint_wal_mb: Option<u64>,
     pub max_segments: Option<usize>,
-    /// IANA time zone of behaviour fields created without one (default Asia/Shanghai).
+    /// IANA time zone of behaviour fields and rules created without one, and
+    /// the day `TODAY` means in queries (default Asia/Shanghai).
     pub time_zone: Option<String>,
     /// Days an ingested event's id is remembered (default 30, at least 1).
     pub dedup_days: Option<u32>,
@@ -242,6 +243,7 @@ impl ServerConfig {
             .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());
         crate::fields::time::zone(&default_time_zone)
             .map_err(|e| Error::Config(format!("time_zone: {e}")))?;
+        engine.time_zone = default_time_zone.clone();
         let facts = match &file.facts {
             None => Facts::standard(),
             Some(path) => {

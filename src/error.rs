@@ -67,6 +67,8 @@ pub enum Error {
     AudienceNotFound(String),
     #[error("a saved audience named {:?} already exists", shown(.0))]
     AudienceExists(String),
+    #[error("rule not found: {:?}", shown(.0))]
+    RuleNotFound(String),
     #[error("no audience snapshot {0}")]
     SnapshotNotFound(u32),
     #[error("a source named {:?} already exists", shown(.0))]

@@ -14,6 +14,10 @@
 //!   snapshots into segment files at checkpoints. Knows nothing of gRPC.
 //! - [`query`]: the query language (parser) and its evaluation over one
 //!   snapshot. Reads, never writes.
+//! - [`rules`]: rule tags and lifecycles: a definition checked, the order
+//!   rules are evaluated in, a rule's members among some customers, what a
+//!   turn of the day can change. Reads snapshots; the one apply function
+//!   in `storage` asks it and writes what it returns.
 //! - [`ingest`]: channel records in (order, social and store exports, as
 //!   CSV or JSON Lines, UTF-8 or GBK), normalised into the one event model
 //!   and turned into facts (field writes). Knows nothing of gRPC; hands its
@@ -39,6 +43,7 @@ pub mod error;
 pub mod fields;
 pub mod ingest;
 pub mod query;
+pub mod rules;
 pub mod server;
 pub mod storage;
 

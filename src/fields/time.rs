@@ -32,6 +32,12 @@ pub fn zone(name: &str) -> Result<TimeZone> {
     TimeZone::get(name).map_err(|e| Error::invalid(format!("unknown time zone {name:?}: {e}")))
 }
 
+/// The default zone ([`DEFAULT_TIME_ZONE`](crate::fields::DEFAULT_TIME_ZONE)),
+/// from the tz database built into the binary.
+pub fn default_zone() -> TimeZone {
+    zone(crate::fields::DEFAULT_TIME_ZONE).unwrap_or(TimeZone::UTC)
+}
+
 /// Zone names refused by [`zone`].
 const HOST_DEPENDENT_ZONES: &[&str] = &["localtime", "Factory", "posixrules", "posix/Factory"];
 
@@ -115,6 +121,23 @@ pub fn day_of(ms: i64, tz: &TimeZone) -> Result<i32> {
         date.day() as u32,
     );
     Ok(day as i32)
+}
+
+/// The first instant (Unix milliseconds) of local day `day` in `tz`: its
+/// midnight, or the first moment after a gap that skips it.
+pub fn day_start_ms(day: i32, tz: &TimeZone) -> Result<i64> {
+    let (y, m, d) = civil_from_days(i64::from(day));
+    let out_of_range = |e: jiff::Error| Error::invalid(format!("day {day} is out of range: {e}"));
+    let date = jiff::civil::Date::new(
+        i16::try_from(y).map_err(|_| Error::invalid(format!("day {day} is out of range")))?,
+        m as i8,
+        d as i8,
+    )
+    .map_err(out_of_range)?;
+    let start = tz
+        .to_timestamp(date.to_datetime(jiff::civil::Time::midnight()))
+        .map_err(out_of_range)?;
+    Ok(start.as_millisecond())
 }
 
 /// Month number (months since 1970-01) of a day number (≥ 0).

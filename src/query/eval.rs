@@ -175,6 +175,45 @@ impl<'s> Plan<'s> {
         }
     }
 
+    /// The members of shard `i` among `within`, every part of the plan
+    /// examining only the candidates left (a rule re-evaluated for the few
+    /// customers a write touched costs about those customers, not the
+    /// shard).
+    pub(crate) fn eval_among(&self, i: usize, within: &Bitmap) -> Option<Cow<'s, Bitmap>> {
+        if within.is_empty() {
+            return None;
+        }
+        match self {
+            Plan::Empty => None,
+            Plan::Leaf(b) => owned(within & b.shard(i)?),
+            Plan::IntRange { .. } | Plan::DayCount { .. } => self.eval_within(i, within),
+            Plan::And { pos, neg } => {
+                let mut left: Cow<'s, Bitmap> = Cow::Owned(within.clone());
+                for p in pos {
+                    left = p.eval_among(i, &left)?;
+                }
+                for n in neg {
+                    if let Some(out) = n.eval_among(i, &left) {
+                        left = owned(&*left - &*out)?;
+                    }
+                }
+                Some(left)
+            }
+            Plan::Or(items) => {
+                let parts: Vec<Cow<'s, Bitmap>> = items
+                    .iter()
+                    .filter_map(|p| p.eval_among(i, within))
+                    .collect();
+                let refs: Vec<&Bitmap> = parts.iter().map(|c| &**c).collect();
+                match refs.len() {
+                    0 => None,
+                    1 => Some(parts.into_iter().next()?),
+                    _ => owned(Bitmap::fast_or(&refs)),
+                }
+            }
+        }
+    }
+
     pub(super) fn estimate(&self) -> u64 {
         match self {
             Plan::Empty => 0,
@@ -371,6 +410,9 @@ pub(crate) struct Compiler<'s> {
     pub live: &'s ShardedBitmap,
     /// The time "today" and WITHIN windows are taken at, Unix milliseconds.
     pub now_ms: i64,
+    /// The zone whose local day `TODAY` is (a behaviour field's windows
+    /// use the field's own zone).
+    pub zone: jiff::tz::TimeZone,
     /// Saved audiences being compiled, outermost first (a guard: the store
     /// refuses an audience that uses itself).
     pub within: std::cell::RefCell<Vec<String>>,
@@ -386,6 +428,17 @@ pub const MAX_AUDIENCE_DEPTH: usize = 32;
 pub const MAX_AUDIENCE_EXPANSIONS: usize = 10_000;
 
 impl<'s> Compiler<'s> {
+    pub fn new(snap: &'s Snapshot, now_ms: i64, zone: &jiff::tz::TimeZone) -> Result<Self> {
+        Ok(Compiler {
+            snap,
+            live: snap.live()?,
+            now_ms,
+            zone: zone.clone(),
+            within: Default::default(),
+            expanded: Default::default(),
+        })
+    }
+
     pub fn leaf(&self, b: &'s ShardedBitmap) -> Plan<'s> {
         if b.is_empty() {
             Plan::Empty
@@ -602,13 +655,19 @@ impl<'s> Query<'s> {
     }
 
     pub fn from_expr_at(expr: &Expr, snap: &'s Snapshot, now_ms: i64) -> Result<Self> {
-        let c = Compiler {
-            snap,
-            live: snap.live()?,
-            now_ms,
-            within: Default::default(),
-            expanded: Default::default(),
-        };
+        Self::from_expr_in(expr, snap, now_ms, &snap.zone)
+    }
+
+    /// Compiles `expr` with "today" taken at `now_ms`, `TODAY` being the
+    /// local day in `zone` (a rule's zone; a behaviour field's windows keep
+    /// their field's).
+    pub fn from_expr_in(
+        expr: &Expr,
+        snap: &'s Snapshot,
+        now_ms: i64,
+        zone: &jiff::tz::TimeZone,
+    ) -> Result<Self> {
+        let c = Compiler::new(snap, now_ms, zone)?;
         let plan = c.compile(expr)?;
         let shards = plan.shard_count();
         Ok(Self { plan, shards })
@@ -674,6 +733,30 @@ impl<'s> Query<'s> {
             }
         }
         (out, false)
+    }
+
+    /// The members among `candidates`, evaluated only there.
+    pub fn members_among(&self, candidates: &ShardedBitmap) -> ShardedBitmap {
+        let mut out = ShardedBitmap::new();
+        for i in 0..candidates.shard_count() {
+            if let Some(c) = candidates.shard(i)
+                && let Some(m) = self.plan.eval_among(i, c)
+            {
+                out.set_shard(i, m.into_owned());
+            }
+        }
+        out
+    }
+
+    /// Every member.
+    pub fn members(&self) -> ShardedBitmap {
+        let mut out = ShardedBitmap::new();
+        for i in 0..self.shards {
+            if let Some(m) = self.plan.eval(i) {
+                out.set_shard(i, m.into_owned());
+            }
+        }
+        out
     }
 
     /// How many shards evaluation visits.

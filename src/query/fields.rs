@@ -19,7 +19,7 @@ use crate::error::{Error, QueryErrorKind, Result};
 use crate::fields::time::{self, Bucket};
 use crate::fields::{BehaviourSpec, FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::query::eval::{Compiler, IntSlices, Plan};
-use crate::query::parser::{CmpOp, Lit, Pred, Window};
+use crate::query::parser::{CmpOp, Lit, Pred, TODAY, Window};
 use crate::storage::Field;
 
 fn type_err(position: usize, message: impl Into<String>) -> Error {
@@ -30,7 +30,49 @@ fn type_err(position: usize, message: impl Into<String>) -> Error {
     }
 }
 
-fn int_lit(lit: &Lit) -> Result<i64> {
+/// The days after `TODAY` in a literal (`TODAY-90` is -90), `None` when
+/// the literal is not a TODAY expression.
+pub(crate) fn today_offset(lit: &Lit) -> Option<Result<i64>> {
+    if lit.quoted {
+        return None;
+    }
+    let head = lit.text.get(..TODAY.len())?;
+    if !head.eq_ignore_ascii_case(TODAY) {
+        return None;
+    }
+    let rest = &lit.text[TODAY.len()..];
+    if rest.is_empty() {
+        return Some(Ok(0));
+    }
+    let bad = || {
+        type_err(
+            lit.pos,
+            format!(
+                "expected TODAY, TODAY - n or TODAY + n (n a number of days), found {:?}",
+                lit.text
+            ),
+        )
+    };
+    let (sign, digits) = match rest.as_bytes()[0] {
+        b'-' => (-1, &rest[1..]),
+        b'+' => (1, &rest[1..]),
+        _ => return None,
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Err(bad()));
+    }
+    Some(match digits.parse::<i64>() {
+        Ok(n) if n <= i64::from(time::MAX_DAY) => Ok(sign * n),
+        _ => Err(bad()),
+    })
+}
+
+/// True when the literal is a TODAY expression (its value moves with the day).
+pub(crate) fn is_today(lit: &Lit) -> bool {
+    today_offset(lit).is_some()
+}
+
+fn int_lit_plain(lit: &Lit) -> Result<i64> {
     if lit.quoted {
         return Err(type_err(
             lit.pos,
@@ -45,7 +87,7 @@ fn int_lit(lit: &Lit) -> Result<i64> {
     })
 }
 
-fn date_lit(lit: &Lit) -> Result<i32> {
+fn date_lit_plain(lit: &Lit) -> Result<i32> {
     time::parse_date(&lit.text).ok_or_else(|| {
         type_err(
             lit.pos,
@@ -70,6 +112,26 @@ fn count_range(op: CmpOp, k: i64) -> Option<(u64, u64)> {
 }
 
 impl<'s> Compiler<'s> {
+    /// An integer literal: a number, or a TODAY expression (the local day
+    /// number in the query's time zone).
+    fn int_lit(&self, lit: &Lit) -> Result<i64> {
+        match today_offset(lit) {
+            Some(offset) => Ok(i64::from(time::day_of(self.now_ms, &self.zone)?) + offset?),
+            None => int_lit_plain(lit),
+        }
+    }
+
+    /// A date literal of a behaviour field: `'YYYY-MM-DD'`, or a TODAY
+    /// expression (the field's local day).
+    fn date_lit(&self, lit: &Lit, today: i32) -> Result<i32> {
+        match today_offset(lit) {
+            Some(offset) => {
+                Ok((i64::from(today) + offset?).clamp(0, i64::from(time::MAX_DAY)) as i32)
+            }
+            None => date_lit_plain(lit),
+        }
+    }
+
     fn field(&self, name: &str, pos: usize) -> Result<&'s Field> {
         if self.snap.tag(name).is_some() {
             return Err(type_err(
@@ -182,7 +244,7 @@ impl<'s> Compiler<'s> {
             || -> Result<Plan<'s>> { Ok(field.slot(INT_EXISTS)?.map_or(Plan::Empty, Plan::Leaf)) };
         Ok(match pred {
             Pred::Cmp { op, value, .. } => {
-                let c = int_lit(value)?;
+                let c = self.int_lit(value)?;
                 match op {
                     CmpOp::Eq => self.int_range(field, c, c)?,
                     CmpOp::Ne => {
@@ -197,12 +259,14 @@ impl<'s> Compiler<'s> {
                     CmpOp::Ge => self.int_range(field, c, i64::MAX)?,
                 }
             }
-            Pred::Between { lo, hi } => self.int_range(field, int_lit(lo)?, int_lit(hi)?)?,
+            Pred::Between { lo, hi } => {
+                self.int_range(field, self.int_lit(lo)?, self.int_lit(hi)?)?
+            }
             Pred::IsNull { negated } => self.is_null(exists()?, *negated),
             Pred::In { values, negated } => {
                 let mut items = Vec::new();
                 for v in values {
-                    let c = int_lit(v)?;
+                    let c = self.int_lit(v)?;
                     match self.int_range(field, c, c)? {
                         Plan::Empty => {}
                         p => items.push(p),
@@ -311,15 +375,59 @@ impl<'s> Compiler<'s> {
     }
 
     fn any_event(&self, field: &'s Field, spec: &BehaviourSpec) -> Result<Plan<'s>> {
-        let today = self.today(spec)?;
-        let from = spec.retention_start(today);
-        let mut items = Vec::new();
-        for (&slot, b) in &field.slots {
-            if Bucket::of_slot(slot).last_day() >= from {
-                items.push(b.get()?);
+        let items = self.any_event_slots(field, spec)?;
+        Ok(self.union(self.slot_bitmaps(field, &items)?))
+    }
+
+    /// The slots that hold events still within retention.
+    fn any_event_slots(&self, field: &'s Field, spec: &BehaviourSpec) -> Result<Vec<u32>> {
+        let from = spec.retention_start(self.today(spec)?);
+        Ok(field
+            .slots
+            .keys()
+            .copied()
+            .filter(|&slot| Bucket::of_slot(slot).last_day() >= from)
+            .collect())
+    }
+
+    fn slot_bitmaps(&self, field: &'s Field, slots: &[u32]) -> Result<Vec<&'s ShardedBitmap>> {
+        slots
+            .iter()
+            .filter_map(|s| field.slots.get(s))
+            .map(|b| b.get())
+            .collect()
+    }
+
+    /// The slots of behaviour field `name` that the predicate (or, with
+    /// none, the bare name) reads at this compiler's moment; `None` when
+    /// `name` is not a behaviour field. What a turn of the day can change
+    /// is in the slots read on one day and not the other.
+    pub(crate) fn behaviour_slots(
+        &self,
+        name: &str,
+        pred: Option<&Pred>,
+    ) -> Result<Option<Vec<u32>>> {
+        let Some(field) = self.snap.field(name) else {
+            return Ok(None);
+        };
+        let FieldKind::Behaviour(spec) = &field.meta.kind else {
+            return Ok(None);
+        };
+        let slots = match pred {
+            None | Some(Pred::IsNull { .. }) => self.any_event_slots(field, spec)?,
+            Some(Pred::Window(w)) | Some(Pred::Count { window: w, .. }) => {
+                self.window_slots(field, spec, w, matches!(pred, Some(Pred::Count { .. })))?
             }
-        }
-        Ok(self.union(items))
+            Some(Pred::Between { lo, hi }) => {
+                let w = Window::Between {
+                    lo: lo.clone(),
+                    hi: hi.clone(),
+                };
+                self.window_slots(field, spec, &w, false)?
+            }
+            Some(Pred::Cmp { .. } | Pred::In { .. }) => Vec::new(),
+        };
+        Ok(Some(slots))
     }
 
     /// `lo..=hi` as local day numbers, and the position to blame.
@@ -329,7 +437,9 @@ impl<'s> Compiler<'s> {
                 let days = (*days).min(time::MAX_DAY as u32) as i32;
                 Ok((today - days + 1, today, *pos))
             }
-            Window::Between { lo, hi } => Ok((date_lit(lo)?, date_lit(hi)?, lo.pos)),
+            Window::Between { lo, hi } => {
+                Ok((self.date_lit(lo, today)?, self.date_lit(hi, today)?, lo.pos))
+            }
         }
     }
 
@@ -342,6 +452,18 @@ impl<'s> Compiler<'s> {
         w: &Window,
         days_only: bool,
     ) -> Result<Vec<&'s ShardedBitmap>> {
+        let slots = self.window_slots(field, spec, w, days_only)?;
+        self.slot_bitmaps(field, &slots)
+    }
+
+    /// The slots of the buckets covering the window (see [`Self::window_buckets`]).
+    fn window_slots(
+        &self,
+        field: &'s Field,
+        spec: &BehaviourSpec,
+        w: &Window,
+        days_only: bool,
+    ) -> Result<Vec<u32>> {
         let today = self.today(spec)?;
         let (lo, hi, at) = self.window_days(w, today)?;
         let keep_from = spec.retention_start(today);
@@ -379,17 +501,15 @@ impl<'s> Compiler<'s> {
                 ));
             }
         }
-        let mut out = Vec::new();
-        for (&slot, b) in &field.slots {
-            let keep = match Bucket::of_slot(slot) {
+        Ok(field
+            .slots
+            .keys()
+            .copied()
+            .filter(|&slot| match Bucket::of_slot(slot) {
                 Bucket::Day(d) => (lo..=hi).contains(&d),
                 Bucket::Month(m) => m >= first_month && m <= last_month,
-            };
-            if keep {
-                out.push(b.get()?);
-            }
-        }
-        Ok(out)
+            })
+            .collect())
     }
 
     fn events_pred(
@@ -414,7 +534,7 @@ impl<'s> Compiler<'s> {
                 self.is_null(any, *negated)
             }
             Pred::Count { window, op, value } => {
-                let k = int_lit(value)?;
+                let k = int_lit_plain(value)?;
                 let days = self.window_buckets(field, spec, window, true)?;
                 let count = |lo: u64, hi: u64| Plan::DayCount {
                     days: days.clone(),

@@ -22,6 +22,8 @@ pub(super) enum Tok {
     Str(String),
     Op(CmpOp),
     Comma,
+    /// `+`, only in `TODAY + n`.
+    Plus,
     End,
 }
 
@@ -38,6 +40,7 @@ impl Tok {
             Tok::Str(s) => format!("'{s}'"),
             Tok::Op(op) => format!("{op:?} operator"),
             Tok::Comma => "','".into(),
+            Tok::Plus => "'+'".into(),
             Tok::End => "end of query".into(),
         }
     }
@@ -130,6 +133,10 @@ pub(super) fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>> {
             }
             ',' => {
                 out.push((Tok::Comma, start));
+                i += 1;
+            }
+            '+' => {
+                out.push((Tok::Plus, start));
                 i += 1;
             }
             '=' | '!' | '<' | '>' => {

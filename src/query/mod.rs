@@ -11,7 +11,7 @@
 
 pub mod analytics;
 pub mod eval;
-mod fields;
+pub(crate) mod fields;
 mod lexer;
 pub mod parallel;
 pub mod parser;

@@ -14,13 +14,17 @@
 //!            | WITHIN days                      -- behaviour fields: `7d`
 //! count   := COUNT '(' name ( WITHIN days | BETWEEN literal AND literal ) ')' cmp literal
 //! cmp     := '=' | '!=' | '<>' | '<' | '<=' | '>' | '>='
-//! literal := bare | '"' … '"' | "'" … "'"
+//! literal := bare | '"' … '"' | "'" … "'" | today
+//! today   := TODAY [ ( '-' | '+' ) days ]          -- a local day number
 //! name    := bare | '"' ( any char except '"' and '\' | '\"' | '\\' )* '"'
 //! ```
 //! Keywords are case-insensitive. BETWEEN, IS, NULL, IN, WITHIN and COUNT are
 //! keywords only where a predicate can stand (after a name, or COUNT before
 //! '('), and SNAPSHOT only before a number, so tags may still be called
-//! `count`, `in` or `snapshot`. Positions are 0-based
+//! `count`, `in` or `snapshot`. TODAY is a word only where a value stands:
+//! the local day number (days since 1970-01-01) of the moment the query is
+//! evaluated at, in the store's time zone (a rule's own, for a rule), so
+//! `last_order_day < TODAY - 90` compares day numbers. Positions are 0-based
 //! character offsets.
 
 use crate::error::Result;
@@ -28,6 +32,9 @@ use crate::query::lexer::{Tok, syntax, tokenize};
 
 /// Longest query text accepted, in bytes.
 pub const MAX_QUERY_BYTES: usize = 64 * 1024;
+/// The word for the current local day in a literal: `TODAY`, `TODAY - 90`.
+pub const TODAY: &str = "TODAY";
+
 /// Deepest nesting of parentheses and NOTs accepted.
 pub const MAX_DEPTH: usize = 256;
 
@@ -274,6 +281,7 @@ impl Parser {
     fn literal(&mut self) -> Result<Lit> {
         let (tok, pos) = self.bump();
         match tok {
+            Tok::Name(text) if text.eq_ignore_ascii_case(TODAY) => self.today(pos),
             Tok::Name(text) => Ok(Lit {
                 text,
                 quoted: false,
@@ -289,6 +297,52 @@ impl Parser {
                 format!("expected a value, found {}", other.describe()),
             )),
         }
+    }
+
+    /// `TODAY`, `TODAY - n` or `TODAY + n` (also written without spaces),
+    /// after the word TODAY: one literal, `TODAY`, `TODAY-n` or `TODAY+n`.
+    fn today(&mut self, pos: usize) -> Result<Lit> {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let sign = match &self.peek().0 {
+            Tok::Plus => Some('+'),
+            Tok::Name(n) if n == "-" => Some('-'),
+            // `TODAY -90`: the minus and the number are one word.
+            Tok::Name(n) if n.strip_prefix('-').is_some_and(digits) => {
+                let text = format!("{TODAY}{n}");
+                self.bump();
+                return Ok(Lit {
+                    text,
+                    quoted: false,
+                    pos,
+                });
+            }
+            _ => None,
+        };
+        let mut text = TODAY.to_string();
+        if let Some(sign) = sign {
+            self.bump();
+            let (tok, at) = self.bump();
+            match tok {
+                Tok::Name(n) if digits(&n) => {
+                    text.push(sign);
+                    text.push_str(&n);
+                }
+                other => {
+                    return Err(syntax(
+                        at,
+                        format!(
+                            "expected a number of days after TODAY {sign}, found {}",
+                            other.describe()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Lit {
+            text,
+            quoted: false,
+            pos,
+        })
     }
 
     /// `literal AND literal`, after BETWEEN.

@@ -47,6 +47,7 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         | Error::CustomerIdNotFound(_)
         | Error::MergeNotFound(_)
         | Error::AudienceNotFound(_)
+        | Error::RuleNotFound(_)
         | Error::SnapshotNotFound(_) => Code::NotFound,
         Error::TagExists(_)
         | Error::FieldExists(_)

@@ -494,6 +494,19 @@ impl CheckpointJob {
                 updated_ms: a.updated_ms,
             })
             .collect();
+        let rules = snap
+            .rules
+            .by_name
+            .values()
+            .map(|r| crate::storage::manifest::ManifestRule {
+                name: r.name.to_string(),
+                def: r.def.clone(),
+                day: r.day,
+                created_ms: r.created_ms,
+                updated_ms: r.updated_ms,
+                stale: r.stale.clone(),
+            })
+            .collect();
         let sources = snap
             .sources
             .values()
@@ -727,6 +740,7 @@ impl CheckpointJob {
             ident_segments,
             merge_log_segment,
             history_segment,
+            rules,
         };
         manifest.write(&self.dir)?;
 

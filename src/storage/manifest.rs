@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 8;
+pub const MANIFEST_VERSION: u32 = 9;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,18 @@ pub struct ManifestAudience {
     pub uses: Vec<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+}
+
+/// A rule (small: kept here whole): its definition, the day it is
+/// evaluated at, and why it could not be evaluated the last time.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ManifestRule {
+    pub name: String,
+    pub def: crate::storage::record::RuleDef,
+    pub day: i32,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub stale: String,
 }
 
 /// An audience snapshot: what it was, and where its members are (the
@@ -133,6 +145,8 @@ pub struct Manifest {
     pub next_snapshot_id: u32,
     /// Segment holding the member-count history (version 8; 0: none).
     pub history_segment: u64,
+    /// Rule tags and lifecycles (version 9).
+    pub rules: Vec<ManifestRule>,
     pub seen: Vec<ManifestSeen>,
     /// The event archive's files, oldest first.
     pub archives: Vec<ManifestArchive>,
@@ -264,6 +278,15 @@ impl Manifest {
         }
         e.u32(self.next_snapshot_id);
         e.u64(self.history_segment);
+        e.u32(self.rules.len() as u32);
+        for r in &self.rules {
+            e.str(&r.name);
+            r.def.encode(&mut e);
+            e.i64(i64::from(r.day))
+                .i64(r.created_ms)
+                .i64(r.updated_ms)
+                .str(&r.stale);
+        }
         e.buf
     }
 
@@ -398,6 +421,23 @@ impl Manifest {
         }
         if version >= 8 {
             m.history_segment = d.u64()?;
+        }
+        if version >= 9 {
+            for _ in 0..d.u32()? {
+                let name = d.str()?.to_string();
+                let def = crate::storage::record::RuleDef::decode(&mut d)?;
+                let day = d.i64()?;
+                let day =
+                    i32::try_from(day).or_else(|_| d.err(format!("day {day} out of range")))?;
+                m.rules.push(ManifestRule {
+                    name,
+                    def,
+                    day,
+                    created_ms: d.i64()?,
+                    updated_ms: d.i64()?,
+                    stale: d.str()?.to_string(),
+                });
+            }
         }
         d.finish()?;
         Ok(m)
@@ -536,6 +576,19 @@ mod tests {
             }],
             next_snapshot_id: 4,
             history_segment: 5,
+            rules: vec![ManifestRule {
+                name: "潜在流失".into(),
+                def: crate::storage::record::RuleDef {
+                    query: "last_order_day < TODAY - 90 AND order_count >= 2".into(),
+                    time_zone: "Asia/Shanghai".into(),
+                    reads: vec!["last_order_day".into(), "order_count".into()],
+                    ..Default::default()
+                },
+                day: 20_788,
+                created_ms: 14,
+                updated_ms: 15,
+                stale: String::new(),
+            }],
             seen: vec![ManifestSeen {
                 day: 20_769,
                 segment: 6,

@@ -124,6 +124,9 @@ pub struct EngineConfig {
     /// OneID's guard rails: identity types that never merge, blocked
     /// identities, the cap per type, the priority that names a customer.
     pub oneid: writer::identify::OneIdRules,
+    /// IANA time zone whose local day `TODAY` means in queries, and the
+    /// zone of rules defined without one.
+    pub time_zone: String,
 }
 
 impl EngineConfig {
@@ -138,6 +141,7 @@ impl EngineConfig {
             dedup_days: DEFAULT_DEDUP_DAYS,
             event_retention_days: DEFAULT_EVENT_RETENTION_DAYS,
             oneid: Default::default(),
+            time_zone: crate::fields::DEFAULT_TIME_ZONE.to_string(),
         }
     }
 }
@@ -200,14 +204,17 @@ impl Engine {
         let started = Instant::now();
         let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
         let lock = datadir::lock(&dir)?;
+        let zone = crate::fields::time::zone(&config.time_zone)
+            .map_err(|e| Error::Config(format!("time_zone: {e}")))?;
         let Recovered {
-            state,
+            mut state,
             manifest,
             segments,
             wal,
             old_wal_bytes,
             mut report,
         } = recovery::recover(&dir)?;
+        state.snap.zone = zone;
         let info = EngineInfo {
             wal_bytes: old_wal_bytes + wal.bytes(),
             last_checkpoint_lsn: manifest.checkpoint_lsn,

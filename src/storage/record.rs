@@ -7,7 +7,8 @@
 //! 4 the ingested events (and the field change that erases customers),
 //! version 5 identities and merges, version 6 what each merge changed (so
 //! that it can be undone) and the merges undone, version 7 saved audiences,
-//! version 8 audience snapshots, version 9 a day of member counts; a reader
+//! version 8 audience snapshots, version 9 a day of member counts, version
+//! 10 rules (defined, dropped, their days turned); a reader
 //! takes every one and refuses versions it does not know instead of
 //! guessing.
 
@@ -19,7 +20,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 9;
+pub const BATCH_VERSION: u8 = 10;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,6 +240,85 @@ pub struct Batch {
     pub snapshots: Vec<SnapshotChange>,
     /// A day of member counts for the history (version 9).
     pub history: Option<HistoryDay>,
+    /// Rules defined (or redefined) and dropped (version 10). A rule
+    /// defined here is evaluated for every customer when the batch is
+    /// applied.
+    pub rules: Vec<RuleChange>,
+    /// Rules whose day turns (version 10): `(name, new local day)`; the
+    /// customers the new day can change are evaluated again when the
+    /// batch is applied.
+    pub rule_days: Vec<(String, i32)>,
+}
+
+/// A rule defined (`definition`) or dropped (`None`), and the local day
+/// (in its zone) it is evaluated at from then on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleChange {
+    pub name: String,
+    pub definition: Option<RuleDef>,
+    pub day: i32,
+}
+
+/// What a rule is: a rule tag's query, or a lifecycle's ordered stages;
+/// its time zone; what it reads (worked out by the rules layer when it was
+/// defined, so that applying a batch knows which rules a change can reach
+/// without reading their queries).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleDef {
+    /// A rule tag's query; empty for a lifecycle.
+    pub query: String,
+    /// A lifecycle's stages in order, `(value, query)`: a customer's value
+    /// is the first stage whose query it matches.
+    pub stages: Vec<(String, String)>,
+    /// IANA time zone of its `TODAY` and of the turn of its day.
+    pub time_zone: String,
+    /// Every tag and field its queries reach (through saved audiences),
+    /// sorted, each once.
+    pub reads: Vec<String>,
+    /// The saved audiences its queries reach, sorted, each once.
+    pub audiences: Vec<String>,
+}
+
+impl RuleDef {
+    pub fn is_lifecycle(&self) -> bool {
+        !self.stages.is_empty()
+    }
+
+    pub(crate) fn encode(&self, e: &mut Enc) {
+        e.str(&self.query).u32(self.stages.len() as u32);
+        for (value, query) in &self.stages {
+            e.str(value).str(query);
+        }
+        e.str(&self.time_zone).u32(self.reads.len() as u32);
+        for r in &self.reads {
+            e.str(r);
+        }
+        e.u32(self.audiences.len() as u32);
+        for a in &self.audiences {
+            e.str(a);
+        }
+    }
+
+    pub(crate) fn decode(d: &mut Dec<'_>) -> DecResult<Self> {
+        let query = d.str()?.to_string();
+        let stages = (0..d.u32()?)
+            .map(|_| Ok((d.str()?.to_string(), d.str()?.to_string())))
+            .collect::<DecResult<_>>()?;
+        let time_zone = d.str()?.to_string();
+        let reads = (0..d.u32()?)
+            .map(|_| d.str().map(str::to_string))
+            .collect::<DecResult<_>>()?;
+        let audiences = (0..d.u32()?)
+            .map(|_| d.str().map(str::to_string))
+            .collect::<DecResult<_>>()?;
+        Ok(Self {
+            query,
+            stages,
+            time_zone,
+            reads,
+            audiences,
+        })
+    }
 }
 
 /// The member counts of tags and saved audiences on one local day, and the
@@ -491,6 +571,8 @@ impl Batch {
             && self.audiences.is_empty()
             && self.snapshots.is_empty()
             && self.history.is_none()
+            && self.rules.is_empty()
+            && self.rule_days.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -653,6 +735,23 @@ impl Batch {
             None => {
                 e.u8(0);
             }
+        }
+        e.u32(self.rules.len() as u32);
+        for r in &self.rules {
+            e.str(&r.name).i64(i64::from(r.day));
+            match &r.definition {
+                Some(def) => {
+                    e.u8(1);
+                    def.encode(&mut e);
+                }
+                None => {
+                    e.u8(2);
+                }
+            }
+        }
+        e.u32(self.rule_days.len() as u32);
+        for (name, day) in &self.rule_days {
+            e.str(name).i64(i64::from(*day));
         }
         e.buf
     }
@@ -848,6 +947,30 @@ impl Batch {
                 counts,
             });
         }
+        if version >= 10 {
+            let day = |d: &mut Dec<'_>| -> DecResult<i32> {
+                let v = d.i64()?;
+                i32::try_from(v).or_else(|_| d.err(format!("day {v} out of range")))
+            };
+            for _ in 0..d.u32()? {
+                let name = d.str()?.to_string();
+                let at = day(&mut d)?;
+                let definition = match d.u8()? {
+                    1 => Some(RuleDef::decode(&mut d)?),
+                    2 => None,
+                    op => return d.err(format!("unknown rule change {op}")),
+                };
+                b.rules.push(RuleChange {
+                    name,
+                    definition,
+                    day: at,
+                });
+            }
+            for _ in 0..d.u32()? {
+                let name = d.str()?.to_string();
+                b.rule_days.push((name, day(&mut d)?));
+            }
+        }
         d.finish()?;
         Ok(b)
     }
@@ -1021,6 +1144,38 @@ mod tests {
                 keep_from: 20_388,
                 counts: vec![("vip".into(), 3), ("高价值".into(), 2)],
             }),
+            rules: vec![
+                RuleChange {
+                    name: "高价值用户".into(),
+                    definition: Some(RuleDef {
+                        query: "total_spend_fen >= 500000".into(),
+                        time_zone: "Asia/Shanghai".into(),
+                        reads: vec!["total_spend_fen".into()],
+                        ..Default::default()
+                    }),
+                    day: 20_788,
+                },
+                RuleChange {
+                    name: "lifecycle".into(),
+                    definition: Some(RuleDef {
+                        stages: vec![
+                            ("new".into(), "first_order_day >= TODAY - 30".into()),
+                            ("active".into(), "last_order_day >= TODAY - 90".into()),
+                        ],
+                        time_zone: "UTC".into(),
+                        reads: vec!["first_order_day".into(), "last_order_day".into()],
+                        audiences: vec!["a".into()],
+                        ..Default::default()
+                    }),
+                    day: 20_789,
+                },
+                RuleChange {
+                    name: "old".into(),
+                    definition: None,
+                    day: 0,
+                },
+            ],
+            rule_days: vec![("潜在流失".into(), 20_790)],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

@@ -252,6 +252,22 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
             }),
         );
     }
+    let mut rules = crate::storage::snapshot::RuleSet::default();
+    for r in &manifest.rules {
+        let name: Arc<str> = Arc::from(r.name.as_str());
+        rules.by_name.insert(
+            name.clone(),
+            Arc::new(crate::storage::snapshot::Rule {
+                name,
+                def: r.def.clone(),
+                day: r.day,
+                created_ms: r.created_ms,
+                updated_ms: r.updated_ms,
+                stale: r.stale.clone(),
+            }),
+        );
+    }
+    rules.order = crate::rules::order(&rules.by_name);
     // Audience snapshots: members read from their segment when first used;
     // snapshots sharing members share one bitmap.
     let mut snapshots = SnapshotMap::new();
@@ -350,6 +366,8 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         history: Arc::new(history),
         archive: Arc::new(ArchiveList::of(&manifest)),
         merges: Arc::new(parking_lot::RwLock::new(merges)),
+        zone: crate::fields::time::default_zone(),
+        rules: Arc::new(rules),
     };
     let mut state = State::new(snap);
     // Remembered event ids are read now, whole: the writer checks every

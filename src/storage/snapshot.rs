@@ -173,6 +173,52 @@ pub struct AudienceMeta {
     pub updated_ms: i64,
 }
 
+/// A rule: a tag whose members are a query's, or an enumerated field
+/// (a lifecycle) whose value is the first stage a customer matches; kept
+/// current by the one apply function.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// The rule tag's or lifecycle field's name.
+    pub name: Arc<str>,
+    pub def: crate::storage::record::RuleDef,
+    /// The local day (in its zone) its `TODAY` and windows are evaluated at.
+    pub day: i32,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Why it could not be evaluated the last time (its members then stay
+    /// as they were); empty while it is current.
+    pub stale: String,
+}
+
+/// The rules, and the order they are evaluated in (a rule after every
+/// rule it reads).
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    pub by_name: std::collections::BTreeMap<Arc<str>, Arc<Rule>>,
+    pub order: Vec<Arc<str>>,
+}
+
+impl RuleSet {
+    pub fn get(&self, name: &str) -> Option<&Arc<Rule>> {
+        self.by_name.get(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// The rules that read `name` (a tag, field or saved audience).
+    pub fn readers_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Arc<Rule>> + 'a {
+        self.by_name.values().filter(move |r| {
+            r.def.reads.iter().any(|x| x == name) || r.def.audiences.iter().any(|x| x == name)
+        })
+    }
+}
+
 /// Saved audiences by name.
 pub type AudienceMap = imbl::OrdMap<Arc<str>, Arc<AudienceMeta>>;
 
@@ -294,6 +340,11 @@ pub struct Snapshot {
     /// The merge log, shared with the writer like the dictionary (it only
     /// grows, but for erased customers' identities, which it forgets).
     pub merges: Arc<RwLock<MergeLog>>,
+    /// The time zone whose local day a query's `TODAY` is (the engine's
+    /// setting; not kept in the store).
+    pub zone: jiff::tz::TimeZone,
+    /// Rule tags and lifecycles.
+    pub rules: Arc<RuleSet>,
 }
 
 /// Turns dictionary answers `ids` for `keys` into the live customers the
@@ -388,6 +439,8 @@ impl Snapshot {
             history: Arc::default(),
             archive: Arc::default(),
             merges: Arc::default(),
+            zone: crate::fields::time::default_zone(),
+            rules: Arc::default(),
         }
     }
 

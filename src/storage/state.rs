@@ -16,8 +16,8 @@ use crate::storage::merges::MergeEntry;
 use crate::storage::record::{Batch, ChangeOp, FieldChange, SnapshotChange};
 use crate::storage::seen::{self, Seen};
 use crate::storage::snapshot::{
-    AudienceMeta, AudienceSnapshot, Field, FieldMeta, LazyBitmap, SlotMap, Snapshot, SourceMeta,
-    Tag, TagMeta,
+    AudienceMeta, AudienceSnapshot, Field, FieldMeta, LazyBitmap, Rule, SlotMap, Snapshot,
+    SourceMeta, Tag, TagMeta,
 };
 
 /// What applying a batch did.
@@ -38,6 +38,8 @@ pub struct ApplyStats {
     pub events_seen: u64,
     /// Customers merged into others.
     pub merged: u64,
+    /// Rule tag memberships and lifecycle stages the rules changed.
+    pub rule_changes: u64,
 }
 
 /// The writer's copy of the store: the next snapshot, plus what changed since
@@ -425,6 +427,38 @@ impl State {
                 .idents
                 .insert(l.customer, &l.identity, &seen, lsn)?;
         }
+        // What the batch changes, for the rules that read it.
+        let mut touch = (!self.snap.rules.is_empty() || !b.rules.is_empty()).then(Touch::default);
+        if let Some(t) = &mut touch {
+            t.ids
+                .union_with(&b.new_keys.iter().map(|(id, _)| *id).collect());
+            t.everything |=
+                !b.new_keys.is_empty() || !b.merges.is_empty() || !b.unmerges.is_empty();
+            for m in b.merges.iter().filter(|m| m.refused.is_empty()) {
+                t.ids.insert(m.survivor);
+            }
+            for u in &b.unmerges {
+                t.ids.insert(u.revived);
+                t.ids.insert(u.survivor);
+            }
+            for c in &b.changes {
+                if let Some(name) = self.tag_names.get(&c.tag) {
+                    t.names.insert(name.clone());
+                }
+                if c.op == ChangeOp::Replace {
+                    if let Some(tag) = self.tag_by_id(c.tag) {
+                        let old = tag.bitmap.get()?;
+                        t.ids
+                            .union_sharded(&old.xor(&ShardedBitmap::from_roaring(&c.ids)));
+                    }
+                } else {
+                    t.ids.union_with(&c.ids);
+                }
+            }
+            for c in &b.field_changes {
+                self.field_touch(c, t)?;
+            }
+        }
         for c in &b.changes {
             let tag = self.tag_mut(c.tag)?;
             let bm = tag.bitmap.make_mut()?;
@@ -651,7 +685,322 @@ impl State {
         for e in &b.events {
             self.ingested.1.insert(e.customer);
         }
+        if let Some(t) = touch {
+            stats.rule_changes = self.refresh_rules(b, t)?;
+        }
         self.snap.lsn = lsn;
         Ok(stats)
     }
+
+    /// The customers a field change touches, into `t`.
+    fn field_touch(&self, c: &FieldChange, t: &mut Touch) -> Result<()> {
+        let Some(field) = self.field_by_id(c.field()) else {
+            return Ok(());
+        };
+        t.names.insert(field.meta.name.clone());
+        match c {
+            FieldChange::Int { set, clear, .. } => {
+                t.ids.union_with(&set.iter().map(|(id, _)| *id).collect());
+                t.ids.union_with(clear);
+            }
+            FieldChange::Enum { set, clear, .. } => {
+                for (_, ids) in set {
+                    t.ids.union_with(ids);
+                }
+                t.ids.union_with(clear);
+            }
+            FieldChange::Events { add, .. } => {
+                for (_, ids) in add {
+                    t.ids.union_with(ids);
+                }
+            }
+            FieldChange::Erase { ids, .. } => {
+                t.ids.union_with(ids);
+            }
+            FieldChange::DropSlots { slots, .. } => {
+                for slot in slots {
+                    if let Some(b) = field.slots.get(slot) {
+                        t.ids.union_sharded(b.get()?);
+                    }
+                }
+            }
+            FieldChange::Rollup { month, .. } => {
+                let first = time::month_first_day(*month) as u32;
+                let last = time::month_last_day(*month) as u32;
+                for (_, b) in field.slots.range(first..=last) {
+                    t.ids.union_sharded(b.get()?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rules defined, dropped and turned to a new day by the batch, then
+    /// every rule that can depend on what the batch changed evaluated again
+    /// for the customers it touched (a rule defined by the batch, for
+    /// everyone), in order, each seeing the rules before it already
+    /// updated. Returns how many memberships and stage values changed.
+    fn refresh_rules(&mut self, b: &Batch, mut touch: Touch) -> Result<u64> {
+        let mut defined: HashSet<Arc<str>> = HashSet::new();
+        if !b.rules.is_empty() {
+            let rules = Arc::make_mut(&mut self.snap.rules);
+            for c in &b.rules {
+                let name: Arc<str> = Arc::from(c.name.as_str());
+                match &c.definition {
+                    Some(def) => {
+                        let created_ms = rules.get(&name).map_or(b.at_ms, |r| r.created_ms);
+                        rules.by_name.insert(
+                            name.clone(),
+                            Arc::new(Rule {
+                                name: name.clone(),
+                                def: def.clone(),
+                                day: c.day,
+                                created_ms,
+                                updated_ms: b.at_ms,
+                                stale: String::new(),
+                            }),
+                        );
+                        defined.insert(name);
+                    }
+                    None => {
+                        rules.by_name.remove(&name);
+                    }
+                }
+            }
+            rules.order = crate::rules::order(&rules.by_name);
+            for name in &defined {
+                self.prepare_lifecycle(name, b.at_ms)?;
+            }
+        }
+        let mut day_candidates: HashMap<Arc<str>, ShardedBitmap> = HashMap::new();
+        for (name, day) in &b.rule_days {
+            let Some(rule) = self.snap.rules.get(name).cloned() else {
+                continue;
+            };
+            if *day <= rule.day {
+                continue;
+            }
+            let found = crate::rules::define::zone_of(&rule.def).and_then(|zone| {
+                crate::rules::day::candidates(&self.snap, &rule.def, &zone, rule.day, *day)
+            });
+            let mut turned = (*rule).clone();
+            turned.day = *day;
+            match found {
+                Ok(c) => {
+                    day_candidates.insert(rule.name.clone(), c);
+                }
+                Err(e) if is_rule_error(&e) => turned.stale = e.to_string(),
+                Err(e) => return Err(e),
+            }
+            Arc::make_mut(&mut self.snap.rules)
+                .by_name
+                .insert(rule.name.clone(), Arc::new(turned));
+        }
+        let mut changed: HashMap<Arc<str>, ShardedBitmap> = HashMap::new();
+        let mut total = 0;
+        let order = self.snap.rules.order.clone();
+        for name in order {
+            let Some(rule) = self.snap.rules.get(&name).cloned() else {
+                continue;
+            };
+            // A rule that could not be evaluated before may have missed
+            // changes since: once it can be, it is evaluated for everyone.
+            let everyone = defined.contains(&name) || !rule.stale.is_empty();
+            let mut among = ShardedBitmap::new();
+            if !everyone {
+                if touch.everything
+                    || rule
+                        .def
+                        .reads
+                        .iter()
+                        .any(|r| touch.names.contains(r.as_str()))
+                {
+                    among.union_sharded(&touch.ids);
+                }
+                if let Some(c) = day_candidates.get(&name) {
+                    among.union_sharded(c);
+                }
+                for r in &rule.def.reads {
+                    if let Some(c) = changed.get(r.as_str()) {
+                        among.union_sharded(c);
+                    }
+                }
+                // Erased and merged customers are gone from every tag and
+                // field already.
+                among = among.and(self.snap.live()?);
+                if among.is_empty() {
+                    continue;
+                }
+            }
+            let which = if everyone {
+                crate::rules::Among::Everyone
+            } else {
+                crate::rules::Among::Only(&among)
+            };
+            let members = match crate::rules::evaluate(&self.snap, &rule, which) {
+                Ok(m) => m,
+                Err(e) if is_rule_error(&e) => {
+                    let mut stale = (*rule).clone();
+                    stale.stale = e.to_string();
+                    Arc::make_mut(&mut self.snap.rules)
+                        .by_name
+                        .insert(name.clone(), Arc::new(stale));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !rule.stale.is_empty() {
+                let mut current = (*rule).clone();
+                current.stale.clear();
+                Arc::make_mut(&mut self.snap.rules)
+                    .by_name
+                    .insert(name.clone(), Arc::new(current));
+            }
+            let moved = match members {
+                crate::rules::Members::Tag(new) => {
+                    self.set_rule_tag(&name, new, (!everyone).then_some(&among), b.at_ms)?
+                }
+                crate::rules::Members::Stages(stages) => {
+                    self.set_lifecycle(&name, stages, (!everyone).then_some(&among), b.at_ms)?
+                }
+            };
+            total += moved.len();
+            if !moved.is_empty() {
+                touch.names.insert(name.clone());
+                changed.insert(name, moved);
+            }
+        }
+        Ok(total)
+    }
+
+    /// A lifecycle just defined: its field's values are its stages (as
+    /// redefined), and it starts empty (it is evaluated for everyone next).
+    fn prepare_lifecycle(&mut self, name: &Arc<str>, at_ms: i64) -> Result<()> {
+        let Some(rule) = self.snap.rules.get(name).cloned() else {
+            return Ok(());
+        };
+        if !rule.def.is_lifecycle() {
+            return Ok(());
+        }
+        let Some(field) = self.snap.fields.get_mut(&**name) else {
+            return Err(Error::BadRecord(format!(
+                "lifecycle {name:?} has no field of that name"
+            )));
+        };
+        let field = Arc::make_mut(field);
+        let values: Vec<String> = rule.def.stages.iter().map(|(v, _)| v.clone()).collect();
+        field.meta.kind = crate::fields::FieldKind::Enum { values };
+        field.meta.updated_ms = at_ms;
+        let id = field.id;
+        for slot in field.slots.keys() {
+            self.dirty_slots.insert((id, *slot));
+        }
+        field.slots.clear();
+        Ok(())
+    }
+
+    /// A rule tag's members among `among` (everyone when `None`) become
+    /// `new`; returns the customers who entered or left.
+    fn set_rule_tag(
+        &mut self,
+        name: &Arc<str>,
+        new: ShardedBitmap,
+        among: Option<&ShardedBitmap>,
+        at_ms: i64,
+    ) -> Result<ShardedBitmap> {
+        let Some(tag) = self.snap.tags.get(&**name) else {
+            return Err(Error::BadRecord(format!("rule tag {name:?} has no tag")));
+        };
+        let id = tag.id;
+        let old = tag.bitmap.get()?;
+        let before = match among {
+            Some(c) => old.and(c),
+            None => old.clone(),
+        };
+        let entered = new.and_not(&before);
+        let left = before.and_not(&new);
+        if entered.is_empty() && left.is_empty() {
+            return Ok(ShardedBitmap::new());
+        }
+        let tag = self.tag_mut(id)?;
+        let bm = tag.bitmap.make_mut()?;
+        bm.union_sharded(&entered);
+        bm.difference_sharded(&left);
+        tag.meta.count = bm.len();
+        tag.meta.updated_ms = at_ms;
+        self.dirty_tags.insert(id);
+        let mut moved = entered;
+        moved.union_sharded(&left);
+        Ok(moved)
+    }
+
+    /// A lifecycle's stages among `among` (everyone when `None`) become
+    /// `stages`; returns the customers whose stage changed.
+    fn set_lifecycle(
+        &mut self,
+        name: &Arc<str>,
+        stages: Vec<ShardedBitmap>,
+        among: Option<&ShardedBitmap>,
+        at_ms: i64,
+    ) -> Result<ShardedBitmap> {
+        let Some(field) = self.snap.fields.get(&**name) else {
+            return Err(Error::BadRecord(format!("lifecycle {name:?} has no field")));
+        };
+        let id = field.id;
+        let mut moves = Vec::new();
+        let mut moved = ShardedBitmap::new();
+        for (slot, new) in stages.into_iter().enumerate() {
+            let slot = slot as u32;
+            let before = match (field.slots.get(&slot), among) {
+                (Some(b), Some(c)) => b.get()?.and(c),
+                (Some(b), None) => b.get()?.clone(),
+                (None, _) => ShardedBitmap::new(),
+            };
+            let entered = new.and_not(&before);
+            let left = before.and_not(&new);
+            if entered.is_empty() && left.is_empty() {
+                continue;
+            }
+            moved.union_sharded(&entered);
+            moved.union_sharded(&left);
+            moves.push((slot, entered, left));
+        }
+        if moves.is_empty() {
+            return Ok(moved);
+        }
+        let field = Arc::make_mut(
+            self.snap
+                .fields
+                .get_mut(&**name)
+                .ok_or_else(|| unknown_field(id))?,
+        );
+        field.meta.updated_ms = at_ms;
+        for (slot, entered, left) in moves {
+            let b = slot_mut(&mut field.slots, slot)?;
+            b.union_sharded(&entered);
+            b.difference_sharded(&left);
+            if b.is_empty() {
+                field.slots.remove(&slot);
+            }
+            self.dirty_slots.insert((id, slot));
+        }
+        Ok(moved)
+    }
+}
+
+/// What a batch changes, as rules see it: the customers it touched, the
+/// tags and fields it changed, and whether any customer came or went
+/// (then every rule is evaluated for the touched customers).
+#[derive(Default)]
+struct Touch {
+    ids: ShardedBitmap,
+    names: HashSet<Arc<str>>,
+    everything: bool,
+}
+
+/// Errors of a rule's own making (a window that reaches a month kept as one
+/// bucket, say): the rule goes stale, the write goes on. Others (a file
+/// that cannot be read) stop the writer as any failed apply does.
+fn is_rule_error(e: &Error) -> bool {
+    matches!(e, Error::Query { .. } | Error::InvalidArgument(_))
 }

@@ -47,6 +47,11 @@ impl Planner<'_> {
         if exists && !replace {
             return Err(Error::AudienceExists(name));
         }
+        if exists {
+            // A rule reads what the audience is now; it is kept current
+            // against that.
+            self.refuse_if_read(&name, "saved audience")?;
+        }
         if !exists && snap.audiences.len() >= MAX_AUDIENCES {
             return Err(Error::invalid(format!(
                 "the store keeps at most {MAX_AUDIENCES} saved audiences; drop one first"
@@ -84,6 +89,7 @@ impl Planner<'_> {
                 user.name
             )));
         }
+        self.refuse_if_read(&name, "saved audience")?;
         batch.audiences.push(AudienceChange {
             name,
             definition: None,

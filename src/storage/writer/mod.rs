@@ -23,6 +23,7 @@ pub mod identify;
 mod ids;
 pub mod ops;
 mod plan;
+mod rules;
 pub mod unmerge;
 
 use std::collections::HashMap;
@@ -289,6 +290,7 @@ impl Writer {
                 at_ms: self.now_ms(),
                 last_delete_lsn: self.keys_moved_lsn,
                 rules: &self.shared.config.oneid,
+                time_zone: &self.shared.config.time_zone,
             };
             let planned = match planner.plan(op) {
                 Ok(p) => p,

@@ -233,6 +233,27 @@ pub enum WriteOp {
     DropSnapshot {
         id: u32,
     },
+    /// Defines a rule (checked by the rules layer): a rule tag, created with
+    /// `description` and `category`, or a lifecycle, an enumerated field
+    /// whose values are its stages. `replace` allows redefining one that
+    /// exists (a rule tag stays a rule tag, a lifecycle a lifecycle); its
+    /// members are evaluated again for everyone, in the same write.
+    DefineRule {
+        name: String,
+        definition: crate::rules::Definition,
+        description: String,
+        category: String,
+        replace: bool,
+    },
+    /// Drops a rule and its tag or field (refused while another rule reads
+    /// it).
+    DropRule {
+        name: String,
+    },
+    /// Turns every rule whose local day (in its zone) has changed by the
+    /// writer's clock to that day, evaluating again the customers the new
+    /// day can change. Nothing to turn changes nothing.
+    TurnRuleDays,
     /// Records the member counts of local day `day` in the history, and
     /// drops the points before `keep_from`. A day before the newest one
     /// recorded is refused.
@@ -367,7 +388,10 @@ impl WriteOp {
             | WriteOp::DropAudience { .. }
             | WriteOp::TakeSnapshot { .. }
             | WriteOp::DropSnapshot { .. }
-            | WriteOp::RecordHistory { .. } => 0,
+            | WriteOp::RecordHistory { .. }
+            | WriteOp::DefineRule { .. }
+            | WriteOp::DropRule { .. }
+            | WriteOp::TurnRuleDays => 0,
             WriteOp::CreateTag { .. }
             | WriteOp::DropTag { .. }
             | WriteOp::CreateField { .. }
@@ -411,7 +435,10 @@ impl WriteOp {
             | WriteOp::DropAudience { .. }
             | WriteOp::TakeSnapshot { .. }
             | WriteOp::DropSnapshot { .. }
-            | WriteOp::RecordHistory { .. } => Ok(()),
+            | WriteOp::RecordHistory { .. }
+            | WriteOp::DefineRule { .. }
+            | WriteOp::DropRule { .. }
+            | WriteOp::TurnRuleDays => Ok(()),
         }
         .map_err(Into::into)
     }

@@ -30,6 +30,8 @@ pub(crate) struct Planner<'a> {
     pub last_delete_lsn: u64,
     /// OneID's guard rails.
     pub rules: &'a super::identify::OneIdRules,
+    /// The zone of rules defined without one.
+    pub time_zone: &'a str,
 }
 
 impl Planner<'_> {
@@ -78,8 +80,16 @@ impl Planner<'_> {
                 Ok(Planned::Write(batch, Target::Created(name)))
             }
             WriteOp::DropTag { name } => {
-                let tag = snap.tag(&name).ok_or(Error::TagNotFound(name))?;
+                let tag = snap.tag(&name).ok_or(Error::TagNotFound(name.clone()))?;
+                self.refuse_if_read(&name, "tag")?;
                 batch.drop_tags.push(tag.id);
+                if snap.rules.get(&name).is_some() {
+                    batch.rules.push(crate::storage::record::RuleChange {
+                        name,
+                        definition: None,
+                        day: 0,
+                    });
+                }
                 Ok(Planned::Write(batch, Target::Plain))
             }
             WriteOp::Update {
@@ -296,7 +306,15 @@ impl Planner<'_> {
                         of.meta.name, of.meta.name
                     )));
                 }
+                self.refuse_if_read(&name, "field")?;
                 batch.drop_fields.push(field.id);
+                if snap.rules.get(&name).is_some() {
+                    batch.rules.push(crate::storage::record::RuleChange {
+                        name: name.clone(),
+                        definition: None,
+                        day: 0,
+                    });
+                }
                 if field.meta.merge == MergeRule::Latest
                     && let Some(c) = snap.field(&written_at_field(&name))
                 {
@@ -369,6 +387,15 @@ impl Planner<'_> {
                 same_as,
             } => self.plan_take_snapshot(audience, query, taken_lsn, note, members, same_as, batch),
             WriteOp::DropSnapshot { id } => self.plan_drop_snapshot(id, batch),
+            WriteOp::DefineRule {
+                name,
+                definition,
+                description,
+                category,
+                replace,
+            } => self.plan_define_rule(name, definition, description, category, replace, batch),
+            WriteOp::DropRule { name } => self.plan_drop_rule(name, batch),
+            WriteOp::TurnRuleDays => self.plan_turn_rule_days(batch),
             WriteOp::RecordHistory {
                 day,
                 keep_from,
@@ -632,6 +659,7 @@ impl Planner<'_> {
     ) -> Result<u32> {
         check_tag_name(name)?;
         if let Some(t) = self.state.snap.tag(name) {
+            self.refuse_rule_write(name)?;
             t.bitmap.get()?;
             return Ok(t.id);
         }
@@ -723,6 +751,11 @@ pub(super) fn plan_values(
         let field = snap
             .field(name)
             .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
+        if snap.rules.get(name).is_some() {
+            return Err(Error::Precondition(format!(
+                "field {name:?} is a lifecycle: its values follow its stages' rules and cannot be written; redefine it with DefineRule"
+            )));
+        }
         let wrong = |want: &str| {
             Error::invalid(format!(
                 "field {name:?} is {} ({} expected for this write)",
@@ -965,6 +998,7 @@ mod tests {
             at_ms: AT,
             last_delete_lsn: 0,
             rules: &Default::default(),
+            time_zone: "Asia/Shanghai",
         }
         .plan(op)
     }
@@ -1121,6 +1155,7 @@ mod tests {
             at_ms: AT,
             last_delete_lsn: deleted_at,
             rules: &rules,
+            time_zone: "Asia/Shanghai",
         };
         let op = WriteOp::Update {
             mutations: vec![stale],
