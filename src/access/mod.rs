@@ -79,15 +79,16 @@ pub fn rule_for(method: &str) -> Option<Rule> {
     use Role::*;
     match method {
         "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "ListAudiences"
-        | "ListSnapshots" | "TagHistory" | "Aggregate" | "Breakdown" | "TopTags" | "Overlap"
-        | "Stats" => rule(Read, false),
+        | "ListSnapshots" | "TagHistory" | "ListRules" | "Aggregate" | "Breakdown" | "TopTags"
+        | "Overlap" | "Stats" => rule(Read, false),
         "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
         "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" | "CreateAudience"
         | "DropAudience" | "TakeSnapshot" | "DropSnapshot" => rule(Write, false),
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"
-        | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" => rule(Admin, false),
+        | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" | "DefineRule"
+        | "DropRule" | "TurnRuleDays" => rule(Admin, false),
         _ => None,
     }
 }

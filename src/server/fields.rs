@@ -29,7 +29,8 @@ fn invalid(msg: impl Into<String>) -> Status {
     to_status(Error::invalid(msg))
 }
 
-fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
+/// A field as the proto has it, with a lifecycle's stages.
+pub(super) fn field_info(f: &Field, snap: &Snapshot) -> Result<proto::FieldInfo, Error> {
     let m: &FieldMeta = &f.meta;
     let mut info = proto::FieldInfo {
         name: m.name.to_string(),
@@ -57,6 +58,9 @@ fn field_info(f: &Field) -> Result<proto::FieldInfo, Error> {
                 n += b.get()?.len();
             }
             info.customers_with_value = n;
+            if let Some(r) = snap.rules.get(&m.name) {
+                info.stages = super::rules::stages(f, r)?;
+            }
         }
         FieldKind::Behaviour(s) => {
             info.kind = proto::FieldKind::Behaviour as i32;
@@ -129,7 +133,7 @@ pub(super) async fn create_field(
         .map_err(to_status)?;
     let snap = engine.snapshot();
     let field = match snap.field(&r.name) {
-        Some(f) => Some(field_info(f).map_err(to_status)?),
+        Some(f) => Some(field_info(f, &snap).map_err(to_status)?),
         None => None,
     };
     Ok(proto::CreateFieldResponse {
@@ -152,7 +156,7 @@ pub(super) async fn list_fields(engine: &Engine) -> Result<proto::ListFieldsResp
         let fields = snap
             .fields
             .values()
-            .map(|f| field_info(f))
+            .map(|f| field_info(f, &snap))
             .collect::<Result<Vec<_>, Error>>()
             .map_err(to_status)?;
         Ok(proto::ListFieldsResponse { fields })

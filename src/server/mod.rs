@@ -12,6 +12,7 @@ pub mod history;
 mod ingest;
 mod reads;
 mod rebuild;
+mod rules;
 pub mod service;
 pub mod status;
 pub mod tls;
@@ -116,6 +117,7 @@ pub async fn serve(
     .max_encoding_message_size(limit);
     let service = Metered::new(service, budget);
     history::start_recorder(engine.clone(), config.default_time_zone.clone());
+    rules::start_day_turner(engine.clone());
     let tls = match &config.tls {
         Some(files) => {
             let tls = tls::Tls::load(files.clone())?;

@@ -63,7 +63,7 @@ pub(super) async fn list_tags(
         .tags
         .values()
         .filter(|t| category.is_empty() || t.meta.category == category)
-        .map(|t| tag_info(&t.meta))
+        .map(|t| tag_info(&t.meta, &snap))
         .collect();
     Ok(Response::new(proto::ListTagsResponse { tags }))
 }
@@ -78,7 +78,7 @@ pub(super) async fn describe_tag(
         .tag(&name)
         .ok_or_else(|| to_status(Error::TagNotFound(name.clone())))?;
     Ok(Response::new(proto::DescribeTagResponse {
-        tag: Some(tag_info(&tag.meta)),
+        tag: Some(tag_info(&tag.meta, &snap)),
     }))
 }
 
@@ -223,6 +223,11 @@ pub(super) async fn profile(
                 first_seen_ms: seen.first_ms,
             })
             .collect();
+        let rule_tags = tags
+            .iter()
+            .filter(|t| snap.rules.get(t).is_some())
+            .map(|t| t.to_string())
+            .collect();
         Ok(proto::ProfileResponse {
             customer,
             tags: tags.iter().map(|t| t.to_string()).collect(),
@@ -230,6 +235,7 @@ pub(super) async fn profile(
             values,
             key,
             identities,
+            rule_tags,
         })
     })
     .await?;

@@ -18,7 +18,9 @@ use crate::proto::tag_store_server::TagStore;
 use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
-use crate::server::{admin, audiences, fields, history, ingest, reads, rebuild, unmerge, writes};
+use crate::server::{
+    admin, audiences, fields, history, ingest, reads, rebuild, rules, unmerge, writes,
+};
 use crate::storage::{Engine, TagMeta};
 
 pub struct Service {
@@ -54,7 +56,8 @@ impl Service {
     }
 }
 
-pub(super) fn tag_info(m: &TagMeta) -> proto::TagInfo {
+/// A tag as the proto has it, with its rule's query when it is a rule tag.
+pub(super) fn tag_info(m: &TagMeta, snap: &crate::storage::Snapshot) -> proto::TagInfo {
     proto::TagInfo {
         name: m.name.to_string(),
         description: m.description.clone(),
@@ -62,6 +65,11 @@ pub(super) fn tag_info(m: &TagMeta) -> proto::TagInfo {
         created_at_ms: m.created_ms,
         updated_at_ms: m.updated_ms,
         member_count: m.count,
+        rule: snap
+            .rules
+            .get(&m.name)
+            .map(|r| r.def.query.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -280,6 +288,38 @@ impl TagStore for Service {
         rebuild::rebuild_facts(self, req.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn define_rule(
+        &self,
+        req: Request<proto::DefineRuleRequest>,
+    ) -> Result<Response<proto::DefineRuleResponse>, Status> {
+        rules::define_rule(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn drop_rule(
+        &self,
+        req: Request<proto::DropRuleRequest>,
+    ) -> Result<Response<proto::DropRuleResponse>, Status> {
+        rules::drop_rule(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_rules(
+        &self,
+        _req: Request<proto::ListRulesRequest>,
+    ) -> Result<Response<proto::ListRulesResponse>, Status> {
+        rules::list_rules(&self.engine).await.map(Response::new)
+    }
+
+    async fn turn_rule_days(
+        &self,
+        _req: Request<proto::TurnRuleDaysRequest>,
+    ) -> Result<Response<proto::TurnRuleDaysResponse>, Status> {
+        rules::turn_rule_days(&self.engine).await.map(Response::new)
     }
 
     async fn create_audience(

@@ -26,8 +26,9 @@ pub(super) async fn create_tag(
         })
         .await
         .map_err(to_status)?;
+    let snap = svc.engine.snapshot();
     Ok(Response::new(proto::CreateTagResponse {
-        tag: res.tag.as_ref().map(tag_info),
+        tag: res.tag.as_ref().map(|m| tag_info(m, &snap)),
         created: res.created,
     }))
 }

@@ -99,10 +99,10 @@ impl Planner<'_> {
         });
         Ok(Planned::Write(
             batch,
-            if lifecycle {
-                Target::FieldCreated(name)
-            } else {
-                Target::Created(name)
+            match (existing.is_some(), lifecycle) {
+                (true, _) => Target::Plain,
+                (false, true) => Target::FieldCreated(name),
+                (false, false) => Target::Created(name),
             },
         ))
     }

@@ -22,6 +22,7 @@ use crate::commands::{self, Command, Who};
 mod fields;
 mod ingest;
 mod reads;
+mod rules;
 mod tags;
 use crate::table::{self, Align, thousands};
 
@@ -236,6 +237,11 @@ impl Session {
             | Command::DropSource { .. }
             | Command::Ingest { .. }
             | Command::RebuildFacts { .. }) => self.exec_ingest(cmd).await?,
+            cmd @ (Command::CreateRule { .. }
+            | Command::CreateLifecycle { .. }
+            | Command::DropRule { .. }
+            | Command::Rules
+            | Command::TurnDays) => self.exec_rule(cmd).await?,
             Command::Stats => {
                 let s = self.client.stats(StatsRequest {}).await?.into_inner();
                 let rows = vec![

@@ -12,6 +12,7 @@ pub mod fields;
 mod help;
 pub mod ingest;
 pub mod reads;
+pub mod rules;
 pub mod tags;
 
 pub use args::{is_incomplete, join_lines};
@@ -68,6 +69,31 @@ pub enum Command {
         id: u32,
         yes: bool,
     },
+    /// A rule tag.
+    CreateRule {
+        name: String,
+        query: String,
+        category: String,
+        description: String,
+        zone: String,
+        replace: bool,
+    },
+    /// A lifecycle: stages `(value, query)` in order.
+    CreateLifecycle {
+        name: String,
+        stages: Vec<(String, String)>,
+        category: String,
+        description: String,
+        zone: String,
+        replace: bool,
+    },
+    DropRule {
+        name: String,
+        yes: bool,
+    },
+    Rules,
+    /// Turn the rules' days now.
+    TurnDays,
     /// A tag's or audience's member counts, a point a day.
     History {
         name: String,
@@ -303,6 +329,10 @@ pub const SPECS: &[&Spec] = &[
     &tags::CREATE_TAG,
     &tags::CREATE_FIELD,
     &tags::CREATE_AUDIENCE,
+    &rules::CREATE_RULE,
+    &rules::CREATE_LIFECYCLE,
+    &rules::RULES,
+    &rules::TURN_DAYS,
     &tags::DROP,
     &tags::ADD,
     &tags::REMOVE,

@@ -17,17 +17,25 @@ pub const CREATE_TAG: Spec = Spec {
 };
 
 /// `create tag …`, `create field …` ([`CREATE_FIELD`]), `create source …`,
-/// or `create audience …` ([`CREATE_AUDIENCE`]).
-fn parse_create(rest: &str) -> Result<Command, String> {
+/// `create audience …` ([`CREATE_AUDIENCE`]), `create rule …` or `create
+/// lifecycle …` (in `rules`).
+pub(super) fn parse_create(rest: &str) -> Result<Command, String> {
     let usage = format!("usage: {}", CREATE_TAG.usage);
     let t = rest.trim_start();
-    if let Some(after) = t
-        .get(..8)
-        .filter(|w| w.eq_ignore_ascii_case("audience"))
-        .map(|_| &t[8..])
-        .filter(|r| r.starts_with(char::is_whitespace))
-    {
+    let after_word = |word: &str| {
+        t.get(..word.len())
+            .filter(|w| w.eq_ignore_ascii_case(word))
+            .map(|_| &t[word.len()..])
+            .filter(|r| r.starts_with(char::is_whitespace))
+    };
+    if let Some(after) = after_word("audience") {
         return parse_create_audience(after);
+    }
+    if let Some(after) = after_word("rule") {
+        return super::rules::parse_create_rule(after);
+    }
+    if let Some(after) = after_word("lifecycle") {
+        return super::rules::parse_create_lifecycle(after);
     }
     let args = split_args(rest)?;
     let [kw, name, opts @ ..] = args.as_slice() else {
@@ -70,11 +78,9 @@ pub const CREATE_AUDIENCE: Spec = Spec {
     parse: |rest| parse_create(rest),
 };
 
-/// What follows `create audience`: options, then `as` and the query.
-fn parse_create_audience(text: &str) -> Result<Command, String> {
-    let usage = || format!("usage: {}", CREATE_AUDIENCE.usage);
-    // The query is everything after the first word `as` (quoted words
-    // before it are the name and options).
+/// `<words> as <query>`: the words before the first `as` outside quotes,
+/// and everything after it; `None` without an `as` or a query.
+pub(super) fn split_as(text: &str) -> Option<(&str, &str)> {
     let mut at = None;
     let mut quoted = false;
     let mut prev_space = true;
@@ -96,12 +102,19 @@ fn parse_create_audience(text: &str) -> Result<Command, String> {
         }
         prev_space = ch.is_whitespace();
     }
-    let at = at.ok_or_else(usage)?;
-    let query = text[at + 2..].trim().to_string();
-    if query.is_empty() {
-        return Err(usage());
-    }
-    let args = split_args(&text[..at])?;
+    let at = at?;
+    let query = text[at + 2..].trim();
+    (!query.is_empty()).then(|| (&text[..at], query))
+}
+
+/// What follows `create audience`: options, then `as` and the query.
+fn parse_create_audience(text: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {}", CREATE_AUDIENCE.usage);
+    // The query is everything after the first word `as` (quoted words
+    // before it are the name and options).
+    let (head, query) = split_as(text).ok_or_else(usage)?;
+    let query = query.to_string();
+    let args = split_args(head)?;
     let [name, opts @ ..] = args.as_slice() else {
         return Err(usage());
     };
@@ -266,10 +279,11 @@ pub const DROP: Spec = Spec {
         "drop field",
         "drop source",
         "drop audience",
+        "drop rule",
         "drop snapshot",
     ],
-    usage: "drop tag|field|source|audience <name> [--yes] | drop snapshot <id> [--yes]",
-    summary: "drop a tag or a field and its data, a source, a saved audience or a snapshot (asks first)",
+    usage: "drop tag|field|source|audience|rule <name> [--yes] | drop snapshot <id> [--yes]",
+    summary: "drop a tag or a field and its data, a source, a saved audience, a rule (with its tag or lifecycle) or a snapshot (asks first)",
     example: "drop tag 潜在流失",
     takes_tags: true,
     parse: |rest| {
@@ -289,6 +303,10 @@ pub const DROP: Spec = Spec {
                 yes,
             }),
             [kw, name] if kw.eq_ignore_ascii_case("audience") => Ok(Command::DropAudience {
+                name: name.clone(),
+                yes,
+            }),
+            [kw, name] if kw.eq_ignore_ascii_case("rule") => Ok(Command::DropRule {
                 name: name.clone(),
                 yes,
             }),

@@ -1,0 +1,413 @@
+//! Rule tags and lifecycles against the real server binary (#21): the
+//! seed's four tags and a lifecycle defined as rules; writes move customers
+//! in and out in the same write; rule tags are listed with their queries
+//! and shown in profiles; writing one, dropping what a rule reads, a cycle
+//! and a snapshot in a rule are refused with the status and the reason;
+//! a redefinition re-evaluates everyone; everything survives kill -9 and
+//! a restart; and a reader never sees a write without its rule's answer.
+
+mod common;
+
+use common::{Client, code, count};
+use tagstore::proto::value_write::Value;
+use tagstore::proto::*;
+use tonic::Code;
+
+async fn field(c: &mut Client, name: &str, kind: FieldKind) {
+    common::create_field(c, name, kind, &[]).await;
+}
+
+async fn values(c: &mut Client, writes: &[(&str, &str, Value)]) {
+    c.set_values(SetValuesRequest {
+        writes: writes
+            .iter()
+            .map(|(customer, field, v)| ValueWrite {
+                field: field.to_string(),
+                customer: customer.to_string(),
+                value: Some(v.clone()),
+            })
+            .collect(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("set values: {e}"));
+}
+
+async fn define(
+    c: &mut Client,
+    name: &str,
+    query: &str,
+) -> Result<DefineRuleResponse, tonic::Status> {
+    c.define_rule(DefineRuleRequest {
+        name: name.into(),
+        query: query.into(),
+        description: format!("rule {name}"),
+        category: "rules".into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+fn today_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Facts of four customers, the seed's rules, and a lifecycle.
+async fn setup(c: &mut Client) {
+    field(c, "total_spend_fen", FieldKind::Integer).await;
+    field(c, "order_count", FieldKind::Integer).await;
+    field(c, "last_order_day", FieldKind::Integer).await;
+    field(c, "bought_skincare", FieldKind::Behaviour).await;
+    field(c, "interacted_douyin", FieldKind::Behaviour).await;
+    field(c, "viewed_new_arrivals", FieldKind::Behaviour).await;
+    let now = today_ms();
+    let day = |d: i64| Value::EventAtMs(now - d * DAY_MS);
+    let mut writes = vec![
+        ("ann", "total_spend_fen", Value::IntValue(620_000)),
+        ("ann", "order_count", Value::IntValue(7)),
+        ("bo", "total_spend_fen", Value::IntValue(90_000)),
+        ("bo", "order_count", Value::IntValue(2)),
+        ("cy", "viewed_new_arrivals", day(2)),
+        ("dee", "order_count", Value::IntValue(1)),
+    ];
+    for d in [1, 10, 40] {
+        writes.push(("ann", "bought_skincare", day(d)));
+    }
+    for d in 0..5 {
+        writes.push(("cy", "interacted_douyin", day(d)));
+    }
+    values(c, &writes).await;
+    for (name, query) in [
+        ("高价值用户", "total_spend_fen >= 500000"),
+        ("常购护肤品", "COUNT(bought_skincare WITHIN 90d) >= 3"),
+        ("社交活跃", "COUNT(interacted_douyin WITHIN 30d) >= 5"),
+        ("尝试新品", "viewed_new_arrivals WITHIN 7d"),
+        (
+            "潜在流失",
+            "last_order_day < TODAY - 90 AND order_count >= 2",
+        ),
+    ] {
+        let r = define(c, name, query)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(r.created);
+        assert_eq!(r.rule.unwrap().query, query);
+    }
+    c.define_rule(DefineRuleRequest {
+        name: "lifecycle".into(),
+        stages: [
+            ("prospect", "order_count IS NULL"),
+            ("new", "order_count = 1"),
+            ("loyal", "order_count >= 5 AND NOT 潜在流失"),
+            ("churned", "潜在流失"),
+            ("active", "ALL"),
+        ]
+        .iter()
+        .map(|(v, q)| RuleStage {
+            value: v.to_string(),
+            query: q.to_string(),
+            member_count: 0,
+        })
+        .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// What the store must answer after `setup`.
+async fn check(c: &mut Client) {
+    assert_eq!(count(c, "高价值用户").await, 1);
+    assert_eq!(count(c, "常购护肤品").await, 1);
+    assert_eq!(count(c, "社交活跃").await, 1);
+    assert_eq!(count(c, "尝试新品").await, 1);
+    assert_eq!(count(c, "潜在流失").await, 0);
+    assert_eq!(count(c, "lifecycle = loyal").await, 1);
+    assert_eq!(count(c, "lifecycle = prospect").await, 1);
+    assert_eq!(count(c, "lifecycle = new").await, 1);
+    assert_eq!(count(c, "lifecycle = active").await, 1);
+    let p = common::profile(c, "ann").await;
+    assert_eq!(p.rule_tags, ["常购护肤品", "高价值用户"]);
+    let tags = c
+        .list_tags(ListTagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tags;
+    let t = tags.iter().find(|t| t.name == "高价值用户").unwrap();
+    assert_eq!(t.rule, "total_spend_fen >= 500000");
+    let rules = c
+        .list_rules(ListRulesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .rules;
+    let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "lifecycle",
+            "尝试新品",
+            "常购护肤品",
+            "潜在流失",
+            "社交活跃",
+            "高价值用户"
+        ]
+    );
+    let life = &rules[0];
+    assert_eq!(life.kind, "lifecycle");
+    assert_eq!(
+        life.stages
+            .iter()
+            .map(|s| s.member_count)
+            .collect::<Vec<_>>(),
+        [1, 1, 1, 0, 1]
+    );
+    assert_eq!(life.reads, ["order_count", "潜在流失"]);
+    assert!(rules.iter().all(|r| r.stale.is_empty()));
+    let fields = c
+        .list_fields(ListFieldsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .fields;
+    let f = fields.iter().find(|f| f.name == "lifecycle").unwrap();
+    assert_eq!(f.values, ["prospect", "new", "loyal", "churned", "active"]);
+    assert_eq!(f.stages.len(), 5);
+}
+
+#[tokio::test]
+async fn rules_follow_writes_refuse_what_would_break_them_and_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    check(&mut c).await;
+
+    // Writes move customers in and out in the same write.
+    values(&mut c, &[("bo", "total_spend_fen", Value::IntAdd(450_000))]).await;
+    assert_eq!(count(&mut c, "高价值用户").await, 2);
+    let old = (today_ms() - 120 * DAY_MS) / DAY_MS;
+    values(&mut c, &[("bo", "last_order_day", Value::IntValue(old))]).await;
+    assert_eq!(count(&mut c, "潜在流失").await, 1);
+    assert_eq!(
+        count(&mut c, "lifecycle = churned").await,
+        1,
+        "a lifecycle reads a rule tag"
+    );
+    values(
+        &mut c,
+        &[
+            ("bo", "total_spend_fen", Value::Clear(true)),
+            ("bo", "last_order_day", Value::Clear(true)),
+        ],
+    )
+    .await;
+    assert_eq!(count(&mut c, "高价值用户 OR 潜在流失").await, 1);
+    assert_eq!(count(&mut c, "lifecycle = active").await, 1);
+    values(
+        &mut c,
+        &[("bo", "total_spend_fen", Value::IntValue(90_000))],
+    )
+    .await;
+
+    // What would break a rule is refused, with the reason.
+    let e = c
+        .update(UpdateRequest {
+            mutations: vec![Mutation {
+                tag: "高价值用户".into(),
+                add: vec!["dee".into()],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("rule tag"), "{}", e.message());
+    let e = c
+        .set_values(SetValuesRequest {
+            writes: vec![ValueWrite {
+                field: "lifecycle".into(),
+                customer: "dee".into(),
+                value: Some(Value::EnumValue("loyal".into())),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = c
+        .drop_field(DropFieldRequest {
+            name: "total_spend_fen".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("高价值用户"), "{}", e.message());
+    let e = c
+        .drop_rule(DropRuleRequest {
+            name: "潜在流失".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "the lifecycle reads it");
+    // A cycle, through another rule.
+    define(&mut c, "a", "高价值用户").await.unwrap();
+    define(&mut c, "b", "a OR 尝试新品").await.unwrap();
+    let e = c
+        .define_rule(DefineRuleRequest {
+            name: "a".into(),
+            query: "b AND 高价值用户".into(),
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("a → b → a"), "{}", e.message());
+    assert_eq!(
+        code(define(&mut c, "s", "SNAPSHOT 1").await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(define(&mut c, "w", "bought_skincare WITHIN 500d").await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(define(&mut c, "u", "nothing_here >= 1").await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(define(&mut c, "高价值用户", "ALL").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(define(&mut c, "total_spend_fen", "ALL").await),
+        Code::AlreadyExists
+    );
+    c.drop_rule(DropRuleRequest { name: "b".into() })
+        .await
+        .unwrap();
+    c.drop_rule(DropRuleRequest { name: "a".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c.drop_rule(DropRuleRequest { name: "a".into() }).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.describe_tag(DescribeTagRequest { name: "a".into() })
+                .await
+        ),
+        Code::NotFound,
+        "the rule's tag went with it"
+    );
+    let turned = c
+        .turn_rule_days(TurnRuleDaysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(turned.rules_turned, 0, "every rule is on today");
+
+    // A redefinition re-evaluates everyone, atomically.
+    let r = c
+        .define_rule(DefineRuleRequest {
+            name: "高价值用户".into(),
+            query: "total_spend_fen >= 50000".into(),
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.created);
+    let info = r.rule.unwrap();
+    assert_eq!(info.member_count, 2);
+    assert_eq!(
+        info.description, "rule 高价值用户",
+        "a redefinition keeps the description"
+    );
+    c.define_rule(DefineRuleRequest {
+        name: "高价值用户".into(),
+        query: "total_spend_fen >= 500000".into(),
+        replace: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    check(&mut c).await;
+
+    // Kill -9, then a checkpoint and a clean restart.
+    server.kill();
+    let server2 = common::start(dir.path(), &[]);
+    let mut c = common::client(&server2).await;
+    check(&mut c).await;
+    c.checkpoint(CheckpointRequest::default()).await.unwrap();
+    drop(c);
+    drop(server2);
+    let server3 = common::start(dir.path(), &[]);
+    let mut c = common::client(&server3).await;
+    check(&mut c).await;
+    values(
+        &mut c,
+        &[("dee", "total_spend_fen", Value::IntValue(700_000))],
+    )
+    .await;
+    assert_eq!(count(&mut c, "高价值用户").await, 2);
+}
+
+/// A reader never sees a write without its rule's answer: while a writer
+/// moves spend across the threshold, no count ever finds a customer whose
+/// rule tag and fact disagree.
+#[tokio::test]
+async fn readers_never_see_facts_and_rule_tags_disagree() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    field(&mut c, "total_spend_fen", FieldKind::Integer).await;
+    define(&mut c, "高价值用户", "total_spend_fen >= 500000")
+        .await
+        .unwrap();
+    let mut writer = common::client(&server).await;
+    let writes = tokio::spawn(async move {
+        for i in 0..300i64 {
+            let batch: Vec<ValueWrite> = (0..20)
+                .map(|k| ValueWrite {
+                    field: "total_spend_fen".into(),
+                    customer: format!("c{k}"),
+                    value: Some(Value::IntValue(if (i + k) % 2 == 0 {
+                        600_000
+                    } else {
+                        1_000
+                    })),
+                })
+                .collect();
+            writer
+                .set_values(SetValuesRequest { writes: batch })
+                .await
+                .unwrap();
+        }
+    });
+    let mut reads = 0;
+    while !writes.is_finished() {
+        let disagree = count(
+            &mut c,
+            "(高价值用户 AND NOT total_spend_fen >= 500000) OR (total_spend_fen >= 500000 AND NOT 高价值用户)",
+        )
+        .await;
+        assert_eq!(disagree, 0, "after {reads} reads");
+        reads += 1;
+    }
+    writes.await.unwrap();
+    assert!(
+        reads > 10,
+        "the reader ran alongside the writes ({reads} reads)"
+    );
+    assert_eq!(count(&mut c, "高价值用户").await, 10);
+}
