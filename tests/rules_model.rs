@@ -292,12 +292,45 @@ fn run(seed: u64) {
                     .unwrap();
             }
             // Days pass and the rules turn to the new day.
-            8 | 9 => {
+            8 => {
                 clock.advance_ms(rng.random_range(0..3) * DAY_MS + rng.random_range(0..DAY_MS / 2));
                 engine.write_blocking(WriteOp::TurnRuleDays).unwrap();
                 let d = today(&clock);
                 for r in engine.snapshot().rules.by_name.values() {
                     assert_eq!(r.day, d, "seed {seed}, {label}: {} turned", r.name);
+                }
+            }
+            // The same, and the machine crashes while the day turns: the
+            // store comes back with the rules on the old day or the new
+            // one, either way equal to their queries, and turns again.
+            9 => {
+                clock.advance_ms(DAY_MS + rng.random_range(0..DAY_MS / 2));
+                let image = std::thread::scope(|scope| {
+                    let crash = scope.spawn(|| {
+                        std::thread::sleep(std::time::Duration::from_micros(
+                            rng.random_range(0..300),
+                        ));
+                        fs.crash_image()
+                    });
+                    engine.write_blocking(WriteOp::TurnRuleDays).unwrap();
+                    crash.join().unwrap()
+                });
+                drop(engine);
+                fs = image;
+                engine = open(&fs, &clock);
+                check(
+                    &engine,
+                    seed,
+                    &format!("{label}: crashed while the day turned"),
+                );
+                engine.write_blocking(WriteOp::TurnRuleDays).unwrap();
+                let d = today(&clock);
+                for r in engine.snapshot().rules.by_name.values() {
+                    assert_eq!(
+                        r.day, d,
+                        "seed {seed}, {label}: {} turned after the crash",
+                        r.name
+                    );
                 }
             }
             // A day passes and writes come before the turn: they are

@@ -15,8 +15,29 @@ pub const MONTH_BASE: u32 = 1 << 19;
 /// Largest day number a slot can name (year 3405).
 pub const MAX_DAY: i32 = MONTH_BASE as i32 - 1;
 
+/// Zones looked up so far, by name: reading one from the tz database costs
+/// far more than a query over a few customers (the query compiler and the
+/// rules look up a field's zone every time). Bounded: past this many names
+/// a zone is read every time.
+static ZONES: std::sync::LazyLock<
+    parking_lot::RwLock<std::collections::HashMap<String, TimeZone>>,
+> = std::sync::LazyLock::new(Default::default);
+const MAX_CACHED_ZONES: usize = 256;
+
 /// Looks up a time zone by IANA name ("Asia/Shanghai", "UTC").
 pub fn zone(name: &str) -> Result<TimeZone> {
+    if let Some(tz) = ZONES.read().get(name) {
+        return Ok(tz.clone());
+    }
+    let tz = read_zone(name)?;
+    let mut zones = ZONES.write();
+    if zones.len() < MAX_CACHED_ZONES {
+        zones.insert(name.to_string(), tz.clone());
+    }
+    Ok(tz)
+}
+
+fn read_zone(name: &str) -> Result<TimeZone> {
     // Names whose meaning depends on the host (or that mean "no zone"): a
     // field's days must not change when the store moves to another machine.
     if HOST_DEPENDENT_ZONES

@@ -221,7 +221,11 @@ impl<'s> Compiler<'s> {
         for (k, b) in bits.iter_mut().enumerate() {
             *b = field.slot(int_slot(k))?;
         }
-        Ok(Some(IntSlices { exists, bits }))
+        Ok(Some(IntSlices {
+            field: &field.meta.name,
+            exists,
+            bits,
+        }))
     }
 
     fn int_range(&self, field: &'s Field, lo: i64, hi: i64) -> Result<Plan<'s>> {

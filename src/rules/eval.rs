@@ -7,6 +7,7 @@ use crate::bitmap::ShardedBitmap;
 use crate::error::Result;
 use crate::fields::time;
 use crate::query::Query;
+pub use crate::query::eval::ValueCache;
 use crate::query::parser::parse;
 use crate::storage::Snapshot;
 use crate::storage::snapshot::Rule;
@@ -31,20 +32,39 @@ pub fn as_of_ms(r: &Rule) -> Result<i64> {
     time::day_start_ms(r.day, &super::define::zone_of(&r.def)?)
 }
 
-fn members_of(text: &str, snap: &Snapshot, r: &Rule, among: Among<'_>) -> Result<ShardedBitmap> {
+fn members_of(
+    text: &str,
+    snap: &Snapshot,
+    r: &Rule,
+    among: Among<'_>,
+    cache: &ValueCache,
+) -> Result<ShardedBitmap> {
     let zone = super::define::zone_of(&r.def)?;
     let at = time::day_start_ms(r.day, &zone)?;
     let q = Query::from_expr_in(&parse(text)?, snap, at, &zone)?;
     Ok(match among {
         Among::Everyone => q.members(),
-        Among::Only(c) => q.members_among(c),
+        Among::Only(c) => q.members_among(c, cache),
     })
 }
 
-/// Rule `r`'s members among `among`, as of its day.
-pub fn evaluate(snap: &Snapshot, r: &Rule, among: Among<'_>) -> Result<Members> {
+/// Rule `r`'s members among `among`, as of its day. Integer values read
+/// for a few customers go into `cache`, for the next rules evaluated on
+/// the same state.
+pub fn evaluate(
+    snap: &Snapshot,
+    r: &Rule,
+    among: Among<'_>,
+    cache: &ValueCache,
+) -> Result<Members> {
     if !r.def.is_lifecycle() {
-        return Ok(Members::Tag(members_of(&r.def.query, snap, r, among)?));
+        return Ok(Members::Tag(members_of(
+            &r.def.query,
+            snap,
+            r,
+            among,
+            cache,
+        )?));
     }
     let mut left = match among {
         Among::Everyone => snap.live()?.clone(),
@@ -52,7 +72,7 @@ pub fn evaluate(snap: &Snapshot, r: &Rule, among: Among<'_>) -> Result<Members> 
     };
     let mut out = Vec::with_capacity(r.def.stages.len());
     for (_, text) in &r.def.stages {
-        let m = members_of(text, snap, r, Among::Only(&left))?;
+        let m = members_of(text, snap, r, Among::Only(&left), cache)?;
         left.difference_sharded(&m);
         out.push(m);
     }

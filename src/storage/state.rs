@@ -430,30 +430,29 @@ impl State {
         // What the batch changes, for the rules that read it.
         let mut touch = (!self.snap.rules.is_empty() || !b.rules.is_empty()).then(Touch::default);
         if let Some(t) = &mut touch {
-            t.ids
+            t.everything = !b.new_keys.is_empty() || !b.merges.is_empty() || !b.unmerges.is_empty();
+            t.all
                 .union_with(&b.new_keys.iter().map(|(id, _)| *id).collect());
-            t.everything |=
-                !b.new_keys.is_empty() || !b.merges.is_empty() || !b.unmerges.is_empty();
             for m in b.merges.iter().filter(|m| m.refused.is_empty()) {
-                t.ids.insert(m.survivor);
+                t.all.insert(m.survivor);
             }
             for u in &b.unmerges {
-                t.ids.insert(u.revived);
-                t.ids.insert(u.survivor);
+                t.all.insert(u.revived);
+                t.all.insert(u.survivor);
             }
             for c in &b.changes {
-                if let Some(name) = self.tag_names.get(&c.tag) {
-                    t.names.insert(name.clone());
-                }
-                if c.op == ChangeOp::Replace {
-                    if let Some(tag) = self.tag_by_id(c.tag) {
-                        let old = tag.bitmap.get()?;
-                        t.ids
-                            .union_sharded(&old.xor(&ShardedBitmap::from_roaring(&c.ids)));
+                let Some(name) = self.tag_names.get(&c.tag).cloned() else {
+                    continue;
+                };
+                let ids = if c.op == ChangeOp::Replace {
+                    match self.tag_by_id(c.tag) {
+                        Some(tag) => tag.bitmap.get()?.xor(&ShardedBitmap::from_roaring(&c.ids)),
+                        None => ShardedBitmap::from_roaring(&c.ids),
                     }
                 } else {
-                    t.ids.union_with(&c.ids);
-                }
+                    ShardedBitmap::from_roaring(&c.ids)
+                };
+                t.add(name, &ids);
             }
             for c in &b.field_changes {
                 self.field_touch(c, t)?;
@@ -697,30 +696,30 @@ impl State {
         let Some(field) = self.field_by_id(c.field()) else {
             return Ok(());
         };
-        t.names.insert(field.meta.name.clone());
+        let mut ids = ShardedBitmap::new();
         match c {
             FieldChange::Int { set, clear, .. } => {
-                t.ids.union_with(&set.iter().map(|(id, _)| *id).collect());
-                t.ids.union_with(clear);
+                ids.union_with(&set.iter().map(|(id, _)| *id).collect());
+                ids.union_with(clear);
             }
             FieldChange::Enum { set, clear, .. } => {
-                for (_, ids) in set {
-                    t.ids.union_with(ids);
+                for (_, s) in set {
+                    ids.union_with(s);
                 }
-                t.ids.union_with(clear);
+                ids.union_with(clear);
             }
             FieldChange::Events { add, .. } => {
-                for (_, ids) in add {
-                    t.ids.union_with(ids);
+                for (_, s) in add {
+                    ids.union_with(s);
                 }
             }
-            FieldChange::Erase { ids, .. } => {
-                t.ids.union_with(ids);
+            FieldChange::Erase { ids: e, .. } => {
+                ids.union_with(e);
             }
             FieldChange::DropSlots { slots, .. } => {
                 for slot in slots {
                     if let Some(b) = field.slots.get(slot) {
-                        t.ids.union_sharded(b.get()?);
+                        ids.union_sharded(b.get()?);
                     }
                 }
             }
@@ -728,10 +727,11 @@ impl State {
                 let first = time::month_first_day(*month) as u32;
                 let last = time::month_last_day(*month) as u32;
                 for (_, b) in field.slots.range(first..=last) {
-                    t.ids.union_sharded(b.get()?);
+                    ids.union_sharded(b.get()?);
                 }
             }
         }
+        t.add(field.meta.name.clone(), &ids);
         Ok(())
     }
 
@@ -796,78 +796,79 @@ impl State {
                 .by_name
                 .insert(rule.name.clone(), Arc::new(turned));
         }
-        let mut changed: HashMap<Arc<str>, ShardedBitmap> = HashMap::new();
         let mut total = 0;
-        let order = self.snap.rules.order.clone();
-        for name in order {
-            let Some(rule) = self.snap.rules.get(&name).cloned() else {
-                continue;
-            };
-            // A rule that could not be evaluated before may have missed
-            // changes since: once it can be, it is evaluated for everyone.
-            let everyone = defined.contains(&name) || !rule.stale.is_empty();
-            let mut among = ShardedBitmap::new();
-            if !everyone {
-                if touch.everything
-                    || rule
-                        .def
-                        .reads
-                        .iter()
-                        .any(|r| touch.names.contains(r.as_str()))
-                {
-                    among.union_sharded(&touch.ids);
+        // Rules are evaluated level by level: a rule's level is one past
+        // the highest of the rules it reads, so the rules of one level
+        // read none of each other and are evaluated side by side on a
+        // snapshot that already holds the levels before; their results
+        // are then written in order.
+        for level in levels(&self.snap.rules) {
+            let mut work: Vec<(Arc<Rule>, Option<ShardedBitmap>)> = Vec::new();
+            for name in level {
+                let Some(rule) = self.snap.rules.get(&name).cloned() else {
+                    continue;
+                };
+                // A rule that could not be evaluated before may have
+                // missed changes since: once it can be, it is evaluated
+                // for everyone.
+                if defined.contains(&name) || !rule.stale.is_empty() {
+                    work.push((rule, None));
+                    continue;
+                }
+                // The customers whose data this rule reads changed (all
+                // those touched when customers came or went), those its
+                // new day can change, and those whose rules it reads
+                // changed (already in `touch`: their level came first).
+                let mut among = ShardedBitmap::new();
+                if touch.everything {
+                    among.union_sharded(&touch.all);
+                    for ids in touch.by_name.values() {
+                        among.union_sharded(ids);
+                    }
+                } else {
+                    for r in &rule.def.reads {
+                        if let Some(ids) = touch.by_name.get(r.as_str()) {
+                            among.union_sharded(ids);
+                        }
+                    }
                 }
                 if let Some(c) = day_candidates.get(&name) {
                     among.union_sharded(c);
                 }
-                for r in &rule.def.reads {
-                    if let Some(c) = changed.get(r.as_str()) {
-                        among.union_sharded(c);
-                    }
-                }
                 // Erased and merged customers are gone from every tag and
                 // field already.
-                among = among.and(self.snap.live()?);
-                if among.is_empty() {
-                    continue;
+                let among = among.and(self.snap.live()?);
+                if !among.is_empty() {
+                    work.push((rule, Some(among)));
                 }
             }
-            let which = if everyone {
-                crate::rules::Among::Everyone
-            } else {
-                crate::rules::Among::Only(&among)
-            };
-            let members = match crate::rules::evaluate(&self.snap, &rule, which) {
-                Ok(m) => m,
-                Err(e) if is_rule_error(&e) => {
-                    let mut stale = (*rule).clone();
-                    stale.stale = e.to_string();
+            let results = evaluate_all(&self.snap, &work);
+            for ((rule, _), result) in work.iter().zip(results) {
+                let name = &rule.name;
+                let outcome = match result {
+                    Ok(o) => o,
+                    Err(e) if is_rule_error(&e) => {
+                        let mut stale = (**rule).clone();
+                        stale.stale = e.to_string();
+                        Arc::make_mut(&mut self.snap.rules)
+                            .by_name
+                            .insert(name.clone(), Arc::new(stale));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if !rule.stale.is_empty() {
+                    let mut current = (**rule).clone();
+                    current.stale.clear();
                     Arc::make_mut(&mut self.snap.rules)
                         .by_name
-                        .insert(name.clone(), Arc::new(stale));
-                    continue;
+                        .insert(name.clone(), Arc::new(current));
                 }
-                Err(e) => return Err(e),
-            };
-            if !rule.stale.is_empty() {
-                let mut current = (*rule).clone();
-                current.stale.clear();
-                Arc::make_mut(&mut self.snap.rules)
-                    .by_name
-                    .insert(name.clone(), Arc::new(current));
-            }
-            let moved = match members {
-                crate::rules::Members::Tag(new) => {
-                    self.set_rule_tag(&name, new, (!everyone).then_some(&among), b.at_ms)?
+                let moved = self.install(name, outcome, b.at_ms)?;
+                total += moved.len();
+                if !moved.is_empty() {
+                    touch.add(name.clone(), &moved);
                 }
-                crate::rules::Members::Stages(stages) => {
-                    self.set_lifecycle(&name, stages, (!everyone).then_some(&among), b.at_ms)?
-                }
-            };
-            total += moved.len();
-            if !moved.is_empty() {
-                touch.names.insert(name.clone());
-                changed.insert(name, moved);
             }
         }
         Ok(total)
@@ -899,103 +900,243 @@ impl State {
         Ok(())
     }
 
-    /// A rule tag's members among `among` (everyone when `None`) become
-    /// `new`; returns the customers who entered or left.
-    fn set_rule_tag(
-        &mut self,
-        name: &Arc<str>,
-        new: ShardedBitmap,
-        among: Option<&ShardedBitmap>,
-        at_ms: i64,
-    ) -> Result<ShardedBitmap> {
-        let Some(tag) = self.snap.tags.get(&**name) else {
-            return Err(Error::BadRecord(format!("rule tag {name:?} has no tag")));
-        };
-        let id = tag.id;
-        let old = tag.bitmap.get()?;
-        let before = match among {
-            Some(c) => old.and(c),
-            None => old.clone(),
-        };
-        let entered = new.and_not(&before);
-        let left = before.and_not(&new);
-        if entered.is_empty() && left.is_empty() {
-            return Ok(ShardedBitmap::new());
-        }
-        let tag = self.tag_mut(id)?;
-        let bm = tag.bitmap.make_mut()?;
-        bm.union_sharded(&entered);
-        bm.difference_sharded(&left);
-        tag.meta.count = bm.len();
-        tag.meta.updated_ms = at_ms;
-        self.dirty_tags.insert(id);
-        let mut moved = entered;
-        moved.union_sharded(&left);
-        Ok(moved)
-    }
-
-    /// A lifecycle's stages among `among` (everyone when `None`) become
-    /// `stages`; returns the customers whose stage changed.
-    fn set_lifecycle(
-        &mut self,
-        name: &Arc<str>,
-        stages: Vec<ShardedBitmap>,
-        among: Option<&ShardedBitmap>,
-        at_ms: i64,
-    ) -> Result<ShardedBitmap> {
-        let Some(field) = self.snap.fields.get(&**name) else {
-            return Err(Error::BadRecord(format!("lifecycle {name:?} has no field")));
-        };
-        let id = field.id;
-        let mut moves = Vec::new();
-        let mut moved = ShardedBitmap::new();
-        for (slot, new) in stages.into_iter().enumerate() {
-            let slot = slot as u32;
-            let before = match (field.slots.get(&slot), among) {
-                (Some(b), Some(c)) => b.get()?.and(c),
-                (Some(b), None) => b.get()?.clone(),
-                (None, _) => ShardedBitmap::new(),
-            };
-            let entered = new.and_not(&before);
-            let left = before.and_not(&new);
-            if entered.is_empty() && left.is_empty() {
-                continue;
+    /// Installs what [`prepare`] computed for rule `name`; returns the
+    /// customers who entered or left.
+    fn install(&mut self, name: &Arc<str>, outcome: Outcome, at_ms: i64) -> Result<ShardedBitmap> {
+        match outcome {
+            Outcome::Unchanged => Ok(ShardedBitmap::new()),
+            Outcome::Tag { members, moved } => {
+                let id = self
+                    .snap
+                    .tags
+                    .get(&**name)
+                    .map(|t| t.id)
+                    .ok_or_else(|| Error::BadRecord(format!("rule tag {name:?} has no tag")))?;
+                let tag = self.tag_mut(id)?;
+                tag.meta.count = members.len();
+                tag.meta.updated_ms = at_ms;
+                tag.bitmap = LazyBitmap::loaded(members);
+                self.dirty_tags.insert(id);
+                Ok(moved)
             }
-            moved.union_sharded(&entered);
-            moved.union_sharded(&left);
-            moves.push((slot, entered, left));
-        }
-        if moves.is_empty() {
-            return Ok(moved);
-        }
-        let field = Arc::make_mut(
-            self.snap
-                .fields
-                .get_mut(&**name)
-                .ok_or_else(|| unknown_field(id))?,
-        );
-        field.meta.updated_ms = at_ms;
-        for (slot, entered, left) in moves {
-            let b = slot_mut(&mut field.slots, slot)?;
-            b.union_sharded(&entered);
-            b.difference_sharded(&left);
-            if b.is_empty() {
-                field.slots.remove(&slot);
+            Outcome::Stages { slots, moved } => {
+                let field =
+                    self.snap.fields.get_mut(&**name).ok_or_else(|| {
+                        Error::BadRecord(format!("lifecycle {name:?} has no field"))
+                    })?;
+                let field = Arc::make_mut(field);
+                field.meta.updated_ms = at_ms;
+                let id = field.id;
+                for (slot, b) in slots {
+                    if b.is_empty() {
+                        field.slots.remove(&slot);
+                    } else {
+                        field.slots.insert(slot, LazyBitmap::loaded(b));
+                    }
+                    self.dirty_slots.insert((id, slot));
+                }
+                Ok(moved)
             }
-            self.dirty_slots.insert((id, slot));
         }
-        Ok(moved)
     }
 }
 
-/// What a batch changes, as rules see it: the customers it touched, the
-/// tags and fields it changed, and whether any customer came or went
-/// (then every rule is evaluated for the touched customers).
+/// What evaluating a rule changes, computed beside the writer: the rule
+/// tag's members as they become, or the lifecycle's changed stages as they
+/// become (the copy of each changed shard made there), and who moved.
+enum Outcome {
+    Unchanged,
+    Tag {
+        members: ShardedBitmap,
+        moved: ShardedBitmap,
+    },
+    Stages {
+        slots: Vec<(u32, ShardedBitmap)>,
+        moved: ShardedBitmap,
+    },
+}
+
+/// Rule `rule`'s new members among `among` (everyone when `None`), as
+/// [`State::install`] will install them.
+fn prepare(
+    snap: &Snapshot,
+    rule: &Rule,
+    among: Option<&ShardedBitmap>,
+    members: crate::rules::Members,
+) -> Result<Outcome> {
+    let restrict = |b: &ShardedBitmap| match among {
+        Some(c) => b.and(c),
+        None => b.clone(),
+    };
+    match members {
+        crate::rules::Members::Tag(new) => {
+            let old = snap
+                .tag(&rule.name)
+                .ok_or_else(|| Error::BadRecord(format!("rule tag {:?} has no tag", rule.name)))?
+                .bitmap
+                .get()?;
+            let before = restrict(old);
+            let entered = new.and_not(&before);
+            let left = before.and_not(&new);
+            if entered.is_empty() && left.is_empty() {
+                return Ok(Outcome::Unchanged);
+            }
+            let mut members = old.clone();
+            members.union_sharded(&entered);
+            members.difference_sharded(&left);
+            let mut moved = entered;
+            moved.union_sharded(&left);
+            Ok(Outcome::Tag { members, moved })
+        }
+        crate::rules::Members::Stages(stages) => {
+            let field = snap.field(&rule.name).ok_or_else(|| {
+                Error::BadRecord(format!("lifecycle {:?} has no field", rule.name))
+            })?;
+            let mut slots = Vec::new();
+            let mut moved = ShardedBitmap::new();
+            for (slot, new) in stages.into_iter().enumerate() {
+                let slot = slot as u32;
+                let old = match field.slots.get(&slot) {
+                    Some(b) => b.get()?.clone(),
+                    None => ShardedBitmap::new(),
+                };
+                let before = restrict(&old);
+                let entered = new.and_not(&before);
+                let left = before.and_not(&new);
+                if entered.is_empty() && left.is_empty() {
+                    continue;
+                }
+                let mut b = old;
+                b.union_sharded(&entered);
+                b.difference_sharded(&left);
+                moved.union_sharded(&entered);
+                moved.union_sharded(&left);
+                slots.push((slot, b));
+            }
+            Ok(if slots.is_empty() {
+                Outcome::Unchanged
+            } else {
+                Outcome::Stages { slots, moved }
+            })
+        }
+    }
+}
+
+/// What a batch changes, as rules see it: per tag and field, the customers
+/// whose membership or value it touched (and, as rules are evaluated, per
+/// rule the customers it moved); and whether customers came or went
+/// (created, merged, brought back: then every rule is evaluated for every
+/// touched customer, `all` holding those).
 #[derive(Default)]
 struct Touch {
-    ids: ShardedBitmap,
-    names: HashSet<Arc<str>>,
+    by_name: HashMap<Arc<str>, ShardedBitmap>,
+    all: ShardedBitmap,
     everything: bool,
+}
+
+impl Touch {
+    fn add(&mut self, name: Arc<str>, ids: &ShardedBitmap) {
+        if !ids.is_empty() {
+            self.by_name.entry(name).or_default().union_sharded(ids);
+        }
+    }
+}
+
+/// The rules in levels: a rule's level is one past the highest level of the
+/// rules it reads; within a level, in evaluation order.
+fn levels(rules: &crate::storage::snapshot::RuleSet) -> Vec<Vec<Arc<str>>> {
+    let mut level_of: HashMap<&str, usize> = HashMap::new();
+    let mut out: Vec<Vec<Arc<str>>> = Vec::new();
+    for name in &rules.order {
+        let Some(rule) = rules.get(name) else {
+            continue;
+        };
+        let level = rule
+            .def
+            .reads
+            .iter()
+            .filter_map(|r| level_of.get(r.as_str()))
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0);
+        level_of.insert(name, level);
+        if out.len() <= level {
+            out.resize_with(level + 1, Vec::new);
+        }
+        out[level].push(name.clone());
+    }
+    out
+}
+
+/// Rules of one level evaluated for at least this many candidates in all
+/// are shared out between two threads (below it, starting the second
+/// costs more than it saves).
+const SIDE_BY_SIDE_FROM: u64 = 256;
+
+/// Each rule of `work` evaluated on `snap` (for everyone when its
+/// candidates are `None`), on this thread and, when the work is large
+/// enough, one more: whichever is free takes the next rule. Integer values
+/// read for one rule serve the next ones on the same thread (fields do not
+/// change while rules are evaluated).
+fn evaluate_all(
+    snap: &Snapshot,
+    work: &[(Arc<Rule>, Option<ShardedBitmap>)],
+) -> Vec<Result<Outcome>> {
+    let run = |k: usize, cache: &crate::rules::eval::ValueCache| {
+        let (rule, among) = &work[k];
+        let which = match among {
+            Some(c) => crate::rules::Among::Only(c),
+            None => crate::rules::Among::Everyone,
+        };
+        crate::rules::evaluate(snap, rule, which, cache)
+            .and_then(|m| prepare(snap, rule, among.as_ref(), m))
+    };
+    let size: u64 = work
+        .iter()
+        .map(|(_, a)| a.as_ref().map_or(SIDE_BY_SIDE_FROM, ShardedBitmap::len))
+        .sum();
+    if work.len() < 2 || size < SIDE_BY_SIDE_FROM {
+        let cache = crate::rules::eval::ValueCache::default();
+        return (0..work.len()).map(|k| run(k, &cache)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let take = |out: &mut Vec<(usize, Result<Outcome>)>| {
+        let cache = crate::rules::eval::ValueCache::default();
+        loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if k >= work.len() {
+                return;
+            }
+            out.push((k, run(k, &cache)));
+        }
+    };
+    let mut mine = Vec::new();
+    let theirs = std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("tagstore-rules".into())
+            .spawn_scoped(scope, || {
+                let mut out = Vec::new();
+                take(&mut out);
+                out
+            });
+        take(&mut mine);
+        match helper {
+            Ok(h) => h.join().ok(),
+            Err(_) => None,
+        }
+    });
+    let mut results: Vec<Option<Result<Outcome>>> = (0..work.len()).map(|_| None).collect();
+    for (k, r) in mine.into_iter().chain(theirs.into_iter().flatten()) {
+        results[k] = Some(r);
+    }
+    // A rule the helper took and did not finish (it could not start, or it
+    // panicked) is evaluated here.
+    let cache = crate::rules::eval::ValueCache::default();
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.unwrap_or_else(|| run(k, &cache)))
+        .collect()
 }
 
 /// Errors of a rule's own making (a window that reaches a month kept as one

@@ -119,6 +119,8 @@ enum Scenario {
     Sweep,
     /// Channel records through the Ingest stream, against the same facts by SetValues.
     Ingest,
+    /// Writes with 50 rules against none, and the turn of the day (in-process).
+    Rules,
     /// Every scenario.
     All,
 }
@@ -415,7 +417,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     println!("{}", Report::header());
     let s = b.cli.scenario;
     let wants = |x: Scenario| s == x || s == Scenario::All;
-    if s != Scenario::Sweep && s != Scenario::Ingest {
+    if s != Scenario::Sweep && s != Scenario::Ingest && s != Scenario::Rules {
         b.load(wants(Scenario::Load)).await?;
     }
     // Queries first: the update scenario changes the tags (and writes more
@@ -438,6 +440,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::Ingest) {
         b.ingest().await?;
+    }
+    if wants(Scenario::Rules) {
+        b.rules().await?;
     }
     b.latency_plot()?;
     let path = b.cli.out.join("bench.json");

@@ -8,5 +8,6 @@ mod mixed;
 mod pipelined;
 mod query;
 mod restart;
+mod rules;
 mod sweep;
 mod update;
