@@ -13,8 +13,21 @@ use std::path::{Path, PathBuf};
 use tagstore::query::Query;
 use tagstore::storage::{CheckpointOptions, Engine, EngineConfig, Mutation, ORPHANS_DIR, WriteOp};
 
+/// Opens the store in `dir`. Another test of this file may be starting
+/// `mount` or `umount` at that moment: between its fork and its exec the
+/// child holds a copy of every open file, the lock of a store just closed
+/// included, for a few milliseconds; the store is opened again then.
 fn open(dir: &Path) -> tagstore::Result<Engine> {
-    Engine::open(EngineConfig::new(dir))
+    let mut tries = 0;
+    loop {
+        match Engine::open(EngineConfig::new(dir)) {
+            Err(tagstore::Error::Locked(_)) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn add(engine: &Engine, tag: &str, keys: &[String]) {
