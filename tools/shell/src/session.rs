@@ -365,7 +365,7 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 fn tag_json(t: &TagInfo) -> serde_json::Value {
     json!({
         "name": t.name, "category": t.category, "description": t.description, "member_count": t.member_count,
-        "created_at_ms": t.created_at_ms, "updated_at_ms": t.updated_at_ms,
+        "created_at_ms": t.created_at_ms, "updated_at_ms": t.updated_at_ms, "rule": t.rule,
     })
 }
 

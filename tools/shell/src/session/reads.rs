@@ -68,13 +68,20 @@ impl Session {
                         p.customer, p.internal_id
                     )
                 } else {
-                    let rows: Vec<Vec<String>> = p.tags.iter().map(|t| vec![t.clone()]).collect();
+                    let rows: Vec<Vec<String>> = p
+                        .tags
+                        .iter()
+                        .map(|t| {
+                            let kept = if p.rule_tags.contains(t) { "rule" } else { "" };
+                            vec![t.clone(), kept.to_string()]
+                        })
+                        .collect();
                     format!(
                         "{} (internal id {}), {} tags:\n{}",
                         p.customer,
                         p.internal_id,
                         p.tags.len(),
-                        table::render(&["tag"], &[Align::Left], &rows)
+                        table::render(&["tag", "kept by"], &[Align::Left, Align::Left], &rows)
                     )
                 };
                 let values: Vec<(String, String)> = p
@@ -111,7 +118,7 @@ impl Session {
                     values.into_iter().map(|(f, v)| (f, json!(v))).collect();
                 self.out(
                     text,
-                    json!({ "customer": p.customer, "key": p.key, "internal_id": p.internal_id, "tags": p.tags, "values": value_json, "identities": identity_json(&p.identities) }),
+                    json!({ "customer": p.customer, "key": p.key, "internal_id": p.internal_id, "tags": p.tags, "rule_tags": p.rule_tags, "values": value_json, "identities": identity_json(&p.identities) }),
                 );
             }
             Command::Merges { customer } => {
@@ -603,7 +610,7 @@ impl Session {
                     .into_inner()
                     .tag
                     .unwrap_or_default();
-                let rows = vec![
+                let mut rows = vec![
                     vec!["name".into(), t.name.clone()],
                     vec!["query form".into(), quote_tag_name(&t.name)],
                     vec!["category".into(), t.category.clone()],
@@ -612,6 +619,9 @@ impl Session {
                     vec!["created".into(), fmt_time(t.created_at_ms)],
                     vec!["updated".into(), fmt_time(t.updated_at_ms)],
                 ];
+                if !t.rule.is_empty() {
+                    rows.push(vec!["rule".into(), t.rule.clone()]);
+                }
                 self.out(
                     table::render(&["field", "value"], &[Align::Left, Align::Left], &rows),
                     tag_json(&t),
