@@ -411,3 +411,57 @@ async fn readers_never_see_facts_and_rule_tags_disagree() {
     );
     assert_eq!(count(&mut c, "高价值用户").await, 10);
 }
+
+/// One event as a JSON line of the `events` source (common's
+/// PIN_PHONE_CARD_SOURCE).
+fn event_line(id: &str, ids: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "{{\"id\":\"{id}\",\"type\":\"view\",\"ch\":\"jd\",\"ts\":{},\"fen\":0,\"cat\":\"skincare\"",
+        today_ms() - DAY_MS
+    );
+    for (col, v) in ids {
+        s.push_str(&format!(",\"{col}\":\"{v}\""));
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Merges and unmerges keep rules exact: a merge sums two customers'
+/// points past a rule's threshold (and moves a rule tag's membership with
+/// the absorbed customer, which the rule then decides); undoing it gives
+/// each customer back its own, and the rules follow.
+#[tokio::test]
+async fn rules_follow_merges_and_unmerges() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    common::events_source_and_points(&mut c).await;
+    define(&mut c, "rich", "points >= 100").await.unwrap();
+    define(&mut c, "poor", "points < 100 AND NOT rich").await.unwrap();
+    common::ingest_batch(&mut c, "events", &event_line("e1", &[("pin", "ann")])).await;
+    common::ingest_batch(&mut c, "events", &event_line("e2", &[("phone", "13900001111")])).await;
+    for (who, points) in [("jd_pin:ann", 60), ("phone:13900001111", 50)] {
+        values(&mut c, &[(who, "points", Value::IntValue(points))]).await;
+    }
+    assert_eq!(count(&mut c, "rich").await, 0);
+    assert_eq!(count(&mut c, "poor").await, 2);
+    // A record names both: one customer, 110 points.
+    let merged = common::ingest_batch(
+        &mut c,
+        "events",
+        &event_line("e3", &[("pin", "ann"), ("phone", "13900001111")]),
+    )
+    .await;
+    assert_eq!(merged.merges.len(), 1, "{merged:?}");
+    assert_eq!(count(&mut c, "rich").await, 1);
+    assert_eq!(count(&mut c, "poor").await, 0);
+    assert_eq!(common::profile(&mut c, "phone:13900001111").await.rule_tags, ["rich"]);
+    c.unmerge(UnmergeRequest {
+        merge_id: merged.merges[0].merge_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&mut c, "rich").await, 0);
+    assert_eq!(count(&mut c, "poor").await, 2);
+}
