@@ -141,12 +141,35 @@ async fn check(c: &mut Client) {
         .tags;
     let t = tags.iter().find(|t| t.name == "高价值用户").unwrap();
     assert_eq!(t.rule, "total_spend_fen >= 500000");
-    let rules = c
-        .list_rules(ListRulesRequest {})
+    let page = c
+        .list_rules(ListRulesRequest::default())
         .await
         .unwrap()
-        .into_inner()
-        .rules;
+        .into_inner();
+    assert!(!page.more);
+    assert_eq!(page.total, 6);
+    // A page of two, then the rest.
+    let first = c
+        .list_rules(ListRulesRequest {
+            after: String::new(),
+            limit: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.more);
+    let rest = c
+        .list_rules(ListRulesRequest {
+            after: first.rules[1].name.clone(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!rest.more);
+    assert_eq!(first.rules.len() + rest.rules.len(), 6);
+    assert_eq!(rest.rules[0].name, "常购护肤品");
+    let rules = page.rules;
     let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(
         names,
@@ -285,6 +308,41 @@ async fn rules_follow_writes_refuse_what_would_break_them_and_survive_kill_9() {
     assert_eq!(
         code(define(&mut c, "高价值用户", "ALL").await),
         Code::FailedPrecondition
+    );
+    // The limits: a query of 16 KiB, 32 KiB of queries in all, 64 stages.
+    let long = format!("ALL{}", " OR ALL".repeat(16 * 1024 / 7 + 1));
+    assert!(long.len() > 16 * 1024);
+    assert_eq!(
+        code(define(&mut c, "long", &long).await),
+        Code::InvalidArgument
+    );
+    let stage = |v: &str, q: &str| RuleStage {
+        value: v.into(),
+        query: q.into(),
+        member_count: 0,
+    };
+    let near = format!("ALL{}", " OR ALL".repeat(15 * 1024 / 7));
+    let e = c
+        .define_rule(DefineRuleRequest {
+            name: "wide".into(),
+            stages: vec![stage("a", &near), stage("b", &near), stage("c", &near)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("in all"), "{}", e.message());
+    let many = (0..65).map(|i| stage(&format!("s{i}"), "ALL")).collect();
+    assert_eq!(
+        code(
+            c.define_rule(DefineRuleRequest {
+                name: "many".into(),
+                stages: many,
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
     );
     assert_eq!(
         code(define(&mut c, "total_spend_fen", "ALL").await),
@@ -437,9 +495,16 @@ async fn rules_follow_merges_and_unmerges() {
     let mut c = common::client(&server).await;
     common::events_source_and_points(&mut c).await;
     define(&mut c, "rich", "points >= 100").await.unwrap();
-    define(&mut c, "poor", "points < 100 AND NOT rich").await.unwrap();
+    define(&mut c, "poor", "points < 100 AND NOT rich")
+        .await
+        .unwrap();
     common::ingest_batch(&mut c, "events", &event_line("e1", &[("pin", "ann")])).await;
-    common::ingest_batch(&mut c, "events", &event_line("e2", &[("phone", "13900001111")])).await;
+    common::ingest_batch(
+        &mut c,
+        "events",
+        &event_line("e2", &[("phone", "13900001111")]),
+    )
+    .await;
     for (who, points) in [("jd_pin:ann", 60), ("phone:13900001111", 50)] {
         values(&mut c, &[(who, "points", Value::IntValue(points))]).await;
     }
@@ -455,7 +520,10 @@ async fn rules_follow_merges_and_unmerges() {
     assert_eq!(merged.merges.len(), 1, "{merged:?}");
     assert_eq!(count(&mut c, "rich").await, 1);
     assert_eq!(count(&mut c, "poor").await, 0);
-    assert_eq!(common::profile(&mut c, "phone:13900001111").await.rule_tags, ["rich"]);
+    assert_eq!(
+        common::profile(&mut c, "phone:13900001111").await.rule_tags,
+        ["rich"]
+    );
     c.unmerge(UnmergeRequest {
         merge_id: merged.merges[0].merge_id,
         ..Default::default()

@@ -373,3 +373,91 @@ fn rules_equal_their_queries_through_writes_days_and_restarts() {
         run(seed);
     }
 }
+
+/// A rule whose fixed-date window comes to cut through a month kept as one
+/// bucket cannot be evaluated any more: it keeps its members and says why
+/// (stale), writes go on, and it is evaluated for everyone once redefined.
+#[test]
+fn a_rule_that_cannot_be_evaluated_goes_stale_and_recovers() {
+    let clock = ManualClock::at(START_MS);
+    let fs = MemFs::new();
+    let engine = open(&fs, &clock);
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "viewed".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: FieldKind::Behaviour(BehaviourSpec {
+                time_zone: "Asia/Shanghai".into(),
+                retention_days: 200,
+                daily_days: 3,
+            }),
+            merge: Default::default(),
+            if_not_exists: false,
+        })
+        .unwrap();
+    let view = |customer: &str, date: &str| {
+        engine
+            .write_blocking(WriteOp::SetValues {
+                writes: vec![ValueWrite::Event {
+                    field: "viewed".into(),
+                    customer: customer.into(),
+                    at: EventTime::Day(time::parse_date(date).unwrap()),
+                }],
+            })
+            .unwrap();
+    };
+    view("k1", "2026-11-05");
+    let define = |query: &str, replace: bool| {
+        engine.write_blocking(WriteOp::DefineRule {
+            name: "early_nov".into(),
+            definition: Definition {
+                query: query.into(),
+                ..Default::default()
+            },
+            description: String::new(),
+            category: String::new(),
+            replace,
+        })
+    };
+    define("viewed BETWEEN '2026-11-01' AND '2026-11-15'", false).unwrap();
+    let members = |e: &Engine| -> Vec<u32> {
+        e.snapshot()
+            .tag("early_nov")
+            .unwrap()
+            .bitmap
+            .get()
+            .unwrap()
+            .iter()
+            .collect()
+    };
+    assert_eq!(members(&engine).len(), 1);
+    // Forty days on, November is kept as one bucket.
+    clock.advance_ms(40 * DAY_MS);
+    engine
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    engine.write_blocking(WriteOp::TurnRuleDays).unwrap();
+    view("k2", "2026-12-20");
+    let snap = engine.snapshot();
+    let rule = snap.rules.get("early_nov").unwrap();
+    assert!(
+        rule.stale.contains("one month bucket"),
+        "stale: {:?}",
+        rule.stale
+    );
+    assert_eq!(members(&engine).len(), 1, "its members are kept");
+    // Redefined over whole months, it is current again.
+    define("viewed BETWEEN '2026-11-01' AND '2026-11-30'", true).unwrap();
+    assert!(
+        engine
+            .snapshot()
+            .rules
+            .get("early_nov")
+            .unwrap()
+            .stale
+            .is_empty()
+    );
+    assert_eq!(members(&engine).len(), 1);
+    check(&engine, 0, "redefined");
+}

@@ -21,6 +21,9 @@ use jiff::tz::TimeZone;
 pub const MAX_RULES: usize = 1_000;
 /// Longest query of a rule tag or of one stage, in bytes.
 pub const MAX_RULE_QUERY_BYTES: usize = 16 * 1024;
+/// Most bytes of a rule's queries and stage names in all (with
+/// [`MAX_RULES`], the manifest holds at most 32 MiB of rules).
+pub const MAX_RULE_DEFINITION_BYTES: usize = 32 * 1024;
 /// Most stages of a lifecycle.
 pub const MAX_STAGES: usize = 64;
 /// Deepest chain of saved audiences a rule may reach.
@@ -108,6 +111,15 @@ pub fn check(
             ));
         }
     };
+    let total: usize = texts
+        .iter()
+        .map(|(stage, text)| text.len() + stage.map_or(0, str::len))
+        .sum();
+    if total > MAX_RULE_DEFINITION_BYTES {
+        return Err(Error::invalid(format!(
+            "a rule's queries and stages are {total} bytes in all; at most {MAX_RULE_DEFINITION_BYTES}"
+        )));
+    }
     let day = time::day_of(at_ms, &zone)?;
     let as_of = time::day_start_ms(day, &zone)?;
     let mut reads = BTreeSet::new();

@@ -29,7 +29,9 @@ use std::sync::Arc;
 
 use crate::storage::snapshot::Rule;
 
-pub use define::{Definition, MAX_RULE_QUERY_BYTES, MAX_RULES, MAX_STAGES, check};
+pub use define::{
+    Definition, MAX_RULE_DEFINITION_BYTES, MAX_RULE_QUERY_BYTES, MAX_RULES, MAX_STAGES, check,
+};
 pub use eval::{Among, Members, evaluate};
 
 /// The order rules are evaluated in: every rule after the rules it reads,

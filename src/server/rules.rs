@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::fields::time;
 use crate::proto;
 use crate::rules::{Definition, MAX_STAGES};
+use crate::server::service::blocking;
 use crate::server::status::to_status;
 use crate::storage::snapshot::Rule;
 use crate::storage::{Engine, Field, Snapshot, WriteOp};
@@ -121,16 +122,49 @@ pub(super) async fn drop_rule(
     Ok(proto::DropRuleResponse { lsn: res.lsn })
 }
 
-pub(super) async fn list_rules(engine: &Engine) -> Result<proto::ListRulesResponse, Status> {
+/// Most bytes of definitions one `ListRules` page holds (a client's
+/// default message limit is 4 MiB).
+const PAGE_BYTES: usize = 4 << 20;
+
+pub(super) async fn list_rules(
+    engine: &Engine,
+    r: proto::ListRulesRequest,
+) -> Result<proto::ListRulesResponse, Status> {
+    let limit = match r.limit {
+        0 => 100,
+        n if n > 1_000 => {
+            return Err(to_status(Error::invalid(format!(
+                "limit {n} is over the page size limit of 1000"
+            ))));
+        }
+        n => n as usize,
+    };
     let snap = engine.snapshot();
-    let rules = snap
-        .rules
-        .by_name
-        .values()
-        .map(|r| rule_info(&snap, r))
-        .collect::<Result<Vec<_>, Error>>()
-        .map_err(to_status)?;
-    Ok(proto::ListRulesResponse { rules })
+    // Member counts may read bitmaps from their segments.
+    blocking(move || {
+        let total = snap.rules.len() as u64;
+        let (mut rules, mut bytes, mut more) = (Vec::new(), 0, false);
+        for rule in snap.rules.by_name.values() {
+            if !r.after.is_empty() && *rule.name <= *r.after {
+                continue;
+            }
+            if rules.len() >= limit || bytes > PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += rule.def.query.len()
+                + rule
+                    .def
+                    .stages
+                    .iter()
+                    .map(|(v, q)| v.len() + q.len())
+                    .sum::<usize>()
+                + rule.def.reads.iter().map(String::len).sum::<usize>();
+            rules.push(rule_info(&snap, rule).map_err(to_status)?);
+        }
+        Ok(proto::ListRulesResponse { rules, more, total })
+    })
+    .await
 }
 
 pub(super) async fn turn_rule_days(engine: &Engine) -> Result<proto::TurnRuleDaysResponse, Status> {

@@ -310,9 +310,11 @@ impl TagStore for Service {
 
     async fn list_rules(
         &self,
-        _req: Request<proto::ListRulesRequest>,
+        req: Request<proto::ListRulesRequest>,
     ) -> Result<Response<proto::ListRulesResponse>, Status> {
-        rules::list_rules(&self.engine).await.map(Response::new)
+        rules::list_rules(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn turn_rule_days(

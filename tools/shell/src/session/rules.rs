@@ -97,12 +97,25 @@ impl Session {
                 self.out(format!("dropped rule {name}"), json!({ "dropped": name }));
             }
             Command::Rules => {
-                let rules = self
-                    .client
-                    .list_rules(ListRulesRequest {})
-                    .await?
-                    .into_inner()
-                    .rules;
+                let mut rules = Vec::new();
+                let mut after = String::new();
+                loop {
+                    let page = self
+                        .client
+                        .list_rules(ListRulesRequest {
+                            after: after.clone(),
+                            limit: 1_000,
+                        })
+                        .await?
+                        .into_inner();
+                    if let Some(last) = page.rules.last() {
+                        after = last.name.clone();
+                    }
+                    rules.extend(page.rules);
+                    if !page.more {
+                        break;
+                    }
+                }
                 let mut rows = Vec::new();
                 let mut all = Vec::new();
                 for r in &rules {
