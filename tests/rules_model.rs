@@ -461,3 +461,41 @@ fn a_rule_that_cannot_be_evaluated_goes_stale_and_recovers() {
     assert_eq!(members(&engine).len(), 1);
     check(&engine, 0, "redefined");
 }
+
+/// `TODAY` is the local day number of the moment a query is evaluated at,
+/// in the store's zone (Shanghai here): at 23:30 on 2026-11-11 in Shanghai
+/// (15:30 UTC) it is that day, half an hour later the next.
+#[test]
+fn today_is_the_local_day_number() {
+    // 2026-11-11 23:30 in Shanghai.
+    let clock = ManualClock::at(START_MS + 13 * 3_600_000 + 30 * 60_000);
+    let fs = MemFs::new();
+    let engine = open(&fs, &clock);
+    create_fields(&engine);
+    let nov11 = time::parse_date("2026-11-11").unwrap();
+    let writes = [("k1", nov11), ("k2", nov11 - 1), ("k3", nov11 - 90)]
+        .iter()
+        .map(|(k, d)| ValueWrite::Int {
+            field: "last_order_day".into(),
+            customer: k.to_string(),
+            value: Some(i64::from(*d)),
+        })
+        .collect();
+    engine
+        .write_blocking(WriteOp::SetValues { writes })
+        .unwrap();
+    let count = |q: &str| {
+        let snap = engine.snapshot();
+        Query::compile_at(q, &snap, tagstore::clock::Clock::now_ms(&*clock))
+            .unwrap_or_else(|e| panic!("{q}: {e}"))
+            .count()
+    };
+    assert_eq!(count("last_order_day = TODAY"), 1);
+    assert_eq!(count("last_order_day = TODAY - 1"), 1);
+    assert_eq!(count("last_order_day <= TODAY - 90"), 1);
+    assert_eq!(count("last_order_day BETWEEN TODAY - 1 AND TODAY"), 2);
+    clock.advance_ms(30 * 60_000);
+    assert_eq!(count("last_order_day = TODAY"), 0);
+    assert_eq!(count("last_order_day = TODAY - 1"), 1);
+    assert_eq!(count("last_order_day IN (TODAY - 2, TODAY - 91)"), 2);
+}

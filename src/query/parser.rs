@@ -574,6 +574,31 @@ mod tests {
         }
     }
 
+    /// The literal of `field < <value>`.
+    fn cmp_literal(text: &str) -> String {
+        match parse(text) {
+            Ok(Expr::Pred {
+                pred: Pred::Cmp { value, .. },
+                ..
+            }) => value.text,
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn today_with_and_without_spaces() {
+        assert_eq!(cmp_literal("d < TODAY"), "TODAY");
+        assert_eq!(cmp_literal("d < today - 90"), "TODAY-90");
+        assert_eq!(cmp_literal("d < TODAY -90"), "TODAY-90");
+        assert_eq!(cmp_literal("d < TODAY-90"), "TODAY-90");
+        assert_eq!(cmp_literal("d >= TODAY + 3"), "TODAY+3");
+        let (at, msg) = err_at("d < TODAY - x");
+        assert_eq!(at, 12);
+        assert!(msg.contains("number of days after TODAY -"), "{msg}");
+        // A tag may still be called today.
+        assert_eq!(parse("today").unwrap(), tag("today", 0));
+    }
+
     #[test]
     fn precedence_not_and_or() {
         assert_eq!(
