@@ -723,3 +723,59 @@ async fn ingestion_commands() {
     ok(a, "drop source tb --yes");
     assert!(ok(a, "sources").contains("(no sources)"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+    ok(a, "create field total_spend_fen integer");
+    ok(a, "create field order_count integer");
+    ok(a, "set total_spend_fen u1 600000");
+    ok(a, "set total_spend_fen u2 100");
+    ok(a, "set order_count u2 1");
+    assert_eq!(
+        ok(
+            a,
+            "create rule 高价值用户 category 价值 as total_spend_fen >= 500000"
+        )
+        .trim(),
+        "defined rule tag 高价值用户: 1 members"
+    );
+    assert_eq!(
+        ok(
+            a,
+            "create lifecycle lifecycle as prospect when order_count IS NULL; new when order_count = 1"
+        )
+        .trim(),
+        "defined lifecycle lifecycle: prospect 1, new 1"
+    );
+    let rules = ok(a, "rules");
+    assert!(
+        rules.contains("高价值用户")
+            && rules.contains("total_spend_fen >= 500000")
+            && rules.contains("prospect (1) when order_count IS NULL"),
+        "{rules}"
+    );
+    let profile = ok(a, "profile u1");
+    assert!(
+        profile.contains("高价值用户  rule") && profile.contains("prospect"),
+        "{profile}"
+    );
+    assert!(ok(a, "tag 高价值用户").contains("total_spend_fen >= 500000"));
+    assert!(fails(a, "add 高价值用户 u2").contains("is a rule tag"));
+    assert!(fails(a, "set lifecycle u2 new").contains("is a lifecycle"));
+    ok(a, "set total_spend_fen u2 700000");
+    assert!(ok(a, "count 高价值用户").starts_with("2  ("));
+    assert!(
+        ok(
+            a,
+            "create rule 高价值用户 replace as total_spend_fen >= 650000"
+        )
+        .contains("redefined rule tag 高价值用户: 1 members")
+    );
+    assert_eq!(ok(a, "turn days").trim(), "every rule is on today already");
+    assert!(fails(a, "create lifecycle x as new order_count = 1").contains("when"));
+    assert!(ok(a, "drop rule 高价值用户 --yes").contains("dropped rule 高价值用户"));
+    assert!(fails(a, "tag 高价值用户").contains("not found"));
+}
