@@ -430,7 +430,6 @@ impl State {
         // What the batch changes, for the rules that read it.
         let mut touch = (!self.snap.rules.is_empty() || !b.rules.is_empty()).then(Touch::default);
         if let Some(t) = &mut touch {
-            t.everything = !b.new_keys.is_empty() || !b.merges.is_empty() || !b.unmerges.is_empty();
             t.all
                 .union_with(&b.new_keys.iter().map(|(id, _)| *id).collect());
             for m in b.merges.iter().filter(|m| m.refused.is_empty()) {
@@ -815,21 +814,14 @@ impl State {
                     work.push((rule, None));
                     continue;
                 }
-                // The customers whose data this rule reads changed (all
-                // those touched when customers came or went), those its
-                // new day can change, and those whose rules it reads
-                // changed (already in `touch`: their level came first).
-                let mut among = ShardedBitmap::new();
-                if touch.everything {
-                    among.union_sharded(&touch.all);
-                    for ids in touch.by_name.values() {
+                // The customers who came, those whose data this rule reads
+                // changed, those its new day can change, and those whose
+                // rules it reads changed (already in `touch`: their level
+                // came first).
+                let mut among = touch.all.clone();
+                for r in &rule.def.reads {
+                    if let Some(ids) = touch.by_name.get(r.as_str()) {
                         among.union_sharded(ids);
-                    }
-                } else {
-                    for r in &rule.def.reads {
-                        if let Some(ids) = touch.by_name.get(r.as_str()) {
-                            among.union_sharded(ids);
-                        }
                     }
                 }
                 if let Some(c) = day_candidates.get(&name) {
@@ -1024,14 +1016,15 @@ fn prepare(
 
 /// What a batch changes, as rules see it: per tag and field, the customers
 /// whose membership or value it touched (and, as rules are evaluated, per
-/// rule the customers it moved); and whether customers came or went
-/// (created, merged, brought back: then every rule is evaluated for every
-/// touched customer, `all` holding those).
+/// rule the customers it moved); and in `all`, the customers who came (new,
+/// brought back by an unmerge) or took another in (a merge's survivor),
+/// whom every rule evaluates (`NOT x` and `ALL` reach a new customer
+/// whatever it was given). Customers who went (erased, absorbed) are out of
+/// every tag and field already.
 #[derive(Default)]
 struct Touch {
     by_name: HashMap<Arc<str>, ShardedBitmap>,
     all: ShardedBitmap,
-    everything: bool,
 }
 
 impl Touch {
