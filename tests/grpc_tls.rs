@@ -1,7 +1,7 @@
 //! TLS against the real server: a client that trusts the server's CA is
 //! served, a plain-text client and one trusting another CA are not; client
 //! certificates when the server asks for them; a new certificate taken on
-//! SIGHUP; and the shell over TLS.
+//! SIGHUP; the shell and the harness's client over TLS.
 
 mod common;
 
@@ -102,6 +102,12 @@ async fn tls_serves_clients_that_trust_it_and_takes_a_new_certificate_on_sighup(
         .collect();
     assert_eq!(count_over_tls(&port, &ca1.pem, None).await, Ok(0));
     drop(silent);
+    // The harness's and the tests' client (what TAGSTORE_CACERT selects).
+    let mut c = server
+        .client_over_tls(ca1.pem.as_bytes(), "localhost", None)
+        .await
+        .unwrap();
+    assert_eq!(common::count(&mut c, "ALL").await, 0);
     assert!(count_over_tls(&port, &ca2.pem, None).await.is_err());
     // Plain text is not served.
     let plain = async {

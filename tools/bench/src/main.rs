@@ -95,7 +95,10 @@ struct Cli {
     server_bin: Option<PathBuf>,
     /// A flag for every server the harness starts, as `serve` takes it
     /// (repeat for more: `--server-arg=--sync --server-arg=never`, or
-    /// `--server-arg=--tokens=t.toml` with the token in TAGSTORE_TOKEN).
+    /// `--server-arg=--tokens=t.toml` with the token in TAGSTORE_TOKEN, or
+    /// `--server-arg=--tls-cert=s.pem --server-arg=--tls-key=s.key` with the
+    /// CA to trust in TAGSTORE_CACERT and the server's name in
+    /// TAGSTORE_SERVERNAME, default localhost).
     #[arg(long, global = true, allow_hyphen_values = true)]
     server_arg: Vec<String>,
     /// Where the JSON report and the SVG plots go.

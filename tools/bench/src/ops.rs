@@ -508,10 +508,32 @@ pub async fn resolve_ids(addr: &str, data: &DataSet) -> Result<Vec<u32>, BoxErro
 pub struct TagStoreClientExt;
 
 impl TagStoreClientExt {
+    /// Connects to `endpoint` (`http://host:port`), over TLS when
+    /// `TAGSTORE_CACERT` names the CA to trust (the server's name in
+    /// `TAGSTORE_SERVERNAME`, default `localhost`), as the test support's
+    /// client does.
     pub async fn connect(endpoint: String) -> Result<Client, BoxError> {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-            .connect()
-            .await?;
+        let channel = match std::env::var_os("TAGSTORE_CACERT") {
+            None => tonic::transport::Endpoint::from_shared(endpoint)?,
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|e| {
+                    format!(
+                        "TAGSTORE_CACERT {}: {e}",
+                        std::path::Path::new(&path).display()
+                    )
+                })?;
+                let name =
+                    std::env::var("TAGSTORE_SERVERNAME").unwrap_or_else(|_| "localhost".into());
+                let https = endpoint.replacen("http://", "https://", 1);
+                tonic::transport::Endpoint::from_shared(https)?.tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                        .domain_name(name),
+                )?
+            }
+        }
+        .connect()
+        .await?;
         // The harness runs its own server on loopback; a token in
         // TAGSTORE_TOKEN is sent all the same.
         let bearer = tagstore_proto::auth::Bearer::from_flag_or_env(None)?;

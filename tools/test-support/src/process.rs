@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tagstore_proto::auth::Bearer;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 /// A client that sends a token when it was given one.
 pub type Client = tagstore_proto::auth::Client;
@@ -103,10 +103,23 @@ impl ServerProcess {
     }
 
     /// A gRPC client with large message limits, sending the token in
-    /// `TAGSTORE_TOKEN` if there is one (a server without tokens ignores it).
+    /// `TAGSTORE_TOKEN` if there is one (a server without tokens ignores it),
+    /// over TLS when `TAGSTORE_CACERT` names the CA to trust (PEM; the
+    /// server's name is `TAGSTORE_SERVERNAME`, default `localhost`), as the
+    /// shell does. A CA file that cannot be read is a panic naming it.
     pub async fn client(&self) -> Result<Client, tonic::transport::Error> {
-        self.client_with_token(std::env::var("TAGSTORE_TOKEN").ok().as_deref())
-            .await
+        let token = std::env::var("TAGSTORE_TOKEN").ok();
+        match std::env::var_os("TAGSTORE_CACERT") {
+            None => self.client_with_token(token.as_deref()).await,
+            Some(path) => {
+                let pem = std::fs::read(&path).unwrap_or_else(|e| {
+                    panic!("TAGSTORE_CACERT {}: {e}", Path::new(&path).display())
+                });
+                let name =
+                    std::env::var("TAGSTORE_SERVERNAME").unwrap_or_else(|_| "localhost".into());
+                self.client_over_tls(&pem, &name, token.as_deref()).await
+            }
+        }
     }
 
     /// A gRPC client with large message limits that sends `token`.
@@ -118,10 +131,33 @@ impl ServerProcess {
             .expect("a host:port is a valid URI")
             .connect()
             .await?;
+        Ok(Self::with_limits(channel, token))
+    }
+
+    /// A gRPC client over TLS, trusting the CA `ca_pem` for a server named
+    /// `server_name`, that sends `token`.
+    pub async fn client_over_tls(
+        &self,
+        ca_pem: &[u8],
+        server_name: &str,
+        token: Option<&str>,
+    ) -> Result<Client, tonic::transport::Error> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca_pem))
+            .domain_name(server_name);
+        let channel = Channel::from_shared(format!("https://{}", self.addr))
+            .expect("a host:port is a valid URI")
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(Self::with_limits(channel, token))
+    }
+
+    fn with_limits(channel: Channel, token: Option<&str>) -> Client {
         let bearer = Bearer::new(token).expect("a test token is ASCII");
-        Ok(tagstore_proto::auth::client(channel, bearer)
+        tagstore_proto::auth::client(channel, bearer)
             .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20))
+            .max_encoding_message_size(256 << 20)
     }
 
     pub fn pid(&self) -> Option<u32> {
