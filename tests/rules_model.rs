@@ -284,10 +284,21 @@ fn run(seed: u64) {
                         .unwrap();
                 }
             }
-            7 => {
+            7 if rng.random_bool(0.5) => {
                 engine
                     .write_blocking(WriteOp::DeleteCustomers {
                         customers: vec![key(&mut rng)],
+                    })
+                    .unwrap();
+            }
+            // vip's members replaced whole: those who left it and those who
+            // joined are the touched ones.
+            7 => {
+                engine
+                    .write_blocking(WriteOp::Replace {
+                        tag: "vip".into(),
+                        customers: (0..rng.random_range(0..6)).map(|_| key(&mut rng)).collect(),
+                        create_missing_tag: false,
                     })
                     .unwrap();
             }
