@@ -78,6 +78,7 @@ impl Default for Limits {
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 /// tokens = "tokens.toml"     # API tokens (`tagstore token add`); without one, loopback only
+/// metrics_listen = "127.0.0.1:9420"  # Prometheus text at GET /metrics (default: off)
 /// tls_cert = "server.pem"    # TLS: certificate chain and key (PEM), read again on SIGHUP
 /// tls_key = "server.key"
 /// tls_client_ca = "ca.pem"   # optional: clients must present a certificate signed by it
@@ -117,6 +118,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// Where to serve metrics (Prometheus text, `GET /metrics`); none: off.
+    pub metrics_listen: Option<String>,
     pub limits: Option<Limits>,
     pub oneid: Option<OneIdFile>,
 }
@@ -183,6 +186,8 @@ pub struct ServerConfig {
     pub open_without_tokens: bool,
     /// TLS on the gRPC port; `None`: plain text.
     pub tls: Option<crate::server::tls::TlsFiles>,
+    /// Where metrics are served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -197,6 +202,7 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
 }
 
 impl ServerConfig {
@@ -282,6 +288,14 @@ impl ServerConfig {
                 ));
             }
         };
+        let metrics_listen = over
+            .metrics_listen
+            .or(file.metrics_listen)
+            .map(|text| {
+                text.parse::<SocketAddr>()
+                    .map_err(|e| Error::Config(format!("metrics address {text:?}: {e}")))
+            })
+            .transpose()?;
         Ok(Self {
             listen,
             engine,
@@ -291,6 +305,7 @@ impl ServerConfig {
             tokens,
             open_without_tokens,
             tls,
+            metrics_listen,
         })
     }
 }

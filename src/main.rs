@@ -77,6 +77,11 @@ struct ServeArgs {
     /// TLS: clients must present a certificate signed by this CA (PEM).
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// Serve metrics (Prometheus text, `GET /metrics`) on this address,
+    /// e.g. 127.0.0.1:9420 [default: off]. Call names and store-wide
+    /// numbers only: no customer, key, tag or query.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -244,6 +249,7 @@ fn main() -> ExitCode {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         tls_client_ca: args.tls_client_ca,
+        metrics_listen: args.metrics_listen,
     };
     let file = match config.as_deref().map(FileConfig::load).transpose() {
         Ok(f) => f.unwrap_or_default(),
@@ -271,12 +277,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let res = runtime.block_on(tagstore::server::serve(cfg, shutdown_signal(), |addr| {
-        // A line for scripts and tests that start the server on port 0. A
+    let res = runtime.block_on(tagstore::server::serve(cfg, shutdown_signal(), |at| {
+        // Lines for scripts and tests that start the server on port 0 (the
+        // metrics' first: a reader may stop at the listening line). A
         // closed or full stdout must not stop the server.
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "tagstore listening on {addr}").and_then(|_| out.flush());
+        if let Some(m) = at.metrics {
+            let _ = writeln!(out, "tagstore metrics on {m}");
+        }
+        let _ = writeln!(out, "tagstore listening on {}", at.grpc).and_then(|_| out.flush());
     }));
     match res {
         Ok(()) => ExitCode::SUCCESS,

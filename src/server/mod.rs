@@ -10,6 +10,7 @@ mod export;
 mod fields;
 pub mod history;
 mod ingest;
+mod metrics;
 mod reads;
 mod rebuild;
 mod rules;
@@ -58,13 +59,21 @@ fn reload_on_hangup(keys: Option<Arc<auth::Keys>>, tls: Option<Arc<tls::Tls>>) {
     }
 }
 
+/// Where the server listens, once bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub grpc: SocketAddr,
+    /// The metrics endpoint, when there is one.
+    pub metrics: Option<SocketAddr>,
+}
+
 /// Opens the engine, serves until `shutdown` resolves, then finishes the
 /// requests in flight and writes a final checkpoint. `on_listening` is called
-/// with the bound address (useful with port 0).
+/// with the bound addresses (useful with port 0).
 pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(Listening),
 ) -> Result<()> {
     let engine_config = config.engine.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config))
@@ -149,8 +158,25 @@ pub async fn serve(
     // Always: without a handler SIGHUP would end the process.
     reload_on_hangup(keys.clone(), tls.clone());
     let service = auth::Guarded::new(service, keys);
+    let calls = metrics::Calls::new();
+    let service = metrics::Counted::new(service, calls.clone());
+    let metrics_addr = match config.metrics_listen {
+        None => None,
+        Some(at) => {
+            let (listener, bound) = metrics::bind(at).await?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(%bound, "metrics beyond loopback: anyone who reaches the port sees the store's size and its calls (no customer data)");
+            }
+            metrics::start(listener, engine.clone(), calls);
+            tracing::info!(%bound, "metrics at GET /metrics");
+            Some(bound)
+        }
+    };
 
-    on_listening(addr);
+    on_listening(Listening {
+        grpc: addr,
+        metrics: metrics_addr,
+    });
     tracing::info!(%addr, "serving tagstore.v1.TagStore");
     let router = tonic::transport::Server::builder()
         .add_service(health_service)

@@ -20,6 +20,8 @@ pub struct ServerProcess {
     child: Option<Child>,
     /// `host:port` it listens on.
     pub addr: String,
+    /// `host:port` of its metrics, when started with `--metrics-listen`.
+    pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
     /// Time from spawning to the "listening" line.
     pub startup: Duration,
@@ -76,21 +78,34 @@ impl ServerProcess {
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { break };
+                    // The metrics line comes first.
+                    if let Some(addr) = line.strip_prefix("tagstore metrics on ") {
+                        let _ = tx.send((true, addr.to_string()));
+                    }
                     if let Some(addr) = line.strip_prefix("tagstore listening on ") {
-                        let _ = tx.send(addr.to_string());
+                        let _ = tx.send((false, addr.to_string()));
                     }
                 }
             });
         }
-        match rx.recv_timeout(timeout) {
-            Ok(addr) => Ok(Self {
+        let mut metrics_addr = None;
+        let listening = loop {
+            match rx.recv_timeout(timeout.saturating_sub(started.elapsed())) {
+                Ok((true, addr)) => metrics_addr = Some(addr),
+                Ok((false, addr)) => break Some(addr),
+                Err(_) => break None,
+            }
+        };
+        match listening {
+            Some(addr) => Ok(Self {
                 child: Some(child),
                 addr,
+                metrics_addr,
                 data_dir: data_dir.to_path_buf(),
                 startup: started.elapsed(),
                 stderr,
             }),
-            Err(_) => {
+            None => {
                 let _ = child.kill();
                 let status = child.wait().ok();
                 std::thread::sleep(Duration::from_millis(100));

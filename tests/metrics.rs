@@ -1,0 +1,99 @@
+//! Metrics against the real server binary (#22, part 5): off unless asked
+//! for; `GET /metrics` in the Prometheus text format with every call's
+//! count, failures and time and the store's numbers; nothing else served
+//! (404, 405, a request head that never ends or is too long); no customer,
+//! key or tag name in it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{code, count};
+use tagstore::proto::*;
+
+/// Sends `request` raw and returns the whole answer.
+fn http(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// The value of the sample `line_start` (a name with its labels).
+fn sample(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let off = common::start(&dir.path().join("off"), &[]);
+    assert!(off.metrics_addr.is_none(), "off unless asked for");
+    drop(off);
+    let server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let m = server.metrics_addr.clone().expect("the metrics line");
+    let mut c = common::client(&server).await;
+    common::add_to_tag(&mut c, "秘密标签", &["phone:13800001111", "k2"]).await;
+    assert_eq!(count(&mut c, "秘密标签").await, 2);
+    let bad = c
+        .count(CountRequest {
+            queries: vec!["秘密标签 AND".into()],
+        })
+        .await;
+    assert_eq!(code(bad), tonic::Code::InvalidArgument);
+
+    let text = http(&m, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert_eq!(
+        sample(body, "tagstore_requests_total{method=\"Count\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample(body, "tagstore_request_failures_total{method=\"Count\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(body, "tagstore_requests_total{method=\"Update\"}"),
+        1.0
+    );
+    assert!(sample(body, "tagstore_request_seconds_total{method=\"Count\"}") > 0.0);
+    assert_eq!(
+        sample(body, "tagstore_requests_total{method=\"Export\"}"),
+        0.0
+    );
+    assert_eq!(sample(body, "tagstore_customers"), 2.0);
+    assert_eq!(sample(body, "tagstore_tags"), 1.0);
+    assert_eq!(sample(body, "tagstore_storage_failed"), 0.0);
+    assert!(sample(body, "tagstore_lsn") >= 1.0);
+    assert!(sample(body, "tagstore_resident_memory_bytes") > 0.0);
+    assert!(body.contains("# TYPE tagstore_requests_total counter"));
+    for secret in ["秘密标签", "13800001111", "k2"] {
+        assert!(!body.contains(secret), "{secret} in the metrics");
+    }
+
+    // Nothing else.
+    assert!(http(&m, b"GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(http(&m, b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    let long = [b"GET /metrics HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 9000]].concat();
+    assert!(http(&m, &long).starts_with("HTTP/1.1 400"));
+    // A client that never ends its request head is answered and closed.
+    let mut slow = TcpStream::connect(&m).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    let mut out = String::new();
+    let _ = slow.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // And the metrics still answer.
+    assert!(http(&m, b"GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200"));
+}
