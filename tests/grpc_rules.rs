@@ -533,3 +533,60 @@ async fn rules_follow_merges_and_unmerges() {
     assert_eq!(count(&mut c, "rich").await, 0);
     assert_eq!(count(&mut c, "poor").await, 2);
 }
+
+/// A client that gives up on DefineRule or TurnRuleDays halfway (its
+/// deadline passes, the call is dropped) leaves each rule defined whole or
+/// not at all: every rule listed has exactly its query's members, and
+/// every rule tag has its rule.
+#[tokio::test]
+async fn calls_given_up_halfway_leave_rules_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    field(&mut c, "spend", FieldKind::Integer).await;
+    let writes: Vec<(String, &str, Value)> = (0..2_000)
+        .map(|i| (format!("c{i}"), "spend", Value::IntValue(i)))
+        .collect();
+    let writes: Vec<(&str, &str, Value)> = writes
+        .iter()
+        .map(|(k, f, v)| (k.as_str(), *f, v.clone()))
+        .collect();
+    values(&mut c, &writes).await;
+    for i in 0..40u64 {
+        let mut quitter = common::client(&server).await;
+        let call = quitter.define_rule(DefineRuleRequest {
+            name: format!("r{i}"),
+            query: format!("spend >= {}", i * 50),
+            ..Default::default()
+        });
+        // Given up after 0 to 4 ms: before it is sent, while it is
+        // applied, or after.
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(i * 100), call).await;
+        let turn = quitter.turn_rule_days(TurnRuleDaysRequest {});
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(i * 50), turn).await;
+    }
+    let rules = c
+        .list_rules(ListRulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .rules;
+    assert!(!rules.is_empty(), "some definitions got through");
+    for r in &rules {
+        assert_eq!(count(&mut c, &r.query).await, r.member_count, "{}", r.name);
+        assert_eq!(count(&mut c, &r.name).await, r.member_count, "{}", r.name);
+    }
+    let tags = c
+        .list_tags(ListTagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tags;
+    for t in tags {
+        assert!(
+            rules.iter().any(|r| r.name == t.name),
+            "tag {} without its rule",
+            t.name
+        );
+    }
+}

@@ -510,3 +510,64 @@ fn today_is_the_local_day_number() {
     assert_eq!(count("last_order_day = TODAY - 1"), 1);
     assert_eq!(count("last_order_day IN (TODAY - 2, TODAY - 91)"), 2);
 }
+
+/// A full disk refuses a rule's definition before it is applied: no rule,
+/// no tag, the store not failed; once there is room it is defined and
+/// survives a crash.
+#[test]
+fn a_full_disk_refuses_a_definition_whole() {
+    use tagstore::storage::fs::Op;
+    let clock = ManualClock::at(START_MS);
+    let fs = MemFs::new();
+    let engine = open(&fs, &clock);
+    create_fields(&engine);
+    engine
+        .write_blocking(WriteOp::SetValues {
+            writes: vec![ValueWrite::Int {
+                field: "order_count".into(),
+                customer: "k1".into(),
+                value: Some(3),
+            }],
+        })
+        .unwrap();
+    // Lifecycles of about 30 KiB each, until the log needs more room than
+    // the disk gives.
+    let stage = format!("order_count >= 1{}", " OR order_count >= 1".repeat(700));
+    let lifecycle = |name: &str| WriteOp::DefineRule {
+        name: name.into(),
+        definition: Definition {
+            stages: vec![("a".into(), stage.clone()), ("b".into(), stage.clone())],
+            ..Default::default()
+        },
+        description: String::new(),
+        category: String::new(),
+        replace: false,
+    };
+    fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC);
+    let mut refused = None;
+    for i in 0..1_000 {
+        let name = format!("life{i}");
+        match engine.write_blocking(lifecycle(&name)) {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(matches!(e, tagstore::Error::DiskFull(_)), "{name}: {e}");
+                refused = Some(name);
+                break;
+            }
+        }
+    }
+    let name = refused.expect("the log ran out of room");
+    assert_eq!(engine.failure(), None);
+    let snap = engine.snapshot();
+    assert!(snap.rules.get(&name).is_none() && snap.field(&name).is_none());
+    check(&engine, 0, "after the refusal");
+    fs.clear_faults();
+    engine.write_blocking(lifecycle(&name)).unwrap();
+    let life = engine.snapshot().field(&name).unwrap().slots.len();
+    assert_eq!(life, 1, "k1 is at stage a");
+    let crashed = fs.crash_image();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert!(engine.snapshot().rules.get(&name).is_some());
+    check(&engine, 0, "after the crash");
+}
