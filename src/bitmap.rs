@@ -243,6 +243,49 @@ impl ShardedBitmap {
         out
     }
 
+    /// Who is in `new` and not in `self` (entered), and the reverse (left),
+    /// looking only at the ids of `among` when it is given. Shards the two
+    /// share (the same copy) are skipped unread.
+    pub fn entered_left(
+        &self,
+        new: &ShardedBitmap,
+        among: Option<&ShardedBitmap>,
+    ) -> (ShardedBitmap, ShardedBitmap) {
+        let mut entered = ShardedBitmap::new();
+        let mut left = ShardedBitmap::new();
+        for i in 0..self.shard_count().max(new.shard_count()) {
+            let a = self.shards.get(i).and_then(Option::as_ref);
+            let b = new.shards.get(i).and_then(Option::as_ref);
+            if let (Some(a), Some(b)) = (a, b)
+                && Arc::ptr_eq(a, b)
+            {
+                continue;
+            }
+            let c = match among {
+                Some(m) => match m.shard(i) {
+                    Some(c) => Some(c),
+                    None => continue,
+                },
+                None => None,
+            };
+            let only = |x: &Bitmap| match c {
+                Some(c) => x & c,
+                None => x.clone(),
+            };
+            match (a, b) {
+                (None, None) => {}
+                (Some(a), None) => left.set_shard(i, only(a)),
+                (None, Some(b)) => entered.set_shard(i, only(b)),
+                (Some(a), Some(b)) => {
+                    let (a, b) = (only(a), only(b));
+                    entered.set_shard(i, &b - &a);
+                    left.set_shard(i, &a - &b);
+                }
+            }
+        }
+        (entered, left)
+    }
+
     /// Removes every id of `other`; returns how many were present.
     pub fn difference_with(&mut self, other: &RoaringBitmap) -> u64 {
         let mut removed = 0;

@@ -39,6 +39,10 @@ pub struct Limits {
     /// Most `Export` streams open at once; one more fails with
     /// `RESOURCE_EXHAUSTED`.
     pub max_concurrent_exports: usize,
+    /// Most `Watch` streams open at once; one more fails with
+    /// `RESOURCE_EXHAUSTED`. Each holds at most a few messages for a client
+    /// that does not read, and no thread.
+    pub max_concurrent_watches: usize,
     /// Seconds a client stream (`ReplaceMembers`, `Ingest`) may go without
     /// a message while the server holds nothing of it in flight; then it is
     /// ended with `DEADLINE_EXCEEDED` and what it held is freed (an upload
@@ -60,6 +64,7 @@ impl Default for Limits {
             // against 2.6 GB and 92 ms with no budget (release build here).
             max_request_memory_mb: 256,
             max_concurrent_exports: 256,
+            max_concurrent_watches: 256,
             stream_idle_seconds: 60,
         }
     }
@@ -76,6 +81,9 @@ impl Default for Limits {
 /// time_zone = "Asia/Shanghai"  # of behaviour fields and rules created without one, and of TODAY
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
+/// feed_retention_mb = 1024   # the change feed (`Watch`) keeps at most this much (0: no feed)
+/// feed_retention_hours = 168 # and changes at most this old (0: no limit by age)
+/// feed_file_mb = 64          # in files of this size (the oldest whole file goes first)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 /// tokens = "tokens.toml"     # API tokens (`tagstore token add`); without one, loopback only
 /// metrics_listen = "127.0.0.1:9420"  # Prometheus text at GET /metrics (default: off)
@@ -107,6 +115,15 @@ pub struct FileConfig {
     pub dedup_days: Option<u32>,
     /// Days ingested events stay in the event archive (default 730; 0: for ever).
     pub event_retention_days: Option<u32>,
+    /// MiB of change feed kept at most (default 1024; 0: no feed, `Watch`
+    /// refused).
+    pub feed_retention_mb: Option<u64>,
+    /// Hours a change stays in the feed at most (default 168; 0: no limit
+    /// by age).
+    pub feed_retention_hours: Option<u64>,
+    /// MiB of one feed file (default 64, at least 1): the retention drops
+    /// whole files.
+    pub feed_file_mb: Option<u64>,
     /// A TOML file of fact rules (`ingest::facts`), read at start; relative
     /// to the working directory. Default: the standard rules.
     pub facts: Option<PathBuf>,
@@ -244,6 +261,22 @@ impl ServerConfig {
             .event_retention_days
             .unwrap_or(crate::storage::DEFAULT_EVENT_RETENTION_DAYS);
         engine.oneid = file.oneid.unwrap_or_default().rules()?;
+        let feed_file_mb = file.feed_file_mb.unwrap_or(64);
+        if feed_file_mb == 0 {
+            return Err(Error::Config("feed_file_mb must be at least 1".into()));
+        }
+        engine.feed = crate::storage::feed::FeedConfig {
+            retention_bytes: file
+                .feed_retention_mb
+                .unwrap_or(1024)
+                .saturating_mul(1 << 20),
+            retention_ms: file
+                .feed_retention_hours
+                .unwrap_or(168)
+                .saturating_mul(3_600_000)
+                .min(i64::MAX as u64) as i64,
+            file_bytes: feed_file_mb.saturating_mul(1 << 20),
+        };
         let default_time_zone = file
             .time_zone
             .unwrap_or_else(|| crate::fields::DEFAULT_TIME_ZONE.to_string());

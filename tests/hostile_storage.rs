@@ -111,7 +111,7 @@ fn segments_without_a_log_or_manifest_refuse_to_start() {
     let dir = tempfile::tempdir().unwrap();
     checkpointed_store(dir.path());
     fs::remove_file(dir.path().join("MANIFEST")).unwrap();
-    for log in common::files_with(dir.path(), ".log") {
+    for log in common::wal_files(dir.path()) {
         fs::remove_file(log).unwrap();
     }
     let err = open(dir.path()).err().expect("must refuse").to_string();

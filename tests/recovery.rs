@@ -76,7 +76,7 @@ fn torn_log_tail_is_cut_and_reported() {
     add(&engine, "t", &["d"]);
     let copy = crash_copy(dir.path());
     drop(engine);
-    let wal = common::files_with(copy.path(), ".log").pop().unwrap();
+    let wal = common::wal_files(copy.path()).pop().unwrap();
     // Cut into the last record (the file continues with preallocated zeros).
     let len = records_end(&wal);
     fs::OpenOptions::new()
@@ -114,7 +114,7 @@ fn flipped_bit_in_an_earlier_log_record_stops_startup() {
     add(&engine, "t", &["b"]);
     let copy = crash_copy(dir.path());
     drop(engine);
-    let wal = common::files_with(copy.path(), ".log").pop().unwrap();
+    let wal = common::wal_files(copy.path()).pop().unwrap();
     flip(&wal, 24 + 20); // inside the first record, which the second follows
     let err = open(copy.path())
         .err()
@@ -212,7 +212,7 @@ fn missing_log_after_the_checkpoint_is_an_error_not_a_silent_gap() {
     drop(engine);
     // Remove the log file that holds the writes after the checkpoint, but
     // leave a later (empty) one: the store must notice the hole.
-    let logs = common::files_with(copy.path(), ".log");
+    let logs = common::wal_files(copy.path());
     assert!(!logs.is_empty());
     let data = fs::read(&logs[0]).unwrap();
     // Rewrite the log so that it starts one record late: drop the first record.

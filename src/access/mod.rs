@@ -115,6 +115,7 @@ pub const METHODS: &[&str] = &[
     "TurnRuleDays",
     "Unmerge",
     "Update",
+    "Watch",
 ];
 
 /// The rule of a `tagstore.v1.TagStore` method, by name; `None` for a
@@ -126,7 +127,7 @@ pub fn rule_for(method: &str) -> Option<Rule> {
         "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "ListAudiences"
         | "ListSnapshots" | "TagHistory" | "ListRules" | "Aggregate" | "Breakdown" | "TopTags"
         | "Overlap" | "Stats" => rule(Read, false),
-        "Members" | "Export" | "Profile" | "ListMerges" => rule(Read, true),
+        "Members" | "Export" | "Profile" | "ListMerges" | "Watch" => rule(Read, true),
         "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" | "CreateAudience"
         | "DropAudience" | "TakeSnapshot" | "DropSnapshot" => rule(Write, false),
         // It may create customers, and it answers with who exists.

@@ -234,13 +234,23 @@ where
 pub struct ExportSlots {
     cap: usize,
     open: AtomicUsize,
+    /// What a slot is for, and the setting that caps them, for the refusal.
+    what: &'static str,
+    setting: &'static str,
 }
 
 impl ExportSlots {
     pub fn new(cap: usize) -> Arc<Self> {
+        Self::named(cap, "exports are streaming", "max_concurrent_exports")
+    }
+
+    /// Slots of another kind of stream (`Watch`).
+    pub fn named(cap: usize, what: &'static str, setting: &'static str) -> Arc<Self> {
         Arc::new(Self {
             cap,
             open: AtomicUsize::new(0),
+            what,
+            setting,
         })
     }
 
@@ -256,8 +266,8 @@ impl ExportSlots {
             Ok(ExportSlot(self.clone()))
         } else {
             Err(Status::resource_exhausted(format!(
-                "{} exports are streaming already (`max_concurrent_exports`); retry when one ends",
-                self.cap
+                "{} {} already (`{}`); retry when one ends",
+                self.cap, self.what, self.setting
             )))
         }
     }

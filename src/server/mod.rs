@@ -18,6 +18,7 @@ pub mod service;
 pub mod status;
 pub mod tls;
 mod unmerge;
+mod watch;
 mod writes;
 
 use std::future::Future;
@@ -115,12 +116,18 @@ pub async fn serve(
         .map_err(|e| Error::Config(format!("reflection service (v1alpha): {e}")))?;
     let limit = config.limits.max_message_bytes;
     let budget = MemoryBudget::new(config.limits.max_request_memory_mb.saturating_mul(1 << 20));
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        closing_tx.send_replace(true);
+    };
     let service = TagStoreServer::new(Service::new(
         engine.clone(),
         config.limits,
         config.default_time_zone.clone(),
         budget.clone(),
         config.facts.clone(),
+        closing,
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);

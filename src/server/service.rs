@@ -19,7 +19,7 @@ use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
 use crate::server::{
-    admin, audiences, fields, history, ingest, reads, rebuild, rules, unmerge, writes,
+    admin, audiences, fields, history, ingest, reads, rebuild, rules, unmerge, watch, writes,
 };
 use crate::storage::{Engine, TagMeta};
 
@@ -30,10 +30,14 @@ pub struct Service {
     /// Time zone of behaviour fields created without one.
     pub(super) default_time_zone: String,
     pub(super) exports: Arc<ExportSlots>,
+    pub(super) watches: Arc<ExportSlots>,
     /// The request memory budget, which `Ingest` streams draw on per batch.
     pub(super) budget: Arc<MemoryBudget>,
     /// The rules that turn ingested events into facts.
     pub(super) facts: Arc<Facts>,
+    /// Becomes true when the server begins to shut down: open `Watch`
+    /// streams end (they would otherwise hold the shutdown for ever).
+    pub(super) closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Service {
@@ -43,6 +47,7 @@ impl Service {
         default_time_zone: String,
         budget: Arc<MemoryBudget>,
         facts: Facts,
+        closing: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             engine,
@@ -50,8 +55,14 @@ impl Service {
             started: Instant::now(),
             default_time_zone,
             exports: ExportSlots::new(limits.max_concurrent_exports),
+            watches: ExportSlots::named(
+                limits.max_concurrent_watches,
+                "watchers are watching",
+                "max_concurrent_watches",
+            ),
             budget,
             facts: Arc::new(facts),
+            closing,
         }
     }
 }
@@ -180,6 +191,14 @@ impl TagStore for Service {
     }
 
     type ExportStream = ExportStream;
+    type WatchStream = watch::WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        watch::watch(self, req).await
+    }
 
     async fn export(
         &self,

@@ -30,6 +30,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod datadir;
 pub mod dictionary;
+pub mod feed;
 pub mod fs;
 pub mod history;
 pub mod manifest;
@@ -109,6 +110,8 @@ pub struct EngineConfig {
     /// A checkpoint starts by itself once the log holds this many bytes.
     pub checkpoint_wal_bytes: u64,
     pub compaction: CompactionPolicy,
+    /// How long the change feed is kept (`retention_bytes` 0: no feed).
+    pub feed: feed::FeedConfig,
     /// What "now" and "today" are, for the engine and whoever serves it.
     pub clock: SharedClock,
     /// Where the files live: the real disk, or memory in tests.
@@ -142,6 +145,7 @@ impl EngineConfig {
             event_retention_days: DEFAULT_EVENT_RETENTION_DAYS,
             oneid: Default::default(),
             time_zone: crate::fields::DEFAULT_TIME_ZONE.to_string(),
+            feed: feed::FeedConfig::default(),
         }
     }
 }
@@ -176,6 +180,8 @@ pub(crate) struct Shared {
     published: RwLock<Arc<Snapshot>>,
     pub info: Mutex<EngineInfo>,
     pub failed: Mutex<Option<String>>,
+    /// Where the change feed stands, for its readers.
+    pub feed: Arc<feed::FeedShared>,
 }
 
 impl Shared {
@@ -204,6 +210,7 @@ impl Engine {
         let started = Instant::now();
         let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
         let lock = datadir::lock(&dir)?;
+        let feed_shared = feed::FeedShared::new();
         let zone = crate::fields::time::zone(&config.time_zone)
             .map_err(|e| Error::Config(format!("time_zone: {e}")))?;
         let Recovered {
@@ -213,7 +220,8 @@ impl Engine {
             wal,
             old_wal_bytes,
             mut report,
-        } = recovery::recover(&dir)?;
+            feed,
+        } = recovery::recover(&dir, config.feed, feed_shared.clone())?;
         state.snap.zone = zone;
         let info = EngineInfo {
             wal_bytes: old_wal_bytes + wal.bytes(),
@@ -227,6 +235,7 @@ impl Engine {
             published: RwLock::new(Arc::new(state.snap.clone())),
             info: Mutex::new(info),
             failed: Mutex::new(None),
+            feed: feed_shared,
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer::new(
@@ -238,6 +247,7 @@ impl Engine {
             segments,
             rx,
             tx.clone(),
+            feed,
         );
         let watched = shared.clone();
         let handle = std::thread::Builder::new()
@@ -265,6 +275,31 @@ impl Engine {
             recovery: report,
             _lock: lock,
         })
+    }
+
+    /// A reader of the change feed from the write after lsn `after`;
+    /// refused when the feed is off or no longer (or not yet) reaches there.
+    /// Its reads block: call them off the async runtime.
+    pub fn feed_reader(
+        &self,
+        after: u64,
+    ) -> std::result::Result<feed::FeedReader, feed::ReadError> {
+        let config = &self.shared.config;
+        feed::FeedReader::new(
+            DataDir::new(config.fs.clone(), config.data_dir.clone()),
+            self.shared.feed.clone(),
+            after,
+        )
+    }
+
+    /// Where the change feed stands.
+    pub fn feed_view(&self) -> feed::FeedView {
+        self.shared.feed.view()
+    }
+
+    /// A signal that changes whenever the change feed's end moves.
+    pub fn feed_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.feed.subscribe()
     }
 
     /// The newest published state.

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::storage::archive::{self, ArchiveFile};
 use crate::storage::datadir::{DataDir, move_aside};
 use crate::storage::dictionary::{DictLayer, Dictionary, Identities};
+use crate::storage::feed::{self, FeedConfig, FeedShared, FeedWriter};
 use crate::storage::manifest::{self, Manifest};
 use crate::storage::merges::MergeLog;
 use crate::storage::record::{Batch, KIND_BATCH};
@@ -38,6 +39,8 @@ pub struct RecoveryReport {
     /// Segment files no manifest named, moved into [`ORPHANS_DIR`](crate::storage::ORPHANS_DIR) (where
     /// they now are).
     pub orphans_moved: Vec<PathBuf>,
+    /// What recovery cut from the change feed, or why it started again.
+    pub feed_note: Option<String>,
     pub duration: Duration,
 }
 
@@ -51,6 +54,7 @@ pub(crate) struct Recovered {
     /// Bytes of the older log files still in the directory.
     pub old_wal_bytes: u64,
     pub report: RecoveryReport,
+    pub feed: FeedWriter,
 }
 
 /// A data directory without `MANIFEST` is a new store, or one that never
@@ -87,7 +91,11 @@ fn check_store_without_manifest(dir: &DataDir) -> Result<()> {
 
 /// Recovers the store in `dir` (locked by the caller), by the rules of
 /// `storage-format.md`.
-pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
+pub(crate) fn recover(
+    dir: &DataDir,
+    feed_config: FeedConfig,
+    feed_shared: Arc<FeedShared>,
+) -> Result<Recovered> {
     let dir = dir.clone();
     let mut report = RecoveryReport::default();
     // Step 1, the lock, is the engine's. Step 2: a manifest write that did not finish.
@@ -414,6 +422,8 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
     // Steps 6 to 8: the log replayed after the checkpoint, in lsn order, a
     // torn tail cut, any other damage a hard error naming its file.
     let files = wal::list(&dir)?;
+    state.feed_on = feed_config.enabled();
+    let mut entries: Vec<feed::Entry> = Vec::new();
     let outcome = wal::replay(
         &dir,
         &files,
@@ -428,7 +438,15 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
                     e.offset, e.reason
                 ))
             })?;
-            state.apply(lsn, &batch).map(|_| ())
+            state.apply(lsn, &batch)?;
+            if !state.feed.is_empty() {
+                entries.push(feed::Entry {
+                    lsn,
+                    at_ms: batch.at_ms,
+                    changes: std::mem::take(&mut state.feed),
+                });
+            }
+            Ok(())
         },
     )?;
     if let Some(t) = &outcome.truncated {
@@ -454,6 +472,22 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
             .push(move_aside(&dir, &archive::file_name(no))?);
     }
 
+    // Step 8¾: the change feed, its torn tail cut and the writes it lacks
+    // appended again from the log.
+    let (feed, feed_report) = FeedWriter::recover(
+        &dir,
+        feed_config,
+        feed_shared,
+        manifest.checkpoint_lsn,
+        last_lsn,
+        &entries,
+    )?;
+    drop(entries);
+    if let Some(note) = &feed_report.note {
+        tracing::warn!("change feed: {note}");
+    }
+    report.feed_note = feed_report.note;
+
     // Step 9: a new log file for the writes to come.
     let wal = WalWriter::create(&dir, last_lsn + 1)?;
     let old_wal_bytes: u64 = wal::list(&dir)?
@@ -468,5 +502,6 @@ pub(crate) fn recover(dir: &DataDir) -> Result<Recovered> {
         wal,
         old_wal_bytes,
         report,
+        feed,
     })
 }

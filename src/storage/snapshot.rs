@@ -28,6 +28,11 @@ struct LazyInner {
 }
 
 impl LazyBitmap {
+    /// True when both are the same bitmap (one copy shared).
+    pub fn same(&self, other: &LazyBitmap) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     pub fn loaded(bitmap: ShardedBitmap) -> Self {
         Self {
             inner: Arc::new(LazyInner {

@@ -2,6 +2,7 @@
 //! [`State::apply`], used both for new writes and for replaying the log, so
 //! the two can never disagree.
 
+use crate::storage::feed::{Change as FeedChange, Subject as FeedSubject};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -68,6 +69,11 @@ pub struct State {
     pub ingested: (u64, RoaringBitmap),
     /// Whether the merge log changed since the last checkpoint began.
     pub merges_dirty: bool,
+    /// Whether applying works out the change feed's entries.
+    pub feed_on: bool,
+    /// The memberships the last batch applied changed, for the feed (when
+    /// `feed_on`): per tag and enumerated value, who entered and left.
+    pub feed: Vec<crate::storage::feed::Change>,
 }
 
 fn unknown_field(id: u32) -> Error {
@@ -114,6 +120,8 @@ impl State {
             field_names,
             dirty_slots: HashSet::new(),
             seen: Seen::default(),
+            feed_on: false,
+            feed: Vec::new(),
         }
     }
 
@@ -365,6 +373,12 @@ impl State {
     /// changes nothing further.
     pub fn apply(&mut self, lsn: u64, b: &Batch) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+        self.feed.clear();
+        // The tags and fields before, for the feed (copies of maps that
+        // share every entry until the batch changes it).
+        let before = self
+            .feed_on
+            .then(|| (self.snap.tags.clone(), self.snap.fields.clone()));
         for t in &b.new_tags {
             if self.tag_names.contains_key(&t.id) {
                 continue;
@@ -428,7 +442,8 @@ impl State {
                 .insert(l.customer, &l.identity, &seen, lsn)?;
         }
         // What the batch changes, for the rules that read it.
-        let mut touch = (!self.snap.rules.is_empty() || !b.rules.is_empty()).then(Touch::default);
+        let mut touch = (self.feed_on || !self.snap.rules.is_empty() || !b.rules.is_empty())
+            .then(Touch::default);
         if let Some(t) = &mut touch {
             t.all
                 .union_with(&b.new_keys.iter().map(|(id, _)| *id).collect());
@@ -683,8 +698,16 @@ impl State {
         for e in &b.events {
             self.ingested.1.insert(e.customer);
         }
-        if let Some(t) = touch {
-            stats.rule_changes = self.refresh_rules(b, t)?;
+        if let Some(mut t) = touch {
+            let (changes, defined) = self.refresh_rules(b, &mut t)?;
+            stats.rule_changes = changes;
+            if let Some((tags, fields)) = before {
+                let mut gone = ShardedBitmap::from_roaring(&b.deletes);
+                for m in b.merges.iter().filter(|m| m.refused.is_empty()) {
+                    gone.insert(m.absorbed);
+                }
+                self.feed = self.feed_changes(&tags, &fields, &t, &gone, &defined)?;
+            }
         }
         self.snap.lsn = lsn;
         Ok(stats)
@@ -739,7 +762,7 @@ impl State {
     /// for the customers it touched (a rule defined by the batch, for
     /// everyone), in order, each seeing the rules before it already
     /// updated. Returns how many memberships and stage values changed.
-    fn refresh_rules(&mut self, b: &Batch, mut touch: Touch) -> Result<u64> {
+    fn refresh_rules(&mut self, b: &Batch, touch: &mut Touch) -> Result<(u64, HashSet<Arc<str>>)> {
         let mut defined: HashSet<Arc<str>> = HashSet::new();
         if !b.rules.is_empty() {
             let rules = Arc::make_mut(&mut self.snap.rules);
@@ -863,7 +886,153 @@ impl State {
                 }
             }
         }
-        Ok(total)
+        Ok((total, defined))
+    }
+
+    /// Who entered and left each tag and each value of an enumerated field
+    /// in this batch: `tags` and `fields` as they were before it, compared
+    /// with now among the customers the batch touched for each (everyone
+    /// for a rule it defined), shards it did not change skipped.
+    fn feed_changes(
+        &self,
+        tags: &crate::storage::snapshot::TagMap,
+        fields: &crate::storage::snapshot::FieldMap,
+        t: &Touch,
+        gone: &ShardedBitmap,
+        defined: &HashSet<Arc<str>>,
+    ) -> Result<Vec<FeedChange>> {
+        let mut out = Vec::new();
+        let among = |name: &str| -> Option<ShardedBitmap> {
+            if defined.contains(name) {
+                return None;
+            }
+            let mut c = t.all.clone();
+            c.union_sharded(gone);
+            if let Some(ids) = t.by_name.get(name) {
+                c.union_sharded(ids);
+            }
+            Some(c)
+        };
+        let empty = ShardedBitmap::new();
+        fn push(
+            out: &mut Vec<FeedChange>,
+            subject: FeedSubject,
+            old: &ShardedBitmap,
+            new: &ShardedBitmap,
+            among: Option<&ShardedBitmap>,
+        ) {
+            let (entered, left) = old.entered_left(new, among);
+            if !entered.is_empty() || !left.is_empty() {
+                out.push(FeedChange {
+                    subject: Some(subject),
+                    entered: entered.to_flat(),
+                    left: left.to_flat(),
+                    dropped: false,
+                });
+            }
+        }
+        for (name, new) in &self.snap.tags {
+            match tags.get(name) {
+                Some(old) if Arc::ptr_eq(old, new) || old.bitmap.same(&new.bitmap) => {}
+                Some(old) => push(
+                    &mut out,
+                    FeedSubject::Tag(name.to_string()),
+                    old.bitmap.get()?,
+                    new.bitmap.get()?,
+                    among(name).as_ref(),
+                ),
+                None => push(
+                    &mut out,
+                    FeedSubject::Tag(name.to_string()),
+                    &empty,
+                    new.bitmap.get()?,
+                    None,
+                ),
+            }
+        }
+        for name in tags.keys() {
+            if !self.snap.tags.contains_key(name) {
+                out.push(FeedChange {
+                    subject: Some(FeedSubject::Tag(name.to_string())),
+                    dropped: true,
+                    ..Default::default()
+                });
+            }
+        }
+        let values = |f: &Field| match &f.meta.kind {
+            crate::fields::FieldKind::Enum { values } => Some(values.clone()),
+            _ => None,
+        };
+        for (name, new) in &self.snap.fields {
+            let old = fields.get(name);
+            if old.is_some_and(|o| Arc::ptr_eq(o, new)) {
+                continue;
+            }
+            let new_values = values(new);
+            let old_values = old.and_then(|o| values(o));
+            if new_values.is_none() && old_values.is_none() {
+                continue;
+            }
+            let c = old.and(among(name));
+            let mut names: Vec<&String> = new_values.iter().flatten().collect();
+            for v in old_values.iter().flatten() {
+                if !names.contains(&v) {
+                    names.push(v);
+                }
+            }
+            for v in names {
+                fn slot_of<'f>(
+                    f: &'f Field,
+                    vals: &Option<Vec<String>>,
+                    v: &str,
+                ) -> Option<&'f LazyBitmap> {
+                    vals.as_ref()
+                        .and_then(|vs| vs.iter().position(|x| x == v))
+                        .and_then(|i| f.slots.get(&(i as u32)))
+                }
+                let o = old.and_then(|o| slot_of(o, &old_values, v));
+                let n = slot_of(new, &new_values, v);
+                if let (Some(o), Some(n)) = (o, n)
+                    && o.same(n)
+                {
+                    continue;
+                }
+                let ob = match o {
+                    Some(b) => b.get()?,
+                    None => &empty,
+                };
+                let nb = match n {
+                    Some(b) => b.get()?,
+                    None => &empty,
+                };
+                push(
+                    &mut out,
+                    FeedSubject::Value {
+                        field: name.to_string(),
+                        value: v.clone(),
+                    },
+                    ob,
+                    nb,
+                    c.as_ref(),
+                );
+            }
+        }
+        for (name, old) in fields {
+            if self.snap.fields.contains_key(name) {
+                continue;
+            }
+            for v in values(old).into_iter().flatten() {
+                out.push(FeedChange {
+                    subject: Some(FeedSubject::Value {
+                        field: name.to_string(),
+                        value: v,
+                    }),
+                    dropped: true,
+                    ..Default::default()
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// A lifecycle just defined: its field's values are its stages (as

@@ -316,6 +316,14 @@ impl FileSystem for MemFs {
         Ok(data)
     }
 
+    fn read_at(&self, path: &Path, offset: u64, max: usize) -> io::Result<Vec<u8>> {
+        let file = self.0.lock().file(path)?;
+        let f = file.lock();
+        let from = (offset as usize).min(f.data.len());
+        let to = from.saturating_add(max).min(f.data.len());
+        Ok(f.data[from..to].to_vec())
+    }
+
     fn map(&self, path: &Path) -> io::Result<Mapped> {
         let data = self.read(path)?;
         Ok(Mapped(MappedInner::Memory(data.into())))

@@ -34,6 +34,10 @@ pub trait FileSystem: Send + Sync + Debug {
     fn list(&self, dir: &Path) -> io::Result<Vec<DirEntry>>;
     /// The whole content of a file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Up to `max` bytes of a file from `offset` (fewer at its end, none
+    /// past it), for files read a piece at a time while they grow (the
+    /// change feed's).
+    fn read_at(&self, path: &Path, offset: u64, max: usize) -> io::Result<Vec<u8>>;
     /// The content of a file that is never written again (a segment), to be
     /// read in place for as long as the returned value lives.
     fn map(&self, path: &Path) -> io::Result<Mapped>;

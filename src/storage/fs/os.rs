@@ -51,6 +51,24 @@ impl FileSystem for OsFs {
         fs::read(path)
     }
 
+    fn read_at(&self, path: &Path, offset: u64, max: usize) -> io::Result<Vec<u8>> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let n = len.saturating_sub(offset).min(max as u64) as usize;
+        let mut buf = vec![0; n];
+        let mut got = 0;
+        while got < n {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
     fn map(&self, path: &Path) -> io::Result<Mapped> {
         let file = File::open(path)?;
         // SAFETY: the engine maps only files it never writes again (segments),

@@ -403,6 +403,10 @@ impl Writer {
             }
         }
 
+        // The feed first: once these log files are gone, it could not be
+        // worked out again from them.
+        self.feed.sync_to(self.state.snap.lsn);
+        self.feed.expire(self.now_ms());
         // Log files wholly covered by the checkpoint.
         match wal::list(&self.dir) {
             Ok(files) => {

@@ -173,6 +173,10 @@ pub(crate) struct Writer {
     /// Syncs the log while a large write is applied (`None` if its thread
     /// could not be started: the writer then syncs everything itself).
     syncer: Option<Syncer>,
+    /// The change feed's files.
+    pub feed: crate::storage::feed::FeedWriter,
+    /// The feed entries of the group being committed.
+    feed_entries: Vec<crate::storage::feed::Entry>,
 }
 
 /// How far ahead of now an event may be dated (clocks differ; a day more
@@ -190,6 +194,7 @@ impl Writer {
         segments: HashMap<u64, Arc<Segment>>,
         rx: Receiver<Cmd>,
         tx: Sender<Cmd>,
+        feed: crate::storage::feed::FeedWriter,
     ) -> Self {
         let dir = DataDir::new(shared.config.fs.clone(), shared.config.data_dir.clone());
         let state_lsn = state.snap.lsn;
@@ -216,6 +221,8 @@ impl Writer {
             last_delete_lsn: state_lsn,
             keys_moved_lsn: state_lsn,
             syncer,
+            feed,
+            feed_entries: Vec::new(),
         }
     }
 
@@ -280,6 +287,7 @@ impl Writer {
             return;
         }
         self.buf.clear();
+        self.feed_entries.clear();
         let mut replies = Vec::with_capacity(writes.len());
         let last = writes.len().saturating_sub(1);
         // The log's sync, when it runs while the group's last write is applied.
@@ -346,6 +354,7 @@ impl Writer {
             }
             match self.state.apply(lsn, &batch) {
                 Ok(stats) => {
+                    self.take_feed(lsn, batch.at_ms);
                     let mut r = WriteResult {
                         lsn,
                         added: stats.added,
@@ -443,6 +452,12 @@ impl Writer {
         }
         self.shared.publish(Arc::new(self.state.snap.clone()));
         self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        // After the snapshot: a watcher woken by the feed finds the keys of
+        // the customers it names.
+        let entries = std::mem::take(&mut self.feed_entries);
+        self.feed
+            .advance(&entries, self.state.snap.lsn, self.now_ms());
+        self.feed_entries = entries;
         for (reply, res) in replies {
             let _ = reply.send(res);
         }
@@ -471,7 +486,9 @@ impl Writer {
         if batch.moves_keys() {
             self.keys_moved_lsn = lsn;
         }
+        self.feed_entries.clear();
         let res = self.state.apply(lsn, batch).and_then(|_| {
+            self.take_feed(lsn, batch.at_ms);
             self.wal.append(&self.buf)?;
             match self.shared.config.sync {
                 SyncMode::Always => self.wal.sync(),
@@ -484,6 +501,20 @@ impl Writer {
         }
         self.shared.publish(Arc::new(self.state.snap.clone()));
         self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
+        let entries = std::mem::take(&mut self.feed_entries);
+        self.feed.advance(&entries, lsn, self.now_ms());
+        self.feed_entries = entries;
         Ok(())
+    }
+
+    /// The feed entry of the batch just applied, if it changed memberships.
+    fn take_feed(&mut self, lsn: u64, at_ms: i64) {
+        if !self.state.feed.is_empty() {
+            self.feed_entries.push(crate::storage::feed::Entry {
+                lsn,
+                at_ms,
+                changes: std::mem::take(&mut self.state.feed),
+            });
+        }
     }
 }

@@ -24,6 +24,7 @@ mod ingest;
 mod reads;
 mod rules;
 mod tags;
+mod watch;
 use crate::table::{self, Align, thousands};
 
 /// Keys sent per `Update` by `import`.
@@ -214,6 +215,13 @@ impl Session {
             | Command::History { .. }
             | Command::Tags
             | Command::Tag(_)) => self.exec_read(cmd).await?,
+            Command::Watch {
+                tags,
+                values,
+                after,
+                seconds,
+                limit,
+            } => self.watch(tags, values, after, seconds, limit).await?,
             cmd @ (Command::CreateTag { .. }
             | Command::DropTag { .. }
             | Command::Add { .. }

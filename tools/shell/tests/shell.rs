@@ -779,3 +779,34 @@ async fn rule_commands() {
     assert!(ok(a, "drop rule 高价值用户 --yes").contains("dropped rule 高价值用户"));
     assert!(fails(a, "tag 高价值用户").contains("not found"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_who_entered_and_left_and_where_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+    ok(a, "create field order_count integer");
+    ok(
+        a,
+        "create lifecycle stage as new when order_count = 1; loyal when order_count >= 2",
+    );
+    ok(a, "create tag vip");
+    ok(a, "add vip u1 u2");
+    ok(a, "set order_count u1 1");
+    ok(a, "set order_count u1 5");
+    ok(a, "remove vip u2");
+    let out = ok(a, "watch vip stage=* after 0 for 1");
+    assert!(out.contains("watching from lsn 0"), "{out}");
+    assert!(out.contains("u1  +vip"), "{out}");
+    assert!(out.contains("u1  stage: - → new"), "{out}");
+    assert!(out.contains("u1  stage: new → loyal"), "{out}");
+    assert!(out.contains("u2  -vip"), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with("time is up: 6 changes; every change up to lsn"),
+        "{out}"
+    );
+    assert!(fails(a, "watch nosuch for 1").contains("not found"));
+    assert!(fails(a, "watch order_count=* for 1").contains("enumerated"));
+    assert!(fails(a, "watch").contains("usage"));
+}

@@ -143,3 +143,15 @@ pub fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// The write-ahead log files of a data directory (`wal-*.log`), oldest
+/// first: not the change feed's `feed-*.log`.
+pub fn wal_files(dir: &Path) -> Vec<PathBuf> {
+    files_with(dir, ".log")
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("wal-"))
+        })
+        .collect()
+}

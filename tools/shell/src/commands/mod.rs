@@ -94,6 +94,19 @@ pub enum Command {
     Rules,
     /// Turn the rules' days now.
     TurnDays,
+    /// The change feed: who enters and leaves tags and values, as it
+    /// happens.
+    Watch {
+        tags: Vec<String>,
+        /// `(field, value)`; an empty value: every value of the field.
+        values: Vec<(String, String)>,
+        /// Resume after this lsn (default: from now).
+        after: Option<u64>,
+        /// Stop after this many seconds.
+        seconds: Option<u64>,
+        /// Stop after this many changes.
+        limit: Option<u64>,
+    },
     /// A tag's or audience's member counts, a point a day.
     History {
         name: String,
@@ -324,6 +337,7 @@ pub const SPECS: &[&Spec] = &[
     &reads::SNAPSHOT,
     &reads::SNAPSHOTS,
     &reads::HISTORY,
+    &reads::WATCH,
     &reads::TAGS,
     &reads::TAG,
     &tags::CREATE_TAG,

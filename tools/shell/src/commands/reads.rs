@@ -261,6 +261,59 @@ pub const HISTORY: Spec = Spec {
     },
 };
 
+pub const WATCH: Spec = Spec {
+    name: "watch",
+    words: &["watch"],
+    complete: &["watch"],
+    usage: "watch <tag | field=value | field=*> … [after <lsn>] [for <seconds>] [limit <changes>]",
+    summary: "who enters and leaves tags, rule tags and enumerated values (lifecycles), as writes happen, until Ctrl-C",
+    example: "watch 潜在流失 高价值用户 lifecycle=* for 60",
+    takes_tags: true,
+    parse: parse_watch,
+};
+
+fn parse_watch(rest: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {}", WATCH.usage);
+    let args = split_args(rest)?;
+    let mut tags = Vec::new();
+    let mut values = Vec::new();
+    let mut after = None;
+    let mut seconds = None;
+    let mut limit = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let number = |v: Option<&String>, what: &str| -> Result<u64, String> {
+            v.and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("`{what}` takes a number; {}", usage()))
+        };
+        match a.to_ascii_lowercase().as_str() {
+            "after" => after = Some(number(it.next(), "after")?),
+            "for" => {
+                let v = it.next().map(|v| v.trim_end_matches('s').to_string());
+                seconds = Some(number(v.as_ref(), "for")?);
+            }
+            "limit" => limit = Some(number(it.next(), "limit")?),
+            _ => match a.split_once('=') {
+                Some((field, value)) if !field.is_empty() => {
+                    let value = if value == "*" { "" } else { value };
+                    values.push((field.to_string(), value.to_string()));
+                }
+                _ => tags.push(a.clone()),
+            },
+        }
+    }
+    if tags.is_empty() && values.is_empty() {
+        return Err(usage());
+    }
+    Ok(Command::Watch {
+        tags,
+        values,
+        after,
+        seconds,
+        limit,
+    })
+}
+
 pub const MERGES: Spec = Spec {
     name: "merges",
     words: &["merges"],

@@ -1,0 +1,394 @@
+//! `Watch`: the change feed as a server stream. A task per watcher reads
+//! the feed's files from its position on the blocking pool, a bounded piece
+//! at a time, keeps the changes of what it watches, names each customer
+//! from the newest snapshot, and hands messages to the transport through a
+//! channel of [`BUFFERED`] messages: a client that does not read stops its
+//! own task there (no thread held, no more read), never a writer. Caught
+//! up, the task waits for the feed's end to move, for the client to go, or
+//! for the server to close; it says where it is (a progress message) at
+//! most once a [`PROGRESS_EVERY`] while writes it does not watch go by.
+//!
+//! Owns no state beyond its watchers; what the feed holds and how it is
+//! read is `storage::feed`'s.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::fields::FieldKind;
+use crate::proto;
+use crate::proto::membership_change::Kind;
+use crate::server::budget::ExportSlot;
+use crate::server::service::{Service, invalid};
+use crate::server::status::to_status;
+use crate::storage::Engine;
+use crate::storage::feed::{Entry, FeedReader, ReadError, Subject};
+
+pub type WatchStream = ReceiverStream<Result<proto::WatchResponse, Status>>;
+
+/// Most tags and values one call watches.
+pub const MAX_SUBJECTS: usize = 1_000;
+/// Changes per message unless the client asks otherwise, and at most.
+const DEFAULT_MAX_CHANGES: usize = 1_000;
+const MAX_CHANGES: usize = 10_000;
+/// Messages waiting for a client that does not read.
+const BUFFERED: usize = 4;
+/// Bytes of feed read in one trip to the blocking pool (at least one
+/// write's record).
+const READ_BYTES: usize = 1 << 20;
+/// Changes turned into messages in one trip.
+const CHANGES_PER_TRIP: usize = 16_384;
+/// A watcher that has caught up says where it is at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What one call watches: tags, single values, and fields every value of
+/// which it watches.
+#[derive(Debug, Default)]
+struct Watched {
+    tags: HashSet<String>,
+    values: HashSet<(String, String)>,
+    fields: HashSet<String>,
+}
+
+impl Watched {
+    fn wants(&self, s: &Subject) -> bool {
+        match s {
+            Subject::Tag(t) => self.tags.contains(t),
+            Subject::Value { field, value } => {
+                self.fields.contains(field) || self.values.contains(&(field.clone(), value.clone()))
+            }
+        }
+    }
+}
+
+/// The watched changes of one write, ordered by customer, not yet sent.
+struct Pending {
+    lsn: u64,
+    at_ms: i64,
+    /// (customer id, subject index, kind); a dropped subject has id 0 and
+    /// comes first.
+    changes: Vec<(u32, u32, Kind)>,
+    subjects: Vec<Subject>,
+    sent: usize,
+}
+
+/// Where one watcher is: moved to the blocking pool and back for each trip.
+struct Cursor {
+    engine: Arc<Engine>,
+    reader: FeedReader,
+    watched: Arc<Watched>,
+    max_changes: usize,
+    pending: VecDeque<Pending>,
+}
+
+/// What one trip produced.
+struct Trip {
+    messages: Vec<proto::WatchResponse>,
+    /// Nothing more to read for now: the feed's end is the position.
+    caught_up: bool,
+}
+
+impl Cursor {
+    fn trip(&mut self) -> Result<Trip, Status> {
+        let mut read = 0usize;
+        while self.pending.is_empty() {
+            let entries = self.reader.next(READ_BYTES).map_err(read_status)?;
+            if entries.is_empty() {
+                return Ok(Trip {
+                    messages: Vec::new(),
+                    caught_up: true,
+                });
+            }
+            for e in &entries {
+                read += e.changes.len();
+                if let Some(p) = self.keep(e) {
+                    self.pending.push_back(p);
+                }
+            }
+            if self.pending.is_empty() && read >= CHANGES_PER_TRIP * 16 {
+                // A long stretch of writes this watcher does not watch: let
+                // the caller look at its client before reading on.
+                return Ok(Trip {
+                    messages: Vec::new(),
+                    caught_up: false,
+                });
+            }
+        }
+        let snap = self.engine.snapshot();
+        let mut messages = Vec::new();
+        let mut budget = CHANGES_PER_TRIP;
+        while budget > 0 {
+            let Some(p) = self.pending.front_mut() else {
+                break;
+            };
+            let n = (p.changes.len() - p.sent).min(self.max_changes);
+            let mut changes = Vec::with_capacity(n);
+            for &(id, subject, kind) in &p.changes[p.sent..p.sent + n] {
+                let (tag, field, value) = match &p.subjects[subject as usize] {
+                    Subject::Tag(t) => (t.clone(), String::new(), String::new()),
+                    Subject::Value { field, value } => {
+                        (String::new(), field.clone(), value.clone())
+                    }
+                };
+                let customer_key = if kind == Kind::Dropped {
+                    String::new()
+                } else {
+                    snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default()
+                };
+                changes.push(proto::MembershipChange {
+                    kind: kind as i32,
+                    tag,
+                    field,
+                    value,
+                    customer_id: if kind == Kind::Dropped { 0 } else { id },
+                    customer_key,
+                });
+            }
+            p.sent += n;
+            budget = budget.saturating_sub(n.max(1));
+            let complete = p.sent == p.changes.len();
+            messages.push(proto::WatchResponse {
+                lsn: p.lsn,
+                at_ms: p.at_ms,
+                changes,
+                write_complete: complete,
+            });
+            if complete {
+                self.pending.pop_front();
+            }
+        }
+        Ok(Trip {
+            messages,
+            caught_up: false,
+        })
+    }
+
+    /// The changes of `e` this watcher watches, ordered by customer.
+    fn keep(&self, e: &Entry) -> Option<Pending> {
+        let mut subjects = Vec::new();
+        let mut changes = Vec::new();
+        for c in &e.changes {
+            let s = c.subject();
+            if !self.watched.wants(s) {
+                continue;
+            }
+            let i = subjects.len() as u32;
+            subjects.push(s.clone());
+            if c.dropped {
+                changes.push((0, i, Kind::Dropped));
+                continue;
+            }
+            changes.extend(c.entered.iter().map(|id| (id, i, Kind::Entered)));
+            changes.extend(c.left.iter().map(|id| (id, i, Kind::Left)));
+        }
+        if changes.is_empty() {
+            return None;
+        }
+        // Dropped subjects first, then by customer (a customer's leaving
+        // one stage and entering the next side by side), then by subject.
+        changes.sort_unstable_by_key(|&(id, s, kind)| (kind != Kind::Dropped, id, s));
+        Some(Pending {
+            lsn: e.lsn,
+            at_ms: e.at_ms,
+            changes,
+            subjects,
+            sent: 0,
+        })
+    }
+}
+
+fn read_status(e: ReadError) -> Status {
+    match e {
+        ReadError::Expired(msg) => Status::out_of_range(msg),
+        ReadError::Off => Status::failed_precondition(
+            "this server keeps no change feed (feed_retention_mb = 0); turn it on and restart",
+        ),
+        ReadError::Failed(msg) => {
+            Status::internal(format!("the change feed cannot be read: {msg}"))
+        }
+    }
+}
+
+/// Checks what a request watches against the store as it is now.
+fn watched(engine: &Engine, r: &proto::WatchRequest) -> Result<Watched, Status> {
+    if r.tags.is_empty() && r.values.is_empty() {
+        return Err(invalid(
+            "name at least one tag or field value to watch (`tags`, `values`)",
+        ));
+    }
+    if r.tags.len() + r.values.len() > MAX_SUBJECTS {
+        return Err(invalid(format!(
+            "a watch names at most {MAX_SUBJECTS} tags and values; {} given",
+            r.tags.len() + r.values.len()
+        )));
+    }
+    let snap = engine.snapshot();
+    let mut w = Watched::default();
+    for t in &r.tags {
+        if snap.tag(t).is_none() {
+            return Err(to_status(Error::TagNotFound(t.clone())));
+        }
+        w.tags.insert(t.clone());
+    }
+    for v in &r.values {
+        let field = snap
+            .field(&v.field)
+            .ok_or_else(|| to_status(Error::FieldNotFound(v.field.clone())))?;
+        let FieldKind::Enum { values } = &field.meta.kind else {
+            return Err(invalid(format!(
+                "field {:?} is {}: only the values of enumerated fields (and lifecycles) are watched",
+                v.field,
+                field.meta.kind.name()
+            )));
+        };
+        if v.value.is_empty() {
+            w.fields.insert(v.field.clone());
+        } else if values.contains(&v.value) {
+            w.values.insert((v.field.clone(), v.value.clone()));
+        } else {
+            return Err(invalid(format!(
+                "field {:?} has no value {:?}; its values: {}",
+                v.field,
+                v.value,
+                values.join(", ")
+            )));
+        }
+    }
+    Ok(w)
+}
+
+pub(super) async fn watch(
+    svc: &Service,
+    req: Request<proto::WatchRequest>,
+) -> Result<Response<WatchStream>, Status> {
+    let r = req.into_inner();
+    let max_changes = match r.max_changes as usize {
+        0 => DEFAULT_MAX_CHANGES,
+        n if n <= MAX_CHANGES => n,
+        n => {
+            return Err(invalid(format!(
+                "max_changes is 1 to {MAX_CHANGES} (0: {DEFAULT_MAX_CHANGES}); {n} given"
+            )));
+        }
+    };
+    let watched = watched(&svc.engine, &r)?;
+    let slot = svc.watches.take()?;
+    let after = match r.after_lsn {
+        Some(lsn) => lsn,
+        None => svc.engine.feed_view().end,
+    };
+    let reader = svc.engine.feed_reader(after).map_err(read_status)?;
+    let (tx, rx) = mpsc::channel(BUFFERED);
+    let cursor = Cursor {
+        engine: svc.engine.clone(),
+        reader,
+        watched: Arc::new(watched),
+        max_changes,
+        pending: VecDeque::new(),
+    };
+    tokio::spawn(run(cursor, tx, slot, svc.closing.clone()));
+    Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+fn progress(lsn: u64) -> proto::WatchResponse {
+    proto::WatchResponse {
+        lsn,
+        at_ms: 0,
+        changes: Vec::new(),
+        write_complete: true,
+    }
+}
+
+/// One watcher's task, until its client goes or the server closes.
+async fn run(
+    mut cursor: Cursor,
+    tx: mpsc::Sender<Result<proto::WatchResponse, Status>>,
+    _slot: ExportSlot,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut signal = cursor.engine.feed_signal();
+    let mut said = cursor.reader.position();
+    if tx.send(Ok(progress(said))).await.is_err() {
+        return;
+    }
+    let mut said_at = Instant::now();
+    loop {
+        if *closing.borrow() {
+            let _ = tx
+                .send(Err(Status::unavailable(format!(
+                    "the server is shutting down; watch again with after_lsn {said}"
+                ))))
+                .await;
+            return;
+        }
+        // The signal is marked seen before the read, so that a write
+        // landing during the read wakes the wait below.
+        signal.borrow_and_update();
+        let trip = tokio::task::spawn_blocking(move || {
+            let trip = cursor.trip();
+            (cursor, trip)
+        })
+        .await;
+        let (back, trip) = match trip {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(Status::internal(format!("watch task failed: {e}"))))
+                    .await;
+                return;
+            }
+        };
+        cursor = back;
+        let trip = match trip {
+            Ok(t) => t,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        for m in trip.messages {
+            let complete = m.write_complete.then_some(m.lsn);
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+            if let Some(lsn) = complete {
+                said = lsn;
+                said_at = Instant::now();
+            }
+        }
+        if !trip.caught_up {
+            if tx.is_closed() {
+                return;
+            }
+            continue;
+        }
+        let at = cursor.reader.position();
+        if at > said && said_at.elapsed() >= PROGRESS_EVERY {
+            if tx.send(Ok(progress(at))).await.is_err() {
+                return;
+            }
+            said = at;
+            said_at = Instant::now();
+        }
+        let nudge = if at > said {
+            PROGRESS_EVERY.saturating_sub(said_at.elapsed())
+        } else {
+            Duration::from_secs(3600)
+        };
+        tokio::select! {
+            changed = signal.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = closing.changed() => {}
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(nudge) => {}
+        }
+    }
+}

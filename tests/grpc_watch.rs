@@ -1,0 +1,591 @@
+//! The change feed (`Watch`, #23) against the real server binary: a
+//! watcher's mirror of every watched tag, rule tag, value and lifecycle,
+//! built only from the events it receives, must equal the store after
+//! random writes, across reconnects, checkpoints, a clean restart and a
+//! kill -9, with every event valid when it arrives (no one enters what they
+//! are in or leaves what they are not: nothing twice, nothing missed, in
+//! log order); a stage change is one LEFT and one ENTERED under one lsn; a
+//! watcher that does not read holds up no writer and gets everything once
+//! it reads; a position the feed no longer holds is OUT_OF_RANGE; bad
+//! requests get the status that names what is wrong; and a shutdown ends
+//! open watches instead of waiting for them.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::{Client, code};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tagstore::proto::membership_change::Kind;
+use tagstore::proto::value_write::Value;
+use tagstore::proto::*;
+use tonic::Code;
+use tonic::Streaming;
+
+const TAGS: [&str; 4] = ["常购护肤品", "尝试新品", "社交活跃", "t3"];
+const STAGES: [&str; 3] = ["new", "active", "loyal"];
+
+/// What a watcher has seen: per subject, the customer ids in it; the key
+/// of each id; and the last lsn whose write was complete.
+#[derive(Default)]
+struct Mirror {
+    sets: BTreeMap<String, BTreeSet<u32>>,
+    keys: HashMap<u32, String>,
+    last: u64,
+    /// Lsns of the writes seen, to check they rise.
+    writes: u64,
+    /// Writes in which one customer both left and entered a value of the
+    /// lifecycle (a transition).
+    transitions: u64,
+}
+
+fn subject(c: &MembershipChange) -> String {
+    if c.tag.is_empty() {
+        format!("{}={}", c.field, c.value)
+    } else {
+        format!("tag:{}", c.tag)
+    }
+}
+
+impl Mirror {
+    /// Applies one message; panics on an event that cannot be true.
+    fn apply(&mut self, m: &WatchResponse, current: &mut Option<u64>) {
+        match *current {
+            Some(lsn) => assert_eq!(m.lsn, lsn, "a write's messages share one lsn"),
+            None => assert!(
+                m.lsn >= self.last,
+                "lsn {} after complete lsn {}",
+                m.lsn,
+                self.last
+            ),
+        }
+        if !m.changes.is_empty() {
+            assert!(
+                current.is_some() || m.lsn > self.last,
+                "write {} seen twice",
+                m.lsn
+            );
+        }
+        let mut lifecycle: HashMap<u32, (bool, bool)> = HashMap::new();
+        let mut prev_id = 0;
+        for c in &m.changes {
+            let s = subject(c);
+            match Kind::try_from(c.kind) {
+                Ok(Kind::Entered) => {
+                    assert!(c.customer_id >= prev_id, "ordered by customer");
+                    prev_id = c.customer_id;
+                    let fresh = self
+                        .sets
+                        .entry(s.clone())
+                        .or_default()
+                        .insert(c.customer_id);
+                    assert!(fresh, "lsn {}: {} entered {s} again", m.lsn, c.customer_id);
+                    if !c.customer_key.is_empty() {
+                        self.keys.insert(c.customer_id, c.customer_key.clone());
+                    }
+                    if c.field == "life" {
+                        lifecycle.entry(c.customer_id).or_default().1 = true;
+                    }
+                }
+                Ok(Kind::Left) => {
+                    assert!(c.customer_id >= prev_id, "ordered by customer");
+                    prev_id = c.customer_id;
+                    let was = self
+                        .sets
+                        .entry(s.clone())
+                        .or_default()
+                        .remove(&c.customer_id);
+                    assert!(
+                        was,
+                        "lsn {}: {} left {s}, which it was not in",
+                        m.lsn, c.customer_id
+                    );
+                    if c.field == "life" {
+                        lifecycle.entry(c.customer_id).or_default().0 = true;
+                    }
+                }
+                other => panic!("unexpected change kind {other:?}"),
+            }
+        }
+        if lifecycle.values().any(|&(l, e)| l && e) {
+            self.transitions += 1;
+        }
+        if m.write_complete {
+            if !m.changes.is_empty() || current.is_some() {
+                self.writes += 1;
+            }
+            self.last = m.lsn;
+            *current = None;
+        } else {
+            *current = Some(m.lsn);
+        }
+    }
+
+    /// The keys in each subject.
+    fn by_key(&self) -> BTreeMap<String, BTreeSet<String>> {
+        self.sets
+            .iter()
+            .map(|(s, ids)| {
+                let keys = ids
+                    .iter()
+                    .map(|id| {
+                        self.keys
+                            .get(id)
+                            .cloned()
+                            .unwrap_or_else(|| format!("#{id}"))
+                    })
+                    .collect();
+                (s.clone(), keys)
+            })
+            .filter(|(_, k): &(String, BTreeSet<String>)| !k.is_empty())
+            .collect()
+    }
+}
+
+async fn watch(
+    c: &mut Client,
+    after: Option<u64>,
+) -> Result<Streaming<WatchResponse>, tonic::Status> {
+    c.watch(WatchRequest {
+        tags: TAGS
+            .iter()
+            .map(|t| t.to_string())
+            .chain(["高价值用户".to_string()])
+            .collect(),
+        values: vec![
+            WatchValue {
+                field: "stage".into(),
+                value: String::new(),
+            },
+            WatchValue {
+                field: "life".into(),
+                value: String::new(),
+            },
+        ],
+        after_lsn: after,
+        max_changes: 7,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Reads until the mirror is complete up to `lsn`, or the stream ends (then
+/// false).
+async fn follow(s: &mut Streaming<WatchResponse>, m: &mut Mirror, lsn: u64) -> bool {
+    let mut current = None;
+    while m.last < lsn || current.is_some() {
+        let next = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no message for 30 s; mirror at lsn {}, waiting for {lsn}",
+                    m.last
+                )
+            });
+        match next {
+            Ok(Some(msg)) => m.apply(&msg, &mut current),
+            Ok(None) | Err(_) => return false,
+        }
+    }
+    true
+}
+
+async fn lsn(c: &mut Client) -> u64 {
+    c.stats(StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .lsn
+}
+
+/// The store as it is: every watched subject's members by key.
+async fn actual(c: &mut Client) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out = BTreeMap::new();
+    for t in TAGS.iter().chain(["高价值用户"].iter()) {
+        out.insert(
+            format!("tag:{t}"),
+            common::export_set(c, &format!("\"{t}\"")).await,
+        );
+    }
+    for v in STAGES {
+        out.insert(
+            format!("stage={v}"),
+            common::export_set(c, &format!("stage = '{v}'")).await,
+        );
+    }
+    for v in ["buyer", "browser"] {
+        out.insert(
+            format!("life={v}"),
+            common::export_set(c, &format!("life = '{v}'")).await,
+        );
+    }
+    out.retain(|_, v| !v.is_empty());
+    out
+}
+
+async fn setup(c: &mut Client) {
+    for t in TAGS {
+        c.create_tag(CreateTagRequest {
+            name: t.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    common::create_field(c, "stage", FieldKind::Enum, &STAGES).await;
+    c.define_rule(DefineRuleRequest {
+        name: "高价值用户".into(),
+        query: "\"常购护肤品\" AND NOT \"尝试新品\"".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.define_rule(DefineRuleRequest {
+        name: "life".into(),
+        stages: vec![
+            RuleStage {
+                value: "buyer".into(),
+                query: "\"常购护肤品\"".into(),
+                ..Default::default()
+            },
+            RuleStage {
+                value: "browser".into(),
+                query: "\"社交活跃\" OR stage = 'new'".into(),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// `n` random writes: tag adds and removes, stage values, erasures.
+async fn writes(c: &mut Client, rng: &mut StdRng, n: usize) {
+    for _ in 0..n {
+        let key = |rng: &mut StdRng| format!("c{}", rng.random_range(0..60));
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let mutations = (0..rng.random_range(1..4))
+                    .map(|_| Mutation {
+                        tag: TAGS[rng.random_range(0..TAGS.len())].into(),
+                        add: (0..rng.random_range(1..6)).map(|_| key(rng)).collect(),
+                        remove: (0..rng.random_range(0..4)).map(|_| key(rng)).collect(),
+                        ..Default::default()
+                    })
+                    .collect();
+                c.update(UpdateRequest {
+                    mutations,
+                    create_missing_tags: false,
+                })
+                .await
+                .unwrap();
+            }
+            6..=8 => {
+                let writes: Vec<ValueWrite> = (0..rng.random_range(1..5))
+                    .map(|_| ValueWrite {
+                        field: "stage".into(),
+                        customer: key(rng),
+                        value: Some(if rng.random_bool(0.2) {
+                            Value::Clear(true)
+                        } else {
+                            Value::EnumValue(STAGES[rng.random_range(0..3)].into())
+                        }),
+                    })
+                    .collect();
+                // A customer not created yet cannot take a value: create
+                // them first.
+                let customers: Vec<String> = writes.iter().map(|v| v.customer.clone()).collect();
+                c.resolve_customers(ResolveCustomersRequest {
+                    customers,
+                    create_missing: true,
+                })
+                .await
+                .unwrap();
+                c.set_values(SetValuesRequest { writes }).await.unwrap();
+            }
+            _ => {
+                c.delete_customers(DeleteCustomersRequest {
+                    customers: vec![key(rng)],
+                })
+                .await
+                .unwrap();
+            }
+        }
+    }
+}
+
+fn config(dir: &std::path::Path, body: &str) -> String {
+    let path = dir.join("watch.toml");
+    std::fs::write(&path, body).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let start = lsn(&mut c).await;
+    setup(&mut c).await;
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut mirror = Mirror::default();
+    // From before the tags existed: the feed holds everything since.
+    let mut s = watch(&mut c, Some(start))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for round in 0..8 {
+        writes(&mut c, &mut rng, 25).await;
+        if round % 3 == 1 {
+            c.checkpoint(CheckpointRequest::default()).await.unwrap();
+        }
+        let at = lsn(&mut c).await;
+        match round {
+            // Caught up, then a disconnect and a resume.
+            2 | 5 => {
+                assert!(follow(&mut s, &mut mirror, at).await);
+                drop(s);
+                writes(&mut c, &mut rng, 10).await;
+                s = watch(&mut c, Some(mirror.last)).await.unwrap();
+            }
+            // Half-way through a stream, the server restarts cleanly.
+            3 => {
+                drop(s);
+                server.stop().unwrap();
+                server = common::start(dir.path(), &[]);
+                c = common::client(&server).await;
+                s = watch(&mut c, Some(mirror.last)).await.unwrap();
+            }
+            // kill -9 with the watcher behind; the feed's unsynced tail is
+            // worked out again from the log.
+            6 => {
+                drop(s);
+                server.kill();
+                server = common::start(dir.path(), &[]);
+                c = common::client(&server).await;
+                s = watch(&mut c, Some(mirror.last)).await.unwrap();
+            }
+            _ => {}
+        }
+        let at = lsn(&mut c).await;
+        assert!(
+            follow(&mut s, &mut mirror, at).await,
+            "round {round}: stream ended"
+        );
+        assert_eq!(mirror.by_key(), actual(&mut c).await, "round {round}");
+    }
+    assert!(mirror.writes > 100, "{} writes seen", mirror.writes);
+    assert!(mirror.transitions > 0, "no lifecycle transition seen");
+    server.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_does_not_read_holds_up_no_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    let mut s = watch(&mut c, None).await.unwrap();
+    // Many writes, each a change, while the watcher reads nothing.
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut w = common::client(&server).await;
+    let started = std::time::Instant::now();
+    for i in 0..400 {
+        w.update(UpdateRequest {
+            mutations: vec![Mutation {
+                tag: "t3".into(),
+                add: vec![format!("k{i}")],
+                remove: vec![format!("k{}", rng.random_range(0..i + 1))],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .await
+        .unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let at = lsn(&mut c).await;
+    let mut mirror = Mirror::default();
+    let first = s.message().await.unwrap().unwrap();
+    assert!(
+        first.changes.is_empty() && first.write_complete,
+        "a progress message first"
+    );
+    mirror.last = first.lsn;
+    assert!(follow(&mut s, &mut mirror, at).await);
+    assert_eq!(mirror.by_key(), actual(&mut c).await);
+    assert!(mirror.writes >= 200, "{}", mirror.writes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_past_the_retention_is_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "feed_retention_mb = 1\nfeed_file_mb = 1\n");
+    let data = dir.path().join("data");
+    let server = common::start(&data, &["--config", &cfg]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    let start = lsn(&mut c).await;
+    let mut s = watch(&mut c, Some(start)).await.unwrap();
+    // Scattered ids: about 40 KB of feed a write, until the first file goes.
+    let mut rng = StdRng::seed_from_u64(1);
+    let keys: Vec<String> = (0..300_000).map(|i| format!("x{i}")).collect();
+    c.resolve_customers(ResolveCustomersRequest {
+        customers: keys.clone(),
+        create_missing: true,
+    })
+    .await
+    .unwrap();
+    for _ in 0..80 {
+        let some: Vec<String> = (0..20_000)
+            .map(|_| keys[rng.random_range(0..keys.len())].clone())
+            .collect();
+        for (add, remove) in [(some.clone(), vec![]), (vec![], some)] {
+            c.update(UpdateRequest {
+                mutations: vec![Mutation {
+                    tag: "t3".into(),
+                    add,
+                    remove,
+                    ..Default::default()
+                }],
+                create_missing_tags: false,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    assert!(
+        common::files_with(&data, ".log")
+            .iter()
+            .filter(|p| p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("feed-"))
+            .count()
+            <= 3,
+        "the retention keeps about 1 MiB"
+    );
+    let err = watch(&mut c, Some(start)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    assert!(err.message().contains("resynchronise"), "{err}");
+    // The watcher that never read is told the same once it reads past what
+    // is gone.
+    let mut ended = None;
+    while ended.is_none() {
+        match s.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => ended = Some(e),
+        }
+    }
+    assert_eq!(ended.unwrap().code(), Code::OutOfRange);
+    // From now works.
+    let now = lsn(&mut c).await;
+    let mut s = watch(&mut c, Some(now)).await.unwrap();
+    let m = s.message().await.unwrap().unwrap();
+    assert_eq!(m.lsn, now);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_watches_are_refused_with_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    common::create_field(&mut c, "spend", FieldKind::Integer, &[]).await;
+    let req = |tags: &[&str], values: &[(&str, &str)], after: Option<u64>| WatchRequest {
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        values: values
+            .iter()
+            .map(|(f, v)| WatchValue {
+                field: f.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        after_lsn: after,
+        max_changes: 0,
+    };
+    let status = |r: Result<tonic::Response<Streaming<WatchResponse>>, tonic::Status>| {
+        r.map(|_| ()).unwrap_err()
+    };
+    let e = status(c.watch(req(&[], &[], None)).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let e = status(c.watch(req(&["nope"], &[], None)).await);
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert!(e.message().contains("nope"));
+    let e = status(c.watch(req(&[], &[("spend", "")], None)).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("enumerated"), "{e}");
+    let e = status(c.watch(req(&[], &[("stage", "gold")], None)).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("new, active, loyal"), "{e}");
+    let e = status(c.watch(req(&[], &[("nofield", "")], None)).await);
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let ahead = lsn(&mut c).await + 1000;
+    let e = status(c.watch(req(&["t3"], &[], Some(ahead))).await);
+    assert_eq!(e.code(), Code::OutOfRange, "{e}");
+    let mut r = req(&["t3"], &[], None);
+    r.max_changes = 10_001;
+    assert_eq!(code(c.watch(r).await.map(|_| ())), Code::InvalidArgument);
+    let many: Vec<String> = (0..1001).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(
+        code(c.watch(req(&refs, &[], None)).await.map(|_| ())),
+        Code::InvalidArgument
+    );
+    server.stop().unwrap();
+
+    // Without a feed.
+    let cfg = config(dir.path(), "feed_retention_mb = 0\n");
+    let server = common::start(dir.path(), &["--config", &cfg]);
+    let mut c = common::client(&server).await;
+    let e = status(c.watch(req(&["t3"], &[], None)).await);
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_open_watches_and_they_resume_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    let mut s = watch(&mut c, None).await.unwrap();
+    let mut mirror = Mirror::default();
+    let first = s.message().await.unwrap().unwrap();
+    mirror.last = first.lsn;
+    let mut rng = StdRng::seed_from_u64(3);
+    writes(&mut c, &mut rng, 20).await;
+    let at = lsn(&mut c).await;
+    assert!(follow(&mut s, &mut mirror, at).await);
+    // The watch is open and idle: the server still stops, and says why.
+    let stopping = std::thread::spawn(move || {
+        let status = server.stop();
+        (server, status)
+    });
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.message().await {
+                Ok(Some(m)) => assert!(m.changes.is_empty()),
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .expect("the watch did not end at shutdown");
+    if let Some(e) = end {
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+    }
+    let (_, status) = stopping.join().unwrap();
+    assert!(status.unwrap().success());
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    writes(&mut c, &mut rng, 20).await;
+    let mut s = watch(&mut c, Some(mirror.last)).await.unwrap();
+    let at = lsn(&mut c).await;
+    assert!(follow(&mut s, &mut mirror, at).await);
+    assert_eq!(mirror.by_key(), actual(&mut c).await);
+}
