@@ -495,3 +495,95 @@ fn a_full_disk_refuses_a_large_snapshot_whole() {
         assert_eq!(s.members.get().unwrap().len(), members.len(), "{how}");
     }
 }
+
+/// Every change the feed holds from `after`, as (tag, entered, left) counts
+/// of ids; panics when the feed no longer reaches back there.
+fn feed_from(engine: &Engine, after: u64) -> Vec<(String, u64, u64)> {
+    let mut r = engine
+        .feed_reader(after)
+        .unwrap_or_else(|e| panic!("reader from {after}: {e:?}"));
+    let mut out = Vec::new();
+    loop {
+        let entries = r.next(1 << 20).unwrap();
+        if entries.is_empty() {
+            return out;
+        }
+        for e in entries {
+            for c in &e.changes {
+                let name = match c.subject() {
+                    tagstore::storage::feed::Subject::Tag(t) => t.clone(),
+                    other => format!("{other:?}"),
+                };
+                out.push((name, c.entered.cardinality(), c.left.cardinality()));
+            }
+        }
+    }
+}
+
+/// The change feed is derived data: a feed file that cannot be written (a
+/// failed write, a full disk) or synced before the log is cut fails no
+/// write and no checkpoint; the feed starts again after that write, a
+/// reader from before is told the feed no longer reaches back (never
+/// handed a feed with a hole), and one from the new start sees every later
+/// change, also after a crash.
+#[test]
+fn a_feed_file_that_cannot_be_written_starts_the_feed_again_and_fails_no_write() {
+    for (op, errno) in [
+        (Op::Write, libc::EIO),
+        (Op::Write, libc::ENOSPC),
+        (Op::Sync, libc::EIO),
+    ] {
+        let label = format!("{op:?} errno {errno}");
+        let mut fs = MemFs::new();
+        let engine = open(&fs);
+        let before = engine.feed_view().end;
+        add(&engine, "t", keys("a", 3)).unwrap();
+        assert_eq!(
+            feed_from(&engine, before),
+            vec![("t".into(), 3, 0)],
+            "{label}"
+        );
+        fs.fail(op, "feed-", 0, 1, errno);
+        add(&engine, "t", keys("b", 2)).unwrap();
+        if op == Op::Sync {
+            // Syncs of the feed come before a checkpoint cuts the log.
+            engine.checkpoint_blocking(Default::default()).unwrap();
+        }
+        assert_eq!(fs.faults_pending(), 0, "{label}: the fault was not reached");
+        // The write and the checkpoint went through; the feed started again.
+        assert_eq!(members(&engine, "t").len(), 5, "{label}");
+        let view = engine.feed_view();
+        assert!(view.restarted.is_some(), "{label}: {view:?}");
+        assert!(
+            matches!(
+                engine.feed_reader(before),
+                Err(tagstore::storage::feed::ReadError::Expired(_))
+            ),
+            "{label}: a reader from before the new start"
+        );
+        let from = view.start - 1;
+        add(&engine, "t", keys("c", 4)).unwrap();
+        assert_eq!(
+            feed_from(&engine, from),
+            vec![("t".into(), 4, 0)],
+            "{label}"
+        );
+        // A crash keeps what was synced; the log gives back the rest.
+        let image = fs.crash_image();
+        drop(engine);
+        fs = image;
+        let engine = open(&fs);
+        assert_eq!(members(&engine, "t").len(), 9, "{label}");
+        assert_eq!(
+            feed_from(&engine, from),
+            vec![("t".into(), 4, 0)],
+            "{label}: after the crash"
+        );
+        add(&engine, "t", keys("d", 1)).unwrap();
+        assert_eq!(
+            feed_from(&engine, from),
+            vec![("t".into(), 4, 0), ("t".into(), 1, 0)],
+            "{label}: after the crash, a write more"
+        );
+    }
+}

@@ -38,6 +38,8 @@ pub struct Service {
     /// Becomes true when the server begins to shut down: open `Watch`
     /// streams end (they would otherwise hold the shutdown for ever).
     pub(super) closing: tokio::sync::watch::Receiver<bool>,
+    /// The watchers' hub and thread.
+    pub(super) feed: Arc<watch::Feed>,
 }
 
 impl Service {
@@ -49,6 +51,7 @@ impl Service {
         facts: Facts,
         closing: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        let engine_for_feed = engine.clone();
         Self {
             engine,
             limits,
@@ -63,6 +66,7 @@ impl Service {
             budget,
             facts: Arc::new(facts),
             closing,
+            feed: watch::Feed::start(engine_for_feed),
         }
     }
 }

@@ -11,10 +11,11 @@
 //! Owns no state beyond its watchers; what the feed holds and how it is
 //! read is `storage::feed`'s.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -276,22 +277,31 @@ pub(super) async fn watch(
             )));
         }
     };
-    let watched = watched(&svc.engine, &r)?;
+    let watched = Arc::new(watched(&svc.engine, &r)?);
     let slot = svc.watches.take()?;
     let after = match r.after_lsn {
         Some(lsn) => lsn,
         None => svc.engine.feed_view().end,
     };
     let reader = svc.engine.feed_reader(after).map_err(read_status)?;
+    // Registered before the first read: a write after that read wakes it.
+    let registration = svc.feed.hub.register(&watched);
     let (tx, rx) = mpsc::channel(BUFFERED);
     let cursor = Cursor {
         engine: svc.engine.clone(),
         reader,
-        watched: Arc::new(watched),
+        watched,
         max_changes,
         pending: VecDeque::new(),
     };
-    tokio::spawn(run(cursor, tx, slot, svc.closing.clone()));
+    tokio::spawn(run(
+        cursor,
+        tx,
+        slot,
+        registration,
+        svc.feed.workers.clone(),
+        svc.closing.clone(),
+    ));
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
@@ -309,9 +319,10 @@ async fn run(
     mut cursor: Cursor,
     tx: mpsc::Sender<Result<proto::WatchResponse, Status>>,
     _slot: ExportSlot,
+    registration: Registration,
+    workers: Arc<Workers>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut signal = cursor.engine.feed_signal();
     let mut said = cursor.reader.position();
     if tx.send(Ok(progress(said))).await.is_err() {
         return;
@@ -326,19 +337,17 @@ async fn run(
                 .await;
             return;
         }
-        // The signal is marked seen before the read, so that a write
-        // landing during the read wakes the wait below.
-        signal.borrow_and_update();
-        let trip = tokio::task::spawn_blocking(move || {
-            let trip = cursor.trip();
-            (cursor, trip)
-        })
-        .await;
-        let (back, trip) = match trip {
-            Ok(t) => t,
-            Err(e) => {
+        let (back, trip) = match workers
+            .run(move || {
+                let trip = cursor.trip();
+                (cursor, trip)
+            })
+            .await
+        {
+            Some(t) => t,
+            None => {
                 let _ = tx
-                    .send(Err(Status::internal(format!("watch task failed: {e}"))))
+                    .send(Err(Status::internal("the change feed's worker stopped")))
                     .await;
                 return;
             }
@@ -375,20 +384,198 @@ async fn run(
             said = at;
             said_at = Instant::now();
         }
-        let nudge = if at > said {
-            PROGRESS_EVERY.saturating_sub(said_at.elapsed())
-        } else {
-            Duration::from_secs(3600)
-        };
+        // Caught up: until a write changes what it watches (the hub says
+        // so), or it is time to say where it is.
+        let nudge = PROGRESS_EVERY.saturating_sub(said_at.elapsed());
         tokio::select! {
-            changed = signal.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
+            _ = registration.notify.notified() => {}
             _ = closing.changed() => {}
             _ = tx.closed() => return,
             _ = tokio::time::sleep(nudge) => {}
         }
+    }
+}
+
+/// What the server keeps for its watchers: the hub that wakes them, and
+/// the thread that reads the feed and builds their messages.
+pub struct Feed {
+    pub(super) hub: Arc<Hub>,
+    pub(super) workers: Arc<Workers>,
+}
+
+impl Feed {
+    /// Starts the hub's task (on the current runtime) and the worker thread.
+    pub fn start(engine: Arc<Engine>) -> Arc<Feed> {
+        let hub = Arc::new(Hub::default());
+        tokio::spawn(dispatch(engine, hub.clone()));
+        Arc::new(Feed {
+            hub,
+            workers: Workers::start(),
+        })
+    }
+}
+
+/// Which watcher watches what, so that a write wakes only the watchers of
+/// what it changed.
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<HubInner>,
+}
+
+#[derive(Default)]
+struct HubInner {
+    next: u64,
+    watchers: HashMap<u64, Arc<tokio::sync::Notify>>,
+    /// Watchers by tag, and by field (of a value or all values).
+    tags: HashMap<String, HashSet<u64>>,
+    fields: HashMap<String, HashSet<u64>>,
+}
+
+/// A watcher's place in the hub; it leaves the hub when dropped.
+pub struct Registration {
+    hub: Arc<Hub>,
+    id: u64,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Hub {
+    fn register(self: &Arc<Self>, w: &Watched) -> Registration {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let mut h = self.inner.lock();
+        h.next += 1;
+        let id = h.next;
+        h.watchers.insert(id, notify.clone());
+        for t in &w.tags {
+            h.tags.entry(t.clone()).or_default().insert(id);
+        }
+        for f in w.fields.iter().chain(w.values.iter().map(|(f, _)| f)) {
+            h.fields.entry(f.clone()).or_default().insert(id);
+        }
+        Registration {
+            hub: self.clone(),
+            id,
+            notify,
+        }
+    }
+
+    /// Wakes the watchers of what `entries` changed (all of them when
+    /// `None`: the hub fell behind and cannot tell).
+    fn wake(&self, entries: Option<&[Arc<Entry>]>) {
+        let h = self.inner.lock();
+        let Some(entries) = entries else {
+            for n in h.watchers.values() {
+                n.notify_one();
+            }
+            return;
+        };
+        let mut woken: HashSet<u64> = HashSet::new();
+        for e in entries {
+            for c in &e.changes {
+                let ids = match c.subject() {
+                    Subject::Tag(t) => h.tags.get(t),
+                    Subject::Value { field, .. } => h.fields.get(field),
+                };
+                for id in ids.into_iter().flatten() {
+                    if woken.insert(*id)
+                        && let Some(n) = h.watchers.get(id)
+                    {
+                        n.notify_one();
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut guard = self.hub.inner.lock();
+        let h = &mut *guard;
+        h.watchers.remove(&self.id);
+        for set in h.tags.values_mut().chain(h.fields.values_mut()) {
+            set.remove(&self.id);
+        }
+        h.tags.retain(|_, s| !s.is_empty());
+        h.fields.retain(|_, s| !s.is_empty());
+    }
+}
+
+/// The hub's task: follows the feed's newest entries (from memory) and
+/// wakes the watchers each one concerns.
+async fn dispatch(engine: Arc<Engine>, hub: Arc<Hub>) {
+    let mut signal = engine.feed_signal();
+    let mut at = engine.feed_view().end;
+    while signal.changed().await.is_ok() {
+        match engine.feed_recent(at) {
+            Some((entries, end)) => {
+                if !entries.is_empty() {
+                    hub.wake(Some(&entries));
+                }
+                at = end;
+            }
+            None => {
+                // Behind what memory holds (or the feed started again):
+                // every watcher looks for itself.
+                hub.wake(None);
+                at = engine.feed_view().end;
+            }
+        }
+    }
+}
+
+/// The thread that does the watchers' work (reading the feed, building
+/// messages), one job at a time in the order asked, at a lower CPU
+/// priority than the rest of the server: under a load that takes every
+/// core, watchers fall behind (within the feed's retention) rather than
+/// slow writers and readers down.
+pub struct Workers {
+    tx: parking_lot::Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The niceness of the watchers' thread (0 is the server's).
+const WORKER_NICE: i32 = 10;
+
+impl Workers {
+    fn start() -> Arc<Workers> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name("tagstore-watch".into())
+            .spawn(move || {
+                // SAFETY: setpriority on this thread's own id.
+                let rc = unsafe {
+                    libc::setpriority(
+                        libc::PRIO_PROCESS,
+                        libc::gettid() as libc::id_t,
+                        WORKER_NICE,
+                    )
+                };
+                if rc != 0 {
+                    tracing::warn!(
+                        error = %std::io::Error::last_os_error(),
+                        "the watchers' thread runs at the server's priority"
+                    );
+                }
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no thread for watchers: Watch calls will fail");
+        }
+        Arc::new(Workers {
+            tx: parking_lot::Mutex::new(tx),
+        })
+    }
+
+    /// Runs `f` on the watchers' thread; `None` if that thread is gone.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(f());
+        });
+        self.tx.lock().send(job).ok()?;
+        rx.await.ok()
     }
 }

@@ -241,13 +241,30 @@ pub struct FeedView {
 pub struct FeedShared {
     view: Mutex<FeedView>,
     end_tx: tokio::sync::watch::Sender<u64>,
+    /// The newest entries, as the writer made them: readers that have
+    /// caught up take them from here, with no file read and no decoding.
+    ring: Mutex<Ring>,
 }
+
+/// The newest entries in memory, at most [`RING_BYTES`] of them (as
+/// encoded): every entry after lsn `base` up to the feed's end is here.
+#[derive(Default)]
+struct Ring {
+    entries: VecDeque<(Arc<Entry>, usize)>,
+    base: u64,
+    bytes: usize,
+}
+
+/// Bytes of entries (as encoded) kept in memory for readers that have
+/// caught up.
+pub const RING_BYTES: usize = 32 << 20;
 
 impl FeedShared {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             view: Mutex::new(FeedView::default()),
             end_tx: tokio::sync::watch::channel(0).0,
+            ring: Mutex::new(Ring::default()),
         })
     }
 
@@ -258,6 +275,63 @@ impl FeedShared {
     /// A receiver that changes whenever the feed's end moves.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.end_tx.subscribe()
+    }
+
+    /// The entries after `after` and the feed's end, if memory holds them.
+    pub fn recent(&self, after: u64) -> Option<(Vec<Arc<Entry>>, u64)> {
+        let end = self.view.lock().end;
+        self.ring_after(after, end, usize::MAX)
+            .map(|(entries, _)| (entries, end))
+    }
+
+    /// The ring starts again, empty, after lsn `base`.
+    fn reset_ring(&self, base: u64) {
+        let mut r = self.ring.lock();
+        r.entries.clear();
+        r.bytes = 0;
+        r.base = base;
+    }
+
+    fn push_ring(&self, entry: Arc<Entry>, bytes: usize) {
+        let mut r = self.ring.lock();
+        r.bytes += bytes;
+        r.entries.push_back((entry, bytes));
+        while r.bytes > RING_BYTES {
+            let Some((old, n)) = r.entries.pop_front() else {
+                break;
+            };
+            r.bytes -= n;
+            r.base = old.lsn;
+        }
+    }
+
+    /// The entries after `after` up to `end`, about `max_bytes` of them (at
+    /// least one), when the ring holds all of them; with whether they run
+    /// to `end`. `None` when the ring does not reach back to `after`.
+    fn ring_after(
+        &self,
+        after: u64,
+        end: u64,
+        max_bytes: usize,
+    ) -> Option<(Vec<Arc<Entry>>, bool)> {
+        let r = self.ring.lock();
+        if after < r.base {
+            return None;
+        }
+        let from = r.entries.partition_point(|(e, _)| e.lsn <= after);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (e, n) in r.entries.range(from..) {
+            if e.lsn > end {
+                break;
+            }
+            if bytes >= max_bytes && !out.is_empty() {
+                return Some((out, false));
+            }
+            bytes += n;
+            out.push(e.clone());
+        }
+        Some((out, true))
     }
 
     fn set(&self, view: FeedView) {
@@ -411,11 +485,12 @@ impl FeedWriter {
         report.end = w.end;
         for e in entries {
             if e.lsn > w.end {
-                w.append(e)?;
+                let _ = w.append(e)?;
             }
         }
         w.end = w.end.max(last_lsn);
         w.sync()?;
+        w.shared.reset_ring(w.end);
         w.publish();
         Ok((w, report))
     }
@@ -480,22 +555,23 @@ impl FeedWriter {
 
     /// Appends a write's entry (not yet synced, not yet shown to readers:
     /// [`FeedWriter::advance`] does that).
-    fn append(&mut self, entry: &Entry) -> Result<()> {
+    fn append(&mut self, entry: &Entry) -> Result<usize> {
         self.buf.clear();
         let mut buf = std::mem::take(&mut self.buf);
         encode(&mut buf, entry);
+        let n = buf.len();
         let res = self.write(&buf, entry.at_ms);
         self.buf = buf;
         res?;
         self.end = entry.lsn;
-        Ok(())
+        Ok(n)
     }
 
     /// The writes of one group, after the log's sync: their entries are
     /// appended and the feed's end moves to `lsn`. A failure to write starts
     /// the feed again after `lsn` (readers from before are told to
     /// resynchronise); it never fails the write itself.
-    pub fn advance(&mut self, entries: &[Entry], lsn: u64, now_ms: i64) {
+    pub fn advance(&mut self, entries: Vec<Entry>, lsn: u64, now_ms: i64) {
         if !self.config.enabled() || lsn <= self.end {
             return;
         }
@@ -506,7 +582,8 @@ impl FeedWriter {
             }
             for e in entries {
                 if e.lsn > self.end {
-                    self.append(e)?;
+                    let n = self.append(&e)?;
+                    self.shared.push_ring(Arc::new(e), n);
                 }
             }
             Ok(())
@@ -535,6 +612,7 @@ impl FeedWriter {
             self.remove_file(f.first_lsn);
         }
         self.end = lsn;
+        self.shared.reset_ring(lsn);
         self.restarted = Some(format!("after lsn {lsn}: {e}"));
         if let Err(e2) = self.begin_file(lsn + 1) {
             tracing::error!(error = %e2, "no new feed file; the next write tries again");
@@ -801,10 +879,21 @@ impl FeedReader {
     /// The next entries (changes only; marks move the position), up to about
     /// `max_bytes` of records; empty when the reader has caught up with the
     /// feed's end, which then becomes its position.
-    pub fn next(&mut self, max_bytes: usize) -> std::result::Result<Vec<Entry>, ReadError> {
+    pub fn next(&mut self, max_bytes: usize) -> std::result::Result<Vec<Arc<Entry>>, ReadError> {
         let view = self.shared.view();
         if !view.enabled {
             return Err(ReadError::Off);
+        }
+        check_position(&view, self.after)?;
+        if let Some((entries, all)) = self.shared.ring_after(self.after, view.end, max_bytes) {
+            // Caught up (or nearly): the newest entries, from memory. The
+            // file position is found again if the reader ever falls behind.
+            self.after = match (all, entries.last()) {
+                (false, Some(e)) => e.lsn,
+                _ => view.end,
+            };
+            self.at = None;
+            return Ok(entries);
         }
         let mut out = Vec::new();
         let mut consumed = 0usize;
@@ -898,7 +987,7 @@ impl FeedReader {
         lsn: u64,
         kind: u8,
         payload: &[u8],
-        out: &mut Vec<Entry>,
+        out: &mut Vec<Arc<Entry>>,
         path: &std::path::Path,
         offset: u64,
     ) -> std::result::Result<(), ReadError> {
@@ -910,7 +999,7 @@ impl FeedReader {
         })?;
         self.after = lsn;
         if !entry.changes.is_empty() {
-            out.push(entry);
+            out.push(Arc::new(entry));
         }
         Ok(())
     }

@@ -292,6 +292,13 @@ impl Engine {
         )
     }
 
+    /// The feed's entries after lsn `after` and its end, when memory still
+    /// holds all of them (no file is read): for following the feed's
+    /// newest writes cheaply.
+    pub fn feed_recent(&self, after: u64) -> Option<(Vec<Arc<feed::Entry>>, u64)> {
+        self.shared.feed.recent(after)
+    }
+
     /// Where the change feed stands.
     pub fn feed_view(&self) -> feed::FeedView {
         self.shared.feed.view()

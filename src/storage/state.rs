@@ -3,7 +3,7 @@
 //! the two can never disagree.
 
 use crate::storage::feed::{Change as FeedChange, Subject as FeedSubject};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -706,7 +706,13 @@ impl State {
                 for m in b.merges.iter().filter(|m| m.refused.is_empty()) {
                     gone.insert(m.absorbed);
                 }
-                self.feed = self.feed_changes(&tags, &fields, &t, &gone, &defined)?;
+                let every = !gone.is_empty()
+                    || !b.new_tags.is_empty()
+                    || !b.drop_tags.is_empty()
+                    || !b.new_fields.is_empty()
+                    || !b.drop_fields.is_empty()
+                    || !b.rules.is_empty();
+                self.feed = self.feed_changes(&tags, &fields, &t, &gone, &defined, every)?;
             }
         }
         self.snap.lsn = lsn;
@@ -900,6 +906,7 @@ impl State {
         t: &Touch,
         gone: &ShardedBitmap,
         defined: &HashSet<Arc<str>>,
+        every: bool,
     ) -> Result<Vec<FeedChange>> {
         let mut out = Vec::new();
         let among = |name: &str| -> Option<ShardedBitmap> {
@@ -931,8 +938,28 @@ impl State {
                 });
             }
         }
-        for (name, new) in &self.snap.tags {
-            match tags.get(name) {
+        // The names that can have changed: those the batch touched (rules
+        // included) or defined; every one when customers went (erased or
+        // merged: out of every tag and field) or tags, fields or rules were
+        // made or dropped.
+        let mut candidates: BTreeSet<Arc<str>> = t.by_name.keys().cloned().collect();
+        candidates.extend(defined.iter().cloned());
+        if every {
+            candidates.extend(tags.keys().cloned());
+            candidates.extend(self.snap.tags.keys().cloned());
+        }
+        for name in &candidates {
+            let (Some(new), old) = (self.snap.tags.get(name), tags.get(name)) else {
+                if tags.contains_key(name) {
+                    out.push(FeedChange {
+                        subject: Some(FeedSubject::Tag(name.to_string())),
+                        dropped: true,
+                        ..Default::default()
+                    });
+                }
+                continue;
+            };
+            match old {
                 Some(old) if Arc::ptr_eq(old, new) || old.bitmap.same(&new.bitmap) => {}
                 Some(old) => push(
                     &mut out,
@@ -950,20 +977,19 @@ impl State {
                 ),
             }
         }
-        for name in tags.keys() {
-            if !self.snap.tags.contains_key(name) {
-                out.push(FeedChange {
-                    subject: Some(FeedSubject::Tag(name.to_string())),
-                    dropped: true,
-                    ..Default::default()
-                });
-            }
-        }
         let values = |f: &Field| match &f.meta.kind {
             crate::fields::FieldKind::Enum { values } => Some(values.clone()),
             _ => None,
         };
-        for (name, new) in &self.snap.fields {
+        let mut field_names: BTreeSet<Arc<str>> = t.by_name.keys().cloned().collect();
+        field_names.extend(defined.iter().cloned());
+        if every {
+            field_names.extend(self.snap.fields.keys().cloned());
+        }
+        for name in &field_names {
+            let Some(new) = self.snap.fields.get(name) else {
+                continue;
+            };
             let old = fields.get(name);
             if old.is_some_and(|o| Arc::ptr_eq(o, new)) {
                 continue;
@@ -1017,7 +1043,7 @@ impl State {
                 );
             }
         }
-        for (name, old) in fields {
+        for (name, old) in fields.iter().filter(|_| every) {
             if self.snap.fields.contains_key(name) {
                 continue;
             }

@@ -456,8 +456,7 @@ impl Writer {
         // the customers it names.
         let entries = std::mem::take(&mut self.feed_entries);
         self.feed
-            .advance(&entries, self.state.snap.lsn, self.now_ms());
-        self.feed_entries = entries;
+            .advance(entries, self.state.snap.lsn, self.now_ms());
         for (reply, res) in replies {
             let _ = reply.send(res);
         }
@@ -502,8 +501,7 @@ impl Writer {
         self.shared.publish(Arc::new(self.state.snap.clone()));
         self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
         let entries = std::mem::take(&mut self.feed_entries);
-        self.feed.advance(&entries, lsn, self.now_ms());
-        self.feed_entries = entries;
+        self.feed.advance(entries, lsn, self.now_ms());
         Ok(())
     }
 

@@ -102,6 +102,11 @@ struct Cli {
     #[arg(long, global = true, allow_hyphen_values = true)]
     server_arg: Vec<String>,
     /// Where the JSON report and the SVG plots go.
+    /// The niceness of the `watch` scenario's watchers (they stand for
+    /// services on other machines: 19 keeps their decoding off the
+    /// writers' CPU here; 0 shares it equally).
+    #[arg(long, global = true, default_value_t = 19)]
+    watchers_nice: i32,
     #[arg(long, global = true, default_value = "bench-results")]
     out: PathBuf,
 }
@@ -124,6 +129,8 @@ enum Scenario {
     Ingest,
     /// Writes with 50 rules against none, and the turn of the day (in-process).
     Rules,
+    /// Writes with 100 change-feed watchers against none, the feed's lag, and the feed off against on.
+    Watch,
     /// Every scenario.
     All,
 }
@@ -446,6 +453,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::Rules) {
         b.rules().await?;
+    }
+    if wants(Scenario::Watch) {
+        b.watch_feed().await?;
     }
     b.latency_plot()?;
     let path = b.cli.out.join("bench.json");

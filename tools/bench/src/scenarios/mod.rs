@@ -11,3 +11,4 @@ mod restart;
 mod rules;
 mod sweep;
 mod update;
+mod watch;
