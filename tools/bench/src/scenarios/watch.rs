@@ -95,11 +95,12 @@ impl Bench {
             })
             .enable_all()
             .build()?;
-        // Rounds 0 to 3 take turns; round 4 measures the lag at a light
-        // load (one client's single writes) with the watchers.
+        // Round 0 measures the lag at a light load (one client's single
+        // writes) with the watchers, before any backlog; rounds 1 to 4 take
+        // turns (with, without, with, without).
         let mut light_lag = Histogram::<u64>::new(3)?;
         for round in 0..5 {
-            let light = round == 4;
+            let light = round == 0;
             let watching = round % 2 == 1 || light;
             let stop = Arc::new(AtomicBool::new(false));
             let mut tasks = Vec::new();
