@@ -358,8 +358,8 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
                 c = common::client(&server).await;
                 s = watch(&mut c, Some(mirror.last)).await.unwrap();
             }
-            // kill -9 with the watcher behind; the feed's unsynced tail is
-            // worked out again from the log.
+            // kill -9 with the watcher behind (what a power cut does to the
+            // feed's unsynced tail is `feed_model`'s and `faults`' to show).
             6 => {
                 drop(s);
                 server.kill();

@@ -75,6 +75,8 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
     assert_eq!(sample(body, "tagstore_tags"), 1.0);
     assert_eq!(sample(body, "tagstore_storage_failed"), 0.0);
     assert!(sample(body, "tagstore_lsn") >= 1.0);
+    assert_eq!(sample(body, "tagstore_feed_start_lsn"), 0.0);
+    assert_eq!(sample(body, "tagstore_feed_files"), 1.0);
     assert!(sample(body, "tagstore_resident_memory_bytes") > 0.0);
     assert!(body.contains("# TYPE tagstore_requests_total counter"));
     for secret in ["秘密标签", "13800001111", "k2"] {

@@ -183,7 +183,8 @@ fn render(engine: &Engine, calls: &Calls, started: Instant) -> String {
         .values()
         .filter(|r| !r.stale.is_empty())
         .count();
-    let gauges: [(&str, &str, f64); 15] = [
+    let feed = engine.feed_view();
+    let gauges: [(&str, &str, f64); 17] = [
         (
             "tagstore_customers",
             "Live customers.",
@@ -249,6 +250,16 @@ fn render(engine: &Engine, calls: &Calls, started: Instant) -> String {
             "tagstore_resident_memory_bytes",
             "Resident memory of the process.",
             super::admin::resident_bytes().unwrap_or(0) as f64,
+        ),
+        (
+            "tagstore_feed_start_lsn",
+            "The change feed holds every write after this log position (watchers may resume from it).",
+            feed.start.saturating_sub(1) as f64,
+        ),
+        (
+            "tagstore_feed_files",
+            "Files of the change feed (0: the feed is off).",
+            feed.files.len() as f64,
         ),
         (
             "tagstore_uptime_seconds",
