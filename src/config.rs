@@ -84,6 +84,7 @@ impl Default for Limits {
 /// feed_retention_mb = 1024   # the change feed (`Watch`) keeps at most this much (0: no feed)
 /// feed_retention_hours = 168 # and changes at most this old (0: no limit by age)
 /// feed_file_mb = 64          # in files of this size (the oldest whole file goes first)
+/// audit_retention_days = 400 # the audit trail (who read or changed customers) is kept this long (0: for ever)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 /// tokens = "tokens.toml"     # API tokens (`tagstore token add`); without one, loopback only
 /// metrics_listen = "127.0.0.1:9420"  # Prometheus text at GET /metrics (default: off)
@@ -124,6 +125,8 @@ pub struct FileConfig {
     /// MiB of one feed file (default 64, at least 1): the retention drops
     /// whole files.
     pub feed_file_mb: Option<u64>,
+    /// Days the audit trail is kept (default 400; 0: for ever).
+    pub audit_retention_days: Option<u32>,
     /// A TOML file of fact rules (`ingest::facts`), read at start; relative
     /// to the working directory. Default: the standard rules.
     pub facts: Option<PathBuf>,
@@ -205,6 +208,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::server::tls::TlsFiles>,
     /// Where metrics are served; `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long the audit trail is kept.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -339,6 +344,10 @@ impl ServerConfig {
             open_without_tokens,
             tls,
             metrics_listen,
+            audit: crate::audit::AuditConfig {
+                retention_days: file.audit_retention_days.unwrap_or(400),
+                ..Default::default()
+            },
         })
     }
 }

@@ -26,6 +26,8 @@
 //!   its values sit in bitmaps; local days and months.
 //! - [`access`]: API tokens (the tokens file, roles) and the rule of every
 //!   call; the server asks it before handing a call on.
+//! - [`audit`]: the audit trail: who read or changed customers, with which
+//!   call, when and how many, in checksummed files of the data directory.
 //! - [`bitmap`]: the sharded roaring bitmap every tag is stored in.
 //! - [`clock`]: the one source of "now" (injectable, for tests that cross
 //!   a local midnight or a month end).
@@ -36,6 +38,7 @@
 //!   `tagstore-proto` package that clients share.
 
 pub mod access;
+pub mod audit;
 pub mod bitmap;
 pub mod clock;
 pub mod config;

@@ -104,6 +104,7 @@ pub const METHODS: &[&str] = &[
     "Members",
     "Overlap",
     "Profile",
+    "ReadAudit",
     "RebuildFacts",
     "ReplaceMembers",
     "ResolveCustomers",
@@ -134,7 +135,7 @@ pub fn rule_for(method: &str) -> Option<Rule> {
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"
         | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" | "DefineRule"
-        | "DropRule" | "TurnRuleDays" => rule(Admin, false),
+        | "DropRule" | "TurnRuleDays" | "ReadAudit" => rule(Admin, false),
         _ => None,
     }
 }

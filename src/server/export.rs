@@ -154,6 +154,8 @@ type Step = (Cursor, VecDeque<Item>);
 
 /// The stream `Export` answers with.
 pub struct ExportStream {
+    /// Members of the whole export.
+    total: u64,
     idle: Option<Cursor>,
     running: Option<JoinHandle<Step>>,
     /// Batches computed and not yet taken by the transport.
@@ -178,6 +180,7 @@ impl ExportStream {
             hashing,
         } = names;
         Self {
+            total,
             idle: Some(Cursor {
                 snap,
                 expr: Arc::new(expr),
@@ -199,6 +202,11 @@ impl ExportStream {
 }
 
 impl ExportStream {
+    /// Members of the whole export.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
     /// Starts computing the next batches on the blocking pool, unless a
     /// trip is under way already; false when no batch is left.
     fn start_trip(&mut self) -> bool {

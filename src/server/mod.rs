@@ -4,6 +4,7 @@
 
 mod admin;
 mod audiences;
+mod audit;
 pub mod auth;
 pub mod budget;
 mod export;
@@ -116,6 +117,14 @@ pub async fn serve(
         .map_err(|e| Error::Config(format!("reflection service (v1alpha): {e}")))?;
     let limit = config.limits.max_message_bytes;
     let budget = MemoryBudget::new(config.limits.max_request_memory_mb.saturating_mul(1 << 20));
+    let audit = {
+        let cfg = &config.engine;
+        crate::audit::Audit::open(
+            crate::storage::DataDir::new(cfg.fs.clone(), cfg.data_dir.clone()),
+            config.audit,
+            cfg.clock.clone(),
+        )?
+    };
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;
@@ -128,6 +137,7 @@ pub async fn serve(
         budget.clone(),
         config.facts.clone(),
         closing,
+        audit.clone(),
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -209,9 +219,13 @@ pub async fn serve(
     health.set_not_serving::<TagStoreServer<Service>>().await;
     tracing::info!("stopped accepting requests; writing the final checkpoint");
     let closing = engine.clone();
-    let closed = tokio::task::spawn_blocking(move || closing.shutdown())
-        .await
-        .map_err(|e| Error::Config(format!("shutdown task failed: {e}")))?;
+    let trail = audit.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        trail.close();
+        closing.shutdown()
+    })
+    .await
+    .map_err(|e| Error::Config(format!("shutdown task failed: {e}")))?;
     served.map_err(|e| Error::io(format!("gRPC server on {addr}"), std::io::Error::other(e)))?;
     closed
 }

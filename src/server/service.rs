@@ -15,11 +15,12 @@ use crate::error::Error;
 use crate::ingest::facts::Facts;
 use crate::proto;
 use crate::proto::tag_store_server::TagStore;
+use crate::server::audit::Kind;
 use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
 use crate::server::{
-    admin, audiences, fields, history, ingest, reads, rebuild, rules, unmerge, watch, writes,
+    admin, audiences, audit, fields, history, ingest, reads, rebuild, rules, unmerge, watch, writes,
 };
 use crate::storage::{Engine, TagMeta};
 
@@ -40,6 +41,8 @@ pub struct Service {
     pub(super) closing: tokio::sync::watch::Receiver<bool>,
     /// The watchers' hub and thread.
     pub(super) feed: Arc<watch::Feed>,
+    /// The audit trail.
+    pub(super) audit: Arc<crate::audit::Audit>,
 }
 
 impl Service {
@@ -50,6 +53,7 @@ impl Service {
         budget: Arc<MemoryBudget>,
         facts: Facts,
         closing: tokio::sync::watch::Receiver<bool>,
+        audit: Arc<crate::audit::Audit>,
     ) -> Self {
         let engine_for_feed = engine.clone();
         Self {
@@ -67,6 +71,7 @@ impl Service {
             facts: Arc::new(facts),
             closing,
             feed: watch::Feed::start(engine_for_feed),
+            audit,
         }
     }
 }
@@ -156,28 +161,57 @@ impl TagStore for Service {
         &self,
         req: Request<proto::UpdateRequest>,
     ) -> Result<Response<proto::UpdateResponse>, Status> {
-        writes::update(self, req).await
+        let who = audit::who(&req);
+        let tags: Vec<&str> = req
+            .get_ref()
+            .mutations
+            .iter()
+            .map(|m| m.tag.as_str())
+            .collect();
+        let subject = format!("tags {}", tags.join(", "));
+        let res = writes::update(self, req).await;
+        self.audited(Kind::Changes, who, "Update", &subject, res, |r| {
+            r.get_ref().added + r.get_ref().removed
+        })
+        .await
     }
 
     async fn replace_members(
         &self,
         req: Request<Streaming<proto::ReplaceMembersRequest>>,
     ) -> Result<Response<proto::ReplaceMembersResponse>, Status> {
-        writes::replace_members(self, req).await
+        let who = audit::who(&req);
+        let res = writes::replace_members(self, req).await;
+        self.audited(Kind::Changes, who, "ReplaceMembers", "", res, |r| {
+            r.get_ref().added + r.get_ref().removed
+        })
+        .await
     }
 
     async fn delete_customers(
         &self,
         req: Request<proto::DeleteCustomersRequest>,
     ) -> Result<Response<proto::DeleteCustomersResponse>, Status> {
-        writes::delete_customers(self, req).await
+        let who = audit::who(&req);
+        let subject = req.get_ref().customers.join(", ");
+        let res = writes::delete_customers(self, req).await;
+        self.audited(Kind::Changes, who, "DeleteCustomers", &subject, res, |r| {
+            r.get_ref().deleted
+        })
+        .await
     }
 
     async fn resolve_customers(
         &self,
         req: Request<proto::ResolveCustomersRequest>,
     ) -> Result<Response<proto::ResolveCustomersResponse>, Status> {
-        writes::resolve_customers(self, req).await
+        let who = audit::who(&req);
+        let subject = req.get_ref().customers.join(", ");
+        let res = writes::resolve_customers(self, req).await;
+        self.audited(Kind::Reads, who, "ResolveCustomers", &subject, res, |r| {
+            r.get_ref().ids.iter().filter(|&&id| id >= 0).count() as u64
+        })
+        .await
     }
 
     async fn count(
@@ -191,7 +225,13 @@ impl TagStore for Service {
         &self,
         req: Request<proto::MembersRequest>,
     ) -> Result<Response<proto::MembersResponse>, Status> {
-        reads::members(self, req).await
+        let who = audit::who(&req);
+        let subject = req.get_ref().query.clone();
+        let res = reads::members(self, req).await;
+        self.audited(Kind::Reads, who, "Members", &subject, res, |r| {
+            r.get_ref().customers.len() as u64 + r.get_ref().without_identity
+        })
+        .await
     }
 
     type ExportStream = ExportStream;
@@ -201,35 +241,72 @@ impl TagStore for Service {
         &self,
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        watch::watch(self, req).await
+        let who = audit::who(&req);
+        let r = req.get_ref();
+        let mut subjects: Vec<String> = r.tags.clone();
+        subjects.extend(r.values.iter().map(|v| format!("{}={}", v.field, v.value)));
+        let subject = match r.after_lsn {
+            Some(lsn) => format!("{} after lsn {lsn}", subjects.join(", ")),
+            None => subjects.join(", "),
+        };
+        let res = watch::watch(self, req).await;
+        self.audited(Kind::Reads, who, "Watch", &subject, res, |_| 0)
+            .await
     }
 
     async fn export(
         &self,
         req: Request<proto::ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        reads::export(self, req).await
+        let who = audit::who(&req);
+        let r = req.get_ref();
+        let subject = if r.identity_type.is_empty() {
+            r.query.clone()
+        } else {
+            format!("{} as {} {}", r.query, r.identity_type, r.hash)
+        };
+        let res = reads::export(self, req).await;
+        self.audited(Kind::Reads, who, "Export", subject.trim_end(), res, |r| {
+            r.get_ref().total()
+        })
+        .await
     }
 
     async fn profile(
         &self,
         req: Request<proto::ProfileRequest>,
     ) -> Result<Response<proto::ProfileResponse>, Status> {
-        reads::profile(self, req).await
+        let who = audit::who(&req);
+        let subject = req.get_ref().customer.clone();
+        let res = reads::profile(self, req).await;
+        self.audited(Kind::Reads, who, "Profile", &subject, res, |_| 1)
+            .await
     }
 
     async fn link(
         &self,
         req: Request<proto::LinkRequest>,
     ) -> Result<Response<proto::LinkResponse>, Status> {
-        ingest::link(self, req).await
+        let who = audit::who(&req);
+        let subject = req.get_ref().identities.join(", ");
+        let res = ingest::link(self, req).await;
+        self.audited(Kind::Changes, who, "Link", &subject, res, |r| {
+            1 + r.get_ref().merges.len() as u64
+        })
+        .await
     }
 
     async fn list_merges(
         &self,
         req: Request<proto::ListMergesRequest>,
     ) -> Result<Response<proto::ListMergesResponse>, Status> {
-        reads::list_merges(self, req).await
+        let who = audit::who(&req);
+        let subject = req.get_ref().customer.clone();
+        let res = reads::list_merges(self, req).await;
+        self.audited(Kind::Reads, who, "ListMerges", &subject, res, |r| {
+            2 * r.get_ref().merges.len() as u64
+        })
+        .await
     }
 
     async fn create_field(
@@ -260,6 +337,7 @@ impl TagStore for Service {
         &self,
         req: Request<proto::SetValuesRequest>,
     ) -> Result<Response<proto::SetValuesResponse>, Status> {
+        let who = audit::who(&req);
         let r = req.into_inner();
         if r.writes.len() > self.limits.max_keys_per_request {
             return Err(invalid(format!(
@@ -268,7 +346,14 @@ impl TagStore for Service {
                 self.limits.max_keys_per_request
             )));
         }
-        fields::set_values(&self.engine, r).await.map(Response::new)
+        let mut written: Vec<&str> = r.writes.iter().map(|w| w.field.as_str()).collect();
+        written.sort_unstable();
+        written.dedup();
+        let subject = format!("fields {}", written.join(", "));
+        let n = r.writes.len() as u64;
+        let res = fields::set_values(&self.engine, r).await.map(Response::new);
+        self.audited(Kind::Changes, who, "SetValues", &subject, res, |_| n)
+            .await
     }
 
     async fn create_source(
@@ -301,16 +386,32 @@ impl TagStore for Service {
         &self,
         req: Request<Streaming<proto::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
-        ingest::ingest(self, req).await
+        let who = audit::who(&req);
+        let res = ingest::ingest(self, req).await;
+        self.audited(
+            Kind::Changes,
+            who,
+            "Ingest",
+            "a stream of batches",
+            res,
+            |_| 0,
+        )
+        .await
     }
 
     async fn rebuild_facts(
         &self,
         req: Request<proto::RebuildFactsRequest>,
     ) -> Result<Response<proto::RebuildFactsResponse>, Status> {
-        rebuild::rebuild_facts(self, req.into_inner())
+        let who = audit::who(&req);
+        let subject = req.get_ref().customers.join(", ");
+        let res = rebuild::rebuild_facts(self, req.into_inner())
             .await
-            .map(Response::new)
+            .map(Response::new);
+        self.audited(Kind::Changes, who, "RebuildFacts", &subject, res, |r| {
+            r.get_ref().rebuilt
+        })
+        .await
     }
 
     async fn define_rule(
@@ -411,9 +512,25 @@ impl TagStore for Service {
         &self,
         req: Request<proto::UnmergeRequest>,
     ) -> Result<Response<proto::UnmergeResponse>, Status> {
-        unmerge::unmerge(self, req.into_inner())
+        let who = audit::who(&req);
+        let r = req.get_ref();
+        let subject = if r.identity.is_empty() {
+            format!("merge {}", r.merge_id)
+        } else {
+            r.identity.clone()
+        };
+        let res = unmerge::unmerge(self, req.into_inner())
             .await
-            .map(Response::new)
+            .map(Response::new);
+        self.audited(Kind::Changes, who, "Unmerge", &subject, res, |_| 2)
+            .await
+    }
+
+    async fn read_audit(
+        &self,
+        req: Request<proto::ReadAuditRequest>,
+    ) -> Result<Response<proto::ReadAuditResponse>, Status> {
+        audit::read_audit(self, req).await
     }
 
     async fn aggregate(

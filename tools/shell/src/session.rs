@@ -250,6 +250,82 @@ impl Session {
             | Command::DropRule { .. }
             | Command::Rules
             | Command::TurnDays) => self.exec_rule(cmd).await?,
+            Command::Audit(f) => {
+                let r = self
+                    .client
+                    .read_audit(ReadAuditRequest {
+                        after: f.after,
+                        limit: f.limit,
+                        who: f.who,
+                        method: f.method,
+                        subject: f.subject,
+                        since_ms: 0,
+                        until_ms: 0,
+                    })
+                    .await?
+                    .into_inner();
+                let rows: Vec<Vec<String>> = r
+                    .records
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.seq.to_string(),
+                            fmt_time(x.at_ms),
+                            if x.who.is_empty() {
+                                "-".into()
+                            } else {
+                                x.who.clone()
+                            },
+                            x.method.clone(),
+                            thousands(x.customers),
+                            x.outcome.clone(),
+                            x.subject.clone(),
+                        ]
+                    })
+                    .collect();
+                let mut text = if rows.is_empty() {
+                    "no audit records match".to_string()
+                } else {
+                    table::render(
+                        &[
+                            "seq",
+                            "when (UTC)",
+                            "who",
+                            "call",
+                            "customers",
+                            "outcome",
+                            "about",
+                        ],
+                        &[
+                            Align::Right,
+                            Align::Left,
+                            Align::Left,
+                            Align::Left,
+                            Align::Right,
+                            Align::Left,
+                            Align::Left,
+                        ],
+                        &rows,
+                    )
+                };
+                if r.more
+                    && let Some(last) = r.records.last()
+                {
+                    text.push_str(&format!(
+                        "\n… more: `audit after {}` with the same filters",
+                        last.seq
+                    ));
+                }
+                let json_rows: Vec<serde_json::Value> = r
+                    .records
+                    .iter()
+                    .map(|x| {
+                        json!({"seq": x.seq, "at_ms": x.at_ms, "who": x.who, "method": x.method,
+                        "customers": x.customers, "subject": x.subject, "outcome": x.outcome})
+                    })
+                    .collect();
+                self.out(text, json!({ "records": json_rows, "more": r.more }));
+            }
             Command::Stats => {
                 let s = self.client.stats(StatsRequest {}).await?.into_inner();
                 let rows = vec![

@@ -810,3 +810,27 @@ async fn watch_prints_who_entered_and_left_and_where_to_resume() {
     assert!(fails(a, "watch order_count=* for 1").contains("enumerated"));
     assert!(fails(a, "watch").contains("usage"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lists_who_read_which_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let a = server.addr.as_str();
+    ok(a, "create tag vip");
+    ok(a, "add vip phone:13800001111");
+    ok(a, "profile phone:13800001111");
+    ok(a, "count vip");
+    let out = ok(a, "audit about 13800001111");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[2].contains("Profile") && lines[2].contains("OK"),
+        "{out}"
+    );
+    let all = ok(a, "audit limit 1");
+    assert!(
+        all.contains("Update") && all.contains("audit after 1"),
+        "{all}"
+    );
+    assert!(fails(a, "audit who").contains("usage"));
+}

@@ -1,8 +1,8 @@
-//! Commands about the server and the shell itself: `stats`, `checkpoint`,
-//! `help`, `\timing`, `quit`. Each one's help text sits beside its parser.
+//! Commands about the server and the shell itself: `stats`, `audit`,
+//! `checkpoint`, `help`, `\timing`, `quit`. Each one's help text sits beside its parser.
 
 use super::args::{split_args, take_flag};
-use super::{Command, Spec};
+use super::{AuditFilter, Command, Spec};
 
 pub const STATS: Spec = Spec {
     name: "stats",
@@ -14,6 +14,36 @@ pub const STATS: Spec = Spec {
     takes_tags: false,
     parse: |_| Ok(Command::Stats),
 };
+
+pub const AUDIT: Spec = Spec {
+    name: "audit",
+    words: &["audit"],
+    complete: &["audit"],
+    usage: "audit [who <token>] [call <Method>] [about <text>] [after <seq>] [limit N]",
+    summary: "the audit trail: who read or changed customers, with which call, when, how many (admin)",
+    example: "audit about phone:13800001111",
+    takes_tags: false,
+    parse: parse_audit,
+};
+
+fn parse_audit(rest: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {}", AUDIT.usage);
+    let args = split_args(rest)?;
+    let mut filter = AuditFilter::default();
+    let mut it = args.iter();
+    while let Some(word) = it.next() {
+        let value = it.next().ok_or_else(usage)?;
+        match word.to_ascii_lowercase().as_str() {
+            "who" => filter.who = value.clone(),
+            "call" => filter.method = value.clone(),
+            "about" => filter.subject = value.clone(),
+            "after" => filter.after = value.parse().map_err(|_| usage())?,
+            "limit" => filter.limit = value.parse().map_err(|_| usage())?,
+            _ => return Err(usage()),
+        }
+    }
+    Ok(Command::Audit(filter))
+}
 
 pub const CHECKPOINT: Spec = Spec {
     name: "checkpoint",

@@ -253,11 +253,23 @@ pub enum Command {
     },
     Overlap(Vec<String>),
     Stats,
+    /// The audit trail, filtered.
+    Audit(AuditFilter),
     /// `true`: also merge the dictionary sections into one.
     Checkpoint(bool),
     Help(Option<String>),
     Timing(Option<bool>),
     Quit,
+}
+
+/// What `audit` asks for (empty: everything).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub who: String,
+    pub method: String,
+    pub subject: String,
+    pub after: u64,
+    pub limit: u32,
 }
 
 /// The kind given to `create field`.
@@ -366,6 +378,7 @@ pub const SPECS: &[&Spec] = &[
     &ingest::INGEST,
     &ingest::REBUILD,
     &admin::STATS,
+    &admin::AUDIT,
     &admin::CHECKPOINT,
     &admin::HELP,
     &admin::TIMING,

@@ -1,0 +1,701 @@
+//! The audit trail: who (the token's name) read or changed customers, with
+//! which call, when, how many customers and about what (a customer's key,
+//! a query, a tag), in append-only, checksummed files inside the data
+//! directory (`audit-*.log`), kept for a retention and read back with
+//! filters. PIPL asks a brand to be able to say who accessed a person's
+//! data; this is what lets it.
+//!
+//! Owns the audit files' bytes, their one writer thread, rotation,
+//! retention and reading; every file operation goes through the data
+//! directory's file system (`storage::fs`). Knows nothing of gRPC (the
+//! server says what to record) and nothing of the store's state.
+//!
+//! Format (see `storage-format.md`): a 24-byte header (`TAGSAUDT`, version,
+//! reserved, the sequence number of its first record), then records framed
+//! as the log's: `len u32 | crc32 u32 | seq u64 | kind u8 | payload`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::clock::SharedClock;
+use crate::error::{Error, Result};
+use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
+use crate::storage::datadir::{DataDir, fsync_dir};
+use crate::storage::fs::{Create, WriteFile};
+use crate::storage::wal::{self, FRAME_PREFIX};
+
+pub const AUDIT_MAGIC: &[u8; 8] = b"TAGSAUDT";
+pub const AUDIT_VERSION: u32 = 1;
+pub const AUDIT_HEADER_LEN: usize = 24;
+const KIND_RECORD: u8 = 1;
+/// Longest `subject` kept, in bytes (longer ones are cut at a character
+/// boundary and marked with `…`).
+pub const MAX_SUBJECT_BYTES: usize = 1024;
+/// Records waiting for the writer thread at most: beyond, a call that must
+/// be recorded is refused rather than answered unrecorded.
+const QUEUE: usize = 16_384;
+/// The writer syncs what it wrote at least this often.
+const SYNC_EVERY: Duration = Duration::from_millis(100);
+/// Records one read returns at most.
+pub const MAX_READ: usize = 10_000;
+
+pub fn file_name(first_seq: u64) -> String {
+    format!("audit-{first_seq:016x}.log")
+}
+
+fn parse_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("audit-")?.strip_suffix(".log")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// One audited call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// Its place in the trail, from 1 (set by the writer).
+    pub seq: u64,
+    /// When the call was answered, Unix ms.
+    pub at_ms: i64,
+    /// The token's name; empty on a server without tokens (loopback).
+    pub who: String,
+    /// The call (`Profile`, `Export`, `Update`, …).
+    pub method: String,
+    /// How many customers it read or changed (as the call counts them).
+    pub customers: u64,
+    /// About what: the customer's key, the query, the tags; at most
+    /// [`MAX_SUBJECT_BYTES`].
+    pub subject: String,
+    /// `OK`, or the status it failed with.
+    pub outcome: String,
+}
+
+impl Record {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut e = Enc::new();
+        e.i64(self.at_ms)
+            .str(&self.who)
+            .str(&self.method)
+            .u64(self.customers)
+            .str(&self.subject)
+            .str(&self.outcome);
+        wal::frame(out, self.seq, KIND_RECORD, &e.buf);
+    }
+
+    fn decode(seq: u64, payload: &[u8]) -> std::result::Result<Record, String> {
+        let mut d = Dec::new(payload);
+        let e = |x: crate::storage::codec::DecodeError| format!("at {}: {}", x.offset, x.reason);
+        let r = Record {
+            seq,
+            at_ms: d.i64().map_err(e)?,
+            who: d.str().map_err(e)?.to_string(),
+            method: d.str().map_err(e)?.to_string(),
+            customers: d.u64().map_err(e)?,
+            subject: d.str().map_err(e)?.to_string(),
+            outcome: d.str().map_err(e)?.to_string(),
+        };
+        d.finish().map_err(e)?;
+        Ok(r)
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary (with `…`).
+pub fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// How long the trail is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Whole files go once their newest record is older than this many
+    /// days; 0 keeps them for ever.
+    pub retention_days: u32,
+    /// A file is closed and a new one begun past this size.
+    pub file_bytes: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 400,
+            file_bytes: 16 << 20,
+        }
+    }
+}
+
+/// The audit trail of one data directory: records are handed to its writer
+/// thread, which appends them, syncs at least every 100 ms, rotates files
+/// and drops those past the retention.
+pub struct Audit {
+    tx: Mutex<Option<SyncSender<Queued>>>,
+    dir: DataDir,
+    /// Why the trail cannot be written now, if it cannot.
+    failed: Arc<Mutex<Option<String>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A record on its way to the file, and who waits for it to be written.
+type Queued = (Record, Option<tokio::sync::oneshot::Sender<bool>>);
+
+/// What the writer thread holds.
+struct Writer {
+    dir: DataDir,
+    config: AuditConfig,
+    clock: SharedClock,
+    file: Option<(PathBuf, Arc<dyn WriteFile>, u64)>,
+    /// First sequence numbers of the files, oldest first, with the time of
+    /// their newest record.
+    files: Vec<(u64, i64)>,
+    next_seq: u64,
+    dirty: bool,
+    failed: Arc<Mutex<Option<String>>>,
+    buf: Vec<u8>,
+}
+
+impl Audit {
+    /// Opens the trail of `dir`: the files are checked (a torn last record
+    /// of the newest is cut), and the writer thread started.
+    pub fn open(dir: DataDir, config: AuditConfig, clock: SharedClock) -> Result<Arc<Audit>> {
+        let names = list(&dir)?;
+        let mut files = Vec::new();
+        let mut next_seq = 1;
+        for (n, &first) in names.iter().enumerate() {
+            let is_last = n + 1 == names.len();
+            match scan(&dir, first, is_last) {
+                Ok(scan) => {
+                    files.push((first, scan.newest_ms));
+                    next_seq = next_seq.max(scan.last_seq + 1).max(first);
+                }
+                Err(e) => {
+                    // Damage does not stop the server: the file stays (a
+                    // read through it names the damage) and the trail goes
+                    // on past every number it could hold (a record takes
+                    // at least 17 bytes), leaving a gap in the numbers.
+                    tracing::error!(error = %e, "the audit trail is damaged; it goes on in a new file");
+                    let path = dir.join(file_name(first));
+                    let len = dir.fs().read(&path).map_or(0, |d| d.len() as u64);
+                    files.push((first, i64::MAX));
+                    next_seq = next_seq.max(first + len / 17 + 1);
+                }
+            }
+        }
+        let failed = Arc::new(Mutex::new(None));
+        let mut w = Writer {
+            dir: dir.clone(),
+            config,
+            clock,
+            file: None,
+            files,
+            next_seq,
+            dirty: false,
+            failed: failed.clone(),
+            buf: Vec::new(),
+        };
+        w.begin_file()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("tagstore-audit".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| Error::io(dir.path(), e))?;
+        Ok(Arc::new(Audit {
+            tx: Mutex::new(Some(tx)),
+            dir,
+            failed,
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// Hands a record to the writer. An error says why it cannot be
+    /// recorded (the writer failed, or is too far behind): a read of
+    /// customers must then not be answered.
+    pub fn record(&self, r: Record) -> Result<()> {
+        self.send((r, None))
+    }
+
+    /// Hands a record to the writer and waits until it is in the file (not
+    /// yet synced: within 100 ms): a read of customers is answered only
+    /// then. An error says why it could not be.
+    pub async fn record_written(&self, r: Record) -> Result<()> {
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.send((r, Some(done)))?;
+        match written.await {
+            Ok(true) => Ok(()),
+            _ => Err(Error::Internal(format!(
+                "the audit trail could not write the record: {}",
+                self.failed
+                    .lock()
+                    .clone()
+                    .unwrap_or_else(|| "its writer stopped".into())
+            ))),
+        }
+    }
+
+    fn send(&self, q: Queued) -> Result<()> {
+        if let Some(why) = self.failed.lock().clone() {
+            return Err(Error::Internal(format!(
+                "the audit trail cannot be written: {why}"
+            )));
+        }
+        let tx = self.tx.lock();
+        let Some(tx) = tx.as_ref() else {
+            return Err(Error::ShuttingDown);
+        };
+        match tx.try_send(q) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Error::Internal(format!(
+                "the audit trail is {QUEUE} records behind; retry"
+            ))),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(Error::Internal("the audit trail's writer stopped".into()))
+            }
+        }
+    }
+
+    /// Writes and syncs what is queued, then stops the writer (at shutdown).
+    pub fn close(&self) {
+        self.tx.lock().take();
+        if let Some(h) = self.writer.lock().take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Records matching `filter` with a sequence number above `after`,
+    /// oldest first, at most `limit`; with whether more match. Reads the
+    /// files (blocking). Damage anywhere but a torn last record of the
+    /// newest file is an error naming the file and the offset.
+    pub fn read(&self, filter: &Filter, after: u64, limit: usize) -> Result<(Vec<Record>, bool)> {
+        let names = list(&self.dir)?;
+        let mut out = Vec::new();
+        for (n, &first) in names.iter().enumerate() {
+            // A file whose successor starts at or before `after` holds
+            // nothing after it.
+            if names.get(n + 1).is_some_and(|&next| next <= after + 1) {
+                continue;
+            }
+            let is_last = n + 1 == names.len();
+            let path = self.dir.join(file_name(first));
+            let data = match self.dir.fs().read(&path) {
+                Ok(d) => d,
+                // Dropped by the retention meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            let mut more = false;
+            parse(&path, &data, is_last, |r| {
+                if r.seq > after && filter.matches(&r) {
+                    if out.len() == limit {
+                        more = true;
+                        return false;
+                    }
+                    out.push(r);
+                }
+                true
+            })?;
+            if more {
+                return Ok((out, true));
+            }
+        }
+        Ok((out, false))
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Which records a read wants; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub who: String,
+    pub method: String,
+    /// Records whose subject contains this text (a customer's key).
+    pub subject: String,
+    pub since_ms: i64,
+    /// 0: no end.
+    pub until_ms: i64,
+}
+
+impl Filter {
+    fn matches(&self, r: &Record) -> bool {
+        (self.who.is_empty() || r.who == self.who)
+            && (self.method.is_empty() || r.method == self.method)
+            && (self.subject.is_empty() || r.subject.contains(&self.subject))
+            && r.at_ms >= self.since_ms
+            && (self.until_ms == 0 || r.at_ms < self.until_ms)
+    }
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Queued>) {
+        let mut last_sync = Instant::now();
+        let mut last_expiry = Instant::now();
+        loop {
+            let wait = SYNC_EVERY.saturating_sub(last_sync.elapsed());
+            match rx.recv_timeout(if self.dirty { wait } else { SYNC_EVERY * 10 }) {
+                Ok(q) => {
+                    self.write_queued(q);
+                    // Whatever else is waiting, in one go.
+                    while let Ok(q) = rx.try_recv() {
+                        self.write_queued(q);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.sync();
+                    return;
+                }
+            }
+            if self.dirty && last_sync.elapsed() >= SYNC_EVERY {
+                self.sync();
+                last_sync = Instant::now();
+            }
+            if last_expiry.elapsed() >= Duration::from_secs(3600) {
+                self.expire();
+                last_expiry = Instant::now();
+            }
+        }
+    }
+
+    fn fail(&self, e: &Error) {
+        tracing::error!(error = %e, "the audit trail cannot be written: calls that read customers are refused");
+        *self.failed.lock() = Some(e.to_string());
+    }
+
+    fn write_queued(&mut self, (r, done): Queued) {
+        let ok = self.write(r);
+        if let Some(done) = done {
+            let _ = done.send(ok);
+        }
+    }
+
+    /// Appends one record; false if it could not be.
+    fn write(&mut self, mut r: Record) -> bool {
+        if self.file.is_none() {
+            // An earlier failure: try a new file.
+            if let Err(e) = self.begin_file() {
+                self.fail(&e);
+                return false;
+            }
+            *self.failed.lock() = None;
+        }
+        r.seq = self.next_seq;
+        self.buf.clear();
+        r.encode(&mut self.buf);
+        let Some((path, file, bytes)) = &mut self.file else {
+            return false;
+        };
+        if let Err(e) = file.write_at(&self.buf, *bytes) {
+            let e = Error::io(path.clone(), e);
+            self.file = None;
+            self.fail(&e);
+            return false;
+        }
+        *bytes += self.buf.len() as u64;
+        self.next_seq += 1;
+        self.dirty = true;
+        if let Some(last) = self.files.last_mut() {
+            last.1 = last.1.max(r.at_ms);
+        }
+        if *bytes >= self.config.file_bytes {
+            self.sync();
+            if let Err(e) = self.begin_file() {
+                self.file = None;
+                self.fail(&e);
+            }
+            self.expire();
+        }
+        true
+    }
+
+    fn sync(&mut self) {
+        if let Some((path, file, _)) = &self.file
+            && let Err(e) = file.sync_data()
+        {
+            let e = Error::io(path.clone(), e);
+            self.file = None;
+            self.fail(&e);
+        }
+        self.dirty = false;
+    }
+
+    fn begin_file(&mut self) -> Result<()> {
+        let first = self.next_seq;
+        let path = self.dir.join(file_name(first));
+        let file = self
+            .dir
+            .fs()
+            .create(&path, Create::Truncate)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut header = Vec::with_capacity(AUDIT_HEADER_LEN);
+        header.extend_from_slice(AUDIT_MAGIC);
+        header.extend_from_slice(&AUDIT_VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&first.to_le_bytes());
+        file.write_at(&header, 0)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(&path, e))?;
+        fsync_dir(&self.dir)?;
+        if self.files.last().is_some_and(|f| f.0 == first) {
+            // An empty file of the same number (a file begun at the last
+            // start, with no record) was just made again.
+            self.files.pop();
+        }
+        self.files.push((first, 0));
+        self.file = Some((path, file, AUDIT_HEADER_LEN as u64));
+        Ok(())
+    }
+
+    /// Deletes the oldest files whose newest record is past the retention
+    /// (never the current one).
+    fn expire(&mut self) {
+        if self.config.retention_days == 0 {
+            return;
+        }
+        let before = self.clock.now_ms() - i64::from(self.config.retention_days) * 86_400_000;
+        while self.files.len() > 1 && self.files[0].1 < before {
+            let (first, _) = self.files.remove(0);
+            let path = self.dir.join(file_name(first));
+            if let Err(e) = self.dir.fs().remove(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not delete an audit file past its retention");
+            }
+        }
+    }
+}
+
+/// The audit files of `dir`, by first sequence number.
+pub fn list(dir: &DataDir) -> Result<Vec<u64>> {
+    let mut out: Vec<u64> = dir
+        .fs()
+        .list(dir)
+        .map_err(|e| Error::io(dir.path(), e))?
+        .iter()
+        .filter_map(|e| parse_file_name(&e.name))
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+struct Scanned {
+    last_seq: u64,
+    newest_ms: i64,
+}
+
+/// Checks one file at start; a torn last record of the newest is cut.
+fn scan(dir: &DataDir, first: u64, is_last: bool) -> Result<Scanned> {
+    let path = dir.join(file_name(first));
+    let data = dir.fs().read(&path).map_err(|e| Error::io(&path, e))?;
+    let mut s = Scanned {
+        last_seq: first.saturating_sub(1),
+        newest_ms: 0,
+    };
+    let end = parse(&path, &data, is_last, |r| {
+        s.last_seq = r.seq;
+        s.newest_ms = s.newest_ms.max(r.at_ms);
+        true
+    })?;
+    if end < data.len() {
+        let file = dir
+            .fs()
+            .open_write(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.set_len(end as u64)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(&path, e))?;
+        tracing::warn!(path = %path.display(), offset = end, "cut a torn record off the audit trail");
+    }
+    Ok(s)
+}
+
+/// Reads the records of one file's bytes in order through `f` (false:
+/// stop); returns where the valid records end. In the newest file a record
+/// cut short or failing its checksum at the end is torn (the end); any
+/// other damage is an error naming the file and offset.
+fn parse(
+    path: &std::path::Path,
+    data: &[u8],
+    is_last: bool,
+    mut f: impl FnMut(Record) -> bool,
+) -> Result<usize> {
+    let corrupt = |at: usize, why: String| Error::corrupt(path, at as u64, why);
+    if data.len() < AUDIT_HEADER_LEN || &data[..8] != AUDIT_MAGIC {
+        return Err(corrupt(0, "not a tagstore audit file".into()));
+    }
+    let version = le_u32(data, 8).unwrap_or(0);
+    if version != AUDIT_VERSION {
+        return Err(corrupt(8, format!("unsupported audit version {version}")));
+    }
+    let first = le_u64(data, 16).unwrap_or(0);
+    let mut expect = first;
+    let mut pos = AUDIT_HEADER_LEN;
+    while pos < data.len() {
+        let len = le_u32(data, pos).map(|l| l as usize);
+        let torn = match len {
+            None => true,
+            Some(l) if !(9..=wal::MAX_RECORD_LEN).contains(&l) => {
+                if is_last && data[pos..].iter().all(|&b| b == 0) {
+                    true
+                } else {
+                    return Err(corrupt(pos, format!("invalid record length {l}")));
+                }
+            }
+            Some(l) => pos + FRAME_PREFIX + l > data.len(),
+        };
+        let body = (!torn).then(|| {
+            let l = len.unwrap_or(0);
+            &data[pos + FRAME_PREFIX..pos + FRAME_PREFIX + l]
+        });
+        let ok = body.is_some_and(|b| crc32fast::hash(b) == le_u32(data, pos + 4).unwrap_or(0));
+        if !ok {
+            let end = pos + FRAME_PREFIX + len.unwrap_or(0);
+            if is_last && (torn || end >= data.len()) {
+                return Ok(pos);
+            }
+            return Err(corrupt(pos, "record fails its checksum".into()));
+        }
+        let body = body.unwrap_or_default();
+        let seq = le_u64(body, 0).unwrap_or(0);
+        if seq != expect {
+            return Err(corrupt(pos, format!("record {seq} where {expect} was due")));
+        }
+        if body[8] != KIND_RECORD {
+            return Err(corrupt(pos, format!("unknown record kind {}", body[8])));
+        }
+        let r = Record::decode(seq, &body[9..]).map_err(|why| corrupt(pos, why))?;
+        pos += FRAME_PREFIX + body.len();
+        expect += 1;
+        if !f(r) {
+            break;
+        }
+    }
+    Ok(pos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::storage::fs::{FileSystem, MemFs};
+
+    fn open(fs: &MemFs, clock: &Arc<ManualClock>, days: u32) -> Arc<Audit> {
+        let dir = DataDir::new(Arc::new(fs.clone()), "/mem/audit");
+        fs.create_dir_all(std::path::Path::new("/mem/audit"))
+            .unwrap();
+        Audit::open(
+            dir,
+            AuditConfig {
+                retention_days: days,
+                file_bytes: 4096,
+            },
+            clock.clone(),
+        )
+        .unwrap()
+    }
+
+    fn rec(who: &str, at_ms: i64, subject: &str) -> Record {
+        Record {
+            at_ms,
+            who: who.into(),
+            method: "Profile".into(),
+            customers: 1,
+            subject: subject.into(),
+            outcome: "OK".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_are_numbered_kept_across_restarts_and_crashes_and_read_with_filters() {
+        let fs = MemFs::new();
+        let clock = ManualClock::at(1_000);
+        let a = open(&fs, &clock, 0);
+        a.record(rec("ops", 1, "phone:1")).unwrap();
+        a.record(rec("crm", 2, "phone:2")).unwrap();
+        a.close();
+        let a = open(&fs, &clock, 0);
+        a.record(rec("ops", 3, "phone:2")).unwrap();
+        a.close();
+        let (all, more) = a.read(&Filter::default(), 0, 10).unwrap();
+        assert!(!more);
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let f = Filter {
+            subject: "phone:2".into(),
+            ..Default::default()
+        };
+        let (two, _) = a.read(&f, 0, 10).unwrap();
+        assert_eq!(
+            two.iter().map(|r| r.who.as_str()).collect::<Vec<_>>(),
+            vec!["crm", "ops"]
+        );
+        let (page, more) = a.read(&Filter::default(), 1, 1).unwrap();
+        assert_eq!((page[0].seq, more), (2, true));
+        // A crash keeps what was synced (closing synced everything).
+        let image = fs.crash_image();
+        let b = open(&image, &clock, 0);
+        b.record(rec("x", 4, "")).unwrap();
+        b.close();
+        let (all, _) = b.read(&Filter::default(), 0, 10).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[3].seq, 4);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_an_error_naming_the_file_and_a_subject_is_cut() {
+        let fs = MemFs::new();
+        let clock = ManualClock::at(1_000);
+        let a = open(&fs, &clock, 0);
+        a.record(rec("ops", 1, &"客".repeat(2000))).unwrap();
+        a.record(rec("ops", 2, "k")).unwrap();
+        a.close();
+        let path = std::path::PathBuf::from("/mem/audit").join(file_name(1));
+        let mut data = fs.read(&path).unwrap();
+        data[AUDIT_HEADER_LEN + 20] ^= 0xff;
+        let f = fs.create(&path, Create::Truncate).unwrap();
+        f.write_at(&data, 0).unwrap();
+        let err = a.read(&Filter::default(), 0, 10).unwrap_err().to_string();
+        assert!(
+            err.contains("audit-0000000000000001.log") && err.contains("checksum"),
+            "{err}"
+        );
+        assert!(cut(&"客".repeat(2000), MAX_SUBJECT_BYTES).len() <= MAX_SUBJECT_BYTES);
+        assert!(cut(&"客".repeat(2000), MAX_SUBJECT_BYTES).ends_with('…'));
+    }
+
+    #[test]
+    fn files_past_the_retention_go_whole() {
+        let fs = MemFs::new();
+        let clock = ManualClock::at(0);
+        let a = open(&fs, &clock, 1);
+        let day = 86_400_000;
+        // Enough to fill more than one file.
+        let big = "x".repeat(1000);
+        for i in 0..20 {
+            a.record(rec("ops", i, &big)).unwrap();
+        }
+        a.close();
+        assert!(list(&a.dir).unwrap().len() >= 2);
+        clock.set(3 * day);
+        let b = open(&fs, &clock, 1);
+        b.record(rec("ops", 3 * day, "new")).unwrap();
+        // Fill a file so that the writer rotates and expires.
+        for _ in 0..20 {
+            b.record(rec("ops", 3 * day, &big)).unwrap();
+        }
+        b.close();
+        let (left, _) = b.read(&Filter::default(), 0, MAX_READ).unwrap();
+        assert!(left.iter().all(|r| r.at_ms >= 3 * day), "old records kept");
+    }
+}
