@@ -40,6 +40,8 @@ pub const MAX_SUBJECT_BYTES: usize = 1024;
 const QUEUE: usize = 16_384;
 /// The writer syncs what it wrote at least this often.
 const SYNC_EVERY: Duration = Duration::from_millis(100);
+/// A trail that failed tries a new file this often.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Records one read returns at most.
 pub const MAX_READ: usize = 10_000;
 
@@ -343,9 +345,15 @@ impl Writer {
     fn run(mut self, rx: Receiver<Queued>) {
         let mut last_sync = Instant::now();
         let mut last_expiry = Instant::now();
+        let mut last_retry = Instant::now();
         loop {
             let wait = SYNC_EVERY.saturating_sub(last_sync.elapsed());
-            match rx.recv_timeout(if self.dirty { wait } else { SYNC_EVERY * 10 }) {
+            let idle = if self.dirty || self.file.is_none() {
+                wait.max(Duration::from_millis(10))
+            } else {
+                SYNC_EVERY * 10
+            };
+            match rx.recv_timeout(idle) {
                 Ok(q) => {
                     self.write_queued(q);
                     // Whatever else is waiting, in one go.
@@ -357,6 +365,17 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => {
                     self.sync();
                     return;
+                }
+            }
+            if self.file.is_none() && last_retry.elapsed() >= RETRY_EVERY {
+                // The trail failed: a new file, and calls are recorded again.
+                last_retry = Instant::now();
+                match self.begin_file() {
+                    Ok(()) => {
+                        tracing::info!("the audit trail is written again");
+                        *self.failed.lock() = None;
+                    }
+                    Err(e) => self.fail(&e),
                 }
             }
             if self.dirty && last_sync.elapsed() >= SYNC_EVERY {
@@ -400,6 +419,8 @@ impl Writer {
         };
         if let Err(e) = file.write_at(&self.buf, *bytes) {
             let e = Error::io(path.clone(), e);
+            // A record written in part would read as damage: cut it.
+            let _ = file.set_len(*bytes);
             self.file = None;
             self.fail(&e);
             return false;
@@ -672,6 +693,33 @@ mod tests {
         );
         assert!(cut(&"客".repeat(2000), MAX_SUBJECT_BYTES).len() <= MAX_SUBJECT_BYTES);
         assert!(cut(&"客".repeat(2000), MAX_SUBJECT_BYTES).ends_with('…'));
+    }
+
+    #[tokio::test]
+    async fn a_trail_that_cannot_write_refuses_reads_until_it_can_again() {
+        use crate::storage::fs::Op;
+        let fs = MemFs::new();
+        let clock = ManualClock::at(1_000);
+        let a = open(&fs, &clock, 0);
+        a.record_written(rec("ops", 1, "k1")).await.unwrap();
+        fs.fail(Op::Write, "audit-", 0, 1, libc::EIO);
+        let err = a.record_written(rec("ops", 2, "k2")).await.unwrap_err();
+        assert!(err.to_string().contains("could not write"), "{err}");
+        // Until a new file is made, nothing is taken.
+        assert!(a.record(rec("ops", 3, "k3")).is_err());
+        let mut again = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if a.record_written(rec("ops", 4, "k4")).await.is_ok() {
+                again = true;
+                break;
+            }
+        }
+        assert!(again, "the trail never took records again");
+        a.close();
+        let (all, _) = a.read(&Filter::default(), 0, 10).unwrap();
+        let subjects: Vec<&str> = all.iter().map(|r| r.subject.as_str()).collect();
+        assert_eq!(subjects, vec!["k1", "k4"]);
     }
 
     #[test]
