@@ -5,8 +5,9 @@
 //! filters. PIPL asks a brand to be able to say who accessed a person's
 //! data; this is what lets it.
 //!
-//! Owns the audit files' bytes, their one writer thread, rotation,
-//! retention and reading; every file operation goes through the data
+//! Owns the audit files' bytes, their appending (by the calls themselves,
+//! under a lock) and syncing (by one thread), rotation, retention and
+//! reading; every file operation goes through the data
 //! directory's file system (`storage::fs`). Knows nothing of gRPC (the
 //! server says what to record) and nothing of the store's state.
 //!
@@ -16,7 +17,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -35,9 +36,6 @@ const KIND_RECORD: u8 = 1;
 /// Longest `subject` kept, in bytes (longer ones are cut at a character
 /// boundary and marked with `…`).
 pub const MAX_SUBJECT_BYTES: usize = 1024;
-/// Records waiting for the writer thread at most: beyond, a call that must
-/// be recorded is refused rather than answered unrecorded.
-const QUEUE: usize = 16_384;
 /// The writer syncs what it wrote at least this often.
 const SYNC_EVERY: Duration = Duration::from_millis(100);
 /// A trail that failed tries a new file this often.
@@ -137,21 +135,18 @@ impl Default for AuditConfig {
     }
 }
 
-/// The audit trail of one data directory: records are handed to its writer
-/// thread, which appends them, syncs at least every 100 ms, rotates files
-/// and drops those past the retention.
+/// The audit trail of one data directory: a record is appended by the
+/// caller itself, under a lock (a write to the file, not a sync: a read of
+/// customers is answered once its record is in the file); a thread syncs
+/// at least every 100 ms and drops the files past the retention.
 pub struct Audit {
-    tx: Mutex<Option<SyncSender<Queued>>>,
+    writer: Arc<Mutex<Writer>>,
     dir: DataDir,
-    /// Why the trail cannot be written now, if it cannot.
-    failed: Arc<Mutex<Option<String>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// A record on its way to the file, and who waits for it to be written.
-type Queued = (Record, Option<tokio::sync::oneshot::Sender<bool>>);
-
-/// What the writer thread holds.
+/// The file being appended to, and the ones before it.
 struct Writer {
     dir: DataDir,
     config: AuditConfig,
@@ -162,13 +157,15 @@ struct Writer {
     files: Vec<(u64, i64)>,
     next_seq: u64,
     dirty: bool,
-    failed: Arc<Mutex<Option<String>>>,
+    /// Why the trail cannot be written, and since when.
+    failed: Option<(String, Instant)>,
     buf: Vec<u8>,
 }
 
 impl Audit {
     /// Opens the trail of `dir`: the files are checked (a torn last record
-    /// of the newest is cut), and the writer thread started.
+    /// of the newest is cut), a new file begun, and the syncing thread
+    /// started.
     pub fn open(dir: DataDir, config: AuditConfig, clock: SharedClock) -> Result<Arc<Audit>> {
         let names = list(&dir)?;
         let mut files = Vec::new();
@@ -193,7 +190,6 @@ impl Audit {
                 }
             }
         }
-        let failed = Arc::new(Mutex::new(None));
         let mut w = Writer {
             dir: dir.clone(),
             config,
@@ -202,75 +198,58 @@ impl Audit {
             files,
             next_seq,
             dirty: false,
-            failed: failed.clone(),
+            failed: None,
             buf: Vec::new(),
         };
         w.begin_file()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-        let handle = std::thread::Builder::new()
+        let writer = Arc::new(Mutex::new(w));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let w = writer.clone();
+        let syncer = std::thread::Builder::new()
             .name("tagstore-audit".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || sync_loop(w, stopped))
             .map_err(|e| Error::io(dir.path(), e))?;
         Ok(Arc::new(Audit {
-            tx: Mutex::new(Some(tx)),
+            writer,
             dir,
-            failed,
-            writer: Mutex::new(Some(handle)),
+            stop: Mutex::new(Some(stop)),
+            syncer: Mutex::new(Some(syncer)),
         }))
     }
 
-    /// Hands a record to the writer. An error says why it cannot be
-    /// recorded (the writer failed, or is too far behind): a read of
-    /// customers must then not be answered.
+    /// Appends a record to the trail's file (synced within 100 ms). An
+    /// error says why it could not be: a read of customers must then not
+    /// be answered. A trail that failed tries a new file at most once a
+    /// second.
     pub fn record(&self, r: Record) -> Result<()> {
-        self.send((r, None))
-    }
-
-    /// Hands a record to the writer and waits until it is in the file (not
-    /// yet synced: within 100 ms): a read of customers is answered only
-    /// then. An error says why it could not be.
-    pub async fn record_written(&self, r: Record) -> Result<()> {
-        let (done, written) = tokio::sync::oneshot::channel();
-        self.send((r, Some(done)))?;
-        match written.await {
-            Ok(true) => Ok(()),
-            _ => Err(Error::Internal(format!(
-                "the audit trail could not write the record: {}",
-                self.failed
-                    .lock()
-                    .clone()
-                    .unwrap_or_else(|| "its writer stopped".into())
-            ))),
-        }
-    }
-
-    fn send(&self, q: Queued) -> Result<()> {
-        if let Some(why) = self.failed.lock().clone() {
+        let mut w = self.writer.lock();
+        if let Some((why, since)) = &w.failed
+            && since.elapsed() < RETRY_EVERY
+        {
             return Err(Error::Internal(format!(
                 "the audit trail cannot be written: {why}"
             )));
         }
-        let tx = self.tx.lock();
-        let Some(tx) = tx.as_ref() else {
-            return Err(Error::ShuttingDown);
-        };
-        match tx.try_send(q) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(Error::Internal(format!(
-                "the audit trail is {QUEUE} records behind; retry"
-            ))),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(Error::Internal("the audit trail's writer stopped".into()))
-            }
+        if w.write(std::iter::once(&r)) {
+            Ok(())
+        } else {
+            let why = w
+                .failed
+                .as_ref()
+                .map_or_else(|| "unknown cause".to_string(), |(m, _)| m.clone());
+            Err(Error::Internal(format!(
+                "the audit trail could not write the record: {why}"
+            )))
         }
     }
 
-    /// Writes and syncs what is queued, then stops the writer (at shutdown).
+    /// Syncs what was written and stops the syncing thread (at shutdown).
     pub fn close(&self) {
-        self.tx.lock().take();
-        if let Some(h) = self.writer.lock().take() {
+        self.stop.lock().take();
+        if let Some(h) = self.syncer.lock().take() {
             let _ = h.join();
         }
+        self.writer.lock().sync();
     }
 
     /// Records matching `filter` with a sequence number above `after`,
@@ -341,95 +320,83 @@ impl Filter {
     }
 }
 
-impl Writer {
-    fn run(mut self, rx: Receiver<Queued>) {
-        let mut last_sync = Instant::now();
-        let mut last_expiry = Instant::now();
-        let mut last_retry = Instant::now();
-        loop {
-            let wait = SYNC_EVERY.saturating_sub(last_sync.elapsed());
-            let idle = if self.dirty || self.file.is_none() {
-                wait.max(Duration::from_millis(10))
-            } else {
-                SYNC_EVERY * 10
-            };
-            match rx.recv_timeout(idle) {
-                Ok(q) => {
-                    self.write_queued(q);
-                    // Whatever else is waiting, in one go.
-                    while let Ok(q) = rx.try_recv() {
-                        self.write_queued(q);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.sync();
-                    return;
-                }
-            }
-            if self.file.is_none() && last_retry.elapsed() >= RETRY_EVERY {
-                // The trail failed: a new file, and calls are recorded again.
-                last_retry = Instant::now();
-                match self.begin_file() {
-                    Ok(()) => {
-                        tracing::info!("the audit trail is written again");
-                        *self.failed.lock() = None;
-                    }
-                    Err(e) => self.fail(&e),
-                }
-            }
-            if self.dirty && last_sync.elapsed() >= SYNC_EVERY {
-                self.sync();
-                last_sync = Instant::now();
-            }
+/// Syncs the trail at least every 100 ms (the sync itself outside the
+/// lock, so that records go on being appended), and drops the files past
+/// the retention hourly, until told to stop.
+fn sync_loop(writer: Arc<Mutex<Writer>>, stopped: Receiver<()>) {
+    let mut last_expiry = Instant::now();
+    loop {
+        match stopped.recv_timeout(SYNC_EVERY) {
+            Err(RecvTimeoutError::Timeout) => {}
+            // Told to stop (the sender dropped): the caller syncs last.
+            _ => return,
+        }
+        let file = {
+            let mut w = writer.lock();
             if last_expiry.elapsed() >= Duration::from_secs(3600) {
-                self.expire();
+                w.expire();
                 last_expiry = Instant::now();
             }
+            if !w.dirty {
+                continue;
+            }
+            w.dirty = false;
+            w.file.as_ref().map(|(p, f, _)| (p.clone(), f.clone()))
+        };
+        if let Some((path, file)) = file
+            && let Err(e) = file.sync_data()
+        {
+            let e = Error::io(path, e);
+            let mut w = writer.lock();
+            w.file = None;
+            w.fail(&e);
         }
     }
+}
 
-    fn fail(&self, e: &Error) {
+impl Writer {
+    fn fail(&mut self, e: &Error) {
         tracing::error!(error = %e, "the audit trail cannot be written: calls that read customers are refused");
-        *self.failed.lock() = Some(e.to_string());
+        self.failed = Some((e.to_string(), Instant::now()));
     }
 
-    fn write_queued(&mut self, (r, done): Queued) {
-        let ok = self.write(r);
-        if let Some(done) = done {
-            let _ = done.send(ok);
-        }
-    }
-
-    /// Appends one record; false if it could not be.
-    fn write(&mut self, mut r: Record) -> bool {
+    /// Appends records, numbered in order, in one write; false if they
+    /// could not be (none was).
+    fn write<'a>(&mut self, records: impl Iterator<Item = &'a Record>) -> bool {
         if self.file.is_none() {
             // An earlier failure: try a new file.
             if let Err(e) = self.begin_file() {
                 self.fail(&e);
                 return false;
             }
-            *self.failed.lock() = None;
+            tracing::info!("the audit trail is written again");
+            self.failed = None;
         }
-        r.seq = self.next_seq;
         self.buf.clear();
-        r.encode(&mut self.buf);
+        let mut seq = self.next_seq;
+        let mut newest = 0;
+        for r in records {
+            let numbered = Record { seq, ..r.clone() };
+            numbered.encode(&mut self.buf);
+            newest = newest.max(r.at_ms);
+            seq += 1;
+        }
         let Some((path, file, bytes)) = &mut self.file else {
             return false;
         };
         if let Err(e) = file.write_at(&self.buf, *bytes) {
             let e = Error::io(path.clone(), e);
-            // A record written in part would read as damage: cut it.
+            // Records written in part would read as damage: cut them.
             let _ = file.set_len(*bytes);
             self.file = None;
             self.fail(&e);
             return false;
         }
         *bytes += self.buf.len() as u64;
-        self.next_seq += 1;
+        self.next_seq = seq;
         self.dirty = true;
         if let Some(last) = self.files.last_mut() {
-            last.1 = last.1.max(r.at_ms);
+            last.1 = last.1.max(newest);
         }
         if *bytes >= self.config.file_bytes {
             self.sync();
@@ -701,16 +668,16 @@ mod tests {
         let fs = MemFs::new();
         let clock = ManualClock::at(1_000);
         let a = open(&fs, &clock, 0);
-        a.record_written(rec("ops", 1, "k1")).await.unwrap();
+        a.record(rec("ops", 1, "k1")).unwrap();
         fs.fail(Op::Write, "audit-", 0, 1, libc::EIO);
-        let err = a.record_written(rec("ops", 2, "k2")).await.unwrap_err();
+        let err = a.record(rec("ops", 2, "k2")).unwrap_err();
         assert!(err.to_string().contains("could not write"), "{err}");
         // Until a new file is made, nothing is taken.
         assert!(a.record(rec("ops", 3, "k3")).is_err());
         let mut again = false;
         for _ in 0..40 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if a.record_written(rec("ops", 4, "k4")).await.is_ok() {
+            if a.record(rec("ops", 4, "k4")).is_ok() {
                 again = true;
                 break;
             }

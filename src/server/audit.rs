@@ -60,11 +60,7 @@ impl Service {
             outcome,
             ..Default::default()
         };
-        let recorded = match kind {
-            Kind::Reads if res.is_ok() => self.audit.record_written(record).await,
-            _ => self.audit.record(record),
-        };
-        match recorded {
+        match self.audit.record(record) {
             Ok(()) => res,
             Err(e) if kind == Kind::Reads && res.is_ok() => Err(Status::unavailable(format!(
                 "{method} reads customers and is answered only once recorded: {e}"
