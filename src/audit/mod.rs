@@ -25,8 +25,8 @@ use parking_lot::Mutex;
 use crate::clock::SharedClock;
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
-use crate::storage::datadir::{DataDir, fsync_dir};
-use crate::storage::fs::{Create, WriteFile};
+use crate::storage::datadir::{DataDir, list_numbered, numbered_name};
+use crate::storage::fs::WriteFile;
 use crate::storage::wal::{self, FRAME_PREFIX};
 
 pub const AUDIT_MAGIC: &[u8; 8] = b"TAGSAUDT";
@@ -44,15 +44,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 pub const MAX_READ: usize = 10_000;
 
 pub fn file_name(first_seq: u64) -> String {
-    format!("audit-{first_seq:016x}.log")
-}
-
-fn parse_file_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("audit-")?.strip_suffix(".log")?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
+    numbered_name("audit-", first_seq, ".log")
 }
 
 /// One audited call.
@@ -422,21 +414,13 @@ impl Writer {
 
     fn begin_file(&mut self) -> Result<()> {
         let first = self.next_seq;
-        let path = self.dir.join(file_name(first));
-        let file = self
-            .dir
-            .fs()
-            .create(&path, Create::Truncate)
-            .map_err(|e| Error::io(&path, e))?;
-        let mut header = Vec::with_capacity(AUDIT_HEADER_LEN);
-        header.extend_from_slice(AUDIT_MAGIC);
-        header.extend_from_slice(&AUDIT_VERSION.to_le_bytes());
-        header.extend_from_slice(&0u32.to_le_bytes());
-        header.extend_from_slice(&first.to_le_bytes());
-        file.write_at(&header, 0)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(&path, e))?;
-        fsync_dir(&self.dir)?;
+        let (path, file) = wal::create_framed(
+            &self.dir,
+            &file_name(first),
+            AUDIT_MAGIC,
+            AUDIT_VERSION,
+            first,
+        )?;
         if self.files.last().is_some_and(|f| f.0 == first) {
             // An empty file of the same number (a file begun at the last
             // start, with no record) was just made again.
@@ -466,15 +450,7 @@ impl Writer {
 
 /// The audit files of `dir`, by first sequence number.
 pub fn list(dir: &DataDir) -> Result<Vec<u64>> {
-    let mut out: Vec<u64> = dir
-        .fs()
-        .list(dir)
-        .map_err(|e| Error::io(dir.path(), e))?
-        .iter()
-        .filter_map(|e| parse_file_name(&e.name))
-        .collect();
-    out.sort_unstable();
-    Ok(out)
+    list_numbered(dir, "audit-", ".log")
 }
 
 struct Scanned {
@@ -576,7 +552,7 @@ fn parse(
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::storage::fs::{FileSystem, MemFs};
+    use crate::storage::fs::{Create, FileSystem, MemFs};
 
     fn open(fs: &MemFs, clock: &Arc<ManualClock>, days: u32) -> Arc<Audit> {
         let dir = DataDir::new(Arc::new(fs.clone()), "/mem/audit");

@@ -25,7 +25,7 @@ use roaring::RoaringBitmap;
 
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, le_u32, le_u64};
-use crate::storage::datadir::DataDir;
+use crate::storage::datadir::{DataDir, list_numbered, numbered_name, parse_numbered};
 use crate::storage::fs::{Appender, Create, Mapped};
 
 pub const ARCHIVE_MAGIC: &[u8; 8] = b"TAGSEVT\0";
@@ -44,25 +44,16 @@ pub const MAX_EVENT_BYTES: usize = 1 << 20;
 const LEVEL: i32 = 3;
 
 pub fn file_name(no: u64) -> String {
-    format!("events-{no:016x}.tev")
+    numbered_name("events-", no, ".tev")
 }
 
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("events-")?.strip_suffix(".tev")?;
-    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+    parse_numbered(name, "events-", ".tev")
 }
 
 /// Numbers of every archive file in `dir`.
 pub fn list(dir: &DataDir) -> Result<Vec<u64>> {
-    let mut out: Vec<u64> = dir
-        .fs()
-        .list(dir)
-        .map_err(|e| Error::io(dir.path(), e))?
-        .iter()
-        .filter_map(|e| parse_file_name(&e.name))
-        .collect();
-    out.sort_unstable();
-    Ok(out)
+    list_numbered(dir, "events-", ".tev")
 }
 
 /// One block as the index describes it.

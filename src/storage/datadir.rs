@@ -114,3 +114,29 @@ pub fn move_aside(dir: &DataDir, name: &str) -> Result<PathBuf> {
     );
     Ok(to)
 }
+
+/// The name of a numbered file: `prefix`, the number as 16 lower-case hex
+/// digits, `suffix` (`wal-…log`, `feed-…log`, `events-…tev`).
+pub fn numbered_name(prefix: &str, no: u64, suffix: &str) -> String {
+    format!("{prefix}{no:016x}{suffix}")
+}
+
+/// The number in a name [`numbered_name`] made with `prefix` and `suffix`.
+pub fn parse_numbered(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    let hex = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+}
+
+/// The numbers of the files of `dir` named with `prefix` and `suffix`,
+/// ascending.
+pub fn list_numbered(dir: &DataDir, prefix: &str, suffix: &str) -> Result<Vec<u64>> {
+    let mut out: Vec<u64> = dir
+        .fs()
+        .list(dir)
+        .map_err(|e| Error::io(dir.path(), e))?
+        .iter()
+        .filter_map(|e| parse_numbered(&e.name, prefix, suffix))
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}

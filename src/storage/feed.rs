@@ -31,8 +31,8 @@ use parking_lot::Mutex;
 use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 use crate::storage::codec::{Dec, Enc, le_u32, le_u64};
-use crate::storage::datadir::{DataDir, fsync_dir};
-use crate::storage::fs::{Create, WriteFile};
+use crate::storage::datadir::{DataDir, list_numbered, numbered_name};
+use crate::storage::fs::WriteFile;
 use crate::storage::wal::{self, FRAME_PREFIX};
 
 pub const FEED_MAGIC: &[u8; 8] = b"TAGSFEED";
@@ -50,15 +50,7 @@ const MAX_FEED_RECORD: usize = 1 << 30;
 const READ_CHUNK: usize = 1 << 20;
 
 pub fn file_name(first_lsn: u64) -> String {
-    format!("feed-{first_lsn:016x}.log")
-}
-
-fn parse_file_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("feed-")?.strip_suffix(".log")?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
+    numbered_name("feed-", first_lsn, ".log")
 }
 
 /// What changed membership: a tag, or one value of an enumerated field.
@@ -514,21 +506,13 @@ impl FeedWriter {
 
     /// Begins a new file covering from `first_lsn`.
     fn begin_file(&mut self, first_lsn: u64) -> Result<()> {
-        let path = self.dir.join(file_name(first_lsn));
-        let file = self
-            .dir
-            .fs()
-            .create(&path, Create::Truncate)
-            .map_err(|e| Error::io(&path, e))?;
-        let mut header = Vec::with_capacity(FEED_HEADER_LEN);
-        header.extend_from_slice(FEED_MAGIC);
-        header.extend_from_slice(&FEED_VERSION.to_le_bytes());
-        header.extend_from_slice(&0u32.to_le_bytes());
-        header.extend_from_slice(&first_lsn.to_le_bytes());
-        file.write_at(&header, 0)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(&path, e))?;
-        fsync_dir(&self.dir)?;
+        let (path, file) = wal::create_framed(
+            &self.dir,
+            &file_name(first_lsn),
+            FEED_MAGIC,
+            FEED_VERSION,
+            first_lsn,
+        )?;
         self.files.push_back(FeedFile {
             first_lsn,
             bytes: FEED_HEADER_LEN as u64,
@@ -690,15 +674,7 @@ impl FeedWriter {
 
 /// The feed files in `dir`, by the first lsn each covers, oldest first.
 pub fn list(dir: &DataDir) -> Result<Vec<u64>> {
-    let mut out: Vec<u64> = dir
-        .fs()
-        .list(dir)
-        .map_err(|e| Error::io(dir.path(), e))?
-        .iter()
-        .filter_map(|e| parse_file_name(&e.name))
-        .collect();
-    out.sort_unstable();
-    Ok(out)
+    list_numbered(dir, "feed-", ".log")
 }
 
 struct Scanned {

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::storage::codec::{le_u32, le_u64};
-use crate::storage::datadir::{DataDir, fsync_dir};
+use crate::storage::datadir::{DataDir, fsync_dir, numbered_name, parse_numbered};
 use crate::storage::fs::{Create, WriteFile};
 
 pub const WAL_MAGIC: &[u8; 8] = b"TAGSWAL\0";
@@ -26,15 +26,39 @@ const MIN_RECORD_LEN: usize = 9;
 pub const MAX_RECORD_LEN: usize = 1 << 30;
 
 pub fn file_name(first_lsn: u64) -> String {
-    format!("wal-{first_lsn:016x}.log")
+    numbered_name("wal-", first_lsn, ".log")
 }
 
 fn parse_file_name(name: &str) -> Option<u64> {
-    let hex = name.strip_prefix("wal-")?.strip_suffix(".log")?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
+    parse_numbered(name, "wal-", ".log")
+}
+
+/// Creates (or empties) a file of framed records, as the log, the change
+/// feed and the audit trail are: its 24-byte header (`magic`, `version`,
+/// 4 reserved bytes, `first`, the number of its first record) written and
+/// synced, and the directory synced.
+pub fn create_framed(
+    dir: &DataDir,
+    name: &str,
+    magic: &[u8; 8],
+    version: u32,
+    first: u64,
+) -> Result<(PathBuf, Arc<dyn WriteFile>)> {
+    let path = dir.join(name);
+    let file = dir
+        .fs()
+        .create(&path, Create::Truncate)
+        .map_err(|e| Error::io(&path, e))?;
+    let mut header = Vec::with_capacity(WAL_HEADER_LEN);
+    header.extend_from_slice(magic);
+    header.extend_from_slice(&version.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&first.to_le_bytes());
+    file.write_at(&header, 0)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io(&path, e))?;
+    fsync_dir(dir)?;
+    Ok((path, file))
 }
 
 /// Appends one framed record to `out`.
