@@ -536,6 +536,32 @@ async fn bad_watches_are_refused_with_what_is_wrong() {
         code(c.watch(req(&refs, &[], None)).await.map(|_| ())),
         Code::InvalidArgument
     );
+    // A 20 KB name: NOT_FOUND, with the name cut in the message.
+    let long = "长".repeat(7_000);
+    let e = status(c.watch(req(&[long.as_str()], &[], None)).await);
+    assert_eq!(e.code(), Code::NotFound, "{}", e.code());
+    assert!(e.message().len() < 2_000, "{} bytes", e.message().len());
+    server.stop().unwrap();
+
+    // At most `max_concurrent_watches` at once; one ends, another may start.
+    let cfg = config(dir.path(), "[limits]\nmax_concurrent_watches = 2\n");
+    let mut server = common::start(dir.path(), &["--config", &cfg]);
+    let mut c = common::client(&server).await;
+    let a = c.watch(req(&["t3"], &[], None)).await.unwrap();
+    let _b = c.watch(req(&["t3"], &[], None)).await.unwrap();
+    let e = status(c.watch(req(&["t3"], &[], None)).await);
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("max_concurrent_watches"), "{e}");
+    drop(a);
+    let mut freed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if c.watch(req(&["t3"], &[], None)).await.is_ok() {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "a watch that ended did not give its place back");
     server.stop().unwrap();
 
     // Without a feed.
