@@ -37,7 +37,9 @@ fn every_scenario_runs_at_a_tiny_scale() {
         "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         run.status
     );
-    for scenario in ["load", "update", "query", "mixed", "restart", "sweep"] {
+    for scenario in [
+        "load", "update", "query", "mixed", "restart", "sweep", "watch",
+    ] {
         assert!(
             stdout.lines().any(|l| l.trim_start().starts_with(scenario)),
             "no {scenario} rows:\n{stdout}"
