@@ -615,3 +615,81 @@ async fn a_shutdown_ends_open_watches_and_they_resume_after_it() {
     assert!(follow(&mut s, &mut mirror, at).await);
     assert_eq!(mirror.by_key(), actual(&mut c).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_of_many_changes_comes_whole_in_order_in_several_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    let keys: Vec<String> = (0..200_000).map(|i| format!("m{i}")).collect();
+    c.resolve_customers(ResolveCustomersRequest {
+        customers: keys.clone(),
+        create_missing: true,
+    })
+    .await
+    .unwrap();
+    let before = lsn(&mut c).await;
+    // One write: 60,000 customers spread over ids far apart enter one tag,
+    // 5,000 of them enter another.
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut picked: Vec<String> = keys.clone();
+    for i in (1..picked.len()).rev() {
+        picked.swap(i, rng.random_range(0..=i));
+    }
+    picked.truncate(60_000);
+    c.update(UpdateRequest {
+        mutations: vec![
+            Mutation {
+                tag: "t3".into(),
+                add: picked.clone(),
+                ..Default::default()
+            },
+            Mutation {
+                tag: "社交活跃".into(),
+                add: picked[..5_000].to_vec(),
+                ..Default::default()
+            },
+        ],
+        create_missing_tags: false,
+    })
+    .await
+    .unwrap();
+    let mut s = c
+        .watch(WatchRequest {
+            tags: vec!["t3".into(), "社交活跃".into()],
+            values: Vec::new(),
+            after_lsn: Some(before),
+            max_changes: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen: Vec<(u32, String)> = Vec::new();
+    let mut messages = 0;
+    loop {
+        let m = s.message().await.unwrap().unwrap();
+        if m.changes.is_empty() && m.lsn == before {
+            continue;
+        }
+        assert!(m.changes.len() <= 10_000);
+        messages += 1;
+        for ch in &m.changes {
+            assert_eq!(Kind::try_from(ch.kind).unwrap(), Kind::Entered);
+            seen.push((ch.customer_id, ch.tag.clone()));
+        }
+        if m.write_complete {
+            break;
+        }
+    }
+    assert!(messages >= 7, "{messages} messages");
+    assert_eq!(seen.len(), 65_000);
+    assert!(
+        seen.windows(2)
+            .all(|w| (w[0].0, &w[0].1) < (w[1].0, &w[1].1)),
+        "ordered by customer, each change once"
+    );
+    let t3: std::collections::BTreeSet<u32> =
+        seen.iter().filter(|x| x.1 == "t3").map(|x| x.0).collect();
+    assert_eq!(t3.len(), 60_000);
+}

@@ -69,15 +69,87 @@ impl Watched {
     }
 }
 
-/// The watched changes of one write, ordered by customer, not yet sent.
+/// A write with changes this watcher watches, not yet wholly sent. Its
+/// changes are gathered a window of [`WINDOW_IDS`] customer ids at a time,
+/// in id order, so that a write that changed millions of memberships holds
+/// at most one window's changes per watcher, not all of them.
 struct Pending {
-    lsn: u64,
-    at_ms: i64,
-    /// (customer id, subject index, kind); a dropped subject has id 0 and
-    /// comes first.
-    changes: Vec<(u32, u32, Kind)>,
-    subjects: Vec<Subject>,
+    entry: Arc<Entry>,
+    /// The positions in `entry.changes` of the changes watched.
+    watched: Vec<usize>,
+    /// The dropped subjects were gathered (they come first).
+    dropped_done: bool,
+    /// The first customer id not gathered yet (past `u32::MAX`: none left).
+    next_id: u64,
+    /// The window gathered: (customer id, index into `watched`, kind), by
+    /// customer then subject; and how many of them are sent.
+    window: Vec<(u32, u32, Kind)>,
     sent: usize,
+}
+
+/// Customer ids gathered at a time from one write: a watcher holds at most
+/// this many ids' changes per watched subject changed by the write.
+const WINDOW_IDS: u64 = 16_384;
+
+impl Pending {
+    /// Gathers the next window when the one before is sent; false when
+    /// nothing is left.
+    fn fill(&mut self) -> bool {
+        if self.sent < self.window.len() {
+            return true;
+        }
+        self.window.clear();
+        self.sent = 0;
+        if !self.dropped_done {
+            self.dropped_done = true;
+            for (i, &k) in self.watched.iter().enumerate() {
+                if self.entry.changes[k].dropped {
+                    self.window.push((0, i as u32, Kind::Dropped));
+                }
+            }
+            if !self.window.is_empty() {
+                return true;
+            }
+        }
+        while self.next_id <= u64::from(u32::MAX) {
+            let from = self.next_id as u32;
+            // Skip to the smallest id changed at or after `from`.
+            let mut lo: Option<u32> = None;
+            for &k in &self.watched {
+                let c = &self.entry.changes[k];
+                for b in [&c.entered, &c.left] {
+                    let mut it = b.iter();
+                    it.reset_at_or_after(from);
+                    if let Some(id) = it.next() {
+                        lo = Some(lo.map_or(id, |l: u32| l.min(id)));
+                    }
+                }
+            }
+            let Some(lo) = lo else {
+                self.next_id = u64::from(u32::MAX) + 1;
+                break;
+            };
+            let hi = u64::from(lo) + WINDOW_IDS;
+            for (i, &k) in self.watched.iter().enumerate() {
+                let c = &self.entry.changes[k];
+                for (b, kind) in [(&c.entered, Kind::Entered), (&c.left, Kind::Left)] {
+                    let mut it = b.iter();
+                    it.reset_at_or_after(lo);
+                    for id in it.take_while(|&id| u64::from(id) < hi) {
+                        self.window.push((id, i as u32, kind));
+                    }
+                }
+            }
+            self.next_id = hi;
+            if !self.window.is_empty() {
+                // By customer (a customer's leaving one stage and entering
+                // the next side by side), then by subject.
+                self.window.sort_unstable_by_key(|&(id, s, _)| (id, s));
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// Where one watcher is: moved to the blocking pool and back for each trip.
@@ -130,38 +202,42 @@ impl Cursor {
             let Some(p) = self.pending.front_mut() else {
                 break;
             };
-            let n = (p.changes.len() - p.sent).min(self.max_changes);
-            let mut changes = Vec::with_capacity(n);
-            for &(id, subject, kind) in &p.changes[p.sent..p.sent + n] {
-                let (tag, field, value) = match &p.subjects[subject as usize] {
-                    Subject::Tag(t) => (t.clone(), String::new(), String::new()),
-                    Subject::Value { field, value } => {
-                        (String::new(), field.clone(), value.clone())
-                    }
-                };
-                let customer_key = if kind == Kind::Dropped {
-                    String::new()
-                } else if live.contains(id) {
-                    KEYS.with_borrow_mut(|keys| keys.key(id, &snap))?
-                } else {
-                    // Erased or merged since: the store may hold no key.
-                    snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default()
-                };
-                changes.push(proto::MembershipChange {
-                    kind: kind as i32,
-                    tag,
-                    field,
-                    value,
-                    customer_id: if kind == Kind::Dropped { 0 } else { id },
-                    customer_key,
-                });
+            let mut changes = Vec::new();
+            // A message takes up to `max_changes`, across windows.
+            while changes.len() < self.max_changes && p.fill() {
+                let n = (p.window.len() - p.sent).min(self.max_changes - changes.len());
+                for &(id, i, kind) in &p.window[p.sent..p.sent + n] {
+                    let subject = p.entry.changes[p.watched[i as usize]].subject();
+                    let (tag, field, value) = match subject {
+                        Subject::Tag(t) => (t.clone(), String::new(), String::new()),
+                        Subject::Value { field, value } => {
+                            (String::new(), field.clone(), value.clone())
+                        }
+                    };
+                    let customer_key = if kind == Kind::Dropped {
+                        String::new()
+                    } else if live.contains(id) {
+                        KEYS.with_borrow_mut(|keys| keys.key(id, &snap))?
+                    } else {
+                        // Erased or merged since: the store may hold no key.
+                        snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default()
+                    };
+                    changes.push(proto::MembershipChange {
+                        kind: kind as i32,
+                        tag,
+                        field,
+                        value,
+                        customer_id: if kind == Kind::Dropped { 0 } else { id },
+                        customer_key,
+                    });
+                }
+                p.sent += n;
             }
-            p.sent += n;
-            budget = budget.saturating_sub(n.max(1));
-            let complete = p.sent == p.changes.len();
+            budget = budget.saturating_sub(changes.len().max(1));
+            let complete = !p.fill();
             messages.push(proto::WatchResponse {
-                lsn: p.lsn,
-                at_ms: p.at_ms,
+                lsn: p.entry.lsn,
+                at_ms: p.entry.at_ms,
                 changes,
                 write_complete: complete,
             });
@@ -175,35 +251,24 @@ impl Cursor {
         })
     }
 
-    /// The changes of `e` this watcher watches, ordered by customer.
-    fn keep(&self, e: &Entry) -> Option<Pending> {
-        let mut subjects = Vec::new();
-        let mut changes = Vec::new();
-        for c in &e.changes {
-            let s = c.subject();
-            if !self.watched.wants(s) {
-                continue;
-            }
-            let i = subjects.len() as u32;
-            subjects.push(s.clone());
-            if c.dropped {
-                changes.push((0, i, Kind::Dropped));
-                continue;
-            }
-            changes.extend(c.entered.iter().map(|id| (id, i, Kind::Entered)));
-            changes.extend(c.left.iter().map(|id| (id, i, Kind::Left)));
-        }
-        if changes.is_empty() {
+    /// The write `e` if this watcher watches something it changed.
+    fn keep(&self, e: &Arc<Entry>) -> Option<Pending> {
+        let watched: Vec<usize> = e
+            .changes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| self.watched.wants(c.subject()))
+            .map(|(k, _)| k)
+            .collect();
+        if watched.is_empty() {
             return None;
         }
-        // Dropped subjects first, then by customer (a customer's leaving
-        // one stage and entering the next side by side), then by subject.
-        changes.sort_unstable_by_key(|&(id, s, kind)| (kind != Kind::Dropped, id, s));
         Some(Pending {
-            lsn: e.lsn,
-            at_ms: e.at_ms,
-            changes,
-            subjects,
+            entry: e.clone(),
+            watched,
+            dropped_done: false,
+            next_id: 0,
+            window: Vec::new(),
             sent: 0,
         })
     }
