@@ -451,21 +451,26 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let corrupt = |off: usize, why: String| Error::corrupt(&path, off as u64, why);
+        Manifest::parse(&path, &data).map(Some)
+    }
+
+    /// A manifest's bytes as read from `path` (named in errors).
+    pub fn parse(path: &std::path::Path, data: &[u8]) -> Result<Manifest> {
+        let corrupt = |off: usize, why: String| Error::corrupt(path, off as u64, why);
         if data.len() < 24 || &data[..8] != MANIFEST_MAGIC {
             return Err(corrupt(
                 0,
                 "bad magic or file too short: not a tagstore manifest".into(),
             ));
         }
-        let version = le_u32(&data, 8).unwrap_or(0);
+        let version = le_u32(data, 8).unwrap_or(0);
         if !(1..=MANIFEST_VERSION).contains(&version) {
             return Err(corrupt(
                 8,
                 format!("unsupported manifest version {version}"),
             ));
         }
-        let len = le_u64(&data, 12).unwrap_or(u64::MAX) as usize;
+        let len = le_u64(data, 12).unwrap_or(u64::MAX) as usize;
         if data.len() != 20usize.saturating_add(len).saturating_add(4) {
             return Err(corrupt(
                 12,
@@ -476,13 +481,11 @@ impl Manifest {
             ));
         }
         let body = &data[20..20 + len];
-        let crc = le_u32(&data, 20 + len).unwrap_or(0);
+        let crc = le_u32(data, 20 + len).unwrap_or(0);
         if crc32fast::hash(body) != crc {
             return Err(corrupt(20, "manifest checksum mismatch".into()));
         }
-        Manifest::decode_body(body, version)
-            .map(Some)
-            .map_err(|e| corrupt(20 + e.offset, e.reason))
+        Manifest::decode_body(body, version).map_err(|e| corrupt(20 + e.offset, e.reason))
     }
 
     /// Replaces `MANIFEST` in `dir` atomically and durably.

@@ -26,6 +26,7 @@
 //! `LOCK`, `MANIFEST`, `seg-*.seg`, `wal-*.log`, and `orphaned/`.
 
 pub mod archive;
+pub mod backup;
 pub mod checkpoint;
 pub mod codec;
 pub mod datadir;
@@ -182,6 +183,10 @@ pub(crate) struct Shared {
     pub failed: Mutex<Option<String>>,
     /// Where the change feed stands, for its readers.
     pub feed: Arc<feed::FeedShared>,
+    /// Held while a checkpoint deletes the files its manifest no longer
+    /// names, and while a backup opens the files it copies (once open,
+    /// deleting them does the backup no harm).
+    pub files: Mutex<()>,
 }
 
 impl Shared {
@@ -236,6 +241,7 @@ impl Engine {
             info: Mutex::new(info),
             failed: Mutex::new(None),
             feed: feed_shared,
+            files: Mutex::new(()),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer::new(
@@ -307,6 +313,17 @@ impl Engine {
     /// A signal that changes whenever the change feed's end moves.
     pub fn feed_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.feed.subscribe()
+    }
+
+    /// Opens what a backup copies: the manifest on disk, the files it
+    /// names, and the log up to the newest published write (see
+    /// [`backup::Source`]). Quick (files are opened, not read); writes and
+    /// checkpoints go on meanwhile and after.
+    pub fn backup_source(&self) -> Result<backup::Source> {
+        let config = &self.shared.config;
+        let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
+        let _held = self.shared.files.lock();
+        backup::Source::take(&dir, || self.shared.snapshot().lsn, self.now_ms())
     }
 
     /// The newest published state.

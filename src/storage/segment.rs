@@ -211,6 +211,21 @@ impl Segment {
         self.map.len() as u64
     }
 
+    /// The whole file's bytes (a backup copies them).
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Checks every blob's checksum (a backup's and a restore's check; a
+    /// query checks only the blobs it reads). The first damaged blob is a
+    /// [`Error::Corrupt`] naming the file and the blob's offset.
+    pub fn check_blobs(&self) -> Result<()> {
+        for e in &self.entries {
+            self.blob(e)?;
+        }
+        Ok(())
+    }
+
     pub fn entries_of(&self, kind: BlobKind, owner: u32) -> &[Entry] {
         match self.index.get(&(kind, owner)) {
             Some(r) => &self.entries[r.clone()],

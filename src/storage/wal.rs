@@ -21,7 +21,7 @@ pub const WAL_HEADER_LEN: usize = 24;
 /// Bytes before a record's `lsn` field: `len` and `crc`.
 pub const FRAME_PREFIX: usize = 8;
 /// Smallest valid `len`: an lsn and a kind byte.
-const MIN_RECORD_LEN: usize = 9;
+pub const MIN_RECORD_LEN: usize = 9;
 /// Largest valid `len`.
 pub const MAX_RECORD_LEN: usize = 1 << 30;
 

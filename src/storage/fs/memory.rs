@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Create, DirEntry, FileSystem, LockGuard, Mapped, MappedInner, WriteFile};
+use super::{Create, DirEntry, FileSystem, LockGuard, Mapped, MappedInner, ReadFile, WriteFile};
 
 /// The operations [`MemFs::fail`] can make fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -329,6 +329,11 @@ impl FileSystem for MemFs {
         Ok(Mapped(MappedInner::Memory(data.into())))
     }
 
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadFile>> {
+        let node = self.0.lock().file(path)?;
+        Ok(Arc::new(MemReader(node)))
+    }
+
     fn create(&self, path: &Path, how: Create) -> io::Result<Arc<dyn WriteFile>> {
         let mut inner = self.0.lock();
         inner.check(Op::Create, path)?;
@@ -479,6 +484,22 @@ impl WriteFile for MemFile {
 
     fn sync_all(&self) -> io::Result<()> {
         self.sync_data()
+    }
+}
+
+/// An in-memory file open for reading: it reads the file's content as
+/// writes leave it, also after its name is removed.
+struct MemReader(Arc<Mutex<FileState>>);
+
+impl ReadFile for MemReader {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let f = self.0.lock();
+        let from = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(f.data.len());
+        let n = buf.len().min(f.data.len() - from);
+        buf[..n].copy_from_slice(&f.data[from..from + n]);
+        Ok(n)
     }
 }
 

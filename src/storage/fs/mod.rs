@@ -41,6 +41,10 @@ pub trait FileSystem: Send + Sync + Debug {
     /// The content of a file that is never written again (a segment), to be
     /// read in place for as long as the returned value lives.
     fn map(&self, path: &Path) -> io::Result<Mapped>;
+    /// Opens a file for reading a piece at a time. The handle keeps reading
+    /// the file after its name is removed (as an open file does on POSIX),
+    /// so a backup can copy a log file a checkpoint deletes meanwhile.
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadFile>>;
     /// Creates a file for writing: a new one that must not exist yet
     /// ([`Create::New`]) or one emptied if it does ([`Create::Truncate`]).
     fn create(&self, path: &Path, how: Create) -> io::Result<Arc<dyn WriteFile>>;
@@ -80,6 +84,27 @@ pub trait WriteFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// Makes the content and metadata durable (`fsync`).
     fn sync_all(&self) -> io::Result<()>;
+}
+
+/// A file open for reading (see [`FileSystem::open_read`]).
+pub trait ReadFile: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of
+    /// the file (0 at or past it).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Fills `buf` from `offset`; `UnexpectedEof` when the file ends first.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One entry of a directory.

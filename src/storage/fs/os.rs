@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Create, DirEntry, FileSystem, LockGuard, Mapped, MappedInner, WriteFile};
+use super::{Create, DirEntry, FileSystem, LockGuard, Mapped, MappedInner, ReadFile, WriteFile};
 
 /// The disk, through the operating system.
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,6 +77,10 @@ impl FileSystem for OsFs {
         Ok(Mapped(MappedInner::Os(map)))
     }
 
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadFile>> {
+        Ok(Arc::new(OsReader(File::open(path)?)))
+    }
+
     fn create(&self, path: &Path, how: Create) -> io::Result<Arc<dyn WriteFile>> {
         let mut o = OpenOptions::new();
         o.write(true);
@@ -135,5 +139,14 @@ impl WriteFile for OsFile {
 
     fn sync_all(&self) -> io::Result<()> {
         self.0.sync_all()
+    }
+}
+
+/// A real file open for reading.
+struct OsReader(File);
+
+impl ReadFile for OsReader {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(&self.0, buf, offset)
     }
 }

@@ -395,6 +395,9 @@ impl Writer {
             .collect();
         self.manifest = done.manifest;
         self.state.snap.archive = Arc::new(ArchiveList::of(&self.manifest));
+        // Not while a backup opens the files it copies.
+        let shared = self.shared.clone();
+        let files_held = shared.files.lock();
         // Archive files past retention (a rebuild reading one keeps its map).
         for no in dropped {
             let path = self.dir.join(crate::storage::archive::file_name(no));
@@ -439,6 +442,7 @@ impl Writer {
                 tracing::warn!(path = %seg.path.display(), error = %e, "could not delete an unused segment");
             }
         }
+        drop(files_held);
         if let Err(e) = fsync_dir(&self.dir) {
             tracing::warn!(error = %e, "could not sync the data directory");
         }
