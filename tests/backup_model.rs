@@ -8,6 +8,8 @@
 //!
 //! `TAGSTORE_SEED=n` replays one run.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::PathBuf;
@@ -39,24 +41,7 @@ type Taken = (Vec<u8>, (u64, State));
 /// Every tag's and enumerated value's members, the live set, and the lsn.
 fn state(engine: &Engine) -> (u64, State) {
     let snap = engine.snapshot();
-    let mut out = BTreeMap::new();
-    for (name, tag) in &snap.tags {
-        out.insert(
-            format!("tag:{name}"),
-            tag.bitmap.get().unwrap().iter().collect::<BTreeSet<u32>>(),
-        );
-    }
-    for (name, f) in &snap.fields {
-        if let FieldKind::Enum { values } = &f.meta.kind {
-            for (i, v) in values.iter().enumerate() {
-                let ids = match f.slot(i as u32).unwrap() {
-                    Some(b) => b.iter().collect(),
-                    None => BTreeSet::new(),
-                };
-                out.insert(format!("{name}={v}"), ids);
-            }
-        }
-    }
+    let mut out = common::memberships(&snap);
     out.insert("live".into(), snap.live().unwrap().iter().collect());
     (snap.lsn, out)
 }

@@ -10,6 +10,8 @@
 //!
 //! `TAGSTORE_SEED=n` replays one run.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -79,25 +81,7 @@ fn follow(engine: &Engine, pos: u64, mirror: &mut BTreeMap<String, BTreeSet<u32>
 
 /// The store's memberships of every tag and enumerated value.
 fn truth(engine: &Engine) -> BTreeMap<String, BTreeSet<u32>> {
-    let snap = engine.snapshot();
-    let mut out = BTreeMap::new();
-    for (name, tag) in &snap.tags {
-        out.insert(
-            format!("tag:{name}"),
-            tag.bitmap.get().unwrap().iter().collect::<BTreeSet<u32>>(),
-        );
-    }
-    for (name, f) in &snap.fields {
-        if let FieldKind::Enum { values } = &f.meta.kind {
-            for (i, v) in values.iter().enumerate() {
-                let ids = match f.slot(i as u32).unwrap() {
-                    Some(b) => b.iter().collect(),
-                    None => BTreeSet::new(),
-                };
-                out.insert(format!("{name}={v}"), ids);
-            }
-        }
-    }
+    let mut out = common::memberships(&engine.snapshot());
     out.retain(|_, v| !v.is_empty());
     out
 }

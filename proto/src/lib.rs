@@ -7,14 +7,18 @@
 //!   `INVALID_ARGUMENT`;
 //! - [`names`]: what a valid tag name and customer key are, and how a tag
 //!   name is written in the query language;
-//! - [`auth`]: a client's token on every call.
+//! - [`auth`]: a client's token on every call;
+//! - [`connect`]: a connection as the tools make it (plain text or TLS);
+//! - [`backup`]: a `Backup` stream saved to a file.
 //!
 //! This package owns no behaviour of the server: it must not depend on the
 //! engine, and the engine's rules that a client cannot check (a tag exists, a
 //! field has this kind) stay in the engine.
 
 pub mod auth;
+pub mod backup;
 pub mod codec;
+pub mod connect;
 pub mod names;
 
 mod generated {

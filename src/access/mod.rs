@@ -75,6 +75,7 @@ const fn rule(role: Role, lists_customers: bool) -> Option<Rule> {
 /// Every method of `tagstore.v1.TagStore`, by name (the metrics count each).
 pub const METHODS: &[&str] = &[
     "Aggregate",
+    "Backup",
     "Breakdown",
     "Checkpoint",
     "Count",
@@ -135,7 +136,7 @@ pub fn rule_for(method: &str) -> Option<Rule> {
         "ResolveCustomers" => rule(Write, true),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"
         | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" | "DefineRule"
-        | "DropRule" | "TurnRuleDays" | "ReadAudit" => rule(Admin, false),
+        | "DropRule" | "TurnRuleDays" | "ReadAudit" | "Backup" => rule(Admin, false),
         _ => None,
     }
 }

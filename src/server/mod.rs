@@ -6,6 +6,7 @@ mod admin;
 mod audiences;
 mod audit;
 pub mod auth;
+mod backup;
 pub mod budget;
 mod export;
 mod fields;
@@ -35,6 +36,21 @@ use crate::proto::tag_store_server::TagStoreServer;
 use crate::storage::Engine;
 use budget::{MemoryBudget, Metered};
 pub use service::Service;
+
+/// Lowers the calling thread's priority to `nice` (19: the lowest), for
+/// work that must yield the CPU to writes and reads (the watchers' thread,
+/// a backup's); a refusal is logged, naming `what`, and the work runs at
+/// the server's priority.
+pub(crate) fn lower_priority(nice: i32, what: &str) {
+    // SAFETY: setpriority on this thread's own id.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "{what} runs at the server's priority"
+        );
+    }
+}
 
 /// Reads the tokens file and the TLS files again on each SIGHUP, for as
 /// long as the process runs.

@@ -22,6 +22,7 @@ use crate::server::status::to_status;
 use crate::server::{
     admin, audiences, audit, fields, history, ingest, reads, rebuild, rules, unmerge, watch, writes,
 };
+use crate::storage::backup::Header;
 use crate::storage::{Engine, TagMeta};
 
 pub struct Service {
@@ -43,6 +44,8 @@ pub struct Service {
     pub(super) feed: Arc<watch::Feed>,
     /// The audit trail.
     pub(super) audit: Arc<crate::audit::Audit>,
+    /// One backup at a time.
+    pub(super) backups: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -72,6 +75,7 @@ impl Service {
             closing,
             feed: watch::Feed::start(engine_for_feed),
             audit,
+            backups: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 }
@@ -236,6 +240,24 @@ impl TagStore for Service {
 
     type ExportStream = ExportStream;
     type WatchStream = watch::WatchStream;
+    type BackupStream = super::backup::BackupStream;
+
+    async fn backup(
+        &self,
+        req: Request<proto::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let who = audit::who(&req);
+        let since = &req.get_ref().since;
+        let subject = match Header::decode(since) {
+            _ if since.is_empty() => "full".to_string(),
+            Ok(h) => format!("increment of {:016x} (lsn {})", h.id, h.position),
+            Err(_) => "increment of a header that does not read".to_string(),
+        };
+        let customers = self.engine.snapshot().customer_count().unwrap_or(0);
+        let res = super::backup::backup(self, req).await;
+        self.audited(Kind::Reads, who, "Backup", &subject, res, |_| customers)
+            .await
+    }
 
     async fn watch(
         &self,

@@ -660,20 +660,7 @@ impl Workers {
         let spawned = std::thread::Builder::new()
             .name("tagstore-watch".into())
             .spawn(move || {
-                // SAFETY: setpriority on this thread's own id.
-                let rc = unsafe {
-                    libc::setpriority(
-                        libc::PRIO_PROCESS,
-                        libc::gettid() as libc::id_t,
-                        WORKER_NICE,
-                    )
-                };
-                if rc != 0 {
-                    tracing::warn!(
-                        error = %std::io::Error::last_os_error(),
-                        "the watchers' thread runs at the server's priority"
-                    );
-                }
+                super::lower_priority(WORKER_NICE, "the watchers' thread");
                 while let Ok(job) = rx.recv() {
                     job();
                 }

@@ -118,3 +118,29 @@ pub async fn add_to_tag(c: &mut Client, tag: &str, keys: &[&str]) {
     .await
     .unwrap_or_else(|e| panic!("add to {tag}: {e}"));
 }
+
+/// Every tag's and enumerated value's members in `snap`, by `tag:NAME` and
+/// `FIELD=VALUE` (for the engine-level models).
+pub fn memberships(
+    snap: &tagstore::storage::Snapshot,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<u32>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (name, tag) in &snap.tags {
+        out.insert(
+            format!("tag:{name}"),
+            tag.bitmap.get().unwrap().iter().collect(),
+        );
+    }
+    for (name, f) in &snap.fields {
+        if let tagstore::fields::FieldKind::Enum { values } = &f.meta.kind {
+            for (i, v) in values.iter().enumerate() {
+                let ids = match f.slot(i as u32).unwrap() {
+                    Some(b) => b.iter().collect(),
+                    None => Default::default(),
+                };
+                out.insert(format!("{name}={v}"), ids);
+            }
+        }
+    }
+    out
+}

@@ -131,6 +131,8 @@ enum Scenario {
     Rules,
     /// Writes with 100 change-feed watchers against none, the feed's lag, and the feed off against on.
     Watch,
+    /// Online backups (full and increment) and `tagstore restore`, and writes with backups running against none.
+    Backup,
     /// Every scenario.
     All,
 }
@@ -456,6 +458,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::Watch) {
         b.watch_feed().await?;
+    }
+    if wants(Scenario::Backup) {
+        b.backup().await?;
     }
     b.latency_plot()?;
     let path = b.cli.out.join("bench.json");

@@ -38,7 +38,7 @@ fn every_scenario_runs_at_a_tiny_scale() {
         run.status
     );
     for scenario in [
-        "load", "update", "query", "mixed", "restart", "sweep", "watch",
+        "load", "update", "query", "mixed", "restart", "sweep", "watch", "backup",
     ] {
         assert!(
             stdout.lines().any(|l| l.trim_start().starts_with(scenario)),

@@ -131,7 +131,10 @@ impl Completer for ShellHelper {
         }
         let first = trimmed.split_whitespace().next().unwrap_or("");
         let lower = before.to_ascii_lowercase();
-        if lower.contains(" from ") || lower.contains(" to ") {
+        if lower.contains(" from ")
+            || lower.contains(" to ")
+            || first.eq_ignore_ascii_case("backup")
+        {
             return self.files.complete(line, pos, ctx);
         }
         if commands::takes_tags(first) {

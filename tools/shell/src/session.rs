@@ -14,7 +14,6 @@ use serde_json::json;
 use tagstore_proto::names::{check_key, quote_tag_name};
 use tagstore_proto::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use crate::commands::{self, Command, Who};
@@ -89,54 +88,7 @@ pub struct Session {
     pub tag_names: Arc<RwLock<Vec<String>>>,
 }
 
-/// TLS settings of the connection (all `None`: plain text, unless the
-/// address says https://).
-#[derive(Debug, Clone, Default)]
-pub struct TlsOptions {
-    pub cacert: Option<std::path::PathBuf>,
-    pub cert: Option<std::path::PathBuf>,
-    pub key: Option<std::path::PathBuf>,
-    pub servername: Option<String>,
-}
-
-impl TlsOptions {
-    fn wanted(&self, addr: &str) -> bool {
-        addr.starts_with("https://") || self.cacert.is_some() || self.cert.is_some()
-    }
-
-    fn config(&self, host: &str) -> Result<ClientTlsConfig, String> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-        };
-        let mut cfg = ClientTlsConfig::new()
-            .domain_name(self.servername.clone().unwrap_or_else(|| host.to_string()));
-        if let Some(ca) = &self.cacert {
-            cfg = cfg.ca_certificate(Certificate::from_pem(read(ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            cfg = cfg.identity(Identity::from_pem(read(cert)?, read(key)?));
-        }
-        Ok(cfg)
-    }
-}
-
-pub fn endpoint(addr: &str, tls: &TlsOptions) -> Result<Endpoint, String> {
-    let bare = addr
-        .trim_start_matches("http://")
-        .trim_start_matches("https://");
-    let secure = tls.wanted(addr);
-    let uri = format!("{}://{bare}", if secure { "https" } else { "http" });
-    let mut e = Endpoint::from_shared(uri)
-        .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
-        .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
-    if secure {
-        let host = bare.rsplit_once(':').map_or(bare, |(h, _)| h);
-        e = e
-            .tls_config(tls.config(host.trim_matches(['[', ']']))?)
-            .map_err(|e| format!("TLS settings: {e}"))?;
-    }
-    Ok(e)
-}
+pub use tagstore_proto::connect::{TlsOptions, endpoint};
 
 impl Session {
     /// A session that connects lazily (and reconnects by itself after a drop).
@@ -384,6 +336,7 @@ impl Session {
                     json!({ "lsn": c.lsn, "tags_written": c.tags_written, "segment_bytes": c.segment_bytes, "duration_ms": c.duration_ms, "events_archived": c.events_archived, "archive_bytes": c.archive_bytes }),
                 );
             }
+            Command::Backup { file, since } => self.backup(&file, since.as_deref()).await?,
             Command::Help(topic) => {
                 let text = commands::help(topic.as_deref(), terminal_columns())?;
                 self.out(text.clone(), json!({ "help": text }));
@@ -399,6 +352,67 @@ impl Session {
             Command::Quit => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// `backup`: the stream saved to a new file, with a progress bar.
+    async fn backup(
+        &mut self,
+        file: &std::path::Path,
+        since: Option<&std::path::Path>,
+    ) -> Result<(), Failure> {
+        let mut bar: Option<ProgressBar> = None;
+        let json = self.json;
+        let res = tagstore_proto::backup::save(&mut self.client, since, file, |p| {
+            if json {
+                return;
+            }
+            let pb = bar.get_or_insert_with(|| {
+                let pb = ProgressBar::new(p.bytes_estimated);
+                pb.set_style(
+                    ProgressStyle::with_template(
+                        "backing up [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                pb
+            });
+            pb.set_length(p.bytes_estimated);
+            pb.set_position(p.bytes_copied);
+        })
+        .await;
+        if let Some(pb) = bar {
+            pb.finish_and_clear();
+        }
+        let d = match res {
+            Ok(d) => d,
+            Err(tagstore_proto::backup::SaveError::Server(status)) => return Err(status.into()),
+            Err(tagstore_proto::backup::SaveError::Local(m)) => return Err(Failure::Local(m)),
+        };
+        let kind = if d.base_id.is_empty() {
+            "full".to_string()
+        } else {
+            format!("an increment of {} at lsn {}", d.base_id, d.base_position)
+        };
+        let in_base = if d.files_in_base > 0 {
+            format!(" (and {} in its base)", thousands(d.files_in_base))
+        } else {
+            String::new()
+        };
+        self.out(
+            format!(
+                "backup {} ({kind}) holds every write up to lsn {}: {} files{in_base}, {} log records; {} read, {} written to {}",
+                d.id,
+                d.position,
+                thousands(d.files),
+                thousands(d.log_records),
+                table::bytes(d.content_bytes),
+                table::bytes(d.backup_bytes),
+                file.display()
+            ),
+            json!({ "id": d.id, "position": d.position, "checkpoint_lsn": d.checkpoint_lsn, "base_id": d.base_id, "base_position": d.base_position, "files": d.files, "files_in_base": d.files_in_base, "log_records": d.log_records, "content_bytes": d.content_bytes, "backup_bytes": d.backup_bytes, "file": file.display().to_string() }),
+        );
+        Ok(())
     }
 
     async fn confirm(&self, question: &str, yes: bool) -> Result<(), Failure> {

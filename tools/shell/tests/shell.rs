@@ -834,3 +834,31 @@ async fn audit_lists_who_read_which_customer() {
     );
     assert!(fails(a, "audit who").contains("usage"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_writes_a_full_backup_and_an_increment() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(&dir.path().join("data"), &[]);
+    let a = server.addr.as_str();
+    let full = dir.path().join("full.tsbak");
+    let inc = dir.path().join("inc.tsbak");
+    ok(a, "create tag vip");
+    ok(a, "add vip u1 u2");
+    let out = ok(a, &format!("backup {}", full.display()));
+    assert!(
+        out.contains("(full) holds every write up to lsn 2") && full.exists(),
+        "{out}"
+    );
+    ok(a, "checkpoint");
+    ok(a, "add vip u3");
+    let out = ok(
+        a,
+        &format!("backup {} since {}", inc.display(), full.display()),
+    );
+    assert!(
+        out.contains("increment of") && out.contains("up to lsn 3"),
+        "{out}"
+    );
+    assert!(fails(a, &format!("backup {}", full.display())).contains("exists"));
+    assert!(fails(a, "backup").contains("usage"));
+}

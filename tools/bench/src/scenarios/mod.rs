@@ -2,6 +2,7 @@
 //! methods to [`Bench`](crate::Bench), which holds the run's settings, data
 //! set, report and helpers (in `main.rs`).
 
+mod backup;
 mod ingest;
 mod load;
 mod mixed;
@@ -11,4 +12,4 @@ mod restart;
 mod rules;
 mod sweep;
 mod update;
-mod watch;
+pub(crate) mod watch;

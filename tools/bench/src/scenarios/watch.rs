@@ -27,7 +27,7 @@ const WATCHERS: usize = 100;
 const WATCHED_TAGS: usize = 20;
 
 /// One round's write figures: memberships/s and p50 ms.
-type Round = (f64, f64);
+pub(crate) type Round = (f64, f64);
 
 impl Bench {
     pub(crate) async fn watch_feed(&mut self) -> Result<(), BoxError> {
@@ -263,7 +263,7 @@ impl Bench {
 
     /// Durable updates of `batch` memberships from `clients` clients for the run's
     /// seconds: memberships/s and p50 ms.
-    async fn updates(
+    pub(crate) async fn updates(
         &mut self,
         server: &ServerProcess,
         batch: usize,

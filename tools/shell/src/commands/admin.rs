@@ -1,5 +1,5 @@
 //! Commands about the server and the shell itself: `stats`, `audit`,
-//! `checkpoint`, `help`, `\timing`, `quit`. Each one's help text sits beside its parser.
+//! `checkpoint`, `backup`, `help`, `\timing`, `quit`. Each one's help text sits beside its parser.
 
 use super::args::{split_args, take_flag};
 use super::{AuditFilter, Command, Spec};
@@ -62,6 +62,33 @@ pub const CHECKPOINT: Spec = Spec {
         Ok(Command::Checkpoint(merge))
     },
 };
+
+pub const BACKUP: Spec = Spec {
+    name: "backup",
+    words: &["backup"],
+    complete: &["backup"],
+    usage: "backup <file> [since <earlier backup file>]",
+    summary: "a consistent copy of the whole store, taken while writes go on, into a new file; `since` makes an increment of an earlier backup (admin; `tagstore restore` makes a data directory of it)",
+    example: "backup /backups/store-1130.tsbak since /backups/store-1101.tsbak",
+    takes_tags: false,
+    parse: parse_backup,
+};
+
+fn parse_backup(rest: &str) -> Result<Command, String> {
+    let usage = || format!("usage: {}", BACKUP.usage);
+    let args = split_args(rest)?;
+    match args.as_slice() {
+        [file] => Ok(Command::Backup {
+            file: file.into(),
+            since: None,
+        }),
+        [file, word, base] if word.eq_ignore_ascii_case("since") => Ok(Command::Backup {
+            file: file.into(),
+            since: Some(base.into()),
+        }),
+        _ => Err(usage()),
+    }
+}
 
 pub const HELP: Spec = Spec {
     name: "help",

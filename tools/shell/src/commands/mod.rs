@@ -257,6 +257,11 @@ pub enum Command {
     Audit(AuditFilter),
     /// `true`: also merge the dictionary sections into one.
     Checkpoint(bool),
+    /// A backup into a new file, an increment of `since` when given.
+    Backup {
+        file: std::path::PathBuf,
+        since: Option<std::path::PathBuf>,
+    },
     Help(Option<String>),
     Timing(Option<bool>),
     Quit,
@@ -380,6 +385,7 @@ pub const SPECS: &[&Spec] = &[
     &admin::STATS,
     &admin::AUDIT,
     &admin::CHECKPOINT,
+    &admin::BACKUP,
     &admin::HELP,
     &admin::TIMING,
     &admin::QUIT,
@@ -529,6 +535,15 @@ mod tests {
             }
         );
         assert_eq!(p("checkpoint"), Command::Checkpoint(false));
+        assert_eq!(
+            p("backup b.tsbak since \"a b.tsbak\""),
+            Command::Backup {
+                file: "b.tsbak".into(),
+                since: Some("a b.tsbak".into()),
+            }
+        );
+        assert!(parse("backup").is_err());
+        assert!(parse("backup a b").is_err());
         assert_eq!(
             p("checkpoint --merge-dictionary"),
             Command::Checkpoint(true)
