@@ -231,3 +231,81 @@ impl Write for Chunks {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn sender(
+        rt: &tokio::runtime::Runtime,
+    ) -> (
+        Sender,
+        mpsc::Receiver<Result<proto::BackupResponse, Status>>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let (tx, rx) = mpsc::channel(QUEUED);
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let out = Sender {
+            tx,
+            handle: rt.handle().clone(),
+            idle: Duration::from_millis(100),
+            idle_status: Status::deadline_exceeded("idle"),
+            closing,
+            ended: Arc::default(),
+        };
+        (out, rx, closing_tx)
+    }
+
+    /// Writes whole chunks until a write fails; the chunks that went.
+    fn fill(out: &Sender) -> usize {
+        let mut chunks = Chunks {
+            out: out.clone(),
+            buf: Vec::new(),
+            sent: Arc::default(),
+        };
+        let data = vec![0u8; CHUNK];
+        (0..QUEUED + 2)
+            .take_while(|_| chunks.write_all(&data).is_ok())
+            .count()
+    }
+
+    fn ended(out: &Sender) -> Option<Option<Code>> {
+        out.ended
+            .lock()
+            .as_ref()
+            .map(|s| s.as_ref().map(Status::code))
+    }
+
+    #[test]
+    fn a_client_that_reads_nothing_ends_it_after_the_idle_time() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (out, _rx, _closing) = sender(&rt);
+        assert_eq!(fill(&out), QUEUED, "the channel holds {QUEUED} chunks");
+        assert_eq!(ended(&out), Some(Some(Code::DeadlineExceeded)));
+    }
+
+    #[test]
+    fn a_client_gone_ends_it_with_nobody_to_tell() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (out, rx, _closing) = sender(&rt);
+        drop(rx);
+        assert_eq!(fill(&out), 0);
+        assert_eq!(ended(&out), Some(None));
+    }
+
+    #[test]
+    fn a_shutdown_ends_a_backup_waiting_for_its_client() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (mut out, _rx, closing) = sender(&rt);
+        out.idle = Duration::from_secs(3600);
+        let waiting = std::thread::spawn({
+            let out = out.clone();
+            move || fill(&out)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        closing.send(true).unwrap();
+        assert_eq!(waiting.join().unwrap(), QUEUED);
+        assert_eq!(ended(&out), Some(Some(Code::Unavailable)));
+    }
+}
