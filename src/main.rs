@@ -268,6 +268,11 @@ enum TokenAction {
         /// It may count but not list individual customers.
         #[arg(long)]
         counts_only: bool,
+        /// It may use only the tags and fields of these categories
+        /// (comma-separated; read and write roles): it names no other in
+        /// queries and writes, and sees no other in listings and profiles.
+        #[arg(long, value_delimiter = ',', value_name = "CATEGORY,…")]
+        categories: Vec<String>,
         #[arg(long)]
         file: PathBuf,
     },
@@ -285,6 +290,15 @@ enum TokenAction {
     },
 }
 
+/// `, categories a, b` for a token limited to some; empty otherwise.
+fn limited(categories: &[String]) -> String {
+    if categories.is_empty() {
+        String::new()
+    } else {
+        format!(", categories {}", categories.join(", "))
+    }
+}
+
 /// `tagstore token …`: works on the file alone, no server needed.
 fn token(action: TokenAction) -> ExitCode {
     use tagstore::access::{self, Role};
@@ -293,6 +307,7 @@ fn token(action: TokenAction) -> ExitCode {
             name,
             role,
             counts_only,
+            categories,
             file,
         } => match Role::parse(&role) {
             None => Err(format!("--role {role:?}: read, write or admin")),
@@ -300,13 +315,14 @@ fn token(action: TokenAction) -> ExitCode {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64);
-                access::add(&file, &name, role, counts_only, now)
+                access::add(&file, &name, role, counts_only, &categories, now)
                     .map(|t| {
                         println!("{t}");
                         say(format_args!(
-                            "token {name:?} ({role}{}) added to {}; it is shown only now. \
+                            "token {name:?} ({role}{}{}) added to {}; it is shown only now. \
                              A running server takes it on SIGHUP.",
                             if counts_only { ", counts only" } else { "" },
+                            limited(&categories),
                             file.display()
                         ));
                     })
@@ -317,10 +333,11 @@ fn token(action: TokenAction) -> ExitCode {
             .map(|entries| {
                 for e in entries {
                     println!(
-                        "{}\t{}{}\tmade {}",
+                        "{}\t{}{}{}\tmade {}",
                         e.name,
                         e.role,
                         if e.counts_only { " (counts only)" } else { "" },
+                        limited(&e.categories),
                         tagstore::fields::time::format_ms(e.created_ms)
                     );
                 }

@@ -127,6 +127,16 @@ async fn every_call_against_every_role() {
     let counter = add(&file, "counter", "read", true);
     let write = add(&file, "ingest-svc", "write", false);
     let admin = add(&file, "ops", "admin", false);
+    let limited = token_cmd(&[
+        "add",
+        "crm",
+        "--role",
+        "write",
+        "--categories",
+        "消费偏好",
+        "--file",
+        file.to_str().unwrap(),
+    ]);
     let listed = token_cmd(&["list", "--file", file.to_str().unwrap()]);
     assert!(
         listed.contains("analyst\tread") && listed.contains("counter\tread (counts only)"),
@@ -175,6 +185,22 @@ async fn every_call_against_every_role() {
                 );
             }
             checked += 1;
+        }
+        // Limited to a category: calls that reach every category are
+        // refused, calls that reach none are not; the others check what
+        // they name (tested below).
+        let got = call(&addr, method, streams, Some(&limited)).await;
+        use tagstore::access::{Reach, Role};
+        match rule.reach {
+            _ if rule.role > Role::Write => {
+                assert_eq!(got, Code::PermissionDenied, "{method} limited")
+            }
+            Reach::Every => assert_eq!(got, Code::PermissionDenied, "{method} limited"),
+            Reach::Nothing => assert!(
+                !matches!(got, Code::Unauthenticated | Code::PermissionDenied),
+                "{method} limited: {got:?}"
+            ),
+            Reach::Named => assert_ne!(got, Code::Unauthenticated, "{method} limited"),
         }
     }
     assert_eq!(checked, all.len() * 4);
@@ -333,5 +359,294 @@ async fn sighup_without_tokens_or_tls_is_harmless() {
     assert_eq!(
         call(&server.addr, "Stats", (false, false), None).await,
         Code::Ok
+    );
+}
+
+/// A token limited to tag categories names and sees only their tags and
+/// fields: directly, through saved audiences and snapshots, in listings,
+/// profiles, watches and writes; calls that reach every category are
+/// refused; an admin token cannot be limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limited_to_categories_uses_only_their_tags() {
+    use tagstore::proto::*;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.toml");
+    let f = file.to_str().unwrap();
+    let admin = add(&file, "ops", "admin", false);
+    let crm = token_cmd(&[
+        "add",
+        "crm",
+        "--role",
+        "write",
+        "--categories",
+        "消费偏好,渠道",
+        "--file",
+        f,
+    ]);
+    let refused = Command::new(common::binary())
+        .args([
+            "token",
+            "add",
+            "boss",
+            "--role",
+            "admin",
+            "--categories",
+            "x",
+            "--file",
+            f,
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot be limited"));
+    let listed = token_cmd(&["list", "--file", f]);
+    assert!(
+        listed.contains("crm\twrite, categories 消费偏好, 渠道"),
+        "{listed}"
+    );
+
+    let server = common::start(&dir.path().join("data"), &["--tokens", f]);
+    let mut ops = server.client_with_token(Some(&admin)).await.unwrap();
+    let mut c = server.client_with_token(Some(&crm)).await.unwrap();
+    for (tag, category) in [("常购护肤品", "消费偏好"), ("高价值用户", "价值")] {
+        ops.create_tag(CreateTagRequest {
+            name: tag.into(),
+            category: category.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    ops.create_field(CreateFieldRequest {
+        name: "lifecycle".into(),
+        category: "生命周期".into(),
+        kind: FieldKind::Enum as i32,
+        values: vec!["new".into(), "active".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ops.update(UpdateRequest {
+        mutations: vec![
+            Mutation {
+                tag: "常购护肤品".into(),
+                add: vec!["u1".into(), "u2".into()],
+                ..Default::default()
+            },
+            Mutation {
+                tag: "高价值用户".into(),
+                add: vec!["u1".into()],
+                ..Default::default()
+            },
+        ],
+        create_missing_tags: false,
+    })
+    .await
+    .unwrap();
+    for (name, query) in [
+        ("护肤", "常购护肤品"),
+        ("混合", "常购护肤品 AND 高价值用户"),
+    ] {
+        ops.create_audience(CreateAudienceRequest {
+            name: name.into(),
+            query: query.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let snap = ops
+        .take_snapshot(TakeSnapshotRequest {
+            audience: "混合".into(),
+            note: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .id;
+
+    // Queries: allowed tags and audiences count; others are refused,
+    // however they are reached.
+    let count = |q: &str| CountRequest {
+        queries: vec![q.to_string()],
+    };
+    assert_eq!(
+        c.count(count("常购护肤品 OR 护肤"))
+            .await
+            .unwrap()
+            .into_inner()
+            .counts,
+        vec![2]
+    );
+    for q in [
+        "高价值用户".to_string(),
+        "常购护肤品 AND NOT 高价值用户".to_string(),
+        "混合".to_string(),
+        format!("SNAPSHOT {snap}"),
+        "lifecycle = 'active'".to_string(),
+    ] {
+        let got = c.count(count(&q)).await;
+        assert_eq!(common::code(got), Code::PermissionDenied, "{q}");
+    }
+    let denied = c.count(count("高价值用户")).await.unwrap_err();
+    assert!(
+        denied.message().contains("crm") && denied.message().contains("高价值用户"),
+        "{denied:?}"
+    );
+    let members = c
+        .members(MembersRequest {
+            query: "混合".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(common::code(members), Code::PermissionDenied);
+    let export = c
+        .export(ExportRequest {
+            query: "高价值用户".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(common::code(export), Code::PermissionDenied);
+
+    // Listings and profiles show only the allowed ones.
+    let tags = c
+        .list_tags(ListTagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<String> = tags.tags.into_iter().map(|t| t.name).collect();
+    assert_eq!(names, vec!["常购护肤品".to_string()]);
+    let fields = c
+        .list_fields(ListFieldsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fields.fields.is_empty());
+    let audiences = c
+        .list_audiences(ListAudiencesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<String> = audiences.audiences.into_iter().map(|a| a.name).collect();
+    assert_eq!(names, vec!["护肤".to_string()]);
+    let snapshots = c
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(snapshots.snapshots.is_empty());
+    let profile = c
+        .profile(ProfileRequest {
+            customer: "u1".into(),
+            recent_days: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(profile.tags, vec!["常购护肤品".to_string()]);
+    for got in [
+        common::code(
+            c.describe_tag(DescribeTagRequest {
+                name: "高价值用户".into(),
+            })
+            .await,
+        ),
+        common::code(
+            c.watch(WatchRequest {
+                tags: vec!["高价值用户".into()],
+                ..Default::default()
+            })
+            .await,
+        ),
+        common::code(
+            c.top_tags(TopTagsRequest {
+                query: "ALL".into(),
+                k: 5,
+                ..Default::default()
+            })
+            .await,
+        ),
+        common::code(
+            c.breakdown(BreakdownRequest {
+                query: "ALL".into(),
+                by: Some(breakdown_request::By::Field("lifecycle".into())),
+            })
+            .await,
+        ),
+        common::code(
+            c.tag_history(TagHistoryRequest {
+                name: "高价值用户".into(),
+                days: 7,
+            })
+            .await,
+        ),
+    ] {
+        assert_eq!(got, Code::PermissionDenied);
+    }
+    let top = c
+        .top_tags(TopTagsRequest {
+            query: "ALL".into(),
+            k: 5,
+            category: "消费偏好".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(top.is_ok(), "{top:?}");
+
+    // Writes: allowed tags only, no new tags, no fields of others, no
+    // ingestion (it reaches every category).
+    let write = |tag: &str, create: bool| UpdateRequest {
+        mutations: vec![Mutation {
+            tag: tag.into(),
+            add: vec!["u3".into()],
+            ..Default::default()
+        }],
+        create_missing_tags: create,
+    };
+    assert!(c.update(write("常购护肤品", false)).await.is_ok());
+    for (tag, create) in [("高价值用户", false), ("新标签", true)] {
+        assert_eq!(
+            common::code(c.update(write(tag, create)).await),
+            Code::PermissionDenied,
+            "{tag}"
+        );
+    }
+    let set = c
+        .set_values(SetValuesRequest {
+            writes: vec![ValueWrite {
+                field: "lifecycle".into(),
+                customer: "u1".into(),
+                value: Some(value_write::Value::EnumValue("active".into())),
+            }],
+        })
+        .await;
+    assert_eq!(common::code(set), Code::PermissionDenied);
+    let replace = c
+        .replace_members(tokio_stream::iter(vec![ReplaceMembersRequest {
+            tag: "高价值用户".into(),
+            customers: vec!["u9".into()],
+            last: true,
+            ..Default::default()
+        }]))
+        .await;
+    assert_eq!(common::code(replace), Code::PermissionDenied);
+    let ingest = c
+        .ingest(tokio_stream::iter(Vec::<IngestRequest>::new()))
+        .await;
+    let ingest = match ingest {
+        Ok(r) => r.into_inner().message().await.map(|_| ()),
+        Err(s) => Err(s),
+    };
+    assert_eq!(common::code(ingest), Code::PermissionDenied);
+    // Nothing it could not use was changed.
+    assert_eq!(
+        ops.count(count("高价值用户"))
+            .await
+            .unwrap()
+            .into_inner()
+            .counts,
+        vec![1]
     );
 }

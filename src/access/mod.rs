@@ -12,13 +12,17 @@
 //! listings), `write` (also updates, values, ingestion), `admin` (also
 //! tags, fields and sources, erasing customers, rebuilding facts,
 //! checkpoints). A token may also be limited to counts: it reads no
-//! individual customer (no member pages, exports, profiles or key look-ups).
+//! individual customer (no member pages, exports, profiles or key look-ups);
+//! and a read or write token to tag categories: it names and sees only the
+//! tags and fields of those categories (the server checks each call that
+//! names them, by the [`Reach`] of its rule), and calls that reach every
+//! category (ingestion, merges) are refused to it.
 //!
 //! This room owns the tokens file (its format, making and revoking tokens)
 //! and the table of rules. It knows nothing of gRPC: the server names the
 //! call and turns a refusal into a status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,12 +67,30 @@ pub struct Rule {
     pub role: Role,
     /// The call returns individual customers (refused to counts-only tokens).
     pub lists_customers: bool,
+    /// Which tags and fields it reaches, for tokens limited to categories.
+    pub reach: Reach,
 }
 
-const fn rule(role: Role, lists_customers: bool) -> Option<Rule> {
+/// Which tags and fields a call reaches: what a token limited to tag
+/// categories may do with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// None: it names and shows no tag or field (store-wide figures, keys
+    /// to ids, merges, sources). Allowed.
+    Nothing,
+    /// The ones it names, which the server checks against the token's
+    /// categories (and the ones it lists or shows, which it filters).
+    Named,
+    /// Every category (ingestion's facts, merging customers, the admin
+    /// calls). Refused.
+    Every,
+}
+
+const fn rule(role: Role, lists_customers: bool, reach: Reach) -> Option<Rule> {
     Some(Rule {
         role,
         lists_customers,
+        reach,
     })
 }
 
@@ -124,19 +146,24 @@ pub const METHODS: &[&str] = &[
 /// method this table does not know (refused: a new call must be given a
 /// rule here, and the test of every call fails until it is).
 pub fn rule_for(method: &str) -> Option<Rule> {
+    use Reach::*;
     use Role::*;
     match method {
-        "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListSources" | "ListAudiences"
-        | "ListSnapshots" | "TagHistory" | "ListRules" | "Aggregate" | "Breakdown" | "TopTags"
-        | "Overlap" | "Stats" => rule(Read, false),
-        "Members" | "Export" | "Profile" | "ListMerges" | "Watch" => rule(Read, true),
-        "Update" | "ReplaceMembers" | "SetValues" | "Ingest" | "Link" | "CreateAudience"
-        | "DropAudience" | "TakeSnapshot" | "DropSnapshot" => rule(Write, false),
+        "Stats" | "ListSources" => rule(Read, false, Nothing),
+        "Count" | "ListTags" | "DescribeTag" | "ListFields" | "ListAudiences" | "ListSnapshots"
+        | "TagHistory" | "ListRules" | "Aggregate" | "Breakdown" | "TopTags" | "Overlap" => {
+            rule(Read, false, Named)
+        }
+        "Members" | "Export" | "Profile" | "Watch" => rule(Read, true, Named),
+        "ListMerges" => rule(Read, true, Nothing),
+        "Update" | "ReplaceMembers" | "SetValues" | "CreateAudience" | "DropAudience"
+        | "TakeSnapshot" | "DropSnapshot" => rule(Write, false, Named),
+        "Ingest" | "Link" => rule(Write, false, Every),
         // It may create customers, and it answers with who exists.
-        "ResolveCustomers" => rule(Write, true),
+        "ResolveCustomers" => rule(Write, true, Nothing),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"
         | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" | "DefineRule"
-        | "DropRule" | "TurnRuleDays" | "ReadAudit" | "Backup" => rule(Admin, false),
+        | "DropRule" | "TurnRuleDays" | "ReadAudit" | "Backup" => rule(Admin, false, Every),
         _ => None,
     }
 }
@@ -147,6 +174,8 @@ pub struct Grant {
     pub name: String,
     pub role: Role,
     pub counts_only: bool,
+    /// The tag categories it may use; empty: every one.
+    pub categories: BTreeSet<String>,
 }
 
 /// Why a call is refused.
@@ -178,7 +207,26 @@ impl Grant {
                 self.name
             )));
         }
+        if rule.reach == Reach::Every && !self.categories.is_empty() {
+            return Err(Refusal::Denied(format!(
+                "{method} reaches tags and fields of every category; token {:?} is limited to {}",
+                self.name,
+                self.categories_text()
+            )));
+        }
         Ok(())
+    }
+
+    /// Whether it may use a tag or field of `category` (every one when the
+    /// token has no limit).
+    pub fn may_use(&self, category: &str) -> bool {
+        self.categories.is_empty() || self.categories.contains(category)
+    }
+
+    /// Its categories, for messages: `categories "a", "b"`.
+    pub fn categories_text(&self) -> String {
+        let list: Vec<String> = self.categories.iter().map(|c| format!("{c:?}")).collect();
+        format!("categories {}", list.join(", "))
     }
 }
 
@@ -205,6 +253,9 @@ pub struct Entry {
     pub role: Role,
     #[serde(default)]
     pub counts_only: bool,
+    /// The tag categories it may use; empty (or absent): every one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
     /// When it was made, Unix ms.
     pub created_ms: i64,
     /// 16 random bytes, hex.
@@ -222,6 +273,8 @@ struct File {
 
 /// Longest token name.
 pub const MAX_NAME_BYTES: usize = 64;
+/// Longest category a token names (the longest a tag may have).
+pub const MAX_CATEGORY_BYTES: usize = crate::storage::writer::MAX_CATEGORY_BYTES;
 const PREFIX: &str = "tst1_";
 
 fn hex(bytes: &[u8]) -> String {
@@ -291,10 +344,17 @@ impl Tokens {
             if hash.len() != 32 {
                 return Err(invalid(format!("token {:?}: hash is not 32 bytes", e.name)));
             }
+            if !e.categories.is_empty() && e.role == Role::Admin {
+                return Err(invalid(format!(
+                    "token {:?}: an admin token cannot be limited to categories",
+                    e.name
+                )));
+            }
             let grant = Arc::new(Grant {
                 name: e.name.clone(),
                 role: e.role,
                 counts_only: e.counts_only,
+                categories: e.categories.iter().cloned().collect(),
             });
             if by_id
                 .insert(e.id.clone(), Known { grant, salt, hash })
@@ -381,8 +441,23 @@ pub fn add(
     name: &str,
     role: Role,
     counts_only: bool,
+    categories: &[String],
     now_ms: i64,
 ) -> Result<String, AccessError> {
+    if !categories.is_empty() && role == Role::Admin {
+        return Err(AccessError::Refused(
+            "an admin token manages tags and fields of every category: it cannot be limited to some"
+                .into(),
+        ));
+    }
+    if let Some(c) = categories
+        .iter()
+        .find(|c| c.is_empty() || c.len() > MAX_CATEGORY_BYTES)
+    {
+        return Err(AccessError::Refused(format!(
+            "category {c:?}: 1 to {MAX_CATEGORY_BYTES} bytes"
+        )));
+    }
     if name.is_empty()
         || name.len() > MAX_NAME_BYTES
         || !name
@@ -407,6 +482,7 @@ pub fn add(
         id: id.clone(),
         role,
         counts_only,
+        categories: categories.to_vec(),
         created_ms: now_ms,
         salt: hex(&salt),
         hash: hex(&digest(&salt, &secret)),
@@ -440,10 +516,10 @@ mod tests {
     fn tokens_are_made_checked_and_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.toml");
-        let reader = add(&path, "analyst", Role::Read, true, 1).unwrap();
-        let admin = add(&path, "ops@brand", Role::Admin, false, 2).unwrap();
-        assert!(add(&path, "analyst", Role::Write, false, 3).is_err());
-        assert!(add(&path, "bad name", Role::Write, false, 3).is_err());
+        let reader = add(&path, "analyst", Role::Read, true, &[], 1).unwrap();
+        let admin = add(&path, "ops@brand", Role::Admin, false, &[], 2).unwrap();
+        assert!(add(&path, "analyst", Role::Write, false, &[], 3).is_err());
+        assert!(add(&path, "bad name", Role::Write, false, &[], 3).is_err());
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
             !text.contains(&reader[PREFIX.len() + 17..]),
@@ -486,6 +562,7 @@ mod tests {
             name: "t".into(),
             role,
             counts_only,
+            categories: BTreeSet::new(),
         };
         assert!(g(Role::Read, false).allows("Count").is_ok());
         assert!(g(Role::Read, false).allows("Export").is_ok());
@@ -496,6 +573,38 @@ mod tests {
         assert!(g(Role::Write, false).allows("DropTag").is_err());
         assert!(g(Role::Admin, false).allows("DropTag").is_ok());
         assert!(g(Role::Admin, false).allows("NoSuchCall").is_err());
+    }
+
+    #[test]
+    fn a_token_limited_to_categories_is_refused_calls_that_reach_every_one() {
+        let g = Grant {
+            name: "crm".into(),
+            role: Role::Write,
+            counts_only: false,
+            categories: ["消费偏好".to_string()].into(),
+        };
+        assert!(g.allows("Count").is_ok());
+        assert!(g.allows("Update").is_ok());
+        assert!(g.allows("Stats").is_ok());
+        assert!(g.allows("Ingest").is_err());
+        assert!(g.allows("Link").is_err());
+        assert!(g.may_use("消费偏好") && !g.may_use("价值") && !g.may_use(""));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let admin = add(&path, "boss", Role::Admin, false, &["x".into()], 1);
+        assert!(admin.is_err());
+        let long = "x".repeat(MAX_CATEGORY_BYTES + 1);
+        assert!(add(&path, "crm", Role::Read, false, &[long], 1).is_err());
+        let t = add(&path, "crm", Role::Read, false, &["消费偏好".into()], 1).unwrap();
+        let tokens = Tokens::load(&path).unwrap();
+        let grant = tokens.check(&t).unwrap();
+        assert_eq!(grant.categories, ["消费偏好".to_string()].into());
+        // A hand-edited file giving an admin token categories is refused.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"read\"", "\"admin\"");
+        std::fs::write(&path, text).unwrap();
+        assert!(Tokens::load(&path).is_err());
     }
 
     /// Every method of the service has a rule: a new call fails here until

@@ -16,6 +16,7 @@ mod metrics;
 mod reads;
 mod rebuild;
 mod rules;
+mod scope;
 pub mod service;
 pub mod status;
 pub mod tls;

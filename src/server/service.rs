@@ -20,7 +20,8 @@ use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
 use crate::server::status::to_status;
 use crate::server::{
-    admin, audiences, audit, fields, history, ingest, reads, rebuild, rules, unmerge, watch, writes,
+    admin, audiences, audit, fields, history, ingest, reads, rebuild, rules, scope, unmerge, watch,
+    writes,
 };
 use crate::storage::backup::Header;
 use crate::storage::{Engine, TagMeta};
@@ -151,13 +152,21 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ListTagsRequest>,
     ) -> Result<Response<proto::ListTagsResponse>, Status> {
-        reads::list_tags(self, req).await
+        let limited = scope::limited(&req);
+        let mut res = reads::list_tags(self, req).await?;
+        if let Some(g) = limited {
+            res.get_mut().tags.retain(|t| g.may_use(&t.category));
+        }
+        Ok(res)
     }
 
     async fn describe_tag(
         &self,
         req: Request<proto::DescribeTagRequest>,
     ) -> Result<Response<proto::DescribeTagResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_names(g, snap, [req.get_ref().name.as_str()])
+        })?;
         reads::describe_tag(self, req).await
     }
 
@@ -172,6 +181,10 @@ impl TagStore for Service {
             .iter()
             .map(|m| m.tag.as_str())
             .collect();
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::no_new_tags(g, req.get_ref().create_missing_tags)?;
+            scope::check_names(g, snap, tags.iter().copied())
+        })?;
         let subject = format!("tags {}", tags.join(", "));
         let res = writes::update(self, req).await;
         self.audited(Kind::Changes, who, "Update", &subject, res, |r| {
@@ -222,6 +235,12 @@ impl TagStore for Service {
         &self,
         req: Request<proto::CountRequest>,
     ) -> Result<Response<proto::CountResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            let queries = &req.get_ref().queries;
+            queries
+                .iter()
+                .try_for_each(|q| scope::check_query(g, snap, q))
+        })?;
         reads::count(self, req).await
     }
 
@@ -231,6 +250,9 @@ impl TagStore for Service {
     ) -> Result<Response<proto::MembersResponse>, Status> {
         let who = audit::who(&req);
         let subject = req.get_ref().query.clone();
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_query(g, snap, &subject)
+        })?;
         let res = reads::members(self, req).await;
         self.audited(Kind::Reads, who, "Members", &subject, res, |r| {
             r.get_ref().customers.len() as u64 + r.get_ref().without_identity
@@ -271,6 +293,11 @@ impl TagStore for Service {
             Some(lsn) => format!("{} after lsn {lsn}", subjects.join(", ")),
             None => subjects.join(", "),
         };
+        scope::before(&req, &self.engine, |g, snap| {
+            let r = req.get_ref();
+            let names = r.tags.iter().chain(r.values.iter().map(|v| &v.field));
+            scope::check_names(g, snap, names.map(String::as_str))
+        })?;
         let res = watch::watch(self, req).await;
         self.audited(Kind::Reads, who, "Watch", &subject, res, |_| 0)
             .await
@@ -287,6 +314,9 @@ impl TagStore for Service {
         } else {
             format!("{} as {} {}", r.query, r.identity_type, r.hash)
         };
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_query(g, snap, &req.get_ref().query)
+        })?;
         let res = reads::export(self, req).await;
         self.audited(Kind::Reads, who, "Export", subject.trim_end(), res, |r| {
             r.get_ref().total()
@@ -300,7 +330,13 @@ impl TagStore for Service {
     ) -> Result<Response<proto::ProfileResponse>, Status> {
         let who = audit::who(&req);
         let subject = req.get_ref().customer.clone();
-        let res = reads::profile(self, req).await;
+        let limited = scope::limited(&req);
+        let res = reads::profile(self, req).await.map(|mut r| {
+            if let Some(g) = limited {
+                scope::filter_profile(&g, &self.engine.snapshot(), r.get_mut());
+            }
+            r
+        });
         self.audited(Kind::Reads, who, "Profile", &subject, res, |_| 1)
             .await
     }
@@ -350,9 +386,14 @@ impl TagStore for Service {
 
     async fn list_fields(
         &self,
-        _req: Request<proto::ListFieldsRequest>,
+        req: Request<proto::ListFieldsRequest>,
     ) -> Result<Response<proto::ListFieldsResponse>, Status> {
-        fields::list_fields(&self.engine).await.map(Response::new)
+        let limited = scope::limited(&req);
+        let mut r = fields::list_fields(&self.engine).await?;
+        if let Some(g) = limited {
+            r.fields.retain(|f| g.may_use(&f.category));
+        }
+        Ok(Response::new(r))
     }
 
     async fn set_values(
@@ -360,6 +401,10 @@ impl TagStore for Service {
         req: Request<proto::SetValuesRequest>,
     ) -> Result<Response<proto::SetValuesResponse>, Status> {
         let who = audit::who(&req);
+        scope::before(&req, &self.engine, |g, snap| {
+            let fields = req.get_ref().writes.iter().map(|w| w.field.as_str());
+            scope::check_names(g, snap, fields)
+        })?;
         let r = req.into_inner();
         if r.writes.len() > self.limits.max_keys_per_request {
             return Err(invalid(format!(
@@ -458,9 +503,12 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ListRulesRequest>,
     ) -> Result<Response<proto::ListRulesResponse>, Status> {
-        rules::list_rules(&self.engine, req.into_inner())
-            .await
-            .map(Response::new)
+        let limited = scope::limited(&req);
+        let mut r = rules::list_rules(&self.engine, req.into_inner()).await?;
+        if let Some(g) = limited {
+            r.rules.retain(|rule| g.may_use(&rule.category));
+        }
+        Ok(Response::new(r))
     }
 
     async fn turn_rule_days(
@@ -474,6 +522,11 @@ impl TagStore for Service {
         &self,
         req: Request<proto::CreateAudienceRequest>,
     ) -> Result<Response<proto::CreateAudienceResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_query(g, snap, &req.get_ref().query)?;
+            // Replacing one: its old query too.
+            scope::check_names(g, snap, [req.get_ref().name.as_str()])
+        })?;
         audiences::create_audience(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -483,6 +536,9 @@ impl TagStore for Service {
         &self,
         req: Request<proto::DropAudienceRequest>,
     ) -> Result<Response<proto::DropAudienceResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_names(g, snap, [req.get_ref().name.as_str()])
+        })?;
         audiences::drop_audience(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -492,15 +548,23 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ListAudiencesRequest>,
     ) -> Result<Response<proto::ListAudiencesResponse>, Status> {
-        audiences::list_audiences(&self.engine, req.into_inner())
-            .await
-            .map(Response::new)
+        let limited = scope::limited(&req);
+        let mut r = audiences::list_audiences(&self.engine, req.into_inner()).await?;
+        if let Some(g) = limited {
+            let snap = self.engine.snapshot();
+            r.audiences
+                .retain(|a| scope::query_allowed(&g, &snap, &a.query));
+        }
+        Ok(Response::new(r))
     }
 
     async fn take_snapshot(
         &self,
         req: Request<proto::TakeSnapshotRequest>,
     ) -> Result<Response<proto::TakeSnapshotResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_names(g, snap, [req.get_ref().audience.as_str()])
+        })?;
         audiences::take_snapshot(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -510,13 +574,26 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
-        audiences::list_snapshots(&self.engine, req.into_inner()).map(Response::new)
+        let limited = scope::limited(&req);
+        let mut r = audiences::list_snapshots(&self.engine, req.into_inner())?;
+        if let Some(g) = limited {
+            let snap = self.engine.snapshot();
+            r.snapshots
+                .retain(|s| scope::query_allowed(&g, &snap, &s.query));
+        }
+        Ok(Response::new(r))
     }
 
     async fn drop_snapshot(
         &self,
         req: Request<proto::DropSnapshotRequest>,
     ) -> Result<Response<proto::DropSnapshotResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            match snap.snapshots.get(&req.get_ref().id) {
+                Some(s) => scope::check_query(g, snap, &s.query),
+                None => Ok(()),
+            }
+        })?;
         audiences::drop_snapshot(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -526,6 +603,9 @@ impl TagStore for Service {
         &self,
         req: Request<proto::TagHistoryRequest>,
     ) -> Result<Response<proto::TagHistoryResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_names(g, snap, [req.get_ref().name.as_str()])
+        })?;
         history::tag_history(&self.engine, &self.default_time_zone, req.into_inner())
             .map(Response::new)
     }
@@ -559,6 +639,10 @@ impl TagStore for Service {
         &self,
         req: Request<proto::AggregateRequest>,
     ) -> Result<Response<proto::AggregateResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_query(g, snap, &req.get_ref().query)?;
+            scope::check_names(g, snap, [req.get_ref().field.as_str()])
+        })?;
         fields::aggregate(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -568,6 +652,17 @@ impl TagStore for Service {
         &self,
         req: Request<proto::BreakdownRequest>,
     ) -> Result<Response<proto::BreakdownResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            let r = req.get_ref();
+            scope::check_query(g, snap, &r.query)?;
+            match &r.by {
+                Some(proto::breakdown_request::By::Field(f)) => {
+                    scope::check_names(g, snap, [f.as_str()])
+                }
+                Some(proto::breakdown_request::By::Category(c)) => scope::check_category(g, c),
+                None => Ok(()),
+            }
+        })?;
         fields::breakdown(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -577,6 +672,10 @@ impl TagStore for Service {
         &self,
         req: Request<proto::TopTagsRequest>,
     ) -> Result<Response<proto::TopTagsResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            scope::check_query(g, snap, &req.get_ref().query)?;
+            scope::check_category(g, &req.get_ref().category)
+        })?;
         fields::top_tags(&self.engine, req.into_inner())
             .await
             .map(Response::new)
@@ -586,6 +685,12 @@ impl TagStore for Service {
         &self,
         req: Request<proto::OverlapRequest>,
     ) -> Result<Response<proto::OverlapResponse>, Status> {
+        scope::before(&req, &self.engine, |g, snap| {
+            let queries = &req.get_ref().queries;
+            queries
+                .iter()
+                .try_for_each(|q| scope::check_query(g, snap, q))
+        })?;
         fields::overlap(&self.engine, req.into_inner())
             .await
             .map(Response::new)

@@ -94,6 +94,7 @@ pub(super) async fn replace_members(
     svc: &Service,
     req: Request<Streaming<proto::ReplaceMembersRequest>>,
 ) -> Result<Response<proto::ReplaceMembersResponse>, Status> {
+    let limited = super::scope::limited(&req);
     let mut stream = req.into_inner();
     const UNCHANGED: &str = "the tag was not changed";
     let first = next_message(&mut stream, &svc.limits, UNCHANGED)
@@ -101,6 +102,10 @@ pub(super) async fn replace_members(
         .ok_or_else(|| invalid("empty stream: the first message must name the tag"))?;
     if first.tag.is_empty() {
         return Err(invalid("the first message must name the tag"));
+    }
+    if let Some(g) = limited {
+        super::scope::no_new_tags(&g, first.create_missing_tag)?;
+        super::scope::check_names(&g, &svc.engine.snapshot(), [first.tag.as_str()])?;
     }
     // Refused before the upload, not after it.
     if first.create_missing_tag {
