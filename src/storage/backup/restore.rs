@@ -452,8 +452,15 @@ impl Stream<'_, '_> {
                 return Err(self.bad(format!("a log record of invalid length {len}")));
             }
             let crc = self.u32()?;
-            body.resize(len, 0);
-            self.read(&mut body, "a log record")?;
+            // Read as it arrives: a length the file does not back with
+            // bytes allocates nothing.
+            body.clear();
+            while body.len() < len {
+                let n = (len - body.len()).min(CHUNK);
+                let at = body.len();
+                body.resize(at + n, 0);
+                self.read(&mut body[at..], "a log record")?;
+            }
             if crc32fast::hash(&body) != crc {
                 return Err(self.bad(format!("log record lsn {next}: checksum mismatch")));
             }
