@@ -9,6 +9,7 @@ use tagstore::storage::SyncMode;
 
 /// mimalloc for Rust and, through its `override` feature, for the C code
 /// (CRoaring's containers) as well.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
