@@ -1,6 +1,7 @@
-//! Metrics against the real server binary (#22, part 5): off unless asked
-//! for; `GET /metrics` in the Prometheus text format with every call's
-//! count, failures and time and the store's numbers; nothing else served
+//! Metrics against the real server binary (#22, part 7): off unless asked
+//! for; `GET /metrics` in the OpenMetrics text format with every call's
+//! count, failures by status code and latency histogram, the engine's
+//! log-sync and checkpoint histograms, writes, and the store's numbers; nothing else served
 //! (404, 405, a request head that never ends or is too long); no customer,
 //! key or tag name in it.
 
@@ -49,24 +50,64 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
         })
         .await;
     assert_eq!(code(bad), tonic::Code::InvalidArgument);
+    c.checkpoint(CheckpointRequest::default()).await.unwrap();
 
     let text = http(&m, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
     assert_eq!(
         sample(body, "tagstore_requests_total{method=\"Count\"}"),
         2.0
     );
     assert_eq!(
-        sample(body, "tagstore_request_failures_total{method=\"Count\"}"),
+        sample(
+            body,
+            "tagstore_request_failures_total{method=\"Count\",code=\"INVALID_ARGUMENT\"}"
+        ),
         1.0
     );
     assert_eq!(
         sample(body, "tagstore_requests_total{method=\"Update\"}"),
         1.0
     );
-    assert!(sample(body, "tagstore_request_seconds_total{method=\"Count\"}") > 0.0);
+    assert!(
+        sample(
+            body,
+            "tagstore_request_duration_seconds_sum{method=\"Count\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(
+            body,
+            "tagstore_request_duration_seconds_count{method=\"Count\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            body,
+            "tagstore_request_duration_seconds_bucket{le=\"+Inf\",method=\"Count\"}"
+        ),
+        2.0
+    );
+    // The engine's: a write synced the log, a checkpoint ran.
+    assert!(sample(body, "tagstore_log_sync_duration_seconds_count") >= 1.0);
+    assert_eq!(
+        sample(body, "tagstore_checkpoint_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(sample(body, "tagstore_checkpoint_failures_total"), 0.0);
+    assert!(sample(body, "tagstore_writes_total") >= 1.0);
+    assert!(sample(body, "tagstore_group_commits_total") >= 1.0);
+    assert!(sample(body, "tagstore_snapshot_age_seconds") >= 0.0);
+    assert!(sample(body, "tagstore_memory_bytes{kind=\"tag_bitmaps\"}") >= 0.0);
+    assert!(sample(body, "tagstore_memory_bytes{kind=\"dictionary\"}") >= 0.0);
+    assert_eq!(
+        sample(body, "tagstore_memory_bytes{kind=\"requests_in_flight\"}"),
+        0.0
+    );
     assert_eq!(
         sample(body, "tagstore_requests_total{method=\"Export\"}"),
         0.0
@@ -77,8 +118,9 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
     assert!(sample(body, "tagstore_lsn") >= 1.0);
     assert_eq!(sample(body, "tagstore_feed_start_lsn"), 0.0);
     assert_eq!(sample(body, "tagstore_feed_files"), 1.0);
-    assert!(sample(body, "tagstore_resident_memory_bytes") > 0.0);
-    assert!(body.contains("# TYPE tagstore_requests_total counter"));
+    assert!(sample(body, "tagstore_memory_bytes{kind=\"resident\"}") > 0.0);
+    assert!(body.contains("# TYPE tagstore_requests counter"));
+    assert!(body.contains("# TYPE tagstore_request_duration_seconds histogram"));
     for secret in ["秘密标签", "13800001111", "k2"] {
         assert!(!body.contains(secret), "{secret} in the metrics");
     }

@@ -1,8 +1,11 @@
-//! Metrics for operators, in the Prometheus text format on a port of their
-//! own (`metrics_listen`; off unless given): every call's count, failures
-//! and time (a tower layer around the service counts them), and the
-//! store's numbers (customers, tags, rules, log, checkpoints, memory)
-//! read from the engine when scraped. It exposes no customer, key, tag or
+//! Metrics for operators, in the OpenMetrics text format (which Prometheus
+//! reads) on a port of their own (`metrics_listen`; off unless given),
+//! written by `prometheus-client`: every call's count, failures by status
+//! code and latency histogram (a tower layer around the service counts
+//! them); the engine's log-sync and checkpoint histograms, compactions,
+//! writes and group commits; and the store's numbers (customers, tags,
+//! rules, log, checkpoints, memory by kind, the snapshot's age) read from
+//! the engine when scraped. It exposes no customer, key, tag or
 //! query: call names and store-wide numbers only, so it needs no token.
 //!
 //! The endpoint is a small HTTP/1.1 server: `GET /metrics` and nothing
@@ -16,6 +19,15 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,7 +36,9 @@ use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
+use crate::server::budget::MemoryBudget;
 use crate::storage::Engine;
+use crate::storage::meters::{Meters, TimingsRead};
 
 const SERVICE: &str = "/tagstore.v1.TagStore/";
 /// Longest request head read.
@@ -34,47 +48,100 @@ const READ_WITHIN: Duration = Duration::from_secs(5);
 /// Connections served at once (others wait to be accepted).
 const MAX_CONNECTIONS: usize = 16;
 
-/// Counts of one call.
-#[derive(Default)]
-struct Counts {
-    requests: AtomicU64,
-    failures: AtomicU64,
-    micros: AtomicU64,
+/// A call's label: its method, or `other` for a path the service does not
+/// have (a client cannot make labels up).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabel {
+    method: &'static str,
 }
 
-/// Every call's counts, by name (the calls the service has; others are
-/// counted as `other`).
+/// A failed call's labels: its method and status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+/// The memory gauge's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Call latencies' buckets: 50 µs to about 13 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00005, 2.0, 19))
+}
+
+/// Every call's counts, failures by status code, and latencies.
 pub struct Calls {
     names: Vec<&'static str>,
-    counts: Vec<Counts>,
+    requests: Family<CallLabel, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    seconds: Family<CallLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Calls {
     pub fn new() -> Arc<Self> {
-        let names: Vec<&'static str> = crate::access::METHODS.to_vec();
-        let counts = (0..=names.len()).map(|_| Counts::default()).collect();
-        Arc::new(Self { names, counts })
-    }
-
-    fn slot(&self, method: &str) -> &Counts {
-        let i = self
-            .names
-            .iter()
-            .position(|n| *n == method)
-            .unwrap_or(self.names.len());
-        &self.counts[i]
-    }
-
-    fn record(&self, method: &str, failed: bool, took: Duration) {
-        let c = self.slot(method);
-        c.requests.fetch_add(1, Ordering::Relaxed);
-        if failed {
-            c.failures.fetch_add(1, Ordering::Relaxed);
+        let calls = Self {
+            names: crate::access::METHODS.to_vec(),
+            requests: Family::default(),
+            failures: Family::default(),
+            seconds: Family::new_with_constructor(latency_histogram),
+        };
+        // Every method shows from the start, at 0.
+        for method in calls.names.iter().copied().chain(["other"]) {
+            let _ = calls.requests.get_or_create(&CallLabel { method });
+            let _ = calls.seconds.get_or_create(&CallLabel { method });
         }
-        c.micros.fetch_add(
-            took.as_micros().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
+        Arc::new(calls)
+    }
+
+    fn name(&self, method: &str) -> &'static str {
+        self.names
+            .iter()
+            .copied()
+            .find(|n| *n == method)
+            .unwrap_or("other")
+    }
+
+    fn record(&self, method: &str, code: Option<&'static str>, took: Duration) {
+        let method = self.name(method);
+        let label = CallLabel { method };
+        self.requests.get_or_create(&label).inc();
+        self.seconds
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if let Some(code) = code {
+            self.failures
+                .get_or_create(&FailureLabels { method, code })
+                .inc();
+        }
+    }
+}
+
+/// The name of a gRPC status code as its header carries it (`5` →
+/// `NOT_FOUND`); `UNKNOWN` for anything else.
+fn code_name(status: &[u8]) -> &'static str {
+    match status {
+        b"0" => "OK",
+        b"1" => "CANCELLED",
+        b"2" => "UNKNOWN",
+        b"3" => "INVALID_ARGUMENT",
+        b"4" => "DEADLINE_EXCEEDED",
+        b"5" => "NOT_FOUND",
+        b"6" => "ALREADY_EXISTS",
+        b"7" => "PERMISSION_DENIED",
+        b"8" => "RESOURCE_EXHAUSTED",
+        b"9" => "FAILED_PRECONDITION",
+        b"10" => "ABORTED",
+        b"11" => "OUT_OF_RANGE",
+        b"12" => "UNIMPLEMENTED",
+        b"13" => "INTERNAL",
+        b"14" => "UNAVAILABLE",
+        b"15" => "DATA_LOSS",
+        b"16" => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
     }
 }
 
@@ -131,7 +198,8 @@ where
                 let failed = resp
                     .headers()
                     .get("grpc-status")
-                    .is_some_and(|s| s.as_bytes() != b"0");
+                    .filter(|s| s.as_bytes() != b"0")
+                    .map(|s| code_name(s.as_bytes()));
                 calls.record(&method, failed, started.elapsed());
             }
             res
@@ -139,41 +207,106 @@ where
     }
 }
 
-/// The `# HELP` and `# TYPE` lines of a metric.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    use std::fmt::Write;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// A histogram the engine keeps (`storage::meters::Timings`), read when
+/// scraped.
+struct EngineTimings {
+    engine: Arc<Engine>,
+    read: fn(&Meters) -> TimingsRead,
 }
 
-/// The metrics as Prometheus text.
-fn render(engine: &Engine, calls: &Calls, started: Instant) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(16 << 10);
-    let names = calls.names.iter().copied().chain(std::iter::once("other"));
-    let rows: Vec<(&str, &Counts)> = names.zip(calls.counts.iter()).collect();
-    type Read = fn(&Counts) -> String;
-    let per_call: [(&str, &str, Read); 3] = [
+impl std::fmt::Debug for EngineTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineTimings")
+    }
+}
+
+impl EncodeMetric for EngineTimings {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = (self.read)(self.engine.meters());
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// A gauge of the value given.
+fn gauge(v: f64) -> Gauge<f64, AtomicU64> {
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(v);
+    g
+}
+
+/// A counter at the value given.
+fn counter(v: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(v);
+    c
+}
+
+/// The metrics as OpenMetrics text.
+fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: Instant) -> String {
+    let mut r = Registry::default();
+    r.register(
+        "tagstore_requests",
+        "gRPC calls answered, by method (refused ones included)",
+        calls.requests.clone(),
+    );
+    r.register(
+        "tagstore_request_failures",
+        "gRPC calls that failed before their first message, by method and status code",
+        calls.failures.clone(),
+    );
+    r.register_with_unit(
+        "tagstore_request_duration",
+        "Time from a call's arrival to its answer (for streams, to the answer's start), by method",
+        Unit::Seconds,
+        calls.seconds.clone(),
+    );
+    let meters = engine.meters();
+    r.register_with_unit(
+        "tagstore_log_sync_duration",
+        "fdatasync of the write-ahead log (one per group commit with sync = always)",
+        Unit::Seconds,
+        EngineTimings {
+            engine: engine.clone(),
+            read: |m| m.log_sync.read(),
+        },
+    );
+    r.register_with_unit(
+        "tagstore_checkpoint_duration",
+        "Checkpoints that finished, from their start to their manifest (compaction included)",
+        Unit::Seconds,
+        EngineTimings {
+            engine: engine.clone(),
+            read: |m| m.checkpoint.read(),
+        },
+    );
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, value) in [
         (
-            "tagstore_requests_total",
-            "gRPC calls answered, by method (refused ones included).",
-            |c| c.requests.load(Ordering::Relaxed).to_string(),
+            "tagstore_checkpoint_failures",
+            "Checkpoints that failed (the log kept every write)",
+            load(&meters.checkpoints_failed),
         ),
         (
-            "tagstore_request_failures_total",
-            "gRPC calls that failed before their first message, by method.",
-            |c| c.failures.load(Ordering::Relaxed).to_string(),
+            "tagstore_compacted_segments",
+            "Segments compaction emptied into a checkpoint's new one",
+            load(&meters.segments_compacted),
         ),
         (
-            "tagstore_request_seconds_total",
-            "Time from a call's arrival to its answer (for streams, to the answer's start), by method.",
-            |c| format!("{:.6}", c.micros.load(Ordering::Relaxed) as f64 / 1e6),
+            "tagstore_writes",
+            "Write requests the writer took (each call's writes: Update, SetValues, an Ingest batch...)",
+            load(&meters.writes),
         ),
-    ];
-    for (name, help, read) in per_call {
-        family(&mut out, name, "counter", help);
-        for (method, c) in &rows {
-            let _ = writeln!(out, "{name}{{method=\"{method}\"}} {}", read(c));
-        }
+        (
+            "tagstore_group_commits",
+            "Group commits (writes logged and synced together)",
+            load(&meters.commits),
+        ),
+    ] {
+        r.register(name, help, counter(value));
     }
     let snap = engine.snapshot();
     let info = engine.info();
@@ -184,92 +317,122 @@ fn render(engine: &Engine, calls: &Calls, started: Instant) -> String {
         .filter(|r| !r.stale.is_empty())
         .count();
     let feed = engine.feed_view();
+    let memory = Family::<KindLabel, Gauge<f64, AtomicU64>>::default();
+    let bitmaps: u64 = snap
+        .tags
+        .values()
+        .filter(|t| t.bitmap.is_loaded())
+        .filter_map(|t| t.bitmap.get().ok())
+        .map(|b| b.serialized_size() as u64)
+        .sum();
+    for (kind, bytes) in [
+        ("resident", super::admin::resident_bytes().unwrap_or(0)),
+        ("tag_bitmaps", bitmaps),
+        ("dictionary", snap.dict.recent_bytes() as u64),
+        ("requests_in_flight", budget.used()),
+    ] {
+        memory.get_or_create(&KindLabel { kind }).set(bytes as f64);
+    }
+    r.register_with_unit(
+        "tagstore_memory",
+        "Memory by kind: the process's resident set, the tag bitmaps decoded in memory (their portable size), the customer keys held in memory since the last checkpoint (about; older ones are read in place from segments), request bytes held by calls in flight",
+        Unit::Bytes,
+        memory,
+    );
     let gauges: [(&str, &str, f64); 17] = [
         (
             "tagstore_customers",
-            "Live customers.",
+            "Live customers",
             snap.customer_count().unwrap_or(0) as f64,
         ),
         (
             "tagstore_tags",
-            "Tags (rule tags included).",
+            "Tags (rule tags included)",
             snap.tags.len() as f64,
         ),
-        ("tagstore_fields", "Fields.", snap.fields.len() as f64),
+        ("tagstore_fields", "Fields", snap.fields.len() as f64),
         (
             "tagstore_rules",
-            "Rule tags and lifecycles.",
+            "Rule tags and lifecycles",
             snap.rules.len() as f64,
         ),
         (
             "tagstore_rules_stale",
-            "Rules that could not be evaluated the last time.",
+            "Rules that could not be evaluated the last time",
             stale as f64,
         ),
         (
             "tagstore_saved_audiences",
-            "Saved audiences.",
+            "Saved audiences",
             snap.audiences.len() as f64,
         ),
         (
             "tagstore_audience_snapshots",
-            "Audience snapshots.",
+            "Audience snapshots",
             snap.snapshots.len() as f64,
         ),
         (
             "tagstore_lsn",
-            "Log position of the newest write.",
+            "Log position of the newest write",
             snap.lsn as f64,
         ),
         (
             "tagstore_wal_bytes",
-            "Bytes of log since the last checkpoint.",
+            "Bytes of log since the last checkpoint",
             info.wal_bytes as f64,
         ),
         (
             "tagstore_last_checkpoint_lsn",
-            "Log position the last checkpoint covers.",
+            "Log position the last checkpoint covers",
             info.last_checkpoint_lsn as f64,
         ),
         (
             "tagstore_last_checkpoint_timestamp_seconds",
-            "When the last checkpoint was taken (Unix seconds; 0: never).",
+            "When the last checkpoint was taken (Unix seconds; 0: never)",
             info.last_checkpoint_at_ms as f64 / 1e3,
         ),
         (
             "tagstore_segment_files",
-            "Segment files.",
+            "Segment files",
             info.segment_files as f64,
         ),
         (
             "tagstore_storage_failed",
-            "1 when storage stopped after a fatal error and refuses writes until restart.",
+            "1 when storage stopped after a fatal error and refuses writes until restart",
             if engine.failure().is_some() { 1.0 } else { 0.0 },
         ),
         (
-            "tagstore_resident_memory_bytes",
-            "Resident memory of the process.",
-            super::admin::resident_bytes().unwrap_or(0) as f64,
+            "tagstore_snapshot_age_seconds",
+            "Seconds since readers last got a new snapshot (a write or checkpoint published one)",
+            meters.snapshot_age().as_secs_f64(),
+        ),
+        (
+            "tagstore_dictionary_recent_keys",
+            "Customer keys held in memory since the last checkpoint (the rest are read in place from segments)",
+            snap.dict.recent_len() as f64,
         ),
         (
             "tagstore_feed_start_lsn",
-            "The change feed holds every write after this log position (watchers may resume from it).",
+            "The change feed holds every write after this log position (watchers may resume from it)",
             feed.start.saturating_sub(1) as f64,
         ),
         (
             "tagstore_feed_files",
-            "Files of the change feed (0: the feed is off).",
+            "Files of the change feed (0: the feed is off)",
             feed.files.len() as f64,
-        ),
-        (
-            "tagstore_uptime_seconds",
-            "Seconds since the server started.",
-            started.elapsed().as_secs_f64(),
         ),
     ];
     for (name, help, value) in gauges {
-        family(&mut out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {value}");
+        r.register(name, help, gauge(value));
+    }
+    r.register(
+        "tagstore_uptime_seconds",
+        "Seconds since the server started",
+        gauge(started.elapsed().as_secs_f64()),
+    );
+    let mut out = String::with_capacity(32 << 10);
+    if let Err(e) = encode(&mut out, &r) {
+        out = format!("# metrics could not be written: {e}\n");
     }
     out
 }
@@ -301,6 +464,7 @@ async fn answer(
     mut stream: tokio::net::TcpStream,
     engine: Arc<Engine>,
     calls: Arc<Calls>,
+    budget: Arc<MemoryBudget>,
     started: Instant,
 ) {
     let (status, body) = match read_head(&mut stream).await {
@@ -314,10 +478,11 @@ async fn answer(
             match (words.next(), words.next()) {
                 (Some(b"GET"), Some(b"/metrics")) => {
                     let engine2 = engine.clone();
-                    let text =
-                        tokio::task::spawn_blocking(move || render(&engine2, &calls, started))
-                            .await
-                            .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n"));
+                    let text = tokio::task::spawn_blocking(move || {
+                        render(&engine2, &calls, &budget, started)
+                    })
+                    .await
+                    .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n"));
                     ("200 OK", text)
                 }
                 (Some(b"GET"), _) => ("404 Not Found", "only /metrics is served here\n".into()),
@@ -329,7 +494,7 @@ async fn answer(
         }
     };
     let reply = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(READ_WITHIN, stream.write_all(reply.as_bytes())).await;
@@ -337,7 +502,12 @@ async fn answer(
 }
 
 /// Serves the metrics on `listener` while the runtime runs.
-pub fn start(listener: TcpListener, engine: Arc<Engine>, calls: Arc<Calls>) {
+pub fn start(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    calls: Arc<Calls>,
+    budget: Arc<MemoryBudget>,
+) {
     let started = Instant::now();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -353,9 +523,9 @@ pub fn start(listener: TcpListener, engine: Arc<Engine>, calls: Arc<Calls>) {
                     continue;
                 }
             };
-            let (engine, calls) = (engine.clone(), calls.clone());
+            let (engine, calls, budget) = (engine.clone(), calls.clone(), budget.clone());
             tokio::spawn(async move {
-                answer(stream, engine, calls, started).await;
+                answer(stream, engine, calls, budget, started).await;
                 drop(permit);
             });
         }

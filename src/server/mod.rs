@@ -158,7 +158,7 @@ pub async fn serve(
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    let service = Metered::new(service, budget);
+    let service = Metered::new(service, budget.clone());
     history::start_recorder(engine.clone(), config.default_time_zone.clone());
     rules::start_day_turner(engine.clone());
     let tls = match &config.tls {
@@ -201,7 +201,7 @@ pub async fn serve(
             if !bound.ip().is_loopback() {
                 tracing::warn!(%bound, "metrics beyond loopback: anyone who reaches the port sees the store's size and its calls (no customer data)");
             }
-            metrics::start(listener, engine.clone(), calls);
+            metrics::start(listener, engine.clone(), calls, budget.clone());
             tracing::info!(%bound, "metrics at GET /metrics");
             Some(bound)
         }

@@ -204,6 +204,8 @@ pub struct CheckpointInfo {
     pub events_archived: u64,
     pub archive_bytes: u64,
     pub duration_ms: u64,
+    /// Segments compaction emptied into the new one.
+    pub segments_compacted: u64,
 }
 
 impl CheckpointJob {
@@ -772,6 +774,7 @@ impl CheckpointJob {
                 events_archived: new_archive.map_or(0, |a| a.events),
                 archive_bytes: new_archive.map_or(0, |a| a.bytes),
                 duration_ms: started.elapsed().as_millis() as u64,
+                segments_compacted: victims.len() as u64,
             },
             manifest,
             new_segment,

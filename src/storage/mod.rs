@@ -36,6 +36,7 @@ pub mod fs;
 pub mod history;
 pub mod manifest;
 pub mod merges;
+pub mod meters;
 pub mod record;
 pub mod recovery;
 mod resolve;
@@ -187,6 +188,8 @@ pub(crate) struct Shared {
     /// names, and while a backup opens the files it copies (once open,
     /// deleting them does the backup no harm).
     pub files: Mutex<()>,
+    /// What the engine counts and times, for operators.
+    pub meters: Arc<meters::Meters>,
 }
 
 impl Shared {
@@ -196,6 +199,7 @@ impl Shared {
 
     pub fn publish(&self, snap: Arc<Snapshot>) {
         *self.published.write() = snap;
+        self.meters.published();
     }
 }
 
@@ -242,6 +246,7 @@ impl Engine {
             failed: Mutex::new(None),
             feed: feed_shared,
             files: Mutex::new(()),
+            meters: Arc::default(),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer::new(
@@ -324,6 +329,12 @@ impl Engine {
         let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
         let _held = self.shared.files.lock();
         backup::Source::take(&dir, || self.shared.snapshot().lsn, self.now_ms())
+    }
+
+    /// What the engine counts and times (log syncs, checkpoints, writes,
+    /// the snapshot's age), for operators.
+    pub fn meters(&self) -> &meters::Meters {
+        &self.shared.meters
     }
 
     /// The newest published state.

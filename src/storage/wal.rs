@@ -230,13 +230,17 @@ struct SyncJob {
 }
 
 impl Syncer {
-    pub fn start() -> Result<Syncer> {
+    /// Starts the thread; each sync's time goes to `timings`.
+    pub fn start(timings: Arc<crate::storage::meters::Meters>) -> Result<Syncer> {
         let (tx, rx) = mpsc::channel::<SyncJob>();
         std::thread::Builder::new()
             .name("tagstore-sync".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let _ = job.done.send(job.file.sync_data());
+                    let started = std::time::Instant::now();
+                    let res = job.file.sync_data();
+                    timings.log_sync.observe(started.elapsed());
+                    let _ = job.done.send(res);
                 }
             })
             .map_err(|e| Error::io(Path::new("tagstore-sync thread"), e))?;

@@ -37,6 +37,14 @@ struct Inner {
     /// the next checkpoint, so older snapshots can still name them).
     recent_keys: Vec<Option<Box<str>>>,
     recent_base: u32,
+    /// About the heap bytes of the two above (see [`key_bytes`]).
+    recent_bytes: usize,
+}
+
+/// About the heap bytes a recent key takes: its two copies (one in each
+/// map) and their bookkeeping.
+fn key_bytes(key: &str) -> usize {
+    2 * key.len() + 64
 }
 
 /// The customer dictionary shared by the writer and every reader.
@@ -53,6 +61,7 @@ impl Dictionary {
                 recent_ids: HashMap::new(),
                 recent_keys: Vec::new(),
                 recent_base: next_id,
+                recent_bytes: 0,
             }),
         }
     }
@@ -157,7 +166,9 @@ impl Dictionary {
         if inner.recent_keys.len() <= at {
             inner.recent_keys.resize(at + 1, None);
         }
-        inner.recent_keys[at] = Some(key.into());
+        if inner.recent_keys[at].replace(key.into()).is_none() {
+            inner.recent_bytes += key_bytes(key);
+        }
         inner.recent_ids.insert(key.into(), id);
     }
 
@@ -212,7 +223,8 @@ impl Dictionary {
         let inner = self.inner.read();
         let base = inner.recent_base.max(upto);
         let skip = ((base - inner.recent_base) as usize).min(inner.recent_keys.len());
-        let recent_keys = inner.recent_keys[skip..].to_vec();
+        let recent_keys: Vec<Option<Box<str>>> = inner.recent_keys[skip..].to_vec();
+        let recent_bytes = recent_keys.iter().flatten().map(|k| key_bytes(k)).sum();
         let recent_ids = inner
             .recent_ids
             .iter()
@@ -225,6 +237,7 @@ impl Dictionary {
                 recent_ids,
                 recent_keys,
                 recent_base: base,
+                recent_bytes,
             }),
         }
     }
@@ -233,12 +246,34 @@ impl Dictionary {
     pub fn recent_len(&self) -> usize {
         self.inner.read().recent_ids.len()
     }
+
+    /// About the heap bytes of the keys held in memory (those of customers
+    /// deleted since the last checkpoint included, until it).
+    pub fn recent_bytes(&self) -> usize {
+        self.inner.read().recent_bytes
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::storage::segment::{BlobKind, Segment, SegmentWriter};
+
+    #[test]
+    fn recent_keys_count_their_bytes_until_a_checkpoint_takes_them() {
+        let d = Dictionary::new(Vec::new(), 0);
+        assert_eq!(d.recent_bytes(), 0);
+        d.insert(0, "phone:13800001111");
+        d.insert(1, "k");
+        d.insert(1, "k");
+        assert_eq!(
+            d.recent_bytes(),
+            key_bytes("phone:13800001111") + key_bytes("k")
+        );
+        let next = d.successor(Vec::new(), 1);
+        assert_eq!(next.recent_bytes(), key_bytes("k"));
+        assert_eq!(d.successor(Vec::new(), 2).recent_bytes(), 0);
+    }
 
     #[test]
     fn section_lookups_both_ways() {

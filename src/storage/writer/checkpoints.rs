@@ -178,6 +178,14 @@ impl Writer {
         match res {
             Ok(done) => {
                 let info = done.info;
+                let meters = &self.shared.meters;
+                meters
+                    .checkpoint
+                    .observe(std::time::Duration::from_millis(info.duration_ms));
+                meters.segments_compacted.fetch_add(
+                    info.segments_compacted,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 self.install(done, running.rotated_first);
                 tracing::info!(
                     lsn = info.lsn,
@@ -192,6 +200,10 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "checkpoint failed; the log keeps every write");
+                self.shared
+                    .meters
+                    .checkpoints_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.state.dirty_tags.extend(running.dirty_tags);
                 self.state.dirty_live |= running.dirty_live;
                 self.state.dirty_slots.extend(running.dirty_slots);

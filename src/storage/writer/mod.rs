@@ -198,7 +198,7 @@ impl Writer {
     ) -> Self {
         let dir = DataDir::new(shared.config.fs.clone(), shared.config.data_dir.clone());
         let state_lsn = state.snap.lsn;
-        let syncer = Syncer::start()
+        let syncer = Syncer::start(shared.meters.clone())
             .map_err(
                 |e| tracing::warn!(error = %e, "no sync thread; the writer syncs the log itself"),
             )
@@ -280,6 +280,13 @@ impl Writer {
     }
 
     fn commit_group(&mut self, writes: Vec<(WriteOp, Reply<WriteResult>)>) {
+        let meters = &self.shared.meters;
+        meters
+            .writes
+            .fetch_add(writes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        meters
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(msg) = &self.failed {
             for (_, reply) in writes {
                 let _ = reply.send(Err(Error::Failed(msg.clone())));
@@ -437,7 +444,7 @@ impl Writer {
                 .wal
                 .append(&self.buf)
                 .and_then(|_| match self.shared.config.sync {
-                    SyncMode::Always => self.wal.sync(),
+                    SyncMode::Always => timed_sync(&mut self.wal, &self.shared.meters),
                     SyncMode::Never => Ok(()),
                 });
             if let Err(e) = res {
@@ -490,7 +497,7 @@ impl Writer {
             self.take_feed(lsn, batch.at_ms);
             self.wal.append(&self.buf)?;
             match self.shared.config.sync {
-                SyncMode::Always => self.wal.sync(),
+                SyncMode::Always => timed_sync(&mut self.wal, &self.shared.meters),
                 SyncMode::Never => Ok(()),
             }
         });
@@ -515,4 +522,12 @@ impl Writer {
             });
         }
     }
+}
+
+/// The log's `fdatasync`, timed into the engine's meters.
+fn timed_sync(wal: &mut WalWriter, meters: &crate::storage::meters::Meters) -> Result<()> {
+    let started = std::time::Instant::now();
+    let res = wal.sync();
+    meters.log_sync.observe(started.elapsed());
+    res
 }
