@@ -18,13 +18,7 @@ pub(super) async fn stats(
     let uptime = svc.started.elapsed().as_secs();
     let resp = blocking(move || {
         let disk_bytes = engine.disk_bytes();
-        let bitmap_bytes = snap
-            .tags
-            .values()
-            .filter(|t| t.bitmap.is_loaded())
-            .filter_map(|t| t.bitmap.get().ok())
-            .map(|b| b.serialized_size() as u64)
-            .sum();
+        let bitmap_bytes = snap.decoded_tag_bytes();
         Ok(proto::StatsResponse {
             customers: snap.customer_count().map_err(to_status)?,
             tags: snap.tags.len() as u64,

@@ -318,16 +318,9 @@ fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: I
         .count();
     let feed = engine.feed_view();
     let memory = Family::<KindLabel, Gauge<f64, AtomicU64>>::default();
-    let bitmaps: u64 = snap
-        .tags
-        .values()
-        .filter(|t| t.bitmap.is_loaded())
-        .filter_map(|t| t.bitmap.get().ok())
-        .map(|b| b.serialized_size() as u64)
-        .sum();
     for (kind, bytes) in [
         ("resident", super::admin::resident_bytes().unwrap_or(0)),
-        ("tag_bitmaps", bitmaps),
+        ("tag_bitmaps", snap.decoded_tag_bytes()),
         ("dictionary", snap.dict.recent_bytes() as u64),
         ("requests_in_flight", budget.used()),
     ] {

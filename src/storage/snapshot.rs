@@ -511,6 +511,17 @@ impl Snapshot {
     }
 
     /// The number of live customers.
+    /// Bytes of the tag bitmaps decoded in memory now (their portable
+    /// size; tags not read since the start take none).
+    pub fn decoded_tag_bytes(&self) -> u64 {
+        self.tags
+            .values()
+            .filter(|t| t.bitmap.is_loaded())
+            .filter_map(|t| t.bitmap.get().ok())
+            .map(|b| b.serialized_size() as u64)
+            .sum()
+    }
+
     pub fn customer_count(&self) -> Result<u64> {
         Ok(self.live()?.len())
     }
