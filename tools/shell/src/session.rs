@@ -577,15 +577,35 @@ fn is_unreachable(status: &Status) -> bool {
     ];
     // The server's own UNAVAILABLE (a store that stopped taking writes, a
     // shutdown) names no transport: it is an answer, shown as one.
-    matches!(
+    let transport = matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
-    ) && transport_words.iter().any(|w| msg.contains(w))
+    ) && transport_words.iter().any(|w| msg.contains(w));
+    // A request sent on a connection the server closed at that moment (it
+    // was killed) is cancelled by the client's transport; the server never
+    // answers with this.
+    let dropped = status.code() == Code::Cancelled && msg == "operation was canceled";
+    transport || dropped
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by CI: a command sent just as the server died printed
+    /// "error: operation was canceled" instead of saying it could not
+    /// reach the server.
+    #[test]
+    fn a_request_cancelled_by_a_dropped_connection_is_unreachable() {
+        assert!(is_unreachable(&Status::cancelled("operation was canceled")));
+        assert!(is_unreachable(&Status::unavailable("transport error")));
+        assert!(!is_unreachable(&Status::unavailable(
+            "the server is shutting down"
+        )));
+        assert!(!is_unreachable(&Status::cancelled(
+            "the export was abandoned"
+        )));
+    }
 
     #[test]
     fn times() {
