@@ -382,3 +382,61 @@ fn a_dictionary_merge_of_nearly_nothing_costs_nearly_nothing_and_still_erases() 
     assert_eq!(count(&engine, "t"), 200_010);
     assert!(engine.snapshot().dict.lookup("new9").unwrap().is_some());
 }
+
+/// A restore onto a disk that fills fails whole: an error naming the file
+/// it could not write, and neither the new directory nor its
+/// `.restoring` one left behind; with the space freed, the same backup
+/// restores.
+#[test]
+fn a_restore_onto_a_full_disk_fails_and_leaves_nothing() {
+    let Some(disk) = SmallDisk::mount(4) else {
+        return;
+    };
+    let src = tempfile::tempdir().unwrap();
+    let engine = open(src.path()).unwrap();
+    for chunk in 0..10 {
+        engine
+            .write_blocking(WriteOp::Update {
+                mutations: vec![Mutation {
+                    tag: format!("t{chunk}"),
+                    add: (0..20_000)
+                        .map(|i| format!("customer-key-{chunk}-{i:08}"))
+                        .collect(),
+                    ..Default::default()
+                }],
+                create_missing_tags: true,
+            })
+            .unwrap();
+    }
+    engine
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    let backup = src.path().join("full.tsbak");
+    let mut out = fs::File::create(&backup).unwrap();
+    let summary = engine
+        .backup_source()
+        .unwrap()
+        .write(None, &mut out, &mut |_, _| {})
+        .unwrap();
+    drop(out);
+    engine.shutdown().unwrap();
+    assert!(
+        summary.content_bytes > 4 << 20,
+        "the store ({} bytes) must not fit the 4 MiB disk",
+        summary.content_bytes
+    );
+    let to = disk.path.join("restored");
+    let err = tagstore::storage::backup::restore_dir(std::slice::from_ref(&backup), &to)
+        .expect_err("a restore onto a full disk fails");
+    let msg = err.to_string();
+    assert!(msg.contains("restored.restoring"), "{msg}");
+    assert!(!to.exists());
+    assert!(!disk.path.join("restored.restoring").exists());
+    // Room again (a bigger disk): the same file restores.
+    drop(disk);
+    let roomy = tempfile::tempdir().unwrap();
+    let to = roomy.path().join("restored");
+    let report = tagstore::storage::backup::restore_dir(&[backup], &to).unwrap();
+    assert_eq!(report.tags, 10);
+    assert_eq!(report.customers, 200_000);
+}
