@@ -83,6 +83,10 @@ pub enum Error {
     /// undone, a survivor merged again since); the message says what to do.
     #[error("{0}")]
     Precondition(String),
+    /// A moment the store cannot be read at: ahead of it, or before its
+    /// history begins; the message says where the range is.
+    #[error("{0}")]
+    OutOfRange(String),
     #[error("{message} at position {position}")]
     Query {
         kind: QueryErrorKind,

@@ -60,6 +60,7 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         },
         Error::Locked(_) | Error::Precondition(_) => Code::FailedPrecondition,
         Error::DiskFull(_) => Code::ResourceExhausted,
+        Error::OutOfRange(_) => Code::OutOfRange,
         Error::Failed(_) | Error::ShuttingDown => Code::Unavailable,
     };
     let mut meta = MetadataMap::new();

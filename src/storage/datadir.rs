@@ -47,6 +47,11 @@ impl DataDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The subdirectory `name` of this directory, on the same file system.
+    pub fn sub(&self, name: &str) -> DataDir {
+        DataDir::new(self.fs.clone(), self.path.join(name))
+    }
 }
 
 impl Deref for DataDir {

@@ -488,8 +488,8 @@ impl Manifest {
         Manifest::decode_body(body, version).map_err(|e| corrupt(20 + e.offset, e.reason))
     }
 
-    /// Replaces `MANIFEST` in `dir` atomically and durably.
-    pub fn write(&self, dir: &DataDir) -> Result<()> {
+    /// The manifest as its file holds it: magic, version, length, body, CRC.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let body = self.encode_body();
         let mut data = Vec::with_capacity(body.len() + 24);
         data.extend_from_slice(MANIFEST_MAGIC);
@@ -497,6 +497,12 @@ impl Manifest {
         data.extend_from_slice(&(body.len() as u64).to_le_bytes());
         data.extend_from_slice(&body);
         data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        data
+    }
+
+    /// Replaces `MANIFEST` in `dir` atomically and durably.
+    pub fn write(&self, dir: &DataDir) -> Result<()> {
+        let data = self.to_bytes();
         let tmp = dir.join(MANIFEST_TMP);
         let f = dir
             .fs()

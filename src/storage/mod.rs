@@ -44,6 +44,7 @@ pub mod seen;
 pub mod segment;
 pub mod snapshot;
 pub mod state;
+pub mod versions;
 pub mod wal;
 pub mod writer;
 
@@ -132,6 +133,11 @@ pub struct EngineConfig {
     /// IANA time zone whose local day `TODAY` means in queries, and the
     /// zone of rules defined without one.
     pub time_zone: String,
+    /// Days the store's past is kept for reads `AS OF` a day or a log
+    /// position (a version a day, the segments it names and the log since
+    /// the oldest); 0 keeps none (and drops what was kept at the next
+    /// checkpoint).
+    pub history_days: u32,
 }
 
 impl EngineConfig {
@@ -147,6 +153,7 @@ impl EngineConfig {
             event_retention_days: DEFAULT_EVENT_RETENTION_DAYS,
             oneid: Default::default(),
             time_zone: crate::fields::DEFAULT_TIME_ZONE.to_string(),
+            history_days: versions::DEFAULT_HISTORY_DAYS,
             feed: feed::FeedConfig::default(),
         }
     }
@@ -190,6 +197,10 @@ pub(crate) struct Shared {
     pub files: Mutex<()>,
     /// What the engine counts and times, for operators.
     pub meters: Arc<meters::Meters>,
+    /// The kept versions of the store's past (the writer keeps them).
+    pub versions: Mutex<Vec<versions::VersionMark>>,
+    /// The past states read most recently.
+    pub past: versions::read::PastCache,
 }
 
 impl Shared {
@@ -230,6 +241,7 @@ impl Engine {
             old_wal_bytes,
             mut report,
             feed,
+            versions,
         } = recovery::recover(&dir, config.feed, feed_shared.clone())?;
         state.snap.zone = zone;
         let info = EngineInfo {
@@ -247,6 +259,8 @@ impl Engine {
             feed: feed_shared,
             files: Mutex::new(()),
             meters: Arc::default(),
+            versions: Mutex::new(versions.marks()),
+            past: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer::new(
@@ -259,6 +273,7 @@ impl Engine {
             rx,
             tx.clone(),
             feed,
+            versions,
         );
         let watched = shared.clone();
         let handle = std::thread::Builder::new()
@@ -329,6 +344,24 @@ impl Engine {
         let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
         let _held = self.shared.files.lock();
         backup::Source::take(&dir, || self.shared.snapshot().lsn, self.now_ms())
+    }
+
+    /// The store as it was at the end of a past local day or at a past
+    /// log position (see [`versions::read`]). Blocks while it reads the
+    /// version and the log (call it off the async runtime).
+    pub fn as_of(&self, at: versions::read::AsOf) -> Result<versions::read::Past> {
+        let config = &self.shared.config;
+        let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
+        versions::read::open(&self.shared, &dir, at)
+    }
+
+    /// The kept versions of the store's past, oldest first, and the bytes
+    /// the history holds on disk.
+    pub fn history(&self) -> (Vec<versions::VersionMark>, u64) {
+        let config = &self.shared.config;
+        let dir = DataDir::new(config.fs.clone(), config.data_dir.clone());
+        let marks = self.shared.versions.lock().clone();
+        (marks, versions::disk_bytes(&dir))
     }
 
     /// What the engine counts and times (log syncs, checkpoints, writes,

@@ -756,6 +756,13 @@ impl Batch {
         e.buf
     }
 
+    /// The request time of an encoded batch, without decoding the rest
+    /// (`None` when the payload is too short to hold it).
+    pub fn peek_at_ms(payload: &[u8]) -> Option<i64> {
+        let bytes: [u8; 8] = payload.get(1..9)?.try_into().ok()?;
+        Some(i64::from_le_bytes(bytes))
+    }
+
     pub fn decode(payload: &[u8]) -> DecResult<Self> {
         let mut d = Dec::new(payload);
         let version = d.u8()?;

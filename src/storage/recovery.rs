@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::storage::archive::{self, ArchiveFile};
-use crate::storage::datadir::{DataDir, move_aside};
+use crate::storage::datadir::{DataDir, fsync_dir, move_aside};
 use crate::storage::dictionary::{DictLayer, Dictionary, Identities};
 use crate::storage::feed::{self, FeedConfig, FeedShared, FeedWriter};
 use crate::storage::manifest::{self, Manifest};
@@ -25,6 +25,7 @@ use crate::storage::snapshot::{
     SourceMeta,
 };
 use crate::storage::state::State;
+use crate::storage::versions::{self, Versions};
 use crate::storage::wal::{self, WalWriter};
 use crate::storage::{Field, FieldMap, FieldMeta, SlotMap, Snapshot, Tag, TagMap, TagMeta};
 
@@ -55,6 +56,7 @@ pub(crate) struct Recovered {
     pub old_wal_bytes: u64,
     pub report: RecoveryReport,
     pub feed: FeedWriter,
+    pub versions: Versions,
 }
 
 /// A data directory without `MANIFEST` is a new store, or one that never
@@ -129,15 +131,126 @@ pub(crate) fn recover(
             tracing::error!(error = %e, "an event archive file the manifest names cannot be read; facts of its events cannot be rebuilt");
         }
     }
+    // The kept versions of the past (never needed to start: one that
+    // cannot be read is logged and passed over).
+    let versions = Versions::load(&dir)?;
     let archive_strays: Vec<u64> = archive::list(&dir)?
         .into_iter()
         .filter(|no| !manifest.archives.iter().any(|a| a.no == *no))
         .collect();
     let manifest_path = dir.join(manifest::MANIFEST_FILE);
+    let mut state = state_of(&manifest, &manifest_path, &segments, true)?;
+
+    // Steps 6 to 8: the log replayed after the checkpoint, in lsn order, a
+    // torn tail cut, any other damage a hard error naming its file.
+    let files = wal::list(&dir)?;
+    state.feed_on = feed_config.enabled();
+    let mut entries: Vec<feed::Entry> = Vec::new();
+    let outcome = wal::replay(
+        &dir,
+        &files,
+        manifest.checkpoint_lsn,
+        |lsn, kind, payload| {
+            if kind != KIND_BATCH {
+                return Err(Error::BadRecord(format!("unknown record kind {kind}")));
+            }
+            let batch = Batch::decode(payload).map_err(|e| {
+                Error::BadRecord(format!(
+                    "undecodable batch at payload offset {}: {}",
+                    e.offset, e.reason
+                ))
+            })?;
+            state.apply(lsn, &batch)?;
+            if !state.feed.is_empty() {
+                entries.push(feed::Entry {
+                    lsn,
+                    at_ms: batch.at_ms,
+                    changes: std::mem::take(&mut state.feed),
+                });
+            }
+            Ok(())
+        },
+    )?;
+    if let Some(t) = &outcome.truncated {
+        tracing::warn!("recovery cut a torn log tail: {t}");
+    }
+    let last_lsn = outcome.last_lsn.unwrap_or(0).max(manifest.checkpoint_lsn);
+    state.snap.lsn = last_lsn;
+    report.last_lsn = last_lsn;
+    report.records_replayed = outcome.applied;
+    report.wal_bytes_read = outcome.bytes;
+    report.torn_tail = outcome.truncated;
+
+    // Step 8½: the store is established (manifest, segments and the whole
+    // log agree); only now is anything it does not name moved out of the way.
+    for no in strays {
+        let name = segment::file_name(no);
+        if versions.names(no) {
+            // Left by a checkpoint that ended before moving it into the
+            // history, where a kept version needs it.
+            versions::retire(&dir, &dir.join(&name))?;
+            fsync_dir(&versions::history_dir(&dir))?;
+            fsync_dir(&dir)?;
+            continue;
+        }
+        report.orphans_moved.push(move_aside(&dir, &name)?);
+    }
+    for no in archive_strays {
+        report
+            .orphans_moved
+            .push(move_aside(&dir, &archive::file_name(no))?);
+    }
+
+    // Step 8¾: the change feed, its torn tail cut and the writes it lacks
+    // appended again from the log.
+    let (feed, feed_report) = FeedWriter::recover(
+        &dir,
+        feed_config,
+        feed_shared,
+        manifest.checkpoint_lsn,
+        last_lsn,
+        &entries,
+    )?;
+    drop(entries);
+    if let Some(note) = &feed_report.note {
+        tracing::warn!("change feed: {note}");
+    }
+    report.feed_note = feed_report.note;
+
+    // Step 9: a new log file for the writes to come.
+    let wal = WalWriter::create(&dir, last_lsn + 1)?;
+    let old_wal_bytes: u64 = wal::list(&dir)?
+        .iter()
+        .filter(|f| f.first_lsn != wal.first_lsn())
+        .map(|f| f.len)
+        .sum();
+    Ok(Recovered {
+        state,
+        manifest,
+        segments,
+        wal,
+        old_wal_bytes,
+        report,
+        feed,
+        versions,
+    })
+}
+
+/// The state a manifest describes (its segments open in `segments`, the
+/// manifest read from `manifest_path`, named in errors): tags, fields and
+/// the rest named, bitmaps left on disk until first use. With `seen`, the
+/// remembered event ids too (the writer's; a past version read for `AS OF`
+/// needs none).
+pub(crate) fn state_of(
+    manifest: &Manifest,
+    manifest_path: &std::path::Path,
+    segments: &HashMap<u64, Arc<Segment>>,
+    seen: bool,
+) -> Result<State> {
     let seg = |no: u64| -> Result<Arc<Segment>> {
         segments.get(&no).cloned().ok_or_else(|| {
             Error::corrupt(
-                &manifest_path,
+                manifest_path,
                 0,
                 format!("refers to segment {no}, which is not open"),
             )
@@ -372,7 +485,7 @@ pub(crate) fn recover(
         snapshots,
         next_snapshot_id: manifest.next_snapshot_id.max(1),
         history: Arc::new(history),
-        archive: Arc::new(ArchiveList::of(&manifest)),
+        archive: Arc::new(ArchiveList::of(manifest)),
         merges: Arc::new(parking_lot::RwLock::new(merges)),
         zone: crate::fields::time::default_zone(),
         rules: Arc::new(rules),
@@ -380,7 +493,7 @@ pub(crate) fn recover(
     let mut state = State::new(snap);
     // Remembered event ids are read now, whole: the writer checks every
     // ingested event against them.
-    for day in &manifest.seen {
+    for day in manifest.seen.iter().filter(|_| seen) {
         let s = seg(day.segment)?;
         let entries = s.entries_of(BlobKind::SeenIds, day.day as u32);
         let [entry] = entries else {
@@ -418,90 +531,5 @@ pub(crate) fn recover(
         }
         state.seen.days.insert(day.day, Arc::new(ids));
     }
-
-    // Steps 6 to 8: the log replayed after the checkpoint, in lsn order, a
-    // torn tail cut, any other damage a hard error naming its file.
-    let files = wal::list(&dir)?;
-    state.feed_on = feed_config.enabled();
-    let mut entries: Vec<feed::Entry> = Vec::new();
-    let outcome = wal::replay(
-        &dir,
-        &files,
-        manifest.checkpoint_lsn,
-        |lsn, kind, payload| {
-            if kind != KIND_BATCH {
-                return Err(Error::BadRecord(format!("unknown record kind {kind}")));
-            }
-            let batch = Batch::decode(payload).map_err(|e| {
-                Error::BadRecord(format!(
-                    "undecodable batch at payload offset {}: {}",
-                    e.offset, e.reason
-                ))
-            })?;
-            state.apply(lsn, &batch)?;
-            if !state.feed.is_empty() {
-                entries.push(feed::Entry {
-                    lsn,
-                    at_ms: batch.at_ms,
-                    changes: std::mem::take(&mut state.feed),
-                });
-            }
-            Ok(())
-        },
-    )?;
-    if let Some(t) = &outcome.truncated {
-        tracing::warn!("recovery cut a torn log tail: {t}");
-    }
-    let last_lsn = outcome.last_lsn.unwrap_or(0).max(manifest.checkpoint_lsn);
-    state.snap.lsn = last_lsn;
-    report.last_lsn = last_lsn;
-    report.records_replayed = outcome.applied;
-    report.wal_bytes_read = outcome.bytes;
-    report.torn_tail = outcome.truncated;
-
-    // Step 8½: the store is established (manifest, segments and the whole
-    // log agree); only now is anything it does not name moved out of the way.
-    for no in strays {
-        report
-            .orphans_moved
-            .push(move_aside(&dir, &segment::file_name(no))?);
-    }
-    for no in archive_strays {
-        report
-            .orphans_moved
-            .push(move_aside(&dir, &archive::file_name(no))?);
-    }
-
-    // Step 8¾: the change feed, its torn tail cut and the writes it lacks
-    // appended again from the log.
-    let (feed, feed_report) = FeedWriter::recover(
-        &dir,
-        feed_config,
-        feed_shared,
-        manifest.checkpoint_lsn,
-        last_lsn,
-        &entries,
-    )?;
-    drop(entries);
-    if let Some(note) = &feed_report.note {
-        tracing::warn!("change feed: {note}");
-    }
-    report.feed_note = feed_report.note;
-
-    // Step 9: a new log file for the writes to come.
-    let wal = WalWriter::create(&dir, last_lsn + 1)?;
-    let old_wal_bytes: u64 = wal::list(&dir)?
-        .iter()
-        .filter(|f| f.first_lsn != wal.first_lsn())
-        .map(|f| f.len)
-        .sum();
-    Ok(Recovered {
-        state,
-        manifest,
-        segments,
-        wal,
-        old_wal_bytes,
-        report,
-        feed,
-    })
+    Ok(state)
 }

@@ -314,7 +314,14 @@ pub fn replay(
     after_lsn: u64,
     apply: impl FnMut(u64, u8, &[u8]) -> Result<()>,
 ) -> Result<ReplayOutcome> {
-    scan(dir, files, after_lsn, None, apply)
+    scan(
+        dir,
+        files,
+        after_lsn,
+        None,
+        |wf| dir.fs().read(&wf.path),
+        apply,
+    )
 }
 
 /// Reads the records `after_lsn + 1 ..= upto_lsn` of finished log files (a
@@ -328,7 +335,28 @@ pub fn read_finished(
     upto_lsn: u64,
     f: impl FnMut(u64, u8, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    let out = scan(dir, files, after_lsn, Some(upto_lsn), f)?;
+    read_range(
+        dir,
+        files,
+        after_lsn,
+        upto_lsn,
+        |wf| dir.fs().read(&wf.path),
+        f,
+    )
+}
+
+/// As [`read_finished`], the files' bytes given by `load` (a past version
+/// read for `AS OF` loads them through handles opened while no checkpoint
+/// could move them).
+pub fn read_range(
+    dir: &DataDir,
+    files: &[WalFile],
+    after_lsn: u64,
+    upto_lsn: u64,
+    load: impl Fn(&WalFile) -> std::io::Result<Vec<u8>>,
+    f: impl FnMut(u64, u8, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let out = scan(dir, files, after_lsn, Some(upto_lsn), load, f)?;
     match out.last_lsn {
         Some(last) if last >= upto_lsn => Ok(()),
         _ if upto_lsn <= after_lsn => Ok(()),
@@ -346,16 +374,22 @@ fn scan(
     files: &[WalFile],
     after_lsn: u64,
     upto_lsn: Option<u64>,
+    load: impl Fn(&WalFile) -> std::io::Result<Vec<u8>>,
     mut apply: impl FnMut(u64, u8, &[u8]) -> Result<()>,
 ) -> Result<ReplayOutcome> {
     let mut out = ReplayOutcome::default();
     let mut expected: Option<u64> = None;
+    // Once `upto_lsn` is read, nothing after it is looked at: the newest
+    // file may be taking a record at this moment.
+    let reached = |out: &ReplayOutcome| {
+        upto_lsn.is_some_and(|upto| out.last_lsn.is_some_and(|last| last >= upto))
+    };
     for (n, wf) in files.iter().enumerate() {
+        if reached(&out) {
+            return Ok(out);
+        }
         let is_last = upto_lsn.is_none() && n + 1 == files.len();
-        let data = dir
-            .fs()
-            .read(&wf.path)
-            .map_err(|e| Error::io(&wf.path, e))?;
+        let data = load(wf).map_err(|e| Error::io(&wf.path, e))?;
         out.bytes += data.len() as u64;
         let corrupt =
             |offset: usize, reason: String| Error::corrupt(&wf.path, offset as u64, reason);
@@ -410,6 +444,9 @@ fn scan(
         let mut next = first_lsn;
         let mut pos = WAL_HEADER_LEN;
         while pos < data.len() {
+            if reached(&out) {
+                return Ok(out);
+            }
             let remaining = data.len() - pos;
             let torn = |why: &str| -> Option<String> {
                 is_last.then(|| {

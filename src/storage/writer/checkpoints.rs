@@ -19,17 +19,64 @@ use crate::storage::manifest::Manifest;
 use crate::storage::record::{Batch, FieldChange};
 use crate::storage::segment::{BlobKind, Segment};
 use crate::storage::snapshot::{ArchiveList, LazyBitmap};
+use crate::storage::versions;
 use crate::storage::wal::{self, WalWriter};
 
 impl Writer {
     pub(super) fn maybe_auto_checkpoint(&mut self) {
+        if self.failed.is_some() || self.running.is_some() {
+            return;
+        }
         let wal_bytes = self.old_wal_bytes + self.wal.bytes();
-        if self.failed.is_none()
-            && self.running.is_none()
-            && wal_bytes >= self.shared.config.checkpoint_wal_bytes
-        {
+        if wal_bytes >= self.shared.config.checkpoint_wal_bytes {
             tracing::info!(wal_bytes, "log passed its size limit; checkpointing");
             self.request_checkpoint(Vec::new());
+        } else if self.version_due() {
+            tracing::info!("a new local day: checkpointing to keep a version of the store");
+            self.request_checkpoint(Vec::new());
+        }
+    }
+
+    /// Whether a checkpoint now would be the first of a new local day (kept
+    /// as that day's version) and the store has changed since the newest
+    /// version (the first version is the first checkpoint's, whenever it
+    /// comes). Looks at the calendar only once the day has turned.
+    fn version_due(&mut self) -> bool {
+        if self.shared.config.history_days == 0 {
+            return false;
+        }
+        let now = self.now_ms();
+        if now < self.next_day_ms {
+            return false;
+        }
+        let zone = &self.state.snap.zone;
+        let Ok(today) = time::day_of(now, zone) else {
+            return false;
+        };
+        self.next_day_ms = time::day_start_ms(today + 1, zone).unwrap_or(i64::MAX);
+        // Before the first checkpoint the log holds every write; the
+        // first version is that checkpoint's.
+        self.versions.newest().is_some_and(|v| {
+            v.lsn < self.state.snap.lsn && time::day_of(v.at_ms, zone).is_ok_and(|day| day < today)
+        })
+    }
+
+    /// Whether the checkpoint whose manifest is `m` is to be kept as a
+    /// version: the first of its local day.
+    fn keeps_version(&self, m: &Manifest) -> bool {
+        if self.shared.config.history_days == 0 {
+            return false;
+        }
+        let zone = &self.state.snap.zone;
+        match self.versions.newest() {
+            None => true,
+            Some(v) => match (
+                time::day_of(v.at_ms, zone),
+                time::day_of(m.checkpoint_at_ms, zone),
+            ) {
+                (Ok(newest), Ok(this)) => newest < this,
+                _ => false,
+            },
         }
     }
 
@@ -407,7 +454,21 @@ impl Writer {
             .collect();
         self.manifest = done.manifest;
         self.state.snap.archive = Arc::new(ArchiveList::of(&self.manifest));
-        // Not while a backup opens the files it copies.
+        // The first checkpoint of a local day is kept whole, before
+        // anything it names could be moved. Should that fail, nothing is
+        // lost but this version; the next checkpoint tries again.
+        let history = self.shared.config.history_days > 0;
+        if self.keeps_version(&self.manifest) {
+            match self.versions.keep(&self.dir, &self.manifest) {
+                Ok(()) => tracing::info!(
+                    lsn = self.manifest.checkpoint_lsn,
+                    "kept a version of the store for reads as of this day"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not keep today's version of the store"),
+            }
+        }
+        // Not while a backup opens the files it copies, nor a read of the
+        // past opens a version's.
         let shared = self.shared.clone();
         let files_held = shared.files.lock();
         // Archive files past retention (a rebuild reading one keeps its map).
@@ -426,8 +487,16 @@ impl Writer {
         match wal::list(&self.dir) {
             Ok(files) => {
                 for f in files.iter().filter(|f| f.first_lsn < rotated_first) {
-                    if let Err(e) = self.dir.fs().remove(&f.path) {
-                        tracing::warn!(path = %f.path.display(), error = %e, "could not delete a covered log file");
+                    let res = if history {
+                        versions::retire(&self.dir, &f.path)
+                    } else {
+                        self.dir
+                            .fs()
+                            .remove(&f.path)
+                            .map_err(|e| Error::io(&f.path, e))
+                    };
+                    if let Err(e) = res {
+                        tracing::warn!(error = %e, "could not delete or keep a covered log file");
                     }
                 }
                 self.old_wal_bytes = files
@@ -448,13 +517,42 @@ impl Writer {
             .filter(|no| !live.contains(no))
             .collect();
         for no in dead {
-            if let Some(seg) = self.segments.remove(&no)
-                && let Err(e) = self.dir.fs().remove(&seg.path)
-            {
-                tracing::warn!(path = %seg.path.display(), error = %e, "could not delete an unused segment");
+            let Some(seg) = self.segments.remove(&no) else {
+                continue;
+            };
+            let res = if self.versions.names(no) {
+                versions::retire(&self.dir, &seg.path)
+            } else {
+                self.dir
+                    .fs()
+                    .remove(&seg.path)
+                    .map_err(|e| Error::io(&seg.path, e))
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "could not delete or keep an unused segment");
             }
         }
+        // Versions past the retention, and what only they needed.
+        let cutoff = match self.shared.config.history_days {
+            0 => None,
+            days => time::day_of(self.now_ms(), &self.state.snap.zone)
+                .and_then(|today| time::day_start_ms(today - days as i32, &self.state.snap.zone))
+                .ok(),
+        };
+        if history || self.versions.newest().is_some() {
+            let gone = self.versions.prune(
+                &self.dir,
+                cutoff.or(if history { Some(i64::MIN) } else { None }),
+            );
+            if !gone.is_empty() {
+                tracing::info!(files = gone.len(), "dropped history past its retention");
+            }
+            *self.shared.versions.lock() = self.versions.marks();
+        }
         drop(files_held);
+        if history && let Err(e) = fsync_dir(&versions::history_dir(&self.dir)) {
+            tracing::warn!(error = %e, "could not sync the history directory");
+        }
         if let Err(e) = fsync_dir(&self.dir) {
             tracing::warn!(error = %e, "could not sync the data directory");
         }

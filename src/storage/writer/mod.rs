@@ -177,6 +177,11 @@ pub(crate) struct Writer {
     pub feed: crate::storage::feed::FeedWriter,
     /// The feed entries of the group being committed.
     feed_entries: Vec<crate::storage::feed::Entry>,
+    /// The kept versions of the store's past (`history/`).
+    versions: crate::storage::versions::Versions,
+    /// When the next local day begins (a version is due then, if the store
+    /// has changed since the newest).
+    next_day_ms: i64,
 }
 
 /// How far ahead of now an event may be dated (clocks differ; a day more
@@ -195,6 +200,7 @@ impl Writer {
         rx: Receiver<Cmd>,
         tx: Sender<Cmd>,
         feed: crate::storage::feed::FeedWriter,
+        versions: crate::storage::versions::Versions,
     ) -> Self {
         let dir = DataDir::new(shared.config.fs.clone(), shared.config.data_dir.clone());
         let state_lsn = state.snap.lsn;
@@ -223,6 +229,8 @@ impl Writer {
             syncer,
             feed,
             feed_entries: Vec::new(),
+            versions,
+            next_day_ms: i64::MIN,
         }
     }
 

@@ -1,0 +1,262 @@
+//! Reads as of the past at the engine's level (randomized, in memory):
+//! random writes (tags, enumerated values, erasures, a tag dropped and
+//! made again) over three weeks of a manual clock, checkpoints (which
+//! compact and move what they no longer need into the history), clean
+//! restarts, and a retention of five days. Every read as of a position
+//! must equal the model's state right after that write; as of a day, the
+//! state after the last write made before the day ended (local time).
+//! A moment outside the history is refused with `OutOfRange`, and only
+//! when it lies before the retention; the history's files stay bounded.
+//!
+//! `TAGSTORE_SEED=n` replays one run.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tagstore::clock::{Clock, ManualClock};
+use tagstore::error::Error;
+use tagstore::fields::FieldKind;
+use tagstore::fields::time::{day_of, day_start_ms, days_from_civil, zone};
+use tagstore::storage::fs::{FileSystem, MemFs};
+use tagstore::storage::versions::read::AsOf;
+use tagstore::storage::{CheckpointOptions, Engine, EngineConfig, Mutation, ValueWrite, WriteOp};
+
+const DIR: &str = "/mem/store";
+const TAGS: [&str; 3] = ["a", "b", "c"];
+const VALUES: [&str; 3] = ["x", "y", "z"];
+const DAYS_KEPT: u32 = 5;
+const HOUR_MS: i64 = 3_600_000;
+
+type State = BTreeMap<String, BTreeSet<u32>>;
+
+fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    cfg.clock = clock.clone();
+    cfg.history_days = DAYS_KEPT;
+    Engine::open(cfg).unwrap()
+}
+
+fn state_of(snap: &tagstore::storage::Snapshot) -> State {
+    let mut out = common::memberships(snap);
+    out.insert("live".into(), snap.live().unwrap().iter().collect());
+    out
+}
+
+fn create_tag(engine: &Engine, name: &str) {
+    engine
+        .write_blocking(WriteOp::CreateTag {
+            name: name.into(),
+            description: String::new(),
+            category: String::new(),
+            if_not_exists: false,
+        })
+        .unwrap();
+}
+
+fn random_write(engine: &Engine, rng: &mut StdRng) {
+    let k = |rng: &mut StdRng| format!("k{}", rng.random_range(0..60));
+    match rng.random_range(0..11) {
+        0..=6 => {
+            let mutations = (0..rng.random_range(1..3))
+                .map(|_| Mutation {
+                    tag: TAGS[rng.random_range(0..3)].into(),
+                    add: (0..rng.random_range(1..6)).map(|_| k(rng)).collect(),
+                    remove: (0..rng.random_range(0..3)).map(|_| k(rng)).collect(),
+                    ..Default::default()
+                })
+                .collect();
+            engine
+                .write_blocking(WriteOp::Update {
+                    mutations,
+                    create_missing_tags: false,
+                })
+                .unwrap();
+        }
+        7..=8 => {
+            let writes = (0..3)
+                .map(|_| ValueWrite::Enum {
+                    field: "e".into(),
+                    customer: k(rng),
+                    value: (!rng.random_bool(0.2)).then(|| VALUES[rng.random_range(0..3)].into()),
+                })
+                .collect();
+            engine
+                .write_blocking(WriteOp::SetValues { writes })
+                .unwrap();
+        }
+        9 => {
+            engine
+                .write_blocking(WriteOp::DeleteCustomers {
+                    customers: vec![k(rng)],
+                })
+                .unwrap();
+        }
+        _ => {
+            engine
+                .write_blocking(WriteOp::DropTag { name: "c".into() })
+                .unwrap();
+            create_tag(engine, "c");
+        }
+    }
+}
+
+/// Bytes of the files in `dir` of `fs` (0 when it does not exist).
+fn bytes_in(fs: &MemFs, dir: &str) -> u64 {
+    fs.list(Path::new(dir))
+        .map(|l| l.iter().map(|e| e.len).sum())
+        .unwrap_or(0)
+}
+
+/// Every moment of `model` the engine can be asked about, checked.
+/// Returns how many reads were answered.
+fn check(engine: &Engine, model: &[(u64, i64, State)], clock: &ManualClock, seed: u64) -> usize {
+    let z = zone("Asia/Shanghai").unwrap();
+    let now = clock.now_ms();
+    let today = day_of(now, &z).unwrap();
+    // Anything made since the start of this day is within the retention.
+    let kept_from = day_start_ms(today - DAYS_KEPT as i32, &z).unwrap();
+    let mut answered = 0;
+    for (lsn, at_ms, want) in model {
+        match engine.as_of(AsOf::Position(*lsn)) {
+            Ok(past) => {
+                assert_eq!(past.snap.lsn, *lsn, "seed {seed}: position {lsn}");
+                assert_eq!(
+                    &state_of(&past.snap),
+                    want,
+                    "seed {seed}: as of position {lsn}"
+                );
+                answered += 1;
+            }
+            Err(Error::OutOfRange(why)) => assert!(
+                *at_ms < kept_from,
+                "seed {seed}: position {lsn} (made at {at_ms}, within the retention from \
+                 {kept_from}) refused: {why}"
+            ),
+            Err(e) => panic!("seed {seed}: as of position {lsn}: {e}"),
+        }
+    }
+    let first_day = day_of(model[0].1, &z).unwrap();
+    for day in first_day..=today {
+        let end = day_start_ms(day + 1, &z).unwrap();
+        match engine.as_of(AsOf::Day(day)) {
+            Ok(past) => {
+                assert!(
+                    end <= now,
+                    "seed {seed}: day {day} answered before it ended"
+                );
+                let want = model
+                    .iter()
+                    .rev()
+                    .find(|(_, at, _)| *at < end)
+                    .map(|m| &m.2)
+                    .unwrap();
+                assert_eq!(&state_of(&past.snap), want, "seed {seed}: as of day {day}");
+                assert_eq!(past.now_ms, end - 1, "seed {seed}: day {day}'s now");
+                answered += 1;
+            }
+            Err(Error::OutOfRange(why)) => assert!(
+                end > now || end <= kept_from,
+                "seed {seed}: day {day} (within the retention) refused: {why}"
+            ),
+            Err(e) => panic!("seed {seed}: as of day {day}: {e}"),
+        }
+    }
+    // Ahead of the store: refused.
+    let newest = model.last().unwrap().0;
+    assert!(matches!(
+        engine.as_of(AsOf::Position(newest + 1)),
+        Err(Error::OutOfRange(_))
+    ));
+    answered
+}
+
+fn run(seed: u64) -> usize {
+    let fs = MemFs::new();
+    // Nine in the morning, local time, on the first of November.
+    let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
+    let mut engine = open(&fs, &clock);
+    let mut rng = StdRng::seed_from_u64(seed);
+    for t in TAGS {
+        create_tag(&engine, t);
+    }
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "e".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: FieldKind::Enum {
+                values: VALUES.iter().map(|v| v.to_string()).collect(),
+            },
+            merge: Default::default(),
+            if_not_exists: false,
+        })
+        .unwrap();
+    // The first checkpoint is the first version: history begins there.
+    engine
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    let mut model: Vec<(u64, i64, State)> = Vec::new();
+    let snap = engine.snapshot();
+    model.push((snap.lsn, clock.now_ms(), state_of(&snap)));
+    let mut answered = 0;
+    let mut most_history = 0;
+    for step in 0..400 {
+        random_write(&engine, &mut rng);
+        let snap = engine.snapshot();
+        model.push((snap.lsn, clock.now_ms(), state_of(&snap)));
+        // About a day every 6 steps: 400 steps cross about three weeks.
+        clock.advance_ms(rng.random_range(0..8 * HOUR_MS));
+        match rng.random_range(0..20) {
+            0..=2 => {
+                engine
+                    .checkpoint_blocking(CheckpointOptions::default())
+                    .unwrap();
+            }
+            3 => {
+                engine.shutdown().unwrap();
+                drop(engine);
+                engine = open(&fs, &clock);
+            }
+            _ => {}
+        }
+        most_history = most_history.max(bytes_in(&fs, "/mem/store/history"));
+        if step % 40 == 39 {
+            answered += check(&engine, &model, &clock, seed);
+        }
+    }
+    // The history stays within its retention: about six days of a store
+    // that writes three weeks, not all of it.
+    engine
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    let total: u64 = bytes_in(&fs, "/mem/store/history");
+    assert!(
+        total < most_history,
+        "seed {seed}: the history holds {total} bytes, never less than its most ({most_history})"
+    );
+    answered += check(&engine, &model, &clock, seed);
+    engine.shutdown().unwrap();
+    answered
+}
+
+#[test]
+fn reads_as_of_a_position_or_a_day_equal_the_model_across_checkpoints_and_restarts() {
+    let seeds: Vec<u64> = match std::env::var("TAGSTORE_SEED") {
+        Ok(s) => vec![s.parse().unwrap()],
+        Err(_) => (1..=4).collect(),
+    };
+    for seed in seeds {
+        let answered = run(seed);
+        eprintln!("seed {seed}: {answered} reads answered");
+        assert!(
+            answered > 300,
+            "seed {seed}: only {answered} reads answered"
+        );
+    }
+}
