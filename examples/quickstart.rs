@@ -61,6 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let counts = client
         .count(CountRequest {
             queries: vec![query.into(), "ALL".into()],
+            as_of: None,
         })
         .await?
         .into_inner()
@@ -91,6 +92,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Err(status) = client
         .count(CountRequest {
             queries: vec!["高价值用户 AND (".into()],
+            as_of: None,
         })
         .await
     {

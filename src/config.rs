@@ -81,6 +81,7 @@ impl Default for Limits {
 /// time_zone = "Asia/Shanghai"  # of behaviour fields and rules created without one, and of TODAY
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
+/// history_days = 32          # the store's past is kept this long for reads AS OF a day or position (0: none)
 /// feed_retention_mb = 1024   # the change feed (`Watch`) keeps at most this much (0: no feed)
 /// feed_retention_hours = 168 # and changes at most this old (0: no limit by age)
 /// feed_file_mb = 64          # in files of this size (the oldest whole file goes first)
@@ -116,6 +117,10 @@ pub struct FileConfig {
     pub dedup_days: Option<u32>,
     /// Days ingested events stay in the event archive (default 730; 0: for ever).
     pub event_retention_days: Option<u32>,
+    /// Days of the store's past kept for reads as of a day or a log
+    /// position (default 32; 0: none, and what was kept goes at the next
+    /// checkpoint).
+    pub history_days: Option<u32>,
     /// MiB of change feed kept at most (default 1024; 0: no feed, `Watch`
     /// refused).
     pub feed_retention_mb: Option<u64>,
@@ -265,6 +270,15 @@ impl ServerConfig {
         engine.event_retention_days = file
             .event_retention_days
             .unwrap_or(crate::storage::DEFAULT_EVENT_RETENTION_DAYS);
+        engine.history_days = file
+            .history_days
+            .unwrap_or(crate::storage::versions::DEFAULT_HISTORY_DAYS);
+        if engine.history_days > 3660 {
+            return Err(Error::Config(format!(
+                "history_days {} is over the limit of 3660 (ten years)",
+                engine.history_days
+            )));
+        }
         engine.oneid = file.oneid.unwrap_or_default().rules()?;
         let feed_file_mb = file.feed_file_mb.unwrap_or(64);
         if feed_file_mb == 0 {

@@ -221,6 +221,7 @@ async fn every_call_against_every_role() {
     let n = c
         .count(tagstore::proto::CountRequest {
             queries: vec!["ALL".into()],
+            as_of: None,
         })
         .await
         .unwrap();
@@ -471,6 +472,7 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
     // however they are reached.
     let count = |q: &str| CountRequest {
         queries: vec![q.to_string()],
+        as_of: None,
     };
     assert_eq!(
         c.count(count("常购护肤品 OR 护肤"))
@@ -572,6 +574,7 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
             c.breakdown(BreakdownRequest {
                 query: "ALL".into(),
                 by: Some(breakdown_request::By::Field("lifecycle".into())),
+                as_of: None,
             })
             .await,
         ),

@@ -250,6 +250,7 @@ async fn every_call_and_its_errors() {
                 "NOT 高价值用户",
                 "\"with space\" OR 社交活跃",
             ]),
+            as_of: None,
         })
         .await
         .unwrap()
@@ -257,13 +258,20 @@ async fn every_call_and_its_errors() {
     // 高价值 = {13800001111, oX9a, pin_7781, u4}; (护肤 ∪ 新品) = {13800001111, pin_7781, u5, oX9a}; 流失 = {pin_7781}
     assert_eq!(r.counts, vec![2, 2, 3, 3]);
     assert_eq!(
-        code(c.count(CountRequest { queries: vec![] }).await),
+        code(
+            c.count(CountRequest {
+                queries: vec![],
+                as_of: None,
+            })
+            .await
+        ),
         Code::InvalidArgument
     );
     assert_eq!(
         code(
             c.count(CountRequest {
-                queries: vec!["ALL".into(); 5]
+                queries: vec!["ALL".into(); 5],
+                as_of: None,
             })
             .await
         ),
@@ -274,6 +282,7 @@ async fn every_call_and_its_errors() {
     let e = c
         .count(CountRequest {
             queries: s(&["高价值用户 AND (常购护肤品"]),
+            as_of: None,
         })
         .await
         .unwrap_err();
@@ -283,6 +292,7 @@ async fn every_call_and_its_errors() {
     let e = c
         .count(CountRequest {
             queries: s(&["ALL", "高价值用户 AND 不存在"]),
+            as_of: None,
         })
         .await
         .unwrap_err();
@@ -577,7 +587,8 @@ async fn every_call_and_its_errors() {
     assert_eq!(
         code(
             c.count(CountRequest {
-                queries: s(&["潜在流失"])
+                queries: s(&["潜在流失"]),
+                as_of: None,
             })
             .await
         ),
@@ -665,6 +676,7 @@ async fn every_call_and_its_errors() {
     let expected_counts = c
         .count(CountRequest {
             queries: probes.clone(),
+            as_of: None,
         })
         .await
         .unwrap()
@@ -686,6 +698,7 @@ async fn every_call_and_its_errors() {
         let counts = c
             .count(CountRequest {
                 queries: probes.clone(),
+                as_of: None,
             })
             .await
             .unwrap()

@@ -235,7 +235,8 @@ async fn saved_audiences_stand_for_their_queries() {
     assert_eq!(
         code(
             c.count(CountRequest {
-                queries: vec!["top".into()]
+                queries: vec!["top".into()],
+                as_of: None,
             })
             .await
         ),
@@ -252,6 +253,7 @@ async fn saved_audiences_stand_for_their_queries() {
     let gone = c
         .count(CountRequest {
             queries: vec!["v".into()],
+            as_of: None,
         })
         .await
         .unwrap_err();

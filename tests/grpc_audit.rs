@@ -98,6 +98,7 @@ async fn who_read_or_changed_which_customers_is_recorded_and_read_back() {
     analyst_c
         .count(CountRequest {
             queries: vec!["vip".into()],
+            as_of: None,
         })
         .await
         .unwrap();

@@ -229,6 +229,7 @@ async fn fields_over_grpc() {
         let err = c
             .count(CountRequest {
                 queries: vec![q.into()],
+                as_of: None,
             })
             .await
             .unwrap_err();
@@ -267,6 +268,7 @@ async fn fields_over_grpc() {
             query: "ALL".into(),
             field: "age".into(),
             histogram_edges: vec![26, 35],
+            as_of: None,
         })
         .await
         .unwrap()
@@ -279,6 +281,7 @@ async fn fields_over_grpc() {
             query: "total_spend > 0".into(),
             field: "total_spend".into(),
             histogram_edges: vec![],
+            as_of: None,
         })
         .await
         .unwrap()
@@ -294,6 +297,7 @@ async fn fields_over_grpc() {
                 query: "ALL".into(),
                 field: "lifecycle".into(),
                 histogram_edges: vec![],
+                as_of: None,
             })
             .await
         ),
@@ -303,6 +307,7 @@ async fn fields_over_grpc() {
         .breakdown(BreakdownRequest {
             query: "ALL".into(),
             by: Some(breakdown_request::By::Field("lifecycle".into())),
+            as_of: None,
         })
         .await
         .unwrap()
@@ -323,6 +328,7 @@ async fn fields_over_grpc() {
         .breakdown(BreakdownRequest {
             query: "total_spend > 0".into(),
             by: Some(breakdown_request::By::Category("价值".into())),
+            as_of: None,
         })
         .await
         .unwrap()
@@ -375,6 +381,7 @@ async fn fields_over_grpc() {
                 "高价值用户".into(),
                 "age >= 30".into(),
             ],
+            as_of: None,
         })
         .await
         .unwrap()
@@ -384,12 +391,14 @@ async fn fields_over_grpc() {
     let too_many = c
         .overlap(OverlapRequest {
             queries: vec!["ALL".into(); 21],
+            as_of: None,
         })
         .await;
     assert_eq!(code(too_many), Code::InvalidArgument);
     let bad = c
         .overlap(OverlapRequest {
             queries: vec!["ALL".into(), "lifecycle >= new".into()],
+            as_of: None,
         })
         .await
         .unwrap_err();
@@ -493,7 +502,8 @@ async fn fields_over_grpc() {
     assert_eq!(
         code(
             c.count(CountRequest {
-                queries: vec!["age > 1".into()]
+                queries: vec!["age > 1".into()],
+                as_of: None,
             })
             .await
         ),
@@ -544,6 +554,7 @@ async fn enumerated_values_stay_exclusive_under_concurrent_writers() {
     let o = c
         .overlap(OverlapRequest {
             queries: queries.clone(),
+            as_of: None,
         })
         .await
         .unwrap()

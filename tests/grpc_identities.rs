@@ -478,6 +478,7 @@ async fn a_stream_with_merges_cancelled_halfway_can_be_sent_again() {
             query: "order_count >= 1".into(),
             field: "total_spend_fen".into(),
             histogram_edges: vec![],
+            as_of: None,
         })
         .await
         .unwrap()

@@ -463,6 +463,7 @@ async fn total_spend(c: &mut Client) -> i64 {
         query: "order_count >= 1".into(),
         field: "total_spend_fen".into(),
         histogram_edges: vec![],
+        as_of: None,
     })
     .await
     .unwrap()

@@ -42,7 +42,8 @@ async fn check(c: &mut Client) {
     assert_eq!(
         code(
             c.count(CountRequest {
-                queries: vec!["SNAPSHOT 1".into()]
+                queries: vec!["SNAPSHOT 1".into()],
+                as_of: None,
             })
             .await
         ),
@@ -125,7 +126,8 @@ async fn snapshots_freeze_an_audience_while_the_data_changes() {
     assert_eq!(
         code(
             c.count(CountRequest {
-                queries: vec!["SNAPSHOT 99".into()]
+                queries: vec!["SNAPSHOT 99".into()],
+                as_of: None,
             })
             .await
         ),

@@ -74,6 +74,7 @@ async fn count_over_tls(
     let mut c = tagstore::proto::auth::client(channel, Default::default());
     c.count(CountRequest {
         queries: vec!["ALL".into()],
+        as_of: None,
     })
     .await
     .map(|r| r.into_inner().counts[0])
@@ -119,6 +120,7 @@ async fn tls_serves_clients_that_trust_it_and_takes_a_new_certificate_on_sighup(
         tagstore::proto::auth::client(channel, Default::default())
             .count(CountRequest {
                 queries: vec!["ALL".into()],
+                as_of: None,
             })
             .await
             .map_err(|e| e.to_string())

@@ -386,6 +386,7 @@ async fn large_counts_are_bounded_and_do_not_starve_small_ones() {
     let err = c
         .count(tagstore::proto::CountRequest {
             queries: vec![long.clone(); 1000],
+            as_of: None,
         })
         .await
         .unwrap_err();
@@ -405,6 +406,7 @@ async fn large_counts_are_bounded_and_do_not_starve_small_ones() {
                 let r = heavy
                     .count(tagstore::proto::CountRequest {
                         queries: vec![long.clone(); 16],
+                        as_of: None,
                     })
                     .await
                     .unwrap()

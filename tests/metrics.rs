@@ -47,6 +47,7 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
     let bad = c
         .count(CountRequest {
             queries: vec!["秘密标签 AND".into()],
+            as_of: None,
         })
         .await;
     assert_eq!(code(bad), tonic::Code::InvalidArgument);

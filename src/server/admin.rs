@@ -18,6 +18,8 @@ pub(super) async fn stats(
     let uptime = svc.started.elapsed().as_secs();
     let resp = blocking(move || {
         let disk_bytes = engine.disk_bytes();
+        let (versions, history_bytes) = engine.history();
+        let oldest = versions.first().copied();
         let bitmap_bytes = snap.decoded_tag_bytes();
         Ok(proto::StatsResponse {
             customers: snap.customer_count().map_err(to_status)?,
@@ -34,6 +36,10 @@ pub(super) async fn stats(
             version: env!("CARGO_PKG_VERSION").to_string(),
             data_dir: dir.display().to_string(),
             uptime_seconds: uptime,
+            history_bytes,
+            history_versions: versions.len() as u32,
+            history_begins_position: oldest.map_or(0, |v| v.lsn),
+            history_begins_at_ms: oldest.map_or(0, |v| v.at_ms),
         })
     })
     .await?;

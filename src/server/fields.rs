@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tonic::Status;
 
+use crate::access::Grant;
 use crate::error::Error;
 use crate::fields::time;
 use crate::fields::{
@@ -269,10 +270,17 @@ fn field_named<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s Field, Status> 
 }
 
 pub(super) async fn aggregate(
-    engine: &Engine,
-    r: proto::AggregateRequest,
+    engine: &Arc<Engine>,
+    grant: Option<Arc<Grant>>,
+    mut r: proto::AggregateRequest,
 ) -> Result<proto::AggregateResponse, Status> {
-    let (snap, now) = (engine.snapshot(), engine.now_ms());
+    let (snap, now) = super::past::read_at(
+        engine,
+        r.as_of.take(),
+        grant,
+        std::slice::from_ref(&r.query),
+    )
+    .await?;
     blocking(move || {
         let field = field_named(&snap, &r.field)?;
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
@@ -294,11 +302,18 @@ pub(super) async fn aggregate(
 }
 
 pub(super) async fn breakdown(
-    engine: &Engine,
-    r: proto::BreakdownRequest,
+    engine: &Arc<Engine>,
+    grant: Option<Arc<Grant>>,
+    mut r: proto::BreakdownRequest,
 ) -> Result<proto::BreakdownResponse, Status> {
     use proto::breakdown_request::By;
-    let (snap, now) = (engine.snapshot(), engine.now_ms());
+    let (snap, now) = super::past::read_at(
+        engine,
+        r.as_of.take(),
+        grant,
+        std::slice::from_ref(&r.query),
+    )
+    .await?;
     blocking(move || {
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
         let (rows, total, no_value) = match &r.by {
@@ -331,15 +346,22 @@ pub(super) async fn breakdown(
 }
 
 pub(super) async fn top_tags(
-    engine: &Engine,
-    r: proto::TopTagsRequest,
+    engine: &Arc<Engine>,
+    grant: Option<Arc<Grant>>,
+    mut r: proto::TopTagsRequest,
 ) -> Result<proto::TopTagsResponse, Status> {
     let k = match r.k {
         0 => 10,
         n if n > 1000 => return Err(invalid(format!("k {n} is over the limit of 1000"))),
         n => n as usize,
     };
-    let (snap, now) = (engine.snapshot(), engine.now_ms());
+    let (snap, now) = super::past::read_at(
+        engine,
+        r.as_of.take(),
+        grant,
+        std::slice::from_ref(&r.query),
+    )
+    .await?;
     blocking(move || {
         let expr = parse(&r.query).map_err(to_status)?;
         let q = Query::from_expr_at(&expr, &snap, now).map_err(to_status)?;
@@ -378,8 +400,9 @@ pub(super) async fn top_tags(
 }
 
 pub(super) async fn overlap(
-    engine: &Engine,
-    r: proto::OverlapRequest,
+    engine: &Arc<Engine>,
+    grant: Option<Arc<Grant>>,
+    mut r: proto::OverlapRequest,
 ) -> Result<proto::OverlapResponse, Status> {
     let n = r.queries.len();
     if n == 0 || n > MAX_OVERLAP_QUERIES {
@@ -387,7 +410,8 @@ pub(super) async fn overlap(
             "overlap takes 1 to {MAX_OVERLAP_QUERIES} queries, got {n}"
         )));
     }
-    let (snap, now): (Arc<Snapshot>, i64) = (engine.snapshot(), engine.now_ms());
+    let (snap, now): (Arc<Snapshot>, i64) =
+        super::past::read_at(engine, r.as_of.take(), grant, &r.queries).await?;
     blocking(move || {
         let queries = r
             .queries

@@ -13,6 +13,7 @@ mod fields;
 pub mod history;
 mod ingest;
 mod metrics;
+mod past;
 mod reads;
 mod rebuild;
 mod rules;

@@ -86,7 +86,9 @@ pub(super) async fn count(
     svc: &Service,
     req: Request<proto::CountRequest>,
 ) -> Result<Response<proto::CountResponse>, Status> {
-    let queries = req.into_inner().queries;
+    let grant = super::scope::limited(&req);
+    let r = req.into_inner();
+    let queries = r.queries;
     if queries.is_empty() {
         return Err(invalid("no queries to count"));
     }
@@ -104,7 +106,8 @@ pub(super) async fn count(
             svc.limits.max_count_bytes
         )));
     }
-    let counts = parallel::count(svc.engine.snapshot(), queries, svc.engine.now_ms())
+    let (snap, now) = super::past::read_at(&svc.engine, r.as_of, grant, &queries).await?;
+    let counts = parallel::count(snap, queries, now)
         .await
         .map_err(|f| query_status(f.error, f.index))?;
     Ok(Response::new(proto::CountResponse { counts }))
@@ -114,11 +117,18 @@ pub(super) async fn members(
     svc: &Service,
     req: Request<proto::MembersRequest>,
 ) -> Result<Response<proto::MembersResponse>, Status> {
-    let r = req.into_inner();
+    let grant = super::scope::limited(&req);
+    let mut r = req.into_inner();
     let limit = page_size(r.limit, DEFAULT_PAGE, "limit")?;
     let after = decode_cursor(&r.cursor)?;
-    let (snap, now) = (svc.engine.snapshot(), svc.engine.now_ms());
-    let identity_type = identity_type(r.identity_type)?;
+    let identity_type = identity_type(std::mem::take(&mut r.identity_type))?;
+    let (snap, now) = super::past::read_at(
+        &svc.engine,
+        r.as_of.take(),
+        grant,
+        std::slice::from_ref(&r.query),
+    )
+    .await?;
     let (customers, next, without_identity) = blocking(move || {
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
         let (ids, more) = q.page(after, limit);
@@ -155,7 +165,8 @@ pub(super) async fn export(
     svc: &Service,
     req: Request<proto::ExportRequest>,
 ) -> Result<Response<ExportStream>, Status> {
-    let r = req.into_inner();
+    let grant = super::scope::limited(&req);
+    let mut r = req.into_inner();
     let batch = page_size(r.batch_size, DEFAULT_EXPORT_BATCH, "batch_size")?;
     let identity_type = identity_type(r.identity_type)?;
     let hashing = Hashing::parse(&r.hash, r.hash_upper).map_err(invalid)?;
@@ -164,9 +175,15 @@ pub(super) async fn export(
             "a hashed export needs identity_type: the identities whose values are hashed (phone, …)",
         ));
     }
+    super::past::moment(r.as_of.as_ref())?;
     let slot = svc.exports.take()?;
-    let snap: Arc<Snapshot> = svc.engine.snapshot();
-    let now = svc.engine.now_ms();
+    let (snap, now): (Arc<Snapshot>, i64) = super::past::read_at(
+        &svc.engine,
+        r.as_of.take(),
+        grant,
+        std::slice::from_ref(&r.query),
+    )
+    .await?;
     // Compile and count first, so that a bad query is the call's status,
     // not a stream item.
     let query = r.query;

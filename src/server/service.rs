@@ -643,7 +643,7 @@ impl TagStore for Service {
             scope::check_query(g, snap, &req.get_ref().query)?;
             scope::check_names(g, snap, [req.get_ref().field.as_str()])
         })?;
-        fields::aggregate(&self.engine, req.into_inner())
+        fields::aggregate(&self.engine, scope::limited(&req), req.into_inner())
             .await
             .map(Response::new)
     }
@@ -663,7 +663,7 @@ impl TagStore for Service {
                 None => Ok(()),
             }
         })?;
-        fields::breakdown(&self.engine, req.into_inner())
+        fields::breakdown(&self.engine, scope::limited(&req), req.into_inner())
             .await
             .map(Response::new)
     }
@@ -676,7 +676,7 @@ impl TagStore for Service {
             scope::check_query(g, snap, &req.get_ref().query)?;
             scope::check_category(g, &req.get_ref().category)
         })?;
-        fields::top_tags(&self.engine, req.into_inner())
+        fields::top_tags(&self.engine, scope::limited(&req), req.into_inner())
             .await
             .map(Response::new)
     }
@@ -691,7 +691,7 @@ impl TagStore for Service {
                 .iter()
                 .try_for_each(|q| scope::check_query(g, snap, q))
         })?;
-        fields::overlap(&self.engine, req.into_inner())
+        fields::overlap(&self.engine, scope::limited(&req), req.into_inner())
             .await
             .map(Response::new)
     }

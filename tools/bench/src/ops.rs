@@ -149,6 +149,7 @@ async fn tagstore_op(
         Op::Count(_) | Op::Lightest(_) => {
             c.count(CountRequest {
                 queries: vec![text.to_string()],
+                as_of: None,
             })
             .await?;
         }

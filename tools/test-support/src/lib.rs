@@ -60,6 +60,7 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
 pub async fn count(c: &mut Client, q: &str) -> u64 {
     c.count(CountRequest {
         queries: vec![q.into()],
+        as_of: None,
     })
     .await
     .unwrap_or_else(|e| panic!("count {q}: {e}"))

@@ -98,6 +98,7 @@ impl Bench {
         let mut c = server.client().await?;
         c.count(CountRequest {
             queries: vec![probe.to_string()],
+            as_of: None,
         })
         .await?;
         Ok((server, t0.elapsed()))
