@@ -222,8 +222,8 @@ async fn interactive(mut session: Session) -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         session.addr
     );
-    let prompt = format!("tagstore {}> ", session.addr);
     loop {
+        let prompt = format!("tagstore {}{}> ", session.addr, session.as_of_label());
         // Reading a line blocks; run it off the async workers.
         let (ed, line) = tokio::task::block_in_place(|| {
             let line = editor.readline(&prompt);

@@ -86,6 +86,8 @@ pub struct Session {
     last_find: Option<(String, u32, String, String)>,
     /// Tag names for completion, refreshed when tags change.
     pub tag_names: Arc<RwLock<Vec<String>>>,
+    /// The moment reads are asked at (`as of`); `None`: now.
+    pub as_of: Option<AsOf>,
 }
 
 pub use tagstore_proto::connect::{TlsOptions, endpoint};
@@ -114,7 +116,50 @@ impl Session {
             confirm,
             last_find: None,
             tag_names: Arc::default(),
+            as_of: None,
         })
+    }
+
+    /// How the prompt names the moment reads are asked at (empty: now).
+    pub fn as_of_label(&self) -> String {
+        match self.as_of.as_ref().and_then(|a| a.at.as_ref()) {
+            None => String::new(),
+            Some(as_of::At::Day(d)) => format!(" as of {d}"),
+            Some(as_of::At::Position(p)) => format!(" as of position {p}"),
+        }
+    }
+
+    /// `as of …`: checked with a count of every customer then, and kept
+    /// for the reads that follow only when the server can read it.
+    async fn set_as_of(&mut self, at: Option<as_of::At>) -> Result<(), Failure> {
+        let Some(at) = at else {
+            self.as_of = None;
+            self.out(
+                "reading the store as it is now".into(),
+                json!({ "as_of": null }),
+            );
+            return Ok(());
+        };
+        let as_of = AsOf { at: Some(at) };
+        let n = self
+            .client
+            .count(CountRequest {
+                queries: vec!["ALL".into()],
+                as_of: Some(as_of.clone()),
+            })
+            .await?
+            .into_inner()
+            .counts[0];
+        self.as_of = Some(as_of);
+        let label = self.as_of_label();
+        self.out(
+            format!(
+                "reading the store{label} ({} customers then); `as of now` to go back",
+                thousands(n)
+            ),
+            json!({ "as_of": label.trim_start_matches(" as of "), "customers": n }),
+        );
+        Ok(())
     }
 
     /// Fetches the tag names for completion; quietly keeps the old list on failure.
@@ -278,6 +323,7 @@ impl Session {
                     .collect();
                 self.out(text, json!({ "records": json_rows, "more": r.more }));
             }
+            Command::AsOf(at) => self.set_as_of(at).await?,
             Command::Stats => {
                 let s = self.client.stats(StatsRequest {}).await?.into_inner();
                 let rows = vec![
@@ -304,12 +350,28 @@ impl Session {
                     vec!["uptime".into(), format!("{} s", s.uptime_seconds)],
                     vec!["version".into(), s.version.clone()],
                     vec!["data directory".into(), s.data_dir.clone()],
+                    vec![
+                        "history".into(),
+                        if s.history_versions == 0 {
+                            "none kept".into()
+                        } else {
+                            format!(
+                                "{} versions from lsn {} ({}), {}",
+                                s.history_versions,
+                                s.history_begins_position,
+                                fmt_time(s.history_begins_at_ms),
+                                table::bytes(s.history_bytes)
+                            )
+                        },
+                    ],
                 ];
                 let value = json!({
                     "customers": s.customers, "tags": s.tags, "memory_bytes": s.memory_bytes, "bitmap_bytes": s.bitmap_bytes,
                     "disk_bytes": s.disk_bytes, "wal_bytes": s.wal_bytes, "segment_files": s.segment_files, "dictionary_sections": s.dictionary_sections, "lsn": s.lsn,
                     "last_checkpoint_lsn": s.last_checkpoint_lsn, "last_checkpoint_at_ms": s.last_checkpoint_at_ms,
                     "uptime_seconds": s.uptime_seconds, "version": s.version, "data_dir": s.data_dir,
+                    "history_bytes": s.history_bytes, "history_versions": s.history_versions,
+                    "history_begins_position": s.history_begins_position, "history_begins_at_ms": s.history_begins_at_ms,
                 });
                 self.out(
                     table::render(&["stat", "value"], &[Align::Left, Align::Right], &rows),

@@ -4,6 +4,44 @@
 use super::args::{split_args, take_flag};
 use super::{AuditFilter, Command, Spec};
 
+pub const AS_OF: Spec = Spec {
+    name: "as of",
+    words: &["as"],
+    complete: &["as of"],
+    usage: "as of <YYYY-MM-DD> | as of position <n> | as of now",
+    summary: "read the store as it was at the end of a past day or at a log position (count, find, export, aggregate, breakdown, top, overlap) until `as of now`",
+    example: "as of 2026-11-11",
+    takes_tags: false,
+    parse: parse_as_of,
+};
+
+fn parse_as_of(rest: &str) -> Result<Command, String> {
+    use tagstore_proto::as_of::At;
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    match words.as_slice() {
+        [of, "now"] if of.eq_ignore_ascii_case("of") => Ok(Command::AsOf(None)),
+        [of, word, n] if of.eq_ignore_ascii_case("of") && word.eq_ignore_ascii_case("position") => {
+            n.parse()
+                .map(|p| Command::AsOf(Some(At::Position(p))))
+                .map_err(|_| format!("{n:?} is not a log position (a whole number)"))
+        }
+        [of, day]
+            if of.eq_ignore_ascii_case("of")
+                && day.len() == 10
+                && day.char_indices().all(|(i, c)| {
+                    if i == 4 || i == 7 {
+                        c == '-'
+                    } else {
+                        c.is_ascii_digit()
+                    }
+                }) =>
+        {
+            Ok(Command::AsOf(Some(At::Day(day.to_string()))))
+        }
+        _ => Err(format!("usage: {}", AS_OF.usage)),
+    }
+}
+
 pub const STATS: Spec = Spec {
     name: "stats",
     words: &["stats"],

@@ -252,6 +252,8 @@ pub enum Command {
         include_query_tags: bool,
     },
     Overlap(Vec<String>),
+    /// Read the store as of a past day or log position (`None`: now).
+    AsOf(Option<tagstore_proto::as_of::At>),
     Stats,
     /// The audit trail, filtered.
     Audit(AuditFilter),
@@ -382,6 +384,7 @@ pub const SPECS: &[&Spec] = &[
     &ingest::CREATE_SOURCE,
     &ingest::INGEST,
     &ingest::REBUILD,
+    &admin::AS_OF,
     &admin::STATS,
     &admin::AUDIT,
     &admin::CHECKPOINT,
@@ -544,6 +547,26 @@ mod tests {
         );
         assert!(parse("backup").is_err());
         assert!(parse("backup a b").is_err());
+        use tagstore_proto::as_of::At;
+        assert_eq!(
+            p("as of 2026-11-11"),
+            Command::AsOf(Some(At::Day("2026-11-11".into())))
+        );
+        assert_eq!(
+            p("AS OF position 1234"),
+            Command::AsOf(Some(At::Position(1234)))
+        );
+        assert_eq!(p("as of now"), Command::AsOf(None));
+        for bad in [
+            "as of",
+            "as of 2026-1-11",
+            "as of position",
+            "as of position -3",
+            "as 2026-11-11",
+            "as of yesterday",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             p("checkpoint --merge-dictionary"),
             Command::Checkpoint(true)

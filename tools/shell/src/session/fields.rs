@@ -242,6 +242,7 @@ impl Session {
                         query: query.clone(),
                         field: field.clone(),
                         histogram_edges: edges.clone(),
+                        as_of: self.as_of.clone(),
                     })
                     .await
                     .map_err(with_query(&query))?
@@ -283,6 +284,7 @@ impl Session {
                     .breakdown(BreakdownRequest {
                         query: query.clone(),
                         by: Some(by),
+                        as_of: self.as_of.clone(),
                     })
                     .await
                     .map_err(with_query(&query))?
@@ -339,6 +341,7 @@ impl Session {
                         category,
                         min_count,
                         include_query_tags,
+                        as_of: self.as_of.clone(),
                     })
                     .await
                     .map_err(with_query(&query))?
@@ -379,6 +382,7 @@ impl Session {
                     .client
                     .overlap(OverlapRequest {
                         queries: queries.clone(),
+                        as_of: self.as_of.clone(),
                     })
                     .await
                     .map_err(|status| {

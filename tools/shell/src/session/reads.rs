@@ -13,6 +13,7 @@ impl Session {
                     .client
                     .count(CountRequest {
                         queries: vec![query.clone()],
+                        as_of: self.as_of.clone(),
                     })
                     .await
                     .map_err(with_query(&query))?
@@ -647,6 +648,7 @@ impl Session {
                 limit,
                 cursor,
                 identity_type: identity_type.clone(),
+                as_of: self.as_of.clone(),
             })
             .await
             .map_err(with_query(&query))?
@@ -701,6 +703,7 @@ impl Session {
                 identity_type: identity_type.clone(),
                 hash: hash.clone(),
                 hash_upper,
+                as_of: self.as_of.clone(),
             })
             .await
             .map_err(with_query(&query))?
