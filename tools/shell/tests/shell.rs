@@ -862,3 +862,41 @@ async fn backup_writes_a_full_backup_and_an_increment() {
     assert!(fails(a, &format!("backup {}", full.display())).contains("exists"));
     assert!(fails(a, "backup").contains("usage"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_reads_the_store_as_it_was_until_as_of_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(&dir.path().join("data"), &[]);
+    let a = server.addr.as_str();
+    ok(a, "create tag vip");
+    ok(a, "add vip u1 u2");
+    ok(a, "checkpoint");
+    let lsn: u64 = {
+        let out = shell(a, &["--json", "-c", "stats"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["lsn"].as_u64().unwrap()
+    };
+    ok(a, "add vip u3 u4 u5");
+    let script = dir.path().join("past.tsh");
+    std::fs::write(
+        &script,
+        format!("as of position {lsn}\ncount vip\nfind vip\nas of now\ncount vip\n"),
+    )
+    .unwrap();
+    let out = shell(a, &["-f", script.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].contains(&format!("as of position {lsn}"))
+            && lines[0].contains("(2 customers then)"),
+        "{stdout}"
+    );
+    assert!(lines[1].starts_with("2 "), "{stdout}");
+    assert!(stdout.contains("u2") && !stdout.contains("u3"), "{stdout}");
+    assert!(stdout.contains("as it is now"), "{stdout}");
+    assert!(lines.last().unwrap().starts_with("5 "), "{stdout}");
+    // Ahead of the store, a day not written as a date: refused, nothing kept.
+    assert!(fails(a, &format!("as of position {}", lsn + 100)).contains("ahead"));
+    assert!(fails(a, "as of 11/11").contains("usage"));
+}
