@@ -82,6 +82,7 @@ impl Default for Limits {
 /// dedup_days = 30            # ingested events are recognised when resent within this many days
 /// event_retention_days = 730 # ingested events are kept this long for rebuilding facts (0: for ever)
 /// history_days = 32          # the store's past is kept this long for reads AS OF a day or position (0: none)
+/// history_version_mb = 256   # and a version of it kept every this much log as well as daily (bounds a read's replay)
 /// feed_retention_mb = 1024   # the change feed (`Watch`) keeps at most this much (0: no feed)
 /// feed_retention_hours = 168 # and changes at most this old (0: no limit by age)
 /// feed_file_mb = 64          # in files of this size (the oldest whole file goes first)
@@ -121,6 +122,10 @@ pub struct FileConfig {
     /// position (default 32; 0: none, and what was kept goes at the next
     /// checkpoint).
     pub history_days: Option<u32>,
+    /// MiB of log after which a version of the store is kept even within a
+    /// day (default 256, at least 16): a read of the past replays at most
+    /// about this much log.
+    pub history_version_mb: Option<u64>,
     /// MiB of change feed kept at most (default 1024; 0: no feed, `Watch`
     /// refused).
     pub feed_retention_mb: Option<u64>,
@@ -279,6 +284,13 @@ impl ServerConfig {
                 engine.history_days
             )));
         }
+        let version_mb = file.history_version_mb.unwrap_or(256);
+        if version_mb < 16 {
+            return Err(Error::Config(
+                "history_version_mb must be at least 16".into(),
+            ));
+        }
+        engine.history_version_bytes = version_mb.saturating_mul(1 << 20);
         engine.oneid = file.oneid.unwrap_or_default().rules()?;
         let feed_file_mb = file.feed_file_mb.unwrap_or(64);
         if feed_file_mb == 0 {

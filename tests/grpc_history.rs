@@ -4,7 +4,8 @@
 //! model of the writes up to it; a restart keeps it so. Moments outside the
 //! history (before it, ahead of the store, a day not ended) are
 //! OUT_OF_RANGE, a malformed day INVALID_ARGUMENT, a server keeping no
-//! history FAILED_PRECONDITION; a token limited to categories is checked
+//! history FAILED_PRECONDITION (and one that starts keeping it begins at
+//! its next checkpoint); a token limited to categories is checked
 //! against the store of that moment (a tag dropped since is still its
 //! category's). `Stats` says where the history begins.
 
@@ -300,4 +301,24 @@ async fn a_server_keeping_no_history_refuses_reads_as_of_the_past() {
     let stats = c.stats(StatsRequest {}).await.unwrap().into_inner();
     assert_eq!((stats.history_versions, stats.history_bytes), (0, 0));
     assert!(!dir.path().join("data/history").exists());
+
+    // History turned on: it begins at the next checkpoint, even one with
+    // nothing new to write.
+    drop(c);
+    let mut server = server;
+    assert!(server.stop().unwrap().success());
+    let server = common::start(&dir.path().join("data"), &[]);
+    let mut c = common::client(&server).await;
+    let checkpointed = c
+        .checkpoint(CheckpointRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .lsn;
+    let stats = c.stats(StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.history_versions, 1, "{stats:?}");
+    assert_eq!(stats.history_begins_position, checkpointed, "{stats:?}");
+    common::add_to_tag(&mut c, "t", &["z"]).await;
+    assert_eq!(count_at(&mut c, "t", at(checkpointed)).await.unwrap(), 2);
+    assert_eq!(count_at(&mut c, "t", None).await.unwrap(), 3);
 }

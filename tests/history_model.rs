@@ -7,6 +7,7 @@
 //! state after the last write made before the day ended (local time).
 //! A moment outside the history is refused with `OutOfRange`, and only
 //! when it lies before the retention; the history's files stay bounded.
+//! Half the runs keep a version every 200 bytes of log as well as daily.
 //!
 //! `TAGSTORE_SEED=n` replays one run.
 
@@ -34,11 +35,15 @@ const HOUR_MS: i64 = 3_600_000;
 
 type State = BTreeMap<String, BTreeSet<u32>>;
 
-fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
+/// Even seeds also keep a version every 200 bytes of log (several a day).
+fn open(fs: &MemFs, clock: &Arc<ManualClock>, seed: u64) -> Engine {
     let mut cfg = EngineConfig::new(DIR);
     cfg.fs = Arc::new(fs.clone());
     cfg.clock = clock.clone();
     cfg.history_days = DAYS_KEPT;
+    if seed.is_multiple_of(2) {
+        cfg.history_version_bytes = 200;
+    }
     Engine::open(cfg).unwrap()
 }
 
@@ -180,7 +185,7 @@ fn run(seed: u64) -> usize {
     let fs = MemFs::new();
     // Nine in the morning, local time, on the first of November.
     let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
-    let mut engine = open(&fs, &clock);
+    let mut engine = open(&fs, &clock, seed);
     let mut rng = StdRng::seed_from_u64(seed);
     for t in TAGS {
         create_tag(&engine, t);
@@ -213,15 +218,15 @@ fn run(seed: u64) -> usize {
         // About a day every 6 steps: 400 steps cross about three weeks.
         clock.advance_ms(rng.random_range(0..8 * HOUR_MS));
         match rng.random_range(0..20) {
-            0..=2 => {
+            0..=5 => {
                 engine
                     .checkpoint_blocking(CheckpointOptions::default())
                     .unwrap();
             }
-            3 => {
+            6 => {
                 engine.shutdown().unwrap();
                 drop(engine);
-                engine = open(&fs, &clock);
+                engine = open(&fs, &clock, seed);
             }
             _ => {}
         }
@@ -241,6 +246,20 @@ fn run(seed: u64) -> usize {
         "seed {seed}: the history holds {total} bytes, never less than its most ({most_history})"
     );
     answered += check(&engine, &model, &clock, seed);
+    let (versions, _) = engine.history();
+    let z = zone("Asia/Shanghai").unwrap();
+    let days: BTreeSet<i32> = versions
+        .iter()
+        .map(|v| day_of(v.at_ms, &z).unwrap())
+        .collect();
+    if seed.is_multiple_of(2) {
+        assert!(
+            days.len() < versions.len(),
+            "seed {seed}: no day has two versions"
+        );
+    } else {
+        assert_eq!(days.len(), versions.len(), "seed {seed}: a version a day");
+    }
     engine.shutdown().unwrap();
     answered
 }
@@ -259,4 +278,53 @@ fn reads_as_of_a_position_or_a_day_equal_the_model_across_checkpoints_and_restar
             "seed {seed}: only {answered} reads answered"
         );
     }
+}
+
+/// History turned on for a store that then changes nothing: it begins at
+/// the next checkpoint all the same (one with nothing to write), and the
+/// writes after it are read as of it.
+#[test]
+fn history_turned_on_begins_at_the_next_checkpoint_even_with_nothing_to_write() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
+    let open_with = |days: u32| {
+        let mut cfg = EngineConfig::new(DIR);
+        cfg.fs = Arc::new(fs.clone());
+        cfg.clock = clock.clone();
+        cfg.history_days = days;
+        Engine::open(cfg).unwrap()
+    };
+    let engine = open_with(0);
+    create_tag(&engine, "a");
+    let mut rng = StdRng::seed_from_u64(7);
+    random_write(&engine, &mut rng);
+    engine
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    engine.shutdown().unwrap();
+    drop(engine);
+    assert!(!fs.exists(Path::new("/mem/store/history")));
+
+    let engine = open_with(DAYS_KEPT);
+    let before = engine.snapshot();
+    let info = engine
+        .checkpoint_blocking(CheckpointOptions::default())
+        .unwrap();
+    assert_eq!(info.lsn, before.lsn);
+    let (versions, _) = engine.history();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].lsn, before.lsn);
+    engine
+        .write_blocking(WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: "a".into(),
+                add: vec!["new".into()],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .unwrap();
+    let past = engine.as_of(AsOf::Position(before.lsn)).unwrap();
+    assert_eq!(state_of(&past.snap), state_of(&before));
+    engine.shutdown().unwrap();
 }

@@ -138,6 +138,10 @@ pub struct EngineConfig {
     /// the oldest); 0 keeps none (and drops what was kept at the next
     /// checkpoint).
     pub history_days: u32,
+    /// A version of the store is also kept once this many bytes of log
+    /// have been written since the newest (besides the first checkpoint of
+    /// each local day): a read of the past replays at most about this much.
+    pub history_version_bytes: u64,
 }
 
 impl EngineConfig {
@@ -154,6 +158,7 @@ impl EngineConfig {
             oneid: Default::default(),
             time_zone: crate::fields::DEFAULT_TIME_ZONE.to_string(),
             history_days: versions::DEFAULT_HISTORY_DAYS,
+            history_version_bytes: versions::DEFAULT_VERSION_BYTES,
             feed: feed::FeedConfig::default(),
         }
     }

@@ -29,6 +29,10 @@ const SUFFIX: &str = ".man";
 /// daily versions.
 pub const DEFAULT_HISTORY_DAYS: u32 = 32;
 
+/// The default of `history_version_bytes`: a read of the past replays at
+/// most about 256 MiB of log (a few seconds).
+pub const DEFAULT_VERSION_BYTES: u64 = 256 << 20;
+
 /// The history directory of `dir`, on the same file system.
 pub fn history_dir(dir: &DataDir) -> DataDir {
     dir.sub(HISTORY_DIR)
@@ -121,6 +125,21 @@ impl Versions {
             lsn: v.lsn,
             at_ms: v.at_ms,
         })
+    }
+
+    /// Bytes of the history's log files after the newest version (all of
+    /// them when none is kept).
+    pub fn log_bytes_since_newest(&self, dir: &DataDir) -> u64 {
+        let after = self.newest().map_or(0, |v| v.lsn);
+        wal::list(&history_dir(dir))
+            .map(|files| {
+                files
+                    .iter()
+                    .filter(|f| f.first_lsn > after)
+                    .map(|f| f.len)
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 
     /// Whether a kept version names segment `no`.

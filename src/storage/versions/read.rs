@@ -24,6 +24,9 @@ use crate::storage::{Shared, Snapshot, recovery};
 
 /// How many past states are kept in memory for reads asked again.
 const CACHED: usize = 4;
+/// How many past states are built at once (each may replay a day of log
+/// and decode what it touches); further reads of uncached moments wait.
+const BUILDS: usize = 2;
 
 /// A moment of the past to read the store at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +48,37 @@ pub struct Past {
     pub now_ms: i64,
 }
 
-/// The past states asked for most recently.
+/// The past states asked for most recently, and the gate on building more.
 #[derive(Default)]
-pub struct PastCache(Mutex<VecDeque<(AsOf, Past)>>);
+pub struct PastCache {
+    kept: Mutex<VecDeque<(AsOf, Past)>>,
+    building: Mutex<usize>,
+    built: parking_lot::Condvar,
+}
+
+/// A place among the [`BUILDS`] builds running; freed when dropped.
+struct BuildSlot<'a>(&'a PastCache);
+
+impl Drop for BuildSlot<'_> {
+    fn drop(&mut self) {
+        *self.0.building.lock() -= 1;
+        self.0.built.notify_one();
+    }
+}
 
 impl PastCache {
+    /// Waits for a place among the builds running.
+    fn slot(&self) -> BuildSlot<'_> {
+        let mut n = self.building.lock();
+        while *n >= BUILDS {
+            self.built.wait(&mut n);
+        }
+        *n += 1;
+        BuildSlot(self)
+    }
+
     fn get(&self, at: AsOf) -> Option<Past> {
-        let mut c = self.0.lock();
+        let mut c = self.kept.lock();
         let i = c.iter().position(|(a, _)| *a == at)?;
         let hit = c.remove(i)?;
         c.push_front(hit.clone());
@@ -59,7 +86,7 @@ impl PastCache {
     }
 
     fn put(&self, at: AsOf, past: Past) {
-        let mut c = self.0.lock();
+        let mut c = self.kept.lock();
         c.retain(|(a, _)| *a != at);
         c.push_front((at, past));
         c.truncate(CACHED);
@@ -117,6 +144,12 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
     if let Some(hit) = shared.past.get(at) {
         return Ok(hit);
     }
+    let _slot = shared.past.slot();
+    // Another read may have built it while this one waited.
+    if let Some(hit) = shared.past.get(at) {
+        return Ok(hit);
+    }
+    let started = std::time::Instant::now();
     let hist = history_dir(dir);
     // Under the files lock: the kept versions listed, the base's manifest
     // read, its segments and the log files mapped or opened (a checkpoint
@@ -189,7 +222,11 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
         };
         segments.insert(no, Segment::open(home, no)?);
     }
-    let files = log_files(dir, &hist, base.lsn, upto)?;
+    let files = if upto > base.lsn {
+        log_files(dir, &hist, base.lsn, upto)?
+    } else {
+        Vec::new()
+    };
     let mut handles: HashMap<std::path::PathBuf, Arc<dyn ReadFile>> = HashMap::new();
     for f in &files {
         let h = dir
@@ -199,9 +236,12 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
         handles.insert(f.path.clone(), h);
     }
     drop(held);
+    let opened_ms = started.elapsed().as_millis();
 
     let mut state = recovery::state_of(&manifest, &manifest_path, &segments, false)?;
     state.snap.zone = zone;
+    let built_ms = started.elapsed().as_millis();
+    let mut replayed = 0u64;
     let mut last_at = base.at_ms;
     let mut ended = false;
     wal::read_range(
@@ -232,6 +272,7 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
                 ))
             })?;
             state.apply(lsn, &batch)?;
+            replayed += 1;
             state.snap.lsn = lsn;
             last_at = batch.at_ms;
             Ok(())
@@ -239,6 +280,17 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
     )?;
     state.snap.lsn = state.snap.lsn.max(base.lsn);
     state.feed.clear();
+    tracing::info!(
+        ?at,
+        base = base.lsn,
+        lsn = state.snap.lsn,
+        log_files = files.len(),
+        records = replayed,
+        opened_ms,
+        built_ms,
+        ms = started.elapsed().as_millis(),
+        "read the store as of a past moment"
+    );
     let past = Past {
         snap: Arc::new(state.snap),
         now_ms: match day_end {

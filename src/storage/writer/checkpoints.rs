@@ -62,7 +62,9 @@ impl Writer {
     }
 
     /// Whether the checkpoint whose manifest is `m` is to be kept as a
-    /// version: the first of its local day.
+    /// version: the first of its local day, or the first after
+    /// `history_version_bytes` of log since the newest version (so that a
+    /// read of the past never replays much more than that).
     fn keeps_version(&self, m: &Manifest) -> bool {
         if self.shared.config.history_days == 0 {
             return false;
@@ -70,6 +72,7 @@ impl Writer {
         let zone = &self.state.snap.zone;
         match self.versions.newest() {
             None => true,
+            Some(_) if self.log_since_version >= self.shared.config.history_version_bytes => true,
             Some(v) => match (
                 time::day_of(v.at_ms, zone),
                 time::day_of(m.checkpoint_at_ms, zone),
@@ -127,6 +130,18 @@ impl Writer {
         {
             // Nothing to write, and at most one dictionary section.
             self.merge_dictionary = false;
+            // History turned on for a store that has not changed since its
+            // last checkpoint: that checkpoint is where the history begins.
+            if self.shared.config.history_days > 0
+                && self.versions.newest().is_none()
+                && self.manifest.checkpoint_lsn > 0
+            {
+                let _held = self.shared.files.lock();
+                match self.versions.keep(&self.dir, &self.manifest) {
+                    Ok(()) => *self.shared.versions.lock() = self.versions.marks(),
+                    Err(e) => tracing::warn!(error = %e, "could not keep a version of the store"),
+                }
+            }
             for w in waiters {
                 let _ = w.send(Ok(CheckpointInfo {
                     lsn,
@@ -460,11 +475,14 @@ impl Writer {
         let history = self.shared.config.history_days > 0;
         if self.keeps_version(&self.manifest) {
             match self.versions.keep(&self.dir, &self.manifest) {
-                Ok(()) => tracing::info!(
-                    lsn = self.manifest.checkpoint_lsn,
-                    "kept a version of the store for reads as of this day"
-                ),
-                Err(e) => tracing::warn!(error = %e, "could not keep today's version of the store"),
+                Ok(()) => {
+                    self.log_since_version = 0;
+                    tracing::info!(
+                        lsn = self.manifest.checkpoint_lsn,
+                        "kept a version of the store for reads of the past"
+                    )
+                }
+                Err(e) => tracing::warn!(error = %e, "could not keep a version of the store"),
             }
         }
         // Not while a backup opens the files it copies, nor a read of the
@@ -488,6 +506,7 @@ impl Writer {
             Ok(files) => {
                 for f in files.iter().filter(|f| f.first_lsn < rotated_first) {
                     let res = if history {
+                        self.log_since_version += f.len;
                         versions::retire(&self.dir, &f.path)
                     } else {
                         self.dir

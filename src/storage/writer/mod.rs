@@ -182,6 +182,9 @@ pub(crate) struct Writer {
     /// When the next local day begins (a version is due then, if the store
     /// has changed since the newest).
     next_day_ms: i64,
+    /// Bytes of log moved into the history since the newest version (a
+    /// version is also kept once they pass `history_version_bytes`).
+    log_since_version: u64,
 }
 
 /// How far ahead of now an event may be dated (clocks differ; a day more
@@ -203,6 +206,7 @@ impl Writer {
         versions: crate::storage::versions::Versions,
     ) -> Self {
         let dir = DataDir::new(shared.config.fs.clone(), shared.config.data_dir.clone());
+        let log_since_version = versions.log_bytes_since_newest(&dir);
         let state_lsn = state.snap.lsn;
         let syncer = Syncer::start(shared.meters.clone())
             .map_err(
@@ -231,6 +235,7 @@ impl Writer {
             feed_entries: Vec::new(),
             versions,
             next_day_ms: i64::MIN,
+            log_since_version,
         }
     }
 
