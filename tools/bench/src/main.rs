@@ -133,6 +133,8 @@ enum Scenario {
     Watch,
     /// Online backups (full and increment) and `tagstore restore`, and writes with backups running against none.
     Backup,
+    /// Reads as of the past: the history's disk, the first read of a moment (version and log replay) and again.
+    History,
     /// Every scenario.
     All,
 }
@@ -461,6 +463,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::Backup) {
         b.backup().await?;
+    }
+    if wants(Scenario::History) {
+        b.history().await?;
     }
     b.latency_plot()?;
     let path = b.cli.out.join("bench.json");

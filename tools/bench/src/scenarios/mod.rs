@@ -3,6 +3,7 @@
 //! set, report and helpers (in `main.rs`).
 
 mod backup;
+mod history;
 mod ingest;
 mod load;
 mod mixed;
