@@ -328,3 +328,117 @@ fn history_turned_on_begins_at_the_next_checkpoint_even_with_nothing_to_write() 
     assert_eq!(state_of(&past.snap), state_of(&before));
     engine.shutdown().unwrap();
 }
+
+/// A history that lost or damaged a file: reads that need it fail with
+/// `Corrupt` naming what is wrong (never a wrong answer), reads that do not
+/// still work, and the store starts and writes all the same.
+#[test]
+fn a_damaged_or_missing_history_file_fails_only_the_reads_that_need_it() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
+    let mut engine = open(&fs, &clock, 1);
+    for t in TAGS {
+        create_tag(&engine, t);
+    }
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "e".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: FieldKind::Enum {
+                values: VALUES.iter().map(|v| v.to_string()).collect(),
+            },
+            merge: Default::default(),
+            if_not_exists: false,
+        })
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut model: Vec<(u64, State)> = Vec::new();
+    // Three days, a version each, and log between them.
+    for _day in 0..3 {
+        engine
+            .checkpoint_blocking(CheckpointOptions::default())
+            .unwrap();
+        for _ in 0..5 {
+            random_write(&engine, &mut rng);
+            let snap = engine.snapshot();
+            model.push((snap.lsn, state_of(&snap)));
+            engine
+                .checkpoint_blocking(CheckpointOptions::default())
+                .unwrap();
+        }
+        clock.advance_ms(24 * HOUR_MS);
+    }
+    let (versions, _) = engine.history();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    let hist = Path::new("/mem/store/history");
+    // A log file of the history gone: reads after the version before it
+    // fail naming the gap; a read of a version's own position does not.
+    let logs: Vec<_> = fs
+        .list(hist)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.name.starts_with("wal-"))
+        .collect();
+    let (first_version, second) = (versions[0].lsn, versions[1].lsn);
+    let victim = logs
+        .iter()
+        .find(|e| {
+            let n = u64::from_str_radix(&e.name[4..20], 16).unwrap();
+            n > first_version + 1 && n <= second
+        })
+        .expect("a log file between the first two versions");
+    fs.remove(&hist.join(&victim.name)).unwrap();
+    let needing = model
+        .iter()
+        .find(|(lsn, _)| {
+            *lsn > first_version && *lsn < second && {
+                let n = u64::from_str_radix(&victim.name[4..20], 16).unwrap();
+                *lsn >= n
+            }
+        })
+        .expect("a position the missing file holds");
+    match engine.as_of(AsOf::Position(needing.0)) {
+        Err(Error::Corrupt { reason, .. }) => assert!(
+            reason.contains("a log file of the history is missing") || reason.contains("log gap"),
+            "{reason}"
+        ),
+        other => panic!("as of {}: {:?}", needing.0, other.map(|p| p.snap.lsn)),
+    }
+    for v in &versions {
+        assert!(
+            engine.as_of(AsOf::Position(v.lsn)).is_ok(),
+            "as of version {}",
+            v.lsn
+        );
+    }
+    // The newest version damaged: reads from it fail naming its file; the
+    // store restarts (passing it over) and writes.
+    let newest = hist.join(format!("version-{:016x}.man", versions[2].lsn));
+    let f = fs.open_write(&newest).unwrap();
+    f.write_at(&[0xff], 30).unwrap();
+    drop(f);
+    // (A position before the newest write: the newest is read without
+    // any version.)
+    let later = model
+        .iter()
+        .find(|(lsn, _)| *lsn > versions[2].lsn)
+        .unwrap();
+    assert!(later.0 < engine.snapshot().lsn);
+    match engine.as_of(AsOf::Position(later.0)) {
+        Err(Error::Corrupt { path, .. }) => assert_eq!(path, newest),
+        other => panic!("{:?}", other.map(|p| p.snap.lsn)),
+    }
+    engine.shutdown().unwrap();
+    drop(engine);
+    engine = open(&fs, &clock, 1);
+    random_write(&engine, &mut rng);
+    let (kept, _) = engine.history();
+    assert!(kept.iter().all(|v| v.lsn != versions[2].lsn), "{kept:?}");
+    // Read from the version before it instead: still exact.
+    let past = engine
+        .as_of(AsOf::Position(later.0))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(state_of(&past.snap), later.1);
+    engine.shutdown().unwrap();
+}

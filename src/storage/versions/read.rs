@@ -215,10 +215,21 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
     };
     let mut segments = HashMap::new();
     for no in manifest.segments() {
-        let home = if dir.fs().exists(&dir.join(segment::file_name(no))) {
+        let name = segment::file_name(no);
+        let home = if dir.fs().exists(&dir.join(&name)) {
             dir
-        } else {
+        } else if dir.fs().exists(&hist.join(&name)) {
             &hist
+        } else {
+            return Err(Error::corrupt(
+                &manifest_path,
+                0,
+                format!(
+                    "names segment {name}, which is neither in the data directory nor in \
+                     {}: the history has lost a file",
+                    hist.display()
+                ),
+            ));
         };
         segments.insert(no, Segment::open(home, no)?);
     }
@@ -244,7 +255,7 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
     let mut replayed = 0u64;
     let mut last_at = base.at_ms;
     let mut ended = false;
-    wal::read_range(
+    let read = wal::read_range(
         dir,
         &files,
         base.lsn,
@@ -277,7 +288,23 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
             last_at = batch.at_ms;
             Ok(())
         },
-    )?;
+    );
+    match read {
+        Ok(()) => {}
+        // The log of the history stops short: a file of it is gone.
+        Err(Error::Checkpoint(why)) => {
+            return Err(Error::corrupt(
+                hist.path(),
+                0,
+                format!(
+                    "the log kept for reads of the past lacks records between position {} \
+                     and {upto} ({why}): a log file of the history is missing",
+                    base.lsn
+                ),
+            ));
+        }
+        Err(e) => return Err(e),
+    }
     state.snap.lsn = state.snap.lsn.max(base.lsn);
     state.feed.clear();
     tracing::info!(
