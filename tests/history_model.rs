@@ -111,6 +111,25 @@ fn random_write(engine: &Engine, rng: &mut StdRng) {
     }
 }
 
+/// The tags and the enumerated field the random writes use.
+fn create_tags_and_field(engine: &Engine) {
+    for t in TAGS {
+        create_tag(engine, t);
+    }
+    engine
+        .write_blocking(WriteOp::CreateField {
+            name: "e".into(),
+            description: String::new(),
+            category: String::new(),
+            kind: FieldKind::Enum {
+                values: VALUES.iter().map(|v| v.to_string()).collect(),
+            },
+            merge: Default::default(),
+            if_not_exists: false,
+        })
+        .unwrap();
+}
+
 /// Bytes of the files in `dir` of `fs` (0 when it does not exist).
 fn bytes_in(fs: &MemFs, dir: &str) -> u64 {
     fs.list(Path::new(dir))
@@ -187,21 +206,7 @@ fn run(seed: u64) -> usize {
     let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
     let mut engine = open(&fs, &clock, seed);
     let mut rng = StdRng::seed_from_u64(seed);
-    for t in TAGS {
-        create_tag(&engine, t);
-    }
-    engine
-        .write_blocking(WriteOp::CreateField {
-            name: "e".into(),
-            description: String::new(),
-            category: String::new(),
-            kind: FieldKind::Enum {
-                values: VALUES.iter().map(|v| v.to_string()).collect(),
-            },
-            merge: Default::default(),
-            if_not_exists: false,
-        })
-        .unwrap();
+    create_tags_and_field(&engine);
     // The first checkpoint is the first version: history begins there.
     engine
         .checkpoint_blocking(CheckpointOptions::default())
@@ -337,21 +342,7 @@ fn a_damaged_or_missing_history_file_fails_only_the_reads_that_need_it() {
     let fs = MemFs::new();
     let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
     let mut engine = open(&fs, &clock, 1);
-    for t in TAGS {
-        create_tag(&engine, t);
-    }
-    engine
-        .write_blocking(WriteOp::CreateField {
-            name: "e".into(),
-            description: String::new(),
-            category: String::new(),
-            kind: FieldKind::Enum {
-                values: VALUES.iter().map(|v| v.to_string()).collect(),
-            },
-            merge: Default::default(),
-            if_not_exists: false,
-        })
-        .unwrap();
+    create_tags_and_field(&engine);
     let mut rng = StdRng::seed_from_u64(11);
     let mut model: Vec<(u64, State)> = Vec::new();
     // Three days, a version each, and log between them.

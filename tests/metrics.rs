@@ -119,6 +119,10 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
     assert!(sample(body, "tagstore_lsn") >= 1.0);
     assert_eq!(sample(body, "tagstore_feed_start_lsn"), 0.0);
     assert_eq!(sample(body, "tagstore_feed_files"), 1.0);
+    // The checkpoint began the history.
+    assert_eq!(sample(body, "tagstore_history_versions"), 1.0);
+    assert!(sample(body, "tagstore_history_begins_lsn") >= 1.0);
+    assert!(sample(body, "tagstore_history_bytes") > 0.0);
     assert!(sample(body, "tagstore_memory_bytes{kind=\"resident\"}") > 0.0);
     assert!(body.contains("# TYPE tagstore_requests counter"));
     assert!(body.contains("# TYPE tagstore_request_duration_seconds histogram"));

@@ -317,6 +317,7 @@ fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: I
         .filter(|r| !r.stale.is_empty())
         .count();
     let feed = engine.feed_view();
+    let (versions, history_bytes) = engine.history();
     let memory = Family::<KindLabel, Gauge<f64, AtomicU64>>::default();
     for (kind, bytes) in [
         ("resident", super::admin::resident_bytes().unwrap_or(0)),
@@ -332,7 +333,7 @@ fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: I
         Unit::Bytes,
         memory,
     );
-    let gauges: [(&str, &str, f64); 17] = [
+    let gauges: [(&str, &str, f64); 20] = [
         (
             "tagstore_customers",
             "Live customers",
@@ -413,6 +414,21 @@ fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: I
             "tagstore_feed_files",
             "Files of the change feed (0: the feed is off)",
             feed.files.len() as f64,
+        ),
+        (
+            "tagstore_history_bytes",
+            "Bytes of the store's kept past (history/: daily versions, the segments only they name, the log since the oldest)",
+            history_bytes as f64,
+        ),
+        (
+            "tagstore_history_versions",
+            "Versions of the store kept for reads as of the past",
+            versions.len() as f64,
+        ),
+        (
+            "tagstore_history_begins_lsn",
+            "Reads as of a log position before this one are out of range (0: no history)",
+            versions.first().map_or(0.0, |v| v.lsn as f64),
         ),
     ];
     for (name, help, value) in gauges {

@@ -756,6 +756,23 @@ impl Batch {
         e.buf
     }
 
+    /// The batch a log record of `kind` holds, as replay reads it: a kind
+    /// other than a batch, or a payload that does not decode, is a
+    /// [`Error::BadRecord`](crate::error::Error::BadRecord) (the caller
+    /// names the file and offset).
+    pub fn from_record(kind: u8, payload: &[u8]) -> crate::error::Result<Batch> {
+        use crate::error::Error;
+        if kind != KIND_BATCH {
+            return Err(Error::BadRecord(format!("unknown record kind {kind}")));
+        }
+        Batch::decode(payload).map_err(|e| {
+            Error::BadRecord(format!(
+                "undecodable batch at payload offset {}: {}",
+                e.offset, e.reason
+            ))
+        })
+    }
+
     /// The request time of an encoded batch, without decoding the rest
     /// (`None` when the payload is too short to hold it).
     pub fn peek_at_ms(payload: &[u8]) -> Option<i64> {

@@ -17,7 +17,7 @@ use crate::storage::dictionary::{DictLayer, Dictionary, Identities};
 use crate::storage::feed::{self, FeedConfig, FeedShared, FeedWriter};
 use crate::storage::manifest::{self, Manifest};
 use crate::storage::merges::MergeLog;
-use crate::storage::record::{Batch, KIND_BATCH};
+use crate::storage::record::Batch;
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
 use crate::storage::snapshot::{
@@ -151,15 +151,7 @@ pub(crate) fn recover(
         &files,
         manifest.checkpoint_lsn,
         |lsn, kind, payload| {
-            if kind != KIND_BATCH {
-                return Err(Error::BadRecord(format!("unknown record kind {kind}")));
-            }
-            let batch = Batch::decode(payload).map_err(|e| {
-                Error::BadRecord(format!(
-                    "undecodable batch at payload offset {}: {}",
-                    e.offset, e.reason
-                ))
-            })?;
+            let batch = Batch::from_record(kind, payload)?;
             state.apply(lsn, &batch)?;
             if !state.feed.is_empty() {
                 entries.push(feed::Entry {

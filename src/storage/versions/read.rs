@@ -276,12 +276,7 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
                 ended = true;
                 return Ok(());
             }
-            let batch = Batch::decode(payload).map_err(|e| {
-                Error::BadRecord(format!(
-                    "undecodable batch at payload offset {}: {}",
-                    e.offset, e.reason
-                ))
-            })?;
+            let batch = Batch::from_record(kind, payload)?;
             state.apply(lsn, &batch)?;
             replayed += 1;
             state.snap.lsn = lsn;
