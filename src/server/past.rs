@@ -34,6 +34,17 @@ pub(super) fn moment(as_of: Option<&proto::AsOf>) -> Result<Option<AsOf>, Status
     }
 }
 
+/// An audit record's subject for a read as of the past: the query, then
+/// `as of <day>` or `as of position <n>`.
+pub(super) fn in_subject(subject: String, as_of: Option<&proto::AsOf>) -> String {
+    use proto::as_of::At;
+    match as_of.and_then(|a| a.at.as_ref()) {
+        None => subject,
+        Some(At::Day(d)) => format!("{subject} as of {d}"),
+        Some(At::Position(p)) => format!("{subject} as of position {p}"),
+    }
+}
+
 /// The store to read and what "now" is for its queries: the newest
 /// snapshot and the clock without `as_of`; the store at that moment with
 /// it. With a token limited to categories, `queries` are checked against

@@ -253,6 +253,7 @@ impl TagStore for Service {
         scope::before(&req, &self.engine, |g, snap| {
             scope::check_query(g, snap, &subject)
         })?;
+        let subject = super::past::in_subject(subject, req.get_ref().as_of.as_ref());
         let res = reads::members(self, req).await;
         self.audited(Kind::Reads, who, "Members", &subject, res, |r| {
             r.get_ref().customers.len() as u64 + r.get_ref().without_identity
@@ -314,6 +315,7 @@ impl TagStore for Service {
         } else {
             format!("{} as {} {}", r.query, r.identity_type, r.hash)
         };
+        let subject = super::past::in_subject(subject.trim_end().to_string(), r.as_of.as_ref());
         scope::before(&req, &self.engine, |g, snap| {
             scope::check_query(g, snap, &req.get_ref().query)
         })?;
