@@ -5,7 +5,9 @@
 //! history (before it, ahead of the store, a day not ended) are
 //! OUT_OF_RANGE, a malformed day INVALID_ARGUMENT, a server keeping no
 //! history FAILED_PRECONDITION (and one that starts keeping it begins at
-//! its next checkpoint); a token limited to categories is checked
+//! its next checkpoint); a customer erased since is left out of reads of
+//! the past, also of one read before the erasure; a token limited to
+//! categories is checked
 //! against the store of that moment (a tag dropped since is still its
 //! category's). `Stats` says where the history begins.
 
@@ -273,6 +275,22 @@ async fn reads_as_of_every_position_equal_the_model_across_checkpoints_kill_and_
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
+    // The audit trail says which moment an export read.
+    let audit = c
+        .read_audit(ReadAuditRequest {
+            method: "Export".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let last = audit.records.last().unwrap();
+    assert!(
+        last.subject.starts_with("b OR c as of position "),
+        "{:?}",
+        last.subject
+    );
+
     // A clean restart: the same answers.
     drop((c, limited));
     assert!(server.stop().unwrap().success(), "{}", server.stderr());
@@ -321,4 +339,16 @@ async fn a_server_keeping_no_history_refuses_reads_as_of_the_past() {
     common::add_to_tag(&mut c, "t", &["z"]).await;
     assert_eq!(count_at(&mut c, "t", at(checkpointed)).await.unwrap(), 2);
     assert_eq!(count_at(&mut c, "t", None).await.unwrap(), 3);
+    // An erasure is not undone by reading the past, even a past read (and
+    // kept in memory) before it.
+    c.delete_customers(DeleteCustomersRequest {
+        customers: vec!["x".into()],
+    })
+    .await
+    .unwrap();
+    assert_eq!(count_at(&mut c, "t", at(checkpointed)).await.unwrap(), 1);
+    assert_eq!(
+        export_at(&mut c, "t", at(checkpointed)).await,
+        BTreeSet::from(["y".to_string()])
+    );
 }

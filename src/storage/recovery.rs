@@ -481,6 +481,7 @@ pub(crate) fn state_of(
         merges: Arc::new(parking_lot::RwLock::new(merges)),
         zone: crate::fields::time::default_zone(),
         rules: Arc::new(rules),
+        erased_lsn: 0,
     };
     let mut state = State::new(snap);
     // Remembered event ids are read now, whole: the writer checks every

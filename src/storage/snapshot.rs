@@ -350,6 +350,10 @@ pub struct Snapshot {
     pub zone: jiff::tz::TimeZone,
     /// Rule tags and lifecycles.
     pub rules: Arc<RuleSet>,
+    /// The lsn of the newest write that erased customers (0: none since
+    /// the store opened); reads of the past kept in memory are built again
+    /// after it (they leave out who was erased).
+    pub erased_lsn: u64,
 }
 
 /// Turns dictionary answers `ids` for `keys` into the live customers the
@@ -446,6 +450,7 @@ impl Snapshot {
             merges: Arc::default(),
             zone: crate::fields::time::default_zone(),
             rules: Arc::default(),
+            erased_lsn: 0,
         }
     }
 

@@ -568,6 +568,7 @@ impl State {
             self.merges_dirty = true;
         }
         if !b.deletes.is_empty() {
+            self.snap.erased_lsn = lsn;
             self.remove_everywhere(&b.deletes, b.at_ms)?;
             self.freeze_out(&b.deletes, &[])?;
             stats.deleted = self.snap.live.make_mut()?.difference_with(&b.deletes);

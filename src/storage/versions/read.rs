@@ -48,10 +48,12 @@ pub struct Past {
     pub now_ms: i64,
 }
 
-/// The past states asked for most recently, and the gate on building more.
+/// The past states asked for most recently (each with the newest erasure
+/// it left out: one built before a later erasure is built again), and the
+/// gate on building more.
 #[derive(Default)]
 pub struct PastCache {
-    kept: Mutex<VecDeque<(AsOf, Past)>>,
+    kept: Mutex<VecDeque<(AsOf, u64, Past)>>,
     building: Mutex<usize>,
     built: parking_lot::Condvar,
 }
@@ -77,18 +79,20 @@ impl PastCache {
         BuildSlot(self)
     }
 
-    fn get(&self, at: AsOf) -> Option<Past> {
+    fn get(&self, at: AsOf, erased_lsn: u64) -> Option<Past> {
         let mut c = self.kept.lock();
-        let i = c.iter().position(|(a, _)| *a == at)?;
+        let i = c
+            .iter()
+            .position(|(a, e, _)| *a == at && *e == erased_lsn)?;
         let hit = c.remove(i)?;
         c.push_front(hit.clone());
-        Some(hit.1)
+        Some(hit.2)
     }
 
-    fn put(&self, at: AsOf, past: Past) {
+    fn put(&self, at: AsOf, erased_lsn: u64, past: Past) {
         let mut c = self.kept.lock();
-        c.retain(|(a, _)| *a != at);
-        c.push_front((at, past));
+        c.retain(|(a, _, _)| *a != at);
+        c.push_front((at, erased_lsn, past));
         c.truncate(CACHED);
     }
 }
@@ -141,12 +145,13 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
             (current.lsn, Some(end))
         }
     };
-    if let Some(hit) = shared.past.get(at) {
+    let erased_lsn = current.erased_lsn;
+    if let Some(hit) = shared.past.get(at, erased_lsn) {
         return Ok(hit);
     }
     let _slot = shared.past.slot();
     // Another read may have built it while this one waited.
-    if let Some(hit) = shared.past.get(at) {
+    if let Some(hit) = shared.past.get(at, erased_lsn) {
         return Ok(hit);
     }
     let started = std::time::Instant::now();
@@ -301,6 +306,7 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
         Err(e) => return Err(e),
     }
     state.snap.lsn = state.snap.lsn.max(base.lsn);
+    let erased = erase_since(&mut state, &current, last_at)?;
     state.feed.clear();
     tracing::info!(
         ?at,
@@ -308,6 +314,7 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
         lsn = state.snap.lsn,
         log_files = files.len(),
         records = replayed,
+        erased_since = erased,
         opened_ms,
         built_ms,
         ms = started.elapsed().as_millis(),
@@ -320,8 +327,46 @@ pub(crate) fn open(shared: &Shared, dir: &DataDir, at: AsOf) -> Result<Past> {
             None => last_at.max(0),
         },
     };
-    shared.past.put(at, past.clone());
+    shared.past.put(at, erased_lsn, past.clone());
     Ok(past)
+}
+
+/// Erases from the past state the customers erased since (an erasure is
+/// not undone by reading the past): those live then and not now, unless a
+/// merge took them into a customer still live (merged, not erased; one
+/// absorbed into a customer erased since is that person's, and goes too).
+/// Applied as a batch of deletes by the one apply function, never logged.
+/// Returns how many.
+fn erase_since(
+    state: &mut crate::storage::state::State,
+    current: &Snapshot,
+    at_ms: i64,
+) -> Result<u64> {
+    let now_live = current.live()?;
+    let merges = current.merges.read();
+    let mut gone = state.snap.live()?.clone();
+    gone.difference_sharded(now_live);
+    let mut deletes = roaring::RoaringBitmap::new();
+    for id in gone.iter() {
+        let survivor = merges.survivor_of(id);
+        if survivor != id && now_live.contains(survivor) {
+            continue;
+        }
+        deletes.insert(id);
+    }
+    drop(merges);
+    let n = deletes.len();
+    if n > 0 {
+        let batch = Batch {
+            at_ms,
+            deletes,
+            ..Default::default()
+        };
+        let lsn = state.snap.lsn;
+        state.apply(lsn, &batch)?;
+        state.snap.lsn = lsn;
+    }
+    Ok(n)
 }
 
 /// The log files, in the history and the main directory, that hold the
