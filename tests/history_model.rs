@@ -451,3 +451,61 @@ fn a_damaged_or_missing_history_file_fails_only_the_reads_that_need_it() {
     assert_eq!(state_of(&past.snap), erased_since(&later.1, &now_live));
     engine.shutdown().unwrap();
 }
+
+/// Keeping a version fails at each of its steps (the `.tmp` file's
+/// creation, write and sync, the rename, the directory sync; a full disk
+/// among them): the checkpoint still completes, the store writes on and
+/// restarts whole, no damaged version is left behind, and the next
+/// checkpoint of the day keeps the version.
+#[test]
+fn a_version_that_cannot_be_written_costs_only_itself() {
+    use tagstore::storage::fs::Op;
+    for (op, errno) in [
+        (Op::Create, libc::ENOSPC),
+        (Op::Write, libc::ENOSPC),
+        (Op::Sync, libc::EIO),
+        (Op::Rename, libc::EIO),
+        (Op::SyncDir, libc::EIO),
+    ] {
+        let fs = MemFs::new();
+        let clock = ManualClock::at(days_from_civil(2026, 11, 1) * 86_400_000 + HOUR_MS);
+        let engine = open(&fs, &clock, 1);
+        create_tags_and_field(&engine);
+        let mut rng = StdRng::seed_from_u64(5);
+        random_write(&engine, &mut rng);
+        let on = if op == Op::SyncDir {
+            "history"
+        } else {
+            "version-"
+        };
+        fs.fail(op, on, 0, 1, errno);
+        let first = engine
+            .checkpoint_blocking(CheckpointOptions::default())
+            .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        assert_eq!(fs.faults_pending(), 0, "{op:?}: the fault was not reached");
+        let kept = engine.history().0;
+        assert!(
+            kept.iter().all(|v| v.lsn != first.lsn) || op == Op::SyncDir,
+            "{op:?}: {kept:?}"
+        );
+        random_write(&engine, &mut rng);
+        let want = state_of(&engine.snapshot());
+        engine
+            .checkpoint_blocking(CheckpointOptions::default())
+            .unwrap();
+        assert!(
+            !engine.history().0.is_empty(),
+            "{op:?}: the next checkpoint keeps one"
+        );
+        engine.shutdown().unwrap();
+        drop(engine);
+        let engine = open(&fs, &clock, 1);
+        assert_eq!(state_of(&engine.snapshot()), want, "{op:?}");
+        for v in engine.history().0 {
+            engine
+                .as_of(AsOf::Position(v.lsn))
+                .unwrap_or_else(|e| panic!("{op:?}: as of version {}: {e}", v.lsn));
+        }
+        engine.shutdown().unwrap();
+    }
+}

@@ -169,8 +169,8 @@ impl Versions {
         dir.fs()
             .rename(&tmp, &path)
             .map_err(|e| Error::io(&path, e))?;
-        fsync_dir(&hist)?;
-        fsync_dir(dir)?;
+        // Once the file has its name, a restart may find it: what it names
+        // is kept from here on, even if syncing the directory fails.
         self.list.retain(|v| v.lsn != manifest.checkpoint_lsn);
         self.list.push(Version {
             lsn: manifest.checkpoint_lsn,
@@ -178,7 +178,8 @@ impl Versions {
             segments: manifest.segments().into_iter().collect(),
         });
         self.list.sort_by_key(|v| v.lsn);
-        Ok(())
+        fsync_dir(&hist)?;
+        fsync_dir(dir)
     }
 
     /// Drops the versions begun before `cutoff_ms` but the newest of them

@@ -137,9 +137,10 @@ impl Writer {
                 && self.manifest.checkpoint_lsn > 0
             {
                 let _held = self.shared.files.lock();
-                match self.versions.keep(&self.dir, &self.manifest) {
-                    Ok(()) => *self.shared.versions.lock() = self.versions.marks(),
-                    Err(e) => tracing::warn!(error = %e, "could not keep a version of the store"),
+                let kept = self.versions.keep(&self.dir, &self.manifest);
+                *self.shared.versions.lock() = self.versions.marks();
+                if let Err(e) = kept {
+                    tracing::warn!(error = %e, "could not keep a version of the store");
                 }
             }
             for w in waiters {
@@ -482,7 +483,11 @@ impl Writer {
                         "kept a version of the store for reads of the past"
                     )
                 }
-                Err(e) => tracing::warn!(error = %e, "could not keep a version of the store"),
+                Err(e) => {
+                    // (A version whose file was named before the failure
+                    // is in the list all the same: its files stay.)
+                    tracing::warn!(error = %e, "could not keep a version of the store")
+                }
             }
         }
         // Not while a backup opens the files it copies, nor a read of the
