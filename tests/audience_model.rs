@@ -46,6 +46,8 @@ struct Model {
     tags: BTreeMap<String, BTreeSet<String>>,
     live: BTreeSet<String>,
     audiences: BTreeMap<String, Q>,
+    /// The audiences kept current (by a rule tag of their name).
+    kept: BTreeSet<String>,
 }
 
 impl Model {
@@ -107,7 +109,7 @@ fn members(engine: &Engine, text: &str) -> BTreeSet<String> {
 
 /// Saves `name` as `q` through the engine, as the server does (the query
 /// layer names the audiences it uses).
-fn save(engine: &Engine, name: &str, q: &Q) -> tagstore::Result<()> {
+fn save(engine: &Engine, name: &str, q: &Q, kept_current: bool) -> tagstore::Result<()> {
     let text = q.text();
     let uses = saved_audiences_in(&parse(&text)?, &engine.snapshot());
     engine
@@ -119,12 +121,21 @@ fn save(engine: &Engine, name: &str, q: &Q) -> tagstore::Result<()> {
                 ..Default::default()
             },
             replace: true,
+            kept_current,
         })
         .map(|_| ())
 }
 
 fn check(engine: &Engine, m: &Model, seed: u64, step: &str) {
+    let snap = engine.snapshot();
     for (name, def) in &m.audiences {
+        // A kept audience is read from its rule tag (the name finds the
+        // tag first), so what is compared below is what the rule kept.
+        assert_eq!(
+            snap.tag(name).is_some() && snap.rules.get(name).is_some(),
+            m.kept.contains(name),
+            "seed {seed}, {step}: audience {name} kept current"
+        );
         assert_eq!(
             members(engine, &quote_tag_name(name)),
             m.eval(def),
@@ -188,13 +199,27 @@ fn run(seed: u64) {
                 };
                 let q = random_q(&mut rng, &names, 3);
                 let cycle = m.reaches(&q, &name);
-                match save(&engine, &name, &q) {
+                let kept = rng.random_bool(0.5);
+                // A kept audience reads what the audiences it uses are
+                // now: they cannot be redefined under it.
+                let read_by_kept = m.audiences.contains_key(&name)
+                    && m.kept.iter().any(|k| {
+                        k != &name && m.audiences.get(k).is_some_and(|d| m.reaches(d, &name))
+                    });
+                match save(&engine, &name, &q, kept) {
                     Ok(()) => {
                         assert!(!cycle, "seed {seed}: {name} = {} was saved", q.text());
+                        assert!(!read_by_kept, "seed {seed}: {name} redefined under a rule");
+                        if kept {
+                            m.kept.insert(name.clone());
+                        } else {
+                            m.kept.remove(&name);
+                        }
                         m.audiences.insert(name, q);
                     }
                     Err(e) => assert!(
-                        cycle && e.to_string().contains("would use itself"),
+                        (cycle && e.to_string().contains("would use itself"))
+                            || (read_by_kept && e.to_string().contains("is read by rule")),
                         "seed {seed}: {name} = {}: {e}",
                         q.text()
                     ),

@@ -239,6 +239,45 @@ async fn every_call_against_every_role() {
         "{}",
         e.message()
     );
+
+    // Saving an audience takes the write role; keeping it current defines
+    // a rule, which takes the admin role, and so does changing or dropping
+    // an audience that is kept.
+    use tagstore::proto::{CreateAudienceRequest, DropAudienceRequest};
+    let mut w = server.client_with_token(Some(&write)).await.unwrap();
+    let mut a = server.client_with_token(Some(&admin)).await.unwrap();
+    let save = |name: &str, kept_current: bool| CreateAudienceRequest {
+        name: name.into(),
+        query: "ALL".into(),
+        kept_current,
+        replace: true,
+        ..Default::default()
+    };
+    w.create_audience(save("plain", false)).await.unwrap();
+    let e = w.create_audience(save("kept", true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("admin"), "{e}");
+    a.create_audience(save("kept", true)).await.unwrap();
+    for e in [
+        w.create_audience(save("kept", false)).await.unwrap_err(),
+        w.drop_audience(DropAudienceRequest {
+            name: "kept".into(),
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    }
+    w.drop_audience(DropAudienceRequest {
+        name: "plain".into(),
+    })
+    .await
+    .unwrap();
+    a.drop_audience(DropAudienceRequest {
+        name: "kept".into(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +495,17 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
         .await
         .unwrap();
     }
+    // Kept current, its rule tag in an allowed category: still judged by
+    // what its query reaches.
+    ops.create_audience(CreateAudienceRequest {
+        name: "混合_kept".into(),
+        query: "常购护肤品 AND 高价值用户".into(),
+        category: "消费偏好".into(),
+        kept_current: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let snap = ops
         .take_snapshot(TakeSnapshotRequest {
             audience: "混合".into(),
@@ -486,6 +536,8 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
         "高价值用户".to_string(),
         "常购护肤品 AND NOT 高价值用户".to_string(),
         "混合".to_string(),
+        "混合_kept".to_string(),
+        "护肤 AND 混合_kept".to_string(),
         format!("SNAPSHOT {snap}"),
         "lifecycle = 'active'".to_string(),
     ] {
@@ -563,6 +615,13 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
             .await,
         ),
         common::code(
+            c.watch(WatchRequest {
+                audiences: vec!["混合_kept".into()],
+                ..Default::default()
+            })
+            .await,
+        ),
+        common::code(
             c.top_tags(TopTagsRequest {
                 query: "ALL".into(),
                 k: 5,
@@ -593,10 +652,42 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
             query: "ALL".into(),
             k: 5,
             category: "消费偏好".into(),
+            include_query_tags: true,
             ..Default::default()
         })
-        .await;
-    assert!(top.is_ok(), "{top:?}");
+        .await
+        .unwrap()
+        .into_inner();
+    let tags: Vec<&str> = top.tags.iter().map(|t| t.tag.as_str()).collect();
+    assert_eq!(tags, ["常购护肤品"], "no kept audience reaching elsewhere");
+    let rows = c
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: Some(breakdown_request::By::Category("消费偏好".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["常购护肤品"],
+        "no kept audience reaching elsewhere"
+    );
+    // The admin sees it where its category puts it.
+    let rows = ops
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: Some(breakdown_request::By::Category("消费偏好".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert!(rows.iter().any(|r| r.label == "混合_kept"), "{rows:?}");
 
     // Writes: allowed tags only, no new tags, no fields of others, no
     // ingestion (it reaches every category).

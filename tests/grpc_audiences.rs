@@ -24,6 +24,7 @@ fn audience(name: &str, query: &str) -> CreateAudienceRequest {
         owner: "marketing".into(),
         category: "campaigns".into(),
         replace: false,
+        kept_current: false,
     }
 }
 

@@ -26,6 +26,23 @@ use tonic::Streaming;
 
 const TAGS: [&str; 4] = ["常购护肤品", "尝试新品", "社交活跃", "t3"];
 const STAGES: [&str; 3] = ["new", "active", "loyal"];
+/// A saved audience kept current, watched by name; its query, and the one
+/// it is redefined with half-way.
+const AUDIENCE: &str = "潜在流失客户";
+const AUDIENCE_QUERY: &str = "(\"社交活跃\" OR stage = 'loyal') AND NOT t3";
+const AUDIENCE_QUERY_2: &str = "\"尝试新品\" OR stage = 'new' OR life = 'buyer'";
+
+async fn save_audience(c: &mut Client, query: &str, replace: bool) {
+    c.create_audience(CreateAudienceRequest {
+        name: AUDIENCE.into(),
+        query: query.into(),
+        replace,
+        kept_current: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
 
 /// What a watcher has seen: per subject, the customer ids in it; the key
 /// of each id; and the last lsn whose write was complete.
@@ -39,10 +56,18 @@ struct Mirror {
     /// Writes in which one customer both left and entered a value of the
     /// lifecycle (a transition).
     transitions: u64,
+    /// Changes of saved audiences seen.
+    audience_changes: u64,
 }
 
 fn subject(c: &MembershipChange) -> String {
-    if c.tag.is_empty() {
+    if !c.audience.is_empty() {
+        assert!(
+            c.tag.is_empty() && c.field.is_empty(),
+            "one subject a change"
+        );
+        format!("audience:{}", c.audience)
+    } else if c.tag.is_empty() {
         format!("{}={}", c.field, c.value)
     } else {
         format!("tag:{}", c.tag)
@@ -72,6 +97,7 @@ impl Mirror {
         let mut prev_id = 0;
         for c in &m.changes {
             let s = subject(c);
+            self.audience_changes += u64::from(!c.audience.is_empty());
             match Kind::try_from(c.kind) {
                 Ok(Kind::Entered) => {
                     assert!(c.customer_id >= prev_id, "ordered by customer");
@@ -166,6 +192,7 @@ async fn watch(
         ],
         after_lsn: after,
         max_changes: 7,
+        audiences: vec![AUDIENCE.into()],
     })
     .await
     .map(|r| r.into_inner())
@@ -200,9 +227,14 @@ async fn lsn(c: &mut Client) -> u64 {
         .lsn
 }
 
-/// The store as it is: every watched subject's members by key.
-async fn actual(c: &mut Client) -> BTreeMap<String, BTreeSet<String>> {
+/// The store as it is: every watched subject's members by key (the saved
+/// audience's by its query `audience`, evaluated afresh).
+async fn actual(c: &mut Client, audience: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut out = BTreeMap::new();
+    out.insert(
+        format!("audience:{AUDIENCE}"),
+        common::export_set(c, audience).await,
+    );
     for t in TAGS.iter().chain(["高价值用户"].iter()) {
         out.insert(
             format!("tag:{t}"),
@@ -260,6 +292,7 @@ async fn setup(c: &mut Client) {
     })
     .await
     .unwrap();
+    save_audience(c, AUDIENCE_QUERY, false).await;
 }
 
 /// `n` random writes: tag adds and removes, stage values, erasures.
@@ -336,10 +369,17 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
     let mut s = watch(&mut c, Some(start))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    let mut audience = AUDIENCE_QUERY;
     for round in 0..8 {
         writes(&mut c, &mut rng, 25).await;
         if round % 3 == 1 {
             c.checkpoint(CheckpointRequest::default()).await.unwrap();
+        }
+        if round == 4 {
+            // Redefined: its members evaluated again, the difference in
+            // the feed under one lsn.
+            audience = AUDIENCE_QUERY_2;
+            save_audience(&mut c, audience, true).await;
         }
         let at = lsn(&mut c).await;
         match round {
@@ -374,11 +414,215 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
             follow(&mut s, &mut mirror, at).await,
             "round {round}: stream ended"
         );
-        assert_eq!(mirror.by_key(), actual(&mut c).await, "round {round}");
+        assert_eq!(
+            mirror.by_key(),
+            actual(&mut c, audience).await,
+            "round {round}"
+        );
     }
     assert!(mirror.writes > 100, "{} writes seen", mirror.writes);
     assert!(mirror.transitions > 0, "no lifecycle transition seen");
+    assert!(
+        mirror.audience_changes > 50,
+        "{} audience changes seen",
+        mirror.audience_changes
+    );
     server.stop().unwrap();
+}
+
+/// The next message with changes (progress messages passed over).
+async fn next_changes(s: &mut Streaming<WatchResponse>) -> WatchResponse {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("a message within 30 s")
+            .unwrap()
+            .expect("the stream goes on");
+        if !m.changes.is_empty() {
+            return m;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_audience_is_watched_by_name_while_it_is_kept_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    let by_name = |tags: Vec<String>, audiences: &[&str]| WatchRequest {
+        tags,
+        audiences: audiences.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    // An audience that is not kept has no changes in the feed.
+    c.create_audience(CreateAudienceRequest {
+        name: "plain".into(),
+        query: "t3".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = c.watch(by_name(vec![], &["plain"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("kept_current"), "{e}");
+    let e = c.watch(by_name(vec![], &["nobody"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = c
+        .watch(by_name(vec![AUDIENCE.into()], &[AUDIENCE]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    // The rule that keeps it is the audience's own.
+    let e = c
+        .define_rule(DefineRuleRequest {
+            name: AUDIENCE.into(),
+            query: "t3".into(),
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    for e in [
+        c.drop_rule(DropRuleRequest {
+            name: AUDIENCE.into(),
+        })
+        .await
+        .unwrap_err(),
+        c.drop_tag(DropTagRequest {
+            name: AUDIENCE.into(),
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("CreateAudience"), "{e}");
+    }
+    // A query a rule cannot keep is refused, saying why, and nothing is
+    // saved.
+    let e = c
+        .create_audience(CreateAudienceRequest {
+            name: "frozen".into(),
+            query: "t3 AND NOT SNAPSHOT 1".into(),
+            kept_current: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::InvalidArgument | Code::NotFound),
+        "{e}"
+    );
+    // Watched: a customer entering, then the audience no longer kept.
+    let mut s = c
+        .watch(by_name(vec!["t3".into()], &[AUDIENCE]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    assert!(first.changes.is_empty());
+    common::add_to_tag(&mut c, "社交活跃", &["ada"]).await;
+    let m = next_changes(&mut s).await;
+    assert_eq!(m.changes.len(), 1, "{m:?}");
+    let ch = &m.changes[0];
+    assert_eq!(
+        (
+            ch.kind(),
+            ch.audience.as_str(),
+            ch.tag.as_str(),
+            ch.customer_key.as_str()
+        ),
+        (Kind::Entered, AUDIENCE, "", "ada")
+    );
+    let listed = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.list_audiences(ListAudiencesRequest {
+                counts: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .audiences
+            .into_iter()
+            .map(|a| (a.name, a.kept_current, a.count))
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        listed(&mut c).await,
+        vec![
+            ("plain".to_string(), false, 0),
+            (AUDIENCE.to_string(), true, 1)
+        ]
+    );
+    c.create_audience(CreateAudienceRequest {
+        name: AUDIENCE.into(),
+        query: AUDIENCE_QUERY.into(),
+        replace: true,
+        kept_current: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let m = next_changes(&mut s).await;
+    assert_eq!(m.changes.len(), 1, "{m:?}");
+    assert_eq!(
+        (m.changes[0].kind(), m.changes[0].audience.as_str()),
+        (Kind::Dropped, AUDIENCE)
+    );
+    // Still an audience, evaluated when used; its tag is gone.
+    assert_eq!(common::count(&mut c, AUDIENCE).await, 1);
+    assert_eq!(
+        listed(&mut c).await,
+        vec![
+            ("plain".to_string(), false, 0),
+            (AUDIENCE.to_string(), false, 1)
+        ]
+    );
+    let e = c.watch(by_name(vec![], &[AUDIENCE])).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    // The stream goes on with the tag it also watches.
+    common::add_to_tag(&mut c, "t3", &["bo"]).await;
+    let m = next_changes(&mut s).await;
+    assert_eq!(m.changes.len(), 1, "{m:?}");
+    assert_eq!(m.changes[0].tag, "t3");
+    // Kept again, then dropped: its rule and tag go with it.
+    save_audience(&mut c, AUDIENCE_QUERY, true).await;
+    let m = next_changes(&mut s).await;
+    assert_eq!(
+        m.changes
+            .iter()
+            .map(|c| (c.kind(), c.audience.as_str(), c.customer_key.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(Kind::Entered, AUDIENCE, "ada")],
+        "keeping it again lists its members"
+    );
+    c.drop_audience(DropAudienceRequest {
+        name: AUDIENCE.into(),
+    })
+    .await
+    .unwrap();
+    let m = next_changes(&mut s).await;
+    assert_eq!(m.changes[0].kind(), Kind::Dropped);
+    let rules = c
+        .list_rules(ListRulesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        rules.rules.iter().all(|r| r.name != AUDIENCE),
+        "the rule went with the audience"
+    );
+    let e = c
+        .describe_tag(DescribeTagRequest {
+            name: AUDIENCE.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,7 +659,7 @@ async fn a_watcher_that_does_not_read_holds_up_no_writer() {
     );
     mirror.last = first.lsn;
     assert!(follow(&mut s, &mut mirror, at).await);
-    assert_eq!(mirror.by_key(), actual(&mut c).await);
+    assert_eq!(mirror.by_key(), actual(&mut c, AUDIENCE_QUERY).await);
     assert!(mirror.writes >= 200, "{}", mirror.writes);
 }
 
@@ -507,6 +751,7 @@ async fn bad_watches_are_refused_with_what_is_wrong() {
             .collect(),
         after_lsn: after,
         max_changes: 0,
+        audiences: Vec::new(),
     };
     let status = |r: Result<tonic::Response<Streaming<WatchResponse>>, tonic::Status>| {
         r.map(|_| ()).unwrap_err()
@@ -613,7 +858,7 @@ async fn a_shutdown_ends_open_watches_and_they_resume_after_it() {
     let mut s = watch(&mut c, Some(mirror.last)).await.unwrap();
     let at = lsn(&mut c).await;
     assert!(follow(&mut s, &mut mirror, at).await);
-    assert_eq!(mirror.by_key(), actual(&mut c).await);
+    assert_eq!(mirror.by_key(), actual(&mut c, AUDIENCE_QUERY).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -661,6 +906,7 @@ async fn a_write_of_many_changes_comes_whole_in_order_in_several_messages() {
             values: Vec::new(),
             after_lsn: Some(before),
             max_changes: 10_000,
+            audiences: Vec::new(),
         })
         .await
         .unwrap()

@@ -711,7 +711,10 @@ impl<'s> Compiler<'s> {
 }
 
 /// Every tag and field name `expr` reaches, through the saved audiences it
-/// names (whose own names are not listed), appended to `names`, and every
+/// names (whose own names are not listed, unless one is kept current: then
+/// its rule tag is listed as well as what its query reaches, since the
+/// query reads the tag, which holds what the tags under it say), appended
+/// to `names`, and every
 /// audience snapshot it reaches to `snapshots`; false if it reaches more
 /// audiences than a query may expand, or one whose query does not parse
 /// (compiling the query will say why).
@@ -733,8 +736,11 @@ pub fn names_reached(
         let mut direct = Vec::new();
         expr.tag_names(&mut direct);
         for n in direct {
-            match snap.audiences.get(n).filter(|_| snap.tag(n).is_none()) {
+            match snap.audiences.get(n) {
                 Some(a) => {
+                    if snap.tag(n).is_some() {
+                        names.push(n.to_string());
+                    }
                     *expanded += 1;
                     if depth >= MAX_AUDIENCE_DEPTH || *expanded > MAX_AUDIENCE_EXPANSIONS {
                         return false;
@@ -755,13 +761,14 @@ pub fn names_reached(
 }
 
 /// The saved audiences `expr` names (not counting those they use in turn),
-/// ordered, each once.
+/// ordered, each once; an audience kept current counts although its name
+/// also finds its rule tag.
 pub fn saved_audiences_in(expr: &Expr, snap: &Snapshot) -> Vec<String> {
     let mut names = Vec::new();
     expr.tag_names(&mut names);
     let mut out: Vec<String> = names
         .into_iter()
-        .filter(|n| snap.tag(n).is_none() && snap.audiences.contains_key(*n))
+        .filter(|n| snap.audiences.contains_key(*n))
         .map(str::to_string)
         .collect();
     out.sort();

@@ -6,13 +6,18 @@
 //! with the audience's last snapshot, one logged write), `ListSnapshots`,
 //! `DropSnapshot`.
 
+use std::sync::Arc;
+
 use tonic::Status;
+
+use crate::access::{Grant, Role};
 
 use crate::names::quote_tag_name;
 use crate::proto;
 use crate::query::{Query, parse, saved_audiences_in};
 use crate::server::service::{blocking, invalid};
 use crate::server::status::to_status;
+use crate::storage::Snapshot;
 use crate::storage::record::AudienceDef;
 use crate::storage::snapshot::AudienceMeta;
 use crate::storage::{Engine, MAX_AUDIENCE_QUERY_BYTES, WriteOp};
@@ -62,6 +67,7 @@ pub(super) async fn create_audience(
                 uses,
             },
             replace: r.replace,
+            kept_current: r.kept_current,
         })
         .await
         .map_err(to_status)?;
@@ -69,7 +75,7 @@ pub(super) async fn create_audience(
     let audience = snap
         .audiences
         .get(r.name.as_str())
-        .map(|a| info(a, 0))
+        .map(|a| info(&snap, a, 0))
         .unwrap_or_default();
     Ok(proto::CreateAudienceResponse {
         audience: Some(audience),
@@ -150,9 +156,14 @@ pub(super) async fn list_audiences(
         audiences: page
             .iter()
             .zip(counts)
-            .map(|(a, (n, error))| proto::AudienceInfo {
-                error,
-                ..info(a, n)
+            .map(|(a, (n, error))| {
+                let i = info(&snap, a, n);
+                proto::AudienceInfo {
+                    // A kept audience that its rule could not evaluate
+                    // says why (its members stay as they were).
+                    error: if error.is_empty() { i.error } else { error },
+                    ..i
+                }
             })
             .collect(),
         more,
@@ -160,10 +171,12 @@ pub(super) async fn list_audiences(
     })
 }
 
-fn info(a: &AudienceMeta, count: u64) -> proto::AudienceInfo {
+fn info(snap: &Snapshot, a: &AudienceMeta, count: u64) -> proto::AudienceInfo {
     let mut uses = a.uses.clone();
     uses.sort();
+    let rule = kept_rule(snap, &a.name);
     proto::AudienceInfo {
+        kept_current: rule.is_some(),
         name: a.name.to_string(),
         query: a.query.clone(),
         description: a.description.clone(),
@@ -173,8 +186,43 @@ fn info(a: &AudienceMeta, count: u64) -> proto::AudienceInfo {
         created_at_ms: a.created_ms,
         updated_at_ms: a.updated_ms,
         count,
-        error: String::new(),
+        error: rule
+            .filter(|r| !r.stale.is_empty())
+            .map(|r| format!("not kept current since: {}", r.stale))
+            .unwrap_or_default(),
     }
+}
+
+/// The rule that keeps saved audience `name` current, if it is kept.
+pub(super) fn kept_rule<'a>(
+    snap: &'a Snapshot,
+    name: &str,
+) -> Option<&'a crate::storage::snapshot::Rule> {
+    snap.audiences
+        .contains_key(name)
+        .then(|| snap.rules.get(name).map(|r| &**r))
+        .flatten()
+}
+
+/// Keeping an audience current defines, redefines or drops a rule, which
+/// takes the admin role (as DefineRule does): refused to a lesser token
+/// when `kept_current` is asked or audience `name` is kept now.
+pub(super) fn check_kept_role<T>(
+    req: &tonic::Request<T>,
+    snap: &Snapshot,
+    name: &str,
+    kept_current: bool,
+) -> Result<(), Status> {
+    let Some(g) = req.extensions().get::<Arc<Grant>>() else {
+        return Ok(());
+    };
+    if g.role >= Role::Admin || !(kept_current || kept_rule(snap, name).is_some()) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "saved audience {name:?} kept current is kept by a rule, which needs the admin role; token {:?} has {}",
+        g.name, g.role
+    )))
 }
 
 pub(super) async fn take_snapshot(

@@ -307,6 +307,7 @@ pub(super) async fn breakdown(
     mut r: proto::BreakdownRequest,
 ) -> Result<proto::BreakdownResponse, Status> {
     use proto::breakdown_request::By;
+    let limited = grant.clone();
     let (snap, now) = super::past::read_at(
         engine,
         r.as_of.take(),
@@ -324,8 +325,11 @@ pub(super) async fn breakdown(
                 (rows, total, none)
             }
             Some(By::Category(c)) => {
-                let (rows, total) =
+                let (mut rows, total) =
                     analytics::breakdown_by_category(&q, &snap, c).map_err(to_status)?;
+                if let Some(g) = &limited {
+                    rows.retain(|row| super::scope::visible(g, &snap, &row.label, c));
+                }
                 (rows, total, 0)
             }
             None => return Err(invalid("name a field or a category to break down by")),
@@ -355,6 +359,7 @@ pub(super) async fn top_tags(
         n if n > 1000 => return Err(invalid(format!("k {n} is over the limit of 1000"))),
         n => n as usize,
     };
+    let limited = grant.clone();
     let (snap, now) = super::past::read_at(
         engine,
         r.as_of.take(),
@@ -373,15 +378,26 @@ pub(super) async fn top_tags(
             expr.tag_names(&mut direct);
             named = direct.into_iter().map(str::to_string).collect();
         }
-        let exclude: HashSet<&str> = if r.include_query_tags {
+        let mut exclude: HashSet<&str> = if r.include_query_tags {
             HashSet::new()
         } else {
             named.iter().map(String::as_str).collect()
         };
+        if let Some(g) = &limited {
+            // The rule tags of audiences kept current that reach other
+            // categories (a limited token names its own category).
+            exclude.extend(
+                snap.audiences
+                    .keys()
+                    .map(|a| &**a)
+                    .filter(|a| !super::scope::visible(g, &snap, a, &r.category)),
+            );
+        }
         let category = (!r.category.is_empty()).then_some(r.category.as_str());
         let (rows, audience, customers) =
             analytics::top_tags(&q, &snap, k, category, &exclude, r.min_count)
                 .map_err(to_status)?;
+
         Ok(proto::TopTagsResponse {
             tags: rows
                 .into_iter()

@@ -53,20 +53,23 @@ pub(super) fn check_names<'a>(
     names: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), Status> {
     for name in names {
-        match category_of(snap, name) {
-            Some(c) if !g.may_use(c) => {
-                return Err(denied(g, &format!("{name:?} (category {c:?})")));
-            }
-            Some(_) => {}
-            None => {
-                if let Some(a) = snap.audiences.get(name) {
-                    check_query_at(g, snap, &a.query, 0)
-                        .map_err(|_| denied(g, &format!("saved audience {name:?}")))?;
-                }
-            }
+        check_category_of(g, snap, name)?;
+        // An audience, also one kept current (whose rule tag has the
+        // audience's category): by what its query reaches.
+        if let Some(a) = snap.audiences.get(name) {
+            check_query_at(g, snap, &a.query, 0)
+                .map_err(|_| denied(g, &format!("saved audience {name:?}")))?;
         }
     }
     Ok(())
+}
+
+/// Checks the category of `name` if it is a tag or field.
+fn check_category_of(g: &Grant, snap: &Snapshot, name: &str) -> Result<(), Status> {
+    match category_of(snap, name) {
+        Some(c) if !g.may_use(c) => Err(denied(g, &format!("{name:?} (category {c:?})"))),
+        _ => Ok(()),
+    }
 }
 
 /// Checks every tag and field a query reaches, through saved audiences and
@@ -88,7 +91,11 @@ fn check_query_at(g: &Grant, snap: &Snapshot, text: &str, depth: usize) -> Resul
             "a query reaching more saved audiences or snapshots than can be checked",
         ));
     }
-    check_names(g, snap, names.iter().map(String::as_str))?;
+    // What the audiences reach is in `names` already (a kept audience's
+    // rule tag beside it).
+    for n in &names {
+        check_category_of(g, snap, n)?;
+    }
     for id in snapshots {
         if let Some(s) = snap.snapshots.get(&id) {
             check_query_at(g, snap, &s.query, depth + 1)
@@ -103,9 +110,20 @@ pub(super) fn query_allowed(g: &Grant, snap: &Snapshot, text: &str) -> bool {
     check_query(g, snap, text).is_ok()
 }
 
+/// Whether a listing shows tag, field or rule `name` of `category` to `g`:
+/// one of its categories, and, for the rule tag of an audience kept
+/// current, an audience whose query reaches only allowed ones.
+pub(super) fn visible(g: &Grant, snap: &Snapshot, name: &str, category: &str) -> bool {
+    g.may_use(category)
+        && snap
+            .audiences
+            .get(name)
+            .is_none_or(|a| query_allowed(g, snap, &a.query))
+}
+
 /// Leaves out of a profile the tags and values of other categories.
 pub(super) fn filter_profile(g: &Grant, snap: &Snapshot, p: &mut proto::ProfileResponse) {
-    let keep = |name: &str| category_of(snap, name).is_none_or(|c| g.may_use(c));
+    let keep = |name: &str| category_of(snap, name).is_none_or(|c| visible(g, snap, name, c));
     p.tags.retain(|t| keep(t));
     p.rule_tags.retain(|t| keep(t));
     p.values.retain(|v| keep(&v.field));

@@ -155,7 +155,10 @@ impl TagStore for Service {
         let limited = scope::limited(&req);
         let mut res = reads::list_tags(self, req).await?;
         if let Some(g) = limited {
-            res.get_mut().tags.retain(|t| g.may_use(&t.category));
+            let snap = self.engine.snapshot();
+            res.get_mut()
+                .tags
+                .retain(|t| scope::visible(&g, &snap, &t.name, &t.category));
         }
         Ok(res)
     }
@@ -290,13 +293,18 @@ impl TagStore for Service {
         let r = req.get_ref();
         let mut subjects: Vec<String> = r.tags.clone();
         subjects.extend(r.values.iter().map(|v| format!("{}={}", v.field, v.value)));
+        subjects.extend(r.audiences.iter().map(|a| format!("audience {a}")));
         let subject = match r.after_lsn {
             Some(lsn) => format!("{} after lsn {lsn}", subjects.join(", ")),
             None => subjects.join(", "),
         };
         scope::before(&req, &self.engine, |g, snap| {
             let r = req.get_ref();
-            let names = r.tags.iter().chain(r.values.iter().map(|v| &v.field));
+            let names = r
+                .tags
+                .iter()
+                .chain(r.values.iter().map(|v| &v.field))
+                .chain(&r.audiences);
             scope::check_names(g, snap, names.map(String::as_str))
         })?;
         let res = watch::watch(self, req).await;
@@ -508,7 +516,9 @@ impl TagStore for Service {
         let limited = scope::limited(&req);
         let mut r = rules::list_rules(&self.engine, req.into_inner()).await?;
         if let Some(g) = limited {
-            r.rules.retain(|rule| g.may_use(&rule.category));
+            let snap = self.engine.snapshot();
+            r.rules
+                .retain(|rule| scope::visible(&g, &snap, &rule.name, &rule.category));
         }
         Ok(Response::new(r))
     }
@@ -524,6 +534,8 @@ impl TagStore for Service {
         &self,
         req: Request<proto::CreateAudienceRequest>,
     ) -> Result<Response<proto::CreateAudienceResponse>, Status> {
+        let r = req.get_ref();
+        audiences::check_kept_role(&req, &self.engine.snapshot(), &r.name, r.kept_current)?;
         scope::before(&req, &self.engine, |g, snap| {
             scope::check_query(g, snap, &req.get_ref().query)?;
             // Replacing one: its old query too.
@@ -538,6 +550,7 @@ impl TagStore for Service {
         &self,
         req: Request<proto::DropAudienceRequest>,
     ) -> Result<Response<proto::DropAudienceResponse>, Status> {
+        audiences::check_kept_role(&req, &self.engine.snapshot(), &req.get_ref().name, false)?;
         scope::before(&req, &self.engine, |g, snap| {
             scope::check_names(g, snap, [req.get_ref().name.as_str()])
         })?;

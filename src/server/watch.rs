@@ -49,19 +49,21 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// A watcher that has caught up reads the feed again at most this often.
 const TRIP_GAP: Duration = Duration::from_millis(5);
 
-/// What one call watches: tags, single values, and fields every value of
-/// which it watches.
+/// What one call watches: tags, single values, fields every value of
+/// which it watches, and saved audiences (kept current by a rule tag of
+/// their name, whose changes the feed holds as a tag's).
 #[derive(Debug, Default)]
 struct Watched {
     tags: HashSet<String>,
     values: HashSet<(String, String)>,
     fields: HashSet<String>,
+    audiences: HashSet<String>,
 }
 
 impl Watched {
     fn wants(&self, s: &Subject) -> bool {
         match s {
-            Subject::Tag(t) => self.tags.contains(t),
+            Subject::Tag(t) => self.tags.contains(t) || self.audiences.contains(t),
             Subject::Value { field, value } => {
                 self.fields.contains(field) || self.values.contains(&(field.clone(), value.clone()))
             }
@@ -208,11 +210,16 @@ impl Cursor {
                 let n = (p.window.len() - p.sent).min(self.max_changes - changes.len());
                 for &(id, i, kind) in &p.window[p.sent..p.sent + n] {
                     let subject = p.entry.changes[p.watched[i as usize]].subject();
-                    let (tag, field, value) = match subject {
+                    let (mut tag, field, value) = match subject {
                         Subject::Tag(t) => (t.clone(), String::new(), String::new()),
                         Subject::Value { field, value } => {
                             (String::new(), field.clone(), value.clone())
                         }
+                    };
+                    let audience = if self.watched.audiences.contains(&tag) {
+                        std::mem::take(&mut tag)
+                    } else {
+                        String::new()
                     };
                     let customer_key = if kind == Kind::Dropped {
                         String::new()
@@ -229,6 +236,7 @@ impl Cursor {
                         value,
                         customer_id: if kind == Kind::Dropped { 0 } else { id },
                         customer_key,
+                        audience,
                     });
                 }
                 p.sent += n;
@@ -319,15 +327,15 @@ fn read_status(e: ReadError) -> Status {
 
 /// Checks what a request watches against the store as it is now.
 fn watched(engine: &Engine, r: &proto::WatchRequest) -> Result<Watched, Status> {
-    if r.tags.is_empty() && r.values.is_empty() {
+    if r.tags.is_empty() && r.values.is_empty() && r.audiences.is_empty() {
         return Err(invalid(
-            "name at least one tag or field value to watch (`tags`, `values`)",
+            "name at least one tag, field value or saved audience to watch (`tags`, `values`, `audiences`)",
         ));
     }
-    if r.tags.len() + r.values.len() > MAX_SUBJECTS {
+    let named = r.tags.len() + r.values.len() + r.audiences.len();
+    if named > MAX_SUBJECTS {
         return Err(invalid(format!(
-            "a watch names at most {MAX_SUBJECTS} tags and values; {} given",
-            r.tags.len() + r.values.len()
+            "a watch names at most {MAX_SUBJECTS} tags, values and audiences; {named} given"
         )));
     }
     let snap = engine.snapshot();
@@ -337,6 +345,22 @@ fn watched(engine: &Engine, r: &proto::WatchRequest) -> Result<Watched, Status> 
             return Err(to_status(Error::TagNotFound(t.clone())));
         }
         w.tags.insert(t.clone());
+    }
+    for a in &r.audiences {
+        if !snap.audiences.contains_key(a.as_str()) {
+            return Err(to_status(Error::AudienceNotFound(a.clone())));
+        }
+        if crate::server::audiences::kept_rule(&snap, a).is_none() {
+            return Err(Status::failed_precondition(format!(
+                "saved audience {a:?} is not kept current, so the change feed has no changes of it: save it again with kept_current (CreateAudience, replace) to watch it"
+            )));
+        }
+        if w.tags.contains(a) {
+            return Err(invalid(format!(
+                "{a:?} is named both as a tag and as an audience; name it once"
+            )));
+        }
+        w.audiences.insert(a.clone());
     }
     for v in &r.values {
         let field = snap
@@ -562,7 +586,7 @@ impl Hub {
         h.next += 1;
         let id = h.next;
         h.watchers.insert(id, notify.clone());
-        for t in &w.tags {
+        for t in w.tags.iter().chain(&w.audiences) {
             h.tags.entry(t.clone()).or_default().insert(id);
         }
         for f in w.fields.iter().chain(w.values.iter().map(|(f, _)| f)) {

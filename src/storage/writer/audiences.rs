@@ -19,6 +19,7 @@ impl Planner<'_> {
         name: String,
         definition: AudienceDef,
         replace: bool,
+        kept_current: bool,
         mut batch: Batch,
     ) -> Result<Planned> {
         let snap = &self.state.snap;
@@ -37,13 +38,16 @@ impl Planner<'_> {
                 definition.query.len()
             )));
         }
-        if snap.tag(&name).is_some() {
+        let exists = snap.audiences.contains_key(name.as_str());
+        // The tag of a rule that keeps this audience current is the
+        // audience's own.
+        let kept = exists && snap.rules.get(&name).is_some();
+        if snap.tag(&name).is_some() && !kept {
             return Err(Error::TagExists(name));
         }
         if snap.field(&name).is_some() {
             return Err(Error::FieldExists(name));
         }
-        let exists = snap.audiences.contains_key(name.as_str());
         if exists && !replace {
             return Err(Error::AudienceExists(name));
         }
@@ -68,10 +72,23 @@ impl Planner<'_> {
                 path.join(" → ")
             )));
         }
+        let rule = kept_current.then(|| crate::rules::Definition {
+            query: definition.query.clone(),
+            ..Default::default()
+        });
+        let (description, category) = (definition.description.clone(), definition.category.clone());
         batch.audiences.push(AudienceChange {
-            name,
+            name: name.clone(),
             definition: Some(definition),
         });
+        match rule {
+            Some(rule) => {
+                self.define_rule_into(name, rule, description, category, kept, true, &mut batch)
+                    .map_err(|e| kept_error(e, "to keep the audience current"))?;
+            }
+            None if kept => self.drop_rule_into(name, &mut batch)?,
+            None => {}
+        }
         Ok(Planned::Write(
             batch,
             Target::SourcePut { created: !exists },
@@ -90,6 +107,9 @@ impl Planner<'_> {
             )));
         }
         self.refuse_if_read(&name, "saved audience")?;
+        if snap.rules.get(&name).is_some() {
+            self.drop_rule_into(name.clone(), &mut batch)?;
+        }
         batch.audiences.push(AudienceChange {
             name,
             definition: None,
@@ -184,5 +204,25 @@ impl Planner<'_> {
             stack.push((uses_of(&u), 0));
         }
         None
+    }
+}
+
+/// An error of the rule that would keep an audience current, saying so
+/// (a query's position still points into the audience's query, which is
+/// the rule's).
+fn kept_error(e: Error, why: &str) -> Error {
+    match e {
+        Error::Query {
+            kind,
+            position,
+            message,
+        } => Error::Query {
+            kind,
+            position,
+            message: format!("{why}: {message}"),
+        },
+        Error::InvalidArgument(m) => Error::InvalidArgument(format!("{why}: {m}")),
+        Error::Precondition(m) => Error::Precondition(format!("{why}: {m}")),
+        e => e,
     }
 }

@@ -207,13 +207,18 @@ pub enum WriteOp {
     /// also names the saved audiences it uses in `definition.uses`);
     /// `replace` allows redefining one that exists. Audiences share the
     /// name space of tags and fields; one that would use itself, directly
-    /// or through others, is refused.
+    /// or through others, is refused. `kept_current`: the audience's members
+    /// are kept as a rule tag of its name, defined (or redefined, or
+    /// dropped when no longer asked for) in the same write, so that the
+    /// change feed carries them.
     PutAudience {
         name: String,
         definition: crate::storage::record::AudienceDef,
         replace: bool,
+        kept_current: bool,
     },
-    /// Drops a saved audience (refused while another one uses it).
+    /// Drops a saved audience (refused while another one uses it), with the
+    /// rule tag that kept it current if there is one.
     DropAudience {
         name: String,
     },

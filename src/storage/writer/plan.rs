@@ -81,6 +81,7 @@ impl Planner<'_> {
             }
             WriteOp::DropTag { name } => {
                 let tag = snap.tag(&name).ok_or(Error::TagNotFound(name.clone()))?;
+                self.refuse_audience_rule(&name)?;
                 self.refuse_if_read(&name, "tag")?;
                 batch.drop_tags.push(tag.id);
                 if snap.rules.get(&name).is_some() {
@@ -376,7 +377,8 @@ impl Planner<'_> {
                 name,
                 definition,
                 replace,
-            } => self.plan_put_audience(name, definition, replace, batch),
+                kept_current,
+            } => self.plan_put_audience(name, definition, replace, kept_current, batch),
             WriteOp::DropAudience { name } => self.plan_drop_audience(name, batch),
             WriteOp::TakeSnapshot {
                 audience,

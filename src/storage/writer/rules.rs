@@ -25,6 +25,34 @@ impl Planner<'_> {
         replace: bool,
         mut batch: Batch,
     ) -> Result<Planned> {
+        self.refuse_audience_rule(&name)?;
+        let target = self.define_rule_into(
+            name,
+            definition,
+            description,
+            category,
+            replace,
+            false,
+            &mut batch,
+        )?;
+        Ok(Planned::Write(batch, target))
+    }
+
+    /// Adds rule `name`'s definition to `batch` (with its tag or field when
+    /// it is new). `for_audience`: the rule keeps the saved audience of
+    /// that name current (defined in the same batch), so the name is
+    /// allowed to be the audience's.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn define_rule_into(
+        &self,
+        name: String,
+        definition: Definition,
+        description: String,
+        category: String,
+        replace: bool,
+        for_audience: bool,
+        batch: &mut Batch,
+    ) -> Result<Target> {
         let snap = &self.state.snap;
         check_tag_name(&name)?;
         check_meta(&description, &category)?;
@@ -55,7 +83,7 @@ impl Planner<'_> {
                 if snap.field(&name).is_some() {
                     return Err(Error::FieldExists(name));
                 }
-                if snap.audiences.contains_key(name.as_str()) {
+                if !for_audience && snap.audiences.contains_key(name.as_str()) {
                     return Err(Error::AudienceExists(name));
                 }
                 if snap.rules.len() >= MAX_RULES {
@@ -97,17 +125,24 @@ impl Planner<'_> {
             definition: Some(def),
             day,
         });
-        Ok(Planned::Write(
-            batch,
-            match (existing.is_some(), lifecycle) {
-                (true, _) => Target::Plain,
-                (false, true) => Target::FieldCreated(name),
-                (false, false) => Target::Created(name),
-            },
-        ))
+        Ok(match (existing.is_some(), lifecycle) {
+            (true, _) => Target::Plain,
+            (false, true) => Target::FieldCreated(name),
+            (false, false) => Target::Created(name),
+        })
     }
 
     pub(super) fn plan_drop_rule(&self, name: String, mut batch: Batch) -> Result<Planned> {
+        if !self.state.snap.rules.by_name.contains_key(name.as_str()) {
+            return Err(Error::RuleNotFound(name));
+        }
+        self.refuse_audience_rule(&name)?;
+        self.drop_rule_into(name, &mut batch)?;
+        Ok(Planned::Write(batch, Target::Plain))
+    }
+
+    /// Adds dropping rule `name` (with its tag or field) to `batch`.
+    pub(super) fn drop_rule_into(&self, name: String, batch: &mut Batch) -> Result<()> {
         let snap = &self.state.snap;
         let Some(rule) = snap.rules.get(&name) else {
             return Err(Error::RuleNotFound(name));
@@ -130,7 +165,19 @@ impl Planner<'_> {
             definition: None,
             day: 0,
         });
-        Ok(Planned::Write(batch, Target::Plain))
+        Ok(())
+    }
+
+    /// Refuses to define, redefine or drop by itself the rule that keeps
+    /// a saved audience of the same name current: the audience owns it.
+    pub(super) fn refuse_audience_rule(&self, name: &str) -> Result<()> {
+        let snap = &self.state.snap;
+        if snap.audiences.contains_key(name) && snap.rules.get(name).is_some() {
+            return Err(Error::Precondition(format!(
+                "{name:?} keeps saved audience {name:?} current: change it with CreateAudience (replace, kept_current) or drop the audience"
+            )));
+        }
+        Ok(())
     }
 
     pub(super) fn plan_turn_rule_days(&self, mut batch: Batch) -> Result<Planned> {

@@ -124,6 +124,7 @@ impl Bench {
                                 values: Vec::new(),
                                 after_lsn: None,
                                 max_changes: 0,
+                                audiences: Vec::new(),
                             })
                             .await
                             .map_err(|e| e.to_string())?
