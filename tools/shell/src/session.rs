@@ -215,10 +215,14 @@ impl Session {
             Command::Watch {
                 tags,
                 values,
+                audiences,
                 after,
                 seconds,
                 limit,
-            } => self.watch(tags, values, after, seconds, limit).await?,
+            } => {
+                self.watch(tags, values, audiences, after, seconds, limit)
+                    .await?
+            }
             cmd @ (Command::CreateTag { .. }
             | Command::DropTag { .. }
             | Command::Add { .. }

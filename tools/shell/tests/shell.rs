@@ -791,10 +791,28 @@ async fn watch_prints_who_entered_and_left_and_where_to_resume() {
         "create lifecycle stage as new when order_count = 1; loyal when order_count >= 2",
     );
     ok(a, "create tag vip");
+    assert!(
+        ok(a, "create audience 忠实vip kept as vip AND stage = loyal")
+            .contains("saved audience 忠实vip (kept current")
+    );
+    assert!(
+        fails(a, "watch audience vip for 1").contains("not found"),
+        "a tag is not an audience"
+    );
     ok(a, "add vip u1 u2");
     ok(a, "set order_count u1 1");
     ok(a, "set order_count u1 5");
     ok(a, "remove vip u2");
+    let out = ok(a, "watch audience 忠实vip after 0 for 1");
+    assert!(out.contains("u1  +audience 忠实vip"), "{out}");
+    assert!(!out.contains("u2"), "{out}");
+    let listed = ok(a, "audiences");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("忠实vip") && l.contains("yes")),
+        "{listed}"
+    );
     let out = ok(a, "watch vip stage=* after 0 for 1");
     assert!(out.contains("watching from lsn 0"), "{out}");
     assert!(out.contains("u1  +vip"), "{out}");

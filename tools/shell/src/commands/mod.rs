@@ -51,6 +51,8 @@ pub enum Command {
         owner: String,
         category: String,
         replace: bool,
+        /// Kept current by the store, so that `watch audience` can follow it.
+        kept_current: bool,
     },
     DropAudience {
         name: String,
@@ -100,6 +102,8 @@ pub enum Command {
         tags: Vec<String>,
         /// `(field, value)`; an empty value: every value of the field.
         values: Vec<(String, String)>,
+        /// Saved audiences (kept current).
+        audiences: Vec<String>,
         /// Resume after this lsn (default: from now).
         after: Option<u64>,
         /// Stop after this many seconds.
@@ -733,6 +737,19 @@ mod tests {
                 owner: "marketing".into(),
                 category: String::new(),
                 replace: true,
+                kept_current: false,
+            }
+        );
+        assert_eq!(
+            p("create audience 潜在流失 kept as 潜在流失 AND vip"),
+            Command::CreateAudience {
+                name: "潜在流失".into(),
+                query: "潜在流失 AND vip".into(),
+                description: String::new(),
+                owner: String::new(),
+                category: String::new(),
+                replace: false,
+                kept_current: true,
             }
         );
         assert!(parse("create audience x vip").is_err());

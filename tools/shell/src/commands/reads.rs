@@ -265,8 +265,8 @@ pub const WATCH: Spec = Spec {
     name: "watch",
     words: &["watch"],
     complete: &["watch"],
-    usage: "watch <tag | field=value | field=*> … [after <lsn>] [for <seconds>] [limit <changes>]",
-    summary: "who enters and leaves tags, rule tags and enumerated values (lifecycles), as writes happen, until Ctrl-C",
+    usage: "watch <tag | field=value | field=* | audience <name>> … [after <lsn>] [for <seconds>] [limit <changes>]",
+    summary: "who enters and leaves tags, rule tags, enumerated values (lifecycles) and saved audiences kept current, as writes happen, until Ctrl-C",
     example: "watch 潜在流失 高价值用户 lifecycle=* for 60",
     takes_tags: true,
     parse: parse_watch,
@@ -277,6 +277,7 @@ fn parse_watch(rest: &str) -> Result<Command, String> {
     let args = split_args(rest)?;
     let mut tags = Vec::new();
     let mut values = Vec::new();
+    let mut audiences = Vec::new();
     let mut after = None;
     let mut seconds = None;
     let mut limit = None;
@@ -293,6 +294,13 @@ fn parse_watch(rest: &str) -> Result<Command, String> {
                 seconds = Some(number(v.as_ref(), "for")?);
             }
             "limit" => limit = Some(number(it.next(), "limit")?),
+            "audience" => audiences.push(
+                it.next()
+                    .ok_or_else(|| {
+                        format!("`audience` takes a saved audience's name; {}", usage())
+                    })?
+                    .clone(),
+            ),
             _ => match a.split_once('=') {
                 Some((field, value)) if !field.is_empty() => {
                     let value = if value == "*" { "" } else { value };
@@ -302,12 +310,13 @@ fn parse_watch(rest: &str) -> Result<Command, String> {
             },
         }
     }
-    if tags.is_empty() && values.is_empty() {
+    if tags.is_empty() && values.is_empty() && audiences.is_empty() {
         return Err(usage());
     }
     Ok(Command::Watch {
         tags,
         values,
+        audiences,
         after,
         seconds,
         limit,

@@ -71,7 +71,7 @@ pub const CREATE_AUDIENCE: Spec = Spec {
     name: "create audience",
     words: &[],
     complete: &["create audience"],
-    usage: "create audience <name> [category <c>] [owner <o>] [description <d>] [replace] as <query>",
+    usage: "create audience <name> [category <c>] [owner <o>] [description <d>] [replace] [kept] as <query>",
     summary: "save a query under a name: the name then stands for it in any query",
     example: "create audience 高价值女性 owner marketing as 高价值用户 AND gender = female",
     takes_tags: false,
@@ -118,13 +118,17 @@ fn parse_create_audience(text: &str) -> Result<Command, String> {
     let [name, opts @ ..] = args.as_slice() else {
         return Err(usage());
     };
-    let (mut description, mut owner, mut category, mut replace) =
-        (String::new(), String::new(), String::new(), false);
+    let (mut description, mut owner, mut category, mut replace, mut kept_current) =
+        (String::new(), String::new(), String::new(), false, false);
     let mut it = opts.iter();
     while let Some(k) = it.next() {
         let k = k.to_ascii_lowercase();
         if k == "replace" {
             replace = true;
+            continue;
+        }
+        if k == "kept" {
+            kept_current = true;
             continue;
         }
         let v = it.next().ok_or_else(usage)?.clone();
@@ -142,6 +146,7 @@ fn parse_create_audience(text: &str) -> Result<Command, String> {
         owner,
         category,
         replace,
+        kept_current,
     })
 }
 

@@ -301,6 +301,7 @@ impl Session {
                         rows.push(vec![
                             a.name.clone(),
                             thousands(a.count),
+                            if a.kept_current { "yes" } else { "" }.to_string(),
                             a.query.clone(),
                             a.owner.clone(),
                             a.category.clone(),
@@ -309,6 +310,7 @@ impl Session {
                             "name": a.name, "count": a.count, "query": a.query,
                             "description": a.description, "owner": a.owner,
                             "category": a.category, "uses": a.uses,
+                            "kept_current": a.kept_current, "error": a.error,
                             "created_at_ms": a.created_at_ms, "updated_at_ms": a.updated_at_ms,
                         }));
                         after = a.name.clone();
@@ -323,10 +325,11 @@ impl Session {
                     format!(
                         "{}\n({} shown; {} saved audiences in all)",
                         table::render(
-                            &["audience", "members", "query", "owner", "category"],
+                            &["audience", "members", "kept", "query", "owner", "category"],
                             &[
                                 Align::Left,
                                 Align::Right,
+                                Align::Left,
                                 Align::Left,
                                 Align::Left,
                                 Align::Left
@@ -346,6 +349,7 @@ impl Session {
                 owner,
                 category,
                 replace,
+                kept_current,
             } => {
                 let r = self
                     .client
@@ -356,6 +360,7 @@ impl Session {
                         owner,
                         category,
                         replace,
+                        kept_current,
                     })
                     .await?
                     .into_inner();
@@ -365,8 +370,13 @@ impl Session {
                     .map(|a| a.uses.clone())
                     .unwrap_or_default();
                 let mut text = format!(
-                    "{} audience {name}",
-                    if r.created { "saved" } else { "redefined" }
+                    "{} audience {name}{}",
+                    if r.created { "saved" } else { "redefined" },
+                    if kept_current {
+                        " (kept current: `watch audience` follows it)"
+                    } else {
+                        ""
+                    }
                 );
                 if !uses.is_empty() {
                     text.push_str(&format!(" (uses {})", uses.join(", ")));

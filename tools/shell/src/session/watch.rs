@@ -13,6 +13,7 @@ impl Session {
         &mut self,
         tags: Vec<String>,
         values: Vec<(String, String)>,
+        audiences: Vec<String>,
         after: Option<u64>,
         seconds: Option<u64>,
         limit: Option<u64>,
@@ -27,6 +28,7 @@ impl Session {
                     .collect(),
                 after_lsn: after,
                 max_changes: 0,
+                audiences,
             })
             .await?
             .into_inner();
@@ -91,8 +93,8 @@ impl Session {
                 });
                 print_line(&json!({
                     "lsn": m.lsn, "at_ms": m.at_ms, "kind": kind, "tag": c.tag,
-                    "field": c.field, "value": c.value, "customer_id": c.customer_id,
-                    "customer": c.customer_key,
+                    "field": c.field, "value": c.value, "audience": c.audience,
+                    "customer_id": c.customer_id, "customer": c.customer_key,
                 }));
             }
             return;
@@ -103,7 +105,9 @@ impl Session {
         for c in &m.changes {
             let kind = Kind::try_from(c.kind).unwrap_or(Kind::Unspecified);
             if kind == Kind::Dropped {
-                let what = if c.tag.is_empty() {
+                let what = if !c.audience.is_empty() {
+                    format!("audience {} (or keeping it current)", c.audience)
+                } else if c.tag.is_empty() {
                     format!("{}={}", c.field, c.value)
                 } else {
                     c.tag.clone()
@@ -118,6 +122,13 @@ impl Session {
                     c.customer_key.clone()
                 };
                 lines.push((c.customer_id, who, Vec::new()));
+            }
+            if !c.audience.is_empty() {
+                if let Some((_, _, parts)) = lines.last_mut() {
+                    let sign = if kind == Kind::Entered { '+' } else { '-' };
+                    parts.push(format!("{sign}audience {}", c.audience));
+                }
+                continue;
             }
             if c.tag.is_empty() {
                 let slot = fields.entry((c.customer_id, c.field.clone())).or_default();
