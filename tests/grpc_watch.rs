@@ -58,6 +58,8 @@ struct Mirror {
     transitions: u64,
     /// Changes of saved audiences seen.
     audience_changes: u64,
+    /// Messages in the compact form seen.
+    compact_messages: u64,
 }
 
 fn subject(c: &MembershipChange) -> String {
@@ -77,6 +79,12 @@ fn subject(c: &MembershipChange) -> String {
 impl Mirror {
     /// Applies one message; panics on an event that cannot be true.
     fn apply(&mut self, m: &WatchResponse, current: &mut Option<u64>) {
+        if !m.grouped.is_empty() {
+            assert!(m.changes.is_empty(), "a compact message has groups only");
+            self.compact_messages += 1;
+            let as_changes = self.ungroup(m);
+            return self.apply(&as_changes, current);
+        }
         match *current {
             Some(lsn) => assert_eq!(m.lsn, lsn, "a write's messages share one lsn"),
             None => assert!(
@@ -149,6 +157,68 @@ impl Mirror {
         }
     }
 
+    /// A compact message as the same changes one by one (by customer, then
+    /// subject, as the full form orders them), checking each group's ids
+    /// ascend; the keys are learnt later ([`Self::learn_keys`]).
+    fn ungroup(&self, m: &WatchResponse) -> WatchResponse {
+        let mut changes = Vec::new();
+        for (k, g) in m.grouped.iter().enumerate() {
+            let named = [&g.tag, &g.field, &g.audience]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .count();
+            assert_eq!(named, 1, "a group names one subject: {g:?}");
+            assert!(!g.dropped, "nothing is dropped here");
+            for (ids, kind) in [(&g.entered, Kind::Entered), (&g.left, Kind::Left)] {
+                assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend: {ids:?}");
+                for &id in ids {
+                    changes.push((
+                        id,
+                        k,
+                        MembershipChange {
+                            kind: kind as i32,
+                            tag: g.tag.clone(),
+                            field: g.field.clone(),
+                            value: g.value.clone(),
+                            audience: g.audience.clone(),
+                            customer_id: id,
+                            customer_key: String::new(),
+                        },
+                    ));
+                }
+            }
+        }
+        changes.sort_by_key(|(id, k, _)| (*id, *k));
+        WatchResponse {
+            changes: changes.into_iter().map(|(_, _, c)| c).collect(),
+            grouped: Vec::new(),
+            ..m.clone()
+        }
+    }
+
+    /// Learns the keys of the live customers the mirror holds without one
+    /// (a compact watch names none).
+    async fn learn_keys(&mut self, c: &mut Client) {
+        let keys: Vec<String> = common::export_set(c, "ALL").await.into_iter().collect();
+        if keys.is_empty() {
+            return;
+        }
+        let ids = c
+            .resolve_customers(ResolveCustomersRequest {
+                customers: keys.clone(),
+                create_missing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .ids;
+        for (key, id) in keys.into_iter().zip(ids) {
+            if let Ok(id) = u32::try_from(id) {
+                self.keys.entry(id).or_insert(key);
+            }
+        }
+    }
+
     /// The keys in each subject.
     fn by_key(&self) -> BTreeMap<String, BTreeSet<String>> {
         self.sets
@@ -174,6 +244,15 @@ async fn watch(
     c: &mut Client,
     after: Option<u64>,
 ) -> Result<Streaming<WatchResponse>, tonic::Status> {
+    watch_as(c, after, false).await
+}
+
+/// A watch of everything `setup` made, in the full or the compact form.
+async fn watch_as(
+    c: &mut Client,
+    after: Option<u64>,
+    compact: bool,
+) -> Result<Streaming<WatchResponse>, tonic::Status> {
     c.watch(WatchRequest {
         tags: TAGS
             .iter()
@@ -193,6 +272,7 @@ async fn watch(
         after_lsn: after,
         max_changes: 7,
         audiences: vec![AUDIENCE.into()],
+        compact,
     })
     .await
     .map(|r| r.into_inner())
@@ -370,6 +450,8 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let mut audience = AUDIENCE_QUERY;
+    // Each watch after a disconnect in the other form: full, compact, …
+    let mut compact = false;
     for round in 0..8 {
         writes(&mut c, &mut rng, 25).await;
         if round % 3 == 1 {
@@ -388,7 +470,8 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
                 assert!(follow(&mut s, &mut mirror, at).await);
                 drop(s);
                 writes(&mut c, &mut rng, 10).await;
-                s = watch(&mut c, Some(mirror.last)).await.unwrap();
+                compact = !compact;
+                s = watch_as(&mut c, Some(mirror.last), compact).await.unwrap();
             }
             // Half-way through a stream, the server restarts cleanly.
             3 => {
@@ -396,7 +479,8 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
                 server.stop().unwrap();
                 server = common::start(dir.path(), &[]);
                 c = common::client(&server).await;
-                s = watch(&mut c, Some(mirror.last)).await.unwrap();
+                compact = !compact;
+                s = watch_as(&mut c, Some(mirror.last), compact).await.unwrap();
             }
             // kill -9 with the watcher behind (what a power cut does to the
             // feed's unsynced tail is `feed_model`'s and `faults`' to show).
@@ -405,7 +489,8 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
                 server.kill();
                 server = common::start(dir.path(), &[]);
                 c = common::client(&server).await;
-                s = watch(&mut c, Some(mirror.last)).await.unwrap();
+                compact = !compact;
+                s = watch_as(&mut c, Some(mirror.last), compact).await.unwrap();
             }
             _ => {}
         }
@@ -414,6 +499,7 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
             follow(&mut s, &mut mirror, at).await,
             "round {round}: stream ended"
         );
+        mirror.learn_keys(&mut c).await;
         assert_eq!(
             mirror.by_key(),
             actual(&mut c, audience).await,
@@ -422,6 +508,11 @@ async fn a_mirror_of_the_feed_equals_the_store_across_reconnects_restarts_and_ki
     }
     assert!(mirror.writes > 100, "{} writes seen", mirror.writes);
     assert!(mirror.transitions > 0, "no lifecycle transition seen");
+    assert!(
+        mirror.compact_messages > 20,
+        "{} compact messages",
+        mirror.compact_messages
+    );
     assert!(
         mirror.audience_changes > 50,
         "{} audience changes seen",
@@ -752,6 +843,7 @@ async fn bad_watches_are_refused_with_what_is_wrong() {
         after_lsn: after,
         max_changes: 0,
         audiences: Vec::new(),
+        compact: false,
     };
     let status = |r: Result<tonic::Response<Streaming<WatchResponse>>, tonic::Status>| {
         r.map(|_| ()).unwrap_err()
@@ -907,6 +999,7 @@ async fn a_write_of_many_changes_comes_whole_in_order_in_several_messages() {
             after_lsn: Some(before),
             max_changes: 10_000,
             audiences: Vec::new(),
+            compact: false,
         })
         .await
         .unwrap()
@@ -938,4 +1031,53 @@ async fn a_write_of_many_changes_comes_whole_in_order_in_several_messages() {
     let t3: std::collections::BTreeSet<u32> =
         seen.iter().filter(|x| x.1 == "t3").map(|x| x.0).collect();
     assert_eq!(t3.len(), 60_000);
+
+    // The same write in the compact form: the same customers, by tag, in
+    // messages of at most 10,000 ids, each tag's ids ascending and each
+    // message naming a tag once.
+    let mut s = c
+        .watch(WatchRequest {
+            tags: vec!["t3".into(), "社交活跃".into()],
+            after_lsn: Some(before),
+            max_changes: 10_000,
+            compact: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut by_tag: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut messages = 0;
+    loop {
+        let m = s.message().await.unwrap().unwrap();
+        if m.grouped.is_empty() && m.lsn == before {
+            continue;
+        }
+        assert!(m.changes.is_empty());
+        let ids: usize = m
+            .grouped
+            .iter()
+            .map(|g| g.entered.len() + g.left.len())
+            .sum();
+        assert!(ids <= 10_000 && ids > 0, "{ids} ids in a message");
+        let tags: BTreeSet<&str> = m.grouped.iter().map(|g| g.tag.as_str()).collect();
+        assert_eq!(tags.len(), m.grouped.len(), "a tag once a message");
+        messages += 1;
+        for g in &m.grouped {
+            assert!(g.left.is_empty() && !g.dropped);
+            by_tag.entry(g.tag.clone()).or_default().extend(&g.entered);
+        }
+        if m.write_complete {
+            break;
+        }
+    }
+    assert_eq!(messages, 7, "65,000 ids in messages of 10,000");
+    let mut full: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (id, tag) in seen {
+        full.entry(tag).or_default().push(id);
+    }
+    for ids in full.values_mut() {
+        ids.sort_unstable();
+    }
+    assert_eq!(by_tag, full, "ascending ids, each once, as the full form");
 }

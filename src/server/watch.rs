@@ -61,6 +61,25 @@ struct Watched {
 }
 
 impl Watched {
+    /// An empty group of a compact message for subject `s`.
+    fn group(&self, s: &Subject) -> proto::ChangeGroup {
+        match s {
+            Subject::Tag(t) if self.audiences.contains(t) => proto::ChangeGroup {
+                audience: t.clone(),
+                ..Default::default()
+            },
+            Subject::Tag(t) => proto::ChangeGroup {
+                tag: t.clone(),
+                ..Default::default()
+            },
+            Subject::Value { field, value } => proto::ChangeGroup {
+                field: field.clone(),
+                value: value.clone(),
+                ..Default::default()
+            },
+        }
+    }
+
     fn wants(&self, s: &Subject) -> bool {
         match s {
             Subject::Tag(t) => self.tags.contains(t) || self.audiences.contains(t),
@@ -87,6 +106,88 @@ struct Pending {
     /// customer then subject; and how many of them are sent.
     window: Vec<(u32, u32, Kind)>,
     sent: usize,
+    /// In a compact watch, where the next message begins: the position in
+    /// `watched`, the list (0: entered, 1: left) and the first id in it not
+    /// sent yet.
+    compact_at: (usize, u8, u64),
+}
+
+impl Pending {
+    /// The next message's groups of a compact watch: subject by subject in
+    /// the feed's order, each one's ids straight from its bitmaps, at most
+    /// `max` ids; returns them, how many ids they hold, and whether the
+    /// write is now wholly sent.
+    fn fill_compact(
+        &mut self,
+        max: usize,
+        watched: &Watched,
+    ) -> (Vec<proto::ChangeGroup>, usize, bool) {
+        let mut groups = Vec::new();
+        let mut taken = 0usize;
+        while self.compact_at.0 < self.watched.len() && taken < max {
+            let (k, list, from) = self.compact_at;
+            let c = &self.entry.changes[self.watched[k]];
+            let mut group: Option<proto::ChangeGroup> = None;
+            if c.dropped {
+                let mut g = watched.group(c.subject());
+                g.dropped = true;
+                groups.push(g);
+                self.compact_at = (k + 1, 0, 0);
+                continue;
+            }
+            let b = if list == 0 { &c.entered } else { &c.left };
+            let mut ids = Vec::new();
+            if from <= u64::from(u32::MAX) {
+                let mut it = b.iter();
+                it.reset_at_or_after(from as u32);
+                ids.extend(it.take(max - taken));
+            }
+            taken += ids.len();
+            let exhausted = match ids.last() {
+                Some(&last) => b.maximum().is_none_or(|m| m <= last),
+                None => true,
+            };
+            if !ids.is_empty() {
+                let g = group.get_or_insert_with(|| watched.group(c.subject()));
+                if list == 0 {
+                    g.entered = std::mem::take(&mut ids);
+                } else {
+                    g.left = std::mem::take(&mut ids);
+                }
+            }
+            self.compact_at = match (exhausted, list) {
+                (false, _) => (k, list, ids_next(&group, list)),
+                (true, 0) => (k, 1, 0),
+                (true, _) => (k + 1, 0, 0),
+            };
+            if let Some(g) = group {
+                // One group per subject and message: the left ids join the
+                // entered ones' group.
+                match groups.last_mut() {
+                    Some(last) if list == 1 && same_subject(last, &g) && last.left.is_empty() => {
+                        last.left = g.left;
+                    }
+                    _ => groups.push(g),
+                }
+            }
+        }
+        let complete = self.compact_at.0 >= self.watched.len();
+        (groups, taken, complete)
+    }
+}
+
+/// The first id after those `group` holds in list `list`.
+fn ids_next(group: &Option<proto::ChangeGroup>, list: u8) -> u64 {
+    let ids = match group {
+        Some(g) if list == 0 => &g.entered,
+        Some(g) => &g.left,
+        None => return 0,
+    };
+    ids.last().map_or(0, |&l| u64::from(l) + 1)
+}
+
+fn same_subject(a: &proto::ChangeGroup, b: &proto::ChangeGroup) -> bool {
+    a.tag == b.tag && a.field == b.field && a.value == b.value && a.audience == b.audience
 }
 
 /// Customer ids gathered at a time from one write: a watcher holds at most
@@ -160,6 +261,8 @@ struct Cursor {
     reader: FeedReader,
     watched: Arc<Watched>,
     max_changes: usize,
+    /// Ids grouped by subject, no keys (`WatchRequest.compact`).
+    compact: bool,
     pending: VecDeque<Pending>,
 }
 
@@ -204,10 +307,27 @@ impl Cursor {
             let Some(p) = self.pending.front_mut() else {
                 break;
             };
+            if self.compact {
+                let (grouped, taken, complete) = p.fill_compact(self.max_changes, &self.watched);
+                budget = budget.saturating_sub(taken.max(1));
+                messages.push(proto::WatchResponse {
+                    lsn: p.entry.lsn,
+                    at_ms: p.entry.at_ms,
+                    changes: Vec::new(),
+                    write_complete: complete,
+                    grouped,
+                });
+                if complete {
+                    self.pending.pop_front();
+                }
+                continue;
+            }
             let mut changes = Vec::new();
+            let mut taken = 0usize;
             // A message takes up to `max_changes`, across windows.
-            while changes.len() < self.max_changes && p.fill() {
-                let n = (p.window.len() - p.sent).min(self.max_changes - changes.len());
+            while taken < self.max_changes && p.fill() {
+                let n = (p.window.len() - p.sent).min(self.max_changes - taken);
+                taken += n;
                 for &(id, i, kind) in &p.window[p.sent..p.sent + n] {
                     let subject = p.entry.changes[p.watched[i as usize]].subject();
                     let (mut tag, field, value) = match subject {
@@ -241,13 +361,14 @@ impl Cursor {
                 }
                 p.sent += n;
             }
-            budget = budget.saturating_sub(changes.len().max(1));
+            budget = budget.saturating_sub(taken.max(1));
             let complete = !p.fill();
             messages.push(proto::WatchResponse {
                 lsn: p.entry.lsn,
                 at_ms: p.entry.at_ms,
                 changes,
                 write_complete: complete,
+                grouped: Vec::new(),
             });
             if complete {
                 self.pending.pop_front();
@@ -278,6 +399,7 @@ impl Cursor {
             next_id: 0,
             window: Vec::new(),
             sent: 0,
+            compact_at: (0, 0, 0),
         })
     }
 }
@@ -418,6 +540,7 @@ pub(super) async fn watch(
         reader,
         watched,
         max_changes,
+        compact: r.compact,
         pending: VecDeque::new(),
     };
     tokio::spawn(run(
@@ -437,6 +560,7 @@ fn progress(lsn: u64) -> proto::WatchResponse {
         at_ms: 0,
         changes: Vec::new(),
         write_complete: true,
+        grouped: Vec::new(),
     }
 }
 

@@ -29,6 +29,7 @@ impl Session {
                 after_lsn: after,
                 max_changes: 0,
                 audiences,
+                compact: false,
             })
             .await?
             .into_inner();
