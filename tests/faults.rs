@@ -587,3 +587,56 @@ fn a_feed_file_that_cannot_be_written_starts_the_feed_again_and_fails_no_write()
         );
     }
 }
+
+/// Keeping an audience current is one logged write with the audience: a
+/// log sync that fails under it acknowledges nothing and stops writes, and
+/// a crash then finds the audience and its rule tag both or neither (never
+/// an audience that says it is kept without its rule, or a rule tag
+/// without its audience); once the store is open again the same write
+/// goes through and the rule holds the audience's members after a crash.
+#[test]
+fn a_failed_sync_under_a_kept_audience_leaves_both_or_neither() {
+    use tagstore::storage::record::AudienceDef;
+    let save = |engine: &Engine| {
+        engine.write_blocking(WriteOp::PutAudience {
+            name: "kept".into(),
+            definition: AudienceDef {
+                query: "t AND NOT u".into(),
+                ..Default::default()
+            },
+            replace: false,
+            kept_current: true,
+        })
+    };
+    for errno in [libc::EIO, libc::ENOSPC] {
+        let fs = MemFs::new();
+        let engine = open(&fs);
+        add(&engine, "t", keys("a", 100)).unwrap();
+        add(&engine, "u", keys("a", 10)).unwrap();
+        fs.fail(Op::Sync, "wal-", 0, 1, errno);
+        assert!(save(&engine).is_err(), "{errno}: not acknowledged");
+        assert!(engine.failure().is_some(), "{errno}: writes stop");
+        fs.clear_faults();
+        let crashed = fs.crash_image();
+        drop(engine);
+        let engine = open(&crashed);
+        let snap = engine.snapshot();
+        let (audience, rule, tag) = (
+            snap.audiences.contains_key("kept"),
+            snap.rules.get("kept").is_some(),
+            snap.tag("kept").is_some(),
+        );
+        assert!(
+            audience == rule && rule == tag,
+            "{errno}: audience {audience}, rule {rule}, tag {tag}"
+        );
+        if !audience {
+            save(&engine).unwrap();
+        }
+        let crashed = crashed.crash_image();
+        drop(engine);
+        let engine = open(&crashed);
+        assert_eq!(members(&engine, "kept").len(), 90, "{errno}");
+        assert!(engine.snapshot().rules.get("kept").is_some(), "{errno}");
+    }
+}

@@ -724,7 +724,9 @@ async fn a_watcher_that_does_not_read_holds_up_no_writer() {
     let mut c = common::client(&server).await;
     setup(&mut c).await;
     let mut s = watch(&mut c, None).await.unwrap();
-    // Many writes, each a change, while the watcher reads nothing.
+    // And one in the compact form, reading nothing either.
+    let mut compact = watch_as(&mut c, None, true).await.unwrap();
+    // Many writes, each a change, while the watchers read nothing.
     let mut rng = StdRng::seed_from_u64(7);
     let mut w = common::client(&server).await;
     let started = std::time::Instant::now();
@@ -753,6 +755,14 @@ async fn a_watcher_that_does_not_read_holds_up_no_writer() {
     assert!(follow(&mut s, &mut mirror, at).await);
     assert_eq!(mirror.by_key(), actual(&mut c, AUDIENCE_QUERY).await);
     assert!(mirror.writes >= 200, "{}", mirror.writes);
+    // The compact watcher gets the same, once it reads.
+    let mut other = Mirror::default();
+    let first = compact.message().await.unwrap().unwrap();
+    other.last = first.lsn;
+    assert!(follow(&mut compact, &mut other, at).await);
+    other.learn_keys(&mut c).await;
+    assert_eq!(other.by_key(), mirror.by_key());
+    assert!(other.compact_messages >= 200, "{}", other.compact_messages);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -874,6 +884,12 @@ async fn bad_watches_are_refused_with_what_is_wrong() {
         code(c.watch(req(&refs, &[], None)).await.map(|_| ())),
         Code::InvalidArgument
     );
+    // Audiences count toward the same 1,000 names.
+    let mut r = req(&refs[..999], &[], None);
+    r.audiences = vec![AUDIENCE.into(), "another".into()];
+    let e = status(c.watch(r).await);
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("1001 given"), "{e}");
     // A 20 KB name: NOT_FOUND, with the name cut in the message.
     let long = "长".repeat(7_000);
     let e = status(c.watch(req(&[long.as_str()], &[], None)).await);
@@ -885,7 +901,39 @@ async fn bad_watches_are_refused_with_what_is_wrong() {
     let cfg = config(dir.path(), "[limits]\nmax_concurrent_watches = 2\n");
     let mut server = common::start(dir.path(), &["--config", &cfg]);
     let mut c = common::client(&server).await;
-    let a = c.watch(req(&["t3"], &[], None)).await.unwrap();
+    // `a` is cancelled half-way through a write's messages (compact, one
+    // id a message).
+    let before = lsn(&mut c).await;
+    common::add_to_tag(
+        &mut c,
+        "t3",
+        &(0..50)
+            .map(|i| format!("half{i}"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let mut a = c
+        .watch(WatchRequest {
+            tags: vec!["t3".into()],
+            after_lsn: Some(before),
+            max_changes: 1,
+            compact: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut halfway = 0;
+    while halfway < 3 {
+        let m = a.message().await.unwrap().unwrap();
+        if !m.grouped.is_empty() {
+            assert!(!m.write_complete, "50 ids in messages of 1");
+            halfway += 1;
+        }
+    }
     let _b = c.watch(req(&["t3"], &[], None)).await.unwrap();
     let e = status(c.watch(req(&["t3"], &[], None)).await);
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");

@@ -216,12 +216,23 @@ impl Session {
                 tags,
                 values,
                 audiences,
+                compact,
                 after,
                 seconds,
                 limit,
             } => {
-                self.watch(tags, values, audiences, after, seconds, limit)
-                    .await?
+                let request = WatchRequest {
+                    tags,
+                    values: values
+                        .into_iter()
+                        .map(|(field, value)| WatchValue { field, value })
+                        .collect(),
+                    after_lsn: after,
+                    max_changes: 0,
+                    audiences,
+                    compact,
+                };
+                self.watch(request, seconds, limit).await?
             }
             cmd @ (Command::CreateTag { .. }
             | Command::DropTag { .. }

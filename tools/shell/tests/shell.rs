@@ -824,6 +824,12 @@ async fn watch_prints_who_entered_and_left_and_where_to_resume() {
         last.starts_with("time is up: 6 changes; every change up to lsn"),
         "{out}"
     );
+    // Compact: a line per tag and write, with its ids.
+    let out = ok(a, "watch vip compact after 0 for 1");
+    assert!(out.contains("  vip  +2 (#"), "{out}");
+    assert!(out.contains("  vip  -1 (#"), "{out}");
+    assert!(!out.contains("u1"), "no keys: {out}");
+    assert!(out.lines().last().unwrap().contains("3 changes"), "{out}");
     assert!(fails(a, "watch nosuch for 1").contains("not found"));
     assert!(fails(a, "watch order_count=* for 1").contains("enumerated"));
     assert!(fails(a, "watch").contains("usage"));

@@ -104,6 +104,8 @@ pub enum Command {
         values: Vec<(String, String)>,
         /// Saved audiences (kept current).
         audiences: Vec<String>,
+        /// Ids grouped by what changed, no keys.
+        compact: bool,
         /// Resume after this lsn (default: from now).
         after: Option<u64>,
         /// Stop after this many seconds.

@@ -265,7 +265,7 @@ pub const WATCH: Spec = Spec {
     name: "watch",
     words: &["watch"],
     complete: &["watch"],
-    usage: "watch <tag | field=value | field=* | audience <name>> … [after <lsn>] [for <seconds>] [limit <changes>]",
+    usage: "watch <tag | field=value | field=* | audience <name>> … [compact] [after <lsn>] [for <seconds>] [limit <changes>]",
     summary: "who enters and leaves tags, rule tags, enumerated values (lifecycles) and saved audiences kept current, as writes happen, until Ctrl-C",
     example: "watch 潜在流失 高价值用户 lifecycle=* for 60",
     takes_tags: true,
@@ -278,6 +278,7 @@ fn parse_watch(rest: &str) -> Result<Command, String> {
     let mut tags = Vec::new();
     let mut values = Vec::new();
     let mut audiences = Vec::new();
+    let mut compact = false;
     let mut after = None;
     let mut seconds = None;
     let mut limit = None;
@@ -294,6 +295,7 @@ fn parse_watch(rest: &str) -> Result<Command, String> {
                 seconds = Some(number(v.as_ref(), "for")?);
             }
             "limit" => limit = Some(number(it.next(), "limit")?),
+            "compact" => compact = true,
             "audience" => audiences.push(
                 it.next()
                     .ok_or_else(|| {
@@ -317,6 +319,7 @@ fn parse_watch(rest: &str) -> Result<Command, String> {
         tags,
         values,
         audiences,
+        compact,
         after,
         seconds,
         limit,

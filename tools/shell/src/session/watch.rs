@@ -9,30 +9,16 @@ use tagstore_proto::membership_change::Kind;
 use super::*;
 
 impl Session {
+    /// Watches what `request` names until `seconds` pass, `limit` changes
+    /// are shown, or Ctrl-C.
     pub(super) async fn watch(
         &mut self,
-        tags: Vec<String>,
-        values: Vec<(String, String)>,
-        audiences: Vec<String>,
-        after: Option<u64>,
+        request: WatchRequest,
         seconds: Option<u64>,
         limit: Option<u64>,
     ) -> Result<(), Failure> {
-        let mut stream = self
-            .client
-            .watch(WatchRequest {
-                tags,
-                values: values
-                    .into_iter()
-                    .map(|(field, value)| WatchValue { field, value })
-                    .collect(),
-                after_lsn: after,
-                max_changes: 0,
-                audiences,
-                compact: false,
-            })
-            .await?
-            .into_inner();
+        let after = request.after_lsn;
+        let mut stream = self.client.watch(request).await?.into_inner();
         let deadline = seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
         let mut position = after.unwrap_or(0);
         let mut seen = 0u64;
@@ -64,6 +50,11 @@ impl Session {
                 }
             }
             seen += msg.changes.len() as u64;
+            seen += msg
+                .grouped
+                .iter()
+                .map(|g| (g.entered.len() + g.left.len()) as u64)
+                .sum::<u64>();
             self.print_changes(&msg);
             if msg.write_complete {
                 position = msg.lsn;
@@ -82,8 +73,13 @@ impl Session {
         Ok(())
     }
 
-    /// One message's changes: a line per customer.
+    /// One message's changes: a line per customer (or, compact, a line per
+    /// tag, value or audience with its ids).
     fn print_changes(&self, m: &WatchResponse) {
+        if !m.grouped.is_empty() {
+            self.print_groups(m);
+            return;
+        }
         if self.json {
             for c in &m.changes {
                 let kind = Kind::try_from(c.kind).map_or("unknown", |k| match k {
@@ -162,6 +158,54 @@ impl Session {
             }
             print_line(&format!(
                 "lsn {}  {}  {who}  {}",
+                m.lsn,
+                fmt_time(m.at_ms),
+                parts.join("  ")
+            ));
+        }
+    }
+
+    /// A compact message: per subject, how many entered and left, and the
+    /// first ids of each.
+    fn print_groups(&self, m: &WatchResponse) {
+        for g in &m.grouped {
+            let subject = if !g.audience.is_empty() {
+                format!("audience {}", g.audience)
+            } else if !g.tag.is_empty() {
+                g.tag.clone()
+            } else {
+                format!("{}={}", g.field, g.value)
+            };
+            if self.json {
+                print_line(&json!({
+                    "lsn": m.lsn, "at_ms": m.at_ms, "tag": g.tag, "field": g.field,
+                    "value": g.value, "audience": g.audience, "entered": g.entered,
+                    "left": g.left, "dropped": g.dropped,
+                }));
+                continue;
+            }
+            if g.dropped {
+                print_line(&format!("lsn {}  {subject} was dropped", m.lsn));
+                continue;
+            }
+            let ids = |sign: char, ids: &[u32]| -> Option<String> {
+                if ids.is_empty() {
+                    return None;
+                }
+                let shown: Vec<String> = ids.iter().take(8).map(|i| format!("#{i}")).collect();
+                let more = if ids.len() > 8 { " …" } else { "" };
+                Some(format!(
+                    "{sign}{} ({}{more})",
+                    thousands(ids.len() as u64),
+                    shown.join(" ")
+                ))
+            };
+            let parts: Vec<String> = [ids('+', &g.entered), ids('-', &g.left)]
+                .into_iter()
+                .flatten()
+                .collect();
+            print_line(&format!(
+                "lsn {}  {}  {subject}  {}",
                 m.lsn,
                 fmt_time(m.at_ms),
                 parts.join("  ")
