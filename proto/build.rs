@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptor_path)
         // prost's codec, with undecodable requests as INVALID_ARGUMENT.
         .codec_path("crate::codec::TagstoreCodec")
+        // A compact watch's bitmaps are built once and shared by every
+        // watcher they go to: `Bytes`, cloned without copying.
+        .bytes(".tagstore.v1.ChangeGroup")
         .skip_protoc_run()
         .compile_fds(fds)?;
     Ok(())

@@ -169,8 +169,13 @@ impl Mirror {
                 .count();
             assert_eq!(named, 1, "a group names one subject: {g:?}");
             assert!(!g.dropped, "nothing is dropped here");
-            for (ids, kind) in [(&g.entered, Kind::Entered), (&g.left, Kind::Left)] {
-                assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids ascend: {ids:?}");
+            let entered = group_ids(&g.entered_bitmap, g.entered_count);
+            let left = group_ids(&g.left_bitmap, g.left_count);
+            assert!(
+                !entered.is_empty() || !left.is_empty(),
+                "a group has ids: {g:?}"
+            );
+            for (ids, kind) in [(&entered, Kind::Entered), (&left, Kind::Left)] {
                 for &id in ids {
                     changes.push((
                         id,
@@ -1106,15 +1111,18 @@ async fn a_write_of_many_changes_comes_whole_in_order_in_several_messages() {
         let ids: usize = m
             .grouped
             .iter()
-            .map(|g| g.entered.len() + g.left.len())
+            .map(|g| (g.entered_count + g.left_count) as usize)
             .sum();
         assert!(ids <= 10_000 && ids > 0, "{ids} ids in a message");
         let tags: BTreeSet<&str> = m.grouped.iter().map(|g| g.tag.as_str()).collect();
         assert_eq!(tags.len(), m.grouped.len(), "a tag once a message");
         messages += 1;
         for g in &m.grouped {
-            assert!(g.left.is_empty() && !g.dropped);
-            by_tag.entry(g.tag.clone()).or_default().extend(&g.entered);
+            assert!(g.left_bitmap.is_empty() && g.left_count == 0 && !g.dropped);
+            by_tag
+                .entry(g.tag.clone())
+                .or_default()
+                .extend(group_ids(&g.entered_bitmap, g.entered_count));
         }
         if m.write_complete {
             break;
@@ -1129,4 +1137,184 @@ async fn a_write_of_many_changes_comes_whole_in_order_in_several_messages() {
         ids.sort_unstable();
     }
     assert_eq!(by_tag, full, "ascending ids, each once, as the full form");
+}
+
+/// A compact group's ids: its bitmap read as any Roaring library reads the
+/// portable format, holding as many ids as the group says.
+fn group_ids(bytes: &[u8], count: u32) -> Vec<u32> {
+    let ids: Vec<u32> = if bytes.is_empty() {
+        Vec::new()
+    } else {
+        roaring::RoaringBitmap::deserialize_from(bytes)
+            .expect("a portable Roaring bitmap")
+            .iter()
+            .collect()
+    };
+    assert_eq!(
+        ids.len(),
+        count as usize,
+        "the count says what the bitmap holds"
+    );
+    ids
+}
+
+/// What one compact watcher read of a run of writes: per message, its
+/// groups as (subject, entered ids, left ids), with the message's lsn.
+async fn read_compact(
+    s: &mut Streaming<WatchResponse>,
+    before: u64,
+    writes: usize,
+    max: usize,
+) -> Vec<(u64, Vec<(String, Vec<u32>, Vec<u32>)>)> {
+    let mut out = Vec::new();
+    let mut complete = 0;
+    while complete < writes {
+        let m = tokio::time::timeout(Duration::from_secs(20), s.message())
+            .await
+            .expect("the writes come")
+            .unwrap()
+            .unwrap();
+        if m.grouped.is_empty() {
+            assert!(m.lsn == before || m.at_ms == 0, "only progress is empty");
+            continue;
+        }
+        let mut groups = Vec::new();
+        let mut ids = 0;
+        for g in &m.grouped {
+            let entered = group_ids(&g.entered_bitmap, g.entered_count);
+            let left = group_ids(&g.left_bitmap, g.left_count);
+            ids += entered.len() + left.len();
+            groups.push((g.tag.clone(), entered, left));
+        }
+        assert!(ids <= max, "{ids} ids in a message of at most {max}");
+        out.push((m.lsn, groups));
+        if m.write_complete {
+            complete += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_watchers_of_the_same_writes_each_get_pieces_of_their_own_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let mut c = common::client(&server).await;
+    setup(&mut c).await;
+    let keys: Vec<String> = (0..40).map(|i| format!("p{i}")).collect();
+    let ids = c
+        .resolve_customers(ResolveCustomersRequest {
+            customers: keys.clone(),
+            create_missing: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    let before = lsn(&mut c).await;
+    // Write 1: 25 enter t3, 3 of them enter 社交活跃. Write 2: 7 of them
+    // leave t3 and 5 more enter it.
+    let update = |tag: &str, add: &[String], remove: &[String]| Mutation {
+        tag: tag.into(),
+        add: add.to_vec(),
+        remove: remove.to_vec(),
+        ..Default::default()
+    };
+    for mutations in [
+        vec![
+            update("t3", &keys[..25], &[]),
+            update("社交活跃", &keys[..3], &[]),
+        ],
+        vec![update("t3", &keys[25..30], &keys[..7])],
+    ] {
+        c.update(UpdateRequest {
+            mutations,
+            create_missing_tags: false,
+        })
+        .await
+        .unwrap();
+    }
+    // Three watchers of those writes at once: two alike (pieces of 10) and
+    // one with pieces of 1,000 and another tag.
+    let mut streams = Vec::new();
+    for (tags, max) in [
+        (vec!["t3"], 10u32),
+        (vec!["t3", "社交活跃"], 1000),
+        (vec!["t3"], 10),
+    ] {
+        let s = c
+            .watch(WatchRequest {
+                tags: tags.into_iter().map(String::from).collect(),
+                after_lsn: Some(before),
+                max_changes: max,
+                compact: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push((s, max as usize));
+    }
+    let mut read = Vec::new();
+    for (s, max) in &mut streams {
+        read.push(read_compact(s, before, 2, *max).await);
+    }
+    let id = |k: usize| u32::try_from(ids[k]).unwrap();
+    let range = |r: std::ops::Range<usize>| -> Vec<u32> {
+        let mut v: Vec<u32> = r.map(id).collect();
+        v.sort_unstable();
+        v
+    };
+    let entered_1 = range(0..25);
+    let entered_2 = range(25..30);
+    let left_2 = range(0..7);
+    // Pieces of 10: the first 10 ids, the next 10, the last 5; then the 5
+    // entered and the 7 left, which do not fit in one message together.
+    let small = |lsn1: u64, lsn2: u64| {
+        vec![
+            (
+                lsn1,
+                vec![("t3".to_string(), entered_1[..10].to_vec(), vec![])],
+            ),
+            (
+                lsn1,
+                vec![("t3".to_string(), entered_1[10..20].to_vec(), vec![])],
+            ),
+            (
+                lsn1,
+                vec![("t3".to_string(), entered_1[20..].to_vec(), vec![])],
+            ),
+            (lsn2, vec![("t3".to_string(), entered_2.clone(), vec![])]),
+            (lsn2, vec![("t3".to_string(), vec![], left_2.clone())]),
+        ]
+    };
+    let (lsn1, lsn2) = (read[0][0].0, read[0][4].0);
+    assert!(before < lsn1 && lsn1 < lsn2);
+    assert_eq!(read[0], small(lsn1, lsn2));
+    assert_eq!(read[2], small(lsn1, lsn2));
+    // Pieces of 1,000: each write in one message, the entered and left ids
+    // of t3 in one group.
+    assert_eq!(read[1].len(), 2, "{:?}", read[1]);
+    let mut first = read[1][0].1.clone();
+    first.sort();
+    assert_eq!(
+        first,
+        vec![
+            ("t3".to_string(), entered_1.clone(), vec![]),
+            ("社交活跃".to_string(), range(0..3), vec![]),
+        ]
+    );
+    assert_eq!(
+        read[1][1],
+        (lsn2, vec![("t3".to_string(), entered_2, left_2)])
+    );
+    // The two alike shared their pieces: 5 pieces of 10 built once for
+    // both, 4 pieces of 1,000 (t3 and 社交活跃, then t3's entered and left).
+    let text = common::http(
+        server.metrics_addr.as_deref().unwrap(),
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let built = common::sample(&text, "tagstore_watch_pieces_built_total");
+    let sent = common::sample(&text, "tagstore_watch_pieces_sent_total");
+    assert_eq!((built, sent), (9.0, 14.0), "built and sent");
 }

@@ -11,27 +11,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{code, count};
+use common::{code, count, http, sample};
 use tagstore::proto::*;
-
-/// Sends `request` raw and returns the whole answer.
-fn http(addr: &str, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).to_string()
-}
-
-/// The value of the sample `line_start` (a name with its labels).
-fn sample(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
-        .parse()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {

@@ -305,6 +305,16 @@ fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: I
             "Group commits (writes logged and synced together)",
             load(&meters.commits),
         ),
+        (
+            "tagstore_watch_pieces_built",
+            "Bitmaps of compact watches built (one write's ids of one tag, value or audience, or a piece of them)",
+            load(&crate::server::watch::PIECES_BUILT),
+        ),
+        (
+            "tagstore_watch_pieces_sent",
+            "Bitmaps sent to compact watchers (each built one goes to every watcher of it that asks it soon enough)",
+            load(&crate::server::watch::PIECES_SENT),
+        ),
     ] {
         r.register(name, help, counter(value));
     }

@@ -1,18 +1,21 @@
 //! `Watch`: the change feed as a server stream. A task per watcher reads
-//! the feed's files from its position on the blocking pool, a bounded piece
-//! at a time, keeps the changes of what it watches, names each customer
-//! from the newest snapshot, and hands messages to the transport through a
+//! the feed from its position on the watchers' thread ([`Workers`]), a
+//! bounded piece at a time, keeps the changes of what it watches, names
+//! each customer from the newest snapshot (the compact form instead takes
+//! each subject's ids as a bitmap built once for all its watchers:
+//! [`Pieces`]), and hands messages to the transport through a
 //! channel of [`BUFFERED`] messages: a client that does not read stops its
 //! own task there (no thread held, no more read), never a writer. Caught
 //! up, the task waits for the feed's end to move, for the client to go, or
 //! for the server to close; it says where it is (a progress message) at
 //! most once a [`PROGRESS_EVERY`] while writes it does not watch go by.
 //!
-//! Owns no state beyond its watchers; what the feed holds and how it is
-//! read is `storage::feed`'s.
+//! Owns no state beyond its watchers and the recent pieces; what the feed
+//! holds and how it is read is `storage::feed`'s.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -20,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::bitmap::Bitmap;
 use crate::error::Error;
 use crate::fields::FieldKind;
 use crate::proto;
@@ -107,87 +111,159 @@ struct Pending {
     window: Vec<(u32, u32, Kind)>,
     sent: usize,
     /// In a compact watch, where the next message begins: the position in
-    /// `watched`, the list (0: entered, 1: left) and the first id in it not
-    /// sent yet.
-    compact_at: (usize, u8, u64),
+    /// `watched`, the list (0: entered, 1: left) and the piece of it.
+    compact_at: (usize, u8, u32),
 }
 
 impl Pending {
     /// The next message's groups of a compact watch: subject by subject in
-    /// the feed's order, each one's ids straight from its bitmaps, at most
-    /// `max` ids; returns them, how many ids they hold, and whether the
-    /// write is now wholly sent.
+    /// the feed's order, entered then left, each list in pieces of `max`
+    /// ids taken from the shared [`Pieces`]; as many whole pieces as fit in
+    /// `max` ids (at least one). Returns them, how many ids they hold, and
+    /// whether the write is now wholly sent.
     fn fill_compact(
         &mut self,
         max: usize,
         watched: &Watched,
     ) -> (Vec<proto::ChangeGroup>, usize, bool) {
-        let mut groups = Vec::new();
+        let size = max.clamp(1, MAX_CHANGES) as u64;
+        let mut groups: Vec<proto::ChangeGroup> = Vec::new();
+        // The change the last group is of.
+        let mut last_k = usize::MAX;
         let mut taken = 0usize;
-        while self.compact_at.0 < self.watched.len() && taken < max {
-            let (k, list, from) = self.compact_at;
-            let c = &self.entry.changes[self.watched[k]];
-            let mut group: Option<proto::ChangeGroup> = None;
-            if c.dropped {
-                let mut g = watched.group(c.subject());
-                g.dropped = true;
-                groups.push(g);
-                self.compact_at = (k + 1, 0, 0);
-                continue;
-            }
-            let b = if list == 0 { &c.entered } else { &c.left };
-            let mut ids = Vec::new();
-            if from <= u64::from(u32::MAX) {
-                let mut it = b.iter();
-                it.reset_at_or_after(from as u32);
-                ids.extend(it.take(max - taken));
-            }
-            taken += ids.len();
-            let exhausted = match ids.last() {
-                Some(&last) => b.maximum().is_none_or(|m| m <= last),
-                None => true,
-            };
-            if !ids.is_empty() {
-                let g = group.get_or_insert_with(|| watched.group(c.subject()));
-                if list == 0 {
-                    g.entered = std::mem::take(&mut ids);
-                } else {
-                    g.left = std::mem::take(&mut ids);
+        PIECES.with_borrow_mut(|pieces| {
+            while self.compact_at.0 < self.watched.len() {
+                let (k, list, chunk) = self.compact_at;
+                let c = &self.entry.changes[self.watched[k]];
+                if c.dropped {
+                    let mut g = watched.group(c.subject());
+                    g.dropped = true;
+                    groups.push(g);
+                    last_k = usize::MAX;
+                    self.compact_at = (k + 1, 0, 0);
+                    continue;
                 }
-            }
-            self.compact_at = match (exhausted, list) {
-                (false, _) => (k, list, ids_next(&group, list)),
-                (true, 0) => (k, 1, 0),
-                (true, _) => (k + 1, 0, 0),
-            };
-            if let Some(g) = group {
+                let b = if list == 0 { &c.entered } else { &c.left };
+                let card = b.cardinality();
+                let from = u64::from(chunk) * size;
+                if from >= card {
+                    self.compact_at = if list == 0 { (k, 1, 0) } else { (k + 1, 0, 0) };
+                    continue;
+                }
+                let n = (card - from).min(size) as usize;
+                if taken > 0 && taken + n > max {
+                    break;
+                }
+                let key = PieceKey {
+                    lsn: self.entry.lsn,
+                    at_ms: self.entry.at_ms,
+                    change: self.watched[k] as u32,
+                    list,
+                    chunk,
+                    size: size as u32,
+                };
+                let piece = pieces.get(key, || piece_of(b, from, size));
+                taken += n;
                 // One group per subject and message: the left ids join the
-                // entered ones' group.
-                match groups.last_mut() {
-                    Some(last) if list == 1 && same_subject(last, &g) && last.left.is_empty() => {
-                        last.left = g.left;
+                // group of the entered ones.
+                let joined = match groups.last_mut() {
+                    Some(g) if list == 1 && last_k == k && g.left_count == 0 => {
+                        g.left_bitmap = piece.clone();
+                        g.left_count = n as u32;
+                        true
                     }
-                    _ => groups.push(g),
+                    _ => false,
+                };
+                if !joined {
+                    let mut g = watched.group(c.subject());
+                    if list == 0 {
+                        g.entered_bitmap = piece;
+                        g.entered_count = n as u32;
+                    } else {
+                        g.left_bitmap = piece;
+                        g.left_count = n as u32;
+                    }
+                    groups.push(g);
+                    last_k = k;
                 }
+                self.compact_at = (k, list, chunk + 1);
             }
-        }
+        });
         let complete = self.compact_at.0 >= self.watched.len();
         (groups, taken, complete)
     }
 }
 
-/// The first id after those `group` holds in list `list`.
-fn ids_next(group: &Option<proto::ChangeGroup>, list: u8) -> u64 {
-    let ids = match group {
-        Some(g) if list == 0 => &g.entered,
-        Some(g) => &g.left,
-        None => return 0,
+/// Ids `from` to `from + size` (by rank) of `b`, as a portable Roaring
+/// bitmap.
+fn piece_of(b: &Bitmap, from: u64, size: u64) -> bytes::Bytes {
+    if from == 0 && b.cardinality() <= size {
+        return b.serialize::<croaring::Portable>().into();
+    }
+    let Some(first) = u32::try_from(from).ok().and_then(|r| b.select(r)) else {
+        return bytes::Bytes::new();
     };
-    ids.last().map_or(0, |&l| u64::from(l) + 1)
+    let mut it = b.iter();
+    it.reset_at_or_after(first);
+    let ids: Vec<u32> = it.take(size as usize).collect();
+    let mut piece = Bitmap::of(&ids);
+    piece.run_optimize();
+    piece.serialize::<croaring::Portable>().into()
 }
 
-fn same_subject(a: &proto::ChangeGroup, b: &proto::ChangeGroup) -> bool {
-    a.tag == b.tag && a.field == b.field && a.value == b.value && a.audience == b.audience
+/// One piece of a compact watch: one write's entered or left ids of one
+/// subject, the `chunk`th run of `size` of them.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PieceKey {
+    lsn: u64,
+    at_ms: i64,
+    change: u32,
+    list: u8,
+    chunk: u32,
+    size: u32,
+}
+
+/// The pieces the watchers' thread built lately, each built once and sent
+/// (shared, not copied) to every compact watcher of its subject that asks
+/// pieces of the same size: watchers of the same things at the same place
+/// cost one piece, not one each. At most [`PIECES_BYTES`] and
+/// [`PIECES_MAX`] pieces, the oldest built going first.
+#[derive(Default)]
+struct Pieces {
+    map: HashMap<PieceKey, bytes::Bytes>,
+    order: VecDeque<PieceKey>,
+    bytes: usize,
+}
+
+const PIECES_BYTES: usize = 64 << 20;
+const PIECES_MAX: usize = 1 << 16;
+
+/// Pieces built and sent since the server started (the metrics show them;
+/// their ratio is how many watchers each piece served).
+pub static PIECES_BUILT: AtomicU64 = AtomicU64::new(0);
+pub static PIECES_SENT: AtomicU64 = AtomicU64::new(0);
+
+impl Pieces {
+    fn get(&mut self, key: PieceKey, build: impl FnOnce() -> bytes::Bytes) -> bytes::Bytes {
+        PIECES_SENT.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = self.map.get(&key) {
+            return p.clone();
+        }
+        PIECES_BUILT.fetch_add(1, Ordering::Relaxed);
+        let p = build();
+        self.bytes += p.len();
+        self.map.insert(key, p.clone());
+        self.order.push_back(key);
+        while self.bytes > PIECES_BYTES || self.order.len() > PIECES_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.map.remove(&old) {
+                self.bytes -= gone.len();
+            }
+        }
+        p
+    }
 }
 
 /// Customer ids gathered at a time from one write: a watcher holds at most
@@ -299,8 +375,8 @@ impl Cursor {
                 });
             }
         }
-        let snap = self.engine.snapshot();
-        let live = snap.live().map_err(to_status)?;
+        // Keys are named from the newest snapshot (the full form only).
+        let snap = (!self.compact).then(|| self.engine.snapshot());
         let mut messages = Vec::new();
         let mut budget = CHANGES_PER_TRIP;
         while budget > 0 {
@@ -322,6 +398,10 @@ impl Cursor {
                 }
                 continue;
             }
+            let Some(snap) = &snap else {
+                break;
+            };
+            let live = snap.live().map_err(to_status)?;
             let mut changes = Vec::new();
             let mut taken = 0usize;
             // A message takes up to `max_changes`, across windows.
@@ -344,7 +424,7 @@ impl Cursor {
                     let customer_key = if kind == Kind::Dropped {
                         String::new()
                     } else if live.contains(id) {
-                        KEYS.with_borrow_mut(|keys| keys.key(id, &snap))?
+                        KEYS.with_borrow_mut(|keys| keys.key(id, snap))?
                     } else {
                         // Erased or merged since: the store may hold no key.
                         snap.dict.key_of(id).map_err(to_status)?.unwrap_or_default()
@@ -416,6 +496,7 @@ struct KeyCache {
 const KEY_CACHE: usize = 1 << 16;
 
 thread_local! {
+    static PIECES: std::cell::RefCell<Pieces> = std::cell::RefCell::new(Pieces::default());
     static KEYS: std::cell::RefCell<KeyCache> = std::cell::RefCell::new(KeyCache {
         keys: HashMap::new(),
     });

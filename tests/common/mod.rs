@@ -144,3 +144,24 @@ pub fn memberships(
     }
     out
 }
+
+/// Sends `request` raw over HTTP/1.1 to `addr` and returns the whole answer.
+pub fn http(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// The value of the metrics sample `line_start` (a name with its labels).
+pub fn sample(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+        .parse()
+        .unwrap()
+}

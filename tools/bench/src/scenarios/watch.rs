@@ -157,7 +157,27 @@ impl Bench {
                                 h.record((now - m.at_ms).max(0) as u64).ok();
                                 changes += m.changes.len() as u64;
                                 for g in &m.grouped {
-                                    changes += (g.entered.len() + g.left.len()) as u64;
+                                    // Read as a consumer would, and checked
+                                    // against the counts the server gives.
+                                    for (bytes, count) in [
+                                        (&g.entered_bitmap, g.entered_count),
+                                        (&g.left_bitmap, g.left_count),
+                                    ] {
+                                        let n = if bytes.is_empty() {
+                                            0
+                                        } else {
+                                            roaring::RoaringBitmap::deserialize_from(&bytes[..])
+                                                .map_err(|e| e.to_string())?
+                                                .len()
+                                        };
+                                        if n != u64::from(count) {
+                                            return Err(format!(
+                                                "lsn {}: a bitmap of {n} ids said {count}",
+                                                m.lsn
+                                            ));
+                                        }
+                                        changes += n;
+                                    }
                                 }
                             }
                         }

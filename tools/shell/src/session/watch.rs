@@ -53,9 +53,9 @@ impl Session {
             seen += msg
                 .grouped
                 .iter()
-                .map(|g| (g.entered.len() + g.left.len()) as u64)
+                .map(|g| u64::from(g.entered_count) + u64::from(g.left_count))
                 .sum::<u64>();
-            self.print_changes(&msg);
+            self.print_changes(&msg)?;
             if msg.write_complete {
                 position = msg.lsn;
                 if limit.is_some_and(|l| seen >= l) {
@@ -75,10 +75,9 @@ impl Session {
 
     /// One message's changes: a line per customer (or, compact, a line per
     /// tag, value or audience with its ids).
-    fn print_changes(&self, m: &WatchResponse) {
+    fn print_changes(&self, m: &WatchResponse) -> Result<(), String> {
         if !m.grouped.is_empty() {
-            self.print_groups(m);
-            return;
+            return self.print_groups(m);
         }
         if self.json {
             for c in &m.changes {
@@ -94,7 +93,7 @@ impl Session {
                     "customer_id": c.customer_id, "customer": c.customer_key,
                 }));
             }
-            return;
+            return Ok(());
         }
         // Per customer, in the order they come: what they entered and left.
         let mut lines: Vec<(u32, String, Vec<String>)> = Vec::new();
@@ -163,12 +162,15 @@ impl Session {
                 parts.join("  ")
             ));
         }
+        Ok(())
     }
 
     /// A compact message: per subject, how many entered and left, and the
     /// first ids of each.
-    fn print_groups(&self, m: &WatchResponse) {
+    fn print_groups(&self, m: &WatchResponse) -> Result<(), String> {
         for g in &m.grouped {
+            let entered = bitmap_ids(&g.entered_bitmap, "entered", m.lsn)?;
+            let left = bitmap_ids(&g.left_bitmap, "left", m.lsn)?;
             let subject = if !g.audience.is_empty() {
                 format!("audience {}", g.audience)
             } else if !g.tag.is_empty() {
@@ -179,8 +181,8 @@ impl Session {
             if self.json {
                 print_line(&json!({
                     "lsn": m.lsn, "at_ms": m.at_ms, "tag": g.tag, "field": g.field,
-                    "value": g.value, "audience": g.audience, "entered": g.entered,
-                    "left": g.left, "dropped": g.dropped,
+                    "value": g.value, "audience": g.audience, "entered": entered,
+                    "left": left, "dropped": g.dropped,
                 }));
                 continue;
             }
@@ -200,7 +202,7 @@ impl Session {
                     shown.join(" ")
                 ))
             };
-            let parts: Vec<String> = [ids('+', &g.entered), ids('-', &g.left)]
+            let parts: Vec<String> = [ids('+', &entered), ids('-', &left)]
                 .into_iter()
                 .flatten()
                 .collect();
@@ -211,5 +213,19 @@ impl Session {
                 parts.join("  ")
             ));
         }
+        Ok(())
     }
+}
+
+/// The ids of a compact group's bitmap (portable Roaring; empty bytes:
+/// none).
+fn bitmap_ids(bytes: &[u8], which: &str, lsn: u64) -> Result<Vec<u32>, String> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    roaring::RoaringBitmap::deserialize_from(bytes)
+        .map(|b| b.iter().collect())
+        .map_err(|e| {
+            format!("the server sent a {which} bitmap that does not read at lsn {lsn}: {e}")
+        })
 }
