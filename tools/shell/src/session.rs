@@ -256,7 +256,8 @@ impl Session {
             | Command::CreateSource { .. }
             | Command::DropSource { .. }
             | Command::Ingest { .. }
-            | Command::RebuildFacts { .. }) => self.exec_ingest(cmd).await?,
+            | Command::RebuildFacts { .. }
+            | Command::RebuildFactsWhere { .. }) => self.exec_ingest(cmd).await?,
             cmd @ (Command::CreateRule { .. }
             | Command::CreateLifecycle { .. }
             | Command::DropRule { .. }

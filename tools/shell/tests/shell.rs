@@ -614,6 +614,22 @@ async fn ingestion_commands() {
         "{rebuilt}"
     );
     assert!(ok(a, "count order_count = 30").starts_with("1,000"));
+    // Every customer a query selects: the two written over, then all.
+    ok(a, "set order_count taobao_nick:nick3 2");
+    ok(a, "set order_count taobao_nick:nick4 3");
+    let rebuilt = ok(a, "rebuild facts where order_count < 30");
+    assert!(
+        rebuilt.contains("rebuilt the facts of 2 customers from 60 kept events"),
+        "{rebuilt}"
+    );
+    assert!(ok(a, "count order_count = 30").starts_with("1,000"));
+    let rebuilt = ok(a, "rebuild facts where ALL");
+    assert!(
+        rebuilt.contains("rebuilt the facts of 1,000 customers from 30,000 kept events"),
+        "{rebuilt}"
+    );
+    let err = fails(a, "rebuild facts where 没有这个标签");
+    assert!(err.contains("unknown tag"), "{err}");
 
     // Identities: an order names nick1 with a phone; another names nick2
     // with the same phone: one person, and nick2 joins nick1.

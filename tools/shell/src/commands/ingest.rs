@@ -85,12 +85,18 @@ pub const REBUILD: Spec = Spec {
     name: "rebuild",
     words: &["rebuild"],
     complete: &["rebuild facts"],
-    usage: "rebuild facts <customer>... [partial]",
-    summary: "rebuild customers' facts from the events the server keeps, by its fact rules now (partial: even if old events were dropped by retention)",
+    usage: "rebuild facts <customer>... [partial] | rebuild facts where <query> [partial]",
+    summary: "rebuild customers' facts from the events the server keeps, by its fact rules now (partial: even if old events were dropped by retention); `where`: every customer the query selects (`where ALL`: the whole store), 10,000 a call",
     example: "rebuild facts phone:13812345678 jd_pin:小王",
     takes_tags: false,
     parse: |rest| {
         let usage = format!("usage: {}", REBUILD.usage);
+        if let Some((query, partial)) = rebuild_where(rest) {
+            if query.is_empty() {
+                return Err(usage);
+            }
+            return Ok(Command::RebuildFactsWhere { query, partial });
+        }
         let mut words = split_args(rest)?;
         if words.is_empty() || !words.remove(0).eq_ignore_ascii_case("facts") {
             return Err(usage);
@@ -111,3 +117,27 @@ pub const REBUILD: Spec = Spec {
         })
     },
 };
+
+/// `facts where <query> [partial]`: the query's text and the flag; `None`
+/// when `rest` is not of that form.
+fn rebuild_where(rest: &str) -> Option<(String, bool)> {
+    let rest = rest.trim_start();
+    let (first, rest) = rest.split_at(rest.find(char::is_whitespace)?);
+    if !first.eq_ignore_ascii_case("facts") {
+        return None;
+    }
+    let rest = rest.trim_start();
+    let word_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    if !rest[..word_end].eq_ignore_ascii_case("where") {
+        return None;
+    }
+    let mut query = rest[word_end..].trim();
+    let mut partial = false;
+    if let Some(at) = query.rfind(char::is_whitespace)
+        && query[at..].trim().eq_ignore_ascii_case("partial")
+    {
+        query = query[..at].trim_end();
+        partial = true;
+    }
+    Some((query.to_string(), partial))
+}

@@ -129,6 +129,11 @@ pub enum Command {
         /// Rebuild even if the archive dropped old events.
         partial: bool,
     },
+    /// Every customer a query selects, a call per 10,000.
+    RebuildFactsWhere {
+        query: String,
+        partial: bool,
+    },
     Count(String),
     Find {
         query: String,
@@ -860,6 +865,21 @@ mod tests {
                 partial: true
             }
         );
+        assert_eq!(
+            p("rebuild facts where 护肤 AND order_count >= 1 partial"),
+            Command::RebuildFactsWhere {
+                query: "护肤 AND order_count >= 1".into(),
+                partial: true
+            }
+        );
+        assert_eq!(
+            p("REBUILD FACTS WHERE ALL"),
+            Command::RebuildFactsWhere {
+                query: "ALL".into(),
+                partial: false
+            }
+        );
+        assert!(parse("rebuild facts where").is_err());
         assert!(parse("rebuild facts").is_err());
         assert!(parse("rebuild phone:1").is_err());
         assert_eq!(

@@ -11,6 +11,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::*;
 use crate::commands::SourceFrom;
 
+/// Customers a `rebuild facts where` call names at most (a call is one
+/// write; its customers' facts are bounded by the server).
+const REBUILD_CHUNK: u32 = 10_000;
+
 /// Bytes of records per batch (a batch ends at the first record boundary
 /// after this many).
 const BATCH_BYTES: usize = 1 << 20;
@@ -129,45 +133,158 @@ impl Session {
                     })
                     .await?
                     .into_inner();
-                let mut text = format!(
-                    "rebuilt the facts of {} customers from {} kept events: {} values set, {} behaviour buckets",
-                    thousands(r.rebuilt),
-                    thousands(r.events),
-                    thousands(r.values_set),
-                    thousands(r.events_added)
-                );
-                if r.events_expired > 0 {
-                    text.push_str(&format!(
-                        " ({} behaviour events past their field's retention)",
-                        thousands(r.events_expired)
-                    ));
-                }
-                if !r.not_found.is_empty() {
-                    text.push_str(&format!("\nno such customer: {}", r.not_found.join(", ")));
-                }
-                if r.refused > 0 {
-                    text.push_str(&format!(
-                        "\n{} events the fact rules refuse now: {}",
-                        thousands(r.refused),
-                        r.refusals.join("; ")
-                    ));
-                }
-                if r.events_dropped_to_ms > 0 {
-                    text.push_str(&format!(
-                        "\nevents ingested up to {} are no longer kept: their facts are gone",
-                        fmt_time(r.events_dropped_to_ms)
-                    ));
-                }
-                self.out(
-                    text,
-                    json!({"rebuilt": r.rebuilt, "events": r.events, "values_set": r.values_set,
-                           "events_added": r.events_added, "events_expired": r.events_expired,
-                           "not_found": r.not_found, "refused": r.refused, "refusals": r.refusals,
-                           "events_dropped_to_ms": r.events_dropped_to_ms, "lsn": r.lsn}),
-                );
+                self.say_rebuilt(&r, String::new());
+            }
+            Command::RebuildFactsWhere { query, partial } => {
+                self.rebuild_where(query, partial).await?
             }
             _ => unreachable!("not an ingestion command"),
         }
+        Ok(())
+    }
+
+    /// What a rebuild did; `calls` says how it was split, when it was.
+    fn say_rebuilt(&self, r: &RebuildFactsResponse, calls: String) {
+        let mut text = format!(
+            "rebuilt the facts of {} customers from {} kept events: {} values set, {} behaviour buckets{calls}",
+            thousands(r.rebuilt),
+            thousands(r.events),
+            thousands(r.values_set),
+            thousands(r.events_added)
+        );
+        if r.events_expired > 0 {
+            text.push_str(&format!(
+                " ({} behaviour events past their field's retention)",
+                thousands(r.events_expired)
+            ));
+        }
+        if !r.not_found.is_empty() {
+            text.push_str(&format!("\nno such customer: {}", r.not_found.join(", ")));
+        }
+        if r.refused > 0 {
+            text.push_str(&format!(
+                "\n{} events the fact rules refuse now: {}",
+                thousands(r.refused),
+                r.refusals.join("; ")
+            ));
+        }
+        if r.events_dropped_to_ms > 0 {
+            text.push_str(&format!(
+                "\nevents ingested up to {} are no longer kept: their facts are gone",
+                fmt_time(r.events_dropped_to_ms)
+            ));
+        }
+        self.out(
+            text,
+            json!({"rebuilt": r.rebuilt, "events": r.events, "values_set": r.values_set,
+                   "events_added": r.events_added, "events_expired": r.events_expired,
+                   "not_found": r.not_found, "refused": r.refused, "refusals": r.refusals,
+                   "events_dropped_to_ms": r.events_dropped_to_ms, "lsn": r.lsn}),
+        );
+    }
+
+    /// `rebuild facts where <query>`: the query's members as one export,
+    /// rebuilt [`REBUILD_CHUNK`] at a time as they come, each call one
+    /// write of the server's (whole or not at all). Stopped half-way, the
+    /// calls before stay done and it says how far it came; running it again
+    /// rebuilds them again to the same facts.
+    async fn rebuild_where(&mut self, query: String, partial: bool) -> Result<(), Failure> {
+        let mut stream = self
+            .client
+            .export(ExportRequest {
+                query: query.clone(),
+                batch_size: REBUILD_CHUNK,
+                identity_type: String::new(),
+                hash: String::new(),
+                hash_upper: false,
+                as_of: None,
+            })
+            .await
+            .map_err(with_query(&query))?
+            .into_inner();
+        let mut sum = RebuildFactsResponse::default();
+        let mut calls = 0u64;
+        let mut bar: Option<ProgressBar> = None;
+        let stopped = |sum: &RebuildFactsResponse, calls: u64| {
+            format!(
+                "stopped after {calls} calls: the facts of {} customers were rebuilt (each call whole); `rebuild facts where` again finishes the job (a rebuild gives the same facts again)",
+                thousands(sum.rebuilt)
+            )
+        };
+        loop {
+            let batch = tokio::select! {
+                m = stream.message() => m,
+                _ = tokio::signal::ctrl_c() => {
+                    if let Some(pb) = bar { pb.finish_and_clear(); }
+                    print_line(&stopped(&sum, calls));
+                    return Err(Failure::Cancelled);
+                }
+            };
+            let batch = match batch {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(status) => {
+                    if let Some(pb) = bar {
+                        pb.finish_and_clear();
+                    }
+                    if calls > 0 {
+                        print_line(&stopped(&sum, calls));
+                    }
+                    return Err(status.into());
+                }
+            };
+            let pb = bar.get_or_insert_with(|| progress(batch.total, "rebuilding"));
+            if batch.customers.is_empty() {
+                continue;
+            }
+            let n = batch.customers.len() as u64;
+            let answer = self
+                .client
+                .rebuild_facts(RebuildFactsRequest {
+                    customers: batch.customers,
+                    allow_partial: partial,
+                })
+                .await;
+            let r = match answer {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    pb.finish_and_clear();
+                    if calls > 0 {
+                        print_line(&stopped(&sum, calls));
+                    }
+                    return Err(status.into());
+                }
+            };
+            calls += 1;
+            sum.rebuilt += r.rebuilt;
+            sum.events += r.events;
+            sum.refused += r.refused;
+            for why in r.refusals {
+                if !sum.refusals.contains(&why) {
+                    sum.refusals.push(why);
+                }
+            }
+            sum.values_set += r.values_set;
+            sum.events_added += r.events_added;
+            sum.events_expired += r.events_expired;
+            // Erased between the export and the rebuild.
+            sum.not_found.extend(r.not_found);
+            sum.events_dropped_to_ms = sum.events_dropped_to_ms.max(r.events_dropped_to_ms);
+            sum.lsn = sum.lsn.max(r.lsn);
+            pb.inc(n);
+        }
+        if let Some(pb) = bar {
+            pb.finish_and_clear();
+        }
+        let split = if calls > 1 {
+            format!(
+                " ({calls} calls of at most {})",
+                thousands(REBUILD_CHUNK.into())
+            )
+        } else {
+            String::new()
+        };
+        self.say_rebuilt(&sum, split);
         Ok(())
     }
 
