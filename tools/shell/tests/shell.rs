@@ -628,6 +628,23 @@ async fn ingestion_commands() {
         rebuilt.contains("rebuilt the facts of 1,000 customers from 30,000 kept events"),
         "{rebuilt}"
     );
+    // More customers than one call takes: in calls of 10,000 (the new
+    // ones have no events: their facts are rebuilt to none).
+    let mut c = server.client().await.unwrap();
+    c.resolve_customers(tagstore_proto::ResolveCustomersRequest {
+        customers: (0..24_000).map(|i| format!("bulk{i}")).collect(),
+        create_missing: true,
+    })
+    .await
+    .unwrap();
+    let rebuilt = ok(a, "rebuild facts where ALL");
+    assert!(
+        rebuilt.contains(
+            "rebuilt the facts of 25,000 customers from 30,000 kept events: 7,000 values set"
+        ) && rebuilt.contains("(3 calls of at most 10,000)"),
+        "{rebuilt}"
+    );
+    assert!(ok(a, "count order_count = 30").starts_with("1,000"));
     let err = fails(a, "rebuild facts where 没有这个标签");
     assert!(err.contains("unknown tag"), "{err}");
 
