@@ -135,6 +135,8 @@ enum Scenario {
     Backup,
     /// Reads as of the past: the history's disk, the first read of a moment (version and log replay) and again.
     History,
+    /// Audience snapshots: a 50% audience's snapshot taken (time, disk), again unchanged, after updates; the diff of two.
+    Snapshots,
     /// Every scenario.
     All,
 }
@@ -466,6 +468,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::History) {
         b.history().await?;
+    }
+    if wants(Scenario::Snapshots) {
+        b.snapshots().await?;
     }
     b.latency_plot()?;
     let path = b.cli.out.join("bench.json");

@@ -11,6 +11,7 @@ mod pipelined;
 mod query;
 mod restart;
 mod rules;
+mod snapshots;
 mod sweep;
 mod update;
 pub(crate) mod watch;
