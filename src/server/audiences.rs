@@ -240,30 +240,22 @@ pub(super) async fn take_snapshot(
     let (members, same_as, taken_lsn, query) = blocking(move || {
         let q =
             Query::compile_at(&quote_tag_name(&audience.name), &snap, now).map_err(to_status)?;
-        let mut members = roaring::RoaringBitmap::new();
-        let mut after = None;
-        loop {
-            let (ids, more) = q.page(after, 1 << 20);
-            after = ids.last().copied();
-            members.extend(ids);
-            if !more {
-                break;
-            }
-        }
+        // Bitmaps whole, container by container: no id is visited one by
+        // one (a 50% audience of 10M took 135 ms id by id).
+        let sharded = q.members();
         let last = snap
             .snapshots
             .values()
             .rev()
             .find(|s| s.audience == *audience.name);
         let same_as = match last {
-            Some(s) => {
-                let old = s.members.get().map_err(to_status)?;
-                let same = old.len() == members.len()
-                    && old.iter().zip(members.iter()).all(|(a, b)| a == b);
-                if same { s.id } else { 0 }
-            }
-            None => 0,
+            Some(s) if *s.members.get().map_err(to_status)? == sharded => s.id,
+            _ => 0,
         };
+        let flat = sharded.to_flat().serialize::<croaring::Portable>();
+        let members = roaring::RoaringBitmap::deserialize_from(&flat[..]).map_err(|e| {
+            Status::internal(format!("the audience's members did not convert: {e}"))
+        })?;
         Ok((members, same_as, snap.lsn, audience.query.clone()))
     })
     .await?;
