@@ -374,11 +374,24 @@ impl State {
     pub fn apply(&mut self, lsn: u64, b: &Batch) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         self.feed.clear();
-        // The tags and fields before, for the feed (copies of maps that
-        // share every entry until the batch changes it).
-        let before = self
-            .feed_on
-            .then(|| (self.snap.tags.clone(), self.snap.fields.clone()));
+        // The tags and fields before, for the feed. A batch that only
+        // changes memberships and values of existing tags and fields keeps
+        // the members of the customers it touches (taken below, once the
+        // touched are known); any other keeps copies of the maps, which
+        // share every entry until the batch changes it. Sharing costs a
+        // copy of every shard the batch then changes, for every batch of a
+        // group: a durable single write would copy its tag's shard.
+        let light = self.feed_on
+            && b.new_tags.is_empty()
+            && b.drop_tags.is_empty()
+            && b.new_fields.is_empty()
+            && b.drop_fields.is_empty()
+            && b.rules.is_empty()
+            && b.deletes.is_empty()
+            && b.merges.is_empty()
+            && b.unmerges.is_empty();
+        let mut before =
+            (self.feed_on && !light).then(|| (self.snap.tags.clone(), self.snap.fields.clone()));
         for t in &b.new_tags {
             if self.tag_names.contains_key(&t.id) {
                 continue;
@@ -470,6 +483,9 @@ impl State {
             }
             for c in &b.field_changes {
                 self.field_touch(c, t)?;
+            }
+            if light {
+                before = Some(self.touched_before(t)?);
             }
         }
         for c in &b.changes {
@@ -718,6 +734,69 @@ impl State {
         }
         self.snap.lsn = lsn;
         Ok(stats)
+    }
+
+    /// The tags and fields before a batch that only changes memberships and
+    /// values, as [`State::feed_changes`] compares them: of each tag and
+    /// enumerated field the batch touches, its members among the customers
+    /// it touches for that name (all the comparison reads); what rules
+    /// write, as it is (a rule's tag or field is copied only where it moves
+    /// someone, and whom it moves is known only once it has run).
+    fn touched_before(
+        &self,
+        t: &Touch,
+    ) -> Result<(
+        crate::storage::snapshot::TagMap,
+        crate::storage::snapshot::FieldMap,
+    )> {
+        let mut tags = crate::storage::snapshot::TagMap::new();
+        let mut fields = crate::storage::snapshot::FieldMap::new();
+        for name in self.snap.rules.by_name.keys() {
+            if let Some(tag) = self.snap.tags.get(name) {
+                tags.insert(name.clone(), tag.clone());
+            }
+            if let Some(field) = self.snap.fields.get(name) {
+                fields.insert(name.clone(), field.clone());
+            }
+        }
+        for (name, ids) in &t.by_name {
+            let mut among = t.all.clone();
+            among.union_sharded(ids);
+            if let Some(tag) = self.snap.tags.get(name)
+                && !tags.contains_key(name)
+            {
+                let members = tag.bitmap.get()?.and(&among);
+                tags.insert(
+                    name.clone(),
+                    Arc::new(Tag {
+                        id: tag.id,
+                        meta: tag.meta.clone(),
+                        bitmap: LazyBitmap::loaded(members),
+                    }),
+                );
+            }
+            if let Some(field) = self.snap.fields.get(name)
+                && matches!(field.meta.kind, crate::fields::FieldKind::Enum { .. })
+                && !fields.contains_key(name)
+            {
+                let mut slots = SlotMap::new();
+                for (slot, bitmap) in field.slots.iter() {
+                    let members = bitmap.get()?.and(&among);
+                    if !members.is_empty() {
+                        slots.insert(*slot, LazyBitmap::loaded(members));
+                    }
+                }
+                fields.insert(
+                    name.clone(),
+                    Arc::new(Field {
+                        id: field.id,
+                        meta: field.meta.clone(),
+                        slots,
+                    }),
+                );
+            }
+        }
+        Ok((tags, fields))
     }
 
     /// The customers a field change touches, into `t`.
