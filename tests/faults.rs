@@ -262,6 +262,8 @@ fn every_step_scene(fs: &MemFs) -> (Engine, usize) {
 /// the survivor of the first pair by its JD pin.
 fn identity_scene(engine: &Engine, round: usize) {
     let record = |identities: Vec<String>| tagstore::storage::IngestRecord {
+        refund: None,
+        unless_refunded: Vec::new(),
         identities,
         place: "jd".into(),
         at_ms: 0,
@@ -326,6 +328,8 @@ fn check_identities(engine: &Engine, at: &str) {
 fn ingest_scene_events(engine: &Engine) {
     let records = (0..50)
         .map(|i| tagstore::storage::IngestRecord {
+            refund: None,
+            unless_refunded: Vec::new(),
             identities: Vec::new(),
             place: String::new(),
             at_ms: 0,

@@ -755,7 +755,11 @@ async fn facts_are_rebuilt_from_the_kept_events() {
     let rebuilt = (Some(1), Some(8_850), Some(20_777), Some(7));
     assert_eq!(facts(&mut c).await, rebuilt);
     assert_eq!(count(&mut c, "bought:perfume").await, 0);
-    assert_eq!(count(&mut c, "bought:skincare").await, 1);
+    // Her skincare order (T1001) was refunded in a later batch: live, the
+    // refund took back its count and money; rebuilt, it takes back the
+    // order's behaviour too (she is the only one who bought skincare).
+    assert_eq!(count(&mut c, "bought:skincare").await, 0);
+    assert_eq!(count(&mut c, "bought:makeup").await, 2);
 
     // Durable, and the archive outlives the process.
     server.kill();

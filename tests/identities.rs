@@ -39,6 +39,8 @@ fn setup(engine: &Engine) {
 /// An order from `place` at `at_ms` by whoever `identities` name.
 fn order(identities: &[&str], place: &str, at_ms: i64) -> IngestRecord {
     IngestRecord {
+        refund: None,
+        unless_refunded: Vec::new(),
         seen: None,
         identities: identities.iter().map(|s| s.to_string()).collect(),
         place: place.into(),

@@ -33,6 +33,8 @@ fn open(fs: &MemFs, clock: &Arc<ManualClock>, retention_days: u32) -> Engine {
 /// An order `id` of `customer`; the archive keeps the text `event:<id>`.
 fn order(id: &str, customer: &str) -> IngestRecord {
     IngestRecord {
+        refund: None,
+        unless_refunded: Vec::new(),
         identities: Vec::new(),
         place: String::new(),
         at_ms: 0,

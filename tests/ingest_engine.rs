@@ -27,6 +27,8 @@ fn open(fs: &MemFs, clock: &Arc<ManualClock>) -> Engine {
 /// An order of `amount` fen by `customer`, with source event id `id`.
 fn order(id: &str, customer: &str, amount: i64) -> IngestRecord {
     IngestRecord {
+        refund: None,
+        unless_refunded: Vec::new(),
         identities: Vec::new(),
         place: String::new(),
         at_ms: 0,
@@ -106,6 +108,8 @@ fn an_event_is_applied_once_across_restarts_checkpoints_and_crashes() {
     );
     // A record without an id is applied each time.
     let plain = IngestRecord {
+        refund: None,
+        unless_refunded: Vec::new(),
         identities: Vec::new(),
         place: String::new(),
         at_ms: 0,

@@ -167,6 +167,8 @@ fn run(seed: u64) {
             },
         ];
         pending.push(IngestRecord {
+            refund: None,
+            unless_refunded: Vec::new(),
             seen: None,
             identities: named
                 .iter()

@@ -31,9 +31,17 @@
 //! counted from 1970-01-01 (day 0), as the query language's day arithmetic
 //! takes them.
 //!
-//! What refunds do not reverse: the days. `first_order_day` and
-//! `last_order_day` say when orders were placed, refunded or not; a
-//! refund's amount counts as money returned whatever its sign in the source.
+//! A refund takes its order back. Its own rules subtract what sums (the
+//! count, the money; a refund's amount counts as money returned whatever
+//! its sign in the source). What nothing subtracts — the order's behaviours
+//! and days, such as `bought:{category}` and `last_order_day` — is taken
+//! back by leaving the order out: a refund that names its order (the same
+//! source and source event id, as marketplace exports do) and comes before
+//! it or in the same request makes the order write only its sums; and a
+//! rebuild of a customer's facts pairs every refund with its order, in
+//! whatever order they came. (A refund that comes in a later request than
+//! its order subtracts the sums at once; the order's behaviours and days
+//! stay until the customer's facts are rebuilt.)
 //!
 //! This room owns turning one event into writes. It writes nothing.
 
@@ -325,7 +333,19 @@ pub enum FactWrite {
     Event(i64),
 }
 
+/// The event type a refund takes back.
+pub const ORDER: &str = "order";
+/// The event type that takes an order back.
+pub const REFUND: &str = "refund";
+
 impl Fact {
+    /// True for a sum (a count, money), which a refund's own rules
+    /// subtract; false for a behaviour or a day, which only leaving the
+    /// order out takes back.
+    pub fn is_sum(&self) -> bool {
+        matches!(self.write, FactWrite::Combine(Combine::Add(_)))
+    }
+
     /// How the field combines when customers merge: counters add up, days
     /// keep the extreme their write keeps, behaviours take the union.
     pub fn merge_rule(&self) -> MergeRule {

@@ -2,14 +2,17 @@
 //! folded by the fact rules in force now into the values those customers'
 //! facts should have. Sums, minimums and maximums are folded here, one
 //! value per (field, customer); behaviour events become one write each.
+//! Every refund is paired with its order (the same source and source event
+//! id), in whatever order the two were ingested: the order gives only its
+//! sums, which the refund's subtract; its behaviours and days are left out.
 //!
 //! This room computes; it reads no file and writes nothing (the server
 //! hands it the events the engine read, and logs what it returns).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::event::Event;
-use super::facts::{FactKind, FactWrite, Facts};
+use super::facts::{Fact, FactKind, FactWrite, Facts, ORDER, REFUND};
 use super::normalize::Refused;
 use crate::fields::MergeRule;
 use crate::storage::{EventTime, ValueWrite};
@@ -31,6 +34,11 @@ pub struct Rebuild<'a> {
     pub counts: HashMap<u32, (u64, u64)>,
     /// Why the rules refused what they refused.
     pub reasons: BTreeSet<String>,
+    /// Orders' behaviours and days, by (source, source event id), folded
+    /// in at the end unless a refund names the order.
+    held: Vec<(u32, (String, String), Fact)>,
+    /// (source, source event id) of every refund read.
+    refunded: HashSet<(String, String)>,
     limit: usize,
 }
 
@@ -53,6 +61,8 @@ impl<'a> Rebuild<'a> {
             kinds: BTreeMap::new(),
             counts: HashMap::new(),
             reasons: BTreeSet::new(),
+            held: Vec::new(),
+            refunded: HashSet::new(),
             limit: MAX_WRITES,
         }
     }
@@ -66,7 +76,7 @@ impl<'a> Rebuild<'a> {
     /// True once the writes pass the bound ([`MAX_WRITES`]): the caller
     /// should stop and ask for fewer customers at once.
     pub fn too_large(&self) -> bool {
-        self.ints.len() + self.events.len() > self.limit
+        self.ints.len() + self.events.len() + self.held.len() > self.limit
     }
 
     /// Folds in one archived event of `customer`. An event that does not
@@ -76,7 +86,7 @@ impl<'a> Rebuild<'a> {
         if !self.keys.contains_key(&customer) {
             return Ok(());
         }
-        let (_source, event) = Event::decode(bytes)?;
+        let (source, event) = Event::decode(bytes)?;
         let counts = self.counts.entry(customer).or_default();
         counts.0 += 1;
         let facts = match self.facts.of(&event) {
@@ -87,34 +97,55 @@ impl<'a> Rebuild<'a> {
                 return Ok(());
             }
         };
+        let order = match (event.source_event_id, event.event_type.as_str()) {
+            (Some(id), REFUND) => {
+                self.refunded.insert((source, id));
+                None
+            }
+            (Some(id), ORDER) => Some((source, id)),
+            _ => None,
+        };
         for f in facts {
             self.kinds
                 .entry(f.field.clone())
                 .or_insert((f.kind, f.merge_rule()));
-            match f.write {
-                FactWrite::Combine(with) => {
-                    let key = (f.field, customer);
-                    let current = self.ints.get(&key).copied();
-                    match with.apply(current) {
-                        Some(v) => {
-                            self.ints.insert(key, v);
-                        }
-                        None => {
-                            counts.1 += 1;
-                            self.reasons
-                                .insert(format!("the sum of {:?} leaves the 64-bit range", key.0));
-                        }
-                    }
-                }
-                FactWrite::Event(ms) => self.events.push((f.field, customer, ms)),
+            match &order {
+                Some(o) if !f.is_sum() => self.held.push((customer, o.clone(), f)),
+                _ => self.fold(customer, f),
             }
         }
         Ok(())
     }
 
+    /// One fact of `customer` into the values.
+    fn fold(&mut self, customer: u32, f: Fact) {
+        match f.write {
+            FactWrite::Combine(with) => {
+                let key = (f.field, customer);
+                let current = self.ints.get(&key).copied();
+                match with.apply(current) {
+                    Some(v) => {
+                        self.ints.insert(key, v);
+                    }
+                    None => {
+                        self.counts.entry(customer).or_default().1 += 1;
+                        self.reasons
+                            .insert(format!("the sum of {:?} leaves the 64-bit range", key.0));
+                    }
+                }
+            }
+            FactWrite::Event(ms) => self.events.push((f.field, customer, ms)),
+        }
+    }
+
     /// The writes, with the fields to erase first: every field of `fields`
     /// (the store's, with their kinds) that a rule could write.
-    pub fn finish<'f>(self, fields: impl Iterator<Item = (&'f str, FactKind)>) -> Rebuilt {
+    pub fn finish<'f>(mut self, fields: impl Iterator<Item = (&'f str, FactKind)>) -> Rebuilt {
+        for (customer, order, f) in std::mem::take(&mut self.held) {
+            if !self.refunded.contains(&order) {
+                self.fold(customer, f);
+            }
+        }
         let erase = fields
             .filter(|(name, kind)| self.facts.may_write(name) == Some(*kind))
             .map(|(name, _)| name.to_string())
@@ -210,6 +241,64 @@ mod tests {
             .filter(|w| matches!(w, ValueWrite::Event { field, .. } if field == "bought:skincare"))
             .count();
         assert_eq!(bought, 2);
+    }
+
+    #[test]
+    fn a_refund_takes_back_its_orders_behaviours_and_days_whichever_came_first() {
+        let facts = Facts::standard();
+        let keys: HashMap<u32, String> = [(7, "phone:13800000000".to_string())].into();
+        let with_id = |kind: &str, id: &str, amount: i64, at_ms: i64| {
+            let mut e = Event::decode(&event(kind, amount, at_ms)).unwrap().1;
+            e.source_event_id = Some(id.into());
+            e.encode("jd_orders")
+        };
+        // 2026-11-10, -11 and -12, Shanghai.
+        let (d0, d1, d2) = (1_794_240_000_000, 1_794_326_400_000, 1_794_412_800_000);
+        for refund_first in [false, true] {
+            let mut r = Rebuild::new(&facts, keys.clone());
+            // The refund of the last order, before or after it.
+            let refund = with_id("refund", "J2", 5_000, d2);
+            if refund_first {
+                r.add(7, &refund).unwrap();
+            }
+            r.add(7, &with_id("order", "J1", 10_000, d1)).unwrap();
+            r.add(7, &with_id("order", "J2", 5_000, d2)).unwrap();
+            if !refund_first {
+                r.add(7, &refund).unwrap();
+            }
+            // A refund of another source's J1 takes back no order here.
+            let mut other = Event::decode(&with_id("refund", "J1", 1, d2)).unwrap().1;
+            other.source_event_id = Some("J1".into());
+            r.add(7, &other.encode("pos_orders")).unwrap();
+            // An order without an id: nothing can name it.
+            r.add(7, &event("order", 300, d0)).unwrap();
+            let out = r.finish(std::iter::empty());
+            let int = |name: &str| {
+                out.writes.iter().find_map(|w| match w {
+                    ValueWrite::Int { field, value, .. } if field == name => *value,
+                    _ => None,
+                })
+            };
+            assert_eq!(int("order_count"), Some(1), "refund first: {refund_first}");
+            assert_eq!(int("total_spend_fen"), Some(10_000 + 300 - 1));
+            let day0 = int("first_order_day").unwrap();
+            // J2's day is gone; J1's is the last.
+            assert_eq!(int("last_order_day"), Some(day0 + 1));
+            let mut bought: Vec<i64> = out
+                .writes
+                .iter()
+                .filter_map(|w| match w {
+                    ValueWrite::Event {
+                        field,
+                        at: EventTime::Ms(ms),
+                        ..
+                    } if field == "bought:skincare" => Some(*ms),
+                    _ => None,
+                })
+                .collect();
+            bought.sort();
+            assert_eq!(bought, [d0, d1]);
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::fields::{
     BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind, MergeRule,
 };
-use crate::ingest::facts::{FactKind, Facts};
+use crate::ingest::facts::{Fact, FactKind, Facts, ORDER, REFUND};
 use crate::ingest::presets::{self, PRESETS};
 use crate::ingest::read::Reader;
 use crate::ingest::source::{Format, Outcome, Source};
@@ -563,14 +563,25 @@ async fn prepare(
             .source_event_id
             .as_deref()
             .map(|id| seen_id(&source.name, &e.event_type, id));
+        // An order's behaviours and days are left out if its refund comes
+        // first (`crate::ingest::facts`, on refunds).
+        let refund = e
+            .source_event_id
+            .as_deref()
+            .filter(|_| e.event_type == ORDER)
+            .map(|id| seen_id(&source.name, REFUND, id));
+        let (sums, rest): (Vec<&Fact>, Vec<&Fact>) =
+            fs.iter().partition(|f| refund.is_none() || f.is_sum());
         prepared.push((
             line,
             IngestRecord {
+                refund,
+                unless_refunded: rest.iter().map(|f| f.value_write(&key)).collect(),
                 seen,
                 identities,
                 place: e.channel.clone(),
                 at_ms: e.at_ms,
-                writes: fs.iter().map(|f| f.value_write(&key)).collect(),
+                writes: sums.iter().map(|f| f.value_write(&key)).collect(),
                 event: Some(KeptEvent {
                     bytes: e.encode(&source.name),
                     customer: key,
@@ -679,6 +690,8 @@ pub(super) async fn link(
     let res = engine
         .write(WriteOp::Ingest {
             records: vec![IngestRecord {
+                refund: None,
+                unless_refunded: Vec::new(),
                 seen: None,
                 identities: identities.clone(),
                 place,

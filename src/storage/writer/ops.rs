@@ -342,6 +342,15 @@ pub struct IngestRecord {
     /// The writes its facts make; with identities, the writer aims them at
     /// the record's customer whatever key they name.
     pub writes: Vec<ValueWrite>,
+    /// For an order: the de-duplication id its refund has (`seen` of the
+    /// refund). When that refund was ingested before (and is still
+    /// remembered) or comes in the same request, the order's
+    /// `unless_refunded` writes are left out; otherwise they are written
+    /// with `writes`.
+    pub refund: Option<u128>,
+    /// What only the order's being there gives (behaviours, days), which
+    /// no fact of its refund takes back.
+    pub unless_refunded: Vec<ValueWrite>,
     /// The event itself, kept in the event archive under its customer
     /// (created if new); `None`: not kept.
     pub event: Option<KeptEvent>,

@@ -560,7 +560,13 @@ impl Planner<'_> {
                         ids.link(&handle, s);
                         handle
                     });
-                    for mut w in r.writes {
+                    // An order whose refund came before it, or comes with
+                    // it, leaves out what only its being there gives.
+                    let refunded = r
+                        .refund
+                        .is_some_and(|id| self.state.seen.contains(id) || fresh.contains(&id));
+                    let unless = (!refunded).then_some(r.unless_refunded);
+                    for mut w in r.writes.into_iter().chain(unless.into_iter().flatten()) {
                         if let Some(h) = &handle {
                             w.set_customer(h);
                         }
