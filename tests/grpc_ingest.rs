@@ -949,3 +949,128 @@ async fn a_rebuild_cancelled_halfway_is_whole_or_not_at_all() {
     assert_eq!(r.rebuilt, 1);
     assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(1));
 }
+
+/// A refund takes back its order: the count and the money always; the
+/// order's behaviours and days when the refund comes before the order or in
+/// the same batch (a Taobao export names both by the order number), and a
+/// refund in a later batch only once the customer's facts are rebuilt. A POS
+/// return names no order (its receipt number is its own): the count and the
+/// money only, even rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_takes_back_its_order_whichever_comes_first() {
+    const HEAD: &str =
+        "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n";
+    let row = |id: &str, nick: &str, day: u32, status: &str, category: &str| {
+        format!("{id},{nick},10.00,2026-11-{day} 10:00:00,,{status},SKU-1,{category},,t\n")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    for (name, preset) in [("tb", "taobao_orders"), ("pos", "pos_orders")] {
+        c.create_source(CreateSourceRequest {
+            name: name.into(),
+            preset: preset.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let csv = |rows: &[String]| format!("{HEAD}{}", rows.concat()).into_bytes();
+    // 甲: the refund of her perfume order in the batch before the order.
+    // 乙: her perfume order and its refund in one batch, refund last.
+    // 丙: the refund of his perfume order in the batch after it.
+    // Each also has a makeup order on the 12th, kept.
+    let batches = vec![
+        batch(
+            "tb",
+            1,
+            &csv(&[
+                row("A1", "甲", 14, "退款成功", "perfume"),
+                row("B1", "乙", 14, "交易成功", "perfume"),
+                row("B1", "乙", 14, "退款成功", "perfume"),
+                row("C1", "丙", 14, "交易成功", "perfume"),
+            ]),
+        ),
+        // The same file, continued: no header again.
+        batch(
+            "",
+            2,
+            &[
+                row("A1", "甲", 14, "交易成功", "perfume"),
+                row("C1", "丙", 14, "退款成功", "perfume"),
+                row("A2", "甲", 12, "交易成功", "makeup"),
+                row("B2", "乙", 12, "交易成功", "makeup"),
+                row("C2", "丙", 12, "交易成功", "makeup"),
+            ]
+            .concat()
+            .into_bytes(),
+        ),
+    ];
+    let (answers, end) = ingest(&mut c, batches).await;
+    assert!(end.is_none(), "{end:?}");
+    assert!(answers.iter().all(|a| a.rejected.is_empty()), "{answers:?}");
+    let key = |nick: &str| format!("taobao_nick:{nick}");
+    // 2026-11-12 is day 20769 in Shanghai, the 14th 20771.
+    for nick in ["甲", "乙", "丙"] {
+        assert_eq!(int_value(&mut c, &key(nick), "order_count").await, Some(1));
+        assert_eq!(
+            int_value(&mut c, &key(nick), "total_spend_fen").await,
+            Some(1_000)
+        );
+        assert_eq!(
+            int_value(&mut c, &key(nick), "first_order_day").await,
+            Some(20_769)
+        );
+    }
+    for (nick, last) in [("甲", 20_769), ("乙", 20_769), ("丙", 20_771)] {
+        assert_eq!(
+            int_value(&mut c, &key(nick), "last_order_day").await,
+            Some(last),
+            "{nick}"
+        );
+    }
+    assert_eq!(
+        count(&mut c, "bought:perfume").await,
+        1,
+        "丙's, until rebuilt"
+    );
+    assert_eq!(count(&mut c, "bought:makeup").await, 3);
+
+    let r = c
+        .rebuild_facts(RebuildFactsRequest {
+            customers: ["甲", "乙", "丙"].iter().map(|n| key(n)).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.rebuilt, 3);
+    assert_eq!(count(&mut c, "bought:perfume").await, 0);
+    assert_eq!(
+        int_value(&mut c, &key("丙"), "last_order_day").await,
+        Some(20_769)
+    );
+    assert_eq!(int_value(&mut c, &key("丙"), "order_count").await, Some(1));
+
+    // A store sale and a return of it on another receipt: the return names
+    // no order.
+    const POS_HEAD: &str =
+        "小票号,会员卡号,手机号,交易类型,金额,交易时间,商品编码,商品类目,品牌,门店\n";
+    let pos = format!(
+        "{POS_HEAD}R1,vip-1,,销售,20.00,2026-11-12 10:00:00,SKU-1,perfume,,上海店\n\
+         R2,vip-1,,退货,20.00,2026-11-13 10:00:00,SKU-1,perfume,,上海店\n"
+    );
+    let (answers, end) = ingest(&mut c, vec![batch("pos", 1, pos.as_bytes())]).await;
+    assert!(end.is_none(), "{end:?}");
+    assert!(answers[0].rejected.is_empty(), "{:?}", answers[0].rejected);
+    let card = "member_card:vip-1";
+    c.rebuild_facts(RebuildFactsRequest {
+        customers: vec![card.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(int_value(&mut c, card, "order_count").await, Some(0));
+    assert_eq!(int_value(&mut c, card, "total_spend_fen").await, Some(0));
+    assert_eq!(count(&mut c, "bought:perfume").await, 1);
+}
