@@ -73,10 +73,11 @@ impl<'a> Rebuild<'a> {
         self
     }
 
-    /// True once the writes pass the bound ([`MAX_WRITES`]): the caller
+    /// True once the writes, the orders' facts held for their refunds and
+    /// the refunds read pass the bound ([`MAX_WRITES`]): the caller
     /// should stop and ask for fewer customers at once.
     pub fn too_large(&self) -> bool {
-        self.ints.len() + self.events.len() + self.held.len() > self.limit
+        self.ints.len() + self.events.len() + self.held.len() + self.refunded.len() > self.limit
     }
 
     /// Folds in one archived event of `customer`. An event that does not
@@ -305,7 +306,7 @@ mod tests {
     fn the_writes_a_rebuild_holds_are_bounded() {
         let facts = Facts::standard();
         let keys: HashMap<u32, String> = [(7, "phone:13800000000".to_string())].into();
-        let mut r = Rebuild::new(&facts, keys).with_limit(20);
+        let mut r = Rebuild::new(&facts, keys.clone()).with_limit(20);
         let mut n = 0;
         while !r.too_large() {
             // Each order on a new day: one more behaviour write or two.
@@ -314,5 +315,21 @@ mod tests {
             n += 1;
         }
         assert!(n < 20, "{n} events");
+
+        // Orders held for their refunds, and refunds of orders not read,
+        // count too: neither makes a write of its own until the end.
+        for kind in ["order", "refund"] {
+            let mut r = Rebuild::new(&facts, keys.clone()).with_limit(20);
+            let mut n = 0;
+            while !r.too_large() && n < 1_000 {
+                let mut e = Event::decode(&event(kind, 100, 1_794_326_400_000))
+                    .unwrap()
+                    .1;
+                e.source_event_id = Some(format!("J{n}"));
+                r.add(7, &e.encode("jd_orders")).unwrap();
+                n += 1;
+            }
+            assert!(n < 20, "{kind}: {n} events");
+        }
     }
 }
