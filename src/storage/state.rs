@@ -22,7 +22,7 @@ use crate::storage::snapshot::{
 };
 
 /// What applying a batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyStats {
     pub added: u64,
     pub removed: u64,
@@ -41,6 +41,9 @@ pub struct ApplyStats {
     pub merged: u64,
     /// Rule tag memberships and lifecycle stages the rules changed.
     pub rule_changes: u64,
+    /// Memberships added and removed by each of the batch's `changes`, in
+    /// order (what each request of a combined batch is told).
+    pub per_change: Vec<(u64, u64)>,
 }
 
 /// The writer's copy of the store: the next snapshot, plus what changed since
@@ -491,17 +494,20 @@ impl State {
         for c in &b.changes {
             let tag = self.tag_mut(c.tag)?;
             let bm = tag.bitmap.make_mut()?;
-            match c.op {
-                ChangeOp::Add => stats.added += bm.union_with(&c.ids),
-                ChangeOp::Remove => stats.removed += bm.difference_with(&c.ids),
+            let (added, removed) = match c.op {
+                ChangeOp::Add => (bm.union_with(&c.ids), 0),
+                ChangeOp::Remove => (0, bm.difference_with(&c.ids)),
                 ChangeOp::Replace => {
                     let new = ShardedBitmap::from_roaring(&c.ids);
                     let both = bm.intersection_len(&new);
-                    stats.added += new.len() - both;
-                    stats.removed += bm.len() - both;
+                    let counts = (new.len() - both, bm.len() - both);
                     *bm = new;
+                    counts
                 }
-            }
+            };
+            stats.added += added;
+            stats.removed += removed;
+            stats.per_change.push((added, removed));
             tag.meta.count = bm.len();
             tag.meta.updated_ms = b.at_ms;
             self.dirty_tags.insert(c.tag);

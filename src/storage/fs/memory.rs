@@ -64,6 +64,45 @@ struct Inner {
     locks: HashSet<PathBuf>,
     faults: Vec<Fault>,
     capacity: Option<u64>,
+    /// Syncs held back until released ([`MemFs::hold_syncs`]).
+    holds: Vec<(String, Arc<Gate>)>,
+}
+
+/// A gate syncs wait at while it is closed.
+#[derive(Default)]
+struct Gate {
+    /// (released, syncs waiting now)
+    state: Mutex<(bool, usize)>,
+    opened: parking_lot::Condvar,
+}
+
+impl Gate {
+    fn pass(&self) {
+        let mut st = self.state.lock();
+        st.1 += 1;
+        while !st.0 {
+            self.opened.wait(&mut st);
+        }
+        st.1 -= 1;
+    }
+}
+
+/// Syncs of some files held back: a disk that takes its time, at the
+/// moment a test chooses ([`MemFs::hold_syncs`]). Dropped, it lets them go.
+pub struct SyncHold(Arc<Gate>);
+
+impl SyncHold {
+    /// Syncs waiting at the gate now.
+    pub fn waiting(&self) -> usize {
+        self.0.state.lock().1
+    }
+}
+
+impl Drop for SyncHold {
+    fn drop(&mut self) {
+        self.0.state.lock().0 = true;
+        self.0.opened.notify_all();
+    }
 }
 
 #[derive(Clone)]
@@ -211,6 +250,17 @@ impl MemFs {
     /// knows it has passed the last one when its failure was never given).
     pub fn faults_pending(&self) -> u64 {
         self.0.lock().faults.iter().map(|f| f.times).sum()
+    }
+
+    /// Holds back every sync of a file whose name starts with `name_prefix`
+    /// from now until the returned hold is dropped (the syncing thread
+    /// waits; nothing fails).
+    pub fn hold_syncs(&self, name_prefix: &str) -> SyncHold {
+        let gate = Arc::new(Gate::default());
+        let mut inner = self.0.lock();
+        inner.holds.retain(|(_, g)| !g.state.lock().0);
+        inner.holds.push((name_prefix.to_string(), gate.clone()));
+        SyncHold(gate)
     }
 
     /// Removes every armed failure.
@@ -476,6 +526,14 @@ impl WriteFile for MemFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let name = name_of(&self.path);
+        let held: Vec<Arc<Gate>> = (self.fs.0.lock().holds.iter())
+            .filter(|(prefix, _)| name.starts_with(prefix.as_str()))
+            .map(|(_, g)| g.clone())
+            .collect();
+        for gate in held {
+            gate.pass();
+        }
         let mut inner = self.fs.0.lock();
         inner.check(Op::Sync, &self.path)?;
         self.node.lock().sync();

@@ -17,7 +17,7 @@ use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use memory::{MemFs, Op};
+pub use memory::{MemFs, Op, SyncHold};
 pub use os::OsFs;
 
 /// The file operations the engine needs. Paths are absolute or relative

@@ -21,6 +21,13 @@ pub(super) struct IdAssigner<'a> {
     next: u32,
 }
 
+/// Where an [`IdAssigner`] stood, to go back to ([`IdAssigner::undo`]).
+#[derive(Clone, Copy)]
+pub(super) struct Mark {
+    next: u32,
+    new_keys: usize,
+}
+
 impl<'a> IdAssigner<'a> {
     pub(super) fn new(state: &'a State) -> Result<Self> {
         Ok(Self {
@@ -30,6 +37,28 @@ impl<'a> IdAssigner<'a> {
             new_keys: Vec::new(),
             next: state.snap.next_customer_id,
         })
+    }
+
+    /// True when `id` names a live customer, or one this request created.
+    pub(super) fn is_live(&self, id: u32) -> bool {
+        self.live.contains(id) || (self.state.snap.next_customer_id..self.next).contains(&id)
+    }
+
+    /// Where the assigner stands now.
+    pub(super) fn mark(&self) -> Mark {
+        Mark {
+            next: self.next,
+            new_keys: self.new_keys.len(),
+        }
+    }
+
+    /// Forgets the customers created since `mark` (a write refused after
+    /// its keys were looked up). Only for requests that link no identities.
+    pub(super) fn undo(&mut self, mark: Mark) {
+        for (_, key) in self.new_keys.drain(mark.new_keys..) {
+            self.fresh.remove(key.as_str());
+        }
+        self.next = mark.next;
     }
 
     /// The id of a live customer, if the key names one.

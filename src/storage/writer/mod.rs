@@ -13,12 +13,14 @@
 //!
 //! The rooms of the write path: [`ops`] (the public write vocabulary),
 //! `plan` (a request and the state in, a batch with every id assigned out),
-//! `ids` (customer keys to ids, new ids for new keys), `checkpoints`
+//! `ids` (customer keys to ids, new ids for new keys), `coalesce`
+//! (consecutive small updates of a group as one batch), `checkpoints`
 //! (scheduling, installing and maintenance), and this module (the thread,
 //! group commit).
 
 mod audiences;
 mod checkpoints;
+mod coalesce;
 pub mod identify;
 mod ids;
 pub mod ops;
@@ -26,7 +28,7 @@ mod plan;
 mod rules;
 pub mod unmerge;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 
@@ -73,6 +75,27 @@ pub(crate) enum Cmd {
 enum Planned {
     Write(Batch, Target),
     Done(WriteResult),
+}
+
+/// Who waits for a planned batch: one request, or the requests of a run
+/// of small updates combined ([`coalesce`]).
+enum Waiting {
+    One(Reply<WriteResult>),
+    Run(Vec<coalesce::Part>),
+}
+
+impl Waiting {
+    /// Answers every request waiting with `e` (the first with `e` itself).
+    fn refuse(self, e: Error, replies: &mut Vec<(Reply<WriteResult>, Result<WriteResult>)>) {
+        match self {
+            Waiting::One(reply) => replies.push((reply, Err(e))),
+            Waiting::Run(parts) => {
+                for part in parts {
+                    replies.push((part.reply, Err(coalesce::again(&e))));
+                }
+            }
+        }
+    }
 }
 
 /// What to report back after a planned write is applied.
@@ -309,10 +332,10 @@ impl Writer {
         self.buf.clear();
         self.feed_entries.clear();
         let mut replies = Vec::with_capacity(writes.len());
-        let last = writes.len().saturating_sub(1);
+        let mut queue: VecDeque<(WriteOp, Reply<WriteResult>)> = writes.into();
         // The log's sync, when it runs while the group's last write is applied.
         let mut syncing = None;
-        for (k, (op, reply)) in writes.into_iter().enumerate() {
+        while let Some((op, reply)) = queue.pop_front() {
             let planner = plan::Planner {
                 state: &self.state,
                 at_ms: self.now_ms(),
@@ -320,19 +343,48 @@ impl Writer {
                 rules: &self.shared.config.oneid,
                 time_zone: &self.shared.config.time_zone,
             };
-            let planned = match planner.plan(op) {
-                Ok(p) => p,
-                Err(e) => {
+            let joins = |op: &WriteOp| coalesce::joins(op, &self.state);
+            let (batch, target, waiting) = if joins(&op)
+                && queue.front().is_some_and(|w| joins(&w.0))
+            {
+                // Small updates one after another: one batch (see `coalesce`).
+                let mut run = vec![(op, reply)];
+                while run.len() < coalesce::MAX_RUN && queue.front().is_some_and(|w| joins(&w.0)) {
+                    run.extend(queue.pop_front());
+                }
+                let plan = planner.plan_run(run);
+                for (reply, e) in plan.refused {
                     replies.push((reply, Err(e)));
-                    continue;
                 }
-            };
-            let (batch, target) = match planned {
-                Planned::Done(r) => {
-                    replies.push((reply, Ok(r)));
-                    continue;
+                for w in plan.rest.into_iter().rev() {
+                    queue.push_front(w);
                 }
-                Planned::Write(b, t) => (b, t),
+                match plan.batch {
+                    Some(batch) => (batch, Target::Plain, Waiting::Run(plan.parts)),
+                    None => {
+                        let lsn = self.state.snap.lsn;
+                        for part in plan.parts {
+                            let r = WriteResult {
+                                lsn,
+                                ..Default::default()
+                            };
+                            replies.push((part.reply, Ok(r)));
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                match planner.plan(op) {
+                    Err(e) => {
+                        replies.push((reply, Err(e)));
+                        continue;
+                    }
+                    Ok(Planned::Done(r)) => {
+                        replies.push((reply, Ok(r)));
+                        continue;
+                    }
+                    Ok(Planned::Write(batch, target)) => (batch, target, Waiting::One(reply)),
+                }
             };
             let lsn = self.state.snap.lsn + 1;
             let framed_from = self.buf.len();
@@ -343,11 +395,11 @@ impl Writer {
                 self.buf.truncate(framed_from);
                 if !matches!(e, Error::DiskFull(_)) {
                     self.fail(&e);
-                    replies.push((reply, Err(e)));
+                    waiting.refuse(e, &mut replies);
                     break;
                 }
                 tracing::warn!(error = %e, "write refused");
-                replies.push((reply, Err(e)));
+                waiting.refuse(e, &mut replies);
                 continue;
             }
             if !batch.deletes.is_empty() {
@@ -359,14 +411,14 @@ impl Writer {
             // The group's records are complete: the disk can work while this
             // write is applied. Nothing is published or answered before the
             // sync is done, so no reader sees a write the log could lose.
-            if k == last
+            if queue.is_empty()
                 && self.shared.config.sync == SyncMode::Always
                 && batch.membership_changes() >= SYNC_WHILE_APPLYING
                 && let Some(syncer) = &self.syncer
             {
                 if let Err(e) = self.wal.append(&self.buf) {
                     self.fail(&e);
-                    replies.push((reply, Err(e)));
+                    waiting.refuse(e, &mut replies);
                     break;
                 }
                 self.buf.clear();
@@ -375,6 +427,16 @@ impl Writer {
             match self.state.apply(lsn, &batch) {
                 Ok(stats) => {
                     self.take_feed(lsn, batch.at_ms);
+                    let reply = match waiting {
+                        Waiting::One(reply) => reply,
+                        Waiting::Run(parts) => {
+                            for part in parts {
+                                let r = part.result(lsn, &stats);
+                                replies.push((part.reply, Ok(r)));
+                            }
+                            continue;
+                        }
+                    };
                     let mut r = WriteResult {
                         lsn,
                         added: stats.added,
@@ -441,9 +503,16 @@ impl Writer {
                 }
                 Err(e) => {
                     self.fail(&e);
-                    replies.push((reply, Err(e)));
+                    waiting.refuse(e, &mut replies);
                     break;
                 }
+            }
+        }
+        // A failure stopped the group: the writes it did not reach are
+        // refused with it below, as the others are.
+        if let Some(msg) = &self.failed {
+            for (_, reply) in queue {
+                replies.push((reply, Err(Error::Failed(msg.clone()))));
             }
         }
         if let Some(pending) = syncing

@@ -107,55 +107,13 @@ impl Planner<'_> {
                 }
                 let mut ids = IdAssigner::new(self.state)?;
                 let mut new_tags: HashMap<String, u32> = HashMap::new();
-                for m in &mutations {
-                    let tag_id =
-                        self.resolve_tag(&m.tag, create_missing_tags, &mut new_tags, &mut batch)?;
-                    let mut add = ids.get_or_create_many(&m.add)?;
-                    // Found live in a snapshot no older than the last
-                    // deletion: still live.
-                    let trusted = m.resolved_at.is_some_and(|at| at >= self.last_delete_lsn);
-                    for (id, key) in &m.add_resolved {
-                        let still_live = trusted || ids.live.contains(*id);
-                        add.push(if still_live {
-                            *id
-                        } else {
-                            ids.get_or_create(key)?
-                        });
-                    }
-                    if let Some(&dead) = m.add_ids.iter().find(|&&id| !ids.live.contains(id)) {
-                        return Err(Error::CustomerIdNotFound(dead));
-                    }
-                    add.extend_from_slice(&m.add_ids);
-                    // Sorted, the bitmap is built by appending.
-                    add.sort_unstable();
-                    let add: RoaringBitmap = add.into_iter().collect();
-                    let mut remove: Vec<u32> =
-                        ids.get_many(&m.remove)?.into_iter().flatten().collect();
-                    remove.extend(m.remove_ids.iter().filter(|&&id| ids.live.contains(id)));
-                    for (id, key) in &m.remove_resolved {
-                        if trusted || ids.live.contains(*id) {
-                            remove.push(*id);
-                        } else if let Some(id) = ids.get(key)? {
-                            remove.push(id);
-                        }
-                    }
-                    remove.sort_unstable();
-                    let remove: RoaringBitmap = remove.into_iter().collect();
-                    if !add.is_empty() {
-                        batch.changes.push(Change {
-                            tag: tag_id,
-                            op: ChangeOp::Add,
-                            ids: add,
-                        });
-                    }
-                    if !remove.is_empty() {
-                        batch.changes.push(Change {
-                            tag: tag_id,
-                            op: ChangeOp::Remove,
-                            ids: remove,
-                        });
-                    }
-                }
+                self.plan_mutations(
+                    &mutations,
+                    create_missing_tags,
+                    &mut ids,
+                    &mut new_tags,
+                    &mut batch,
+                )?;
                 batch.new_keys = ids.new_keys;
                 if self.changes_nothing(&batch)? {
                     // Every customer already has what was asked: nothing to
@@ -618,7 +576,66 @@ impl Planner<'_> {
         }
     }
 
-    /// The id of an existing tag (loading its bitmap), or of one this batch creates.
+    /// The changes of an update's mutations, appended to `batch` (tags made
+    /// when `create` allows, ids given to new customers by `ids`).
+    pub(super) fn plan_mutations(
+        &self,
+        mutations: &[Mutation],
+        create: bool,
+        ids: &mut IdAssigner,
+        new_tags: &mut HashMap<String, u32>,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        for m in mutations {
+            let tag_id = self.resolve_tag(&m.tag, create, new_tags, batch)?;
+            let mut add = ids.get_or_create_many(&m.add)?;
+            // Found live in a snapshot no older than the last
+            // deletion: still live.
+            let trusted = m.resolved_at.is_some_and(|at| at >= self.last_delete_lsn);
+            for (id, key) in &m.add_resolved {
+                let still_live = trusted || ids.is_live(*id);
+                add.push(if still_live {
+                    *id
+                } else {
+                    ids.get_or_create(key)?
+                });
+            }
+            if let Some(&dead) = m.add_ids.iter().find(|&&id| !ids.is_live(id)) {
+                return Err(Error::CustomerIdNotFound(dead));
+            }
+            add.extend_from_slice(&m.add_ids);
+            // Sorted, the bitmap is built by appending.
+            add.sort_unstable();
+            let add: RoaringBitmap = add.into_iter().collect();
+            let mut remove: Vec<u32> = ids.get_many(&m.remove)?.into_iter().flatten().collect();
+            remove.extend(m.remove_ids.iter().filter(|&&id| ids.is_live(id)));
+            for (id, key) in &m.remove_resolved {
+                if trusted || ids.is_live(*id) {
+                    remove.push(*id);
+                } else if let Some(id) = ids.get(key)? {
+                    remove.push(id);
+                }
+            }
+            remove.sort_unstable();
+            let remove: RoaringBitmap = remove.into_iter().collect();
+            if !add.is_empty() {
+                batch.changes.push(Change {
+                    tag: tag_id,
+                    op: ChangeOp::Add,
+                    ids: add,
+                });
+            }
+            if !remove.is_empty() {
+                batch.changes.push(Change {
+                    tag: tag_id,
+                    op: ChangeOp::Remove,
+                    ids: remove,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// True when applying the membership changes of `batch` would leave the
     /// state as it is: no new customer or tag, every id added already a
     /// member and every id removed already not one. Each change is checked
@@ -658,6 +675,7 @@ impl Planner<'_> {
         Ok(true)
     }
 
+    /// The id of an existing tag (loading its bitmap), or of one this batch creates.
     pub(super) fn resolve_tag(
         &self,
         name: &str,

@@ -1,0 +1,255 @@
+//! Small membership writes that reach the writer together are committed as
+//! one log record (`storage/writer/coalesce.rs`). Made to happen here by
+//! holding the log's sync of a first write while the others queue
+//! (`MemFs::hold_syncs`): each write must still be answered as if it had
+//! been committed alone, one after another — its own refusal, its own
+//! counts and new customers — a write naming a customer an earlier one of
+//! the run named goes to the next record, the change feed (rule tags
+//! included) shows every change, and a restart and a crash find it all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tagstore::query::Query;
+use tagstore::rules::Definition;
+use tagstore::storage::fs::MemFs;
+use tagstore::storage::{Engine, EngineConfig, Mutation, WriteOp, WriteResult};
+
+const DIR: &str = "/mem/store";
+
+fn open(fs: &MemFs) -> Engine {
+    let mut cfg = EngineConfig::new(DIR);
+    cfg.fs = Arc::new(fs.clone());
+    Engine::open(cfg).unwrap()
+}
+
+fn update(tag: &str, add: &[&str], remove: &[&str]) -> WriteOp {
+    WriteOp::Update {
+        mutations: vec![Mutation {
+            tag: tag.into(),
+            add: add.iter().map(|k| k.to_string()).collect(),
+            remove: remove.iter().map(|k| k.to_string()).collect(),
+            ..Default::default()
+        }],
+        create_missing_tags: false,
+    }
+}
+
+fn members(engine: &Engine, tag: &str) -> BTreeSet<String> {
+    let snap = engine.snapshot();
+    let (ids, _) = Query::compile(tag, &snap).unwrap().page(None, usize::MAX);
+    let mut out = Vec::new();
+    snap.dict.keys_of(&ids, &mut out).unwrap();
+    out.into_iter().collect()
+}
+
+fn set(keys: &[&str]) -> BTreeSet<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+/// What the feed says after `after`: per lsn, per tag, (entered, left) keys.
+type FeedSeen = BTreeMap<u64, BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)>>;
+
+fn feed_after(engine: &Engine, after: u64) -> FeedSeen {
+    let snap = engine.snapshot();
+    let mut reader = engine.feed_reader(after).unwrap();
+    let mut out = FeedSeen::new();
+    loop {
+        let entries = reader.next(1 << 12).unwrap();
+        if entries.is_empty() {
+            return out;
+        }
+        for e in entries {
+            for c in &e.changes {
+                let tagstore::storage::feed::Subject::Tag(tag) = c.subject() else {
+                    continue;
+                };
+                let keys = |b: &tagstore::bitmap::Bitmap| {
+                    let mut out = Vec::new();
+                    snap.dict
+                        .keys_of(&b.iter().collect::<Vec<u32>>(), &mut out)
+                        .unwrap();
+                    out.into_iter().collect::<BTreeSet<String>>()
+                };
+                let seen = out
+                    .entry(e.lsn)
+                    .or_default()
+                    .entry(tag.clone())
+                    .or_default();
+                seen.0.extend(keys(&c.entered));
+                seen.1.extend(keys(&c.left));
+            }
+        }
+    }
+}
+
+#[test]
+fn small_writes_queued_together_are_answered_as_if_one_after_another() {
+    let fs = MemFs::new();
+    let engine = open(&fs);
+    for (tag, keys) in [("a", ["old1", "old2"]), ("b", ["old3", "old4"])] {
+        engine
+            .write_blocking(WriteOp::Update {
+                mutations: vec![Mutation {
+                    tag: tag.into(),
+                    add: keys.iter().map(|k| k.to_string()).collect(),
+                    ..Default::default()
+                }],
+                create_missing_tags: true,
+            })
+            .unwrap();
+    }
+    engine
+        .write_blocking(WriteOp::DefineRule {
+            name: "both".into(),
+            definition: Definition {
+                query: "a AND b".into(),
+                ..Default::default()
+            },
+            description: String::new(),
+            category: String::new(),
+            replace: false,
+        })
+        .unwrap();
+    let start = engine.snapshot().lsn;
+
+    // A first write goes to the writer alone and waits in its sync; the
+    // others queue behind it and reach the writer together.
+    let hold = fs.hold_syncs("wal-");
+    let mut first = engine.enqueue(update("a", &["w0"], &[])).unwrap();
+    let waited = Instant::now();
+    while hold.waiting() == 0 {
+        assert!(waited.elapsed() < Duration::from_secs(10), "no sync came");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let ops = vec![
+        // 0: a new customer.
+        update("a", &["n1"], &[]),
+        // 1: another, and one leaves b.
+        update("b", &["n2"], &["old3"]),
+        // 2: already a member: changes nothing.
+        update("a", &["old1"], &[]),
+        // 3: a rule tag is the rule's to write (n3 is not created).
+        update("both", &["n3"], &[]),
+        // 4: an id that names no one, beside a key (n5 is not created).
+        WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: "a".into(),
+                add: vec!["n5".into()],
+                add_ids: vec![999_999],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        },
+        // 5: n1 again (named by 0): the next record. n1 is then in a and b.
+        update("b", &["n1"], &[]),
+        // 6: in that next record too.
+        update("a", &["n4"], &["old2"]),
+        // 7: n3, whose write was refused, is new here.
+        update("a", &["n3"], &[]),
+        // 8: old4 into a: in both now.
+        update("a", &["old4"], &[]),
+        // 9: n5, whose write was refused, is new here.
+        update("b", &["n5"], &[]),
+        // 10: no such tag: refused on its own.
+        update("nope", &["n6"], &[]),
+    ];
+    let queued: Vec<_> = ops.into_iter().map(|op| engine.enqueue(op)).collect();
+    drop(hold);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let w0 = rt.block_on(first.answer()).unwrap();
+    assert_eq!(w0.lsn, start + 1);
+    let answers: Vec<tagstore::Result<WriteResult>> = queued
+        .into_iter()
+        .map(|q| rt.block_on(q.unwrap().answer()))
+        .collect();
+    let ok = |i: usize| -> &WriteResult {
+        answers[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("write {i}: {e}"))
+    };
+    let counts = |i: usize| (ok(i).added, ok(i).removed, ok(i).new_customers);
+    assert_eq!(counts(0), (1, 0, 1));
+    assert_eq!(counts(1), (1, 1, 1));
+    assert_eq!(counts(2), (0, 0, 0));
+    assert!(
+        matches!(answers[3], Err(tagstore::Error::Precondition(ref m)) if m.contains("both")),
+        "{:?}",
+        answers[3]
+    );
+    assert!(
+        matches!(
+            answers[4],
+            Err(tagstore::Error::CustomerIdNotFound(999_999))
+        ),
+        "{:?}",
+        answers[4]
+    );
+    assert_eq!(counts(5), (1, 0, 0));
+    assert_eq!(counts(6), (1, 1, 1));
+    assert_eq!(counts(7), (1, 0, 1));
+    assert_eq!(counts(8), (1, 0, 0));
+    assert_eq!(counts(9), (1, 0, 1));
+    assert!(
+        matches!(answers[10], Err(tagstore::Error::TagNotFound(ref t)) if t == "nope"),
+        "{:?}",
+        answers[10]
+    );
+    // Two records: the run until n1 comes again, then the rest.
+    let run1 = ok(0).lsn;
+    assert_eq!(run1, start + 2);
+    assert!([1, 2].iter().all(|&i| ok(i).lsn == run1));
+    assert!([5, 6, 7, 8, 9].iter().all(|&i| ok(i).lsn == run1 + 1));
+    assert_eq!(engine.snapshot().lsn, run1 + 1);
+
+    let expect = |engine: &Engine, label: &str| {
+        assert_eq!(
+            members(engine, "a"),
+            set(&["old1", "w0", "n1", "n4", "n3", "old4"]),
+            "{label}"
+        );
+        assert_eq!(
+            members(engine, "b"),
+            set(&["old4", "n2", "n1", "n5"]),
+            "{label}"
+        );
+        assert_eq!(members(engine, "both"), set(&["n1", "old4"]), "{label}");
+        // Every new customer has an id of its own.
+        let snap = engine.snapshot();
+        let ids: BTreeSet<u32> = ["w0", "n1", "n2", "n3", "n4", "n5"]
+            .iter()
+            .map(|k| snap.customer_id(k).unwrap().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 6, "{label}");
+        assert_eq!(snap.customer_id("n6").unwrap(), None, "{label}");
+    };
+    expect(&engine, "after the writes");
+
+    // The feed: every change of every write, under its record's lsn.
+    let feed = feed_after(&engine, start);
+    let change = |entered: &[&str], left: &[&str]| (set(entered), set(left));
+    let mut want = FeedSeen::new();
+    want.entry(start + 1)
+        .or_default()
+        .insert("a".into(), change(&["w0"], &[]));
+    let first_run = want.entry(run1).or_default();
+    first_run.insert("a".into(), change(&["n1"], &[]));
+    first_run.insert("b".into(), change(&["n2"], &["old3"]));
+    let second_run = want.entry(run1 + 1).or_default();
+    second_run.insert("a".into(), change(&["n4", "n3", "old4"], &["old2"]));
+    second_run.insert("b".into(), change(&["n1", "n5"], &[]));
+    second_run.insert("both".into(), change(&["n1", "old4"], &[]));
+    assert_eq!(feed, want);
+
+    // The log replays the combined records the same way.
+    let crashed = fs.crash_image();
+    drop(engine);
+    for (fs, label) in [(fs, "restart"), (crashed, "crash")] {
+        let engine = open(&fs);
+        expect(&engine, label);
+    }
+}
