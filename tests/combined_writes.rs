@@ -6,6 +6,7 @@
 //! counts and new customers — a write naming a customer an earlier one of
 //! the run named goes to the next record, the change feed (rule tags
 //! included) shows every change, and a restart and a crash find it all.
+//! Once with chosen writes, once with random ones against a model.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -252,4 +253,288 @@ fn small_writes_queued_together_are_answered_as_if_one_after_another() {
         let engine = open(&fs);
         expect(&engine, label);
     }
+}
+
+/// One random small write and what the model says of it.
+struct Planned {
+    op: WriteOp,
+    /// The customers it names (keys), for the run rule.
+    keys: BTreeSet<String>,
+}
+
+/// The store as a model: members of each written tag by key.
+#[derive(Default, Clone, PartialEq, Debug)]
+struct Model {
+    tags: BTreeMap<String, BTreeSet<String>>,
+    customers: BTreeSet<String>,
+}
+
+/// A mutation as the model sees it: the tag, keys added, keys removed, and
+/// the keys of the customers added by id (`""`: an id that names no one).
+type ModelMutation = (String, Vec<String>, Vec<String>, Vec<String>);
+
+/// What a write did in the model: `Ok((added, removed, new_customers))`
+/// or the refusal's kind.
+type Outcome = Result<(u64, u64, u64), &'static str>;
+
+impl Model {
+    fn apply(&mut self, muts: &[ModelMutation]) -> Outcome {
+        for (tag, _, _, ids) in muts {
+            if tag == "r" {
+                return Err("precondition");
+            }
+            if !self.tags.contains_key(tag) {
+                return Err("tag not found");
+            }
+            if ids
+                .iter()
+                .any(|k| k.is_empty() || !self.customers.contains(k))
+            {
+                return Err("id not found");
+            }
+        }
+        let (mut added, mut removed, mut new) = (0, 0, 0);
+        for (tag, add, remove, ids) in muts {
+            for k in add.iter().chain(ids) {
+                if self.customers.insert(k.clone()) {
+                    new += 1;
+                }
+                added += self.tags.get_mut(tag).unwrap().insert(k.clone()) as u64;
+            }
+            for k in remove {
+                removed += self.tags.get_mut(tag).unwrap().remove(k) as u64;
+            }
+        }
+        Ok((added, removed, new))
+    }
+
+    /// The rule tag `r = a AND NOT b`.
+    fn rule(&self) -> BTreeSet<String> {
+        self.tags["a"]
+            .difference(&self.tags["b"])
+            .cloned()
+            .collect()
+    }
+}
+
+fn kind(e: &tagstore::Error) -> &'static str {
+    match e {
+        tagstore::Error::Precondition(_) => "precondition",
+        tagstore::Error::TagNotFound(_) => "tag not found",
+        tagstore::Error::CustomerIdNotFound(_) => "id not found",
+        other => panic!("unexpected refusal: {other}"),
+    }
+}
+
+/// Rounds of random small writes queued together behind a held sync:
+/// each answer equals the model's, applying the writes one after another
+/// in the order sent; writes that share an lsn name different customers;
+/// the store (rule tag included), the change feed's mirror, a restart and
+/// a crash all equal the model. `TAGSTORE_SEED=n` replays one run.
+#[test]
+fn random_small_writes_queued_together_equal_a_model() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let seeds: Vec<u64> = match std::env::var("TAGSTORE_SEED") {
+        Ok(s) => vec![s.parse().expect("TAGSTORE_SEED is a number")],
+        Err(_) => (1..=4).collect(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut shared_lsns = 0;
+    for seed in seeds {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut fs = MemFs::new();
+        let mut engine = open(&fs);
+        let mut model = Model::default();
+        for tag in ["a", "b", "c"] {
+            engine
+                .write_blocking(WriteOp::CreateTag {
+                    name: tag.into(),
+                    description: String::new(),
+                    category: String::new(),
+                    if_not_exists: false,
+                })
+                .unwrap();
+            model.tags.insert(tag.into(), BTreeSet::new());
+        }
+        engine
+            .write_blocking(WriteOp::DefineRule {
+                name: "r".into(),
+                definition: Definition {
+                    query: "a AND NOT b".into(),
+                    ..Default::default()
+                },
+                description: String::new(),
+                category: String::new(),
+                replace: false,
+            })
+            .unwrap();
+        let feed_start = engine.snapshot().lsn;
+        let mut mirror: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut pos = feed_start;
+        for round in 0..30 {
+            let label = format!("seed {seed} round {round}");
+            let snap = engine.snapshot();
+            // The first adds a new customer: it is logged, and synced.
+            let first = format!("f{round}");
+            let mut writes = vec![(
+                Planned {
+                    op: update("c", &[first.as_str()], &[]),
+                    keys: set(&[first.as_str()]),
+                },
+                vec![("c".to_string(), vec![first.clone()], vec![], vec![])],
+            )];
+            for _ in 0..rng.random_range(2..60) {
+                let mut muts = Vec::new();
+                let mut m = Vec::new();
+                for _ in 0..rng.random_range(1..=2) {
+                    let tag = ["a", "b", "c", "a", "b", "c", "r", "nope"][rng.random_range(0..8)];
+                    let key = |rng: &mut StdRng| format!("k{}", rng.random_range(0..40));
+                    let add: Vec<String> =
+                        (0..rng.random_range(0..3)).map(|_| key(&mut rng)).collect();
+                    let remove: Vec<String> =
+                        (0..rng.random_range(0..2)).map(|_| key(&mut rng)).collect();
+                    // By id: a customer live before the round, or no one.
+                    let mut ids = Vec::new();
+                    let mut id_keys = Vec::new();
+                    if rng.random_bool(0.15) {
+                        let k = key(&mut rng);
+                        match snap.customer_id(&k).unwrap() {
+                            Some(id) if rng.random_bool(0.8) => {
+                                ids.push(id);
+                                id_keys.push(k);
+                            }
+                            _ => {
+                                ids.push(999_999);
+                                id_keys.push(String::new());
+                            }
+                        }
+                    }
+                    if add.is_empty() && remove.is_empty() && ids.is_empty() {
+                        continue;
+                    }
+                    m.push(Mutation {
+                        tag: tag.into(),
+                        add: add.clone(),
+                        remove: remove.clone(),
+                        add_ids: ids,
+                        ..Default::default()
+                    });
+                    muts.push((tag.to_string(), add, remove, id_keys));
+                }
+                if m.is_empty() {
+                    continue;
+                }
+                let keys = muts
+                    .iter()
+                    .flat_map(|(_, a, r, i)| a.iter().chain(r).chain(i).cloned())
+                    .collect();
+                writes.push((
+                    Planned {
+                        op: WriteOp::Update {
+                            mutations: m,
+                            create_missing_tags: false,
+                        },
+                        keys,
+                    },
+                    muts,
+                ));
+            }
+            // The first write waits in its sync; the rest queue behind it.
+            let hold = fs.hold_syncs("wal-");
+            let mut queued = Vec::new();
+            for (i, (w, _)) in writes.iter().enumerate() {
+                queued.push(engine.enqueue(w.op.clone()).unwrap());
+                if i == 0 {
+                    let waited = Instant::now();
+                    while hold.waiting() == 0 {
+                        assert!(waited.elapsed() < Duration::from_secs(10), "no sync came");
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
+            drop(hold);
+            let mut by_lsn: BTreeMap<u64, Vec<BTreeSet<String>>> = BTreeMap::new();
+            let mut last_lsn = 0;
+            for (i, (mut q, (w, muts))) in queued.into_iter().zip(&writes).enumerate() {
+                let got = rt.block_on(q.answer());
+                // The customers it names: a key removed that names no one
+                // (yet) names no customer.
+                let named: BTreeSet<String> = w
+                    .keys
+                    .iter()
+                    .filter(|k| {
+                        model.customers.contains(*k)
+                            || muts.iter().any(|(_, add, _, _)| add.contains(k))
+                    })
+                    .cloned()
+                    .collect();
+                let want = model.apply(muts);
+                match (&got, want) {
+                    (Ok(r), Ok(counts)) => {
+                        assert_eq!(
+                            (r.added, r.removed, r.new_customers),
+                            counts,
+                            "{label}, write {i}"
+                        );
+                        assert!(r.lsn >= last_lsn, "{label}, write {i}: lsn went back");
+                        last_lsn = r.lsn;
+                        if counts != (0, 0, 0) {
+                            by_lsn.entry(r.lsn).or_default().push(named);
+                        }
+                    }
+                    (Err(e), Err(k)) => assert_eq!(kind(e), k, "{label}, write {i}"),
+                    (got, want) => panic!("{label}, write {i}: got {got:?}, the model {want:?}"),
+                }
+            }
+            // Writes logged as one name different customers.
+            for (lsn, keys) in &by_lsn {
+                shared_lsns += (keys.len() > 1) as usize;
+                let mut seen = BTreeSet::new();
+                for k in keys.iter().flat_map(|s| s.iter()) {
+                    assert!(seen.insert(k), "{label}: {k} named twice at lsn {lsn}");
+                }
+            }
+            let check = |engine: &Engine, what: &str| {
+                for (tag, keys) in &model.tags {
+                    assert_eq!(&members(engine, tag), keys, "{label} ({what}): {tag}");
+                }
+                assert_eq!(members(engine, "r"), model.rule(), "{label} ({what}): r");
+            };
+            check(&engine, "after the writes");
+            // The feed's mirror.
+            let seen = feed_after(&engine, pos);
+            pos = engine.snapshot().lsn;
+            for changes in seen.values() {
+                for (tag, (entered, left)) in changes {
+                    let set = mirror.entry(tag.clone()).or_default();
+                    for k in entered {
+                        assert!(set.insert(k.clone()), "{label}: {k} entered {tag} twice");
+                    }
+                    for k in left {
+                        assert!(set.remove(k), "{label}: {k} left {tag}, not in it");
+                    }
+                }
+            }
+            for (tag, keys) in model.tags.iter().chain([(&"r".to_string(), &model.rule())]) {
+                assert_eq!(
+                    mirror.get(tag).cloned().unwrap_or_default(),
+                    *keys,
+                    "{label}: the feed's {tag}"
+                );
+            }
+            if round % 10 == 9 {
+                let crashed = fs.crash_image();
+                drop(engine);
+                check(&open(&crashed), "crash");
+                fs = if rng.random_bool(0.5) { crashed } else { fs };
+                engine = open(&fs);
+                check(&engine, "restart");
+                pos = engine.snapshot().lsn;
+            }
+        }
+    }
+    assert!(shared_lsns > 0, "no writes were logged together");
 }
