@@ -37,6 +37,34 @@ fn update(tag: &str, add: &[&str], remove: &[&str]) -> WriteOp {
     }
 }
 
+fn create_tags(engine: &Engine, tags: &[&str]) {
+    for tag in tags {
+        engine
+            .write_blocking(WriteOp::CreateTag {
+                name: tag.to_string(),
+                description: String::new(),
+                category: String::new(),
+                if_not_exists: false,
+            })
+            .unwrap();
+    }
+}
+
+fn define_rule(engine: &Engine, name: &str, query: &str) {
+    engine
+        .write_blocking(WriteOp::DefineRule {
+            name: name.into(),
+            definition: Definition {
+                query: query.into(),
+                ..Default::default()
+            },
+            description: String::new(),
+            category: String::new(),
+            replace: false,
+        })
+        .unwrap();
+}
+
 fn members(engine: &Engine, tag: &str) -> BTreeSet<String> {
     let snap = engine.snapshot();
     let (ids, _) = Query::compile(tag, &snap).unwrap().page(None, usize::MAX);
@@ -89,30 +117,11 @@ fn feed_after(engine: &Engine, after: u64) -> FeedSeen {
 fn small_writes_queued_together_are_answered_as_if_one_after_another() {
     let fs = MemFs::new();
     let engine = open(&fs);
+    create_tags(&engine, &["a", "b"]);
     for (tag, keys) in [("a", ["old1", "old2"]), ("b", ["old3", "old4"])] {
-        engine
-            .write_blocking(WriteOp::Update {
-                mutations: vec![Mutation {
-                    tag: tag.into(),
-                    add: keys.iter().map(|k| k.to_string()).collect(),
-                    ..Default::default()
-                }],
-                create_missing_tags: true,
-            })
-            .unwrap();
+        engine.write_blocking(update(tag, &keys, &[])).unwrap();
     }
-    engine
-        .write_blocking(WriteOp::DefineRule {
-            name: "both".into(),
-            definition: Definition {
-                query: "a AND b".into(),
-                ..Default::default()
-            },
-            description: String::new(),
-            category: String::new(),
-            replace: false,
-        })
-        .unwrap();
+    define_rule(&engine, "both", "a AND b");
     let start = engine.snapshot().lsn;
 
     // A first write goes to the writer alone and waits in its sync; the
@@ -348,29 +357,11 @@ fn random_small_writes_queued_together_equal_a_model() {
         let mut fs = MemFs::new();
         let mut engine = open(&fs);
         let mut model = Model::default();
+        create_tags(&engine, &["a", "b", "c"]);
         for tag in ["a", "b", "c"] {
-            engine
-                .write_blocking(WriteOp::CreateTag {
-                    name: tag.into(),
-                    description: String::new(),
-                    category: String::new(),
-                    if_not_exists: false,
-                })
-                .unwrap();
             model.tags.insert(tag.into(), BTreeSet::new());
         }
-        engine
-            .write_blocking(WriteOp::DefineRule {
-                name: "r".into(),
-                definition: Definition {
-                    query: "a AND NOT b".into(),
-                    ..Default::default()
-                },
-                description: String::new(),
-                category: String::new(),
-                replace: false,
-            })
-            .unwrap();
+        define_rule(&engine, "r", "a AND NOT b");
         let feed_start = engine.snapshot().lsn;
         let mut mirror: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut pos = feed_start;
