@@ -590,7 +590,16 @@ impl Batch {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut e = Enc::new();
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Batch::encode`], appended to `out` (a log record framed in place).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut e = Enc {
+            buf: std::mem::take(out),
+        };
         e.u8(BATCH_VERSION).i64(self.at_ms);
         e.u32(self.new_tags.len() as u32);
         for t in &self.new_tags {
@@ -753,7 +762,7 @@ impl Batch {
         for (name, day) in &self.rule_days {
             e.str(name).i64(i64::from(*day));
         }
-        e.buf
+        *out = e.buf;
     }
 
     /// The batch a log record of `kind` holds, as replay reads it: a kind

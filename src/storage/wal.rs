@@ -63,13 +63,19 @@ pub fn create_framed(
 
 /// Appends one framed record to `out`.
 pub fn frame(out: &mut Vec<u8>, lsn: u64, kind: u8, payload: &[u8]) {
-    let len = 8 + 1 + payload.len();
+    frame_with(out, lsn, kind, |out| out.extend_from_slice(payload));
+}
+
+/// [`frame`], the payload appended to `out` by `write` in place (no copy of
+/// it made first).
+pub fn frame_with(out: &mut Vec<u8>, lsn: u64, kind: u8, write: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&[0; FRAME_PREFIX]);
     out.extend_from_slice(&lsn.to_le_bytes());
     out.push(kind);
-    out.extend_from_slice(payload);
+    write(out);
+    let len = (out.len() - start - FRAME_PREFIX) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     let crc = crc32fast::hash(&out[start + FRAME_PREFIX..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }

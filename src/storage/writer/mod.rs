@@ -388,7 +388,7 @@ impl Writer {
             };
             let lsn = self.state.snap.lsn + 1;
             let framed_from = self.buf.len();
-            wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+            wal::frame_with(&mut self.buf, lsn, KIND_BATCH, |out| batch.encode_into(out));
             // Room in the log first: a full disk refuses this write before
             // it is applied, and the store stays writable.
             if let Err(e) = self.wal.reserve(self.buf.len() as u64) {
@@ -559,7 +559,7 @@ impl Writer {
         }
         let lsn = self.state.snap.lsn + 1;
         self.buf.clear();
-        wal::frame(&mut self.buf, lsn, KIND_BATCH, &batch.encode());
+        wal::frame_with(&mut self.buf, lsn, KIND_BATCH, |out| batch.encode_into(out));
         match self.wal.reserve(self.buf.len() as u64) {
             Ok(()) => {}
             Err(e @ Error::DiskFull(_)) => return Err(e),
