@@ -6,7 +6,8 @@
 //! counts and new customers — a write naming a customer an earlier one of
 //! the run named goes to the next record, the change feed (rule tags
 //! included) shows every change, and a restart and a crash find it all.
-//! Once with chosen writes, once with random ones against a model.
+//! Once with chosen writes, once with random ones against a model, and
+//! once with a run the disk has no room for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tagstore::query::Query;
 use tagstore::rules::Definition;
-use tagstore::storage::fs::MemFs;
+use tagstore::storage::fs::{MemFs, Op};
 use tagstore::storage::{Engine, EngineConfig, Mutation, WriteOp, WriteResult};
 
 const DIR: &str = "/mem/store";
@@ -528,4 +529,82 @@ fn random_small_writes_queued_together_equal_a_model() {
         }
     }
     assert!(shared_lsns > 0, "no writes were logged together");
+}
+
+/// A run whose one record needs more log space than the disk has is
+/// refused whole as a full disk, every request of it told so: nothing of
+/// it applied, the store not failed; once there is room the same writes go
+/// through, and a crash keeps them.
+#[test]
+fn a_run_the_disk_has_no_room_for_is_refused_whole() {
+    let fs = MemFs::new();
+    let engine = open(&fs);
+    create_tags(&engine, &["t"]);
+    engine.write_blocking(update("t", &["a"], &[])).unwrap();
+    // 256 writes of 64 new customers with the longest keys: one record of
+    // more than the 4 MiB the log allocates ahead.
+    let writes: Vec<Vec<String>> = (0..256)
+        .map(|w| {
+            (0..64)
+                .map(|k| format!("{w:03}-{k:02}-{}", "x".repeat(249)))
+                .collect()
+        })
+        .collect();
+    let op = |keys: &Vec<String>| WriteOp::Update {
+        mutations: vec![Mutation {
+            tag: "t".into(),
+            add: keys.clone(),
+            ..Default::default()
+        }],
+        create_missing_tags: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let run = |full: bool| -> Vec<tagstore::Result<WriteResult>> {
+        let hold = fs.hold_syncs("wal-");
+        let mut first = engine
+            .enqueue(update("t", &[if full { "b" } else { "c" }], &[]))
+            .unwrap();
+        let waited = Instant::now();
+        while hold.waiting() == 0 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "no sync came");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if full {
+            fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC);
+        }
+        let queued: Vec<_> = writes
+            .iter()
+            .map(|k| engine.enqueue(op(k)).unwrap())
+            .collect();
+        drop(hold);
+        rt.block_on(first.answer()).unwrap();
+        queued
+            .into_iter()
+            .map(|mut q| rt.block_on(q.answer()))
+            .collect()
+    };
+    let answers = run(true);
+    for (i, a) in answers.iter().enumerate() {
+        assert!(
+            matches!(a, Err(tagstore::Error::DiskFull(_))),
+            "write {i}: {a:?}"
+        );
+    }
+    assert_eq!(engine.failure(), None);
+    assert_eq!(members(&engine, "t"), set(&["a", "b"]));
+    assert_eq!(engine.snapshot().customer_id(&writes[0][0]).unwrap(), None);
+
+    fs.clear_faults();
+    let answers = run(false);
+    let lsn = answers[0].as_ref().unwrap().lsn;
+    for a in &answers {
+        let a = a.as_ref().unwrap();
+        assert_eq!((a.added, a.new_customers, a.lsn), (64, 64, lsn));
+    }
+    assert_eq!(members(&engine, "t").len(), 3 + 256 * 64);
+    let crashed = fs.crash_image();
+    drop(engine);
+    assert_eq!(members(&open(&crashed), "t").len(), 3 + 256 * 64);
 }
