@@ -16,7 +16,7 @@
 //! the next). So each customer's tags change in one write only, every rule
 //! and kept-current audience sees, for each customer, the same before and
 //! after as it would have, and the change feed shows every change, under
-//! the run's one lsn. A refused write (an unknown tag, a dead customer id)
+//! the run's one lsn. A refused write (a rule tag, a dead customer id)
 //! is refused as it would have been and leaves nothing in the batch.
 //!
 //! This room plans; the writer (the module above) logs, applies and
