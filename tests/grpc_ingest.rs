@@ -520,6 +520,75 @@ async fn a_stream_cancelled_halfway_can_be_sent_again() {
     assert_eq!(total_spend(&mut c).await, 20_000 * 100, "each order once");
 }
 
+/// A client that cancels a stream of single changes halfway, 64 and more
+/// in flight (the writer commits them in combined records): what it handed
+/// over is applied in the order sent, so the members are a prefix of what
+/// it sent, never a gap; a restart finds the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_changes_cancelled_halfway_leaves_a_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let change = |i: u64| IngestRequest {
+        seq: i,
+        changes: vec![Mutation {
+            tag: "t".into(),
+            add: vec![format!("c{i:05}")],
+            ..Default::default()
+        }],
+        create_missing_tags: true,
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut answers = c
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let sender = tokio::spawn(async move {
+        for i in 0..20_000 {
+            if tx.send(change(i)).await.is_err() {
+                return;
+            }
+        }
+        // Held open: only the cancel ends the stream.
+        std::future::pending::<()>().await;
+    });
+    for _ in 0..300 {
+        answers.message().await.unwrap().unwrap();
+    }
+    drop(answers);
+    sender.abort();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let prefix = |n: u64| -> Vec<String> { (0..n).map(|i| format!("c{i:05}")).collect() };
+    let n = count(&mut c, "t").await;
+    assert!((300..20_000).contains(&n), "{n} applied");
+    async fn members(c: &mut Client) -> Vec<String> {
+        let mut keys = c
+            .members(MembersRequest {
+                query: "t".into(),
+                limit: 20_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .customers;
+        keys.sort();
+        keys
+    }
+    assert_eq!(
+        members(&mut c).await,
+        prefix(n),
+        "a prefix of what was sent"
+    );
+    server.kill();
+    drop(server);
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    assert_eq!(members(&mut c).await, prefix(n), "after a kill -9");
+}
+
 /// A client that does not read its answers holds the stream (the server
 /// stops reading once its answers and batches in flight are full), not the
 /// server: other calls answer meanwhile, and every answer is there, in
