@@ -517,6 +517,11 @@ impl CheckpointJob {
                 definition: s.definition.clone(),
                 created_ms: s.created_ms,
                 updated_ms: s.updated_ms,
+                positions: snap.positions.get(&s.name).map_or_else(Vec::new, |at| {
+                    at.iter()
+                        .map(|((topic, partition), next)| (topic.clone(), *partition, *next))
+                        .collect()
+                }),
             })
             .collect();
 

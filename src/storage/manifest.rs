@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 9;
+pub const MANIFEST_VERSION: u32 = 10;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +40,9 @@ pub struct ManifestSource {
     pub definition: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// Where it has consumed topics to (version 10): `(topic, partition,
+    /// next offset)`, sorted.
+    pub positions: Vec<(String, i32, i64)>,
 }
 
 /// A saved audience (small: kept here whole).
@@ -287,6 +290,12 @@ impl Manifest {
                 .i64(r.updated_ms)
                 .str(&r.stale);
         }
+        for s in &self.sources {
+            e.u32(s.positions.len() as u32);
+            for (topic, partition, next) in &s.positions {
+                e.str(topic).i64(i64::from(*partition)).i64(*next);
+            }
+        }
         e.buf
     }
 
@@ -354,6 +363,7 @@ impl Manifest {
                     definition: d.str()?.to_string(),
                     created_ms: d.i64()?,
                     updated_ms: d.i64()?,
+                    positions: Vec::new(),
                 });
             }
             for _ in 0..d.u32()? {
@@ -437,6 +447,17 @@ impl Manifest {
                     updated_ms: d.i64()?,
                     stale: d.str()?.to_string(),
                 });
+            }
+        }
+        if version >= 10 {
+            for s in m.sources.iter_mut() {
+                for _ in 0..d.u32()? {
+                    let topic = d.str()?.to_string();
+                    let partition = d.i64()?;
+                    let partition = i32::try_from(partition)
+                        .or_else(|_| d.err(format!("partition {partition} out of range")))?;
+                    s.positions.push((topic, partition, d.i64()?));
+                }
             }
         }
         d.finish()?;
@@ -561,6 +582,7 @@ mod tests {
                 definition: "format = \"csv\"".into(),
                 created_ms: 7,
                 updated_ms: 8,
+                positions: vec![("orders".into(), 0, 12), ("orders".into(), 3, 1 << 35)],
             }],
             audiences: vec![ManifestAudience {
                 name: "高价值".into(),

@@ -8,7 +8,8 @@
 //! version 5 identities and merges, version 6 what each merge changed (so
 //! that it can be undone) and the merges undone, version 7 saved audiences,
 //! version 8 audience snapshots, version 9 a day of member counts, version
-//! 10 rules (defined, dropped, their days turned); a reader
+//! 10 rules (defined, dropped, their days turned), version 11 the
+//! positions Kafka sources have consumed to; a reader
 //! takes every one and refuses versions it does not know instead of
 //! guessing.
 
@@ -20,7 +21,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 10;
+pub const BATCH_VERSION: u8 = 11;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -248,6 +249,18 @@ pub struct Batch {
     /// customers the new day can change are evaluated again when the
     /// batch is applied.
     pub rule_days: Vec<(String, i32)>,
+    /// Where sources that consume topics are now (version 11): what the
+    /// batch's records were consumed from, logged with them, so that a
+    /// source resumes exactly after the last record applied.
+    pub positions: Vec<SourcePositions>,
+}
+
+/// A source's consumed positions: for each `(topic, partition)`, the offset
+/// of the next record to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePositions {
+    pub source: String,
+    pub next: Vec<(String, i32, i64)>,
 }
 
 /// A rule defined (`definition`) or dropped (`None`), and the local day
@@ -573,6 +586,7 @@ impl Batch {
             && self.history.is_none()
             && self.rules.is_empty()
             && self.rule_days.is_empty()
+            && self.positions.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -761,6 +775,13 @@ impl Batch {
         e.u32(self.rule_days.len() as u32);
         for (name, day) in &self.rule_days {
             e.str(name).i64(i64::from(*day));
+        }
+        e.u32(self.positions.len() as u32);
+        for p in &self.positions {
+            e.str(&p.source).u32(p.next.len() as u32);
+            for (topic, partition, next) in &p.next {
+                e.str(topic).i64(i64::from(*partition)).i64(*next);
+            }
         }
         *out = e.buf;
     }
@@ -1004,6 +1025,20 @@ impl Batch {
                 b.rule_days.push((name, day(&mut d)?));
             }
         }
+        if version >= 11 {
+            for _ in 0..d.u32()? {
+                let source = d.str()?.to_string();
+                let mut next = Vec::new();
+                for _ in 0..d.u32()? {
+                    let topic = d.str()?.to_string();
+                    let partition = d.i64()?;
+                    let partition = i32::try_from(partition)
+                        .or_else(|_| d.err(format!("partition {partition} out of range")))?;
+                    next.push((topic, partition, d.i64()?));
+                }
+                b.positions.push(SourcePositions { source, next });
+            }
+        }
         d.finish()?;
         Ok(b)
     }
@@ -1209,6 +1244,10 @@ mod tests {
                 },
             ],
             rule_days: vec![("潜在流失".into(), 20_790)],
+            positions: vec![SourcePositions {
+                source: "orders_topic".into(),
+                next: vec![("orders".into(), 0, 17), ("orders".into(), 2, 1 << 40)],
+            }],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

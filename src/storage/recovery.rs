@@ -21,8 +21,8 @@ use crate::storage::record::Batch;
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
 use crate::storage::snapshot::{
-    ArchiveList, AudienceMap, AudienceMeta, AudienceSnapshot, LazyBitmap, SnapshotMap, SourceMap,
-    SourceMeta,
+    ArchiveList, AudienceMap, AudienceMeta, AudienceSnapshot, LazyBitmap, PositionMap, SnapshotMap,
+    SourceMap, SourceMeta,
 };
 use crate::storage::state::State;
 use crate::storage::versions::{self, Versions};
@@ -336,8 +336,20 @@ pub(crate) fn state_of(
         );
     }
     let mut sources = SourceMap::new();
+    let mut positions = PositionMap::new();
     for s in &manifest.sources {
         let name: Arc<str> = Arc::from(s.name.as_str());
+        if !s.positions.is_empty() {
+            positions.insert(
+                name.clone(),
+                Arc::new(
+                    s.positions
+                        .iter()
+                        .map(|(topic, partition, next)| ((topic.clone(), *partition), *next))
+                        .collect(),
+                ),
+            );
+        }
         sources.insert(
             name.clone(),
             Arc::new(SourceMeta {
@@ -473,6 +485,7 @@ pub(crate) fn state_of(
         dict,
         idents,
         sources,
+        positions,
         audiences,
         snapshots,
         next_snapshot_id: manifest.next_snapshot_id.max(1),

@@ -163,6 +163,14 @@ pub struct SourceMeta {
 /// Sources by name.
 pub type SourceMap = imbl::OrdMap<Arc<str>, Arc<SourceMeta>>;
 
+/// Where a source that consumes topics is: `(topic, partition)` to the
+/// offset of the next record to consume.
+pub type Positions = std::collections::BTreeMap<(String, i32), i64>;
+
+/// Consumed positions by source name (sources that never consumed a topic
+/// have none).
+pub type PositionMap = imbl::OrdMap<Arc<str>, Arc<Positions>>;
+
 /// A saved audience as the store keeps it: a named query, with what people
 /// know it by. The store keeps the query's text; the query layer reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +340,8 @@ pub struct Snapshot {
     pub idents: Arc<Identities>,
     /// Sources of ingestion by name.
     pub sources: SourceMap,
+    /// Where each Kafka source has consumed to, logged with the records.
+    pub positions: PositionMap,
     /// Saved audiences: named queries (they share the name space of tags
     /// and fields).
     pub audiences: AudienceMap,
@@ -442,6 +452,7 @@ impl Snapshot {
             dict: Arc::new(Dictionary::new(Vec::new(), next_customer_id)),
             idents: Arc::new(Identities::new(Vec::new())),
             sources: SourceMap::new(),
+            positions: PositionMap::new(),
             audiences: AudienceMap::new(),
             snapshots: SnapshotMap::new(),
             next_snapshot_id: 1,

@@ -635,8 +635,22 @@ impl State {
                 }
                 None => {
                     self.snap.sources.remove(c.name.as_str());
+                    self.snap.positions.remove(c.name.as_str());
                 }
             }
+        }
+        for p in &b.positions {
+            let name: Arc<str> = Arc::from(p.source.as_str());
+            let mut at = self
+                .snap
+                .positions
+                .get(&name)
+                .map(|a| (**a).clone())
+                .unwrap_or_default();
+            for (topic, partition, next) in &p.next {
+                at.insert((topic.clone(), *partition), *next);
+            }
+            self.snap.positions.insert(name, Arc::new(at));
         }
         for c in &b.audiences {
             match &c.definition {

@@ -275,6 +275,16 @@ pub enum WriteOp {
     Ingest {
         records: Vec<IngestRecord>,
     },
+    /// Records consumed from a source's topics: applied as
+    /// [`WriteOp::Ingest`] applies them, with the source's new positions
+    /// logged in the same record, so that the source resumes exactly after
+    /// the last record applied. No records: only the positions move (past
+    /// records that were rejected or ignored). Refused with
+    /// `SourceNotFound` when the source is gone.
+    Consume {
+        records: Vec<IngestRecord>,
+        positions: crate::storage::record::SourcePositions,
+    },
     /// Facts rebuilt from the event archive as it was at lsn `as_of` (a
     /// checkpoint's): each of `customers` loses whatever it had in the
     /// `erase` fields, then gets `writes`, atomically. A customer with
@@ -393,7 +403,9 @@ impl WriteOp {
             | WriteOp::DeleteCustomers { customers }
             | WriteOp::CreateCustomers { customers } => customers.len(),
             WriteOp::SetValues { writes } => writes.len(),
-            WriteOp::Ingest { records } => records.iter().map(|r| r.writes.len()).sum(),
+            WriteOp::Ingest { records } | WriteOp::Consume { records, .. } => {
+                records.iter().map(|r| r.writes.len()).sum()
+            }
             WriteOp::RebuildFacts { customers, .. } => customers.len(),
             WriteOp::Unmerge { identities, .. } => identities.len(),
             WriteOp::PutSource { .. }
@@ -431,11 +443,13 @@ impl WriteOp {
             WriteOp::RebuildFacts {
                 customers, writes, ..
             } => all(customers).and_then(|_| writes.iter().try_for_each(ValueWrite::check_key)),
-            WriteOp::Ingest { records } => records.iter().try_for_each(|r| {
-                all(&r.identities)?;
-                r.writes.iter().try_for_each(ValueWrite::check_key)?;
-                r.event.iter().try_for_each(|e| check_key(&e.customer))
-            }),
+            WriteOp::Ingest { records } | WriteOp::Consume { records, .. } => {
+                records.iter().try_for_each(|r| {
+                    all(&r.identities)?;
+                    r.writes.iter().try_for_each(ValueWrite::check_key)?;
+                    r.event.iter().try_for_each(|e| check_key(&e.customer))
+                })
+            }
             // Identities are checked keys (the survivor's); the writes name
             // the two customers by the writer's own handles.
             WriteOp::Unmerge { identities, .. } => all(identities),

@@ -449,131 +449,145 @@ impl Planner<'_> {
                 erase,
                 writes,
             } => self.plan_unmerge(of, as_of, identities, erase, writes, batch),
-            WriteOp::Ingest { records } => {
-                let mut duplicates = Vec::new();
-                let mut fresh = std::collections::HashSet::new();
-                let mut taken = Vec::with_capacity(records.len());
-                for (i, r) in records.into_iter().enumerate() {
-                    if let Some(id) = r.seen {
-                        if self.state.seen.contains(id) || !fresh.insert(id) {
-                            duplicates.push(i as u32);
-                            continue;
-                        }
-                        batch.seen.push(id);
-                    }
-                    if let Some(e) = &r.event
-                        && e.bytes.len() > crate::storage::archive::MAX_EVENT_BYTES
-                    {
-                        return Err(Error::invalid(format!(
-                            "record {i}: its event is {} bytes encoded; at most {}",
-                            e.bytes.len(),
-                            crate::storage::archive::MAX_EVENT_BYTES
-                        )));
-                    }
-                    taken.push((i as u32, r));
+            WriteOp::Ingest { records } => self.plan_ingest(records, batch),
+            WriteOp::Consume { records, positions } => {
+                if !snap.sources.contains_key(positions.source.as_str()) {
+                    return Err(Error::SourceNotFound(positions.source));
                 }
-                let mut ids = IdAssigner::new(self.state)?;
-                // First, every record's customer: the identities of each
-                // decide it (a new customer when they name none); customers
-                // one record names together are one person.
-                let mut groups = Groups::default();
-                let mut customers = Vec::with_capacity(taken.len());
-                for (i, r) in &taken {
-                    customers.push(if r.identities.is_empty() {
-                        None
-                    } else {
-                        Some(self.identify(&mut ids, &mut groups, *i, r, at_ms, &mut batch)?)
-                    });
-                }
-                // Then the merges, before the writes: each absorbed
-                // customer's tags, values and identities move to its
-                // survivor, and the records' writes build on the merged
-                // values.
-                let linked = batch.identities.len() as u64;
-                let mut seed = BTreeMap::new();
-                let merges = groups.merges();
-                if merges.len() > super::identify::MAX_MERGES_PER_REQUEST {
-                    return Err(Error::invalid(format!(
-                        "these records would merge {} customers; at most {} in one request (send fewer records at once)",
-                        merges.len(),
-                        super::identify::MAX_MERGES_PER_REQUEST
-                    )));
-                }
-                if !merges.is_empty() {
-                    self.plan_merges(&merges, &mut seed, &mut batch)?;
-                }
-                let merged = batch.merges.clone();
-                self.log_refused(&groups.refused(), &mut batch);
-                for link in &mut batch.identities {
-                    link.customer = groups.find(link.customer);
-                }
-                let mut writes = Vec::new();
-                let mut kept = Vec::new();
-                for ((_, r), customer) in taken.into_iter().zip(customers) {
-                    // Aimed at the survivor by a handle only this request
-                    // knows (no key holds a NUL byte).
-                    let handle = customer.map(|c| {
-                        let s = groups.find(c);
-                        let handle = format!("\0{s}");
-                        ids.link(&handle, s);
-                        handle
-                    });
-                    // An order whose refund came before it, or comes with
-                    // it, leaves out what only its being there gives.
-                    let refunded = r
-                        .refund
-                        .is_some_and(|id| self.state.seen.contains(id) || fresh.contains(&id));
-                    let unless = (!refunded).then_some(r.unless_refunded);
-                    for mut w in r.writes.into_iter().chain(unless.into_iter().flatten()) {
-                        if let Some(h) = &handle {
-                            w.set_customer(h);
-                        }
-                        writes.push(w);
-                    }
-                    if let Some(mut e) = r.event {
-                        if let Some(h) = &handle {
-                            e.customer = h.clone();
-                        }
-                        kept.push(e);
-                    }
-                }
-                let expired = if writes.is_empty() && seed.is_empty() {
-                    0
-                } else {
-                    plan_values(snap, &writes, &mut ids, at_ms, &mut batch, seed)?
-                };
-                // A kept event makes its customer, as its facts would.
-                let customers = kept
-                    .iter()
-                    .map(|e| ids.get_or_create(&e.customer))
-                    .collect::<Result<Vec<u32>>>()?;
-                batch.new_keys = ids.new_keys;
-                batch.events = kept
-                    .into_iter()
-                    .zip(customers)
-                    .map(|(e, customer)| LoggedEvent {
-                        customer,
-                        bytes: e.bytes,
-                    })
-                    .collect();
-                let target = Target::Ingested {
-                    expired,
-                    duplicates,
-                    linked,
-                    merges: merged,
-                    refusals: std::mem::take(&mut groups.refusals),
-                };
-                if batch.is_empty() {
-                    let mut r = WriteResult {
-                        lsn: snap.lsn,
-                        ..Default::default()
-                    };
-                    target.report(&mut r);
-                    return Ok(Planned::Done(r));
-                }
-                Ok(Planned::Write(batch, target))
+                batch.positions.push(positions);
+                self.plan_ingest(records, batch)
             }
         }
+    }
+
+    /// The batch of a [`WriteOp::Ingest`] (or [`WriteOp::Consume`]):
+    /// duplicates skipped, customers identified and merged, the records'
+    /// writes and kept events.
+    fn plan_ingest(&self, records: Vec<IngestRecord>, mut batch: Batch) -> Result<Planned> {
+        let snap = &self.state.snap;
+        let at_ms = self.at_ms;
+        let mut duplicates = Vec::new();
+        let mut fresh = std::collections::HashSet::new();
+        let mut taken = Vec::with_capacity(records.len());
+        for (i, r) in records.into_iter().enumerate() {
+            if let Some(id) = r.seen {
+                if self.state.seen.contains(id) || !fresh.insert(id) {
+                    duplicates.push(i as u32);
+                    continue;
+                }
+                batch.seen.push(id);
+            }
+            if let Some(e) = &r.event
+                && e.bytes.len() > crate::storage::archive::MAX_EVENT_BYTES
+            {
+                return Err(Error::invalid(format!(
+                    "record {i}: its event is {} bytes encoded; at most {}",
+                    e.bytes.len(),
+                    crate::storage::archive::MAX_EVENT_BYTES
+                )));
+            }
+            taken.push((i as u32, r));
+        }
+        let mut ids = IdAssigner::new(self.state)?;
+        // First, every record's customer: the identities of each
+        // decide it (a new customer when they name none); customers
+        // one record names together are one person.
+        let mut groups = Groups::default();
+        let mut customers = Vec::with_capacity(taken.len());
+        for (i, r) in &taken {
+            customers.push(if r.identities.is_empty() {
+                None
+            } else {
+                Some(self.identify(&mut ids, &mut groups, *i, r, at_ms, &mut batch)?)
+            });
+        }
+        // Then the merges, before the writes: each absorbed
+        // customer's tags, values and identities move to its
+        // survivor, and the records' writes build on the merged
+        // values.
+        let linked = batch.identities.len() as u64;
+        let mut seed = BTreeMap::new();
+        let merges = groups.merges();
+        if merges.len() > super::identify::MAX_MERGES_PER_REQUEST {
+            return Err(Error::invalid(format!(
+                "these records would merge {} customers; at most {} in one request (send fewer records at once)",
+                merges.len(),
+                super::identify::MAX_MERGES_PER_REQUEST
+            )));
+        }
+        if !merges.is_empty() {
+            self.plan_merges(&merges, &mut seed, &mut batch)?;
+        }
+        let merged = batch.merges.clone();
+        self.log_refused(&groups.refused(), &mut batch);
+        for link in &mut batch.identities {
+            link.customer = groups.find(link.customer);
+        }
+        let mut writes = Vec::new();
+        let mut kept = Vec::new();
+        for ((_, r), customer) in taken.into_iter().zip(customers) {
+            // Aimed at the survivor by a handle only this request
+            // knows (no key holds a NUL byte).
+            let handle = customer.map(|c| {
+                let s = groups.find(c);
+                let handle = format!("\0{s}");
+                ids.link(&handle, s);
+                handle
+            });
+            // An order whose refund came before it, or comes with
+            // it, leaves out what only its being there gives.
+            let refunded = r
+                .refund
+                .is_some_and(|id| self.state.seen.contains(id) || fresh.contains(&id));
+            let unless = (!refunded).then_some(r.unless_refunded);
+            for mut w in r.writes.into_iter().chain(unless.into_iter().flatten()) {
+                if let Some(h) = &handle {
+                    w.set_customer(h);
+                }
+                writes.push(w);
+            }
+            if let Some(mut e) = r.event {
+                if let Some(h) = &handle {
+                    e.customer = h.clone();
+                }
+                kept.push(e);
+            }
+        }
+        let expired = if writes.is_empty() && seed.is_empty() {
+            0
+        } else {
+            plan_values(snap, &writes, &mut ids, at_ms, &mut batch, seed)?
+        };
+        // A kept event makes its customer, as its facts would.
+        let customers = kept
+            .iter()
+            .map(|e| ids.get_or_create(&e.customer))
+            .collect::<Result<Vec<u32>>>()?;
+        batch.new_keys = ids.new_keys;
+        batch.events = kept
+            .into_iter()
+            .zip(customers)
+            .map(|(e, customer)| LoggedEvent {
+                customer,
+                bytes: e.bytes,
+            })
+            .collect();
+        let target = Target::Ingested {
+            expired,
+            duplicates,
+            linked,
+            merges: merged,
+            refusals: std::mem::take(&mut groups.refusals),
+        };
+        if batch.is_empty() {
+            let mut r = WriteResult {
+                lsn: snap.lsn,
+                ..Default::default()
+            };
+            target.report(&mut r);
+            return Ok(Planned::Done(r));
+        }
+        Ok(Planned::Write(batch, target))
     }
 
     /// The changes of an update's mutations, appended to `batch` (tags made
