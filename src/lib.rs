@@ -22,6 +22,9 @@
 //!   CSV or JSON Lines, UTF-8 or GBK), normalised into the one event model
 //!   and turned into facts (field writes). Knows nothing of gRPC; hands its
 //!   writes to the engine like any client.
+//! - [`intake`]: records read from a source into the engine's writes
+//!   (the facts' fields made when missing), shared by the `Ingest` stream
+//!   and the Kafka consumers.
 //! - [`fields`]: what a field is (integer, enumerated, behaviour) and how
 //!   its values sit in bitmaps; local days and months.
 //! - [`access`]: API tokens (the tokens file, roles) and the rule of every
@@ -45,6 +48,7 @@ pub mod config;
 pub mod error;
 pub mod fields;
 pub mod ingest;
+pub mod intake;
 pub mod query;
 pub mod rules;
 pub mod server;

@@ -1,7 +1,8 @@
 //! Calls that take channel records in: `CreateSource`, `DropSource`,
 //! `ListSources` and the `Ingest` stream. Definitions are checked by
 //! [`crate::ingest`] before the engine keeps them; records are read,
-//! normalised and turned into facts there, and reach the engine as one
+//! normalised and turned into facts there and in [`crate::intake`] (shared
+//! with the Kafka consumers), and reach the engine as one
 //! [`WriteOp::Ingest`] per batch, so a batch's records and their event ids
 //! are logged together.
 //!
@@ -17,7 +18,7 @@
 //! the batches already handed to the writer to finish (durably); it learns
 //! nothing of them, and may resend them: their events are remembered.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -27,13 +28,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Limits;
 use crate::error::Error;
-use crate::fields::{
-    BehaviourSpec, DEFAULT_DAILY_DAYS, DEFAULT_RETENTION_DAYS, FieldKind, MergeRule,
-};
-use crate::ingest::facts::{Fact, FactKind, Facts, ORDER, REFUND};
+use crate::ingest::facts::Facts;
 use crate::ingest::presets::{self, PRESETS};
 use crate::ingest::read::Reader;
-use crate::ingest::source::{Format, Outcome, Source};
+use crate::ingest::source::{Format, Source};
+use crate::intake::{self, is_about_records};
 use crate::proto;
 use crate::server::budget::{MemoryBudget, Reservation};
 use crate::server::service::{Service, idle_status, invalid};
@@ -41,10 +40,9 @@ use crate::server::status::to_status;
 use crate::server::writes::mutation;
 use crate::storage::merges::MergeEntry;
 use crate::storage::record::LoggedMerge;
-use crate::storage::seen::seen_id;
 use crate::storage::snapshot::SourceMeta;
 use crate::storage::writer::identify::LinkRefusal;
-use crate::storage::{Engine, IngestRecord, KeptEvent, Queued, WriteOp};
+use crate::storage::{Engine, IngestRecord, Queued, WriteOp};
 
 /// What an idle stream's end says of its batches.
 const IDLE_NOTE: &str = "every batch answered before this was applied, none after";
@@ -500,163 +498,24 @@ async fn prepare(
     let source = current.source().clone();
     *reader = Some((name.clone(), current));
 
-    let mut answer = proto::IngestResponse {
+    let prepared = intake::prepare(engine, facts, &source, reads).await;
+    let answer = proto::IngestResponse {
         seq: batch.seq,
+        ignored: prepared.ignored,
+        rejected: prepared
+            .rejected
+            .into_iter()
+            .map(|r| proto::RejectedRecord {
+                line: r.line,
+                reason: r.reason,
+            })
+            .collect(),
         ..Default::default()
     };
-    let mut events = Vec::new();
-    for r in reads {
-        match r.outcome {
-            Outcome::Event(e) => events.push((r.line, e)),
-            Outcome::Ignored => answer.ignored += 1,
-            Outcome::Rejected(why) => answer.rejected.push(proto::RejectedRecord {
-                line: r.line,
-                reason: why.0,
-            }),
-        }
-    }
-    // The facts' fields, created when missing; a record whose fact names a
-    // field of another kind (or a tag) is rejected, saying which.
-    let mut unusable: HashMap<String, String> = HashMap::new();
-    let mut needed: BTreeMap<String, (FactKind, MergeRule)> = BTreeMap::new();
-    let mut records = Vec::with_capacity(events.len());
-    for (line, e) in events {
-        let fs = match facts.of(&e) {
-            Ok(fs) => fs,
-            Err(why) => {
-                answer.rejected.push(proto::RejectedRecord {
-                    line,
-                    reason: why.0,
-                });
-                continue;
-            }
-        };
-        for f in &fs {
-            needed
-                .entry(f.field.clone())
-                .or_insert((f.kind, f.merge_rule()));
-        }
-        records.push((line, e, fs));
-    }
-    for (field, (kind, merge)) in needed {
-        if let Err(why) = ensure_field(engine, &field, kind, merge).await {
-            unusable.insert(field, why);
-        }
-    }
-    let mut prepared = Vec::with_capacity(records.len());
-    for (line, e, fs) in records {
-        if let Some((field, why)) = fs
-            .iter()
-            .find_map(|f| unusable.get(&f.field).map(|w| (&f.field, w)))
-        {
-            answer.rejected.push(proto::RejectedRecord {
-                line,
-                reason: format!("its fact {field:?} cannot be written: {why}"),
-            });
-            continue;
-        }
-        // The writer decides the customer from every identity the record
-        // names; the first names a new one.
-        let identities: Vec<String> = e.identities.iter().map(|i| i.key()).collect();
-        let key = identities[0].clone();
-        let seen = e
-            .source_event_id
-            .as_deref()
-            .map(|id| seen_id(&source.name, &e.event_type, id));
-        // An order's behaviours and days are left out if its refund comes
-        // first (`crate::ingest::facts`, on refunds).
-        let refund = e
-            .source_event_id
-            .as_deref()
-            .filter(|_| e.event_type == ORDER)
-            .map(|id| seen_id(&source.name, REFUND, id));
-        let (sums, rest): (Vec<&Fact>, Vec<&Fact>) =
-            fs.iter().partition(|f| refund.is_none() || f.is_sum());
-        prepared.push((
-            line,
-            IngestRecord {
-                refund,
-                unless_refunded: rest.iter().map(|f| f.value_write(&key)).collect(),
-                seen,
-                identities,
-                place: e.channel.clone(),
-                at_ms: e.at_ms,
-                writes: sums.iter().map(|f| f.value_write(&key)).collect(),
-                event: Some(KeptEvent {
-                    bytes: e.encode(&source.name),
-                    customer: key,
-                }),
-            },
-        ));
-    }
     Ok(Prepared {
         answer,
-        records: prepared,
+        records: prepared.records,
     })
-}
-
-/// Creates a fact's field if it is missing (with the merge rule its fact
-/// implies); says why not if it cannot be.
-pub(super) async fn ensure_field(
-    engine: &Engine,
-    name: &str,
-    kind: FactKind,
-    merge: MergeRule,
-) -> Result<(), String> {
-    let snap = engine.snapshot();
-    match (snap.field(name).map(|f| &f.meta.kind), kind) {
-        (Some(FieldKind::Int), FactKind::Integer) => return Ok(()),
-        (Some(FieldKind::Behaviour(_)), FactKind::Behaviour) => return Ok(()),
-        (Some(other), _) => {
-            return Err(format!("{name:?} is a field of kind {}", other.name()));
-        }
-        (None, _) if snap.tag(name).is_some() => return Err(format!("{name:?} is a tag")),
-        (None, _) => {}
-    }
-    let want = kind;
-    let kind = match kind {
-        FactKind::Integer => FieldKind::Int,
-        FactKind::Behaviour => FieldKind::Behaviour(BehaviourSpec {
-            time_zone: "Asia/Shanghai".into(),
-            retention_days: DEFAULT_RETENTION_DAYS,
-            daily_days: DEFAULT_DAILY_DAYS,
-        }),
-    };
-    match engine
-        .write(WriteOp::CreateField {
-            name: name.to_string(),
-            description: "a fact kept by ingestion".into(),
-            category: "facts".into(),
-            kind,
-            merge,
-            if_not_exists: true,
-        })
-        .await
-    {
-        Ok(_) => Ok(()),
-        // Made meanwhile by another stream, of the same kind: fine.
-        Err(Error::FieldExists(_)) if snap_kind_matches(engine, name, want) => Ok(()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn snap_kind_matches(engine: &Engine, name: &str, want: FactKind) -> bool {
-    let snap = engine.snapshot();
-    match snap.field(name).map(|f| &f.meta.kind) {
-        Some(FieldKind::Int) => want == FactKind::Integer,
-        Some(FieldKind::Behaviour(_)) => want == FactKind::Behaviour,
-        _ => false,
-    }
-}
-
-/// Whether an engine error is about the records written (so that, written
-/// one by one, only the records at fault are rejected) rather than about
-/// the store (which fails the stream).
-fn is_about_records(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::InvalidArgument(_) | Error::FieldNotFound(_) | Error::TagExists(_)
-    )
 }
 
 /// `Link`: one ingested record with the identities and nothing else, so
