@@ -25,6 +25,9 @@
 //! - [`intake`]: records read from a source into the engine's writes
 //!   (the facts' fields made when missing), shared by the `Ingest` stream
 //!   and the Kafka consumers.
+//! - [`kafka`]: the server consuming Kafka topics of sources that name
+//!   them, each batch logged with the positions it consumed to (exactly
+//!   once); knows nothing of gRPC.
 //! - [`fields`]: what a field is (integer, enumerated, behaviour) and how
 //!   its values sit in bitmaps; local days and months.
 //! - [`access`]: API tokens (the tokens file, roles) and the rule of every
@@ -49,6 +52,7 @@ pub mod error;
 pub mod fields;
 pub mod ingest;
 pub mod intake;
+pub mod kafka;
 pub mod query;
 pub mod rules;
 pub mod server;

@@ -8,7 +8,9 @@
 //! [`normalize`] (one value: a time, an amount, a phone number, an
 //! identifier, into its one form), [`event`] (the unified event model every
 //! record becomes), [`facts`] (the field writes an event makes: counters,
-//! first and last days, behaviours). Apart from that path, [`rebuild`]
+//! first and last days, behaviours). A source may also name Kafka topics
+//! ([`kafka`]: its settings; `crate::kafka` consumes them). Apart from
+//! that path, [`rebuild`]
 //! folds kept events back into facts, and [`split`] decides whose each
 //! kept event is when a merge is undone.
 //!
@@ -17,6 +19,7 @@
 
 pub mod event;
 pub mod facts;
+pub mod kafka;
 pub mod normalize;
 pub mod presets;
 pub mod read;

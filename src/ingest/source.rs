@@ -126,6 +126,9 @@ struct Definition {
     identities: Vec<IdentitySpec>,
     #[serde(default)]
     attributes: BTreeMap<String, Spec>,
+    /// Topics the server consumes this source's records from.
+    #[serde(default)]
+    kafka: Option<super::kafka::KafkaSpec>,
 }
 
 fn shanghai() -> String {
@@ -288,6 +291,8 @@ pub struct Source {
     store: Option<Getter>,
     identities: Vec<(String, IdentityForm, Getter)>,
     attributes: Vec<(String, Getter)>,
+    /// The topics the server consumes the source's records from, if any.
+    pub kafka: Option<super::kafka::KafkaSettings>,
 }
 
 impl Source {
@@ -402,7 +407,13 @@ impl Source {
             let g = column(&format!("attribute {k}"), spec)?;
             attributes.push((k, g));
         }
+        let kafka = d
+            .kafka
+            .map(|k| k.check(name, d.format))
+            .transpose()
+            .map_err(err)?;
         Ok(Source {
+            kafka,
             name: name.to_string(),
             description: d.description,
             format: d.format,

@@ -4,7 +4,8 @@
 //! normalised and turned into facts there and in [`crate::intake`] (shared
 //! with the Kafka consumers), and reach the engine as one
 //! [`WriteOp::Ingest`] per batch, so a batch's records and their event ids
-//! are logged together.
+//! are logged together. `ListSources` adds each Kafka source's consumer
+//! status (`crate::kafka`).
 //!
 //! An `Ingest` stream keeps at most [`IN_FLIGHT`] batches between reading
 //! and answering, and holds each one's bytes against the server's request
@@ -73,6 +74,42 @@ fn source_info(meta: &SourceMeta) -> proto::SourceInfo {
         definition: meta.definition.clone(),
         created_at_ms: meta.created_ms,
         updated_at_ms: meta.updated_ms,
+        kafka: None,
+    }
+}
+
+fn kafka_status(s: crate::kafka::Status) -> proto::KafkaSourceStatus {
+    proto::KafkaSourceStatus {
+        state: s.state.name().into(),
+        error: s.error,
+        error_at_ms: s.error_at_ms,
+        partitions: s
+            .partitions
+            .into_iter()
+            .map(|p| proto::KafkaPartitionStatus {
+                topic: p.topic,
+                partition: p.partition,
+                position: p.position,
+                high_watermark: p.high_watermark,
+                lag_records: p.lag_records,
+                lag_seconds: p.lag_seconds,
+            })
+            .collect(),
+        applied: s.applied,
+        duplicates: s.duplicates,
+        ignored: s.ignored,
+        rejected: s.rejected,
+        records_per_second: s.records_per_second,
+        recent_rejects: s
+            .recent_rejects
+            .into_iter()
+            .map(|r| proto::KafkaReject {
+                topic: r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                reason: r.reason,
+            })
+            .collect(),
     }
 }
 
@@ -133,10 +170,21 @@ pub(super) async fn drop_source(engine: &Engine, name: String) -> Result<(), Sta
         .map_err(to_status)
 }
 
-pub(super) fn list_sources(engine: &Engine) -> proto::ListSourcesResponse {
+pub(super) fn list_sources(
+    engine: &Engine,
+    kafka: Option<&crate::kafka::Consumers>,
+) -> proto::ListSourcesResponse {
     let snap = engine.snapshot();
+    let mut statuses = kafka.map(|k| k.statuses()).unwrap_or_default();
     proto::ListSourcesResponse {
-        sources: snap.sources.values().map(|m| source_info(m)).collect(),
+        sources: snap
+            .sources
+            .values()
+            .map(|m| proto::SourceInfo {
+                kafka: statuses.remove(&*m.name).map(kafka_status),
+                ..source_info(m)
+            })
+            .collect(),
         presets: PRESETS
             .iter()
             .map(|(name, def)| {

@@ -148,15 +148,24 @@ pub async fn serve(
         shutdown.await;
         closing_tx.send_replace(true);
     };
-    let service = TagStoreServer::new(Service::new(
+    let consumers = crate::kafka::Consumers::start(
         engine.clone(),
-        config.limits,
-        config.default_time_zone.clone(),
-        budget.clone(),
         config.facts.clone(),
-        closing,
-        audit.clone(),
-    ))
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(|e| Error::io("the Kafka consumers' thread", e))?;
+    let service = TagStoreServer::new(
+        Service::new(
+            engine.clone(),
+            config.limits,
+            config.default_time_zone.clone(),
+            budget.clone(),
+            config.facts.clone(),
+            closing,
+            audit.clone(),
+        )
+        .with_kafka(consumers.clone()),
+    )
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let service = Metered::new(service, budget.clone());
@@ -239,6 +248,8 @@ pub async fn serve(
     let closing = engine.clone();
     let trail = audit.clone();
     let closed = tokio::task::spawn_blocking(move || {
+        // Consumers finish the batch they are writing, and stop.
+        consumers.shutdown();
         trail.close();
         closing.shutdown()
     })

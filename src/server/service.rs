@@ -47,6 +47,8 @@ pub struct Service {
     pub(super) audit: Arc<crate::audit::Audit>,
     /// One backup at a time.
     pub(super) backups: Arc<tokio::sync::Semaphore>,
+    /// The consumers of Kafka sources, when the server runs them.
+    pub(super) kafka: Option<Arc<crate::kafka::Consumers>>,
 }
 
 impl Service {
@@ -77,7 +79,14 @@ impl Service {
             feed: watch::Feed::start(engine_for_feed),
             audit,
             backups: Arc::new(tokio::sync::Semaphore::new(1)),
+            kafka: None,
         }
+    }
+
+    /// The service, reporting the status of these Kafka consumers.
+    pub fn with_kafka(mut self, consumers: Arc<crate::kafka::Consumers>) -> Self {
+        self.kafka = Some(consumers);
+        self
     }
 }
 
@@ -454,7 +463,10 @@ impl TagStore for Service {
         &self,
         _req: Request<proto::ListSourcesRequest>,
     ) -> Result<Response<proto::ListSourcesResponse>, Status> {
-        Ok(Response::new(ingest::list_sources(&self.engine)))
+        Ok(Response::new(ingest::list_sources(
+            &self.engine,
+            self.kafka.as_deref(),
+        )))
     }
 
     type IngestStream = ingest::IngestStream;

@@ -5,7 +5,8 @@
 use std::path::Path;
 
 pub use tagstore_test_support::{
-    Client, code, copy_data_dir, count, create_field, export_set, files_with, int_value, wal_files,
+    Broker, Client, code, copy_data_dir, count, create_field, export_set, files_with, int_value,
+    wal_files,
 };
 
 pub type TestServer = tagstore_test_support::ServerProcess;

@@ -6,12 +6,14 @@
 //! It speaks only the public contract (`tagstore-proto`) and the server's
 //! command line; it must not depend on the engine.
 
+mod broker;
 mod process;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use broker::Broker;
 pub use process::{Client, ServerProcess};
 use tagstore_proto::{CountRequest, CreateFieldRequest, ExportRequest, FieldKind};
 

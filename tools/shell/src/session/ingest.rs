@@ -59,6 +59,58 @@ impl Session {
                         &rows,
                     ));
                 }
+                // Kafka sources: what their consumers are doing.
+                let kafka: Vec<(&str, &KafkaSourceStatus)> = r
+                    .sources
+                    .iter()
+                    .filter_map(|s| s.kafka.as_ref().map(|k| (s.name.as_str(), k)))
+                    .collect();
+                if !kafka.is_empty() {
+                    let rows: Vec<Vec<String>> = kafka
+                        .iter()
+                        .flat_map(|(name, k)| {
+                            k.partitions.iter().map(move |p| {
+                                vec![
+                                    name.to_string(),
+                                    k.state.clone(),
+                                    format!("{}/{}", p.topic, p.partition),
+                                    p.position.to_string(),
+                                    p.lag_records.to_string(),
+                                    format!("{:.1}", p.lag_seconds),
+                                ]
+                            })
+                        })
+                        .collect();
+                    text.push_str("\nKafka consumers:\n");
+                    text.push_str(&table::render(
+                        &["source", "state", "partition", "position", "lag", "lag s"],
+                        &[
+                            Align::Left,
+                            Align::Left,
+                            Align::Left,
+                            Align::Right,
+                            Align::Right,
+                            Align::Right,
+                        ],
+                        &rows,
+                    ));
+                    for (name, k) in &kafka {
+                        text.push_str(&format!(
+                            "\n{name}: {} applied, {} duplicates, {} ignored, {} rejected; {:.0} records/s",
+                            k.applied, k.duplicates, k.ignored, k.rejected, k.records_per_second
+                        ));
+                        if !k.error.is_empty() {
+                            text.push_str(&format!("\n{name}: {} ({})", k.error, k.state));
+                        }
+                        for r in k.recent_rejects.iter().rev().take(5) {
+                            text.push_str(&format!(
+                                "\n{name}: rejected {}/{} offset {}: {}",
+                                r.topic, r.partition, r.offset, r.reason
+                            ));
+                        }
+                    }
+                    text.push('\n');
+                }
                 rows = r.presets.iter().map(row).collect();
                 text.push_str("\npresets (create source <name> preset <preset>):\n");
                 text.push_str(&table::render(
@@ -67,8 +119,26 @@ impl Session {
                     &rows,
                 ));
                 let json_of = |s: &SourceInfo| {
+                    let kafka = s.kafka.as_ref().map(|k| {
+                        json!({
+                            "state": k.state, "error": k.error, "error_at_ms": k.error_at_ms,
+                            "applied": k.applied, "duplicates": k.duplicates,
+                            "ignored": k.ignored, "rejected": k.rejected,
+                            "records_per_second": k.records_per_second,
+                            "partitions": k.partitions.iter().map(|p| json!({
+                                "topic": p.topic, "partition": p.partition,
+                                "position": p.position, "high_watermark": p.high_watermark,
+                                "lag_records": p.lag_records, "lag_seconds": p.lag_seconds,
+                            })).collect::<Vec<_>>(),
+                            "recent_rejects": k.recent_rejects.iter().map(|r| json!({
+                                "topic": r.topic, "partition": r.partition,
+                                "offset": r.offset, "reason": r.reason,
+                            })).collect::<Vec<_>>(),
+                        })
+                    });
                     json!({"name": s.name, "format": s.format, "description": s.description,
-                           "created_at_ms": s.created_at_ms, "updated_at_ms": s.updated_at_ms})
+                           "created_at_ms": s.created_at_ms, "updated_at_ms": s.updated_at_ms,
+                           "kafka": kafka})
                 };
                 self.out(
                     text.trim_end().to_string(),

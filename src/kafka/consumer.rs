@@ -1,0 +1,574 @@
+//! One Kafka source's consumer: a thread of its own, with librdkafka.
+//!
+//! A session assigns itself every partition of the source's topics (no
+//! group membership: no rebalance ever moves a partition away, and the
+//! store, not the group, says where each one is), starting each from the
+//! position the store has logged for it, or from the start the source
+//! declares when it has none. Then, in a loop: gather up to
+//! `batch_records` messages (waiting at most [`LINGER`] after the first),
+//! read each as one record of the source, turn them into writes
+//! (`crate::intake`), and write them with the positions after the batch
+//! in one [`WriteOp::Consume`]. Only once that write is durable does the
+//! session count the batch and commit the positions to the consumer group.
+//!
+//! When the batch's write is refused because of some of its records, each
+//! message is written alone, with the position after it, so the good ones
+//! are applied and the others rejected, with their topic, partition and
+//! offset. Any other failure (the store failing, a full disk, brokers
+//! gone, a topic missing) ends the session: it starts again after a pause
+//! (doubling up to [`MAX_PAUSE`]), from the positions the store holds, so
+//! nothing is applied twice and nothing is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{PartitionStatus, Reject, State, Status};
+use crate::error::Error;
+use crate::ingest::facts::Facts;
+use crate::ingest::kafka::{KafkaSettings, Security, Start};
+use crate::ingest::read::Reader;
+use crate::ingest::source::Source;
+use crate::intake::{self, is_about_records};
+use crate::storage::record::SourcePositions;
+use crate::storage::{Engine, IngestRecord, WriteOp};
+
+/// Longest wait for more messages once a batch has its first.
+const LINGER: Duration = Duration::from_millis(50);
+/// Longest a poll blocks (how soon a stop is seen).
+const POLL: Duration = Duration::from_millis(100);
+/// How often lag and rate are worked out again (a round trip to the
+/// brokers per partition).
+const REFRESH: Duration = Duration::from_secs(5);
+/// Longest wait for one partition's end.
+const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the topics' partitions are looked up again (new partitions
+/// are consumed from then on).
+const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
+/// Longest a metadata request waits for the brokers.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// First and longest pause before a session starts again.
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// One source's consumer (run on its own thread by [`super::Consumers`]).
+pub struct Consumer {
+    pub source: Arc<Source>,
+    pub engine: Arc<Engine>,
+    pub facts: Arc<Facts>,
+    pub runtime: tokio::runtime::Handle,
+    pub stop: Arc<AtomicBool>,
+    pub status: Arc<Mutex<Status>>,
+}
+
+/// How a session ended.
+enum End {
+    /// Told to stop, or its source is gone.
+    Stop,
+    /// Start again from the store's positions, after a pause when `error`.
+    Again { error: Option<String> },
+}
+
+/// One message, copied out of librdkafka's buffer.
+struct Msg {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Consumer {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, error: String) {
+        tracing::warn!(source = %self.source.name, %error, "Kafka consumer");
+        let mut st = self.status.lock();
+        st.state = State::Retrying;
+        st.error = error;
+        st.error_at_ms = now_ms();
+    }
+
+    /// Consumes until told to stop.
+    pub fn run(self) {
+        let Some(settings) = self.source.kafka.clone() else {
+            return;
+        };
+        let mut pause = FIRST_PAUSE;
+        while !self.stopped() {
+            let began = Instant::now();
+            match self.session(&settings) {
+                End::Stop => return,
+                End::Again { error: None } => pause = FIRST_PAUSE,
+                End::Again { error: Some(e) } => {
+                    self.fail(e);
+                    if began.elapsed() > MAX_PAUSE {
+                        pause = FIRST_PAUSE;
+                    }
+                    let until = Instant::now() + pause;
+                    while Instant::now() < until && !self.stopped() {
+                        std::thread::sleep(POLL);
+                    }
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+            }
+        }
+    }
+
+    fn client(&self, s: &KafkaSettings) -> Result<BaseConsumer, String> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &s.brokers)
+            .set("group.id", &s.group)
+            .set("client.id", format!("tagstore-{}", self.source.name))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "100")
+            .set(
+                "auto.offset.reset",
+                match s.start {
+                    Start::Earliest => "earliest",
+                    Start::Latest => "latest",
+                },
+            )
+            .set("security.protocol", s.security.name());
+        if matches!(s.security, Security::SaslPlaintext | Security::SaslSsl) {
+            let file = s.sasl_password_file.as_deref().unwrap_or_default();
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| format!("kafka.sasl_password_file {file:?}: {e}"))?;
+            c.set(
+                "sasl.mechanism",
+                s.sasl_mechanism.as_deref().unwrap_or_default(),
+            )
+            .set(
+                "sasl.username",
+                s.sasl_username.as_deref().unwrap_or_default(),
+            )
+            .set("sasl.password", password.trim_end_matches(['\r', '\n']));
+        }
+        if let Some(ca) = &s.ca_file {
+            c.set("ssl.ca.location", ca);
+        }
+        c.create()
+            .map_err(|e| format!("cannot make a Kafka client: {e}"))
+    }
+
+    /// Every partition of the source's topics.
+    fn partitions(
+        &self,
+        kc: &BaseConsumer,
+        s: &KafkaSettings,
+    ) -> Result<Vec<(String, i32)>, String> {
+        let mut out = Vec::new();
+        for topic in &s.topics {
+            let md = kc
+                .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                .map_err(|e| format!("brokers {}: metadata of topic {topic:?}: {e}", s.brokers))?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                return Err(format!("topic {topic:?}: the brokers do not list it"));
+            };
+            if let Some(e) = t.error() {
+                return Err(format!(
+                    "topic {topic:?}: {}",
+                    rdkafka::error::RDKafkaErrorCode::from(e)
+                ));
+            }
+            if t.partitions().is_empty() {
+                return Err(format!("topic {topic:?}: no partitions (does it exist?)"));
+            }
+            for p in t.partitions() {
+                out.push((topic.clone(), p.id()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn session(&self, s: &KafkaSettings) -> End {
+        {
+            let mut st = self.status.lock();
+            st.state = State::Starting;
+        }
+        let kc = match self.client(s) {
+            Ok(c) => c,
+            Err(e) => return End::Again { error: Some(e) },
+        };
+        let parts = match self.partitions(&kc, s) {
+            Ok(p) => p,
+            Err(e) => return End::Again { error: Some(e) },
+        };
+        // Where each partition is, as the store says.
+        let stored = self
+            .engine
+            .snapshot()
+            .positions
+            .get(self.source.name.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        for (topic, p) in &parts {
+            let at = match (stored.get(&(topic.clone(), *p)), s.start) {
+                (Some(next), _) => Offset::Offset(*next),
+                (None, Start::Earliest) => Offset::Beginning,
+                (None, Start::Latest) => Offset::End,
+            };
+            if let Err(e) = tpl.add_partition_offset(topic, *p, at) {
+                return End::Again {
+                    error: Some(format!("partition {topic}/{p}: {e}")),
+                };
+            }
+        }
+        if let Err(e) = kc.assign(&tpl) {
+            return End::Again {
+                error: Some(format!("cannot assign the partitions: {e}")),
+            };
+        }
+        let mut tracked: BTreeMap<(String, i32), Tracked> = parts
+            .iter()
+            .map(|k| {
+                (
+                    k.clone(),
+                    Tracked {
+                        position: stored.get(k).copied().unwrap_or(-1),
+                        high: -1,
+                        caught_up: Instant::now(),
+                    },
+                )
+            })
+            .collect();
+        {
+            let mut st = self.status.lock();
+            st.state = State::Running;
+            st.partitions = status_of(&tracked);
+        }
+        let mut reader = self.reader(s);
+        let mut refreshed = Instant::now();
+        let mut looked = Instant::now();
+        let mut consumed_since = 0u64;
+        loop {
+            if self.stopped() {
+                return End::Stop;
+            }
+            if refreshed.elapsed() >= REFRESH {
+                self.refresh(&kc, &mut tracked, consumed_since, refreshed.elapsed());
+                consumed_since = 0;
+                refreshed = Instant::now();
+            }
+            if looked.elapsed() >= PARTITIONS_EVERY {
+                looked = Instant::now();
+                match self.partitions(&kc, s) {
+                    Ok(now) if now != parts => {
+                        tracing::info!(source = %self.source.name, before = parts.len(), now = now.len(), "the topics' partitions changed; assigning them again");
+                        return End::Again { error: None };
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.fail(e),
+                }
+            }
+            let batch = match self.gather(&kc, s.batch_records) {
+                Ok(b) => b,
+                Err(e) => return End::Again { error: Some(e) },
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            consumed_since += batch.len() as u64;
+            match self.apply(&mut reader, &batch) {
+                Ok(()) => {}
+                Err(end) => return end,
+            }
+            let mut commit = TopicPartitionList::new();
+            for m in &batch {
+                let t = tracked
+                    .entry((m.topic.clone(), m.partition))
+                    .or_insert(Tracked {
+                        position: -1,
+                        high: -1,
+                        caught_up: Instant::now(),
+                    });
+                t.position = t.position.max(m.offset + 1);
+            }
+            for ((topic, p), t) in &tracked {
+                if t.position >= 0 {
+                    let _ = commit.add_partition_offset(topic, *p, Offset::Offset(t.position));
+                }
+            }
+            // For monitoring tools only: never read back.
+            let _ = kc.commit(&commit, CommitMode::Async);
+            let mut st = self.status.lock();
+            st.state = State::Running;
+            st.error.clear();
+            st.partitions = status_of(&tracked);
+        }
+    }
+
+    fn reader(&self, s: &KafkaSettings) -> Reader<Arc<Source>> {
+        let mut reader = Reader::new(self.source.clone());
+        if let Some(h) = &s.csv_header {
+            // Checked to be one line when the source was defined: the
+            // header sets the columns and reads no record.
+            let _ = reader.feed(format!("{h}\n").as_bytes());
+        }
+        reader
+    }
+
+    /// Up to `most` messages: waits for the first (at most [`POLL`]), then
+    /// at most [`LINGER`] for more.
+    fn gather(&self, kc: &BaseConsumer, most: usize) -> Result<Vec<Msg>, String> {
+        let mut out: Vec<Msg> = Vec::new();
+        let mut until = Instant::now() + POLL;
+        while out.len() < most && !self.stopped() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match kc.poll(left) {
+                None => break,
+                Some(Ok(m)) => {
+                    if out.is_empty() {
+                        until = Instant::now() + LINGER;
+                    }
+                    out.push(Msg {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                    });
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) if out.is_empty() => {
+                    // librdkafka retries by itself (a broker away, a
+                    // leader moving): say so, and keep polling.
+                    self.fail(format!(
+                        "brokers {}: {e}",
+                        self.source
+                            .kafka
+                            .as_ref()
+                            .map_or("", |k| k.brokers.as_str())
+                    ));
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(source = %self.source.name, error = %e, "Kafka poll");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads, writes and counts one batch; on a failure that is not about
+    /// its records, how the session ends.
+    fn apply(&self, reader: &mut Reader<Arc<Source>>, batch: &[Msg]) -> Result<(), End> {
+        let mut rejects: Vec<(usize, String)> = Vec::new();
+        let mut reads = Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            if m.payload.iter().all(u8::is_ascii_whitespace) {
+                rejects.push((i, "an empty message (a message holds one record)".into()));
+                continue;
+            }
+            match reader.feed(&m.payload) {
+                Err(e) => rejects.push((i, e.0)),
+                Ok(mut v) if v.len() == 1 => {
+                    let mut r = v.remove(0);
+                    r.line = i as u64;
+                    reads.push(r);
+                }
+                Ok(v) => rejects.push((
+                    i,
+                    format!(
+                        "the message holds {} records; a message is one record",
+                        v.len()
+                    ),
+                )),
+            }
+        }
+        let prepared = self.runtime.block_on(intake::prepare(
+            &self.engine,
+            &self.facts,
+            &self.source,
+            reads,
+        ));
+        rejects.extend(
+            prepared
+                .rejected
+                .into_iter()
+                .map(|r| (r.line as usize, r.reason)),
+        );
+        let ignored = prepared.ignored;
+        let mut by_msg: HashMap<usize, IngestRecord> = HashMap::new();
+        for (line, r) in prepared.records {
+            by_msg.insert(line as usize, r);
+        }
+        let all: Vec<IngestRecord> = {
+            let mut keys: Vec<usize> = by_msg.keys().copied().collect();
+            keys.sort_unstable();
+            keys.iter().filter_map(|k| by_msg.get(k).cloned()).collect()
+        };
+        let n = all.len() as u64;
+        let positions = self.positions_after(batch.iter());
+        match self.write(all, positions) {
+            Ok(r) => {
+                let dup = r.duplicates.len() as u64;
+                let mut st = self.status.lock();
+                st.applied += n - dup;
+                st.duplicates += dup;
+                st.ignored += ignored;
+                rejects.sort_by_key(|(i, _)| *i);
+                for (i, reason) in rejects {
+                    st.reject(reject_of(&batch[i], reason));
+                }
+                Ok(())
+            }
+            Err(e) if is_about_records(&e) => {
+                // Each message alone, with the position after it.
+                let why: HashMap<usize, String> = rejects.into_iter().collect();
+                self.status.lock().ignored += ignored;
+                for (i, m) in batch.iter().enumerate() {
+                    let record = by_msg.remove(&i);
+                    let positions = self.positions_after(std::iter::once(m));
+                    let had = record.is_some();
+                    let res = self.write(record.into_iter().collect(), positions.clone());
+                    let mut st = self.status.lock();
+                    match res {
+                        Ok(r) if had => {
+                            let dup = r.duplicates.len() as u64;
+                            st.applied += 1 - dup;
+                            st.duplicates += dup;
+                        }
+                        Ok(_) => {
+                            if let Some(reason) = why.get(&i) {
+                                st.reject(reject_of(m, reason.clone()));
+                            }
+                        }
+                        Err(e) if is_about_records(&e) => {
+                            st.reject(reject_of(m, e.to_string()));
+                            drop(st);
+                            // The position moves past it all the same.
+                            if let Err(e) = self.write(Vec::new(), positions) {
+                                return Err(self.ended(e));
+                            }
+                        }
+                        Err(e) => {
+                            drop(st);
+                            return Err(self.ended(e));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.ended(e)),
+        }
+    }
+
+    fn ended(&self, e: Error) -> End {
+        match e {
+            Error::SourceNotFound(_) => End::Stop,
+            e => End::Again {
+                error: Some(format!("the store refused the batch: {e}")),
+            },
+        }
+    }
+
+    /// The positions after `msgs`: for each partition they are of, the
+    /// offset after the last one.
+    fn positions_after<'a>(&self, msgs: impl Iterator<Item = &'a Msg>) -> SourcePositions {
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for m in msgs {
+            let e = next.entry((m.topic.as_str(), m.partition)).or_insert(0);
+            *e = (*e).max(m.offset + 1);
+        }
+        SourcePositions {
+            source: self.source.name.clone(),
+            next: next
+                .into_iter()
+                .map(|((t, p), n)| (t.to_string(), p, n))
+                .collect(),
+        }
+    }
+
+    fn write(
+        &self,
+        records: Vec<IngestRecord>,
+        positions: SourcePositions,
+    ) -> crate::error::Result<crate::storage::WriteResult> {
+        self.runtime
+            .block_on(self.engine.write(WriteOp::Consume { records, positions }))
+    }
+
+    /// Lag and rate, worked out again.
+    fn refresh(
+        &self,
+        kc: &BaseConsumer,
+        tracked: &mut BTreeMap<(String, i32), Tracked>,
+        consumed: u64,
+        over: Duration,
+    ) {
+        for ((topic, p), t) in tracked.iter_mut() {
+            if let Ok((_, high)) = kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
+                t.high = high;
+            }
+            if t.high >= 0 && t.position.max(0) >= t.high {
+                t.caught_up = Instant::now();
+            }
+        }
+        let mut st = self.status.lock();
+        st.partitions = status_of(tracked);
+        st.records_per_second = consumed as f64 / over.as_secs_f64().max(0.001);
+    }
+}
+
+struct Tracked {
+    position: i64,
+    high: i64,
+    caught_up: Instant,
+}
+
+fn status_of(tracked: &BTreeMap<(String, i32), Tracked>) -> Vec<PartitionStatus> {
+    tracked
+        .iter()
+        .map(|((topic, p), t)| {
+            let lag = if t.high < 0 {
+                0
+            } else {
+                (t.high - t.position.max(0)).max(0)
+            };
+            PartitionStatus {
+                topic: topic.clone(),
+                partition: *p,
+                position: t.position,
+                high_watermark: t.high,
+                lag_records: lag,
+                lag_seconds: if lag == 0 {
+                    0.0
+                } else {
+                    t.caught_up.elapsed().as_secs_f64()
+                },
+            }
+        })
+        .collect()
+}
+
+fn reject_of(m: &Msg, reason: String) -> Reject {
+    Reject {
+        topic: m.topic.clone(),
+        partition: m.partition,
+        offset: m.offset,
+        reason,
+    }
+}
