@@ -194,11 +194,15 @@ async fn a_topic_is_consumed_into_facts_equal_to_a_model() {
     let mut bad = Vec::new();
     for i in 0..1_500 {
         let part = rng.random_range(0..3);
-        if i % 250 == 17 {
-            let (payload, why): (&[u8], &str) = match (i / 250) % 4 {
+        if i % 200 == 17 {
+            let long = order(&"x".repeat(300), 5);
+            let (payload, why): (&[u8], &str) = match (i / 250) % 5 {
                 0 => (b"{not json", "JSON"),
                 1 => (br#"{"type":"order","ts":1764547200000,"fen":5}"#, "identity"),
                 2 => (b"   ", "empty message"),
+                // Read and mapped, then refused by the engine (a customer
+                // key of 300 bytes): the batch is written message by message.
+                3 => (&long, "customer key"),
                 _ => (
                     b"{\"pin\":\"a\",\"type\":\"order\",\"ts\":1,\"fen\":1}\n{\"pin\":\"b\",\"type\":\"order\",\"ts\":1,\"fen\":1}",
                     "holds 2 records",

@@ -42,7 +42,7 @@ use crate::storage::record::SourcePositions;
 use crate::storage::{Engine, IngestRecord, WriteOp};
 
 /// Longest wait for more messages once a batch has its first.
-const LINGER: Duration = Duration::from_millis(50);
+const LINGER: Duration = Duration::from_millis(20);
 /// Longest a poll blocks (how soon a stop is seen).
 const POLL: Duration = Duration::from_millis(100);
 /// How often lag and rate are worked out again (a round trip to the
@@ -256,12 +256,14 @@ impl Consumer {
             st.state = State::Running;
             st.partitions = status_of(&tracked);
         }
-        let mut reader = self.reader(s);
+        let mut reader = self.reader();
         let mut refreshed = Instant::now();
         let mut looked = Instant::now();
         let mut consumed_since = 0u64;
+        let mut in_flight: Option<InFlight> = None;
         loop {
             if self.stopped() {
+                self.settle(&kc, &mut tracked, in_flight.take());
                 return End::Stop;
             }
             if refreshed.elapsed() >= REFRESH {
@@ -274,52 +276,92 @@ impl Consumer {
                 match self.partitions(&kc, s) {
                     Ok(now) if now != parts => {
                         tracing::info!(source = %self.source.name, before = parts.len(), now = now.len(), "the topics' partitions changed; assigning them again");
+                        self.settle(&kc, &mut tracked, in_flight.take());
                         return End::Again { error: None };
                     }
                     Ok(_) => {}
                     Err(e) => self.fail(e),
                 }
             }
-            let batch = match self.gather(&kc, s.batch_records) {
+            // The next batch is gathered and read while the last one's
+            // write is in the writer's hands; it is queued once that one
+            // is answered, so batches are applied in order, one at a time.
+            let first_wait = if in_flight.is_some() { LINGER } else { POLL };
+            let batch = match self.gather(&kc, s.batch_records, first_wait) {
                 Ok(b) => b,
-                Err(e) => return End::Again { error: Some(e) },
-            };
-            if batch.is_empty() {
-                continue;
-            }
-            consumed_since += batch.len() as u64;
-            match self.apply(&mut reader, &batch) {
-                Ok(()) => {}
-                Err(end) => return end,
-            }
-            let mut commit = TopicPartitionList::new();
-            for m in &batch {
-                let t = tracked
-                    .entry((m.topic.clone(), m.partition))
-                    .or_insert(Tracked {
-                        position: -1,
-                        high: -1,
-                        caught_up: Instant::now(),
-                    });
-                t.position = t.position.max(m.offset + 1);
-            }
-            for ((topic, p), t) in &tracked {
-                if t.position >= 0 {
-                    let _ = commit.add_partition_offset(topic, *p, Offset::Offset(t.position));
+                Err(e) => {
+                    self.settle(&kc, &mut tracked, in_flight.take());
+                    return End::Again { error: Some(e) };
                 }
+            };
+            consumed_since += batch.len() as u64;
+            let next = (!batch.is_empty()).then(|| self.prepare(&mut reader, batch));
+            if let Some(w) = in_flight.take() {
+                let done = match self.finish(w) {
+                    Ok(done) => done,
+                    Err(end) => return end,
+                };
+                self.done(&kc, &mut tracked, &done);
             }
-            // For monitoring tools only: never read back.
-            let _ = kc.commit(&commit, CommitMode::Async);
-            let mut st = self.status.lock();
-            st.state = State::Running;
-            st.error.clear();
-            st.partitions = status_of(&tracked);
+            in_flight = next.map(|p| self.enqueue(p));
         }
     }
 
-    fn reader(&self, s: &KafkaSettings) -> Reader<Arc<Source>> {
+    /// Waits for the write in flight, if any, before the session ends: the
+    /// next session starts from the positions the store holds, which must
+    /// include it if it is applied at all.
+    fn settle(
+        &self,
+        kc: &BaseConsumer,
+        tracked: &mut BTreeMap<(String, i32), Tracked>,
+        w: Option<InFlight>,
+    ) {
+        if let Some(w) = w
+            && let Ok(batch) = self.finish(w)
+        {
+            self.done(kc, tracked, &batch);
+        }
+    }
+
+    /// A batch applied: its positions are the consumer's, committed to the
+    /// group (for monitoring tools only: never read back).
+    fn done(
+        &self,
+        kc: &BaseConsumer,
+        tracked: &mut BTreeMap<(String, i32), Tracked>,
+        batch: &[Msg],
+    ) {
+        for m in batch {
+            let t = tracked
+                .entry((m.topic.clone(), m.partition))
+                .or_insert(Tracked {
+                    position: -1,
+                    high: -1,
+                    caught_up: Instant::now(),
+                });
+            t.position = t.position.max(m.offset + 1);
+        }
+        let mut commit = TopicPartitionList::new();
+        for ((topic, p), t) in tracked.iter() {
+            if t.position >= 0 {
+                let _ = commit.add_partition_offset(topic, *p, Offset::Offset(t.position));
+            }
+        }
+        let _ = kc.commit(&commit, CommitMode::Async);
+        let mut st = self.status.lock();
+        st.state = State::Running;
+        st.error.clear();
+        st.partitions = status_of(tracked);
+    }
+
+    fn reader(&self) -> Reader<Arc<Source>> {
         let mut reader = Reader::new(self.source.clone());
-        if let Some(h) = &s.csv_header {
+        if let Some(h) = self
+            .source
+            .kafka
+            .as_ref()
+            .and_then(|k| k.csv_header.as_ref())
+        {
             // Checked to be one line when the source was defined: the
             // header sets the columns and reads no record.
             let _ = reader.feed(format!("{h}\n").as_bytes());
@@ -327,11 +369,16 @@ impl Consumer {
         reader
     }
 
-    /// Up to `most` messages: waits for the first (at most [`POLL`]), then
-    /// at most [`LINGER`] for more.
-    fn gather(&self, kc: &BaseConsumer, most: usize) -> Result<Vec<Msg>, String> {
+    /// Up to `most` messages: waits for the first (at most `first_wait`),
+    /// then at most [`LINGER`] for more.
+    fn gather(
+        &self,
+        kc: &BaseConsumer,
+        most: usize,
+        first_wait: Duration,
+    ) -> Result<Vec<Msg>, String> {
         let mut out: Vec<Msg> = Vec::new();
-        let mut until = Instant::now() + POLL;
+        let mut until = Instant::now() + first_wait;
         while out.len() < most && !self.stopped() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -372,9 +419,8 @@ impl Consumer {
         Ok(out)
     }
 
-    /// Reads, writes and counts one batch; on a failure that is not about
-    /// its records, how the session ends.
-    fn apply(&self, reader: &mut Reader<Arc<Source>>, batch: &[Msg]) -> Result<(), End> {
+    /// Reads a batch's messages as records and turns them into writes.
+    fn prepare(&self, reader: &mut Reader<Arc<Source>>, batch: Vec<Msg>) -> Prepared {
         let mut rejects: Vec<(usize, String)> = Vec::new();
         let mut reads = Vec::with_capacity(batch.len());
         for (i, m) in batch.iter().enumerate() {
@@ -410,37 +456,79 @@ impl Consumer {
                 .into_iter()
                 .map(|r| (r.line as usize, r.reason)),
         );
-        let ignored = prepared.ignored;
-        let mut by_msg: HashMap<usize, IngestRecord> = HashMap::new();
-        for (line, r) in prepared.records {
-            by_msg.insert(line as usize, r);
+        rejects.sort_by_key(|(i, _)| *i);
+        // In message order (records are prepared in the order read).
+        let mut records = prepared.records;
+        records.sort_by_key(|(line, _)| *line);
+        Prepared {
+            batch,
+            rejects,
+            ignored: prepared.ignored,
+            records: records
+                .into_iter()
+                .map(|(line, r)| (line as usize, r))
+                .collect(),
         }
-        let all: Vec<IngestRecord> = {
-            let mut keys: Vec<usize> = by_msg.keys().copied().collect();
-            keys.sort_unstable();
-            keys.iter().filter_map(|k| by_msg.get(k).cloned()).collect()
+    }
+
+    /// Queues a prepared batch's write: its records and the positions
+    /// after it. A write refused before it is queued (a customer key the
+    /// engine does not take) is answered by [`Consumer::finish`] as one
+    /// refused by the writer.
+    fn enqueue(&self, p: Prepared) -> InFlight {
+        let positions = self.positions_after(p.batch.iter());
+        let with_record: Vec<usize> = p.records.iter().map(|(i, _)| *i).collect();
+        let records = p.records.into_iter().map(|(_, r)| r).collect();
+        let queued = self.engine.enqueue(WriteOp::Consume { records, positions });
+        InFlight {
+            batch: p.batch,
+            rejects: p.rejects,
+            ignored: p.ignored,
+            with_record,
+            queued,
+        }
+    }
+
+    /// Waits for a queued batch's write and counts it; when it was refused
+    /// because of some of its records, writes its messages one at a time.
+    /// The batch applied, or on a failure that is not about its records,
+    /// how the session ends.
+    fn finish(&self, w: InFlight) -> Result<Vec<Msg>, End> {
+        let InFlight {
+            batch,
+            rejects,
+            ignored,
+            with_record,
+            queued,
+        } = w;
+        let answer = match queued {
+            Ok(q) => self.runtime.block_on(self.engine.answer(q)),
+            Err(e) => Err(e),
         };
-        let n = all.len() as u64;
-        let positions = self.positions_after(batch.iter());
-        match self.write(all, positions) {
+        match answer {
             Ok(r) => {
                 let dup = r.duplicates.len() as u64;
                 let mut st = self.status.lock();
-                st.applied += n - dup;
+                st.applied += with_record.len() as u64 - dup;
                 st.duplicates += dup;
                 st.ignored += ignored;
-                rejects.sort_by_key(|(i, _)| *i);
                 for (i, reason) in rejects {
                     st.reject(reject_of(&batch[i], reason));
                 }
-                Ok(())
+                drop(st);
+                Ok(batch)
             }
             Err(e) if is_about_records(&e) => {
-                // Each message alone, with the position after it.
-                let why: HashMap<usize, String> = rejects.into_iter().collect();
-                self.status.lock().ignored += ignored;
-                for (i, m) in batch.iter().enumerate() {
-                    let record = by_msg.remove(&i);
+                // Each message alone, with the position after it: read and
+                // prepared again (the first reading went into the refused
+                // write), by a reader of its own.
+                let mut reader = self.reader();
+                let again = self.prepare(&mut reader, batch);
+                let why: HashMap<usize, String> = again.rejects.into_iter().collect();
+                let mut records: HashMap<usize, IngestRecord> = again.records.into_iter().collect();
+                self.status.lock().ignored += again.ignored;
+                for (i, m) in again.batch.iter().enumerate() {
+                    let record = records.remove(&i);
                     let positions = self.positions_after(std::iter::once(m));
                     let had = record.is_some();
                     let res = self.write(record.into_iter().collect(), positions.clone());
@@ -470,7 +558,7 @@ impl Consumer {
                         }
                     }
                 }
-                Ok(())
+                Ok(again.batch)
             }
             Err(e) => Err(self.ended(e)),
         }
@@ -531,6 +619,26 @@ impl Consumer {
         st.partitions = status_of(tracked);
         st.records_per_second = consumed as f64 / over.as_secs_f64().max(0.001);
     }
+}
+
+/// A batch read and turned into writes.
+struct Prepared {
+    batch: Vec<Msg>,
+    /// Messages that are not applied, by index, with the reason.
+    rejects: Vec<(usize, String)>,
+    ignored: u64,
+    /// Each record with its message's index, in order.
+    records: Vec<(usize, IngestRecord)>,
+}
+
+/// A batch whose write is queued.
+struct InFlight {
+    batch: Vec<Msg>,
+    rejects: Vec<(usize, String)>,
+    ignored: u64,
+    /// Messages with a record in the write.
+    with_record: Vec<usize>,
+    queued: crate::error::Result<crate::storage::Queued>,
 }
 
 struct Tracked {
