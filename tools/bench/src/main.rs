@@ -129,6 +129,8 @@ enum Scenario {
     Ingest,
     /// Writes with 50 rules against none, and the turn of the day (in-process).
     Rules,
+    /// Records from a Kafka topic (a Kafka source) against Ingest, and produce-to-count latency (needs tansu).
+    Kafka,
     /// Writes with 100 change-feed watchers against none, the feed's lag, and the feed off against on.
     Watch,
     /// Online backups (full and increment) and `tagstore restore`, and writes with backups running against none.
@@ -433,7 +435,8 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     println!("{}", Report::header());
     let s = b.cli.scenario;
     let wants = |x: Scenario| s == x || s == Scenario::All;
-    if s != Scenario::Sweep && s != Scenario::Ingest && s != Scenario::Rules {
+    if s != Scenario::Sweep && s != Scenario::Ingest && s != Scenario::Rules && s != Scenario::Kafka
+    {
         b.load(wants(Scenario::Load)).await?;
     }
     // Queries first: the update scenario changes the tags (and writes more
@@ -456,6 +459,9 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
     if wants(Scenario::Ingest) {
         b.ingest().await?;
+    }
+    if wants(Scenario::Kafka) {
+        b.kafka().await?;
     }
     if wants(Scenario::Rules) {
         b.rules().await?;

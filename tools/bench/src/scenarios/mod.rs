@@ -5,6 +5,7 @@
 mod backup;
 mod history;
 mod ingest;
+mod kafka;
 mod load;
 mod mixed;
 mod pipelined;
