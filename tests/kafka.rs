@@ -4,7 +4,8 @@
 //! consuming all of it, malformed records rejected with their partition and
 //! offset, the consumer group's offsets committed, and kill -9 at random
 //! moments while consuming applying every record exactly once (the events
-//! carry no event id, so a record applied twice would show).
+//! carry no event id, so a record applied twice would show); a paused
+//! source consuming nothing, also after a kill -9, until resumed.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -487,4 +488,121 @@ async fn a_missing_topic_and_unreachable_brokers_are_reported_then_recovered_fro
         int_value(&mut c, "jd_pin:p1", "total_spend_fen").await,
         Some(250)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_source_consumes_nothing_until_resumed_also_across_a_kill_9() {
+    let Some(broker) =
+        Broker::start("a_paused_source_consumes_nothing_until_resumed_also_across_a_kill_9")
+    else {
+        return;
+    };
+    broker.create_topic("t", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    create_source(&mut c, "s", definition(&broker, "t", "shop", "g", 50)).await;
+    let mut model: BTreeMap<String, i64> = BTreeMap::new();
+    let batch = |from: usize, model: &mut BTreeMap<String, i64>| -> Vec<(i32, Vec<u8>)> {
+        (from..from + 100)
+            .map(|i| {
+                let pin = format!("p{}", i % 7);
+                *model.entry(pin.clone()).or_default() += 1;
+                ((i % 2) as i32, order(&pin, 1))
+            })
+            .collect()
+    };
+    let first = batch(0, &mut model);
+    let mut delivered = produce(&broker, "t", &first, 0);
+    caught_up(&mut c, "s", &ends(&delivered)).await;
+    let after_first = model.clone();
+
+    c.pause_source(PauseSourceRequest { name: "s".into() })
+        .await
+        .unwrap();
+    // Again: nothing changes.
+    c.pause_source(PauseSourceRequest { name: "s".into() })
+        .await
+        .unwrap();
+    let paused_at = ends(&delivered);
+    let wait_paused = |mut c: Client| async move {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = status(&mut c, "s").await;
+            if st.as_ref().is_some_and(|s| s.state == "paused") {
+                return st.unwrap();
+            }
+            assert!(Instant::now() < until, "not paused: {st:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_paused(c.clone()).await;
+    let second = batch(100, &mut model);
+    delivered.extend(produce(&broker, "t", &second, 100));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let check_paused = |st: KafkaSourceStatus| {
+        let at: BTreeMap<i32, i64> = st
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.position))
+            .collect();
+        assert_eq!(at, paused_at, "positions moved while paused: {st:?}");
+    };
+    check_paused(wait_paused(c.clone()).await);
+    for (pin, n) in &after_first {
+        assert_eq!(
+            int_value(&mut c, &format!("jd_pin:{pin}"), "order_count").await,
+            Some(*n),
+            "{pin} while paused"
+        );
+    }
+    let listed = c
+        .list_sources(ListSourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sources.iter().any(|s| s.name == "s" && s.paused));
+
+    // Still paused after a kill -9.
+    server.kill();
+    server = common::start(dir.path(), &[]);
+    c = common::client(&server).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    check_paused(wait_paused(c.clone()).await);
+
+    c.resume_source(ResumeSourceRequest { name: "s".into() })
+        .await
+        .unwrap();
+    caught_up(&mut c, "s", &ends(&delivered)).await;
+    for (pin, n) in &model {
+        assert_eq!(
+            int_value(&mut c, &format!("jd_pin:{pin}"), "order_count").await,
+            Some(*n),
+            "{pin} after resuming"
+        );
+    }
+
+    // Only a source that reads topics, and only one that exists.
+    c.create_source(CreateSourceRequest {
+        name: "files".into(),
+        preset: "jd_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = c
+        .pause_source(PauseSourceRequest {
+            name: "files".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("reads no topics"), "{e}");
+    let e = c
+        .resume_source(ResumeSourceRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
 }

@@ -126,11 +126,13 @@ pub const METHODS: &[&str] = &[
     "ListTags",
     "Members",
     "Overlap",
+    "PauseSource",
     "Profile",
     "ReadAudit",
     "RebuildFacts",
     "ReplaceMembers",
     "ResolveCustomers",
+    "ResumeSource",
     "SetValues",
     "Stats",
     "TagHistory",
@@ -162,8 +164,10 @@ pub fn rule_for(method: &str) -> Option<Rule> {
         // It may create customers, and it answers with who exists.
         "ResolveCustomers" => rule(Write, true, Nothing),
         "CreateTag" | "DropTag" | "CreateField" | "DropField" | "CreateSource" | "DropSource"
-        | "DeleteCustomers" | "RebuildFacts" | "Unmerge" | "Checkpoint" | "DefineRule"
-        | "DropRule" | "TurnRuleDays" | "ReadAudit" | "Backup" => rule(Admin, false, Every),
+        | "PauseSource" | "ResumeSource" | "DeleteCustomers" | "RebuildFacts" | "Unmerge"
+        | "Checkpoint" | "DefineRule" | "DropRule" | "TurnRuleDays" | "ReadAudit" | "Backup" => {
+            rule(Admin, false, Every)
+        }
         _ => None,
     }
 }

@@ -41,6 +41,8 @@ pub const RECENT_REJECTS: usize = 100;
 /// What a consumer is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Paused by a call: not consuming until resumed.
+    Paused,
     /// Connecting, or finding its topics' partitions.
     Starting,
     /// Consuming (and caught up when every lag is 0).
@@ -52,6 +54,7 @@ pub enum State {
 impl State {
     pub fn name(self) -> &'static str {
         match self {
+            State::Paused => "paused",
             State::Starting => "starting",
             State::Running => "running",
             State::Retrying => "retrying",
@@ -143,6 +146,8 @@ impl Status {
 struct Running {
     /// The definition it was started with (`updated_ms` of the source).
     updated_ms: i64,
+    /// Paused: no thread, a status that says so.
+    paused: bool,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     status: Arc<Mutex<Status>>,
@@ -222,7 +227,7 @@ impl Consumers {
             .filter(|(name, r)| {
                 snap.sources
                     .get(name.as_str())
-                    .is_none_or(|s| s.updated_ms != r.updated_ms)
+                    .is_none_or(|s| s.updated_ms != r.updated_ms || s.paused != r.paused)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -240,6 +245,42 @@ impl Consumers {
                 continue;
             };
             if source.kafka.is_none() {
+                continue;
+            }
+            if meta.paused {
+                // Where it is, as the store says; nothing runs.
+                let partitions = snap
+                    .positions
+                    .get(&meta.name)
+                    .map(|at| {
+                        at.iter()
+                            .map(|((topic, partition), next)| PartitionStatus {
+                                topic: topic.clone(),
+                                partition: *partition,
+                                position: *next,
+                                high_watermark: -1,
+                                lag_records: 0,
+                                lag_seconds: 0.0,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let status = Status {
+                    state: State::Paused,
+                    partitions,
+                    ..Status::default()
+                };
+                tracing::info!(source = %meta.name, "Kafka source paused");
+                running.insert(
+                    meta.name.to_string(),
+                    Running {
+                        updated_ms: meta.updated_ms,
+                        paused: true,
+                        stop: Arc::new(AtomicBool::new(true)),
+                        thread: None,
+                        status: Arc::new(Mutex::new(status)),
+                    },
+                );
                 continue;
             }
             let stop = Arc::new(AtomicBool::new(false));
@@ -262,6 +303,7 @@ impl Consumers {
                         meta.name.to_string(),
                         Running {
                             updated_ms: meta.updated_ms,
+                            paused: false,
                             stop,
                             thread: Some(t),
                             status,

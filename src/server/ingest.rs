@@ -1,5 +1,5 @@
 //! Calls that take channel records in: `CreateSource`, `DropSource`,
-//! `ListSources` and the `Ingest` stream. Definitions are checked by
+//! `PauseSource`, `ResumeSource`, `ListSources` and the `Ingest` stream. Definitions are checked by
 //! [`crate::ingest`] before the engine keeps them; records are read,
 //! normalised and turned into facts there and in [`crate::intake`] (shared
 //! with the Kafka consumers), and reach the engine as one
@@ -75,6 +75,7 @@ fn source_info(meta: &SourceMeta) -> proto::SourceInfo {
         created_at_ms: meta.created_ms,
         updated_at_ms: meta.updated_ms,
         kafka: None,
+        paused: meta.paused,
     }
 }
 
@@ -162,6 +163,33 @@ pub(super) async fn create_source(
     })
 }
 
+/// `PauseSource` and `ResumeSource`: only a source that reads topics.
+pub(super) async fn pause_source(
+    engine: &Engine,
+    name: String,
+    paused: bool,
+) -> Result<(), Status> {
+    let snap = engine.snapshot();
+    let meta = snap
+        .sources
+        .get(name.as_str())
+        .ok_or_else(|| to_status(Error::SourceNotFound(name.clone())))?;
+    let reads_topics = Source::parse(&meta.name, &meta.definition)
+        .map(|s| s.kafka.is_some())
+        .unwrap_or(false);
+    if !reads_topics {
+        return Err(Status::failed_precondition(format!(
+            "source {name:?} reads no topics (its definition has no [kafka] table): there is nothing to {}",
+            if paused { "pause" } else { "resume" }
+        )));
+    }
+    engine
+        .write(WriteOp::PauseSource { name, paused })
+        .await
+        .map(|_| ())
+        .map_err(to_status)
+}
+
 pub(super) async fn drop_source(engine: &Engine, name: String) -> Result<(), Status> {
     engine
         .write(WriteOp::DropSource { name })
@@ -193,6 +221,7 @@ pub(super) fn list_sources(
                     definition: def.to_string(),
                     created_ms: 0,
                     updated_ms: 0,
+                    paused: false,
                 })
             })
             .collect(),

@@ -451,6 +451,22 @@ impl TagStore for Service {
             .map(Response::new)
     }
 
+    async fn pause_source(
+        &self,
+        req: Request<proto::PauseSourceRequest>,
+    ) -> Result<Response<proto::PauseSourceResponse>, Status> {
+        ingest::pause_source(&self.engine, req.into_inner().name, true).await?;
+        Ok(Response::new(proto::PauseSourceResponse {}))
+    }
+
+    async fn resume_source(
+        &self,
+        req: Request<proto::ResumeSourceRequest>,
+    ) -> Result<Response<proto::ResumeSourceResponse>, Status> {
+        ingest::pause_source(&self.engine, req.into_inner().name, false).await?;
+        Ok(Response::new(proto::ResumeSourceResponse {}))
+    }
+
     async fn drop_source(
         &self,
         req: Request<proto::DropSourceRequest>,

@@ -517,6 +517,7 @@ impl CheckpointJob {
                 definition: s.definition.clone(),
                 created_ms: s.created_ms,
                 updated_ms: s.updated_ms,
+                paused: s.paused,
                 positions: snap.positions.get(&s.name).map_or_else(Vec::new, |at| {
                     at.iter()
                         .map(|((topic, partition), next)| (topic.clone(), *partition, *next))

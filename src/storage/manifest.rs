@@ -43,6 +43,8 @@ pub struct ManifestSource {
     /// Where it has consumed topics to (version 10): `(topic, partition,
     /// next offset)`, sorted.
     pub positions: Vec<(String, i32, i64)>,
+    /// Paused (version 10).
+    pub paused: bool,
 }
 
 /// A saved audience (small: kept here whole).
@@ -295,6 +297,7 @@ impl Manifest {
             for (topic, partition, next) in &s.positions {
                 e.str(topic).i64(i64::from(*partition)).i64(*next);
             }
+            e.u8(u8::from(s.paused));
         }
         e.buf
     }
@@ -364,6 +367,7 @@ impl Manifest {
                     created_ms: d.i64()?,
                     updated_ms: d.i64()?,
                     positions: Vec::new(),
+                    paused: false,
                 });
             }
             for _ in 0..d.u32()? {
@@ -458,6 +462,11 @@ impl Manifest {
                         .or_else(|_| d.err(format!("partition {partition} out of range")))?;
                     s.positions.push((topic, partition, d.i64()?));
                 }
+                s.paused = match d.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return d.err(format!("unknown pause flag {other}")),
+                };
             }
         }
         d.finish()?;
@@ -583,6 +592,7 @@ mod tests {
                 created_ms: 7,
                 updated_ms: 8,
                 positions: vec![("orders".into(), 0, 12), ("orders".into(), 3, 1 << 35)],
+                paused: true,
             }],
             audiences: vec![ManifestAudience {
                 name: "高价值".into(),

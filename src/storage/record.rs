@@ -253,6 +253,8 @@ pub struct Batch {
     /// batch's records were consumed from, logged with them, so that a
     /// source resumes exactly after the last record applied.
     pub positions: Vec<SourcePositions>,
+    /// Sources paused (`true`) or resumed (version 11).
+    pub pauses: Vec<(String, bool)>,
 }
 
 /// A source's consumed positions: for each `(topic, partition)`, the offset
@@ -587,6 +589,7 @@ impl Batch {
             && self.rules.is_empty()
             && self.rule_days.is_empty()
             && self.positions.is_empty()
+            && self.pauses.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -782,6 +785,10 @@ impl Batch {
             for (topic, partition, next) in &p.next {
                 e.str(topic).i64(i64::from(*partition)).i64(*next);
             }
+        }
+        e.u32(self.pauses.len() as u32);
+        for (name, paused) in &self.pauses {
+            e.str(name).u8(u8::from(*paused));
         }
         *out = e.buf;
     }
@@ -1038,6 +1045,15 @@ impl Batch {
                 }
                 b.positions.push(SourcePositions { source, next });
             }
+            for _ in 0..d.u32()? {
+                let name = d.str()?.to_string();
+                let paused = match d.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return d.err(format!("unknown pause flag {other}")),
+                };
+                b.pauses.push((name, paused));
+            }
         }
         d.finish()?;
         Ok(b)
@@ -1248,6 +1264,7 @@ mod tests {
                 source: "orders_topic".into(),
                 next: vec![("orders".into(), 0, 17), ("orders".into(), 2, 1 << 40)],
             }],
+            pauses: vec![("orders_topic".into(), true), ("other".into(), false)],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

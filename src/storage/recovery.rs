@@ -357,6 +357,7 @@ pub(crate) fn state_of(
                 definition: s.definition.clone(),
                 created_ms: s.created_ms,
                 updated_ms: s.updated_ms,
+                paused: s.paused,
             }),
         );
     }

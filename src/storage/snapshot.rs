@@ -158,6 +158,9 @@ pub struct SourceMeta {
     pub definition: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// Paused: the server does not consume its topics until it is resumed
+    /// (kept across redefinitions and restarts).
+    pub paused: bool,
 }
 
 /// Sources by name.

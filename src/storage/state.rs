@@ -618,11 +618,11 @@ impl State {
             match &c.definition {
                 Some(definition) => {
                     let name: Arc<str> = Arc::from(c.name.as_str());
-                    let created_ms = self
+                    let (created_ms, paused) = self
                         .snap
                         .sources
                         .get(&name)
-                        .map_or(b.at_ms, |s| s.created_ms);
+                        .map_or((b.at_ms, false), |s| (s.created_ms, s.paused));
                     self.snap.sources.insert(
                         name.clone(),
                         Arc::new(SourceMeta {
@@ -630,6 +630,7 @@ impl State {
                             definition: definition.clone(),
                             created_ms,
                             updated_ms: b.at_ms,
+                            paused,
                         }),
                     );
                 }
@@ -637,6 +638,15 @@ impl State {
                     self.snap.sources.remove(c.name.as_str());
                     self.snap.positions.remove(c.name.as_str());
                 }
+            }
+        }
+        for (name, paused) in &b.pauses {
+            if let Some(s) = self.snap.sources.get(name.as_str()) {
+                let s = Arc::new(SourceMeta {
+                    paused: *paused,
+                    ..(**s).clone()
+                });
+                self.snap.sources.insert(s.name.clone(), s);
             }
         }
         for p in &b.positions {

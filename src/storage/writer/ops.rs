@@ -285,6 +285,13 @@ pub enum WriteOp {
         records: Vec<IngestRecord>,
         positions: crate::storage::record::SourcePositions,
     },
+    /// Pauses a source (`paused`) or resumes it: the server consumes a
+    /// paused source's topics no more until it is resumed. A source already
+    /// so changes nothing (not logged). Refused with `SourceNotFound`.
+    PauseSource {
+        name: String,
+        paused: bool,
+    },
     /// Facts rebuilt from the event archive as it was at lsn `as_of` (a
     /// checkpoint's): each of `customers` loses whatever it had in the
     /// `erase` fields, then gets `writes`, atomically. A customer with
@@ -409,6 +416,7 @@ impl WriteOp {
             WriteOp::RebuildFacts { customers, .. } => customers.len(),
             WriteOp::Unmerge { identities, .. } => identities.len(),
             WriteOp::PutSource { .. }
+            | WriteOp::PauseSource { .. }
             | WriteOp::DropSource { .. }
             | WriteOp::PutAudience { .. }
             | WriteOp::DropAudience { .. }
@@ -458,6 +466,7 @@ impl WriteOp {
             | WriteOp::CreateField { .. }
             | WriteOp::DropField { .. }
             | WriteOp::PutSource { .. }
+            | WriteOp::PauseSource { .. }
             | WriteOp::DropSource { .. }
             | WriteOp::PutAudience { .. }
             | WriteOp::DropAudience { .. }

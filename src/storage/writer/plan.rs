@@ -321,6 +321,19 @@ impl Planner<'_> {
                     Target::SourcePut { created: !exists },
                 ))
             }
+            WriteOp::PauseSource { name, paused } => {
+                let Some(s) = snap.sources.get(name.as_str()) else {
+                    return Err(Error::SourceNotFound(name));
+                };
+                if s.paused == paused {
+                    return Ok(Planned::Done(WriteResult {
+                        lsn: snap.lsn,
+                        ..Default::default()
+                    }));
+                }
+                batch.pauses.push((name, paused));
+                Ok(Planned::Write(batch, Target::Plain))
+            }
             WriteOp::DropSource { name } => {
                 if !snap.sources.contains_key(name.as_str()) {
                     return Err(Error::SourceNotFound(name));

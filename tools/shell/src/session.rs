@@ -255,6 +255,7 @@ impl Session {
             cmd @ (Command::Sources
             | Command::CreateSource { .. }
             | Command::DropSource { .. }
+            | Command::PauseSource { .. }
             | Command::Ingest { .. }
             | Command::RebuildFacts { .. }
             | Command::RebuildFactsWhere { .. }) => self.exec_ingest(cmd).await?,

@@ -1,4 +1,5 @@
-//! Commands on ingestion: `sources`, `create source`, `ingest`, `rebuild`.
+//! Commands on ingestion: `sources`, `create source`, `pause source`,
+//! `resume source`, `ingest`, `rebuild`.
 //! (`drop source` is part of `drop`.) Each one's help text sits beside its parser.
 
 use super::args::split_args;
@@ -26,6 +27,46 @@ pub const CREATE_SOURCE: Spec = Spec {
     takes_tags: false,
     parse: |rest| parse_create_source(rest.split_whitespace().nth(1).unwrap_or(""), &[]),
 };
+
+pub const PAUSE_SOURCE: Spec = Spec {
+    name: "pause source",
+    words: &["pause"],
+    complete: &["pause source"],
+    usage: "pause source <name>",
+    summary: "stop consuming a Kafka source's topics (kept across restarts) until it is resumed",
+    example: "pause source douyin",
+    takes_tags: false,
+    parse: |rest| parse_pause(rest, true),
+};
+
+pub const RESUME_SOURCE: Spec = Spec {
+    name: "resume source",
+    words: &["resume"],
+    complete: &["resume source"],
+    usage: "resume source <name>",
+    summary: "consume a paused Kafka source's topics again, from where it was",
+    example: "resume source douyin",
+    takes_tags: false,
+    parse: |rest| parse_pause(rest, false),
+};
+
+fn parse_pause(rest: &str, paused: bool) -> Result<Command, String> {
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    match words.as_slice() {
+        [kw, name] if kw.eq_ignore_ascii_case("source") => Ok(Command::PauseSource {
+            name: name.to_string(),
+            paused,
+        }),
+        _ => Err(format!(
+            "usage: {}",
+            if paused {
+                PAUSE_SOURCE.usage
+            } else {
+                RESUME_SOURCE.usage
+            }
+        )),
+    }
+}
 
 /// The arguments after `create source <name>`.
 pub fn parse_create_source(name: &str, opts: &[String]) -> Result<Command, String> {

@@ -40,6 +40,11 @@ pub enum Command {
         name: String,
         yes: bool,
     },
+    /// `pause source` (`paused`) or `resume source`.
+    PauseSource {
+        name: String,
+        paused: bool,
+    },
     /// Saved audiences, with their counts (of one category, or all).
     Audiences {
         category: String,
@@ -393,6 +398,8 @@ pub const SPECS: &[&Spec] = &[
     &fields::OVERLAP,
     &ingest::SOURCES,
     &ingest::CREATE_SOURCE,
+    &ingest::PAUSE_SOURCE,
+    &ingest::RESUME_SOURCE,
     &ingest::INGEST,
     &ingest::REBUILD,
     &admin::AS_OF,
@@ -858,6 +865,22 @@ mod tests {
             }
         );
         assert_eq!(p("sources"), Command::Sources);
+        assert_eq!(
+            p("pause source douyin"),
+            Command::PauseSource {
+                name: "douyin".into(),
+                paused: true
+            }
+        );
+        assert_eq!(
+            p("RESUME source douyin"),
+            Command::PauseSource {
+                name: "douyin".into(),
+                paused: false
+            }
+        );
+        assert!(parse("pause douyin").is_err());
+        assert!(parse("resume source").is_err());
         assert_eq!(
             p("rebuild facts phone:13812345678 \"jd_pin:小 王\" partial"),
             Command::RebuildFacts {

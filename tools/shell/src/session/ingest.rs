@@ -189,6 +189,22 @@ impl Session {
                     .await?;
                 self.out(format!("dropped source {name}"), json!({"dropped": name}));
             }
+            Command::PauseSource { name, paused } => {
+                if paused {
+                    self.client
+                        .pause_source(PauseSourceRequest { name: name.clone() })
+                        .await?;
+                } else {
+                    self.client
+                        .resume_source(ResumeSourceRequest { name: name.clone() })
+                        .await?;
+                }
+                let verb = if paused { "paused" } else { "resumed" };
+                self.out(
+                    format!("{verb} source {name}"),
+                    json!({"source": name, "paused": paused}),
+                );
+            }
             Command::Ingest {
                 source,
                 path,
