@@ -371,7 +371,7 @@ async fn kill_9_while_consuming_applies_every_record_once() {
     for round in 0..8 {
         // Records produced while the server consumes, then a kill -9 at a
         // random moment.
-        let payloads: Vec<(i32, Vec<u8>)> = (0..2_000)
+        let payloads: Vec<(i32, Vec<u8>)> = (0..3_000)
             .map(|_| {
                 let pin = format!("p{}", rng.random_range(0..30));
                 let fen = rng.random_range(1..10_000);
@@ -383,6 +383,16 @@ async fn kill_9_while_consuming_applies_every_record_once() {
             .collect();
         delivered.extend(produce(&broker, "events", &payloads, sent));
         sent += payloads.len();
+        // Once its consumer runs (it starts within a second of the
+        // server), a random moment later.
+        let until = Instant::now() + Duration::from_secs(30);
+        while status(&mut c, "orders")
+            .await
+            .is_none_or(|s| s.state != "running")
+        {
+            assert!(Instant::now() < until, "the consumer did not start in 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(10..300))).await;
         // Killed while it consumes, in most rounds (counted below).
         if let Some(st) = status(&mut c, "orders").await {
