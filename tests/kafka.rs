@@ -184,7 +184,7 @@ async fn a_topic_is_consumed_into_facts_equal_to_a_model() {
     };
     broker.create_topic("orders", 3);
     let dir = tempfile::tempdir().unwrap();
-    let server = common::start(dir.path(), &[]);
+    let server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
     let mut c = common::client(&server).await;
 
     // Orders of 40 customers over three partitions, and among them
@@ -251,6 +251,57 @@ async fn a_topic_is_consumed_into_facts_equal_to_a_model() {
                 .iter()
                 .all(|p| p.lag_records == 0 || p.high_watermark < 0)
         );
+        assert_eq!(st.unlisted_partitions, 0);
+        assert_eq!(
+            st.lag_records,
+            st.partitions.iter().map(|p| p.lag_records).sum::<i64>()
+        );
+        // The metrics endpoint says what the status says.
+        let text = common::http(
+            server.metrics_addr.as_deref().expect("metrics address"),
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        );
+        let m = |name: &str, labels: &str| common::sample(&text, &format!("{name}{{{labels}}}"));
+        let src = format!("source=\"{source}\"");
+        assert_eq!(
+            m(
+                "tagstore_kafka_records_total",
+                &format!("{src},outcome=\"applied\"")
+            ),
+            st.applied as f64
+        );
+        assert_eq!(
+            m(
+                "tagstore_kafka_records_total",
+                &format!("{src},outcome=\"rejected\"")
+            ),
+            bad.len() as f64
+        );
+        assert_eq!(
+            m(
+                "tagstore_kafka_source_state",
+                &format!("{src},state=\"running\"")
+            ),
+            1.0
+        );
+        assert_eq!(
+            m(
+                "tagstore_kafka_source_state",
+                &format!("{src},state=\"retrying\"")
+            ),
+            0.0
+        );
+        for (p, end) in &ends {
+            assert_eq!(
+                m(
+                    "tagstore_kafka_partition_position",
+                    &format!("{src},topic=\"orders\",partition=\"{p}\"")
+                ),
+                *end as f64,
+                "{text}"
+            );
+        }
+        assert!(m("tagstore_kafka_lag_records", &src) >= 0.0);
         // Every rejected record named by its partition and offset.
         let rejects: Vec<(i32, i64, &str)> = st
             .recent_rejects

@@ -5,7 +5,8 @@
 //! store, not the group, says where each one is), starting each from the
 //! position the store has logged for it, or from the start the source
 //! declares when it has none. Then, in a loop: gather up to
-//! `batch_records` messages (waiting at most [`LINGER`] after the first),
+//! `batch_records` messages or [`BATCH_BYTES`] (waiting at most [`LINGER`]
+//! after the first),
 //! read each as one record of the source, turn them into writes
 //! (`crate::intake`), and write them with the positions after the batch
 //! in one [`WriteOp::Consume`]. Only once that write is durable does the
@@ -41,6 +42,10 @@ use crate::intake::{self, is_about_records};
 use crate::storage::record::SourcePositions;
 use crate::storage::{Engine, IngestRecord, WriteOp};
 
+/// Bytes of messages a batch gathers at most (it ends at the message that
+/// reaches it): with one batch in the writer's hands and the next being
+/// read, a consumer holds about twice this, whatever `batch_records` says.
+pub const BATCH_BYTES: usize = 32 << 20;
 /// Longest wait for more messages once a batch has its first.
 const LINGER: Duration = Duration::from_millis(20);
 /// Longest a poll blocks (how soon a stop is seen).
@@ -254,7 +259,7 @@ impl Consumer {
         {
             let mut st = self.status.lock();
             st.state = State::Running;
-            st.partitions = status_of(&tracked);
+            st.set_partitions(status_of(&tracked));
         }
         let mut reader = self.reader();
         let mut refreshed = Instant::now();
@@ -351,7 +356,7 @@ impl Consumer {
         let mut st = self.status.lock();
         st.state = State::Running;
         st.error.clear();
-        st.partitions = status_of(tracked);
+        st.set_partitions(status_of(tracked));
     }
 
     fn reader(&self) -> Reader<Arc<Source>> {
@@ -369,8 +374,8 @@ impl Consumer {
         reader
     }
 
-    /// Up to `most` messages: waits for the first (at most `first_wait`),
-    /// then at most [`LINGER`] for more.
+    /// Up to `most` messages and about [`BATCH_BYTES`]: waits for the
+    /// first (at most `first_wait`), then at most [`LINGER`] for more.
     fn gather(
         &self,
         kc: &BaseConsumer,
@@ -379,7 +384,8 @@ impl Consumer {
     ) -> Result<Vec<Msg>, String> {
         let mut out: Vec<Msg> = Vec::new();
         let mut until = Instant::now() + first_wait;
-        while out.len() < most && !self.stopped() {
+        let mut bytes = 0usize;
+        while out.len() < most && bytes < BATCH_BYTES && !self.stopped() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -390,11 +396,13 @@ impl Consumer {
                     if out.is_empty() {
                         until = Instant::now() + LINGER;
                     }
+                    let payload = m.payload().unwrap_or_default();
+                    bytes += payload.len() + m.topic().len() + 32;
                     out.push(Msg {
                         topic: m.topic().to_string(),
                         partition: m.partition(),
                         offset: m.offset(),
-                        payload: m.payload().unwrap_or_default().to_vec(),
+                        payload: payload.to_vec(),
                     });
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
@@ -616,7 +624,7 @@ impl Consumer {
             }
         }
         let mut st = self.status.lock();
-        st.partitions = status_of(tracked);
+        st.set_partitions(status_of(tracked));
         st.records_per_second = consumed as f64 / over.as_secs_f64().max(0.001);
     }
 }

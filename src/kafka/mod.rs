@@ -37,6 +37,12 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 /// Rejected records a source's status lists (the newest; every one is also
 /// logged as a warning, and counted).
 pub const RECENT_REJECTS: usize = 100;
+/// Longest reason a listed reject keeps, in bytes (the server's log has it
+/// whole): so that 256 sources' statuses fit in one `ListSources` answer.
+pub const REJECT_REASON_BYTES: usize = 512;
+/// Partitions a source's status lists: the ones furthest behind, when it
+/// has more (the others are counted, and in the totals).
+pub const LISTED_PARTITIONS: usize = 256;
 
 /// What a consumer is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +102,15 @@ pub struct Status {
     /// consumer has not had one since it last consumed.
     pub error: String,
     pub error_at_ms: i64,
+    /// The partitions, by topic and partition; at most
+    /// [`LISTED_PARTITIONS`] (see [`Status::set_partitions`]).
     pub partitions: Vec<PartitionStatus>,
+    /// Partitions left out of `partitions`.
+    pub unlisted_partitions: u64,
+    /// Over every partition, listed or not: records not yet applied, and
+    /// the longest a partition has been behind (s).
+    pub lag_records: i64,
+    pub lag_seconds: f64,
     /// Records applied, skipped as duplicates, ignored (declared not to be
     /// events) and rejected, since the server started.
     pub applied: u64,
@@ -116,6 +130,9 @@ impl Default for Status {
             error: String::new(),
             error_at_ms: 0,
             partitions: Vec::new(),
+            unlisted_partitions: 0,
+            lag_records: 0,
+            lag_seconds: 0.0,
             applied: 0,
             duplicates: 0,
             ignored: 0,
@@ -127,7 +144,28 @@ impl Default for Status {
 }
 
 impl Status {
-    fn reject(&mut self, r: Reject) {
+    /// Takes every partition's status: keeps the totals, and lists at most
+    /// [`LISTED_PARTITIONS`], the ones with the most records behind (ties
+    /// by topic and partition), in topic and partition order.
+    pub fn set_partitions(&mut self, mut all: Vec<PartitionStatus>) {
+        self.lag_records = all.iter().map(|p| p.lag_records).sum();
+        self.lag_seconds = all.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
+        if all.len() > LISTED_PARTITIONS {
+            all.sort_by(|a, b| {
+                b.lag_records
+                    .cmp(&a.lag_records)
+                    .then_with(|| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)))
+            });
+            self.unlisted_partitions = (all.len() - LISTED_PARTITIONS) as u64;
+            all.truncate(LISTED_PARTITIONS);
+            all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        } else {
+            self.unlisted_partitions = 0;
+        }
+        self.partitions = all;
+    }
+
+    fn reject(&mut self, mut r: Reject) {
         tracing::warn!(
             topic = %r.topic,
             partition = r.partition,
@@ -135,12 +173,27 @@ impl Status {
             reason = %r.reason,
             "Kafka record rejected"
         );
+        cut(&mut r.reason, REJECT_REASON_BYTES);
         self.rejected += 1;
         if self.recent_rejects.len() == RECENT_REJECTS {
             self.recent_rejects.pop_front();
         }
         self.recent_rejects.push_back(r);
     }
+}
+
+/// Cuts `s` to at most `most` bytes, at a character's boundary, marking the
+/// cut with "…".
+fn cut(s: &mut String, most: usize) {
+    if s.len() <= most {
+        return;
+    }
+    let mut end = most - '…'.len_utf8();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
 }
 
 struct Running {
@@ -249,7 +302,7 @@ impl Consumers {
             }
             if meta.paused {
                 // Where it is, as the store says; nothing runs.
-                let partitions = snap
+                let partitions: Vec<PartitionStatus> = snap
                     .positions
                     .get(&meta.name)
                     .map(|at| {
@@ -265,11 +318,11 @@ impl Consumers {
                             .collect()
                     })
                     .unwrap_or_default();
-                let status = Status {
+                let mut status = Status {
                     state: State::Paused,
-                    partitions,
                     ..Status::default()
                 };
+                status.set_partitions(partitions);
                 tracing::info!(source = %meta.name, "Kafka source paused");
                 running.insert(
                     meta.name.to_string(),
@@ -347,5 +400,78 @@ impl Consumers {
         for r in running.values_mut() {
             r.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(topic: &str, partition: i32, lag: i64) -> PartitionStatus {
+        PartitionStatus {
+            topic: topic.into(),
+            partition,
+            position: 0,
+            high_watermark: lag,
+            lag_records: lag,
+            lag_seconds: lag as f64 / 10.0,
+        }
+    }
+
+    #[test]
+    fn a_status_lists_the_partitions_furthest_behind_and_totals_them_all() {
+        let mut st = Status::default();
+        st.set_partitions(vec![part("a", 0, 5), part("a", 1, 0)]);
+        assert_eq!(st.partitions.len(), 2);
+        assert_eq!((st.unlisted_partitions, st.lag_records), (0, 5));
+
+        // Three topics' partitions, more than are listed: the most behind
+        // are kept, in topic and partition order.
+        let all: Vec<PartitionStatus> = (0..LISTED_PARTITIONS as i32 + 10)
+            .map(|p| part(if p % 2 == 0 { "b" } else { "a" }, p, (p as i64 * 7) % 100))
+            .collect();
+        let total: i64 = all.iter().map(|p| p.lag_records).sum();
+        let mut behind: Vec<i64> = all.iter().map(|p| p.lag_records).collect();
+        behind.sort_unstable_by(|a, b| b.cmp(a));
+        st.set_partitions(all);
+        assert_eq!(st.partitions.len(), LISTED_PARTITIONS);
+        assert_eq!(st.unlisted_partitions, 10);
+        assert_eq!(st.lag_records, total);
+        assert_eq!(st.lag_seconds, 9.9);
+        let mut listed: Vec<i64> = st.partitions.iter().map(|p| p.lag_records).collect();
+        listed.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(listed, behind[..LISTED_PARTITIONS]);
+        let keys: Vec<(String, i32)> = st
+            .partitions
+            .iter()
+            .map(|p| (p.topic.clone(), p.partition))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    #[test]
+    fn a_listed_reject_keeps_at_most_its_share_of_the_reason() {
+        let mut st = Status::default();
+        for reason in ["short".to_string(), "标签".repeat(400), "x".repeat(5000)] {
+            st.reject(Reject {
+                topic: "t".into(),
+                partition: 0,
+                offset: 1,
+                reason,
+            });
+        }
+        let kept: Vec<&str> = st
+            .recent_rejects
+            .iter()
+            .map(|r| r.reason.as_str())
+            .collect();
+        assert_eq!(kept[0], "short");
+        for r in &kept[1..] {
+            assert!(r.len() <= REJECT_REASON_BYTES && r.len() > REJECT_REASON_BYTES - 8);
+            assert!(r.ends_with('…'));
+        }
+        assert!(kept[1].starts_with("标签标签"));
     }
 }

@@ -96,6 +96,9 @@ fn kafka_status(s: crate::kafka::Status) -> proto::KafkaSourceStatus {
                 lag_seconds: p.lag_seconds,
             })
             .collect(),
+        unlisted_partitions: s.unlisted_partitions,
+        lag_records: s.lag_records,
+        lag_seconds: s.lag_seconds,
         applied: s.applied,
         duplicates: s.duplicates,
         ignored: s.ignored,

@@ -5,8 +5,11 @@
 //! them); the engine's log-sync and checkpoint histograms, compactions,
 //! writes and group commits; and the store's numbers (customers, tags,
 //! rules, log, checkpoints, memory by kind, the snapshot's age) read from
-//! the engine when scraped. It exposes no customer, key, tag or
-//! query: call names and store-wide numbers only, so it needs no token.
+//! the engine when scraped; and each Kafka source's consumer: its state,
+//! records by outcome, rate, and lag per source and per partition (the
+//! partitions its status lists: all, up to 256). It exposes no customer,
+//! key, tag or query: call names, source and topic names, and store-wide
+//! numbers only, so it needs no token.
 //!
 //! The endpoint is a small HTTP/1.1 server: `GET /metrics` and nothing
 //! else, one request per connection, the request head at most 8 KiB and
@@ -36,6 +39,7 @@ use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
+use crate::kafka::{Consumers, State as KafkaState};
 use crate::server::budget::MemoryBudget;
 use crate::storage::Engine;
 use crate::storage::meters::{Meters, TimingsRead};
@@ -66,6 +70,34 @@ struct FailureLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
+}
+
+/// A Kafka source's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+/// A Kafka source's state: one sample per state, 1 for the one it is in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    source: String,
+    state: &'static str,
+}
+
+/// A Kafka source's records by what became of them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    source: String,
+    outcome: &'static str,
+}
+
+/// One partition a Kafka source reads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    source: String,
+    topic: String,
+    partition: i32,
 }
 
 /// Call latencies' buckets: 50 µs to about 13 s.
@@ -245,8 +277,113 @@ fn counter(v: u64) -> Counter {
     c
 }
 
+/// Each Kafka source's consumer, as its status says.
+fn register_kafka(r: &mut Registry, consumers: &Consumers) {
+    type GaugeF = Gauge<f64, AtomicU64>;
+    let state = Family::<StateLabels, Gauge>::default();
+    let records = Family::<OutcomeLabels, Counter>::default();
+    let rate = Family::<SourceLabel, GaugeF>::default();
+    let lag = Family::<SourceLabel, Gauge>::default();
+    let lag_seconds = Family::<SourceLabel, GaugeF>::default();
+    let part_lag = Family::<PartitionLabels, Gauge>::default();
+    let part_lag_seconds = Family::<PartitionLabels, GaugeF>::default();
+    let part_position = Family::<PartitionLabels, Gauge>::default();
+    for (source, st) in consumers.statuses() {
+        for s in [
+            KafkaState::Paused,
+            KafkaState::Starting,
+            KafkaState::Running,
+            KafkaState::Retrying,
+        ] {
+            state
+                .get_or_create(&StateLabels {
+                    source: source.clone(),
+                    state: s.name(),
+                })
+                .set(i64::from(st.state == s));
+        }
+        for (outcome, n) in [
+            ("applied", st.applied),
+            ("duplicate", st.duplicates),
+            ("ignored", st.ignored),
+            ("rejected", st.rejected),
+        ] {
+            records
+                .get_or_create(&OutcomeLabels {
+                    source: source.clone(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
+        let label = SourceLabel {
+            source: source.clone(),
+        };
+        rate.get_or_create(&label).set(st.records_per_second);
+        lag.get_or_create(&label).set(st.lag_records);
+        lag_seconds.get_or_create(&label).set(st.lag_seconds);
+        for p in &st.partitions {
+            let label = PartitionLabels {
+                source: source.clone(),
+                topic: p.topic.clone(),
+                partition: p.partition,
+            };
+            part_lag.get_or_create(&label).set(p.lag_records);
+            part_lag_seconds.get_or_create(&label).set(p.lag_seconds);
+            part_position.get_or_create(&label).set(p.position);
+        }
+    }
+    r.register(
+        "tagstore_kafka_source_state",
+        "A Kafka source's consumer: 1 for the state it is in (paused, starting, running, retrying)",
+        state,
+    );
+    r.register(
+        "tagstore_kafka_records",
+        "A Kafka source's records since its consumer started, by outcome (applied, duplicate, ignored, rejected)",
+        records,
+    );
+    r.register(
+        "tagstore_kafka_records_per_second",
+        "A Kafka source's records consumed a second, over the last 5 s",
+        rate,
+    );
+    r.register(
+        "tagstore_kafka_lag_records",
+        "A Kafka source's records produced and not yet applied, over all its partitions",
+        lag,
+    );
+    r.register_with_unit(
+        "tagstore_kafka_lag",
+        "The longest any of a Kafka source's partitions has been behind (0: all caught up)",
+        Unit::Seconds,
+        lag_seconds,
+    );
+    r.register(
+        "tagstore_kafka_partition_lag_records",
+        "A partition's records produced and not yet applied (the partitions a source's status lists: all, up to 256)",
+        part_lag,
+    );
+    r.register_with_unit(
+        "tagstore_kafka_partition_lag",
+        "Time since a partition was last caught up (0: it is)",
+        Unit::Seconds,
+        part_lag_seconds,
+    );
+    r.register(
+        "tagstore_kafka_partition_position",
+        "The offset of a partition's next record to consume, as logged in the store (-1: none consumed yet)",
+        part_position,
+    );
+}
+
 /// The metrics as OpenMetrics text.
-fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: Instant) -> String {
+fn render(
+    engine: &Arc<Engine>,
+    calls: &Calls,
+    budget: &MemoryBudget,
+    kafka: Option<&Consumers>,
+    started: Instant,
+) -> String {
     let mut r = Registry::default();
     r.register(
         "tagstore_requests",
@@ -444,6 +581,9 @@ fn render(engine: &Arc<Engine>, calls: &Calls, budget: &MemoryBudget, started: I
     for (name, help, value) in gauges {
         r.register(name, help, gauge(value));
     }
+    if let Some(k) = kafka {
+        register_kafka(&mut r, k);
+    }
     r.register(
         "tagstore_uptime_seconds",
         "Seconds since the server started",
@@ -484,6 +624,7 @@ async fn answer(
     engine: Arc<Engine>,
     calls: Arc<Calls>,
     budget: Arc<MemoryBudget>,
+    kafka: Option<Arc<Consumers>>,
     started: Instant,
 ) {
     let (status, body) = match read_head(&mut stream).await {
@@ -498,7 +639,7 @@ async fn answer(
                 (Some(b"GET"), Some(b"/metrics")) => {
                     let engine2 = engine.clone();
                     let text = tokio::task::spawn_blocking(move || {
-                        render(&engine2, &calls, &budget, started)
+                        render(&engine2, &calls, &budget, kafka.as_deref(), started)
                     })
                     .await
                     .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n"));
@@ -526,6 +667,7 @@ pub fn start(
     engine: Arc<Engine>,
     calls: Arc<Calls>,
     budget: Arc<MemoryBudget>,
+    kafka: Option<Arc<Consumers>>,
 ) {
     let started = Instant::now();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -542,9 +684,10 @@ pub fn start(
                     continue;
                 }
             };
-            let (engine, calls, budget) = (engine.clone(), calls.clone(), budget.clone());
+            let (engine, calls, budget, kafka) =
+                (engine.clone(), calls.clone(), budget.clone(), kafka.clone());
             tokio::spawn(async move {
-                answer(stream, engine, calls, budget, started).await;
+                answer(stream, engine, calls, budget, kafka, started).await;
                 drop(permit);
             });
         }

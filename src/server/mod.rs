@@ -211,7 +211,13 @@ pub async fn serve(
             if !bound.ip().is_loopback() {
                 tracing::warn!(%bound, "metrics beyond loopback: anyone who reaches the port sees the store's size and its calls (no customer data)");
             }
-            metrics::start(listener, engine.clone(), calls, budget.clone());
+            metrics::start(
+                listener,
+                engine.clone(),
+                calls,
+                budget.clone(),
+                Some(consumers.clone()),
+            );
             tracing::info!(%bound, "metrics at GET /metrics");
             Some(bound)
         }

@@ -96,9 +96,16 @@ impl Session {
                     ));
                     for (name, k) in &kafka {
                         text.push_str(&format!(
-                            "\n{name}: {} applied, {} duplicates, {} ignored, {} rejected; {:.0} records/s",
-                            k.applied, k.duplicates, k.ignored, k.rejected, k.records_per_second
+                            "\n{name}: {} applied, {} duplicates, {} ignored, {} rejected; {:.0} records/s; {} records behind (at most {:.1} s)",
+                            k.applied, k.duplicates, k.ignored, k.rejected, k.records_per_second,
+                            k.lag_records, k.lag_seconds
                         ));
+                        if k.unlisted_partitions > 0 {
+                            text.push_str(&format!(
+                                "\n{name}: {} more partitions, none further behind than those listed",
+                                k.unlisted_partitions
+                            ));
+                        }
                         if !k.error.is_empty() {
                             text.push_str(&format!("\n{name}: {} ({})", k.error, k.state));
                         }
@@ -125,6 +132,8 @@ impl Session {
                             "applied": k.applied, "duplicates": k.duplicates,
                             "ignored": k.ignored, "rejected": k.rejected,
                             "records_per_second": k.records_per_second,
+                            "lag_records": k.lag_records, "lag_seconds": k.lag_seconds,
+                            "unlisted_partitions": k.unlisted_partitions,
                             "partitions": k.partitions.iter().map(|p| json!({
                                 "topic": p.topic, "partition": p.partition,
                                 "position": p.position, "high_watermark": p.high_watermark,
