@@ -5,7 +5,9 @@
 //! offset, the consumer group's offsets committed, and kill -9 at random
 //! moments while consuming applying every record exactly once (the events
 //! carry no event id, so a record applied twice would show); a paused
-//! source consuming nothing, also after a kill -9, until resumed.
+//! source consuming nothing, also after a kill -9, until resumed; the
+//! broker gone mid-stream (cut off behind a gate) and back, every record
+//! applied once; the metrics endpoint saying what the status says.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -484,6 +486,117 @@ async fn kill_9_while_consuming_applies_every_record_once() {
             Some(*n)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_gone_mid_stream_is_reported_and_every_record_applied_once_when_back() {
+    let Some(broker) = Broker::start_gated(
+        "the_broker_gone_mid_stream_is_reported_and_every_record_applied_once_when_back",
+    ) else {
+        return;
+    };
+    let gate = broker.gate().expect("a gated broker");
+    broker.create_topic("events", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let mut c = common::client(&server).await;
+    create_source(
+        &mut c,
+        "orders",
+        definition(&broker, "events", "shop", "tagstore-orders", 10),
+    )
+    .await;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let mut model: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut delivered = Vec::new();
+    let mut sent = 0;
+    for round in 0..3 {
+        let payloads: Vec<(i32, Vec<u8>)> = (0..3_000)
+            .map(|_| {
+                let pin = format!("p{}", rng.random_range(0..30));
+                let fen = rng.random_range(1..10_000);
+                let m = model.entry(pin.clone()).or_default();
+                m.0 += 1;
+                m.1 += fen;
+                (rng.random_range(0..2), order(&pin, fen))
+            })
+            .collect();
+        delivered.extend(produce(&broker, "events", &payloads, sent));
+        sent += payloads.len();
+        // The broker goes away while the consumer is in this round's
+        // records (or, should it be quick, soon after), for 3 s.
+        let until = Instant::now() + Duration::from_secs(30);
+        let before = sent - payloads.len();
+        loop {
+            let at: i64 = status(&mut c, "orders")
+                .await
+                .map_or(0, |s| s.partitions.iter().map(|p| p.position.max(0)).sum());
+            if at > before as i64 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "round {round}: nothing consumed in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gate.close();
+        // The consumer says what is wrong, naming the brokers.
+        let until = Instant::now() + Duration::from_secs(30);
+        let seen = loop {
+            let st = status(&mut c, "orders").await.expect("a status");
+            if st.state == "retrying" && st.error.contains(&broker.address()) {
+                break st;
+            }
+            assert!(
+                Instant::now() < until,
+                "round {round}: the broker gone 30 s and the status does not say so: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(seen.error_at_ms > 0, "{seen:?}");
+        let text = common::http(
+            server.metrics_addr.as_deref().expect("metrics address"),
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+        );
+        assert_eq!(
+            common::sample(
+                &text,
+                "tagstore_kafka_source_state{source=\"orders\",state=\"retrying\"}"
+            ),
+            1.0
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        gate.open();
+    }
+    let ends = ends(&delivered);
+    let st = caught_up(&mut c, "orders", &ends).await;
+    assert_eq!(st.rejected, 0, "{st:?}");
+    // What was wrong is over once the brokers answer (lag is asked every
+    // 5 s), even with nothing more to consume.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&mut c, "orders").await.expect("a status");
+        if (st.state.as_str(), st.error.as_str(), st.error_at_ms) == ("running", "", 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the broker back 30 s and the status still says: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (pin, (n, fen)) in &model {
+        let key = format!("jd_pin:{pin}");
+        assert_eq!(
+            int_value(&mut c, &key, "order_count").await,
+            Some(*n),
+            "orders of {pin}: each record applied once"
+        );
+        assert_eq!(int_value(&mut c, &key, "total_spend_fen").await, Some(*fen));
+    }
+    let _ = dir;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,8 @@ enum End {
     Stop,
     /// Start again from the store's positions, after a pause when `error`.
     Again { error: Option<String> },
+    /// The store refused a batch: start again, after a pause.
+    Refused(String),
 }
 
 /// One message, copied out of librdkafka's buffer.
@@ -101,10 +103,13 @@ impl Consumer {
         self.stop.load(Ordering::Relaxed)
     }
 
-    fn fail(&self, error: String) {
+    /// Something is wrong: with the brokers (or before consuming), or not
+    /// (the store refused a batch), which only an applied batch mends.
+    fn fail(&self, error: String, brokers: bool) {
         tracing::warn!(source = %self.source.name, %error, "Kafka consumer");
         let mut st = self.status.lock();
         st.state = State::Retrying;
+        st.error_from_brokers = brokers;
         st.error = error;
         st.error_at_ms = now_ms();
     }
@@ -117,11 +122,14 @@ impl Consumer {
         let mut pause = FIRST_PAUSE;
         while !self.stopped() {
             let began = Instant::now();
-            match self.session(&settings) {
+            let ended = self.session(&settings);
+            match &ended {
                 End::Stop => return,
                 End::Again { error: None } => pause = FIRST_PAUSE,
-                End::Again { error: Some(e) } => {
-                    self.fail(e);
+                End::Again { error: Some(e) } | End::Refused(e) => {
+                    let e = e.clone();
+                    let brokers = !matches!(ended, End::Refused(_));
+                    self.fail(e, brokers);
                     if began.elapsed() > MAX_PAUSE {
                         pause = FIRST_PAUSE;
                     }
@@ -258,7 +266,13 @@ impl Consumer {
             .collect();
         {
             let mut st = self.status.lock();
-            st.state = State::Running;
+            if st.error_from_brokers {
+                // The brokers answered and the partitions are assigned.
+                st.running();
+            } else {
+                // A refused batch is mended only by one applied.
+                st.state = State::Running;
+            }
             st.set_partitions(status_of(&tracked));
         }
         let mut reader = self.reader();
@@ -285,7 +299,7 @@ impl Consumer {
                         return End::Again { error: None };
                     }
                     Ok(_) => {}
-                    Err(e) => self.fail(e),
+                    Err(e) => self.fail(e, true),
                 }
             }
             // The next batch is gathered and read while the last one's
@@ -354,8 +368,7 @@ impl Consumer {
         }
         let _ = kc.commit(&commit, CommitMode::Async);
         let mut st = self.status.lock();
-        st.state = State::Running;
-        st.error.clear();
+        st.running();
         st.set_partitions(status_of(tracked));
     }
 
@@ -409,13 +422,16 @@ impl Consumer {
                 Some(Err(e)) if out.is_empty() => {
                     // librdkafka retries by itself (a broker away, a
                     // leader moving): say so, and keep polling.
-                    self.fail(format!(
-                        "brokers {}: {e}",
-                        self.source
-                            .kafka
-                            .as_ref()
-                            .map_or("", |k| k.brokers.as_str())
-                    ));
+                    self.fail(
+                        format!(
+                            "brokers {}: {e}",
+                            self.source
+                                .kafka
+                                .as_ref()
+                                .map_or("", |k| k.brokers.as_str())
+                        ),
+                        true,
+                    );
                     break;
                 }
                 Some(Err(e)) => {
@@ -575,9 +591,7 @@ impl Consumer {
     fn ended(&self, e: Error) -> End {
         match e {
             Error::SourceNotFound(_) => End::Stop,
-            e => End::Again {
-                error: Some(format!("the store refused the batch: {e}")),
-            },
+            e => End::Refused(format!("the store refused the batch: {e}")),
         }
     }
 
@@ -615,15 +629,22 @@ impl Consumer {
         consumed: u64,
         over: Duration,
     ) {
+        let mut answered = true;
         for ((topic, p), t) in tracked.iter_mut() {
-            if let Ok((_, high)) = kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
-                t.high = high;
+            match kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
+                Ok((_, high)) => t.high = high,
+                Err(_) => answered = false,
             }
             if t.high >= 0 && t.position.max(0) >= t.high {
                 t.caught_up = Instant::now();
             }
         }
         let mut st = self.status.lock();
+        if answered && st.error_from_brokers && !st.error.is_empty() {
+            // The brokers answer again: what librdkafka reported while
+            // they did not (it reconnects by itself) is over.
+            st.running();
+        }
         st.set_partitions(status_of(tracked));
         st.records_per_second = consumed as f64 / over.as_secs_f64().max(0.001);
     }

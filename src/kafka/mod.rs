@@ -102,6 +102,9 @@ pub struct Status {
     /// consumer has not had one since it last consumed.
     pub error: String,
     pub error_at_ms: i64,
+    /// `error` is about reaching the brokers (over once they answer), not
+    /// a batch the store refused (over once one is applied).
+    pub error_from_brokers: bool,
     /// The partitions, by topic and partition; at most
     /// [`LISTED_PARTITIONS`] (see [`Status::set_partitions`]).
     pub partitions: Vec<PartitionStatus>,
@@ -129,6 +132,7 @@ impl Default for Status {
             state: State::Starting,
             error: String::new(),
             error_at_ms: 0,
+            error_from_brokers: false,
             partitions: Vec::new(),
             unlisted_partitions: 0,
             lag_records: 0,
@@ -163,6 +167,14 @@ impl Status {
             self.unlisted_partitions = 0;
         }
         self.partitions = all;
+    }
+
+    /// Consuming, with nothing wrong.
+    pub fn running(&mut self) {
+        self.state = State::Running;
+        self.error.clear();
+        self.error_at_ms = 0;
+        self.error_from_brokers = false;
     }
 
     fn reject(&mut self, mut r: Reject) {

@@ -7,17 +7,25 @@
 //! --locked`; `.ci/run` installs it). When there is none, [`Broker::start`]
 //! returns `None` and the test says it was skipped, unless
 //! `TAGSTORE_REQUIRE_KAFKA` is set (as CI sets it): then it panics.
+//!
+//! [`Broker::start_gated`] puts a [`Gate`] in front of it, which a test
+//! closes and opens: the broker gone and back with its topics, as one
+//! restarted on durable storage is (tansu's memory storage would lose them
+//! in a real restart).
 
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::gate::Gate;
+
 /// A running broker; killed when dropped.
 pub struct Broker {
     child: Child,
     binary: PathBuf,
     port: u16,
+    gate: Option<Gate>,
 }
 
 fn find() -> Option<PathBuf> {
@@ -46,6 +54,16 @@ fn free_port() -> u16 {
 impl Broker {
     /// Starts a broker, or says why there is none (see the module).
     pub fn start(test: &str) -> Option<Broker> {
+        Self::start_with(test, false)
+    }
+
+    /// Starts a broker that clients reach through a gate
+    /// ([`Broker::gate`]): it advertises the gate's address.
+    pub fn start_gated(test: &str) -> Option<Broker> {
+        Self::start_with(test, true)
+    }
+
+    fn start_with(test: &str, gated: bool) -> Option<Broker> {
         let Some(binary) = find() else {
             if std::env::var_os("TAGSTORE_REQUIRE_KAFKA").is_some() {
                 panic!(
@@ -61,13 +79,18 @@ impl Broker {
         };
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let gate = gated.then(|| Gate::start(port));
+        let advertised = match &gate {
+            Some(g) => format!("tcp://127.0.0.1:{}", g.port()),
+            None => url.clone(),
+        };
         let child = Command::new(&binary)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "memory://tansu/",
                 "--silent",
@@ -81,6 +104,7 @@ impl Broker {
             child,
             binary,
             port,
+            gate,
         };
         let until = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -96,9 +120,17 @@ impl Broker {
         Some(b)
     }
 
-    /// `host:port` for clients.
+    /// `host:port` for clients (the gate's, when gated).
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.gate {
+            Some(g) => format!("127.0.0.1:{}", g.port()),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The gate in front of the broker, when started with one.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
     }
 
     /// Creates a topic with `partitions` partitions.

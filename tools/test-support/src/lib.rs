@@ -7,6 +7,7 @@
 //! command line; it must not depend on the engine.
 
 mod broker;
+mod gate;
 mod process;
 
 use std::collections::BTreeSet;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use broker::Broker;
+pub use gate::Gate;
 pub use process::{Client, ServerProcess};
 use tagstore_proto::{CountRequest, CreateFieldRequest, ExportRequest, FieldKind};
 
