@@ -7,7 +7,10 @@
 //! carry no event id, so a record applied twice would show); a paused
 //! source consuming nothing, also after a kill -9, until resumed; the
 //! broker gone mid-stream (cut off behind a gate) and back, every record
-//! applied once; the metrics endpoint saying what the status says.
+//! applied once; the metrics endpoint saying what the status says; TLS to
+//! a broker that serves it (a TLS front before tansu, which does not serve
+//! TLS itself), and a certificate not trusted reported in librdkafka's
+//! words.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -51,8 +54,23 @@ fn produce(
     payloads: &[(i32, Vec<u8>)],
     first: usize,
 ) -> Vec<(usize, i32, i64)> {
+    produce_with(broker, topic, payloads, first, &[])
+}
+
+/// [`produce`], with more client settings (security).
+fn produce_with(
+    broker: &Broker,
+    topic: &str,
+    payloads: &[(i32, Vec<u8>)],
+    first: usize,
+    settings: &[(&str, &str)],
+) -> Vec<(usize, i32, i64)> {
     let delivered: Delivered = Arc::default();
-    let p: BaseProducer<Reports> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let p: BaseProducer<Reports> = config
         .set("bootstrap.servers", broker.address())
         .set("linger.ms", "5")
         // One record per produced batch: tansu 0.6's in-memory storage
@@ -779,4 +797,168 @@ async fn a_paused_source_consumes_nothing_until_resumed_also_across_a_kill_9() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+}
+
+/// A TLS front for `upstream` on `listener`, serving `cert` and `key`
+/// (PEM): what a broker with TLS listeners is to its clients (tansu 0.6
+/// takes a certificate but does not serve TLS itself).
+fn tls_front(listener: std::net::TcpListener, upstream: String, cert: &str, key: &str) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::ServerConfig;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                // A client that fails its handshake (one that does not
+                // trust the certificate, or speaks no TLS) is dropped.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+}
+
+/// A CA's PEM and a certificate it signed for 127.0.0.1 (PEM, key PEM).
+fn ca_and_leaf() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Names of their own: OpenSSL looks for a certificate's issuer by name.
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tagstore test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_and_leaf();
+    // The front's port first: the broker advertises it.
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let Some(broker) = Broker::start_with(
+        "tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_reported",
+        tagstore_test_support::BrokerOptions {
+            advertised_port: Some(front_port),
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    tls_front(front, broker.own_address(), &cert, &key);
+    let files = dir.path();
+    let ca_path = files.join("ca.pem").display().to_string();
+    std::fs::write(&ca_path, &ca).unwrap();
+    let other_ca_path = files.join("other-ca.pem").display().to_string();
+    std::fs::write(&other_ca_path, ca_and_leaf().0).unwrap();
+
+    broker.create_topic("secure", 2);
+    let payloads: Vec<(i32, Vec<u8>)> = (0..200)
+        .map(|i| (i % 2, order(&format!("p{}", i % 10), 100)))
+        .collect();
+    let delivered = produce_with(
+        &broker,
+        "secure",
+        &payloads,
+        0,
+        &[("security.protocol", "ssl"), ("ssl.ca.location", &ca_path)],
+    );
+
+    let server = common::start(&files.join("data"), &[]);
+    let mut c = common::client(&server).await;
+    let with = |name: &str, extra: String| {
+        definition(&broker, "secure", "shop", &format!("g-{name}"), 50) + &extra
+    };
+    create_source(
+        &mut c,
+        "good",
+        with(
+            "good",
+            format!("security = \"ssl\"\nca_file = {ca_path:?}\n"),
+        ),
+    )
+    .await;
+    // TLS, trusting another CA: the handshake fails.
+    create_source(
+        &mut c,
+        "wrong_ca",
+        with(
+            "wrong_ca",
+            format!("security = \"ssl\"\nca_file = {other_ca_path:?}\n"),
+        ),
+    )
+    .await;
+    // No TLS at a port that serves only TLS.
+    create_source(&mut c, "plain", with("plain", String::new())).await;
+
+    let st = caught_up(&mut c, "good", &ends(&delivered)).await;
+    assert_eq!((st.applied, st.rejected), (200, 0), "{st:?}");
+    for i in 0..10 {
+        assert_eq!(
+            int_value(&mut c, &format!("jd_pin:p{i}"), "order_count").await,
+            Some(20)
+        );
+    }
+    // The others say what is wrong, in librdkafka's words, and apply
+    // nothing.
+    for (name, says) in [("wrong_ca", "certificate verify failed"), ("plain", "")] {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = status(&mut c, name).await;
+            if let Some(st) = &st
+                && !st.error.is_empty()
+                && st.error.contains(says)
+            {
+                assert_eq!(st.applied, 0, "{st:?}");
+                assert_ne!(st.state, "running", "{st:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{name}: no error naming {says:?} in 60 s: {st:?}\n{}",
+                server.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(
+        int_value(&mut c, "jd_pin:p0", "order_count").await,
+        Some(20),
+        "nothing applied by the sources that cannot read"
+    );
 }

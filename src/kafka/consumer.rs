@@ -26,8 +26,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
@@ -82,6 +84,86 @@ enum End {
     Again { error: Option<String> },
     /// The store refused a batch: start again, after a pause.
     Refused(String),
+}
+
+/// What librdkafka says as it works: its error events carry a reason
+/// (a TLS handshake refused, a SASL login failed, a connection refused)
+/// that the error codes the calls return do not; the first few since the
+/// status last took them are kept for it, and its warnings go to the
+/// server's log.
+struct Heard {
+    source: String,
+    reasons: Mutex<Vec<(Instant, String)>>,
+}
+
+/// Reasons kept between two looks (the first are the telling ones: "all
+/// brokers are down" follows what brought each one down), for at most
+/// [`REASONS_FOR`] (an older one is not told with a new error).
+const REASONS: usize = 3;
+const REASONS_FOR: Duration = Duration::from_secs(60);
+
+impl ClientContext for Heard {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // A connection that failed ("FAIL": refused, a TLS handshake, a
+        // SASL login) says why only here; the status tells it with the
+        // error it caused, which the server's log has too.
+        let failed = fac == "FAIL";
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::warn!(source = %self.source, facility = fac, "librdkafka: {message}");
+                self.heard(message);
+            }
+            _ if failed => {
+                tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}");
+                self.heard(message);
+            }
+            _ => tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(source = %self.source, %error, reason, "librdkafka error");
+        self.heard(reason);
+    }
+}
+
+impl ConsumerContext for Heard {}
+
+type Kc = BaseConsumer<Heard>;
+
+impl Heard {
+    /// Keeps a reason: the first few distinct ones, without librdkafka's
+    /// thread name and its "(after N ms in state …)".
+    fn heard(&self, reason: &str) {
+        let reason = match reason.strip_prefix("[thrd:") {
+            Some(rest) => rest.split_once("]: ").map_or(reason, |(_, r)| r),
+            None => reason,
+        };
+        let reason = reason.split(" (after ").next().unwrap_or(reason).trim();
+        let mut kept = self.reasons.lock();
+        kept.retain(|(at, _)| at.elapsed() < REASONS_FOR);
+        if kept.len() < REASONS && !kept.iter().any(|(_, r)| r == reason) {
+            kept.push((Instant::now(), reason.to_string()));
+        }
+    }
+
+    /// The reasons heard, as ": reason; reason" to follow an error (taken:
+    /// they are not told twice); empty when none.
+    fn told(&self) -> String {
+        let kept: Vec<String> = std::mem::take(&mut *self.reasons.lock())
+            .into_iter()
+            .filter(|(at, _)| at.elapsed() < REASONS_FOR)
+            .map(|(_, r)| r)
+            .collect();
+        if kept.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", kept.join("; "))
+        }
+    }
 }
 
 /// One message, copied out of librdkafka's buffer.
@@ -143,7 +225,7 @@ impl Consumer {
         }
     }
 
-    fn client(&self, s: &KafkaSettings) -> Result<BaseConsumer, String> {
+    fn client(&self, s: &KafkaSettings) -> Result<Kc, String> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &s.brokers)
             .set("group.id", &s.group)
@@ -174,24 +256,53 @@ impl Consumer {
             )
             .set("sasl.password", password.trim_end_matches(['\r', '\n']));
         }
-        if let Some(ca) = &s.ca_file {
-            c.set("ssl.ca.location", ca);
+        match &s.ca_file {
+            Some(ca) => {
+                c.set("ssl.ca.location", ca);
+            }
+            // The OpenSSL built in looks for the system's CAs where its
+            // build put them, not where this system keeps them: librdkafka
+            // looks in the usual places instead.
+            None if matches!(s.security, Security::Ssl | Security::SaslSsl) => {
+                c.set("ssl.ca.location", "probe");
+            }
+            None => {}
         }
-        c.create()
-            .map_err(|e| format!("cannot make a Kafka client: {e}"))
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        c.create_with_context(Heard {
+            source: self.source.name.clone(),
+            reasons: Mutex::new(Vec::new()),
+        })
+        .map_err(|e| format!("cannot make a Kafka client: {e}"))
     }
 
-    /// Every partition of the source's topics.
+    /// Every partition of the source's topics. `assigned`: the consumer
+    /// reads partitions, so what librdkafka has to say waits for the next
+    /// poll (which would take messages too).
     fn partitions(
         &self,
-        kc: &BaseConsumer,
+        kc: &Kc,
         s: &KafkaSettings,
+        assigned: bool,
     ) -> Result<Vec<(String, i32)>, String> {
         let mut out = Vec::new();
         for topic in &s.topics {
             let md = kc
                 .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-                .map_err(|e| format!("brokers {}: metadata of topic {topic:?}: {e}", s.brokers))?;
+                .map_err(|e| {
+                    if !assigned {
+                        // Its events: no message comes before an assignment.
+                        // (A poll that serves a log line answers `None`.)
+                        for _ in 0..256 {
+                            let _ = kc.poll(Duration::ZERO);
+                        }
+                    }
+                    format!(
+                        "brokers {}: metadata of topic {topic:?}: {e}{}",
+                        s.brokers,
+                        kc.context().told()
+                    )
+                })?;
             let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
                 return Err(format!("topic {topic:?}: the brokers do not list it"));
             };
@@ -221,7 +332,7 @@ impl Consumer {
             Ok(c) => c,
             Err(e) => return End::Again { error: Some(e) },
         };
-        let parts = match self.partitions(&kc, s) {
+        let parts = match self.partitions(&kc, s, false) {
             Ok(p) => p,
             Err(e) => return End::Again { error: Some(e) },
         };
@@ -292,7 +403,7 @@ impl Consumer {
             }
             if looked.elapsed() >= PARTITIONS_EVERY {
                 looked = Instant::now();
-                match self.partitions(&kc, s) {
+                match self.partitions(&kc, s, true) {
                     Ok(now) if now != parts => {
                         tracing::info!(source = %self.source.name, before = parts.len(), now = now.len(), "the topics' partitions changed; assigning them again");
                         self.settle(&kc, &mut tracked, in_flight.take());
@@ -329,12 +440,7 @@ impl Consumer {
     /// Waits for the write in flight, if any, before the session ends: the
     /// next session starts from the positions the store holds, which must
     /// include it if it is applied at all.
-    fn settle(
-        &self,
-        kc: &BaseConsumer,
-        tracked: &mut BTreeMap<(String, i32), Tracked>,
-        w: Option<InFlight>,
-    ) {
+    fn settle(&self, kc: &Kc, tracked: &mut BTreeMap<(String, i32), Tracked>, w: Option<InFlight>) {
         if let Some(w) = w
             && let Ok(batch) = self.finish(w)
         {
@@ -344,12 +450,7 @@ impl Consumer {
 
     /// A batch applied: its positions are the consumer's, committed to the
     /// group (for monitoring tools only: never read back).
-    fn done(
-        &self,
-        kc: &BaseConsumer,
-        tracked: &mut BTreeMap<(String, i32), Tracked>,
-        batch: &[Msg],
-    ) {
+    fn done(&self, kc: &Kc, tracked: &mut BTreeMap<(String, i32), Tracked>, batch: &[Msg]) {
         for m in batch {
             let t = tracked
                 .entry((m.topic.clone(), m.partition))
@@ -389,12 +490,7 @@ impl Consumer {
 
     /// Up to `most` messages and about [`BATCH_BYTES`]: waits for the
     /// first (at most `first_wait`), then at most [`LINGER`] for more.
-    fn gather(
-        &self,
-        kc: &BaseConsumer,
-        most: usize,
-        first_wait: Duration,
-    ) -> Result<Vec<Msg>, String> {
+    fn gather(&self, kc: &Kc, most: usize, first_wait: Duration) -> Result<Vec<Msg>, String> {
         let mut out: Vec<Msg> = Vec::new();
         let mut until = Instant::now() + first_wait;
         let mut bytes = 0usize;
@@ -424,11 +520,12 @@ impl Consumer {
                     // leader moving): say so, and keep polling.
                     self.fail(
                         format!(
-                            "brokers {}: {e}",
+                            "brokers {}: {e}{}",
                             self.source
                                 .kafka
                                 .as_ref()
-                                .map_or("", |k| k.brokers.as_str())
+                                .map_or("", |k| k.brokers.as_str()),
+                            kc.context().told()
                         ),
                         true,
                     );
@@ -624,7 +721,7 @@ impl Consumer {
     /// Lag and rate, worked out again.
     fn refresh(
         &self,
-        kc: &BaseConsumer,
+        kc: &Kc,
         tracked: &mut BTreeMap<(String, i32), Tracked>,
         consumed: u64,
         over: Duration,

@@ -20,12 +20,26 @@ use std::time::{Duration, Instant};
 
 use crate::gate::Gate;
 
+/// How a broker is started.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    /// Behind a [`Gate`] ([`Broker::gate`]), which it advertises.
+    pub gated: bool,
+    /// Clients must authenticate with SASL (tansu 0.6 takes PLAIN with any
+    /// password, and SCRAM for users it has).
+    pub authentication: bool,
+    /// The port it advertises to clients, when something else (a TLS
+    /// front) stands before it; `address()` is then that port's.
+    pub advertised_port: Option<u16>,
+}
+
 /// A running broker; killed when dropped.
 pub struct Broker {
     child: Child,
     binary: PathBuf,
     port: u16,
     gate: Option<Gate>,
+    advertised_port: Option<u16>,
 }
 
 fn find() -> Option<PathBuf> {
@@ -54,16 +68,23 @@ fn free_port() -> u16 {
 impl Broker {
     /// Starts a broker, or says why there is none (see the module).
     pub fn start(test: &str) -> Option<Broker> {
-        Self::start_with(test, false)
+        Self::start_with(test, BrokerOptions::default())
     }
 
     /// Starts a broker that clients reach through a gate
     /// ([`Broker::gate`]): it advertises the gate's address.
     pub fn start_gated(test: &str) -> Option<Broker> {
-        Self::start_with(test, true)
+        Self::start_with(
+            test,
+            BrokerOptions {
+                gated: true,
+                ..BrokerOptions::default()
+            },
+        )
     }
 
-    fn start_with(test: &str, gated: bool) -> Option<Broker> {
+    /// Starts a broker as `options` say, or says why there is none.
+    pub fn start_with(test: &str, options: BrokerOptions) -> Option<Broker> {
         let Some(binary) = find() else {
             if std::env::var_os("TAGSTORE_REQUIRE_KAFKA").is_some() {
                 panic!(
@@ -79,22 +100,27 @@ impl Broker {
         };
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let gate = gated.then(|| Gate::start(port));
-        let advertised = match &gate {
-            Some(g) => format!("tcp://127.0.0.1:{}", g.port()),
-            None => url.clone(),
+        let gate = options.gated.then(|| Gate::start(port));
+        let advertised = match (&gate, options.advertised_port) {
+            (_, Some(p)) => format!("tcp://127.0.0.1:{p}"),
+            (Some(g), None) => format!("tcp://127.0.0.1:{}", g.port()),
+            (None, None) => url.clone(),
         };
+        let mut args = vec![
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+            "--storage-engine",
+            "memory://tansu/",
+            "--silent",
+        ];
+        if options.authentication {
+            args.push("--authentication");
+        }
         let child = Command::new(&binary)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &advertised,
-                "--storage-engine",
-                "memory://tansu/",
-                "--silent",
-            ])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -105,6 +131,7 @@ impl Broker {
             binary,
             port,
             gate,
+            advertised_port: options.advertised_port,
         };
         let until = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -120,12 +147,19 @@ impl Broker {
         Some(b)
     }
 
-    /// `host:port` for clients (the gate's, when gated).
+    /// `host:port` for clients: the port advertised, else the gate's,
+    /// else the broker's own.
     pub fn address(&self) -> String {
-        match &self.gate {
-            Some(g) => format!("127.0.0.1:{}", g.port()),
-            None => format!("127.0.0.1:{}", self.port),
+        match (&self.gate, self.advertised_port) {
+            (_, Some(p)) => format!("127.0.0.1:{p}"),
+            (Some(g), None) => format!("127.0.0.1:{}", g.port()),
+            (None, None) => format!("127.0.0.1:{}", self.port),
         }
+    }
+
+    /// The broker's own `host:port`, past any gate or front.
+    pub fn own_address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// The gate in front of the broker, when started with one.

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use broker::Broker;
+pub use broker::{Broker, BrokerOptions};
 pub use gate::Gate;
 pub use process::{Client, ServerProcess};
 use tagstore_proto::{CountRequest, CreateFieldRequest, ExportRequest, FieldKind};
