@@ -962,3 +962,77 @@ async fn tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_re
         "nothing applied by the sources that cannot read"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_ends_before_the_stores_position_is_reported() {
+    let Some(broker) =
+        Broker::start("a_partition_that_ends_before_the_stores_position_is_reported")
+    else {
+        return;
+    };
+    broker.create_topic("t", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let mut c = common::client(&server).await;
+    create_source(&mut c, "orders", definition(&broker, "t", "shop", "g", 10)).await;
+    let first: Vec<(i32, Vec<u8>)> = (0..50).map(|_| (0, order("p1", 1))).collect();
+    let d = produce(&broker, "t", &first, 0);
+    caught_up(&mut c, "orders", &ends(&d)).await;
+
+    // The topic made again while the server is down: its records start
+    // at 0 again, and the store's position (50) is past their end.
+    server.stop().unwrap();
+    broker.delete_topic("t");
+    broker.create_topic("t", 1);
+    let again: Vec<(i32, Vec<u8>)> = (0..5).map(|_| (0, order("p2", 1))).collect();
+    let d = produce(&broker, "t", &again, 0);
+    assert_eq!(d.last().map(|x| x.2), Some(4), "{d:?}");
+    server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let mut c = common::client(&server).await;
+    // tansu serves nothing past a partition's end without saying that the
+    // position is out of range (Kafka says so, and librdkafka reads on from
+    // `start`, which the status lists as a reset): the consumer says what
+    // is wrong, and what to do.
+    let until = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = status(&mut c, "orders").await;
+        if let Some(st) = &st
+            && st
+                .error
+                .contains("partition t/0 ends at offset 5, before the store's position 50")
+        {
+            break st.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "the position past the partition's end not reported in 60 s: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((st.state.as_str(), st.applied), ("retrying", 0), "{st:?}");
+    let text = common::http(
+        server.metrics_addr.as_deref().expect("metrics address"),
+        b"GET /metrics HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(
+        common::sample(
+            &text,
+            "tagstore_kafka_source_state{source=\"orders\",state=\"retrying\"}"
+        ),
+        1.0
+    );
+    // As it says: the source made again reads the topic from its start.
+    c.drop_source(DropSourceRequest {
+        name: "orders".into(),
+    })
+    .await
+    .unwrap();
+    create_source(&mut c, "orders", definition(&broker, "t", "shop", "g", 10)).await;
+    let st = caught_up(&mut c, "orders", &ends(&d)).await;
+    assert_eq!((st.applied, st.error.as_str()), (5, ""), "{st:?}");
+    assert_eq!(int_value(&mut c, "jd_pin:p2", "order_count").await, Some(5));
+    assert_eq!(
+        int_value(&mut c, "jd_pin:p1", "order_count").await,
+        Some(50)
+    );
+}

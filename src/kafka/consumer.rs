@@ -94,7 +94,13 @@ enum End {
 struct Heard {
     source: String,
     reasons: Mutex<Vec<(Instant, String)>>,
+    /// Its reports of a position the brokers do not hold (an offset out
+    /// of range, read on from `start`), for the session to take.
+    resets: Mutex<Vec<String>>,
 }
+
+/// Position resets kept between two looks of the session (a few ms).
+const RESETS: usize = 64;
 
 /// Reasons kept between two looks (the first are the telling ones: "all
 /// brokers are down" follows what brought each one down), for at most
@@ -108,6 +114,21 @@ impl ClientContext for Heard {
         // SASL login) says why only here; the status tells it with the
         // error it caused, which the server's log has too.
         let failed = fac == "FAIL";
+        if fac == "OFFSET"
+            && matches!(
+                level,
+                RDKafkaLogLevel::Warning
+                    | RDKafkaLogLevel::Error
+                    | RDKafkaLogLevel::Critical
+                    | RDKafkaLogLevel::Alert
+                    | RDKafkaLogLevel::Emerg
+            )
+        {
+            let mut resets = self.resets.lock();
+            if resets.len() < RESETS {
+                resets.push(message.to_string());
+            }
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -272,6 +293,7 @@ impl Consumer {
         c.create_with_context(Heard {
             source: self.source.name.clone(),
             reasons: Mutex::new(Vec::new()),
+            resets: Mutex::new(Vec::new()),
         })
         .map_err(|e| format!("cannot make a Kafka client: {e}"))
     }
@@ -425,6 +447,7 @@ impl Consumer {
                 }
             };
             consumed_since += batch.len() as u64;
+            self.note_resets(&kc, &tracked);
             let next = (!batch.is_empty()).then(|| self.prepare(&mut reader, batch));
             if let Some(w) = in_flight.take() {
                 let done = match self.finish(w) {
@@ -718,6 +741,31 @@ impl Consumer {
             .block_on(self.engine.write(WriteOp::Consume { records, positions }))
     }
 
+    /// librdkafka's reports of positions the brokers do not hold: the
+    /// records from there on to where it reads (from `start`) are not
+    /// applied, so each is a reject, at the store's position.
+    fn note_resets(&self, kc: &Kc, tracked: &BTreeMap<(String, i32), Tracked>) {
+        let resets = std::mem::take(&mut *kc.context().resets.lock());
+        if resets.is_empty() {
+            return;
+        }
+        let mut st = self.status.lock();
+        for message in resets {
+            let (topic, partition) = reset_partition(&message).unwrap_or_default();
+            let offset = tracked
+                .get(&(topic.clone(), partition))
+                .map_or(-1, |t| t.position);
+            st.reset(Reject {
+                topic,
+                partition,
+                offset,
+                reason: format!(
+                    "records skipped: the brokers do not hold this position (deleted by retention before they were consumed, or the topic recreated); reading on from the source's start. librdkafka: {message}"
+                ),
+            });
+        }
+    }
+
     /// Lag and rate, worked out again.
     fn refresh(
         &self,
@@ -727,17 +775,35 @@ impl Consumer {
         over: Duration,
     ) {
         let mut answered = true;
+        let mut past_end = Vec::new();
         for ((topic, p), t) in tracked.iter_mut() {
             match kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
                 Ok((_, high)) => t.high = high,
                 Err(_) => answered = false,
             }
-            if t.high >= 0 && t.position.max(0) >= t.high {
+            if t.high >= 0 && t.position > t.high {
+                // A broker that truncated or remade the partition without
+                // saying the position is out of range (Kafka says so, and
+                // librdkafka reads on from `start`: `note_resets`).
+                past_end.push(format!(
+                    "partition {topic}/{p} ends at offset {}, before the store's position {}",
+                    t.high, t.position
+                ));
+            } else if t.high >= 0 && t.position.max(0) >= t.high {
                 t.caught_up = Instant::now();
             }
         }
+        if !past_end.is_empty() {
+            let error = format!(
+                "{} (was the topic deleted and made again, or truncated?): nothing is read from such a partition until its records pass the store's position, and those before it would be skipped; drop the source and create it again to read its topics from `start`",
+                past_end.join("; ")
+            );
+            if self.status.lock().error != error {
+                self.fail(error, true);
+            }
+        }
         let mut st = self.status.lock();
-        if answered && st.error_from_brokers && !st.error.is_empty() {
+        if past_end.is_empty() && answered && st.error_from_brokers && !st.error.is_empty() {
             // The brokers answer again: what librdkafka reported while
             // they did not (it reconnects by itself) is over.
             st.running();
@@ -798,11 +864,44 @@ fn status_of(tracked: &BTreeMap<(String, i32), Tracked>) -> Vec<PartitionStatus>
         .collect()
 }
 
+/// The topic and partition a librdkafka offset message is about: it
+/// starts "topic [partition]: ", after its thread's name.
+fn reset_partition(message: &str) -> Option<(String, i32)> {
+    let m = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ")?.1,
+        None => message,
+    };
+    let (topic, rest) = m.split_once(" [")?;
+    let (partition, _) = rest.split_once(']')?;
+    Some((topic.to_string(), partition.parse().ok()?))
+}
+
 fn reject_of(m: &Msg, reason: String) -> Reject {
     Reject {
         topic: m.topic.clone(),
         partition: m.partition,
         offset: m.offset,
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reset_partition;
+
+    #[test]
+    fn a_reset_message_names_its_topic_and_partition() {
+        assert_eq!(
+            reset_partition(
+                "[thrd:main]: events [1]: offset reset (at offset 5000 (leader epoch -1), broker 0) to BEGINNING: fetch failed due to requested offset not available on the broker: Broker: Offset out of range"
+            ),
+            Some(("events".to_string(), 1))
+        );
+        assert_eq!(
+            reset_partition("orders.cn [12]: offset reset (at offset 7, broker 1) to END"),
+            Some(("orders.cn".to_string(), 12))
+        );
+        assert_eq!(reset_partition("something else"), None);
+        assert_eq!(reset_partition("t [x]: offset reset"), None);
     }
 }

@@ -120,6 +120,10 @@ pub struct Status {
     pub duplicates: u64,
     pub ignored: u64,
     pub rejected: u64,
+    /// Times the brokers did not hold a partition's position (records
+    /// deleted before they were consumed, a topic recreated) and reading
+    /// went on from `start`; each is also a reject.
+    pub position_resets: u64,
     /// Records consumed a second over the last few seconds.
     pub records_per_second: f64,
     /// The newest rejected records, oldest first.
@@ -141,6 +145,7 @@ impl Default for Status {
             duplicates: 0,
             ignored: 0,
             rejected: 0,
+            position_resets: 0,
             records_per_second: 0.0,
             recent_rejects: VecDeque::new(),
         }
@@ -177,16 +182,27 @@ impl Status {
         self.error_from_brokers = false;
     }
 
-    fn reject(&mut self, mut r: Reject) {
+    fn reject(&mut self, r: Reject) {
+        self.rejected += 1;
+        self.list(r, "Kafka record rejected");
+    }
+
+    /// Records skipped where the brokers did not hold a position: listed
+    /// with the rejects, counted apart.
+    pub fn reset(&mut self, r: Reject) {
+        self.position_resets += 1;
+        self.list(r, "Kafka records skipped: position not held by the brokers");
+    }
+
+    fn list(&mut self, mut r: Reject, what: &'static str) {
         tracing::warn!(
             topic = %r.topic,
             partition = r.partition,
             offset = r.offset,
             reason = %r.reason,
-            "Kafka record rejected"
+            "{what}"
         );
         cut(&mut r.reason, REJECT_REASON_BYTES);
-        self.rejected += 1;
         if self.recent_rejects.len() == RECENT_REJECTS {
             self.recent_rejects.pop_front();
         }

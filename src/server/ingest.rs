@@ -99,6 +99,7 @@ fn kafka_status(s: crate::kafka::Status) -> proto::KafkaSourceStatus {
         unlisted_partitions: s.unlisted_partitions,
         lag_records: s.lag_records,
         lag_seconds: s.lag_seconds,
+        position_resets: s.position_resets,
         applied: s.applied,
         duplicates: s.duplicates,
         ignored: s.ignored,

@@ -282,6 +282,7 @@ fn register_kafka(r: &mut Registry, consumers: &Consumers) {
     type GaugeF = Gauge<f64, AtomicU64>;
     let state = Family::<StateLabels, Gauge>::default();
     let records = Family::<OutcomeLabels, Counter>::default();
+    let resets = Family::<SourceLabel, Counter>::default();
     let rate = Family::<SourceLabel, GaugeF>::default();
     let lag = Family::<SourceLabel, Gauge>::default();
     let lag_seconds = Family::<SourceLabel, GaugeF>::default();
@@ -302,6 +303,11 @@ fn register_kafka(r: &mut Registry, consumers: &Consumers) {
                 })
                 .set(i64::from(st.state == s));
         }
+        resets
+            .get_or_create(&SourceLabel {
+                source: source.clone(),
+            })
+            .inc_by(st.position_resets);
         for (outcome, n) in [
             ("applied", st.applied),
             ("duplicate", st.duplicates),
@@ -341,6 +347,11 @@ fn register_kafka(r: &mut Registry, consumers: &Consumers) {
         "tagstore_kafka_records",
         "A Kafka source's records since its consumer started, by outcome (applied, duplicate, ignored, rejected)",
         records,
+    );
+    r.register(
+        "tagstore_kafka_position_resets",
+        "Times the brokers did not hold a Kafka source's position and it read on from its start (records skipped)",
+        resets,
     );
     r.register(
         "tagstore_kafka_records_per_second",

@@ -167,6 +167,26 @@ impl Broker {
         self.gate.as_ref()
     }
 
+    /// Deletes a topic and its records.
+    pub fn delete_topic(&self, name: &str) {
+        let out = Command::new(&self.binary)
+            .args([
+                "topic",
+                "delete",
+                name,
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("tansu topic delete {name}: {e}"));
+        assert!(
+            out.status.success(),
+            "tansu topic delete {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Creates a topic with `partitions` partitions.
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(&self.binary)
