@@ -100,6 +100,12 @@ impl Session {
                             k.applied, k.duplicates, k.ignored, k.rejected, k.records_per_second,
                             k.lag_records, k.lag_seconds
                         ));
+                        if k.position_resets > 0 {
+                            text.push_str(&format!(
+                                "\n{name}: {} times the brokers did not hold a position: records skipped (see the rejects)",
+                                k.position_resets
+                            ));
+                        }
                         if k.unlisted_partitions > 0 {
                             text.push_str(&format!(
                                 "\n{name}: {} more partitions, none further behind than those listed",
@@ -134,6 +140,7 @@ impl Session {
                             "records_per_second": k.records_per_second,
                             "lag_records": k.lag_records, "lag_seconds": k.lag_seconds,
                             "unlisted_partitions": k.unlisted_partitions,
+                            "position_resets": k.position_resets,
                             "partitions": k.partitions.iter().map(|p| json!({
                                 "topic": p.topic, "partition": p.partition,
                                 "position": p.position, "high_watermark": p.high_watermark,
