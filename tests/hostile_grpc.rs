@@ -456,6 +456,29 @@ async fn smaller_findings() {
     assert_eq!(err.code(), Code::NotFound, "{}", err.message().len());
     assert!(err.message().contains("21000 bytes"), "{}", err.message());
 
+    // Pausing or resuming a source of an 8 MiB name: NOT_FOUND, the
+    // message cut (to 2 KiB, as every call's), naming the length.
+    let huge = "s".repeat(8 << 20);
+    for pause in [true, false] {
+        let res = if pause {
+            c.pause_source(tagstore::proto::PauseSourceRequest { name: huge.clone() })
+                .await
+                .map(|_| ())
+        } else {
+            c.resume_source(tagstore::proto::ResumeSourceRequest { name: huge.clone() })
+                .await
+                .map(|_| ())
+        };
+        let err = res.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "pause {pause}");
+        assert!(err.message().len() <= 2048, "{}", err.message().len());
+        assert!(
+            err.message().contains(&(8usize << 20).to_string()),
+            "{}",
+            err.message()
+        );
+    }
+
     // Invalid UTF-8 in a string field: INVALID_ARGUMENT.
     #[derive(Clone, PartialEq, prost::Message)]
     struct RawName {

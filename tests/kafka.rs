@@ -1036,3 +1036,107 @@ async fn a_partition_that_ends_before_the_stores_position_is_reported() {
         Some(50)
     );
 }
+
+/// A full data disk under a consuming source: the batch that finds no room
+/// is refused, the status says so, and once there is room again the
+/// consumer goes on from the store's positions, every record applied
+/// once. Needs a small tmpfs, so root (CI runs as root); elsewhere it says
+/// so and does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_room() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot mount a small file system; test skipped");
+        return;
+    }
+    let Some(broker) =
+        Broker::start("a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_room")
+    else {
+        return;
+    };
+    broker.create_topic("events", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "mount -t tmpfs failed although running as root");
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&disk);
+    let server = common::start(&disk.join("data"), &[]);
+    let mut c = common::client(&server).await;
+    create_source(
+        &mut c,
+        "orders",
+        definition(&broker, "events", "shop", "g", 100),
+    )
+    .await;
+    // Each record a customer of its own, with one order: applied once,
+    // every customer has order_count 1 (and each needs room in the log).
+    let batch = |n: usize, from: usize| -> Vec<(i32, Vec<u8>)> {
+        (from..from + n)
+            .map(|i| ((i % 2) as i32, order(&format!("c{i}"), 1)))
+            .collect()
+    };
+    let first = batch(500, 0);
+    let mut delivered = produce(&broker, "events", &first, 0);
+    caught_up(&mut c, "orders", &ends(&delivered)).await;
+
+    // Fill what is left of the disk, then more records.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+    }
+    let second = batch(40_000, 500);
+    delivered.extend(produce(&broker, "events", &second, 500));
+    let until = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = status(&mut c, "orders").await.expect("a status");
+        if st.error.contains("the store refused the batch") {
+            break st;
+        }
+        assert!(
+            Instant::now() < until,
+            "the full disk not reported in 60 s: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(st.error.contains("disk full"), "{st:?}");
+    assert_eq!(st.state, "retrying", "{st:?}");
+
+    // Room again: on from the store's positions.
+    std::fs::remove_file(&filler).unwrap();
+    let st = caught_up(&mut c, "orders", &ends(&delivered)).await;
+    assert_eq!(st.rejected, 0, "{st:?}");
+    let n = (first.len() + second.len()) as u64;
+    assert_eq!(common::count(&mut c, "ALL").await, n);
+    assert_eq!(common::count(&mut c, "order_count = 1").await, n);
+    assert_eq!(
+        common::count(&mut c, "order_count >= 2").await,
+        0,
+        "no record applied twice"
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    while status(&mut c, "orders")
+        .await
+        .is_some_and(|s| !s.error.is_empty())
+    {
+        assert!(
+            Instant::now() < until,
+            "the error stayed after the disk had room"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
