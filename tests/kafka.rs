@@ -1140,3 +1140,37 @@ async fn a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_roo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Messages of most of a megabyte each, 44 MB of them (more than a
+/// batch's 32 MiB): every one applied, once. (That a batch stops at
+/// 32 MiB is not seen from outside.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_most_of_a_megabyte_are_each_applied_once() {
+    let Some(broker) = Broker::start("messages_of_most_of_a_megabyte_are_each_applied_once") else {
+        return;
+    };
+    broker.create_topic("big", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let note = "备".repeat(230_000); // 690 KB of UTF-8
+    let payloads: Vec<(i32, Vec<u8>)> = (0..64)
+        .map(|i| {
+            let m = format!(
+                r#"{{"pin":"b{i}","type":"order","ts":1764547200000,"fen":7,"note":"{note}"}}"#
+            );
+            (0, m.into_bytes())
+        })
+        .collect();
+    let delivered = produce_with(
+        &broker,
+        "big",
+        &payloads,
+        0,
+        &[("message.max.bytes", "2000000")],
+    );
+    create_source(&mut c, "big", definition(&broker, "big", "shop", "g", 1000)).await;
+    let st = caught_up(&mut c, "big", &ends(&delivered)).await;
+    assert_eq!((st.applied, st.rejected), (64, 0), "{st:?}");
+    assert_eq!(common::count(&mut c, "order_count = 1").await, 64);
+}

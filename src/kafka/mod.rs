@@ -301,23 +301,30 @@ impl Consumers {
     #[cfg(feature = "kafka")]
     fn look(&self, engine: &Arc<Engine>, facts: &Arc<Facts>, runtime: &tokio::runtime::Handle) {
         let snap = engine.snapshot();
-        let mut running = self.running.lock();
-        // Stopped: dropped, or redefined (started again below).
-        let gone: Vec<String> = running
-            .iter()
-            .filter(|(name, r)| {
-                snap.sources
-                    .get(name.as_str())
-                    .is_none_or(|s| s.updated_ms != r.updated_ms || s.paused != r.paused)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in gone {
-            if let Some(mut r) = running.remove(&name) {
-                r.stop();
-                tracing::info!(source = %name, "Kafka consumer stopped");
-            }
+        // Stopped: dropped, or redefined (started again below). Each is
+        // joined (it finishes the write it is in, which a slow disk makes
+        // long) without the lock, so statuses can be read meanwhile; the
+        // new one starts only after.
+        let stopping: Vec<(String, Running)> = {
+            let mut running = self.running.lock();
+            let gone: Vec<String> = running
+                .iter()
+                .filter(|(name, r)| {
+                    snap.sources
+                        .get(name.as_str())
+                        .is_none_or(|s| s.updated_ms != r.updated_ms || s.paused != r.paused)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            gone.into_iter()
+                .filter_map(|name| running.remove(&name).map(|r| (name, r)))
+                .collect()
+        };
+        for (name, mut r) in stopping {
+            r.stop();
+            tracing::info!(source = %name, "Kafka consumer stopped");
         }
+        let mut running = self.running.lock();
         for meta in snap.sources.values() {
             if running.contains_key(&*meta.name) {
                 continue;
