@@ -777,9 +777,14 @@ impl Consumer {
         let mut answered = true;
         let mut past_end = Vec::new();
         for ((topic, p), t) in tracked.iter_mut() {
-            match kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
-                Ok((_, high)) => t.high = high,
-                Err(_) => answered = false,
+            // Brokers that do not answer one partition are not asked about
+            // the next (each ask waits up to WATERMARK_TIMEOUT, and a stop
+            // is seen only between them): the ends stay as last known.
+            if answered && !self.stopped() {
+                match kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
+                    Ok((_, high)) => t.high = high,
+                    Err(_) => answered = false,
+                }
             }
             if t.high >= 0 && t.position > t.high {
                 // A broker that truncated or remade the partition without
