@@ -569,40 +569,17 @@ async fn smaller_findings() {
 /// tmpfs, so root (CI runs as root); elsewhere it says so and does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_data_disk_refuses_writes_with_resource_exhausted_and_recovers() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: cannot mount a small file system; test skipped");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk");
-    std::fs::create_dir(&disk).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&disk)
-        .status()
-        .unwrap()
-        .success();
-    assert!(mounted, "mount -t tmpfs failed although running as root");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&disk);
+    let Some(small) = common::SmallDisk::mount(dir.path(), "24m") else {
+        return;
+    };
+    let disk = small.path.clone();
 
     let mut server = common::start(&disk.join("data"), &[]);
     let mut c = client(&server).await;
     add(&mut c, "t", keys("a", 10)).await;
     // Fill what is left of the disk.
-    let filler = disk.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 << 10];
-        while f.write_all(&block).is_ok() {}
-    }
+    let filler = small.fill("filler");
     let mut acknowledged = 10;
     let mut refused = None;
     for i in 0..20 {

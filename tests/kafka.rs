@@ -174,6 +174,39 @@ fn ends(delivered: &[(usize, i32, i64)]) -> BTreeMap<i32, i64> {
     out
 }
 
+/// Orders of 30 customers over two partitions, of random amounts, added
+/// to `model` (per customer: orders, fen).
+fn random_orders(
+    rng: &mut rand::rngs::StdRng,
+    model: &mut BTreeMap<String, (i64, i64)>,
+    n: usize,
+) -> Vec<(i32, Vec<u8>)> {
+    (0..n)
+        .map(|_| {
+            let pin = format!("p{}", rng.random_range(0..30));
+            let fen = rng.random_range(1..10_000);
+            let m = model.entry(pin.clone()).or_default();
+            m.0 += 1;
+            m.1 += fen;
+            (rng.random_range(0..2), order(&pin, fen))
+        })
+        .collect()
+}
+
+/// Every customer's orders and spend as `model` says: each record applied
+/// once.
+async fn facts_equal_the_model(c: &mut Client, model: &BTreeMap<String, (i64, i64)>) {
+    for (pin, (n, fen)) in model {
+        let key = format!("jd_pin:{pin}");
+        assert_eq!(
+            int_value(c, &key, "order_count").await,
+            Some(*n),
+            "orders of {pin}: each record applied once"
+        );
+        assert_eq!(int_value(c, &key, "total_spend_fen").await, Some(*fen));
+    }
+}
+
 /// Waits until `name` has consumed every partition to `ends`; its status.
 async fn caught_up(c: &mut Client, name: &str, ends: &BTreeMap<i32, i64>) -> KafkaSourceStatus {
     let until = Instant::now() + Duration::from_secs(90);
@@ -442,16 +475,7 @@ async fn kill_9_while_consuming_applies_every_record_once() {
     for round in 0..8 {
         // Records produced while the server consumes, then a kill -9 at a
         // random moment.
-        let payloads: Vec<(i32, Vec<u8>)> = (0..3_000)
-            .map(|_| {
-                let pin = format!("p{}", rng.random_range(0..30));
-                let fen = rng.random_range(1..10_000);
-                let m = model.entry(pin.clone()).or_default();
-                m.0 += 1;
-                m.1 += fen;
-                (rng.random_range(0..2), order(&pin, fen))
-            })
-            .collect();
+        let payloads = random_orders(&mut rng, &mut model, 3_000);
         delivered.extend(produce(&broker, "events", &payloads, sent));
         sent += payloads.len();
         // Once its consumer runs (it starts within a second of the
@@ -484,15 +508,7 @@ async fn kill_9_while_consuming_applies_every_record_once() {
     let ends = ends(&delivered);
     let st = caught_up(&mut c, "orders", &ends).await;
     assert_eq!(st.rejected, 0, "{st:?}");
-    for (pin, (n, fen)) in &model {
-        let key = format!("jd_pin:{pin}");
-        assert_eq!(
-            int_value(&mut c, &key, "order_count").await,
-            Some(*n),
-            "orders of {pin}: each record applied once"
-        );
-        assert_eq!(int_value(&mut c, &key, "total_spend_fen").await, Some(*fen));
-    }
+    facts_equal_the_model(&mut c, &model).await;
     // And once more after a clean restart.
     server.stop().unwrap();
     let server = common::start(dir.path(), &[]);
@@ -530,16 +546,7 @@ async fn the_broker_gone_mid_stream_is_reported_and_every_record_applied_once_wh
     let mut delivered = Vec::new();
     let mut sent = 0;
     for round in 0..3 {
-        let payloads: Vec<(i32, Vec<u8>)> = (0..3_000)
-            .map(|_| {
-                let pin = format!("p{}", rng.random_range(0..30));
-                let fen = rng.random_range(1..10_000);
-                let m = model.entry(pin.clone()).or_default();
-                m.0 += 1;
-                m.1 += fen;
-                (rng.random_range(0..2), order(&pin, fen))
-            })
-            .collect();
+        let payloads = random_orders(&mut rng, &mut model, 3_000);
         delivered.extend(produce(&broker, "events", &payloads, sent));
         sent += payloads.len();
         // The broker goes away while the consumer is in this round's
@@ -605,15 +612,7 @@ async fn the_broker_gone_mid_stream_is_reported_and_every_record_applied_once_wh
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for (pin, (n, fen)) in &model {
-        let key = format!("jd_pin:{pin}");
-        assert_eq!(
-            int_value(&mut c, &key, "order_count").await,
-            Some(*n),
-            "orders of {pin}: each record applied once"
-        );
-        assert_eq!(int_value(&mut c, &key, "total_spend_fen").await, Some(*fen));
-    }
+    facts_equal_the_model(&mut c, &model).await;
     let _ = dir;
 }
 
@@ -1044,11 +1043,6 @@ async fn a_partition_that_ends_before_the_stores_position_is_reported() {
 /// so and does nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_room() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("not root: cannot mount a small file system; test skipped");
-        return;
-    }
     let Some(broker) =
         Broker::start("a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_room")
     else {
@@ -1056,22 +1050,10 @@ async fn a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_roo
     };
     broker.create_topic("events", 2);
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk");
-    std::fs::create_dir(&disk).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&disk)
-        .status()
-        .unwrap()
-        .success();
-    assert!(mounted, "mount -t tmpfs failed although running as root");
-    struct Unmount<'a>(&'a std::path::Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&disk);
+    let Some(small) = common::SmallDisk::mount(dir.path(), "24m") else {
+        return;
+    };
+    let disk = small.path.clone();
     let server = common::start(&disk.join("data"), &[]);
     let mut c = common::client(&server).await;
     create_source(
@@ -1092,13 +1074,7 @@ async fn a_full_disk_stops_a_source_which_goes_on_exactly_once_when_there_is_roo
     caught_up(&mut c, "orders", &ends(&delivered)).await;
 
     // Fill what is left of the disk, then more records.
-    let filler = disk.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 << 10];
-        while f.write_all(&block).is_ok() {}
-    }
+    let filler = small.fill("filler");
     let second = batch(40_000, 500);
     delivered.extend(produce(&broker, "events", &second, 500));
     let until = Instant::now() + Duration::from_secs(60);

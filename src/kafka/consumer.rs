@@ -347,8 +347,11 @@ impl Consumer {
 
     fn session(&self, s: &KafkaSettings) -> End {
         {
+            // After a failure it stays "retrying" until that is over.
             let mut st = self.status.lock();
-            st.state = State::Starting;
+            if st.error.is_empty() {
+                st.state = State::Starting;
+            }
         }
         let kc = match self.client(s) {
             Ok(c) => c,
@@ -402,10 +405,11 @@ impl Consumer {
             if st.error_from_brokers {
                 // The brokers answered and the partitions are assigned.
                 st.running();
-            } else {
-                // A refused batch is mended only by one applied.
+            } else if st.error.is_empty() {
                 st.state = State::Running;
             }
+            // Else a batch the store refused: mended (and running) only
+            // once one is applied.
             st.set_partitions(status_of(&tracked));
         }
         let mut reader = self.reader();

@@ -166,3 +166,49 @@ pub fn sample(text: &str, line_start: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// A small tmpfs, unmounted when dropped: a disk that fills. Mounting
+/// needs root (CI runs as root); elsewhere `mount` says the test is skipped
+/// and answers `None`.
+pub struct SmallDisk {
+    pub path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// A tmpfs of `size` (`24m`) at `dir`/disk.
+    pub fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: cannot mount a small file system; test skipped");
+            return None;
+        }
+        let path = dir.join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(mounted, "mount -t tmpfs failed although running as root");
+        Some(SmallDisk { path })
+    }
+
+    /// Fills what is left of it with `name`, which it returns.
+    pub fn fill(&self, name: &str) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join(name);
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
