@@ -31,7 +31,8 @@ use tagstore::proto::*;
 /// Where each message produced went: its index, partition and offset.
 type Delivered = Arc<std::sync::Mutex<Vec<(usize, i32, i64)>>>;
 
-struct Reports(Delivered);
+/// Where each message went, and the ones not delivered, with why.
+struct Reports(Delivered, Arc<std::sync::Mutex<Vec<String>>>);
 
 impl ClientContext for Reports {}
 
@@ -41,7 +42,7 @@ impl ProducerContext for Reports {
     fn delivery(&self, r: &rdkafka::message::DeliveryResult<'_>, i: Box<usize>) {
         match r {
             Ok(m) => self.0.lock().unwrap().push((*i, m.partition(), m.offset())),
-            Err((e, _)) => panic!("message {i} not delivered: {e}"),
+            Err((e, _)) => self.1.lock().unwrap().push(format!("message {i}: {e}")),
         }
     }
 }
@@ -66,6 +67,7 @@ fn produce_with(
     settings: &[(&str, &str)],
 ) -> Vec<(usize, i32, i64)> {
     let delivered: Delivered = Arc::default();
+    let failed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let mut config = ClientConfig::new();
     for (k, v) in settings {
         config.set(*k, *v);
@@ -80,7 +82,7 @@ fn produce_with(
         // batches of many. Real Kafka does neither; a consumer resuming
         // mid-batch is exactly what these tests exercise.
         .set("batch.num.messages", "1")
-        .create_with_context(Reports(delivered.clone()))
+        .create_with_context(Reports(delivered.clone(), failed.clone()))
         .expect("producer");
     for (i, (part, payload)) in payloads.iter().enumerate() {
         let mut rec: BaseRecord<(), Vec<u8>, Box<usize>> =
@@ -108,7 +110,16 @@ fn produce_with(
         }
         p.poll(Duration::ZERO);
     }
-    p.flush(Duration::from_secs(30)).expect("flush");
+    // One request per message: on a busy machine tens of thousands take
+    // a while.
+    p.flush(Duration::from_secs(300)).expect("flush");
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} messages not delivered, the first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     let mut out = delivered.lock().unwrap().clone();
     out.sort();
     assert_eq!(out.len(), payloads.len(), "every message delivered");

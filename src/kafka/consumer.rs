@@ -90,7 +90,7 @@ enum End {
 /// (a TLS handshake refused, a SASL login failed, a connection refused)
 /// that the error codes the calls return do not; the first few since the
 /// status last took them are kept for it, and its warnings go to the
-/// server's log.
+/// server's log at debug.
 struct Heard {
     source: String,
     reasons: Mutex<Vec<(Instant, String)>>,
@@ -129,19 +129,19 @@ impl ClientContext for Heard {
                 resets.push(message.to_string());
             }
         }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::warn!(source = %self.source, facility = fac, "librdkafka: {message}");
-                self.heard(message);
-            }
-            _ if failed => {
-                tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}");
-                self.heard(message);
-            }
-            _ => tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}"),
+        // At debug only: it repeats itself at each reconnection, and what
+        // matters reaches the log with the error it caused (`fail`).
+        tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}");
+        if failed
+            || matches!(
+                level,
+                RDKafkaLogLevel::Emerg
+                    | RDKafkaLogLevel::Alert
+                    | RDKafkaLogLevel::Critical
+                    | RDKafkaLogLevel::Error
+            )
+        {
+            self.heard(message);
         }
     }
 
@@ -208,8 +208,9 @@ impl Consumer {
 
     /// Something is wrong: with the brokers (or before consuming), or not
     /// (the store refused a batch), which only an applied batch mends.
-    fn fail(&self, error: String, brokers: bool) {
+    fn fail(&self, mut error: String, brokers: bool) {
         tracing::warn!(source = %self.source.name, %error, "Kafka consumer");
+        super::cut(&mut error, super::ERROR_BYTES);
         let mut st = self.status.lock();
         st.state = State::Retrying;
         st.error_from_brokers = brokers;
@@ -807,7 +808,10 @@ impl Consumer {
                 "{} (was the topic deleted and made again, or truncated?): nothing is read from such a partition until its records pass the store's position, and those before it would be skipped; drop the source and create it again to read its topics from `start`",
                 past_end.join("; ")
             );
-            if self.status.lock().error != error {
+            let mut kept = error.clone();
+            super::cut(&mut kept, super::ERROR_BYTES);
+            // Said once, not at each look.
+            if self.status.lock().error != kept {
                 self.fail(error, true);
             }
         }

@@ -40,6 +40,8 @@ pub const RECENT_REJECTS: usize = 100;
 /// Longest reason a listed reject keeps, in bytes (the server's log has it
 /// whole): so that 256 sources' statuses fit in one `ListSources` answer.
 pub const REJECT_REASON_BYTES: usize = 512;
+/// Longest error a status keeps, in bytes (the server's log has it whole).
+pub const ERROR_BYTES: usize = 2048;
 /// Partitions a source's status lists: the ones furthest behind, when it
 /// has more (the others are counted, and in the totals).
 pub const LISTED_PARTITIONS: usize = 256;
@@ -212,7 +214,7 @@ impl Status {
 
 /// Cuts `s` to at most `most` bytes, at a character's boundary, marking the
 /// cut with "…".
-fn cut(s: &mut String, most: usize) {
+pub(crate) fn cut(s: &mut String, most: usize) {
     if s.len() <= most {
         return;
     }
