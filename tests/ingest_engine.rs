@@ -295,3 +295,145 @@ fn a_full_disk_refuses_an_ingest_batch_whole() {
         vec![0]
     );
 }
+
+/// What a Kafka source consumed and did not apply is kept with its
+/// positions: the newest 100 per source, across a crash (the log), a
+/// checkpoint and a restart; redefining the source keeps them, dropping it
+/// drops them; a reject of another source or with an overlong reason is
+/// refused whole.
+#[test]
+fn rejects_are_kept_with_positions_bounded_and_dropped_with_their_source() {
+    use tagstore::storage::record::{MAX_REJECT_REASON, SourcePositions, SourceReject};
+    use tagstore::storage::snapshot::KEPT_REJECTS;
+
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    let reject = |offset: i64, reason: String| SourceReject {
+        source: "jd_orders".into(),
+        skipped: offset % 7 == 0,
+        topic: "orders".into(),
+        partition: (offset % 3) as i32,
+        offset,
+        reason,
+    };
+    let consume = |engine: &Engine, from: i64, n: i64| {
+        engine.write_blocking(WriteOp::Consume {
+            records: Vec::new(),
+            positions: SourcePositions {
+                source: "jd_orders".into(),
+                next: vec![("orders".into(), 0, from + n)],
+            },
+            rejects: (from..from + n)
+                .map(|o| reject(o, format!("record {o}: 不是 JSON")))
+                .collect(),
+        })
+    };
+    // 130 over three batches, the last in one batch of 60.
+    consume(&engine, 0, 30).unwrap();
+    clock.advance_ms(1_000);
+    consume(&engine, 30, 40).unwrap();
+    clock.advance_ms(1_000);
+    consume(&engine, 70, 60).unwrap();
+    let kept = |engine: &Engine| {
+        let snap = engine.snapshot();
+        snap.rejects
+            .get("jd_orders")
+            .map(|k| k.iter().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let check = |engine: &Engine| {
+        let k = kept(engine);
+        assert_eq!(k.len(), KEPT_REJECTS);
+        let offsets: Vec<i64> = k.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (30..130).collect::<Vec<_>>());
+        for r in &k {
+            assert_eq!(r.reason, format!("record {}: 不是 JSON", r.offset));
+            assert_eq!(r.skipped, r.offset % 7 == 0);
+            assert_eq!(r.partition, (r.offset % 3) as i32);
+            assert_eq!(
+                r.at_ms,
+                if r.offset < 70 {
+                    T0 + 1_000
+                } else {
+                    T0 + 2_000
+                }
+            );
+        }
+        let snap = engine.snapshot();
+        assert_eq!(snap.positions["jd_orders"][&("orders".to_string(), 0)], 130);
+    };
+    check(&engine);
+
+    // Refused whole: nothing kept, the position not moved.
+    let e = engine
+        .write_blocking(WriteOp::Consume {
+            records: Vec::new(),
+            positions: SourcePositions {
+                source: "jd_orders".into(),
+                next: vec![("orders".into(), 0, 500)],
+            },
+            rejects: vec![reject(200, "x".repeat(MAX_REJECT_REASON + 1))],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("at most 512"), "{e}");
+    let e = engine
+        .write_blocking(WriteOp::Consume {
+            records: Vec::new(),
+            positions: SourcePositions {
+                source: "jd_orders".into(),
+                next: vec![("orders".into(), 0, 500)],
+            },
+            rejects: vec![SourceReject {
+                source: "other".into(),
+                ..reject(200, "r".into())
+            }],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("\"other\""), "{e}");
+    check(&engine);
+
+    // From the log alone, after a crash; then from a checkpoint.
+    let crashed = fs.crash_image();
+    drop(engine);
+    check(&open(&crashed, &clock));
+    let engine = open(&fs, &clock);
+    check(&engine);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&fs, &clock);
+    check(&engine);
+    // One more after the checkpoint: the oldest goes.
+    consume(&engine, 130, 1).unwrap();
+    assert_eq!(kept(&engine).first().map(|r| r.offset), Some(31));
+
+    // Redefined: kept. Dropped: gone, also after a restart, and a source
+    // of the same name starts with none.
+    engine
+        .write_blocking(WriteOp::PutSource {
+            name: "jd_orders".into(),
+            definition: "format = \"jsonl\"".into(),
+            replace: true,
+        })
+        .unwrap();
+    assert_eq!(kept(&engine).len(), KEPT_REJECTS);
+    engine
+        .write_blocking(WriteOp::DropSource {
+            name: "jd_orders".into(),
+        })
+        .unwrap();
+    assert!(kept(&engine).is_empty());
+    let e = consume(&engine, 131, 1).unwrap_err();
+    assert!(matches!(e, tagstore::Error::SourceNotFound(_)), "{e}");
+    engine
+        .write_blocking(WriteOp::PutSource {
+            name: "jd_orders".into(),
+            definition: "format = \"csv\"".into(),
+            replace: false,
+        })
+        .unwrap();
+    drop(engine);
+    let engine = open(&fs, &clock);
+    assert!(kept(&engine).is_empty());
+}

@@ -34,14 +34,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{PartitionStatus, Reject, State, Status};
+use super::{PartitionStatus, State, Status, source_reject};
 use crate::error::Error;
 use crate::ingest::facts::Facts;
 use crate::ingest::kafka::{KafkaSettings, Security, Start};
 use crate::ingest::read::Reader;
 use crate::ingest::source::Source;
 use crate::intake::{self, is_about_records};
-use crate::storage::record::SourcePositions;
+use crate::storage::record::{SourcePositions, SourceReject};
 use crate::storage::{Engine, IngestRecord, WriteOp};
 
 /// Bytes of messages a batch gathers at most (it ends at the message that
@@ -628,7 +628,16 @@ impl Consumer {
         let positions = self.positions_after(p.batch.iter());
         let with_record: Vec<usize> = p.records.iter().map(|(i, _)| *i).collect();
         let records = p.records.into_iter().map(|(_, r)| r).collect();
-        let queued = self.engine.enqueue(WriteOp::Consume { records, positions });
+        let rejects = p
+            .rejects
+            .iter()
+            .map(|(i, reason)| self.reject_of(&p.batch[*i], reason))
+            .collect();
+        let queued = self.engine.enqueue(WriteOp::Consume {
+            records,
+            positions,
+            rejects,
+        });
         InFlight {
             batch: p.batch,
             rejects: p.rejects,
@@ -662,7 +671,7 @@ impl Consumer {
                 st.duplicates += dup;
                 st.ignored += ignored;
                 for (i, reason) in rejects {
-                    st.reject(reject_of(&batch[i], reason));
+                    st.rejected(&self.reject_of(&batch[i], &reason), &reason);
                 }
                 drop(st);
                 Ok(batch)
@@ -680,7 +689,14 @@ impl Consumer {
                     let record = records.remove(&i);
                     let positions = self.positions_after(std::iter::once(m));
                     let had = record.is_some();
-                    let res = self.write(record.into_iter().collect(), positions.clone());
+                    let reject = why
+                        .get(&i)
+                        .map(|reason| (self.reject_of(m, reason), reason));
+                    let res = self.write(
+                        record.into_iter().collect(),
+                        positions.clone(),
+                        reject.iter().map(|(r, _)| r.clone()).collect(),
+                    );
                     let mut st = self.status.lock();
                     match res {
                         Ok(r) if had => {
@@ -689,17 +705,19 @@ impl Consumer {
                             st.duplicates += dup;
                         }
                         Ok(_) => {
-                            if let Some(reason) = why.get(&i) {
-                                st.reject(reject_of(m, reason.clone()));
+                            if let Some((r, reason)) = &reject {
+                                st.rejected(r, reason);
                             }
                         }
                         Err(e) if is_about_records(&e) => {
-                            st.reject(reject_of(m, e.to_string()));
                             drop(st);
                             // The position moves past it all the same.
-                            if let Err(e) = self.write(Vec::new(), positions) {
+                            let reason = e.to_string();
+                            let r = self.reject_of(m, &reason);
+                            if let Err(e) = self.write(Vec::new(), positions, vec![r.clone()]) {
                                 return Err(self.ended(e));
                             }
+                            self.status.lock().rejected(&r, &reason);
                         }
                         Err(e) => {
                             drop(st);
@@ -741,33 +759,73 @@ impl Consumer {
         &self,
         records: Vec<IngestRecord>,
         positions: SourcePositions,
+        rejects: Vec<SourceReject>,
     ) -> crate::error::Result<crate::storage::WriteResult> {
-        self.runtime
-            .block_on(self.engine.write(WriteOp::Consume { records, positions }))
+        self.runtime.block_on(self.engine.write(WriteOp::Consume {
+            records,
+            positions,
+            rejects,
+        }))
+    }
+
+    /// The reject the store logs for message `m`.
+    fn reject_of(&self, m: &Msg, reason: &str) -> SourceReject {
+        source_reject(
+            &self.source.name,
+            false,
+            &m.topic,
+            m.partition,
+            m.offset,
+            reason,
+        )
     }
 
     /// librdkafka's reports of positions the brokers do not hold: the
     /// records from there on to where it reads (from `start`) are not
-    /// applied, so each is a reject, at the store's position.
+    /// applied, so each report is logged in the store as records skipped,
+    /// at the store's position (the positions move with the records read
+    /// next).
     fn note_resets(&self, kc: &Kc, tracked: &BTreeMap<(String, i32), Tracked>) {
         let resets = std::mem::take(&mut *kc.context().resets.lock());
         if resets.is_empty() {
             return;
         }
-        let mut st = self.status.lock();
-        for message in resets {
-            let (topic, partition) = reset_partition(&message).unwrap_or_default();
-            let offset = tracked
-                .get(&(topic.clone(), partition))
-                .map_or(-1, |t| t.position);
-            st.reset(Reject {
-                topic,
-                partition,
-                offset,
-                reason: format!(
+        let skips: Vec<(SourceReject, String)> = resets
+            .into_iter()
+            .map(|message| {
+                let (topic, partition) = reset_partition(&message).unwrap_or_default();
+                let offset = tracked
+                    .get(&(topic.clone(), partition))
+                    .map_or(-1, |t| t.position);
+                let reason = format!(
                     "records skipped: the brokers do not hold this position (deleted by retention before they were consumed, or the topic recreated); reading on from the source's start. librdkafka: {message}"
-                ),
-            });
+                );
+                (
+                    source_reject(&self.source.name, true, &topic, partition, offset, &reason),
+                    reason,
+                )
+            })
+            .collect();
+        let positions = SourcePositions {
+            source: self.source.name.clone(),
+            next: Vec::new(),
+        };
+        let logged = self.write(
+            Vec::new(),
+            positions,
+            skips.iter().map(|(r, _)| r.clone()).collect(),
+        );
+        let mut st = self.status.lock();
+        for (r, reason) in &skips {
+            st.skipped(r, reason);
+        }
+        drop(st);
+        if let Err(e) = logged {
+            // Said in the server's log above, and in the status.
+            self.fail(
+                format!("the store refused the report of records skipped: {e}"),
+                false,
+            );
         }
     }
 
@@ -887,15 +945,6 @@ fn reset_partition(message: &str) -> Option<(String, i32)> {
     let (topic, rest) = m.split_once(" [")?;
     let (partition, _) = rest.split_once(']')?;
     Some((topic.to_string(), partition.parse().ok()?))
-}
-
-fn reject_of(m: &Msg, reason: String) -> Reject {
-    Reject {
-        topic: m.topic.clone(),
-        partition: m.partition,
-        offset: m.offset,
-        reason,
-    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 #[cfg(feature = "kafka")]
 pub mod consumer;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -31,15 +31,10 @@ use parking_lot::Mutex;
 use crate::ingest::facts::Facts;
 use crate::ingest::source::Source;
 use crate::storage::Engine;
+use crate::storage::record::{MAX_REJECT_REASON, SourceReject};
 
 /// How often the store's sources are looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
-/// Rejected records a source's status lists (the newest; every one is also
-/// logged as a warning, and counted).
-pub const RECENT_REJECTS: usize = 100;
-/// Longest reason a listed reject keeps, in bytes (the server's log has it
-/// whole): so that 256 sources' statuses fit in one `ListSources` answer.
-pub const REJECT_REASON_BYTES: usize = 512;
 /// Longest error a status keeps, in bytes (the server's log has it whole).
 pub const ERROR_BYTES: usize = 2048;
 /// Partitions a source's status lists: the ones furthest behind, when it
@@ -87,15 +82,6 @@ pub struct PartitionStatus {
     pub lag_seconds: f64,
 }
 
-/// A record that was not applied, where it is in its topic, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reject {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub reason: String,
-}
-
 /// What a consumer is doing and has done since the server started.
 #[derive(Debug, Clone)]
 pub struct Status {
@@ -128,8 +114,6 @@ pub struct Status {
     pub position_resets: u64,
     /// Records consumed a second over the last few seconds.
     pub records_per_second: f64,
-    /// The newest rejected records, oldest first.
-    pub recent_rejects: VecDeque<Reject>,
 }
 
 impl Default for Status {
@@ -149,7 +133,6 @@ impl Default for Status {
             rejected: 0,
             position_resets: 0,
             records_per_second: 0.0,
-            recent_rejects: VecDeque::new(),
         }
     }
 }
@@ -184,31 +167,56 @@ impl Status {
         self.error_from_brokers = false;
     }
 
-    fn reject(&mut self, r: Reject) {
+    /// A record rejected, its reject logged in the store (with the
+    /// position past it): counted, and written to the server's log with
+    /// the whole reason.
+    fn rejected(&mut self, r: &SourceReject, reason: &str) {
         self.rejected += 1;
-        self.list(r, "Kafka record rejected");
-    }
-
-    /// Records skipped where the brokers did not hold a position: listed
-    /// with the rejects, counted apart.
-    pub fn reset(&mut self, r: Reject) {
-        self.position_resets += 1;
-        self.list(r, "Kafka records skipped: position not held by the brokers");
-    }
-
-    fn list(&mut self, mut r: Reject, what: &'static str) {
         tracing::warn!(
+            source = %r.source,
             topic = %r.topic,
             partition = r.partition,
             offset = r.offset,
-            reason = %r.reason,
-            "{what}"
+            reason = %reason,
+            "Kafka record rejected"
         );
-        cut(&mut r.reason, REJECT_REASON_BYTES);
-        if self.recent_rejects.len() == RECENT_REJECTS {
-            self.recent_rejects.pop_front();
-        }
-        self.recent_rejects.push_back(r);
+    }
+
+    /// Records skipped where the brokers did not hold a position, logged
+    /// in the store with the rejects: counted apart.
+    pub fn skipped(&mut self, r: &SourceReject, reason: &str) {
+        self.position_resets += 1;
+        tracing::warn!(
+            source = %r.source,
+            topic = %r.topic,
+            partition = r.partition,
+            offset = r.offset,
+            reason = %reason,
+            "Kafka records skipped: position not held by the brokers"
+        );
+    }
+}
+
+/// The reject the store logs for a record (or records skipped) of
+/// `source`: its reason cut to what the store keeps
+/// ([`MAX_REJECT_REASON`]).
+pub fn source_reject(
+    source: &str,
+    skipped: bool,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    reason: &str,
+) -> SourceReject {
+    let mut reason = reason.to_string();
+    cut(&mut reason, MAX_REJECT_REASON);
+    SourceReject {
+        source: source.to_string(),
+        skipped,
+        topic: topic.to_string(),
+        partition,
+        offset,
+        reason,
     }
 }
 
@@ -489,24 +497,14 @@ mod tests {
     }
 
     #[test]
-    fn a_listed_reject_keeps_at_most_its_share_of_the_reason() {
-        let mut st = Status::default();
-        for reason in ["short".to_string(), "标签".repeat(400), "x".repeat(5000)] {
-            st.reject(Reject {
-                topic: "t".into(),
-                partition: 0,
-                offset: 1,
-                reason,
-            });
-        }
-        let kept: Vec<&str> = st
-            .recent_rejects
+    fn a_reject_keeps_at_most_what_the_store_takes_of_the_reason() {
+        let kept: Vec<String> = ["short".to_string(), "标签".repeat(400), "x".repeat(5000)]
             .iter()
-            .map(|r| r.reason.as_str())
+            .map(|reason| source_reject("s", false, "t", 0, 1, reason).reason)
             .collect();
         assert_eq!(kept[0], "short");
         for r in &kept[1..] {
-            assert!(r.len() <= REJECT_REASON_BYTES && r.len() > REJECT_REASON_BYTES - 8);
+            assert!(r.len() <= MAX_REJECT_REASON && r.len() > MAX_REJECT_REASON - 8);
             assert!(r.ends_with('…'));
         }
         assert!(kept[1].starts_with("标签标签"));

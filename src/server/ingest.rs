@@ -79,7 +79,11 @@ fn source_info(meta: &SourceMeta) -> proto::SourceInfo {
     }
 }
 
-fn kafka_status(s: crate::kafka::Status) -> proto::KafkaSourceStatus {
+/// A consumer's status, with the rejects the store keeps for its source.
+fn kafka_status(
+    s: crate::kafka::Status,
+    rejects: Option<&Arc<std::collections::VecDeque<crate::storage::snapshot::KeptReject>>>,
+) -> proto::KafkaSourceStatus {
     proto::KafkaSourceStatus {
         state: s.state.name().into(),
         error: s.error,
@@ -105,14 +109,16 @@ fn kafka_status(s: crate::kafka::Status) -> proto::KafkaSourceStatus {
         ignored: s.ignored,
         rejected: s.rejected,
         records_per_second: s.records_per_second,
-        recent_rejects: s
-            .recent_rejects
-            .into_iter()
+        recent_rejects: rejects
+            .iter()
+            .flat_map(|k| k.iter())
             .map(|r| proto::KafkaReject {
-                topic: r.topic,
+                topic: r.topic.clone(),
                 partition: r.partition,
                 offset: r.offset,
-                reason: r.reason,
+                reason: r.reason.clone(),
+                at_ms: r.at_ms,
+                skipped: r.skipped,
             })
             .collect(),
     }
@@ -213,7 +219,9 @@ pub(super) fn list_sources(
             .sources
             .values()
             .map(|m| proto::SourceInfo {
-                kafka: statuses.remove(&*m.name).map(kafka_status),
+                kafka: statuses
+                    .remove(&*m.name)
+                    .map(|s| kafka_status(s, snap.rejects.get(&m.name))),
                 ..source_info(m)
             })
             .collect(),

@@ -523,6 +523,10 @@ impl CheckpointJob {
                         .map(|((topic, partition), next)| (topic.clone(), *partition, *next))
                         .collect()
                 }),
+                rejects: snap
+                    .rejects
+                    .get(&s.name)
+                    .map_or_else(Vec::new, |k| k.iter().cloned().collect()),
             })
             .collect();
 

@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 10;
+pub const MANIFEST_VERSION: u32 = 11;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +45,10 @@ pub struct ManifestSource {
     pub positions: Vec<(String, i32, i64)>,
     /// Paused (version 10).
     pub paused: bool,
+    /// The newest records it consumed and did not apply, oldest first, at
+    /// most [`KEPT_REJECTS`](crate::storage::snapshot::KEPT_REJECTS)
+    /// (version 11).
+    pub rejects: Vec<crate::storage::snapshot::KeptReject>,
 }
 
 /// A saved audience (small: kept here whole).
@@ -299,6 +303,17 @@ impl Manifest {
             }
             e.u8(u8::from(s.paused));
         }
+        for s in &self.sources {
+            e.u32(s.rejects.len() as u32);
+            for r in &s.rejects {
+                e.u8(if r.skipped { 2 } else { 1 })
+                    .str(&r.topic)
+                    .i64(i64::from(r.partition))
+                    .i64(r.offset)
+                    .i64(r.at_ms)
+                    .str(&r.reason);
+            }
+        }
         e.buf
     }
 
@@ -368,6 +383,7 @@ impl Manifest {
                     updated_ms: d.i64()?,
                     positions: Vec::new(),
                     paused: false,
+                    rejects: Vec::new(),
                 });
             }
             for _ in 0..d.u32()? {
@@ -467,6 +483,29 @@ impl Manifest {
                     1 => true,
                     other => return d.err(format!("unknown pause flag {other}")),
                 };
+            }
+        }
+        if version >= 11 {
+            for s in m.sources.iter_mut() {
+                for _ in 0..d.u32()? {
+                    let skipped = match d.u8()? {
+                        1 => false,
+                        2 => true,
+                        other => return d.err(format!("unknown reject kind {other}")),
+                    };
+                    let topic = d.str()?.to_string();
+                    let partition = d.i64()?;
+                    let partition = i32::try_from(partition)
+                        .or_else(|_| d.err(format!("partition {partition} out of range")))?;
+                    s.rejects.push(crate::storage::snapshot::KeptReject {
+                        skipped,
+                        topic,
+                        partition,
+                        offset: d.i64()?,
+                        at_ms: d.i64()?,
+                        reason: d.str()?.to_string(),
+                    });
+                }
             }
         }
         d.finish()?;
@@ -593,6 +632,14 @@ mod tests {
                 updated_ms: 8,
                 positions: vec![("orders".into(), 0, 12), ("orders".into(), 3, 1 << 35)],
                 paused: true,
+                rejects: vec![crate::storage::snapshot::KeptReject {
+                    skipped: true,
+                    topic: "orders".into(),
+                    partition: 3,
+                    offset: 1 << 35,
+                    at_ms: 14,
+                    reason: "第 1 行".into(),
+                }],
             }],
             audiences: vec![ManifestAudience {
                 name: "高价值".into(),

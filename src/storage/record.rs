@@ -9,7 +9,8 @@
 //! that it can be undone) and the merges undone, version 7 saved audiences,
 //! version 8 audience snapshots, version 9 a day of member counts, version
 //! 10 rules (defined, dropped, their days turned), version 11 the
-//! positions Kafka sources have consumed to; a reader
+//! positions Kafka sources have consumed to, version 12 the records they
+//! consumed and did not apply; a reader
 //! takes every one and refuses versions it does not know instead of
 //! guessing.
 
@@ -21,7 +22,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 11;
+pub const BATCH_VERSION: u8 = 12;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -255,7 +256,31 @@ pub struct Batch {
     pub positions: Vec<SourcePositions>,
     /// Sources paused (`true`) or resumed (version 11).
     pub pauses: Vec<(String, bool)>,
+    /// Records sources consumed and did not apply (version 12), logged
+    /// with the positions that move past them, so that the report of them
+    /// outlives a restart and holds each once.
+    pub rejects: Vec<SourceReject>,
 }
+
+/// A record a source consumed from a topic and did not apply, or records
+/// it skipped because the brokers no longer held its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceReject {
+    pub source: String,
+    /// Records skipped (the brokers did not hold `offset`; reading went on
+    /// from the source's start), rather than one record rejected.
+    pub skipped: bool,
+    pub topic: String,
+    pub partition: i32,
+    /// The record's offset (for a skip: the position the store had; -1
+    /// when it had none).
+    pub offset: i64,
+    /// Why, at most [`MAX_REJECT_REASON`] bytes.
+    pub reason: String,
+}
+
+/// Longest reason a [`SourceReject`] may give, in bytes.
+pub const MAX_REJECT_REASON: usize = 512;
 
 /// A source's consumed positions: for each `(topic, partition)`, the offset
 /// of the next record to consume.
@@ -590,6 +615,7 @@ impl Batch {
             && self.rule_days.is_empty()
             && self.positions.is_empty()
             && self.pauses.is_empty()
+            && self.rejects.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -789,6 +815,15 @@ impl Batch {
         e.u32(self.pauses.len() as u32);
         for (name, paused) in &self.pauses {
             e.str(name).u8(u8::from(*paused));
+        }
+        e.u32(self.rejects.len() as u32);
+        for r in &self.rejects {
+            e.str(&r.source)
+                .u8(if r.skipped { 2 } else { 1 })
+                .str(&r.topic)
+                .i64(i64::from(r.partition))
+                .i64(r.offset)
+                .str(&r.reason);
         }
         *out = e.buf;
     }
@@ -1055,6 +1090,30 @@ impl Batch {
                 b.pauses.push((name, paused));
             }
         }
+        if version >= 12 {
+            for _ in 0..d.u32()? {
+                let source = d.str()?.to_string();
+                let skipped = match d.u8()? {
+                    1 => false,
+                    2 => true,
+                    other => return d.err(format!("unknown reject kind {other}")),
+                };
+                let topic = d.str()?.to_string();
+                let partition = d.i64()?;
+                let partition = i32::try_from(partition)
+                    .or_else(|_| d.err(format!("partition {partition} out of range")))?;
+                let offset = d.i64()?;
+                let reason = d.str()?.to_string();
+                b.rejects.push(SourceReject {
+                    source,
+                    skipped,
+                    topic,
+                    partition,
+                    offset,
+                    reason,
+                });
+            }
+        }
         d.finish()?;
         Ok(b)
     }
@@ -1265,6 +1324,24 @@ mod tests {
                 next: vec![("orders".into(), 0, 17), ("orders".into(), 2, 1 << 40)],
             }],
             pauses: vec![("orders_topic".into(), true), ("other".into(), false)],
+            rejects: vec![
+                SourceReject {
+                    source: "orders_topic".into(),
+                    skipped: false,
+                    topic: "orders".into(),
+                    partition: 2,
+                    offset: 1 << 40,
+                    reason: "line 1: 实付金额 \"abc\" is not an amount".into(),
+                },
+                SourceReject {
+                    source: "orders_topic".into(),
+                    skipped: true,
+                    topic: "orders".into(),
+                    partition: 0,
+                    offset: -1,
+                    reason: String::new(),
+                },
+            ],
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

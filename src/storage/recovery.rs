@@ -21,8 +21,8 @@ use crate::storage::record::Batch;
 use crate::storage::seen;
 use crate::storage::segment::{self, BlobKind, Segment};
 use crate::storage::snapshot::{
-    ArchiveList, AudienceMap, AudienceMeta, AudienceSnapshot, LazyBitmap, PositionMap, SnapshotMap,
-    SourceMap, SourceMeta,
+    ArchiveList, AudienceMap, AudienceMeta, AudienceSnapshot, LazyBitmap, PositionMap, RejectMap,
+    SnapshotMap, SourceMap, SourceMeta,
 };
 use crate::storage::state::State;
 use crate::storage::versions::{self, Versions};
@@ -337,8 +337,12 @@ pub(crate) fn state_of(
     }
     let mut sources = SourceMap::new();
     let mut positions = PositionMap::new();
+    let mut rejects = RejectMap::new();
     for s in &manifest.sources {
         let name: Arc<str> = Arc::from(s.name.as_str());
+        if !s.rejects.is_empty() {
+            rejects.insert(name.clone(), Arc::new(s.rejects.iter().cloned().collect()));
+        }
         if !s.positions.is_empty() {
             positions.insert(
                 name.clone(),
@@ -487,6 +491,7 @@ pub(crate) fn state_of(
         idents,
         sources,
         positions,
+        rejects,
         audiences,
         snapshots,
         next_snapshot_id: manifest.next_snapshot_id.max(1),

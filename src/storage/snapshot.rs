@@ -174,6 +174,28 @@ pub type Positions = std::collections::BTreeMap<(String, i32), i64>;
 /// have none).
 pub type PositionMap = imbl::OrdMap<Arc<str>, Arc<Positions>>;
 
+/// Records a source consumed and did not apply that the store keeps: the
+/// newest of them, at most this many per source.
+pub const KEPT_REJECTS: usize = 100;
+
+/// A record a source consumed and did not apply (or records it skipped),
+/// as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptReject {
+    /// Records skipped because the brokers did not hold the position.
+    pub skipped: bool,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// When it was logged (the batch's time, Unix ms).
+    pub at_ms: i64,
+    pub reason: String,
+}
+
+/// The newest rejects by source name, oldest first (at most
+/// [`KEPT_REJECTS`] each; sources without any have none).
+pub type RejectMap = imbl::OrdMap<Arc<str>, Arc<std::collections::VecDeque<KeptReject>>>;
+
 /// A saved audience as the store keeps it: a named query, with what people
 /// know it by. The store keeps the query's text; the query layer reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,6 +367,8 @@ pub struct Snapshot {
     pub sources: SourceMap,
     /// Where each Kafka source has consumed to, logged with the records.
     pub positions: PositionMap,
+    /// The records each source consumed and did not apply, newest kept.
+    pub rejects: RejectMap,
     /// Saved audiences: named queries (they share the name space of tags
     /// and fields).
     pub audiences: AudienceMap,
@@ -456,6 +480,7 @@ impl Snapshot {
             idents: Arc::new(Identities::new(Vec::new())),
             sources: SourceMap::new(),
             positions: PositionMap::new(),
+            rejects: RejectMap::new(),
             audiences: AudienceMap::new(),
             snapshots: SnapshotMap::new(),
             next_snapshot_id: 1,

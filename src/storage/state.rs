@@ -3,7 +3,7 @@
 //! the two can never disagree.
 
 use crate::storage::feed::{Change as FeedChange, Subject as FeedSubject};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -17,8 +17,8 @@ use crate::storage::merges::MergeEntry;
 use crate::storage::record::{Batch, ChangeOp, FieldChange, SnapshotChange};
 use crate::storage::seen::{self, Seen};
 use crate::storage::snapshot::{
-    AudienceMeta, AudienceSnapshot, Field, FieldMeta, LazyBitmap, Rule, SlotMap, Snapshot,
-    SourceMeta, Tag, TagMeta,
+    AudienceMeta, AudienceSnapshot, Field, FieldMeta, KEPT_REJECTS, KeptReject, LazyBitmap, Rule,
+    SlotMap, Snapshot, SourceMeta, Tag, TagMeta,
 };
 
 /// What applying a batch did.
@@ -637,6 +637,7 @@ impl State {
                 None => {
                     self.snap.sources.remove(c.name.as_str());
                     self.snap.positions.remove(c.name.as_str());
+                    self.snap.rejects.remove(c.name.as_str());
                 }
             }
         }
@@ -661,6 +662,32 @@ impl State {
                 at.insert((topic.clone(), *partition), *next);
             }
             self.snap.positions.insert(name, Arc::new(at));
+        }
+        // Each source's kept rejects copied once per batch, however many
+        // it rejected.
+        let mut touched: BTreeMap<&str, std::collections::VecDeque<KeptReject>> = BTreeMap::new();
+        for r in &b.rejects {
+            let kept = touched.entry(r.source.as_str()).or_insert_with(|| {
+                self.snap
+                    .rejects
+                    .get(r.source.as_str())
+                    .map(|k| (**k).clone())
+                    .unwrap_or_default()
+            });
+            while kept.len() >= KEPT_REJECTS {
+                kept.pop_front();
+            }
+            kept.push_back(KeptReject {
+                skipped: r.skipped,
+                topic: r.topic.clone(),
+                partition: r.partition,
+                offset: r.offset,
+                at_ms: b.at_ms,
+                reason: r.reason.clone(),
+            });
+        }
+        for (name, kept) in touched {
+            self.snap.rejects.insert(Arc::from(name), Arc::new(kept));
         }
         for c in &b.audiences {
             match &c.definition {

@@ -72,6 +72,9 @@ pub(crate) enum Cmd {
     Shutdown(std::sync::mpsc::Sender<Result<()>>),
 }
 
+// One per request, moved a few times on the writer's stack and never
+// stored: boxing either variant would cost an allocation per write.
+#[allow(clippy::large_enum_variant)]
 enum Planned {
     Write(Batch, Target),
     Done(WriteResult),

@@ -278,12 +278,18 @@ pub enum WriteOp {
     /// Records consumed from a source's topics: applied as
     /// [`WriteOp::Ingest`] applies them, with the source's new positions
     /// logged in the same record, so that the source resumes exactly after
-    /// the last record applied. No records: only the positions move (past
-    /// records that were rejected or ignored). Refused with
-    /// `SourceNotFound` when the source is gone.
+    /// the last record applied, and the records consumed and not applied
+    /// (`rejects`, the source's) logged with them, so that the store's
+    /// report of them outlives a restart and holds each once. No records:
+    /// only the positions move (past records that were rejected or
+    /// ignored). Refused with `SourceNotFound` when the source is gone; a
+    /// reject of another source or with a reason longer than
+    /// [`MAX_REJECT_REASON`](crate::storage::record::MAX_REJECT_REASON) is
+    /// invalid.
     Consume {
         records: Vec<IngestRecord>,
         positions: crate::storage::record::SourcePositions,
+        rejects: Vec<crate::storage::record::SourceReject>,
     },
     /// Pauses a source (`paused`) or resumes it: the server consumes a
     /// paused source's topics no more until it is resumed. A source already

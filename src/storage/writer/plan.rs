@@ -463,11 +463,31 @@ impl Planner<'_> {
                 writes,
             } => self.plan_unmerge(of, as_of, identities, erase, writes, batch),
             WriteOp::Ingest { records } => self.plan_ingest(records, batch),
-            WriteOp::Consume { records, positions } => {
+            WriteOp::Consume {
+                records,
+                positions,
+                rejects,
+            } => {
                 if !snap.sources.contains_key(positions.source.as_str()) {
                     return Err(Error::SourceNotFound(positions.source));
                 }
+                for r in &rejects {
+                    if r.source != positions.source {
+                        return Err(Error::invalid(format!(
+                            "a reject of source {:?} in a batch of source {:?}",
+                            r.source, positions.source
+                        )));
+                    }
+                    if r.reason.len() > crate::storage::record::MAX_REJECT_REASON {
+                        return Err(Error::invalid(format!(
+                            "a reject's reason is {} bytes; at most {}",
+                            r.reason.len(),
+                            crate::storage::record::MAX_REJECT_REASON
+                        )));
+                    }
+                }
                 batch.positions.push(positions);
+                batch.rejects = rejects;
                 self.plan_ingest(records, batch)
             }
         }

@@ -115,10 +115,20 @@ impl Session {
                         if !k.error.is_empty() {
                             text.push_str(&format!("\n{name}: {} ({})", k.error, k.state));
                         }
+                        // The newest five (the store keeps 100: `--json`).
                         for r in k.recent_rejects.iter().rev().take(5) {
                             text.push_str(&format!(
-                                "\n{name}: rejected {}/{} offset {}: {}",
-                                r.topic, r.partition, r.offset, r.reason
+                                "\n{name}: {} {} {}/{} offset {}: {}",
+                                fmt_time(r.at_ms),
+                                if r.skipped {
+                                    "skipped from"
+                                } else {
+                                    "rejected"
+                                },
+                                r.topic,
+                                r.partition,
+                                r.offset,
+                                r.reason
                             ));
                         }
                     }
@@ -149,6 +159,7 @@ impl Session {
                             "recent_rejects": k.recent_rejects.iter().map(|r| json!({
                                 "topic": r.topic, "partition": r.partition,
                                 "offset": r.offset, "reason": r.reason,
+                                "at_ms": r.at_ms, "skipped": r.skipped,
                             })).collect::<Vec<_>>(),
                         })
                     });
