@@ -10,7 +10,8 @@
 //! applied once; the metrics endpoint saying what the status says; TLS to
 //! a broker that serves it (a TLS front before tansu, which does not serve
 //! TLS itself), and a certificate not trusted reported in librdkafka's
-//! words.
+//! words; SASL/PLAIN to a broker that asks for it (a SASL front before
+//! tansu), a wrong password and a mechanism not offered reported.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -1015,6 +1016,238 @@ async fn tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_re
         int_value(&mut c, "jd_pin:p0", "order_count").await,
         Some(20),
         "nothing applied by the sources that cannot read"
+    );
+}
+
+/// A SASL front for `upstream` on `listener`: what a broker that asks for
+/// SASL/PLAIN logins is to its clients. Each connection is answered by the
+/// front until it has logged in (ApiVersions passed to the broker,
+/// SaslHandshake and SaslAuthenticate answered by the front: only PLAIN,
+/// only `user` with `password`), then joined to the broker. A client that
+/// sends anything else first, or fails to log in, is told so and cut off.
+/// (tansu 0.6 with `--authentication` takes no PLAIN logins, and its SCRAM
+/// users can only be made by a tool that cannot log in to it.)
+fn sasl_front(listener: std::net::TcpListener, upstream: String, user: &str, password: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn frame(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.ok()?;
+        let len = i32::from_be_bytes(len);
+        if !(0..=1 << 20).contains(&len) {
+            return None;
+        }
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body).await.ok()?;
+        Some(body)
+    }
+    async fn answer(s: &mut tokio::net::TcpStream, correlation: &[u8], body: &[u8]) -> bool {
+        let mut out = ((4 + body.len()) as i32).to_be_bytes().to_vec();
+        out.extend_from_slice(correlation);
+        out.extend_from_slice(body);
+        s.write_all(&out).await.is_ok()
+    }
+    let secret = format!("\0{user}\0{password}").into_bytes();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (upstream, secret) = (upstream.clone(), secret.clone());
+            tokio::spawn(async move {
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                loop {
+                    let Some(req) = frame(&mut tcp).await else {
+                        return;
+                    };
+                    if req.len() < 10 {
+                        return;
+                    }
+                    let key = i16::from_be_bytes([req[0], req[1]]);
+                    let version = i16::from_be_bytes([req[2], req[3]]);
+                    let correlation = req[4..8].to_vec();
+                    // Header v1: the client id (a nullable string) ends it.
+                    let id_len = i16::from_be_bytes([req[8], req[9]]).max(0) as usize;
+                    let body = &req[(10 + id_len).min(req.len())..];
+                    match key {
+                        // ApiVersions: the broker's own answer.
+                        18 => {
+                            let mut out = (req.len() as i32).to_be_bytes().to_vec();
+                            out.extend_from_slice(&req);
+                            if up.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            let Some(resp) = frame(&mut up).await else {
+                                return;
+                            };
+                            let mut out = (resp.len() as i32).to_be_bytes().to_vec();
+                            out.extend_from_slice(&resp);
+                            if tcp.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        // SaslHandshake v0-v1: PLAIN only (error 33,
+                        // unsupported mechanism, for any other).
+                        17 => {
+                            let n = body
+                                .get(..2)
+                                .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
+                            let mechanism = body.get(2..2 + n).unwrap_or_default();
+                            let error: i16 = if mechanism == b"PLAIN" { 0 } else { 33 };
+                            let mut b = error.to_be_bytes().to_vec();
+                            b.extend_from_slice(&1i32.to_be_bytes());
+                            b.extend_from_slice(&5i16.to_be_bytes());
+                            b.extend_from_slice(b"PLAIN");
+                            if !answer(&mut tcp, &correlation, &b).await || error != 0 {
+                                return;
+                            }
+                        }
+                        // SaslAuthenticate v0-v1: error 58 (authentication
+                        // failed) unless the user and password are right.
+                        36 if version <= 1 => {
+                            let n = body.get(..4).map_or(0, |b| {
+                                i32::from_be_bytes([b[0], b[1], b[2], b[3]]).max(0) as usize
+                            });
+                            let given = body.get(4..4 + n).unwrap_or_default();
+                            let ok = given == secret.as_slice();
+                            let mut b = if ok { 0i16 } else { 58 }.to_be_bytes().to_vec();
+                            if ok {
+                                b.extend_from_slice(&(-1i16).to_be_bytes());
+                            } else {
+                                let m = b"Authentication failed: invalid username or password";
+                                b.extend_from_slice(&(m.len() as i16).to_be_bytes());
+                                b.extend_from_slice(m);
+                            }
+                            b.extend_from_slice(&0i32.to_be_bytes());
+                            if version == 1 {
+                                b.extend_from_slice(&0i64.to_be_bytes());
+                            }
+                            if !answer(&mut tcp, &correlation, &b).await || !ok {
+                                return;
+                            }
+                            // Logged in: the broker from here on.
+                            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                            return;
+                        }
+                        // Anything else before logging in: cut off, as a
+                        // broker that asks for SASL does.
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    // The front's port first: the broker advertises it.
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let Some(broker) = Broker::start_with(
+        "sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported",
+        tagstore_test_support::BrokerOptions {
+            advertised_port: Some(front_port),
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    sasl_front(front, broker.own_address(), "tagstore", "s3cret 密码");
+    let files = dir.path();
+    let write = |name: &str, text: &str| {
+        let path = files.join(name).display().to_string();
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // As an operator writes it: with a line end (not part of the password).
+    let good = write("good.pw", "s3cret 密码\n");
+    let bad = write("bad.pw", "s3cret\n");
+
+    broker.create_topic("logins", 2);
+    let payloads: Vec<(i32, Vec<u8>)> = (0..200)
+        .map(|i| (i % 2, order(&format!("p{}", i % 10), 100)))
+        .collect();
+    let delivered = produce_with(
+        &broker,
+        "logins",
+        &payloads,
+        0,
+        &[
+            ("security.protocol", "sasl_plaintext"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", "tagstore"),
+            ("sasl.password", "s3cret 密码"),
+        ],
+    );
+
+    let server = common::start(&files.join("data"), &[]);
+    let mut c = common::client(&server).await;
+    let with = |name: &str, mechanism: &str, password_file: &str| {
+        definition(&broker, "logins", "shop", &format!("g-{name}"), 50)
+            + &format!(
+                "security = \"sasl_plaintext\"\nsasl_mechanism = {mechanism:?}\nsasl_username = \"tagstore\"\nsasl_password_file = {password_file:?}\n"
+            )
+    };
+    create_source(&mut c, "good", with("good", "PLAIN", &good)).await;
+    create_source(
+        &mut c,
+        "wrong_password",
+        with("wrong_password", "PLAIN", &bad),
+    )
+    .await;
+    // A mechanism the brokers do not offer.
+    create_source(&mut c, "scram", with("scram", "SCRAM-SHA-256", &good)).await;
+    // No SASL at a port that asks for it.
+    create_source(
+        &mut c,
+        "plain",
+        definition(&broker, "logins", "shop", "g-plain", 50),
+    )
+    .await;
+
+    let st = caught_up(&mut c, "good", &ends(&delivered)).await;
+    assert_eq!((st.applied, st.rejected), (200, 0), "{st:?}");
+    for i in 0..10 {
+        assert_eq!(
+            int_value(&mut c, &format!("jd_pin:p{i}"), "order_count").await,
+            Some(20)
+        );
+    }
+    // The others say what is wrong, in librdkafka's words, and apply
+    // nothing.
+    for (name, says) in [
+        ("wrong_password", "Authentication failed"),
+        ("scram", "SCRAM-SHA-256"),
+        ("plain", ""),
+    ] {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = status(&mut c, name).await;
+            if let Some(st) = &st
+                && !st.error.is_empty()
+                && st.error.contains(says)
+            {
+                assert_eq!(st.applied, 0, "{st:?}");
+                assert_ne!(st.state, "running", "{st:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "{name}: no error naming {says:?} in 60 s: {st:?}\n{}",
+                server.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(
+        int_value(&mut c, "jd_pin:p0", "order_count").await,
+        Some(20),
+        "nothing applied by the sources that cannot log in"
     );
 }
 
