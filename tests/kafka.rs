@@ -10,8 +10,9 @@
 //! applied once; the metrics endpoint saying what the status says; TLS to
 //! a broker that serves it (a TLS front before tansu, which does not serve
 //! TLS itself), and a certificate not trusted reported in librdkafka's
-//! words; SASL/PLAIN to a broker that asks for it (a SASL front before
-//! tansu), a wrong password and a mechanism not offered reported.
+//! words; SASL (PLAIN and SCRAM-SHA-256) to a broker that asks for it (a
+//! SASL front before tansu), a wrong password and a mechanism not offered
+//! reported.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -1019,15 +1020,106 @@ async fn tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_re
     );
 }
 
+/// The one login a [`sasl_front`] takes.
+#[derive(Clone, Copy, PartialEq)]
+enum Login {
+    Plain,
+    ScramSha256,
+}
+
+impl Login {
+    fn mechanism(self) -> &'static [u8] {
+        match self {
+            Login::Plain => b"PLAIN",
+            Login::ScramSha256 => b"SCRAM-SHA-256",
+        }
+    }
+}
+
+/// The server's side of a SCRAM-SHA-256 login (RFC 5802, RFC 7677) for
+/// `password`: the answer to the client's first message, then to its
+/// last (`None`: the proof is wrong).
+struct Scram {
+    password: String,
+    first_bare: String,
+    server_first: String,
+}
+
+impl Scram {
+    const SALT: &[u8] = b"tagstore test salt";
+    const ROUNDS: u32 = 4096;
+
+    fn first(password: &str, client_first: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let bare = client_first.strip_prefix("n,,")?;
+        let nonce = bare.split(',').find_map(|a| a.strip_prefix("r="))?;
+        let server_first = format!(
+            "r={nonce}tagstore-front,s={},i={}",
+            base64::engine::general_purpose::STANDARD.encode(Self::SALT),
+            Self::ROUNDS
+        );
+        Some(Self {
+            password: password.to_string(),
+            first_bare: bare.to_string(),
+            server_first,
+        })
+    }
+
+    fn last(&self, client_final: &str) -> Option<String> {
+        use base64::Engine as _;
+        use ring::{digest, hmac, pbkdf2};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (without_proof, proof) = client_final.rsplit_once(",p=")?;
+        let proof = b64.decode(proof).ok()?;
+        let mut salted = [0u8; 32];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(Self::ROUNDS)?,
+            Self::SALT,
+            self.password.as_bytes(),
+            &mut salted,
+        );
+        let salted = hmac::Key::new(hmac::HMAC_SHA256, &salted);
+        let client_key = hmac::sign(&salted, b"Client Key");
+        let stored = digest::digest(&digest::SHA256, client_key.as_ref());
+        let message = format!("{},{},{without_proof}", self.first_bare, self.server_first);
+        let signature = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, stored.as_ref()),
+            message.as_bytes(),
+        );
+        let expected: Vec<u8> = client_key
+            .as_ref()
+            .iter()
+            .zip(signature.as_ref())
+            .map(|(a, b)| a ^ b)
+            .collect();
+        if proof != expected {
+            return None;
+        }
+        let server_key = hmac::sign(&salted, b"Server Key");
+        let server_signature = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, server_key.as_ref()),
+            message.as_bytes(),
+        );
+        Some(format!("v={}", b64.encode(server_signature.as_ref())))
+    }
+}
+
 /// A SASL front for `upstream` on `listener`: what a broker that asks for
-/// SASL/PLAIN logins is to its clients. Each connection is answered by the
-/// front until it has logged in (ApiVersions passed to the broker,
-/// SaslHandshake and SaslAuthenticate answered by the front: only PLAIN,
+/// SASL logins is to its clients. Each connection is answered by the front
+/// until it has logged in (ApiVersions passed to the broker, SaslHandshake
+/// and SaslAuthenticate answered by the front: only the `login` mechanism,
 /// only `user` with `password`), then joined to the broker. A client that
 /// sends anything else first, or fails to log in, is told so and cut off.
 /// (tansu 0.6 with `--authentication` takes no PLAIN logins, and its SCRAM
 /// users can only be made by a tool that cannot log in to it.)
-fn sasl_front(listener: std::net::TcpListener, upstream: String, user: &str, password: &str) {
+fn sasl_front(
+    listener: std::net::TcpListener,
+    upstream: String,
+    login: Login,
+    user: &str,
+    password: &str,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn frame(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
         let mut len = [0u8; 4];
@@ -1046,7 +1138,25 @@ fn sasl_front(listener: std::net::TcpListener, upstream: String, user: &str, pas
         out.extend_from_slice(body);
         s.write_all(&out).await.is_ok()
     }
-    let secret = format!("\0{user}\0{password}").into_bytes();
+    /// A SaslAuthenticate answer (v0-v1): error 0 or 58 (authentication
+    /// failed), with the server's bytes.
+    fn authenticated(version: i16, ok: bool, bytes: &[u8]) -> Vec<u8> {
+        let mut b = if ok { 0i16 } else { 58 }.to_be_bytes().to_vec();
+        if ok {
+            b.extend_from_slice(&(-1i16).to_be_bytes());
+        } else {
+            let m = b"Authentication failed: invalid username or password";
+            b.extend_from_slice(&(m.len() as i16).to_be_bytes());
+            b.extend_from_slice(m);
+        }
+        b.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        b.extend_from_slice(bytes);
+        if version == 1 {
+            b.extend_from_slice(&0i64.to_be_bytes());
+        }
+        b
+    }
+    let (user, password) = (user.to_string(), password.to_string());
     listener.set_nonblocking(true).unwrap();
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     tokio::spawn(async move {
@@ -1054,11 +1164,12 @@ fn sasl_front(listener: std::net::TcpListener, upstream: String, user: &str, pas
             let Ok((mut tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (upstream, secret) = (upstream.clone(), secret.clone());
+            let (upstream, user, password) = (upstream.clone(), user.clone(), password.clone());
             tokio::spawn(async move {
                 let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
                     return;
                 };
+                let mut scram: Option<Scram> = None;
                 loop {
                     let Some(req) = frame(&mut tcp).await else {
                         return;
@@ -1089,48 +1200,63 @@ fn sasl_front(listener: std::net::TcpListener, upstream: String, user: &str, pas
                                 return;
                             }
                         }
-                        // SaslHandshake v0-v1: PLAIN only (error 33,
-                        // unsupported mechanism, for any other).
+                        // SaslHandshake v0-v1: the one mechanism (error
+                        // 33, unsupported mechanism, for any other).
                         17 => {
                             let n = body
                                 .get(..2)
                                 .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
                             let mechanism = body.get(2..2 + n).unwrap_or_default();
-                            let error: i16 = if mechanism == b"PLAIN" { 0 } else { 33 };
+                            let error: i16 = if mechanism == login.mechanism() {
+                                0
+                            } else {
+                                33
+                            };
                             let mut b = error.to_be_bytes().to_vec();
                             b.extend_from_slice(&1i32.to_be_bytes());
-                            b.extend_from_slice(&5i16.to_be_bytes());
-                            b.extend_from_slice(b"PLAIN");
+                            b.extend_from_slice(&(login.mechanism().len() as i16).to_be_bytes());
+                            b.extend_from_slice(login.mechanism());
                             if !answer(&mut tcp, &correlation, &b).await || error != 0 {
                                 return;
                             }
                         }
-                        // SaslAuthenticate v0-v1: error 58 (authentication
-                        // failed) unless the user and password are right.
+                        // SaslAuthenticate v0-v1.
                         36 if version <= 1 => {
                             let n = body.get(..4).map_or(0, |b| {
                                 i32::from_be_bytes([b[0], b[1], b[2], b[3]]).max(0) as usize
                             });
                             let given = body.get(4..4 + n).unwrap_or_default();
-                            let ok = given == secret.as_slice();
-                            let mut b = if ok { 0i16 } else { 58 }.to_be_bytes().to_vec();
-                            if ok {
-                                b.extend_from_slice(&(-1i16).to_be_bytes());
-                            } else {
-                                let m = b"Authentication failed: invalid username or password";
-                                b.extend_from_slice(&(m.len() as i16).to_be_bytes());
-                                b.extend_from_slice(m);
-                            }
-                            b.extend_from_slice(&0i32.to_be_bytes());
-                            if version == 1 {
-                                b.extend_from_slice(&0i64.to_be_bytes());
-                            }
+                            let given = String::from_utf8_lossy(given);
+                            let (ok, done, bytes) = match (login, scram.take()) {
+                                (Login::Plain, _) => {
+                                    let ok = given == format!("\0{user}\0{password}");
+                                    (ok, true, String::new())
+                                }
+                                (Login::ScramSha256, None) => {
+                                    let named = given.contains(&format!(",n={user},"));
+                                    match Scram::first(&password, &given) {
+                                        Some(s) if named => {
+                                            let first = s.server_first.clone();
+                                            scram = Some(s);
+                                            (true, false, first)
+                                        }
+                                        _ => (false, true, String::new()),
+                                    }
+                                }
+                                (Login::ScramSha256, Some(s)) => match s.last(&given) {
+                                    Some(last) => (true, true, last),
+                                    None => (false, true, String::new()),
+                                },
+                            };
+                            let b = authenticated(version, ok, bytes.as_bytes());
                             if !answer(&mut tcp, &correlation, &b).await || !ok {
                                 return;
                             }
-                            // Logged in: the broker from here on.
-                            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
-                            return;
+                            if done {
+                                // Logged in: the broker from here on.
+                                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                                return;
+                            }
                         }
                         // Anything else before logging in: cut off, as a
                         // broker that asks for SASL does.
@@ -1144,12 +1270,36 @@ fn sasl_front(listener: std::net::TcpListener, upstream: String, user: &str, pas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported() {
+    sasl_logs_in(
+        "sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported",
+        Login::Plain,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported() {
+    sasl_logs_in(
+        "sasl_scram_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported",
+        Login::ScramSha256,
+    )
+    .await;
+}
+
+/// A source logs in with `login` to a broker that asks for it and
+/// consumes; one with a wrong password, one with the other mechanism and
+/// one without SASL say what is wrong and apply nothing.
+async fn sasl_logs_in(test: &str, login: Login) {
+    let (mechanism, other) = match login {
+        Login::Plain => ("PLAIN", "SCRAM-SHA-256"),
+        Login::ScramSha256 => ("SCRAM-SHA-256", "PLAIN"),
+    };
     let dir = tempfile::tempdir().unwrap();
     // The front's port first: the broker advertises it.
     let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let front_port = front.local_addr().unwrap().port();
     let Some(broker) = Broker::start_with(
-        "sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is_reported",
+        test,
         tagstore_test_support::BrokerOptions {
             advertised_port: Some(front_port),
             ..Default::default()
@@ -1157,7 +1307,13 @@ async fn sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is
     ) else {
         return;
     };
-    sasl_front(front, broker.own_address(), "tagstore", "s3cret 密码");
+    sasl_front(
+        front,
+        broker.own_address(),
+        login,
+        "tagstore",
+        "s3cret 密码",
+    );
     let files = dir.path();
     let write = |name: &str, text: &str| {
         let path = files.join(name).display().to_string();
@@ -1179,7 +1335,7 @@ async fn sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is
         0,
         &[
             ("security.protocol", "sasl_plaintext"),
-            ("sasl.mechanism", "PLAIN"),
+            ("sasl.mechanism", mechanism),
             ("sasl.username", "tagstore"),
             ("sasl.password", "s3cret 密码"),
         ],
@@ -1193,15 +1349,15 @@ async fn sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is
                 "security = \"sasl_plaintext\"\nsasl_mechanism = {mechanism:?}\nsasl_username = \"tagstore\"\nsasl_password_file = {password_file:?}\n"
             )
     };
-    create_source(&mut c, "good", with("good", "PLAIN", &good)).await;
+    create_source(&mut c, "good", with("good", mechanism, &good)).await;
     create_source(
         &mut c,
         "wrong_password",
-        with("wrong_password", "PLAIN", &bad),
+        with("wrong_password", mechanism, &bad),
     )
     .await;
     // A mechanism the brokers do not offer.
-    create_source(&mut c, "scram", with("scram", "SCRAM-SHA-256", &good)).await;
+    create_source(&mut c, "other", with("other", other, &good)).await;
     // No SASL at a port that asks for it.
     create_source(
         &mut c,
@@ -1222,7 +1378,7 @@ async fn sasl_plain_logs_in_to_a_broker_that_asks_for_it_and_a_wrong_password_is
     // nothing.
     for (name, says) in [
         ("wrong_password", "Authentication failed"),
-        ("scram", "SCRAM-SHA-256"),
+        ("other", "Unsupported SASL mechanism"),
         ("plain", ""),
     ] {
         let until = Instant::now() + Duration::from_secs(60);
