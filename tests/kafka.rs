@@ -993,10 +993,27 @@ async fn tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_re
     }
     // The others say what is wrong, in librdkafka's words, and apply
     // nothing.
-    for (name, says) in [("wrong_ca", "certificate verify failed"), ("plain", "")] {
+    say_what_is_wrong(
+        &mut c,
+        &server,
+        &[("wrong_ca", "certificate verify failed"), ("plain", "")],
+    )
+    .await;
+    assert_eq!(
+        int_value(&mut c, "jd_pin:p0", "order_count").await,
+        Some(20),
+        "nothing applied by the sources that cannot read"
+    );
+}
+
+/// Waits until each source's status has an error containing its text
+/// (any error for an empty one), and checks that it applied nothing and
+/// is not running.
+async fn say_what_is_wrong(c: &mut Client, server: &common::TestServer, cases: &[(&str, &str)]) {
+    for (name, says) in cases {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
-            let st = status(&mut c, name).await;
+            let st = status(c, name).await;
             if let Some(st) = &st
                 && !st.error.is_empty()
                 && st.error.contains(says)
@@ -1013,11 +1030,6 @@ async fn tls_reaches_a_broker_that_serves_it_and_a_certificate_not_trusted_is_re
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    assert_eq!(
-        int_value(&mut c, "jd_pin:p0", "order_count").await,
-        Some(20),
-        "nothing applied by the sources that cannot read"
-    );
 }
 
 /// The one login a [`sasl_front`] takes.
@@ -1376,30 +1388,16 @@ async fn sasl_logs_in(test: &str, login: Login) {
     }
     // The others say what is wrong, in librdkafka's words, and apply
     // nothing.
-    for (name, says) in [
-        ("wrong_password", "Authentication failed"),
-        ("other", "Unsupported SASL mechanism"),
-        ("plain", ""),
-    ] {
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let st = status(&mut c, name).await;
-            if let Some(st) = &st
-                && !st.error.is_empty()
-                && st.error.contains(says)
-            {
-                assert_eq!(st.applied, 0, "{st:?}");
-                assert_ne!(st.state, "running", "{st:?}");
-                break;
-            }
-            assert!(
-                Instant::now() < until,
-                "{name}: no error naming {says:?} in 60 s: {st:?}\n{}",
-                server.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    say_what_is_wrong(
+        &mut c,
+        &server,
+        &[
+            ("wrong_password", "Authentication failed"),
+            ("other", "Unsupported SASL mechanism"),
+            ("plain", ""),
+        ],
+    )
+    .await;
     assert_eq!(
         int_value(&mut c, "jd_pin:p0", "order_count").await,
         Some(20),

@@ -172,29 +172,30 @@ impl Status {
     /// the whole reason.
     fn rejected(&mut self, r: &SourceReject, reason: &str) {
         self.rejected += 1;
-        tracing::warn!(
-            source = %r.source,
-            topic = %r.topic,
-            partition = r.partition,
-            offset = r.offset,
-            reason = %reason,
-            "Kafka record rejected"
-        );
+        log_reject(r, reason, "Kafka record rejected");
     }
 
     /// Records skipped where the brokers did not hold a position, logged
     /// in the store with the rejects: counted apart.
     pub fn skipped(&mut self, r: &SourceReject, reason: &str) {
         self.position_resets += 1;
-        tracing::warn!(
-            source = %r.source,
-            topic = %r.topic,
-            partition = r.partition,
-            offset = r.offset,
-            reason = %reason,
-            "Kafka records skipped: position not held by the brokers"
+        log_reject(
+            r,
+            reason,
+            "Kafka records skipped: position not held by the brokers",
         );
     }
+}
+
+fn log_reject(r: &SourceReject, reason: &str, what: &'static str) {
+    tracing::warn!(
+        source = %r.source,
+        topic = %r.topic,
+        partition = r.partition,
+        offset = r.offset,
+        reason = %reason,
+        "{what}"
+    );
 }
 
 /// The reject the store logs for a record (or records skipped) of

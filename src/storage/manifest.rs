@@ -306,12 +306,14 @@ impl Manifest {
         for s in &self.sources {
             e.u32(s.rejects.len() as u32);
             for r in &s.rejects {
-                e.u8(if r.skipped { 2 } else { 1 })
-                    .str(&r.topic)
-                    .i64(i64::from(r.partition))
-                    .i64(r.offset)
-                    .i64(r.at_ms)
-                    .str(&r.reason);
+                crate::storage::record::encode_reject_place(
+                    &mut e,
+                    r.skipped,
+                    &r.topic,
+                    r.partition,
+                    r.offset,
+                );
+                e.i64(r.at_ms).str(&r.reason);
             }
         }
         e.buf
@@ -488,20 +490,13 @@ impl Manifest {
         if version >= 11 {
             for s in m.sources.iter_mut() {
                 for _ in 0..d.u32()? {
-                    let skipped = match d.u8()? {
-                        1 => false,
-                        2 => true,
-                        other => return d.err(format!("unknown reject kind {other}")),
-                    };
-                    let topic = d.str()?.to_string();
-                    let partition = d.i64()?;
-                    let partition = i32::try_from(partition)
-                        .or_else(|_| d.err(format!("partition {partition} out of range")))?;
+                    let (skipped, topic, partition, offset) =
+                        crate::storage::record::decode_reject_place(&mut d)?;
                     s.rejects.push(crate::storage::snapshot::KeptReject {
                         skipped,
                         topic,
                         partition,
-                        offset: d.i64()?,
+                        offset,
                         at_ms: d.i64()?,
                         reason: d.str()?.to_string(),
                     });

@@ -282,6 +282,37 @@ pub struct SourceReject {
 /// Longest reason a [`SourceReject`] may give, in bytes.
 pub const MAX_REJECT_REASON: usize = 512;
 
+/// Where a reject is, as the log and the manifest write it: `u8 kind` (1 a
+/// record rejected, 2 records skipped), `str topic`, `i64 partition`,
+/// `i64 offset`.
+pub(crate) fn encode_reject_place(
+    e: &mut Enc,
+    skipped: bool,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
+    e.u8(if skipped { 2 } else { 1 })
+        .str(topic)
+        .i64(i64::from(partition))
+        .i64(offset);
+}
+
+/// Reads what [`encode_reject_place`] wrote: `(skipped, topic, partition,
+/// offset)`.
+pub(crate) fn decode_reject_place(d: &mut Dec) -> DecResult<(bool, String, i32, i64)> {
+    let skipped = match d.u8()? {
+        1 => false,
+        2 => true,
+        other => return d.err(format!("unknown reject kind {other}")),
+    };
+    let topic = d.str()?.to_string();
+    let partition = d.i64()?;
+    let partition = i32::try_from(partition)
+        .or_else(|_| d.err(format!("partition {partition} out of range")))?;
+    Ok((skipped, topic, partition, d.i64()?))
+}
+
 /// A source's consumed positions: for each `(topic, partition)`, the offset
 /// of the next record to consume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -818,12 +849,9 @@ impl Batch {
         }
         e.u32(self.rejects.len() as u32);
         for r in &self.rejects {
-            e.str(&r.source)
-                .u8(if r.skipped { 2 } else { 1 })
-                .str(&r.topic)
-                .i64(i64::from(r.partition))
-                .i64(r.offset)
-                .str(&r.reason);
+            e.str(&r.source);
+            encode_reject_place(&mut e, r.skipped, &r.topic, r.partition, r.offset);
+            e.str(&r.reason);
         }
         *out = e.buf;
     }
@@ -1093,16 +1121,7 @@ impl Batch {
         if version >= 12 {
             for _ in 0..d.u32()? {
                 let source = d.str()?.to_string();
-                let skipped = match d.u8()? {
-                    1 => false,
-                    2 => true,
-                    other => return d.err(format!("unknown reject kind {other}")),
-                };
-                let topic = d.str()?.to_string();
-                let partition = d.i64()?;
-                let partition = i32::try_from(partition)
-                    .or_else(|_| d.err(format!("partition {partition} out of range")))?;
-                let offset = d.i64()?;
+                let (skipped, topic, partition, offset) = decode_reject_place(&mut d)?;
                 let reason = d.str()?.to_string();
                 b.rejects.push(SourceReject {
                     source,
