@@ -580,6 +580,63 @@ async fn kill_9_while_consuming_applies_every_record_once() {
     }
 }
 
+/// Redefining a source while it consumes stops its consumer once the
+/// write in flight is done and starts the new one from the store's
+/// positions: every record applied once, whatever the batch size in
+/// between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redefining_a_source_while_it_consumes_applies_every_record_once() {
+    let Some(broker) =
+        Broker::start("redefining_a_source_while_it_consumes_applies_every_record_once")
+    else {
+        return;
+    };
+    broker.create_topic("events", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    create_source(
+        &mut c,
+        "orders",
+        definition(&broker, "events", "shop", "tagstore-orders", 7),
+    )
+    .await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let mut model: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut delivered = Vec::new();
+    let mut sent = 0;
+    let mut mid_stream = 0;
+    for round in 0..6 {
+        let payloads = random_orders(&mut rng, &mut model, 3_000);
+        delivered.extend(produce(&broker, "events", &payloads, sent));
+        sent += payloads.len();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(10..200))).await;
+        if let Some(st) = status(&mut c, "orders").await {
+            let at: i64 = st.partitions.iter().map(|p| p.position.max(0)).sum();
+            if at < sent as i64 {
+                mid_stream += 1;
+            }
+        }
+        // Another batch size each time: a new definition.
+        let batch = [3, 50, 11, 400, 5, 1000][round];
+        c.create_source(CreateSourceRequest {
+            name: "orders".into(),
+            definition: definition(&broker, "events", "shop", "tagstore-orders", batch),
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    assert!(
+        mid_stream >= 3,
+        "redefined mid-stream in {mid_stream} of 6 rounds"
+    );
+    let st = caught_up(&mut c, "orders", &ends(&delivered)).await;
+    assert_eq!(st.rejected, 0, "{st:?}");
+    facts_equal_the_model(&mut c, &model).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_gone_mid_stream_is_reported_and_every_record_applied_once_when_back() {
     let Some(broker) = Broker::start_gated(
