@@ -47,6 +47,14 @@ enum Command {
     /// Make a new data directory from a backup and its increments, checking
     /// every checksum (no server needed; start one on the directory after).
     Restore(RestoreArgs),
+    /// The Kafka client process a server starts for a consuming Kafka
+    /// source (it speaks a private protocol on its standard input and
+    /// output; not for people).
+    #[command(hide = true)]
+    KafkaClient {
+        /// The source it reads for (shown by `ps`, named in its log).
+        source: String,
+    },
 }
 
 /// `tagstore backup`.
@@ -404,6 +412,20 @@ impl std::io::Write for LogSink {
     }
 }
 
+/// `tagstore kafka-client`.
+fn kafka_client(source: &str) -> ExitCode {
+    #[cfg(feature = "kafka")]
+    return ExitCode::from(tagstore::kafka::client::run(source));
+    #[cfg(not(feature = "kafka"))]
+    {
+        let _ = source;
+        say(format_args!(
+            "tagstore kafka-client: this build has no Kafka client (the `kafka` feature)"
+        ));
+        ExitCode::from(2)
+    }
+}
+
 /// Prints a line on standard error or, if that fails, nowhere.
 fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
@@ -428,6 +450,7 @@ fn main() -> ExitCode {
         Command::Token { action } => return token(action),
         Command::Backup(args) => return backup(args),
         Command::Restore(args) => return restore(args),
+        Command::KafkaClient { source } => return kafka_client(&source),
         Command::Serve(args) => args,
     };
     let config = args.config.clone();

@@ -1,4 +1,5 @@
-//! One Kafka source's consumer: a thread of its own, with librdkafka.
+//! One Kafka source's consumer: a thread of its own, and for each session
+//! a Kafka client process that holds librdkafka ([`super::process`]).
 //!
 //! A session assigns itself every partition of the source's topics (no
 //! group membership: no rebalance ever moves a partition away, and the
@@ -16,7 +17,8 @@
 //! message is written alone, with the position after it, so the good ones
 //! are applied and the others rejected, with their topic, partition and
 //! offset. Any other failure (the store failing, a full disk, brokers
-//! gone, a topic missing) ends the session: it starts again after a pause
+//! gone, a topic missing, the client process crashing or not answering)
+//! ends the session: it starts again after a pause
 //! (doubling up to [`MAX_PAUSE`]), from the positions the store holds, so
 //! nothing is applied twice and nothing is skipped.
 
@@ -26,14 +28,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message as _;
-use rdkafka::{Offset, TopicPartitionList};
 
+use super::process::{ClientProcess, Program};
+use super::wire::{At, Msg};
 use super::{PartitionStatus, State, Status, source_reject};
 use crate::error::Error;
 use crate::ingest::facts::Facts;
@@ -57,11 +54,11 @@ const POLL: Duration = Duration::from_millis(100);
 const REFRESH: Duration = Duration::from_secs(5);
 /// Longest wait for one partition's end.
 const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Partitions whose ends are asked in one request.
+const ENDS_AT_ONCE: usize = 16;
 /// How often the topics' partitions are looked up again (new partitions
 /// are consumed from then on).
 const PARTITIONS_EVERY: Duration = Duration::from_secs(30);
-/// Longest a metadata request waits for the brokers.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause before a session starts again.
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
 const MAX_PAUSE: Duration = Duration::from_secs(30);
@@ -74,6 +71,8 @@ pub struct Consumer {
     pub runtime: tokio::runtime::Handle,
     pub stop: Arc<AtomicBool>,
     pub status: Arc<Mutex<Status>>,
+    /// What runs librdkafka for each session.
+    pub program: Program,
 }
 
 /// How a session ended.
@@ -86,114 +85,7 @@ enum End {
     Refused(String),
 }
 
-/// What librdkafka says as it works: its error events carry a reason
-/// (a TLS handshake refused, a SASL login failed, a connection refused)
-/// that the error codes the calls return do not; the first few since the
-/// status last took them are kept for it, and its warnings go to the
-/// server's log at debug.
-struct Heard {
-    source: String,
-    reasons: Mutex<Vec<(Instant, String)>>,
-    /// Its reports of a position the brokers do not hold (an offset out
-    /// of range, read on from `start`), for the session to take.
-    resets: Mutex<Vec<String>>,
-}
-
-/// Position resets kept between two looks of the session (a few ms).
-const RESETS: usize = 64;
-
-/// Reasons kept between two looks (the first are the telling ones: "all
-/// brokers are down" follows what brought each one down), for at most
-/// [`REASONS_FOR`] (an older one is not told with a new error).
-const REASONS: usize = 3;
-const REASONS_FOR: Duration = Duration::from_secs(60);
-
-impl ClientContext for Heard {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        // A connection that failed ("FAIL": refused, a TLS handshake, a
-        // SASL login) says why only here; the status tells it with the
-        // error it caused, which the server's log has too.
-        let failed = fac == "FAIL";
-        if fac == "OFFSET"
-            && matches!(
-                level,
-                RDKafkaLogLevel::Warning
-                    | RDKafkaLogLevel::Error
-                    | RDKafkaLogLevel::Critical
-                    | RDKafkaLogLevel::Alert
-                    | RDKafkaLogLevel::Emerg
-            )
-        {
-            let mut resets = self.resets.lock();
-            if resets.len() < RESETS {
-                resets.push(message.to_string());
-            }
-        }
-        // At debug only: it repeats itself at each reconnection, and what
-        // matters reaches the log with the error it caused (`fail`).
-        tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}");
-        if failed
-            || matches!(
-                level,
-                RDKafkaLogLevel::Emerg
-                    | RDKafkaLogLevel::Alert
-                    | RDKafkaLogLevel::Critical
-                    | RDKafkaLogLevel::Error
-            )
-        {
-            self.heard(message);
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::debug!(source = %self.source, %error, reason, "librdkafka error");
-        self.heard(reason);
-    }
-}
-
-impl ConsumerContext for Heard {}
-
-type Kc = BaseConsumer<Heard>;
-
-impl Heard {
-    /// Keeps a reason: the first few distinct ones, without librdkafka's
-    /// thread name and its "(after N ms in state …)".
-    fn heard(&self, reason: &str) {
-        let reason = match reason.strip_prefix("[thrd:") {
-            Some(rest) => rest.split_once("]: ").map_or(reason, |(_, r)| r),
-            None => reason,
-        };
-        let reason = reason.split(" (after ").next().unwrap_or(reason).trim();
-        let mut kept = self.reasons.lock();
-        kept.retain(|(at, _)| at.elapsed() < REASONS_FOR);
-        if kept.len() < REASONS && !kept.iter().any(|(_, r)| r == reason) {
-            kept.push((Instant::now(), reason.to_string()));
-        }
-    }
-
-    /// The reasons heard, as ": reason; reason" to follow an error (taken:
-    /// they are not told twice); empty when none.
-    fn told(&self) -> String {
-        let kept: Vec<String> = std::mem::take(&mut *self.reasons.lock())
-            .into_iter()
-            .filter(|(at, _)| at.elapsed() < REASONS_FOR)
-            .map(|(_, r)| r)
-            .collect();
-        if kept.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", kept.join("; "))
-        }
-    }
-}
-
-/// One message, copied out of librdkafka's buffer.
-struct Msg {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    payload: Vec<u8>,
-}
+type Kc = ClientProcess;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -247,99 +139,65 @@ impl Consumer {
         }
     }
 
+    /// A client process with librdkafka's settings for the source.
     fn client(&self, s: &KafkaSettings) -> Result<Kc, String> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &s.brokers)
-            .set("group.id", &s.group)
-            .set("client.id", format!("tagstore-{}", self.source.name))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "100")
-            .set(
-                "auto.offset.reset",
-                match s.start {
-                    Start::Earliest => "earliest",
-                    Start::Latest => "latest",
-                },
-            )
-            .set("security.protocol", s.security.name());
+        let mut c: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: &str| c.push((k.to_string(), v.to_string()));
+        set("bootstrap.servers", &s.brokers);
+        set("group.id", &s.group);
+        set("client.id", &format!("tagstore-{}", self.source.name));
+        set("enable.auto.commit", "false");
+        set("enable.auto.offset.store", "false");
+        set("enable.partition.eof", "false");
+        set("fetch.wait.max.ms", "100");
+        set(
+            "auto.offset.reset",
+            match s.start {
+                Start::Earliest => "earliest",
+                Start::Latest => "latest",
+            },
+        );
+        set("security.protocol", s.security.name());
         if matches!(s.security, Security::SaslPlaintext | Security::SaslSsl) {
+            // Read here and handed over the pipe: never on a command line.
             let file = s.sasl_password_file.as_deref().unwrap_or_default();
             let password = std::fs::read_to_string(file)
                 .map_err(|e| format!("kafka.sasl_password_file {file:?}: {e}"))?;
-            c.set(
+            set(
                 "sasl.mechanism",
                 s.sasl_mechanism.as_deref().unwrap_or_default(),
-            )
-            .set(
+            );
+            set(
                 "sasl.username",
                 s.sasl_username.as_deref().unwrap_or_default(),
-            )
-            .set("sasl.password", password.trim_end_matches(['\r', '\n']));
+            );
+            set("sasl.password", password.trim_end_matches(['\r', '\n']));
         }
         match &s.ca_file {
-            Some(ca) => {
-                c.set("ssl.ca.location", ca);
-            }
+            Some(ca) => set("ssl.ca.location", ca),
             // The OpenSSL built in looks for the system's CAs where its
             // build put them, not where this system keeps them: librdkafka
             // looks in the usual places instead.
             None if matches!(s.security, Security::Ssl | Security::SaslSsl) => {
-                c.set("ssl.ca.location", "probe");
+                set("ssl.ca.location", "probe")
             }
             None => {}
         }
-        c.set_log_level(RDKafkaLogLevel::Warning);
-        c.create_with_context(Heard {
-            source: self.source.name.clone(),
-            reasons: Mutex::new(Vec::new()),
-            resets: Mutex::new(Vec::new()),
-        })
-        .map_err(|e| format!("cannot make a Kafka client: {e}"))
+        ClientProcess::start(&self.program, &self.source.name, c)
     }
 
     /// Every partition of the source's topics. `assigned`: the consumer
-    /// reads partitions, so what librdkafka has to say waits for the next
-    /// poll (which would take messages too).
+    /// reads partitions already.
     fn partitions(
         &self,
-        kc: &Kc,
+        kc: &mut Kc,
         s: &KafkaSettings,
         assigned: bool,
     ) -> Result<Vec<(String, i32)>, String> {
         let mut out = Vec::new();
         for topic in &s.topics {
-            let md = kc
-                .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-                .map_err(|e| {
-                    if !assigned {
-                        // Its events: no message comes before an assignment.
-                        // (A poll that serves a log line answers `None`.)
-                        for _ in 0..256 {
-                            let _ = kc.poll(Duration::ZERO);
-                        }
-                    }
-                    format!(
-                        "brokers {}: metadata of topic {topic:?}: {e}{}",
-                        s.brokers,
-                        kc.context().told()
-                    )
-                })?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-                return Err(format!("topic {topic:?}: the brokers do not list it"));
-            };
-            if let Some(e) = t.error() {
-                return Err(format!(
-                    "topic {topic:?}: {}",
-                    rdkafka::error::RDKafkaErrorCode::from(e)
-                ));
-            }
-            if t.partitions().is_empty() {
-                return Err(format!("topic {topic:?}: no partitions (does it exist?)"));
-            }
-            for p in t.partitions() {
-                out.push((topic.clone(), p.id()));
+            for p in kc.partitions(topic, assigned)? {
+                out.push((topic.clone(), p));
             }
         }
         out.sort();
@@ -354,11 +212,11 @@ impl Consumer {
                 st.state = State::Starting;
             }
         }
-        let kc = match self.client(s) {
+        let mut kc = match self.client(s) {
             Ok(c) => c,
             Err(e) => return End::Again { error: Some(e) },
         };
-        let parts = match self.partitions(&kc, s, false) {
+        let parts = match self.partitions(&mut kc, s, false) {
             Ok(p) => p,
             Err(e) => return End::Again { error: Some(e) },
         };
@@ -370,23 +228,19 @@ impl Consumer {
             .get(self.source.name.as_str())
             .cloned()
             .unwrap_or_default();
-        let mut tpl = TopicPartitionList::new();
-        for (topic, p) in &parts {
-            let at = match (stored.get(&(topic.clone(), *p)), s.start) {
-                (Some(next), _) => Offset::Offset(*next),
-                (None, Start::Earliest) => Offset::Beginning,
-                (None, Start::Latest) => Offset::End,
-            };
-            if let Err(e) = tpl.add_partition_offset(topic, *p, at) {
-                return End::Again {
-                    error: Some(format!("partition {topic}/{p}: {e}")),
+        let at = parts
+            .iter()
+            .map(|(topic, p)| {
+                let at = match (stored.get(&(topic.clone(), *p)), s.start) {
+                    (Some(next), _) => At::Offset(*next),
+                    (None, Start::Earliest) => At::Beginning,
+                    (None, Start::Latest) => At::End,
                 };
-            }
-        }
-        if let Err(e) = kc.assign(&tpl) {
-            return End::Again {
-                error: Some(format!("cannot assign the partitions: {e}")),
-            };
+                (topic.clone(), *p, at)
+            })
+            .collect();
+        if let Err(e) = kc.assign(at) {
+            return End::Again { error: Some(e) };
         }
         let mut tracked: BTreeMap<(String, i32), Tracked> = parts
             .iter()
@@ -420,20 +274,20 @@ impl Consumer {
         let mut in_flight: Option<InFlight> = None;
         loop {
             if self.stopped() {
-                self.settle(&kc, &mut tracked, in_flight.take());
+                self.settle(&mut kc, &mut tracked, in_flight.take());
                 return End::Stop;
             }
             if refreshed.elapsed() >= REFRESH {
-                self.refresh(&kc, &mut tracked, consumed_since, refreshed.elapsed());
+                self.refresh(&mut kc, &mut tracked, consumed_since, refreshed.elapsed());
                 consumed_since = 0;
                 refreshed = Instant::now();
             }
             if looked.elapsed() >= PARTITIONS_EVERY {
                 looked = Instant::now();
-                match self.partitions(&kc, s, true) {
+                match self.partitions(&mut kc, s, true) {
                     Ok(now) if now != parts => {
                         tracing::info!(source = %self.source.name, before = parts.len(), now = now.len(), "the topics' partitions changed; assigning them again");
-                        self.settle(&kc, &mut tracked, in_flight.take());
+                        self.settle(&mut kc, &mut tracked, in_flight.take());
                         return End::Again { error: None };
                     }
                     Ok(_) => {}
@@ -444,22 +298,30 @@ impl Consumer {
             // write is in the writer's hands; it is queued once that one
             // is answered, so batches are applied in order, one at a time.
             let first_wait = if in_flight.is_some() { LINGER } else { POLL };
-            let batch = match self.gather(&kc, s.batch_records, first_wait) {
-                Ok(b) => b,
+            let (batch, resets) = match kc.gather(s.batch_records, BATCH_BYTES, first_wait, LINGER)
+            {
+                Ok(b) => {
+                    if !b.error.is_empty() {
+                        // librdkafka retries by itself (a broker away, a
+                        // leader moving): say so, and keep polling.
+                        self.fail(b.error, true);
+                    }
+                    (b.msgs, b.resets)
+                }
                 Err(e) => {
-                    self.settle(&kc, &mut tracked, in_flight.take());
+                    self.settle(&mut kc, &mut tracked, in_flight.take());
                     return End::Again { error: Some(e) };
                 }
             };
             consumed_since += batch.len() as u64;
-            self.note_resets(&kc, &tracked);
+            self.note_resets(resets, &tracked);
             let next = (!batch.is_empty()).then(|| self.prepare(&mut reader, batch));
             if let Some(w) = in_flight.take() {
                 let done = match self.finish(w) {
                     Ok(done) => done,
                     Err(end) => return end,
                 };
-                self.done(&kc, &mut tracked, &done);
+                self.done(&mut kc, &mut tracked, &done);
             }
             in_flight = next.map(|p| self.enqueue(p));
         }
@@ -468,7 +330,12 @@ impl Consumer {
     /// Waits for the write in flight, if any, before the session ends: the
     /// next session starts from the positions the store holds, which must
     /// include it if it is applied at all.
-    fn settle(&self, kc: &Kc, tracked: &mut BTreeMap<(String, i32), Tracked>, w: Option<InFlight>) {
+    fn settle(
+        &self,
+        kc: &mut Kc,
+        tracked: &mut BTreeMap<(String, i32), Tracked>,
+        w: Option<InFlight>,
+    ) {
         if let Some(w) = w
             && let Ok(batch) = self.finish(w)
         {
@@ -478,7 +345,7 @@ impl Consumer {
 
     /// A batch applied: its positions are the consumer's, committed to the
     /// group (for monitoring tools only: never read back).
-    fn done(&self, kc: &Kc, tracked: &mut BTreeMap<(String, i32), Tracked>, batch: &[Msg]) {
+    fn done(&self, kc: &mut Kc, tracked: &mut BTreeMap<(String, i32), Tracked>, batch: &[Msg]) {
         for m in batch {
             let t = tracked
                 .entry((m.topic.clone(), m.partition))
@@ -489,13 +356,14 @@ impl Consumer {
                 });
             t.position = t.position.max(m.offset + 1);
         }
-        let mut commit = TopicPartitionList::new();
-        for ((topic, p), t) in tracked.iter() {
-            if t.position >= 0 {
-                let _ = commit.add_partition_offset(topic, *p, Offset::Offset(t.position));
-            }
-        }
-        let _ = kc.commit(&commit, CommitMode::Async);
+        let commit = tracked
+            .iter()
+            .filter(|(_, t)| t.position >= 0)
+            .map(|((topic, p), t)| (topic.clone(), *p, t.position))
+            .collect();
+        // A process that fails here fails the next poll too, which ends
+        // the session: the batch is applied and its positions logged.
+        let _ = kc.commit(commit);
         let mut st = self.status.lock();
         st.running();
         st.set_partitions(status_of(tracked));
@@ -514,58 +382,6 @@ impl Consumer {
             let _ = reader.feed(format!("{h}\n").as_bytes());
         }
         reader
-    }
-
-    /// Up to `most` messages and about [`BATCH_BYTES`]: waits for the
-    /// first (at most `first_wait`), then at most [`LINGER`] for more.
-    fn gather(&self, kc: &Kc, most: usize, first_wait: Duration) -> Result<Vec<Msg>, String> {
-        let mut out: Vec<Msg> = Vec::new();
-        let mut until = Instant::now() + first_wait;
-        let mut bytes = 0usize;
-        while out.len() < most && bytes < BATCH_BYTES && !self.stopped() {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match kc.poll(left) {
-                None => break,
-                Some(Ok(m)) => {
-                    if out.is_empty() {
-                        until = Instant::now() + LINGER;
-                    }
-                    let payload = m.payload().unwrap_or_default();
-                    bytes += payload.len() + m.topic().len() + 32;
-                    out.push(Msg {
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        payload: payload.to_vec(),
-                    });
-                }
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(e)) if out.is_empty() => {
-                    // librdkafka retries by itself (a broker away, a
-                    // leader moving): say so, and keep polling.
-                    self.fail(
-                        format!(
-                            "brokers {}: {e}{}",
-                            self.source
-                                .kafka
-                                .as_ref()
-                                .map_or("", |k| k.brokers.as_str()),
-                            kc.context().told()
-                        ),
-                        true,
-                    );
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(source = %self.source.name, error = %e, "Kafka poll");
-                    break;
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Reads a batch's messages as records and turns them into writes.
@@ -785,8 +601,7 @@ impl Consumer {
     /// applied, so each report is logged in the store as records skipped,
     /// at the store's position (the positions move with the records read
     /// next).
-    fn note_resets(&self, kc: &Kc, tracked: &BTreeMap<(String, i32), Tracked>) {
-        let resets = std::mem::take(&mut *kc.context().resets.lock());
+    fn note_resets(&self, resets: Vec<String>, tracked: &BTreeMap<(String, i32), Tracked>) {
         if resets.is_empty() {
             return;
         }
@@ -832,23 +647,35 @@ impl Consumer {
     /// Lag and rate, worked out again.
     fn refresh(
         &self,
-        kc: &Kc,
+        kc: &mut Kc,
         tracked: &mut BTreeMap<(String, i32), Tracked>,
         consumed: u64,
         over: Duration,
     ) {
+        // Brokers that do not answer one partition are not asked about the
+        // next (each ask waits up to WATERMARK_TIMEOUT): the ends stay as
+        // last known. Asked [`ENDS_AT_ONCE`] at a time, so that a stop is
+        // seen between them.
+        let keys: Vec<(String, i32)> = tracked.keys().cloned().collect();
         let mut answered = true;
-        let mut past_end = Vec::new();
-        for ((topic, p), t) in tracked.iter_mut() {
-            // Brokers that do not answer one partition are not asked about
-            // the next (each ask waits up to WATERMARK_TIMEOUT, and a stop
-            // is seen only between them): the ends stay as last known.
-            if answered && !self.stopped() {
-                match kc.fetch_watermarks(topic, *p, WATERMARK_TIMEOUT) {
-                    Ok((_, high)) => t.high = high,
-                    Err(_) => answered = false,
+        for chunk in keys.chunks(ENDS_AT_ONCE) {
+            if !answered || self.stopped() {
+                break;
+            }
+            // A process that fails here fails the next poll too, which
+            // ends the session.
+            let highs = kc
+                .ends(chunk.to_vec(), WATERMARK_TIMEOUT)
+                .unwrap_or_default();
+            answered = highs.len() == chunk.len();
+            for (k, high) in chunk.iter().zip(highs) {
+                if let Some(t) = tracked.get_mut(k) {
+                    t.high = high;
                 }
             }
+        }
+        let mut past_end = Vec::new();
+        for ((topic, p), t) in tracked.iter_mut() {
             if t.high >= 0 && t.position > t.high {
                 // A broker that truncated or remade the partition without
                 // saying the position is out of range (Kafka says so, and

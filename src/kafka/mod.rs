@@ -4,7 +4,9 @@
 //! [`Consumers`] keeps one consumer thread per Kafka source of the store:
 //! it looks at the store's sources every half second, starts a consumer for
 //! a new one, restarts one whose definition changed and stops one that was
-//! dropped. Each consumer ([`consumer`]) reads batches of messages, turns
+//! dropped. Each consumer ([`consumer`]) reads batches of messages through
+//! a Kafka client process ([`process`], [`client`], [`wire`]: librdkafka
+//! out of the server's process, so that its crash ends a session), turns
 //! them into writes by the same path as the `Ingest` stream
 //! (`crate::intake`), and logs each batch together with the positions it
 //! consumed to ([`WriteOp::Consume`](crate::storage::WriteOp::Consume)).
@@ -18,7 +20,11 @@
 //! through the engine's write calls.
 
 #[cfg(feature = "kafka")]
+pub mod client;
+#[cfg(feature = "kafka")]
 pub mod consumer;
+pub mod process;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +33,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+
+pub use process::Program;
 
 use crate::ingest::facts::Facts;
 use crate::ingest::source::Source;
@@ -267,6 +275,7 @@ impl Consumers {
         engine: Arc<Engine>,
         facts: Facts,
         runtime: tokio::runtime::Handle,
+        program: Program,
     ) -> std::io::Result<Arc<Self>> {
         let me = Arc::new(Self {
             running: Mutex::new(BTreeMap::new()),
@@ -274,10 +283,10 @@ impl Consumers {
             watcher: Mutex::new(None),
         });
         #[cfg(feature = "kafka")]
-        me.watch(engine, facts, runtime)?;
+        me.watch(engine, facts, runtime, program)?;
         // Built without a Kafka client: sources are kept, not consumed.
         #[cfg(not(feature = "kafka"))]
-        let _ = (engine, facts, runtime);
+        let _ = (engine, facts, runtime, program);
         Ok(me)
     }
 
@@ -288,6 +297,7 @@ impl Consumers {
         engine: Arc<Engine>,
         facts: Facts,
         runtime: tokio::runtime::Handle,
+        program: Program,
     ) -> std::io::Result<()> {
         let weak = Arc::downgrade(self);
         let facts = Arc::new(facts);
@@ -299,7 +309,7 @@ impl Consumers {
                     if me.stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    me.look(&engine, &facts, &runtime);
+                    me.look(&engine, &facts, &runtime, &program);
                     drop(me);
                     std::thread::sleep(WATCH_EVERY);
                 }
@@ -310,7 +320,13 @@ impl Consumers {
 
     /// Starts, restarts and stops consumers to match the store's sources.
     #[cfg(feature = "kafka")]
-    fn look(&self, engine: &Arc<Engine>, facts: &Arc<Facts>, runtime: &tokio::runtime::Handle) {
+    fn look(
+        &self,
+        engine: &Arc<Engine>,
+        facts: &Arc<Facts>,
+        runtime: &tokio::runtime::Handle,
+        program: &Program,
+    ) {
         let snap = engine.snapshot();
         // Stopped: dropped, or redefined (started again below). Each is
         // joined (it finishes the write it is in, which a slow disk makes
@@ -391,6 +407,7 @@ impl Consumers {
                 runtime: runtime.clone(),
                 stop: stop.clone(),
                 status: status.clone(),
+                program: program.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("kafka-{}", meta.name))

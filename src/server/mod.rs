@@ -152,6 +152,7 @@ pub async fn serve(
         engine.clone(),
         config.facts.clone(),
         tokio::runtime::Handle::current(),
+        crate::kafka::Program::this_executable(),
     )
     .map_err(|e| Error::io("the Kafka consumers' thread", e))?;
     let service = TagStoreServer::new(
