@@ -25,11 +25,9 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::wire::{
-    Answer, At, FrameError, MAX_MESSAGE, Msg, Request, VERSION, read_frame, write_frame,
+    Answer, At, FrameError, MAX_MESSAGE, METADATA_TIMEOUT, Msg, Request, VERSION, read_frame,
+    write_frame,
 };
-
-/// Longest a metadata request waits for the brokers.
-pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What librdkafka says as it works: its error events carry a reason
 /// (a TLS handshake refused, a SASL login failed, a connection refused)

@@ -19,6 +19,10 @@
 //! (the server reads [`Consumers::status`]) and writes to the store only
 //! through the engine's write calls.
 
+// Built without a Kafka client (the fuzz targets), the consumers' machinery
+// is kept but never started.
+#![cfg_attr(not(feature = "kafka"), allow(dead_code, unused_imports))]
+
 #[cfg(feature = "kafka")]
 pub mod client;
 #[cfg(feature = "kafka")]

@@ -140,7 +140,7 @@ impl ClientProcess {
             topic: topic.to_string(),
             assigned,
         };
-        match self.call(&r, super::client::METADATA_TIMEOUT)? {
+        match self.call(&r, super::wire::METADATA_TIMEOUT)? {
             Answer::Partitions(ps) => Ok(ps),
             Answer::Failed(why) => Err(why),
             other => Err(self.broke(format!("answered a metadata request with {}", kind(&other)))),
@@ -343,9 +343,11 @@ mod tests {
 
     #[test]
     fn a_client_process_that_fails_is_said_to_and_ended() {
+        // Gone before or after the hello was written: either way said,
+        // with how it ended.
         let e = start_fails("exit 3");
         assert!(
-            e.contains("closed its output and exited with code 3"),
+            e.contains(" and exited with code 3; starting another"),
             "{e}"
         );
         let e = start_fails("kill -SEGV $$");
@@ -379,20 +381,20 @@ mod tests {
 
     #[test]
     fn a_spent_client_fails_every_call_with_what_went_wrong() {
-        // Answers the hello, then nothing more.
+        // Reads (the start of) the hello, answers it, and ends.
         let hello = Answer::Done.encode();
         let mut frame = (hello.len() as u32).to_le_bytes().to_vec();
         frame.extend(hello);
         let octal: String = frame.iter().map(|b| format!("\\{b:03o}")).collect();
         let mut c = ClientProcess::start(
-            &script(&format!("printf '{octal}'; exit 0")),
+            &script(&format!("head -c 1 > /dev/null; printf '{octal}'; exit 0")),
             "orders",
             Vec::new(),
         )
         .unwrap();
         let e = c.partitions("events", false).unwrap_err();
         assert!(
-            e.contains("closed its output and exited with code 0"),
+            e.contains(" and exited with code 0; starting another"),
             "{e}"
         );
         let again = c

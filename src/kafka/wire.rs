@@ -13,6 +13,7 @@
 //! This room owns only the encoding: no librdkafka, no store.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 /// The version of this protocol, checked in [`Request::Hello`]: the server
 /// starts the client from its own executable, so they differ only when
@@ -24,6 +25,9 @@ pub const VERSION: u32 = 1;
 /// brokers let one be (librdkafka's `receive.message.max.bytes`, set to
 /// [`MAX_MESSAGE`]).
 pub const MAX_FRAME: usize = (32 << 20) + 2 * MAX_MESSAGE;
+
+/// Longest a metadata request waits for the brokers.
+pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest message the client takes from the brokers.
 pub const MAX_MESSAGE: usize = 64 << 20;
