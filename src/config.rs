@@ -87,6 +87,7 @@ impl Default for Limits {
 /// feed_retention_hours = 168 # and changes at most this old (0: no limit by age)
 /// feed_file_mb = 64          # in files of this size (the oldest whole file goes first)
 /// audit_retention_days = 400 # the audit trail (who read or changed customers) is kept this long (0: for ever)
+/// refund_rebuild_seconds = 60 # a refund after its order: the customer's facts are rebuilt within this long (0: only by RebuildFacts)
 /// facts = "facts.toml"       # the rules that turn ingested events into facts (default: the standard ones)
 /// tokens = "tokens.toml"     # API tokens (`tagstore token add`); without one, loopback only
 /// metrics_listen = "127.0.0.1:9420"  # Prometheus text at GET /metrics (default: off)
@@ -137,6 +138,10 @@ pub struct FileConfig {
     pub feed_file_mb: Option<u64>,
     /// Days the audit trail is kept (default 400; 0: for ever).
     pub audit_retention_days: Option<u32>,
+    /// Seconds between rounds of the background rebuild of customers whose
+    /// refund came in a later request than its order (default 60; 0: none,
+    /// they wait for `RebuildFacts`).
+    pub refund_rebuild_seconds: Option<u64>,
     /// A TOML file of fact rules (`ingest::facts`), read at start; relative
     /// to the working directory. Default: the standard rules.
     pub facts: Option<PathBuf>,
@@ -220,6 +225,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long the audit trail is kept.
     pub audit: crate::audit::AuditConfig,
+    /// How often customers due a rebuild of their facts (a refund after its
+    /// order) are rebuilt; `None`: never in the background.
+    pub refund_rebuild_every: Option<std::time::Duration>,
 }
 
 /// Settings given on the command line (each overrides the file).
@@ -373,6 +381,10 @@ impl ServerConfig {
             audit: crate::audit::AuditConfig {
                 retention_days: file.audit_retention_days.unwrap_or(400),
                 ..Default::default()
+            },
+            refund_rebuild_every: match file.refund_rebuild_seconds.unwrap_or(60) {
+                0 => None,
+                secs => Some(std::time::Duration::from_secs(secs.min(86_400 * 366))),
             },
         })
     }

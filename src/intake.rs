@@ -114,12 +114,21 @@ pub async fn prepare(
             .as_deref()
             .filter(|_| e.event_type == ORDER)
             .map(|id| seen_id(&source.name, REFUND, id));
+        // A refund whose order came in an earlier request makes its
+        // customer's facts due a rebuild (what the order gave that no sum
+        // takes back).
+        let order = e
+            .source_event_id
+            .as_deref()
+            .filter(|_| e.event_type == REFUND)
+            .map(|id| seen_id(&source.name, ORDER, id));
         let (sums, rest): (Vec<&Fact>, Vec<&Fact>) =
             fs.iter().partition(|f| refund.is_none() || f.is_sum());
         answer.records.push((
             line,
             IngestRecord {
                 refund,
+                order,
                 unless_refunded: rest.iter().map(|f| f.value_write(&key)).collect(),
                 seen,
                 identities,

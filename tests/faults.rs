@@ -264,6 +264,7 @@ fn identity_scene(engine: &Engine, round: usize) {
     let record = |identities: Vec<String>| tagstore::storage::IngestRecord {
         refund: None,
         unless_refunded: Vec::new(),
+        order: None,
         identities,
         place: "jd".into(),
         at_ms: 0,
@@ -330,6 +331,7 @@ fn ingest_scene_events(engine: &Engine) {
         .map(|i| tagstore::storage::IngestRecord {
             refund: None,
             unless_refunded: Vec::new(),
+            order: None,
             identities: Vec::new(),
             place: String::new(),
             at_ms: 0,

@@ -1019,21 +1019,36 @@ async fn a_rebuild_cancelled_halfway_is_whole_or_not_at_all() {
     assert_eq!(int_value(&mut c, xiaomei, "order_count").await, Some(1));
 }
 
+/// A Taobao order export's header row.
+const TAOBAO_HEADER: &str =
+    "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n";
+
+/// A row of [`TAOBAO_HEADER`]: 10 yuan on 2026-11-`day` at 10:00.
+fn taobao_row(id: &str, nick: &str, day: u32, status: &str, category: &str) -> String {
+    format!("{id},{nick},10.00,2026-11-{day} 10:00:00,,{status},SKU-1,{category},,t\n")
+}
+
+async fn stats(c: &mut Client) -> StatsResponse {
+    c.stats(StatsRequest {}).await.unwrap().into_inner()
+}
+
 /// A refund takes back its order: the count and the money always; the
 /// order's behaviours and days when the refund comes before the order or in
 /// the same batch (a Taobao export names both by the order number), and a
-/// refund in a later batch only once the customer's facts are rebuilt. A POS
-/// return names no order (its receipt number is its own): the count and the
-/// money only, even rebuilt.
+/// refund in a later batch once the customer's facts are rebuilt (here only
+/// by `RebuildFacts`: the background rebuilder is off). A POS return names
+/// no order (its receipt number is its own): the count and the money only,
+/// even rebuilt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refund_takes_back_its_order_whichever_comes_first() {
-    const HEAD: &str =
-        "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n";
-    let row = |id: &str, nick: &str, day: u32, status: &str, category: &str| {
-        format!("{id},{nick},10.00,2026-11-{day} 10:00:00,,{status},SKU-1,{category},,t\n")
-    };
+    let row = taobao_row;
     let dir = tempfile::tempdir().unwrap();
-    let server = common::start(dir.path(), &[]);
+    let cfg = dir.path().join("tagstore.toml");
+    std::fs::write(&cfg, "refund_rebuild_seconds = 0\n").unwrap();
+    let server = common::start(
+        &dir.path().join("data"),
+        &["--config", cfg.to_str().unwrap()],
+    );
     let mut c = common::client(&server).await;
     for (name, preset) in [("tb", "taobao_orders"), ("pos", "pos_orders")] {
         c.create_source(CreateSourceRequest {
@@ -1044,7 +1059,7 @@ async fn a_refund_takes_back_its_order_whichever_comes_first() {
         .await
         .unwrap();
     }
-    let csv = |rows: &[String]| format!("{HEAD}{}", rows.concat()).into_bytes();
+    let csv = |rows: &[String]| format!("{TAOBAO_HEADER}{}", rows.concat()).into_bytes();
     // 甲: the refund of her perfume order in the batch before the order.
     // 乙: her perfume order and its refund in one batch, refund last.
     // 丙: the refund of his perfume order in the batch after it.
@@ -1104,6 +1119,7 @@ async fn a_refund_takes_back_its_order_whichever_comes_first() {
         "丙's, until rebuilt"
     );
     assert_eq!(count(&mut c, "bought:makeup").await, 3);
+    assert_eq!(stats(&mut c).await.facts_rebuilds_due, 1, "丙");
 
     let r = c
         .rebuild_facts(RebuildFactsRequest {
@@ -1120,6 +1136,7 @@ async fn a_refund_takes_back_its_order_whichever_comes_first() {
         Some(20_769)
     );
     assert_eq!(int_value(&mut c, &key("丙"), "order_count").await, Some(1));
+    assert_eq!(stats(&mut c).await.facts_rebuilds_due, 0);
 
     // A store sale and a return of it on another receipt: the return names
     // no order.
@@ -1142,4 +1159,141 @@ async fn a_refund_takes_back_its_order_whichever_comes_first() {
     assert_eq!(int_value(&mut c, card, "order_count").await, Some(0));
     assert_eq!(int_value(&mut c, card, "total_spend_fen").await, Some(0));
     assert_eq!(count(&mut c, "bought:perfume").await, 1);
+}
+
+/// A refund in a later request than its order: the count and the money at
+/// once, and the order's behaviours and days once the server's rebuilder
+/// has run. Which customers are due a rebuild is kept in the store: it
+/// outlives a kill -9 (the log) and a checkpoint and restart (the
+/// manifest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_after_its_order_is_taken_back_by_the_rebuilder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let off = dir.path().join("off.toml");
+    std::fs::write(&off, "refund_rebuild_seconds = 0\n").unwrap();
+    let on = dir.path().join("on.toml");
+    std::fs::write(&on, "refund_rebuild_seconds = 1\n").unwrap();
+    let mut server = common::start(&data, &["--config", off.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let send = |rows: Vec<String>| {
+        vec![batch(
+            "tb",
+            1,
+            format!("{TAOBAO_HEADER}{}", rows.concat()).as_bytes(),
+        )]
+    };
+    // 丙: a makeup order on the 12th and a perfume order on the 14th; then,
+    // in a later request, the perfume order's refund.
+    let (answers, end) = ingest(
+        &mut c,
+        send(vec![
+            taobao_row("C1", "丙", 14, "交易成功", "perfume"),
+            taobao_row("C2", "丙", 12, "交易成功", "makeup"),
+        ]),
+    )
+    .await;
+    assert!(
+        end.is_none() && answers[0].rejected.is_empty(),
+        "{answers:?}"
+    );
+    let (answers, end) = ingest(
+        &mut c,
+        send(vec![taobao_row("C1", "丙", 14, "退款成功", "perfume")]),
+    )
+    .await;
+    assert!(
+        end.is_none() && answers[0].rejected.is_empty(),
+        "{answers:?}"
+    );
+    let key = "taobao_nick:丙";
+    assert_eq!(int_value(&mut c, key, "order_count").await, Some(1));
+    assert_eq!(int_value(&mut c, key, "total_spend_fen").await, Some(1_000));
+    // Not yet: the rebuilder is off.
+    assert_eq!(count(&mut c, "bought:perfume").await, 1);
+    assert_eq!(int_value(&mut c, key, "last_order_day").await, Some(20_771));
+    assert_eq!(stats(&mut c).await.facts_rebuilds_due, 1);
+
+    // Still due after a kill -9 (read back from the log) ...
+    drop(c);
+    server.kill();
+    let mut server = common::start(&data, &["--config", off.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    assert_eq!(stats(&mut c).await.facts_rebuilds_due, 1, "after kill -9");
+    // ... and after a checkpoint and a restart (read from the manifest).
+    c.checkpoint(CheckpointRequest::default()).await.unwrap();
+    drop(c);
+    server.stop().unwrap();
+    let mut server = common::start(&data, &["--config", off.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    assert_eq!(stats(&mut c).await.facts_rebuilds_due, 1, "after a restart");
+    assert_eq!(count(&mut c, "bought:perfume").await, 1);
+    drop(c);
+    server.stop().unwrap();
+
+    // With the rebuilder on, the order's behaviour and day go.
+    let server = common::start(&data, &["--config", on.to_str().unwrap()]);
+    let mut c = common::client(&server).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stats(&mut c).await.facts_rebuilds_due > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rebuilt in 60 s; the server said:\n{}",
+            server.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&mut c, "bought:perfume").await, 0);
+    assert_eq!(count(&mut c, "bought:makeup").await, 1);
+    assert_eq!(int_value(&mut c, key, "last_order_day").await, Some(20_769));
+    assert_eq!(
+        int_value(&mut c, key, "first_order_day").await,
+        Some(20_769)
+    );
+    assert_eq!(int_value(&mut c, key, "order_count").await, Some(1));
+    assert_eq!(int_value(&mut c, key, "total_spend_fen").await, Some(1_000));
+
+    // A second customer, while it runs: an order, its refund later, and a
+    // resent refund (a duplicate: nothing more is due).
+    let (answers, _) = ingest(
+        &mut c,
+        send(vec![taobao_row("D1", "丁", 13, "交易成功", "perfume")]),
+    )
+    .await;
+    assert_eq!(answers[0].accepted, 1);
+    for _ in 0..2 {
+        ingest(
+            &mut c,
+            send(vec![taobao_row("D1", "丁", 13, "退款成功", "perfume")]),
+        )
+        .await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count(&mut c, "bought:perfume").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "丁 not rebuilt in 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        int_value(&mut c, "taobao_nick:丁", "order_count").await,
+        Some(0)
+    );
+    assert_eq!(
+        int_value(&mut c, "taobao_nick:丁", "last_order_day").await,
+        None
+    );
+    assert!(
+        server.stderr().contains("facts rebuilt after refunds"),
+        "{}",
+        server.stderr()
+    );
 }

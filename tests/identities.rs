@@ -41,6 +41,7 @@ fn order(identities: &[&str], place: &str, at_ms: i64) -> IngestRecord {
     IngestRecord {
         refund: None,
         unless_refunded: Vec::new(),
+        order: None,
         seen: None,
         identities: identities.iter().map(|s| s.to_string()).collect(),
         place: place.into(),
@@ -822,4 +823,90 @@ fn latest_takes_the_value_written_last() {
         engine.snapshot().field("stage").unwrap().meta.merge,
         MergeRule::Latest
     );
+}
+
+/// A refund whose order an earlier request applied makes its customer due
+/// a rebuild of facts; one in the same request as its order, or resent,
+/// does not. The set follows a merge to the survivor, loses an erased
+/// customer, and outlives a crash (the log) and a checkpoint (the
+/// manifest); a rebuild of the customer clears it.
+#[test]
+fn a_refund_after_its_order_makes_its_customer_due_a_rebuild() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    let order_id = |n: &str| tagstore::storage::seen::seen_id("tb", "order", n);
+    let refund_id = |n: &str| tagstore::storage::seen::seen_id("tb", "refund", n);
+    let placed = |who: &str, n: &str| IngestRecord {
+        seen: Some(order_id(n)),
+        refund: Some(refund_id(n)),
+        ..order(&[who], "taobao", T0)
+    };
+    let refunded = |who: &str, n: &str| IngestRecord {
+        seen: Some(refund_id(n)),
+        order: Some(order_id(n)),
+        writes: Vec::new(),
+        ..order(&[who], "taobao", T0)
+    };
+    let due = |engine: &Engine| -> Vec<u32> { engine.snapshot().rebuild_due.iter().collect() };
+    // Order and refund in one request: nothing due.
+    ingest(
+        &engine,
+        vec![
+            placed("taobao_nick:a", "A1"),
+            refunded("taobao_nick:a", "A1"),
+        ],
+    );
+    // A refund before its order: nothing due either.
+    ingest(&engine, vec![refunded("taobao_nick:b", "B1")]);
+    ingest(&engine, vec![placed("taobao_nick:b", "B1")]);
+    assert_eq!(due(&engine), Vec::<u32>::new());
+    // An order, then its refund in a later request: due.
+    ingest(&engine, vec![placed("taobao_nick:c", "C1")]);
+    ingest(&engine, vec![refunded("taobao_nick:c", "C1")]);
+    let c = customer(&engine, "taobao_nick:c").unwrap();
+    assert_eq!(due(&engine), [c]);
+    // Resent: a duplicate, nothing more.
+    let r = ingest(&engine, vec![refunded("taobao_nick:c", "C1")]);
+    assert_eq!(r.duplicates, [0]);
+    assert_eq!(due(&engine), [c]);
+    // Merged into an older customer: the survivor is due.
+    let a = customer(&engine, "taobao_nick:a").unwrap();
+    let r = ingest(
+        &engine,
+        vec![order(&["taobao_nick:a", "taobao_nick:c"], "taobao", T0)],
+    );
+    assert_eq!(r.merges.len(), 1);
+    assert_eq!(due(&engine), [a]);
+    // Across a crash, then a checkpoint and a restart.
+    let crashed = fs.crash_image();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(due(&engine), [a]);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    drop(engine);
+    let engine = open(&crashed, &clock);
+    assert_eq!(due(&engine), [a]);
+    // A rebuild of the customer (here with nothing to write) clears it.
+    let r = engine
+        .write_blocking(WriteOp::RebuildFacts {
+            as_of: engine.snapshot().archive.upto_lsn,
+            customers: vec!["taobao_nick:a".into()],
+            erase: Vec::new(),
+            writes: Vec::new(),
+        })
+        .unwrap();
+    assert!(r.busy.is_empty(), "{:?}", r.busy);
+    assert_eq!(due(&engine), Vec::<u32>::new());
+    // Due again, then erased: gone from the set.
+    ingest(&engine, vec![placed("taobao_nick:d", "D1")]);
+    ingest(&engine, vec![refunded("taobao_nick:d", "D1")]);
+    assert_eq!(due(&engine).len(), 1);
+    engine
+        .write_blocking(WriteOp::DeleteCustomers {
+            customers: vec!["taobao_nick:d".into()],
+        })
+        .unwrap();
+    assert_eq!(due(&engine), Vec::<u32>::new());
 }

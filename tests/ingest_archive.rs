@@ -35,6 +35,7 @@ fn order(id: &str, customer: &str) -> IngestRecord {
     IngestRecord {
         refund: None,
         unless_refunded: Vec::new(),
+        order: None,
         identities: Vec::new(),
         place: String::new(),
         at_ms: 0,

@@ -29,6 +29,7 @@ fn order(id: &str, customer: &str, amount: i64) -> IngestRecord {
     IngestRecord {
         refund: None,
         unless_refunded: Vec::new(),
+        order: None,
         identities: Vec::new(),
         place: String::new(),
         at_ms: 0,
@@ -110,6 +111,7 @@ fn an_event_is_applied_once_across_restarts_checkpoints_and_crashes() {
     let plain = IngestRecord {
         refund: None,
         unless_refunded: Vec::new(),
+        order: None,
         identities: Vec::new(),
         place: String::new(),
         at_ms: 0,

@@ -169,6 +169,7 @@ fn run(seed: u64) {
         pending.push(IngestRecord {
             refund: None,
             unless_refunded: Vec::new(),
+            order: None,
             seen: None,
             identities: named
                 .iter()

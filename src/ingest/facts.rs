@@ -40,8 +40,9 @@
 //! it or in the same request makes the order write only its sums; and a
 //! rebuild of a customer's facts pairs every refund with its order, in
 //! whatever order they came. (A refund that comes in a later request than
-//! its order subtracts the sums at once; the order's behaviours and days
-//! stay until the customer's facts are rebuilt.)
+//! its order subtracts the sums at once and makes the customer's facts due
+//! a rebuild; the order's behaviours and days stay until the server's
+//! rebuilder, or a `RebuildFacts`, rebuilds them.)
 //!
 //! This room owns turning one event into writes. It writes nothing.
 

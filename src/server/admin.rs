@@ -40,6 +40,7 @@ pub(super) async fn stats(
             history_versions: versions.len() as u32,
             history_begins_position: oldest.map_or(0, |v| v.lsn),
             history_begins_at_ms: oldest.map_or(0, |v| v.at_ms),
+            facts_rebuilds_due: snap.rebuild_due.len(),
         })
     })
     .await?;

@@ -640,6 +640,7 @@ pub(super) async fn link(
             records: vec![IngestRecord {
                 refund: None,
                 unless_refunded: Vec::new(),
+                order: None,
                 seen: None,
                 identities: identities.clone(),
                 place,

@@ -491,7 +491,7 @@ fn render(
         Unit::Bytes,
         memory,
     );
-    let gauges: [(&str, &str, f64); 20] = [
+    let gauges: [(&str, &str, f64); 21] = [
         (
             "tagstore_customers",
             "Live customers",
@@ -503,6 +503,11 @@ fn render(
             snap.tags.len() as f64,
         ),
         ("tagstore_fields", "Fields", snap.fields.len() as f64),
+        (
+            "tagstore_facts_rebuilds_due",
+            "Customers whose facts are due a rebuild (a refund came after its order)",
+            snap.rebuild_due.len() as f64,
+        ),
         (
             "tagstore_rules",
             "Rule tags and lifecycles",

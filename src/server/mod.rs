@@ -172,6 +172,9 @@ pub async fn serve(
     let service = Metered::new(service, budget.clone());
     history::start_recorder(engine.clone(), config.default_time_zone.clone());
     rules::start_day_turner(engine.clone());
+    if let Some(every) = config.refund_rebuild_every {
+        rebuild::start_refund_rebuilder(engine.clone(), Arc::new(config.facts.clone()), every);
+    }
     let tls = match &config.tls {
         Some(files) => {
             let tls = tls::Tls::load(files.clone())?;

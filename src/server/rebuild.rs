@@ -13,13 +13,14 @@ use tonic::Status;
 use crate::error::Error;
 use crate::fields::FieldKind;
 use crate::ingest::facts::FactKind;
+use crate::ingest::facts::Facts;
 use crate::ingest::rebuild::{MAX_WRITES, Rebuild, Rebuilt};
 use crate::ingest::split::{merging_identities, owner};
 use crate::intake::ensure_field;
 use crate::proto;
 use crate::server::service::{Service, invalid};
 use crate::server::status::to_status;
-use crate::storage::{CheckpointOptions, WriteOp};
+use crate::storage::{CheckpointOptions, Engine, WriteOp};
 
 /// Tries before customers whose events keep arriving are given up.
 const ATTEMPTS: usize = 4;
@@ -44,135 +45,22 @@ pub(super) async fn rebuild_facts(
     let mut out = proto::RebuildFactsResponse::default();
     let mut reasons: BTreeSet<String> = BTreeSet::new();
     for attempt in 0..ATTEMPTS {
-        svc.engine
-            .checkpoint(CheckpointOptions::default())
-            .await
-            .map_err(to_status)?;
-        let snap = svc.engine.snapshot();
-        out.events_dropped_to_ms = snap.archive.dropped_to_ms;
-        check_archive(&snap, req.allow_partial, "rebuilding")?;
-        let mut keys = HashMap::new();
-        for key in &pending {
-            match snap.customer_id(key).map_err(to_status)? {
-                Some(id) => {
-                    keys.insert(id, key.clone());
-                }
-                None if attempt == 0 => out.not_found.push(key.clone()),
-                // Erased since the last try: nothing left to rebuild.
-                None => {}
-            }
+        let round = rebuild_once(&svc.engine, &svc.facts, &pending, req.allow_partial).await?;
+        out.events_dropped_to_ms = round.events_dropped_to_ms;
+        if attempt == 0 {
+            out.not_found = round.not_found;
         }
-        if keys.is_empty() {
-            // None left: unknown, or erased since the last try.
-            pending.clear();
-            break;
+        out.rebuilt += round.rebuilt;
+        out.events += round.events;
+        out.refused += round.refused;
+        reasons.extend(round.refusals);
+        out.values_set += round.values_set;
+        out.events_added += round.events_added;
+        out.events_expired += round.events_expired;
+        if round.lsn > 0 {
+            out.lsn = round.lsn;
         }
-        let fields = fact_fields(&snap);
-        let as_of = snap.archive.upto_lsn;
-        // The events of customers merged into them are theirs too (kept
-        // under the absorbed customers' ids). Where a merge was undone, the
-        // two customers' events are kept under either, so those of the
-        // customers kept apart from them are read too, and each event goes
-        // to the customer its identities name now.
-        let mut kept_as: HashMap<u32, u32> = HashMap::new();
-        let mut split = false;
-        {
-            let log = snap.merges.read();
-            if !log.is_empty() {
-                for &id in keys.keys() {
-                    for a in log.merged_into(id).into_iter().skip(1) {
-                        kept_as.insert(a, id);
-                    }
-                    for other in log.apart_from(id) {
-                        split = true;
-                        for m in log.merged_into(other) {
-                            kept_as.entry(m).or_insert(other);
-                        }
-                    }
-                }
-            }
-        }
-        drop(snap);
-        let engine = svc.engine.clone();
-        let facts = Arc::clone(&svc.facts);
-        let customers: Vec<String> = keys.values().cloned().collect();
-        let never_merge = svc.engine.config().oneid.never_merge.clone();
-        let folded = tokio::task::spawn_blocking(move || {
-            let ids: RoaringBitmap = keys.keys().chain(kept_as.keys()).copied().collect();
-            let mut r = Rebuild::new(&facts, keys);
-            let snap = engine.snapshot();
-            let mut naming: HashMap<String, u32> = HashMap::new();
-            let mut unknown: HashSet<String> = HashSet::new();
-            engine.read_archive(&ids, |customer, bytes| {
-                let mut customer = kept_as.get(&customer).copied().unwrap_or(customer);
-                if split {
-                    let identities = merging_identities(bytes, &never_merge)
-                        .map_err(|why| Error::BadRecord(why.0))?;
-                    for i in &identities {
-                        if naming.contains_key(i) || unknown.contains(i) {
-                            continue;
-                        }
-                        match snap.customer_id(i)? {
-                            Some(id) => naming.insert(i.clone(), id),
-                            None => {
-                                unknown.insert(i.clone());
-                                None
-                            }
-                        };
-                    }
-                    match owner(&identities, customer, &naming) {
-                        Some(o) => customer = o,
-                        None => return Ok(()),
-                    }
-                }
-                r.add(customer, bytes)
-                    .map_err(|why| Error::BadRecord(why.0))?;
-                if r.too_large() {
-                    return Err(Error::invalid(format!(
-                        "these customers' kept events make more than {MAX_WRITES} writes; \
-                         rebuild fewer customers at once"
-                    )));
-                }
-                Ok(())
-            })?;
-            let counts = std::mem::take(&mut r.counts);
-            let why = std::mem::take(&mut r.reasons);
-            let kinds = std::mem::take(&mut r.kinds);
-            let rebuilt = r.finish(fields.iter().map(|(n, k)| (n.as_str(), *k)));
-            Ok::<_, Error>((counts, why, kinds, rebuilt))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("the rebuild task failed: {e}")))?;
-        let (counts, why, kinds, Rebuilt { erase, writes }) = folded.map_err(to_status)?;
-        let ids: HashMap<&str, u32> = snap_ids(&svc.engine, &customers)?;
-        ensure_fact_fields(&svc.engine, &kinds).await?;
-        let r = svc
-            .engine
-            .write(WriteOp::RebuildFacts {
-                as_of,
-                customers: customers.clone(),
-                erase,
-                writes,
-            })
-            .await
-            .map_err(to_status)?;
-        // Events and refusals count for the customers rebuilt: a busy
-        // customer's are read again on the next try.
-        for key in customers.iter().filter(|k| !r.busy.contains(k)) {
-            out.rebuilt += 1;
-            if let Some((events, refused)) = ids.get(key.as_str()).and_then(|id| counts.get(id)) {
-                out.events += events;
-                out.refused += refused;
-            }
-        }
-        reasons.extend(why);
-        out.values_set += r.values_set;
-        out.events_added += r.events_added;
-        out.events_expired += r.events_expired;
-        if r.lsn > 0 {
-            out.lsn = r.lsn;
-        }
-        pending = r.busy;
+        pending = round.busy;
         if pending.is_empty() {
             break;
         }
@@ -187,6 +75,161 @@ pub(super) async fn rebuild_facts(
             out.rebuilt
         )));
     }
+    Ok(out)
+}
+
+/// What one try at rebuilding some customers' facts did.
+#[derive(Debug, Default)]
+pub(super) struct Round {
+    pub rebuilt: u64,
+    /// Keys that named no customer (erased, or never known).
+    pub not_found: Vec<String>,
+    /// Customers whose events arrived while theirs were read: not rebuilt.
+    pub busy: Vec<String>,
+    pub events: u64,
+    pub refused: u64,
+    pub refusals: BTreeSet<String>,
+    pub values_set: u64,
+    pub events_added: u64,
+    pub events_expired: u64,
+    pub lsn: u64,
+    pub events_dropped_to_ms: i64,
+}
+
+/// One try at rebuilding the facts of the customers `pending` names
+/// (sorted, each once): a checkpoint (so that the archive holds every event
+/// so far), their kept events read off the runtime and folded by the fact
+/// rules, the result logged as one write. Customers whose events arrived
+/// meanwhile come back as `busy`.
+pub(super) async fn rebuild_once(
+    engine: &Arc<Engine>,
+    facts: &Arc<Facts>,
+    pending: &[String],
+    allow_partial: bool,
+) -> Result<Round, Status> {
+    let mut out = Round::default();
+    engine
+        .checkpoint(CheckpointOptions::default())
+        .await
+        .map_err(to_status)?;
+    let snap = engine.snapshot();
+    out.events_dropped_to_ms = snap.archive.dropped_to_ms;
+    check_archive(&snap, allow_partial, "rebuilding")?;
+    let mut keys = HashMap::new();
+    for key in pending {
+        match snap.customer_id(key).map_err(to_status)? {
+            Some(id) => {
+                keys.insert(id, key.clone());
+            }
+            None => out.not_found.push(key.clone()),
+        }
+    }
+    if keys.is_empty() {
+        return Ok(out);
+    }
+    let fields = fact_fields(&snap);
+    let as_of = snap.archive.upto_lsn;
+    // The events of customers merged into them are theirs too (kept
+    // under the absorbed customers' ids). Where a merge was undone, the
+    // two customers' events are kept under either, so those of the
+    // customers kept apart from them are read too, and each event goes
+    // to the customer its identities name now.
+    let mut kept_as: HashMap<u32, u32> = HashMap::new();
+    let mut split = false;
+    {
+        let log = snap.merges.read();
+        if !log.is_empty() {
+            for &id in keys.keys() {
+                for a in log.merged_into(id).into_iter().skip(1) {
+                    kept_as.insert(a, id);
+                }
+                for other in log.apart_from(id) {
+                    split = true;
+                    for m in log.merged_into(other) {
+                        kept_as.entry(m).or_insert(other);
+                    }
+                }
+            }
+        }
+    }
+    drop(snap);
+    let reader = engine.clone();
+    let facts = Arc::clone(facts);
+    let customers: Vec<String> = keys.values().cloned().collect();
+    let never_merge = engine.config().oneid.never_merge.clone();
+    let folded = tokio::task::spawn_blocking(move || {
+        let ids: RoaringBitmap = keys.keys().chain(kept_as.keys()).copied().collect();
+        let mut r = Rebuild::new(&facts, keys);
+        let snap = reader.snapshot();
+        let mut naming: HashMap<String, u32> = HashMap::new();
+        let mut unknown: HashSet<String> = HashSet::new();
+        reader.read_archive(&ids, |customer, bytes| {
+            let mut customer = kept_as.get(&customer).copied().unwrap_or(customer);
+            if split {
+                let identities = merging_identities(bytes, &never_merge)
+                    .map_err(|why| Error::BadRecord(why.0))?;
+                for i in &identities {
+                    if naming.contains_key(i) || unknown.contains(i) {
+                        continue;
+                    }
+                    match snap.customer_id(i)? {
+                        Some(id) => naming.insert(i.clone(), id),
+                        None => {
+                            unknown.insert(i.clone());
+                            None
+                        }
+                    };
+                }
+                match owner(&identities, customer, &naming) {
+                    Some(o) => customer = o,
+                    None => return Ok(()),
+                }
+            }
+            r.add(customer, bytes)
+                .map_err(|why| Error::BadRecord(why.0))?;
+            if r.too_large() {
+                return Err(Error::invalid(format!(
+                    "these customers' kept events make more than {MAX_WRITES} writes; \
+                     rebuild fewer customers at once"
+                )));
+            }
+            Ok(())
+        })?;
+        let counts = std::mem::take(&mut r.counts);
+        let why = std::mem::take(&mut r.reasons);
+        let kinds = std::mem::take(&mut r.kinds);
+        let rebuilt = r.finish(fields.iter().map(|(n, k)| (n.as_str(), *k)));
+        Ok::<_, Error>((counts, why, kinds, rebuilt))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("the rebuild task failed: {e}")))?;
+    let (counts, why, kinds, Rebuilt { erase, writes }) = folded.map_err(to_status)?;
+    let ids: HashMap<&str, u32> = snap_ids(engine, &customers)?;
+    ensure_fact_fields(engine, &kinds).await?;
+    let r = engine
+        .write(WriteOp::RebuildFacts {
+            as_of,
+            customers: customers.clone(),
+            erase,
+            writes,
+        })
+        .await
+        .map_err(to_status)?;
+    // Events and refusals count for the customers rebuilt: a busy
+    // customer's are read again on the next try.
+    for key in customers.iter().filter(|k| !r.busy.contains(k)) {
+        out.rebuilt += 1;
+        if let Some((events, refused)) = ids.get(key.as_str()).and_then(|id| counts.get(id)) {
+            out.events += events;
+            out.refused += refused;
+        }
+    }
+    out.refusals = why;
+    out.values_set = r.values_set;
+    out.events_added = r.events_added;
+    out.events_expired = r.events_expired;
+    out.lsn = r.lsn;
+    out.busy = r.busy;
     Ok(out)
 }
 
@@ -248,4 +291,86 @@ fn snap_ids<'k>(
         }
     }
     Ok(out)
+}
+
+/// Most customers the background rebuilder takes in one round.
+const DUE_PER_ROUND: usize = 1_000;
+
+/// Starts the background rebuilder: every `every`, the facts of customers
+/// due a rebuild ([`Snapshot::rebuild_due`](crate::storage::Snapshot),
+/// a refund that came in a later request than its order) are rebuilt from
+/// their kept events, at most [`DUE_PER_ROUND`] at a time (taken in id
+/// order from where the last round stopped, so that customers who cannot
+/// be rebuilt do not hold back the others). It waits while the event
+/// archive has dropped events (a rebuild would lose the facts they made;
+/// `RebuildFacts` with `allow_partial` clears them), saying so once.
+pub fn start_refund_rebuilder(engine: Arc<Engine>, facts: Arc<Facts>, every: std::time::Duration) {
+    tokio::spawn(async move {
+        let mut after: Option<u32> = None;
+        let mut per_round = DUE_PER_ROUND;
+        let mut said_partial = false;
+        loop {
+            tokio::time::sleep(every).await;
+            let snap = engine.snapshot();
+            if snap.rebuild_due.is_empty() {
+                continue;
+            }
+            if snap.archive.dropped_to_ms > 0 {
+                if !said_partial {
+                    tracing::warn!(
+                        due = snap.rebuild_due.len(),
+                        "customers' facts are due a rebuild after refunds, and the event archive \
+                         no longer holds every event (event_retention_days): they wait for a \
+                         RebuildFacts with allow_partial"
+                    );
+                    said_partial = true;
+                }
+                continue;
+            }
+            said_partial = false;
+            let due = &snap.rebuild_due;
+            let start = after.map_or(0, |a| a.saturating_add(1));
+            let mut ids: Vec<u32> = due.range(start..).take(per_round).collect();
+            if ids.len() < per_round {
+                ids.extend(due.range(..start).take(per_round - ids.len()));
+            }
+            after = ids.last().copied();
+            let mut keys = Vec::with_capacity(ids.len());
+            for &id in &ids {
+                match snap.dict.key_of(id) {
+                    Ok(Some(k)) => keys.push(k),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, id, "the key of a customer due a rebuild"),
+                }
+            }
+            drop(snap);
+            if keys.is_empty() {
+                continue;
+            }
+            keys.sort();
+            keys.dedup();
+            match rebuild_once(&engine, &facts, &keys, false).await {
+                Ok(r) => {
+                    per_round = DUE_PER_ROUND;
+                    tracing::info!(
+                        rebuilt = r.rebuilt,
+                        busy = r.busy.len(),
+                        events = r.events,
+                        lsn = r.lsn,
+                        "facts rebuilt after refunds"
+                    );
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => return,
+                Err(s) => {
+                    // Too many writes at once, most likely: fewer next time.
+                    per_round = (per_round / 2).max(1);
+                    tracing::warn!(
+                        error = s.message(),
+                        customers = keys.len(),
+                        "could not rebuild facts after refunds; trying again shortly"
+                    );
+                }
+            }
+        }
+    });
 }

@@ -753,6 +753,7 @@ impl CheckpointJob {
             merge_log_segment,
             history_segment,
             rules,
+            rebuild_due: (*snap.rebuild_due).clone(),
         };
         manifest.write(&self.dir)?;
 

@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 11;
+pub const MANIFEST_VERSION: u32 = 12;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,6 +166,8 @@ pub struct Manifest {
     pub ident_segments: Vec<u64>,
     /// Segment holding the merge log; 0 when nothing was ever merged.
     pub merge_log_segment: u64,
+    /// Customers whose facts are due a rebuild (version 12).
+    pub rebuild_due: roaring::RoaringBitmap,
 }
 
 impl Manifest {
@@ -316,6 +318,7 @@ impl Manifest {
                 e.i64(r.at_ms).str(&r.reason);
             }
         }
+        e.bitmap(&self.rebuild_due);
         e.buf
     }
 
@@ -503,6 +506,9 @@ impl Manifest {
                 }
             }
         }
+        if version >= 12 {
+            m.rebuild_due = d.bitmap()?;
+        }
         d.finish()?;
         Ok(m)
     }
@@ -672,6 +678,7 @@ mod tests {
                 updated_ms: 15,
                 stale: String::new(),
             }],
+            rebuild_due: [5, 1 << 21].into_iter().collect(),
             seen: vec![ManifestSeen {
                 day: 20_769,
                 segment: 6,

@@ -10,7 +10,8 @@
 //! version 8 audience snapshots, version 9 a day of member counts, version
 //! 10 rules (defined, dropped, their days turned), version 11 the
 //! positions Kafka sources have consumed to, version 12 the records they
-//! consumed and did not apply; a reader
+//! consumed and did not apply, version 13 the customers whose facts are
+//! due a rebuild (a refund after its order) and those rebuilt; a reader
 //! takes every one and refuses versions it does not know instead of
 //! guessing.
 
@@ -22,7 +23,7 @@ use crate::storage::codec::{Dec, DecResult, Enc};
 /// Record kind of a [`Batch`] in the log framing.
 pub const KIND_BATCH: u8 = 1;
 /// Version byte written at the start of a batch payload.
-pub const BATCH_VERSION: u8 = 12;
+pub const BATCH_VERSION: u8 = 13;
 
 /// A field created by a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -260,6 +261,14 @@ pub struct Batch {
     /// with the positions that move past them, so that the report of them
     /// outlives a restart and holds each once.
     pub rejects: Vec<SourceReject>,
+    /// Customers whose facts are due a rebuild from their kept events
+    /// (version 13): a refund came in a later request than its order, and
+    /// only a rebuild takes back what the order gave that no sum undoes
+    /// (its behaviours and days).
+    pub rebuild_due: RoaringBitmap,
+    /// Customers whose facts this batch rebuilt (version 13): no longer
+    /// due. Applied before `rebuild_due`.
+    pub rebuilt: RoaringBitmap,
 }
 
 /// A record a source consumed from a topic and did not apply, or records
@@ -647,6 +656,8 @@ impl Batch {
             && self.positions.is_empty()
             && self.pauses.is_empty()
             && self.rejects.is_empty()
+            && self.rebuild_due.is_empty()
+            && self.rebuilt.is_empty()
     }
 
     /// Whether a key that named a live customer before the batch may name
@@ -853,6 +864,7 @@ impl Batch {
             encode_reject_place(&mut e, r.skipped, &r.topic, r.partition, r.offset);
             e.str(&r.reason);
         }
+        e.bitmap(&self.rebuild_due).bitmap(&self.rebuilt);
         *out = e.buf;
     }
 
@@ -1133,6 +1145,10 @@ impl Batch {
                 });
             }
         }
+        if version >= 13 {
+            b.rebuild_due = d.bitmap()?;
+            b.rebuilt = d.bitmap()?;
+        }
         d.finish()?;
         Ok(b)
     }
@@ -1361,6 +1377,8 @@ mod tests {
                     reason: String::new(),
                 },
             ],
+            rebuild_due: [7, 1 << 20, 3 << 20].into_iter().collect(),
+            rebuilt: [8].into_iter().collect(),
         };
         let bytes = b.encode();
         assert_eq!(Batch::decode(&bytes).unwrap(), b);

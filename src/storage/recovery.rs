@@ -492,6 +492,7 @@ pub(crate) fn state_of(
         sources,
         positions,
         rejects,
+        rebuild_due: Arc::new(manifest.rebuild_due.clone()),
         audiences,
         snapshots,
         next_snapshot_id: manifest.next_snapshot_id.max(1),

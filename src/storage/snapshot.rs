@@ -6,6 +6,7 @@
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
+use roaring::RoaringBitmap;
 
 use crate::bitmap::ShardedBitmap;
 use crate::error::Result;
@@ -369,6 +370,11 @@ pub struct Snapshot {
     pub positions: PositionMap,
     /// The records each source consumed and did not apply, newest kept.
     pub rejects: RejectMap,
+    /// Customers whose facts are due a rebuild from their kept events (a
+    /// refund came in a later request than its order); the server's
+    /// rebuilder takes them, and any rebuild of a customer's facts clears
+    /// them.
+    pub rebuild_due: Arc<RoaringBitmap>,
     /// Saved audiences: named queries (they share the name space of tags
     /// and fields).
     pub audiences: AudienceMap,
@@ -481,6 +487,7 @@ impl Snapshot {
             sources: SourceMap::new(),
             positions: PositionMap::new(),
             rejects: RejectMap::new(),
+            rebuild_due: Arc::default(),
             audiences: AudienceMap::new(),
             snapshots: SnapshotMap::new(),
             next_snapshot_id: 1,

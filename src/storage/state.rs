@@ -557,6 +557,18 @@ impl State {
                 });
             }
             self.merges_dirty = true;
+            // A merged customer due a rebuild: its survivor is, now.
+            if b.merges
+                .iter()
+                .any(|m| self.snap.rebuild_due.contains(m.absorbed))
+            {
+                let due = Arc::make_mut(&mut self.snap.rebuild_due);
+                for m in b.merges.iter().filter(|m| m.refused.is_empty()) {
+                    if due.remove(m.absorbed) {
+                        due.insert(m.survivor);
+                    }
+                }
+            }
         }
         if !b.unmerges.is_empty() {
             let live = self.snap.live.make_mut()?;
@@ -598,6 +610,9 @@ impl State {
             self.dirty_live = true;
             if self.snap.merges.write().scrub(&b.deletes) {
                 self.merges_dirty = true;
+            }
+            if self.snap.rebuild_due.intersection_len(&b.deletes) > 0 {
+                *Arc::make_mut(&mut self.snap.rebuild_due) -= &b.deletes;
             }
         }
         for id in &b.drop_tags {
@@ -688,6 +703,11 @@ impl State {
         }
         for (name, kept) in touched {
             self.snap.rejects.insert(Arc::from(name), Arc::new(kept));
+        }
+        if !b.rebuilt.is_empty() || !b.rebuild_due.is_empty() {
+            let due = Arc::make_mut(&mut self.snap.rebuild_due);
+            *due -= &b.rebuilt;
+            *due |= &b.rebuild_due;
         }
         for c in &b.audiences {
             match &c.definition {

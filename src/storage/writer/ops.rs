@@ -374,6 +374,12 @@ pub struct IngestRecord {
     /// What only the order's being there gives (behaviours, days), which
     /// no fact of its refund takes back.
     pub unless_refunded: Vec<ValueWrite>,
+    /// For a refund: the de-duplication id its order has (`seen` of the
+    /// order). When that order was ingested in an earlier request (and is
+    /// still remembered), the customer's facts are due a rebuild
+    /// ([`Batch::rebuild_due`](crate::storage::record::Batch)): the refund
+    /// subtracts the sums at once, the rebuild takes back the rest.
+    pub order: Option<u128>,
     /// The event itself, kept in the event archive under its customer
     /// (created if new); `None`: not kept.
     pub event: Option<KeptEvent>,

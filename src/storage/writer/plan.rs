@@ -429,6 +429,8 @@ impl Planner<'_> {
                         });
                     }
                 }
+                // Due a rebuild (a refund after its order): done now.
+                batch.rebuilt = &rebuilt & &*snap.rebuild_due;
                 let mut kept = Vec::with_capacity(writes.len());
                 for w in writes {
                     if ids
@@ -572,6 +574,13 @@ impl Planner<'_> {
             let refunded = r
                 .refund
                 .is_some_and(|id| self.state.seen.contains(id) || fresh.contains(&id));
+            // A refund whose order an earlier request applied: only a
+            // rebuild takes back the order's behaviours and days.
+            if let (Some(order), Some(c)) = (r.order, customer)
+                && self.state.seen.contains(order)
+            {
+                batch.rebuild_due.insert(groups.find(c));
+            }
             let unless = (!refunded).then_some(r.unless_refunded);
             for mut w in r.writes.into_iter().chain(unless.into_iter().flatten()) {
                 if let Some(h) = &handle {

@@ -381,6 +381,10 @@ impl Session {
                             )
                         },
                     ],
+                    vec![
+                        "facts due a rebuild".into(),
+                        format!("{} customers", s.facts_rebuilds_due),
+                    ],
                 ];
                 let value = json!({
                     "customers": s.customers, "tags": s.tags, "memory_bytes": s.memory_bytes, "bitmap_bytes": s.bitmap_bytes,
@@ -389,6 +393,7 @@ impl Session {
                     "uptime_seconds": s.uptime_seconds, "version": s.version, "data_dir": s.data_dir,
                     "history_bytes": s.history_bytes, "history_versions": s.history_versions,
                     "history_begins_position": s.history_begins_position, "history_begins_at_ms": s.history_begins_at_ms,
+                    "facts_rebuilds_due": s.facts_rebuilds_due,
                 });
                 self.out(
                     table::render(&["stat", "value"], &[Align::Left, Align::Right], &rows),
