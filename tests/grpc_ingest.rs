@@ -479,13 +479,7 @@ async fn a_stream_cancelled_halfway_can_be_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
-    c.create_source(CreateSourceRequest {
-        name: "tb".into(),
-        preset: "taobao_orders".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_preset(&mut c, "tb", "taobao_orders").await;
     let batches = || -> Vec<IngestRequest> {
         (0..40)
             .map(|b| IngestRequest {
@@ -655,13 +649,7 @@ async fn batches_over_the_limits_are_refused_by_name() {
         &["--config", config.to_str().unwrap()],
     );
     let mut c = common::client(&server).await;
-    c.create_source(CreateSourceRequest {
-        name: "tb".into(),
-        preset: "taobao_orders".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_preset(&mut c, "tb", "taobao_orders").await;
     let e = c
         .create_source(CreateSourceRequest {
             name: "big".into(),
@@ -713,13 +701,7 @@ async fn batches_over_the_limits_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
-    c.create_source(CreateSourceRequest {
-        name: "tb".into(),
-        preset: "taobao_orders".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_preset(&mut c, "tb", "taobao_orders").await;
     let (_, end) = ingest(
         &mut c,
         vec![IngestRequest {
@@ -1028,6 +1010,17 @@ fn taobao_row(id: &str, nick: &str, day: u32, status: &str, category: &str) -> S
     format!("{id},{nick},10.00,2026-11-{day} 10:00:00,,{status},SKU-1,{category},,t\n")
 }
 
+/// Creates the source `name` from a built-in preset.
+async fn create_preset(c: &mut Client, name: &str, preset: &str) {
+    c.create_source(CreateSourceRequest {
+        name: name.into(),
+        preset: preset.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("source {name}: {e}"));
+}
+
 async fn stats(c: &mut Client) -> StatsResponse {
     c.stats(StatsRequest {}).await.unwrap().into_inner()
 }
@@ -1176,13 +1169,7 @@ async fn a_refund_after_its_order_is_taken_back_by_the_rebuilder() {
     std::fs::write(&on, "refund_rebuild_seconds = 1\n").unwrap();
     let mut server = common::start(&data, &["--config", off.to_str().unwrap()]);
     let mut c = common::client(&server).await;
-    c.create_source(CreateSourceRequest {
-        name: "tb".into(),
-        preset: "taobao_orders".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    create_preset(&mut c, "tb", "taobao_orders").await;
     let send = |rows: Vec<String>| {
         vec![batch(
             "tb",
