@@ -864,7 +864,12 @@ impl Batch {
             encode_reject_place(&mut e, r.skipped, &r.topic, r.partition, r.offset);
             e.str(&r.reason);
         }
-        e.bitmap(&self.rebuild_due).bitmap(&self.rebuilt);
+        // Nearly every batch has neither: one byte says so.
+        if self.rebuild_due.is_empty() && self.rebuilt.is_empty() {
+            e.u8(0);
+        } else {
+            e.u8(1).bitmap(&self.rebuild_due).bitmap(&self.rebuilt);
+        }
         *out = e.buf;
     }
 
@@ -1146,8 +1151,14 @@ impl Batch {
             }
         }
         if version >= 13 {
-            b.rebuild_due = d.bitmap()?;
-            b.rebuilt = d.bitmap()?;
+            match d.u8()? {
+                0 => {}
+                1 => {
+                    b.rebuild_due = d.bitmap()?;
+                    b.rebuilt = d.bitmap()?;
+                }
+                other => return d.err(format!("unknown rebuild flag {other}")),
+            }
         }
         d.finish()?;
         Ok(b)
@@ -1386,5 +1397,21 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0] = BATCH_VERSION + 1;
         assert!(Batch::decode(&bad).is_err());
+        // Without customers due a rebuild or rebuilt: one byte, read back
+        // as none.
+        let plain = Batch {
+            rebuild_due: RoaringBitmap::new(),
+            rebuilt: RoaringBitmap::new(),
+            ..b.clone()
+        };
+        let short = plain.encode();
+        assert_eq!(
+            bytes.len() - short.len(),
+            2 * 4 + b.rebuild_due.serialized_size() + b.rebuilt.serialized_size()
+        );
+        assert_eq!(Batch::decode(&short).unwrap(), plain);
+        let mut flag = short.clone();
+        *flag.last_mut().unwrap() = 2;
+        assert!(Batch::decode(&flag).is_err());
     }
 }
