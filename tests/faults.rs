@@ -282,7 +282,11 @@ fn identity_scene(engine: &Engine, round: usize) {
             .collect(),
         _ => return,
     };
-    engine.write_blocking(WriteOp::Ingest { records }).unwrap();
+    engine
+        .write_blocking(WriteOp::Ingest {
+            records: records.into(),
+        })
+        .unwrap();
     if round == 2 {
         assert_eq!(engine.snapshot().merges.read().len(), 10);
     }
@@ -327,7 +331,7 @@ fn check_identities(engine: &Engine, at: &str) {
 /// 50 orders of customers r1-0 … r1-49, each adding 1 to `n`, with their
 /// events kept.
 fn ingest_scene_events(engine: &Engine) {
-    let records = (0..50)
+    let records: Vec<_> = (0..50)
         .map(|i| tagstore::storage::IngestRecord {
             refund: None,
             unless_refunded: Vec::new(),
@@ -351,7 +355,11 @@ fn ingest_scene_events(engine: &Engine) {
             }),
         })
         .collect();
-    engine.write_blocking(WriteOp::Ingest { records }).unwrap();
+    engine
+        .write_blocking(WriteOp::Ingest {
+            records: records.into(),
+        })
+        .unwrap();
 }
 
 /// Every write, sync, rename, removal, creation, allocation and directory

@@ -230,6 +230,54 @@ async fn ingested_records_become_facts_once() {
     );
 }
 
+/// A record only the writer can refuse (here an order dated years ahead:
+/// events from the future are refused when they are planned) fails its
+/// batch's write; the batch is then written a record at a time, so that
+/// that record alone is rejected, with its line and the writer's reason,
+/// and the others are applied, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_writer_refuses_is_rejected_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    create_preset(&mut c, "tb", "taobao_orders").await;
+    let data = format!(
+        "{TAOBAO_HEADER}{}{}{}",
+        taobao_row("F1", "早", 11, "交易成功", "skincare"),
+        "F2,晚,10.00,2099-11-11 10:00:00,,交易成功,SKU-1,skincare,,t\n",
+        taobao_row("F3", "早", 12, "交易成功", "makeup"),
+    );
+    for round in 0..2 {
+        let (answers, end) = ingest(&mut c, vec![batch("tb", 1, data.as_bytes())]).await;
+        assert!(end.is_none(), "{end:?}");
+        let a = &answers[0];
+        let lines: Vec<u64> = a.rejected.iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![3], "round {round}: {:?}", a.rejected);
+        assert!(
+            a.rejected[0].reason.contains("from the future"),
+            "{}",
+            a.rejected[0].reason
+        );
+        // Sent again, the two applied are duplicates.
+        let want = if round == 0 { (2, 0) } else { (0, 2) };
+        assert_eq!((a.accepted, a.duplicates), want, "round {round}");
+    }
+    assert_eq!(
+        int_value(&mut c, "taobao_nick:早", "order_count").await,
+        Some(2)
+    );
+    // Applied whole or not at all: not even its customer was made.
+    let none = c
+        .profile(ProfileRequest {
+            customer: "taobao_nick:晚".into(),
+            recent_days: 0,
+        })
+        .await;
+    assert_eq!(code(none), Code::NotFound);
+    assert_eq!(count(&mut c, "bought:makeup").await, 1);
+    server.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_cannot_go_on_says_why_after_the_answers_before() {
     let dir = tempfile::tempdir().unwrap();

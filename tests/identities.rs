@@ -57,7 +57,11 @@ fn order(identities: &[&str], place: &str, at_ms: i64) -> IngestRecord {
 }
 
 fn ingest(engine: &Engine, records: Vec<IngestRecord>) -> tagstore::storage::WriteResult {
-    engine.write_blocking(WriteOp::Ingest { records }).unwrap()
+    engine
+        .write_blocking(WriteOp::Ingest {
+            records: records.into(),
+        })
+        .unwrap()
 }
 
 fn customer(engine: &Engine, key: &str) -> Option<u32> {
@@ -454,7 +458,7 @@ fn guard_rails_keep_strangers_apart_and_say_why() {
     // Every identity blocked: the record is refused, saying so.
     let err = engine
         .write_blocking(WriteOp::Ingest {
-            records: vec![order(&["phone:13800000000"], "store", T0)],
+            records: vec![order(&["phone:13800000000"], "store", T0)].into(),
         })
         .unwrap_err()
         .to_string();
@@ -561,7 +565,7 @@ fn one_request_merges_a_bounded_number_of_customers() {
             .collect()
     };
     let err = match engine.write_blocking(WriteOp::Ingest {
-        records: chain(0, cap + 1),
+        records: chain(0, cap + 1).into(),
     }) {
         Ok(r) => panic!("{} merges in one request", r.merges.len()),
         Err(e) => e.to_string(),
@@ -649,7 +653,9 @@ fn a_full_disk_refuses_a_merge_whole_and_it_applies_once_there_is_room() {
     };
     fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC);
     let err = engine
-        .write_blocking(WriteOp::Ingest { records: merge() })
+        .write_blocking(WriteOp::Ingest {
+            records: merge().into(),
+        })
         .unwrap_err();
     assert!(matches!(err, tagstore::Error::DiskFull(_)), "{err}");
     // Nothing of it: two customers, no merge, no new identity, facts as before.

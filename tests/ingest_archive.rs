@@ -53,7 +53,11 @@ fn order(id: &str, customer: &str) -> IngestRecord {
 }
 
 fn ingest(engine: &Engine, records: Vec<IngestRecord>) {
-    engine.write_blocking(WriteOp::Ingest { records }).unwrap();
+    engine
+        .write_blocking(WriteOp::Ingest {
+            records: records.into(),
+        })
+        .unwrap();
 }
 
 fn id(engine: &Engine, key: &str) -> u32 {

@@ -52,7 +52,9 @@ fn order(id: &str, customer: &str, amount: i64) -> IngestRecord {
 
 fn ingest(engine: &Engine, records: Vec<IngestRecord>) -> Vec<u32> {
     engine
-        .write_blocking(WriteOp::Ingest { records })
+        .write_blocking(WriteOp::Ingest {
+            records: records.into(),
+        })
         .unwrap()
         .duplicates
 }
@@ -272,7 +274,9 @@ fn a_full_disk_refuses_an_ingest_batch_whole() {
     };
     fs.fail(Op::Allocate, "wal-", 0, u64::MAX, libc::ENOSPC);
     let err = engine
-        .write_blocking(WriteOp::Ingest { records: batch() })
+        .write_blocking(WriteOp::Ingest {
+            records: batch().into(),
+        })
         .unwrap_err();
     assert!(matches!(err, tagstore::Error::DiskFull(_)), "{err}");
     assert_eq!(engine.failure(), None);
@@ -282,7 +286,9 @@ fn a_full_disk_refuses_an_ingest_batch_whole() {
     );
     fs.clear_faults();
     let r = engine
-        .write_blocking(WriteOp::Ingest { records: batch() })
+        .write_blocking(WriteOp::Ingest {
+            records: batch().into(),
+        })
         .unwrap();
     assert!(r.duplicates.is_empty());
     assert_eq!(r.events_seen, 80_000);

@@ -186,7 +186,7 @@ fn run(seed: u64) {
         if pending.len() >= rng.random_range(1..12) || r + 1 == total {
             engine
                 .write_blocking(WriteOp::Ingest {
-                    records: std::mem::take(&mut pending),
+                    records: std::mem::take(&mut pending).into(),
                 })
                 .unwrap();
             match rng.random_range(0..20) {

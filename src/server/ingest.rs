@@ -243,8 +243,10 @@ pub(super) fn list_sources(
 /// A batch read and turned into writes, waiting for the engine.
 struct Prepared {
     answer: proto::IngestResponse,
-    /// Records to apply, each with its line.
-    records: Vec<(u64, IngestRecord)>,
+    /// Records to apply, and each one's line: shared with the write, so
+    /// that the records at fault can be found when it is refused.
+    records: Arc<Vec<IngestRecord>>,
+    lines: Vec<u64>,
 }
 
 pub(super) async fn ingest(
@@ -382,7 +384,7 @@ async fn drive(
                         // Queued now, in the order sent (see above).
                         let queued = (!prepared.records.is_empty()).then(|| {
                             engine.enqueue(WriteOp::Ingest {
-                                records: prepared.records.iter().map(|(_, r)| r.clone()).collect(),
+                                records: prepared.records.clone(),
                             })
                         });
                         let task = apply(engine.clone(), prepared, queued);
@@ -601,9 +603,11 @@ async fn prepare(
             .collect(),
         ..Default::default()
     };
+    let (lines, records) = prepared.records.into_iter().unzip();
     Ok(Prepared {
         answer,
-        records: prepared.records,
+        records: Arc::new(records),
+        lines,
     })
 }
 
@@ -647,7 +651,8 @@ pub(super) async fn link(
                 at_ms: engine.now_ms(),
                 writes: Vec::new(),
                 event: None,
-            }],
+            }]
+            .into(),
         })
         .await
         .map_err(to_status)?;
@@ -783,11 +788,11 @@ async fn apply(
     let Prepared {
         mut answer,
         records,
+        lines,
     } = p;
     let Some(queued) = queued else {
         return Ok(answer);
     };
-    let (lines, records): (Vec<u64>, Vec<IngestRecord>) = records.into_iter().unzip();
     let n = records.len() as u64;
     let res = match queued {
         Ok(q) => engine.answer(q).await,
@@ -807,10 +812,10 @@ async fn apply(
         Err(e) if is_about_records(&e) => {
             // One at a time, to find the records at fault.
             let mut listed = 0;
-            for (line, record) in lines.into_iter().zip(records) {
+            for (line, record) in lines.into_iter().zip(records.iter()) {
                 match engine
                     .write(WriteOp::Ingest {
-                        records: vec![record],
+                        records: Arc::new(vec![record.clone()]),
                     })
                     .await
                 {

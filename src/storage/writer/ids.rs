@@ -2,8 +2,6 @@
 //! keys were checked at the engine's door ([`WriteOp::check_keys`]); this
 //! room trusts them.
 
-use std::collections::HashMap;
-
 use super::*;
 use crate::error::{Error, Result};
 use crate::storage::snapshot::resolve_identities;
@@ -15,7 +13,8 @@ pub(super) struct IdAssigner<'a> {
     pub(super) live: crate::bitmap::Members<'a>,
     /// Keys given ids by this request: customers it creates, and
     /// identities it links to customers.
-    fresh: HashMap<Box<str>, u32>,
+    /// (hashbrown: foldhash, seeded at random per map.)
+    fresh: hashbrown::HashMap<Box<str>, u32>,
     /// Customers created for this request, to be logged with it.
     pub(super) new_keys: Vec<(u32, String)>,
     next: u32,
@@ -33,7 +32,7 @@ impl<'a> IdAssigner<'a> {
         Ok(Self {
             state,
             live: state.snap.live()?.members(),
-            fresh: HashMap::new(),
+            fresh: hashbrown::HashMap::new(),
             new_keys: Vec::new(),
             next: state.snap.next_customer_id,
         })

@@ -272,8 +272,11 @@ pub enum WriteOp {
     /// event id the store remembers (or that repeat one earlier in the
     /// request) are skipped and reported ([`WriteResult::duplicates`]); the
     /// others' ids are remembered with their writes, atomically.
+    /// Shared, so that the caller can keep the records (to find the one at
+    /// fault when the write is refused) without a copy; the writer only
+    /// reads them.
     Ingest {
-        records: Vec<IngestRecord>,
+        records: std::sync::Arc<Vec<IngestRecord>>,
     },
     /// Records consumed from a source's topics: applied as
     /// [`WriteOp::Ingest`] applies them, with the source's new positions
@@ -385,6 +388,15 @@ pub struct IngestRecord {
     pub event: Option<KeptEvent>,
 }
 
+impl IngestRecord {
+    /// [`WriteOp::check_keys`] of one record.
+    fn check_keys(&self) -> std::result::Result<(), crate::names::NameError> {
+        self.identities.iter().try_for_each(|k| check_key(k))?;
+        self.writes.iter().try_for_each(ValueWrite::check_key)?;
+        self.event.iter().try_for_each(|e| check_key(&e.customer))
+    }
+}
+
 /// An ingested event to keep: its customer's key and its bytes (the
 /// ingestion room's encoding; at most
 /// [`MAX_EVENT_BYTES`](crate::storage::archive::MAX_EVENT_BYTES)).
@@ -422,9 +434,8 @@ impl WriteOp {
             | WriteOp::DeleteCustomers { customers }
             | WriteOp::CreateCustomers { customers } => customers.len(),
             WriteOp::SetValues { writes } => writes.len(),
-            WriteOp::Ingest { records } | WriteOp::Consume { records, .. } => {
-                records.iter().map(|r| r.writes.len()).sum()
-            }
+            WriteOp::Ingest { records } => records.iter().map(|r| r.writes.len()).sum(),
+            WriteOp::Consume { records, .. } => records.iter().map(|r| r.writes.len()).sum(),
             WriteOp::RebuildFacts { customers, .. } => customers.len(),
             WriteOp::Unmerge { identities, .. } => identities.len(),
             WriteOp::PutSource { .. }
@@ -463,12 +474,9 @@ impl WriteOp {
             WriteOp::RebuildFacts {
                 customers, writes, ..
             } => all(customers).and_then(|_| writes.iter().try_for_each(ValueWrite::check_key)),
-            WriteOp::Ingest { records } | WriteOp::Consume { records, .. } => {
-                records.iter().try_for_each(|r| {
-                    all(&r.identities)?;
-                    r.writes.iter().try_for_each(ValueWrite::check_key)?;
-                    r.event.iter().try_for_each(|e| check_key(&e.customer))
-                })
+            WriteOp::Ingest { records } => records.iter().try_for_each(IngestRecord::check_keys),
+            WriteOp::Consume { records, .. } => {
+                records.iter().try_for_each(IngestRecord::check_keys)
             }
             // Identities are checked keys (the survivor's); the writes name
             // the two customers by the writer's own handles.

@@ -286,8 +286,15 @@ impl Planner<'_> {
                     return Err(Error::invalid("empty write: no values or events"));
                 }
                 let mut ids = IdAssigner::new(self.state)?;
-                let expired =
-                    plan_values(snap, &writes, &mut ids, at_ms, &mut batch, BTreeMap::new())?;
+                let expired = plan_values(
+                    snap,
+                    &writes,
+                    &[],
+                    &mut ids,
+                    at_ms,
+                    &mut batch,
+                    BTreeMap::new(),
+                )?;
                 batch.new_keys = ids.new_keys;
                 Ok(Planned::Write(batch, Target::Values { expired }))
             }
@@ -440,8 +447,15 @@ impl Planner<'_> {
                         kept.push(w);
                     }
                 }
-                let expired =
-                    plan_values(snap, &kept, &mut ids, at_ms, &mut batch, BTreeMap::new())?;
+                let expired = plan_values(
+                    snap,
+                    &kept,
+                    &[],
+                    &mut ids,
+                    at_ms,
+                    &mut batch,
+                    BTreeMap::new(),
+                )?;
                 batch.new_keys = ids.new_keys;
                 let target = Target::Rebuilt { expired, busy };
                 if batch.is_empty() {
@@ -464,7 +478,7 @@ impl Planner<'_> {
                 erase,
                 writes,
             } => self.plan_unmerge(of, as_of, identities, erase, writes, batch),
-            WriteOp::Ingest { records } => self.plan_ingest(records, batch),
+            WriteOp::Ingest { records } => self.plan_ingest(&records, batch),
             WriteOp::Consume {
                 records,
                 positions,
@@ -490,7 +504,7 @@ impl Planner<'_> {
                 }
                 batch.positions.push(positions);
                 batch.rejects = rejects;
-                self.plan_ingest(records, batch)
+                self.plan_ingest(&records, batch)
             }
         }
     }
@@ -498,13 +512,13 @@ impl Planner<'_> {
     /// The batch of a [`WriteOp::Ingest`] (or [`WriteOp::Consume`]):
     /// duplicates skipped, customers identified and merged, the records'
     /// writes and kept events.
-    fn plan_ingest(&self, records: Vec<IngestRecord>, mut batch: Batch) -> Result<Planned> {
+    fn plan_ingest(&self, records: &[IngestRecord], mut batch: Batch) -> Result<Planned> {
         let snap = &self.state.snap;
         let at_ms = self.at_ms;
         let mut duplicates = Vec::new();
         let mut fresh = std::collections::HashSet::new();
         let mut taken = Vec::with_capacity(records.len());
-        for (i, r) in records.into_iter().enumerate() {
+        for (i, r) in records.iter().enumerate() {
             if let Some(id) = r.seen {
                 if self.state.seen.contains(id) || !fresh.insert(id) {
                     duplicates.push(i as u32);
@@ -558,17 +572,13 @@ impl Planner<'_> {
         for link in &mut batch.identities {
             link.customer = groups.find(link.customer);
         }
-        let mut writes = Vec::new();
+        let mut writes = Vec::with_capacity(taken.iter().map(|(_, r)| r.writes.len()).sum());
+        // Each write's customer: the survivor of the record's, when its
+        // identities decided one; else the write's own key.
+        let mut resolved = Vec::with_capacity(writes.capacity());
         let mut kept = Vec::new();
         for ((_, r), customer) in taken.into_iter().zip(customers) {
-            // Aimed at the survivor by a handle only this request
-            // knows (no key holds a NUL byte).
-            let handle = customer.map(|c| {
-                let s = groups.find(c);
-                let handle = format!("\0{s}");
-                ids.link(&handle, s);
-                handle
-            });
+            let survivor = customer.map(|c| groups.find(c));
             // An order whose refund came before it, or comes with
             // it, leaves out what only its being there gives.
             let refunded = r
@@ -581,37 +591,35 @@ impl Planner<'_> {
             {
                 batch.rebuild_due.insert(groups.find(c));
             }
-            let unless = (!refunded).then_some(r.unless_refunded);
-            for mut w in r.writes.into_iter().chain(unless.into_iter().flatten()) {
-                if let Some(h) = &handle {
-                    w.set_customer(h);
-                }
+            let unless = (!refunded).then_some(&r.unless_refunded);
+            for w in r.writes.iter().chain(unless.into_iter().flatten()) {
                 writes.push(w);
+                resolved.push(survivor);
             }
-            if let Some(mut e) = r.event {
-                if let Some(h) = &handle {
-                    e.customer = h.clone();
-                }
-                kept.push(e);
+            if let Some(e) = &r.event {
+                kept.push((e, survivor));
             }
         }
         let expired = if writes.is_empty() && seed.is_empty() {
             0
         } else {
-            plan_values(snap, &writes, &mut ids, at_ms, &mut batch, seed)?
+            plan_values(snap, &writes, &resolved, &mut ids, at_ms, &mut batch, seed)?
         };
         // A kept event makes its customer, as its facts would.
         let customers = kept
             .iter()
-            .map(|e| ids.get_or_create(&e.customer))
+            .map(|(e, survivor)| match survivor {
+                Some(id) => Ok(*id),
+                None => ids.get_or_create(&e.customer),
+            })
             .collect::<Result<Vec<u32>>>()?;
         batch.new_keys = ids.new_keys;
         batch.events = kept
             .into_iter()
             .zip(customers)
-            .map(|(e, customer)| LoggedEvent {
+            .map(|((e, _), customer)| LoggedEvent {
                 customer,
-                bytes: e.bytes,
+                bytes: e.bytes.clone(),
             })
             .collect();
         let target = Target::Ingested {
@@ -797,9 +805,14 @@ pub(super) enum Pending {
 /// Turns value writes into field changes (last write wins per customer and
 /// field); returns how many events were past retention. Loads every slot
 /// the changes will touch, so applying them cannot fail halfway.
-pub(super) fn plan_values(
+///
+/// `resolved`, when not empty, holds one entry per write: the customer id
+/// the caller already decided for it (ingestion's records, whose customers
+/// the identities decided), or `None` to look up the write's key.
+pub(super) fn plan_values<W: std::borrow::Borrow<ValueWrite>>(
     snap: &crate::storage::Snapshot,
-    writes: &[ValueWrite],
+    writes: &[W],
+    resolved: &[Option<u32>],
     ids: &mut IdAssigner<'_>,
     now_ms: i64,
     batch: &mut Batch,
@@ -815,7 +828,13 @@ pub(super) fn plan_values(
     // Values of `latest` fields written: (field, customer, set or cleared),
     // for the companion field that says when.
     let mut stamps: Vec<(&str, u32, bool)> = Vec::new();
-    for w in writes {
+    // Each field's definition and whether a rule keeps it, looked up once
+    // per request (a batch of records names the same few fields again and
+    // again).
+    let mut known: hashbrown::HashMap<&str, (&Arc<Field>, bool)> = hashbrown::HashMap::new();
+    for (i, w) in writes.iter().enumerate() {
+        let w: &ValueWrite = w.borrow();
+        let pre = resolved.get(i).copied().flatten();
         let (name, customer) = match w {
             ValueWrite::Int {
                 field, customer, ..
@@ -830,10 +849,27 @@ pub(super) fn plan_values(
                 field, customer, ..
             } => (field, customer),
         };
-        let field = snap
-            .field(name)
-            .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
-        if snap.rules.get(name).is_some() {
+        let (field, ruled) = match known.get(name.as_str()) {
+            Some(&f) => f,
+            None => {
+                let f = snap
+                    .field(name)
+                    .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
+                let f = (f, snap.rules.get(name.as_str()).is_some());
+                known.insert(name, f);
+                f
+            }
+        };
+        // The write's customer: decided by the caller, else its key's.
+        let get_or_create = |ids: &mut IdAssigner<'_>| match pre {
+            Some(id) => Ok(id),
+            None => ids.get_or_create(customer),
+        };
+        let get = |ids: &IdAssigner<'_>| match pre {
+            Some(id) => Ok(Some(id)),
+            None => ids.get(customer),
+        };
+        if ruled {
             return Err(Error::Precondition(format!(
                 "field {name:?} is a lifecycle: its values follow its stages' rules and cannot be written; redefine it with DefineRule"
             )));
@@ -848,8 +884,8 @@ pub(super) fn plan_values(
         match (w, &field.meta.kind) {
             (ValueWrite::Int { value, .. }, FieldKind::Int) => {
                 let id = match value {
-                    Some(_) => Some(ids.get_or_create(customer)?),
-                    None => ids.get(customer)?,
+                    Some(_) => Some(get_or_create(ids)?),
+                    None => get(ids)?,
                 };
                 if let Some(id) = id {
                     let Pending::Int(m) = pending
@@ -865,7 +901,7 @@ pub(super) fn plan_values(
                 }
             }
             (ValueWrite::Combine { with, .. }, FieldKind::Int) => {
-                let id = ids.get_or_create(customer)?;
+                let id = get_or_create(ids)?;
                 let Pending::Int(m) = pending
                     .entry(field.id)
                     .or_insert_with(|| Pending::Int(BTreeMap::new()))
@@ -912,8 +948,8 @@ pub(super) fn plan_values(
                     None => None,
                 };
                 let id = match slot {
-                    Some(_) => Some(ids.get_or_create(customer)?),
-                    None => ids.get(customer)?,
+                    Some(_) => Some(get_or_create(ids)?),
+                    None => get(ids)?,
                 };
                 if let Some(id) = id {
                     let Pending::Enum(m) = pending
@@ -965,7 +1001,7 @@ pub(super) fn plan_values(
                     expired += 1;
                     continue;
                 };
-                let id = ids.get_or_create(customer)?;
+                let id = get_or_create(ids)?;
                 let Pending::Events(m) = pending
                     .entry(field.id)
                     .or_insert_with(|| Pending::Events(BTreeMap::new()))

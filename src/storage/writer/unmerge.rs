@@ -266,7 +266,7 @@ impl Planner<'_> {
                 )));
             }
         }
-        let expired = plan_values(snap, &writes, &mut ids, self.at_ms, &mut batch, seed)?;
+        let expired = plan_values(snap, &writes, &[], &mut ids, self.at_ms, &mut batch, seed)?;
         batch.new_keys = ids.new_keys;
         Ok(Planned::Write(
             batch,
