@@ -151,16 +151,24 @@ impl State {
         let slots = &mut field.slots;
         match c {
             FieldChange::Int { set, clear, .. } => {
-                let set_ids: RoaringBitmap = set.iter().map(|(id, _)| *id).collect();
-                let mut ones = vec![RoaringBitmap::new(); bsi::BITS];
+                // Planned in ascending id order, so each bitmap is built
+                // from a sorted list (any order is still applied right).
+                let bitmap = |ids: &[u32]| {
+                    RoaringBitmap::from_sorted_iter(ids.iter().copied())
+                        .unwrap_or_else(|_| ids.iter().copied().collect())
+                };
+                let mut ids = Vec::with_capacity(set.len());
+                let mut per_bit = vec![Vec::new(); bsi::BITS];
                 for &(id, v) in set {
-                    let u = bsi::encode(v);
-                    for (k, bits) in ones.iter_mut().enumerate() {
-                        if u >> k & 1 == 1 {
-                            bits.insert(id);
-                        }
+                    ids.push(id);
+                    let mut u = bsi::encode(v);
+                    while u != 0 {
+                        per_bit[u.trailing_zeros() as usize].push(id);
+                        u &= u - 1;
                     }
                 }
+                let set_ids = bitmap(&ids);
+                let ones: Vec<RoaringBitmap> = per_bit.iter().map(|v| bitmap(v)).collect();
                 let all = &set_ids | clear;
                 let exists = slot_mut(slots, INT_EXISTS)?;
                 stats.values_cleared += exists.difference_with(clear);
@@ -173,8 +181,12 @@ impl State {
                         continue;
                     }
                     let b = slot_mut(slots, slot)?;
-                    b.difference_with(&(&all - bits));
-                    b.union_with(bits);
+                    if bits.is_empty() {
+                        b.difference_with(&all);
+                    } else {
+                        b.difference_with(&(&all - bits));
+                        b.union_with(bits);
+                    }
                     touched.push(slot);
                 }
             }

@@ -809,9 +809,9 @@ pub(super) enum Pending {
 /// `resolved`, when not empty, holds one entry per write: the customer id
 /// the caller already decided for it (ingestion's records, whose customers
 /// the identities decided), or `None` to look up the write's key.
-pub(super) fn plan_values<W: std::borrow::Borrow<ValueWrite>>(
-    snap: &crate::storage::Snapshot,
-    writes: &[W],
+pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
+    snap: &'w crate::storage::Snapshot,
+    writes: &'w [W],
     resolved: &[Option<u32>],
     ids: &mut IdAssigner<'_>,
     now_ms: i64,
@@ -832,6 +832,56 @@ pub(super) fn plan_values<W: std::borrow::Borrow<ValueWrite>>(
     // per request (a batch of records names the same few fields again and
     // again).
     let mut known: hashbrown::HashMap<&str, (&Arc<Field>, bool)> = hashbrown::HashMap::new();
+    let mut lookup = |name: &'w String| -> Result<(&Arc<Field>, bool)> {
+        if let Some(&f) = known.get(name.as_str()) {
+            return Ok(f);
+        }
+        let f = snap
+            .field(name)
+            .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
+        let f = (f, snap.rules.get(name.as_str()).is_some());
+        known.insert(name, f);
+        Ok(f)
+    };
+    // The values that the combining writes of decided customers start
+    // from, read before the writes, all at once (ascending ids per field:
+    // [`IntValues::get_sorted`]); a customer's earlier write in this
+    // request still comes first.
+    // By write: `Some(value before the request)` when read ahead.
+    let mut read_ahead: Vec<Option<Option<i64>>> = Vec::new();
+    if !resolved.is_empty() {
+        // Per field, (customer, write) in the order of the writes.
+        type Wanted<'f> = (&'f Arc<Field>, Vec<(u32, u32)>);
+        let mut wanted: BTreeMap<u32, Wanted> = BTreeMap::new();
+        for (i, (w, pre)) in writes.iter().zip(resolved).enumerate() {
+            if let (ValueWrite::Combine { field, .. }, Some(id)) = (w.borrow(), pre)
+                && let Ok((f, _)) = lookup(field)
+                && matches!(f.meta.kind, FieldKind::Int)
+            {
+                wanted
+                    .entry(f.id)
+                    .or_insert_with(|| (f, Vec::new()))
+                    .1
+                    .push((*id, i as u32));
+            }
+        }
+        if !wanted.is_empty() {
+            read_ahead = vec![None; writes.len()];
+        }
+        for (f, mut pairs) in wanted.into_values() {
+            pairs.sort_unstable();
+            let mut ids: Vec<u32> = pairs.iter().map(|&(id, _)| id).collect();
+            ids.dedup();
+            let values = f.int_values()?.get_sorted(&ids);
+            let mut at = 0;
+            for (id, i) in pairs {
+                while ids[at] != id {
+                    at += 1;
+                }
+                read_ahead[i as usize] = Some(values[at]);
+            }
+        }
+    }
     for (i, w) in writes.iter().enumerate() {
         let w: &ValueWrite = w.borrow();
         let pre = resolved.get(i).copied().flatten();
@@ -849,17 +899,7 @@ pub(super) fn plan_values<W: std::borrow::Borrow<ValueWrite>>(
                 field, customer, ..
             } => (field, customer),
         };
-        let (field, ruled) = match known.get(name.as_str()) {
-            Some(&f) => f,
-            None => {
-                let f = snap
-                    .field(name)
-                    .ok_or_else(|| Error::FieldNotFound(name.clone()))?;
-                let f = (f, snap.rules.get(name.as_str()).is_some());
-                known.insert(name, f);
-                f
-            }
-        };
+        let (field, ruled) = lookup(name)?;
         // The write's customer: decided by the caller, else its key's.
         let get_or_create = |ids: &mut IdAssigner<'_>| match pre {
             Some(id) => Ok(id),
@@ -911,9 +951,11 @@ pub(super) fn plan_values<W: std::borrow::Borrow<ValueWrite>>(
                 // The newest value: this request's own earlier write of it,
                 // else the state's (which every earlier request of the group
                 // has already changed).
-                let current = match m.get(&id) {
-                    Some(v) => *v,
-                    None => match int_values.entry(field.id) {
+                let ahead = read_ahead.get(i).copied().flatten();
+                let current = match (m.get(&id), ahead) {
+                    (Some(v), _) => *v,
+                    (None, Some(v)) => v,
+                    (None, None) => match int_values.entry(field.id) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
                             e.insert(field.int_values()?)
