@@ -76,9 +76,9 @@ pub async fn prepare(
             }
         };
         for f in &fs {
-            needed
-                .entry(f.field.clone())
-                .or_insert((f.kind, f.merge_rule()));
+            if !needed.contains_key(&f.field) {
+                needed.insert(f.field.clone(), (f.kind, f.merge_rule()));
+            }
         }
         records.push((line, e, fs));
     }
@@ -91,6 +91,7 @@ pub async fn prepare(
     for (line, e, fs) in records {
         if let Some((field, why)) = fs
             .iter()
+            .filter(|_| !unusable.is_empty())
             .find_map(|f| unusable.get(&f.field).map(|w| (&f.field, w)))
         {
             answer.rejected.push(Rejected {
@@ -122,19 +123,19 @@ pub async fn prepare(
             .as_deref()
             .filter(|_| e.event_type == REFUND)
             .map(|id| seen_id(&source.name, ORDER, id));
-        let (sums, rest): (Vec<&Fact>, Vec<&Fact>) =
-            fs.iter().partition(|f| refund.is_none() || f.is_sum());
+        let (sums, rest): (Vec<Fact>, Vec<Fact>) =
+            fs.into_iter().partition(|f| refund.is_none() || f.is_sum());
         answer.records.push((
             line,
             IngestRecord {
                 refund,
                 order,
-                unless_refunded: rest.iter().map(|f| f.value_write(&key)).collect(),
+                unless_refunded: rest.into_iter().map(|f| f.into_value_write(&key)).collect(),
                 seen,
                 identities,
                 place: e.channel.clone(),
                 at_ms: e.at_ms,
-                writes: sums.iter().map(|f| f.value_write(&key)).collect(),
+                writes: sums.into_iter().map(|f| f.into_value_write(&key)).collect(),
                 event: Some(KeptEvent {
                     bytes: e.encode(&source.name),
                     customer: key,

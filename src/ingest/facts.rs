@@ -360,14 +360,19 @@ impl Fact {
 
     /// The write for the customer with `key`.
     pub fn value_write(&self, key: &str) -> ValueWrite {
+        self.clone().into_value_write(key)
+    }
+
+    /// [`Fact::value_write`], taking the fact's field name instead of a copy.
+    pub fn into_value_write(self, key: &str) -> ValueWrite {
         match self.write {
             FactWrite::Combine(with) => ValueWrite::Combine {
-                field: self.field.clone(),
+                field: self.field,
                 customer: key.to_string(),
                 with,
             },
             FactWrite::Event(ms) => ValueWrite::Event {
-                field: self.field.clone(),
+                field: self.field,
                 customer: key.to_string(),
                 at: EventTime::Ms(ms),
             },
@@ -476,7 +481,8 @@ impl Facts {
 
     /// Every fact one event gives, in rule order.
     pub fn of(&self, e: &Event) -> Result<Vec<Fact>, Refused> {
-        let mut out = Vec::new();
+        let mut out =
+            Vec::with_capacity(self.behaviours.len() + self.counters.len() + self.days.len());
         for (events, pattern) in &self.behaviours {
             if let Some(field) = events
                 .matches(&e.event_type)
