@@ -21,6 +21,10 @@ use crate::storage::snapshot::{
     SlotMap, Snapshot, SourceMeta, Tag, TagMeta,
 };
 
+/// Customers in one integer field's change from which its bit slices are
+/// changed by sharded bitmap operations rather than id by id.
+const MANY_VALUES: u64 = 4_096;
+
 /// What applying a batch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -175,17 +179,33 @@ impl State {
                 exists.union_with(&set_ids);
                 stats.values_set += set_ids.len();
                 touched.push(INT_EXISTS);
+                // Many customers (a batch of ingested records): the
+                // customers written are made a sharded bitmap once, not once
+                // per bit slice.
+                let all_sharded =
+                    (all.len() >= MANY_VALUES).then(|| ShardedBitmap::from_roaring(&all));
                 for (k, bits) in ones.iter().enumerate() {
                     let slot = int_slot(k);
                     if bits.is_empty() && !slots.contains_key(&slot) {
                         continue;
                     }
                     let b = slot_mut(slots, slot)?;
-                    if bits.is_empty() {
-                        b.difference_with(&all);
-                    } else {
-                        b.difference_with(&(&all - bits));
-                        b.union_with(bits);
+                    match (&all_sharded, bits.is_empty()) {
+                        (Some(all), true) => {
+                            b.difference_sharded(all);
+                        }
+                        (Some(all), false) => {
+                            let bits = ShardedBitmap::from_roaring(bits);
+                            b.difference_sharded(&all.and_not(&bits));
+                            b.union_sharded(&bits);
+                        }
+                        (None, true) => {
+                            b.difference_with(&all);
+                        }
+                        (None, false) => {
+                            b.difference_with(&(&all - bits));
+                            b.union_with(bits);
+                        }
                     }
                     touched.push(slot);
                 }

@@ -1326,4 +1326,53 @@ mod tests {
         assert_eq!(b.new_keys, vec![(2, "a".into())]);
         assert_eq!(b.changes[0].ids.iter().collect::<Vec<_>>(), vec![2]);
     }
+
+    /// An integer field's values after writes of few customers and of many
+    /// (which change the bit slices by sharded operations): every value,
+    /// negative ones and cleared ones included, reads back as written.
+    #[test]
+    fn integer_values_written_few_or_many_read_back() {
+        let mut state = empty();
+        apply(
+            &mut state,
+            WriteOp::CreateField {
+                name: "f".into(),
+                description: String::new(),
+                category: String::new(),
+                kind: crate::fields::FieldKind::Int,
+                merge: Default::default(),
+                if_not_exists: false,
+            },
+        );
+        let mut model: BTreeMap<String, i64> = BTreeMap::new();
+        for (round, n) in [(0u64, 10usize), (1, 6_000), (2, 9_000), (3, 30), (4, 7_000)] {
+            let mut writes = Vec::new();
+            for i in 0..n {
+                let c = (i as u64 * 7_919 + round * 13) % 8_000;
+                let key = format!("c{c}");
+                let value = match (c + round) % 9 {
+                    0 => None,
+                    1 => Some(-((c * 31 + round) as i64)),
+                    _ => Some((c * 1_000_003 + round * 17) as i64),
+                };
+                match value {
+                    Some(v) => model.insert(key.clone(), v),
+                    None => model.remove(&key),
+                };
+                writes.push(ValueWrite::Int {
+                    field: "f".into(),
+                    customer: key,
+                    value,
+                });
+            }
+            apply(&mut state, WriteOp::SetValues { writes });
+            let snap = &state.snap;
+            let read = snap.field("f").unwrap().int_values().unwrap();
+            for c in 0..8_000u64 {
+                let key = format!("c{c}");
+                let got = snap.customer_id(&key).unwrap().and_then(|id| read.get(id));
+                assert_eq!(got, model.get(&key).copied(), "round {round}, {key}");
+            }
+        }
+    }
 }
