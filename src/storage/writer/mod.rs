@@ -57,6 +57,12 @@ const MAX_GROUP: usize = 256;
 /// the hand-off to the other thread costs more than it saves.
 const SYNC_WHILE_APPLYING: u64 = 256;
 
+/// Bytes of room the log buffer keeps between groups: a group of large
+/// writes (a request of 64 MiB) grows it, and it goes back to at most this
+/// much once the group is logged instead of holding the largest group's
+/// size for as long as the server runs.
+const KEEP_LOG_BUFFER: usize = 1 << 20;
+
 /// Keys looked up at once by [`Mutation::resolve_in`].
 const RESOLVE_GROUP: usize = 256;
 /// Ids of each change that [`Writer::changes_nothing`] looks at before all of
@@ -536,6 +542,7 @@ impl Writer {
                 self.fail(&e);
             }
         }
+        recycle(&mut self.buf);
         if let Some(msg) = &self.failed {
             for (reply, _) in replies {
                 let _ = reply.send(Err(Error::Failed(msg.clone())));
@@ -586,6 +593,7 @@ impl Writer {
                 SyncMode::Never => Ok(()),
             }
         });
+        recycle(&mut self.buf);
         if let Err(e) = res {
             self.fail(&e);
             return Err(e);
@@ -609,10 +617,36 @@ impl Writer {
     }
 }
 
+/// Empties the log buffer once its records are written, keeping at most
+/// [`KEEP_LOG_BUFFER`] bytes of room.
+fn recycle(buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.shrink_to(KEEP_LOG_BUFFER);
+}
+
 /// The log's `fdatasync`, timed into the engine's meters.
 fn timed_sync(wal: &mut WalWriter, meters: &crate::storage::meters::Meters) -> Result<()> {
     let started = std::time::Instant::now();
     let res = wal.sync();
     meters.log_sync.observe(started.elapsed());
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_group_leaves_no_large_log_buffer() {
+        let mut buf = vec![7u8; 64 << 20];
+        recycle(&mut buf);
+        assert!(buf.is_empty());
+        assert!(buf.capacity() <= KEEP_LOG_BUFFER, "{}", buf.capacity());
+        // A usual group's room is kept for the next one.
+        let mut small = Vec::with_capacity(64 << 10);
+        small.extend_from_slice(&[1, 2, 3]);
+        recycle(&mut small);
+        assert!(small.is_empty());
+        assert_eq!(small.capacity(), 64 << 10);
+    }
 }
