@@ -681,7 +681,8 @@ async fn a_stream_whose_answers_are_not_read_holds_only_itself() {
 }
 
 /// The largest batches: more records, more customers or more bytes than
-/// the limits allow end the stream with the limit named, after the answers
+/// the limits allow (as sent, or as read: records take more memory than
+/// their lines) end the stream with the limit named, after the answers
 /// before them; a source definition over 64 KiB is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_over_the_limits_are_refused_by_name() {
@@ -742,6 +743,37 @@ async fn batches_over_the_limits_are_refused_by_name() {
         "{}",
         end.message()
     );
+    // A batch of 650 KB fits the budget as bytes, but its 10,000 records
+    // take several times that once read: refused the same way, and the
+    // budget is whole again for a small batch after it.
+    let read_large = IngestRequest {
+        source: "tb".into(),
+        seq: 1,
+        data: small_orders(0, 10_000, true).into_bytes(),
+        ..Default::default()
+    };
+    assert!(read_large.data.len() < 1 << 20);
+    let (answers, end) = ingest(&mut c, vec![read_large]).await;
+    assert!(answers.is_empty(), "{answers:?}");
+    let end = end.expect("a batch larger once read than the budget was taken");
+    assert_eq!(end.code(), Code::ResourceExhausted);
+    assert!(
+        end.message().contains("max_request_memory_mb"),
+        "{}",
+        end.message()
+    );
+    let (answers, end) = ingest(
+        &mut c,
+        vec![IngestRequest {
+            source: "tb".into(),
+            seq: 1,
+            data: small_orders(0, 100, true).into_bytes(),
+            ..Default::default()
+        }],
+    )
+    .await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(answers[0].accepted, 100);
     drop(c);
     drop(server);
 

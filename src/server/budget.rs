@@ -81,6 +81,18 @@ impl Reservation {
             bytes,
         })
     }
+
+    /// Holds `more`'s bytes as well (both of the same budget), until this
+    /// reservation is dropped.
+    pub fn absorb(&mut self, mut more: Reservation) {
+        debug_assert!(Arc::ptr_eq(&self.budget, &more.budget));
+        self.bytes += std::mem::take(&mut more.bytes);
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 impl Drop for Reservation {

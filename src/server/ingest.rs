@@ -8,7 +8,8 @@
 //! status (`crate::kafka`).
 //!
 //! An `Ingest` stream keeps at most [`IN_FLIGHT`] batches between reading
-//! and answering, and holds each one's bytes against the server's request
+//! and answering, and holds each one's bytes (once read, its records'
+//! memory, which is many times larger) against the server's request
 //! memory budget until it is answered; reading stops (and HTTP/2 flow
 //! control holds the client) while either is full. Batches are read in
 //! order on the blocking pool (a CSV header and the line count carry from
@@ -376,11 +377,24 @@ async fn drive(
                 }
             }
             Next::Batch(Ok(Some(batch))) => {
-                let Some(held) = hold(&budget, &mut pending, &tx, batch.data.len()).await else {
+                let Some(mut held) = hold(&budget, &mut pending, &tx, batch.data.len()).await
+                else {
                     return;
                 };
                 match prepare(&engine, &facts, &mut reader, batch).await {
                     Ok(prepared) => {
+                        // Read, its records hold several times the bytes
+                        // they came from: held as well until answered.
+                        let parsed: u64 = (prepared.records.iter())
+                            .map(|r| r.memory_bytes() as u64)
+                            .sum();
+                        if let Some(more) = parsed.checked_sub(held.bytes()).filter(|&n| n > 0) {
+                            let Some(extra) = hold(&budget, &mut pending, &tx, more as usize).await
+                            else {
+                                return;
+                            };
+                            held.absorb(extra);
+                        }
                         // Queued now, in the order sent (see above).
                         let queued = (!prepared.records.is_empty()).then(|| {
                             engine.enqueue(WriteOp::Ingest {
@@ -524,8 +538,10 @@ async fn reserve(
         }
         if pending.is_empty() {
             return Err(Status::resource_exhausted(format!(
-                "the server's memory for requests in flight ({} MiB, `max_request_memory_mb`) \
-                 is in use by other calls; send smaller batches or retry later",
+                "a batch needs {} KiB of the server's memory for requests in flight \
+                 ({} MiB, `max_request_memory_mb`, with what other calls hold) and cannot have \
+                 it; send smaller batches or retry later",
+                bytes.div_ceil(1024),
                 budget.limit() >> 20
             )));
         }

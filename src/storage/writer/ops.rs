@@ -389,6 +389,23 @@ pub struct IngestRecord {
 }
 
 impl IngestRecord {
+    /// Bytes the record holds in memory, about: itself and what its
+    /// strings and lists hold (several times the bytes of the line it was
+    /// read from: the server holds this much of its request memory for it).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + (self.identities.iter())
+                .map(|k| std::mem::size_of::<String>() + k.capacity())
+                .sum::<usize>()
+            + self.place.capacity()
+            + (self.writes.iter().chain(&self.unless_refunded))
+                .map(ValueWrite::memory_bytes)
+                .sum::<usize>()
+            + self.event.as_ref().map_or(0, |e| {
+                std::mem::size_of::<KeptEvent>() + e.customer.capacity() + e.bytes.capacity()
+            })
+    }
+
     /// [`WriteOp::check_keys`] of one record.
     fn check_keys(&self) -> std::result::Result<(), crate::names::NameError> {
         self.identities.iter().try_for_each(|k| check_key(k))?;
@@ -568,6 +585,30 @@ impl ValueWrite {
 
     fn check_key(&self) -> std::result::Result<(), crate::names::NameError> {
         check_key(self.customer())
+    }
+
+    /// Bytes the write holds in memory, about (see
+    /// [`IngestRecord::memory_bytes`]).
+    fn memory_bytes(&self) -> usize {
+        let strings = match self {
+            ValueWrite::Int {
+                field, customer, ..
+            }
+            | ValueWrite::Event {
+                field, customer, ..
+            }
+            | ValueWrite::Combine {
+                field, customer, ..
+            } => field.capacity() + customer.capacity(),
+            ValueWrite::Enum {
+                field,
+                customer,
+                value,
+            } => {
+                field.capacity() + customer.capacity() + value.as_ref().map_or(0, String::capacity)
+            }
+        };
+        std::mem::size_of::<Self>() + strings
     }
 }
 
