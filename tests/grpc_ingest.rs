@@ -683,7 +683,8 @@ async fn a_stream_whose_answers_are_not_read_holds_only_itself() {
 /// The largest batches: more records, more customers or more bytes than
 /// the limits allow (as sent, or as read: records take more memory than
 /// their lines) end the stream with the limit named, after the answers
-/// before them; a source definition over 64 KiB is refused.
+/// before them; a source definition over 64 KiB is refused; a batch of
+/// exactly the most records is taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_over_the_limits_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -796,6 +797,27 @@ async fn batches_over_the_limits_are_refused_by_name() {
     assert_eq!(end.code(), Code::InvalidArgument);
     assert!(end.message().contains("100000"), "{}", end.message());
     assert_eq!(count(&mut c, "ALL").await, 0, "nothing of it applied");
+
+    // Exactly 100,000 records: taken whole (read, they hold about 160 MB of
+    // the default 256 MiB budget).
+    let (answers, end) = ingest(
+        &mut c,
+        vec![IngestRequest {
+            source: "tb".into(),
+            seq: 2,
+            data: small_orders(0, 100_000, true).into_bytes(),
+            ..Default::default()
+        }],
+    )
+    .await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(answers.len(), 1);
+    assert_eq!(
+        answers[0].accepted,
+        100_000,
+        "{:?}",
+        answers[0].rejected.first()
+    );
 }
 
 /// Facts rebuilt from the events the server keeps: values written by hand
