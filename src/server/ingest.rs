@@ -11,7 +11,9 @@
 //! and answering, and holds each one's bytes (once read, its records'
 //! memory, which is many times larger) against the server's request
 //! memory budget until it is answered; reading stops (and HTTP/2 flow
-//! control holds the client) while either is full. Batches are read in
+//! control holds the client) while either is full, and while the batches
+//! of records it holds are more than the writer can use: past
+//! [`RECORDS_AHEAD`] batches, [`RECORDS_AHEAD_BYTES`]. Batches are read in
 //! order on the blocking pool (a CSV header and the line count carry from
 //! one to the next), queued to the writer in the order sent (so they are
 //! applied in that order: an add and the remove after it never swap), with
@@ -54,6 +56,18 @@ const IDLE_NOTE: &str = "every batch answered before this was applied, none afte
 /// client), and every one of them should reach the writer's next group;
 /// their bytes are bounded by the request memory budget, not by this.
 pub const IN_FLIGHT: usize = 128;
+/// Batches of records one stream keeps read ahead of their answers in any
+/// case: the writer applies one while the next is read.
+pub const RECORDS_AHEAD: usize = 2;
+/// Beyond [`RECORDS_AHEAD`] batches, the most memory (as held against the
+/// request budget) one stream's read records may hold before it reads
+/// another batch: enough for a service's many one-record batches to reach
+/// the writer's next group, while large batches are read no further ahead
+/// than the writer can use. Read any further, they only hold memory, and
+/// the fresh pages they take cost more (the kernel zeroes each) than the
+/// reading they overlap: 200,000 orders in 1 MiB batches were read at
+/// 90–100 k records/s with all of them read ahead, 112–149 k with two.
+pub const RECORDS_AHEAD_BYTES: u64 = 8 << 20;
 /// Answers of one stream waiting for the client to read them (an answer
 /// may list many rejected records; it holds no budget once built).
 pub const ANSWERS_QUEUED: usize = 32;
@@ -318,7 +332,7 @@ async fn drive(
         if !open && pending.is_empty() {
             return;
         }
-        let take = open && pending.len() < IN_FLIGHT;
+        let take = open && pending.len() < IN_FLIGHT && may_read_ahead(&pending);
         // Idle time counts only while nothing is in flight: a client waiting
         // for answers before it sends more is not idle.
         let idle = pending.is_empty().then_some(idle);
@@ -409,6 +423,20 @@ async fn drive(
             }
         }
     }
+}
+
+/// Whether the stream may read another batch beside the batches of records
+/// it holds unanswered: fewer than [`RECORDS_AHEAD`] of them, or less
+/// memory held than [`RECORDS_AHEAD_BYTES`].
+fn may_read_ahead(pending: &Pending) -> bool {
+    let (mut batches, mut bytes) = (0, 0);
+    for (work, held) in pending {
+        if let Work::Records(_) = work {
+            batches += 1;
+            bytes += held.bytes();
+        }
+    }
+    batches < RECORDS_AHEAD || bytes < RECORDS_AHEAD_BYTES
 }
 
 /// Answers the batches in flight, in order, then ends the stream with

@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::proto::tag_store_server::TagStoreServer;
 use crate::storage::Engine;
 use budget::{MemoryBudget, Metered};
+pub use ingest::{RECORDS_AHEAD, RECORDS_AHEAD_BYTES};
 pub use service::Service;
 
 /// Lowers the calling thread's priority to `nice` (19: the lowest), for
