@@ -3,7 +3,7 @@
 //! kinds; loads every bitmap the batch will touch, so that applying it
 //! cannot fail halfway. Writes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, btree_map};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -950,12 +950,14 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                 };
                 // The newest value: this request's own earlier write of it,
                 // else the state's (which every earlier request of the group
-                // has already changed).
-                let ahead = read_ahead.get(i).copied().flatten();
-                let current = match (m.get(&id), ahead) {
-                    (Some(v), _) => *v,
-                    (None, Some(v)) => v,
-                    (None, None) => match int_values.entry(field.id) {
+                // has already changed). One search of the request's values
+                // (a batch of records writes each field of thousands of
+                // customers).
+                let entry = m.entry(id);
+                let current = match (&entry, read_ahead.get(i).copied().flatten()) {
+                    (btree_map::Entry::Occupied(e), _) => *e.get(),
+                    (btree_map::Entry::Vacant(_), Some(v)) => v,
+                    (btree_map::Entry::Vacant(_), None) => match int_values.entry(field.id) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
                             e.insert(field.int_values()?)
@@ -972,11 +974,16 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                         current.unwrap_or(0)
                     ))
                 })?;
-                if Some(new) != current || m.contains_key(&id) {
-                    m.insert(id, Some(new));
-                    if field.meta.merge == MergeRule::Latest && Some(new) != current {
-                        stamps.push((name, id, true));
+                let changed = Some(new) != current;
+                match entry {
+                    btree_map::Entry::Occupied(mut e) => *e.get_mut() = Some(new),
+                    btree_map::Entry::Vacant(e) if changed => {
+                        e.insert(Some(new));
                     }
+                    btree_map::Entry::Vacant(_) => {}
+                }
+                if changed && field.meta.merge == MergeRule::Latest {
+                    stamps.push((name, id, true));
                 }
             }
             (ValueWrite::Enum { value, .. }, FieldKind::Enum { values }) => {
