@@ -430,7 +430,7 @@ impl Planner<'_> {
                         let later = later_fields.contains(&field.id);
                         let Pending::Int(m) = seed
                             .entry(field.id)
-                            .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                            .or_insert_with(|| Pending::Int(Default::default()))
                         else {
                             continue;
                         };

@@ -3,7 +3,7 @@
 //! kinds; loads every bitmap the batch will touch, so that applying it
 //! cannot fail halfway. Writes nothing.
 
-use std::collections::{BTreeMap, HashMap, btree_map};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -797,7 +797,10 @@ pub(super) fn check_meta(description: &str, category: &str) -> Result<()> {
 
 /// What one request writes to one field, before it becomes a [`FieldChange`].
 pub(super) enum Pending {
-    Int(BTreeMap<u32, Option<i64>>),
+    /// By customer, in no order (a request of records writes each of its
+    /// fields for thousands of customers: hashed, not searched in a tree);
+    /// sorted once, when it becomes a change.
+    Int(hashbrown::HashMap<u32, Option<i64>>),
     Enum(BTreeMap<u32, Option<u32>>),
     Events(BTreeMap<u32, RoaringBitmap>),
 }
@@ -930,7 +933,7 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                 if let Some(id) = id {
                     let Pending::Int(m) = pending
                         .entry(field.id)
-                        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                        .or_insert_with(|| Pending::Int(Default::default()))
                     else {
                         return Err(wrong("integer"));
                     };
@@ -944,7 +947,7 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                 let id = get_or_create(ids)?;
                 let Pending::Int(m) = pending
                     .entry(field.id)
-                    .or_insert_with(|| Pending::Int(BTreeMap::new()))
+                    .or_insert_with(|| Pending::Int(Default::default()))
                 else {
                     return Err(wrong("integer"));
                 };
@@ -955,15 +958,17 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                 // customers).
                 let entry = m.entry(id);
                 let current = match (&entry, read_ahead.get(i).copied().flatten()) {
-                    (btree_map::Entry::Occupied(e), _) => *e.get(),
-                    (btree_map::Entry::Vacant(_), Some(v)) => v,
-                    (btree_map::Entry::Vacant(_), None) => match int_values.entry(field.id) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(field.int_values()?)
+                    (hashbrown::hash_map::Entry::Occupied(e), _) => *e.get(),
+                    (hashbrown::hash_map::Entry::Vacant(_), Some(v)) => v,
+                    (hashbrown::hash_map::Entry::Vacant(_), None) => {
+                        match int_values.entry(field.id) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert(field.int_values()?)
+                            }
                         }
+                        .get(id)
                     }
-                    .get(id),
                 };
                 let new = with.apply(current).ok_or_else(|| {
                     Error::invalid(format!(
@@ -976,11 +981,11 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                 })?;
                 let changed = Some(new) != current;
                 match entry {
-                    btree_map::Entry::Occupied(mut e) => *e.get_mut() = Some(new),
-                    btree_map::Entry::Vacant(e) if changed => {
+                    hashbrown::hash_map::Entry::Occupied(mut e) => *e.get_mut() = Some(new),
+                    hashbrown::hash_map::Entry::Vacant(e) if changed => {
                         e.insert(Some(new));
                     }
-                    btree_map::Entry::Vacant(_) => {}
+                    hashbrown::hash_map::Entry::Vacant(_) => {}
                 }
                 if changed && field.meta.merge == MergeRule::Latest {
                     stamps.push((name, id, true));
@@ -1073,7 +1078,7 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
         };
         if let Pending::Int(m) = pending
             .entry(at.id)
-            .or_insert_with(|| Pending::Int(BTreeMap::new()))
+            .or_insert_with(|| Pending::Int(Default::default()))
         {
             m.insert(id, set.then_some(now_ms));
         }
@@ -1088,16 +1093,20 @@ pub(super) fn plan_values<'w, W: std::borrow::Borrow<ValueWrite>>(
                 for slot in field.slots.values() {
                     slot.get()?;
                 }
-                let mut set = Vec::new();
-                let mut clear = RoaringBitmap::new();
+                let mut set = Vec::with_capacity(m.len());
+                let mut clear = Vec::new();
                 for (id, v) in m {
                     match v {
                         Some(v) => set.push((id, v)),
-                        None => {
-                            clear.insert(id);
-                        }
+                        None => clear.push(id),
                     }
                 }
+                set.sort_unstable_by_key(|&(id, _)| id);
+                clear.sort_unstable();
+                // Distinct keys of a map, sorted: in order.
+                let clear = RoaringBitmap::from_sorted_iter(clear).map_err(|e| {
+                    Error::Internal(format!("the values cleared of field {field_id}: {e}"))
+                })?;
                 FieldChange::Int {
                     field: field_id,
                     set,

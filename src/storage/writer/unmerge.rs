@@ -420,7 +420,7 @@ impl Planner<'_> {
 fn set_int(seed: &mut BTreeMap<u32, Pending>, field: u32, id: u32, v: Option<i64>) {
     if let Pending::Int(m) = seed
         .entry(field)
-        .or_insert_with(|| Pending::Int(BTreeMap::new()))
+        .or_insert_with(|| Pending::Int(Default::default()))
     {
         m.insert(id, v);
     }
