@@ -20,7 +20,10 @@
 //! many in flight (the writer commits them in groups), and answered in the
 //! order sent. A client that goes away leaves
 //! the batches already handed to the writer to finish (durably); it learns
-//! nothing of them, and may resend them: their events are remembered.
+//! nothing of them, and may resend them: their events are remembered. The
+//! stream sees it gone when it next reads, or, while at the read-ahead
+//! bound (every batch it holds then being the writer's), once an answer
+//! cannot be sent; it gives back what it holds then.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

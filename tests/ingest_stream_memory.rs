@@ -1,0 +1,295 @@
+//! What an `Ingest` stream holds of the server's memory, seen from its
+//! metrics (`requests_in_flight`), with the server run in this process on
+//! an in-memory file system whose log syncs can be held, so that nothing is
+//! answered until the test lets the writer go on:
+//! - a stream reads batches of records no further ahead of the writer than
+//!   it can use (`RECORDS_AHEAD` batches, or beyond them
+//!   `RECORDS_AHEAD_BYTES` of read records): what it holds stops growing at
+//!   that bound while the client has many more batches to send;
+//! - a stream whose client cancels it halfway gives back every byte it
+//!   held, records read included, once the batches it handed to the writer
+//!   are done, and those batches are applied whole.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use tagstore::config::{FileConfig, Overrides, ServerConfig};
+use tagstore::proto::tag_store_client::TagStoreClient;
+use tagstore::proto::{AggregateRequest, CreateSourceRequest, IngestRequest, IngestResponse};
+use tagstore::server::RECORDS_AHEAD_BYTES;
+use tagstore::storage::fs::MemFs;
+use tonic::transport::Channel;
+
+const HEADER: &str =
+    "订单编号,买家昵称,实付金额,下单时间,收货人手机,订单状态,商品编码,商品类目,品牌,宝贝标题\n";
+
+/// `n` Taobao orders numbered from `from`, of 50 buyers, all skincare.
+fn orders(from: usize, n: usize) -> Vec<u8> {
+    let mut s = String::new();
+    for i in from..from + n {
+        s.push_str(&format!(
+            "T{i},nick{},1.00,2026-11-11 10:00:00,,交易成功,X,skincare,B,t\n",
+            i % 50
+        ));
+    }
+    s.into_bytes()
+}
+
+/// Bytes the server's calls hold in flight, from its metrics.
+fn in_flight(metrics: &str) -> f64 {
+    let text = common::http(
+        metrics,
+        format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    common::sample(&text, "tagstore_memory_bytes{kind=\"requests_in_flight\"}")
+}
+
+/// A server in this process on a new in-memory file system, with a
+/// Taobao orders source `tb` whose fact fields exist (so that batches only
+/// wait for the writer), and a client of it.
+struct InProcess {
+    fs: MemFs,
+    metrics: String,
+    client: TagStoreClient<Channel>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<tagstore::error::Result<()>>,
+}
+
+impl InProcess {
+    async fn start() -> InProcess {
+        let fs = MemFs::default();
+        let mut config = ServerConfig::resolve(
+            FileConfig::default(),
+            Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                data_dir: Some("/mem/store".into()),
+                metrics_listen: Some("127.0.0.1:0".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        config.engine.fs = std::sync::Arc::new(fs.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound, listening) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(tagstore::server::serve(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            move |at| {
+                let _ = bound.send(at);
+            },
+        ));
+        let at = listening.await.expect("the server listens");
+        let metrics = at.metrics.expect("a metrics address").to_string();
+        let channel = Channel::from_shared(format!("http://{}", at.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = TagStoreClient::new(channel).max_encoding_message_size(64 << 20);
+        client
+            .create_source(CreateSourceRequest {
+                name: "tb".into(),
+                definition: tagstore::ingest::presets::preset("taobao_orders")
+                    .unwrap()
+                    .into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut first = HEADER.as_bytes().to_vec();
+        first.extend(orders(0, 10));
+        let mut s = client
+            .ingest(tokio_stream::iter(vec![IngestRequest {
+                source: "tb".into(),
+                seq: 0,
+                data: first,
+                ..Default::default()
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.message().await.unwrap().unwrap().accepted, 10);
+        InProcess {
+            fs,
+            metrics,
+            client,
+            stop,
+            server,
+        }
+    }
+
+    /// Bytes the server's calls hold in flight.
+    fn in_flight(&self) -> f64 {
+        in_flight(&self.metrics)
+    }
+
+    /// Waits until what the calls hold has stood still for a second (and
+    /// is not `zero_ok` or above zero); returns it.
+    async fn settled(&self, zero_ok: bool) -> f64 {
+        let started = Instant::now();
+        let (mut last, mut still_since) = (-1.0, Instant::now());
+        loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the held memory never stood still"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = self.in_flight();
+            if now != last {
+                (last, still_since) = (now, Instant::now());
+            } else if (zero_ok || now > 0.0) && still_since.elapsed() > Duration::from_secs(1) {
+                return now;
+            }
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+/// The first batch of a stream (the CSV header and one order), then
+/// `batches` of `per_batch` orders, numbered from `from`.
+fn stream_of(from: usize, batches: usize, per_batch: usize) -> Vec<IngestRequest> {
+    let mut out = vec![IngestRequest {
+        source: "tb".into(),
+        seq: 0,
+        data: [HEADER.as_bytes(), &orders(from, 1)].concat(),
+        ..Default::default()
+    }];
+    for b in 0..batches {
+        out.push(IngestRequest {
+            seq: b as u64 + 1,
+            data: orders(from + 1 + b * per_batch, per_batch),
+            ..Default::default()
+        });
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reads_records_no_further_ahead_than_the_writer_can_use() {
+    let server = InProcess::start().await;
+    // The log's syncs are held: the first batch waits in the writer's sync
+    // and nothing is answered. 20 batches of 2,000 orders follow it, each
+    // some megabytes once read: all of them are within the request budget
+    // (256 MiB), so only the read-ahead bound stops the stream reading.
+    let hold = server.fs.hold_syncs("wal-");
+    let per_batch = 2_000;
+    let batches = stream_of(1_000, 20, per_batch);
+    let sent = batches.len();
+    let stream = tokio::spawn({
+        let mut c = server.client.clone();
+        async move {
+            let mut s = c.ingest(tokio_stream::iter(batches)).await?.into_inner();
+            let mut answers: Vec<IngestResponse> = Vec::new();
+            while let Some(a) = s.message().await? {
+                answers.push(a);
+            }
+            Ok::<_, tonic::Status>(answers)
+        }
+    });
+    // Once what the stream holds has stood still for a second, it reads no
+    // more. A batch of 2,000 of these orders reads into about 3 MB (each
+    // order about 1.5 KB), so the stream holds about three, and without the
+    // bound all twenty (60 MB).
+    let held = server.settled(false).await;
+    assert!(
+        held >= 2e6,
+        "{held} bytes held: the stream read too little to tell"
+    );
+    assert!(
+        held <= (RECORDS_AHEAD_BYTES + (6 << 20)) as f64,
+        "the stream holds {held} bytes of read records; at most {RECORDS_AHEAD_BYTES} and a batch"
+    );
+    assert!(
+        !stream.is_finished(),
+        "nothing can be answered while the log's syncs are held"
+    );
+
+    drop(hold);
+    let answers = stream.await.unwrap().unwrap();
+    assert_eq!(answers.len(), sent);
+    let accepted: u64 = answers.iter().map(|a| a.accepted).sum();
+    assert_eq!(accepted, 1 + 20 * per_batch as u64);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_halfway_gives_back_what_it_held() {
+    let server = InProcess::start().await;
+    let hold = server.fs.hold_syncs("wal-");
+    let per_batch = 2_000;
+    // The client sends its batches and never reads an answer; it goes away
+    // once the server has read what it will read while nothing is answered.
+    let (give_up, given_up) = tokio::sync::oneshot::channel::<()>();
+    let stream = tokio::spawn({
+        let mut c = server.client.clone();
+        let batches = stream_of(1_000, 20, per_batch);
+        async move {
+            let mut answers = c
+                .ingest(tokio_stream::iter(batches))
+                .await
+                .unwrap()
+                .into_inner();
+            tokio::select! {
+                _ = answers.message() => {
+                    panic!("the stream was answered while the log's syncs were held")
+                }
+                _ = given_up => {}
+            }
+            // Dropped: the call is cancelled.
+        }
+    });
+    let held = server.settled(false).await;
+    assert!(
+        held >= 2e6,
+        "{held} bytes held: the stream read too little to tell"
+    );
+    give_up.send(()).unwrap();
+    stream.await.unwrap();
+    // Every batch the stream read is in the writer's hands (a batch is
+    // queued to it once read): their memory is in use until the writer is
+    // done with them, and then all of it is given back, though nobody reads
+    // their answers.
+    drop(hold);
+    let after = server.settled(true).await;
+    assert_eq!(after, 0.0, "a cancelled stream still holds {after} bytes");
+
+    // The batches the writer had finished: the first one and the ones
+    // queued behind it, whole, and nothing of the batches never read.
+    let mut c = server.client.clone();
+    let waited = Instant::now();
+    let orders = loop {
+        let r = c
+            .aggregate(AggregateRequest {
+                query: "order_count >= 1".into(),
+                field: "order_count".into(),
+                histogram_edges: vec![],
+                as_of: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let n = r.sum;
+        if n > 10 || waited.elapsed() > Duration::from_secs(30) {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(orders > 10, "the batches handed to the writer were lost");
+    assert_eq!(
+        (orders - 11) % per_batch as i64,
+        0,
+        "{orders} orders: batches are applied whole"
+    );
+    assert!(
+        orders < 11 + 20 * per_batch as i64,
+        "{orders} orders: every batch was read, though nothing was answered"
+    );
+    server.stop().await;
+}
