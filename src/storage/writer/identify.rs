@@ -232,24 +232,24 @@ impl Planner<'_> {
                 reason,
             });
         };
-        let usable: Vec<&String> = r
+        let keys: Vec<&str> = r
             .identities
             .iter()
+            .map(String::as_str)
             .filter(|k| {
-                let blocked = rules.blocked.contains(k.as_str());
+                let blocked = rules.blocked.contains(*k);
                 if blocked {
                     refuse(k, "on the block list: not used".into());
                 }
                 !blocked
             })
             .collect();
-        if usable.is_empty() {
+        if keys.is_empty() {
             return Err(Error::invalid(format!(
                 "every identity of the record is on the block list ({})",
                 r.identities.join(", ")
             )));
         }
-        let keys: Vec<String> = usable.iter().map(|k| k.to_string()).collect();
         let found = ids.get_many(&keys)?;
         let trusted = |k: &str| !rules.never_merge.contains(type_of(k));
         let mut customer: Option<u32> = None;
@@ -268,7 +268,7 @@ impl Planner<'_> {
                     .map_or_else(|| self.cap_refusal(groups, c, g), |why| Ok(Some(why)))?
                 {
                     Some(why) => {
-                        groups.refused.push((c, g, k.clone(), why.clone()));
+                        groups.refused.push((c, g, k.to_string(), why.clone()));
                         refuse(k, format!("names another customer; not merged: {why}"));
                     }
                     None => customer = Some(groups.join(c, g, k)),
@@ -299,7 +299,7 @@ impl Planner<'_> {
                 Some(c) if c == g => {}
                 Some(c) => {
                     let why = format!("identity type {:?} never merges customers", type_of(k));
-                    groups.refused.push((c, g, k.clone(), why.clone()));
+                    groups.refused.push((c, g, k.to_string(), why.clone()));
                     refuse(k, format!("names another customer; not merged: {why}"));
                 }
             }
@@ -325,21 +325,21 @@ impl Planner<'_> {
                     .enumerate()
                     .filter(|(_, (_, id))| id.is_none())
                     .min_by_key(|(j, (k, _))| (rank(k), *j))
-                    .map(|(_, (k, _))| k.clone())
+                    .map(|(_, (k, _))| *k)
                     .ok_or_else(|| {
                         Error::invalid(format!(
                             "the record's identities ({}) name customers it cannot be applied to",
                             keys.join(", ")
                         ))
                     })?;
-                (ids.create(&key)?, Some(key))
+                (ids.create(key)?, Some(key))
             }
         };
         let first_ms = if r.at_ms > 0 { r.at_ms } else { at_ms };
         for (key, id) in keys.iter().zip(&found) {
             // The identity a new customer is created with is linked too, so
             // that every identity says where and when it was first seen.
-            let creating = created && creating_key.as_deref() == Some(key.as_str());
+            let creating = created && creating_key == Some(*key);
             if id.is_some() && !creating {
                 continue;
             }
@@ -368,7 +368,7 @@ impl Planner<'_> {
             ids.link(key, customer);
             batch.identities.push(IdentityLink {
                 customer,
-                identity: key.clone(),
+                identity: key.to_string(),
                 first_ms,
                 place: r.place.clone(),
             });

@@ -70,13 +70,13 @@ impl<'a> IdAssigner<'a> {
 
     /// [`IdAssigner::get`] of many keys, with the dictionary look-ups
     /// overlapped: the ids of live customers, in order.
-    pub(super) fn get_many(&self, keys: &[String]) -> Result<Vec<Option<u32>>> {
-        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    pub(super) fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<u32>>> {
+        let refs: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
         let snap = &self.state.snap;
         let mut ids = snap.dict.lookup_many(&refs)?;
         resolve_identities(&snap.idents, self.live, &refs, &mut ids)?;
-        for (id, key) in ids.iter_mut().zip(keys) {
-            if let Some(&fresh) = self.fresh.get(key.as_str()) {
+        for (id, key) in ids.iter_mut().zip(refs) {
+            if let Some(&fresh) = self.fresh.get(key) {
                 *id = Some(fresh);
             }
         }
