@@ -127,15 +127,64 @@ pub async fn export_set(c: &mut Client, query: &str) -> BTreeSet<String> {
 
 /// Copies a data directory (its files but `LOCK`), as it is at this moment:
 /// opening the copy is a restart without a clean shutdown.
+///
+/// The store may be running: a checkpoint can install a new `MANIFEST` and
+/// delete the files it no longer names while the copy is made. A copy that
+/// mixes the manifest before with the files after is no state a crash can
+/// leave, so the copy is taken again until one is made in which no file
+/// vanished and neither the list of files nor `MANIFEST` changed from its
+/// start to its end (the other files only grow while they are named).
 pub fn copy_data_dir(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).expect("read data dir") {
+    const ATTEMPTS: usize = 1000;
+    for _ in 0..ATTEMPTS {
+        let before = dir_state(from);
+        let mut whole = true;
+        for name in &before.0 {
+            match std::fs::copy(from.join(name), to.join(name)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    whole = false;
+                    break;
+                }
+                Err(e) => panic!("copy data file {name}: {e}"),
+            }
+        }
+        if whole && dir_state(from) == before {
+            return;
+        }
+        for entry in std::fs::read_dir(to).expect("read the copy") {
+            let path = entry.expect("read the copy").path();
+            std::fs::remove_file(&path)
+                .unwrap_or_else(|e| panic!("clear the copy {}: {e}", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!(
+        "no consistent copy of {} in {ATTEMPTS} attempts: its files kept changing",
+        from.display()
+    );
+}
+
+/// The names of a data directory's files (but `LOCK`), sorted, and the bytes
+/// of its `MANIFEST` (none when it has none).
+fn dir_state(dir: &Path) -> (Vec<String>, Option<Vec<u8>>) {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read data dir") {
         let entry = entry.expect("read data dir");
         // Files only: `orphaned/` (files moved aside at start-up) is not the store.
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if entry.file_name() != "LOCK" && is_file {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy data file");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "LOCK" && is_file {
+            names.push(name);
         }
     }
+    names.sort();
+    let manifest = match std::fs::read(dir.join("MANIFEST")) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("read {}/MANIFEST: {e}", dir.display()),
+    };
+    (names, manifest)
 }
 
 /// The files of `dir` whose names end with `suffix`, sorted.
@@ -159,4 +208,57 @@ pub fn wal_files(dir: &Path) -> Vec<PathBuf> {
                 .is_some_and(|n| n.to_string_lossy().starts_with("wal-"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A fresh empty directory under the system's temporary directory.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        dir
+    }
+
+    /// While a thread checkpoints the way the store does (a new segment, a
+    /// new `MANIFEST` naming it put in place by a rename, the old segment
+    /// deleted), every copy holds the segment its manifest names.
+    #[test]
+    fn a_copy_of_a_changing_directory_is_one_a_crash_could_leave() {
+        let from = scratch("copy-from");
+        std::fs::write(from.join("seg-0.seg"), b"0").unwrap();
+        std::fs::write(from.join("MANIFEST"), b"seg-0.seg").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let checkpoints = {
+            let (from, stop) = (from.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let seg = format!("seg-{n}.seg");
+                    std::fs::write(from.join(&seg), vec![b'x'; 4096]).unwrap();
+                    std::fs::write(from.join("MANIFEST.tmp"), seg.as_bytes()).unwrap();
+                    std::fs::rename(from.join("MANIFEST.tmp"), from.join("MANIFEST")).unwrap();
+                    std::fs::remove_file(from.join(format!("seg-{}.seg", n - 1))).unwrap();
+                }
+            })
+        };
+        for i in 0..50 {
+            let to = scratch(&format!("copy-to-{i}"));
+            copy_data_dir(&from, &to);
+            let named = String::from_utf8(std::fs::read(to.join("MANIFEST")).unwrap()).unwrap();
+            assert!(
+                to.join(&named).exists(),
+                "copy {i}: MANIFEST names {named}, not copied"
+            );
+            std::fs::remove_dir_all(&to).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        checkpoints.join().unwrap();
+        std::fs::remove_dir_all(&from).unwrap();
+    }
 }
