@@ -916,3 +916,40 @@ fn a_refund_after_its_order_makes_its_customer_due_a_rebuild() {
         .unwrap();
     assert_eq!(due(&engine), Vec::<u32>::new());
 }
+
+/// A refund whose order is no longer remembered (older than `dedup_days`)
+/// still makes its customer due a rebuild when the customer was there
+/// before the request: the kept events may hold the order, and only a
+/// rebuild takes back its behaviours and days. A refund that makes a new
+/// customer (its order not seen yet) makes no one due.
+#[test]
+fn a_refund_of_an_order_older_than_the_dedup_window_makes_its_customer_due() {
+    let fs = MemFs::new();
+    let clock = ManualClock::at(T0);
+    let engine = open(&fs, &clock);
+    setup(&engine);
+    let order_id = |n: &str| tagstore::storage::seen::seen_id("tb", "order", n);
+    let refund_id = |n: &str| tagstore::storage::seen::seen_id("tb", "refund", n);
+    let placed = |who: &str, n: &str| IngestRecord {
+        seen: Some(order_id(n)),
+        refund: Some(refund_id(n)),
+        ..order(&[who], "taobao", T0)
+    };
+    let refunded = |who: &str, n: &str| IngestRecord {
+        seen: Some(refund_id(n)),
+        order: Some(order_id(n)),
+        writes: Vec::new(),
+        ..order(&[who], "taobao", T0)
+    };
+    let due = |engine: &Engine| -> Vec<u32> { engine.snapshot().rebuild_due.iter().collect() };
+    ingest(&engine, vec![placed("taobao_nick:e", "E1")]);
+    // 31 days on (dedup_days = 30), a checkpoint forgets the order.
+    clock.advance_ms(31 * 86_400_000);
+    engine.checkpoint_blocking(Default::default()).unwrap();
+    let e = customer(&engine, "taobao_nick:e").unwrap();
+    ingest(&engine, vec![refunded("taobao_nick:e", "E1")]);
+    assert_eq!(due(&engine), [e]);
+    // A refund that makes its customer: nothing of hers to take back.
+    ingest(&engine, vec![refunded("taobao_nick:f", "F1")]);
+    assert_eq!(due(&engine), [e]);
+}

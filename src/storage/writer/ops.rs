@@ -378,8 +378,10 @@ pub struct IngestRecord {
     /// no fact of its refund takes back.
     pub unless_refunded: Vec<ValueWrite>,
     /// For a refund: the de-duplication id its order has (`seen` of the
-    /// order). When that order was ingested in an earlier request (and is
-    /// still remembered), the customer's facts are due a rebuild
+    /// order). When that order was ingested in an earlier request (still
+    /// remembered, or not in this request and no longer remembered while
+    /// the customer was there before it), the customer's facts are due a
+    /// rebuild
     /// ([`Batch::rebuild_due`](crate::storage::record::Batch)): the refund
     /// subtracts the sums at once, the rebuild takes back the rest.
     pub order: Option<u128>,

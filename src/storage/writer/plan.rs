@@ -585,11 +585,19 @@ impl Planner<'_> {
                 .refund
                 .is_some_and(|id| self.state.seen.contains(id) || fresh.contains(&id));
             // A refund whose order an earlier request applied: only a
-            // rebuild takes back the order's behaviours and days.
-            if let (Some(order), Some(c)) = (r.order, customer)
-                && self.state.seen.contains(order)
-            {
-                batch.rebuild_due.insert(groups.find(c));
+            // rebuild takes back the order's behaviours and days. The
+            // order may be older than the de-duplication window: a
+            // refund whose order is neither remembered nor in this
+            // request counts as one after its order when its customer
+            // was there before (the kept events may hold the order; a
+            // rebuild without it changes nothing).
+            if let (Some(order), Some(c)) = (r.order, customer) {
+                let survivor = groups.find(c);
+                if self.state.seen.contains(order)
+                    || (!fresh.contains(&order) && snap.live()?.contains(survivor))
+                {
+                    batch.rebuild_due.insert(survivor);
+                }
             }
             let unless = (!refunded).then_some(&r.unless_refunded);
             for w in r.writes.iter().chain(unless.into_iter().flatten()) {
