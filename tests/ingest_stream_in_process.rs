@@ -1,7 +1,10 @@
-//! What an `Ingest` stream holds of the server's memory, seen from its
-//! metrics (`requests_in_flight`), with the server run in this process on
-//! an in-memory file system whose log syncs can be held, so that nothing is
-//! answered until the test lets the writer go on:
+//! An `Ingest` stream against a server run in this process on an in-memory
+//! file system, whose log syncs can be held (so that nothing is answered
+//! until the test lets the writer go on) and whose disk can fill at a
+//! chosen step.
+//!
+//! What a stream holds of the server's memory, seen from its metrics
+//! (`requests_in_flight`):
 //! - a stream reads batches of records no further ahead of the writer than
 //!   it can use (`RECORDS_AHEAD` batches, or beyond them
 //!   `RECORDS_AHEAD_BYTES` of read records): what it holds stops growing at
@@ -9,6 +12,11 @@
 //! - a stream whose client cancels it halfway gives back every byte it
 //!   held, records read included, once the batches it handed to the writer
 //!   are done, and those batches are applied whole.
+//!
+//! A full disk while a batch is retried a record at a time (a record of it
+//! was at fault): the stream answers the batches before it, then ends with
+//! `RESOURCE_EXHAUSTED`; the records of that batch written before the disk
+//! filled stay, and the batch sent again applies the rest, once.
 
 mod common;
 
@@ -18,7 +26,7 @@ use tagstore::config::{FileConfig, Overrides, ServerConfig};
 use tagstore::proto::tag_store_client::TagStoreClient;
 use tagstore::proto::{AggregateRequest, CreateSourceRequest, IngestRequest, IngestResponse};
 use tagstore::server::RECORDS_AHEAD_BYTES;
-use tagstore::storage::fs::MemFs;
+use tagstore::storage::fs::{MemFs, Op};
 use tonic::transport::Channel;
 
 const HEADER: &str =
@@ -58,9 +66,14 @@ struct InProcess {
 
 impl InProcess {
     async fn start() -> InProcess {
+        InProcess::start_with(FileConfig::default()).await
+    }
+
+    /// The same, with `file` as the server's configuration file.
+    async fn start_with(file: FileConfig) -> InProcess {
         let fs = MemFs::default();
         let mut config = ServerConfig::resolve(
-            FileConfig::default(),
+            file,
             Overrides {
                 listen: Some("127.0.0.1:0".into()),
                 data_dir: Some("/mem/store".into()),
@@ -291,5 +304,111 @@ async fn a_stream_cancelled_halfway_gives_back_what_it_held() {
         orders < 11 + 20 * per_batch as i64,
         "{orders} orders: every batch was read, though nothing was answered"
     );
+    server.stop().await;
+}
+
+/// The orders written so far (the sum of `order_count`).
+async fn orders_written(c: &mut TagStoreClient<Channel>) -> i64 {
+    c.aggregate(AggregateRequest {
+        query: "order_count >= 1".into(),
+        field: "order_count".into(),
+        histogram_edges: vec![],
+        as_of: None,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .sum
+}
+
+/// Sends `batches` on one stream; the answers and how the stream ended.
+async fn send(
+    c: &mut TagStoreClient<Channel>,
+    batches: Vec<IngestRequest>,
+) -> (Vec<IngestResponse>, Option<tonic::Status>) {
+    let mut answers = c
+        .ingest(tokio_stream::iter(batches))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    loop {
+        match answers.message().await {
+            Ok(Some(a)) => got.push(a),
+            Ok(None) => return (got, None),
+            Err(s) => return (got, Some(s)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_while_a_batch_is_retried_a_record_at_a_time_ends_the_stream() {
+    // A record whose one identity is on the block list is at fault only
+    // in the writer's eyes (the block list is the writer's to apply), so
+    // its batch is refused whole and retried a record at a time to find it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tagstore.toml");
+    std::fs::write(&path, "[oneid]\nblocked = [\"phone:13800000000\"]\n").unwrap();
+    let server = InProcess::start_with(FileConfig::load(&path).unwrap()).await;
+    let mut c = server.client.clone();
+    let good = 30_000;
+    let mut big = orders(1_000, good / 2);
+    big.extend(
+        "BAD1,,1.00,2026-11-11 10:00:00,13800000000,交易成功,X,skincare,B,t\n"
+            .as_bytes()
+            .iter(),
+    );
+    big.extend(orders(1_000 + good / 2, good - good / 2));
+    let batches = || {
+        vec![
+            IngestRequest {
+                source: "tb".into(),
+                seq: 0,
+                data: [HEADER.as_bytes(), &orders(500, 1)].concat(),
+                ..Default::default()
+            },
+            IngestRequest {
+                seq: 1,
+                data: big.clone(),
+                ..Default::default()
+            },
+        ]
+    };
+    // The log has room for a few megabytes more: the next extension of it
+    // (the retry's records pass its end) finds the disk full.
+    server.fs.fail(Op::Allocate, "wal-", 0, 1, libc::ENOSPC);
+    let (answers, end) = send(&mut c, batches()).await;
+    assert_eq!(server.fs.faults_pending(), 0, "the disk never filled");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!((answers[0].seq, answers[0].accepted), (0, 1));
+    let end = end.expect("the stream ends with an error");
+    assert_eq!(end.code(), tonic::Code::ResourceExhausted, "{end:?}");
+    assert!(end.message().contains("no space"), "{end:?}");
+    // The records written before the disk filled stay; not all of them.
+    let first = orders_written(&mut c).await;
+    let applied = first - 11;
+    assert!(
+        applied > 0 && applied < good as i64,
+        "{applied} of the batch's {good} good orders applied"
+    );
+
+    // Sent again (the disk has room now): what was applied is a duplicate,
+    // the rest is applied once, and the record at fault is rejected.
+    let (answers, end) = send(&mut c, batches()).await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0].duplicates, 1);
+    let a = &answers[1];
+    assert_eq!(a.duplicates as i64, applied);
+    assert_eq!(a.accepted as i64, good as i64 - applied);
+    assert_eq!(a.rejected.len(), 1, "{:?}", a.rejected);
+    // Line 1 is the header, 2 the first batch's order.
+    assert_eq!(a.rejected[0].line, 3 + good as u64 / 2);
+    assert!(
+        a.rejected[0].reason.contains("block list"),
+        "{:?}",
+        a.rejected
+    );
+    assert_eq!(orders_written(&mut c).await, 11 + good as i64);
     server.stop().await;
 }
