@@ -17,11 +17,20 @@
 //! was at fault): the stream answers the batches before it, then ends with
 //! `RESOURCE_EXHAUSTED`; the records of that batch written before the disk
 //! filled stay, and the batch sent again applies the rest, once.
+//!
+//! Refunds with retention (the server's clock moved by hand): once
+//! retention drops some of a customer's kept events, the background
+//! rebuilder leaves only that customer due and rebuilds the others, and
+//! `RebuildFacts` refuses only that customer unless `allow_partial`, also
+//! after a restart (which needs `serve` to leave nothing holding the store
+//! when it returns).
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tagstore::clock::ManualClock;
 use tagstore::config::{FileConfig, Overrides, ServerConfig};
 use tagstore::proto::tag_store_client::TagStoreClient;
 use tagstore::proto::{AggregateRequest, CreateSourceRequest, IngestRequest, IngestResponse};
@@ -69,9 +78,10 @@ impl InProcess {
         InProcess::start_with(FileConfig::default()).await
     }
 
-    /// The same, with `file` as the server's configuration file.
-    async fn start_with(file: FileConfig) -> InProcess {
-        let fs = MemFs::default();
+    /// A server in this process on `fs` (a new store, or one a server
+    /// before left), with `file` as its configuration file and `clock` as
+    /// its clock (`None`: the system's), and a client of it.
+    async fn serve(fs: MemFs, file: FileConfig, clock: Option<Arc<ManualClock>>) -> InProcess {
         let mut config = ServerConfig::resolve(
             file,
             Overrides {
@@ -82,7 +92,10 @@ impl InProcess {
             },
         )
         .unwrap();
-        config.engine.fs = std::sync::Arc::new(fs.clone());
+        config.engine.fs = Arc::new(fs.clone());
+        if let Some(clock) = clock {
+            config.engine.clock = clock;
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound, listening) = tokio::sync::oneshot::channel();
         let server = tokio::spawn(tagstore::server::serve(
@@ -94,14 +107,30 @@ impl InProcess {
                 let _ = bound.send(at);
             },
         ));
-        let at = listening.await.expect("the server listens");
+        let at = match listening.await {
+            Ok(at) => at,
+            Err(_) => panic!("the server did not start: {:?}", server.await),
+        };
         let metrics = at.metrics.expect("a metrics address").to_string();
         let channel = Channel::from_shared(format!("http://{}", at.grpc))
             .unwrap()
             .connect()
             .await
             .unwrap();
-        let mut client = TagStoreClient::new(channel).max_encoding_message_size(64 << 20);
+        let client = TagStoreClient::new(channel).max_encoding_message_size(64 << 20);
+        InProcess {
+            fs,
+            metrics,
+            client,
+            stop,
+            server,
+        }
+    }
+
+    /// The same, with `file` as the server's configuration file.
+    async fn start_with(file: FileConfig) -> InProcess {
+        let mut server = InProcess::serve(MemFs::default(), file, None).await;
+        let client = &mut server.client;
         client
             .create_source(CreateSourceRequest {
                 name: "tb".into(),
@@ -125,13 +154,7 @@ impl InProcess {
             .unwrap()
             .into_inner();
         assert_eq!(s.message().await.unwrap().unwrap().accepted, 10);
-        InProcess {
-            fs,
-            metrics,
-            client,
-            stop,
-            server,
-        }
+        server
     }
 
     /// Bytes the server's calls hold in flight.
@@ -410,5 +433,164 @@ async fn a_disk_that_fills_while_a_batch_is_retried_a_record_at_a_time_ends_the_
         a.rejected
     );
     assert_eq!(orders_written(&mut c).await, 11 + good as i64);
+    server.stop().await;
+}
+
+/// Customers in `query`.
+async fn count_of(c: &mut TagStoreClient<Channel>, query: &str) -> u64 {
+    c.count(tagstore::proto::CountRequest {
+        queries: vec![query.into()],
+        as_of: None,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .counts[0]
+}
+
+/// Customers due a rebuild of facts (from `Stats`).
+async fn due(c: &mut TagStoreClient<Channel>) -> u64 {
+    c.stats(tagstore::proto::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .facts_rebuilds_due
+}
+
+/// One Taobao order row (`status` 交易成功, or 退款成功 for its refund).
+fn row(id: &str, nick: &str, status: &str, category: &str) -> String {
+    format!("{id},{nick},10.00,2026-11-11 10:00:00,,{status},X,{category},B,t\n")
+}
+
+/// Once retention has dropped some of a customer's kept events, the
+/// background rebuilder leaves that customer due (a rebuild would lose what
+/// the dropped events made) and goes on rebuilding the others after their
+/// refunds; `RebuildFacts` refuses only that customer, by name, unless
+/// `allow_partial`; who is thinned is kept across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_holds_back_only_the_rebuilds_of_customers_whose_events_it_dropped() {
+    // 2026-11-12T00:00:00Z
+    const T0: i64 = 1_794_441_600_000;
+    const DAY_MS: i64 = 86_400_000;
+    let clock = ManualClock::at(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tagstore.toml");
+    std::fs::write(
+        &path,
+        "event_retention_days = 10\nrefund_rebuild_seconds = 1\n",
+    )
+    .unwrap();
+    let server = InProcess::serve(
+        MemFs::default(),
+        FileConfig::load(&path).unwrap(),
+        Some(clock.clone()),
+    )
+    .await;
+    let mut c = server.client.clone();
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut seq = 0;
+    let mut batch = |rows: &[String]| {
+        seq += 1;
+        vec![IngestRequest {
+            source: "tb".into(),
+            seq,
+            data: format!("{HEADER}{}", rows.concat()).into_bytes(),
+            ..Default::default()
+        }]
+    };
+    let checkpoint = |c: &mut TagStoreClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.checkpoint(tagstore::proto::CheckpointRequest::default())
+                .await
+                .unwrap();
+        }
+    };
+    // 甲's first order (perfume), in an archive file of its own.
+    let (_, end) = send(&mut c, batch(&[row("A1", "甲", "交易成功", "perfume")])).await;
+    assert!(end.is_none(), "{end:?}");
+    checkpoint(&mut c).await;
+    // 11 days on: 甲's second order and 丙's, both makeup; the checkpoint
+    // drops the first file (past 10 days): some of 甲's events are gone.
+    clock.advance_ms(11 * DAY_MS);
+    let (_, end) = send(
+        &mut c,
+        batch(&[
+            row("A2", "甲", "交易成功", "makeup"),
+            row("C1", "丙", "交易成功", "makeup"),
+        ]),
+    )
+    .await;
+    assert!(end.is_none(), "{end:?}");
+    checkpoint(&mut c).await;
+    assert_eq!(count_of(&mut c, "bought:makeup").await, 2);
+    // Both makeup orders refunded in a later batch: both customers due.
+    let (answers, end) = send(
+        &mut c,
+        batch(&[
+            row("A2", "甲", "退款成功", "makeup"),
+            row("C1", "丙", "退款成功", "makeup"),
+        ]),
+    )
+    .await;
+    assert!(end.is_none(), "{end:?}");
+    assert_eq!(answers[0].accepted, 2, "{answers:?}");
+    // The rebuilder takes 丙's makeup back; 甲 waits.
+    let waited = Instant::now();
+    while due(&mut c).await != 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "{} customers still due after 60 s",
+            due(&mut c).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count_of(&mut c, "bought:makeup").await, 1, "甲's stays");
+    assert_eq!(count_of(&mut c, "bought:perfume").await, 1);
+    // By hand: 甲 refused by name, 丙 rebuilt.
+    let rebuild = |who: &str, allow_partial: bool| tagstore::proto::RebuildFactsRequest {
+        customers: vec![format!("taobao_nick:{who}")],
+        allow_partial,
+    };
+    let e = c.rebuild_facts(rebuild("甲", false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("taobao_nick:甲"), "{e:?}");
+    let r = c.rebuild_facts(rebuild("丙", false)).await.unwrap();
+    assert_eq!(r.into_inner().rebuilt, 1);
+
+    // Across a restart, the same.
+    let fs = server.fs.clone();
+    server.stop().await;
+    let server = InProcess::serve(fs, FileConfig::load(&path).unwrap(), Some(clock.clone())).await;
+    let mut c = server.client.clone();
+    let e = c.rebuild_facts(rebuild("甲", false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(due(&mut c).await, 1);
+    // Allowed: rebuilt from the events kept (her perfume order is gone
+    // with its file, so is what it made).
+    let r = c.rebuild_facts(rebuild("甲", true)).await.unwrap();
+    assert_eq!(r.into_inner().rebuilt, 1);
+    assert_eq!(due(&mut c).await, 0);
+    assert_eq!(count_of(&mut c, "bought:makeup").await, 0);
+    server.stop().await;
+}
+
+/// Once `serve` has returned, nothing of it holds the store: a server
+/// started again on the same directory in the same process opens it (its
+/// background tasks, the feed's dispatcher and the metrics endpoint end
+/// when it starts closing), and finds what the first one wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_returned_leaves_its_store_to_the_next() {
+    let server = InProcess::start().await;
+    let fs = server.fs.clone();
+    server.stop().await;
+    let mut server = InProcess::serve(fs, FileConfig::default(), None).await;
+    assert_eq!(orders_written(&mut server.client).await, 10);
     server.stop().await;
 }

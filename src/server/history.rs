@@ -22,7 +22,11 @@ pub const HISTORY_DAYS: i32 = 400;
 const EVERY: Duration = Duration::from_secs(60);
 
 /// Starts the recorder; it runs while the runtime does.
-pub fn start_recorder(engine: Arc<Engine>, time_zone: String) {
+pub fn start_recorder(
+    engine: Arc<Engine>,
+    time_zone: String,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
     tokio::spawn(async move {
         let tz = match time::zone(&time_zone) {
             Ok(tz) => tz,
@@ -35,7 +39,9 @@ pub fn start_recorder(engine: Arc<Engine>, time_zone: String) {
             if let Err(e) = record_today(&engine, &tz).await {
                 tracing::warn!(error = %e, "could not record today's member counts; trying again in a minute");
             }
-            tokio::time::sleep(EVERY).await;
+            if !super::sleep_unless_closing(EVERY, &mut closing).await {
+                return;
+            }
         }
     });
 }

@@ -677,13 +677,15 @@ async fn answer(
     let _ = stream.shutdown().await;
 }
 
-/// Serves the metrics on `listener` while the runtime runs.
+/// Serves the metrics on `listener` until the server starts closing
+/// (`closing` turns true).
 pub fn start(
     listener: TcpListener,
     engine: Arc<Engine>,
     calls: Arc<Calls>,
     budget: Arc<MemoryBudget>,
     kafka: Option<Arc<Consumers>>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -692,7 +694,11 @@ pub fn start(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = closing.wait_for(|c| *c) => return,
+            };
+            let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics: accept failed");

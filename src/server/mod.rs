@@ -88,6 +88,22 @@ pub struct Listening {
     pub metrics: Option<SocketAddr>,
 }
 
+/// Sleeps for `wait`; false, at once, when the server starts closing (or
+/// has closed) instead: a background task then ends.
+async fn sleep_unless_closing(
+    wait: std::time::Duration,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    if *closing.borrow() {
+        return false;
+    }
+    let slept = tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = closing.wait_for(|c| *c) => false,
+    };
+    slept && !*closing.borrow()
+}
+
 /// Opens the engine, serves until `shutdown` resolves, then finishes the
 /// requests in flight and writes a final checkpoint. `on_listening` is called
 /// with the bound addresses (useful with port 0).
@@ -163,7 +179,7 @@ pub async fn serve(
             config.default_time_zone.clone(),
             budget.clone(),
             config.facts.clone(),
-            closing,
+            closing.clone(),
             audit.clone(),
         )
         .with_kafka(consumers.clone()),
@@ -171,10 +187,21 @@ pub async fn serve(
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
     let service = Metered::new(service, budget.clone());
-    history::start_recorder(engine.clone(), config.default_time_zone.clone());
-    rules::start_day_turner(engine.clone());
+    // The background tasks end when the server starts closing, so that
+    // once `serve` returns nothing holds the engine (or its lock).
+    history::start_recorder(
+        engine.clone(),
+        config.default_time_zone.clone(),
+        closing.clone(),
+    );
+    rules::start_day_turner(engine.clone(), closing.clone());
     if let Some(every) = config.refund_rebuild_every {
-        rebuild::start_refund_rebuilder(engine.clone(), Arc::new(config.facts.clone()), every);
+        rebuild::start_refund_rebuilder(
+            engine.clone(),
+            Arc::new(config.facts.clone()),
+            every,
+            closing.clone(),
+        );
     }
     let tls = match &config.tls {
         Some(files) => {
@@ -222,6 +249,7 @@ pub async fn serve(
                 calls,
                 budget.clone(),
                 Some(consumers.clone()),
+                closing.clone(),
             );
             tracing::info!(%bound, "metrics at GET /metrics");
             Some(bound)

@@ -44,8 +44,13 @@ pub(super) async fn rebuild_facts(
     pending.dedup();
     let mut out = proto::RebuildFactsResponse::default();
     let mut reasons: BTreeSet<String> = BTreeSet::new();
+    let partial = if req.allow_partial {
+        Partial::Allow
+    } else {
+        Partial::Refuse
+    };
     for attempt in 0..ATTEMPTS {
-        let round = rebuild_once(&svc.engine, &svc.facts, &pending, req.allow_partial).await?;
+        let round = rebuild_once(&svc.engine, &svc.facts, &pending, partial).await?;
         out.events_dropped_to_ms = round.events_dropped_to_ms;
         if attempt == 0 {
             out.not_found = round.not_found;
@@ -94,18 +99,35 @@ pub(super) struct Round {
     pub events_expired: u64,
     pub lsn: u64,
     pub events_dropped_to_ms: i64,
+    /// With [`Partial::Skip`]: customers left alone because retention
+    /// dropped some of their kept events.
+    pub partial: Vec<String>,
+}
+
+/// What a rebuild does with customers some of whose kept events retention
+/// dropped (a rebuild of them would lose the facts those events made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Partial {
+    /// Rebuilds them from the events kept (`allow_partial`).
+    Allow,
+    /// Refuses the whole rebuild, naming the first (`FAILED_PRECONDITION`).
+    Refuse,
+    /// Leaves them out, listed in [`Round::partial`], and rebuilds the
+    /// others (the background rebuilder).
+    Skip,
 }
 
 /// One try at rebuilding the facts of the customers `pending` names
 /// (sorted, each once): a checkpoint (so that the archive holds every event
 /// so far), their kept events read off the runtime and folded by the fact
 /// rules, the result logged as one write. Customers whose events arrived
-/// meanwhile come back as `busy`.
+/// meanwhile come back as `busy`; customers whose kept events retention
+/// thinned are rebuilt, refused or left out as `partial` says.
 pub(super) async fn rebuild_once(
     engine: &Arc<Engine>,
     facts: &Arc<Facts>,
     pending: &[String],
-    allow_partial: bool,
+    partial: Partial,
 ) -> Result<Round, Status> {
     let mut out = Round::default();
     engine
@@ -114,7 +136,6 @@ pub(super) async fn rebuild_once(
         .map_err(to_status)?;
     let snap = engine.snapshot();
     out.events_dropped_to_ms = snap.archive.dropped_to_ms;
-    check_archive(&snap, allow_partial, "rebuilding")?;
     let mut keys = HashMap::new();
     for key in pending {
         match snap.customer_id(key).map_err(to_status)? {
@@ -150,6 +171,38 @@ pub(super) async fn rebuild_once(
                     }
                 }
             }
+        }
+    }
+    if partial != Partial::Allow {
+        // A customer's events are kept under its own id and those of the
+        // customers merged into it; after an undone merge, under those of
+        // the customers kept apart from it as well (any of them, then).
+        let mut thinned = Vec::new();
+        for &id in keys.keys() {
+            let reads = std::iter::once(id).chain(
+                kept_as
+                    .iter()
+                    .filter(|&(_, &to)| split || to == id)
+                    .map(|(&from, _)| from),
+            );
+            if snap.archive.first_partial(reads).is_some() {
+                thinned.push(id);
+            }
+        }
+        thinned.sort_unstable();
+        if let Some(&first) = thinned.first()
+            && partial == Partial::Refuse
+        {
+            check_archive(&snap, [first], false, "rebuilding")?;
+        }
+        for id in thinned {
+            if let Some(key) = keys.remove(&id) {
+                out.partial.push(key);
+            }
+        }
+        out.partial.sort();
+        if keys.is_empty() {
+            return Ok(out);
         }
     }
     drop(snap);
@@ -246,22 +299,37 @@ pub(super) async fn ensure_fact_fields(
     Ok(())
 }
 
-/// Refuses to rebuild facts from an archive that dropped events past its
-/// retention, unless the caller allows it (`doing`: what would lose them).
+/// Refuses to rebuild facts from the kept events of customers (`ids`, as
+/// their events are kept) some of whose events retention dropped, unless
+/// the caller allows it (`doing`: what would lose them). The refusal names
+/// the first such customer.
 pub(super) fn check_archive(
     snap: &crate::storage::Snapshot,
+    ids: impl IntoIterator<Item = u32>,
     allow_partial: bool,
     doing: &str,
 ) -> Result<(), Status> {
-    if snap.archive.dropped_to_ms > 0 && !allow_partial {
-        return Err(Status::failed_precondition(format!(
-            "the event archive no longer holds the events ingested up to {} \
-             (event_retention_days): {doing} would lose the facts they made; \
-             set allow_partial to use the events kept",
-            crate::fields::time::format_ms(snap.archive.dropped_to_ms)
-        )));
+    if allow_partial {
+        return Ok(());
     }
-    Ok(())
+    match snap.archive.first_partial(ids) {
+        None => Ok(()),
+        Some(id) => Err(Status::failed_precondition(format!(
+            "the event archive no longer holds every event of {} (events ingested up to {} \
+             were dropped: event_retention_days): {doing} would lose the facts they made; \
+             set allow_partial to use the events kept",
+            customer_name(snap, id),
+            crate::fields::time::format_ms(snap.archive.dropped_to_ms)
+        ))),
+    }
+}
+
+/// A customer's key for messages, or its number when it has none.
+fn customer_name(snap: &crate::storage::Snapshot, id: u32) -> String {
+    match snap.dict.key_of(id) {
+        Ok(Some(k)) => format!("{k:?}"),
+        _ => format!("customer #{id}"),
+    }
 }
 
 /// The store's fields that facts may be: integer and behaviour ones, with
@@ -301,34 +369,51 @@ const DUE_PER_ROUND: usize = 1_000;
 /// a refund that came in a later request than its order) are rebuilt from
 /// their kept events, at most [`DUE_PER_ROUND`] at a time (taken in id
 /// order from where the last round stopped, so that customers who cannot
-/// be rebuilt do not hold back the others). It waits while the event
-/// archive has dropped events (a rebuild would lose the facts they made;
-/// `RebuildFacts` with `allow_partial` clears them), saying so once.
-pub fn start_refund_rebuilder(engine: Arc<Engine>, facts: Arc<Facts>, every: std::time::Duration) {
+/// be rebuilt do not hold back the others). A customer some of whose kept
+/// events retention dropped is left due (a rebuild would lose the facts
+/// those events made; `RebuildFacts` with `allow_partial` clears it); the
+/// log says how many wait whenever that number changes.
+pub fn start_refund_rebuilder(
+    engine: Arc<Engine>,
+    facts: Arc<Facts>,
+    every: std::time::Duration,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
     tokio::spawn(async move {
         let mut after: Option<u32> = None;
         let mut per_round = DUE_PER_ROUND;
-        let mut said_partial = false;
+        let mut said_waiting = 0;
         loop {
-            tokio::time::sleep(every).await;
+            if !super::sleep_unless_closing(every, &mut closing).await {
+                return;
+            }
             let snap = engine.snapshot();
             if snap.rebuild_due.is_empty() {
+                said_waiting = 0;
                 continue;
             }
-            if snap.archive.dropped_to_ms > 0 {
-                if !said_partial {
+            // Those whose own kept events are thinned wait; the rest (the
+            // customers merged into them are checked by the rebuild).
+            let due: RoaringBitmap = if snap.archive.partial_unknown {
+                RoaringBitmap::new()
+            } else {
+                &*snap.rebuild_due - &*snap.archive.partial
+            };
+            let waiting = snap.rebuild_due.len() - due.len();
+            if waiting != said_waiting {
+                if waiting > 0 {
                     tracing::warn!(
-                        due = snap.rebuild_due.len(),
+                        waiting,
                         "customers' facts are due a rebuild after refunds, and the event archive \
-                         no longer holds every event (event_retention_days): they wait for a \
-                         RebuildFacts with allow_partial"
+                         no longer holds every event of theirs (event_retention_days): they wait \
+                         for a RebuildFacts with allow_partial"
                     );
-                    said_partial = true;
                 }
+                said_waiting = waiting;
+            }
+            if due.is_empty() {
                 continue;
             }
-            said_partial = false;
-            let due = &snap.rebuild_due;
             let start = after.map_or(0, |a| a.saturating_add(1));
             let mut ids: Vec<u32> = due.range(start..).take(per_round).collect();
             if ids.len() < per_round {
@@ -349,12 +434,13 @@ pub fn start_refund_rebuilder(engine: Arc<Engine>, facts: Arc<Facts>, every: std
             }
             keys.sort();
             keys.dedup();
-            match rebuild_once(&engine, &facts, &keys, false).await {
+            match rebuild_once(&engine, &facts, &keys, Partial::Skip).await {
                 Ok(r) => {
                     per_round = DUE_PER_ROUND;
                     tracing::info!(
                         rebuilt = r.rebuilt,
                         busy = r.busy.len(),
+                        waiting = r.partial.len(),
                         events = r.events,
                         lsn = r.lsn,
                         "facts rebuilt after refunds"

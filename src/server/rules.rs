@@ -208,7 +208,7 @@ fn until_next_day(snap: &Snapshot, now_ms: i64) -> Duration {
 /// Starts the day turner; it runs while the runtime does. A turn that
 /// fails (a full disk) is tried again at the next look; the rules stay
 /// on their day meanwhile, consistent with it.
-pub fn start_day_turner(engine: Arc<Engine>) {
+pub fn start_day_turner(engine: Arc<Engine>, mut closing: tokio::sync::watch::Receiver<bool>) {
     tokio::spawn(async move {
         loop {
             if !engine.snapshot().rules.is_empty() {
@@ -222,7 +222,9 @@ pub fn start_day_turner(engine: Arc<Engine>) {
                 }
             }
             let wait = until_next_day(&engine.snapshot(), engine.now_ms());
-            tokio::time::sleep(wait).await;
+            if !super::sleep_unless_closing(wait, &mut closing).await {
+                return;
+            }
         }
     });
 }

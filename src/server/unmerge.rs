@@ -65,7 +65,6 @@ pub(super) async fn unmerge(
             .await
             .map_err(to_status)?;
         let snap = svc.engine.snapshot();
-        check_archive(&snap, req.allow_partial, "undoing the merge")?;
         // The two sides: the customer that comes back (or is made of the
         // identity) and the one it leaves, with the identities that go
         // back for sure.
@@ -106,6 +105,12 @@ pub(super) async fn unmerge(
             .merged_into(survivor)
             .into_iter()
             .collect();
+        check_archive(
+            &snap,
+            family.iter().chain(absorbed.iter()),
+            req.allow_partial,
+            "undoing the merge",
+        )?;
         let fields = fact_fields(&snap);
         let as_of = snap.archive.upto_lsn;
         let dropped_to_ms = snap.archive.dropped_to_ms;

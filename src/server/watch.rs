@@ -756,10 +756,11 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Starts the hub's task (on the current runtime) and the worker thread.
-    pub fn start(engine: Arc<Engine>) -> Arc<Feed> {
+    /// Starts the hub's task (on the current runtime; it ends when the
+    /// server starts closing) and the worker thread.
+    pub fn start(engine: Arc<Engine>, closing: tokio::sync::watch::Receiver<bool>) -> Arc<Feed> {
         let hub = Arc::new(Hub::default());
-        tokio::spawn(dispatch(engine, hub.clone()));
+        tokio::spawn(dispatch(engine, hub.clone(), closing));
         Arc::new(Feed {
             hub,
             workers: Workers::start(),
@@ -854,10 +855,21 @@ impl Drop for Registration {
 
 /// The hub's task: follows the feed's newest entries (from memory) and
 /// wakes the watchers each one concerns.
-async fn dispatch(engine: Arc<Engine>, hub: Arc<Hub>) {
+async fn dispatch(
+    engine: Arc<Engine>,
+    hub: Arc<Hub>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
     let mut signal = engine.feed_signal();
     let mut at = engine.feed_view().end;
-    while signal.changed().await.is_ok() {
+    loop {
+        let changed = tokio::select! {
+            c = signal.changed() => c.is_ok(),
+            _ = closing.wait_for(|c| *c) => false,
+        };
+        if !changed {
+            break;
+        }
         match engine.feed_recent(at) {
             Some((entries, end)) => {
                 if !entries.is_empty() {

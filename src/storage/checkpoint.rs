@@ -685,15 +685,36 @@ impl CheckpointJob {
         let new_archive = self.archive_events(seg_no, keep)?;
         let mut archives = self.prev.archives.clone();
         let mut archive_dropped_to_ms = self.prev.archive_dropped_to_ms;
+        let mut archive_partial = self.prev.archive_partial.clone();
+        let mut archive_partial_unknown = self.prev.archive_partial_unknown;
         if let Some(keep) = self.event_retention_ms {
             let cutoff = self.now_ms.saturating_sub(keep);
-            archives.retain(|a| {
-                let expired = a.last_ms < cutoff;
-                if expired {
-                    archive_dropped_to_ms = archive_dropped_to_ms.max(a.last_ms);
+            let (expired, kept): (Vec<_>, Vec<_>) =
+                archives.into_iter().partition(|a| a.last_ms < cutoff);
+            archives = kept;
+            for a in expired {
+                archive_dropped_to_ms = archive_dropped_to_ms.max(a.last_ms);
+                // Whose events go: the customers of its blocks' index. A
+                // file that cannot be read still goes (retention must not
+                // stop at a damaged file), and then nobody's archive counts
+                // as whole.
+                match crate::storage::archive::ArchiveFile::open(&self.dir, a.no) {
+                    Ok(file) => {
+                        for b in &file.blocks {
+                            archive_partial |= &b.customers;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            error = %e,
+                            file = a.no,
+                            "an event archive file past retention cannot be read: its customers \
+                             are unknown, so every customer's kept events count as partial"
+                        );
+                        archive_partial_unknown = true;
+                    }
                 }
-                !expired
-            });
+            }
         }
         // Erased customers' events leave the archive: each file holding one
         // is rewritten without them, under the next numbers.
@@ -749,6 +770,8 @@ impl CheckpointJob {
             seen: seen_days,
             archives,
             archive_dropped_to_ms,
+            archive_partial,
+            archive_partial_unknown,
             ident_segments,
             merge_log_segment,
             history_segment,

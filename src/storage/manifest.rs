@@ -14,7 +14,7 @@ pub const MANIFEST_FILE: &str = "MANIFEST";
 pub const MANIFEST_TMP: &str = "MANIFEST.tmp";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"TAGSMAN\0";
 /// Version written; version 1 (no fields) is still read.
-pub const MANIFEST_VERSION: u32 = 12;
+pub const MANIFEST_VERSION: u32 = 13;
 
 /// A field as the manifest records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,6 +168,15 @@ pub struct Manifest {
     pub merge_log_segment: u64,
     /// Customers whose facts are due a rebuild (version 12).
     pub rebuild_due: roaring::RoaringBitmap,
+    /// Customers some of whose kept events retention dropped (version 13):
+    /// a rebuild of their facts from the archive would lose what those
+    /// events made.
+    pub archive_partial: roaring::RoaringBitmap,
+    /// Events were dropped before the store kept track of whose (a store
+    /// of version 12 or older with `archive_dropped_to_ms` set), or from an
+    /// archive file that could not be read: every customer counts as one
+    /// of `archive_partial`.
+    pub archive_partial_unknown: bool,
 }
 
 impl Manifest {
@@ -319,6 +328,8 @@ impl Manifest {
             }
         }
         e.bitmap(&self.rebuild_due);
+        e.u8(u8::from(self.archive_partial_unknown));
+        e.bitmap(&self.archive_partial);
         e.buf
     }
 
@@ -509,6 +520,16 @@ impl Manifest {
         if version >= 12 {
             m.rebuild_due = d.bitmap()?;
         }
+        if version >= 13 {
+            m.archive_partial_unknown = match d.u8()? {
+                0 => false,
+                1 => true,
+                other => return d.err(format!("unknown archive_partial_unknown flag {other}")),
+            };
+            m.archive_partial = d.bitmap()?;
+        } else {
+            m.archive_partial_unknown = m.archive_dropped_to_ms > 0;
+        }
         d.finish()?;
         Ok(m)
     }
@@ -679,6 +700,8 @@ mod tests {
                 stale: String::new(),
             }],
             rebuild_due: [5, 1 << 21].into_iter().collect(),
+            archive_partial: [7, 1 << 22].into_iter().collect(),
+            archive_partial_unknown: true,
             seen: vec![ManifestSeen {
                 day: 20_769,
                 segment: 6,
@@ -696,6 +719,27 @@ mod tests {
             archive_dropped_to_ms: 1_600_000_000_000,
             ident_segments: vec![4],
             merge_log_segment: 6,
+        }
+    }
+
+    /// A manifest of version 12 (no record of whose archived events were
+    /// dropped) reads as every customer's archive thinned when events were
+    /// dropped, and as none when none were.
+    #[test]
+    fn version_12_knows_no_customer_whose_events_were_dropped() {
+        for dropped_to_ms in [1_600_000_000_000, 0] {
+            let mut m = sample();
+            m.archive_dropped_to_ms = dropped_to_ms;
+            m.archive_partial = roaring::RoaringBitmap::new();
+            m.archive_partial_unknown = false;
+            let body = m.encode_body();
+            let mut tail = Enc::default();
+            tail.u8(0).bitmap(&m.archive_partial);
+            let v12 = &body[..body.len() - tail.buf.len()];
+            let read = Manifest::decode_body(v12, 12).unwrap();
+            assert_eq!(read.archive_partial_unknown, dropped_to_ms > 0);
+            assert!(read.archive_partial.is_empty());
+            assert_eq!(read.rebuild_due, m.rebuild_due);
         }
     }
 

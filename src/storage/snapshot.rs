@@ -460,6 +460,12 @@ pub struct ArchiveList {
     /// Events ingested at or before this time (Unix ms) were dropped by
     /// retention; 0 when none were.
     pub dropped_to_ms: i64,
+    /// Customers (by the id their events are kept under) some of whose
+    /// events retention dropped.
+    pub partial: Arc<RoaringBitmap>,
+    /// Events were dropped without a record of whose: every customer
+    /// counts as partial.
+    pub partial_unknown: bool,
 }
 
 impl ArchiveList {
@@ -468,7 +474,19 @@ impl ArchiveList {
             upto_lsn: m.checkpoint_lsn,
             files: m.archives.clone(),
             dropped_to_ms: m.archive_dropped_to_ms,
+            partial: Arc::new(m.archive_partial.clone()),
+            partial_unknown: m.archive_partial_unknown,
         }
+    }
+
+    /// Of `ids` (customers as their events are kept), the first whose kept
+    /// events are not all its events: some were dropped by retention.
+    pub fn first_partial(&self, ids: impl IntoIterator<Item = u32>) -> Option<u32> {
+        let mut ids = ids.into_iter();
+        if self.partial_unknown {
+            return ids.next();
+        }
+        ids.find(|id| self.partial.contains(*id))
     }
 }
 
