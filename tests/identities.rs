@@ -831,6 +831,30 @@ fn latest_takes_the_value_written_last() {
     );
 }
 
+/// Order `n` of `who` (source `tb`), naming its refund.
+fn placed(who: &str, n: &str) -> IngestRecord {
+    IngestRecord {
+        seen: Some(tagstore::storage::seen::seen_id("tb", "order", n)),
+        refund: Some(tagstore::storage::seen::seen_id("tb", "refund", n)),
+        ..order(&[who], "taobao", T0)
+    }
+}
+
+/// The refund of order `n` of `who`, naming the order.
+fn refunded(who: &str, n: &str) -> IngestRecord {
+    IngestRecord {
+        seen: Some(tagstore::storage::seen::seen_id("tb", "refund", n)),
+        order: Some(tagstore::storage::seen::seen_id("tb", "order", n)),
+        writes: Vec::new(),
+        ..order(&[who], "taobao", T0)
+    }
+}
+
+/// The customers due a rebuild of facts.
+fn due(engine: &Engine) -> Vec<u32> {
+    engine.snapshot().rebuild_due.iter().collect()
+}
+
 /// A refund whose order an earlier request applied makes its customer due
 /// a rebuild of facts; one in the same request as its order, or resent,
 /// does not. The set follows a merge to the survivor, loses an erased
@@ -842,20 +866,6 @@ fn a_refund_after_its_order_makes_its_customer_due_a_rebuild() {
     let clock = ManualClock::at(T0);
     let engine = open(&fs, &clock);
     setup(&engine);
-    let order_id = |n: &str| tagstore::storage::seen::seen_id("tb", "order", n);
-    let refund_id = |n: &str| tagstore::storage::seen::seen_id("tb", "refund", n);
-    let placed = |who: &str, n: &str| IngestRecord {
-        seen: Some(order_id(n)),
-        refund: Some(refund_id(n)),
-        ..order(&[who], "taobao", T0)
-    };
-    let refunded = |who: &str, n: &str| IngestRecord {
-        seen: Some(refund_id(n)),
-        order: Some(order_id(n)),
-        writes: Vec::new(),
-        ..order(&[who], "taobao", T0)
-    };
-    let due = |engine: &Engine| -> Vec<u32> { engine.snapshot().rebuild_due.iter().collect() };
     // Order and refund in one request: nothing due.
     ingest(
         &engine,
@@ -928,20 +938,6 @@ fn a_refund_of_an_order_older_than_the_dedup_window_makes_its_customer_due() {
     let clock = ManualClock::at(T0);
     let engine = open(&fs, &clock);
     setup(&engine);
-    let order_id = |n: &str| tagstore::storage::seen::seen_id("tb", "order", n);
-    let refund_id = |n: &str| tagstore::storage::seen::seen_id("tb", "refund", n);
-    let placed = |who: &str, n: &str| IngestRecord {
-        seen: Some(order_id(n)),
-        refund: Some(refund_id(n)),
-        ..order(&[who], "taobao", T0)
-    };
-    let refunded = |who: &str, n: &str| IngestRecord {
-        seen: Some(refund_id(n)),
-        order: Some(order_id(n)),
-        writes: Vec::new(),
-        ..order(&[who], "taobao", T0)
-    };
-    let due = |engine: &Engine| -> Vec<u32> { engine.snapshot().rebuild_due.iter().collect() };
     ingest(&engine, vec![placed("taobao_nick:e", "E1")]);
     // 31 days on (dedup_days = 30), a checkpoint forgets the order.
     clock.advance_ms(31 * 86_400_000);
