@@ -23,7 +23,8 @@
 //! rebuilder leaves only that customer due and rebuilds the others, and
 //! `RebuildFacts` refuses only that customer unless `allow_partial`, also
 //! after a restart (which needs `serve` to leave nothing holding the store
-//! when it returns).
+//! when it returns); `Unmerge` likewise refuses only a merge over such a
+//! customer.
 
 mod common;
 
@@ -592,5 +593,101 @@ async fn a_server_that_returned_leaves_its_store_to_the_next() {
     server.stop().await;
     let mut server = InProcess::serve(fs, FileConfig::default(), None).await;
     assert_eq!(orders_written(&mut server.client).await, 10);
+    server.stop().await;
+}
+
+/// `Unmerge` refuses to undo a merge whose customers' kept events
+/// retention thinned, naming the customer, unless `allow_partial`; a merge
+/// of customers whose events are all kept is undone without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmerge_is_refused_only_over_thinned_customers() {
+    // 2026-11-12T00:00:00Z
+    const T0: i64 = 1_794_441_600_000;
+    const DAY_MS: i64 = 86_400_000;
+    let clock = ManualClock::at(T0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tagstore.toml");
+    std::fs::write(&path, "event_retention_days = 10\n").unwrap();
+    let server = InProcess::serve(
+        MemFs::default(),
+        FileConfig::load(&path).unwrap(),
+        Some(clock.clone()),
+    )
+    .await;
+    let mut c = server.client.clone();
+    c.create_source(CreateSourceRequest {
+        name: "tb".into(),
+        preset: "taobao_orders".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let row = |id: &str, nick: &str, phone: &str| {
+        format!("{id},{nick},10.00,2026-11-11 10:00:00,{phone},交易成功,X,makeup,B,t\n")
+    };
+    let mut seq = 0;
+    let mut batch = |rows: &[String]| {
+        seq += 1;
+        vec![IngestRequest {
+            source: "tb".into(),
+            seq,
+            data: format!("{HEADER}{}", rows.concat()).into_bytes(),
+            ..Default::default()
+        }]
+    };
+    // 甲 (with her phone) in a file retention will drop; 11 days on, 乙
+    // and 丙 without phones, then an order naming 乙's nick with 甲's
+    // phone (merging them) and one naming 丙's with a phone of 丁, who
+    // orders first (merging 丙 and 丁, all within retention).
+    let (_, end) = send(&mut c, batch(&[row("A1", "甲", "13800000001")])).await;
+    assert!(end.is_none(), "{end:?}");
+    c.checkpoint(tagstore::proto::CheckpointRequest::default())
+        .await
+        .unwrap();
+    clock.advance_ms(11 * DAY_MS);
+    let (_, end) = send(
+        &mut c,
+        batch(&[
+            row("B1", "乙", ""),
+            row("C1", "丙", ""),
+            row("D1", "丁", "13800000004"),
+        ]),
+    )
+    .await;
+    assert!(end.is_none(), "{end:?}");
+    let (answers, end) = send(
+        &mut c,
+        batch(&[
+            row("B2", "乙", "13800000001"),
+            row("C2", "丙", "13800000004"),
+        ]),
+    )
+    .await;
+    assert!(end.is_none(), "{end:?}");
+    let merges = &answers[0].merges;
+    assert_eq!(merges.len(), 2, "{answers:?}");
+    c.checkpoint(tagstore::proto::CheckpointRequest::default())
+        .await
+        .unwrap();
+    let undo = |merge_id: u64, allow_partial: bool| tagstore::proto::UnmergeRequest {
+        merge_id,
+        allow_partial,
+        ..Default::default()
+    };
+    // The merge with 甲: refused, by her name; allowed, undone.
+    let with_jia = merges
+        .iter()
+        .find(|m| format!("{m:?}").contains("甲"))
+        .expect("a merge with 甲");
+    let e = c.unmerge(undo(with_jia.merge_id, false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("甲"), "{e:?}");
+    c.unmerge(undo(with_jia.merge_id, true)).await.unwrap();
+    // The merge of 丙 and 丁: undone without allow_partial.
+    let other = merges
+        .iter()
+        .find(|m| m.merge_id != with_jia.merge_id)
+        .unwrap();
+    c.unmerge(undo(other.merge_id, false)).await.unwrap();
     server.stop().await;
 }
