@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use data::{DataSet, customer_key};
 use indicatif::{ProgressBar, ProgressStyle};
-use ops::{BoxError, Measured, Op, Q, redis_key, redis_loop, tagstore_alternating, tagstore_loop};
+use ops::{
+    BoxError, Local, Measured, Op, Q, redis_key, redis_loop, tagstore_alternating, tagstore_loop,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::{Conn, RedisServer};

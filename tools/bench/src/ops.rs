@@ -335,20 +335,23 @@ pub async fn tagstore_loop(
     })
 }
 
-/// Runs `op` from one client for `secs` seconds, alternating with `local`
-/// (the same work done in this process, which returns the time its work
-/// took) in blocks of [`ALTERNATION`]; returns the client's latencies and
-/// `local`'s. A ratio between the two then
-/// compares moments of the same load on this shared machine, rather than
-/// one block of seconds against another.
+/// The same work done in this process, timed: returns how long it took.
+pub type Local = Box<dyn FnMut() -> Duration + Send>;
+
+/// Runs `op` from one client for `secs` seconds, taking turns with each of
+/// `locals` (the same work done in this process, in different ways) in
+/// blocks of [`ALTERNATION`]; returns the client's latencies and each
+/// local's, in order. A ratio between them then compares moments of the
+/// same load on this shared machine, rather than one block of seconds
+/// against another.
 pub async fn tagstore_alternating(
     addr: &str,
     data: &Arc<DataSet>,
     op: &Op,
     secs: f64,
     seed: u64,
-    mut local: impl FnMut() -> Duration + Send + 'static,
-) -> Result<(Measured, Measured), BoxError> {
+    mut locals: Vec<Local>,
+) -> Result<(Measured, Vec<Measured>), BoxError> {
     let text = match op {
         Op::Count(q) | Op::Lightest(q) | Op::Page(q, _) => q.text(data),
         _ => String::new(),
@@ -357,11 +360,11 @@ pub async fn tagstore_alternating(
     let (data, op) = (data.clone(), op.clone());
     let thread = client_thread(endpoint, move |mut c| async move {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut hists = [
-            Histogram::<u64>::new(3).map_err(|e| e.to_string())?,
-            Histogram::<u64>::new(3).map_err(|e| e.to_string())?,
-        ];
-        let mut spent = [Duration::ZERO; 2];
+        let sides = 1 + locals.len();
+        let mut hists = (0..sides)
+            .map(|_| Histogram::<u64>::new(3).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut spent = vec![Duration::ZERO; sides];
         let deadline = Instant::now() + Duration::from_secs_f64(secs);
         while Instant::now() < deadline {
             for (side, hist) in hists.iter_mut().enumerate() {
@@ -374,34 +377,31 @@ pub async fn tagstore_alternating(
                             .map_err(|e| e.to_string())?;
                         t0.elapsed()
                     } else {
-                        local()
+                        (locals[side - 1])()
                     };
                     hist.record(took.as_micros().max(1) as u64).ok();
                 }
                 spent[side] += block.elapsed();
             }
         }
-        let [ours, here] = hists;
-        Ok([
-            Measured {
-                requests: ours.len(),
-                seconds: spent[0].as_secs_f64(),
-                hist: ours,
-            },
-            Measured {
-                requests: here.len(),
-                seconds: spent[1].as_secs_f64(),
-                hist: here,
-            },
-        ])
+        Ok(hists
+            .into_iter()
+            .zip(spent)
+            .map(|(hist, spent)| Measured {
+                requests: hist.len(),
+                seconds: spent.as_secs_f64(),
+                hist,
+            })
+            .collect::<Vec<_>>())
     });
-    let [ours, here] = tokio::task::spawn_blocking(move || {
+    let mut all = tokio::task::spawn_blocking(move || {
         thread
             .join()
             .map_err(|_| "the alternating client thread panicked".to_string())?
     })
     .await??;
-    Ok((ours, here))
+    let ours = all.remove(0);
+    Ok((ours, all))
 }
 
 /// How long each side of [`tagstore_alternating`] runs before the other

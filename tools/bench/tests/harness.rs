@@ -61,16 +61,17 @@ fn every_scenario_runs_at_a_tiny_scale() {
             .all(|r| r["tagstore"].is_number() || r["tagstore"].is_null())
     );
     // Counts of 3 or more operands were also timed from one client, taking
-    // turns with the same count in-process.
+    // turns with the same count in-process, back to back and after a sleep.
     let turns = report["query"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|f| {
             let one = &f["tagstore_1_client"];
-            one["in_process_beside_ms"]
-                .as_f64()
-                .is_some_and(|ms| ms > 0.0)
+            let timed = |k: &str| one[k].as_f64().is_some_and(|ms| ms > 0.0);
+            timed("in_process_beside_ms")
+                && timed("in_process_after_sleep_ms")
+                && one["overhead_after_sleep_p50_round_trips"].is_number()
                 && one["client"]["requests"].as_u64().is_some_and(|n| n > 0)
         })
         .count();
