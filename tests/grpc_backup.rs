@@ -4,8 +4,9 @@
 //! makes new directories from them; servers started on those answer
 //! exactly as the original did at each backup's position (every tag's
 //! members against a model of the acknowledged writes up to it). One
-//! backup at a time; a client that goes away frees the place; a backup cut
-//! short by an error leaves no file; a bad `since` is refused.
+//! backup at a time; a client that goes away frees the place, and so does
+//! a backup's `done` (the next may begin at once, on a busy host too); a
+//! backup cut short by an error leaves no file; a bad `since` is refused.
 
 mod common;
 
@@ -271,5 +272,65 @@ async fn backups_taken_during_heavy_writes_restore_exactly_to_their_position() {
     let mut partial = cut.as_os_str().to_owned();
     partial.push(".partial");
     assert!(!Path::new(&partial).exists());
+    server.stop().unwrap();
+}
+
+/// A client that has its `done` may take the next backup at once: the
+/// place is free before `done` is sent. (The backup's thread runs at the
+/// lowest priority; with every core busy it used to be preempted between
+/// sending `done` and freeing the place, and a backup taken right after
+/// was refused with RESOURCE_EXHAUSTED. Found by the harness's backup
+/// scenario, which takes backups back to back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_may_start_as_soon_as_the_last_one_said_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::start(&dir.path().join("data"), &[]);
+    let mut c = common::client(&server).await;
+    c.create_tag(CreateTagRequest {
+        name: "t0".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    for _ in 0..50 {
+        c.update(UpdateRequest {
+            mutations: vec![mutation(&mut rng)],
+            create_missing_tags: true,
+        })
+        .await
+        .unwrap();
+    }
+    // Every core busy at a normal priority, as on a loaded host.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hogs: Vec<_> = (0..cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for i in 0..40 {
+        let to = dir.path().join(format!("b{i}.tsbak"));
+        match save(&mut c, None, &to, |_| {}).await {
+            Ok(_) => {}
+            Err(SaveError::Server(s)) if s.code() == Code::ResourceExhausted => refused.push(i),
+            Err(e) => panic!("backup {i}: {e:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    assert!(
+        refused.is_empty(),
+        "backups refused right after the one before said done: {refused:?} of 40"
+    );
     server.stop().unwrap();
 }

@@ -64,18 +64,25 @@ pub(super) async fn backup(
     std::thread::Builder::new()
         .name("tagstore-backup".into())
         .spawn(move || {
-            let _permit = permit;
             // Compression must not take the CPU from writes and reads.
             super::lower_priority(BACKUP_NICE, "the backup's thread");
-            run(source, base, out);
+            run(source, base, out, permit);
         })
         .map_err(|e| Status::internal(format!("cannot start the backup's thread: {e}")))?;
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
 /// Writes the backup and ends the stream: with `done`, or with the status
-/// of what stopped it.
-fn run(source: crate::storage::backup::Source, base: Option<Header>, out: Sender) {
+/// of what stopped it. The place (`permit`) is freed before the last
+/// message is sent, so a client that has its `done` may take the next
+/// backup at once (this thread runs at the lowest priority and may wait
+/// long for a core after sending).
+fn run(
+    source: crate::storage::backup::Source,
+    base: Option<Header>,
+    out: Sender,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let sent = Arc::new(AtomicU64::new(0));
     let mut chunks = Chunks {
         out: out.clone(),
@@ -137,6 +144,8 @@ fn run(source: crate::storage::backup::Source, base: Option<Header>, out: Sender
     if let Err(status) = &last {
         tracing::warn!(error = %status.message(), "a backup did not finish");
     }
+    // The source's files were closed when `write` returned.
+    drop(permit);
     out.send_final(last);
 }
 
