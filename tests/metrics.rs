@@ -83,6 +83,8 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
     assert_eq!(sample(body, "tagstore_checkpoint_failures_total"), 0.0);
     assert!(sample(body, "tagstore_writes_total") >= 1.0);
     assert!(sample(body, "tagstore_group_commits_total") >= 1.0);
+    // The one small update found the writer idle: committed on its caller.
+    assert!(sample(body, "tagstore_group_commits_on_caller_total") >= 1.0);
     assert!(sample(body, "tagstore_snapshot_age_seconds") >= 0.0);
     assert!(sample(body, "tagstore_memory_bytes{kind=\"tag_bitmaps\"}") >= 0.0);
     assert!(sample(body, "tagstore_memory_bytes{kind=\"dictionary\"}") >= 0.0);

@@ -454,6 +454,11 @@ fn render(
             load(&meters.commits),
         ),
         (
+            "tagstore_group_commits_on_caller",
+            "Of the group commits, those made on the calling network thread (a small write that found the writer idle and no other writes lately)",
+            load(&meters.commits_on_caller),
+        ),
+        (
             "tagstore_watch_pieces_built",
             "Bitmaps of compact watches built (one write's ids of one tag, value or audience, or a piece of them)",
             load(&crate::server::watch::PIECES_BUILT),

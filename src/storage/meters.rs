@@ -80,6 +80,9 @@ pub struct Meters {
     /// Write requests the writer took, and the group commits they made.
     pub writes: AtomicU64,
     pub commits: AtomicU64,
+    /// Of those commits, the ones made on the caller's thread (a small
+    /// write that found the writer idle).
+    pub commits_on_caller: AtomicU64,
     started: Instant,
     /// Microseconds after `started` of the last publish.
     published_at: AtomicU64,
@@ -94,6 +97,7 @@ impl Default for Meters {
             segments_compacted: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             commits: AtomicU64::new(0),
+            commits_on_caller: AtomicU64::new(0),
             started: Instant::now(),
             published_at: AtomicU64::new(0),
         }

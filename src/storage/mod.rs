@@ -223,6 +223,9 @@ impl Shared {
 /// [`Engine::write`], which returns once the write is durable.
 pub struct Engine {
     shared: Arc<Shared>,
+    /// The writer, for a small write to commit on its caller's thread when
+    /// it is idle.
+    core: Arc<writer::Core>,
     tx: mpsc::Sender<Cmd>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     recovery: RecoveryReport,
@@ -275,32 +278,20 @@ impl Engine {
             old_wal_bytes,
             manifest,
             segments,
-            rx,
             tx.clone(),
             feed,
             versions,
         );
-        let watched = shared.clone();
+        let core = Arc::new(writer::Core::new(writer));
+        let runs = core.clone();
         let handle = std::thread::Builder::new()
             .name("tagstore-writer".into())
-            .spawn(move || {
-                // Should the writer ever panic, later writes must say so, not
-                // that the server is shutting down.
-                let run = std::panic::AssertUnwindSafe(|| writer.run());
-                if let Err(panic) = std::panic::catch_unwind(run) {
-                    let why = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown cause".into());
-                    let msg = format!("the writer thread stopped: {why}");
-                    watched.failed.lock().get_or_insert(msg);
-                }
-            })
+            .spawn(move || runs.run(rx))
             .map_err(|e| Error::io(dir.path(), e))?;
         report.duration = started.elapsed();
         Ok(Engine {
             shared,
+            core,
             tx,
             writer: Mutex::new(Some(handle)),
             recovery: report,
@@ -439,6 +430,14 @@ impl Engine {
         self.tx.send(cmd).map_err(|_| self.gone())
     }
 
+    /// Sends a write to the writer's thread, counted as queued until it is
+    /// committed (see `writer::thread`).
+    fn send_write(&self, op: WriteOp, reply: oneshot::Sender<Result<WriteResult>>) -> Result<()> {
+        self.core.queue();
+        self.send(Cmd::Write(op, reply))
+            .inspect_err(|_| self.core.unqueue())
+    }
+
     /// Why the writer no longer answers: the failure it recorded, or shutdown.
     fn gone(&self) -> Error {
         match self.failure() {
@@ -452,7 +451,11 @@ impl Engine {
     /// ([`WriteOp::check_keys`]): on the caller's thread, or for a write of
     /// more than [`CHECK_INLINE_KEYS`] keys on the blocking pool, so that the
     /// largest update (a million keys, 9 to 14 ms) does not hold the
-    /// thread that serves connections.
+    /// thread that serves connections. A small update or setting of values
+    /// that finds the writer idle, with nothing queued and no other writes
+    /// lately, is committed on the caller's thread (on a multi-threaded
+    /// runtime's worker only): no hand-off to the writer's thread and back
+    /// (see `writer::thread`).
     pub async fn write(&self, op: WriteOp) -> Result<WriteResult> {
         let op = if op.key_count() > CHECK_INLINE_KEYS {
             tokio::task::spawn_blocking(move || op.check_keys().map(|()| op))
@@ -462,8 +465,11 @@ impl Engine {
             op.check_keys()?;
             op
         };
+        if let Some(idle) = self.core.idle_for(&op) {
+            return idle.commit(op);
+        }
         let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Write(op, tx))?;
+        self.send_write(op, tx)?;
         rx.await.map_err(|_| self.gone())?
     }
 
@@ -491,7 +497,7 @@ impl Engine {
     pub fn enqueue(&self, op: WriteOp) -> Result<Queued> {
         op.check_keys()?;
         let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Write(op, tx))?;
+        self.send_write(op, tx)?;
         Ok(Queued(rx))
     }
 
@@ -504,7 +510,7 @@ impl Engine {
     pub fn write_blocking(&self, op: WriteOp) -> Result<WriteResult> {
         op.check_keys()?;
         let (tx, rx) = oneshot::channel();
-        self.send(Cmd::Write(op, tx))?;
+        self.send_write(op, tx)?;
         rx.blocking_recv().map_err(|_| self.gone())?
     }
 

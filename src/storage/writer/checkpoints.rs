@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -35,6 +36,17 @@ impl Writer {
             tracing::info!("a new local day: checkpointing to keep a version of the store");
             self.request_checkpoint(Vec::new());
         }
+    }
+
+    /// Whether [`Writer::maybe_auto_checkpoint`] may start one now; cheap
+    /// and changes nothing. A write committed on its caller's thread asks
+    /// this and leaves the starting (the maintenance batch, which may read
+    /// archive files) to the writer's thread.
+    pub(super) fn checkpoint_may_be_due(&self) -> bool {
+        self.failed.is_none()
+            && self.running.is_none()
+            && (self.old_wal_bytes + self.wal.bytes() >= self.shared.config.checkpoint_wal_bytes
+                || (self.shared.config.history_days != 0 && self.now_ms() >= self.next_day_ms))
     }
 
     /// Whether a checkpoint now would be the first of a new local day (kept
@@ -593,15 +605,15 @@ impl Writer {
     }
 
     /// Clean shutdown: wait for a running checkpoint, then write a final one.
-    pub(super) fn finish(&mut self) -> Result<()> {
+    pub(super) fn finish(&mut self, commands: &Receiver<Cmd>) -> Result<()> {
         let started = Instant::now();
-        self.wait_for_checkpoint();
+        self.wait_for_checkpoint(commands);
         if self.failed.is_some() {
             return Ok(());
         }
         let (tx, mut rx) = oneshot::channel();
         self.request_checkpoint(vec![tx]);
-        self.wait_for_checkpoint();
+        self.wait_for_checkpoint(commands);
         let res = rx
             .try_recv()
             .map_err(|_| Error::Checkpoint("the final checkpoint did not report".into()))?;
@@ -613,10 +625,13 @@ impl Writer {
         Ok(())
     }
 
-    pub(super) fn wait_for_checkpoint(&mut self) {
+    /// Waits for the running checkpoint at shutdown, refusing the writes
+    /// that come meanwhile.
+    pub(super) fn wait_for_checkpoint(&mut self, rx: &Receiver<Cmd>) {
         while self.running.is_some() {
-            match self.rx.recv() {
+            match rx.recv() {
                 Ok(Cmd::CheckpointDone(res)) => self.complete_checkpoint(*res),
+                Ok(Cmd::Tick) => {}
                 Ok(Cmd::Write(_, reply)) => {
                     let _ = reply.send(Err(Error::ShuttingDown));
                 }

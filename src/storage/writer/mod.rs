@@ -1,8 +1,10 @@
-//! The single writer thread. It owns the mutable state, the open log file and
-//! the checkpoint schedule. Requests queue on a channel; the writer takes all
-//! that are waiting (group commit), plans and applies each one, appends their
-//! records to the log, syncs once, publishes one new snapshot, then answers
-//! every request of the group. A request that fails validation changes nothing.
+//! The writer. It owns the mutable state, the open log file and the
+//! checkpoint schedule, and one thread at a time runs it (see [`thread`]):
+//! its own thread, which takes every request waiting on its channel (group
+//! commit), or a caller whose small write finds it idle and nothing queued.
+//! Either plans and applies each request, appends their records to the log,
+//! syncs once, publishes one new snapshot, then answers every request of the
+//! group. A request that fails validation changes nothing.
 //! When the group's last write is large, the log is synced on another thread
 //! ([`Syncer`]) while that write is applied; nothing is published before the
 //! sync returns.
@@ -12,7 +14,8 @@
 //! from the log (the last acknowledged state).
 //!
 //! The rooms of the write path: [`ops`] (the public write vocabulary),
-//! `plan` (a request and the state in, a batch with every id assigned out),
+//! `thread` (who runs the writer: its thread, or a caller committing its own
+//! write), `plan` (a request and the state in, a batch with every id assigned out),
 //! `ids` (customer keys to ids, new ids for new keys), `coalesce`
 //! (consecutive small updates of a group as one batch), `checkpoints`
 //! (scheduling, installing and maintenance), and this module (the thread,
@@ -26,11 +29,12 @@ mod ids;
 pub mod ops;
 mod plan;
 mod rules;
+mod thread;
 pub mod unmerge;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::Sender;
 
 use tokio::sync::oneshot;
 
@@ -43,6 +47,7 @@ use crate::storage::state::State;
 use crate::storage::wal::{self, Syncer, WalWriter};
 use crate::storage::{DataDir, Shared, SyncMode};
 pub use ops::*;
+pub(crate) use thread::Core;
 
 /// Longest tag description, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 4096;
@@ -75,6 +80,9 @@ pub(crate) enum Cmd {
     Write(WriteOp, Reply<WriteResult>),
     Checkpoint(CheckpointOptions, Reply<CheckpointInfo>),
     CheckpointDone(Box<Result<CheckpointDone>>),
+    /// A write committed on its caller's thread may have made a checkpoint
+    /// due: the writer's thread starts it (see `thread`).
+    Tick,
     Shutdown(std::sync::mpsc::Sender<Result<()>>),
 }
 
@@ -185,7 +193,6 @@ pub(crate) struct Writer {
     pub old_wal_bytes: u64,
     pub manifest: Manifest,
     pub segments: HashMap<u64, Arc<Segment>>,
-    pub rx: Receiver<Cmd>,
     pub tx: Sender<Cmd>,
     pub dir: DataDir,
     running: Option<Running>,
@@ -232,7 +239,6 @@ impl Writer {
         old_wal_bytes: u64,
         manifest: Manifest,
         segments: HashMap<u64, Arc<Segment>>,
-        rx: Receiver<Cmd>,
         tx: Sender<Cmd>,
         feed: crate::storage::feed::FeedWriter,
         versions: crate::storage::versions::Versions,
@@ -252,7 +258,6 @@ impl Writer {
             old_wal_bytes,
             manifest,
             segments,
-            rx,
             tx,
             dir,
             running: None,
@@ -268,47 +273,6 @@ impl Writer {
             versions,
             next_day_ms: i64::MIN,
             log_since_version,
-        }
-    }
-
-    pub fn run(mut self) {
-        loop {
-            let Ok(first) = self.rx.recv() else { return };
-            let mut writes = Vec::new();
-            let mut checkpoints = Vec::new();
-            let mut shutdown = None;
-            let mut next = Some(first);
-            while let Some(cmd) = next {
-                match cmd {
-                    Cmd::Write(op, reply) => writes.push((op, reply)),
-                    Cmd::Checkpoint(options, reply) => {
-                        self.merge_dictionary |= options.merge_dictionary;
-                        checkpoints.push(reply)
-                    }
-                    Cmd::CheckpointDone(res) => self.complete_checkpoint(*res),
-                    Cmd::Shutdown(reply) => {
-                        shutdown = Some(reply);
-                        break;
-                    }
-                }
-                next = if writes.len() < MAX_GROUP {
-                    self.rx.try_recv().ok()
-                } else {
-                    None
-                };
-            }
-            if !writes.is_empty() {
-                self.commit_group(writes);
-            }
-            if !checkpoints.is_empty() {
-                self.request_checkpoint(checkpoints);
-            }
-            self.maybe_auto_checkpoint();
-            if let Some(reply) = shutdown {
-                let res = self.finish();
-                let _ = reply.send(res);
-                return;
-            }
         }
     }
 
