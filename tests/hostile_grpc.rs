@@ -1,6 +1,7 @@
 //! Findings of the hostile review, against the real binary over gRPC, one
 //! test each: cancelled replaces, exports racing deletes and checkpoints,
-//! a full log volume, memory and thread bounds, large counts, and the
+//! a full log volume, memory and thread bounds, large counts and
+//! cancelled ones, and the
 //! smaller ones (limits on the first message, long names echoed, invalid
 //! UTF-8, unknown tags found early, future events, host-dependent zones).
 
@@ -371,6 +372,82 @@ async fn paused_exports_hold_no_thread_little_memory_and_are_capped() {
         n += m.customers.len();
     }
     assert_eq!(n, 200_000);
+}
+
+/// Counts cancelled at every point of their way (while the request is
+/// still being sent, parsed on the pool, counted, or answered): the server
+/// keeps no memory for them, goes on answering, and the store is as it
+/// was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_counts_leave_nothing_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let m = server.metrics_addr.clone().expect("the metrics line");
+    let mut c = client(&server).await;
+    add(&mut c, "t", keys("k", 1000)).await;
+    add(&mut c, "u", keys("k", 500)).await;
+    // Queries of 60 KB (parsed on the blocking pool), 16 to a call.
+    let long = vec!["t"; 60_000 / 5].join(" OR ");
+    let whole_call = {
+        let t = Instant::now();
+        c.count(tagstore::proto::CountRequest {
+            queries: vec![long.clone(); 16],
+            as_of: None,
+        })
+        .await
+        .unwrap();
+        t.elapsed().as_micros() as u64
+    };
+    let mut tasks = Vec::new();
+    for seed in 0..2u64 {
+        let mut cc = client(&server).await;
+        let long = long.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut cut, mut whole) = (0, 0);
+            for i in 0..30u64 {
+                // From nothing to twice a whole call: every stage of a
+                // call (sent, parsed on the pool, counted, answered).
+                let spread = 2 * whole_call.max(1000);
+                let after = Duration::from_micros((i * 2_654_435_761 + seed * 40_503) % spread);
+                let call = cc.count(tagstore::proto::CountRequest {
+                    queries: vec![long.clone(); 16],
+                    as_of: None,
+                });
+                match tokio::time::timeout(after, call).await {
+                    Err(_) => cut += 1,
+                    Ok(r) => {
+                        assert_eq!(r.unwrap().into_inner().counts, vec![1000; 16]);
+                        whole += 1;
+                    }
+                }
+            }
+            (cut, whole)
+        }));
+    }
+    let (mut cut, mut whole) = (0, 0);
+    for t in tasks {
+        let (c, w) = t.await.unwrap();
+        (cut, whole) = (cut + c, whole + w);
+    }
+    assert!(cut > 0, "none of 60 counts was cancelled ({whole} whole)");
+    // What the cancelled calls held is given back.
+    let held = |m: &str| {
+        let text = common::http(m, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        common::sample(&text, "tagstore_memory_bytes{kind=\"requests_in_flight\"}")
+    };
+    let waited = Instant::now();
+    while held(&m) != 0.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "{} bytes still held for requests 10 s after the last was cancelled",
+            held(&m)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The server goes on answering, and the store is as it was.
+    assert_eq!(count(&mut c, "t AND u").await, 500);
+    add(&mut c, "u", keys("n", 10)).await;
+    assert_eq!(count(&mut c, "u").await, 510);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
