@@ -874,6 +874,7 @@ async fn facts_are_rebuilt_from_the_kept_events() {
     let rebuild = |customers: &[&str], allow_partial| RebuildFactsRequest {
         customers: customers.iter().map(|s| s.to_string()).collect(),
         allow_partial,
+        skip_partial: false,
     };
     let r = c
         .rebuild_facts(rebuild(&[xiaomei, "taobao_nick:nobody"], false))
@@ -1046,7 +1047,7 @@ async fn a_rebuild_cancelled_halfway_is_whole_or_not_at_all() {
     let xiaomei = "taobao_nick:小美爱护肤";
     let request = || RebuildFactsRequest {
         customers: vec![xiaomei.into()],
-        allow_partial: false,
+        ..Default::default()
     };
     let mut outcomes = [0, 0];
     for micros in (0..40).map(|i| i * 250) {

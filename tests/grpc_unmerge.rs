@@ -259,7 +259,7 @@ async fn a_wrong_merge_undone_gives_each_customer_back_its_own() {
     let r = c
         .rebuild_facts(RebuildFactsRequest {
             customers: vec![ANN_PIN.into(), BO_PIN.into()],
-            allow_partial: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -555,7 +555,7 @@ async fn an_identity_taken_off_becomes_a_customer_of_its_own() {
     check_taken_off(&mut c).await;
     c.rebuild_facts(RebuildFactsRequest {
         customers: vec![ANN_PIN.into(), "phone:13700000003".into()],
-        allow_partial: false,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -467,7 +467,8 @@ fn row(id: &str, nick: &str, status: &str, category: &str) -> String {
 /// background rebuilder leaves that customer due (a rebuild would lose what
 /// the dropped events made) and goes on rebuilding the others after their
 /// refunds; `RebuildFacts` refuses only that customer, by name, unless
-/// `allow_partial`; who is thinned is kept across a restart.
+/// `allow_partial`, or leaves it out, by name, with `skip_partial`; who is
+/// thinned is kept across a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_holds_back_only_the_rebuilds_of_customers_whose_events_it_dropped() {
     // 2026-11-12T00:00:00Z
@@ -558,12 +559,28 @@ async fn retention_holds_back_only_the_rebuilds_of_customers_whose_events_it_dro
     let rebuild = |who: &str, allow_partial: bool| tagstore::proto::RebuildFactsRequest {
         customers: vec![format!("taobao_nick:{who}")],
         allow_partial,
+        skip_partial: false,
     };
     let e = c.rebuild_facts(rebuild("甲", false)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("taobao_nick:甲"), "{e:?}");
     let r = c.rebuild_facts(rebuild("丙", false)).await.unwrap();
     assert_eq!(r.into_inner().rebuilt, 1);
+    // Both, skipping: 丙 rebuilt, 甲 left out and named.
+    let r = c
+        .rebuild_facts(tagstore::proto::RebuildFactsRequest {
+            customers: vec!["taobao_nick:甲".into(), "taobao_nick:丙".into()],
+            allow_partial: false,
+            skip_partial: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.rebuilt, r.partial.as_slice()),
+        (1, &["taobao_nick:甲".to_string()][..])
+    );
+    assert_eq!(count_of(&mut c, "bought:makeup").await, 1, "甲's stays");
 
     // Across a restart, the same.
     let fs = server.fs.clone();

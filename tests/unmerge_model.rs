@@ -296,7 +296,7 @@ async fn run(seed: u64) {
     let r = c
         .rebuild_facts(RebuildFactsRequest {
             customers: everyone,
-            allow_partial: false,
+            ..Default::default()
         })
         .await
         .unwrap()

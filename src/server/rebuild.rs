@@ -46,6 +46,8 @@ pub(super) async fn rebuild_facts(
     let mut reasons: BTreeSet<String> = BTreeSet::new();
     let partial = if req.allow_partial {
         Partial::Allow
+    } else if req.skip_partial {
+        Partial::Skip
     } else {
         Partial::Refuse
     };
@@ -65,12 +67,15 @@ pub(super) async fn rebuild_facts(
         if round.lsn > 0 {
             out.lsn = round.lsn;
         }
+        out.partial.extend(round.partial);
         pending = round.busy;
         if pending.is_empty() {
             break;
         }
     }
     out.refusals = reasons.into_iter().collect();
+    out.partial.sort();
+    out.partial.dedup();
     if !pending.is_empty() {
         return Err(Status::aborted(format!(
             "{} customers kept receiving events through {ATTEMPTS} tries and were not rebuilt \

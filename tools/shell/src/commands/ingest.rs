@@ -127,7 +127,7 @@ pub const REBUILD: Spec = Spec {
     words: &["rebuild"],
     complete: &["rebuild facts"],
     usage: "rebuild facts <customer>... [partial] | rebuild facts where <query> [partial]",
-    summary: "rebuild customers' facts from the events the server keeps, by its fact rules now (partial: even if old events were dropped by retention); `where`: every customer the query selects (`where ALL`: the whole store), 10,000 a call",
+    summary: "rebuild customers' facts from the events the server keeps, by its fact rules now (partial: even if old events were dropped by retention); `where`: every customer the query selects (`where ALL`: the whole store), 10,000 a call, leaving out (without `partial`) those whose events retention thinned",
     example: "rebuild facts phone:13812345678 jd_pin:小王",
     takes_tags: false,
     parse: |rest| {

@@ -14,6 +14,9 @@ use crate::commands::SourceFrom;
 /// Customers a `rebuild facts where` call names at most (a call is one
 /// write; its customers' facts are bounded by the server).
 const REBUILD_CHUNK: u32 = 10_000;
+/// Customers left out of a `rebuild facts where` (their events thinned by
+/// retention) that its answer names; the rest are counted.
+const NAMED_LEFT_OUT: usize = 100;
 
 /// Bytes of records per batch (a batch ends at the first record boundary
 /// after this many).
@@ -243,10 +246,12 @@ impl Session {
                     .rebuild_facts(RebuildFactsRequest {
                         customers,
                         allow_partial: partial,
+                        skip_partial: false,
                     })
                     .await?
                     .into_inner();
-                self.say_rebuilt(&r, String::new());
+                let left_out = r.partial.len() as u64;
+                self.say_rebuilt(&r, String::new(), left_out);
             }
             Command::RebuildFactsWhere { query, partial } => {
                 self.rebuild_where(query, partial).await?
@@ -256,8 +261,10 @@ impl Session {
         Ok(())
     }
 
-    /// What a rebuild did; `calls` says how it was split, when it was.
-    fn say_rebuilt(&self, r: &RebuildFactsResponse, calls: String) {
+    /// What a rebuild did; `calls` says how it was split, when it was;
+    /// `left_out` customers were skipped for their dropped events (the
+    /// first of them named in `r.partial`).
+    fn say_rebuilt(&self, r: &RebuildFactsResponse, calls: String, left_out: u64) {
         let mut text = format!(
             "rebuilt the facts of {} customers from {} kept events: {} values set, {} behaviour buckets{calls}",
             thousands(r.rebuilt),
@@ -287,18 +294,28 @@ impl Session {
                 fmt_time(r.events_dropped_to_ms)
             ));
         }
+        if let Some(first) = r.partial.first() {
+            text.push_str(&format!(
+                "\n{} customers left out, since retention dropped some of their events (first: {first}); \
+                 add `partial` to rebuild them from the events kept",
+                thousands(left_out),
+            ));
+        }
         self.out(
             text,
             json!({"rebuilt": r.rebuilt, "events": r.events, "values_set": r.values_set,
                    "events_added": r.events_added, "events_expired": r.events_expired,
                    "not_found": r.not_found, "refused": r.refused, "refusals": r.refusals,
-                   "events_dropped_to_ms": r.events_dropped_to_ms, "lsn": r.lsn}),
+                   "events_dropped_to_ms": r.events_dropped_to_ms, "lsn": r.lsn,
+                   "left_out": left_out, "partial": r.partial}),
         );
     }
 
     /// `rebuild facts where <query>`: the query's members as one export,
     /// rebuilt [`REBUILD_CHUNK`] at a time as they come, each call one
-    /// write of the server's (whole or not at all). Stopped half-way, the
+    /// write of the server's (whole or not at all). Without `partial`,
+    /// customers some of whose events retention dropped are left out and
+    /// counted (`skip_partial`), not the end of the run. Stopped half-way, the
     /// calls before stay done and it says how far it came; running it again
     /// rebuilds them again to the same facts.
     async fn rebuild_where(&mut self, query: String, partial: bool) -> Result<(), Failure> {
@@ -317,6 +334,7 @@ impl Session {
             .into_inner();
         let mut sum = RebuildFactsResponse::default();
         let mut calls = 0u64;
+        let mut left_out = 0u64;
         let mut bar: Option<ProgressBar> = None;
         let stopped = |sum: &RebuildFactsResponse, calls: u64| {
             format!(
@@ -356,6 +374,9 @@ impl Session {
                 .rebuild_facts(RebuildFactsRequest {
                     customers: batch.customers,
                     allow_partial: partial,
+                    // Without `partial`, a customer some of whose events
+                    // retention dropped is left out, not the end of it.
+                    skip_partial: !partial,
                 })
                 .await;
             let r = match answer {
@@ -382,6 +403,9 @@ impl Session {
             sum.events_expired += r.events_expired;
             // Erased between the export and the rebuild.
             sum.not_found.extend(r.not_found);
+            left_out += r.partial.len() as u64;
+            let room = NAMED_LEFT_OUT.saturating_sub(sum.partial.len());
+            sum.partial.extend(r.partial.into_iter().take(room));
             sum.events_dropped_to_ms = sum.events_dropped_to_ms.max(r.events_dropped_to_ms);
             sum.lsn = sum.lsn.max(r.lsn);
             pb.inc(n);
@@ -397,7 +421,7 @@ impl Session {
         } else {
             String::new()
         };
-        self.say_rebuilt(&sum, split);
+        self.say_rebuilt(&sum, split, left_out);
         Ok(())
     }
 
