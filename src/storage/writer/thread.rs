@@ -2,11 +2,13 @@
 //! - its own thread (`tagstore-writer`), woken by the channel, which takes
 //!   every command waiting (group commit), checkpoints and shutdown among
 //!   them;
-//! - or a caller whose small write finds the writer idle and no write
-//!   queued ([`Core::try_commit`]): it commits that one write on its own
-//!   thread. A single write from one client then costs no hand-off to the
-//!   writer's thread and none back, each a thread wake-up that on a
-//!   virtual machine can cost more than the write itself.
+//! - or a caller whose small write finds the writer idle, no write queued
+//!   and no writes come together in the last 100 ms ([`Core::idle_for`]):
+//!   it commits that one write on its own thread. A single write from one
+//!   client then costs no hand-off to the writer's thread and none back,
+//!   each a thread wake-up that on a virtual machine can cost more than
+//!   the write itself. Starting a checkpoint such a write made due is left
+//!   to the thread ([`Cmd::Tick`]).
 //!
 //! Writes queued one after another are applied in that order: while any
 //! write sent to the thread is not yet committed, no caller commits its
