@@ -524,13 +524,21 @@ async fn kill_9_while_consuming_applies_every_record_once() {
             assert!(Instant::now() < until, "the consumer did not start in 30 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(10..300))).await;
-        // Killed while it consumes, in most rounds (counted below).
-        if let Some(st) = status(&mut c, "orders").await {
-            let at: i64 = st.partitions.iter().map(|p| p.position.max(0)).sum();
-            if at < sent as i64 {
-                mid_stream += 1;
-            }
+        // Killed while it consumes, in most rounds (counted below): once it
+        // has applied a random part of this round's records (a moment
+        // taken by time alone missed the stream on a quick day).
+        let target = (sent - payloads.len() + rng.random_range(300..2700)) as i64;
+        let applied = |st: &Option<_>| {
+            st.as_ref().map_or(0, |st: &KafkaSourceStatus| {
+                st.partitions.iter().map(|p| p.position.max(0)).sum::<i64>()
+            })
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        while applied(&status(&mut c, "orders").await) < target && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if applied(&status(&mut c, "orders").await) < sent as i64 {
+            mid_stream += 1;
         }
         let clients = children_of(server.pid().expect("a pid"));
         server.kill();
