@@ -18,8 +18,8 @@
 //! write), `plan` (a request and the state in, a batch with every id assigned out),
 //! `ids` (customer keys to ids, new ids for new keys), `coalesce`
 //! (consecutive small updates of a group as one batch), `checkpoints`
-//! (scheduling, installing and maintenance), and this module (the thread,
-//! group commit).
+//! (scheduling, installing and maintenance), and this module (group
+//! commit: what one commit does, whoever runs it).
 
 mod audiences;
 mod checkpoints;
