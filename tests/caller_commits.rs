@@ -18,9 +18,14 @@ use tagstore::storage::{Engine, EngineConfig, Mutation, WriteOp};
 
 const DIR: &str = "/mem/store";
 
+/// A store that keeps no daily versions: a caller's first commit would
+/// otherwise tell the writer's thread to look at the calendar (a `Tick`),
+/// and the thread, holding the writer meanwhile, could send the next write
+/// its way, where a test wants it on the caller.
 fn open(fs: &MemFs) -> Engine {
     let mut cfg = EngineConfig::new(DIR);
     cfg.fs = Arc::new(fs.clone());
+    cfg.history_days = 0;
     Engine::open(cfg).unwrap()
 }
 
@@ -155,7 +160,7 @@ fn a_failed_sync_on_the_callers_thread_refuses_that_write_and_every_later_one() 
 
 /// Eight callers writing at once: the writer's thread commits them in
 /// groups, and callers stop committing their own once writes come
-/// together.
+/// together (trying again at most every 100 ms).
 #[test]
 fn writes_that_come_together_go_to_the_writers_thread() {
     let fs = MemFs::new();
@@ -183,9 +188,13 @@ fn writes_that_come_together_go_to_the_writers_thread() {
     }
     std::thread::sleep(std::time::Duration::from_millis(50));
     drop(hold);
+    let released = std::time::Instant::now();
     for t in tasks {
         rt.block_on(t).unwrap();
     }
+    // Every 100 ms callers may try once more (and step back again at once):
+    // a slow run is allowed a few more commits on callers.
+    let tries = 1 + released.elapsed().as_millis() as u64 / 100;
     assert_eq!(members(&engine, "t").len(), 201);
     let (groups, on_caller) = (
         commits(&engine) - before,
@@ -196,8 +205,9 @@ fn writes_that_come_together_go_to_the_writers_thread() {
         "{groups} commits for 200 writes: none grouped"
     );
     assert!(
-        on_caller <= 8,
-        "{on_caller} of {groups} commits on a caller's thread while eight wrote at once"
+        on_caller <= 8 * tries,
+        "{on_caller} of {groups} commits on a caller's thread while eight wrote at once \
+         ({tries} periods of 100 ms)"
     );
 }
 

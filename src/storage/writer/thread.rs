@@ -52,6 +52,9 @@ pub(crate) struct Core {
     /// or a write sent while a caller committed its own).
     contended_until: AtomicU64,
     epoch: Instant,
+    /// A [`Cmd::Tick`] is on its way to the thread: callers send no other
+    /// until it has been taken.
+    ticked: AtomicBool,
 }
 
 impl Core {
@@ -62,6 +65,7 @@ impl Core {
             stopped: AtomicBool::new(false),
             contended_until: AtomicU64::new(0),
             epoch: Instant::now(),
+            ticked: AtomicBool::new(false),
         }
     }
 
@@ -150,8 +154,9 @@ impl Core {
                         checkpoints.push(reply)
                     }
                     Cmd::CheckpointDone(res) => writer.complete_checkpoint(*res),
-                    // Below, after the group.
-                    Cmd::Tick => {}
+                    // Below, after the group (callers hold off while the
+                    // thread holds the writer, so no due checkpoint is missed).
+                    Cmd::Tick => self.ticked.store(false, Ordering::SeqCst),
                     Cmd::Shutdown(reply) => {
                         shutdown = Some(reply);
                         break;
@@ -209,11 +214,12 @@ impl Idle<'_> {
         let meters = self.writer.shared.meters.clone();
         meters.commits_on_caller.fetch_add(1, Ordering::Relaxed);
         let writer = &mut *self.writer;
+        let ticked = &self.core.ticked;
         let done = catch_unwind(AssertUnwindSafe(|| {
             writer.commit_group(vec![(op, tx)]);
             // Starting a checkpoint may read archive files: not on a
-            // network thread.
-            if writer.checkpoint_may_be_due() {
+            // network thread. One tick at a time.
+            if writer.checkpoint_may_be_due() && !ticked.swap(true, Ordering::SeqCst) {
                 let _ = writer.tx.send(Cmd::Tick);
             }
         }));
