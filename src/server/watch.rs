@@ -773,6 +773,9 @@ impl Feed {
 #[derive(Default)]
 pub struct Hub {
     inner: Mutex<HubInner>,
+    /// Told when a watcher registers: the hub's task follows the feed only
+    /// while there are watchers (see [`dispatch`]).
+    joined: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -804,11 +807,17 @@ impl Hub {
         for f in w.fields.iter().chain(w.values.iter().map(|(f, _)| f)) {
             h.fields.entry(f.clone()).or_default().insert(id);
         }
+        drop(h);
+        self.joined.notify_one();
         Registration {
             hub: self.clone(),
             id,
             notify,
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inner.lock().watchers.is_empty()
     }
 
     /// Wakes the watchers of what `entries` changed (all of them when
@@ -854,34 +863,48 @@ impl Drop for Registration {
 }
 
 /// The hub's task: follows the feed's newest entries (from memory) and
-/// wakes the watchers each one concerns.
+/// wakes the watchers each one concerns. With no watcher it does not
+/// follow the feed at all (it holds no subscription to it), so a write
+/// wakes no task here: with one client writing, that wake-up cost a
+/// thread hand-off on every write. When a watcher registers, it
+/// subscribes again from the feed's end and wakes every watcher once, so
+/// that one that registered while it was idle reads what came meanwhile.
 async fn dispatch(
     engine: Arc<Engine>,
     hub: Arc<Hub>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut signal = engine.feed_signal();
-    let mut at = engine.feed_view().end;
     loop {
-        let changed = tokio::select! {
-            c = signal.changed() => c.is_ok(),
-            _ = closing.wait_for(|c| *c) => false,
-        };
-        if !changed {
-            break;
-        }
-        match engine.feed_recent(at) {
-            Some((entries, end)) => {
-                if !entries.is_empty() {
-                    hub.wake(Some(&entries));
-                }
-                at = end;
+        while hub.is_empty() {
+            tokio::select! {
+                _ = hub.joined.notified() => {}
+                _ = closing.wait_for(|c| *c) => return,
             }
-            None => {
-                // Behind what memory holds (or the feed started again):
-                // every watcher looks for itself.
-                hub.wake(None);
-                at = engine.feed_view().end;
+        }
+        let mut signal = engine.feed_signal();
+        let mut at = engine.feed_view().end;
+        hub.wake(None);
+        while !hub.is_empty() {
+            let changed = tokio::select! {
+                c = signal.changed() => c.is_ok(),
+                _ = closing.wait_for(|c| *c) => false,
+            };
+            if !changed {
+                return;
+            }
+            match engine.feed_recent(at) {
+                Some((entries, end)) => {
+                    if !entries.is_empty() {
+                        hub.wake(Some(&entries));
+                    }
+                    at = end;
+                }
+                None => {
+                    // Behind what memory holds (or the feed started again):
+                    // every watcher looks for itself.
+                    hub.wake(None);
+                    at = engine.feed_view().end;
+                }
             }
         }
     }
@@ -928,5 +951,81 @@ impl Workers {
         });
         self.tx.lock().send(job).ok()?;
         rx.await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{EngineConfig, Mutation, WriteOp};
+
+    async fn add(engine: &Engine, tag: &str, key: &str) {
+        let op = WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: tag.into(),
+                add: vec![key.into()],
+                ..Default::default()
+            }],
+            create_missing_tags: true,
+        };
+        engine.write(op).await.expect("write");
+    }
+
+    /// Waits (at most 10 s) until the feed has `n` followers.
+    async fn followers(engine: &Engine, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while engine.feed_followers() != n {
+            assert!(
+                Instant::now() < deadline,
+                "the feed has {} followers, not {n}",
+                engine.feed_followers()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn woken(r: &Registration, what: &str) {
+        tokio::time::timeout(Duration::from_secs(10), r.notify.notified())
+            .await
+            .unwrap_or_else(|_| panic!("the watcher was not woken {what}"));
+    }
+
+    /// With no watcher the hub does not follow the feed, so a write wakes
+    /// no task of its; a watcher that registers is woken once (to read
+    /// what came while the hub was idle) and by the writes it watches; once
+    /// the last watcher has left, the hub lets go of the feed again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hub_follows_the_feed_only_while_someone_watches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine =
+            Arc::new(Engine::open(EngineConfig::new(dir.path())).expect("open the engine"));
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
+        let feed = Feed::start(engine.clone(), closing);
+        tokio::task::yield_now().await;
+        add(&engine, "a", "k1").await;
+        followers(&engine, 0).await;
+        for round in 0..3 {
+            let watched = Watched {
+                tags: ["a".to_string()].into(),
+                values: HashSet::new(),
+                fields: HashSet::new(),
+                audiences: HashSet::new(),
+            };
+            let registration = feed.hub.register(&watched);
+            woken(&registration, "when it registered").await;
+            followers(&engine, 1).await;
+            add(&engine, "a", &format!("k{}", round + 2)).await;
+            woken(&registration, "by a write it watches").await;
+            drop(registration);
+            // The hub notices that nobody watches at the next write.
+            add(&engine, "b", &format!("k{}", round + 2)).await;
+            followers(&engine, 0).await;
+        }
+        let _ = closing_tx.send(true);
+        let engine = Arc::try_unwrap(engine).ok();
+        drop(feed);
+        if let Some(engine) = engine {
+            engine.shutdown().expect("shutdown");
+        }
     }
 }

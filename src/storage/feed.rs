@@ -269,6 +269,11 @@ impl FeedShared {
         self.end_tx.subscribe()
     }
 
+    /// How many receivers from [`FeedShared::subscribe`] are held.
+    pub fn followers(&self) -> usize {
+        self.end_tx.receiver_count()
+    }
+
     /// The entries after `after` and the feed's end, if memory holds them.
     pub fn recent(&self, after: u64) -> Option<(Vec<Arc<Entry>>, u64)> {
         let end = self.view.lock().end;

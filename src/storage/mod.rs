@@ -331,6 +331,12 @@ impl Engine {
         self.shared.feed.subscribe()
     }
 
+    /// How many follow [`Engine::feed_signal`] now: the server's watch hub
+    /// while it has watchers, none otherwise (a write then wakes nobody).
+    pub fn feed_followers(&self) -> usize {
+        self.shared.feed.followers()
+    }
+
     /// Opens what a backup copies: the manifest on disk, the files it
     /// names, and the log up to the newest published write (see
     /// [`backup::Source`]). Quick (files are opened, not read); writes and
