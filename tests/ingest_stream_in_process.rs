@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tagstore::clock::ManualClock;
-use tagstore::config::{FileConfig, Overrides, ServerConfig};
+use tagstore::config::FileConfig;
 use tagstore::proto::tag_store_client::TagStoreClient;
 use tagstore::proto::{AggregateRequest, CreateSourceRequest, IngestRequest, IngestResponse};
 use tagstore::server::RECORDS_AHEAD_BYTES;
@@ -70,8 +70,7 @@ struct InProcess {
     fs: MemFs,
     metrics: String,
     client: TagStoreClient<Channel>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<tagstore::error::Result<()>>,
+    server: common::InProcessServer,
 }
 
 impl InProcess {
@@ -83,47 +82,11 @@ impl InProcess {
     /// before left), with `file` as its configuration file and `clock` as
     /// its clock (`None`: the system's), and a client of it.
     async fn serve(fs: MemFs, file: FileConfig, clock: Option<Arc<ManualClock>>) -> InProcess {
-        let mut config = ServerConfig::resolve(
-            file,
-            Overrides {
-                listen: Some("127.0.0.1:0".into()),
-                data_dir: Some("/mem/store".into()),
-                metrics_listen: Some("127.0.0.1:0".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        config.engine.fs = Arc::new(fs.clone());
-        if let Some(clock) = clock {
-            config.engine.clock = clock;
-        }
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (bound, listening) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(tagstore::server::serve(
-            config,
-            async {
-                let _ = stopped.await;
-            },
-            move |at| {
-                let _ = bound.send(at);
-            },
-        ));
-        let at = match listening.await {
-            Ok(at) => at,
-            Err(_) => panic!("the server did not start: {:?}", server.await),
-        };
-        let metrics = at.metrics.expect("a metrics address").to_string();
-        let channel = Channel::from_shared(format!("http://{}", at.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let client = TagStoreClient::new(channel).max_encoding_message_size(64 << 20);
+        let server = common::InProcessServer::start(fs.clone(), file, clock).await;
         InProcess {
             fs,
-            metrics,
-            client,
-            stop,
+            metrics: server.metrics.clone(),
+            client: server.client().await,
             server,
         }
     }
@@ -184,8 +147,7 @@ impl InProcess {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.server.await.unwrap().unwrap();
+        self.server.stop().await;
     }
 }
 

@@ -212,3 +212,81 @@ impl Drop for SmallDisk {
             .status();
     }
 }
+
+/// A server run in this process (`tagstore::server::serve`) on an
+/// in-memory file system, so that a test can make its files fail (and its
+/// clock move) at chosen steps; stopped by [`InProcessServer::stop`].
+pub struct InProcessServer {
+    /// The gRPC address.
+    pub grpc: String,
+    /// The metrics address.
+    pub metrics: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<tagstore::error::Result<()>>,
+}
+
+impl InProcessServer {
+    /// Serves the store at `/mem/store` on `fs` (a new one, or one a
+    /// server before left), with `file` as the configuration file and
+    /// `clock` as the clock (`None`: the system's), on free loopback ports.
+    pub async fn start(
+        fs: tagstore::storage::fs::MemFs,
+        file: tagstore::config::FileConfig,
+        clock: Option<std::sync::Arc<tagstore::clock::ManualClock>>,
+    ) -> InProcessServer {
+        let mut config = tagstore::config::ServerConfig::resolve(
+            file,
+            tagstore::config::Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                data_dir: Some("/mem/store".into()),
+                metrics_listen: Some("127.0.0.1:0".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        config.engine.fs = std::sync::Arc::new(fs);
+        if let Some(clock) = clock {
+            config.engine.clock = clock;
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound, listening) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(tagstore::server::serve(
+            config,
+            async {
+                let _ = stopped.await;
+            },
+            move |at| {
+                let _ = bound.send(at);
+            },
+        ));
+        let at = match listening.await {
+            Ok(at) => at,
+            Err(_) => panic!("the server did not start: {:?}", server.await),
+        };
+        InProcessServer {
+            grpc: at.grpc.to_string(),
+            metrics: at.metrics.expect("a metrics address").to_string(),
+            stop,
+            server,
+        }
+    }
+
+    /// A client of it, taking messages up to 64 MiB.
+    pub async fn client(
+        &self,
+    ) -> tagstore::proto::tag_store_client::TagStoreClient<tonic::transport::Channel> {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        tagstore::proto::tag_store_client::TagStoreClient::new(channel)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Stops it and waits until it has let go of the store.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
