@@ -128,6 +128,35 @@ async fn sources_are_created_listed_and_dropped() {
     assert!(list.sources[0].definition.contains("订单号"));
     assert_eq!(list.presets.len(), 8);
     assert!(list.presets.iter().all(|p| !p.description.is_empty()));
+    // A description over 1 KiB is listed cut, at a character's boundary;
+    // the definition has it whole.
+    let preset = tagstore::ingest::presets::preset("taobao_orders").unwrap();
+    let line = preset.find("description = ").unwrap();
+    let line_end = line + preset[line..].find('\n').unwrap();
+    let long = "长".repeat(1000);
+    let definition = format!(
+        "{}description = \"{long}\"{}",
+        &preset[..line],
+        &preset[line_end..]
+    );
+    let listed = |info: &tagstore::proto::SourceInfo| {
+        assert_eq!(info.definition, definition);
+        assert!(info.description.len() <= 1024, "{}", info.description.len());
+        let kept = info.description.strip_suffix('…').unwrap();
+        assert!(long.starts_with(kept) && kept.len() > 1000, "{kept}");
+    };
+    let r = c
+        .create_source(create("long", &definition, "", false))
+        .await
+        .unwrap()
+        .into_inner();
+    listed(&r.source.unwrap());
+    let list = c
+        .list_sources(ListSourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    listed(list.sources.iter().find(|s| s.name == "long").unwrap());
     c.drop_source(DropSourceRequest { name: "tb".into() })
         .await
         .unwrap();

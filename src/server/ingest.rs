@@ -79,15 +79,23 @@ pub const MAX_BATCH_RECORDS: usize = 100_000;
 
 pub type IngestStream = ReceiverStream<Result<proto::IngestResponse, Status>>;
 
+/// Longest `description` a source is listed with, in bytes (a longer one
+/// is cut, ending in "…"; the definition has it whole). Without it a
+/// definition could be nearly all description, listed twice, and the
+/// largest `ListSources` answer would not fit the default message limit.
+pub const LISTED_DESCRIPTION_BYTES: usize = 1024;
+
 fn source_info(meta: &SourceMeta) -> proto::SourceInfo {
     // A stored definition was checked when it was created; should it ever
     // not parse (a later version's stricter rule), it is still listed.
     let parsed = Source::parse(&meta.name, &meta.definition).ok();
+    let mut description = parsed
+        .as_ref()
+        .map_or_else(String::new, |s| s.description.clone());
+    crate::kafka::cut(&mut description, LISTED_DESCRIPTION_BYTES);
     proto::SourceInfo {
         name: meta.name.to_string(),
-        description: parsed
-            .as_ref()
-            .map_or_else(String::new, |s| s.description.clone()),
+        description,
         format: parsed.map_or_else(String::new, |s| format_name(s.format).into()),
         definition: meta.definition.clone(),
         created_at_ms: meta.created_ms,
@@ -243,19 +251,24 @@ pub(super) fn list_sources(
                 ..source_info(m)
             })
             .collect(),
-        presets: PRESETS
-            .iter()
-            .map(|(name, def)| {
-                source_info(&SourceMeta {
-                    name: Arc::from(*name),
-                    definition: def.to_string(),
-                    created_ms: 0,
-                    updated_ms: 0,
-                    paused: false,
-                })
-            })
-            .collect(),
+        presets: presets_info(),
     }
+}
+
+/// The built-in presets, as `ListSources` lists them.
+fn presets_info() -> Vec<proto::SourceInfo> {
+    PRESETS
+        .iter()
+        .map(|(name, def)| {
+            source_info(&SourceMeta {
+                name: Arc::from(*name),
+                definition: def.to_string(),
+                created_ms: 0,
+                updated_ms: 0,
+                paused: false,
+            })
+        })
+        .collect()
 }
 
 /// A batch read and turned into writes, waiting for the engine.
@@ -887,5 +900,99 @@ async fn apply(
             Ok(answer)
         }
         Err(e) => Err(to_status(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// `ListSources` is not paged: with every source as large as the store
+    /// lets it be (the longest name; a definition of the longest length,
+    /// nearly all of it description; a Kafka status listing the most
+    /// partitions, each of a topic of the longest name, the longest error
+    /// and the most kept rejects with the longest reasons), the answer must
+    /// still fit the server's default message limit.
+    #[test]
+    fn the_largest_list_of_sources_fits_the_default_message_limit() {
+        use crate::storage::writer::ops::{MAX_SOURCE_DEFINITION_BYTES, MAX_SOURCES};
+        let preset = presets::preset("taobao_orders").unwrap();
+        let start = preset.find("description = ").unwrap();
+        let end = start + preset[start..].find('\n').unwrap();
+        let rest = preset.len() - (end - start);
+        let filler = MAX_SOURCE_DEFINITION_BYTES - rest - "description = \"\"".len();
+        let definition = format!(
+            "{}description = \"{}\"{}",
+            &preset[..start],
+            "说".repeat(filler / 3),
+            &preset[end..]
+        );
+        let name = "s".repeat(crate::ingest::event::MAX_NAME_BYTES);
+        Source::parse(&name, &definition).unwrap();
+        assert!(definition.len() > MAX_SOURCE_DEFINITION_BYTES - 3);
+        let meta = SourceMeta {
+            name: Arc::from(name.as_str()),
+            definition,
+            created_ms: i64::MAX,
+            updated_ms: i64::MAX,
+            paused: true,
+        };
+        let topic = |i: usize| format!("{i:03}{}", "t".repeat(246));
+        let status = crate::kafka::Status {
+            state: crate::kafka::State::Retrying,
+            error: "e".repeat(crate::kafka::ERROR_BYTES),
+            error_at_ms: i64::MAX,
+            error_from_brokers: true,
+            partitions: (0..crate::kafka::LISTED_PARTITIONS)
+                .map(|i| crate::kafka::PartitionStatus {
+                    topic: topic(i % crate::ingest::kafka::MAX_TOPICS),
+                    partition: i32::MAX,
+                    position: i64::MAX,
+                    high_watermark: i64::MAX,
+                    lag_records: i64::MAX,
+                    lag_seconds: f64::MAX,
+                })
+                .collect(),
+            unlisted_partitions: u64::MAX,
+            lag_records: i64::MAX,
+            lag_seconds: f64::MAX,
+            applied: u64::MAX,
+            duplicates: u64::MAX,
+            ignored: u64::MAX,
+            rejected: u64::MAX,
+            position_resets: u64::MAX,
+            records_per_second: f64::MAX,
+        };
+        let rejects = Arc::new(
+            (0..crate::storage::snapshot::KEPT_REJECTS)
+                .map(|i| crate::storage::snapshot::KeptReject {
+                    skipped: true,
+                    topic: topic(i),
+                    partition: i32::MAX,
+                    offset: i64::MAX,
+                    at_ms: i64::MAX,
+                    reason: "r".repeat(crate::storage::record::MAX_REJECT_REASON),
+                })
+                .collect::<std::collections::VecDeque<_>>(),
+        );
+        let one = proto::SourceInfo {
+            kafka: Some(kafka_status(status, Some(&rejects))),
+            ..source_info(&meta)
+        };
+        assert_eq!(one.definition, meta.definition, "the definition whole");
+        assert!(one.description.len() <= LISTED_DESCRIPTION_BYTES);
+        assert!(one.description.ends_with('…'), "{}", one.description);
+        let answer = proto::ListSourcesResponse {
+            sources: vec![one; MAX_SOURCES],
+            presets: presets_info(),
+        };
+        let bytes = answer.encoded_len();
+        let limit = crate::config::Limits::default().max_message_bytes;
+        assert!(
+            bytes <= limit,
+            "the largest ListSources answer is {bytes} bytes, over the default limit of {limit}"
+        );
     }
 }
