@@ -135,6 +135,7 @@ async fn every_call_and_its_errors() {
     let by_cat = c
         .list_tags(ListTagsRequest {
             category: "价值".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -998,4 +999,81 @@ async fn large_updates_by_key() {
     assert_eq!(count(&mut c, "ALL").await, 900);
     drop(c);
     server.kill();
+}
+
+/// `ListTags` pages: thousands of tags with long descriptions come in
+/// answers that a client with gRPC's usual 4 MiB receive limit can read,
+/// in name order, each tag once; `limit` and `category` page the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_listed_in_pages_a_default_client_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    // 1,100 tags of about 4 KiB each: 4.5 MB in all.
+    let description = "描述".repeat(680);
+    let names: Vec<String> = (0..1100).map(|i| format!("t{i:04}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        c.create_tag(CreateTagRequest {
+            name: name.clone(),
+            description: description.clone(),
+            category: if i % 2 == 0 { "even" } else { "odd" }.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // A client as tonic makes it by default: 4 MiB at most per answer.
+    let mut plain = tag_store_client::TagStoreClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let (seen, sizes) = tag_pages(&mut plain, "", 0, &description).await;
+    assert_eq!(seen, names, "every tag once, in name order");
+    assert_eq!(sizes.len(), 2, "{sizes:?}");
+    assert!(sizes.iter().all(|&s| s <= 3584 << 10), "{sizes:?}");
+    let (seen, sizes) = tag_pages(&mut plain, "odd", 0, &description).await;
+    let odd: Vec<String> = names.iter().skip(1).step_by(2).cloned().collect();
+    assert_eq!((seen, sizes.len()), (odd, 1));
+    let (seen, sizes) = tag_pages(&mut plain, "even", 100, &description).await;
+    let even: Vec<String> = names.iter().step_by(2).cloned().collect();
+    assert_eq!((seen, sizes.len()), (even, 6));
+    // A request that names no page gets the first, and says more follow.
+    let first = plain
+        .list_tags(ListTagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.more && first.tags.len() < names.len());
+}
+
+/// Every page of `ListTags` of `category` with `limit`, checking that each
+/// tag has `description` and no page is empty: the names in order, and
+/// each page's size in bytes.
+async fn tag_pages(
+    client: &mut tag_store_client::TagStoreClient<tonic::transport::Channel>,
+    category: &str,
+    limit: u32,
+    description: &str,
+) -> (Vec<String>, Vec<usize>) {
+    let (mut seen, mut sizes, mut after) = (Vec::new(), Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_tags(ListTagsRequest {
+                category: category.into(),
+                after: after.clone(),
+                limit,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("a page after {after:?}: {e}"))
+            .into_inner();
+        assert!(!page.tags.is_empty(), "an empty page after {after:?}");
+        sizes.push(prost::Message::encoded_len(&page));
+        for t in &page.tags {
+            assert_eq!(t.description, description);
+            seen.push(t.name.clone());
+        }
+        if !page.more {
+            return (seen, sizes);
+        }
+        after = seen.last().unwrap().clone();
+    }
 }

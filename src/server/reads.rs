@@ -2,6 +2,7 @@
 //! `Export`, `Profile`. Proto in, a query on one snapshot, proto out; page
 //! sizes and cursors live here.
 
+use std::ops::Bound;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -53,19 +54,45 @@ fn page_size(requested: u32, default: u32, what: &str) -> Result<usize, Status> 
     }
 }
 
+/// Most bytes of tags one `ListTags` answer holds: a tag may be 4 KiB of
+/// description and 16 KiB of rule, and a store may have any number, while
+/// a client's usual receive limit is 4 MiB.
+const TAGS_PAGE_BYTES: usize = 3584 << 10;
+
+/// `ListTags`: the tags `visible` lets through (the caller's scope), in
+/// name order, from after `after`.
 pub(super) async fn list_tags(
     svc: &Service,
     req: Request<proto::ListTagsRequest>,
+    visible: impl Fn(&Snapshot, &str, &str) -> bool,
 ) -> Result<Response<proto::ListTagsResponse>, Status> {
-    let category = req.into_inner().category;
+    let r = req.into_inner();
+    let limit = match r.limit {
+        0 => usize::MAX,
+        n => n as usize,
+    };
     let snap = svc.engine.snapshot();
-    let tags = snap
-        .tags
-        .values()
-        .filter(|t| category.is_empty() || t.meta.category == category)
-        .map(|t| tag_info(&t.meta, &snap))
-        .collect();
-    Ok(Response::new(proto::ListTagsResponse { tags }))
+    let (mut tags, mut bytes, mut more) = (Vec::new(), 0, false);
+    let start = match r.after.as_str() {
+        "" => Bound::Unbounded,
+        after => Bound::Excluded(Arc::<str>::from(after)),
+    };
+    for (_, t) in snap.tags.range((start, Bound::Unbounded)) {
+        if (!r.category.is_empty() && t.meta.category != r.category)
+            || !visible(&snap, &t.meta.name, &t.meta.category)
+        {
+            continue;
+        }
+        let info = tag_info(&t.meta, &snap);
+        let size = prost::Message::encoded_len(&info) + 4;
+        if tags.len() >= limit || (!tags.is_empty() && bytes + size > TAGS_PAGE_BYTES) {
+            more = true;
+            break;
+        }
+        bytes += size;
+        tags.push(info);
+    }
+    Ok(Response::new(proto::ListTagsResponse { tags, more }))
 }
 
 pub(super) async fn describe_tag(

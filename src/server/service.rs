@@ -161,15 +161,15 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ListTagsRequest>,
     ) -> Result<Response<proto::ListTagsResponse>, Status> {
+        // A token limited to some categories pages through the tags it may
+        // see: a page is never empty while more follow.
         let limited = scope::limited(&req);
-        let mut res = reads::list_tags(self, req).await?;
-        if let Some(g) = limited {
-            let snap = self.engine.snapshot();
-            res.get_mut()
-                .tags
-                .retain(|t| scope::visible(&g, &snap, &t.name, &t.category));
-        }
-        Ok(res)
+        reads::list_tags(self, req, |snap, name, category| {
+            limited
+                .as_ref()
+                .is_none_or(|g| scope::visible(g, snap, name, category))
+        })
+        .await
     }
 
     async fn describe_tag(

@@ -164,8 +164,30 @@ impl Session {
 
     /// Fetches the tag names for completion; quietly keeps the old list on failure.
     pub async fn refresh_tags(&mut self) {
-        if let Ok(r) = self.client.list_tags(ListTagsRequest::default()).await {
-            *self.tag_names.write() = r.into_inner().tags.into_iter().map(|t| t.name).collect();
+        if let Ok(tags) = self.all_tags().await {
+            *self.tag_names.write() = tags.into_iter().map(|t| t.name).collect();
+        }
+    }
+
+    /// Every tag, page after page (`ListTags` ends an answer early once it
+    /// holds a few MiB).
+    pub async fn all_tags(&mut self) -> Result<Vec<TagInfo>, Status> {
+        let mut tags: Vec<TagInfo> = Vec::new();
+        loop {
+            let after = tags.last().map(|t| t.name.clone()).unwrap_or_default();
+            let page = self
+                .client
+                .list_tags(ListTagsRequest {
+                    after,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let got = page.tags.len();
+            tags.extend(page.tags);
+            if !page.more || got == 0 {
+                return Ok(tags);
+            }
         }
     }
 

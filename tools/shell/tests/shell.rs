@@ -957,3 +957,32 @@ async fn as_of_reads_the_store_as_it_was_until_as_of_now() {
     assert!(fails(a, &format!("as of position {}", lsn + 100)).contains("ahead"));
     assert!(fails(a, "as of 11/11").contains("usage"));
 }
+
+/// `tags` lists every tag of a store whose listing takes several
+/// `ListTags` answers (1,100 tags with 4 KiB descriptions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_lists_a_store_of_many_long_tags_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = server.client().await.unwrap();
+    for i in 0..1100 {
+        c.create_tag(tagstore_proto::CreateTagRequest {
+            name: format!("t{i:04}"),
+            description: "描述".repeat(680),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let out = shell(&server.addr, &["--json", "-c", "tags"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..1100).map(|i| format!("t{i:04}")).collect();
+    assert_eq!(names, want);
+}

@@ -576,12 +576,7 @@ impl Session {
                 );
             }
             Command::Tags => {
-                let tags = self
-                    .client
-                    .list_tags(ListTagsRequest::default())
-                    .await?
-                    .into_inner()
-                    .tags;
+                let tags = self.all_tags().await?;
                 *self.tag_names.write() = tags.iter().map(|t| t.name.clone()).collect();
                 let rows: Vec<Vec<String>> = tags
                     .iter()
