@@ -475,7 +475,7 @@ async fn fields_over_grpc() {
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
     let fields = c
-        .list_fields(ListFieldsRequest {})
+        .list_fields(ListFieldsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -722,4 +722,56 @@ async fn increments_combine_on_the_server() {
         int_value(&mut c, "c0", "last_order_day").await,
         Some(20_096)
     );
+}
+
+/// `ListFields` pages: enumerated fields declaring the most values of the
+/// longest length come in answers that a client with gRPC's usual 4 MiB
+/// receive limit can read, in name order, each field once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_are_listed_in_pages_a_default_client_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    // 40 fields of 1,024 values of 128 bytes: 5.3 MB in all.
+    let values: Vec<String> = (0..1024)
+        .map(|i| format!("{i:04}{}", "v".repeat(124)))
+        .collect();
+    let values: Vec<&str> = values.iter().map(String::as_str).collect();
+    let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
+    for name in &names {
+        create(&mut c, name, FieldKind::Enum, &values).await;
+    }
+    // A client as tonic makes it by default: 4 MiB at most per answer.
+    let mut plain = tag_store_client::TagStoreClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    for limit in [0, 7] {
+        let (mut seen, mut pages, mut after) = (Vec::new(), 0, String::new());
+        loop {
+            let page = plain
+                .list_fields(ListFieldsRequest {
+                    after: after.clone(),
+                    limit,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("limit {limit}: a page after {after:?}: {e}"))
+                .into_inner();
+            assert!(!page.fields.is_empty(), "an empty page after {after:?}");
+            assert!(prost::Message::encoded_len(&page) <= 3584 << 10);
+            pages += 1;
+            for f in &page.fields {
+                assert_eq!(f.values, values, "{}", f.name);
+                seen.push(f.name.clone());
+            }
+            if !page.more {
+                break;
+            }
+            after = seen.last().unwrap().clone();
+        }
+        assert_eq!(
+            seen, names,
+            "limit {limit}: every field once, in name order"
+        );
+        assert_eq!(pages, if limit == 0 { 2 } else { 6 }, "limit {limit}");
+    }
 }

@@ -194,7 +194,7 @@ async fn check(c: &mut Client) {
     assert_eq!(life.reads, ["order_count", "潜在流失"]);
     assert!(rules.iter().all(|r| r.stale.is_empty()));
     let fields = c
-        .list_fields(ListFieldsRequest {})
+        .list_fields(ListFieldsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -3,6 +3,7 @@
 //! trait implementation there delegates here.
 
 use std::collections::HashSet;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use tonic::Status;
@@ -151,16 +152,48 @@ pub(super) async fn drop_field(engine: &Engine, name: String) -> Result<(), Stat
     Ok(())
 }
 
-pub(super) async fn list_fields(engine: &Engine) -> Result<proto::ListFieldsResponse, Status> {
+/// Most bytes of fields one `ListFields` answer holds: an enumerated field
+/// may declare 1,024 values of 128 bytes, and a store may have any number
+/// of fields, while a client's usual receive limit is 4 MiB.
+const FIELDS_PAGE_BYTES: usize = 3584 << 10;
+
+/// `ListFields`: the fields whose category `visible` lets through (the
+/// caller's scope), in name order, from after `r.after`.
+pub(super) async fn list_fields(
+    engine: &Engine,
+    r: proto::ListFieldsRequest,
+    visible: impl Fn(&str) -> bool + Send + 'static,
+) -> Result<proto::ListFieldsResponse, Status> {
+    let limit = match r.limit {
+        0 => usize::MAX,
+        n => n as usize,
+    };
     let snap = engine.snapshot();
+    // Counts of customers with a value may read bitmaps from segments.
     blocking(move || {
-        let fields = snap
-            .fields
-            .values()
-            .map(|f| field_info(f, &snap))
-            .collect::<Result<Vec<_>, Error>>()
-            .map_err(to_status)?;
-        Ok(proto::ListFieldsResponse { fields })
+        let start = match r.after.as_str() {
+            "" => Bound::Unbounded,
+            after => Bound::Excluded(Arc::<str>::from(after)),
+        };
+        let (mut fields, mut bytes, mut more) = (Vec::new(), 0, false);
+        for (_, f) in snap.fields.range((start, Bound::Unbounded)) {
+            if !visible(&f.meta.category) {
+                continue;
+            }
+            if fields.len() >= limit {
+                more = true;
+                break;
+            }
+            let info = field_info(f, &snap).map_err(to_status)?;
+            let size = prost::Message::encoded_len(&info) + 4;
+            if !fields.is_empty() && bytes + size > FIELDS_PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += size;
+            fields.push(info);
+        }
+        Ok(proto::ListFieldsResponse { fields, more })
     })
     .await
 }

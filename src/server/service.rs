@@ -407,11 +407,13 @@ impl TagStore for Service {
         &self,
         req: Request<proto::ListFieldsRequest>,
     ) -> Result<Response<proto::ListFieldsResponse>, Status> {
+        // A token limited to some categories pages through the fields it
+        // may see: a page is never empty while more follow.
         let limited = scope::limited(&req);
-        let mut r = fields::list_fields(&self.engine).await?;
-        if let Some(g) = limited {
-            r.fields.retain(|f| g.may_use(&f.category));
-        }
+        let r = fields::list_fields(&self.engine, req.into_inner(), move |category| {
+            limited.as_ref().is_none_or(|g| g.may_use(category))
+        })
+        .await?;
         Ok(Response::new(r))
     }
 

@@ -958,10 +958,11 @@ async fn as_of_reads_the_store_as_it_was_until_as_of_now() {
     assert!(fails(a, "as of 11/11").contains("usage"));
 }
 
-/// `tags` lists every tag of a store whose listing takes several
-/// `ListTags` answers (1,100 tags with 4 KiB descriptions).
+/// `tags` and `fields` list every tag and field of a store whose listings
+/// take several answers (1,100 tags with 4 KiB descriptions; 40 enumerated
+/// fields of 1,024 values of 128 bytes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tags_lists_a_store_of_many_long_tags_whole() {
+async fn tags_and_fields_list_a_store_of_many_long_ones_whole() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let mut c = server.client().await.unwrap();
@@ -984,5 +985,30 @@ async fn tags_lists_a_store_of_many_long_tags_whole() {
         .map(|t| t["name"].as_str().unwrap())
         .collect();
     let want: Vec<String> = (0..1100).map(|i| format!("t{i:04}")).collect();
+    assert_eq!(names, want);
+
+    let values: Vec<String> = (0..1024)
+        .map(|i| format!("{i:04}{}", "v".repeat(124)))
+        .collect();
+    for i in 0..40 {
+        c.create_field(tagstore_proto::CreateFieldRequest {
+            name: format!("f{i:02}"),
+            kind: tagstore_proto::FieldKind::Enum as i32,
+            values: values.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let out = shell(&server.addr, &["--json", "-c", "fields"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
     assert_eq!(names, want);
 }

@@ -19,13 +19,30 @@ fn kind_name(kind: i32) -> &'static str {
 }
 
 impl Session {
+    /// Every field, page after page (`ListFields` ends an answer early once
+    /// it holds a few MiB).
+    async fn all_fields(&mut self) -> Result<Vec<FieldInfo>, Failure> {
+        let mut fields: Vec<FieldInfo> = Vec::new();
+        loop {
+            let after = fields.last().map(|f| f.name.clone()).unwrap_or_default();
+            let page = self
+                .client
+                .list_fields(ListFieldsRequest {
+                    after,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let got = page.fields.len();
+            fields.extend(page.fields);
+            if !page.more || got == 0 {
+                return Ok(fields);
+            }
+        }
+    }
+
     async fn field_kind(&mut self, name: &str) -> Result<FieldKind, Failure> {
-        let fields = self
-            .client
-            .list_fields(ListFieldsRequest {})
-            .await?
-            .into_inner()
-            .fields;
+        let fields = self.all_fields().await?;
         fields
             .iter()
             .find(|f| f.name == name)
@@ -69,12 +86,7 @@ impl Session {
     pub(super) async fn exec_field(&mut self, cmd: Command) -> Result<(), Failure> {
         match cmd {
             Command::Fields => {
-                let fields = self
-                    .client
-                    .list_fields(ListFieldsRequest {})
-                    .await?
-                    .into_inner()
-                    .fields;
+                let fields = self.all_fields().await?;
                 let rows: Vec<Vec<String>> = fields
                     .iter()
                     .map(|f| {
