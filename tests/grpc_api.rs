@@ -1043,6 +1043,18 @@ async fn tags_are_listed_in_pages_a_default_client_can_read() {
         .unwrap()
         .into_inner();
     assert!(first.more && first.tags.len() < names.len());
+    // The largest request: a 1 MiB `after` and the largest `limit`.
+    let page = plain
+        .list_tags(ListTagsRequest {
+            after: format!("t0549{}", "~".repeat(1 << 20)),
+            limit: u32::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rest: Vec<String> = page.tags.into_iter().map(|t| t.name).collect();
+    assert_eq!((rest, page.more), (names[550..].to_vec(), false));
 }
 
 /// Every page of `ListTags` of `category` with `limit`, checking that each

@@ -774,4 +774,15 @@ async fn fields_are_listed_in_pages_a_default_client_can_read() {
         );
         assert_eq!(pages, if limit == 0 { 2 } else { 6 }, "limit {limit}");
     }
+    // The largest request: a 1 MiB `after` and the largest `limit`.
+    let page = plain
+        .list_fields(ListFieldsRequest {
+            after: format!("f19{}", "~".repeat(1 << 20)),
+            limit: u32::MAX,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.fields.first().map(|f| f.name.as_str()), Some("f20"));
+    assert!(prost::Message::encoded_len(&page) <= 3584 << 10);
 }

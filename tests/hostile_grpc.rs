@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use common::{Client, TestServer, client, code, count};
 use tagstore::proto::{
     CheckpointRequest, CreateFieldRequest, DeleteCustomersRequest, DescribeTagRequest,
-    ExportRequest, FieldKind, Mutation, ProfileRequest, ReplaceMembersRequest, SetValuesRequest,
-    StatsRequest, UpdateRequest, ValueWrite, value_write::Value,
+    ExportRequest, FieldKind, ListFieldsRequest, ListSourcesRequest, ListTagsRequest, Mutation,
+    ProfileRequest, ReplaceMembersRequest, SetValuesRequest, StatsRequest, UpdateRequest,
+    ValueWrite, value_write::Value,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -682,6 +683,11 @@ async fn a_full_data_disk_refuses_writes_with_resource_exhausted_and_recovers() 
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
     assert!(err.message().contains("disk full"), "{err}");
     assert_eq!(count(&mut c, "t").await, acknowledged, "reads go on");
+    // Listings read only the snapshot.
+    let tags = c.list_tags(ListTagsRequest::default()).await.unwrap();
+    assert_eq!(tags.into_inner().tags.len(), 1);
+    c.list_fields(ListFieldsRequest::default()).await.unwrap();
+    c.list_sources(ListSourcesRequest {}).await.unwrap();
     std::fs::remove_file(&filler).unwrap();
     add(&mut c, "t", keys("after", 100)).await;
     acknowledged += 100;
