@@ -267,3 +267,84 @@ fn a_mirror_of_the_feed_equals_the_store_across_restarts_and_crashes() {
         assert!(resyncs > 0, "no crash lost a write the watcher had seen");
     }
 }
+
+fn add(engine: &Engine, tag: &str, customer: &str) -> u64 {
+    engine
+        .write_blocking(WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: tag.into(),
+                add: vec![customer.into()],
+                ..Default::default()
+            }],
+            create_missing_tags: false,
+        })
+        .unwrap()
+        .lsn
+}
+
+/// The entries a reader from `after` finds now, as (lsn, who entered `a`).
+fn entered_a(engine: &Engine, after: u64) -> Vec<(u64, Vec<u32>)> {
+    let mut reader = engine.feed_reader(after).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let entries = reader.next(1 << 20).unwrap();
+        if entries.is_empty() {
+            return out;
+        }
+        for e in entries {
+            for c in &e.changes {
+                if key(c.subject()) == "tag:a" {
+                    out.push((e.lsn, c.entered.iter().collect()));
+                }
+            }
+        }
+    }
+}
+
+/// A write's feed entry goes to its file while the log's record is synced,
+/// before the sync returns: no reader sees it until the write is
+/// acknowledged, and a crash that keeps the entry (its page written back)
+/// but loses the log's record has it cut, so that the position goes to the
+/// next write with that write's entry and no other.
+#[test]
+fn an_entry_written_before_its_logs_sync_is_shown_after_it_and_cut_if_the_log_lost_it() {
+    let fs = MemFs::new();
+    let engine = Arc::new(open(&fs, SyncMode::Always));
+    create_tag(&engine, "a");
+    let first = add(&engine, "a", "x");
+    let x = engine.snapshot().dict.lookup("x").unwrap().unwrap();
+    let hold = fs.hold_syncs("wal-");
+    let writer = {
+        let engine = engine.clone();
+        std::thread::spawn(move || add(&engine, "a", "y"))
+    };
+    while hold.waiting() == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The write of y waits for its log's sync: its entry is in the feed's
+    // file, and no reader is shown it.
+    assert_eq!(engine.feed_view().end, first);
+    assert!(entered_a(&engine, first).is_empty());
+    let image = fs.crash_image_written_back("feed-");
+    drop(hold);
+    let second = writer.join().unwrap();
+    assert_eq!(second, first + 1);
+    let y = engine.snapshot().dict.lookup("y").unwrap().unwrap();
+    assert_eq!(entered_a(&engine, first), vec![(second, vec![y])]);
+    drop(engine);
+
+    // The crash kept y's entry and lost y's record in the log.
+    let engine = open(&image, SyncMode::Always);
+    assert_eq!(engine.snapshot().lsn, first, "the log lost y's write");
+    let note = engine.recovery().feed_note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&format!("records from lsn {second} cut")),
+        "{note:?}"
+    );
+    assert_eq!(engine.feed_view().end, first);
+    let z_lsn = add(&engine, "a", "z");
+    assert_eq!(z_lsn, second, "the lost position goes to the next write");
+    let z = engine.snapshot().dict.lookup("z").unwrap().unwrap();
+    assert_eq!(entered_a(&engine, first), vec![(z_lsn, vec![z])]);
+    assert_eq!(entered_a(&engine, 0).first(), Some(&(first, vec![x])));
+}

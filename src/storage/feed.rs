@@ -9,8 +9,11 @@
 //! entries), when and what to write is the writer's.
 //!
 //! The feed is derived data: every entry follows from the log and the state
-//! before it. Entries are appended after the log's sync of their write and
-//! are not synced themselves; before a checkpoint deletes log files, the
+//! before it. A group's entries are appended while its log records are
+//! synced (before the sync returns: a crash can leave entries of writes the
+//! log lost, which recovery cuts), shown to readers only once the sync has
+//! returned and the group is published, and not synced themselves; before a
+//! checkpoint deletes log files, the
 //! feed is synced up to the checkpoint (with a mark for positions that
 //! changed no membership), so that recovery can always work out the lost
 //! tail of the feed again from the log it keeps. When a feed file cannot be
@@ -361,6 +364,12 @@ pub struct FeedWriter {
     synced: bool,
     restarted: Option<String>,
     buf: Vec<u8>,
+    /// Entries of the group being committed, written ahead of the log's
+    /// sync and not yet shown, with their sizes as encoded.
+    ahead: Vec<(Arc<Entry>, usize)>,
+    /// Why writing them ahead failed: the next [`FeedWriter::advance`]
+    /// starts the feed again.
+    ahead_failed: Option<Error>,
 }
 
 /// What [`FeedWriter::recover`] found.
@@ -400,6 +409,8 @@ impl FeedWriter {
             synced: true,
             restarted: None,
             buf: Vec::new(),
+            ahead: Vec::new(),
+            ahead_failed: None,
         };
         let mut report = FeedRecovery::default();
         let names = list(dir)?;
@@ -542,8 +553,8 @@ impl FeedWriter {
         Ok(())
     }
 
-    /// Appends a write's entry (not yet synced, not yet shown to readers:
-    /// [`FeedWriter::advance`] does that).
+    /// Appends a write's entry to the file (not synced, not shown to
+    /// readers: [`FeedWriter::advance`] shows it); its size as encoded.
     fn append(&mut self, entry: &Entry) -> Result<usize> {
         self.buf.clear();
         let mut buf = std::mem::take(&mut self.buf);
@@ -552,33 +563,53 @@ impl FeedWriter {
         let res = self.write(&buf, entry.at_ms);
         self.buf = buf;
         res?;
-        self.end = entry.lsn;
         Ok(n)
     }
 
-    /// The writes of one group, after the log's sync: their entries are
-    /// appended and the feed's end moves to `lsn`. A failure to write starts
-    /// the feed again after `lsn` (readers from before are told to
-    /// resynchronise); it never fails the write itself.
-    pub fn advance(&mut self, entries: Vec<Entry>, lsn: u64, now_ms: i64) {
+    /// Writes the entries of a group whose log records are written and not
+    /// yet synced: the file takes them while the disk syncs the log, and
+    /// readers see them only after [`FeedWriter::advance`]. A failure is
+    /// kept for `advance` (the feed then starts again); it never fails the
+    /// write itself.
+    pub fn write_ahead(&mut self, entries: Vec<Entry>) {
+        if !self.config.enabled() || self.ahead_failed.is_some() {
+            return;
+        }
+        if self.current.is_none() {
+            // An earlier failure: start again after this group.
+            self.ahead_failed = Some(Error::Internal("no feed file".into()));
+            return;
+        }
+        for e in entries {
+            let newest = self.ahead.last().map_or(self.end, |(a, _)| a.lsn);
+            if e.lsn <= newest {
+                continue;
+            }
+            match self.append(&e) {
+                Ok(n) => self.ahead.push((Arc::new(e), n)),
+                Err(err) => {
+                    self.ahead_failed = Some(err);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The group up to `lsn` is synced in the log and published: the
+    /// entries written ahead are shown to readers and the feed's end moves
+    /// to `lsn`. A failure to write them starts the feed again after `lsn`
+    /// (readers from before are told to resynchronise).
+    pub fn advance(&mut self, lsn: u64, now_ms: i64) {
+        let ahead = std::mem::take(&mut self.ahead);
+        let failed = self.ahead_failed.take();
         if !self.config.enabled() || lsn <= self.end {
             return;
         }
-        let res = (|| -> Result<()> {
-            if self.current.is_none() {
-                // An earlier failure: start again after it.
-                return Err(Error::Internal("no feed file".into()));
-            }
-            for e in entries {
-                if e.lsn > self.end {
-                    let n = self.append(&e)?;
-                    self.shared.push_ring(Arc::new(e), n);
+        match failed {
+            None => {
+                for (e, n) in ahead {
+                    self.shared.push_ring(e, n);
                 }
-            }
-            Ok(())
-        })();
-        match res {
-            Ok(()) => {
                 self.end = lsn;
                 if self
                     .files
@@ -589,7 +620,7 @@ impl FeedWriter {
                     self.start_again(lsn, &e);
                 }
             }
-            Err(e) => self.start_again(lsn, &e),
+            Some(e) => self.start_again(lsn, &e),
         }
         self.publish();
     }

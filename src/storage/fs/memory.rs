@@ -284,6 +284,18 @@ impl MemFs {
     /// directory syncs, each file holding what was last synced of it. No
     /// locks, no armed failures; the same capacity.
     pub fn crash_image(&self) -> MemFs {
+        self.image(None)
+    }
+
+    /// [`MemFs::crash_image`], except that files whose name starts with
+    /// `name_prefix` keep everything written to them, synced or not: the
+    /// kernel happened to write their pages back before the crash, and
+    /// those of every other file not.
+    pub fn crash_image_written_back(&self, name_prefix: &str) -> MemFs {
+        self.image(Some(name_prefix))
+    }
+
+    fn image(&self, written_back: Option<&str>) -> MemFs {
         let inner = self.0.lock();
         let names: BTreeMap<PathBuf, Node> = inner
             .durable
@@ -292,10 +304,15 @@ impl MemFs {
                 let n = match n {
                     Node::Dir => Node::Dir,
                     Node::File(f) => {
-                        let synced = f.lock().synced.clone();
+                        let f = f.lock();
+                        let kept = if written_back.is_some_and(|w| name_of(p).starts_with(w)) {
+                            f.data.clone()
+                        } else {
+                            f.synced.clone()
+                        };
                         Node::File(Arc::new(Mutex::new(FileState {
-                            data: synced.clone(),
-                            synced,
+                            data: kept.clone(),
+                            synced: kept,
                             dirty: None,
                         })))
                     }

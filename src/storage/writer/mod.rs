@@ -488,23 +488,31 @@ impl Writer {
                 replies.push((reply, Err(Error::Failed(msg.clone()))));
             }
         }
+        // Records the sync thread did not take are logged (and synced below).
+        let logged_here = self.failed.is_none() && !self.buf.is_empty();
+        if logged_here && let Err(e) = self.wal.append(&self.buf) {
+            self.fail(&e);
+        }
+        // The group's feed entries go to their file before the log's sync
+        // (or while the sync thread runs it): out of the answer's way. They
+        // are shown to readers only after the sync (`advance` below);
+        // recovery cuts those of writes the log lost.
+        if self.failed.is_none() {
+            let entries = std::mem::take(&mut self.feed_entries);
+            self.feed.write_ahead(entries);
+        }
         if let Some(pending) = syncing
             && let Err(e) = pending.wait()
             && self.failed.is_none()
         {
             self.fail(&e);
         }
-        if self.failed.is_none() && !self.buf.is_empty() {
-            let res = self
-                .wal
-                .append(&self.buf)
-                .and_then(|_| match self.shared.config.sync {
-                    SyncMode::Always => timed_sync(&mut self.wal, &self.shared.meters),
-                    SyncMode::Never => Ok(()),
-                });
-            if let Err(e) = res {
-                self.fail(&e);
-            }
+        if logged_here
+            && self.failed.is_none()
+            && self.shared.config.sync == SyncMode::Always
+            && let Err(e) = timed_sync(&mut self.wal, &self.shared.meters)
+        {
+            self.fail(&e);
         }
         recycle(&mut self.buf);
         if let Some(msg) = &self.failed {
@@ -517,9 +525,7 @@ impl Writer {
         self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
         // After the snapshot: a watcher woken by the feed finds the keys of
         // the customers it names.
-        let entries = std::mem::take(&mut self.feed_entries);
-        self.feed
-            .advance(entries, self.state.snap.lsn, self.now_ms());
+        self.feed.advance(self.state.snap.lsn, self.now_ms());
         for (reply, res) in replies {
             let _ = reply.send(res);
         }
@@ -552,6 +558,8 @@ impl Writer {
         let res = self.state.apply(lsn, batch).and_then(|_| {
             self.take_feed(lsn, batch.at_ms);
             self.wal.append(&self.buf)?;
+            let entries = std::mem::take(&mut self.feed_entries);
+            self.feed.write_ahead(entries);
             match self.shared.config.sync {
                 SyncMode::Always => timed_sync(&mut self.wal, &self.shared.meters),
                 SyncMode::Never => Ok(()),
@@ -564,8 +572,7 @@ impl Writer {
         }
         self.shared.publish(Arc::new(self.state.snap.clone()));
         self.shared.info.lock().wal_bytes = self.old_wal_bytes + self.wal.bytes();
-        let entries = std::mem::take(&mut self.feed_entries);
-        self.feed.advance(entries, lsn, self.now_ms());
+        self.feed.advance(lsn, self.now_ms());
         Ok(())
     }
 
