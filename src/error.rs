@@ -100,6 +100,10 @@ pub enum Error {
     Failed(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Work stopped because whoever asked for it stopped waiting (a call
+    /// the client cancelled, or whose deadline passed).
+    #[error("the caller stopped waiting")]
+    Abandoned,
     /// A failure of the server itself (a task that died); the message says what.
     #[error("{0}")]
     Internal(String),

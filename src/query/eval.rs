@@ -26,7 +26,8 @@
 //! tags). The engine reads the snapshot and writes nothing.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::bitmap::{Bitmap, SHARD_SIZE, ShardedBitmap, shard_of, shard_start};
 use crate::clock::{Clock, SystemClock};
@@ -56,6 +57,38 @@ fn leaf_work(b: &ShardedBitmap) -> u64 {
     }
 }
 
+/// Set once whoever asked for a count stops waiting for it (the call was
+/// cancelled, or its deadline passed): the threads counting for it stop
+/// at their next shard or query instead of finishing work no one reads.
+#[derive(Debug, Clone, Default)]
+pub struct Abandon(Arc<AtomicBool>);
+
+impl Abandon {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// A guard that sets the flag when dropped: held by the future that
+    /// waits for the count, it is dropped with it when the call goes.
+    pub fn on_drop(&self) -> AbandonOnDrop {
+        AbandonOnDrop(self.clone())
+    }
+}
+
+/// Sets its [`Abandon`] when dropped.
+#[derive(Debug)]
+pub struct AbandonOnDrop(Abandon);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
+    }
+}
+
 /// Shards of one count shared out between threads ([`Query::count_claimed`]):
 /// the next shard to take, how many are counted, and their total.
 #[derive(Debug)]
@@ -64,16 +97,20 @@ pub struct ShardClaims {
     next: AtomicUsize,
     done: AtomicUsize,
     sum: AtomicU64,
+    /// Once set, no further shard is claimed (the total stays unknown).
+    abandon: Abandon,
 }
 
 impl ShardClaims {
-    /// Claims over shards `0..shards` (a query's [`Query::shard_count`]).
-    pub fn new(shards: usize) -> Self {
+    /// Claims over shards `0..shards` (a query's [`Query::shard_count`]),
+    /// until `abandon` is set.
+    pub fn new(shards: usize, abandon: Abandon) -> Self {
         Self {
             shards,
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             sum: AtomicU64::new(0),
+            abandon,
         }
     }
 
@@ -829,6 +866,19 @@ impl<'s> Query<'s> {
         (0..self.shards).map(|i| self.plan.count(i)).sum()
     }
 
+    /// [`Query::count`], shard by shard, until `abandon` is set (`None`
+    /// then).
+    pub fn count_until(&self, abandon: &Abandon) -> Option<u64> {
+        let mut sum = 0;
+        for i in 0..self.shards {
+            if abandon.is_set() {
+                return None;
+            }
+            sum += self.plan.count(i);
+        }
+        Some(sum)
+    }
+
     /// Counts the shards it claims from `claims` one at a time, until none
     /// is left, adding each to the shared total. Several threads may count
     /// the same query this way, each with its own compiled copy: whichever
@@ -837,6 +887,9 @@ impl<'s> Query<'s> {
     /// for its fixed half.
     pub fn count_claimed(&self, claims: &ShardClaims) {
         loop {
+            if claims.abandon.is_set() {
+                return;
+            }
             let i = claims.next.fetch_add(1, Ordering::Relaxed);
             if i >= claims.shards {
                 return;
@@ -1063,7 +1116,7 @@ mod tests {
             let query = Query::compile(q, &snap).unwrap();
             assert_eq!(query.count(), expect, "{q}");
             // Shared out between this thread and another, shard by shard.
-            let claims = ShardClaims::new(query.shard_count());
+            let claims = ShardClaims::new(query.shard_count(), Abandon::default());
             assert_eq!(claims.total(), None, "{q}: nothing counted yet");
             std::thread::scope(|s| {
                 s.spawn(|| Query::compile(q, &snap).unwrap().count_claimed(&claims));
@@ -1080,6 +1133,17 @@ mod tests {
                 true
             });
             assert_eq!(listed, expect, "{q} listed");
+            // Abandoned (the caller went): no further shard is taken, and
+            // the total stays unknown rather than short.
+            let abandon = Abandon::default();
+            let claims = ShardClaims::new(query.shard_count(), abandon.clone());
+            drop(abandon.on_drop());
+            query.count_claimed(&claims);
+            assert!(
+                !claims.all_claimed(),
+                "{q}: a shard taken after the caller went"
+            );
+            assert_eq!(claims.total(), None, "{q}: abandoned");
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::error::Error;
 use crate::query::Query;
-use crate::query::eval::ShardClaims;
+use crate::query::eval::{Abandon, ShardClaims};
 use crate::storage::Snapshot;
 
 /// Why a count failed, and which of several queries did.
@@ -27,7 +27,8 @@ impl CountFailure {
 }
 
 /// The counts of `queries` (at least one), all from `snap`, with "today"
-/// taken at `now` (Unix ms).
+/// taken at `now` (Unix ms). Dropped before it is done (the call was
+/// cancelled), it stops the threads counting for it at their next shard.
 pub async fn count(
     snap: Arc<Snapshot>,
     queries: Vec<String>,
@@ -42,29 +43,56 @@ pub async fn count(
     } else {
         count_inline(&queries, &snap, many, now)?
     };
+    if let Counting::Done(counts) = counting {
+        return Ok(counts);
+    }
+    let abandon = Abandon::default();
+    // Dropped with this future, whether the count is done or the call gone.
+    let _stop_when_dropped = abandon.on_drop();
     match counting {
         Counting::Done(counts) => return Ok(counts),
-        Counting::Halves => return Ok(vec![count_halves(snap, &queries[0], now).await?]),
+        Counting::Halves => {
+            return Ok(vec![
+                count_halves(snap, &queries[0], now, abandon.clone()).await?,
+            ]);
+        }
         Counting::Blocking => {}
     }
     let pool = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        queries
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let query = Query::compile_at(q, &snap, now)
-                    .map_err(|e| CountFailure::new(e, many.then_some(i)))?;
-                Ok(if many {
-                    query.count()
-                } else {
-                    count_split(&query, &snap, q, now, &pool)
-                })
-            })
-            .collect::<Result<Vec<u64>, CountFailure>>()
-    })
-    .await
-    .map_err(|e| CountFailure::new(Error::Internal(format!("query task failed: {e}")), None))?
+    let stop = abandon.clone();
+    tokio::task::spawn_blocking(move || count_all(&snap, &queries, now, &pool, &stop))
+        .await
+        .map_err(|e| CountFailure::new(Error::Internal(format!("query task failed: {e}")), None))?
+}
+
+/// The blocking pool's part of [`count`]: every query in turn, until
+/// `abandon` is set.
+fn count_all(
+    snap: &Arc<Snapshot>,
+    queries: &[String],
+    now: i64,
+    pool: &tokio::runtime::Handle,
+    abandon: &Abandon,
+) -> Result<Vec<u64>, CountFailure> {
+    let many = queries.len() > 1;
+    let gone = || CountFailure::new(Error::Abandoned, None);
+    queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            if abandon.is_set() {
+                return Err(gone());
+            }
+            let query = Query::compile_at(q, snap, now)
+                .map_err(|e| CountFailure::new(e, many.then_some(i)))?;
+            let counted = if many {
+                query.count_until(abandon)
+            } else {
+                count_split(&query, snap, q, now, pool, abandon)
+            };
+            counted.ok_or_else(gone)
+        })
+        .collect()
 }
 
 /// Queries whose texts add up to more than this many bytes are
@@ -101,12 +129,13 @@ fn count_split(
     text: &str,
     now: i64,
     pool: &tokio::runtime::Handle,
-) -> u64 {
+    abandon: &Abandon,
+) -> Option<u64> {
     let shards = query.shard_count();
     if query.work() <= INLINE_WORK || shards < 2 {
-        return query.count();
+        return query.count_until(abandon);
     }
-    let claims = Arc::new(ShardClaims::new(shards));
+    let claims = Arc::new(ShardClaims::new(shards, abandon.clone()));
     let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
     {
         let (snap, text, claims) = (snap.clone(), text.to_string(), claims.clone());
@@ -117,14 +146,18 @@ fn count_split(
     }
     query.count_claimed(&claims);
     if let Some(total) = claims.total() {
-        return total;
+        return Some(total);
+    }
+    if abandon.is_set() {
+        // No one reads the count: the helper stops at its next shard.
+        return None;
     }
     // The helper is still counting a shard it took; wait for it to finish
     // (or to have dropped its sender, should it have failed).
     let _ = rx.recv();
     // A helper that died halfway through a shard leaves that shard uncounted:
     // count the whole query here instead.
-    claims.total().unwrap_or_else(|| query.count())
+    claims.total().or_else(|| query.count_until(abandon))
 }
 
 /// The second thread's part of a split count: nothing if the first thread
@@ -157,10 +190,15 @@ enum Counting {
 /// [`count_split`]. One hand-off instead of two, and the answer in about half
 /// the time on an idle server; the async thread waits for the pool thread
 /// only while that is counting a shard it took.
-async fn count_halves(snap: Arc<Snapshot>, text: &str, now: i64) -> Result<u64, CountFailure> {
+async fn count_halves(
+    snap: Arc<Snapshot>,
+    text: &str,
+    now: i64,
+    abandon: Abandon,
+) -> Result<u64, CountFailure> {
     let (claims, helper) = {
         let query = Query::compile_at(text, &snap, now).map_err(|e| CountFailure::new(e, None))?;
-        let claims = Arc::new(ShardClaims::new(query.shard_count()));
+        let claims = Arc::new(ShardClaims::new(query.shard_count(), abandon));
         let helper = {
             let (snap, text, claims) = (snap.clone(), text.to_string(), claims.clone());
             tokio::task::spawn_blocking(move || help_count(&snap, &text, now, &claims))
@@ -268,10 +306,24 @@ mod tests {
         let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
         let query = Query::compile_at("a AND b", &snap, now).unwrap();
         assert!(query.work() > INLINE_WORK && query.shard_count() == 8);
+        let go_on = Abandon::default();
         assert_eq!(
-            count_split(&query, &snap, "a AND b", now, rt.handle()),
-            expect
+            count_split(&query, &snap, "a AND b", now, rt.handle(), &go_on),
+            Some(expect)
         );
+        // The caller went: nothing more is counted, and no count is made up.
+        let gone = Abandon::default();
+        gone.set();
+        assert_eq!(
+            count_split(&query, &snap, "a AND b", now, rt.handle(), &gone),
+            None
+        );
+        let texts = ["a AND b".to_string(), "a OR b".to_string()];
+        let all = count_all(&snap, &texts, now, rt.handle(), &go_on).unwrap();
+        assert_eq!(all, vec![expect, (&a | &b).len()]);
+        let left = count_all(&snap, &texts, now, rt.handle(), &gone).unwrap_err();
+        assert!(matches!(left.error, Error::Abandoned), "{:?}", left.error);
+        assert_eq!(query.count_until(&gone), None);
         // The same query as the service sees it: counted in halves, one of
         // them on the async thread.
         let text = ["a AND b".to_string()];
@@ -279,7 +331,7 @@ mod tests {
             count_inline(&text, &snap, false, now),
             Ok(Counting::Halves)
         ));
-        let halves = rt.block_on(count_halves(snap.clone(), "a AND b", now));
+        let halves = rt.block_on(count_halves(snap.clone(), "a AND b", now, go_on.clone()));
         assert_eq!(halves.unwrap(), expect);
         // Two such queries in one call go to the blocking pool whole.
         let two = ["a AND b".to_string(), "a OR b".to_string()];
@@ -287,7 +339,7 @@ mod tests {
             count_inline(&two, &snap, true, now),
             Ok(Counting::Blocking)
         ));
-        let unknown = rt.block_on(count_halves(snap, "a AND nope", now));
+        let unknown = rt.block_on(count_halves(snap, "a AND nope", now, go_on));
         assert!(matches!(unknown.unwrap_err().error, Error::Query { .. }));
     }
 

@@ -62,6 +62,7 @@ pub fn query_status(e: Error, index: Option<usize>) -> Status {
         Error::DiskFull(_) => Code::ResourceExhausted,
         Error::OutOfRange(_) => Code::OutOfRange,
         Error::Failed(_) | Error::ShuttingDown => Code::Unavailable,
+        Error::Abandoned => Code::Cancelled,
     };
     let mut meta = MetadataMap::new();
     if let Error::Query { position, .. } = &e {
