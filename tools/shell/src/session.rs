@@ -172,23 +172,21 @@ impl Session {
     /// Every tag, page after page (`ListTags` ends an answer early once it
     /// holds a few MiB).
     pub async fn all_tags(&mut self) -> Result<Vec<TagInfo>, Status> {
-        let mut tags: Vec<TagInfo> = Vec::new();
-        loop {
-            let after = tags.last().map(|t| t.name.clone()).unwrap_or_default();
-            let page = self
-                .client
-                .list_tags(ListTagsRequest {
-                    after,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let got = page.tags.len();
-            tags.extend(page.tags);
-            if !page.more || got == 0 {
-                return Ok(tags);
-            }
-        }
+        let client = &mut self.client;
+        every_page(
+            async |after| {
+                let page = client
+                    .list_tags(ListTagsRequest {
+                        after,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.tags, page.more))
+            },
+            |t: &TagInfo| &t.name,
+        )
+        .await
     }
 
     fn out(&self, text: String, value: serde_json::Value) {
@@ -692,6 +690,25 @@ fn is_unreachable(status: &Status) -> bool {
     // answers with this.
     let dropped = status.code() == Code::Cancelled && msg == "operation was canceled";
     transport || dropped
+}
+
+/// Every entry of a listing that comes in pages by name (`ListTags`,
+/// `ListFields`): `page` is asked for the entries after the last name got
+/// (empty: from the start) and answers with them and whether more follow.
+pub(crate) async fn every_page<T>(
+    mut page: impl AsyncFnMut(String) -> Result<(Vec<T>, bool), Status>,
+    name: impl Fn(&T) -> &String,
+) -> Result<Vec<T>, Status> {
+    let mut all: Vec<T> = Vec::new();
+    loop {
+        let after = all.last().map(|t| name(t).clone()).unwrap_or_default();
+        let (got, more) = page(after).await?;
+        let empty = got.is_empty();
+        all.extend(got);
+        if !more || empty {
+            return Ok(all);
+        }
+    }
 }
 
 #[cfg(test)]

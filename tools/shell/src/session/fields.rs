@@ -22,23 +22,22 @@ impl Session {
     /// Every field, page after page (`ListFields` ends an answer early once
     /// it holds a few MiB).
     async fn all_fields(&mut self) -> Result<Vec<FieldInfo>, Failure> {
-        let mut fields: Vec<FieldInfo> = Vec::new();
-        loop {
-            let after = fields.last().map(|f| f.name.clone()).unwrap_or_default();
-            let page = self
-                .client
-                .list_fields(ListFieldsRequest {
-                    after,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let got = page.fields.len();
-            fields.extend(page.fields);
-            if !page.more || got == 0 {
-                return Ok(fields);
-            }
-        }
+        let client = &mut self.client;
+        let fields = super::every_page(
+            async |after| {
+                let page = client
+                    .list_fields(ListFieldsRequest {
+                        after,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                Ok((page.fields, page.more))
+            },
+            |f: &FieldInfo| &f.name,
+        )
+        .await?;
+        Ok(fields)
     }
 
     async fn field_kind(&mut self, name: &str) -> Result<FieldKind, Failure> {
