@@ -144,10 +144,14 @@ fn bench(c: &mut Criterion) {
     });
     let q = Query::compile_at("ALL", &d.snap, now).unwrap();
     let spend = d.snap.field("spend").unwrap();
+    let go_on = tagstore::query::eval::Abandon::default();
     g.bench_function(
         "aggregate spend over ALL (sum, min, max, 4-edge histogram)",
         |b| {
-            b.iter(|| analytics::aggregate(&q, spend, &[1000, 10_000, 100_000, 1_000_000]).unwrap())
+            b.iter(|| {
+                analytics::aggregate(&q, spend, &[1000, 10_000, 100_000, 1_000_000], &go_on)
+                    .unwrap()
+            })
         },
     );
     g.bench_function("per-customer loop: sum, min, max of spend", |b| {

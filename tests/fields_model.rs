@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use tagstore::fields::{BehaviourSpec, FieldKind};
 use tagstore::query::Query;
 use tagstore::query::analytics;
+use tagstore::query::eval::Abandon;
 use tagstore::storage::{Combine, Engine, EngineConfig, EventTime, Mutation, ValueWrite, WriteOp};
 
 const DAY_MS: i64 = 86_400_000;
@@ -474,9 +475,27 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
     // Aggregates over a random audience.
     let (audience_text, audience) = predicate(rng, model, today);
     let q = Query::compile_at(&audience_text, &snap, now).unwrap();
+    let go_on = Abandon::default();
+    // A caller that has gone gets nothing computed: each analytic stops
+    // before its first shard.
+    let gone = Abandon::default();
+    gone.set();
+    let lifecycle = snap.field("lifecycle").unwrap();
+    assert!(matches!(
+        analytics::aggregate(&q, snap.field(INTS[0]).unwrap(), &[0], &gone),
+        Err(tagstore::Error::Abandoned)
+    ));
+    assert!(matches!(
+        analytics::breakdown_by_field(&q, lifecycle, &gone),
+        Err(tagstore::Error::Abandoned)
+    ));
+    assert!(matches!(
+        analytics::overlap(std::slice::from_ref(&q), &gone),
+        Err(tagstore::Error::Abandoned)
+    ));
     for field in INTS {
         let edges = [-10, 0, 1, 40];
-        let agg = analytics::aggregate(&q, snap.field(field).unwrap(), &edges).unwrap();
+        let agg = analytics::aggregate(&q, snap.field(field).unwrap(), &edges, &go_on).unwrap();
         let empty = BTreeMap::new();
         let vals: Vec<i64> = audience
             .iter()
@@ -497,7 +516,7 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
         );
     }
     let (rows, none, total) =
-        analytics::breakdown_by_field(&q, snap.field("lifecycle").unwrap()).unwrap();
+        analytics::breakdown_by_field(&q, snap.field("lifecycle").unwrap(), &go_on).unwrap();
     assert_eq!(total, audience.len() as u64);
     for (i, row) in rows.iter().enumerate() {
         let expect = audience

@@ -3,7 +3,8 @@
 //! most over-represented in an audience, and pairwise overlaps of queries.
 //! Everything runs shard by shard on bitmaps (bit-sliced sums and
 //! comparisons, fused intersection counts); nothing visits customers one by
-//! one, and nothing is written.
+//! one, and nothing is written. Each stops before its next shard once its
+//! caller has gone ([`Abandon`]).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -12,7 +13,7 @@ use crate::bitmap::Bitmap;
 
 use crate::error::{Error, Result};
 use crate::fields::{FieldKind, INT_EXISTS, bsi, int_slot};
-use crate::query::eval::Query;
+use crate::query::eval::{Abandon, Query};
 use crate::storage::{Field, Snapshot};
 
 /// Most bucket edges of a histogram.
@@ -52,7 +53,7 @@ fn int_field(field: &Field) -> Result<&Field> {
 }
 
 /// Sum, min, max, mean and histogram of an integer field over `q`'s members.
-pub fn aggregate(q: &Query, field: &Field, edges: &[i64]) -> Result<Aggregate> {
+pub fn aggregate(q: &Query, field: &Field, edges: &[i64], abandon: &Abandon) -> Result<Aggregate> {
     let field = int_field(field)?;
     if edges.len() > MAX_HISTOGRAM_EDGES {
         return Err(Error::invalid(format!(
@@ -81,6 +82,7 @@ pub fn aggregate(q: &Query, field: &Field, edges: &[i64]) -> Result<Aggregate> {
     let mut sum_encoded: u128 = 0;
     let (mut lo, mut hi): (Option<u64>, Option<u64>) = (None, None);
     for i in 0..q.shard_count() {
+        stop_if(abandon)?;
         let Some(members) = q.shard(i) else { continue };
         out.members += members.cardinality();
         let Some(ex) = exists.and_then(|e| e.shard(i)) else {
@@ -121,11 +123,25 @@ pub fn aggregate(q: &Query, field: &Field, edges: &[i64]) -> Result<Aggregate> {
     Ok(out)
 }
 
+/// `Error::Abandoned` once `abandon` is set: checked before each shard, so
+/// that work for a caller who left stops within a shard.
+fn stop_if(abandon: &Abandon) -> Result<()> {
+    if abandon.is_set() {
+        return Err(Error::Abandoned);
+    }
+    Ok(())
+}
+
 /// Intersection sizes of `q`'s members with each of `targets`.
-fn counts_against(q: &Query, targets: &[&crate::bitmap::ShardedBitmap]) -> (u64, Vec<u64>) {
+fn counts_against(
+    q: &Query,
+    targets: &[&crate::bitmap::ShardedBitmap],
+    abandon: &Abandon,
+) -> Result<(u64, Vec<u64>)> {
     let mut total = 0;
     let mut counts = vec![0u64; targets.len()];
     for i in 0..q.shard_count() {
+        stop_if(abandon)?;
         let Some(members) = q.shard(i) else { continue };
         total += members.cardinality();
         for (c, t) in counts.iter_mut().zip(targets) {
@@ -134,7 +150,7 @@ fn counts_against(q: &Query, targets: &[&crate::bitmap::ShardedBitmap]) -> (u64,
             }
         }
     }
-    (total, counts)
+    Ok((total, counts))
 }
 
 /// One row of a breakdown.
@@ -146,7 +162,11 @@ pub struct Share {
 
 /// Counts of `q`'s members per value of an enumerated field, in declared
 /// order; returns the rows, the members with no value, and the total.
-pub fn breakdown_by_field(q: &Query, field: &Field) -> Result<(Vec<Share>, u64, u64)> {
+pub fn breakdown_by_field(
+    q: &Query,
+    field: &Field,
+    abandon: &Abandon,
+) -> Result<(Vec<Share>, u64, u64)> {
     let FieldKind::Enum { values } = &field.meta.kind else {
         return Err(Error::invalid(format!(
             "{:?} is {} field; a breakdown needs an enumerated field (or a tag category)",
@@ -159,7 +179,7 @@ pub fn breakdown_by_field(q: &Query, field: &Field) -> Result<(Vec<Share>, u64, 
     for slot in 0..values.len() as u32 {
         targets.push(field.slot(slot)?.unwrap_or(&empty));
     }
-    let (total, counts) = counts_against(q, &targets);
+    let (total, counts) = counts_against(q, &targets, abandon)?;
     let with: u64 = counts.iter().sum();
     let rows = values
         .iter()
@@ -178,6 +198,7 @@ pub fn breakdown_by_category(
     q: &Query,
     snap: &Snapshot,
     category: &str,
+    abandon: &Abandon,
 ) -> Result<(Vec<Share>, u64)> {
     let tags: Vec<_> = snap
         .tags
@@ -193,7 +214,7 @@ pub fn breakdown_by_category(
     for t in &tags {
         targets.push(t.bitmap.get()?);
     }
-    let (total, counts) = counts_against(q, &targets);
+    let (total, counts) = counts_against(q, &targets, abandon)?;
     let rows = tags
         .iter()
         .zip(counts)
@@ -229,6 +250,7 @@ pub fn top_tags(
     category: Option<&str>,
     exclude: &HashSet<&str>,
     min_count: u64,
+    abandon: &Abandon,
 ) -> Result<(Vec<Lift>, u64, u64)> {
     let tags: Vec<_> = snap
         .tags
@@ -241,7 +263,7 @@ pub fn top_tags(
     for t in &tags {
         targets.push(t.bitmap.get()?);
     }
-    let (audience, counts) = counts_against(q, &targets);
+    let (audience, counts) = counts_against(q, &targets, abandon)?;
     let customers = snap.customer_count()?;
     let mut rows: Vec<Lift> = tags
         .iter()
@@ -267,11 +289,12 @@ pub fn top_tags(
 
 /// The n × n matrix (row-major) of pairwise intersection sizes of the
 /// queries' members; the diagonal holds each query's own count.
-pub fn overlap(queries: &[Query]) -> Vec<u64> {
+pub fn overlap(queries: &[Query], abandon: &Abandon) -> Result<Vec<u64>> {
     let n = queries.len();
     let mut m = vec![0u64; n * n];
     let shards = queries.iter().map(Query::shard_count).max().unwrap_or(0);
     for i in 0..shards {
+        stop_if(abandon)?;
         let members: Vec<Option<Cow<Bitmap>>> = queries.iter().map(|q| q.shard(i)).collect();
         for a in 0..n {
             let Some(x) = &members[a] else { continue };
@@ -285,5 +308,5 @@ pub fn overlap(queries: &[Query]) -> Vec<u64> {
             }
         }
     }
-    m
+    Ok(m)
 }

@@ -18,7 +18,7 @@ use crate::names::check_key;
 use crate::proto;
 use crate::query::analytics::{self, MAX_OVERLAP_QUERIES};
 use crate::query::{Query, parse};
-use crate::server::service::blocking;
+use crate::server::service::{blocking, blocking_until_gone};
 use crate::server::status::{query_status, to_status};
 use crate::storage::{Combine, Engine, EventTime, Field, FieldMeta, Snapshot, ValueWrite, WriteOp};
 
@@ -314,10 +314,10 @@ pub(super) async fn aggregate(
         std::slice::from_ref(&r.query),
     )
     .await?;
-    blocking(move || {
+    blocking_until_gone(move |abandon| {
         let field = field_named(&snap, &r.field)?;
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
-        let a = analytics::aggregate(&q, field, &r.histogram_edges).map_err(to_status)?;
+        let a = analytics::aggregate(&q, field, &r.histogram_edges, abandon).map_err(to_status)?;
         let sum = i64::try_from(a.sum);
         Ok(proto::AggregateResponse {
             members: a.members,
@@ -348,18 +348,18 @@ pub(super) async fn breakdown(
         std::slice::from_ref(&r.query),
     )
     .await?;
-    blocking(move || {
+    blocking_until_gone(move |abandon| {
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
         let (rows, total, no_value) = match &r.by {
             Some(By::Field(name)) => {
                 let field = field_named(&snap, name)?;
                 let (rows, none, total) =
-                    analytics::breakdown_by_field(&q, field).map_err(to_status)?;
+                    analytics::breakdown_by_field(&q, field, abandon).map_err(to_status)?;
                 (rows, total, none)
             }
             Some(By::Category(c)) => {
                 let (mut rows, total) =
-                    analytics::breakdown_by_category(&q, &snap, c).map_err(to_status)?;
+                    analytics::breakdown_by_category(&q, &snap, c, abandon).map_err(to_status)?;
                 if let Some(g) = &limited {
                     rows.retain(|row| super::scope::visible(g, &snap, &row.label, c));
                 }
@@ -400,7 +400,7 @@ pub(super) async fn top_tags(
         std::slice::from_ref(&r.query),
     )
     .await?;
-    blocking(move || {
+    blocking_until_gone(move |abandon| {
         let expr = parse(&r.query).map_err(to_status)?;
         let q = Query::from_expr_at(&expr, &snap, now).map_err(to_status)?;
         // The tags the query names, also through the saved audiences it
@@ -428,7 +428,7 @@ pub(super) async fn top_tags(
         }
         let category = (!r.category.is_empty()).then_some(r.category.as_str());
         let (rows, audience, customers) =
-            analytics::top_tags(&q, &snap, k, category, &exclude, r.min_count)
+            analytics::top_tags(&q, &snap, k, category, &exclude, r.min_count, abandon)
                 .map_err(to_status)?;
 
         Ok(proto::TopTagsResponse {
@@ -461,7 +461,7 @@ pub(super) async fn overlap(
     }
     let (snap, now): (Arc<Snapshot>, i64) =
         super::past::read_at(engine, r.as_of.take(), grant, &r.queries).await?;
-    blocking(move || {
+    blocking_until_gone(move |abandon| {
         let queries = r
             .queries
             .iter()
@@ -470,7 +470,7 @@ pub(super) async fn overlap(
             .collect::<Result<Vec<_>, Status>>()?;
         Ok(proto::OverlapResponse {
             size: n as u32,
-            counts: analytics::overlap(&queries),
+            counts: analytics::overlap(&queries, abandon).map_err(to_status)?,
         })
     })
     .await

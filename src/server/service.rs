@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::ingest::facts::Facts;
 use crate::proto;
 use crate::proto::tag_store_server::TagStore;
+use crate::query::eval::Abandon;
 use crate::server::audit::Kind;
 use crate::server::budget::{ExportSlots, MemoryBudget};
 use crate::server::export::ExportStream;
@@ -139,6 +140,17 @@ pub(super) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+}
+
+/// [`blocking`] for work that checks an [`Abandon`]: it is set when this
+/// future is dropped (the call cancelled, or its deadline passed), and the
+/// work stops at its next check instead of running on for no one.
+pub(super) async fn blocking_until_gone<T: Send + 'static>(
+    f: impl FnOnce(&Abandon) -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    let abandon = Abandon::default();
+    let _stop_when_dropped = abandon.on_drop();
+    blocking(move || f(&abandon)).await
 }
 
 #[tonic::async_trait]
