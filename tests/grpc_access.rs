@@ -634,6 +634,7 @@ async fn a_token_limited_to_categories_uses_only_their_tags() {
                 query: "ALL".into(),
                 by: Some(breakdown_request::By::Field("lifecycle".into())),
                 as_of: None,
+                ..Default::default()
             })
             .await,
         ),

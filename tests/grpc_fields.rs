@@ -308,6 +308,7 @@ async fn fields_over_grpc() {
             query: "ALL".into(),
             by: Some(breakdown_request::By::Field("lifecycle".into())),
             as_of: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -329,6 +330,7 @@ async fn fields_over_grpc() {
             query: "total_spend > 0".into(),
             by: Some(breakdown_request::By::Category("价值".into())),
             as_of: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -785,4 +787,100 @@ async fn fields_are_listed_in_pages_a_default_client_can_read() {
         .into_inner();
     assert_eq!(page.fields.first().map(|f| f.name.as_str()), Some("f20"));
     assert!(prost::Message::encoded_len(&page) <= 3584 << 10);
+}
+
+/// A breakdown by a category of 21,000 tags with 200-byte names (about
+/// 4.4 MB of rows, over the 4 MiB a client as tonic makes it by default
+/// accepts) comes in pages such a client reads; `limit` pages by count; a
+/// page after the last tag is empty; `after` or `limit` with a field is
+/// refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breakdown_by_a_large_category_comes_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let names: Vec<String> = (0..21_000)
+        .map(|i| format!("{i:05}{}", "t".repeat(195)))
+        .collect();
+    // Tags made by an update have no category (""); tag i holds customer
+    // k(i mod 7).
+    c.update(UpdateRequest {
+        mutations: names
+            .iter()
+            .enumerate()
+            .map(|(i, tag)| Mutation {
+                tag: tag.clone(),
+                add: vec![format!("k{}", i % 7)],
+                ..Default::default()
+            })
+            .collect(),
+        create_missing_tags: true,
+    })
+    .await
+    .unwrap();
+    let mut plain = tag_store_client::TagStoreClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let by = Some(breakdown_request::By::Category(String::new()));
+    for (limit, expect_pages) in [(0u32, 2usize), (6_000, 4)] {
+        let (mut seen, mut pages, mut after) = (Vec::new(), 0, String::new());
+        loop {
+            let page = plain
+                .breakdown(BreakdownRequest {
+                    query: "ALL".into(),
+                    by: by.clone(),
+                    after: after.clone(),
+                    limit,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("limit {limit}: a page after {after:?}: {e}"))
+                .into_inner();
+            assert!(!page.rows.is_empty(), "an empty page after {after:?}");
+            assert!(prost::Message::encoded_len(&page) <= 3584 << 10);
+            assert_eq!(page.total, 7);
+            pages += 1;
+            for row in &page.rows {
+                assert_eq!(row.count, 1, "{}", row.label);
+            }
+            seen.extend(page.rows.iter().map(|r| r.label.clone()));
+            if !page.more {
+                break;
+            }
+            after = seen.last().unwrap().clone();
+        }
+        assert_eq!(seen, names, "limit {limit}: every tag once, in name order");
+        assert_eq!(pages, expect_pages, "limit {limit}");
+    }
+    let past = plain
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: by.clone(),
+            after: names.last().unwrap().clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(past.rows.is_empty() && !past.more);
+    for (after, limit) in [("a", 0), ("", 5)] {
+        let refused = plain
+            .breakdown(BreakdownRequest {
+                query: "ALL".into(),
+                by: Some(breakdown_request::By::Field("f".into())),
+                after: after.into(),
+                limit,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code(refused), Code::InvalidArgument);
+    }
+    let unknown = plain
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: Some(breakdown_request::By::Category("nope".into())),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(unknown), Code::InvalidArgument);
 }

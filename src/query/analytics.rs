@@ -14,7 +14,7 @@ use crate::bitmap::Bitmap;
 use crate::error::{Error, Result};
 use crate::fields::{FieldKind, INT_EXISTS, bsi, int_slot};
 use crate::query::eval::{Abandon, Query};
-use crate::storage::{Field, Snapshot};
+use crate::storage::{Field, Snapshot, Tag};
 
 /// Most bucket edges of a histogram.
 pub const MAX_HISTOGRAM_EDGES: usize = 256;
@@ -192,26 +192,12 @@ pub fn breakdown_by_field(
     Ok((rows, total - with, total))
 }
 
-/// Counts of `q`'s members per tag of `category` (tags ordered by name);
-/// returns the rows and the total.
-pub fn breakdown_by_category(
-    q: &Query,
-    snap: &Snapshot,
-    category: &str,
-    abandon: &Abandon,
-) -> Result<(Vec<Share>, u64)> {
-    let tags: Vec<_> = snap
-        .tags
-        .values()
-        .filter(|t| t.meta.category == category)
-        .collect();
-    if tags.is_empty() {
-        return Err(Error::invalid(format!(
-            "no tag has the category {category:?}"
-        )));
-    }
+/// Counts of `q`'s members per tag of `tags` (a page of a category's
+/// tags, as the caller picked them); returns the rows, in the order given,
+/// and the total.
+pub fn breakdown_by_tags(q: &Query, tags: &[&Tag], abandon: &Abandon) -> Result<(Vec<Share>, u64)> {
     let mut targets = Vec::with_capacity(tags.len());
-    for t in &tags {
+    for t in tags {
         targets.push(t.bitmap.get()?);
     }
     let (total, counts) = counts_against(q, &targets, abandon)?;

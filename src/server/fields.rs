@@ -20,7 +20,9 @@ use crate::query::analytics::{self, MAX_OVERLAP_QUERIES};
 use crate::query::{Query, parse};
 use crate::server::service::{blocking, blocking_until_gone};
 use crate::server::status::{query_status, to_status};
-use crate::storage::{Combine, Engine, EventTime, Field, FieldMeta, Snapshot, ValueWrite, WriteOp};
+use crate::storage::{
+    Combine, Engine, EventTime, Field, FieldMeta, Snapshot, Tag, ValueWrite, WriteOp,
+};
 
 /// Most value writes in one `SetValues`.
 pub const MAX_VALUE_WRITES: usize = 1_000_000;
@@ -348,22 +350,32 @@ pub(super) async fn breakdown(
         std::slice::from_ref(&r.query),
     )
     .await?;
+    if matches!(r.by, Some(By::Field(_))) && (!r.after.is_empty() || r.limit != 0) {
+        return Err(invalid(
+            "after and limit page a breakdown by category; a field's values come in one answer",
+        ));
+    }
     blocking_until_gone(move |abandon| {
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
-        let (rows, total, no_value) = match &r.by {
+        let (rows, total, no_value, more) = match &r.by {
             Some(By::Field(name)) => {
                 let field = field_named(&snap, name)?;
                 let (rows, none, total) =
                     analytics::breakdown_by_field(&q, field, abandon).map_err(to_status)?;
-                (rows, total, none)
+                (rows, total, none, false)
             }
             Some(By::Category(c)) => {
-                let (mut rows, total) =
-                    analytics::breakdown_by_category(&q, &snap, c, abandon).map_err(to_status)?;
-                if let Some(g) = &limited {
-                    rows.retain(|row| super::scope::visible(g, &snap, &row.label, c));
-                }
-                (rows, total, 0)
+                // The caller's scope applies while the page is picked: a
+                // page is never empty while more follow.
+                let visible = |t: &Tag| {
+                    limited
+                        .as_ref()
+                        .is_none_or(|g| super::scope::visible(g, &snap, &t.meta.name, c))
+                };
+                let (tags, more) = category_page(&snap, c, &r.after, r.limit, visible)?;
+                let (rows, total) =
+                    analytics::breakdown_by_tags(&q, &tags, abandon).map_err(to_status)?;
+                (rows, total, 0, more)
             }
             None => return Err(invalid("name a field or a category to break down by")),
         };
@@ -377,9 +389,57 @@ pub(super) async fn breakdown(
                 .collect(),
             total,
             no_value,
+            more,
         })
     })
     .await
+}
+
+/// Most bytes of rows one `Breakdown` by category answers with (a client's
+/// usual receive limit is 4 MiB; a tag's name is up to 200 bytes).
+const BREAKDOWN_PAGE_BYTES: usize = 3584 << 10;
+
+/// The tags of `category` a page of its breakdown counts: those `visible`
+/// lets through, named after `after`, in name order, at most `limit` (0:
+/// no limit by count) and about [`BREAKDOWN_PAGE_BYTES`] of rows, at least
+/// one while any follows; with whether more follow. A category no tag has
+/// is INVALID_ARGUMENT.
+fn category_page<'s>(
+    snap: &'s Snapshot,
+    category: &str,
+    after: &str,
+    limit: u32,
+    visible: impl Fn(&Tag) -> bool,
+) -> Result<(Vec<&'s Tag>, bool), Status> {
+    let limit = match limit {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    let start = match after {
+        "" => Bound::Unbounded,
+        after => Bound::Excluded(Arc::<str>::from(after)),
+    };
+    let (mut tags, mut bytes, mut more) = (Vec::new(), 0, false);
+    for (_, t) in snap.tags.range((start, Bound::Unbounded)) {
+        if t.meta.category != category || !visible(t) {
+            continue;
+        }
+        let row = proto::BreakdownRow {
+            label: t.meta.name.to_string(),
+            count: u64::MAX,
+        };
+        let size = prost::Message::encoded_len(&row) + 4;
+        if tags.len() >= limit || (!tags.is_empty() && bytes + size > BREAKDOWN_PAGE_BYTES) {
+            more = true;
+            break;
+        }
+        bytes += size;
+        tags.push(&**t);
+    }
+    if tags.is_empty() && !snap.tags.values().any(|t| t.meta.category == category) {
+        return Err(invalid(format!("no tag has the category {category:?}")));
+    }
+    Ok((tags, more))
 }
 
 pub(super) async fn top_tags(

@@ -958,11 +958,12 @@ async fn as_of_reads_the_store_as_it_was_until_as_of_now() {
     assert!(fails(a, "as of 11/11").contains("usage"));
 }
 
-/// `tags` and `fields` list every tag and field of a store whose listings
-/// take several answers (1,100 tags with 4 KiB descriptions; 40 enumerated
-/// fields of 1,024 values of 128 bytes).
+/// `tags`, `fields` and `breakdown category` list every tag, field and row
+/// of a store whose listings take several answers (1,100 tags with 4 KiB
+/// descriptions; 40 enumerated fields of 1,024 values of 128 bytes; a
+/// category of 22,100 tags, 21,000 of them with 200-byte names).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tags_and_fields_list_a_store_of_many_long_ones_whole() {
+async fn tags_fields_and_a_category_breakdown_list_a_store_of_many_long_ones_whole() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::start(dir.path(), &[]);
     let mut c = server.client().await.unwrap();
@@ -984,8 +985,8 @@ async fn tags_and_fields_list_a_store_of_many_long_ones_whole() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    let want: Vec<String> = (0..1100).map(|i| format!("t{i:04}")).collect();
-    assert_eq!(names, want);
+    let want_tags: Vec<String> = (0..1100).map(|i| format!("t{i:04}")).collect();
+    assert_eq!(names, want_tags);
 
     let values: Vec<String> = (0..1024)
         .map(|i| format!("{i:04}{}", "v".repeat(124)))
@@ -1011,4 +1012,37 @@ async fn tags_and_fields_list_a_store_of_many_long_ones_whole() {
         .collect();
     let want: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
     assert_eq!(names, want);
+
+    // A breakdown by a category of 22,100 tags (the 1,100 above and 21,000
+    // of 200-byte names, none with a category) comes in pages: all rows.
+    let long: Vec<String> = (0..21_000)
+        .map(|i| format!("{i:05}{}", "t".repeat(195)))
+        .collect();
+    c.update(tagstore_proto::UpdateRequest {
+        mutations: long
+            .iter()
+            .map(|tag| tagstore_proto::Mutation {
+                tag: tag.clone(),
+                add: vec!["k".into()],
+                ..Default::default()
+            })
+            .collect(),
+        create_missing_tags: true,
+    })
+    .await
+    .unwrap();
+    let out = shell(
+        &server.addr,
+        &["--json", "-c", "breakdown category \"\" over ALL"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 22_100);
+    // By name: the long ones ("00000t…") come before "t0000".
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert!(labels[..21_000] == long, "the 21,000 long tags, in order");
+    assert!(labels[21_000..] == want_tags, "then the 1,100 others");
+    assert!(rows[..21_000].iter().all(|r| r["count"] == 1));
+    assert_eq!(v["total"], 1);
 }

@@ -290,16 +290,30 @@ impl Session {
                     BreakdownBy::Field(f) => (f.clone(), breakdown_request::By::Field(f)),
                     BreakdownBy::Category(c) => (c.clone(), breakdown_request::By::Category(c)),
                 };
-                let b = self
-                    .client
-                    .breakdown(BreakdownRequest {
-                        query: query.clone(),
-                        by: Some(by),
-                        as_of: self.as_of.clone(),
-                    })
-                    .await
-                    .map_err(with_query(&query))?
-                    .into_inner();
+                // A category's tags come in pages; the rows are gathered
+                // and the total is the last page's.
+                let mut b = BreakdownResponse::default();
+                loop {
+                    let after = b.rows.last().map(|r| r.label.clone()).unwrap_or_default();
+                    let page = self
+                        .client
+                        .breakdown(BreakdownRequest {
+                            query: query.clone(),
+                            by: Some(by.clone()),
+                            as_of: self.as_of.clone(),
+                            after,
+                            limit: 0,
+                        })
+                        .await
+                        .map_err(with_query(&query))?
+                        .into_inner();
+                    let last = !page.more || page.rows.is_empty();
+                    b.rows.extend(page.rows);
+                    (b.total, b.no_value) = (page.total, page.no_value);
+                    if last {
+                        break;
+                    }
+                }
                 let share = |n: u64| {
                     if b.total == 0 {
                         "-".to_string()
