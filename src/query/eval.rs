@@ -907,13 +907,28 @@ impl<'s> Query<'s> {
     /// Up to `limit` member ids greater than `after`, ascending, and whether
     /// more follow.
     pub fn page(&self, after: Option<u32>, limit: usize) -> (Vec<u32>, bool) {
+        self.page_until(after, limit, &Abandon::default())
+            .unwrap_or_default()
+    }
+
+    /// [`Query::page`], shard by shard until `abandon` is set (`None` then):
+    /// a sparse query may walk every shard to fill a page.
+    pub fn page_until(
+        &self,
+        after: Option<u32>,
+        limit: usize,
+        abandon: &Abandon,
+    ) -> Option<(Vec<u32>, bool)> {
         let from = match after {
             None => 0,
-            Some(u32::MAX) => return (Vec::new(), false),
+            Some(u32::MAX) => return Some((Vec::new(), false)),
             Some(a) => a + 1,
         };
         let mut out = Vec::with_capacity(limit.min(1 << 16));
         for i in shard_of(from)..self.shards {
+            if abandon.is_set() {
+                return None;
+            }
             let Some(members) = self.plan.eval(i) else {
                 continue;
             };
@@ -922,12 +937,12 @@ impl<'s> Query<'s> {
             it.reset_at_or_after(lo);
             for id in it {
                 if out.len() == limit {
-                    return (out, true);
+                    return Some((out, true));
                 }
                 out.push(id);
             }
         }
-        (out, false)
+        Some((out, false))
     }
 
     /// The members among `candidates`, evaluated only there; integer
@@ -1144,6 +1159,7 @@ mod tests {
                 "{q}: a shard taken after the caller went"
             );
             assert_eq!(claims.total(), None, "{q}: abandoned");
+            assert_eq!(query.page_until(None, 10, &abandon), None, "{q}: a page");
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::query::Query;
 use crate::query::parallel;
 use crate::server::export::{ExportNames, ExportStream, Hashing};
 use crate::server::fields;
-use crate::server::service::{Service, blocking, invalid, tag_info};
+use crate::server::service::{Service, blocking, blocking_until_gone, invalid, tag_info};
 use crate::server::status::{query_status, to_status};
 use crate::storage::Snapshot;
 use crate::storage::merges::MergeEntry;
@@ -156,9 +156,11 @@ pub(super) async fn members(
         std::slice::from_ref(&r.query),
     )
     .await?;
-    let (customers, next, without_identity) = blocking(move || {
+    let (customers, next, without_identity) = blocking_until_gone(move |abandon| {
         let q = Query::compile_at(&r.query, &snap, now).map_err(to_status)?;
-        let (ids, more) = q.page(after, limit);
+        let (ids, more) = q
+            .page_until(after, limit, abandon)
+            .ok_or_else(|| to_status(Error::Abandoned))?;
         let mut keys = Vec::with_capacity(ids.len());
         let without = snap
             .names_of(&ids, identity_type.as_deref(), &mut keys)

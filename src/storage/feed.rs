@@ -12,11 +12,11 @@
 //! before it. A group's entries are appended while its log records are
 //! synced (before the sync returns: a crash can leave entries of writes the
 //! log lost, which recovery cuts), shown to readers only once the sync has
-//! returned and the group is published, and not synced themselves; before a
-//! checkpoint deletes log files, the
-//! feed is synced up to the checkpoint (with a mark for positions that
-//! changed no membership), so that recovery can always work out the lost
-//! tail of the feed again from the log it keeps. When a feed file cannot be
+//! returned and the group is published, and not synced themselves. Before
+//! a checkpoint deletes log files, the feed is synced up to the checkpoint
+//! (with a mark for positions that changed no membership), so that recovery
+//! can always work out the lost tail of the feed again from the log it
+//! keeps. When a feed file cannot be
 //! written (a full disk), the feed starts again after that write and the
 //! older files go: a watcher from before then is told to resynchronise,
 //! never given a feed with a hole in it.
