@@ -792,8 +792,9 @@ async fn fields_are_listed_in_pages_a_default_client_can_read() {
 /// A breakdown by a category of 21,000 tags with 200-byte names (about
 /// 4.4 MB of rows, over the 4 MiB a client as tonic makes it by default
 /// accepts) comes in pages such a client reads; `limit` pages by count; a
-/// page after the last tag is empty; `after` or `limit` with a field is
-/// refused.
+/// page after the last tag is empty; the largest request (1 MiB `after`,
+/// the largest `limit`) answers one bounded page; `after` or `limit` with a
+/// field is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_breakdown_by_a_large_category_comes_in_pages() {
     let dir = tempfile::tempdir().unwrap();
@@ -863,6 +864,22 @@ async fn a_breakdown_by_a_large_category_comes_in_pages() {
         .unwrap()
         .into_inner();
     assert!(past.rows.is_empty() && !past.more);
+    // The largest page asked for: a 1 MiB `after` (before every tag) and
+    // the largest `limit` still answer one page of at most 3.5 MiB.
+    let largest = plain
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: by.clone(),
+            after: "0".repeat(1 << 20),
+            limit: u32::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(largest.more && !largest.rows.is_empty());
+    assert_eq!(largest.rows[0].label, names[0]);
+    assert!(prost::Message::encoded_len(&largest) <= 3584 << 10);
     for (after, limit) in [("a", 0), ("", 5)] {
         let refused = plain
             .breakdown(BreakdownRequest {

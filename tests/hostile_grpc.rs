@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::{Client, TestServer, client, code, count};
 use tagstore::proto::{
-    CheckpointRequest, CreateFieldRequest, DeleteCustomersRequest, DescribeTagRequest,
-    ExportRequest, FieldKind, ListFieldsRequest, ListSourcesRequest, ListTagsRequest, Mutation,
-    ProfileRequest, ReplaceMembersRequest, SetValuesRequest, StatsRequest, UpdateRequest,
-    ValueWrite, value_write::Value,
+    BreakdownRequest, CheckpointRequest, CreateFieldRequest, DeleteCustomersRequest,
+    DescribeTagRequest, ExportRequest, FieldKind, ListFieldsRequest, ListSourcesRequest,
+    ListTagsRequest, Mutation, ProfileRequest, ReplaceMembersRequest, SetValuesRequest,
+    StatsRequest, UpdateRequest, ValueWrite, breakdown_request, value_write::Value,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -688,6 +688,17 @@ async fn a_full_data_disk_refuses_writes_with_resource_exhausted_and_recovers() 
     assert_eq!(tags.into_inner().tags.len(), 1);
     c.list_fields(ListFieldsRequest::default()).await.unwrap();
     c.list_sources(ListSourcesRequest {}).await.unwrap();
+    // So does a breakdown by category (a page of the category's tags).
+    let b = c
+        .breakdown(BreakdownRequest {
+            query: "ALL".into(),
+            by: Some(breakdown_request::By::Category(String::new())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((b.rows.len(), b.total, b.more), (1, acknowledged, false));
     std::fs::remove_file(&filler).unwrap();
     add(&mut c, "t", keys("after", 100)).await;
     acknowledged += 100;
