@@ -7,13 +7,16 @@
 //! Scenarios: `load`, `update`, `query`, `mixed`, `restart`, `sweep`, and
 //! `all` (every one, in that order), one file each under `scenarios/`. This
 //! file holds the command line, the run ([`Bench`]: settings, data set,
-//! report) and the helpers the scenarios share.
+//! report) and the helpers the scenarios share. `sync_floor.rs` is the bare
+//! server the `update` scenario starts (the hidden `sync-floor` command) to
+//! measure what a durable write costs with no engine behind it.
 
 mod data;
 mod ops;
 mod redis;
 mod report;
 mod scenarios;
+mod sync_floor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -143,6 +146,11 @@ enum Scenario {
     Snapshots,
     /// Every scenario.
     All,
+    /// The `update` scenario's floor server (run by the harness itself, on
+    /// --data-dir's file system): an `Update` that only appends to a file
+    /// and syncs it.
+    #[command(hide = true)]
+    SyncFloor,
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -494,6 +502,16 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.scenario == Scenario::SyncFloor {
+        let dir = cli.data_dir.unwrap_or_else(|| PathBuf::from("."));
+        return match sync_floor::serve(&dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tagstore-bench sync-floor: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -76,6 +76,14 @@ fn every_scenario_runs_at_a_tiny_scale() {
         })
         .count();
     assert!(turns >= 4, "{turns} counts timed in turns");
+    // Single writes were also timed against a bare server that only syncs.
+    assert!(
+        report["write_floor"]["bare_synced_server"]["requests"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "no bare synced server floor: {}",
+        report["write_floor"]
+    );
     let with_redis = rows.iter().filter(|r| r["redis"].is_number()).count();
     let redis_installed = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()))
