@@ -6,7 +6,10 @@
 //! each, or one batch).
 //! Every batch comes from the one snapshot taken when the call began, so
 //! every row of that snapshot arrives whatever happens meanwhile; a stream
-//! that cannot send them all ends with an error, never short.
+//! that cannot send them all ends with an error, never short. A stream
+//! dropped by the transport (the client cancelled or went away) stops a
+//! trip under way before its next shard: a sparse query may walk every
+//! shard to fill one batch.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -20,6 +23,7 @@ use tonic::Status;
 
 use crate::bitmap::{Bitmap, shard_of, shard_start};
 use crate::proto;
+use crate::query::eval::{Abandon, AbandonOnDrop};
 use crate::query::{Expr, Query};
 use crate::server::budget::ExportSlot;
 use crate::server::status::to_status;
@@ -43,6 +47,8 @@ struct Cursor {
     finished: bool,
     /// The shard batches are being read from, evaluated (`None` inside: empty).
     current: Option<(usize, Option<Bitmap>)>,
+    /// Set when the stream is dropped: the trip stops at its next shard.
+    gone: Abandon,
 }
 
 /// One trip to the blocking pool computes batches until they hold this many
@@ -90,24 +96,29 @@ impl Cursor {
         self.current.as_ref().and_then(|(_, b)| b.as_ref())
     }
 
-    /// Up to one batch of member ids after `self.after`, and whether more follow.
-    fn page(&mut self, query: &Query<'_>) -> (Vec<u32>, bool) {
+    /// Up to one batch of member ids after `self.after`, and whether more
+    /// follow; `None` once the stream was dropped (checked before each
+    /// shard).
+    fn page(&mut self, query: &Query<'_>) -> Option<(Vec<u32>, bool)> {
         let mut from = match self.after {
             None => 0,
-            Some(u32::MAX) => return (Vec::new(), false),
+            Some(u32::MAX) => return Some((Vec::new(), false)),
             Some(a) => a + 1,
         };
         let mut ids = Vec::with_capacity(self.batch.min(1 << 16));
         let shards = query.shard_count();
         let mut i = shard_of(from);
         while i < shards {
+            if self.gone.is_set() {
+                return None;
+            }
             let batch = self.batch;
             if let Some(members) = self.shard(query, i) {
                 let mut it = members.iter();
                 it.reset_at_or_after(from);
                 for id in it {
                     if ids.len() == batch {
-                        return (ids, true);
+                        return Some((ids, true));
                     }
                     ids.push(id);
                 }
@@ -115,11 +126,14 @@ impl Cursor {
             i += 1;
             from = shard_start(i.min(shard_of(u32::MAX)));
         }
-        (ids, false)
+        Some((ids, false))
     }
 
     fn compute(&mut self, query: &Query<'_>) -> Result<proto::ExportResponse, Status> {
-        let (ids, more) = self.page(query);
+        let Some((ids, more)) = self.page(query) else {
+            // No one reads this: it only ends the trip.
+            return Err(Status::cancelled("the export's reader has gone"));
+        };
         let mut customers = Vec::with_capacity(ids.len());
         let without_identity = self
             .snap
@@ -161,6 +175,8 @@ pub struct ExportStream {
     /// Batches computed and not yet taken by the transport.
     ready: VecDeque<Item>,
     _slot: ExportSlot,
+    /// Stops a trip under way when the stream is dropped.
+    _gone: AbandonOnDrop,
 }
 
 impl ExportStream {
@@ -179,8 +195,10 @@ impl ExportStream {
             identity_type,
             hashing,
         } = names;
+        let gone = Abandon::default();
         Self {
             total,
+            _gone: gone.on_drop(),
             idle: Some(Cursor {
                 snap,
                 expr: Arc::new(expr),
@@ -193,6 +211,7 @@ impl ExportStream {
                 sent: 0,
                 finished: false,
                 current: None,
+                gone,
             }),
             running: None,
             ready: VecDeque::new(),
@@ -316,7 +335,66 @@ impl Hashing {
 
 #[cfg(test)]
 mod tests {
-    use super::Hashing;
+    use super::*;
+    use crate::server::budget::ExportSlots;
+    use crate::storage::{Engine, EngineConfig, Mutation, WriteOp};
+
+    /// A store with tag `t` of three members, and an export of `t` in
+    /// batches of one.
+    async fn export_of_t(dir: &std::path::Path) -> (Engine, ExportStream) {
+        let engine = Engine::open(EngineConfig::new(dir)).expect("open the engine");
+        let op = WriteOp::Update {
+            mutations: vec![Mutation {
+                tag: "t".into(),
+                add: vec!["a".into(), "b".into(), "c".into()],
+                ..Default::default()
+            }],
+            create_missing_tags: true,
+        };
+        engine.write(op).await.expect("write");
+        let snap = engine.snapshot();
+        let expr = crate::query::parse("t").expect("parse");
+        let names = ExportNames {
+            identity_type: None,
+            hashing: None,
+        };
+        let slot = ExportSlots::new(1).take().expect("a slot");
+        let stream = ExportStream::new(snap, expr, 0, 1, names, 3, slot);
+        (engine, stream)
+    }
+
+    /// A dropped stream (the client cancelled or went away) tells the trip
+    /// it handed to the blocking pool, which then stops before its next
+    /// shard and reads no member.
+    #[tokio::test]
+    async fn a_dropped_export_stops_the_trip_it_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_engine, mut stream) = export_of_t(dir.path()).await;
+        let mut cursor = stream.idle.take().expect("a cursor");
+        let gone = cursor.gone.clone();
+        assert!(!gone.is_set());
+        drop(stream);
+        assert!(gone.is_set(), "dropping the stream did not tell its trip");
+        let items = cursor.next_batches();
+        assert_eq!(items.len(), 1, "{items:?}");
+        let code = items[0].as_ref().map(|_| ()).unwrap_err().code();
+        assert_eq!(code, tonic::Code::Cancelled);
+        assert_eq!(cursor.sent, 0, "a trip for no one read members");
+        assert!(cursor.finished);
+    }
+
+    /// The same stream, read to its end, sends every member.
+    #[tokio::test]
+    async fn an_export_read_to_its_end_sends_every_member() {
+        use tokio_stream::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_engine, mut stream) = export_of_t(dir.path()).await;
+        let mut got = Vec::new();
+        while let Some(item) = stream.next().await {
+            got.extend(item.expect("a batch").customers);
+        }
+        assert_eq!(got, ["a", "b", "c"]);
+    }
 
     #[test]
     fn identities_hash_as_ad_platforms_expect() {

@@ -216,11 +216,13 @@ pub(super) async fn export(
     // Compile and count first, so that a bad query is the call's status,
     // not a stream item.
     let query = r.query;
-    let (snap, expr, total) = blocking(move || {
+    // A caller gone meanwhile stops the count at its next shard.
+    let (snap, expr, total) = blocking_until_gone(move |abandon| {
         let expr = crate::query::parse(&query).map_err(to_status)?;
         let total = Query::from_expr_at(&expr, &snap, now)
             .map_err(to_status)?
-            .count();
+            .count_until(abandon)
+            .ok_or_else(|| to_status(Error::Abandoned))?;
         Ok((snap, expr, total))
     })
     .await?;
