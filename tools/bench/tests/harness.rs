@@ -84,6 +84,14 @@ fn every_scenario_runs_at_a_tiny_scale() {
         "no bare synced server floor: {}",
         report["write_floor"]
     );
+    // And taking turns with it, each side timed in every turn.
+    for side in ["tagstore", "bare_synced_server"] {
+        let turns = &report["single_write_turns"];
+        assert!(
+            turns[side]["requests"].as_u64().is_some_and(|n| n >= 3),
+            "{side} not timed in turns: {turns}"
+        );
+    }
     let with_redis = rows.iter().filter(|r| r["redis"].is_number()).count();
     let redis_installed = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()))
