@@ -12,7 +12,9 @@
 //! TLS itself), and a certificate not trusted reported in librdkafka's
 //! words; SASL (PLAIN and SCRAM-SHA-256) to a broker that asks for it (a
 //! SASL front before tansu), a wrong password and a mechanism not offered
-//! reported.
+//! reported; messages of 40 MiB applied or rejected alone, and one over
+//! the 64 MiB a source takes stopping its source with a status that says
+//! why.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -1877,4 +1879,139 @@ async fn messages_of_most_of_a_megabyte_are_each_applied_once() {
     let st = caught_up(&mut c, "big", &ends(&delivered)).await;
     assert_eq!((st.applied, st.rejected), (64, 0), "{st:?}");
     assert_eq!(common::count(&mut c, "order_count = 1").await, 64);
+}
+
+/// Messages of tens of MiB, larger than the consumer's batch of about
+/// 32 MiB: one a valid order carrying a 40 MiB field the mapping does not
+/// read (applied), one whose customer identity is 40 MiB long (rejected,
+/// its reason cut to the documented bound); the orders around them are
+/// applied once, and the server goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_tens_of_mib_are_applied_or_rejected_alone() {
+    let Some(broker) = Broker::start("messages_of_tens_of_mib_are_applied_or_rejected_alone")
+    else {
+        return;
+    };
+    broker.create_topic("big", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    const BIG: usize = 40 << 20;
+    let unread = format!(
+        r#"{{"pin":"big","type":"order","ts":1764547200000,"fen":7,"note":"{}"}}"#,
+        "n".repeat(BIG)
+    )
+    .into_bytes();
+    let huge_pin = order(&"p".repeat(BIG), 9);
+    let mut model: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut payloads = Vec::new();
+    for (i, fen) in [(0, 100), (1, 200), (2, 300)] {
+        let pin = format!("q{i}");
+        let m = model.entry(pin.clone()).or_default();
+        m.0 += 1;
+        m.1 += fen;
+        payloads.push((0, order(&pin, fen)));
+        if i == 0 {
+            payloads.push((0, unread.clone()));
+            model.insert("big".into(), (1, 7));
+        }
+        if i == 1 {
+            payloads.push((0, huge_pin.clone()));
+        }
+    }
+    let delivered = produce_with(
+        &broker,
+        "big",
+        &payloads,
+        0,
+        &[("message.max.bytes", "100000000")],
+    );
+    create_source(
+        &mut c,
+        "big_shop",
+        definition(&broker, "big", "big_shop", "group_big", 100),
+    )
+    .await;
+    let st = caught_up(&mut c, "big_shop", &ends(&delivered)).await;
+    assert_eq!(st.state, "running", "{st:?}");
+    assert_eq!((st.applied, st.rejected), (4, 1), "{st:?}");
+    let reject = st.recent_rejects.first().expect("the reject");
+    let (_, p, o) = delivered[3];
+    assert_eq!((reject.partition, reject.offset), (p, o), "{reject:?}");
+    assert!(
+        reject.reason.len() <= 512 && reject.reason.contains("jd_pin is 41943040 bytes long"),
+        "{} bytes: {:.200}",
+        reject.reason.len(),
+        reject.reason
+    );
+    facts_equal_the_model(&mut c, &model).await;
+    // The server goes on answering a write after them.
+    common::add_to_tag(&mut c, "after", &["k"]).await;
+}
+
+/// A message longer than a source takes (64 MiB): the source cannot read
+/// past it, and its status says that, naming the cause, instead of only
+/// that the broker went down; nothing past it is applied, and the server
+/// goes on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_64_mib_stops_its_source_which_says_why() {
+    let Some(broker) = Broker::start("a_message_over_64_mib_stops_its_source_which_says_why")
+    else {
+        return;
+    };
+    broker.create_topic("huge", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start(dir.path(), &[]);
+    let mut c = common::client(&server).await;
+    let huge = order(&"p".repeat(70 << 20), 9);
+    let payloads = vec![(0, order("q0", 100)), (0, huge), (0, order("q1", 200))];
+    let delivered = produce_with(
+        &broker,
+        "huge",
+        &payloads,
+        0,
+        &[("message.max.bytes", "100000000")],
+    );
+    let (_, _, huge_at) = delivered[1];
+    create_source(
+        &mut c,
+        "huge_shop",
+        definition(&broker, "huge", "huge_shop", "group_huge", 100),
+    )
+    .await;
+    let until = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        let st = status(&mut c, "huge_shop").await;
+        if let Some(st) = st
+            .as_ref()
+            .filter(|s| s.error.contains("longer than a source takes"))
+        {
+            break st.clone();
+        }
+        assert!(
+            Instant::now() < until,
+            "no status names the message too long in 60 s: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(st.state, "retrying", "{st:?}");
+    assert!(st.error.contains("64 MiB"), "{}", st.error);
+    assert!(st.error.contains("Invalid response size"), "{}", st.error);
+    // Nothing at or past the message was applied (a broker may or may not
+    // answer the order before it alone).
+    let at = st.partitions.first().map_or(-1, |p| p.position);
+    assert!(at <= huge_at, "{st:?}");
+    assert_eq!(st.rejected, 0, "{st:?}");
+    let after = c
+        .profile(ProfileRequest {
+            customer: "jd_pin:q1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        after.map(|_| ()).unwrap_err().code(),
+        tonic::Code::NotFound,
+        "the order after the message was applied"
+    );
+    common::add_to_tag(&mut c, "after", &["k"]).await;
 }

@@ -40,7 +40,21 @@ struct Heard {
     /// Its reports of a position the brokers do not hold (an offset out
     /// of range, read on from `start`), for the next batch to carry.
     resets: Mutex<Vec<String>>,
+    /// Its last report of a fetch answered with more bytes than a source
+    /// takes ([`MAX_MESSAGE`]), and when: a message too long for the
+    /// source. librdkafka says so at most every 30 s, then only that the
+    /// broker is down; every error within [`OVERSIZED_FOR`] of it names
+    /// the cause.
+    oversized: Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a fetch answered with too many bytes is named in the errors
+/// that follow (librdkafka repeats it at most every 30 s).
+const OVERSIZED_FOR: Duration = Duration::from_secs(75);
+
+/// What librdkafka says when a broker's answer is longer than
+/// `receive.message.max.bytes`.
+const OVERSIZED_SAYS: &str = "Invalid response size";
 
 /// Position resets kept between two batches (a few ms).
 const RESETS: usize = 64;
@@ -94,10 +108,36 @@ impl Heard {
             None => reason,
         };
         let reason = reason.split(" (after ").next().unwrap_or(reason).trim();
+        if reason.contains(OVERSIZED_SAYS) {
+            // Without its advice to raise the limit: the source sets it.
+            let what = reason.split(": increase ").next().unwrap_or(reason);
+            *self.oversized.lock() = Some((Instant::now(), what.to_string()));
+        }
         let mut kept = self.reasons.lock();
         kept.retain(|(at, _)| at.elapsed() < REASONS_FOR);
         if kept.len() < REASONS && !kept.iter().any(|(_, r)| r == reason) {
             kept.push((Instant::now(), reason.to_string()));
+        }
+    }
+
+    /// What an error of the brokers means when they lately answered a
+    /// fetch with more than a source takes: a message too long, which the
+    /// source cannot read past (librdkafka itself says only that the
+    /// broker went down); empty otherwise.
+    fn oversized(&self) -> String {
+        let kept = self.oversized.lock();
+        match &*kept {
+            Some((at, reason)) if at.elapsed() < OVERSIZED_FOR => format!(
+                "a message is longer than a source takes ({} MiB): the brokers answered a \
+                 fetch with more bytes than that ({reason}); the source cannot read past \
+                 it, at the position of one of its partitions (see its partitions), \
+                 until the topic no longer holds it (deleted with kafka-delete-records \
+                 or past the topic's retention: the source then goes on from its \
+                 `start`, as from any position the brokers no longer hold, and says \
+                 so); ",
+                MAX_MESSAGE >> 20
+            ),
+            _ => String::new(),
         }
     }
 
@@ -247,6 +287,7 @@ fn consumer(source: String, settings: Vec<(String, String)>) -> Result<Kc, Strin
         source,
         reasons: Mutex::new(Vec::new()),
         resets: Mutex::new(Vec::new()),
+        oversized: Mutex::new(None),
     })
     .map_err(|e| format!("cannot make a Kafka client: {e}"))
 }
@@ -339,7 +380,12 @@ fn gather(
             Some(Err(e)) if msgs.is_empty() => {
                 // librdkafka retries by itself (a broker away, a leader
                 // moving): the server says so, and asks again.
-                error = format!("brokers {brokers}: {e}{}", kc.context().told());
+                let heard = kc.context();
+                error = format!(
+                    "{}brokers {brokers}: {e}{}",
+                    heard.oversized(),
+                    heard.told()
+                );
                 break;
             }
             Some(Err(e)) => {
