@@ -246,18 +246,40 @@ impl Audit {
 
     /// Records matching `filter` with a sequence number above `after`,
     /// oldest first, at most `limit`; with whether more match. Reads the
-    /// files (blocking). Damage anywhere but a torn last record of the
-    /// newest file is an error naming the file and the offset.
-    pub fn read(&self, filter: &Filter, after: u64, limit: usize) -> Result<(Vec<Record>, bool)> {
+    /// files (blocking), skipping those that hold nothing after `after` or
+    /// since `filter.since_ms`, and stops with [`Error::Abandoned`] before
+    /// the next file once `gone` says no one waits for the answer (a trail
+    /// kept for a year is thousands of files). Damage anywhere but a torn
+    /// last record of the newest file is an error naming the file and the
+    /// offset.
+    pub fn read(
+        &self,
+        filter: &Filter,
+        after: u64,
+        limit: usize,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<(Vec<Record>, bool)> {
         let names = list(&self.dir)?;
+        // When each file's newest record was made, as the writer knows it
+        // (a damaged file: never skipped).
+        let newest: std::collections::HashMap<u64, i64> =
+            self.writer.lock().files.iter().copied().collect();
         let mut out = Vec::new();
         for (n, &first) in names.iter().enumerate() {
+            if gone() {
+                return Err(Error::Abandoned);
+            }
+            let is_last = n + 1 == names.len();
             // A file whose successor starts at or before `after` holds
             // nothing after it.
             if names.get(n + 1).is_some_and(|&next| next <= after + 1) {
                 continue;
             }
-            let is_last = n + 1 == names.len();
+            // Nor one whose newest record is older than `since_ms` (the
+            // file being written is always read).
+            if !is_last && newest.get(&first).is_some_and(|&t| t < filter.since_ms) {
+                continue;
+            }
             let path = self.dir.join(file_name(first));
             let data = match self.dir.fs().read(&path) {
                 Ok(d) => d,
@@ -592,26 +614,26 @@ mod tests {
         let a = open(&fs, &clock, 0);
         a.record(rec("ops", 3, "phone:2")).unwrap();
         a.close();
-        let (all, more) = a.read(&Filter::default(), 0, 10).unwrap();
+        let (all, more) = a.read(&Filter::default(), 0, 10, &|| false).unwrap();
         assert!(!more);
         assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
         let f = Filter {
             subject: "phone:2".into(),
             ..Default::default()
         };
-        let (two, _) = a.read(&f, 0, 10).unwrap();
+        let (two, _) = a.read(&f, 0, 10, &|| false).unwrap();
         assert_eq!(
             two.iter().map(|r| r.who.as_str()).collect::<Vec<_>>(),
             vec!["crm", "ops"]
         );
-        let (page, more) = a.read(&Filter::default(), 1, 1).unwrap();
+        let (page, more) = a.read(&Filter::default(), 1, 1, &|| false).unwrap();
         assert_eq!((page[0].seq, more), (2, true));
         // A crash keeps what was synced (closing synced everything).
         let image = fs.crash_image();
         let b = open(&image, &clock, 0);
         b.record(rec("x", 4, "")).unwrap();
         b.close();
-        let (all, _) = b.read(&Filter::default(), 0, 10).unwrap();
+        let (all, _) = b.read(&Filter::default(), 0, 10, &|| false).unwrap();
         assert_eq!(all.len(), 4);
         assert_eq!(all[3].seq, 4);
     }
@@ -629,7 +651,10 @@ mod tests {
         data[AUDIT_HEADER_LEN + 20] ^= 0xff;
         let f = fs.create(&path, Create::Truncate).unwrap();
         f.write_at(&data, 0).unwrap();
-        let err = a.read(&Filter::default(), 0, 10).unwrap_err().to_string();
+        let err = a
+            .read(&Filter::default(), 0, 10, &|| false)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("audit-0000000000000001.log") && err.contains("checksum"),
             "{err}"
@@ -660,9 +685,42 @@ mod tests {
         }
         assert!(again, "the trail never took records again");
         a.close();
-        let (all, _) = a.read(&Filter::default(), 0, 10).unwrap();
+        let (all, _) = a.read(&Filter::default(), 0, 10, &|| false).unwrap();
         let subjects: Vec<&str> = all.iter().map(|r| r.subject.as_str()).collect();
         assert_eq!(subjects, vec!["k1", "k4"]);
+    }
+
+    /// A read since a time does not open the files whose records are all
+    /// older (shown by one that is damaged: a read through it says so),
+    /// and a caller gone stops a read before it opens a file.
+    #[test]
+    fn a_read_since_a_time_skips_older_files_and_a_caller_gone_stops_it() {
+        let fs = MemFs::new();
+        let clock = ManualClock::at(0);
+        let a = open(&fs, &clock, 0);
+        let big = "x".repeat(1000);
+        for i in 0..12 {
+            a.record(rec("ops", 10 + i, &big)).unwrap();
+        }
+        a.record(rec("ops", 5_000, "new")).unwrap();
+        a.close();
+        assert!(list(&a.dir).unwrap().len() >= 3);
+        let path = std::path::PathBuf::from("/mem/audit").join(file_name(1));
+        let mut data = fs.read(&path).unwrap();
+        data[AUDIT_HEADER_LEN + 20] ^= 0xff;
+        let f = fs.create(&path, Create::Truncate).unwrap();
+        f.write_at(&data, 0).unwrap();
+        let err = a.read(&Filter::default(), 0, 10, &|| false).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        let since = Filter {
+            since_ms: 5_000,
+            ..Default::default()
+        };
+        let (got, more) = a.read(&since, 0, 10, &|| false).unwrap();
+        let subjects: Vec<&str> = got.iter().map(|r| r.subject.as_str()).collect();
+        assert_eq!((subjects, more), (vec!["new"], false));
+        let gone = a.read(&since, 0, 10, &|| true).unwrap_err();
+        assert!(matches!(gone, Error::Abandoned), "{gone}");
     }
 
     #[test]
@@ -686,7 +744,7 @@ mod tests {
             b.record(rec("ops", 3 * day, &big)).unwrap();
         }
         b.close();
-        let (left, _) = b.read(&Filter::default(), 0, MAX_READ).unwrap();
+        let (left, _) = b.read(&Filter::default(), 0, MAX_READ, &|| false).unwrap();
         assert!(left.iter().all(|r| r.at_ms >= 3 * day), "old records kept");
     }
 }

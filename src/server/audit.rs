@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::access::Grant;
 use crate::audit::{Filter, MAX_READ, MAX_SUBJECT_BYTES, Record, cut};
 use crate::proto;
-use crate::server::service::{Service, blocking, invalid};
+use crate::server::service::{Service, blocking_until_gone, invalid};
 use crate::server::status::to_status;
 
 /// The caller's token name (empty without tokens).
@@ -107,8 +107,13 @@ pub(super) async fn read_audit(
         until_ms: r.until_ms,
     };
     let audit = svc.audit.clone();
-    let (records, more) =
-        blocking(move || audit.read(&filter, r.after, limit).map_err(to_status)).await?;
+    // A caller gone stops the read before its next file.
+    let (records, more) = blocking_until_gone(move |abandon| {
+        audit
+            .read(&filter, r.after, limit, &|| abandon.is_set())
+            .map_err(to_status)
+    })
+    .await?;
     Ok(Response::new(proto::ReadAuditResponse {
         records: records
             .into_iter()
