@@ -17,6 +17,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -130,12 +131,16 @@ impl Default for AuditConfig {
 /// The audit trail of one data directory: a record is appended by the
 /// caller itself, under a lock (a write to the file, not a sync: a read of
 /// customers is answered once its record is in the file); a thread syncs
-/// at least every 100 ms and drops the files past the retention.
+/// at least every 100 ms and drops the files past the retention; another
+/// reads the older files once after the start, for their records' times.
 pub struct Audit {
     writer: Arc<Mutex<Writer>>,
     dir: DataDir,
     stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set to stop the scan of the older files (at shutdown).
+    stop_scan: Arc<AtomicBool>,
+    scanner: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The file being appended to, and the ones before it.
@@ -145,8 +150,10 @@ struct Writer {
     clock: SharedClock,
     file: Option<(PathBuf, Arc<dyn WriteFile>, u64)>,
     /// First sequence numbers of the files, oldest first, with the time of
-    /// their newest record.
-    files: Vec<(u64, i64)>,
+    /// their newest record: `None` for an older file not yet read since
+    /// the start (never dropped, never skipped by a read's time), `i64::MAX`
+    /// for a damaged one (kept).
+    files: Vec<(u64, Option<i64>)>,
     next_seq: u64,
     dirty: bool,
     /// Why the trail cannot be written, and since when.
@@ -155,19 +162,24 @@ struct Writer {
 }
 
 impl Audit {
-    /// Opens the trail of `dir`: the files are checked (a torn last record
-    /// of the newest is cut), a new file begun, and the syncing thread
-    /// started.
+    /// Opens the trail of `dir`: its newest file is checked (a torn last
+    /// record is cut) and numbers go on from it, a new file is begun, and
+    /// the syncing thread started. The older files are not read here (a
+    /// year's trail is gigabytes, and the server waits for this): a thread
+    /// reads each once, for the time of its newest record (the retention
+    /// needs it), and logs any damage it finds.
     pub fn open(dir: DataDir, config: AuditConfig, clock: SharedClock) -> Result<Arc<Audit>> {
         let names = list(&dir)?;
-        let mut files = Vec::new();
+        let older = names.len().saturating_sub(1);
+        let mut files: Vec<(u64, Option<i64>)> =
+            names[..older].iter().map(|&first| (first, None)).collect();
         let mut next_seq = 1;
-        for (n, &first) in names.iter().enumerate() {
-            let is_last = n + 1 == names.len();
-            match scan(&dir, first, is_last) {
+        if let Some(&first) = names.last() {
+            next_seq = first.max(1);
+            match scan(&dir, first, true) {
                 Ok(scan) => {
-                    files.push((first, scan.newest_ms));
-                    next_seq = next_seq.max(scan.last_seq + 1).max(first);
+                    files.push((first, Some(scan.newest_ms)));
+                    next_seq = next_seq.max(scan.last_seq + 1);
                 }
                 Err(e) => {
                     // Damage does not stop the server: the file stays (a
@@ -177,7 +189,7 @@ impl Audit {
                     tracing::error!(error = %e, "the audit trail is damaged; it goes on in a new file");
                     let path = dir.join(file_name(first));
                     let len = dir.fs().read(&path).map_or(0, |d| d.len() as u64);
-                    files.push((first, i64::MAX));
+                    files.push((first, Some(i64::MAX)));
                     next_seq = next_seq.max(first + len / 17 + 1);
                 }
             }
@@ -201,12 +213,38 @@ impl Audit {
             .name("tagstore-audit".into())
             .spawn(move || sync_loop(w, stopped))
             .map_err(|e| Error::io(dir.path(), e))?;
+        let stop_scan = Arc::new(AtomicBool::new(false));
+        let scanner = if older > 0 {
+            let (w, stop) = (writer.clone(), stop_scan.clone());
+            let spawned = std::thread::Builder::new()
+                .name("tagstore-audit-scan".into())
+                .spawn(move || scan_older(w, stop));
+            match spawned {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    // The trail works without it: its older files are kept
+                    // (never dropped by the retention) until the next start.
+                    tracing::error!(error = %e, "could not start reading the older audit files; they are kept");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Arc::new(Audit {
             writer,
             dir,
             stop: Mutex::new(Some(stop)),
             syncer: Mutex::new(Some(syncer)),
+            stop_scan,
+            scanner: Mutex::new(scanner),
         }))
+    }
+
+    /// Whether every older file has been read since the start (their times
+    /// known to the retention).
+    pub fn scanned(&self) -> bool {
+        self.writer.lock().files.iter().all(|f| f.1.is_some())
     }
 
     /// Appends a record to the trail's file (synced within 100 ms). An
@@ -235,8 +273,13 @@ impl Audit {
         }
     }
 
-    /// Syncs what was written and stops the syncing thread (at shutdown).
+    /// Syncs what was written and stops the syncing thread and the scan
+    /// of the older files (at shutdown; a scan stops before its next file).
     pub fn close(&self) {
+        self.stop_scan.store(true, Ordering::Relaxed);
+        if let Some(h) = self.scanner.lock().take() {
+            let _ = h.join();
+        }
         self.stop.lock().take();
         if let Some(h) = self.syncer.lock().take() {
             let _ = h.join();
@@ -262,7 +305,7 @@ impl Audit {
         let names = list(&self.dir)?;
         // When each file's newest record was made, as the writer knows it
         // (a damaged file: never skipped).
-        let newest: std::collections::HashMap<u64, i64> =
+        let newest: std::collections::HashMap<u64, Option<i64>> =
             self.writer.lock().files.iter().copied().collect();
         let mut out = Vec::new();
         for (n, &first) in names.iter().enumerate() {
@@ -277,7 +320,11 @@ impl Audit {
             }
             // Nor one whose newest record is older than `since_ms` (the
             // file being written is always read).
-            if !is_last && newest.get(&first).is_some_and(|&t| t < filter.since_ms) {
+            if !is_last
+                && newest
+                    .get(&first)
+                    .is_some_and(|&t| t.is_some_and(|t| t < filter.since_ms))
+            {
                 continue;
             }
             let path = self.dir.join(file_name(first));
@@ -332,6 +379,35 @@ impl Filter {
             && r.at_ms >= self.since_ms
             && (self.until_ms == 0 || r.at_ms < self.until_ms)
     }
+}
+
+/// Reads each older file of the trail once (outside the lock: records go
+/// on being appended), for the time of its newest record; damage is
+/// logged and the file kept. Then drops the files past the retention.
+/// Stops before its next file once `stop` is set.
+fn scan_older(writer: Arc<Mutex<Writer>>, stop: Arc<AtomicBool>) {
+    let (dir, unread): (DataDir, Vec<u64>) = {
+        let w = writer.lock();
+        let unread = w.files.iter().filter(|f| f.1.is_none()).map(|f| f.0);
+        (w.dir.clone(), unread.collect())
+    };
+    for first in unread {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let newest = match scan(&dir, first, false) {
+            Ok(s) => s.newest_ms,
+            Err(e) => {
+                tracing::error!(error = %e, "an older file of the audit trail is damaged; it is kept, and a read through it names the damage");
+                i64::MAX
+            }
+        };
+        let mut w = writer.lock();
+        if let Some(f) = w.files.iter_mut().find(|f| f.0 == first) {
+            f.1 = Some(newest);
+        }
+    }
+    writer.lock().expire();
 }
 
 /// Syncs the trail at least every 100 ms (the sync itself outside the
@@ -410,7 +486,7 @@ impl Writer {
         self.next_seq = seq;
         self.dirty = true;
         if let Some(last) = self.files.last_mut() {
-            last.1 = last.1.max(newest);
+            last.1 = Some(last.1.unwrap_or(0).max(newest));
         }
         if *bytes >= self.config.file_bytes {
             self.sync();
@@ -448,7 +524,7 @@ impl Writer {
             // start, with no record) was just made again.
             self.files.pop();
         }
-        self.files.push((first, 0));
+        self.files.push((first, Some(0)));
         self.file = Some((path, file, AUDIT_HEADER_LEN as u64));
         Ok(())
     }
@@ -460,7 +536,8 @@ impl Writer {
             return;
         }
         let before = self.clock.now_ms() - i64::from(self.config.retention_days) * 86_400_000;
-        while self.files.len() > 1 && self.files[0].1 < before {
+        // An older file not yet read stops it: files go oldest first.
+        while self.files.len() > 1 && self.files[0].1.is_some_and(|t| t < before) {
             let (first, _) = self.files.remove(0);
             let path = self.dir.join(file_name(first));
             if let Err(e) = self.dir.fs().remove(&path) {
@@ -723,6 +800,50 @@ mod tests {
         assert!(matches!(gone, Error::Abandoned), "{gone}");
     }
 
+    /// Opening a trail reads its newest file only (a year's trail is
+    /// gigabytes): damage in an older file, found later in the background,
+    /// leaves no gap in the numbers, and the files' times are learnt for
+    /// the retention.
+    #[test]
+    fn opening_a_trail_reads_only_its_newest_file() {
+        let fs = MemFs::new();
+        let clock = ManualClock::at(0);
+        let a = open(&fs, &clock, 0);
+        let big = "x".repeat(1000);
+        for i in 0..12 {
+            a.record(rec("ops", 10 + i, &big)).unwrap();
+        }
+        a.close();
+        assert!(list(&a.dir).unwrap().len() >= 3);
+        drop(a);
+        let path = std::path::PathBuf::from("/mem/audit").join(file_name(1));
+        let mut data = fs.read(&path).unwrap();
+        data[AUDIT_HEADER_LEN + 20] ^= 0xff;
+        let f = fs.create(&path, Create::Truncate).unwrap();
+        f.write_at(&data, 0).unwrap();
+        let b = open(&fs, &clock, 0);
+        b.record(rec("ops", 30, "after")).unwrap();
+        // Read after the start, the damaged file is kept (the retention
+        // cannot date it).
+        let began = Instant::now();
+        while !b.scanned() {
+            assert!(began.elapsed() < Duration::from_secs(10), "never scanned");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        b.close();
+        let (got, _) = b.read(&Filter::default(), 12, 10, &|| false).unwrap();
+        let got: Vec<(u64, &str)> = got.iter().map(|r| (r.seq, r.subject.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![(13, "after")],
+            "numbers go on from the newest file"
+        );
+        assert!(
+            b.dir.fs().read(&path).is_ok(),
+            "the damaged file was dropped"
+        );
+    }
+
     #[test]
     fn files_past_the_retention_go_whole() {
         let fs = MemFs::new();
@@ -738,6 +859,12 @@ mod tests {
         assert!(list(&a.dir).unwrap().len() >= 2);
         clock.set(3 * day);
         let b = open(&fs, &clock, 1);
+        // The older files' times are read after the start.
+        let began = Instant::now();
+        while !b.scanned() {
+            assert!(began.elapsed() < Duration::from_secs(10), "never scanned");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         b.record(rec("ops", 3 * day, "new")).unwrap();
         // Fill a file so that the writer rotates and expires.
         for _ in 0..20 {
