@@ -477,22 +477,25 @@ fn check(engine: &Engine, model: &Model, rng: &mut StdRng) {
     let q = Query::compile_at(&audience_text, &snap, now).unwrap();
     let go_on = Abandon::default();
     // A caller that has gone gets nothing computed: each analytic stops
-    // before its first shard.
+    // before its first shard (a query that compiles to no shard at all,
+    // such as `COUNT(…) < 0`, has none to stop before).
     let gone = Abandon::default();
     gone.set();
     let lifecycle = snap.field("lifecycle").unwrap();
-    assert!(matches!(
-        analytics::aggregate(&q, snap.field(INTS[0]).unwrap(), &[0], &gone),
-        Err(tagstore::Error::Abandoned)
-    ));
-    assert!(matches!(
-        analytics::breakdown_by_field(&q, lifecycle, &gone),
-        Err(tagstore::Error::Abandoned)
-    ));
-    assert!(matches!(
-        analytics::overlap(std::slice::from_ref(&q), &gone),
-        Err(tagstore::Error::Abandoned)
-    ));
+    if q.shard_count() > 0 {
+        assert!(matches!(
+            analytics::aggregate(&q, snap.field(INTS[0]).unwrap(), &[0], &gone),
+            Err(tagstore::Error::Abandoned)
+        ));
+        assert!(matches!(
+            analytics::breakdown_by_field(&q, lifecycle, &gone),
+            Err(tagstore::Error::Abandoned)
+        ));
+        assert!(matches!(
+            analytics::overlap(std::slice::from_ref(&q), &gone),
+            Err(tagstore::Error::Abandoned)
+        ));
+    }
     for field in INTS {
         let edges = [-10, 0, 1, 40];
         let agg = analytics::aggregate(&q, snap.field(field).unwrap(), &edges, &go_on).unwrap();
