@@ -96,6 +96,10 @@ async fn metrics_count_calls_and_show_the_store_and_serve_nothing_else() {
         sample(body, "tagstore_requests_total{method=\"Export\"}"),
         0.0
     );
+    // The audit trail: the update's record is in a file, and it is written.
+    assert!(sample(body, "tagstore_audit_files") >= 1.0);
+    assert!(sample(body, "tagstore_audit_bytes") > 24.0);
+    assert_eq!(sample(body, "tagstore_audit_failing"), 0.0);
     assert_eq!(sample(body, "tagstore_customers"), 2.0);
     assert_eq!(sample(body, "tagstore_tags"), 1.0);
     assert_eq!(sample(body, "tagstore_storage_failed"), 0.0);

@@ -241,6 +241,29 @@ impl Audit {
         }))
     }
 
+    /// The trail's size on disk and whether it can be written now (for
+    /// the metrics; lists the directory).
+    pub fn stats(&self) -> Result<AuditStats> {
+        let entries = self
+            .dir
+            .fs()
+            .list(&self.dir)
+            .map_err(|e| Error::io(self.dir.path(), e))?;
+        let mut stats = AuditStats {
+            failing: self.writer.lock().failed.is_some(),
+            ..Default::default()
+        };
+        for e in entries {
+            if e.is_file
+                && crate::storage::datadir::parse_numbered(&e.name, "audit-", ".log").is_some()
+            {
+                stats.files += 1;
+                stats.bytes += e.len;
+            }
+        }
+        Ok(stats)
+    }
+
     /// Whether every older file has been read since the start (their times
     /// known to the retention).
     pub fn scanned(&self) -> bool {
@@ -357,6 +380,16 @@ impl Drop for Audit {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The trail on disk, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    pub files: u64,
+    pub bytes: u64,
+    /// The trail cannot be written now: calls that read customers are
+    /// refused until it can.
+    pub failing: bool,
 }
 
 /// Which records a read wants; empty fields match everything.
@@ -750,6 +783,7 @@ mod tests {
         fs.fail(Op::Write, "audit-", 0, 1, libc::EIO);
         let err = a.record(rec("ops", 2, "k2")).unwrap_err();
         assert!(err.to_string().contains("could not write"), "{err}");
+        assert!(a.stats().unwrap().failing, "the metrics say it fails");
         // Until a new file is made, nothing is taken.
         assert!(a.record(rec("ops", 3, "k3")).is_err());
         let mut again = false;
@@ -761,6 +795,11 @@ mod tests {
             }
         }
         assert!(again, "the trail never took records again");
+        let stats = a.stats().unwrap();
+        assert!(
+            !stats.failing && stats.files >= 2 && stats.bytes > 0,
+            "{stats:?}"
+        );
         a.close();
         let (all, _) = a.read(&Filter::default(), 0, 10, &|| false).unwrap();
         let subjects: Vec<&str> = all.iter().map(|r| r.subject.as_str()).collect();

@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
+use crate::audit::Audit;
 use crate::kafka::{Consumers, State as KafkaState};
 use crate::server::budget::MemoryBudget;
 use crate::storage::Engine;
@@ -393,6 +394,7 @@ fn render(
     calls: &Calls,
     budget: &MemoryBudget,
     kafka: Option<&Consumers>,
+    audit: &Audit,
     started: Instant,
 ) -> String {
     let mut r = Registry::default();
@@ -605,6 +607,32 @@ fn render(
     if let Some(k) = kafka {
         register_kafka(&mut r, k);
     }
+    match audit.stats() {
+        Ok(a) => {
+            for (name, help, value) in [
+                (
+                    "tagstore_audit_bytes",
+                    "Bytes of the audit trail's files (audit-*.log), kept for audit_retention_days",
+                    a.bytes as f64,
+                ),
+                (
+                    "tagstore_audit_files",
+                    "Files of the audit trail",
+                    a.files as f64,
+                ),
+                (
+                    "tagstore_audit_failing",
+                    "1 while the audit trail cannot be written (calls that read customers are refused until it can)",
+                    if a.failing { 1.0 } else { 0.0 },
+                ),
+            ] {
+                r.register(name, help, gauge(value));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: the audit trail's files could not be listed")
+        }
+    }
     r.register(
         "tagstore_uptime_seconds",
         "Seconds since the server started",
@@ -646,6 +674,7 @@ async fn answer(
     calls: Arc<Calls>,
     budget: Arc<MemoryBudget>,
     kafka: Option<Arc<Consumers>>,
+    audit: Arc<Audit>,
     started: Instant,
 ) {
     let (status, body) = match read_head(&mut stream).await {
@@ -660,7 +689,7 @@ async fn answer(
                 (Some(b"GET"), Some(b"/metrics")) => {
                     let engine2 = engine.clone();
                     let text = tokio::task::spawn_blocking(move || {
-                        render(&engine2, &calls, &budget, kafka.as_deref(), started)
+                        render(&engine2, &calls, &budget, kafka.as_deref(), &audit, started)
                     })
                     .await
                     .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n"));
@@ -690,6 +719,7 @@ pub fn start(
     calls: Arc<Calls>,
     budget: Arc<MemoryBudget>,
     kafka: Option<Arc<Consumers>>,
+    audit: Arc<Audit>,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
@@ -711,10 +741,15 @@ pub fn start(
                     continue;
                 }
             };
-            let (engine, calls, budget, kafka) =
-                (engine.clone(), calls.clone(), budget.clone(), kafka.clone());
+            let (engine, calls, budget, kafka, audit) = (
+                engine.clone(),
+                calls.clone(),
+                budget.clone(),
+                kafka.clone(),
+                audit.clone(),
+            );
             tokio::spawn(async move {
-                answer(stream, engine, calls, budget, kafka, started).await;
+                answer(stream, engine, calls, budget, kafka, audit, started).await;
                 drop(permit);
             });
         }

@@ -249,6 +249,7 @@ pub async fn serve(
                 calls,
                 budget.clone(),
                 Some(consumers.clone()),
+                audit.clone(),
                 closing.clone(),
             );
             tracing::info!(%bound, "metrics at GET /metrics");
