@@ -806,6 +806,24 @@ mod tests {
         assert_eq!(subjects, vec!["k1", "k4"]);
     }
 
+    /// Twelve records of 1 KB at 10 to 21 ms: three files and more.
+    fn records_over_three_files(a: &Audit) {
+        let big = "x".repeat(1000);
+        for i in 0..12 {
+            a.record(rec("ops", 10 + i, &big)).unwrap();
+        }
+    }
+
+    /// Damages the first record of the trail's first file; its path.
+    fn flip_a_byte_of_the_first_file(fs: &MemFs) -> std::path::PathBuf {
+        let path = std::path::PathBuf::from("/mem/audit").join(file_name(1));
+        let mut data = fs.read(&path).unwrap();
+        data[AUDIT_HEADER_LEN + 20] ^= 0xff;
+        let f = fs.create(&path, Create::Truncate).unwrap();
+        f.write_at(&data, 0).unwrap();
+        path
+    }
+
     /// A read since a time does not open the files whose records are all
     /// older (shown by one that is damaged: a read through it says so),
     /// and a caller gone stops a read before it opens a file.
@@ -814,18 +832,11 @@ mod tests {
         let fs = MemFs::new();
         let clock = ManualClock::at(0);
         let a = open(&fs, &clock, 0);
-        let big = "x".repeat(1000);
-        for i in 0..12 {
-            a.record(rec("ops", 10 + i, &big)).unwrap();
-        }
+        records_over_three_files(&a);
         a.record(rec("ops", 5_000, "new")).unwrap();
         a.close();
         assert!(list(&a.dir).unwrap().len() >= 3);
-        let path = std::path::PathBuf::from("/mem/audit").join(file_name(1));
-        let mut data = fs.read(&path).unwrap();
-        data[AUDIT_HEADER_LEN + 20] ^= 0xff;
-        let f = fs.create(&path, Create::Truncate).unwrap();
-        f.write_at(&data, 0).unwrap();
+        flip_a_byte_of_the_first_file(&fs);
         let err = a.read(&Filter::default(), 0, 10, &|| false).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
         let since = Filter {
@@ -848,18 +859,11 @@ mod tests {
         let fs = MemFs::new();
         let clock = ManualClock::at(0);
         let a = open(&fs, &clock, 0);
-        let big = "x".repeat(1000);
-        for i in 0..12 {
-            a.record(rec("ops", 10 + i, &big)).unwrap();
-        }
+        records_over_three_files(&a);
         a.close();
         assert!(list(&a.dir).unwrap().len() >= 3);
         drop(a);
-        let path = std::path::PathBuf::from("/mem/audit").join(file_name(1));
-        let mut data = fs.read(&path).unwrap();
-        data[AUDIT_HEADER_LEN + 20] ^= 0xff;
-        let f = fs.create(&path, Create::Truncate).unwrap();
-        f.write_at(&data, 0).unwrap();
+        let path = flip_a_byte_of_the_first_file(&fs);
         let b = open(&fs, &clock, 0);
         b.record(rec("ops", 30, "after")).unwrap();
         // Read after the start, the damaged file is kept (the retention
