@@ -732,9 +732,9 @@ struct Scanned {
 /// Reads a feed file at start: checks every record's frame (length,
 /// checksum, rising lsn, kind) and, when `whole`, decodes it (its
 /// changes' names and bitmaps; a file of older writes only has its
-/// records' times read: decoding a full feed of 1 GiB made a start take
-/// seconds); cuts a torn tail (of the newest file) and records past
-/// `last_lsn`.
+/// records' times read: decoding every record of 133 MB of feed took
+/// 0.5-0.7 s of a start, and a full feed is 1 GiB by default); cuts a torn
+/// tail (of the newest file) and records past `last_lsn`.
 fn scan_file(
     dir: &DataDir,
     first: u64,
