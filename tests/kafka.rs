@@ -12,9 +12,9 @@
 //! TLS itself), and a certificate not trusted reported in librdkafka's
 //! words; SASL (PLAIN and SCRAM-SHA-256) to a broker that asks for it (a
 //! SASL front before tansu), a wrong password and a mechanism not offered
-//! reported; messages of 40 MiB applied or rejected alone, and one over
-//! the 64 MiB a source takes stopping its source with a status that says
-//! why.
+//! reported; messages of 40 MiB and of the largest size a source takes
+//! applied or rejected alone, and one over it stopping its source with a
+//! status that says why.
 #![cfg(feature = "kafka")]
 
 mod common;
@@ -1882,10 +1882,11 @@ async fn messages_of_most_of_a_megabyte_are_each_applied_once() {
 }
 
 /// Messages of tens of MiB, larger than the consumer's batch of about
-/// 32 MiB: one a valid order carrying a 40 MiB field the mapping does not
-/// read (applied), one whose customer identity is 40 MiB long (rejected,
-/// its reason cut to the documented bound); the orders around them are
-/// applied once, and the server goes on answering.
+/// 32 MiB: one of the largest size a source takes (64 MiB less 4 KiB), a
+/// valid order carrying a field the mapping does not read (applied), one
+/// whose customer identity is 40 MiB long (rejected, its reason cut to the
+/// documented bound); the orders around them are applied once, and the
+/// server goes on answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_of_tens_of_mib_are_applied_or_rejected_alone() {
     let Some(broker) = Broker::start("messages_of_tens_of_mib_are_applied_or_rejected_alone")
@@ -1897,11 +1898,12 @@ async fn messages_of_tens_of_mib_are_applied_or_rejected_alone() {
     let server = common::start(dir.path(), &[]);
     let mut c = common::client(&server).await;
     const BIG: usize = 40 << 20;
-    let unread = format!(
-        r#"{{"pin":"big","type":"order","ts":1764547200000,"fen":7,"note":"{}"}}"#,
-        "n".repeat(BIG)
-    )
-    .into_bytes();
+    // The largest a source takes: 64 MiB less room for the brokers'
+    // framing of the fetch that carries it (4 KiB is ample).
+    const LARGEST: usize = (64 << 20) - 4096;
+    let mut unread = br#"{"pin":"big","type":"order","ts":1764547200000,"fen":7,"note":""#.to_vec();
+    unread.resize(LARGEST - 2, b'n');
+    unread.extend_from_slice(br#""}"#);
     let huge_pin = order(&"p".repeat(BIG), 9);
     let mut model: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     let mut payloads = Vec::new();
