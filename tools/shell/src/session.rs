@@ -293,8 +293,8 @@ impl Session {
                         who: f.who,
                         method: f.method,
                         subject: f.subject,
-                        since_ms: 0,
-                        until_ms: 0,
+                        since_ms: f.since_ms,
+                        until_ms: f.until_ms,
                     })
                     .await?
                     .into_inner();

@@ -890,6 +890,13 @@ async fn audit_lists_who_read_which_customer() {
         "{all}"
     );
     assert!(fails(a, "audit who").contains("usage"));
+    // By UTC day: the records are of today, not before 2000 nor since 2999.
+    let since = ok(a, "audit about 13800001111 since 2000-01-01");
+    assert!(since.contains("Profile"), "{since}");
+    let none = "no audit records match";
+    assert!(ok(a, "audit since 2999-01-01").contains(none));
+    assert!(ok(a, "audit before 2000-01-01").contains(none));
+    assert!(fails(a, "audit since 2026-13-01").contains("is not a day"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

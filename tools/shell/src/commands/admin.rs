@@ -57,7 +57,7 @@ pub const AUDIT: Spec = Spec {
     name: "audit",
     words: &["audit"],
     complete: &["audit"],
-    usage: "audit [who <token>] [call <Method>] [about <text>] [after <seq>] [limit N]",
+    usage: "audit [who <token>] [call <Method>] [about <text>] [since <YYYY-MM-DD>] [before <YYYY-MM-DD>] [after <seq>] [limit N]",
     summary: "the audit trail: who read or changed customers, with which call, when, how many (admin)",
     example: "audit about phone:13800001111",
     takes_tags: false,
@@ -75,12 +75,26 @@ fn parse_audit(rest: &str) -> Result<Command, String> {
             "who" => filter.who = value.clone(),
             "call" => filter.method = value.clone(),
             "about" => filter.subject = value.clone(),
+            "since" => filter.since_ms = utc_day_ms(value)?,
+            "before" => filter.until_ms = utc_day_ms(value)?,
             "after" => filter.after = value.parse().map_err(|_| usage())?,
             "limit" => filter.limit = value.parse().map_err(|_| usage())?,
             _ => return Err(usage()),
         }
     }
     Ok(Command::Audit(filter))
+}
+
+/// The start of a day in UTC (the audit trail's times are shown in UTC),
+/// Unix ms.
+fn utc_day_ms(day: &str) -> Result<i64, String> {
+    let date: jiff::civil::Date = day
+        .parse()
+        .map_err(|e| format!("{day:?} is not a day (YYYY-MM-DD): {e}"))?;
+    jiff::tz::TimeZone::UTC
+        .to_timestamp(date.to_datetime(jiff::civil::Time::midnight()))
+        .map(|t| t.as_millisecond())
+        .map_err(|e| format!("{day:?}: {e}"))
 }
 
 pub const CHECKPOINT: Spec = Spec {

@@ -291,6 +291,10 @@ pub struct AuditFilter {
     pub who: String,
     pub method: String,
     pub subject: String,
+    /// From the start of this UTC day (Unix ms; 0: from the oldest).
+    pub since_ms: i64,
+    /// Before the start of this UTC day (Unix ms; 0: to the newest).
+    pub until_ms: i64,
     pub after: u64,
     pub limit: u32,
 }
