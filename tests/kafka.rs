@@ -32,6 +32,12 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tagstore::proto::*;
 
+/// Held by the tests that move 100 MiB or more through the broker and by
+/// the one whose check depends on the consumer lagging behind the producer
+/// (`redefining_…`): run beside each other on two cores, the big ones can
+/// slow the producer until the consumer never lags.
+static APART: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Where each message produced went: its index, partition and offset.
 type Delivered = Arc<std::sync::Mutex<Vec<(usize, i32, i64)>>>;
 
@@ -732,6 +738,7 @@ async fn a_kafka_client_process_that_crashes_ends_a_session_not_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redefining_a_source_while_it_consumes_applies_every_record_once() {
+    let _apart = APART.lock().await;
     let Some(broker) =
         Broker::start("redefining_a_source_while_it_consumes_applies_every_record_once")
     else {
@@ -1889,6 +1896,7 @@ async fn messages_of_most_of_a_megabyte_are_each_applied_once() {
 /// server goes on answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_of_tens_of_mib_are_applied_or_rejected_alone() {
+    let _apart = APART.lock().await;
     let Some(broker) = Broker::start("messages_of_tens_of_mib_are_applied_or_rejected_alone")
     else {
         return;
@@ -1957,6 +1965,7 @@ async fn messages_of_tens_of_mib_are_applied_or_rejected_alone() {
 /// goes on answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_64_mib_stops_its_source_which_says_why() {
+    let _apart = APART.lock().await;
     let Some(broker) = Broker::start("a_message_over_64_mib_stops_its_source_which_says_why")
     else {
         return;
